@@ -1,0 +1,10 @@
+//! Helpers for privileged end-to-end tests and the demo: throw-away network namespaces,
+//! veth links and child processes, each removed by a guard on `Drop` (also when a test fails).
+//!
+//! Names are unique per process and call so tests can run in parallel. Everything is driven
+//! through iproute2's `ip`, the same commands an operator would type.
+pub mod net;
+pub mod proc;
+
+pub use net::{Netns, VethPair, unique_name};
+pub use proc::{ChildGuard, lb_binary};

@@ -1,0 +1,111 @@
+//! Drivers for the README's commands: `setup`, `demo`, `test`, `bench`.
+//!
+//! xtask builds nothing itself beyond calling cargo: the eBPF object is built by
+//! `lb-userspace/build.rs`. `setup` makes a fresh Debian machine able to do that build and run
+//! the privileged tests; every step checks first, so a second run takes seconds.
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Project tasks: setup, demo, test, bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Build everything and run the demo on a throw-away veth network.
+    Demo,
+    /// Build everything and run every test, privileged ones included.
+    Test,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Test => setup::run().and_then(|()| test()),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs `cmd`, failing with its description when it exits non-zero.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["build", "--release", "--all-targets"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    lint()?;
+    build_release()?;
+    // One release build serves the binary, the unit tests and the privileged tests.
+    run_cmd(cargo().args(["test", "--release", "--no-fail-fast"]))
+}
+
+/// Formatting and clippy are part of the test command so CI enforces them. The eBPF crate is
+/// linted for its own target (it does not build for the host).
+fn lint() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run_cmd(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run_cmd(
+        Command::new("cargo")
+            .env("PATH", setup::path_with_cargo_bin())
+            .current_dir(workspace_root().join("lb-ebpf"))
+            .args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--bins", "--", "-D", "warnings"]),
+    )
+}
+
+fn demo() -> anyhow::Result<()> {
+    build_release()?;
+    demo::run(&target_dir().join("release/lb"))
+}
+
+/// The workspace's target directory (honours `CARGO_TARGET_DIR`).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
