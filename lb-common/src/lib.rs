@@ -3,10 +3,50 @@
 //! Everything here is `#[repr(C)]` plain data with explicit padding so both sides agree on
 //! layout byte for byte; nothing in a map value is a `bool` or an enum. Map names and default
 //! capacities are constants so the loader and the program can never disagree on them.
+//!
+//! Byte order: every address and port field holds the bytes exactly as they appear on the wire
+//! (network order), stored in native integers with `from_ne_bytes`. IPv4 addresses use `[0]` of
+//! a `[u32; 4]` and leave the rest zero.
+//!
+//! The flow hash lives here too: it is part of the contract, because the agent's `trace`
+//! command and its tests must compute the very slot the kernel picks.
 #![no_std]
 
-/// Global counters: a per-CPU array indexed by [`Stat`], value [`Counter`].
+// ---------------------------------------------------------------------------------------------
+// Map names and default capacities.
+
+/// Global counters: per-CPU array indexed by [`Stat`], value [`Counter`].
 pub const STATS_MAP: &str = "LB_STATS";
+/// VIPs: hash [`VipKey`] -> [`VipInfo`].
+pub const VIPS_MAP: &str = "LB_VIPS";
+/// Slot tables: array of backend ids, `2 * ring_size` entries per VIP id (two generations).
+pub const SLOTS_MAP: &str = "LB_SLOTS";
+/// Backends: array indexed by backend id, value [`Backend`].
+pub const BACKENDS_MAP: &str = "LB_BACKENDS";
+/// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`].
+pub const FLOWS_MAP: &str = "LB_FLOWS";
+/// Per-VIP counters: per-CPU array indexed by VIP id, value [`VipCounter`].
+pub const VIP_STATS_MAP: &str = "LB_VIP_STATS";
+/// Per-backend counters: per-CPU array indexed by backend id, value [`Counter`].
+pub const BACKEND_STATS_MAP: &str = "LB_BACKEND_STATS";
+/// Egress devices for backends behind another interface: devmap-hash ifindex -> ifindex.
+pub const TX_PORTS_MAP: &str = "LB_TX_PORTS";
+/// Load-time configuration: a read-only global of type [`LbConfig`].
+pub const CONFIG_GLOBAL: &str = "LB_CONFIG";
+
+/// Default slot-table size M (prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default number of VIPs (the slot-table array holds `2 * M` ids for each).
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Number of backend ids (backend id 0 is never used, so ids are non-zero).
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// Default flow-table capacity.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Capacity of the egress device map.
+pub const MAX_TX_PORTS: u32 = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
 
 /// Why a packet got the action it got, or a flow-table event. Used as the index into
 /// [`STATS_MAP`]; never stored in a map value.
@@ -19,7 +59,7 @@ pub enum Stat {
     PassNotVip = 1,
     /// IPv4 fragment: passed untouched.
     PassFragment = 2,
-    /// IPv4 header with options: passed untouched.
+    /// IPv4 header with options, not for a VIP: passed untouched.
     PassIpOptions = 3,
     /// IPv6 with an extension header before L4: passed untouched.
     PassIpv6Ext = 4,
@@ -27,15 +67,17 @@ pub enum Stat {
     DropMalformed = 5,
     /// For a VIP that has no usable backend: dropped.
     DropNoBackend = 6,
-    /// The flow table knew the flow.
+    /// The flow table knew the flow and its backend is still there.
     FlowHit = 7,
-    /// The flow table did not know the flow (new flow or evicted).
+    /// The flow table did not know the flow (new, evicted, or its backend is gone).
     FlowMiss = 8,
+    /// The egress device for a backend could not be used (redirect failed): dropped.
+    DropTxError = 9,
 }
 
 impl Stat {
     /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// All variants in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Forwarded,
@@ -47,6 +89,7 @@ impl Stat {
         Stat::DropNoBackend,
         Stat::FlowHit,
         Stat::FlowMiss,
+        Stat::DropTxError,
     ];
 
     /// Stable snake_case name used in CLI output and metrics labels.
@@ -61,7 +104,13 @@ impl Stat {
             Stat::DropNoBackend => "dropped_no_backend",
             Stat::FlowHit => "flow_table_hit",
             Stat::FlowMiss => "flow_table_miss",
+            Stat::DropTxError => "dropped_tx_error",
         }
+    }
+
+    /// True for per-packet outcomes (exactly one per packet); false for flow-table events.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(self, Stat::FlowHit | Stat::FlowMiss)
     }
 }
 
@@ -75,8 +124,197 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
+/// Per-VIP counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct VipCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that missed the flow table and were placed by the slot table.
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipCounter>() == 24);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+/// Load-time constants, written into the program's read-only data before it is verified.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Slot-table size M (prime). Every VIP owns `2 * M` entries in [`SLOTS_MAP`].
+    pub ring_size: u32,
+    pub _pad: u32,
+    /// Seed of [`flow_hash`]: nodes with the same seed and tables pick the same backends.
+    pub hash_seed: u64,
+}
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
+
+impl LbConfig {
+    pub const DEFAULT: LbConfig = LbConfig {
+        ring_size: DEFAULT_RING_SIZE,
+        _pad: 0,
+        hash_seed: 0x6c62_2d78_6470_5f31,
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// VIPs, backends, flows.
+
+/// Address family tag used in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`VIPS_MAP`]. `port == 0` is the per-address wildcard (all ports of that protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// Network byte order; IPv4 in `[0]`, the rest zero.
+    pub addr: [u32; 4],
+    /// Network byte order; 0 = every port.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Hash only the client's address (client affinity) instead of the 5-tuple.
+pub const VIP_F_SRC_HASH: u32 = 1;
+
+/// Value of [`VIPS_MAP`]. Replaced as a whole, which is what makes a table switch atomic: the
+/// agent fills the inactive generation of the slot table, then writes a `VipInfo` whose
+/// `active_gen` points at it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into the slot tables and [`VIP_STATS_MAP`]; `< max_vips`.
+    pub id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Which of the VIP's two slot-table generations is live (0 or 1).
+    pub active_gen: u32,
+    /// Number of distinct backends in the live table; 0 means drop (no backend).
+    pub backend_count: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// Index of `slot` of generation `generation` of VIP `vip_id` in [`SLOTS_MAP`].
+#[inline(always)]
+pub const fn slot_index(vip_id: u32, generation: u32, ring_size: u32, slot: u32) -> u32 {
+    (vip_id * 2 + (generation & 1)) * ring_size + slot
+}
+
+/// The backend entry is in use.
+pub const BACKEND_F_PRESENT: u32 = 1;
+
+/// Value of [`BACKENDS_MAP`]: where to send a flow's packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, network byte order (for tracing and later encapsulation modes).
+    pub addr: [u32; 4],
+    /// Destination MAC: the backend's.
+    pub mac: [u8; 6],
+    /// Source MAC: the egress interface's own.
+    pub src_mac: [u8; 6],
+    /// Egress interface. Equal to the receiving interface: XDP_TX; otherwise XDP_REDIRECT
+    /// through [`TX_PORTS_MAP`].
+    pub ifindex: u32,
+    /// Bumped by the agent each time the id is given to a new backend; flows remember it so a
+    /// recycled id never inherits another backend's flows.
+    pub generation: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 44);
+
+/// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address, network byte order.
+    pub src: [u32; 4],
+    /// VIP address, network byte order.
+    pub dst: [u32; 4],
+    /// Client port, network byte order.
+    pub sport: u16,
+    /// VIP port, network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`FLOWS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    /// [`Backend::generation`] when the flow was placed.
+    pub backend_generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+
+// ---------------------------------------------------------------------------------------------
+// The flow hash.
+
+#[inline(always)]
+const fn mix(h: u64, v: u64) -> u64 {
+    let h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^ (h >> 29)
+}
+
+#[inline(always)]
+const fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[inline(always)]
+const fn pair(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+/// Hash of a flow: the 5-tuple, or the client address alone when `src_only`
+/// ([`VIP_F_SRC_HASH`]). Its value modulo the ring size is the flow's slot.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, seed: u64, src_only: bool) -> u64 {
+    let mut h = seed;
+    h = mix(h, pair(key.src[0], key.src[1]));
+    h = mix(h, pair(key.src[2], key.src[3]));
+    if !src_only {
+        h = mix(h, pair(key.dst[0], key.dst[1]));
+        h = mix(h, pair(key.dst[2], key.dst[3]));
+        h = mix(
+            h,
+            ((key.sport as u64) << 24) | ((key.dport as u64) << 8) | key.proto as u64,
+        );
+    }
+    fmix64(h)
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `#[repr(C)]` integers with no padding holes.
+    // SAFETY: all are `#[repr(C)]` integers and byte arrays with explicit padding, no holes.
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::VipCounter {}
+    unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
 }

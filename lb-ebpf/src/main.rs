@@ -1,22 +1,67 @@
-//! The XDP load balancer program.
+//! The XDP load balancer.
+//!
+//! `lb_xdp` parses a frame (`parse`), finds its VIP (`maps`), picks a backend through the flow
+//! table and the VIP's Maglev slot table (`select`), rewrites and sends the frame (`forward`)
+//! and counts what happened (`stats`). Every outcome is a [`Verdict`]; [`lb_xdp`] is the one
+//! place that turns verdicts into XDP actions and counters. Nothing is logged per packet.
 #![no_std]
 #![no_main]
 
+mod forward;
+mod maps;
+mod parse;
+mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::Stat;
 
+/// What to do with a packet, and why.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// Hand the packet to the kernel untouched.
+    Pass(Stat),
+    /// Drop the packet.
+    Drop(Stat),
+    /// The packet was rewritten; return this action (XDP_TX or a redirect).
+    Forward(u32),
+}
+
 /// Entry point attached to the load balancer's interface.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count(Stat::PassNotVip, len);
-    xdp_action::XDP_PASS
+    let verdict = match try_lb(&ctx, len) {
+        Ok(v) | Err(v) => v,
+    };
+    match verdict {
+        Verdict::Pass(stat) => {
+            stats::count(stat, len);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Drop(stat) => {
+            stats::count(stat, len);
+            xdp_action::XDP_DROP
+        }
+        Verdict::Forward(action) => {
+            stats::count(Stat::Forwarded, len);
+            action
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
+    let pkt = parse::parse(ctx)?;
+    let vip = maps::find_vip(&pkt.key).ok_or(pkt.not_vip)?;
+    let picked = select::pick(&pkt, &vip)?;
+    stats::count_vip(vip.id, len, picked.new_flow);
+    stats::count_backend(picked.id, len);
+    forward::l2_dsr(ctx, &picked.backend)
 }
 
 /// Trivial program for veth peers: native XDP_TX/REDIRECT on a veth is only delivered when the
-/// peer runs XDP, and it is the floor in benchmarks.
+/// peer runs XDP. It is also the floor in benchmarks.
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS

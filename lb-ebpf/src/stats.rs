@@ -1,15 +1,45 @@
-//! Per-CPU counters by [`Stat`] reason.
+//! Per-CPU counters: global by [`Stat`], per VIP and per backend.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{Counter, Stat};
+use lb_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, Stat, VipCounter};
 
 #[map(name = "LB_STATS")]
 static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[map(name = "LB_VIP_STATS")]
+static LB_VIP_STATS: PerCpuArray<VipCounter> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "LB_BACKEND_STATS")]
+static LB_BACKEND_STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Adds one packet of `bytes` bytes to `stat`.
 #[inline(always)]
 pub fn count(stat: Stat, bytes: u64) {
     if let Some(c) = LB_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        // SAFETY: this CPU's slot; nothing else writes it concurrently.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_vip(vip_id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = LB_VIP_STATS.get_ptr_mut(vip_id) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_backend(backend_id: u32, bytes: u64) {
+    if let Some(c) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as in `count`.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;

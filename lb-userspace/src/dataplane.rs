@@ -1,10 +1,20 @@
-//! Loading and attaching the XDP program.
+//! Loading the eBPF object, attaching it, and owning its maps as typed tables.
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
     programs::{Xdp, XdpMode},
 };
+use lb_common::{
+    BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_VIPS, FLOWS_MAP, LbConfig, SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_STATS_MAP,
+    VIPS_MAP,
+};
 
-use crate::{EBPF_OBJECT, Error, LB_PROGRAM, stats::StatsMap};
+use crate::{
+    EBPF_OBJECT, Error, LB_PROGRAM, PASS_PROGRAM,
+    stats::StatsMaps,
+    tables::{BackendTable, FlowTable, SlotTable, VipTable},
+};
 
 /// How to attach the program to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -27,39 +37,145 @@ impl AttachMode {
     }
 }
 
-/// The loaded eBPF object: programs and maps.
+/// Map sizes and constants fixed when the program is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Slot-table size M; must be prime.
+    pub ring_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_entries: u32,
+    pub hash_seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ring_size: LbConfig::DEFAULT.ring_size,
+            max_vips: DEFAULT_MAX_VIPS,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            flow_entries: DEFAULT_FLOW_ENTRIES,
+            hash_seed: LbConfig::DEFAULT.hash_seed,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Checks the sizes before anything touches the kernel.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !crate::maglev::is_prime(self.ring_size) {
+            return Err(Error::Invalid(format!(
+                "slot table size {} is not prime: pick a prime such as 65537 or 16381",
+                self.ring_size
+            )));
+        }
+        if self.max_vips == 0 || self.max_backends < 2 || self.flow_entries == 0 {
+            return Err(Error::Invalid(
+                "max VIPs, flow entries and max backends (>= 2) must be positive".into(),
+            ));
+        }
+        let slots = u64::from(self.max_vips) * 2 * u64::from(self.ring_size);
+        if slots > u64::from(u32::MAX) / 4 {
+            return Err(Error::Invalid(format!(
+                "{} VIPs x 2 x {} slots is too large for one slot array: lower one of them",
+                self.max_vips, self.ring_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> LbConfig {
+        LbConfig {
+            ring_size: self.ring_size,
+            _pad: 0,
+            hash_seed: self.hash_seed,
+        }
+    }
+}
+
+/// The loaded eBPF object: its programs and its maps as typed tables.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pub opts: LoadOptions,
+    pub vips: VipTable,
+    pub slots: SlotTable,
+    pub backends: BackendTable,
+    pub flows: FlowTable,
+    pub tx_ports: DevMapHash<MapData>,
+    pub stats: StatsMaps,
 }
 
 impl Dataplane {
-    /// Loads the embedded object into the kernel (the verifier runs here).
-    pub fn load() -> Result<Self, Error> {
+    /// Loads the embedded object into the kernel (the verifier runs here), sized by `opts`.
+    pub fn load(opts: LoadOptions) -> Result<Self, Error> {
         require_root()?;
-        let ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(Error::Load)?;
-        let mut dp = Dataplane { ebpf };
-        dp.lb_program()?.load().map_err(|source| Error::Program {
-            name: LB_PROGRAM,
-            source,
-        })?;
-        Ok(dp)
+        opts.validate()?;
+        let cfg = opts.config();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &cfg, true)
+            .map_max_entries(VIPS_MAP, opts.max_vips)
+            .map_max_entries(SLOTS_MAP, opts.max_vips * 2 * opts.ring_size)
+            .map_max_entries(BACKENDS_MAP, opts.max_backends)
+            .map_max_entries(FLOWS_MAP, opts.flow_entries)
+            .map_max_entries(VIP_STATS_MAP, opts.max_vips)
+            .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
+            .load(EBPF_OBJECT)
+            .map_err(Error::Load)?;
+        for name in [LB_PROGRAM, PASS_PROGRAM] {
+            xdp_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let vips = VipTable::new(
+            HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
+        );
+        let slots = SlotTable::new(
+            Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,
+            opts.ring_size,
+            opts.max_vips,
+        );
+        let backends = BackendTable::new(
+            Array::try_from(take(&mut ebpf, BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?,
+        );
+        let flows = FlowTable::new(
+            HashMap::try_from(take(&mut ebpf, FLOWS_MAP)?).map_err(map_err(FLOWS_MAP))?,
+        );
+        let tx_ports =
+            DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
+        let stats = StatsMaps {
+            global: PerCpuArray::try_from(take(&mut ebpf, STATS_MAP)?)
+                .map_err(map_err(STATS_MAP))?,
+            vips: PerCpuArray::try_from(take(&mut ebpf, VIP_STATS_MAP)?)
+                .map_err(map_err(VIP_STATS_MAP))?,
+            backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)
+                .map_err(map_err(BACKEND_STATS_MAP))?,
+        };
+        Ok(Dataplane {
+            ebpf,
+            opts,
+            vips,
+            slots,
+            backends,
+            flows,
+            tx_ports,
+            stats,
+        })
     }
 
-    fn lb_program(&mut self) -> Result<&mut Xdp, Error> {
-        self.ebpf
-            .program_mut(LB_PROGRAM)
-            .ok_or(Error::MissingProgram { name: LB_PROGRAM })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name: LB_PROGRAM,
-                source,
-            })
+    /// The load-balancing program (for attaching or `BPF_PROG_TEST_RUN`).
+    pub fn lb_program(&mut self) -> Result<&mut Xdp, Error> {
+        xdp_program(&mut self.ebpf, LB_PROGRAM)
+    }
+
+    /// The trivial XDP_PASS program (for veth peers and benchmark floors).
+    pub fn pass_program(&mut self) -> Result<&mut Xdp, Error> {
+        xdp_program(&mut self.ebpf, PASS_PROGRAM)
     }
 
     /// Attaches the load-balancing program to `iface`; returns the mode actually used.
     /// The program stays attached until this `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, Error> {
-        if nix_if_index(iface).is_none() {
+        if if_index(iface).is_none() {
             return Err(Error::NoSuchInterface(iface.to_string()));
         }
         let prog = self.lb_program()?;
@@ -84,21 +200,25 @@ impl Dataplane {
             m => try_mode(prog, m),
         }
     }
+}
 
-    /// Typed access to the global counters.
-    pub fn stats(&self) -> Result<StatsMap<'_>, Error> {
-        StatsMap::new(
-            self.ebpf
-                .map(lb_common::STATS_MAP)
-                .ok_or(Error::MissingMap {
-                    name: lb_common::STATS_MAP,
-                })?,
-        )
-    }
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::MissingMap { name })
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
 }
 
 /// The interface index of `iface`, if it exists.
-pub fn nix_if_index(iface: &str) -> Option<u32> {
+pub fn if_index(iface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(iface).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -28,6 +28,8 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("{0}")]
+    Invalid(String),
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,

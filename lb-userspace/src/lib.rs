@@ -6,9 +6,12 @@
 
 pub mod dataplane;
 pub mod error;
+pub mod maglev;
+pub mod publish;
 pub mod stats;
+pub mod tables;
 
-pub use dataplane::{AttachMode, Dataplane};
+pub use dataplane::{AttachMode, Dataplane, LoadOptions};
 pub use error::Error;
 
 /// The compiled eBPF object, built by `build.rs` with aya-build and embedded in the binary.

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_userspace::{AttachMode, Dataplane};
+use lb_userspace::{AttachMode, Dataplane, LoadOptions};
 
 #[derive(Parser)]
 #[command(
@@ -72,7 +72,7 @@ async fn run_agent(
     duration: Option<u64>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut dp = Dataplane::load()?;
+    let mut dp = Dataplane::load(LoadOptions::default())?;
     let used = dp.attach(&iface, mode)?;
     println!("attached to {iface} in {} mode", used.as_str());
     let start = Instant::now();
@@ -103,7 +103,7 @@ async fn run_agent(
 }
 
 fn print_stats(dp: &Dataplane, json: bool) -> anyhow::Result<()> {
-    let stats = dp.stats()?.read()?;
+    let stats = dp.stats.global()?;
     if json {
         println!("{}", serde_json::to_string(&stats)?);
     } else {

@@ -1,8 +1,8 @@
-//! Typed view of the global per-CPU counters.
+//! Typed views of the per-CPU counters, summed over CPUs.
 use std::collections::BTreeMap;
 
-use aya::maps::{Map, MapData, PerCpuArray};
-use lb_common::{Counter, STATS_MAP, Stat};
+use aya::maps::{MapData, PerCpuArray};
+use lb_common::{BACKEND_STATS_MAP, Counter, STATS_MAP, Stat, VIP_STATS_MAP, VipCounter};
 use serde::Serialize;
 
 use crate::Error;
@@ -16,39 +16,70 @@ impl GlobalStats {
     pub fn get(&self, stat: Stat) -> Counter {
         self.0.get(stat.name()).copied().unwrap_or_default()
     }
-}
 
-/// Wrapper around the `LB_STATS` per-CPU array.
-pub struct StatsMap<'a> {
-    map: PerCpuArray<&'a MapData, Counter>,
-}
-
-impl<'a> StatsMap<'a> {
-    pub fn new(map: &'a Map) -> Result<Self, Error> {
-        let map = PerCpuArray::try_from(map).map_err(|source| Error::Map {
-            name: STATS_MAP,
-            source,
-        })?;
-        Ok(StatsMap { map })
+    /// Packets seen: the sum of the per-packet outcomes (flow-table events excluded).
+    pub fn packets(&self) -> u64 {
+        Stat::ALL
+            .iter()
+            .filter(|s| s.is_outcome())
+            .map(|s| self.get(*s).packets)
+            .sum()
     }
+}
 
-    /// Reads every counter and sums it over CPUs.
-    pub fn read(&self) -> Result<GlobalStats, Error> {
+/// The three counter maps.
+pub struct StatsMaps {
+    pub global: PerCpuArray<MapData, Counter>,
+    pub vips: PerCpuArray<MapData, VipCounter>,
+    pub backends: PerCpuArray<MapData, Counter>,
+}
+
+fn add(a: Counter, b: &Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
+}
+
+impl StatsMaps {
+    /// Reads every global counter and sums it over CPUs.
+    pub fn global(&self) -> Result<GlobalStats, Error> {
         let mut out = GlobalStats::default();
         for stat in Stat::ALL {
             let per_cpu = self
-                .map
+                .global
                 .get(&(stat as u32), 0)
                 .map_err(|source| Error::Map {
                     name: STATS_MAP,
                     source,
                 })?;
-            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
-            out.0.insert(stat.name(), total);
+            out.0
+                .insert(stat.name(), per_cpu.iter().fold(Counter::default(), add));
         }
         Ok(out)
+    }
+
+    /// Counters of VIP id `id`, summed over CPUs.
+    pub fn vip(&self, id: u32) -> Result<VipCounter, Error> {
+        let per_cpu = self.vips.get(&id, 0).map_err(|source| Error::Map {
+            name: VIP_STATS_MAP,
+            source,
+        })?;
+        Ok(per_cpu
+            .iter()
+            .fold(VipCounter::default(), |a, b| VipCounter {
+                packets: a.packets + b.packets,
+                bytes: a.bytes + b.bytes,
+                new_flows: a.new_flows + b.new_flows,
+            }))
+    }
+
+    /// Counters of backend id `id`, summed over CPUs.
+    pub fn backend(&self, id: u32) -> Result<Counter, Error> {
+        let per_cpu = self.backends.get(&id, 0).map_err(|source| Error::Map {
+            name: BACKEND_STATS_MAP,
+            source,
+        })?;
+        Ok(per_cpu.iter().fold(Counter::default(), add))
     }
 }

@@ -1,0 +1,281 @@
+//! Bounds-checked header parsing: Ethernet, one 802.1Q tag, IPv4 (any IHL), IPv6 (fixed
+//! header), TCP, UDP, and the ICMP/ICMPv6 errors that quote a flow.
+//!
+//! Every read goes through [`ptr_at`]. Broken L2/L3/L4 headers are dropped as malformed (the
+//! kernel would discard them too); anything we do not balance (fragments, IPv6 extension
+//! headers, other protocols) is passed untouched with its own reason.
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Stat};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::Verdict;
+
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP destination unreachable (includes "fragmentation needed").
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// ICMP and ICMPv6 headers are both 8 bytes before the quoted packet.
+const ICMP_HDR_LEN: usize = 8;
+
+const MALFORMED: Verdict = Verdict::Drop(Stat::DropMalformed);
+const NOT_VIP: Verdict = Verdict::Pass(Stat::PassNotVip);
+
+/// What the rest of the program needs from a frame.
+pub struct Parsed {
+    /// Client-to-VIP 5-tuple (for ICMP errors: the quoted flow, turned around).
+    pub key: FlowKey,
+    /// The packet is an ICMP error about `key`: forward it, but never create a flow for it.
+    pub icmp_error: bool,
+    /// The reason to pass it with if it turns out not to be for a VIP.
+    pub not_vip: Verdict,
+}
+
+/// Pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Mutable variant of [`ptr_at`].
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
+}
+
+#[inline(always)]
+fn v4_addr(a: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(a), 0, 0, 0]
+}
+
+#[inline(always)]
+fn v6_addr(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    // SAFETY: `ptr_at` checked the header is inside the frame.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l3 += VlanHdr::LEN;
+    }
+    if ether_type == ETH_P_IP {
+        parse_v4(ctx, l3)
+    } else if ether_type == ETH_P_IPV6 {
+        parse_v6(ctx, l3)
+    } else {
+        Err(NOT_VIP)
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(MALFORMED);
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
+        return Err(MALFORMED);
+    }
+    // More-fragments flag or a fragment offset: no L4 header to balance on.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Verdict::Pass(Stat::PassFragment));
+    }
+    let not_vip = if ihl > Ipv4Hdr::LEN {
+        Verdict::Pass(Stat::PassIpOptions)
+    } else {
+        NOT_VIP
+    };
+    let l4 = l3 + ihl;
+    let l4_len = tot_len - ihl;
+    let mut key = FlowKey {
+        src: v4_addr(ip.src_addr),
+        dst: v4_addr(ip.dst_addr),
+        proto: ip.proto,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
+    match ip.proto {
+        PROTO_TCP | PROTO_UDP => {
+            ports(ctx, l4, l4_len, &mut key)?;
+            Ok(Parsed {
+                key,
+                icmp_error: false,
+                not_vip,
+            })
+        }
+        IPPROTO_ICMP => {
+            let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+            if unsafe { (*icmp)[0] } != ICMP_DEST_UNREACH {
+                return Err(not_vip);
+            }
+            let key = quoted_v4(ctx, l4 + ICMP_HDR_LEN).ok_or(not_vip)?;
+            Ok(Parsed {
+                key,
+                icmp_error: true,
+                not_vip,
+            })
+        }
+        _ => Err(not_vip),
+    }
+}
+
+#[inline(always)]
+fn is_ipv6_ext(next: u8) -> bool {
+    // hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6,
+    // and the two experimental values.
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(MALFORMED);
+    }
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    let l4 = l3 + Ipv6Hdr::LEN;
+    if ctx.data() + l4 + payload > ctx.data_end() {
+        return Err(MALFORMED);
+    }
+    let mut key = FlowKey {
+        src: v6_addr(ip.src_addr),
+        dst: v6_addr(ip.dst_addr),
+        proto: ip.next_hdr,
+        family: FAMILY_V6,
+        ..FlowKey::default()
+    };
+    match ip.next_hdr {
+        PROTO_TCP | PROTO_UDP => {
+            ports(ctx, l4, payload, &mut key)?;
+            Ok(Parsed {
+                key,
+                icmp_error: false,
+                not_vip: NOT_VIP,
+            })
+        }
+        IPPROTO_ICMPV6 => {
+            let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+            let t = unsafe { (*icmp)[0] };
+            if t != ICMPV6_DEST_UNREACH && t != ICMPV6_PKT_TOOBIG {
+                return Err(NOT_VIP);
+            }
+            let key = quoted_v6(ctx, l4 + ICMP_HDR_LEN).ok_or(NOT_VIP)?;
+            Ok(Parsed {
+                key,
+                icmp_error: true,
+                not_vip: NOT_VIP,
+            })
+        }
+        next if is_ipv6_ext(next) => Err(Verdict::Pass(Stat::PassIpv6Ext)),
+        _ => Err(NOT_VIP),
+    }
+}
+
+/// Reads TCP/UDP ports at `l4` into `key`, checking the L4 header against the IP length.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Result<(), Verdict> {
+    if key.proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let tcp = unsafe { &*tcp };
+        let doff = tcp.doff() as usize * 4;
+        if doff < TcpHdr::LEN || doff > l4_len {
+            return Err(MALFORMED);
+        }
+        key.sport = u16::from_ne_bytes(tcp.source);
+        key.dport = u16::from_ne_bytes(tcp.dest);
+    } else {
+        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let udp = unsafe { &*udp };
+        let len = u16::from_be_bytes(udp.len) as usize;
+        if len < UdpHdr::LEN || len > l4_len {
+            return Err(MALFORMED);
+        }
+        key.sport = u16::from_ne_bytes(udp.src);
+        key.dport = u16::from_ne_bytes(udp.dst);
+    }
+    Ok(())
+}
+
+/// The flow quoted by an ICMP error: the quoted packet went VIP -> client, so the tuple is
+/// turned around to the client -> VIP direction the flow table uses.
+#[inline(always)]
+fn quoted_v4(ctx: &XdpContext, off: usize) -> Option<FlowKey> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) {
+        return None;
+    }
+    let ports: *const [u8; 4] = ptr_at(ctx, off + ihl)?;
+    let p = unsafe { *ports };
+    Some(FlowKey {
+        src: v4_addr(ip.dst_addr),
+        dst: v4_addr(ip.src_addr),
+        sport: u16::from_ne_bytes([p[2], p[3]]),
+        dport: u16::from_ne_bytes([p[0], p[1]]),
+        proto: ip.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    })
+}
+
+#[inline(always)]
+fn quoted_v6(ctx: &XdpContext, off: usize) -> Option<FlowKey> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 || (ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP) {
+        return None;
+    }
+    let ports: *const [u8; 4] = ptr_at(ctx, off + Ipv6Hdr::LEN)?;
+    let p = unsafe { *ports };
+    Some(FlowKey {
+        src: v6_addr(ip.dst_addr),
+        dst: v6_addr(ip.src_addr),
+        sport: u16::from_ne_bytes([p[2], p[3]]),
+        dport: u16::from_ne_bytes([p[0], p[1]]),
+        proto: ip.next_hdr,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    })
+}

@@ -1,0 +1,71 @@
+//! Backend selection: the flow table first, then the VIP's live Maglev slot table.
+use lb_common::{
+    BACKEND_F_PRESENT, Backend, FlowValue, Stat, VIP_F_SRC_HASH, VipInfo, flow_hash, slot_index,
+};
+
+use crate::{
+    Verdict,
+    maps::{LB_BACKENDS, LB_FLOWS, LB_SLOTS, config},
+    parse::Parsed,
+    stats,
+};
+
+const NO_BACKEND: Verdict = Verdict::Drop(Stat::DropNoBackend);
+
+pub struct Picked {
+    pub id: u32,
+    pub backend: Backend,
+    /// The flow was placed by the slot table now (not found in the flow table).
+    pub new_flow: bool,
+}
+
+/// A present backend with id `id`, if any.
+#[inline(always)]
+fn present_backend(id: u32) -> Option<Backend> {
+    let b = *LB_BACKENDS.get(id)?;
+    (b.flags & BACKEND_F_PRESENT != 0).then_some(b)
+}
+
+#[inline(always)]
+pub fn pick(pkt: &Parsed, vip: &VipInfo) -> Result<Picked, Verdict> {
+    // SAFETY: the value is copied out at once.
+    if let Some(flow) = unsafe { LB_FLOWS.get(pkt.key) }.copied()
+        && let Some(b) = present_backend(flow.backend_id)
+        // A recycled id belongs to another backend now: place the flow again.
+        && b.generation == flow.backend_generation
+    {
+        stats::count(Stat::FlowHit, 0);
+        return Ok(Picked {
+            id: flow.backend_id,
+            backend: b,
+            new_flow: false,
+        });
+    }
+    stats::count(Stat::FlowMiss, 0);
+    if vip.backend_count == 0 {
+        return Err(NO_BACKEND);
+    }
+    let cfg = config();
+    let hash = flow_hash(&pkt.key, cfg.hash_seed, vip.flags & VIP_F_SRC_HASH != 0);
+    // checked: a zero ring size (never loaded so) must not become a panic path.
+    let slot = hash
+        .checked_rem(u64::from(cfg.ring_size))
+        .ok_or(NO_BACKEND)? as u32;
+    let id = *LB_SLOTS
+        .get(slot_index(vip.id, vip.active_gen, cfg.ring_size, slot))
+        .ok_or(NO_BACKEND)?;
+    let b = present_backend(id).ok_or(NO_BACKEND)?;
+    if !pkt.icmp_error {
+        let value = FlowValue {
+            backend_id: id,
+            backend_generation: b.generation,
+        };
+        // Best effort: a full LRU evicts; a failed insert only costs a re-hash next time.
+        let _ = LB_FLOWS.insert(pkt.key, value, 0);
+    }
+    Ok(Picked {
+        id,
+        backend: b,
+        new_flow: !pkt.icmp_error,
+    })
+}

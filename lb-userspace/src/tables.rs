@@ -1,0 +1,202 @@
+//! Typed wrappers over the data-plane maps, one method per operation.
+use std::collections::HashMap as StdHashMap;
+
+use aya::maps::{Array, HashMap, MapData, MapError};
+use lb_common::{
+    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP, VIPS_MAP,
+    VipInfo, VipKey, slot_index,
+};
+
+use crate::Error;
+
+fn err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// `LB_VIPS`: VIP key -> id, flags and live slot-table generation.
+pub struct VipTable {
+    map: HashMap<MapData, VipKey, VipInfo>,
+}
+
+impl VipTable {
+    pub fn new(map: HashMap<MapData, VipKey, VipInfo>) -> Self {
+        VipTable { map }
+    }
+
+    pub fn get(&self, key: &VipKey) -> Result<Option<VipInfo>, Error> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(err(VIPS_MAP)(e)),
+        }
+    }
+
+    /// Inserts or replaces the whole entry (atomically, for readers in the kernel).
+    pub fn put(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), Error> {
+        self.map.insert(key, info, 0).map_err(err(VIPS_MAP))
+    }
+
+    pub fn remove(&mut self, key: &VipKey) -> Result<(), Error> {
+        match self.map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(VIPS_MAP)(e)),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<(VipKey, VipInfo)>, Error> {
+        self.map.iter().map(|r| r.map_err(err(VIPS_MAP))).collect()
+    }
+}
+
+/// `LB_SLOTS`: two generations of M backend ids per VIP id. Keeps a copy of what it wrote so
+/// a publish only writes the slots that differ.
+pub struct SlotTable {
+    map: Array<MapData, u32>,
+    ring_size: u32,
+    max_vips: u32,
+    written: StdHashMap<(u32, u32), Vec<u32>>,
+}
+
+impl SlotTable {
+    pub fn new(map: Array<MapData, u32>, ring_size: u32, max_vips: u32) -> Self {
+        SlotTable {
+            map,
+            ring_size,
+            max_vips,
+            written: StdHashMap::new(),
+        }
+    }
+
+    pub fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    /// Writes `slots` (exactly M ids, or empty for "no backend") into generation `generation`
+    /// of VIP `vip_id`. The generation must not be the live one.
+    pub fn write(&mut self, vip_id: u32, generation: u32, slots: &[u32]) -> Result<(), Error> {
+        if vip_id >= self.max_vips {
+            return Err(Error::Invalid(format!(
+                "VIP id {vip_id} is beyond the {} VIPs the maps were sized for",
+                self.max_vips
+            )));
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        if slots.len() != self.ring_size as usize {
+            return Err(Error::Invalid(format!(
+                "slot table has {} entries, the data plane was loaded with {}",
+                slots.len(),
+                self.ring_size
+            )));
+        }
+        let prev = self.written.remove(&(vip_id, generation));
+        for (slot, id) in slots.iter().enumerate() {
+            if prev.as_ref().is_some_and(|p| p[slot] == *id) {
+                continue;
+            }
+            let idx = slot_index(vip_id, generation, self.ring_size, slot as u32);
+            self.map.set(idx, id, 0).map_err(err(SLOTS_MAP))?;
+        }
+        self.written.insert((vip_id, generation), slots.to_vec());
+        Ok(())
+    }
+
+    /// Reads generation `generation` of VIP `vip_id` back from the kernel.
+    pub fn read(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, Error> {
+        (0..self.ring_size)
+            .map(|slot| {
+                self.map
+                    .get(&slot_index(vip_id, generation, self.ring_size, slot), 0)
+                    .map_err(err(SLOTS_MAP))
+            })
+            .collect()
+    }
+
+    /// The backend id in one slot.
+    pub fn get(&self, vip_id: u32, generation: u32, slot: u32) -> Result<u32, Error> {
+        self.map
+            .get(&slot_index(vip_id, generation, self.ring_size, slot), 0)
+            .map_err(err(SLOTS_MAP))
+    }
+
+    /// Forgets what was written for `vip_id` (its id is being released).
+    pub fn forget(&mut self, vip_id: u32) {
+        self.written.remove(&(vip_id, 0));
+        self.written.remove(&(vip_id, 1));
+    }
+}
+
+/// `LB_BACKENDS`: backend id -> where to send.
+pub struct BackendTable {
+    map: Array<MapData, Backend>,
+}
+
+impl BackendTable {
+    pub fn new(map: Array<MapData, Backend>) -> Self {
+        BackendTable { map }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.map.len()
+    }
+
+    pub fn get(&self, id: u32) -> Result<Backend, Error> {
+        self.map.get(&id, 0).map_err(err(BACKENDS_MAP))
+    }
+
+    /// Stores `backend` under `id`, marked present.
+    pub fn set(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
+        let b = Backend {
+            flags: backend.flags | BACKEND_F_PRESENT,
+            ..*backend
+        };
+        self.map.set(id, b, 0).map_err(err(BACKENDS_MAP))
+    }
+
+    /// Marks `id` absent: flows remembered on it will be placed again. The generation is kept
+    /// so the next backend given this id gets a higher one.
+    pub fn clear(&mut self, id: u32) -> Result<(), Error> {
+        let old = self.get(id)?;
+        let b = Backend {
+            generation: old.generation,
+            ..Backend::default()
+        };
+        self.map.set(id, b, 0).map_err(err(BACKENDS_MAP))
+    }
+}
+
+/// `LB_FLOWS`: the LRU flow table.
+pub struct FlowTable {
+    map: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl FlowTable {
+    pub fn new(map: HashMap<MapData, FlowKey, FlowValue>) -> Self {
+        FlowTable { map }
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(err(FLOWS_MAP)(e)),
+        }
+    }
+
+    pub fn insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), Error> {
+        self.map.insert(key, value, 0).map_err(err(FLOWS_MAP))
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), Error> {
+        match self.map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(FLOWS_MAP)(e)),
+        }
+    }
+
+    /// Every remembered flow (a snapshot; the kernel keeps changing it).
+    pub fn list(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.map.iter().filter_map(Result::ok).collect()
+    }
+}
