@@ -5,6 +5,7 @@
 //! through iproute2's `ip`, the same commands an operator would type.
 pub mod net;
 pub mod proc;
+pub mod world;
 
 pub use net::{Netns, VethPair, unique_name};
 pub use proc::{ChildGuard, lb_binary};

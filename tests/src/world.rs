@@ -1,0 +1,224 @@
+//! A freshly loaded data plane with a fixed set of VIPs and backends, for packet fixtures
+//! (`BPF_PROG_TEST_RUN`) and benchmarks. The program is loaded but not attached.
+use std::net::IpAddr;
+
+use anyhow::Context as _;
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{
+    Backend, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, flow_hash,
+};
+use lb_userspace::{
+    Dataplane, LoadOptions,
+    maglev::{self, MaglevBackend},
+};
+
+/// MAC the load balancer writes as the source of forwarded frames.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+/// Client and router MACs used in fixtures.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa0];
+
+/// Network-order address words, as the map ABI stores them.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+/// The map key of VIP `ip:port/proto` (port 0 = wildcard).
+pub fn vip_key(ip: IpAddr, port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: addr_words(ip),
+        port: port.to_be(),
+        proto,
+        family: family(ip),
+    }
+}
+
+/// The flow key of client `src:sport` -> VIP `dst:dport`.
+pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_words(src),
+        dst: addr_words(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: family(src),
+        _pad: [0; 2],
+    }
+}
+
+/// Backend id `id`'s MAC in fixtures.
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x0b, id as u8]
+}
+
+/// One VIP of the world.
+#[derive(Clone, Debug)]
+pub struct WorldVip {
+    pub key: VipKey,
+    pub id: u32,
+    pub flags: u32,
+    pub backends: Vec<u32>,
+    pub table: Vec<u32>,
+}
+
+pub struct World {
+    pub dp: Dataplane,
+    pub vips: Vec<WorldVip>,
+}
+
+pub const RING: u32 = 1009;
+pub const SEED: u64 = 0x5eed_1234_abcd_0042;
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("valid literal address")
+}
+
+impl World {
+    /// Loads a fresh data plane and publishes the standard VIPs:
+    /// - 10.0.0.10:80/tcp -> 1,2,3   - 10.0.0.10:53/udp -> 1,2
+    /// - 10.0.0.20:*/tcp  -> 2,3     - 10.0.0.30:443/tcp (source hash) -> 1,2,3
+    /// - [2001:db8::10]:80/tcp -> 4,5 - [2001:db8::10]:53/udp -> 4,5
+    /// - 10.0.0.40:80/tcp -> none (empty table)
+    pub fn new() -> anyhow::Result<Self> {
+        let opts = LoadOptions {
+            ring_size: RING,
+            max_vips: 16,
+            max_backends: 64,
+            flow_entries: 4096,
+            hash_seed: SEED,
+        };
+        let dp = Dataplane::load(opts).context("loading the data plane")?;
+        let mut world = World {
+            dp,
+            vips: Vec::new(),
+        };
+        for (id, addr) in [
+            (1, "10.1.0.1"),
+            (2, "10.1.0.2"),
+            (3, "10.1.0.3"),
+            (4, "2001:db8::b4"),
+            (5, "2001:db8::b5"),
+        ] {
+            world.set_backend(id, ip(addr))?;
+        }
+        world.add_vip(vip_key(ip("10.0.0.10"), 80, PROTO_TCP), 0, &[1, 2, 3])?;
+        world.add_vip(vip_key(ip("10.0.0.10"), 53, PROTO_UDP), 0, &[1, 2])?;
+        world.add_vip(vip_key(ip("10.0.0.20"), 0, PROTO_TCP), 0, &[2, 3])?;
+        world.add_vip(
+            vip_key(ip("10.0.0.30"), 443, PROTO_TCP),
+            VIP_F_SRC_HASH,
+            &[1, 2, 3],
+        )?;
+        world.add_vip(vip_key(ip("2001:db8::10"), 80, PROTO_TCP), 0, &[4, 5])?;
+        world.add_vip(vip_key(ip("2001:db8::10"), 53, PROTO_UDP), 0, &[4, 5])?;
+        world.add_vip(vip_key(ip("10.0.0.40"), 80, PROTO_TCP), 0, &[])?;
+        Ok(world)
+    }
+
+    /// Stores backend `id` at `addr`, reached through the receiving interface (XDP_TX).
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr) -> anyhow::Result<()> {
+        let old = self.dp.backends.get(id)?;
+        let b = Backend {
+            addr: addr_words(addr),
+            mac: backend_mac(id),
+            src_mac: LB_MAC,
+            ifindex: 0,
+            generation: old.generation + 1,
+            flags: 0,
+            family: family(addr),
+            _pad: [0; 3],
+        };
+        self.dp.backends.set(id, &b)?;
+        Ok(())
+    }
+
+    /// Adds a VIP with equal-weight `backends` and publishes its table.
+    pub fn add_vip(&mut self, key: VipKey, flags: u32, backends: &[u32]) -> anyhow::Result<()> {
+        let id = self.vips.len() as u32;
+        let mut v = WorldVip {
+            key,
+            id,
+            flags,
+            backends: backends.to_vec(),
+            table: Vec::new(),
+        };
+        self.publish(&mut v)?;
+        self.vips.push(v);
+        Ok(())
+    }
+
+    fn publish(&mut self, v: &mut WorldVip) -> anyhow::Result<()> {
+        let mb: Vec<MaglevBackend> = v
+            .backends
+            .iter()
+            .map(|id| MaglevBackend {
+                id: *id,
+                key: format!("backend-{id}"),
+                weight: 1,
+            })
+            .collect();
+        v.table = maglev::build(&mb, RING);
+        self.dp.publish_vip(&v.key, v.id, v.flags, &v.table)?;
+        Ok(())
+    }
+
+    /// Replaces the backend set of VIP number `index` and publishes the new table.
+    pub fn set_vip_backends(&mut self, index: usize, backends: &[u32]) -> anyhow::Result<()> {
+        let mut v = self.vips[index].clone();
+        v.backends = backends.to_vec();
+        self.publish(&mut v)?;
+        self.vips[index] = v;
+        Ok(())
+    }
+
+    /// The VIP a flow key is for (exact, then wildcard), as the kernel would find it.
+    pub fn vip_for(&self, key: &FlowKey) -> Option<&WorldVip> {
+        let exact = VipKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        let wild = VipKey { port: 0, ..exact };
+        self.vips
+            .iter()
+            .find(|v| v.key == exact)
+            .or_else(|| self.vips.iter().find(|v| v.key == wild))
+    }
+
+    /// The backend the slot table gives `key` (what a new flow gets), computed in userspace.
+    pub fn table_backend(&self, key: &FlowKey) -> Option<u32> {
+        let v = self.vip_for(key)?;
+        if v.table.is_empty() {
+            return None;
+        }
+        let h = flow_hash(key, SEED, v.flags & VIP_F_SRC_HASH != 0);
+        Some(v.table[(h % u64::from(RING)) as usize])
+    }
+
+    /// Runs the load-balancing program once on `frame`; returns the action and output frame.
+    pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.dp.lb_program()?;
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+}
