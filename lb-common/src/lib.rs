@@ -23,8 +23,10 @@ pub const VIPS_MAP: &str = "LB_VIPS";
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].
 pub const BACKENDS_MAP: &str = "LB_BACKENDS";
-/// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`].
+/// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`] shared by all CPUs.
 pub const FLOWS_MAP: &str = "LB_FLOWS";
+/// Flow table used instead of [`FLOWS_MAP`] in [`FLOW_TABLE_PER_CPU`] mode: per-CPU LRU hash.
+pub const FLOWS_PERCPU_MAP: &str = "LB_FLOWS_PERCPU";
 /// Per-VIP counters: per-CPU array indexed by VIP id, value [`VipCounter`].
 pub const VIP_STATS_MAP: &str = "LB_VIP_STATS";
 /// Per-backend counters: per-CPU array indexed by backend id, value [`Counter`].
@@ -145,16 +147,23 @@ const _: () = assert!(core::mem::size_of::<VipCounter>() == 24);
 pub struct LbConfig {
     /// Slot-table size M (prime). Every VIP owns `2 * M` entries in [`SLOTS_MAP`].
     pub ring_size: u32,
-    pub _pad: u32,
+    /// [`FLOW_TABLE_SHARED`] or [`FLOW_TABLE_PER_CPU`].
+    pub flow_table: u32,
     /// Seed of [`flow_hash`]: nodes with the same seed and tables pick the same backends.
     pub hash_seed: u64,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
 
+/// One LRU hash for all CPUs: a flow finds its entry on whichever CPU its packets land.
+pub const FLOW_TABLE_SHARED: u32 = 0;
+/// One LRU per CPU: no cross-CPU cache traffic, but a flow whose packets move to another CPU
+/// (RSS change, veth or generic mode) is placed again there. Only for NICs with stable RSS.
+pub const FLOW_TABLE_PER_CPU: u32 = 1;
+
 impl LbConfig {
     pub const DEFAULT: LbConfig = LbConfig {
         ring_size: DEFAULT_RING_SIZE,
-        _pad: 0,
+        flow_table: FLOW_TABLE_SHARED,
         hash_seed: 0x6c62_2d78_6470_5f31,
     };
 }

@@ -2,11 +2,11 @@
 //! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VipInfo, VipKey,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VipInfo, VipKey,
 };
 
 #[map(name = "LB_VIPS")]
@@ -26,6 +26,11 @@ pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BAC
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
+/// Alternative flow table for `FLOW_TABLE_PER_CPU` mode; the agent sizes the unused one to 1.
+#[map(name = "LB_FLOWS_PERCPU")]
+pub static LB_FLOWS_PERCPU: LruPerCpuHashMap<FlowKey, FlowValue> =
+    LruPerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 
@@ -38,6 +43,31 @@ pub fn config() -> LbConfig {
     // SAFETY: a plain read of an initialised global; volatile so the value written at load
     // time is used instead of the compile-time default.
     unsafe { core::ptr::read_volatile(&LB_CONFIG) }
+}
+
+/// The flow-table entry of `key`, from the table the configuration selects. A per-CPU entry
+/// with backend id 0 was written by another CPU only: a miss here.
+#[inline(always)]
+pub fn find_flow(cfg: &LbConfig, key: &FlowKey) -> Option<FlowValue> {
+    // SAFETY: values are plain data copied out immediately.
+    if cfg.flow_table == FLOW_TABLE_PER_CPU {
+        unsafe { LB_FLOWS_PERCPU.get(key) }
+            .copied()
+            .filter(|f| f.backend_id != 0)
+    } else {
+        unsafe { LB_FLOWS.get(key) }.copied()
+    }
+}
+
+/// Remembers `value` for `key`. Best effort: a full LRU evicts, and a failed insert only
+/// costs a new placement next time.
+#[inline(always)]
+pub fn remember_flow(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
+    let _ = if cfg.flow_table == FLOW_TABLE_PER_CPU {
+        LB_FLOWS_PERCPU.insert(key, value, 0)
+    } else {
+        LB_FLOWS.insert(key, value, 0)
+    };
 }
 
 /// The VIP `key` is for: exact (address, port, protocol) first, then the address's wildcard.

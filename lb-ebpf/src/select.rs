@@ -5,7 +5,7 @@ use lb_common::{
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_FLOWS, LB_SLOTS, config},
+    maps::{LB_BACKENDS, LB_SLOTS, config, find_flow, remember_flow},
     parse::Parsed,
     stats,
 };
@@ -28,8 +28,8 @@ fn present_backend(id: u32) -> Option<Backend> {
 
 #[inline(always)]
 pub fn pick(pkt: &Parsed, vip: &VipInfo) -> Result<Picked, Verdict> {
-    // SAFETY: the value is copied out at once.
-    if let Some(flow) = unsafe { LB_FLOWS.get(pkt.key) }.copied()
+    let cfg = config();
+    if let Some(flow) = find_flow(&cfg, &pkt.key)
         && let Some(b) = present_backend(flow.backend_id)
         // A recycled id belongs to another backend now: place the flow again.
         && b.generation == flow.backend_generation
@@ -45,7 +45,6 @@ pub fn pick(pkt: &Parsed, vip: &VipInfo) -> Result<Picked, Verdict> {
     if vip.backend_count == 0 {
         return Err(NO_BACKEND);
     }
-    let cfg = config();
     let hash = flow_hash(&pkt.key, cfg.hash_seed, vip.flags & VIP_F_SRC_HASH != 0);
     // checked: a zero ring size (never loaded so) must not become a panic path.
     let slot = hash
@@ -60,8 +59,7 @@ pub fn pick(pkt: &Parsed, vip: &VipInfo) -> Result<Picked, Verdict> {
             backend_id: id,
             backend_generation: b.generation,
         };
-        // Best effort: a full LRU evicts; a failed insert only costs a re-hash next time.
-        let _ = LB_FLOWS.insert(pkt.key, value, 0);
+        remember_flow(&cfg, &pkt.key, &value);
     }
     Ok(Picked {
         id,

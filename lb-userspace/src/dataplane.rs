@@ -1,13 +1,13 @@
 //! Loading the eBPF object, attaching it, and owning its maps as typed tables.
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, xdp::DevMapHash},
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
     BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, FLOWS_MAP, LbConfig, SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_STATS_MAP,
-    VIPS_MAP,
+    DEFAULT_MAX_VIPS, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP, FLOWS_PERCPU_MAP, LbConfig,
+    SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_STATS_MAP, VIPS_MAP,
 };
 
 use crate::{
@@ -46,6 +46,8 @@ pub struct LoadOptions {
     pub max_backends: u32,
     pub flow_entries: u32,
     pub hash_seed: u64,
+    /// Shared LRU (default) or one LRU per CPU.
+    pub per_cpu_flows: bool,
 }
 
 impl Default for LoadOptions {
@@ -56,6 +58,7 @@ impl Default for LoadOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             flow_entries: DEFAULT_FLOW_ENTRIES,
             hash_seed: LbConfig::DEFAULT.hash_seed,
+            per_cpu_flows: false,
         }
     }
 }
@@ -87,7 +90,11 @@ impl LoadOptions {
     pub fn config(&self) -> LbConfig {
         LbConfig {
             ring_size: self.ring_size,
-            _pad: 0,
+            flow_table: if self.per_cpu_flows {
+                FLOW_TABLE_PER_CPU
+            } else {
+                FLOW_TABLE_SHARED
+            },
             hash_seed: self.hash_seed,
         }
     }
@@ -111,12 +118,19 @@ impl Dataplane {
         require_root()?;
         opts.validate()?;
         let cfg = opts.config();
+        // The flow table not in use shrinks to one entry.
+        let (shared, per_cpu) = if opts.per_cpu_flows {
+            (1, opts.flow_entries)
+        } else {
+            (opts.flow_entries, 1)
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &cfg, true)
             .map_max_entries(VIPS_MAP, opts.max_vips)
             .map_max_entries(SLOTS_MAP, opts.max_vips * 2 * opts.ring_size)
             .map_max_entries(BACKENDS_MAP, opts.max_backends)
-            .map_max_entries(FLOWS_MAP, opts.flow_entries)
+            .map_max_entries(FLOWS_MAP, shared)
+            .map_max_entries(FLOWS_PERCPU_MAP, per_cpu)
             .map_max_entries(VIP_STATS_MAP, opts.max_vips)
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
@@ -137,9 +151,16 @@ impl Dataplane {
         let backends = BackendTable::new(
             Array::try_from(take(&mut ebpf, BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?,
         );
-        let flows = FlowTable::new(
-            HashMap::try_from(take(&mut ebpf, FLOWS_MAP)?).map_err(map_err(FLOWS_MAP))?,
-        );
+        let flows = if opts.per_cpu_flows {
+            FlowTable::PerCpu(
+                PerCpuHashMap::try_from(take(&mut ebpf, FLOWS_PERCPU_MAP)?)
+                    .map_err(map_err(FLOWS_PERCPU_MAP))?,
+            )
+        } else {
+            FlowTable::Shared(
+                HashMap::try_from(take(&mut ebpf, FLOWS_MAP)?).map_err(map_err(FLOWS_MAP))?,
+            )
+        };
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
         let stats = StatsMaps {

@@ -1,7 +1,7 @@
 //! Typed wrappers over the data-plane maps, one method per operation.
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP, VIPS_MAP,
     VipInfo, VipKey, slot_index,
@@ -166,30 +166,37 @@ impl BackendTable {
     }
 }
 
-/// `LB_FLOWS`: the LRU flow table.
-pub struct FlowTable {
-    map: HashMap<MapData, FlowKey, FlowValue>,
+/// The LRU flow table: `LB_FLOWS` (shared) or `LB_FLOWS_PERCPU`, as loaded.
+pub enum FlowTable {
+    Shared(HashMap<MapData, FlowKey, FlowValue>),
+    PerCpu(PerCpuHashMap<MapData, FlowKey, FlowValue>),
 }
 
 impl FlowTable {
-    pub fn new(map: HashMap<MapData, FlowKey, FlowValue>) -> Self {
-        FlowTable { map }
-    }
-
+    /// The entry for `key`; in per-CPU mode, the first CPU's entry that names a backend.
     pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        match self.map.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
+        let found = match self {
+            FlowTable::Shared(m) => m.get(key, 0),
+            FlowTable::PerCpu(m) => m.get(key, 0).map(|v| {
+                v.iter()
+                    .copied()
+                    .find(|f| f.backend_id != 0)
+                    .unwrap_or_default()
+            }),
+        };
+        match found {
+            Ok(v) if v.backend_id != 0 => Ok(Some(v)),
+            Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(err(FLOWS_MAP)(e)),
         }
     }
 
-    pub fn insert(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), Error> {
-        self.map.insert(key, value, 0).map_err(err(FLOWS_MAP))
-    }
-
     pub fn remove(&mut self, key: &FlowKey) -> Result<(), Error> {
-        match self.map.remove(key) {
+        let r = match self {
+            FlowTable::Shared(m) => m.remove(key),
+            FlowTable::PerCpu(m) => m.remove(key),
+        };
+        match r {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(FLOWS_MAP)(e)),
         }
@@ -197,6 +204,18 @@ impl FlowTable {
 
     /// Every remembered flow (a snapshot; the kernel keeps changing it).
     pub fn list(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.map.iter().filter_map(Result::ok).collect()
+        match self {
+            FlowTable::Shared(m) => m.iter().filter_map(Result::ok).collect(),
+            FlowTable::PerCpu(m) => m
+                .iter()
+                .filter_map(Result::ok)
+                .filter_map(|(k, v)| {
+                    v.iter()
+                        .copied()
+                        .find(|f| f.backend_id != 0)
+                        .map(|f| (k, f))
+                })
+                .collect(),
+        }
     }
 }

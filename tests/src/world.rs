@@ -91,12 +91,18 @@ impl World {
     /// - [2001:db8::10]:80/tcp -> 4,5 - [2001:db8::10]:53/udp -> 4,5
     /// - 10.0.0.40:80/tcp -> none (empty table)
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_flows(4096, false)
+    }
+
+    /// As [`World::new`] with a flow table of `flow_entries`, shared or per CPU.
+    pub fn with_flows(flow_entries: u32, per_cpu_flows: bool) -> anyhow::Result<Self> {
         let opts = LoadOptions {
             ring_size: RING,
             max_vips: 16,
             max_backends: 64,
-            flow_entries: 4096,
+            flow_entries,
             hash_seed: SEED,
+            per_cpu_flows,
         };
         let dp = Dataplane::load(opts).context("loading the data plane")?;
         let mut world = World {

@@ -573,7 +573,16 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn packet_fixtures() -> anyhow::Result<()> {
-    let mut world = World::new()?;
+    run_fixtures(World::new()?)
+}
+
+/// The same fixtures with the per-CPU flow table (`--per-cpu-flows`).
+#[test]
+fn packet_fixtures_per_cpu_flow_table() -> anyhow::Result<()> {
+    run_fixtures(World::with_flows(4096, true)?)
+}
+
+fn run_fixtures(mut world: World) -> anyhow::Result<()> {
     let all = cases();
     assert!(all.len() >= 40, "only {} cases", all.len());
     let mut failures = Vec::new();

@@ -3,7 +3,6 @@
 //! xtask builds nothing itself beyond calling cargo: the eBPF object is built by
 //! `lb-userspace/build.rs`. `setup` makes a fresh Debian machine able to do that build and run
 //! the privileged tests; every step checks first, so a second run takes seconds.
-mod demo;
 mod setup;
 
 use std::process::Command;
@@ -26,6 +25,8 @@ enum Task {
     Demo,
     /// Build everything and run every test, privileged ones included.
     Test,
+    /// Build everything and print the benchmark tables.
+    Bench,
 }
 
 fn main() {
@@ -34,6 +35,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Test => setup::run().and_then(|()| test()),
+        Task::Bench => setup::run().and_then(|()| bench()),
     };
     if let Err(err) = result {
         eprintln!("xtask: {err:#}");
@@ -96,14 +98,28 @@ fn lint() -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     build_release()?;
-    demo::run(&target_dir().join("release/lb"))
+    run_cmd(cargo().args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-demo",
+    ]))
 }
 
-/// The workspace's target directory (honours `CARGO_TARGET_DIR`).
-fn target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| workspace_root().join("target"))
+fn bench() -> anyhow::Result<()> {
+    build_release()?;
+    run_cmd(cargo().args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+    ]))
 }
 
 fn workspace_root() -> std::path::PathBuf {

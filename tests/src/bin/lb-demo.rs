@@ -1,8 +1,7 @@
-//! The demo: a throw-away two-namespace veth network, the real `lb` attached in native mode,
+//! `cargo xtask demo`: a throw-away two-namespace veth network, the real `lb` attached in native mode,
 //! real UDP traffic, the counters printed, and everything removed (also on Ctrl-C or failure).
 use std::{
     net::UdpSocket,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -11,11 +10,19 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_tests::{ChildGuard, Netns, VethPair};
+use lb_tests::{ChildGuard, Netns, VethPair, lb_binary};
 
 const PACKETS: usize = 200;
 
-pub fn run(lb_path: &Path) -> anyhow::Result<()> {
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("demo: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let lb_path = lb_binary()?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

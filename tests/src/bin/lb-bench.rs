@@ -1,0 +1,199 @@
+//! `cargo xtask bench`: data-plane cost per packet from BPF_PROG_TEST_RUN on freshly loaded
+//! programs, and control-plane timings. Everything is measured in this one process and run,
+//! and each packet figure is printed with its ratio to the XDP_PASS floor measured alongside.
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use etherparse::PacketBuilder;
+use lb_tests::world::{LB_MAC, ROUTER_MAC, World};
+use lb_userspace::maglev::{self, MaglevBackend};
+
+const REPEAT: u32 = 1_000_000;
+const NEW_FLOWS: u32 = 200_000;
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 64000)
+        .ack(1)
+        .write(&mut out, &[0u8; 64])
+        .expect("frame builds");
+    out
+}
+
+/// Mean ns per pass of `repeat` passes over `frame`; median of three runs.
+fn ns_repeat(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        runs.push(r.duration.as_nanos() as f64);
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}
+
+/// Mean kernel-reported ns of `n` single runs, each on the frame `make(i)` gives.
+fn ns_single(prog: &Xdp, n: u32, make: impl Fn(u32) -> Vec<u8>) -> anyhow::Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 512];
+    for i in 0..n {
+        let frame = make(i);
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        total += r.duration;
+    }
+    Ok(total.as_nanos() as f64 / f64::from(n))
+}
+
+/// A distinct client for flow `i`: 100.64.x.y:port.
+fn client(i: u32) -> ([u8; 4], u16) {
+    let host = i / 50_000;
+    (
+        [100, 64, (host >> 8) as u8, host as u8],
+        10_000 + (i % 50_000) as u16,
+    )
+}
+
+struct Row {
+    name: String,
+    ns: f64,
+    floor: f64,
+    target: Option<f64>,
+}
+
+fn packet_rows(per_cpu: bool) -> anyhow::Result<Vec<Row>> {
+    let flows = NEW_FLOWS * 2 + 1024;
+    let mut world = World::with_flows(flows, per_cpu)?;
+    let label = if per_cpu { "per-CPU LRU" } else { "shared LRU" };
+    let vip = [10, 0, 0, 10];
+    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    world.run(&established)?; // place the flow
+    let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
+
+    let floor = ns_repeat(world.dp.pass_program()?, &established, REPEAT)?;
+    let floor_single = ns_single(world.dp.pass_program()?, NEW_FLOWS, |i| {
+        let (c, p) = client(i);
+        tcp(c, p, vip, 80)
+    })?;
+    let lb = world.dp.lb_program()?;
+    let est = ns_repeat(lb, &established, REPEAT)?;
+    let nv = ns_repeat(lb, &non_vip, REPEAT)?;
+    let new = ns_single(lb, NEW_FLOWS, |i| {
+        let (c, p) = client(i);
+        tcp(c, p, vip, 80)
+    })?;
+    let misses = world
+        .dp
+        .stats
+        .global()?
+        .get(lb_common::Stat::FlowMiss)
+        .packets;
+    anyhow::ensure!(
+        misses >= u64::from(NEW_FLOWS),
+        "new-flow runs were not all misses ({misses})"
+    );
+    Ok(vec![
+        Row {
+            name: format!("XDP_PASS floor (repeat {REPEAT})"),
+            ns: floor,
+            floor,
+            target: None,
+        },
+        Row {
+            name: format!("established TCP flow, {label}"),
+            ns: est,
+            floor,
+            target: Some(2.0),
+        },
+        Row {
+            name: "non-VIP packet".into(),
+            ns: nv,
+            floor,
+            target: Some(1.3),
+        },
+        Row {
+            name: format!("XDP_PASS floor ({NEW_FLOWS} single runs)"),
+            ns: floor_single,
+            floor: floor_single,
+            target: None,
+        },
+        Row {
+            name: format!("new TCP flow, {label} (single runs)"),
+            ns: new,
+            floor: floor_single,
+            target: Some(4.0),
+        },
+    ])
+}
+
+fn print_rows(rows: &[Row]) {
+    println!("| case | ns/packet | x floor | target |");
+    println!("| --- | ---: | ---: | --- |");
+    for r in rows {
+        let ratio = r.ns / r.floor;
+        let target = match r.target {
+            Some(t) => format!("<= {t}x {}", if ratio <= t { "met" } else { "MISSED" }),
+            None => "floor".into(),
+        };
+        println!("| {} | {:.1} | {:.2} | {} |", r.name, r.ns, ratio, target);
+    }
+}
+
+fn maglev_rows() {
+    println!("| Maglev build, M = 65537 | median ms (of 9) |");
+    println!("| --- | ---: |");
+    for n in [10u32, 100, 1000] {
+        let backends: Vec<MaglevBackend> = (1..=n)
+            .map(|i| MaglevBackend {
+                id: i,
+                key: format!("10.2.{}.{}:80", i / 250, i % 250),
+                weight: 1 + i % 3,
+            })
+            .collect();
+        let mut times: Vec<f64> = (0..9)
+            .map(|_| {
+                let t = Instant::now();
+                let table = maglev::build(&backends, 65537);
+                let e = t.elapsed().as_secs_f64() * 1e3;
+                assert_eq!(table.len(), 65537);
+                e
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!("| {n} backends | {:.3} |", times[4]);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    println!("## Data plane (BPF_PROG_TEST_RUN, freshly loaded program, one process)\n");
+    let mut rows = packet_rows(false)?;
+    rows.extend(
+        packet_rows(true)?
+            .into_iter()
+            .filter(|r| r.name.contains("LRU")),
+    );
+    print_rows(&rows);
+    println!(
+        "\nNew-flow runs need a distinct flow each, so they are single runs; their ratio is to"
+    );
+    println!(
+        "the floor measured the same way (single runs include the kernel's per-run overhead).\n"
+    );
+    maglev_rows();
+    Ok(())
+}
