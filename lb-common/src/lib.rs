@@ -17,8 +17,15 @@
 
 /// Global counters: per-CPU array indexed by [`Stat`], value [`Counter`].
 pub const STATS_MAP: &str = "LB_STATS";
-/// VIPs: hash [`VipKey`] -> [`VipInfo`].
+/// VIPs: hash [`VipKey`] -> VIP id (`u32`).
 pub const VIPS_MAP: &str = "LB_VIPS";
+/// VIP state by id: array of [`VipInfo`], `max_vips` entries.
+pub const VIP_INFO_MAP: &str = "LB_VIP_INFO";
+/// Pre-filter: a bitmap (array of `u64` words) with the bit of every VIP address set, so
+/// packets to other addresses pass after one inlined array read, without a hash lookup.
+pub const VIP_FILTER_MAP: &str = "LB_VIP_FILTER";
+/// Words in [`VIP_FILTER_MAP`] (64 bits each).
+pub const VIP_FILTER_WORDS: u32 = 1024;
 /// Slot tables: array of backend ids, `2 * ring_size` entries per VIP id (two generations).
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].
@@ -195,23 +202,32 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 
 /// Hash only the client's address (client affinity) instead of the 5-tuple.
 pub const VIP_F_SRC_HASH: u32 = 1;
+/// The VIP id is in use.
+pub const VIP_F_PRESENT: u32 = 2;
 
-/// Value of [`VIPS_MAP`]. Replaced as a whole, which is what makes a table switch atomic: the
-/// agent fills the inactive generation of the slot table, then writes a `VipInfo` whose
-/// `active_gen` points at it.
+/// Value of [`VIP_INFO_MAP`] at the VIP's id. A table switch is one aligned 4-byte store of
+/// `active_gen` after the inactive generation of the slot table has been filled, so a packet
+/// sees the old table or the new one, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index into the slot tables and [`VIP_STATS_MAP`]; `< max_vips`.
-    pub id: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
     /// Which of the VIP's two slot-table generations is live (0 or 1).
     pub active_gen: u32,
     /// Number of distinct backends in the live table; 0 means drop (no backend).
     pub backend_count: u32,
+    /// Bumped each time the id is given to a new VIP; flows remember it.
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64).
+#[inline(always)]
+pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
+    let h = mix(mix(0x7669_705f_6669_6c74, pair(addr[0], addr[1])), pair(addr[2], addr[3]));
+    ((h >> 40) % (VIP_FILTER_WORDS as u64 * 64)) as u32
+}
 
 /// Index of `slot` of generation `generation` of VIP `vip_id` in [`SLOTS_MAP`].
 #[inline(always)]
@@ -264,15 +280,19 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of [`FLOWS_MAP`].
+/// Value of [`FLOWS_MAP`]. The flow is only used while both its VIP and its backend still
+/// carry the generations remembered here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend_id: u32,
     /// [`Backend::generation`] when the flow was placed.
     pub backend_generation: u32,
+    pub vip_id: u32,
+    /// [`VipInfo::generation`] when the flow was placed.
+    pub vip_generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
 
 // ---------------------------------------------------------------------------------------------
 // The flow hash.

@@ -53,9 +53,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     let pkt = parse::parse(ctx)?;
-    let vip = maps::find_vip(&pkt.key).ok_or(pkt.not_vip)?;
-    let picked = select::pick(&pkt, &vip)?;
-    stats::count_vip(vip.id, len, picked.new_flow);
+    if !maps::maybe_vip_addr(&pkt.key.dst) {
+        return Err(pkt.not_vip);
+    }
+    let picked = select::pick(&pkt)?;
+    stats::count_vip(picked.vip_id, len, picked.new_flow);
     stats::count_backend(picked.id, len);
     forward::l2_dsr(ctx, &picked.backend)
 }

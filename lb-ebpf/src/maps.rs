@@ -6,11 +6,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VipInfo, VipKey,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VIP_F_PRESENT, VIP_FILTER_WORDS,
+    VipInfo, VipKey, vip_filter_bit,
 };
 
 #[map(name = "LB_VIPS")]
-pub static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+pub static LB_VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "LB_VIP_INFO")]
+pub static LB_VIP_INFO: Array<VipInfo> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "LB_VIP_FILTER")]
+pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// Two generations of M backend ids per VIP; see `lb_common::slot_index`.
 #[map(name = "LB_SLOTS")]
@@ -70,9 +77,20 @@ pub fn remember_flow(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
     };
 }
 
-/// The VIP `key` is for: exact (address, port, protocol) first, then the address's wildcard.
+/// False when no VIP has address `addr`; true when one may (the bitmap can collide).
 #[inline(always)]
-pub fn find_vip(key: &FlowKey) -> Option<VipInfo> {
+pub fn maybe_vip_addr(addr: &[u32; 4]) -> bool {
+    let bit = vip_filter_bit(addr);
+    match LB_VIP_FILTER.get(bit / 64) {
+        Some(word) => word & (1u64 << (bit % 64)) != 0,
+        None => false,
+    }
+}
+
+/// The id of the VIP `key` is for: exact (address, port, protocol) first, then the address's
+/// wildcard.
+#[inline(always)]
+pub fn find_vip_id(key: &FlowKey) -> Option<u32> {
     let mut vk = VipKey {
         addr: key.dst,
         port: key.dport,
@@ -80,9 +98,16 @@ pub fn find_vip(key: &FlowKey) -> Option<VipInfo> {
         family: key.family,
     };
     // SAFETY: values are plain data copied out immediately.
-    if let Some(v) = unsafe { LB_VIPS.get(vk) } {
-        return Some(*v);
+    if let Some(id) = unsafe { LB_VIPS.get(vk) } {
+        return Some(*id);
     }
     vk.port = 0;
     unsafe { LB_VIPS.get(vk) }.copied()
+}
+
+/// The state of VIP `id`, if that id is in use.
+#[inline(always)]
+pub fn present_vip(id: u32) -> Option<VipInfo> {
+    let v = *LB_VIP_INFO.get(id)?;
+    (v.flags & VIP_F_PRESENT != 0).then_some(v)
 }

@@ -7,7 +7,7 @@ use aya::{
 use lb_common::{
     BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_VIPS, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP, FLOWS_PERCPU_MAP, LbConfig,
-    SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_STATS_MAP, VIPS_MAP,
+    SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
 };
 
 use crate::{
@@ -127,6 +127,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &cfg, true)
             .map_max_entries(VIPS_MAP, opts.max_vips)
+            .map_max_entries(VIP_INFO_MAP, opts.max_vips)
             .map_max_entries(SLOTS_MAP, opts.max_vips * 2 * opts.ring_size)
             .map_max_entries(BACKENDS_MAP, opts.max_backends)
             .map_max_entries(FLOWS_MAP, shared)
@@ -142,7 +143,9 @@ impl Dataplane {
         }
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
-        );
+            Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
+            Array::try_from(take(&mut ebpf, VIP_FILTER_MAP)?).map_err(map_err(VIP_FILTER_MAP))?,
+        )?;
         let slots = SlotTable::new(
             Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,
             opts.ring_size,

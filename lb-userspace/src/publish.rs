@@ -1,15 +1,16 @@
 //! Publishing a VIP's slot table atomically: the kernel reads either the old or the new table,
-//! never a mix. The inactive generation is filled first; then the VIP entry, which names the
-//! live generation, is replaced as a whole.
+//! never a mix. The inactive generation is filled first; then the VIP's state, which names
+//! the live generation, is rewritten. A new VIP's key is bound last, so its first packet
+//! already finds a complete table.
 use std::collections::BTreeSet;
 
-use lb_common::{VipInfo, VipKey};
+use lb_common::{VIP_F_PRESENT, VipInfo, VipKey};
 
 use crate::{Dataplane, Error};
 
 impl Dataplane {
     /// Makes `slots` (M backend ids, or empty for "no backend") the live table of VIP `key`
-    /// with id `id` and `flags`, creating the VIP if needed. Returns the new VIP entry.
+    /// under id `id` with `flags` (`VIP_F_*`), creating the VIP if needed. Returns its state.
     pub fn publish_vip(
         &mut self,
         key: &VipKey,
@@ -17,34 +18,50 @@ impl Dataplane {
         flags: u32,
         slots: &[u32],
     ) -> Result<VipInfo, Error> {
-        let current = self.vips.get(key)?;
-        let generation = match current {
-            Some(v) if v.id == id => 1 - (v.active_gen & 1),
-            Some(v) => {
+        let old = self.vips.info(id)?;
+        let bound = self.vips.id_of(key)?;
+        match bound {
+            Some(other) if other != id => {
                 return Err(Error::Invalid(format!(
-                    "VIP is already loaded with id {}, not {id}",
-                    v.id
+                    "VIP is already loaded with id {other}, not {id}"
                 )));
             }
-            None => 0,
+            None if old.flags & VIP_F_PRESENT != 0 => {
+                return Err(Error::Invalid(format!("VIP id {id} is in use by another VIP")));
+            }
+            _ => {}
+        }
+        let (active_gen, generation) = match bound {
+            Some(_) => (1 - (old.active_gen & 1), old.generation),
+            None => (0, old.generation.wrapping_add(1)),
         };
-        self.slots.write(id, generation, slots)?;
+        // An empty table is written as zeros (backend id 0 is never present): a packet that
+        // reads the new generation early still finds no backend, never a stale one.
+        let zeros;
+        let table = if slots.is_empty() {
+            zeros = vec![0u32; self.slots.ring_size() as usize];
+            &zeros[..]
+        } else {
+            slots
+        };
+        self.slots.write(id, active_gen, table)?;
         let backend_count = slots.iter().collect::<BTreeSet<_>>().len() as u32;
-        let info = VipInfo {
-            id,
-            flags,
-            active_gen: generation,
-            backend_count,
-        };
-        self.vips.put(key, &info)?;
+        let info = VipInfo { flags: flags | VIP_F_PRESENT, active_gen, backend_count, generation };
+        self.vips.set_info(id, &info)?;
+        if bound.is_none() {
+            self.vips.bind(key, id)?;
+        }
         Ok(info)
     }
 
-    /// Removes VIP `key`; its traffic passes to the kernel from now on.
+    /// Removes VIP `key`; its traffic passes to the kernel from now on and its flows are
+    /// no longer used.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), Error> {
-        if let Some(v) = self.vips.get(key)? {
-            self.vips.remove(key)?;
-            self.slots.forget(v.id);
+        if let Some(id) = self.vips.id_of(key)? {
+            self.vips.unbind(key)?;
+            let old = self.vips.info(id)?;
+            self.vips.set_info(id, &VipInfo { generation: old.generation, ..VipInfo::default() })?;
+            self.slots.forget(id);
         }
         Ok(())
     }

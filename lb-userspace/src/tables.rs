@@ -3,8 +3,9 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use lb_common::{
-    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP, VIPS_MAP,
-    VipInfo, VipKey, slot_index,
+    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP,
+    VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey, slot_index,
+    vip_filter_bit,
 };
 
 use crate::Error;
@@ -13,38 +14,84 @@ fn err(name: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-/// `LB_VIPS`: VIP key -> id, flags and live slot-table generation.
+/// The VIP maps: `LB_VIPS` (key -> id), `LB_VIP_INFO` (id -> state) and the address
+/// pre-filter `LB_VIP_FILTER`, kept in step with the keys.
 pub struct VipTable {
-    map: HashMap<MapData, VipKey, VipInfo>,
+    ids: HashMap<MapData, VipKey, u32>,
+    info: Array<MapData, VipInfo>,
+    filter: Array<MapData, u64>,
+    /// The filter words as last written.
+    filter_words: Vec<u64>,
 }
 
 impl VipTable {
-    pub fn new(map: HashMap<MapData, VipKey, VipInfo>) -> Self {
-        VipTable { map }
+    pub fn new(
+        ids: HashMap<MapData, VipKey, u32>,
+        info: Array<MapData, VipInfo>,
+        filter: Array<MapData, u64>,
+    ) -> Result<Self, Error> {
+        let filter_words = (0..VIP_FILTER_WORDS)
+            .map(|i| filter.get(&i, 0).map_err(err(VIP_FILTER_MAP)))
+            .collect::<Result<_, _>>()?;
+        Ok(VipTable { ids, info, filter, filter_words })
     }
 
-    pub fn get(&self, key: &VipKey) -> Result<Option<VipInfo>, Error> {
-        match self.map.get(key, 0) {
+    pub fn capacity(&self) -> u32 {
+        self.info.len()
+    }
+
+    /// The id bound to `key`, if any.
+    pub fn id_of(&self, key: &VipKey) -> Result<Option<u32>, Error> {
+        match self.ids.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(err(VIPS_MAP)(e)),
         }
     }
 
-    /// Inserts or replaces the whole entry (atomically, for readers in the kernel).
-    pub fn put(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), Error> {
-        self.map.insert(key, info, 0).map_err(err(VIPS_MAP))
+    /// The state stored for id `id` (present or not).
+    pub fn info(&self, id: u32) -> Result<VipInfo, Error> {
+        self.info.get(&id, 0).map_err(err(VIP_INFO_MAP))
     }
 
-    pub fn remove(&mut self, key: &VipKey) -> Result<(), Error> {
-        match self.map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(VIPS_MAP)(e)),
+    pub fn set_info(&mut self, id: u32, info: &VipInfo) -> Result<(), Error> {
+        self.info.set(id, info, 0).map_err(err(VIP_INFO_MAP))
+    }
+
+    /// Routes `key` to id `id` (its state must already be written).
+    pub fn bind(&mut self, key: &VipKey, id: u32) -> Result<(), Error> {
+        self.ids.insert(key, id, 0).map_err(err(VIPS_MAP))?;
+        self.sync_filter()
+    }
+
+    /// Stops routing `key`.
+    pub fn unbind(&mut self, key: &VipKey) -> Result<(), Error> {
+        match self.ids.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(VIPS_MAP)(e)),
         }
+        self.sync_filter()
     }
 
-    pub fn list(&self) -> Result<Vec<(VipKey, VipInfo)>, Error> {
-        self.map.iter().map(|r| r.map_err(err(VIPS_MAP))).collect()
+    /// Every bound key and its id.
+    pub fn list(&self) -> Result<Vec<(VipKey, u32)>, Error> {
+        self.ids.iter().map(|r| r.map_err(err(VIPS_MAP))).collect()
+    }
+
+    /// Rewrites the pre-filter words that differ from the bitmap of the bound addresses.
+    fn sync_filter(&mut self) -> Result<(), Error> {
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        for (key, _) in self.list()? {
+            let bit = vip_filter_bit(&key.addr);
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        for (i, w) in words.iter().enumerate() {
+            if self.filter_words[i] != *w {
+                self.filter.set(i as u32, w, 0).map_err(err(VIP_FILTER_MAP))?;
+            }
+        }
+        self.filter_words = words;
+        Ok(())
     }
 }
 
