@@ -32,7 +32,8 @@ pub const SLOTS_MAP: &str = "LB_SLOTS";
 pub const BACKENDS_MAP: &str = "LB_BACKENDS";
 /// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`] shared by all CPUs.
 pub const FLOWS_MAP: &str = "LB_FLOWS";
-/// Flow table used instead of [`FLOWS_MAP`] in [`FLOW_TABLE_PER_CPU`] mode: per-CPU LRU hash.
+/// Flow table used instead of [`FLOWS_MAP`] in [`FLOW_TABLE_PER_CPU`] mode: the same hash
+/// table, with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`).
 pub const FLOWS_PERCPU_MAP: &str = "LB_FLOWS_PERCPU";
 /// Per-VIP counters: per-CPU array indexed by VIP id, value [`VipCounter`].
 pub const VIP_STATS_MAP: &str = "LB_VIP_STATS";
@@ -161,10 +162,10 @@ pub struct LbConfig {
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
 
-/// One LRU hash for all CPUs: a flow finds its entry on whichever CPU its packets land.
+/// One LRU hash with one LRU list for all CPUs (the default).
 pub const FLOW_TABLE_SHARED: u32 = 0;
-/// One LRU per CPU: no cross-CPU cache traffic, but a flow whose packets move to another CPU
-/// (RSS change, veth or generic mode) is placed again there. Only for NICs with stable RSS.
+/// One LRU hash with an LRU list and free pool per CPU: inserts on different CPUs never
+/// contend, lookups still see every CPU's flows; each CPU can hold `entries / CPUs` flows.
 pub const FLOW_TABLE_PER_CPU: u32 = 1;
 
 impl LbConfig {
@@ -225,7 +226,10 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 /// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64).
 #[inline(always)]
 pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
-    let h = mix(mix(0x7669_705f_6669_6c74, pair(addr[0], addr[1])), pair(addr[2], addr[3]));
+    let h = mix(
+        mix(0x7669_705f_6669_6c74, pair(addr[0], addr[1])),
+        pair(addr[2], addr[3]),
+    );
     ((h >> 40) % (VIP_FILTER_WORDS as u64 * 64)) as u32
 }
 

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod forward;
 mod maps;
 mod parse;
@@ -30,8 +31,14 @@ pub enum Verdict {
 /// Entry point attached to the load balancer's interface.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    lb(&ctx)
+}
+
+/// The one place that turns a [`Verdict`] into an XDP action and a counter.
+#[inline(always)]
+fn lb(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = match try_lb(&ctx, len) {
+    let verdict = match try_lb(ctx, len) {
         Ok(v) | Err(v) => v,
     };
     match verdict {

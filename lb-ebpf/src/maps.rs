@@ -2,12 +2,12 @@
 //! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VIP_F_PRESENT, VIP_FILTER_WORDS,
-    VipInfo, VipKey, vip_filter_bit,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VIP_F_PRESENT,
+    VIP_FILTER_WORDS, VipInfo, VipKey, vip_filter_bit,
 };
 
 #[map(name = "LB_VIPS")]
@@ -33,10 +33,14 @@ pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BAC
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Alternative flow table for `FLOW_TABLE_PER_CPU` mode; the agent sizes the unused one to 1.
+/// Alternative flow table for `FLOW_TABLE_PER_CPU` mode: one hash table, but LRU lists and
+/// free entries per CPU (`BPF_F_NO_COMMON_LRU`), so inserts never share a lock. The agent
+/// sizes the table not in use to one entry.
 #[map(name = "LB_FLOWS_PERCPU")]
-pub static LB_FLOWS_PERCPU: LruPerCpuHashMap<FlowKey, FlowValue> =
-    LruPerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+pub static LB_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
@@ -52,15 +56,12 @@ pub fn config() -> LbConfig {
     unsafe { core::ptr::read_volatile(&LB_CONFIG) }
 }
 
-/// The flow-table entry of `key`, from the table the configuration selects. A per-CPU entry
-/// with backend id 0 was written by another CPU only: a miss here.
+/// The flow-table entry of `key`, from the table the configuration selects.
 #[inline(always)]
 pub fn find_flow(cfg: &LbConfig, key: &FlowKey) -> Option<FlowValue> {
     // SAFETY: values are plain data copied out immediately.
     if cfg.flow_table == FLOW_TABLE_PER_CPU {
-        unsafe { LB_FLOWS_PERCPU.get(key) }
-            .copied()
-            .filter(|f| f.backend_id != 0)
+        unsafe { LB_FLOWS_PERCPU.get(key) }.copied()
     } else {
         unsafe { LB_FLOWS.get(key) }.copied()
     }

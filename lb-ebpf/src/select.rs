@@ -5,9 +5,7 @@ use lb_common::{
 
 use crate::{
     Verdict,
-    maps::{
-        LB_BACKENDS, LB_SLOTS, config, find_flow, find_vip_id, present_vip, remember_flow,
-    },
+    maps::{LB_BACKENDS, LB_SLOTS, config, find_flow, find_vip_id, present_vip, remember_flow},
     parse::Parsed,
     stats,
 };

@@ -1,7 +1,7 @@
 //! Loading the eBPF object, attaching it, and owning its maps as typed tables.
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, xdp::DevMapHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
@@ -154,16 +154,14 @@ impl Dataplane {
         let backends = BackendTable::new(
             Array::try_from(take(&mut ebpf, BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?,
         );
-        let flows = if opts.per_cpu_flows {
-            FlowTable::PerCpu(
-                PerCpuHashMap::try_from(take(&mut ebpf, FLOWS_PERCPU_MAP)?)
-                    .map_err(map_err(FLOWS_PERCPU_MAP))?,
-            )
+        let flows_map = if opts.per_cpu_flows {
+            FLOWS_PERCPU_MAP
         } else {
-            FlowTable::Shared(
-                HashMap::try_from(take(&mut ebpf, FLOWS_MAP)?).map_err(map_err(FLOWS_MAP))?,
-            )
+            FLOWS_MAP
         };
+        let flows = FlowTable::new(
+            HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
+        );
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
         let stats = StatsMaps {
@@ -194,6 +192,17 @@ impl Dataplane {
     /// The trivial XDP_PASS program (for veth peers and benchmark floors).
     pub fn pass_program(&mut self) -> Result<&mut Xdp, Error> {
         xdp_program(&mut self.ebpf, PASS_PROGRAM)
+    }
+
+    /// Loads (once) and returns another XDP program of the object by name, such as the
+    /// `bench_*` harnesses used by `cargo xtask bench`.
+    pub fn extra_program(&mut self, name: &'static str) -> Result<&mut Xdp, Error> {
+        let prog = xdp_program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(prog)
     }
 
     /// Attaches the load-balancing program to `iface`; returns the mode actually used.

@@ -27,7 +27,9 @@ impl Dataplane {
                 )));
             }
             None if old.flags & VIP_F_PRESENT != 0 => {
-                return Err(Error::Invalid(format!("VIP id {id} is in use by another VIP")));
+                return Err(Error::Invalid(format!(
+                    "VIP id {id} is in use by another VIP"
+                )));
             }
             _ => {}
         }
@@ -46,7 +48,12 @@ impl Dataplane {
         };
         self.slots.write(id, active_gen, table)?;
         let backend_count = slots.iter().collect::<BTreeSet<_>>().len() as u32;
-        let info = VipInfo { flags: flags | VIP_F_PRESENT, active_gen, backend_count, generation };
+        let info = VipInfo {
+            flags: flags | VIP_F_PRESENT,
+            active_gen,
+            backend_count,
+            generation,
+        };
         self.vips.set_info(id, &info)?;
         if bound.is_none() {
             self.vips.bind(key, id)?;
@@ -60,7 +67,13 @@ impl Dataplane {
         if let Some(id) = self.vips.id_of(key)? {
             self.vips.unbind(key)?;
             let old = self.vips.info(id)?;
-            self.vips.set_info(id, &VipInfo { generation: old.generation, ..VipInfo::default() })?;
+            self.vips.set_info(
+                id,
+                &VipInfo {
+                    generation: old.generation,
+                    ..VipInfo::default()
+                },
+            )?;
             self.slots.forget(id);
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! Typed wrappers over the data-plane maps, one method per operation.
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP,
     VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey, slot_index,
@@ -33,7 +33,12 @@ impl VipTable {
         let filter_words = (0..VIP_FILTER_WORDS)
             .map(|i| filter.get(&i, 0).map_err(err(VIP_FILTER_MAP)))
             .collect::<Result<_, _>>()?;
-        Ok(VipTable { ids, info, filter, filter_words })
+        Ok(VipTable {
+            ids,
+            info,
+            filter,
+            filter_words,
+        })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -87,7 +92,9 @@ impl VipTable {
         }
         for (i, w) in words.iter().enumerate() {
             if self.filter_words[i] != *w {
-                self.filter.set(i as u32, w, 0).map_err(err(VIP_FILTER_MAP))?;
+                self.filter
+                    .set(i as u32, w, 0)
+                    .map_err(err(VIP_FILTER_MAP))?;
             }
         }
         self.filter_words = words;
@@ -213,37 +220,26 @@ impl BackendTable {
     }
 }
 
-/// The LRU flow table: `LB_FLOWS` (shared) or `LB_FLOWS_PERCPU`, as loaded.
-pub enum FlowTable {
-    Shared(HashMap<MapData, FlowKey, FlowValue>),
-    PerCpu(PerCpuHashMap<MapData, FlowKey, FlowValue>),
+/// The LRU flow table (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout).
+pub struct FlowTable {
+    map: HashMap<MapData, FlowKey, FlowValue>,
 }
 
 impl FlowTable {
-    /// The entry for `key`; in per-CPU mode, the first CPU's entry that names a backend.
+    pub fn new(map: HashMap<MapData, FlowKey, FlowValue>) -> Self {
+        FlowTable { map }
+    }
+
     pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        let found = match self {
-            FlowTable::Shared(m) => m.get(key, 0),
-            FlowTable::PerCpu(m) => m.get(key, 0).map(|v| {
-                v.iter()
-                    .copied()
-                    .find(|f| f.backend_id != 0)
-                    .unwrap_or_default()
-            }),
-        };
-        match found {
-            Ok(v) if v.backend_id != 0 => Ok(Some(v)),
-            Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(err(FLOWS_MAP)(e)),
         }
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Result<(), Error> {
-        let r = match self {
-            FlowTable::Shared(m) => m.remove(key),
-            FlowTable::PerCpu(m) => m.remove(key),
-        };
-        match r {
+        match self.map.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(FLOWS_MAP)(e)),
         }
@@ -251,18 +247,6 @@ impl FlowTable {
 
     /// Every remembered flow (a snapshot; the kernel keeps changing it).
     pub fn list(&self) -> Vec<(FlowKey, FlowValue)> {
-        match self {
-            FlowTable::Shared(m) => m.iter().filter_map(Result::ok).collect(),
-            FlowTable::PerCpu(m) => m
-                .iter()
-                .filter_map(Result::ok)
-                .filter_map(|(k, v)| {
-                    v.iter()
-                        .copied()
-                        .find(|f| f.backend_id != 0)
-                        .map(|f| (k, f))
-                })
-                .collect(),
-        }
+        self.map.iter().filter_map(Result::ok).collect()
     }
 }
