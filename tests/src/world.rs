@@ -134,12 +134,17 @@ impl World {
 
     /// Stores backend `id` at `addr`, reached through the receiving interface (XDP_TX).
     pub fn set_backend(&mut self, id: u32, addr: IpAddr) -> anyhow::Result<()> {
+        self.set_backend_via(id, addr, 0)
+    }
+
+    /// Stores backend `id` at `addr`, reached through interface `ifindex` (0: the receiving one).
+    pub fn set_backend_via(&mut self, id: u32, addr: IpAddr, ifindex: u32) -> anyhow::Result<()> {
         let old = self.dp.backends.get(id)?;
         let b = Backend {
             addr: addr_words(addr),
             mac: backend_mac(id),
             src_mac: LB_MAC,
-            ifindex: 0,
+            ifindex,
             generation: old.generation + 1,
             flags: 0,
             family: family(addr),

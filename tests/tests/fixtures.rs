@@ -884,3 +884,43 @@ fn random_and_mutated_frames() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A backend behind another interface is reached with XDP_REDIRECT through the device map;
+/// one whose interface is missing from the map is dropped and counted.
+#[test]
+fn backend_behind_another_interface_is_redirected() -> anyhow::Result<()> {
+    const XDP_REDIRECT: u32 = 4;
+    // BPF_PROG_TEST_RUN receives on the namespace's loopback and the device map resolves
+    // ifindexes in the caller's namespace: run in a namespace with a veth as egress device.
+    let ns = lb_tests::Netns::new("redir")?;
+    let veth = lb_tests::VethPair::new(&ns, "10.88.0.1/24", &ns, "10.88.0.2/24")?;
+    let mut world = World::new()?;
+    ns.run(|| -> anyhow::Result<()> {
+        let egress = lb_userspace::dataplane::if_index(&veth.a).expect("veth in namespace");
+        world.dp.tx_ports.insert(egress, egress, None, 0)?;
+        for id in [1, 2, 3] {
+            world.set_backend_via(id, ip(&format!("10.1.0.{id}")), egress)?;
+        }
+        let frame = tcp4(CLIENT4, 47000, VIP4, 80);
+        let (action, out) = world.run(&frame)?;
+        assert_eq!(action, XDP_REDIRECT);
+        let key = flow_key(ip(CLIENT4), 47000, ip(VIP4), 80, PROTO_TCP);
+        assert_eq!(
+            dst_mac(&out),
+            backend_mac(world.table_backend(&key).expect("backend"))
+        );
+
+        // Egress device not in the map: dropped, counted as a transmit error.
+        for id in [1, 2, 3] {
+            world.set_backend_via(id, ip(&format!("10.1.0.{id}")), egress + 1000)?;
+        }
+        let before = world.dp.stats.global()?.get(Stat::DropTxError).packets;
+        let (action, _) = world.run(&tcp4(CLIENT4, 47001, VIP4, 80))?;
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(
+            world.dp.stats.global()?.get(Stat::DropTxError).packets,
+            before + 1
+        );
+        Ok(())
+    })?
+}
