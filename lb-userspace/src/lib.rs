@@ -7,6 +7,8 @@
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
+pub mod model;
+pub mod net;
 pub mod publish;
 pub mod stats;
 pub mod tables;

@@ -4,9 +4,7 @@ use std::net::IpAddr;
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, flow_hash,
-};
+use lb_common::{Backend, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, flow_hash};
 use lb_userspace::{
     Dataplane, LoadOptions,
     maglev::{self, MaglevBackend},
@@ -18,44 +16,8 @@ pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa0];
 
-/// Network-order address words, as the map ABI stores them.
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
-}
-
-/// The map key of VIP `ip:port/proto` (port 0 = wildcard).
-pub fn vip_key(ip: IpAddr, port: u16, proto: u8) -> VipKey {
-    VipKey {
-        addr: addr_words(ip),
-        port: port.to_be(),
-        proto,
-        family: family(ip),
-    }
-}
-
-/// The flow key of client `src:sport` -> VIP `dst:dport`.
-pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr_words(src),
-        dst: addr_words(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        family: family(src),
-        _pad: [0; 2],
-    }
-}
+use lb_userspace::net::family;
+pub use lb_userspace::net::{addr_words, flow_key, vip_key};
 
 /// Backend id `id`'s MAC in fixtures.
 pub fn backend_mac(id: u32) -> [u8; 6] {

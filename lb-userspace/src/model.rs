@@ -1,0 +1,509 @@
+//! The operator's vocabulary: VIP and backend addresses, MACs, health checks and the desired
+//! state, with parsing that says exactly what is wrong. Pure: no I/O, unit-tested unprivileged.
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+
+use lb_common::{PROTO_TCP, PROTO_UDP, VipKey};
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A VIP: `10.0.0.10:80/tcp`, `[2001:db8::10]:53/udp`; port 0 (`10.0.0.10:*/tcp` or `:0`)
+/// means every port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl VipAddr {
+    /// The key the data plane looks this VIP up by.
+    pub fn key(&self) -> VipKey {
+        crate::net::vip_key(self.ip, self.port, self.proto.number())
+    }
+}
+
+impl fmt::Display for VipAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = if self.port == 0 {
+            "*".to_string()
+        } else {
+            self.port.to_string()
+        };
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{port}/{}", self.proto),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{port}/{}", self.proto),
+        }
+    }
+}
+
+impl FromStr for VipAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!(
+                "invalid VIP `{s}`: {why} (expected ADDRESS:PORT/PROTO, e.g. 10.0.0.10:80/tcp or [2001:db8::10]:53/udp)"
+            )
+        };
+        let (addr_port, proto) = s
+            .rsplit_once('/')
+            .ok_or_else(|| bad("missing /tcp or /udp"))?;
+        let proto = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(bad("protocol must be tcp or udp")),
+        };
+        let (ip, port) = addr_port
+            .rsplit_once(':')
+            .ok_or_else(|| bad("missing :PORT"))?;
+        let ip = ip
+            .strip_prefix('[')
+            .and_then(|i| i.strip_suffix(']'))
+            .unwrap_or(ip);
+        let ip: IpAddr = ip.parse().map_err(|_| bad("not an IPv4 or IPv6 address"))?;
+        let port = if port == "*" {
+            0
+        } else {
+            port.parse::<u16>()
+                .map_err(|_| bad("port must be 0-65535 or *"))?
+        };
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(bad("the address must be a unicast address"));
+        }
+        Ok(VipAddr { ip, port, proto })
+    }
+}
+
+impl Serialize for VipAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VipAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An Ethernet address `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid MAC `{s}`: expected six hex bytes like 02:00:00:00:00:01");
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 == 1 || mac == [0; 6] {
+            return Err(format!(
+                "invalid MAC `{s}`: a backend needs a unicast, non-zero MAC"
+            ));
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a backend's health is probed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` (connect) or `http` (GET `path`, expect `expect_status`).
+    pub kind: HealthKind,
+    /// Port to probe; defaults to the VIP's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+fn default_path() -> String {
+    "/health".into()
+}
+fn default_status() -> u16 {
+    200
+}
+fn default_interval() -> u64 {
+    1000
+}
+fn default_timeout() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    pub fn validate(&self, vip: &VipAddr) -> Result<(), String> {
+        if self.port.unwrap_or(vip.port) == 0 {
+            return Err(format!(
+                "VIP {vip} covers every port: give its health check a `port`"
+            ));
+        }
+        if self.interval_ms < 50 || self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "VIP {vip}: health check needs interval_ms >= 50 and 0 < timeout_ms <= interval_ms"
+            ));
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return Err(format!(
+                "VIP {vip}: health check rise and fall must be at least 1"
+            ));
+        }
+        if !self.path.starts_with('/') {
+            return Err(format!("VIP {vip}: health check path must start with /"));
+        }
+        Ok(())
+    }
+}
+
+/// Highest backend weight.
+pub const MAX_WEIGHT: u32 = 65535;
+
+/// A backend of one VIP, keyed by its address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// 0-65535; 0 takes no new flows (like drain, but kept in the plan's shares).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Backend MAC; resolved from the neighbour table when absent.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// Draining: no new flows, established flows continue.
+    #[serde(default)]
+    pub drained: bool,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// A VIP's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSpec {
+    /// Hash the client address only (client affinity) instead of the 5-tuple.
+    #[serde(default)]
+    pub source_hash: bool,
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
+/// Everything the operator asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    #[serde(default)]
+    pub vips: BTreeMap<VipAddr, VipSpec>,
+}
+
+impl DesiredState {
+    /// Checks every rule a single operation also checks.
+    pub fn validate(&self) -> Result<(), String> {
+        for (vip, spec) in &self.vips {
+            if let Some(h) = &spec.health {
+                h.validate(vip)?;
+            }
+            for (addr, b) in &spec.backends {
+                validate_backend(vip, addr, b)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One backend's rules: weight range and address family.
+pub fn validate_backend(vip: &VipAddr, addr: &IpAddr, b: &BackendSpec) -> Result<(), String> {
+    if b.weight > MAX_WEIGHT {
+        return Err(format!(
+            "weight {} for backend {addr} is out of range: use 0-{MAX_WEIGHT}",
+            b.weight
+        ));
+    }
+    if addr.is_ipv4() != vip.ip.is_ipv4() {
+        return Err(format!(
+            "backend {addr} and VIP {vip} are of different address families"
+        ));
+    }
+    if addr.is_unspecified() || addr.is_multicast() {
+        return Err(format!("backend {addr} must be a unicast address"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The declarative config file (TOML).
+
+/// `[[vip]]` tables of the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    vip: Vec<ConfigVip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigVip {
+    address: VipAddr,
+    #[serde(default)]
+    source_hash: bool,
+    #[serde(default)]
+    health: Option<HealthCheck>,
+    #[serde(default)]
+    backend: Vec<ConfigBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBackend {
+    address: IpAddr,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    mac: Option<Mac>,
+    #[serde(default)]
+    drained: bool,
+}
+
+/// Parses a TOML config file into a validated desired state.
+///
+/// ```toml
+/// [[vip]]
+/// address = "10.0.0.10:80/tcp"
+/// health = { kind = "http", path = "/health" }
+/// backend = [ { address = "10.0.0.2", weight = 100 }, { address = "10.0.0.3" } ]
+/// ```
+pub fn parse_config(text: &str) -> Result<DesiredState, String> {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| format!("config: {}", e.message()))?;
+    let mut state = DesiredState::default();
+    for v in file.vip {
+        let mut spec = VipSpec {
+            source_hash: v.source_hash,
+            health: v.health,
+            backends: BTreeMap::new(),
+        };
+        for b in v.backend {
+            let bs = BackendSpec {
+                weight: b.weight,
+                mac: b.mac,
+                drained: b.drained,
+            };
+            if spec.backends.insert(b.address, bs).is_some() {
+                return Err(format!(
+                    "config: backend {} appears twice under VIP {}",
+                    b.address, v.address
+                ));
+            }
+        }
+        if state.vips.insert(v.address, spec).is_some() {
+            return Err(format!("config: VIP {} appears twice", v.address));
+        }
+    }
+    state.validate().map_err(|e| format!("config: {e}"))?;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_addresses_round_trip() {
+        for s in [
+            "10.0.0.10:80/tcp",
+            "[2001:db8::10]:53/udp",
+            "10.0.0.20:*/tcp",
+        ] {
+            let v: VipAddr = s.parse().unwrap();
+            assert_eq!(v.to_string(), s);
+        }
+        assert_eq!("10.0.0.20:0/TCP".parse::<VipAddr>().unwrap().port, 0);
+    }
+
+    #[test]
+    fn bad_vips_say_why() {
+        for (s, why) in [
+            ("10.0.0.10:80", "missing /tcp"),
+            ("10.0.0.10/tcp", "missing :PORT"),
+            ("10.0.0.10:70000/tcp", "port must be"),
+            ("10.0.0.300:80/tcp", "not an IPv4"),
+            ("10.0.0.10:80/sctp", "tcp or udp"),
+            ("0.0.0.0:80/tcp", "unicast"),
+        ] {
+            let err = s.parse::<VipAddr>().unwrap_err();
+            assert!(err.contains(why), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            "02:00:00:00:00:0a".parse::<Mac>().unwrap().0,
+            [2, 0, 0, 0, 0, 10]
+        );
+        assert!("02:00:00:00:00".parse::<Mac>().is_err());
+        assert!(
+            "01:00:5e:00:00:01"
+                .parse::<Mac>()
+                .unwrap_err()
+                .contains("unicast")
+        );
+        assert!("zz:00:00:00:00:01".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let text = r#"
+            [[vip]]
+            address = "10.0.0.10:80/tcp"
+            health = { kind = "http", path = "/health", interval_ms = 200, timeout_ms = 100 }
+            backend = [ { address = "10.0.0.2", weight = 100 }, { address = "10.0.0.3", mac = "02:00:00:00:00:03" } ]
+
+            [[vip]]
+            address = "[2001:db8::10]:53/udp"
+            source_hash = true
+            backend = [ { address = "2001:db8::2" } ]
+        "#;
+        let s = parse_config(text).unwrap();
+        assert_eq!(s.vips.len(), 2);
+        let v = &s.vips[&"10.0.0.10:80/tcp".parse().unwrap()];
+        assert_eq!(v.backends.len(), 2);
+        assert_eq!(v.health.as_ref().unwrap().rise, 2);
+        assert!(s.vips[&"[2001:db8::10]:53/udp".parse().unwrap()].source_hash);
+    }
+
+    #[test]
+    fn config_errors_are_specific() {
+        let cases = [
+            (
+                r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "10.0.0.2", weight = 70000 } ]"#,
+                "out of range",
+            ),
+            (
+                r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "2001:db8::2" } ]"#,
+                "different address families",
+            ),
+            (
+                r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+[[vip]]
+address = "10.0.0.10:80/tcp""#,
+                "appears twice",
+            ),
+            (
+                r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "10.0.0.2" }, { address = "10.0.0.2" } ]"#,
+                "appears twice",
+            ),
+            (
+                r#"[[vip]]
+address = "10.0.0.10:*/tcp"
+health = { kind = "tcp" }"#,
+                "give its health check a `port`",
+            ),
+            (
+                r#"[[vip]]
+adress = "10.0.0.10:80/tcp""#,
+                "unknown field",
+            ),
+        ];
+        for (text, why) in cases {
+            let err = parse_config(text).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+}

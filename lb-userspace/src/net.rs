@@ -1,0 +1,80 @@
+//! Conversions between std addresses and the map ABI's network-order words, and interface
+//! facts read from sysfs.
+use std::net::IpAddr;
+
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, VipKey};
+
+/// Network-order address words, as the map ABI stores them (IPv4 in word 0).
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// The address the words of `family` encode.
+pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+pub fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+/// The map key of VIP `ip:port/proto` (port 0 = every port).
+pub fn vip_key(ip: IpAddr, port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: addr_words(ip),
+        port: port.to_be(),
+        proto,
+        family: family(ip),
+    }
+}
+
+/// The flow key of client `src:sport` -> VIP `dst:dport`.
+pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_words(src),
+        dst: addr_words(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: family(src),
+        _pad: [0; 2],
+    }
+}
+
+/// The MAC address of interface `iface` (from sysfs).
+pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
+    let mac: crate::model::Mac = text.trim().parse().ok()?;
+    Some(mac.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_round_trip() {
+        for s in ["10.1.2.3", "2001:db8::1", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(words_addr(addr_words(ip), family(ip)), ip);
+        }
+        // Network order: the first octet is the lowest-addressed byte of word 0.
+        let w = addr_words("10.1.2.3".parse().unwrap());
+        assert_eq!(w[0].to_ne_bytes(), [10, 1, 2, 3]);
+    }
+}
