@@ -127,7 +127,7 @@ impl Stat {
 /// A packet and byte counter (per CPU in every map that holds it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
@@ -137,7 +137,7 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// Per-VIP counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct VipCounter {
     pub packets: u64,
     pub bytes: u64,

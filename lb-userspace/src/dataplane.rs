@@ -2,13 +2,18 @@
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_VIPS, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP, FLOWS_PERCPU_MAP, LbConfig,
     SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
 };
+use std::path::{Path, PathBuf};
 
 use crate::{
     EBPF_OBJECT, Error, LB_PROGRAM, PASS_PROGRAM,
@@ -110,11 +115,20 @@ pub struct Dataplane {
     pub flows: FlowTable,
     pub tx_ports: DevMapHash<MapData>,
     pub stats: StatsMaps,
+    /// The link made by the last `attach`, until `attach_pinned` takes it.
+    attached: Option<XdpLinkId>,
 }
 
 impl Dataplane {
     /// Loads the embedded object into the kernel (the verifier runs here), sized by `opts`.
     pub fn load(opts: LoadOptions) -> Result<Self, Error> {
+        Self::load_with_pins(opts, None)
+    }
+
+    /// As [`Dataplane::load`], with every map pinned under `pin_dir` (bpffs). Maps already
+    /// pinned there are reused as they are, flows and counters included; their sizes must
+    /// match `opts`.
+    pub fn load_with_pins(opts: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, Error> {
         require_root()?;
         opts.validate()?;
         let cfg = opts.config();
@@ -124,7 +138,15 @@ impl Dataplane {
         } else {
             (opts.flow_entries, 1)
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .override_global(CONFIG_GLOBAL, &cfg, true)
             .map_max_entries(VIPS_MAP, opts.max_vips)
             .map_max_entries(VIP_INFO_MAP, opts.max_vips)
@@ -136,6 +158,9 @@ impl Dataplane {
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
+        if pin_dir.is_some() {
+            check_pinned_sizes(&ebpf, &opts)?;
+        }
         for name in [LB_PROGRAM, PASS_PROGRAM] {
             xdp_program(&mut ebpf, name)?
                 .load()
@@ -181,6 +206,7 @@ impl Dataplane {
             flows,
             tx_ports,
             stats,
+            attached: None,
         })
     }
 
@@ -205,6 +231,69 @@ impl Dataplane {
         Ok(prog)
     }
 
+    /// Attaches the load-balancing program to `iface` through a bpf_link pinned at
+    /// `link_pin`, so it keeps forwarding when this process ends. If a link is pinned there
+    /// already, the running program is replaced by this one in one step (nothing is dropped).
+    /// Returns the mode of a new attachment, or `None` when an existing one was adopted.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        link_pin: &Path,
+    ) -> Result<Option<AttachMode>, Error> {
+        let pin_err =
+            |what: &str, e: String| Error::Invalid(format!("{what} {}: {e}", link_pin.display()));
+        if link_pin.exists() {
+            let pinned = PinnedLink::from_pin(link_pin)
+                .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
+            let fd_link: FdLink = pinned.into();
+            let xdp_link = XdpLink::try_from(fd_link)
+                .map_err(|e| pin_err("the pinned link", e.to_string()))?;
+            let prog = self.lb_program()?;
+            let id = prog
+                .attach_to_link(xdp_link)
+                .map_err(|source| Error::Program {
+                    name: LB_PROGRAM,
+                    source,
+                })?;
+            // Keep the link open: the pin still holds it, and dropping ours must not detach.
+            let link = prog.take_link(id).map_err(|source| Error::Program {
+                name: LB_PROGRAM,
+                source,
+            })?;
+            std::mem::forget(link);
+            return Ok(None);
+        }
+        let used = self.attach(iface, mode)?;
+        let id = self
+            .attached
+            .take()
+            .ok_or(Error::Invalid("no link after attach".into()))?;
+        let prog = self.lb_program()?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            name: LB_PROGRAM,
+            source,
+        })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            pin_err(
+                "this kernel attached XDP without a bpf_link, cannot pin",
+                e.to_string(),
+            )
+        })?;
+        if let Some(dir) = link_pin.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+        let pinned = fd_link
+            .pin(link_pin)
+            .map_err(|e| pin_err("pinning the link at", e.to_string()))?;
+        // The pin keeps the attachment; our fd closes with `pinned`.
+        drop(pinned);
+        Ok(Some(used))
+    }
+
     /// Attaches the load-balancing program to `iface`; returns the mode actually used.
     /// The program stays attached until this `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, Error> {
@@ -219,20 +308,61 @@ impl Dataplane {
                 XdpMode::Driver
             };
             prog.attach(iface, xm)
-                .map(|_| m)
+                .map(|id| (m, id))
                 .map_err(|source| Error::Attach {
                     iface: iface.to_string(),
                     mode: m.as_str(),
                     source,
                 })
         };
-        match mode {
+        let (used, id) = match mode {
             AttachMode::Auto => {
                 try_mode(prog, AttachMode::Native).or_else(|_| try_mode(prog, AttachMode::Generic))
             }
             m => try_mode(prog, m),
+        }?;
+        self.attached = Some(id);
+        Ok(used)
+    }
+}
+
+/// Every map of the object, for pinning.
+const ALL_MAPS: &[&str] = &[
+    VIPS_MAP,
+    VIP_INFO_MAP,
+    VIP_FILTER_MAP,
+    SLOTS_MAP,
+    BACKENDS_MAP,
+    FLOWS_MAP,
+    FLOWS_PERCPU_MAP,
+    TX_PORTS_MAP,
+    STATS_MAP,
+    VIP_STATS_MAP,
+    BACKEND_STATS_MAP,
+];
+
+/// Reused pinned maps keep the sizes they were created with: refuse to run on a mismatch.
+fn check_pinned_sizes(ebpf: &Ebpf, opts: &LoadOptions) -> Result<(), Error> {
+    let want = [
+        (SLOTS_MAP, opts.max_vips * 2 * opts.ring_size),
+        (BACKENDS_MAP, opts.max_backends),
+        (VIP_INFO_MAP, opts.max_vips),
+    ];
+    for (name, entries) in want {
+        let map = ebpf.map(name).ok_or(Error::MissingMap { name })?;
+        let info = match map {
+            aya::maps::Map::Array(d) | aya::maps::Map::HashMap(d) => d.info(),
+            _ => continue,
+        }
+        .map_err(|source| Error::Map { name, source })?;
+        if info.max_entries() != entries {
+            return Err(Error::Invalid(format!(
+                "the pinned maps were created with other sizes ({name} has {} entries, these options need {entries}): start with the same --ring-size/--max-vips/--max-backends, or with --fresh to discard them",
+                info.max_entries()
+            )));
         }
     }
+    Ok(())
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {

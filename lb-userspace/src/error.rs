@@ -30,6 +30,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,

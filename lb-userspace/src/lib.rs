@@ -4,12 +4,20 @@
 //! Pure logic (CLI parsing, formatting) is kept apart from the code that touches the kernel so
 //! it can be unit-tested without privileges; `anyhow` is only used by the `lb` binary.
 
+pub mod agent;
+pub mod api;
+pub mod client;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
+pub mod neigh;
 pub mod net;
+pub mod plan;
 pub mod publish;
+pub mod samples;
 pub mod stats;
 pub mod tables;
 

@@ -1,0 +1,82 @@
+//! Health checks: one task per (VIP, backend) probing with TCP connect or HTTP GET at the
+//! configured interval; results go to the agent, which applies rise/fall and republishes.
+use std::{collections::HashMap, net::IpAddr, net::SocketAddr, time::Duration};
+
+use http_body_util::Empty;
+use hyper::{Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, task::JoinHandle, time::timeout};
+
+use crate::{
+    api::SharedAgent,
+    model::{HealthCheck, HealthKind, VipAddr},
+};
+
+/// One probe: `(passed, what happened)`.
+pub async fn probe(addr: IpAddr, check: &HealthCheck, vip_port: u16) -> (bool, String) {
+    let port = check.port.unwrap_or(vip_port);
+    let target = SocketAddr::new(addr, port);
+    let limit = Duration::from_millis(check.timeout_ms);
+    let result = timeout(limit, async {
+        let stream = TcpStream::connect(target).await.map_err(|e| format!("connect {target}: {e}"))?;
+        if check.kind == HealthKind::Tcp {
+            return Ok("ok".to_string());
+        }
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("http {target}: {e}"))?;
+        tokio::spawn(conn);
+        let req = Request::get(check.path.as_str())
+            .header("host", target.to_string())
+            .header("user-agent", "xdp-lb-health")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("GET {}: {e}", check.path))?;
+        if resp.status().as_u16() == check.expect_status {
+            Ok("ok".to_string())
+        } else {
+            Err(format!("GET {} answered {}, expected {}", check.path, resp.status().as_u16(), check.expect_status))
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(s)) => (true, s),
+        Ok(Err(e)) => (false, e),
+        Err(_) => (false, format!("no answer from {target} within {} ms", check.timeout_ms)),
+    }
+}
+
+async fn probe_loop(agent: SharedAgent, vip: VipAddr, addr: IpAddr, check: HealthCheck) {
+    let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
+    loop {
+        tick.tick().await;
+        let (ok, detail) = probe(addr, &check, vip.port).await;
+        if let Err(e) = agent.lock().await.record_health(&vip, addr, ok, detail) {
+            log::warn!("health of {addr} in {vip}: {e}");
+        }
+    }
+}
+
+/// Keeps one probe task per configured target, following configuration changes.
+pub async fn supervise(agent: SharedAgent) {
+    let mut running: HashMap<(VipAddr, IpAddr), (HealthCheck, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let targets = agent.lock().await.health_targets();
+        let wanted: HashMap<(VipAddr, IpAddr), HealthCheck> =
+            targets.into_iter().map(|(v, a, c)| ((v, a), c)).collect();
+        running.retain(|k, (check, task)| {
+            let keep = wanted.get(k) == Some(check);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (k, check) in wanted {
+            if !running.contains_key(&k) {
+                let task = tokio::spawn(probe_loop(agent.clone(), k.0, k.1, check.clone()));
+                running.insert(k, (check, task));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
