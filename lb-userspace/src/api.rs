@@ -23,13 +23,38 @@ pub type SharedAgent = Arc<Mutex<Agent>>;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    AddVip { vip: VipAddr, source_hash: bool, health: Option<HealthCheck> },
-    RemoveVip { vip: VipAddr },
-    AddBackend { vip: VipAddr, address: IpAddr, weight: u32, mac: Option<Mac> },
-    RemoveBackend { vip: VipAddr, address: IpAddr },
-    SetWeight { vip: VipAddr, address: IpAddr, weight: u32 },
-    Drain { vip: VipAddr, address: IpAddr, drained: bool },
-    Apply { state: DesiredState, dry_run: bool },
+    AddVip {
+        vip: VipAddr,
+        source_hash: bool,
+        health: Option<HealthCheck>,
+    },
+    RemoveVip {
+        vip: VipAddr,
+    },
+    AddBackend {
+        vip: VipAddr,
+        address: IpAddr,
+        weight: u32,
+        mac: Option<Mac>,
+    },
+    RemoveBackend {
+        vip: VipAddr,
+        address: IpAddr,
+    },
+    SetWeight {
+        vip: VipAddr,
+        address: IpAddr,
+        weight: u32,
+    },
+    Drain {
+        vip: VipAddr,
+        address: IpAddr,
+        drained: bool,
+    },
+    Apply {
+        state: DesiredState,
+        dry_run: bool,
+    },
 }
 
 /// Answer to a command.
@@ -73,10 +98,14 @@ pub struct ApiError {
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -93,30 +122,70 @@ pub fn stats(agent: &Agent) -> Result<StatsView, Error> {
         let mut backends = Vec::new();
         for b in &v.backends {
             let bc = agent.dp.stats.backend(b.id)?;
-            backends.push(BackendStats { address: b.address, packets: bc.packets, bytes: bc.bytes });
+            backends.push(BackendStats {
+                address: b.address,
+                packets: bc.packets,
+                bytes: bc.bytes,
+            });
         }
-        vips.push(VipStats { vip: v.vip, packets: c.packets, bytes: c.bytes, new_flows: c.new_flows, backends });
+        vips.push(VipStats {
+            vip: v.vip,
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            backends,
+        });
     }
-    Ok(StatsView { global: global.0.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), vips })
+    Ok(StatsView {
+        global: global
+            .0
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        vips,
+    })
 }
 
 fn execute(agent: &mut Agent, cmd: Command) -> Result<CommandResult, Error> {
     let start = std::time::Instant::now();
     let mut plan = Vec::new();
     match cmd {
-        Command::AddVip { vip, source_hash, health } => {
+        Command::AddVip {
+            vip,
+            source_hash,
+            health,
+        } => {
             if let Some(h) = &health {
                 h.validate(&vip).map_err(Error::Invalid)?;
             }
             agent.add_vip(vip, source_hash, health)?
         }
         Command::RemoveVip { vip } => agent.remove_vip(&vip)?,
-        Command::AddBackend { vip, address, weight, mac } => {
-            agent.add_backend(&vip, address, BackendSpec { weight, mac, drained: false })?
-        }
+        Command::AddBackend {
+            vip,
+            address,
+            weight,
+            mac,
+        } => agent.add_backend(
+            &vip,
+            address,
+            BackendSpec {
+                weight,
+                mac,
+                drained: false,
+            },
+        )?,
         Command::RemoveBackend { vip, address } => agent.remove_backend(&vip, address)?,
-        Command::SetWeight { vip, address, weight } => agent.set_weight(&vip, address, weight)?,
-        Command::Drain { vip, address, drained } => agent.set_drained(&vip, address, drained)?,
+        Command::SetWeight {
+            vip,
+            address,
+            weight,
+        } => agent.set_weight(&vip, address, weight)?,
+        Command::Drain {
+            vip,
+            address,
+            drained,
+        } => agent.set_drained(&vip, address, drained)?,
         Command::Apply { state, dry_run } => {
             state.validate().map_err(Error::Invalid)?;
             plan = if dry_run {
@@ -126,7 +195,10 @@ fn execute(agent: &mut Agent, cmd: Command) -> Result<CommandResult, Error> {
             };
         }
     }
-    Ok(CommandResult { plan, took_ns: start.elapsed().as_nanos() as u64 })
+    Ok(CommandResult {
+        plan,
+        took_ns: start.elapsed().as_nanos() as u64,
+    })
 }
 
 fn query(uri: &hyper::Uri) -> std::collections::HashMap<String, String> {
@@ -134,24 +206,48 @@ fn query(uri: &hyper::Uri) -> std::collections::HashMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%3A", ":").replace("%5B", "[").replace("%5D", "]")))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("%2F", "/")
+                    .replace("%3A", ":")
+                    .replace("%5B", "[")
+                    .replace("%5D", "]"),
+            )
+        })
         .collect()
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, agent: SharedAgent) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    agent: SharedAgent,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let resp = match (parts.method.clone(), parts.uri.path()) {
         (Method::GET, "/v1/vips") => json(StatusCode::OK, &agent.lock().await.list()),
         (Method::GET, "/v1/state") => json(StatusCode::OK, agent.lock().await.desired()),
         (Method::GET, "/v1/stats") => match stats(&*agent.lock().await) {
             Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, &ApiError { error: e.to_string() }),
+            Err(e) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &ApiError {
+                    error: e.to_string(),
+                },
+            ),
         },
         (Method::GET, "/v1/trace") => {
             let q = query(&parts.uri);
             let parsed = (|| -> Result<(IpAddr, u16, VipAddr), String> {
-                let src = q.get("src").ok_or("missing src")?.parse().map_err(|_| "bad src address")?;
-                let sport = q.get("sport").ok_or("missing sport")?.parse().map_err(|_| "bad source port")?;
+                let src = q
+                    .get("src")
+                    .ok_or("missing src")?
+                    .parse()
+                    .map_err(|_| "bad src address")?;
+                let sport = q
+                    .get("sport")
+                    .ok_or("missing sport")?
+                    .parse()
+                    .map_err(|_| "bad source port")?;
                 let vip = q.get("vip").ok_or("missing vip")?.parse()?;
                 Ok((src, sport, vip))
             })();
@@ -173,7 +269,12 @@ async fn handle(req: Request<hyper::body::Incoming>, agent: SharedAgent) -> Resu
                 },
             },
         },
-        _ => json(StatusCode::NOT_FOUND, &ApiError { error: format!("no such endpoint {} {}", parts.method, parts.uri.path()) }),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &ApiError {
+                error: format!("no such endpoint {} {}", parts.method, parts.uri.path()),
+            },
+        ),
     };
     Ok(resp)
 }
@@ -183,7 +284,10 @@ async fn handle(req: Request<hyper::body::Incoming>, agent: SharedAgent) -> Resu
 pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
     let io = |what: String| move |source| Error::Io { what, source };
     if tokio::net::UnixStream::connect(path).await.is_ok() {
-        return Err(Error::Invalid(format!("another agent is already serving {}: stop it first, or use --socket", path.display())));
+        return Err(Error::Invalid(format!(
+            "another agent is already serving {}: stop it first, or use --socket",
+            path.display()
+        )));
     }
     let _ = std::fs::remove_file(path);
     if let Some(dir) = path.parent() {
@@ -199,11 +303,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
 /// Serves the API until the task is dropped.
 pub async fn serve(listener: UnixListener, agent: SharedAgent) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, agent.clone()));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

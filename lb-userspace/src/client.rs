@@ -17,22 +17,34 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: &Path) -> Self {
-        Client { socket: socket.to_path_buf() }
+        Client {
+            socket: socket.to_path_buf(),
+        }
     }
 
     async fn call<T: DeserializeOwned>(&self, req: Request<Full<Bytes>>) -> Result<T, Error> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            let why = match e.kind() {
-                std::io::ErrorKind::PermissionDenied => "permission denied: run it as root".to_string(),
-                _ => "start it with `lb run --iface IF`".to_string(),
-            };
-            Error::Invalid(format!("the agent is not reachable at {} ({e}): {why}", self.socket.display()))
-        })?;
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                let why = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        "permission denied: run it as root".to_string()
+                    }
+                    _ => "start it with `lb run --iface IF`".to_string(),
+                };
+                Error::Invalid(format!(
+                    "the agent is not reachable at {} ({e}): {why}",
+                    self.socket.display()
+                ))
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::Invalid(format!("talking to the agent: {e}")))?;
         tokio::spawn(conn);
-        let resp = sender.send_request(req).await.map_err(|e| Error::Invalid(format!("talking to the agent: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Invalid(format!("talking to the agent: {e}")))?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -41,10 +53,13 @@ impl Client {
             .map_err(|e| Error::Invalid(format!("reading the agent's answer: {e}")))?
             .to_bytes();
         if !status.is_success() {
-            let msg = serde_json::from_slice::<ApiError>(&body).map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            let msg = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(Error::Invalid(msg));
         }
-        serde_json::from_slice(&body).map_err(|e| Error::Invalid(format!("unexpected answer from the agent: {e}")))
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::Invalid(format!("unexpected answer from the agent: {e}")))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, Error> {
@@ -59,7 +74,11 @@ impl Client {
         self.post("/v1/commands", cmd).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, Error> {
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
         let body = serde_json::to_vec(body).map_err(|e| Error::Invalid(e.to_string()))?;
         let req = Request::post(path)
             .header("host", "lb")
@@ -72,5 +91,8 @@ impl Client {
 
 /// Percent-encodes the characters of a VIP that matter in a query string.
 pub fn encode_query(s: &str) -> String {
-    s.replace('/', "%2F").replace(':', "%3A").replace('[', "%5B").replace(']', "%5D")
+    s.replace('/', "%2F")
+        .replace(':', "%3A")
+        .replace('[', "%5B")
+        .replace(']', "%5D")
 }

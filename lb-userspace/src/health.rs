@@ -18,31 +18,45 @@ pub async fn probe(addr: IpAddr, check: &HealthCheck, vip_port: u16) -> (bool, S
     let target = SocketAddr::new(addr, port);
     let limit = Duration::from_millis(check.timeout_ms);
     let result = timeout(limit, async {
-        let stream = TcpStream::connect(target).await.map_err(|e| format!("connect {target}: {e}"))?;
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("connect {target}: {e}"))?;
         if check.kind == HealthKind::Tcp {
             return Ok("ok".to_string());
         }
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("http {target}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("http {target}: {e}"))?;
         tokio::spawn(conn);
         let req = Request::get(check.path.as_str())
             .header("host", target.to_string())
             .header("user-agent", "xdp-lb-health")
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("GET {}: {e}", check.path))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("GET {}: {e}", check.path))?;
         if resp.status().as_u16() == check.expect_status {
             Ok("ok".to_string())
         } else {
-            Err(format!("GET {} answered {}, expected {}", check.path, resp.status().as_u16(), check.expect_status))
+            Err(format!(
+                "GET {} answered {}, expected {}",
+                check.path,
+                resp.status().as_u16(),
+                check.expect_status
+            ))
         }
     })
     .await;
     match result {
         Ok(Ok(s)) => (true, s),
         Ok(Err(e)) => (false, e),
-        Err(_) => (false, format!("no answer from {target} within {} ms", check.timeout_ms)),
+        Err(_) => (
+            false,
+            format!("no answer from {target} within {} ms", check.timeout_ms),
+        ),
     }
 }
 
@@ -72,10 +86,10 @@ pub async fn supervise(agent: SharedAgent) {
             keep
         });
         for (k, check) in wanted {
-            if !running.contains_key(&k) {
+            running.entry(k).or_insert_with(|| {
                 let task = tokio::spawn(probe_loop(agent.clone(), k.0, k.1, check.clone()));
-                running.insert(k, (check, task));
-            }
+                (check, task)
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

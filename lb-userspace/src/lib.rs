@@ -17,6 +17,7 @@ pub mod neigh;
 pub mod net;
 pub mod plan;
 pub mod publish;
+pub mod run;
 pub mod samples;
 pub mod stats;
 pub mod tables;

@@ -26,37 +26,65 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
 pub fn render(agent: &Agent) -> Result<String, Error> {
     let stats = crate::api::stats(agent)?;
     let mut reg = Registry::with_prefix("lb");
-    let packets = family(&mut reg, "packets", "Packets by outcome or flow-table event");
+    let packets = family(
+        &mut reg,
+        "packets",
+        "Packets by outcome or flow-table event",
+    );
     let bytes = family(&mut reg, "bytes", "Bytes by outcome");
     for (reason, c) in &stats.global {
-        packets.get_or_create(&vec![("reason".into(), reason.clone())]).inc_by(c.packets);
-        bytes.get_or_create(&vec![("reason".into(), reason.clone())]).inc_by(c.bytes);
+        packets
+            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .inc_by(c.packets);
+        bytes
+            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .inc_by(c.bytes);
     }
     let vip_packets = family(&mut reg, "vip_packets", "Packets forwarded per VIP");
     let vip_bytes = family(&mut reg, "vip_bytes", "Bytes forwarded per VIP");
-    let vip_flows = family(&mut reg, "vip_new_flows", "Flows placed by the slot table per VIP");
+    let vip_flows = family(
+        &mut reg,
+        "vip_new_flows",
+        "Flows placed by the slot table per VIP",
+    );
     let be_packets = family(&mut reg, "backend_packets", "Packets forwarded per backend");
     let be_bytes = family(&mut reg, "backend_bytes", "Bytes forwarded per backend");
     let up = Family::<Labels, Gauge>::default();
-    reg.register("backend_up", "1 when the backend passes its health check (or has none)", up.clone());
+    reg.register(
+        "backend_up",
+        "1 when the backend passes its health check (or has none)",
+        up.clone(),
+    );
     let weight = Family::<Labels, Gauge>::default();
-    reg.register("backend_weight", "Configured weight (0 while drained)", weight.clone());
+    reg.register(
+        "backend_weight",
+        "Configured weight (0 while drained)",
+        weight.clone(),
+    );
     for v in &stats.vips {
         let l = vec![("vip".to_string(), v.vip.to_string())];
         vip_packets.get_or_create(&l).inc_by(v.packets);
         vip_bytes.get_or_create(&l).inc_by(v.bytes);
         vip_flows.get_or_create(&l).inc_by(v.new_flows);
         for b in &v.backends {
-            let l = vec![("vip".to_string(), v.vip.to_string()), ("backend".to_string(), b.address.to_string())];
+            let l = vec![
+                ("vip".to_string(), v.vip.to_string()),
+                ("backend".to_string(), b.address.to_string()),
+            ];
             be_packets.get_or_create(&l).inc_by(b.packets);
             be_bytes.get_or_create(&l).inc_by(b.bytes);
         }
     }
     for v in agent.list() {
         for b in v.backends {
-            let l = vec![("vip".to_string(), v.vip.to_string()), ("backend".to_string(), b.address.to_string())];
+            let l = vec![
+                ("vip".to_string(), v.vip.to_string()),
+                ("backend".to_string(), b.address.to_string()),
+            ];
             up.get_or_create(&l).set(i64::from(b.health != "down"));
-            weight.get_or_create(&l).set(if b.drained { 0 } else { i64::from(b.weight) });
+            weight
+                .get_or_create(&l)
+                .set(if b.drained { 0 } else { i64::from(b.weight) });
         }
     }
     let mut out = String::new();
@@ -68,10 +96,15 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
 pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Io { what: format!("binding the metrics listener {addr}"), source })?;
+        .map_err(|source| Error::Io {
+            what: format!("binding the metrics listener {addr}"),
+            source,
+        })?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let agent = agent.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -81,20 +114,24 @@ pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
                             match render(&*agent.lock().await) {
                                 Ok(text) => Response::new(Full::new(Bytes::from(text))),
                                 Err(e) => {
-                                    let mut r = Response::new(Full::new(Bytes::from(e.to_string())));
+                                    let mut r =
+                                        Response::new(Full::new(Bytes::from(e.to_string())));
                                     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                                     r
                                 }
                             }
                         } else {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+                            let mut r =
+                                Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
                             *r.status_mut() = StatusCode::NOT_FOUND;
                             r
                         };
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });

@@ -190,6 +190,9 @@ mod tests {
         assert_eq!(same[0].slots_moved_pct, 0.0);
         assert!(render(&same).contains("no changes"));
         let gone = plan(&s, &DesiredState::default(), 65537);
-        assert_eq!((gone[0].action.as_str(), gone[0].slots_moved_pct), ("remove", 100.0));
+        assert_eq!(
+            (gone[0].action.as_str(), gone[0].slots_moved_pct),
+            ("remove", 100.0)
+        );
     }
 }

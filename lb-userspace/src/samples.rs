@@ -17,10 +17,15 @@ pub fn greeting(index: usize, local: SocketAddr, peer: SocketAddr) -> String {
 async fn http_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Io { what: format!("binding {addr}"), source })?;
+        .map_err(|source| Error::Io {
+            what: format!("binding {addr}"),
+            source,
+        })?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
             let local = stream.local_addr().unwrap_or(addr);
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
@@ -28,7 +33,8 @@ async fn http_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
                         "/health" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
                         "/" => Response::new(Full::new(Bytes::from(greeting(index, local, peer)))),
                         _ => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                            let mut r =
+                                Response::new(Full::new(Bytes::from_static(b"not found\n")));
                             *r.status_mut() = StatusCode::NOT_FOUND;
                             r
                         }
@@ -48,13 +54,20 @@ async fn http_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
 async fn udp_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
     let sock = tokio::net::UdpSocket::bind(addr)
         .await
-        .map_err(|source| Error::Io { what: format!("binding UDP {addr}"), source })?;
+        .map_err(|source| Error::Io {
+            what: format!("binding UDP {addr}"),
+            source,
+        })?;
     tokio::spawn(async move {
         let mut buf = [0u8; 2048];
         loop {
-            let Ok((_, peer)) = sock.recv_from(&mut buf).await else { continue };
+            let Ok((_, peer)) = sock.recv_from(&mut buf).await else {
+                continue;
+            };
             let local = sock.local_addr().unwrap_or(addr);
-            let _ = sock.send_to(greeting(index, local, peer).as_bytes(), peer).await;
+            let _ = sock
+                .send_to(greeting(index, local, peer).as_bytes(), peer)
+                .await;
         }
     });
     Ok(())
@@ -62,12 +75,18 @@ async fn udp_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
 
 /// Starts `count` backends on `bind:base_port + i` (TCP and UDP); they run until the runtime
 /// stops.
-pub async fn start(count: usize, base_port: u16, bind: std::net::IpAddr) -> Result<Vec<SocketAddr>, Error> {
+pub async fn start(
+    count: usize,
+    base_port: u16,
+    bind: std::net::IpAddr,
+) -> Result<Vec<SocketAddr>, Error> {
     let mut addrs = Vec::new();
     for i in 0..count {
-        let port = base_port
-            .checked_add(i as u16)
-            .ok_or_else(|| Error::Invalid(format!("ports {base_port}+{count} run past 65535: lower --base-port")))?;
+        let port = base_port.checked_add(i as u16).ok_or_else(|| {
+            Error::Invalid(format!(
+                "ports {base_port}+{count} run past 65535: lower --base-port"
+            ))
+        })?;
         let addr = SocketAddr::new(bind, port);
         http_server(i, addr).await?;
         udp_server(i, addr).await?;

@@ -2,7 +2,7 @@
 //! namespace of our own, real UDP traffic crosses it, and the per-CPU counter moves.
 use std::{net::UdpSocket, time::Duration};
 
-use lb_tests::{ChildGuard, Netns, VethPair, lb_binary};
+use lb_tests::{AgentDir, Netns, VethPair};
 
 const PACKETS: u64 = 50;
 
@@ -23,21 +23,12 @@ fn attach_and_count(mode: &str) -> anyhow::Result<()> {
     let server = Netns::new("sks")?;
     let veth = VethPair::new(&client, "10.77.0.1/24", &server, "10.77.0.2/24")?;
 
-    let mut cmd = server.command(lb_binary()?.to_str().expect("utf-8 path"));
-    cmd.args([
-        "run",
-        "--iface",
+    let dir = AgentDir::new("sk")?;
+    let lb = dir.spawn_agent(
+        &server,
         &veth.b,
-        "--mode",
-        mode,
-        "--interval",
-        "0",
-        "--json",
-        "--duration",
-        "60",
-    ]);
-    let mut lb = ChildGuard::spawn(cmd, "lb run")?;
-    lb.wait_for_line(Duration::from_secs(20), |l| l.starts_with("attached to"))?;
+        &["--mode", mode, "--json", "--duration", "60"],
+    )?;
 
     let receiver = server.run(|| UdpSocket::bind("10.77.0.2:7000"))??;
     receiver.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -1,0 +1,93 @@
+//! Running the real `lb` agent in a namespace for tests and the demo: a private directory for
+//! its socket and state file, a private bpffs mount for its pins (visible to every `ip netns
+//! exec` that starts later, so a restarted agent finds them), all removed on drop.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{ChildGuard, Netns, lb_binary, net::sh, unique_name};
+
+/// A private directory with its own bpffs mount.
+pub struct AgentDir {
+    pub dir: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+impl AgentDir {
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(prefix));
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+        let guard = AgentDir { dir, bpffs };
+        sh("mount", &["-t", "bpf", "bpf", path_str(&guard.bpffs)?])?;
+        Ok(guard)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("lb.sock")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Runs `lb --socket <ours> args...` (from the root namespace: the socket is a file).
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(lb_binary()?)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .context("running lb")
+    }
+
+    /// As [`AgentDir::cli`], failing with lb's stderr when it fails; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "`lb {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `lb run` on `iface` inside `ns` and waits until its API is up.
+    pub fn spawn_agent(
+        &self,
+        ns: &Netns,
+        iface: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ChildGuard> {
+        let mut cmd = ns.command(path_str(&lb_binary()?)?);
+        cmd.arg("--socket")
+            .arg(self.socket())
+            .args(["run", "--iface", iface]);
+        cmd.arg("--state-file").arg(self.state_file());
+        cmd.arg("--bpffs").arg(&self.bpffs);
+        cmd.args(extra);
+        let mut child = ChildGuard::spawn(cmd, "lb run")?;
+        child.wait_for_line(Duration::from_secs(30), |l| {
+            l.starts_with("serving the control API")
+        })?;
+        Ok(child)
+    }
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+impl Drop for AgentDir {
+    fn drop(&mut self) {
+        // Lazy unmount: pins vanish with the mount once nothing holds them.
+        let _ = sh("umount", &["-l", &self.bpffs.to_string_lossy()]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
