@@ -86,6 +86,12 @@ impl ChildGuard {
         }
     }
 
+    /// SIGKILL now, and reap (what `kill -9` does to a daemon).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for a clean exit; returns all remaining stdout lines.
     pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<Vec<String>> {
         let pid = self.child.id().to_string();

@@ -1,0 +1,419 @@
+//! The agent and its CLI against the real kernel: CRUD, one-line errors that change nothing,
+//! persistence across kill -9 with the program still attached, health checks, apply plans and
+//! metrics. Each test builds its own namespaces, bpffs and socket and removes them.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{AgentDir, ChildGuard, Netns, VethPair, lb_binary};
+
+/// A load-balancer namespace with a veth to a backend namespace.
+struct Net {
+    lb: Netns,
+    backend: Netns,
+    veth: VethPair,
+}
+
+fn net(tag: &str, subnet: u8) -> anyhow::Result<Net> {
+    let lb = Netns::new(&format!("{tag}l"))?;
+    let backend = Netns::new(&format!("{tag}b"))?;
+    let veth = VethPair::new(
+        &lb,
+        &format!("10.{subnet}.0.1/24"),
+        &backend,
+        &format!("10.{subnet}.0.2/24"),
+    )?;
+    Ok(Net { lb, backend, veth })
+}
+
+fn vips_json(dir: &AgentDir) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &dir.cli_ok(&["vip", "list", "--json"])?,
+    )?)
+}
+
+/// Runs `lb args`, expects failure with one line on stderr containing `want`.
+fn expect_error(dir: &AgentDir, args: &[&str], want: &str) -> anyhow::Result<()> {
+    let out = dir.cli(args)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`lb {}` succeeded", args.join(" "));
+    assert!(
+        err.contains(want),
+        "`lb {}`: stderr {err:?} lacks {want:?}",
+        args.join(" ")
+    );
+    let first = err.lines().next().unwrap_or("");
+    assert!(
+        first.contains(want) || first.starts_with("error:"),
+        "not a one-line error: {err:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
+    let n = net("op", 61)?;
+    let dir = AgentDir::new("op")?;
+    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
+    let vip = "10.61.0.100:80/tcp";
+    dir.cli_ok(&["vip", "add", vip])?;
+    // MAC given, and MAC resolved from the neighbour table (the backend namespace answers ARP).
+    dir.cli_ok(&[
+        "backend",
+        "add",
+        vip,
+        "10.61.0.9",
+        "--mac",
+        "02:00:00:00:00:09",
+        "--weight",
+        "100",
+    ])?;
+    dir.cli_ok(&["backend", "add", vip, "10.61.0.2", "--weight", "300"])?;
+    let listed = dir.cli_ok(&["backend", "list", vip])?;
+    assert!(
+        listed.contains("10.61.0.2") && listed.contains("75.0%"),
+        "{listed}"
+    );
+    let before = vips_json(&dir)?;
+    let state_before = std::fs::read_to_string(dir.state_file())?;
+
+    expect_error(&dir, &["vip", "add", vip], "already exists")?;
+    expect_error(
+        &dir,
+        &["backend", "add", vip, "10.61.0.2"],
+        "already exists",
+    )?;
+    expect_error(
+        &dir,
+        &["backend", "add", vip, "10.61.0.7", "--weight", "70000"],
+        "70000",
+    )?;
+    expect_error(
+        &dir,
+        &["backend", "add", "10.61.0.200:80/tcp", "10.61.0.7"],
+        "unknown VIP",
+    )?;
+    expect_error(
+        &dir,
+        &["backend", "remove", vip, "10.61.0.77"],
+        "unknown backend",
+    )?;
+    expect_error(
+        &dir,
+        &[
+            "backend",
+            "add",
+            vip,
+            "2001:db8::1",
+            "--mac",
+            "02:00:00:00:00:01",
+        ],
+        "different address families",
+    )?;
+    expect_error(&dir, &["vip", "add", "10.61.0.300:80/tcp"], "invalid VIP")?;
+    expect_error(&dir, &["vip", "add", "10.61.0.100:99999/tcp"], "port")?;
+    expect_error(
+        &dir,
+        &["backend", "add", vip, "10.61.0.55"],
+        "no MAC for backend 10.61.0.55",
+    )?;
+    expect_error(
+        &dir,
+        &[
+            "backend",
+            "add",
+            vip,
+            "10.61.0.56",
+            "--mac",
+            "ff:ff:ff:ff:ff:ff",
+        ],
+        "unicast",
+    )?;
+    assert_eq!(
+        vips_json(&dir)?,
+        before,
+        "a failed command changed the agent's state"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.state_file())?,
+        state_before,
+        "a failed command changed the state file"
+    );
+
+    // Drain takes the backend out of the table; weight changes the shares; trace agrees.
+    dir.cli_ok(&["backend", "drain", vip, "10.61.0.2"])?;
+    let listed = dir.cli_ok(&["backend", "list", vip])?;
+    assert!(
+        listed.contains("draining") && listed.contains("100.0%"),
+        "{listed}"
+    );
+    let trace = dir.cli_ok(&["trace", "192.0.2.1:5000", vip])?;
+    assert!(trace.contains("10.61.0.9"), "{trace}");
+    dir.cli_ok(&["backend", "drain", vip, "10.61.0.2", "--undo"])?;
+    dir.cli_ok(&["backend", "weight", vip, "10.61.0.2", "100"])?;
+    let listed = dir.cli_ok(&["backend", "list", vip])?;
+    assert!(listed.contains("50.0%"), "{listed}");
+    dir.cli_ok(&["backend", "remove", vip, "10.61.0.9"])?;
+    dir.cli_ok(&["vip", "remove", vip])?;
+    assert_eq!(vips_json(&dir)?, serde_json::json!([]));
+    let stats = dir.cli_ok(&["stats"])?;
+    assert!(stats.contains("passed_not_vip"), "{stats}");
+    Ok(())
+}
+
+#[test]
+fn clear_errors_without_an_agent_or_privileges() -> anyhow::Result<()> {
+    let dir = AgentDir::new("noag")?;
+    expect_error(&dir, &["vip", "list"], "the agent is not reachable")?;
+    let out = dir.cli(&["run", "--iface", "no-such-if0"])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interface `no-such-if0` does not exist")
+    );
+    // Not root: setpriv drops to nobody.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lb_binary()?)
+        .args(["run", "--iface", "lo", "--bpffs"])
+        .arg(&dir.bpffs)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("needs root") || err.contains("root"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn kill_9_keeps_forwarding_and_restart_restores_state() -> anyhow::Result<()> {
+    let n = net("rs", 62)?;
+    let dir = AgentDir::new("rs")?;
+    let vip = "10.62.0.100:80/tcp";
+    let mut agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
+    dir.cli_ok(&["vip", "add", vip, "--source-hash"])?;
+    dir.cli_ok(&["backend", "add", vip, "10.62.0.2"])?;
+    dir.cli_ok(&[
+        "backend",
+        "add",
+        vip,
+        "10.62.0.8",
+        "--mac",
+        "02:00:00:00:00:08",
+    ])?;
+    let before = vips_json(&dir)?;
+    let trace_before = dir.cli_ok(&["trace", "192.0.2.9:1234", vip, "--json"])?;
+
+    agent.kill();
+    // The program stays attached through the pinned link.
+    let out = Command::new("ip")
+        .args(["-n", n.lb.name(), "link", "show", &n.veth.a])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("xdp"),
+        "program detached on kill -9"
+    );
+
+    let agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
+    assert_eq!(vips_json(&dir)?, before, "state not restored");
+    assert_eq!(
+        dir.cli_ok(&["trace", "192.0.2.9:1234", vip, "--json"])?,
+        trace_before
+    );
+    let lines = agent.terminate(Duration::from_secs(10))?;
+    assert!(lines.iter().any(|l| l.starts_with("detached")), "{lines:?}");
+    let out = Command::new("ip")
+        .args(["-n", n.lb.name(), "link", "show", &n.veth.a])
+        .output()?;
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("xdp"),
+        "program left attached after a clean stop"
+    );
+    assert!(
+        !dir.bpffs.join("xdp-lb").join(&n.veth.a).exists(),
+        "pins left behind"
+    );
+    Ok(())
+}
+
+fn health_of(dir: &AgentDir, addr: &str) -> anyhow::Result<String> {
+    let v = vips_json(dir)?;
+    let b = v[0]["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
+        .cloned();
+    Ok(b.map(|b| b["health"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default())
+}
+
+fn wait_health(
+    dir: &AgentDir,
+    addr: &str,
+    want: &str,
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if health_of(dir, addr)? == want {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!(
+        "backend {addr} not {want} within {within:?} (is {})",
+        health_of(dir, addr)?
+    )
+}
+
+fn samples(ns: &Netns, bind: &str, port: u16) -> anyhow::Result<ChildGuard> {
+    let mut cmd = ns.command(lb_binary()?.to_str().unwrap_or("lb"));
+    cmd.args([
+        "samples",
+        "--count",
+        "1",
+        "--base-port",
+        &port.to_string(),
+        "--bind",
+        bind,
+        "--duration",
+        "120",
+    ]);
+    let mut child = ChildGuard::spawn(cmd, "lb samples")?;
+    child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+    Ok(child)
+}
+
+#[test]
+fn health_checks_take_backends_out_and_back() -> anyhow::Result<()> {
+    let n = net("hc", 63)?;
+    let dir = AgentDir::new("hc")?;
+    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
+    let vip = "10.63.0.100:8080/tcp";
+    let server = samples(&n.backend, "10.63.0.2", 8080)?;
+    dir.cli_ok(&[
+        "vip",
+        "add",
+        vip,
+        "--health",
+        "http",
+        "--interval-ms",
+        "200",
+        "--timeout-ms",
+        "150",
+        "--fall",
+        "2",
+        "--rise",
+        "2",
+    ])?;
+    dir.cli_ok(&["backend", "add", vip, "10.63.0.2"])?;
+    dir.cli_ok(&[
+        "backend",
+        "add",
+        vip,
+        "10.63.0.9",
+        "--mac",
+        "02:00:00:00:00:09",
+    ])?;
+    // 10.63.0.9 does not exist: out after `fall` failed probes.
+    wait_health(&dir, "10.63.0.9", "down", Duration::from_secs(3))?;
+    assert_eq!(health_of(&dir, "10.63.0.2")?, "up");
+    let listed = dir.cli_ok(&["backend", "list", vip])?;
+    assert!(
+        listed.contains("100.0%"),
+        "live backend should hold the whole table: {listed}"
+    );
+
+    // Kill the live backend's server: out within interval x fall + 1 s.
+    drop(server);
+    let took = wait_health(
+        &dir,
+        "10.63.0.2",
+        "down",
+        Duration::from_millis(200 * 2 + 1000),
+    )?;
+    eprintln!("backend went down after {took:?}");
+    let metrics_free = dir.cli_ok(&["backend", "list", vip])?;
+    assert!(!metrics_free.contains("100.0%"), "{metrics_free}");
+
+    // Restart it: back in.
+    let _server = samples(&n.backend, "10.63.0.2", 8080)?;
+    wait_health(&dir, "10.63.0.2", "up", Duration::from_secs(3))?;
+    Ok(())
+}
+
+#[test]
+fn apply_shows_the_plan_and_dry_run_changes_nothing() -> anyhow::Result<()> {
+    let n = net("ap", 64)?;
+    let dir = AgentDir::new("ap")?;
+    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--ring-size", "16381"])?;
+    let cfg = dir.dir.join("lb.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[[vip]]
+address = "10.64.0.100:80/tcp"
+backend = [
+  { address = "10.64.0.2", weight = 1 },
+  { address = "10.64.0.8", weight = 3, mac = "02:00:00:00:00:08" },
+]
+"#,
+    )?;
+    let cfg = cfg.to_string_lossy().to_string();
+    let plan = dir.cli_ok(&["apply", "-f", &cfg, "--dry-run"])?;
+    assert!(
+        plan.contains("add 10.64.0.100:80/tcp: 100.0% of slots move"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("75.00%") && plan.contains("dry run"),
+        "{plan}"
+    );
+    assert_eq!(
+        vips_json(&dir)?,
+        serde_json::json!([]),
+        "dry run changed state"
+    );
+    let applied = dir.cli_ok(&["apply", "-f", &cfg])?;
+    assert!(applied.contains("applied"), "{applied}");
+    assert_eq!(vips_json(&dir)?.as_array().map(Vec::len), Some(1));
+    let again = dir.cli_ok(&["apply", "-f", &cfg, "--dry-run"])?;
+    assert!(again.contains("no changes"), "{again}");
+    // A broken file is refused whole.
+    std::fs::write(
+        dir.dir.join("bad.toml"),
+        "[[vip]]\naddress = \"10.64.0.100:80/tcp\"\nbackend = [ { address = \"10.64.0.2\", weight = 99999 } ]\n",
+    )?;
+    expect_error(
+        &dir,
+        &["apply", "-f", &dir.dir.join("bad.toml").to_string_lossy()],
+        "out of range",
+    )?;
+    assert_eq!(vips_json(&dir)?.as_array().map(Vec::len), Some(1));
+    Ok(())
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text() -> anyhow::Result<()> {
+    let n = net("me", 65)?;
+    let dir = AgentDir::new("me")?;
+    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--metrics", "127.0.0.1:9464"])?;
+    dir.cli_ok(&["vip", "add", "10.65.0.100:80/tcp"])?;
+    dir.cli_ok(&["backend", "add", "10.65.0.100:80/tcp", "10.65.0.2"])?;
+    let body = n.lb.run(|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect("127.0.0.1:9464")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    assert!(
+        body.contains("lb_packets_total{reason=\"passed_not_vip\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("lb_backend_up{vip=\"10.65.0.100:80/tcp\",backend=\"10.65.0.2\"} 1"),
+        "{body}"
+    );
+    Ok(())
+}
