@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod batch;
 pub mod client;
 pub mod dataplane;
 pub mod error;

@@ -47,6 +47,11 @@ impl Dataplane {
             slots
         };
         self.slots.write(id, active_gen, table)?;
+        // A new VIP gets the same table in its other generation too, so the next publish
+        // only writes the slots that differ.
+        if bound.is_none() {
+            self.slots.write(id, 1 - active_gen, table)?;
+        }
         let backend_count = slots.iter().collect::<BTreeSet<_>>().len() as u32;
         let info = VipInfo {
             flags: flags | VIP_F_PRESENT,

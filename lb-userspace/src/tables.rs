@@ -1,7 +1,9 @@
 //! Typed wrappers over the data-plane maps, one method per operation.
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP,
     VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey, slot_index,
@@ -145,12 +147,26 @@ impl SlotTable {
             )));
         }
         let prev = self.written.remove(&(vip_id, generation));
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         for (slot, id) in slots.iter().enumerate() {
             if prev.as_ref().is_some_and(|p| p[slot] == *id) {
                 continue;
             }
-            let idx = slot_index(vip_id, generation, self.ring_size, slot as u32);
-            self.map.set(idx, id, 0).map_err(err(SLOTS_MAP))?;
+            keys.push(slot_index(vip_id, generation, self.ring_size, slot as u32));
+            values.push(*id);
+        }
+        let fd = self.map.map().fd().as_fd();
+        if let Err(e) = crate::batch::update_u32(fd, &keys, &values) {
+            // Kernels without batch updates for arrays (< 5.6): one syscall per slot.
+            if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTSUP) {
+                return Err(Error::Io {
+                    what: format!("writing {SLOTS_MAP}"),
+                    source: e,
+                });
+            }
+            for (k, v) in keys.iter().zip(&values) {
+                self.map.set(*k, v, 0).map_err(err(SLOTS_MAP))?;
+            }
         }
         self.written.insert((vip_id, generation), slots.to_vec());
         Ok(())

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
-use lb_tests::world::{LB_MAC, ROUTER_MAC, World};
+use lb_tests::{
+    AgentDir, Netns, VethPair,
+    world::{LB_MAC, ROUTER_MAC, World},
+};
 use lb_userspace::maglev::{self, MaglevBackend};
 
 const REPEAT: u32 = 1_000_000;
@@ -239,6 +242,53 @@ fn maglev_rows() {
     }
 }
 
+/// A config with one VIP and backends 10.66.x.y (1..=n), each with a MAC.
+fn config_with(n: u32) -> String {
+    let mut s = String::from("[[vip]]\naddress = \"10.66.0.100:80/tcp\"\nbackend = [\n");
+    for i in 1..=n {
+        s.push_str(&format!(
+            "  {{ address = \"10.66.{}.{}\", mac = \"02:00:00:00:{:02x}:{:02x}\" }},\n",
+            i / 250 + 1,
+            i % 250 + 1,
+            i / 256,
+            i % 256
+        ));
+    }
+    s.push_str("]\n");
+    s
+}
+
+/// Time from an API call to the new table being live (the agent answers after the kernel
+/// maps are written), measured in the agent and around the whole CLI call.
+fn control_plane_rows() -> anyhow::Result<()> {
+    let lb = Netns::new("bnl")?;
+    let peer = Netns::new("bnp")?;
+    let veth = VethPair::new(&lb, "10.66.0.1/24", &peer, "10.66.0.2/24")?;
+    let dir = AgentDir::new("bn")?;
+    let _agent = dir.spawn_agent(&lb, &veth.a, &[])?;
+    println!("| API change, M = 65537 | in agent ms | CLI call ms |");
+    println!("| --- | ---: | ---: |");
+    let file = dir.dir.join("bench.toml");
+    for (label, n) in [
+        ("new VIP, 10 backends (full table)", 10),
+        ("add 1 backend to 10", 11),
+        ("grow to 100 backends", 100),
+        ("add 1 backend to 100", 101),
+        ("grow to 1000 backends", 1000),
+        ("add 1 backend to 1000", 1001),
+        ("add 1 more (diff against the table two changes back)", 1002),
+    ] {
+        std::fs::write(&file, config_with(n))?;
+        let t = Instant::now();
+        let out = dir.cli_ok(&["apply", "-f", &file.to_string_lossy(), "--json"])?;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let r: serde_json::Value = serde_json::from_str(&out)?;
+        let took = r["took_ns"].as_f64().unwrap_or(f64::NAN) / 1e6;
+        println!("| {label} | {took:.2} | {wall:.2} |");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     println!("## Data plane (BPF_PROG_TEST_RUN, freshly loaded program, one process)\n");
     let mut rows = packet_rows(false, true)?;
@@ -251,5 +301,7 @@ fn main() -> anyhow::Result<()> {
     println!("send {NEW_FLOWS} distinct frames, one syscall each, against the floor measured the");
     println!("same way; cold caches on every run dominate them.\n");
     maglev_rows();
+    println!();
+    control_plane_rows()?;
     Ok(())
 }
