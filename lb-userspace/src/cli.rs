@@ -78,9 +78,18 @@ enum Top {
         base_port: u16,
         #[arg(long, default_value = "0.0.0.0")]
         bind: IpAddr,
+        /// Number of the first backend (backend i answers "hello from backend i").
+        #[arg(long, default_value_t = 0)]
+        first_index: usize,
         /// Exit by itself after this many seconds.
         #[arg(long)]
         duration: Option<u64>,
+    },
+    /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
+    /// XDP_TX on a veth is only delivered when its peer runs XDP.
+    XdpPass {
+        #[arg(long)]
+        iface: String,
     },
 }
 
@@ -502,15 +511,34 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             );
         }
+        Top::XdpPass { iface } => {
+            let tiny = LoadOptions {
+                ring_size: 7,
+                max_vips: 1,
+                max_backends: 2,
+                flow_entries: 1,
+                ..LoadOptions::default()
+            };
+            let mut dp = lb_userspace::Dataplane::load(tiny)?;
+            dp.attach_pass(&iface)?;
+            println!("XDP_PASS attached to {iface}");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
         Top::Samples {
             count,
             base_port,
             bind,
+            first_index,
             duration,
         } => {
-            let addrs = samples::start(count, base_port, bind).await?;
+            let addrs = samples::start(count, base_port, bind, first_index).await?;
             for (i, a) in addrs.iter().enumerate() {
-                println!("backend {i} listening on {a} (http, udp)");
+                println!("backend {} listening on {a} (http, udp)", first_index + i);
             }
             match duration {
                 Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,

@@ -294,6 +294,22 @@ impl Dataplane {
         Ok(Some(used))
     }
 
+    /// Attaches the trivial XDP_PASS program to `iface` in native mode, until this
+    /// `Dataplane` is dropped.
+    pub fn attach_pass(&mut self, iface: &str) -> Result<(), Error> {
+        if if_index(iface).is_none() {
+            return Err(Error::NoSuchInterface(iface.to_string()));
+        }
+        self.pass_program()?
+            .attach(iface, XdpMode::Driver)
+            .map_err(|source| Error::Attach {
+                iface: iface.to_string(),
+                mode: "native",
+                source,
+            })?;
+        Ok(())
+    }
+
     /// Attaches the load-balancing program to `iface`; returns the mode actually used.
     /// The program stays attached until this `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, Error> {

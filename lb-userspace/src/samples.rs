@@ -79,6 +79,7 @@ pub async fn start(
     count: usize,
     base_port: u16,
     bind: std::net::IpAddr,
+    first_index: usize,
 ) -> Result<Vec<SocketAddr>, Error> {
     let mut addrs = Vec::new();
     for i in 0..count {
@@ -88,8 +89,8 @@ pub async fn start(
             ))
         })?;
         let addr = SocketAddr::new(bind, port);
-        http_server(i, addr).await?;
-        udp_server(i, addr).await?;
+        http_server(first_index + i, addr).await?;
+        udp_server(first_index + i, addr).await?;
         addrs.push(addr);
     }
     Ok(addrs)
