@@ -68,7 +68,11 @@ impl DemoNet {
         };
         net.bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.bridge.ip(&["link", "set", "br0", "up"])?;
-        for key in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"] {
+        for key in [
+            "bridge-nf-call-iptables",
+            "bridge-nf-call-ip6tables",
+            "bridge-nf-call-arptables",
+        ] {
             best_effort_sysctl(&net.bridge, &format!("net.bridge.{key}"), "0");
         }
         net.attach_host(&net.client, "cl", CLIENT_IP, CLIENT_IP6)?;
@@ -79,11 +83,21 @@ impl DemoNet {
         // Rewritten frames keep a partial checksum if the sender offloads it (NETNS-NOTES).
         net.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         // The load balancer owns the VIP for ARP/ND; it forwards out of the port it received on.
-        net.lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
-        net.lb.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "eth0", "nodad"])?;
+        net.lb
+            .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
+        net.lb.ip(&[
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         for dev in ["all", "eth0"] {
-            net.lb.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
-            net.lb.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+            net.lb
+                .sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+            net.lb
+                .sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
         }
         for ns in &net.backends {
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
@@ -100,8 +114,20 @@ impl DemoNet {
     /// A veth from the bridge (port `p-<role>`) to `eth0` in `ns`, with both addresses.
     fn attach_host(&self, ns: &Netns, role: &str, ip4: &str, ip6: &str) -> anyhow::Result<()> {
         let port = format!("p-{role}");
-        self.bridge.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-        self.bridge.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.bridge.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.bridge
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
@@ -115,7 +141,15 @@ impl DemoNet {
     /// Starts a sample backend (HTTP + UDP echo on port 80, v4 and v6) in backend `i`.
     pub fn start_backend(&mut self, i: usize) -> anyhow::Result<()> {
         let mut cmd = self.lb_cmd(&self.backends[i])?;
-        cmd.args(["samples", "--count", "1", "--base-port", &PORT.to_string(), "--bind", "::"]);
+        cmd.args([
+            "samples",
+            "--count",
+            "1",
+            "--base-port",
+            &PORT.to_string(),
+            "--bind",
+            "::",
+        ]);
         cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
         let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
         child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
@@ -183,7 +217,11 @@ impl DemoNet {
     /// One UDP request/response from the client; returns the backend index answering.
     pub fn udp_get(&self, vip: IpAddr, port: u16) -> anyhow::Result<usize> {
         let body = self.client.run(move || -> anyhow::Result<String> {
-            let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+            let bind: SocketAddr = if vip.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
             let s = UdpSocket::bind(bind)?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
             let mut buf = [0u8; 512];
@@ -206,5 +244,7 @@ pub fn backend_index(body: &str) -> anyhow::Result<usize> {
         .nth(1)
         .with_context(|| format!("not a sample backend's answer: {body:?}"))?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().with_context(|| format!("no backend number in {body:?}"))
+    digits
+        .parse()
+        .with_context(|| format!("no backend number in {body:?}"))
 }

@@ -29,20 +29,35 @@ fn spread_scenario(mode: &str) -> anyhow::Result<()> {
     let counts = spread(&net, 300, 3)?;
     eprintln!("{mode}: equal weights {counts:?}");
     for c in &counts {
-        assert!((60..=141).contains(c), "{mode}: share out of 20-47 %: {counts:?}");
+        assert!(
+            (60..=141).contains(c),
+            "{mode}: share out of 20-47 %: {counts:?}"
+        );
     }
     for (i, w) in ["100", "200", "300"].iter().enumerate() {
-        net.lb(&["backend", "weight", &tcp_vip(), &lb_tests::topo::backend_ip(i), w])?;
+        net.lb(&[
+            "backend",
+            "weight",
+            &tcp_vip(),
+            &lb_tests::topo::backend_ip(i),
+            w,
+        ])?;
     }
     let counts = spread(&net, 300, 3)?;
     eprintln!("{mode}: weights 1:2:3 {counts:?}");
     for (c, want) in counts.iter().zip([50.0, 100.0, 150.0]) {
         let pct_diff = (*c as f64 - want).abs() / 3.0;
-        assert!(pct_diff <= 10.0, "{mode}: weighted shares off by more than 10 points: {counts:?}");
+        assert!(
+            pct_diff <= 10.0,
+            "{mode}: weighted shares off by more than 10 points: {counts:?}"
+        );
     }
     let stats = net.lb(&["stats", "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&stats)?;
-    assert!(v["global"]["forwarded"]["packets"].as_u64().unwrap_or(0) >= 600, "{stats}");
+    assert!(
+        v["global"]["forwarded"]["packets"].as_u64().unwrap_or(0) >= 600,
+        "{stats}"
+    );
     Ok(())
 }
 

@@ -22,7 +22,11 @@ enum Task {
     /// Install what the build and the tests need (idempotent).
     Setup,
     /// Build everything and run the demo on a throw-away veth network.
-    Demo,
+    Demo {
+        /// Keep the network up until Ctrl-C and print commands to explore it.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Build everything and run every test, privileged ones included.
     Test,
     /// Build everything and print the benchmark tables.
@@ -33,7 +37,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup => setup::run(),
-        Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Demo { keep } => setup::run().and_then(|()| demo(keep)),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Bench => setup::run().and_then(|()| bench()),
     };
@@ -96,9 +100,10 @@ fn lint() -> anyhow::Result<()> {
     )
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(keep: bool) -> anyhow::Result<()> {
     build_release()?;
-    run_cmd(cargo().args([
+    let mut cmd = cargo();
+    cmd.args([
         "run",
         "--release",
         "-q",
@@ -106,7 +111,11 @@ fn demo() -> anyhow::Result<()> {
         "lb-tests",
         "--bin",
         "lb-demo",
-    ]))
+    ]);
+    if keep {
+        cmd.args(["--", "--keep"]);
+    }
+    run_cmd(&mut cmd)
 }
 
 fn bench() -> anyhow::Result<()> {
