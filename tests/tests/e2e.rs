@@ -70,3 +70,119 @@ fn spread_native() -> anyhow::Result<()> {
 fn spread_generic() -> anyhow::Result<()> {
     spread_scenario("generic")
 }
+
+fn forwarded(net: &DemoNet) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&net.lb(&["stats", "--json"])?)?)
+}
+
+fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["global"][name]["packets"].as_u64().unwrap_or(0)
+}
+
+/// Scenario 6: traffic to the load balancer itself (ping, TCP to its own address, ARP, IPv6
+/// neighbour discovery) is passed to its kernel untouched and never forwarded.
+#[test]
+fn non_vip_traffic_is_unaffected() -> anyhow::Result<()> {
+    use lb_tests::topo::{LB_IP, LB_IP6};
+    let mut net = DemoNet::build(1, "native")?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    net.add_vip(&tcp_vip(), &[0], &[])?;
+    let before = forwarded(&net)?;
+    net.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", LB_IP])?;
+    net.client.exec("ping", &["-6", "-c", "3", "-i", "0.2", "-W", "2", LB_IP6])?;
+    // TCP to the load balancer's own address: a listener in its namespace answers.
+    let listener = net.lb.run(|| std::net::TcpListener::bind((LB_IP, 9000)))??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let (mut s, _) = listener.accept()?;
+        s.write_all(b"lb host here\n")
+    });
+    let got = net.client.run(|| -> std::io::Result<String> {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect((LB_IP, 9000))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    server.join().map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
+    assert_eq!(got, "lb host here\n");
+    // The client learnt the load balancer's MAC through ARP and ND.
+    let neigh = std::process::Command::new("ip").args(["-n", net.client.name(), "neigh"]).output()?;
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(neigh.contains(LB_IP) && neigh.contains(LB_IP6), "{neigh}");
+    let after = forwarded(&net)?;
+    assert_eq!(counter(&after, "forwarded"), counter(&before, "forwarded"), "non-VIP traffic was forwarded");
+    assert!(counter(&after, "passed_not_vip") >= counter(&before, "passed_not_vip") + 10);
+    Ok(())
+}
+
+/// Scenario 8: an IPv6 VIP and a UDP VIP, end to end.
+#[test]
+fn ipv6_and_udp_vips() -> anyhow::Result<()> {
+    use lb_tests::topo::VIP6;
+    let mut net = DemoNet::build(3, "native")?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    net.add_vip(&format!("[{VIP6}]:{PORT}/tcp"), &[0, 1, 2], &[])?;
+    net.add_vip(&format!("{VIP}:{PORT}/udp"), &[0, 1, 2], &[])?;
+    let mut seen6 = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen6.insert(net.http_get(VIP6.parse()?, PORT)?);
+    }
+    let mut seen_udp = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen_udp.insert(net.udp_get(vip_ip(), PORT)?);
+    }
+    assert!(seen6.len() >= 2, "IPv6 connections all went to {seen6:?}");
+    assert!(seen_udp.len() >= 2, "UDP requests all went to {seen_udp:?}");
+    Ok(())
+}
+
+/// Scenario 3: a killed backend leaves rotation within interval x fall + 1 s; every new
+/// connection after that succeeds; restarted, it comes back.
+#[test]
+fn health_checks_follow_backends() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let mut net = DemoNet::build(3, "native")?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    let vip = tcp_vip();
+    net.add_vip(&vip, &[0, 1, 2], &["--health", "http", "--interval-ms", "200", "--timeout-ms", "150", "--fall", "3", "--rise", "2"])?;
+    let state_of = |net: &DemoNet, i: usize| -> anyhow::Result<String> {
+        let v: serde_json::Value = serde_json::from_str(&net.lb(&["backend", "list", "--json"])?)?;
+        let addr = lb_tests::topo::backend_ip(i);
+        Ok(v[0]["backends"].as_array().and_then(|b| b.iter().find(|b| b["address"] == addr.as_str())).map(|b| b["health"].as_str().unwrap_or("").to_string()).unwrap_or_default())
+    };
+    let t = Instant::now();
+    while state_of(&net, 1)? != "up" || t.elapsed() < Duration::from_millis(600) {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "backend 1 never up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Kill backend 1's server (the sample processes were started in index order).
+    let killed = net.procs.remove(1);
+    drop(killed);
+    let t = Instant::now();
+    while state_of(&net, 1)? != "down" {
+        anyhow::ensure!(t.elapsed() <= Duration::from_millis(200 * 3 + 1000), "backend 1 still in rotation after {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("backend 1 out of rotation after {:?}", t.elapsed());
+    let mut counts = [0usize; 3];
+    for _ in 0..100 {
+        counts[net.http_get(vip_ip(), PORT)?] += 1;
+    }
+    assert_eq!(counts[1], 0, "{counts:?}");
+    net.start_backend(1)?;
+    let t = Instant::now();
+    while state_of(&net, 1)? != "up" {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "backend 1 did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut counts = [0usize; 3];
+    for _ in 0..100 {
+        counts[net.http_get(vip_ip(), PORT)?] += 1;
+    }
+    assert!(counts[1] > 0, "restarted backend gets no traffic: {counts:?}");
+    Ok(())
+}
