@@ -96,6 +96,24 @@ impl Netns {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])
     }
 
+    /// Spawns a thread that enters this namespace and runs `f` (sockets made in `f` live in
+    /// the namespace).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        Ok(std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on this new thread only; the fd is a valid netns file.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns into {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        }))
+    }
+
     /// Runs `f` on a thread that has entered this namespace, so std sockets made in `f` live in it.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
         let path = format!("/run/netns/{}", self.name);

@@ -248,3 +248,135 @@ pub fn backend_index(body: &str) -> anyhow::Result<usize> {
         .parse()
         .with_context(|| format!("no backend number in {body:?}"))
 }
+
+/// One HTTP/1.1 keep-alive request on an open connection; returns the answering backend.
+pub fn keepalive_request(s: &mut TcpStream) -> anyhow::Result<usize> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            bail!("connection closed by peer");
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .context("no content-length")?
+        .trim()
+        .parse()?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    backend_index(&String::from_utf8_lossy(&body))
+}
+
+/// What background traffic saw.
+#[derive(Debug, Default)]
+pub struct TrafficReport {
+    /// Rounds of one request on every long-lived connection.
+    pub rounds: usize,
+    /// Long-lived connection failures (resets, closes, a different backend answering).
+    pub long_lived_errors: Vec<String>,
+    pub new_ok: usize,
+    pub new_failed: Vec<String>,
+}
+
+/// Long-lived connections exchanging a request every 100 ms, and (optionally) a stream of
+/// new connections, until stopped (at most two minutes).
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    long: std::thread::JoinHandle<anyhow::Result<TrafficReport>>,
+    new: Option<std::thread::JoinHandle<anyhow::Result<(usize, Vec<String>)>>>,
+}
+
+impl DemoNet {
+    /// Opens `long_lived` connections to `vip:PORT` (learning each one's backend) and starts
+    /// the traffic.
+    pub fn start_traffic(
+        &self,
+        vip: IpAddr,
+        long_lived: usize,
+        new_conns: bool,
+    ) -> anyhow::Result<Traffic> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = SocketAddr::new(vip, PORT);
+        let conns = self
+            .client
+            .run(move || -> anyhow::Result<Vec<(TcpStream, usize)>> {
+                let mut out = Vec::new();
+                for _ in 0..long_lived {
+                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    let b = keepalive_request(&mut s)?;
+                    out.push((s, b));
+                }
+                Ok(out)
+            })??;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let st = stop.clone();
+        let long = std::thread::spawn(move || -> anyhow::Result<TrafficReport> {
+            let mut conns = conns;
+            let mut r = TrafficReport::default();
+            while !st.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                for (i, (s, backend)) in conns.iter_mut().enumerate() {
+                    match keepalive_request(s) {
+                        Ok(b) if b == *backend => {}
+                        Ok(b) => r.long_lived_errors.push(format!(
+                            "connection {i} moved from backend {backend} to {b}"
+                        )),
+                        Err(e) => r.long_lived_errors.push(format!("connection {i}: {e}")),
+                    }
+                }
+                r.rounds += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(r)
+        });
+        let new = if new_conns {
+            let st = stop.clone();
+            Some(self.client.spawn(move || {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                while !st.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    let res = (|| -> anyhow::Result<usize> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        keepalive_request(&mut s)
+                    })();
+                    match res {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (ok, failed)
+            })?)
+        } else {
+            None
+        };
+        Ok(Traffic { stop, long, new })
+    }
+}
+
+impl Traffic {
+    pub fn stop(self) -> anyhow::Result<TrafficReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut r = self
+            .long
+            .join()
+            .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+        if let Some(h) = self.new {
+            let (ok, failed) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+            r.new_ok = ok;
+            r.new_failed = failed;
+        }
+        Ok(r)
+    }
+}

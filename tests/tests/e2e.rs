@@ -89,10 +89,14 @@ fn non_vip_traffic_is_unaffected() -> anyhow::Result<()> {
     net.start_agent(&[])?;
     net.add_vip(&tcp_vip(), &[0], &[])?;
     let before = forwarded(&net)?;
-    net.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", LB_IP])?;
-    net.client.exec("ping", &["-6", "-c", "3", "-i", "0.2", "-W", "2", LB_IP6])?;
+    net.client
+        .exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", LB_IP])?;
+    net.client
+        .exec("ping", &["-6", "-c", "3", "-i", "0.2", "-W", "2", LB_IP6])?;
     // TCP to the load balancer's own address: a listener in its namespace answers.
-    let listener = net.lb.run(|| std::net::TcpListener::bind((LB_IP, 9000)))??;
+    let listener = net
+        .lb
+        .run(|| std::net::TcpListener::bind((LB_IP, 9000)))??;
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         use std::io::Write as _;
         let (mut s, _) = listener.accept()?;
@@ -105,14 +109,22 @@ fn non_vip_traffic_is_unaffected() -> anyhow::Result<()> {
         s.read_to_string(&mut out)?;
         Ok(out)
     })??;
-    server.join().map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
     assert_eq!(got, "lb host here\n");
     // The client learnt the load balancer's MAC through ARP and ND.
-    let neigh = std::process::Command::new("ip").args(["-n", net.client.name(), "neigh"]).output()?;
+    let neigh = std::process::Command::new("ip")
+        .args(["-n", net.client.name(), "neigh"])
+        .output()?;
     let neigh = String::from_utf8_lossy(&neigh.stdout);
     assert!(neigh.contains(LB_IP) && neigh.contains(LB_IP6), "{neigh}");
     let after = forwarded(&net)?;
-    assert_eq!(counter(&after, "forwarded"), counter(&before, "forwarded"), "non-VIP traffic was forwarded");
+    assert_eq!(
+        counter(&after, "forwarded"),
+        counter(&before, "forwarded"),
+        "non-VIP traffic was forwarded"
+    );
     assert!(counter(&after, "passed_not_vip") >= counter(&before, "passed_not_vip") + 10);
     Ok(())
 }
@@ -148,11 +160,30 @@ fn health_checks_follow_backends() -> anyhow::Result<()> {
     net.start_backends()?;
     net.start_agent(&[])?;
     let vip = tcp_vip();
-    net.add_vip(&vip, &[0, 1, 2], &["--health", "http", "--interval-ms", "200", "--timeout-ms", "150", "--fall", "3", "--rise", "2"])?;
+    net.add_vip(
+        &vip,
+        &[0, 1, 2],
+        &[
+            "--health",
+            "http",
+            "--interval-ms",
+            "200",
+            "--timeout-ms",
+            "150",
+            "--fall",
+            "3",
+            "--rise",
+            "2",
+        ],
+    )?;
     let state_of = |net: &DemoNet, i: usize| -> anyhow::Result<String> {
         let v: serde_json::Value = serde_json::from_str(&net.lb(&["backend", "list", "--json"])?)?;
         let addr = lb_tests::topo::backend_ip(i);
-        Ok(v[0]["backends"].as_array().and_then(|b| b.iter().find(|b| b["address"] == addr.as_str())).map(|b| b["health"].as_str().unwrap_or("").to_string()).unwrap_or_default())
+        Ok(v[0]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == addr.as_str()))
+            .map(|b| b["health"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default())
     };
     let t = Instant::now();
     while state_of(&net, 1)? != "up" || t.elapsed() < Duration::from_millis(600) {
@@ -164,7 +195,11 @@ fn health_checks_follow_backends() -> anyhow::Result<()> {
     drop(killed);
     let t = Instant::now();
     while state_of(&net, 1)? != "down" {
-        anyhow::ensure!(t.elapsed() <= Duration::from_millis(200 * 3 + 1000), "backend 1 still in rotation after {:?}", t.elapsed());
+        anyhow::ensure!(
+            t.elapsed() <= Duration::from_millis(200 * 3 + 1000),
+            "backend 1 still in rotation after {:?}",
+            t.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("backend 1 out of rotation after {:?}", t.elapsed());
@@ -176,13 +211,140 @@ fn health_checks_follow_backends() -> anyhow::Result<()> {
     net.start_backend(1)?;
     let t = Instant::now();
     while state_of(&net, 1)? != "up" {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "backend 1 did not come back");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "backend 1 did not come back"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut counts = [0usize; 3];
     for _ in 0..100 {
         counts[net.http_get(vip_ip(), PORT)?] += 1;
     }
-    assert!(counts[1] > 0, "restarted backend gets no traffic: {counts:?}");
+    assert!(
+        counts[1] > 0,
+        "restarted backend gets no traffic: {counts:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 2: the same 5-tuple keeps its backend; 50 long-lived connections exchanging data
+/// every 100 ms see no reset while other backends are added, removed and drained, and while
+/// their own backend is drained and reweighted.
+#[test]
+fn long_lived_connections_stick_through_changes() -> anyhow::Result<()> {
+    use lb_tests::topo::backend_ip;
+    use std::time::Duration;
+    let mut net = DemoNet::build(4, "native")?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    let vip = tcp_vip();
+    net.add_vip(&vip, &[0, 1, 2], &[])?;
+    let traffic = net.start_traffic(vip_ip(), 50, false)?;
+    let pause = || std::thread::sleep(Duration::from_millis(400));
+    pause();
+    net.lb(&["backend", "add", &vip, &backend_ip(3)])?;
+    pause();
+    net.lb(&["backend", "drain", &vip, &backend_ip(3)])?;
+    pause();
+    net.lb(&["backend", "remove", &vip, &backend_ip(3)])?;
+    pause();
+    net.lb(&["backend", "drain", &vip, &backend_ip(0)])?;
+    pause();
+    net.lb(&["backend", "weight", &vip, &backend_ip(1), "300"])?;
+    pause();
+    net.lb(&["backend", "drain", &vip, &backend_ip(0), "--undo"])?;
+    pause();
+    let report = traffic.stop()?;
+    eprintln!("{} rounds over 50 connections", report.rounds);
+    assert!(report.rounds >= 15, "too few rounds: {}", report.rounds);
+    assert!(
+        report.long_lived_errors.is_empty(),
+        "{:?}",
+        report.long_lived_errors
+    );
+    Ok(())
+}
+
+/// Scenario 4: kill -9 the agent during steady traffic and start it again: the program keeps
+/// forwarding from the pinned maps; no request fails and no long-lived connection resets.
+#[test]
+fn agent_kill_9_and_restart_under_traffic() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let mut net = DemoNet::build(3, "native")?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    net.add_vip(&tcp_vip(), &[0, 1, 2], &[])?;
+    let traffic = net.start_traffic(vip_ip(), 20, true)?;
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(agent) = net.agent.as_mut() {
+        agent.kill();
+    }
+    net.agent = None;
+    std::thread::sleep(Duration::from_millis(1000));
+    net.start_agent(&[])?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = traffic.stop()?;
+    eprintln!(
+        "{} new connections, {} rounds",
+        report.new_ok, report.rounds
+    );
+    assert!(report.new_ok > 50, "too little traffic: {}", report.new_ok);
+    assert!(report.new_failed.is_empty(), "{:?}", report.new_failed);
+    assert!(
+        report.long_lived_errors.is_empty(),
+        "{:?}",
+        report.long_lived_errors
+    );
+    Ok(())
+}
+
+fn program_id(net: &DemoNet) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", net.lb.name(), "-d", "link", "show", "eth0"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let id = text
+        .split("prog/xdp id ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string);
+    id.ok_or_else(|| anyhow::anyhow!("no XDP program on the load balancer: {text}"))
+}
+
+/// Scenario 5: upgrade: the agent exits keeping the program (`--keep-on-exit`), a new agent
+/// loads a fresh program that replaces it on the same link with the same maps; nothing drops.
+#[test]
+fn upgrade_replaces_the_program_without_drops() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let mut net = DemoNet::build(3, "native")?;
+    net.start_backends()?;
+    net.start_agent(&["--keep-on-exit"])?;
+    net.add_vip(&tcp_vip(), &[0, 1, 2], &[])?;
+    let before = program_id(&net)?;
+    let traffic = net.start_traffic(vip_ip(), 20, true)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let old = net
+        .agent
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no agent"))?;
+    let lines = old.terminate(Duration::from_secs(10))?;
+    assert!(
+        lines.iter().any(|l| l.contains("left running")),
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    net.start_agent(&[])?;
+    std::thread::sleep(Duration::from_millis(800));
+    let report = traffic.stop()?;
+    let after = program_id(&net)?;
+    assert_ne!(before, after, "the program was not replaced");
+    assert!(report.new_ok > 50, "too little traffic: {}", report.new_ok);
+    assert!(report.new_failed.is_empty(), "{:?}", report.new_failed);
+    assert!(
+        report.long_lived_errors.is_empty(),
+        "{:?}",
+        report.long_lived_errors
+    );
     Ok(())
 }
