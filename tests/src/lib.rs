@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod net;
 pub mod proc;
+pub mod raw;
 pub mod topo;
 pub mod world;
 

@@ -1,0 +1,89 @@
+//! AF_PACKET sockets: send hand-picked frames out of an interface and capture what arrives,
+//! for the malformed-frame scenario. Create them inside the namespace (`Netns::run`).
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use anyhow::bail;
+
+pub struct RawSocket {
+    fd: OwnedFd,
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+impl RawSocket {
+    /// A socket bound to interface `iface` (in the calling thread's namespace), all protocols.
+    pub fn bind(iface: &str) -> anyhow::Result<Self> {
+        let name = std::ffi::CString::new(iface)?;
+        // SAFETY: plain libc calls with valid arguments; the fd is owned right away.
+        unsafe {
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            if ifindex == 0 {
+                bail!("no interface {iface}");
+            }
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                i32::from(ETH_P_ALL.to_be()),
+            );
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ETH_P_ALL.to_be();
+            sll.sll_ifindex = ifindex as i32;
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            if rc != 0 {
+                bail!(
+                    "binding AF_PACKET to {iface}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(RawSocket { fd })
+        }
+    }
+
+    /// Sends one whole Ethernet frame.
+    pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        // SAFETY: `frame` is a valid buffer of its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            bail!("sending a raw frame: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Every frame received so far that was not sent by this host (non-blocking drain).
+    pub fn drain(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let mut buf = vec![0u8; 2048];
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: valid buffers and lengths.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    &mut sll as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                    &mut len,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            if sll.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                buf.truncate(n as usize);
+                out.push(buf);
+            }
+        }
+        out
+    }
+}
