@@ -79,7 +79,7 @@ impl RawSocket {
             if n <= 0 {
                 break;
             }
-            if sll.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype != libc::PACKET_OUTGOING {
                 buf.truncate(n as usize);
                 out.push(buf);
             }

@@ -283,12 +283,15 @@ pub struct TrafficReport {
     pub new_failed: Vec<String>,
 }
 
+/// The new-connection thread: (successes, failures).
+type NewConnThread = std::thread::JoinHandle<anyhow::Result<(usize, Vec<String>)>>;
+
 /// Long-lived connections exchanging a request every 100 ms, and (optionally) a stream of
 /// new connections, until stopped (at most two minutes).
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     long: std::thread::JoinHandle<anyhow::Result<TrafficReport>>,
-    new: Option<std::thread::JoinHandle<anyhow::Result<(usize, Vec<String>)>>>,
+    new: Option<NewConnThread>,
 }
 
 impl DemoNet {
