@@ -12,6 +12,26 @@ fn tcp_vip() -> String {
     format!("{VIP}:{PORT}/tcp")
 }
 
+/// The demo network with its sample backends and agent, and the TCP VIP on `vip_backends`.
+fn serving(backends: usize, mode: &str, vip_backends: &[usize]) -> anyhow::Result<DemoNet> {
+    let mut net = DemoNet::build(backends, mode)?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    net.add_vip(&tcp_vip(), vip_backends, &[])?;
+    Ok(net)
+}
+
+/// Background traffic saw no failed request and no broken long-lived connection.
+fn assert_undisturbed(report: &lb_tests::topo::TrafficReport) {
+    assert!(report.new_ok > 50, "too little traffic: {}", report.new_ok);
+    assert!(report.new_failed.is_empty(), "{:?}", report.new_failed);
+    assert!(
+        report.long_lived_errors.is_empty(),
+        "{:?}",
+        report.long_lived_errors
+    );
+}
+
 /// Shares of `n` new connections per backend index.
 fn spread(net: &DemoNet, n: usize, backends: usize) -> anyhow::Result<Vec<usize>> {
     let mut counts = vec![0usize; backends];
@@ -84,10 +104,7 @@ fn counter(stats: &serde_json::Value, name: &str) -> u64 {
 #[test]
 fn non_vip_traffic_is_unaffected() -> anyhow::Result<()> {
     use lb_tests::topo::{LB_IP, LB_IP6};
-    let mut net = DemoNet::build(1, "native")?;
-    net.start_backends()?;
-    net.start_agent(&[])?;
-    net.add_vip(&tcp_vip(), &[0], &[])?;
+    let mut net = serving(1, "native", &[0])?;
     let before = forwarded(&net)?;
     net.client
         .exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", LB_IP])?;
@@ -271,10 +288,7 @@ fn long_lived_connections_stick_through_changes() -> anyhow::Result<()> {
 #[test]
 fn agent_kill_9_and_restart_under_traffic() -> anyhow::Result<()> {
     use std::time::Duration;
-    let mut net = DemoNet::build(3, "native")?;
-    net.start_backends()?;
-    net.start_agent(&[])?;
-    net.add_vip(&tcp_vip(), &[0, 1, 2], &[])?;
+    let mut net = serving(3, "native", &[0, 1, 2])?;
     let traffic = net.start_traffic(vip_ip(), 20, true)?;
     std::thread::sleep(Duration::from_millis(500));
     if let Some(agent) = net.agent.as_mut() {
@@ -289,13 +303,7 @@ fn agent_kill_9_and_restart_under_traffic() -> anyhow::Result<()> {
         "{} new connections, {} rounds",
         report.new_ok, report.rounds
     );
-    assert!(report.new_ok > 50, "too little traffic: {}", report.new_ok);
-    assert!(report.new_failed.is_empty(), "{:?}", report.new_failed);
-    assert!(
-        report.long_lived_errors.is_empty(),
-        "{:?}",
-        report.long_lived_errors
-    );
+    assert_undisturbed(&report);
     Ok(())
 }
 
@@ -339,13 +347,7 @@ fn upgrade_replaces_the_program_without_drops() -> anyhow::Result<()> {
     let report = traffic.stop()?;
     let after = program_id(&net)?;
     assert_ne!(before, after, "the program was not replaced");
-    assert!(report.new_ok > 50, "too little traffic: {}", report.new_ok);
-    assert!(report.new_failed.is_empty(), "{:?}", report.new_failed);
-    assert!(
-        report.long_lived_errors.is_empty(),
-        "{:?}",
-        report.long_lived_errors
-    );
+    assert_undisturbed(&report);
     Ok(())
 }
 
@@ -379,10 +381,7 @@ fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<
     let v4 = |s: &str| -> [u8; 4] { s.parse::<std::net::Ipv4Addr>().expect("v4").octets() };
     let v6 = |s: &str| -> [u8; 16] { s.parse::<std::net::Ipv6Addr>().expect("v6").octets() };
 
-    let mut net = DemoNet::build(3, "native")?;
-    net.start_backends()?;
-    net.start_agent(&[])?;
-    net.add_vip(&tcp_vip(), &[0, 1, 2], &[])?;
+    let mut net = serving(3, "native", &[0, 1, 2])?;
     net.add_vip(&format!("[{VIP6}]:{PORT}/tcp"), &[0, 1, 2], &[])?;
     let (lb_mac, client_mac) = (mac_of(&net.lb)?, mac_of(&net.client)?);
     let eth = || PacketBuilder::ethernet2(client_mac, lb_mac);
