@@ -104,7 +104,7 @@ fn counter(stats: &serde_json::Value, name: &str) -> u64 {
 #[test]
 fn non_vip_traffic_is_unaffected() -> anyhow::Result<()> {
     use lb_tests::topo::{LB_IP, LB_IP6};
-    let mut net = serving(1, "native", &[0])?;
+    let net = serving(1, "native", &[0])?;
     let before = forwarded(&net)?;
     net.client
         .exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", LB_IP])?;
@@ -381,7 +381,7 @@ fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<
     let v4 = |s: &str| -> [u8; 4] { s.parse::<std::net::Ipv4Addr>().expect("v4").octets() };
     let v6 = |s: &str| -> [u8; 16] { s.parse::<std::net::Ipv6Addr>().expect("v6").octets() };
 
-    let mut net = serving(3, "native", &[0, 1, 2])?;
+    let net = serving(3, "native", &[0, 1, 2])?;
     net.add_vip(&format!("[{VIP6}]:{PORT}/tcp"), &[0, 1, 2], &[])?;
     let (lb_mac, client_mac) = (mac_of(&net.lb)?, mac_of(&net.client)?);
     let eth = || PacketBuilder::ethernet2(client_mac, lb_mac);
