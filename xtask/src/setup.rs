@@ -14,8 +14,15 @@ use crate::run_cmd;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM feature of bpf-linker matching nightly 1.97's LLVM 22.
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
-/// Debian packages the tests and the demo use: `ip`, `ethtool`, `ping`.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping"];
+/// Debian packages the tests and the demo use: `ip`, `ethtool`, `ping`, `sysctl`/`kill`,
+/// `mount`/`setpriv`.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "procps",
+    "util-linux",
+];
 
 pub fn run() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
