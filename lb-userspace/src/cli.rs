@@ -19,7 +19,7 @@ const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
     name = "lb",
     version,
     about = "Layer-4 load balancer on eBPF/XDP: Maglev consistent hashing, L2 direct server return",
-    long_about = "Layer-4 load balancer on eBPF/XDP.\n\n`lb run` attaches the XDP program to an interface and serves a control API on a unix socket; the other commands talk to it.\n\nExample:\n  lb run --iface eth0 &\n  lb vip add 10.0.0.10:80/tcp --health-http /health\n  lb backend add 10.0.0.10:80/tcp 10.0.0.2 --weight 100\n  lb stats --watch"
+    long_about = "Layer-4 load balancer on eBPF/XDP.\n\n`lb run` attaches the XDP program to an interface and serves a control API on a unix socket; the other commands talk to it.\n\nExample:\n  lb run --iface eth0 &\n  lb vip add 10.0.0.10:80/tcp --health http --health-path /health\n  lb backend add 10.0.0.10:80/tcp 10.0.0.2 --weight 100\n  lb stats --watch"
 )]
 pub struct Cli {
     /// Control socket of the agent.
