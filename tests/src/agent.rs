@@ -58,6 +58,17 @@ impl AgentDir {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Health of backend `addr` in the first VIP, as `lb vip list --json` reports it.
+    pub fn backend_health(&self, addr: &str) -> anyhow::Result<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&["vip", "list", "--json"])?)?;
+        Ok(v[0]["backends"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
+            .and_then(|b| b["health"].as_str())
+            .unwrap_or_default()
+            .to_string())
+    }
+
     /// Starts `lb run` on `iface` inside `ns` and waits until its API is up.
     pub fn spawn_agent(
         &self,

@@ -238,13 +238,7 @@ fn kill_9_keeps_forwarding_and_restart_restores_state() -> anyhow::Result<()> {
 }
 
 fn health_of(dir: &AgentDir, addr: &str) -> anyhow::Result<String> {
-    let v = vips_json(dir)?;
-    let b = v[0]["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-        .cloned();
-    Ok(b.map(|b| b["health"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default())
+    dir.backend_health(addr)
 }
 
 fn wait_health(

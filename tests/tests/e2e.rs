@@ -193,15 +193,7 @@ fn health_checks_follow_backends() -> anyhow::Result<()> {
             "2",
         ],
     )?;
-    let state_of = |net: &DemoNet, i: usize| -> anyhow::Result<String> {
-        let v: serde_json::Value = serde_json::from_str(&net.lb(&["backend", "list", "--json"])?)?;
-        let addr = lb_tests::topo::backend_ip(i);
-        Ok(v[0]["backends"]
-            .as_array()
-            .and_then(|b| b.iter().find(|b| b["address"] == addr.as_str()))
-            .map(|b| b["health"].as_str().unwrap_or("").to_string())
-            .unwrap_or_default())
-    };
+    let state_of = |net: &DemoNet, i: usize| net.dir.backend_health(&lb_tests::topo::backend_ip(i));
     let t = Instant::now();
     while state_of(&net, 1)? != "up" || t.elapsed() < Duration::from_millis(600) {
         anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "backend 1 never up");

@@ -100,7 +100,8 @@ fn lint() -> anyhow::Result<()> {
     )
 }
 
-fn demo(keep: bool) -> anyhow::Result<()> {
+/// Runs one of the `lb-tests` binaries (release) with `args`.
+fn run_tests_bin(bin: &str, args: &[&str]) -> anyhow::Result<()> {
     build_release()?;
     let mut cmd = cargo();
     cmd.args([
@@ -110,25 +111,19 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         "-p",
         "lb-tests",
         "--bin",
-        "lb-demo",
-    ]);
-    if keep {
-        cmd.args(["--", "--keep"]);
-    }
+        bin,
+        "--",
+    ])
+    .args(args);
     run_cmd(&mut cmd)
 }
 
+fn demo(keep: bool) -> anyhow::Result<()> {
+    run_tests_bin("lb-demo", if keep { &["--keep"] } else { &[] })
+}
+
 fn bench() -> anyhow::Result<()> {
-    build_release()?;
-    run_cmd(cargo().args([
-        "run",
-        "--release",
-        "-q",
-        "-p",
-        "lb-tests",
-        "--bin",
-        "lb-bench",
-    ]))
+    run_tests_bin("lb-bench", &[])
 }
 
 fn workspace_root() -> std::path::PathBuf {

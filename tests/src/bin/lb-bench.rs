@@ -26,31 +26,12 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     out
 }
 
-/// Mean ns per pass of `repeat` passes over `frame`; median of three runs.
-fn ns_repeat(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        runs.push(r.duration.as_nanos() as f64);
-    }
-    runs.sort_by(f64::total_cmp);
-    Ok(runs[1])
-}
-
-/// Mean ns per pass of the new-flow harness: three runs of `repeat` passes, each run starting
-/// from its own client range so that no pass meets a flow placed before; median of three.
-fn ns_new_flows(prog: &Xdp, repeat: u32) -> anyhow::Result<f64> {
+/// Median of three runs of `repeat` passes (mean ns per pass as the kernel reports it), each
+/// run on the frame `frame(run)` gives.
+fn median_of_three(prog: &Xdp, repeat: u32, frame: impl Fn(u8) -> Vec<u8>) -> anyhow::Result<f64> {
     let mut runs = Vec::new();
     for run in 0..3u8 {
-        let frame = tcp([100, 64 + run, 0, 0], 1, [10, 0, 0, 10], 80);
+        let frame = frame(run);
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog
             .test_run(TestRunOptions {
@@ -64,6 +45,19 @@ fn ns_new_flows(prog: &Xdp, repeat: u32) -> anyhow::Result<f64> {
     }
     runs.sort_by(f64::total_cmp);
     Ok(runs[1])
+}
+
+/// Mean ns per pass of `repeat` passes over `frame`; median of three runs.
+fn ns_repeat(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    median_of_three(prog, repeat, |_| frame.to_vec())
+}
+
+/// Mean ns per pass of the new-flow harness: each run starts from its own client range so
+/// that no pass meets a flow placed before.
+fn ns_new_flows(prog: &Xdp, repeat: u32) -> anyhow::Result<f64> {
+    median_of_three(prog, repeat, |run| {
+        tcp([100, 64 + run, 0, 0], 1, [10, 0, 0, 10], 80)
+    })
 }
 
 /// Mean kernel-reported ns of `n` single runs, each on the frame `make(i)` gives.
