@@ -117,11 +117,6 @@ impl Stat {
             Stat::DropTxError => "dropped_tx_error",
         }
     }
-
-    /// True for per-packet outcomes (exactly one per packet); false for flow-table events.
-    pub const fn is_outcome(self) -> bool {
-        !matches!(self, Stat::FlowHit | Stat::FlowMiss)
-    }
 }
 
 /// A packet and byte counter (per CPU in every map that holds it).

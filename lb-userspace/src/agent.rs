@@ -238,6 +238,13 @@ impl Agent {
         ids: &Ids,
         macs: &BTreeMap<IpAddr, Mac>,
     ) -> Result<(), Error> {
+        // VIPs that are gone first: their ids are free again and may be published below.
+        for vip in self.ids.vips.keys() {
+            if !new.vips.contains_key(vip) {
+                self.dp.remove_vip(&vip.key())?;
+                self.published.remove(vip);
+            }
+        }
         for (vip, spec) in &new.vips {
             let vip_id = ids.vips[vip];
             let bids = &ids.backends[vip];
@@ -256,28 +263,12 @@ impl Agent {
                 .collect();
             let table = maglev::build(&serving, self.dp.opts.ring_size);
             let flags = if spec.source_hash { VIP_F_SRC_HASH } else { 0 };
-            // A VIP id given to another VIP must be unbound from the old key first.
-            if let Some((old_vip, _)) = self
-                .ids
-                .vips
-                .iter()
-                .find(|(v, id)| **id == vip_id && *v != vip)
-            {
-                self.dp.remove_vip(&old_vip.key())?;
-                self.published.remove(&old_vip.clone());
-            }
             if self.published.get(vip) != Some(&(flags, table.clone())) {
                 self.dp.publish_vip(&vip.key(), vip_id, flags, &table)?;
                 self.published.insert(*vip, (flags, table));
             }
         }
-        // Gone: VIPs, then backends no VIP uses any more.
-        for vip in self.ids.vips.keys() {
-            if !new.vips.contains_key(vip) {
-                self.dp.remove_vip(&vip.key())?;
-                self.published.remove(vip);
-            }
-        }
+        // Backends no VIP uses any more, once no table names them.
         let live: BTreeSet<u32> = ids
             .backends
             .values()

@@ -99,14 +99,6 @@ pub fn build(backends: &[MaglevBackend], m: u32) -> Vec<u32> {
     table
 }
 
-/// Number of slots whose backend differs between two tables of the same size.
-pub fn changed_slots(old: &[u32], new: &[u32]) -> usize {
-    if old.len() != new.len() {
-        return new.len().max(old.len());
-    }
-    old.iter().zip(new).filter(|(a, b)| a != b).count()
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;

@@ -16,19 +16,6 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
-/// The address the words of `family` encode.
-pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::from(words[0].to_ne_bytes())
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::from(o)
-    }
-}
-
 pub fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
@@ -69,10 +56,9 @@ mod tests {
 
     #[test]
     fn words_round_trip() {
-        for s in ["10.1.2.3", "2001:db8::1", "::ffff:1.2.3.4"] {
-            let ip: IpAddr = s.parse().unwrap();
-            assert_eq!(words_addr(addr_words(ip), family(ip)), ip);
-        }
+        let v6 = addr_words("2001:db8::1".parse().unwrap());
+        assert_eq!(v6[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(v6[3].to_ne_bytes(), [0, 0, 0, 1]);
         // Network order: the first octet is the lowest-addressed byte of word 0.
         let w = addr_words("10.1.2.3".parse().unwrap());
         assert_eq!(w[0].to_ne_bytes(), [10, 1, 2, 3]);

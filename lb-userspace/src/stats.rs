@@ -16,15 +16,6 @@ impl GlobalStats {
     pub fn get(&self, stat: Stat) -> Counter {
         self.0.get(stat.name()).copied().unwrap_or_default()
     }
-
-    /// Packets seen: the sum of the per-packet outcomes (flow-table events excluded).
-    pub fn packets(&self) -> u64 {
-        Stat::ALL
-            .iter()
-            .filter(|s| s.is_outcome())
-            .map(|s| self.get(*s).packets)
-            .sum()
-    }
 }
 
 /// The three counter maps.

@@ -172,17 +172,6 @@ impl SlotTable {
         Ok(())
     }
 
-    /// Reads generation `generation` of VIP `vip_id` back from the kernel.
-    pub fn read(&self, vip_id: u32, generation: u32) -> Result<Vec<u32>, Error> {
-        (0..self.ring_size)
-            .map(|slot| {
-                self.map
-                    .get(&slot_index(vip_id, generation, self.ring_size, slot), 0)
-                    .map_err(err(SLOTS_MAP))
-            })
-            .collect()
-    }
-
     /// The backend id in one slot.
     pub fn get(&self, vip_id: u32, generation: u32, slot: u32) -> Result<u32, Error> {
         self.map
@@ -252,17 +241,5 @@ impl FlowTable {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(err(FLOWS_MAP)(e)),
         }
-    }
-
-    pub fn remove(&mut self, key: &FlowKey) -> Result<(), Error> {
-        match self.map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(FLOWS_MAP)(e)),
-        }
-    }
-
-    /// Every remembered flow (a snapshot; the kernel keeps changing it).
-    pub fn list(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.map.iter().filter_map(Result::ok).collect()
     }
 }

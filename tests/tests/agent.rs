@@ -384,6 +384,17 @@ backend = [
         "out of range",
     )?;
     assert_eq!(vips_json(&dir)?.as_array().map(Vec::len), Some(1));
+    // One apply that removes a VIP and adds another: the freed VIP id is reused at once.
+    std::fs::write(
+        dir.dir.join("swap.toml"),
+        "[[vip]]\naddress = \"10.64.0.101:80/tcp\"\nbackend = [ { address = \"10.64.0.2\" } ]\n",
+    )?;
+    dir.cli_ok(&["apply", "-f", &dir.dir.join("swap.toml").to_string_lossy()])?;
+    let v = vips_json(&dir)?;
+    assert_eq!(v.as_array().map(Vec::len), Some(1));
+    assert_eq!(v[0]["vip"], "10.64.0.101:80/tcp");
+    let trace = dir.cli_ok(&["trace", "192.0.2.1:5000", "10.64.0.101:80/tcp"])?;
+    assert!(trace.contains("10.64.0.2"), "{trace}");
     Ok(())
 }
 
