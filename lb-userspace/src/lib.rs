@@ -1,30 +1,25 @@
-//! Userspace half of the XDP load balancer: loads the embedded eBPF object, attaches it,
-//! and wraps every BPF map in a typed struct with one method per operation.
+//! Userspace half of the XDP load balancer, laid out along the data flow:
+//! `api` (the control protocol, its server and client) -> `agent` (desired state, the
+//! reconciler, health, neighbours) -> `dataplane` (the loaded program and its maps).
 //!
-//! Pure logic (CLI parsing, formatting) is kept apart from the code that touches the kernel so
-//! it can be unit-tested without privileges; `anyhow` is only used by the `lb` binary.
+//! Pure logic (reconciliation, Maglev, plans, health thresholds, config parsing) is kept apart
+//! from the code that touches the kernel so it is unit-tested without privileges; `anyhow` is
+//! only used by the `lb` binary.
 
 pub mod agent;
 pub mod api;
-pub mod batch;
-pub mod client;
 pub mod dataplane;
 pub mod error;
-pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
-pub mod neigh;
 pub mod net;
 pub mod plan;
-pub mod publish;
 pub mod run;
 pub mod samples;
-pub mod stats;
-pub mod tables;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 
 /// The compiled eBPF object, built by `build.rs` with aya-build and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -1,18 +1,25 @@
 //! Prometheus text exposition of the counters and backend state (prometheus-client), on an
-//! optional read-only TCP listener. A fresh registry is filled from the maps on each scrape,
-//! so the counters carry the kernel's absolute values.
-use std::{convert::Infallible, net::SocketAddr};
+//! optional read-only TCP listener with the API's connection limits and timeouts. A fresh
+//! registry is filled from the maps on each scrape, so the counters carry the kernel's
+//! absolute values; the agent's lock is held only while copying the listing and reading ids.
+use std::net::SocketAddr;
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, body::Bytes};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::{Error, agent::Agent, api::SharedAgent};
+use crate::{
+    Error,
+    agent::{Agent, reconcile::Serving},
+    api::{
+        SharedAgent,
+        listen::{self, Limits},
+    },
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -24,7 +31,7 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
 
 /// The metrics page for `agent`.
 pub fn render(agent: &Agent) -> Result<String, Error> {
-    let stats = crate::api::stats(agent)?;
+    let stats = crate::api::server::stats(agent)?;
     let mut reg = Registry::with_prefix("lb");
     let packets = family(
         &mut reg,
@@ -75,13 +82,37 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
             be_bytes.get_or_create(&l).inc_by(b.bytes);
         }
     }
-    for v in agent.list() {
+    let serving = Family::<Labels, Gauge>::default();
+    reg.register(
+        "backend_serving",
+        "1 when the backend takes new flows (up, not drained, weight > 0, MAC known)",
+        serving.clone(),
+    );
+    let converged = Gauge::<i64>::default();
+    reg.register(
+        "dataplane_converged",
+        "1 when the kernel maps match the desired state",
+        converged.clone(),
+    );
+    converged.set(i64::from(stats.agent.not_converged.is_none()));
+    let no_mac = Gauge::<i64>::default();
+    reg.register(
+        "backends_no_mac",
+        "Backends whose MAC is unknown (kept out of their tables)",
+        no_mac.clone(),
+    );
+    no_mac.set(stats.agent.no_mac.len() as i64);
+    let list = agent.core().list();
+    for v in list {
         for b in v.backends {
             let l = vec![
                 ("vip".to_string(), v.vip.to_string()),
                 ("backend".to_string(), b.address.to_string()),
             ];
             up.get_or_create(&l).set(i64::from(b.health != "down"));
+            serving
+                .get_or_create(&l)
+                .set(i64::from(b.serving == Serving::Serving));
             weight
                 .get_or_create(&l)
                 .set(if b.drained { 0 } else { i64::from(b.weight) });
@@ -96,44 +127,33 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
 pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Io {
-            what: format!("binding the metrics listener {addr}"),
-            source,
-        })?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+        .map_err(Error::io(format!("binding the metrics listener {addr}")))?;
+    let listener = std::sync::Arc::new(listener);
+    tokio::spawn(listen::serve(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        Limits::METRICS,
+        "metrics",
+        move |req: Request<hyper::body::Incoming>| {
             let agent = agent.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let agent = agent.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            match render(&*agent.lock().await) {
-                                Ok(text) => Response::new(Full::new(Bytes::from(text))),
-                                Err(e) => {
-                                    let mut r =
-                                        Response::new(Full::new(Bytes::from(e.to_string())));
-                                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                                    r
-                                }
-                            }
-                        } else {
-                            let mut r =
-                                Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
-                            *r.status_mut() = StatusCode::NOT_FOUND;
-                            r
-                        };
-                        Ok::<_, Infallible>(resp)
+            async move {
+                if req.uri().path() != "/metrics" {
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    return r;
+                }
+                match render(&agent) {
+                    Ok(text) => Response::new(Full::new(Bytes::from(text))),
+                    Err(e) => {
+                        let mut r = Response::new(Full::new(Bytes::from(e.to_string())));
+                        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        r
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+                }
+            }
+        },
+    ));
     Ok(())
 }

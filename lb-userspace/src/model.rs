@@ -81,10 +81,13 @@ impl FromStr for VipAddr {
         let (ip, port) = addr_port
             .rsplit_once(':')
             .ok_or_else(|| bad("missing :PORT"))?;
-        let ip = ip
-            .strip_prefix('[')
-            .and_then(|i| i.strip_suffix(']'))
-            .unwrap_or(ip);
+        let bracketed = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']'));
+        if bracketed.is_none() && ip.contains(':') {
+            return Err(bad(
+                "an IPv6 VIP needs brackets around the address, e.g. [2001:db8::10]:80/tcp",
+            ));
+        }
+        let ip = bracketed.unwrap_or(ip);
         let ip: IpAddr = ip.parse().map_err(|_| bad("not an IPv4 or IPv6 address"))?;
         let port = if port == "*" {
             0
@@ -238,6 +241,14 @@ impl HealthCheck {
         if !self.path.starts_with('/') {
             return Err(format!("VIP {vip}: health check path must start with /"));
         }
+        if self.path.len() > crate::agent::probe::MAX_PATH
+            || self.path.chars().any(|c| c.is_control() || c == ' ')
+        {
+            return Err(format!(
+                "VIP {vip}: health check path must be at most {} characters, without spaces or control characters",
+                crate::agent::probe::MAX_PATH
+            ));
+        }
         Ok(())
     }
 }
@@ -315,6 +326,11 @@ pub fn validate_backend(vip: &VipAddr, addr: &IpAddr, b: &BackendSpec) -> Result
     }
     if addr.is_unspecified() || addr.is_multicast() {
         return Err(format!("backend {addr} must be a unicast address"));
+    }
+    if *addr == vip.ip {
+        return Err(format!(
+            "backend {addr} is the VIP's own address: a backend must be another host"
+        ));
     }
     Ok(())
 }
@@ -418,6 +434,7 @@ mod tests {
             ("10.0.0.300:80/tcp", "not an IPv4"),
             ("10.0.0.10:80/sctp", "tcp or udp"),
             ("0.0.0.0:80/tcp", "unicast"),
+            ("2001:db8::50:80/tcp", "needs brackets"),
         ] {
             let err = s.parse::<VipAddr>().unwrap_err();
             assert!(err.contains(why), "{s}: {err}");

@@ -46,8 +46,16 @@ pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> 
 /// The MAC address of interface `iface` (from sysfs).
 pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
     let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
-    let mac: crate::model::Mac = text.trim().parse().ok()?;
-    Some(mac.0)
+    // Parsed raw: `lo` and some virtual devices have an all-zero address.
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    for (i, p) in parts.iter().enumerate() {
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
 }
 
 #[cfg(test)]

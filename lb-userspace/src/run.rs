@@ -1,5 +1,9 @@
-//! `lb run`: bpffs, pinned maps and link, the agent, its API, health checks and metrics, and
-//! a clean exit (or none, with `--keep-on-exit`).
+//! `lb run`: the lock, the control socket, bpffs, pinned maps and link, the agent, its API,
+//! health checks, neighbours and metrics, and a clean exit (or none, with `--keep-on-exit`).
+//!
+//! Order matters for "a refused start changes nothing": the interface and config are checked,
+//! the per-interface lock is taken, the socket is bound and the pinned maps are checked for
+//! compatibility, all before any pin is removed (`--fresh`), loaded or attached.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -7,9 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::Mutex;
-
-use crate::{AttachMode, Dataplane, Error, LoadOptions, agent::Agent, api, health, metrics, model};
+use crate::{
+    AttachMode, Dataplane, Error, LoadOptions,
+    agent::{Agent, neigh::NetlinkNeighbours, probe, state::FileStore},
+    api::{self, SharedAgent},
+    dataplane::{
+        kernel::MapsKernel,
+        pins::{self, AgentLock, Pins},
+    },
+    metrics, model,
+};
 
 /// Everything `lb run` is told.
 #[derive(Clone, Debug)]
@@ -34,10 +45,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Mounts bpffs at `dir` unless one is there already.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        what: format!("creating {}", dir.display()),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Invalid(format!("bad path {}", dir.display())))?;
     // SAFETY: statfs into a zeroed struct with a valid C path.
@@ -48,43 +56,23 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     let bpf = c"bpf";
     // SAFETY: valid C strings; no data argument.
     if unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) } != 0 {
-        return Err(Error::Io {
-            what: format!("mounting bpffs at {}", dir.display()),
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(Error::io(format!("mounting bpffs at {}", dir.display()))(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
 
-/// Where this interface's pins live.
-pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
-    bpffs.join("xdp-lb").join(iface)
-}
-
-fn remove_pins(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join("link"));
-    if let Ok(entries) = std::fs::read_dir(dir.join("maps")) {
-        for e in entries.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir.join("maps"));
-    let _ = std::fs::remove_dir(dir);
-    if let Some(parent) = dir.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
-}
-
 fn print_stats(agent: &Agent, json: bool) -> Result<(), Error> {
-    let stats = agent.dp.stats.global()?;
+    let stats = api::server::stats(agent)?;
     if json {
         println!(
             "{}",
-            serde_json::to_string(&stats).map_err(|e| Error::Invalid(e.to_string()))?
+            serde_json::to_string(&stats.global).map_err(|e| Error::Invalid(e.to_string()))?
         );
     } else {
         let line: Vec<String> = stats
-            .0
+            .global
             .iter()
             .filter(|(_, c)| c.packets > 0)
             .map(|(k, c)| format!("{k}={}", c.packets))
@@ -101,58 +89,113 @@ fn print_stats(agent: &Agent, json: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the agent until Ctrl-C, SIGTERM or `duration`.
-pub async fn run(opts: RunOptions) -> Result<(), Error> {
-    if crate::dataplane::if_index(&opts.iface).is_none() {
-        return Err(Error::NoSuchInterface(opts.iface.clone()));
-    }
-    let config = match &opts.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-                what: format!("reading {}", path.display()),
-                source,
-            })?;
-            Some(model::parse_config(&text).map_err(Error::Invalid)?)
-        }
-        None => None,
-    };
-    ensure_bpffs(&opts.bpffs)?;
-    let pins = pin_dir(&opts.bpffs, &opts.iface);
+fn read_config(path: &Option<PathBuf>) -> Result<Option<model::DesiredState>, Error> {
+    let Some(path) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    model::parse_config(&text).map(Some).map_err(Error::Invalid)
+}
+
+/// Loads, checks and attaches the data plane; returns it with the attach message.
+fn attach(opts: &RunOptions, pins_dir: &Path) -> Result<(Dataplane, String), Error> {
+    let map_dir = pins_dir.join("maps");
     if opts.fresh {
-        remove_pins(&pins);
+        pins::remove_pins(pins_dir);
     }
-    let map_dir = pins.join("maps");
-    std::fs::create_dir_all(&map_dir).map_err(|source| Error::Io {
-        what: format!("creating {}", map_dir.display()),
-        source,
-    })?;
+    let found = pins::check(&map_dir, &opts.load)?;
+    std::fs::create_dir_all(&map_dir)
+        .map_err(Error::io(format!("creating {}", map_dir.display())))?;
     let mut dp = Dataplane::load_with_pins(opts.load, Some(&map_dir))?;
-    match dp.attach_pinned(&opts.iface, opts.mode, &pins.join("link"))? {
-        Some(mode) => println!("attached to {} in {} mode", opts.iface, mode.as_str()),
-        None => println!(
+    if found == Pins::Fresh {
+        pins::write_record(&map_dir, &opts.load)?;
+    }
+    let msg = match dp.attach_pinned(&opts.iface, opts.mode, &pins_dir.join("link"))? {
+        Some(mode) => format!("attached to {} in {} mode", opts.iface, mode.as_str()),
+        None => format!(
             "attached to {}: replaced the running program, kept its maps and flows",
             opts.iface
         ),
+    };
+    Ok((dp, msg))
+}
+
+/// Runs the agent until Ctrl-C, SIGTERM or `duration`.
+pub async fn run(opts: RunOptions) -> Result<(), Error> {
+    opts.load.validate()?;
+    let ifindex = crate::dataplane::if_index(&opts.iface)
+        .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
     }
-    let listener = api::bind(&opts.socket).await?;
-    let mut agent = Agent::new(dp, &opts.iface, &opts.state_file)?;
+    let lb_mac = crate::net::interface_mac(&opts.iface)
+        .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
+    let config = read_config(&opts.config)?;
+    ensure_bpffs(&opts.bpffs)?;
+    let bpffs = opts
+        .bpffs
+        .canonicalize()
+        .unwrap_or_else(|_| opts.bpffs.clone());
+    let pins_dir = pins::pin_dir(&bpffs, &opts.iface);
+    let lock = AgentLock::acquire(&pins_dir, &opts.iface, &opts.socket)?;
+    let listener = api::server::bind(&opts.socket).await?;
+    let started = attach(&opts, &pins_dir);
+    let (dp, msg) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
+    };
+    println!("{msg}");
+    let kernel = MapsKernel::new(dp, lb_mac)?;
+    let agent = Agent::start(
+        Box::new(kernel),
+        Box::new(FileStore::new(&opts.state_file)),
+        &opts.iface,
+    )?;
+    let agent: SharedAgent = Arc::new(agent);
     if let Some(state) = config {
-        agent.apply(state)?;
+        let a = agent.clone();
+        let applied = tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
+            .await
+            .map_err(|e| Error::Kernel(e.to_string()))?;
+        if let Err(e) = applied {
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
     }
-    let agent = Arc::new(Mutex::new(agent));
+    let reporter = agent.clone();
+    let neighbours = NetlinkNeighbours::start(ifindex, move |macs| {
+        let a = reporter.clone();
+        // Map writes may follow: off the watcher task.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = a.core().learn_macs(&macs) {
+                log::warn!("applying learned MACs: {e}");
+            }
+        });
+    })?;
+    agent.set_neighbours(Box::new(neighbours));
     if let Some(addr) = opts.metrics {
         metrics::serve(addr, agent.clone()).await?;
         println!("metrics on http://{addr}/metrics");
     }
-    let api_task = tokio::spawn(api::serve(listener, agent.clone()));
-    let health_task = tokio::spawn(health::supervise(agent.clone()));
+    let api_task = tokio::spawn(api::server::serve(listener, agent.clone()));
+    let health_task = tokio::spawn(probe::supervise(agent.clone()));
+    let retry_agent = agent.clone();
+    let retry_task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let a = retry_agent.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.retry()).await {
+                log::warn!("the data plane is still not in line: {e}");
+            }
+        }
+    });
     println!("serving the control API on {}", opts.socket.display());
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Io {
-            what: "installing the SIGTERM handler".into(),
-            source,
-        })?;
+        .map_err(Error::io("installing the SIGTERM handler"))?;
     let deadline = opts
         .duration
         .map(|d| Instant::now() + Duration::from_secs(d));
@@ -170,23 +213,25 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
             break;
         }
         if opts.interval > 0 {
-            print_stats(&*agent.lock().await, opts.json)?;
+            print_stats(&agent, opts.json)?;
         }
     }
     api_task.abort();
     health_task.abort();
+    retry_task.abort();
     let _ = std::fs::remove_file(&opts.socket);
-    print_stats(&*agent.lock().await, opts.json)?;
+    print_stats(&agent, opts.json)?;
     if opts.keep_on_exit {
         println!(
             "left running on {} (--keep-on-exit): maps and link stay pinned under {}",
             opts.iface,
-            pins.display()
+            pins_dir.display()
         );
     } else {
         // Removing the pins drops the last references: the program detaches, maps go.
-        remove_pins(&pins);
+        pins::remove_pins(&pins_dir);
         println!("detached from {}", opts.iface);
     }
+    lock.release();
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Health checks: one task per (VIP, backend) probing with TCP connect or HTTP GET at the
 //! configured interval; results go to the agent, which applies rise/fall and republishes.
+//! Results are recorded on a blocking thread: a flip rewrites slot tables.
 use std::{collections::HashMap, net::IpAddr, net::SocketAddr, time::Duration};
 
 use http_body_util::Empty;
@@ -11,6 +12,9 @@ use crate::{
     api::SharedAgent,
     model::{HealthCheck, HealthKind, VipAddr},
 };
+
+/// Longest health-check path sent (longer ones are refused by validation).
+pub const MAX_PATH: usize = 1024;
 
 /// One probe: `(passed, what happened)`.
 pub async fn probe(addr: IpAddr, check: &HealthCheck, vip_port: u16) -> (bool, String) {
@@ -65,17 +69,40 @@ async fn probe_loop(agent: SharedAgent, vip: VipAddr, addr: IpAddr, check: Healt
     loop {
         tick.tick().await;
         let (ok, detail) = probe(addr, &check, vip.port).await;
-        if let Err(e) = agent.lock().await.record_health(&vip, addr, ok, detail) {
-            log::warn!("health of {addr} in {vip}: {e}");
+        let a = agent.clone();
+        let recorded =
+            tokio::task::spawn_blocking(move || a.core().observe_health(&vip, addr, ok, detail))
+                .await;
+        match recorded {
+            Ok(Ok(true)) => log::info!(
+                "backend {addr} of {vip} is now {}",
+                if ok { "up" } else { "down" }
+            ),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => log::warn!("health of {addr} in {vip}: {e}"),
+            Err(e) => log::warn!("health of {addr} in {vip}: {e}"),
         }
     }
+}
+
+/// Backends that need probing: (VIP, address, check).
+fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, HealthCheck)> {
+    let mut out = Vec::new();
+    for (vip, spec) in &core.desired().vips {
+        if let Some(h) = &spec.health {
+            for addr in spec.backends.keys() {
+                out.push((*vip, *addr, h.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// Keeps one probe task per configured target, following configuration changes.
 pub async fn supervise(agent: SharedAgent) {
     let mut running: HashMap<(VipAddr, IpAddr), (HealthCheck, JoinHandle<()>)> = HashMap::new();
     loop {
-        let targets = agent.lock().await.health_targets();
+        let targets = health_targets(&agent.core());
         let wanted: HashMap<(VipAddr, IpAddr), HealthCheck> =
             targets.into_iter().map(|(v, a, c)| ((v, a), c)).collect();
         running.retain(|k, (check, task)| {

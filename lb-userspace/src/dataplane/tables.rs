@@ -131,7 +131,7 @@ impl SlotTable {
     /// of VIP `vip_id`. The generation must not be the live one.
     pub fn write(&mut self, vip_id: u32, generation: u32, slots: &[u32]) -> Result<(), Error> {
         if vip_id >= self.max_vips {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Kernel(format!(
                 "VIP id {vip_id} is beyond the {} VIPs the maps were sized for",
                 self.max_vips
             )));
@@ -156,7 +156,7 @@ impl SlotTable {
             values.push(*id);
         }
         let fd = self.map.map().fd().as_fd();
-        if let Err(e) = crate::batch::update_u32(fd, &keys, &values) {
+        if let Err(e) = super::batch::update_u32(fd, &keys, &values) {
             // Kernels without batch updates for arrays (< 5.6): one syscall per slot.
             if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTSUP) {
                 return Err(Error::Io {

@@ -20,18 +20,12 @@ impl Dataplane {
     ) -> Result<VipInfo, Error> {
         let old = self.vips.info(id)?;
         let bound = self.vips.id_of(key)?;
-        match bound {
-            Some(other) if other != id => {
-                return Err(Error::Invalid(format!(
-                    "VIP is already loaded with id {other}, not {id}"
-                )));
-            }
-            None if old.flags & VIP_F_PRESENT != 0 => {
-                return Err(Error::Invalid(format!(
-                    "VIP id {id} is in use by another VIP"
-                )));
-            }
-            _ => {}
+        // The reconciler unbinds a key before giving it another id, and owns every id: an id
+        // marked present without a key (a publish cut short) is simply taken over.
+        if let Some(other) = bound.filter(|o| *o != id) {
+            return Err(Error::Kernel(format!(
+                "VIP is already loaded with id {other}, not {id}"
+            )));
         }
         let (active_gen, generation) = match bound {
             Some(_) => (1 - (old.active_gen & 1), old.generation),

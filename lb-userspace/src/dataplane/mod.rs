@@ -1,4 +1,11 @@
 //! Loading the eBPF object, attaching it, and owning its maps as typed tables.
+pub mod batch;
+pub mod kernel;
+pub mod pins;
+pub mod publish;
+pub mod stats;
+pub mod tables;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
@@ -15,11 +22,11 @@ use lb_common::{
 };
 use std::path::{Path, PathBuf};
 
-use crate::{
-    EBPF_OBJECT, Error, LB_PROGRAM, PASS_PROGRAM,
+use self::{
     stats::StatsMaps,
     tables::{BackendTable, FlowTable, SlotTable, VipTable},
 };
+use crate::{EBPF_OBJECT, Error, LB_PROGRAM, PASS_PROGRAM};
 
 /// How to attach the program to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -126,8 +133,8 @@ impl Dataplane {
     }
 
     /// As [`Dataplane::load`], with every map pinned under `pin_dir` (bpffs). Maps already
-    /// pinned there are reused as they are, flows and counters included; their sizes must
-    /// match `opts`.
+    /// pinned there are reused as they are, flows and counters included: check them first
+    /// with [`pins::check`].
     pub fn load_with_pins(opts: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, Error> {
         require_root()?;
         opts.validate()?;
@@ -158,9 +165,6 @@ impl Dataplane {
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
-        if pin_dir.is_some() {
-            check_pinned_sizes(&ebpf, &opts)?;
-        }
         for name in [LB_PROGRAM, PASS_PROGRAM] {
             xdp_program(&mut ebpf, name)?
                 .load()
@@ -242,7 +246,7 @@ impl Dataplane {
         link_pin: &Path,
     ) -> Result<Option<AttachMode>, Error> {
         let pin_err =
-            |what: &str, e: String| Error::Invalid(format!("{what} {}: {e}", link_pin.display()));
+            |what: &str, e: String| Error::Kernel(format!("{what} {}: {e}", link_pin.display()));
         if link_pin.exists() {
             let pinned = PinnedLink::from_pin(link_pin)
                 .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
@@ -268,7 +272,7 @@ impl Dataplane {
         let id = self
             .attached
             .take()
-            .ok_or(Error::Invalid("no link after attach".into()))?;
+            .ok_or(Error::Kernel("no link after attach".into()))?;
         let prog = self.lb_program()?;
         let link = prog.take_link(id).map_err(|source| Error::Program {
             name: LB_PROGRAM,
@@ -305,6 +309,7 @@ impl Dataplane {
             .map_err(|source| Error::Attach {
                 iface: iface.to_string(),
                 mode: "native",
+                hint: "",
                 source,
             })?;
         Ok(())
@@ -328,6 +333,11 @@ impl Dataplane {
                 .map_err(|source| Error::Attach {
                     iface: iface.to_string(),
                     mode: m.as_str(),
+                    hint: if m == AttachMode::Generic {
+                        ""
+                    } else {
+                        "; try `--mode generic`"
+                    },
                     source,
                 })
         };
@@ -356,30 +366,6 @@ const ALL_MAPS: &[&str] = &[
     VIP_STATS_MAP,
     BACKEND_STATS_MAP,
 ];
-
-/// Reused pinned maps keep the sizes they were created with: refuse to run on a mismatch.
-fn check_pinned_sizes(ebpf: &Ebpf, opts: &LoadOptions) -> Result<(), Error> {
-    let want = [
-        (SLOTS_MAP, opts.max_vips * 2 * opts.ring_size),
-        (BACKENDS_MAP, opts.max_backends),
-        (VIP_INFO_MAP, opts.max_vips),
-    ];
-    for (name, entries) in want {
-        let map = ebpf.map(name).ok_or(Error::MissingMap { name })?;
-        let info = match map {
-            aya::maps::Map::Array(d) | aya::maps::Map::HashMap(d) => d.info(),
-            _ => continue,
-        }
-        .map_err(|source| Error::Map { name, source })?;
-        if info.max_entries() != entries {
-            return Err(Error::Invalid(format!(
-                "the pinned maps were created with other sizes ({name} has {} entries, these options need {entries}): start with the same --ring-size/--max-vips/--max-backends, or with --fresh to discard them",
-                info.max_entries()
-            )));
-        }
-    }
-    Ok(())
-}
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
     ebpf.program_mut(name)

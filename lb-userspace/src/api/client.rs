@@ -7,8 +7,11 @@ use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    Error,
-    api::{ApiError, Command, CommandResult},
+    Error, ErrorKind,
+    api::{
+        protocol::{ApiError, Command, CommandResult},
+        server::kind_of_status,
+    },
 };
 
 pub struct Client {
@@ -26,40 +29,49 @@ impl Client {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| {
-                let why = match e.kind() {
+                let (kind, why) = match e.kind() {
                     std::io::ErrorKind::PermissionDenied => {
-                        "permission denied: run it as root".to_string()
+                        (ErrorKind::Permission, "permission denied: run it as root")
                     }
-                    _ => "start it with `lb run --iface IF`".to_string(),
+                    _ => (ErrorKind::Unavailable, "start it with `lb run --iface IF`"),
                 };
-                Error::Invalid(format!(
-                    "the agent is not reachable at {} ({e}): {why}",
-                    self.socket.display()
-                ))
+                Error::Remote {
+                    kind,
+                    message: format!(
+                        "the agent is not reachable at {} ({e}): {why}",
+                        self.socket.display()
+                    ),
+                }
             })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Error::Invalid(format!("talking to the agent: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("talking to the agent: {e}")))?;
         tokio::spawn(conn);
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| Error::Invalid(format!("talking to the agent: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("talking to the agent: {e}")))?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| Error::Invalid(format!("reading the agent's answer: {e}")))?
+            .map_err(|e| Error::Unavailable(format!("reading the agent's answer: {e}")))?
             .to_bytes();
         if !status.is_success() {
-            let msg = serde_json::from_slice::<ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(Error::Invalid(msg));
+            return Err(match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => Error::Remote {
+                    kind: e.kind,
+                    message: e.error,
+                },
+                Err(_) => Error::Remote {
+                    kind: kind_of_status(status.as_u16()),
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+            });
         }
         serde_json::from_slice(&body)
-            .map_err(|e| Error::Invalid(format!("unexpected answer from the agent: {e}")))
+            .map_err(|e| Error::Unavailable(format!("unexpected answer from the agent: {e}")))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, Error> {

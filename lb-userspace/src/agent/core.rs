@@ -1,0 +1,442 @@
+//! The agent's state and the one place that changes it: desired state, ids, health and
+//! learned MACs in, kernel writes out through [`Kernel`]. Everything here is synchronous and
+//! quick (map syscalls, no files, no sleeps); the [`Agent`](super::Agent) decides on which
+//! thread it runs and when the state file is written.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use lb_common::flow_hash;
+
+use crate::{
+    Error,
+    agent::{
+        health::Health,
+        kernel::Kernel,
+        reconcile::{self, Capacity, Facts, Ids},
+        state::StateFile,
+    },
+    api::protocol::{BackendView, Trace, VipView},
+    maglev::{self, MaglevBackend},
+    model::{DesiredState, Mac, VipAddr},
+    net::flow_key,
+    plan::{self, VipPlan},
+};
+
+/// A change that passed validation and got its ids, not yet in effect.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub desired: DesiredState,
+    pub ids: Ids,
+    pub plan: Vec<VipPlan>,
+}
+
+impl Prepared {
+    pub fn state_file(&self) -> StateFile {
+        StateFile {
+            desired: self.desired.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+/// A VIP's slot table as last built, with the backends it was built from and each backend
+/// id's number of slots (so listings never walk M slots per backend).
+struct BuiltTable {
+    from: Vec<MaglevBackend>,
+    table: Arc<Vec<u32>>,
+    slots: BTreeMap<u32, usize>,
+}
+
+pub struct Core {
+    desired: DesiredState,
+    ids: Ids,
+    health: BTreeMap<(VipAddr, IpAddr), Health>,
+    /// MACs learned from the neighbour table (the last known one is kept when an entry fails).
+    learned: BTreeMap<IpAddr, Mac>,
+    kernel: Box<dyn Kernel>,
+    tables: BTreeMap<VipAddr, BuiltTable>,
+    /// Why the kernel does not match the desired state, while it does not.
+    not_converged: Option<String>,
+}
+
+/// The facts the target is computed from, borrowed from the core.
+struct CoreFacts<'a> {
+    desired: &'a DesiredState,
+    health: &'a BTreeMap<(VipAddr, IpAddr), Health>,
+    learned: &'a BTreeMap<IpAddr, Mac>,
+}
+
+impl Facts for CoreFacts<'_> {
+    fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
+        self.health.get(&(*vip, *addr)).is_none_or(|h| h.up)
+    }
+
+    fn mac(&self, vip: &VipAddr, addr: &IpAddr) -> Option<Mac> {
+        self.desired
+            .vips
+            .get(vip)
+            .and_then(|v| v.backends.get(addr))
+            .and_then(|b| b.mac)
+            .or_else(|| self.learned.get(addr).copied())
+    }
+}
+
+impl Core {
+    /// A core over `kernel` holding `saved`, not yet converged (call [`Core::converge`]).
+    /// MACs of backends the kernel already holds are taken as learned, so a restarted agent
+    /// keeps serving them before the neighbour table is read.
+    pub fn new(kernel: Box<dyn Kernel>, saved: StateFile) -> Result<Self, Error> {
+        saved.desired.validate().map_err(|e| {
+            Error::Invalid(format!(
+                "the saved state is not valid ({e}): fix or remove the state file"
+            ))
+        })?;
+        let mut ids = saved.ids;
+        let cap = kernel.capacity();
+        // Ids beyond this run's capacity (a state file from a larger --max-*) are dropped and
+        // given again.
+        ids.vips.retain(|_, id| *id < cap.vips);
+        for m in ids.backends.values_mut() {
+            m.retain(|_, id| *id > 0 && *id < cap.backends);
+        }
+        let mut learned = BTreeMap::new();
+        for (vip, m) in &ids.backends {
+            for (addr, id) in m {
+                let configured = saved
+                    .desired
+                    .vips
+                    .get(vip)
+                    .and_then(|v| v.backends.get(addr))
+                    .and_then(|b| b.mac);
+                if let Some(b) = kernel.view().backends.get(id)
+                    && b.addr == *addr
+                    && configured.is_none()
+                {
+                    learned.insert(*addr, b.mac);
+                }
+            }
+        }
+        Ok(Core {
+            desired: saved.desired,
+            ids,
+            health: BTreeMap::new(),
+            learned,
+            kernel,
+            tables: BTreeMap::new(),
+            not_converged: None,
+        })
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
+    pub fn kernel(&self) -> &dyn Kernel {
+        self.kernel.as_ref()
+    }
+
+    pub fn not_converged(&self) -> Option<&str> {
+        self.not_converged.as_deref()
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.kernel.capacity()
+    }
+
+    /// What is saved for the current state.
+    pub fn state_file(&self) -> StateFile {
+        StateFile {
+            desired: self.desired.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+
+    /// Validates `new` and gives it ids; changes nothing.
+    pub fn prepare(&self, new: DesiredState) -> Result<Prepared, Error> {
+        new.validate().map_err(Error::Invalid)?;
+        // Ids the kernel still holds or the current state uses are not handed to newcomers.
+        let mut reserved = self.ids.backend_ids();
+        reserved.extend(self.kernel.view().backends.keys().copied());
+        let ids = reconcile::allocate(&new, &self.ids, &reserved, self.kernel.capacity())?;
+        let plan = plan::plan(&self.desired, &new, self.kernel.ring_size());
+        Ok(Prepared {
+            desired: new,
+            ids,
+            plan,
+        })
+    }
+
+    /// Makes `p` the state in memory (the caller has saved it) and converges the kernel. A
+    /// kernel failure leaves the change in effect in memory and is retried by
+    /// [`Core::converge`]; it is returned as [`Error::NotConverged`].
+    pub fn commit(&mut self, p: Prepared) -> Result<(), Error> {
+        self.desired = p.desired;
+        self.ids = p.ids;
+        let desired = &self.desired;
+        // Health gathered under a check that is gone or changed no longer counts.
+        self.health.retain(|(v, a), h| {
+            desired
+                .vips
+                .get(v)
+                .is_some_and(|s| s.backends.contains_key(a) && s.health.as_ref() == Some(&h.check))
+        });
+        self.tables.retain(|v, _| desired.vips.contains_key(v));
+        self.converge()
+    }
+
+    /// Brings the kernel in line with the desired state; level-triggered, idempotent.
+    pub fn converge(&mut self) -> Result<(), Error> {
+        let ring = self.kernel.ring_size();
+        let facts = CoreFacts {
+            desired: &self.desired,
+            health: &self.health,
+            learned: &self.learned,
+        };
+        let tables = &mut self.tables;
+        let target = reconcile::target(&self.desired, &self.ids, &facts, |vip, from| {
+            if let Some(t) = tables.get(vip)
+                && t.from == from
+            {
+                return t.table.clone();
+            }
+            let table = Arc::new(maglev::build(from, ring));
+            let mut slots = BTreeMap::new();
+            for id in table.iter() {
+                *slots.entry(*id).or_insert(0) += 1;
+            }
+            tables.insert(
+                *vip,
+                BuiltTable {
+                    from: from.to_vec(),
+                    table: table.clone(),
+                    slots,
+                },
+            );
+            table
+        });
+        let ops = reconcile::diff(self.kernel.view(), &target);
+        for op in &ops {
+            if let Err(e) = self.kernel.apply(op) {
+                let msg = e.to_string();
+                self.not_converged = Some(msg.clone());
+                return Err(Error::NotConverged(msg));
+            }
+        }
+        self.not_converged = None;
+        Ok(())
+    }
+
+    /// Re-reads the kernel maps, then converges (`lb reconcile`, and after a failure).
+    pub fn resync(&mut self) -> Result<(), Error> {
+        if let Err(e) = self.kernel.resync() {
+            self.not_converged = Some(e.to_string());
+            return Err(e);
+        }
+        self.converge()
+    }
+
+    /// Records a probe of backend `addr` of `vip`; converges when the backend flips. Returns
+    /// whether it flipped.
+    pub fn observe_health(
+        &mut self,
+        vip: &VipAddr,
+        addr: IpAddr,
+        ok: bool,
+        detail: String,
+    ) -> Result<bool, Error> {
+        let Some(check) = self
+            .desired
+            .vips
+            .get(vip)
+            .filter(|v| v.backends.contains_key(&addr))
+            .and_then(|v| v.health.clone())
+        else {
+            return Ok(false);
+        };
+        let h = self
+            .health
+            .entry((*vip, addr))
+            .or_insert_with(|| Health::new(check.clone()));
+        if h.check != check {
+            *h = Health::new(check);
+        }
+        let flipped = h.observe(ok, detail);
+        if flipped {
+            self.converge()?;
+        }
+        Ok(flipped)
+    }
+
+    /// Records MACs learned from the neighbour table; converges when one of ours changed.
+    pub fn learn_macs(&mut self, macs: &[(IpAddr, Mac)]) -> Result<bool, Error> {
+        let ours: BTreeSet<IpAddr> = self.wanted_macs();
+        let mut changed = false;
+        for (addr, mac) in macs {
+            if ours.contains(addr) && self.learned.get(addr) != Some(mac) {
+                self.learned.insert(*addr, *mac);
+                changed = true;
+            }
+        }
+        if changed {
+            self.converge()?;
+        }
+        Ok(changed)
+    }
+
+    /// Backends whose MAC must come from the neighbour table.
+    pub fn wanted_macs(&self) -> BTreeSet<IpAddr> {
+        self.desired
+            .vips
+            .values()
+            .flat_map(|v| v.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Backends without a known MAC.
+    pub fn no_mac(&self) -> Vec<IpAddr> {
+        let facts = self.facts();
+        let mut out: BTreeSet<IpAddr> = BTreeSet::new();
+        for (vip, spec) in &self.desired.vips {
+            for addr in spec.backends.keys() {
+                if facts.mac(vip, addr).is_none() {
+                    out.insert(*addr);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn facts(&self) -> CoreFacts<'_> {
+        CoreFacts {
+            desired: &self.desired,
+            health: &self.health,
+            learned: &self.learned,
+        }
+    }
+
+    /// Every VIP and backend as the API lists them.
+    pub fn list(&self) -> Vec<VipView> {
+        let facts = self.facts();
+        let view = self.kernel.view();
+        let mut out = Vec::new();
+        for (vip, spec) in &self.desired.vips {
+            let vip_id = self.ids.vips.get(vip).copied().unwrap_or(0);
+            // Shares of what is live: only when the live table is the one we built.
+            let built = self.tables.get(vip).filter(|t| {
+                view.published
+                    .get(&vip_id)
+                    .is_some_and(|(_, live)| Arc::ptr_eq(live, &t.table) || **live == *t.table)
+            });
+            let total = built.map_or(0, |t| t.table.len());
+            let backends = spec
+                .backends
+                .iter()
+                .map(|(addr, b)| {
+                    let id = self.ids.backend(vip, addr).unwrap_or(0);
+                    let h = self.health.get(&(*vip, *addr));
+                    let slots = built.and_then(|t| t.slots.get(&id)).copied().unwrap_or(0);
+                    let mac = facts.mac(vip, addr);
+                    BackendView {
+                        address: *addr,
+                        id,
+                        weight: b.weight,
+                        mac: mac.map_or("no-mac".into(), |m| m.to_string()),
+                        mac_source: match (b.mac, mac) {
+                            (Some(_), _) => "configured",
+                            (None, Some(_)) => "neighbour",
+                            (None, None) => "none",
+                        }
+                        .into(),
+                        drained: b.drained,
+                        health: match (&spec.health, h) {
+                            (None, _) => "unchecked".into(),
+                            (Some(_), Some(h)) if !h.up => "down".into(),
+                            (Some(_), _) => "up".into(),
+                        },
+                        last_check: h.map(|h| h.last.clone()).unwrap_or_default(),
+                        serving: reconcile::serving(&self.desired, &facts, vip, addr),
+                        share_pct: if total == 0 {
+                            0.0
+                        } else {
+                            100.0 * slots as f64 / total as f64
+                        },
+                    }
+                })
+                .collect();
+            out.push(VipView {
+                vip: *vip,
+                id: vip_id,
+                source_hash: spec.source_hash,
+                health_check: spec.health.clone(),
+                backends,
+            });
+        }
+        out
+    }
+
+    /// Address of backend id `id` of `vip`.
+    fn backend_addr(&self, vip: &VipAddr, id: u32) -> Option<IpAddr> {
+        self.ids
+            .backends
+            .get(vip)?
+            .iter()
+            .find(|(_, b)| **b == id)
+            .map(|(a, _)| *a)
+    }
+
+    /// What a packet from `src:sport` to `vip` would meet.
+    pub fn trace(&self, src: IpAddr, sport: u16, vip: &VipAddr) -> Result<Trace, Error> {
+        if !self.desired.vips.contains_key(vip) {
+            return Err(Error::NotFound(format!(
+                "unknown VIP {vip}: see `lb vip list`"
+            )));
+        }
+        let spec = &self.desired.vips[vip];
+        if src.is_ipv4() != vip.ip.is_ipv4() {
+            return Err(Error::Invalid(format!(
+                "client {src} and VIP {vip} are of different address families"
+            )));
+        }
+        let vip_id = *self
+            .ids
+            .vips
+            .get(vip)
+            .ok_or_else(|| Error::NotFound(format!("VIP {vip} has no id yet")))?;
+        let key = flow_key(src, sport, vip.ip, vip.port, vip.proto.number());
+        let m = self.kernel.ring_size();
+        let seed = self.kernel_seed();
+        let slot = (flow_hash(&key, seed, spec.source_hash) % u64::from(m)) as u32;
+        let slot_backend = self
+            .kernel
+            .view()
+            .published
+            .get(&vip_id)
+            .and_then(|(_, t)| t.get(slot as usize).copied())
+            .and_then(|id| self.backend_addr(vip, id));
+        let flow_backend = self
+            .kernel
+            .flow_backend(&key, vip_id)?
+            .and_then(|id| self.backend_addr(vip, id));
+        Ok(Trace {
+            vip: *vip,
+            vip_id,
+            slot,
+            slot_backend,
+            flow_backend,
+            next_packet_to: flow_backend.or(slot_backend),
+        })
+    }
+
+    fn kernel_seed(&self) -> u64 {
+        self.kernel.hash_seed()
+    }
+}

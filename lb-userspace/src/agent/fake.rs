@@ -1,0 +1,155 @@
+//! In-memory stand-ins for the kernel maps and the state file, with failures on demand, for
+//! the reconciler's unit and property tests. They check the data plane's safety rules on
+//! every write (a table never names an absent backend; an id never changes hands while a live
+//! table names it), which the real maps cannot report.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use lb_common::FlowKey;
+
+use crate::{
+    Error,
+    agent::{
+        kernel::Kernel,
+        reconcile::{Capacity, KernelView, Op, apply_to_view},
+        state::{StateFile, StateStore},
+    },
+};
+
+/// Shared knobs and record of a [`FakeKernel`].
+#[derive(Default)]
+pub struct KernelCtl {
+    /// Fail the write after this many more succeed.
+    pub fail_after: Option<usize>,
+    /// Writes done.
+    pub writes: usize,
+    /// Violations of the safety rules seen (must stay empty).
+    pub violations: Vec<String>,
+    /// What the maps hold.
+    pub actual: KernelView,
+}
+
+pub struct FakeKernel {
+    pub ctl: Arc<Mutex<KernelCtl>>,
+    view: KernelView,
+    cap: Capacity,
+}
+
+impl FakeKernel {
+    pub fn new(cap: Capacity) -> (Self, Arc<Mutex<KernelCtl>>) {
+        let ctl = Arc::new(Mutex::new(KernelCtl::default()));
+        (
+            FakeKernel {
+                ctl: ctl.clone(),
+                view: KernelView::default(),
+                cap,
+            },
+            ctl,
+        )
+    }
+}
+
+fn check(actual: &KernelView, op: &Op) -> Option<String> {
+    let named = |id: u32| {
+        actual
+            .published
+            .iter()
+            .any(|(vid, (_, t))| actual.vips.values().any(|v| v == vid) && t.contains(&id))
+    };
+    match op {
+        Op::SetBackend {
+            id,
+            new_owner: true,
+            ..
+        } if named(*id) => Some(format!(
+            "backend id {id} changes hands while a live table names it"
+        )),
+        Op::ClearBackend { id } if named(*id) => Some(format!(
+            "backend id {id} cleared while a live table names it"
+        )),
+        Op::PublishVip { table, .. } => table
+            .iter()
+            .find(|id| !actual.backends.contains_key(id))
+            .map(|id| format!("table names absent backend {id}")),
+        _ => None,
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn view(&self) -> &KernelView {
+        &self.view
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), Error> {
+        let mut ctl = self.ctl.lock().unwrap();
+        if let Some(n) = ctl.fail_after.as_mut() {
+            if *n == 0 {
+                return Err(Error::Kernel("injected kernel failure".into()));
+            }
+            *n -= 1;
+        }
+        if let Some(v) = check(&ctl.actual, op) {
+            ctl.violations.push(v);
+        }
+        apply_to_view(&mut ctl.actual, op);
+        ctl.writes += 1;
+        apply_to_view(&mut self.view, op);
+        Ok(())
+    }
+
+    fn resync(&mut self) -> Result<(), Error> {
+        let ctl = self.ctl.lock().unwrap();
+        // The maps cannot tell which table is live without reading M slots per VIP: like the
+        // real kernel, forget that, so every VIP is published once more.
+        self.view = KernelView {
+            published: BTreeMap::new(),
+            ..ctl.actual.clone()
+        };
+        Ok(())
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.cap
+    }
+
+    fn ring_size(&self) -> u32 {
+        13
+    }
+
+    fn hash_seed(&self) -> u64 {
+        7
+    }
+
+    fn flow_backend(&self, _key: &FlowKey, _vip_id: u32) -> Result<Option<u32>, Error> {
+        Ok(None)
+    }
+}
+
+/// A state file in memory.
+#[derive(Default)]
+pub struct StoreCtl {
+    pub saved: StateFile,
+    pub fail_next: bool,
+}
+
+pub struct FakeStore(pub Arc<Mutex<StoreCtl>>);
+
+impl StateStore for FakeStore {
+    fn load(&self) -> Result<StateFile, Error> {
+        Ok(self.0.lock().unwrap().saved.clone())
+    }
+
+    fn save(&self, state: &StateFile) -> Result<(), Error> {
+        let mut ctl = self.0.lock().unwrap();
+        if std::mem::take(&mut ctl.fail_next) {
+            return Err(Error::Io {
+                what: "writing the state file".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        ctl.saved = state.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! The agent's view of the data-plane maps as one small trait, so the reconciler can be driven
+//! against an in-memory fake in unit tests and against the real maps in the agent.
+use lb_common::FlowKey;
+
+use crate::{
+    Error,
+    agent::reconcile::{Capacity, KernelView, Op},
+    dataplane::stats::StatsMaps,
+};
+
+/// The kernel maps, seen through the writes the reconciler makes.
+pub trait Kernel: Send {
+    /// What the kernel holds, as last read or written.
+    fn view(&self) -> &KernelView;
+    /// Carries out one write. On success the view reflects it; on failure the view is left
+    /// so that the next diff rewrites whatever may not be in place.
+    fn apply(&mut self, op: &Op) -> Result<(), Error>;
+    /// Reads the maps again (level-triggered reconciliation starts from here).
+    fn resync(&mut self) -> Result<(), Error>;
+    fn capacity(&self) -> Capacity;
+    /// Slot-table size M.
+    fn ring_size(&self) -> u32;
+    /// Seed of the flow hash the program was loaded with.
+    fn hash_seed(&self) -> u64;
+    /// The backend id the flow table remembers for `key` under VIP id `vip_id`, if that
+    /// entry is still valid (same VIP and backend generations).
+    fn flow_backend(&self, key: &FlowKey, vip_id: u32) -> Result<Option<u32>, Error>;
+    /// The counter maps (none in fakes).
+    fn stats(&self) -> Option<&StatsMaps> {
+        None
+    }
+}

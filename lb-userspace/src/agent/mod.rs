@@ -1,0 +1,185 @@
+//! The agent: the desired state, the ids, health and MACs, kept in agreement with the state
+//! file and the kernel maps.
+//!
+//! A change is validated and given ids ([`Core::prepare`], pure), saved to the state file
+//! (blocking: callers run [`Agent::change`] on a blocking thread, with no state lock held,
+//! so readers and health flips never wait for an fsync), then made live ([`Core::commit`]).
+//! A failure before the file is written changes nothing; a kernel failure after it leaves the
+//! change saved and in memory, reported as [`Error::NotConverged`] and retried by
+//! [`Agent::retry`] until the kernel agrees.
+pub mod core;
+pub mod health;
+pub mod kernel;
+pub mod neigh;
+pub mod ops;
+pub mod probe;
+pub mod reconcile;
+pub mod state;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    net::IpAddr,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+pub use self::core::{Core, Prepared};
+use crate::{
+    Error,
+    agent::{kernel::Kernel, neigh::Neighbours, state::StateStore},
+    api::protocol::Command,
+    model::DesiredState,
+    plan::VipPlan,
+};
+
+pub struct Agent {
+    core: Mutex<Core>,
+    /// Serialises changes (and their state-file writes); never held by readers.
+    writer: Mutex<()>,
+    store: Box<dyn StateStore>,
+    iface: String,
+    neighbours: Mutex<Option<Box<dyn Neighbours>>>,
+}
+
+/// What a change did.
+#[derive(Clone, Debug, Default)]
+pub struct Changed {
+    pub plan: Vec<VipPlan>,
+    /// Backends added by the change whose MAC is not known yet.
+    pub no_mac: Vec<IpAddr>,
+}
+
+impl Agent {
+    /// Loads the saved state and converges the kernel to it. A kernel that cannot be brought
+    /// in line does not stop the start: the agent serves and retries (`lb stats` says so).
+    pub fn start(
+        kernel: Box<dyn Kernel>,
+        store: Box<dyn StateStore>,
+        iface: &str,
+    ) -> Result<Self, Error> {
+        let saved = store.load()?;
+        let mut core = Core::new(kernel, saved)?;
+        if let Err(e) = core.resync() {
+            log::warn!("the data plane is not in line with the saved state yet: {e}");
+        }
+        Ok(Agent {
+            core: Mutex::new(core),
+            writer: Mutex::new(()),
+            store,
+            iface: iface.to_string(),
+            neighbours: Mutex::new(None),
+        })
+    }
+
+    /// Connects the neighbour table: from now on it is told which MACs are needed.
+    pub fn set_neighbours(&self, n: Box<dyn Neighbours>) {
+        *self
+            .neighbours
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(n);
+        self.want_macs();
+    }
+
+    /// Tells the neighbour table which addresses need MACs.
+    fn want_macs(&self) {
+        let wanted = self.core().wanted_macs();
+        if let Some(n) = self
+            .neighbours
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            n.want(wanted);
+        }
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// The core, locked. Hold it briefly: no I/O but map syscalls under it.
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `cmd`: validated, saved, then made live. Blocking (it writes the state file):
+    /// call it from a blocking thread.
+    pub fn execute(&self, cmd: &Command) -> Result<Changed, Error> {
+        if let Command::Reconcile = cmd {
+            return self.core().resync().map(|()| Changed::default());
+        }
+        if let Command::Apply {
+            state,
+            dry_run: true,
+        } = cmd
+        {
+            state.validate().map_err(Error::Invalid)?;
+            let core = self.core();
+            let p = core.prepare(state.clone())?;
+            return Ok(Changed {
+                plan: p.plan,
+                no_mac: Vec::new(),
+            });
+        }
+        self.change(|d| crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone())))
+    }
+
+    /// Makes `f(current)` the desired state. See the module documentation for what a failure
+    /// at each step leaves behind.
+    pub fn change(
+        &self,
+        f: impl FnOnce(&DesiredState) -> Result<DesiredState, Error>,
+    ) -> Result<Changed, Error> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let (prepared, unchanged) = {
+            let core = self.core();
+            let new = f(core.desired())?;
+            let p = core.prepare(new)?;
+            let unchanged = p.desired == *core.desired() && p.ids == *core.ids();
+            (p, unchanged)
+        };
+        let plan = prepared.plan.clone();
+        let added: Vec<IpAddr> = prepared
+            .desired
+            .vips
+            .values()
+            .flat_map(|v| v.backends.keys().copied())
+            .collect();
+        if !unchanged {
+            self.store.save(&prepared.state_file())?;
+        }
+        let result = self.make_live(prepared, unchanged);
+        self.want_macs();
+        result?;
+        let no_mac = self.core().no_mac();
+        Ok(Changed {
+            plan,
+            no_mac: added.into_iter().filter(|a| no_mac.contains(a)).collect(),
+        })
+    }
+
+    fn make_live(&self, prepared: Prepared, unchanged: bool) -> Result<(), Error> {
+        let mut core = self.core();
+        if unchanged {
+            // Nothing to save; still a chance to catch the kernel up.
+            if core.not_converged().is_some() {
+                core.converge()?;
+            }
+        } else {
+            core.commit(prepared)?;
+        }
+        Ok(())
+    }
+
+    /// Converges again when the last attempt failed; called periodically.
+    pub fn retry(&self) -> Result<(), Error> {
+        let mut core = self.core();
+        if core.not_converged().is_some() {
+            core.resync()?;
+        }
+        Ok(())
+    }
+}

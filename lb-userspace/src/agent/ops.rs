@@ -1,0 +1,104 @@
+//! Each command as a pure edit of the desired state: checks that what it names exists (or
+//! does not), and returns the new desired state. The agent validates the result as a whole.
+use std::net::IpAddr;
+
+use crate::{
+    Error,
+    api::protocol::Command,
+    model::{BackendSpec, DesiredState, VipAddr, VipSpec, validate_backend},
+};
+
+fn vip<'a>(d: &'a mut DesiredState, vip: &VipAddr) -> Result<&'a mut VipSpec, Error> {
+    d.vips
+        .get_mut(vip)
+        .ok_or_else(|| Error::NotFound(format!("unknown VIP {vip}: see `lb vip list`")))
+}
+
+fn backend<'a>(
+    d: &'a mut DesiredState,
+    v: &VipAddr,
+    addr: &IpAddr,
+) -> Result<&'a mut BackendSpec, Error> {
+    vip(d, v)?.backends.get_mut(addr).ok_or_else(|| {
+        Error::NotFound(format!(
+            "unknown backend {addr} in VIP {v}: see `lb backend list {v}`"
+        ))
+    })
+}
+
+/// The desired state after `cmd`, or `None` for commands that are not edits.
+pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState>, Error> {
+    let mut d = current.clone();
+    match cmd {
+        Command::AddVip {
+            vip: v,
+            source_hash,
+            health,
+        } => {
+            if d.vips.contains_key(v) {
+                return Err(Error::Conflict(format!(
+                    "VIP {v} already exists: remove it first or use `lb apply`"
+                )));
+            }
+            if let Some(h) = health {
+                h.validate(v).map_err(Error::Invalid)?;
+            }
+            d.vips.insert(
+                *v,
+                VipSpec {
+                    source_hash: *source_hash,
+                    health: health.clone(),
+                    backends: Default::default(),
+                },
+            );
+        }
+        Command::RemoveVip { vip: v } => {
+            vip(&mut d, v)?;
+            d.vips.remove(v);
+        }
+        Command::AddBackend {
+            vip: v,
+            address,
+            weight,
+            mac,
+        } => {
+            let spec = BackendSpec {
+                weight: *weight,
+                mac: *mac,
+                drained: false,
+            };
+            let s = vip(&mut d, v)?;
+            if s.backends.contains_key(address) {
+                return Err(Error::Conflict(format!(
+                    "backend {address} already exists in VIP {v}: use `lb backend weight` to change it"
+                )));
+            }
+            validate_backend(v, address, &spec).map_err(Error::Invalid)?;
+            s.backends.insert(*address, spec);
+        }
+        Command::RemoveBackend { vip: v, address } => {
+            backend(&mut d, v, address)?;
+            vip(&mut d, v)?.backends.remove(address);
+        }
+        Command::SetWeight {
+            vip: v,
+            address,
+            weight,
+        } => {
+            let b = backend(&mut d, v, address)?;
+            b.weight = *weight;
+            validate_backend(v, address, b).map_err(Error::Invalid)?;
+        }
+        Command::Drain {
+            vip: v,
+            address,
+            drained,
+        } => backend(&mut d, v, address)?.drained = *drained,
+        Command::Apply { state, .. } => {
+            state.validate().map_err(Error::Invalid)?;
+            d = state.clone();
+        }
+        Command::Reconcile => return Ok(None),
+    }
+    Ok(Some(d))
+}

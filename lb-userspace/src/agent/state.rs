@@ -1,0 +1,90 @@
+//! Where the desired state and ids are kept between runs: a JSON file written atomically
+//! (temporary file, fsync, rename, fsync of the directory), behind a small trait so the
+//! reconciler's tests can inject failures. Writes are blocking: the agent makes them on a
+//! blocking thread, never on an async worker and never while holding its state lock.
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, agent::reconcile::Ids, model::DesiredState};
+
+/// What the state file holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub desired: DesiredState,
+    pub ids: Ids,
+}
+
+/// Durable storage of [`StateFile`].
+pub trait StateStore: Send + Sync {
+    /// The saved state, or the default when there is none yet.
+    fn load(&self) -> Result<StateFile, Error>;
+    /// Replaces the saved state; on error the previous one is intact.
+    fn save(&self, state: &StateFile) -> Result<(), Error>;
+}
+
+/// The state file on disk.
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(path: &Path) -> Self {
+        FileStore {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<StateFile, Error> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::Invalid(format!(
+                    "state file {} is corrupt ({e}): fix or remove it",
+                    self.path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+            Err(e) => Err(Error::io(format!("reading {}", self.path.display()))(e)),
+        }
+    }
+
+    fn save(&self, state: &StateFile) -> Result<(), Error> {
+        let path = &self.path;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::Invalid(format!("serializing state: {e}")))?;
+        let write = || -> std::io::Result<()> {
+            // Mode 0600: the state names every backend; only root reads it.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(format!("writing {}", tmp.display()))(e));
+        }
+        std::fs::rename(&tmp, path)
+            .map_err(Error::io(format!("renaming onto {}", path.display())))?;
+        // The new file is in place: from here on the change counts as saved. A failed
+        // directory sync only risks losing it to a power cut, so it is logged, not returned
+        // (returning it would make the caller roll back a change the file already holds).
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            log::warn!("syncing {}: {e}", dir.display());
+        }
+        Ok(())
+    }
+}

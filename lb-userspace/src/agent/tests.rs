@@ -1,0 +1,398 @@
+//! The reconciler against in-memory fakes: unit tests of its rules, and a property test that
+//! drives hundreds of random operation sequences with failures injected at every step and
+//! checks after each operation that desired state, state file and kernel agree.
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    Agent,
+    fake::{FakeKernel, FakeStore, KernelCtl, StoreCtl},
+    reconcile::{self, Capacity, Facts, Ids, Serving},
+};
+use crate::{
+    ErrorKind,
+    api::protocol::Command,
+    model::{DesiredState, HealthCheck, HealthKind, Mac, VipAddr},
+};
+
+struct World {
+    agent: Agent,
+    kernel: Arc<Mutex<KernelCtl>>,
+    store: Arc<Mutex<StoreCtl>>,
+}
+
+fn world(cap: Capacity) -> World {
+    let (k, kernel) = FakeKernel::new(cap);
+    let store = Arc::new(Mutex::new(StoreCtl::default()));
+    let agent = Agent::start(Box::new(k), Box::new(FakeStore(store.clone())), "fake0").unwrap();
+    World {
+        agent,
+        kernel,
+        store,
+    }
+}
+
+fn vip(i: u8) -> VipAddr {
+    format!("10.0.0.{}:80/tcp", 100 + i).parse().unwrap()
+}
+
+fn addr(i: u8) -> IpAddr {
+    format!("10.0.1.{}", i + 1).parse().unwrap()
+}
+
+fn mac(i: u8) -> Mac {
+    Mac([2, 0, 0, 0, 1, i + 1])
+}
+
+fn spec() -> crate::model::BackendSpec {
+    crate::model::BackendSpec {
+        weight: 1,
+        mac: None,
+        drained: false,
+    }
+}
+
+fn check() -> HealthCheck {
+    HealthCheck {
+        kind: HealthKind::Tcp,
+        port: None,
+        path: "/".into(),
+        expect_status: 200,
+        interval_ms: 100,
+        timeout_ms: 50,
+        rise: 1,
+        fall: 1,
+    }
+}
+
+/// The kernel the core's current state asks for, computed independently of the core's cache.
+fn expected_kernel(w: &World) -> reconcile::Target {
+    struct F<'a>(&'a World);
+    impl Facts for F<'_> {
+        fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
+            self.0
+                .agent
+                .core()
+                .list()
+                .iter()
+                .find(|v| v.vip == *vip)
+                .and_then(|v| v.backends.iter().find(|b| b.address == *addr))
+                .is_none_or(|b| b.health != "down")
+        }
+        fn mac(&self, vip: &VipAddr, addr: &IpAddr) -> Option<Mac> {
+            let core = self.0.agent.core();
+            let b = core.list();
+            b.iter()
+                .find(|v| v.vip == *vip)
+                .and_then(|v| v.backends.iter().find(|b| b.address == *addr))
+                .and_then(|b| b.mac.parse().ok())
+        }
+    }
+    let (desired, ids) = {
+        let core = w.agent.core();
+        (core.desired().clone(), core.ids().clone())
+    };
+    reconcile::target(&desired, &ids, &F(w), |_, from| {
+        Arc::new(crate::maglev::build(from, 13))
+    })
+}
+
+/// Desired state, state file and kernel agree (after a retry when the kernel was behind).
+fn assert_agree(w: &World, ctx: &str) {
+    let file = w.store.lock().unwrap().saved.clone();
+    let mem = w.agent.core().state_file();
+    assert_eq!(file, mem, "{ctx}: state file and memory differ");
+    if w.agent.core().not_converged().is_some() {
+        w.kernel.lock().unwrap().fail_after = None;
+        w.agent.retry().unwrap();
+        assert!(w.agent.core().not_converged().is_none(), "{ctx}");
+    }
+    let want = expected_kernel(w);
+    let k = w.kernel.lock().unwrap();
+    let have_vips: std::collections::BTreeMap<_, _> = k
+        .actual
+        .vips
+        .iter()
+        .map(|(key, id)| (*key, (*id, k.actual.published[id].clone())))
+        .collect();
+    let want_vips: std::collections::BTreeMap<_, _> = want
+        .vips
+        .iter()
+        .map(|(key, t)| (*key, (t.id, (t.flags, t.table.clone()))))
+        .collect();
+    assert_eq!(have_vips, want_vips, "{ctx}: kernel VIPs differ");
+    assert_eq!(
+        k.actual.backends, want.backends,
+        "{ctx}: kernel backends differ"
+    );
+    assert!(k.violations.is_empty(), "{ctx}: {:?}", k.violations);
+}
+
+#[test]
+fn ids_freed_in_a_change_are_not_reused_in_the_same_change() {
+    let mut old = DesiredState::default();
+    old.vips.insert(vip(0), Default::default());
+    old.vips
+        .get_mut(&vip(0))
+        .unwrap()
+        .backends
+        .insert(addr(0), spec());
+    let cap = Capacity {
+        vips: 4,
+        backends: 8,
+    };
+    let ids = reconcile::allocate(&old, &Ids::default(), &BTreeSet::new(), cap).unwrap();
+    assert_eq!(ids.backend(&vip(0), &addr(0)), Some(1));
+    // Swap: VIP 0 goes, VIP 1 comes with a backend. Id 1 is still named by VIP 0's live table.
+    let mut new = DesiredState::default();
+    new.vips.insert(vip(1), Default::default());
+    new.vips
+        .get_mut(&vip(1))
+        .unwrap()
+        .backends
+        .insert(addr(1), spec());
+    let next = reconcile::allocate(&new, &ids, &ids.backend_ids(), cap).unwrap();
+    assert_eq!(next.backend(&vip(1), &addr(1)), Some(2));
+    // Full: the freed id is not handed out, and the error says so.
+    let tiny = Capacity {
+        vips: 4,
+        backends: 2,
+    };
+    let err = reconcile::allocate(&new, &ids, &ids.backend_ids(), tiny).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Capacity);
+}
+
+#[test]
+fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    let run = |c: Command| w.agent.execute(&c);
+    run(Command::AddVip {
+        vip: vip(0),
+        source_hash: false,
+        health: Some(check()),
+    })
+    .unwrap();
+    let added = run(Command::AddBackend {
+        vip: vip(0),
+        address: addr(0),
+        weight: 100,
+        mac: None,
+    })
+    .unwrap();
+    assert_eq!(added.no_mac, vec![addr(0)]);
+    run(Command::AddBackend {
+        vip: vip(0),
+        address: addr(1),
+        weight: 100,
+        mac: Some(mac(1)),
+    })
+    .unwrap();
+    let list = w.agent.core().list();
+    assert_eq!(list[0].backends[0].serving, Serving::NoMac);
+    assert_eq!(list[0].backends[1].share_pct, 100.0);
+    // A health flip of the other backend reaches the kernel though one MAC is unknown.
+    assert!(
+        w.agent
+            .core()
+            .observe_health(&vip(0), addr(1), false, "refused".into())
+            .unwrap()
+    );
+    assert_agree(&w, "after flip");
+    let k = w.kernel.lock().unwrap();
+    let id = k.actual.vips[&vip(0).key()];
+    assert!(
+        k.actual.published[&id].1.is_empty(),
+        "down backend still in the table"
+    );
+    drop(k);
+    // The MAC arrives: the backend serves.
+    w.agent.core().learn_macs(&[(addr(0), mac(0))]).unwrap();
+    assert_eq!(w.agent.core().list()[0].backends[0].share_pct, 100.0);
+    // A changed MAC is followed.
+    w.agent.core().learn_macs(&[(addr(0), mac(9))]).unwrap();
+    let k = w.kernel.lock().unwrap();
+    assert!(k.actual.backends.values().any(|b| b.mac == mac(9)));
+}
+
+#[test]
+fn removing_a_health_check_forgets_down() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    let mut d = DesiredState::default();
+    d.vips.insert(vip(0), Default::default());
+    let v = d.vips.get_mut(&vip(0)).unwrap();
+    v.health = Some(check());
+    v.backends.insert(
+        addr(0),
+        crate::model::BackendSpec {
+            weight: 1,
+            mac: Some(mac(0)),
+            drained: false,
+        },
+    );
+    w.agent
+        .execute(&Command::Apply {
+            state: d.clone(),
+            dry_run: false,
+        })
+        .unwrap();
+    w.agent
+        .core()
+        .observe_health(&vip(0), addr(0), false, "x".into())
+        .unwrap();
+    assert_eq!(w.agent.core().list()[0].backends[0].health, "down");
+    d.vips.get_mut(&vip(0)).unwrap().health = None;
+    w.agent
+        .execute(&Command::Apply {
+            state: d,
+            dry_run: false,
+        })
+        .unwrap();
+    let b = &w.agent.core().list()[0].backends[0];
+    assert_eq!((b.health.as_str(), b.share_pct), ("unchecked", 100.0));
+}
+
+#[test]
+fn a_failed_save_changes_nothing() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    w.store.lock().unwrap().fail_next = true;
+    let err = w
+        .agent
+        .execute(&Command::AddVip {
+            vip: vip(0),
+            source_hash: false,
+            health: None,
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io);
+    assert!(w.agent.core().desired().vips.is_empty());
+    assert!(w.kernel.lock().unwrap().actual.vips.is_empty());
+}
+
+/// xorshift64*: a fixed-seed generator, so a failing sequence can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn random_command(r: &mut Rng) -> Command {
+    let v = vip(r.below(3) as u8);
+    let a = addr(r.below(5) as u8);
+    match r.below(9) {
+        0 => Command::AddVip {
+            vip: v,
+            source_hash: r.below(2) == 0,
+            health: (r.below(2) == 0).then(check),
+        },
+        1 => Command::RemoveVip { vip: v },
+        2 | 3 => Command::AddBackend {
+            vip: v,
+            address: a,
+            weight: r.below(4) as u32 * 50,
+            mac: (r.below(3) != 0).then(|| mac(r.below(5) as u8)),
+        },
+        4 => Command::RemoveBackend { vip: v, address: a },
+        5 => Command::SetWeight {
+            vip: v,
+            address: a,
+            weight: r.below(3) as u32 * 100,
+        },
+        6 => Command::Drain {
+            vip: v,
+            address: a,
+            drained: r.below(2) == 0,
+        },
+        7 => {
+            let mut d = DesiredState::default();
+            for i in 0..r.below(3) as u8 {
+                let s = d.vips.entry(vip(r.below(3) as u8)).or_default();
+                s.health = (i % 2 == 0).then(check);
+                for _ in 0..r.below(4) {
+                    s.backends.insert(
+                        addr(r.below(5) as u8),
+                        crate::model::BackendSpec {
+                            weight: 1 + r.below(3) as u32,
+                            mac: Some(mac(r.below(5) as u8)),
+                            drained: false,
+                        },
+                    );
+                }
+            }
+            Command::Apply {
+                state: d,
+                dry_run: r.below(4) == 0,
+            }
+        }
+        _ => Command::Reconcile,
+    }
+}
+
+#[test]
+fn random_operations_with_failures_keep_state_file_and_kernel_in_agreement() {
+    let mut failures = 0;
+    for seed in 1..=300u64 {
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        // Small capacities so "table full" happens too.
+        let w = world(Capacity {
+            vips: 2 + r.below(2) as u32,
+            backends: 6 + r.below(6) as u32,
+        });
+        for step in 0..40 {
+            let ctx = format!("seed {seed} step {step}");
+            // Inject one failure at a random point of this step: a kernel write, the state
+            // file, a health flip's convergence, or a MAC learned.
+            match r.below(5) {
+                0 => w.kernel.lock().unwrap().fail_after = Some(r.below(6) as usize),
+                1 => w.store.lock().unwrap().fail_next = true,
+                _ => {}
+            }
+            let before = w.agent.core().state_file();
+            match r.below(6) {
+                0 => {
+                    let (v, a) = (vip(r.below(3) as u8), addr(r.below(5) as u8));
+                    let _ = w
+                        .agent
+                        .core()
+                        .observe_health(&v, a, r.below(2) == 0, "p".into());
+                }
+                1 => {
+                    let m = [(addr(r.below(5) as u8), mac(r.below(5) as u8))];
+                    let _ = w.agent.core().learn_macs(&m);
+                }
+                _ => {
+                    let cmd = random_command(&mut r);
+                    if let Err(e) = w.agent.execute(&cmd) {
+                        failures += 1;
+                        // Refused before the file was written: nothing changed at all.
+                        if e.kind() != ErrorKind::Kernel {
+                            assert_eq!(w.agent.core().state_file(), before, "{ctx}: {e}");
+                        }
+                    }
+                }
+            }
+            w.store.lock().unwrap().fail_next = false;
+            w.kernel.lock().unwrap().fail_after = None;
+            assert_agree(&w, &ctx);
+        }
+    }
+    assert!(failures > 100, "too few failures exercised: {failures}");
+}

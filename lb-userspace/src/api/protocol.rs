@@ -1,0 +1,157 @@
+//! The control API's request and response types, shared by the server and the client.
+//! Requests are parsed strictly (`deny_unknown_fields`): a misspelt field is an error, as in
+//! the config file.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::Counter;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ErrorKind,
+    agent::reconcile::Serving,
+    model::{DesiredState, HealthCheck, Mac, VipAddr},
+    plan::VipPlan,
+};
+
+/// Largest request body the agent reads (a config with thousands of backends fits).
+pub const MAX_BODY: usize = 4 << 20;
+
+/// A change, as sent by the CLI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    AddVip {
+        vip: VipAddr,
+        source_hash: bool,
+        health: Option<HealthCheck>,
+    },
+    RemoveVip {
+        vip: VipAddr,
+    },
+    AddBackend {
+        vip: VipAddr,
+        address: IpAddr,
+        weight: u32,
+        mac: Option<Mac>,
+    },
+    RemoveBackend {
+        vip: VipAddr,
+        address: IpAddr,
+    },
+    SetWeight {
+        vip: VipAddr,
+        address: IpAddr,
+        weight: u32,
+    },
+    Drain {
+        vip: VipAddr,
+        address: IpAddr,
+        drained: bool,
+    },
+    Apply {
+        state: DesiredState,
+        dry_run: bool,
+    },
+    /// Read the kernel maps again and converge them to the desired state.
+    Reconcile,
+}
+
+/// Answer to a command.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// For `Apply`: what changes.
+    #[serde(default)]
+    pub plan: Vec<VipPlan>,
+    /// Nanoseconds from receiving the command to the kernel maps being updated.
+    pub took_ns: u64,
+    /// Backends of this change whose MAC is not known yet (kept out of their tables until
+    /// their neighbour entry resolves).
+    #[serde(default)]
+    pub no_mac: Vec<IpAddr>,
+}
+
+/// A backend as listed by the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub address: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    /// The MAC frames are sent to, or `no-mac`.
+    pub mac: String,
+    /// Where the MAC comes from: `configured`, `neighbour`, or `none`.
+    pub mac_source: String,
+    pub drained: bool,
+    /// `up`, `down` or `unchecked`.
+    pub health: String,
+    pub last_check: String,
+    /// Whether it takes new flows, and if not why.
+    pub serving: Serving,
+    /// Share of the live slot table, percent.
+    pub share_pct: f64,
+}
+
+/// A VIP as listed by the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipView {
+    pub vip: VipAddr,
+    pub id: u32,
+    pub source_hash: bool,
+    pub health_check: Option<HealthCheck>,
+    pub backends: Vec<BackendView>,
+}
+
+/// What `trace` reports for a 5-tuple.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    pub vip: VipAddr,
+    pub vip_id: u32,
+    pub slot: u32,
+    /// Backend the slot table gives a new flow.
+    pub slot_backend: Option<IpAddr>,
+    /// Backend remembered in the flow table, if the flow is known.
+    pub flow_backend: Option<IpAddr>,
+    /// Where the next packet goes.
+    pub next_packet_to: Option<IpAddr>,
+}
+
+/// Counters of one backend.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub address: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of one VIP.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipStats {
+    pub vip: VipAddr,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStats>,
+}
+
+/// The agent's own condition.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Empty when the kernel matches the desired state; otherwise why it does not (yet).
+    pub not_converged: Option<String>,
+    /// Backends without a known MAC.
+    pub no_mac: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsView {
+    pub global: BTreeMap<String, Counter>,
+    pub vips: Vec<VipStats>,
+    #[serde(default)]
+    pub agent: AgentStatus,
+}
+
+/// Error body: what went wrong, and its kind (the CLI's exit code follows it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub error: String,
+}

@@ -1,0 +1,273 @@
+//! The API server: reads are GETs answered from the agent's memory and the counter maps;
+//! every change is one `POST /v1/commands` carrying a [`Command`], executed on a blocking
+//! thread (it writes the state file).
+use std::{collections::HashMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, body::Incoming};
+use serde::Serialize;
+use tokio::net::UnixListener;
+
+use crate::{
+    Error, ErrorKind,
+    agent::Agent,
+    api::{
+        listen::{self, Limits},
+        protocol::{
+            AgentStatus, ApiError, BackendStats, Command, CommandResult, MAX_BODY, StatsView,
+            VipStats,
+        },
+    },
+    model::VipAddr,
+};
+
+pub type SharedAgent = Arc<Agent>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value)
+        .unwrap_or_else(|e| format!("{{\"kind\":\"io\",\"error\":\"{e}\"}}").into_bytes());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(e: &Error) -> Response<Full<Bytes>> {
+    let kind = e.kind();
+    json(
+        StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &ApiError {
+            kind,
+            error: e.to_string(),
+        },
+    )
+}
+
+fn invalid(msg: impl Into<String>) -> Response<Full<Bytes>> {
+    error(&Error::Invalid(msg.into()))
+}
+
+/// Counters of every VIP and backend. The agent's lock is held only to copy the ids; the
+/// counter maps are read per id (no walk over slot tables).
+pub fn stats(agent: &Agent) -> Result<StatsView, Error> {
+    let core = agent.core();
+    let Some(maps) = core.kernel().stats() else {
+        return Err(Error::Unavailable("no counter maps".into()));
+    };
+    let global = maps.global()?;
+    let mut vips = Vec::new();
+    for (vip, spec) in &core.desired().vips {
+        let Some(id) = core.ids().vips.get(vip) else {
+            continue;
+        };
+        let c = maps.vip(*id)?;
+        let mut backends = Vec::new();
+        for addr in spec.backends.keys() {
+            let Some(bid) = core.ids().backend(vip, addr) else {
+                continue;
+            };
+            let bc = maps.backend(bid)?;
+            backends.push(BackendStats {
+                address: *addr,
+                packets: bc.packets,
+                bytes: bc.bytes,
+            });
+        }
+        vips.push(VipStats {
+            vip: *vip,
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            backends,
+        });
+    }
+    Ok(StatsView {
+        global: global
+            .0
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        vips,
+        agent: AgentStatus {
+            not_converged: core.not_converged().map(str::to_string),
+            no_mac: core.no_mac(),
+        },
+    })
+}
+
+fn query(uri: &hyper::Uri) -> HashMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("%2F", "/")
+                    .replace("%3A", ":")
+                    .replace("%5B", "[")
+                    .replace("%5D", "]"),
+            )
+        })
+        .collect()
+}
+
+fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
+    let q = query(uri);
+    let parsed = (|| -> Result<(IpAddr, u16, VipAddr), String> {
+        let src = q
+            .get("src")
+            .ok_or("missing src")?
+            .parse()
+            .map_err(|_| "bad src address")?;
+        let sport = q
+            .get("sport")
+            .ok_or("missing sport")?
+            .parse()
+            .map_err(|_| "bad source port")?;
+        let vip = q.get("vip").ok_or("missing vip")?.parse()?;
+        Ok((src, sport, vip))
+    })();
+    match parsed {
+        Err(e) => invalid(e),
+        Ok((src, sport, vip)) => match agent.core().trace(src, sport, &vip) {
+            Ok(t) => json(StatusCode::OK, &t),
+            Err(e) => error(&e),
+        },
+    }
+}
+
+/// How long a command waits for the MACs of the backends it added (outside every lock).
+const MAC_WAIT: Duration = Duration::from_millis(1000);
+
+async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
+    let start = std::time::Instant::now();
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return invalid(format!(
+                "reading the request: {e} (at most {MAX_BODY} bytes)"
+            ));
+        }
+    };
+    let cmd: Command = match serde_json::from_slice(&bytes) {
+        Ok(c) => c,
+        Err(e) => return invalid(format!("malformed command: {e}")),
+    };
+    let a = agent.clone();
+    let done = match tokio::task::spawn_blocking(move || a.execute(&cmd)).await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Kernel(format!("the change did not finish: {e}"))),
+    };
+    let took_ns = start.elapsed().as_nanos() as u64;
+    match done {
+        Err(e) => error(&e),
+        Ok(changed) => {
+            // New backends without a MAC: give the neighbour table a moment to answer, so the
+            // common case reports a serving backend; a host that does not answer stays
+            // `no-mac` and blocks nothing.
+            let mut no_mac = changed.no_mac;
+            let deadline = tokio::time::Instant::now() + MAC_WAIT;
+            while !no_mac.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let still = agent.core().no_mac();
+                no_mac.retain(|a| still.contains(a));
+            }
+            json(
+                StatusCode::OK,
+                &CommandResult {
+                    plan: changed.plan,
+                    took_ns,
+                    no_mac,
+                },
+            )
+        }
+    }
+}
+
+async fn handle(req: Request<Incoming>, agent: SharedAgent) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    match (parts.method.clone(), parts.uri.path()) {
+        (Method::GET, "/v1/vips") => json(StatusCode::OK, &agent.core().list()),
+        (Method::GET, "/v1/state") => json(StatusCode::OK, agent.core().desired()),
+        (Method::GET, "/v1/stats") => match stats(&agent) {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(e) => error(&e),
+        },
+        (Method::GET, "/v1/trace") => trace(&agent, &parts.uri),
+        (Method::POST, "/v1/commands") => command(agent, body).await,
+        _ => error(&Error::NotFound(format!(
+            "no such endpoint {} {}",
+            parts.method,
+            parts.uri.path()
+        ))),
+    }
+}
+
+/// Binds the control socket, root-only from its creation (umask 077 while binding). Refuses
+/// when an agent answers on it or when the path is something other than a socket; replaces a
+/// stale socket.
+pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(Error::Conflict(format!(
+                    "another agent is already serving {}: stop it first, or give this one another --socket",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(Error::io(format!(
+                "removing the stale socket {}",
+                path.display()
+            )))?;
+        }
+        Ok(_) => {
+            return Err(Error::Conflict(format!(
+                "{} exists and is not a socket: refusing to replace it; pick another --socket",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("checking {}", path.display()))(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    // SAFETY: umask only changes this process's file-creation mask; restored right after.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    bound.map_err(Error::io(format!("binding {}", path.display())))
+}
+
+/// Serves the API until the task is dropped.
+pub async fn serve(listener: UnixListener, agent: SharedAgent) {
+    let listener = Arc::new(listener);
+    listen::serve(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        Limits::API,
+        "control API",
+        move |req| handle(req, agent.clone()),
+    )
+    .await;
+}
+
+/// Kind of an error body, for clients that only have the status.
+pub fn kind_of_status(status: u16) -> ErrorKind {
+    match status {
+        400 => ErrorKind::Invalid,
+        403 => ErrorKind::Permission,
+        404 => ErrorKind::NotFound,
+        409 => ErrorKind::Conflict,
+        503 => ErrorKind::Unavailable,
+        507 => ErrorKind::Capacity,
+        _ => ErrorKind::Kernel,
+    }
+}

@@ -1,0 +1,377 @@
+//! The command line: argument definitions and their validation (pure, unit-tested).
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    AttachMode,
+    model::{MAX_WEIGHT, Mac, VipAddr},
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
+
+/// A backend weight: a whole number 0-65535 (negative numbers get this message, not clap's
+/// "unexpected argument" tip).
+fn weight(s: &str) -> Result<u32, String> {
+    match s.parse::<i64>() {
+        Ok(w) if (0..=i64::from(MAX_WEIGHT)).contains(&w) => Ok(w as u32),
+        Ok(w) => Err(format!("weight {w} is out of range: use 0-{MAX_WEIGHT}")),
+        Err(_) => Err(format!(
+            "`{s}` is not a weight: use a whole number 0-{MAX_WEIGHT}"
+        )),
+    }
+}
+
+/// A backend address: an IP address without a port (a backend serves the VIP's port).
+fn backend_addr(s: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Err(format!(
+            "`{s}` has a port: a backend is an IP address only (in L2 DSR it serves the VIP's port)"
+        ));
+    }
+    Err(format!("`{s}` is not an IPv4 or IPv6 address"))
+}
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "Layer-4 load balancer on eBPF/XDP: Maglev consistent hashing, L2 direct server return",
+    long_about = "Layer-4 load balancer on eBPF/XDP.\n\n`lb run` attaches the XDP program to an interface and serves a control API on a unix socket; the other commands talk to it.\n\nExample:\n  lb run --iface eth0 &\n  lb vip add 10.0.0.10:80/tcp --health http --health-path /health\n  lb backend add 10.0.0.10:80/tcp 10.0.0.2 --weight 100\n  lb stats --watch"
+)]
+pub struct Cli {
+    /// Control socket of the agent.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "LB_SOCKET")]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Top,
+}
+
+#[derive(Subcommand)]
+pub enum Top {
+    /// Run the agent: load and attach the XDP program, serve the API, run health checks.
+    Run(RunArgs),
+    /// Add, remove or list VIPs.
+    #[command(subcommand)]
+    Vip(VipCmd),
+    /// Add, remove, list, reweight or drain a VIP's backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show counters (global, per VIP, per backend).
+    Stats {
+        /// Refresh every second with rates.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the VIP, slot, backend and flow-table entry a packet would meet.
+    Trace {
+        /// Client address and port, e.g. 192.0.2.7:40000 or [2001:db8::7]:40000.
+        client: SocketAddr,
+        /// The VIP, e.g. 10.0.0.10:80/tcp.
+        vip: VipAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a TOML config file the desired state (shows the plan first).
+    Apply {
+        /// The config file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run sample HTTP (and UDP echo) backends answering "hello from backend i".
+    Samples {
+        #[arg(long, default_value_t = 2)]
+        count: usize,
+        #[arg(long, default_value_t = 8000)]
+        base_port: u16,
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: IpAddr,
+        /// Number of the first backend (backend i answers "hello from backend i").
+        #[arg(long, default_value_t = 0)]
+        first_index: usize,
+        /// Exit by itself after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Read the kernel maps again and bring them in line with the desired state.
+    Reconcile,
+    /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
+    /// XDP_TX on a veth is only delivered when its peer runs XDP.
+    XdpPass {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Interface to attach to.
+    #[arg(long)]
+    pub iface: String,
+    /// Attach mode; auto tries native, then generic.
+    #[arg(long, value_enum, default_value_t = AttachMode::Native)]
+    pub mode: AttachMode,
+    /// TOML config applied at start (replaces the saved state).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// State file [default: /var/lib/xdp-lb/IFACE.json].
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// bpffs mount point for the pinned maps and link (mounted if needed).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Serve Prometheus metrics on this address (read-only), e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Slot-table size M (a prime).
+    #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
+    pub ring_size: u32,
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_VIPS)]
+    pub max_vips: u32,
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+    #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES)]
+    pub flow_entries: u32,
+    /// Flow-hash seed: nodes with the same seed and tables pick the same backends.
+    #[arg(long, default_value_t = lb_common::LbConfig::DEFAULT.hash_seed)]
+    pub hash_seed: u64,
+    /// Per-CPU LRU lists for the flow table (many-core NICs).
+    #[arg(long)]
+    pub per_cpu_flows: bool,
+    /// Keep forwarding after exit (maps and link stay pinned), for restarts and upgrades.
+    #[arg(long)]
+    pub keep_on_exit: bool,
+    /// Discard pinned maps and link of this interface before starting.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Seconds between counter lines (0: only at exit).
+    #[arg(long, default_value_t = 0)]
+    pub interval: u64,
+    /// Exit by itself after this many seconds.
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Counter lines as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CheckKind {
+    Tcp,
+    Http,
+}
+
+#[derive(Subcommand)]
+pub enum VipCmd {
+    /// Add a VIP (ADDRESS:PORT/PROTO; port * for every port).
+    Add {
+        vip: VipAddr,
+        /// Hash the client address only (client affinity).
+        #[arg(long)]
+        source_hash: bool,
+        /// Health-check every backend with a TCP connect or an HTTP GET.
+        #[arg(long, value_enum)]
+        health: Option<CheckKind>,
+        /// HTTP path to GET.
+        #[arg(long, default_value = "/health")]
+        health_path: String,
+        /// Expected HTTP status.
+        #[arg(long, default_value_t = 200)]
+        health_status: u16,
+        /// Port to probe [default: the VIP's].
+        #[arg(long)]
+        health_port: Option<u16>,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
+        /// Successes that bring a backend back.
+        #[arg(long, default_value_t = 2)]
+        rise: u32,
+        /// Failures that take a backend out.
+        #[arg(long, default_value_t = 3)]
+        fall: u32,
+    },
+    /// Remove a VIP; its traffic goes to the kernel again.
+    Remove { vip: VipAddr },
+    /// List VIPs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend to a VIP.
+    Add {
+        vip: VipAddr,
+        #[arg(value_parser = backend_addr)]
+        address: IpAddr,
+        /// Relative weight, 0-65535.
+        #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = weight)]
+        weight: u32,
+        /// Backend MAC; resolved from the neighbour table when omitted.
+        #[arg(long)]
+        mac: Option<Mac>,
+    },
+    /// Remove a backend; its flows are placed again.
+    Remove {
+        vip: VipAddr,
+        #[arg(value_parser = backend_addr)]
+        address: IpAddr,
+    },
+    /// List a VIP's backends (all VIPs when omitted).
+    List {
+        vip: Option<VipAddr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a backend's weight (0-65535).
+    Weight {
+        vip: VipAddr,
+        #[arg(value_parser = backend_addr)]
+        address: IpAddr,
+        #[arg(allow_negative_numbers = true, value_parser = weight)]
+        weight: u32,
+    },
+    /// Drain a backend: no new flows, established flows continue.
+    Drain {
+        vip: VipAddr,
+        #[arg(value_parser = backend_addr)]
+        address: IpAddr,
+        /// Take new flows again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn valid_commands_parse() {
+        for args in [
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--mode",
+                "generic",
+                "--keep-on-exit",
+            ][..],
+            &[
+                "vip",
+                "add",
+                "10.0.0.10:80/tcp",
+                "--health",
+                "http",
+                "--rise",
+                "3",
+            ],
+            &["vip", "add", "[2001:db8::10]:*/udp", "--source-hash"],
+            &[
+                "backend",
+                "add",
+                "10.0.0.10:80/tcp",
+                "10.0.0.2",
+                "--weight",
+                "65535",
+                "--mac",
+                "02:00:00:00:00:02",
+            ],
+            &["backend", "weight", "10.0.0.10:80/tcp", "10.0.0.2", "0"],
+            &["backend", "drain", "10.0.0.10:80/tcp", "10.0.0.2", "--undo"],
+            &["trace", "192.0.2.1:5000", "10.0.0.10:80/tcp", "--json"],
+            &["stats", "--watch", "--count", "2"],
+            &["apply", "-f", "lb.toml", "--dry-run"],
+            &["samples", "--count", "3", "--base-port", "8000"],
+        ] {
+            assert!(parse(args).is_ok(), "{args:?}: {:?}", parse(args).err());
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_are_refused_with_the_reason() {
+        for (args, why) in [
+            (
+                &[
+                    "backend",
+                    "add",
+                    "10.0.0.10:80/tcp",
+                    "10.0.0.2",
+                    "--weight",
+                    "65536",
+                ][..],
+                "65536",
+            ),
+            (
+                &["backend", "add", "10.0.0.10:80", "10.0.0.2"],
+                "missing /tcp",
+            ),
+            (
+                &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.300"],
+                "not an IPv4 or IPv6 address",
+            ),
+            (
+                &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.2:8080"],
+                "has a port",
+            ),
+            (
+                &[
+                    "backend",
+                    "add",
+                    "10.0.0.10:80/tcp",
+                    "10.0.0.2",
+                    "--weight",
+                    "-5",
+                ],
+                "weight -5 is out of range",
+            ),
+            (
+                &["backend", "weight", "10.0.0.10:80/tcp", "10.0.0.2", "-1"],
+                "out of range",
+            ),
+            (&["vip", "add", "2001:db8::50:80/tcp"], "needs brackets"),
+            (
+                &[
+                    "backend",
+                    "add",
+                    "10.0.0.10:80/tcp",
+                    "10.0.0.2",
+                    "--mac",
+                    "02:00",
+                ],
+                "invalid MAC",
+            ),
+            (&["vip", "add", "10.0.0.10:80/icmp"], "tcp or udp"),
+            (&["run", "--iface", "eth0", "--mode", "turbo"], "turbo"),
+            (
+                &["trace", "192.0.2.1", "10.0.0.10:80/tcp"],
+                "invalid socket address",
+            ),
+        ] {
+            let err = parse(args).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(why), "{args:?}: {err}");
+        }
+    }
+}

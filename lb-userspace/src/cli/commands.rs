@@ -1,0 +1,382 @@
+//! Each subcommand as one small function over the API client.
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use lb_userspace::{
+    LoadOptions,
+    api::{
+        client::{Client, encode_query},
+        protocol::{Command, CommandResult, StatsView, Trace, VipView},
+    },
+    model::{HealthCheck, HealthKind, VipAddr, parse_config},
+    plan, run, samples,
+};
+
+use super::{
+    args::{BackendCmd, CheckKind, Cli, RunArgs, Top, VipCmd},
+    output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows},
+};
+
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Top::Run(a) => run_agent(a, cli.socket).await,
+        Top::Vip(cmd) => vip(&client, cmd).await,
+        Top::Backend(cmd) => backend(&client, cmd).await,
+        Top::Stats { watch, count, json } => stats(&client, watch, count, json).await,
+        Top::Trace {
+            client: c,
+            vip,
+            json,
+        } => trace(&client, c, vip, json).await,
+        Top::Apply {
+            file,
+            dry_run,
+            json,
+        } => apply(&client, file, dry_run, json).await,
+        Top::Reconcile => {
+            client.command(&Command::Reconcile).await?;
+            println!("the kernel maps match the desired state");
+            Ok(())
+        }
+        Top::XdpPass { iface } => xdp_pass(&iface).await,
+        Top::Samples {
+            count,
+            base_port,
+            bind,
+            first_index,
+            duration,
+        } => {
+            let addrs = samples::start(count, base_port, bind, first_index).await?;
+            for (i, a) in addrs.iter().enumerate() {
+                println!("backend {} listening on {a} (http, udp)", first_index + i);
+            }
+            match duration {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => tokio::signal::ctrl_c().await?,
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
+    let state_file = a
+        .state_file
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xdp-lb/{}.json", a.iface)));
+    let opts = run::RunOptions {
+        iface: a.iface,
+        mode: a.mode,
+        load: LoadOptions {
+            ring_size: a.ring_size,
+            max_vips: a.max_vips,
+            max_backends: a.max_backends,
+            flow_entries: a.flow_entries,
+            hash_seed: a.hash_seed,
+            per_cpu_flows: a.per_cpu_flows,
+        },
+        config: a.config,
+        state_file,
+        socket,
+        bpffs: a.bpffs,
+        metrics: a.metrics,
+        keep_on_exit: a.keep_on_exit,
+        fresh: a.fresh,
+        interval: a.interval,
+        duration: a.duration,
+        json: a.json,
+    };
+    run::run(opts).await?;
+    Ok(())
+}
+
+async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
+    match cmd {
+        VipCmd::Add {
+            vip,
+            source_hash,
+            health,
+            health_path,
+            health_status,
+            health_port,
+            interval_ms,
+            timeout_ms,
+            rise,
+            fall,
+        } => {
+            let health = health.map(|k| HealthCheck {
+                kind: match k {
+                    CheckKind::Tcp => HealthKind::Tcp,
+                    CheckKind::Http => HealthKind::Http,
+                },
+                port: health_port,
+                path: health_path,
+                expect_status: health_status,
+                interval_ms,
+                timeout_ms,
+                rise,
+                fall,
+            });
+            client
+                .command(&Command::AddVip {
+                    vip,
+                    source_hash,
+                    health,
+                })
+                .await?;
+            println!("added VIP {vip}");
+        }
+        VipCmd::Remove { vip } => {
+            client.command(&Command::RemoveVip { vip }).await?;
+            println!("removed VIP {vip}");
+        }
+        VipCmd::List { json } => {
+            let vips: Vec<VipView> = client.get("/v1/vips").await?;
+            if json {
+                return print_json(&vips);
+            }
+            print_table(
+                &["VIP", "ID", "HASH", "HEALTH", "SERVING"],
+                &vip_rows(&vips),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Says which backends of a change have no MAC yet.
+fn report_no_mac(r: &CommandResult) {
+    for a in &r.no_mac {
+        println!(
+            "note: backend {a} has no MAC yet (not in the neighbour table): it takes no traffic until it answers ARP/ND, or give it with --mac"
+        );
+    }
+}
+
+async fn backend(client: &Client, cmd: BackendCmd) -> anyhow::Result<()> {
+    match cmd {
+        BackendCmd::Add {
+            vip,
+            address,
+            weight,
+            mac,
+        } => {
+            let r = client
+                .command(&Command::AddBackend {
+                    vip,
+                    address,
+                    weight,
+                    mac,
+                })
+                .await?;
+            println!("added backend {address} to {vip} (weight {weight})");
+            report_no_mac(&r);
+        }
+        BackendCmd::Remove { vip, address } => {
+            client
+                .command(&Command::RemoveBackend { vip, address })
+                .await?;
+            println!("removed backend {address} from {vip}");
+        }
+        BackendCmd::Weight {
+            vip,
+            address,
+            weight,
+        } => {
+            client
+                .command(&Command::SetWeight {
+                    vip,
+                    address,
+                    weight,
+                })
+                .await?;
+            println!("backend {address} of {vip} now has weight {weight}");
+        }
+        BackendCmd::Drain { vip, address, undo } => {
+            client
+                .command(&Command::Drain {
+                    vip,
+                    address,
+                    drained: !undo,
+                })
+                .await?;
+            let now = if undo {
+                "takes new flows again"
+            } else {
+                "is draining"
+            };
+            println!("backend {address} of {vip} {now}");
+        }
+        BackendCmd::List { vip, json } => {
+            let mut vips: Vec<VipView> = client.get("/v1/vips").await?;
+            if let Some(vip) = vip {
+                vips.retain(|v| v.vip == vip);
+                if vips.is_empty() {
+                    return Err(lb_userspace::Error::NotFound(format!(
+                        "unknown VIP {vip}: see `lb vip list`"
+                    ))
+                    .into());
+                }
+            }
+            if json {
+                return print_json(&vips);
+            }
+            print_table(&BACKEND_HEADERS, &backend_rows(&vips));
+        }
+    }
+    Ok(())
+}
+
+async fn trace(
+    client: &Client,
+    c: std::net::SocketAddr,
+    vip: VipAddr,
+    json: bool,
+) -> anyhow::Result<()> {
+    let t: Trace = client
+        .get(&format!(
+            "/v1/trace?src={}&sport={}&vip={}",
+            encode_query(&c.ip().to_string()),
+            c.port(),
+            encode_query(&vip.to_string())
+        ))
+        .await?;
+    if json {
+        return print_json(&t);
+    }
+    let show = |a: Option<IpAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    print_table(
+        &[
+            "VIP",
+            "VIP ID",
+            "SLOT",
+            "SLOT BACKEND",
+            "FLOW ENTRY",
+            "NEXT PACKET TO",
+        ],
+        &[vec![
+            t.vip.to_string(),
+            t.vip_id.to_string(),
+            t.slot.to_string(),
+            show(t.slot_backend),
+            show(t.flow_backend),
+            show(t.next_packet_to),
+        ]],
+    );
+    Ok(())
+}
+
+async fn apply(client: &Client, file: PathBuf, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let state = parse_config(&text).map_err(lb_userspace::Error::Invalid)?;
+    let r = client.command(&Command::Apply { state, dry_run }).await?;
+    if json {
+        return print_json(&r);
+    }
+    print!("{}", plan::render(&r.plan));
+    println!(
+        "{}",
+        if dry_run {
+            "dry run: nothing changed"
+        } else {
+            "applied"
+        }
+    );
+    report_no_mac(&r);
+    Ok(())
+}
+
+async fn xdp_pass(iface: &str) -> anyhow::Result<()> {
+    let tiny = LoadOptions {
+        ring_size: 7,
+        max_vips: 1,
+        max_backends: 2,
+        flow_entries: 1,
+        ..LoadOptions::default()
+    };
+    let mut dp = lb_userspace::Dataplane::load(tiny)?;
+    dp.attach_pass(iface)?;
+    println!("XDP_PASS attached to {iface}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn stats(client: &Client, watch: bool, count: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let mut prev: Option<StatsView> = None;
+    let mut n = 0u64;
+    loop {
+        let s: StatsView = client.get("/v1/stats").await?;
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print_stats(&s, prev.as_ref());
+        }
+        n += 1;
+        if !watch || count.is_some_and(|c| n >= c) {
+            break;
+        }
+        prev = Some(s);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
+    let rate = |now: u64, before: Option<u64>| {
+        before.map_or(String::new(), |b| format!("{}/s", now.saturating_sub(b)))
+    };
+    if let Some(why) = &s.agent.not_converged {
+        println!("WARNING: the data plane does not match the desired state yet: {why}\n");
+    }
+    if !s.agent.no_mac.is_empty() {
+        let list: Vec<String> = s.agent.no_mac.iter().map(|a| a.to_string()).collect();
+        println!("backends without a MAC (no traffic): {}\n", list.join(", "));
+    }
+    let mut rows = Vec::new();
+    for (k, c) in &s.global {
+        let before = prev.and_then(|p| p.global.get(k)).map(|c| c.packets);
+        rows.push(vec![
+            k.clone(),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+            rate(c.packets, before),
+        ]);
+    }
+    print_table(&["COUNTER", "PACKETS", "BYTES", "RATE"], &rows);
+    println!();
+    let mut rows = Vec::new();
+    for v in &s.vips {
+        let pv = prev.and_then(|p| p.vips.iter().find(|x| x.vip == v.vip));
+        rows.push(vec![
+            v.vip.to_string(),
+            "-".into(),
+            v.packets.to_string(),
+            v.bytes.to_string(),
+            v.new_flows.to_string(),
+            rate(v.packets, pv.map(|x| x.packets)),
+        ]);
+        for b in &v.backends {
+            let pb = pv.and_then(|x| x.backends.iter().find(|y| y.address == b.address));
+            rows.push(vec![
+                String::new(),
+                b.address.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                String::new(),
+                rate(b.packets, pb.map(|y| y.packets)),
+            ]);
+        }
+    }
+    print_table(
+        &["VIP", "BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "RATE"],
+        &rows,
+    );
+}

@@ -1,0 +1,8 @@
+//! The `lb` command line: `args` defines and validates it, `commands` runs it against the
+//! agent's API (or runs the agent), `output` prints.
+pub mod args;
+pub mod commands;
+pub mod output;
+
+pub use args::Cli;
+pub use commands::execute;

@@ -1,0 +1,231 @@
+//! The real [`Kernel`]: the reconciler's writes carried out on the loaded maps, with a mirror
+//! of what they hold so a change costs only the writes it needs (no full read per change).
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::PerCpuValues;
+use lb_common::{BACKEND_F_PRESENT, Backend, FAMILY_V4, FlowKey, VIP_F_PRESENT};
+
+use crate::{
+    Dataplane, Error,
+    agent::{
+        kernel::Kernel,
+        reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
+    },
+    dataplane::stats::StatsMaps,
+    model::Mac,
+    net::{addr_words, family},
+};
+
+pub struct MapsKernel {
+    dp: Dataplane,
+    /// Source MAC of rewritten frames: the interface's own.
+    lb_mac: [u8; 6],
+    view: KernelView,
+}
+
+fn words_addr(words: [u32; 4], fam: u8) -> IpAddr {
+    if fam == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
+impl MapsKernel {
+    /// Wraps `dp` and reads what its maps hold.
+    pub fn new(dp: Dataplane, lb_mac: [u8; 6]) -> Result<Self, Error> {
+        let mut k = MapsKernel {
+            dp,
+            lb_mac,
+            view: KernelView::default(),
+        };
+        k.resync()?;
+        Ok(k)
+    }
+
+    fn zero_backend_counters(&mut self, id: u32) -> Result<(), Error> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
+        let zeros = PerCpuValues::try_from(vec![Default::default(); n])
+            .map_err(Error::io("building per-CPU zeros"))?;
+        self.dp
+            .stats
+            .backends
+            .set(id, zeros, 0)
+            .map_err(|source| Error::Map {
+                name: lb_common::BACKEND_STATS_MAP,
+                source,
+            })
+    }
+
+    fn zero_vip_counters(&mut self, id: u32) -> Result<(), Error> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
+        let zeros = PerCpuValues::try_from(vec![Default::default(); n])
+            .map_err(Error::io("building per-CPU zeros"))?;
+        self.dp
+            .stats
+            .vips
+            .set(id, zeros, 0)
+            .map_err(|source| Error::Map {
+                name: lb_common::VIP_STATS_MAP,
+                source,
+            })
+    }
+
+    fn set_backend(&mut self, id: u32, b: &BackendTarget, new_owner: bool) -> Result<(), Error> {
+        let old = self.dp.backends.get(id)?;
+        let was_present = old.flags & BACKEND_F_PRESENT != 0;
+        let entry = Backend {
+            addr: addr_words(b.addr),
+            mac: b.mac.0,
+            src_mac: self.lb_mac,
+            ifindex: 0,
+            generation: if new_owner || !was_present {
+                old.generation.wrapping_add(1)
+            } else {
+                old.generation
+            },
+            flags: BACKEND_F_PRESENT,
+            family: family(b.addr),
+            _pad: [0; 3],
+        };
+        if new_owner {
+            // Counters first: the new owner's first packet must not be added to the old's.
+            self.zero_backend_counters(id)?;
+        }
+        self.dp.backends.set(id, &entry)
+    }
+
+    /// Re-reads backend `id` into the mirror after a failed write.
+    fn reread_backend(&mut self, id: u32) {
+        match self.dp.backends.get(id) {
+            Ok(b) if b.flags & BACKEND_F_PRESENT != 0 => {
+                self.view.backends.insert(
+                    id,
+                    BackendTarget {
+                        addr: words_addr(b.addr, b.family),
+                        mac: Mac(b.mac),
+                    },
+                );
+            }
+            _ => {
+                self.view.backends.remove(&id);
+            }
+        }
+    }
+}
+
+impl Kernel for MapsKernel {
+    fn view(&self) -> &KernelView {
+        &self.view
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), Error> {
+        let result = match op {
+            Op::RemoveVip { key, .. } => self.dp.remove_vip(key),
+            Op::SetBackend {
+                id,
+                backend,
+                new_owner,
+            } => self.set_backend(*id, backend, *new_owner),
+            Op::PublishVip {
+                key,
+                id,
+                flags,
+                table,
+                new,
+            } => {
+                if *new {
+                    self.zero_vip_counters(*id)?;
+                }
+                self.dp.publish_vip(key, *id, *flags, table).map(drop)
+            }
+            Op::ClearBackend { id } => self.dp.backends.clear(*id),
+        };
+        match (&result, op) {
+            (Ok(()), _) => apply_to_view(&mut self.view, op),
+            (Err(_), Op::SetBackend { id, .. } | Op::ClearBackend { id }) => {
+                self.reread_backend(*id)
+            }
+            (Err(_), Op::PublishVip { id, .. } | Op::RemoveVip { id, .. }) => {
+                // The table may be half written: forget what we know so it is rewritten.
+                self.view.published.remove(id);
+                self.dp.slots.forget(*id);
+                if let Ok(list) = self.dp.vips.list() {
+                    self.view.vips = list.into_iter().collect();
+                }
+            }
+        }
+        result
+    }
+
+    fn resync(&mut self) -> Result<(), Error> {
+        let mut view = KernelView {
+            vips: self.dp.vips.list()?.into_iter().collect(),
+            ..KernelView::default()
+        };
+        // A bound key whose id is not marked present is half made: treat it as unbound.
+        let mut half = Vec::new();
+        for (key, id) in &view.vips {
+            if self.dp.vips.info(*id)?.flags & VIP_F_PRESENT == 0 {
+                half.push(*key);
+            }
+        }
+        for key in half {
+            view.vips.remove(&key);
+            self.dp.vips.unbind(&key)?;
+        }
+        for id in 1..self.dp.backends.capacity() {
+            let b = self.dp.backends.get(id)?;
+            if b.flags & BACKEND_F_PRESENT != 0 {
+                view.backends.insert(
+                    id,
+                    BackendTarget {
+                        addr: words_addr(b.addr, b.family),
+                        mac: Mac(b.mac),
+                    },
+                );
+            }
+        }
+        for id in 0..self.dp.vips.capacity() {
+            self.dp.slots.forget(id);
+        }
+        self.view = view;
+        Ok(())
+    }
+
+    fn capacity(&self) -> Capacity {
+        Capacity {
+            vips: self.dp.vips.capacity(),
+            backends: self.dp.backends.capacity(),
+        }
+    }
+
+    fn ring_size(&self) -> u32 {
+        self.dp.opts.ring_size
+    }
+
+    fn hash_seed(&self) -> u64 {
+        self.dp.opts.hash_seed
+    }
+
+    fn flow_backend(&self, key: &FlowKey, vip_id: u32) -> Result<Option<u32>, Error> {
+        let Some(f) = self.dp.flows.get(key)? else {
+            return Ok(None);
+        };
+        let info = self.dp.vips.info(vip_id)?;
+        let b = self.dp.backends.get(f.backend_id)?;
+        let valid = f.vip_id == vip_id
+            && f.vip_generation == info.generation
+            && b.flags & BACKEND_F_PRESENT != 0
+            && b.generation == f.backend_generation;
+        Ok(valid.then_some(f.backend_id))
+    }
+
+    fn stats(&self) -> Option<&StatsMaps> {
+        Some(&self.dp.stats)
+    }
+}

@@ -1,0 +1,324 @@
+//! The pinned map set of one interface: where it lives, whether this agent may adopt it, and
+//! the lock that keeps a second agent from touching it.
+//!
+//! Adoption is checked before anything is loaded or changed: every pinned map's type, key and
+//! value sizes, flags and capacity against what these options would create, and the pinned
+//! [`AbiRecord`] (build layout and load options) against this agent's. A mismatch is refused
+//! with one line saying what differs; `--fresh` discards the old set.
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, Write as _},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, MapData, MapInfo, MapType};
+use lb_common::{
+    ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
+    FLOWS_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS, SLOTS_MAP, STATS_MAP, Stat,
+    TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
+    VipCounter, VipInfo, VipKey, abi_layout,
+};
+
+use crate::{Error, LoadOptions};
+
+/// Where this interface's pins live.
+pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
+    bpffs.join("xdp-lb").join(iface)
+}
+
+/// Removes the link pin (detaching the program once nothing else holds it) and every map pin.
+pub fn remove_pins(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("link"));
+    if let Ok(entries) = std::fs::read_dir(dir.join("maps")) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir.join("maps"));
+    let _ = std::fs::remove_dir(dir);
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+/// The record these options give.
+pub fn abi_record(opts: &LoadOptions) -> AbiRecord {
+    AbiRecord {
+        magic: ABI_MAGIC,
+        version: ABI_VERSION,
+        flow_table: opts.config().flow_table,
+        layout: abi_layout(),
+        ring_size: opts.ring_size,
+        max_vips: opts.max_vips,
+        max_backends: opts.max_backends,
+        flow_entries: opts.flow_entries,
+        hash_seed: opts.hash_seed,
+    }
+}
+
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// What each map must look like under `opts`: (name, type, key size, value size, entries,
+/// flags). Kept beside the program's definitions in `lb-ebpf/src/maps.rs`.
+fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32, u32)> {
+    use std::mem::size_of as sz;
+    let (shared, per_cpu) = if opts.per_cpu_flows {
+        (1, opts.flow_entries)
+    } else {
+        (opts.flow_entries, 1)
+    };
+    vec![
+        (VIPS_MAP, MapType::Hash, sz::<VipKey>(), 4, opts.max_vips, 0),
+        (
+            VIP_INFO_MAP,
+            MapType::Array,
+            4,
+            sz::<VipInfo>(),
+            opts.max_vips,
+            0,
+        ),
+        (VIP_FILTER_MAP, MapType::Array, 4, 8, VIP_FILTER_WORDS, 0),
+        (
+            SLOTS_MAP,
+            MapType::Array,
+            4,
+            4,
+            opts.max_vips * 2 * opts.ring_size,
+            0,
+        ),
+        (
+            BACKENDS_MAP,
+            MapType::Array,
+            4,
+            sz::<Backend>(),
+            opts.max_backends,
+            0,
+        ),
+        (
+            FLOWS_MAP,
+            MapType::LruHash,
+            sz::<FlowKey>(),
+            sz::<FlowValue>(),
+            shared,
+            0,
+        ),
+        (
+            FLOWS_PERCPU_MAP,
+            MapType::LruHash,
+            sz::<FlowKey>(),
+            sz::<FlowValue>(),
+            per_cpu,
+            BPF_F_NO_COMMON_LRU,
+        ),
+        (TX_PORTS_MAP, MapType::DevMapHash, 4, 4, MAX_TX_PORTS, 0),
+        (
+            STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            sz::<Counter>(),
+            Stat::COUNT,
+            0,
+        ),
+        (
+            VIP_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            sz::<VipCounter>(),
+            opts.max_vips,
+            0,
+        ),
+        (
+            BACKEND_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            sz::<Counter>(),
+            opts.max_backends,
+            0,
+        ),
+    ]
+}
+
+/// Whether `map_dir` holds a map set to adopt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pins {
+    /// Nothing pinned: the maps will be created.
+    Fresh,
+    /// A compatible set is pinned and will be adopted.
+    Adopt,
+}
+
+fn incompatible(map_dir: &Path, what: String) -> Error {
+    Error::Conflict(format!(
+        "the maps pinned under {} do not match this agent ({what}): start with the options they were made with, or with --fresh to discard the old state (its flows are lost)",
+        map_dir.display()
+    ))
+}
+
+/// Compares the pinned set under `map_dir` with what `opts` would create; changes nothing.
+pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
+    let present = std::fs::read_dir(map_dir)
+        .map(|d| d.flatten().count())
+        .unwrap_or(0);
+    if present == 0 {
+        return Ok(Pins::Fresh);
+    }
+    let rec_path = map_dir.join(ABI_MAP);
+    let record = MapData::from_pin(&rec_path)
+        .ok()
+        .and_then(|m| Array::<MapData, AbiRecord>::try_from(aya::maps::Map::Array(m)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .ok_or_else(|| {
+            incompatible(
+                map_dir,
+                format!("no readable {ABI_MAP} record: made by another build"),
+            )
+        })?;
+    let want = abi_record(opts);
+    if record.magic != ABI_MAGIC || record.version != want.version || record.layout != want.layout {
+        return Err(incompatible(
+            map_dir,
+            format!(
+                "made by a build with map ABI version {} / layout {:#x}, this is {} / {:#x}",
+                record.version, record.layout, want.version, want.layout
+            ),
+        ));
+    }
+    let mut diffs = Vec::new();
+    let mut cmp = |what: &str, have: u64, want: u64| {
+        if have != want {
+            diffs.push(format!("{what} {have}, this agent {want}"));
+        }
+    };
+    cmp(
+        "--ring-size",
+        record.ring_size.into(),
+        want.ring_size.into(),
+    );
+    cmp("--max-vips", record.max_vips.into(), want.max_vips.into());
+    cmp(
+        "--max-backends",
+        record.max_backends.into(),
+        want.max_backends.into(),
+    );
+    cmp(
+        "--flow-entries",
+        record.flow_entries.into(),
+        want.flow_entries.into(),
+    );
+    cmp(
+        "--per-cpu-flows",
+        record.flow_table.into(),
+        want.flow_table.into(),
+    );
+    cmp("--hash-seed", record.hash_seed, want.hash_seed);
+    if !diffs.is_empty() {
+        return Err(incompatible(
+            map_dir,
+            format!("pinned with {}", diffs.join(", ")),
+        ));
+    }
+    for (name, ty, key, value, entries, flags) in expected(opts) {
+        let info = MapInfo::from_pin(map_dir.join(name))
+            .map_err(|e| incompatible(map_dir, format!("map {name} is not readable: {e}")))?;
+        let have_ty = info.map_type().ok();
+        if have_ty != Some(ty)
+            || info.key_size() as usize != key
+            || info.value_size() as usize != value
+            || info.max_entries() != entries
+            || info.map_flags() & BPF_F_NO_COMMON_LRU != flags
+        {
+            return Err(incompatible(
+                map_dir,
+                format!(
+                    "map {name} is {have_ty:?} key {} value {} entries {} flags {:#x}, this agent needs {ty:?} key {key} value {value} entries {entries} flags {flags:#x}",
+                    info.key_size(),
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags()
+                ),
+            ));
+        }
+    }
+    Ok(Pins::Adopt)
+}
+
+/// Creates and pins the record of a fresh map set.
+pub fn write_record(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
+    let mut a = Array::<MapData, AbiRecord>::create(1, 0).map_err(|source| Error::Map {
+        name: ABI_MAP,
+        source,
+    })?;
+    a.set(0, abi_record(opts), 0).map_err(|source| Error::Map {
+        name: ABI_MAP,
+        source,
+    })?;
+    let path = map_dir.join(ABI_MAP);
+    let _ = std::fs::remove_file(&path);
+    a.pin(&path)
+        .map_err(|e| Error::Kernel(format!("pinning {}: {e}", path.display())))
+}
+
+/// Directory of the agents' lock files.
+pub const LOCK_DIR: &str = "/run/xdp-lb/locks";
+
+/// An exclusive lock on one interface's pins, held for the agent's life (released by the
+/// kernel when the process dies, also on kill -9). The file names the holder.
+pub struct AgentLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl AgentLock {
+    /// Takes the lock of the pins under `pin_dir`, or says who holds it. Touches no pin.
+    pub fn acquire(pin_dir: &Path, iface: &str, socket: &Path) -> Result<AgentLock, Error> {
+        let dir = Path::new(LOCK_DIR);
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        // One file per pin directory (pins are found by path, so the path is the identity).
+        let name: String = pin_dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(format!("{name}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Error::io(format!("opening {}", path.display())))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::Conflict(format!(
+                "another agent already runs on {iface} ({}): stop it first; nothing was changed",
+                if holder.is_empty() {
+                    "holder unknown".to_string()
+                } else {
+                    holder.to_string()
+                }
+            )));
+        }
+        let me = format!("pid {}, socket {}", std::process::id(), socket.display());
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = file.write_all(me.as_bytes());
+        Ok(AgentLock { file, path })
+    }
+
+    /// Removes the lock file and releases the lock (clean exit). A process killed with -9
+    /// leaves the file; the kernel releases its lock, and the next agent reuses the file.
+    pub fn release(self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
