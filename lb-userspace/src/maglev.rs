@@ -163,8 +163,9 @@ mod tests {
         for b in &bs {
             let got = s[&b.id] as f64 / 65537.0;
             let want = f64::from(b.weight) / f64::from(total);
+            // Relative: a weight-1 backend (0.8 % here) with no slots must fail.
             assert!(
-                (got - want).abs() <= 0.01,
+                (got - want).abs() <= 0.05 * want,
                 "backend {} got {got:.4} want {want:.4}",
                 b.id
             );

@@ -68,6 +68,9 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
     } else {
         (opts.flow_entries, 1)
     };
+    // The kernel rounds an LRU with per-CPU lists up to a multiple of the possible CPUs.
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32);
+    let per_cpu = per_cpu.div_ceil(cpus) * cpus;
     vec![
         (VIPS_MAP, MapType::Hash, sz::<VipKey>(), 4, opts.max_vips, 0),
         (
@@ -111,7 +114,8 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             per_cpu,
             BPF_F_NO_COMMON_LRU,
         ),
-        (TX_PORTS_MAP, MapType::DevMapHash, 4, 4, MAX_TX_PORTS, 0),
+        // Devmap values are `struct bpf_devmap_val` (ifindex and a program fd).
+        (TX_PORTS_MAP, MapType::DevMapHash, 4, 8, MAX_TX_PORTS, 0),
         (
             STATS_MAP,
             MapType::PerCpuArray,
