@@ -117,16 +117,31 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     expect_error(&dir, &["vip", "add", "10.61.0.100:99999/tcp"], "port")?;
     expect_error(
         &dir,
-        &["backend", "add", vip, "10.61.0.100", "--mac", "02:00:00:00:00:01"],
+        &[
+            "backend",
+            "add",
+            vip,
+            "10.61.0.100",
+            "--mac",
+            "02:00:00:00:00:01",
+        ],
         "the VIP's own address",
     )?;
-    expect_error(&dir, &["backend", "add", vip, "10.61.0.7:8080"], "has a port")?;
+    expect_error(
+        &dir,
+        &["backend", "add", vip, "10.61.0.7:8080"],
+        "has a port",
+    )?;
     expect_error(
         &dir,
         &["backend", "add", vip, "10.61.0.7", "--weight", "-5"],
         "weight -5 is out of range",
     )?;
-    expect_error(&dir, &["vip", "add", "2001:db8::50:80/tcp"], "needs brackets")?;
+    expect_error(
+        &dir,
+        &["vip", "add", "2001:db8::50:80/tcp"],
+        "needs brackets",
+    )?;
     expect_error(
         &dir,
         &[
@@ -153,16 +168,26 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     // Exit codes follow the error's kind.
     let code = |args: &[&str]| dir.cli(args).map(|o| o.status.code());
     assert_eq!(code(&["vip", "add", vip])?, Some(4), "conflict");
-    assert_eq!(code(&["backend", "remove", vip, "10.61.0.77"])?, Some(3), "not found");
+    assert_eq!(
+        code(&["backend", "remove", vip, "10.61.0.77"])?,
+        Some(3),
+        "not found"
+    );
 
     // A backend that does not answer ARP is accepted as `no-mac`: kept out of the table,
     // blocking nothing; removing it works.
     let out = dir.cli_ok(&["backend", "add", vip, "10.61.0.55"])?;
     assert!(out.contains("has no MAC yet"), "{out}");
     let listed = dir.cli_ok(&["backend", "list", vip])?;
-    let row = listed.lines().find(|l| l.contains("10.61.0.55")).unwrap_or("");
+    let row = listed
+        .lines()
+        .find(|l| l.contains("10.61.0.55"))
+        .unwrap_or("");
     assert!(row.contains("no-mac") && row.contains("0.0%"), "{listed}");
-    assert!(listed.contains("75.0%"), "others keep their shares: {listed}");
+    assert!(
+        listed.contains("75.0%"),
+        "others keep their shares: {listed}"
+    );
     dir.cli_ok(&["backend", "remove", vip, "10.61.0.55"])?;
 
     // Drain takes the backend out of the table; weight changes the shares; trace agrees.
@@ -183,10 +208,20 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     assert_eq!(vips_json(&dir)?, serde_json::json!([]));
     // The backend namespace's ARP and the agent's own probes went through XDP: counted.
     let stats: serde_json::Value = serde_json::from_str(&dir.cli_ok(&["stats", "--json"])?)?;
-    let passed = stats["global"]["passed_not_vip"]["packets"].as_u64().unwrap_or(0);
+    let passed = stats["global"]["passed_not_vip"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(passed > 0, "{stats}");
-    assert_eq!(stats["global"]["forwarded"]["packets"].as_u64(), Some(0), "{stats}");
-    assert_eq!(stats["agent"]["not_converged"], serde_json::Value::Null, "{stats}");
+    assert_eq!(
+        stats["global"]["forwarded"]["packets"].as_u64(),
+        Some(0),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["agent"]["not_converged"],
+        serde_json::Value::Null,
+        "{stats}"
+    );
     Ok(())
 }
 

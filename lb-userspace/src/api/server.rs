@@ -141,7 +141,7 @@ fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
 }
 
 /// How long a command waits for the MACs of the backends it added (outside every lock).
-const MAC_WAIT: Duration = Duration::from_millis(1000);
+const MAC_WAIT: Duration = Duration::from_millis(500);
 
 async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
     let start = std::time::Instant::now();
