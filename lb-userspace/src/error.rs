@@ -82,7 +82,7 @@ pub enum Error {
         /// What to try instead, if anything (empty or starting with "; ").
         hint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("{0}")]
     Invalid(String),

@@ -310,7 +310,7 @@ impl Dataplane {
                 iface: iface.to_string(),
                 mode: "native",
                 hint: "",
-                source,
+                source: Box::new(source),
             })?;
         Ok(())
     }
@@ -338,7 +338,7 @@ impl Dataplane {
                     } else {
                         "; try `--mode generic`"
                     },
-                    source,
+                    source: Box::new(source),
                 })
         };
         let (used, id) = match mode {

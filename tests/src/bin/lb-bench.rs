@@ -236,20 +236,44 @@ fn maglev_rows() {
     }
 }
 
-/// A config with one VIP and backends 10.66.x.y (1..=n), each with a MAC.
-fn config_with(n: u32) -> String {
+/// Address and MAC of bench backend `i`.
+fn bench_backend(i: u32) -> (String, String) {
+    (
+        format!("10.66.{}.{}", i / 250 + 1, i % 250 + 1),
+        format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256),
+    )
+}
+
+/// A config with one VIP and backends 10.66.x.y (1..=n), each with a MAC when `macs`.
+fn config_with(n: u32, macs: bool) -> String {
     let mut s = String::from("[[vip]]\naddress = \"10.66.0.100:80/tcp\"\nbackend = [\n");
     for i in 1..=n {
-        s.push_str(&format!(
-            "  {{ address = \"10.66.{}.{}\", mac = \"02:00:00:00:{:02x}:{:02x}\" }},\n",
-            i / 250 + 1,
-            i % 250 + 1,
-            i / 256,
-            i % 256
-        ));
+        let (addr, mac) = bench_backend(i);
+        if macs {
+            s.push_str(&format!("  {{ address = \"{addr}\", mac = \"{mac}\" }},\n"));
+        } else {
+            s.push_str(&format!("  {{ address = \"{addr}\" }},\n"));
+        }
     }
     s.push_str("]\n");
     s
+}
+
+/// Runs `lb backend add` for bench backend `i`; returns the CLI call's ms.
+fn add_one(dir: &AgentDir, i: u32, with_mac: bool) -> anyhow::Result<f64> {
+    let (addr, mac) = bench_backend(i);
+    let mut args = vec!["backend", "add", "10.66.0.100:80/tcp", addr.as_str()];
+    if with_mac {
+        args.extend(["--mac", mac.as_str()]);
+    }
+    let t = Instant::now();
+    let out = dir.cli_ok(&args)?;
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        !out.contains("no MAC"),
+        "backend {addr} was not resolved: {out}"
+    );
+    Ok(wall)
 }
 
 /// Time from an API call to the new table being live (the agent answers after the kernel
@@ -272,7 +296,7 @@ fn control_plane_rows() -> anyhow::Result<()> {
         ("add 1 backend to 1000", 1001),
         ("add 1 more (diff against the table two changes back)", 1002),
     ] {
-        std::fs::write(&file, config_with(n))?;
+        std::fs::write(&file, config_with(n, true))?;
         let t = Instant::now();
         let out = dir.cli_ok(&["apply", "-f", &file.to_string_lossy(), "--json"])?;
         let wall = t.elapsed().as_secs_f64() * 1e3;
@@ -280,6 +304,42 @@ fn control_plane_rows() -> anyhow::Result<()> {
         let took = r["took_ns"].as_f64().unwrap_or(f64::NAN) / 1e6;
         println!("| {label} | {took:.2} | {wall:.2} |");
     }
+    // The 1000th backend without --mac: its MAC comes from the neighbour table (1000
+    // permanent entries on the interface, as a warm ARP cache would hold), next to the same
+    // call with --mac in the same run.
+    let mut batch = String::new();
+    for i in 1..=1000 {
+        let (addr, mac) = bench_backend(i);
+        batch.push_str(&format!(
+            "neigh replace {addr} lladdr {mac} dev {} nud permanent\n",
+            veth.a
+        ));
+    }
+    let batch_file = dir.dir.join("neigh.batch");
+    std::fs::write(&batch_file, batch)?;
+    lb_tests::net::sh(
+        "ip",
+        &["-n", lb.name(), "-batch", &batch_file.to_string_lossy()],
+    )?;
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for _ in 0..3 {
+        for (macs, out) in [(true, &mut with), (false, &mut without)] {
+            std::fs::write(&file, config_with(999, macs))?;
+            dir.cli_ok(&["apply", "-f", &file.to_string_lossy()])?;
+            out.push(add_one(&dir, 1000, macs)?);
+        }
+    }
+    with.sort_by(f64::total_cmp);
+    without.sort_by(f64::total_cmp);
+    println!(
+        "| add the 1000th backend with --mac (`lb backend add`, median of 3) | - | {:.2} |",
+        with[1]
+    );
+    println!(
+        "| add the 1000th backend without --mac, MAC from the neighbour table (median of 3) | - | {:.2} |",
+        without[1]
+    );
     Ok(())
 }
 
