@@ -138,10 +138,16 @@ impl NetlinkNeighbours {
                     report(out);
                 }
             };
+            // Events can be lost (socket overflow) or end; periodic dumps carry on regardless.
+            let mut events_open = true;
             loop {
                 tokio::select! {
-                    ev = events.next() => {
-                        let Some((msg, _)) = ev else { break };
+                    ev = events.next(), if events_open => {
+                        let Some((msg, _)) = ev else {
+                            log::warn!("neighbour events ended; following the table by periodic reads");
+                            events_open = false;
+                            continue;
+                        };
                         if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) =
                             msg.payload
                         {
@@ -169,8 +175,15 @@ impl NetlinkNeighbours {
                         if !have.is_empty() {
                             report(have);
                         }
-                        for a in w.iter().filter(|a| !known.contains_key(a)) {
-                            solicit(*a).await;
+                        // Unknown ones: read the table now (an entry may exist whose event
+                        // was lost), then solicit what is still missing.
+                        if w.iter().any(|a| !known.contains_key(a)) {
+                            if let Ok(all) = dump(&handle, ifindex).await {
+                                publish(&mut known, all, &w);
+                            }
+                            for a in w.iter().filter(|a| !known.contains_key(a)) {
+                                solicit(*a).await;
+                            }
                         }
                     }
                     _ = resolve.tick() => {
