@@ -98,18 +98,7 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 impl Drop for AgentDir {
     fn drop(&mut self) {
         // Lock files of agents killed with -9 under this bpffs (named after the pin path).
-        let prefix: String = self
-            .bpffs
-            .to_string_lossy()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let prefix = lb_userspace::dataplane::pins::lock_name(&self.bpffs);
         if let Ok(entries) = std::fs::read_dir(lb_userspace::dataplane::pins::LOCK_DIR) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {

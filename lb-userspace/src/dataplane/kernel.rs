@@ -47,32 +47,17 @@ impl MapsKernel {
         Ok(k)
     }
 
-    fn zero_backend_counters(&mut self, id: u32) -> Result<(), Error> {
+    /// Zeroes entry `id` of a per-CPU counter map (an id changing hands starts at 0).
+    fn zero<V: aya::Pod + Default>(
+        map: &mut aya::maps::PerCpuArray<aya::maps::MapData, V>,
+        name: &'static str,
+        id: u32,
+    ) -> Result<(), Error> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
-        let zeros = PerCpuValues::try_from(vec![Default::default(); n])
+        let zeros = PerCpuValues::try_from(vec![V::default(); n])
             .map_err(Error::io("building per-CPU zeros"))?;
-        self.dp
-            .stats
-            .backends
-            .set(id, zeros, 0)
-            .map_err(|source| Error::Map {
-                name: lb_common::BACKEND_STATS_MAP,
-                source,
-            })
-    }
-
-    fn zero_vip_counters(&mut self, id: u32) -> Result<(), Error> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
-        let zeros = PerCpuValues::try_from(vec![Default::default(); n])
-            .map_err(Error::io("building per-CPU zeros"))?;
-        self.dp
-            .stats
-            .vips
-            .set(id, zeros, 0)
-            .map_err(|source| Error::Map {
-                name: lb_common::VIP_STATS_MAP,
-                source,
-            })
+        map.set(id, zeros, 0)
+            .map_err(|source| Error::Map { name, source })
     }
 
     fn set_backend(&mut self, id: u32, b: &BackendTarget, new_owner: bool) -> Result<(), Error> {
@@ -94,7 +79,11 @@ impl MapsKernel {
         };
         if new_owner {
             // Counters first: the new owner's first packet must not be added to the old's.
-            self.zero_backend_counters(id)?;
+            Self::zero(
+                &mut self.dp.stats.backends,
+                lb_common::BACKEND_STATS_MAP,
+                id,
+            )?;
         }
         self.dp.backends.set(id, &entry)
     }
@@ -139,7 +128,7 @@ impl Kernel for MapsKernel {
                 new,
             } => {
                 if *new {
-                    self.zero_vip_counters(*id)?;
+                    Self::zero(&mut self.dp.stats.vips, lb_common::VIP_STATS_MAP, *id)?;
                 }
                 self.dp.publish_vip(key, *id, *flags, table).map(drop)
             }

@@ -266,6 +266,21 @@ pub fn write_record(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
 /// Directory of the agents' lock files.
 pub const LOCK_DIR: &str = "/run/xdp-lb/locks";
 
+/// The lock file's name for pins under `path` (pins are found by path, so the path is the
+/// identity); also a prefix of the names of every pin directory below `path`.
+pub fn lock_name(path: &Path) -> String {
+    path.to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// An exclusive lock on one interface's pins, held for the agent's life (released by the
 /// kernel when the process dies, also on kill -9). The file names the holder.
 pub struct AgentLock {
@@ -278,19 +293,7 @@ impl AgentLock {
     pub fn acquire(pin_dir: &Path, iface: &str, socket: &Path) -> Result<AgentLock, Error> {
         let dir = Path::new(LOCK_DIR);
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-        // One file per pin directory (pins are found by path, so the path is the identity).
-        let name: String = pin_dir
-            .to_string_lossy()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(format!("{name}.lock"));
+        let path = dir.join(format!("{}.lock", lock_name(pin_dir)));
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
