@@ -482,8 +482,12 @@ fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<
         "{after}"
     );
     assert_eq!(delta("passed_fragment"), want["passed_fragment"]);
-    assert_eq!(delta("passed_ip_options"), want["passed_ip_options"]);
-    // Background IPv6 (MLD, ND) also carries extension headers or is not for a VIP.
+    // Background IGMP reports carry the Router Alert option; background IPv6 (MLD, ND)
+    // carries extension headers or is not for a VIP. So these are lower bounds.
+    assert!(
+        delta("passed_ip_options") >= want["passed_ip_options"],
+        "{after}"
+    );
     assert!(delta("passed_ipv6_ext") >= want["passed_ipv6_ext"]);
     assert!(delta("passed_not_vip") >= want["passed_not_vip"]);
     assert_eq!(delta("forwarded"), 0, "an odd frame was forwarded");
