@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use lb_userspace::api::protocol::{BackendView, StatsView, VipView};
 
 use crate::{ChildGuard, Netns, lb_binary, net::sh, unique_name};
 
@@ -58,15 +59,31 @@ impl AgentDir {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Health of backend `addr` in the first VIP, as `lb vip list --json` reports it.
+    /// `lb vip list --json`, read into the API's own types.
+    pub fn vips(&self) -> anyhow::Result<Vec<VipView>> {
+        let out = self.cli_ok(&["vip", "list", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("reading `lb vip list --json`: {out}"))
+    }
+
+    /// Backend `addr` of the first VIP, if it has one.
+    pub fn backend(&self, addr: &str) -> anyhow::Result<Option<BackendView>> {
+        let addr: std::net::IpAddr = addr.parse().context("backend address")?;
+        Ok(self
+            .vips()?
+            .into_iter()
+            .next()
+            .and_then(|v| v.backends.into_iter().find(|b| b.address == addr)))
+    }
+
+    /// Health of backend `addr` in the first VIP (`up`, `down`, `unchecked`; empty if absent).
     pub fn backend_health(&self, addr: &str) -> anyhow::Result<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&["vip", "list", "--json"])?)?;
-        Ok(v[0]["backends"]
-            .as_array()
-            .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-            .and_then(|b| b["health"].as_str())
-            .unwrap_or_default()
-            .to_string())
+        Ok(self.backend(addr)?.map(|b| b.health).unwrap_or_default())
+    }
+
+    /// `lb stats --json`, read into the API's own types.
+    pub fn stats(&self) -> anyhow::Result<StatsView> {
+        let out = self.cli_ok(&["stats", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("reading `lb stats --json`: {out}"))
     }
 
     /// Starts `lb run` on `iface` inside `ns` and waits until its API is up.

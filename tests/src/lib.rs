@@ -4,12 +4,15 @@
 //! Names are unique per process and call so tests can run in parallel. Everything is driven
 //! through iproute2's `ip`, the same commands an operator would type.
 pub mod agent;
+pub mod frames;
 pub mod net;
 pub mod proc;
 pub mod raw;
 pub mod topo;
+pub mod wait;
 pub mod world;
 
 pub use agent::AgentDir;
 pub use net::{Netns, VethPair, unique_name};
 pub use proc::{ChildGuard, lb_binary};
+pub use wait::wait_until;

@@ -5,10 +5,11 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use lb_tests::{AgentDir, ChildGuard, Netns, VethPair, lb_binary};
+use lb_tests::{AgentDir, ChildGuard, Netns, VethPair, lb_binary, wait_until};
+use lb_userspace::agent::reconcile::Serving;
 
 /// A load-balancer namespace with a veth to a backend namespace.
 struct Net {
@@ -27,12 +28,6 @@ fn net(tag: &str, subnet: u8) -> anyhow::Result<Net> {
         &format!("10.{subnet}.0.2/24"),
     )?;
     Ok(Net { lb, backend, veth })
-}
-
-fn vips_json(dir: &AgentDir) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::from_str(
-        &dir.cli_ok(&["vip", "list", "--json"])?,
-    )?)
 }
 
 /// Runs `lb args`, expects failure with one line on stderr containing `want`.
@@ -77,7 +72,7 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
         listed.contains("10.61.0.2") && listed.contains("75.0%"),
         "{listed}"
     );
-    let before = vips_json(&dir)?;
+    let before = dir.vips()?;
     let state_before = std::fs::read_to_string(dir.state_file())?;
 
     expect_error(&dir, &["vip", "add", vip], "already exists")?;
@@ -155,7 +150,7 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
         "unicast",
     )?;
     assert_eq!(
-        vips_json(&dir)?,
+        dir.vips()?,
         before,
         "a failed command changed the agent's state"
     );
@@ -205,23 +200,13 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     assert!(listed.contains("50.0%"), "{listed}");
     dir.cli_ok(&["backend", "remove", vip, "10.61.0.9"])?;
     dir.cli_ok(&["vip", "remove", vip])?;
-    assert_eq!(vips_json(&dir)?, serde_json::json!([]));
+    assert_eq!(dir.vips()?, []);
     // The backend namespace's ARP and the agent's own probes went through XDP: counted.
-    let stats: serde_json::Value = serde_json::from_str(&dir.cli_ok(&["stats", "--json"])?)?;
-    let passed = stats["global"]["passed_not_vip"]["packets"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(passed > 0, "{stats}");
-    assert_eq!(
-        stats["global"]["forwarded"]["packets"].as_u64(),
-        Some(0),
-        "{stats}"
-    );
-    assert_eq!(
-        stats["agent"]["not_converged"],
-        serde_json::Value::Null,
-        "{stats}"
-    );
+    let stats = dir.stats()?;
+    let packets = |name: &str| stats.global.get(name).map(|c| c.packets);
+    assert!(packets("passed_not_vip") > Some(0), "{stats:?}");
+    assert_eq!(packets("forwarded"), Some(0), "{stats:?}");
+    assert_eq!(stats.agent.not_converged, None, "{stats:?}");
     Ok(())
 }
 
@@ -263,7 +248,7 @@ fn kill_9_keeps_forwarding_and_restart_restores_state() -> anyhow::Result<()> {
         "--mac",
         "02:00:00:00:00:08",
     ])?;
-    let before = vips_json(&dir)?;
+    let before = dir.vips()?;
     let trace_before = dir.cli_ok(&["trace", "192.0.2.9:1234", vip, "--json"])?;
 
     agent.kill();
@@ -277,7 +262,7 @@ fn kill_9_keeps_forwarding_and_restart_restores_state() -> anyhow::Result<()> {
     );
 
     let agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
-    assert_eq!(vips_json(&dir)?, before, "state not restored");
+    assert_eq!(dir.vips()?, before, "state not restored");
     assert_eq!(
         dir.cli_ok(&["trace", "192.0.2.9:1234", vip, "--json"])?,
         trace_before
@@ -308,16 +293,11 @@ fn wait_health(
     want: &str,
     within: Duration,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if health_of(dir, addr)? == want {
-            return Ok(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!(
-        "backend {addr} not {want} within {within:?} (is {})",
-        health_of(dir, addr)?
+    wait_until(
+        within,
+        &format!("backend {addr} {want}"),
+        || Ok(health_of(dir, addr)? == want),
+        || health_of(dir, addr).unwrap_or_else(|e| e.to_string()),
     )
 }
 
@@ -389,10 +369,10 @@ fn health_checks_take_backends_out_and_back() -> anyhow::Result<()> {
     )?;
     eprintln!("backend went down after {took:?}");
     // Both down: the table is empty, in the listing and in the data plane (trace).
-    let v = vips_json(&dir)?;
-    for b in v[0]["backends"].as_array().into_iter().flatten() {
-        assert_eq!(b["share_pct"].as_f64(), Some(0.0), "{v}");
-        assert_eq!(b["serving"], "down", "{v}");
+    let v = dir.vips()?;
+    for b in &v[0].backends {
+        assert_eq!(b.share_pct, 0.0, "{v:?}");
+        assert_eq!(b.serving, Serving::Down, "{v:?}");
     }
     let trace = dir.cli_ok(&["trace", "192.0.2.1:5000", vip, "--json"])?;
     let t: serde_json::Value = serde_json::from_str(&trace)?;
@@ -431,14 +411,10 @@ backend = [
         plan.contains("75.00%") && plan.contains("dry run"),
         "{plan}"
     );
-    assert_eq!(
-        vips_json(&dir)?,
-        serde_json::json!([]),
-        "dry run changed state"
-    );
+    assert_eq!(dir.vips()?, [], "dry run changed state");
     let applied = dir.cli_ok(&["apply", "-f", &cfg])?;
     assert!(applied.contains("applied"), "{applied}");
-    assert_eq!(vips_json(&dir)?.as_array().map(Vec::len), Some(1));
+    assert_eq!(dir.vips()?.len(), 1);
     let again = dir.cli_ok(&["apply", "-f", &cfg, "--dry-run"])?;
     assert!(again.contains("no changes"), "{again}");
     // A broken file is refused whole.
@@ -451,16 +427,16 @@ backend = [
         &["apply", "-f", &dir.dir.join("bad.toml").to_string_lossy()],
         "out of range",
     )?;
-    assert_eq!(vips_json(&dir)?.as_array().map(Vec::len), Some(1));
+    assert_eq!(dir.vips()?.len(), 1);
     // One apply that removes a VIP and adds another: the freed VIP id is reused at once.
     std::fs::write(
         dir.dir.join("swap.toml"),
         "[[vip]]\naddress = \"10.64.0.101:80/tcp\"\nbackend = [ { address = \"10.64.0.2\" } ]\n",
     )?;
     dir.cli_ok(&["apply", "-f", &dir.dir.join("swap.toml").to_string_lossy()])?;
-    let v = vips_json(&dir)?;
-    assert_eq!(v.as_array().map(Vec::len), Some(1));
-    assert_eq!(v[0]["vip"], "10.64.0.101:80/tcp");
+    let v = dir.vips()?;
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].vip.to_string(), "10.64.0.101:80/tcp");
     let trace = dir.cli_ok(&["trace", "192.0.2.1:5000", "10.64.0.101:80/tcp"])?;
     assert!(trace.contains("10.64.0.2"), "{trace}");
     Ok(())

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use lb_tests::topo::{DemoNet, PORT, VIP};
+use lb_userspace::api::protocol::StatsView;
 
 fn vip_ip() -> IpAddr {
     VIP.parse().expect("literal")
@@ -72,12 +73,8 @@ fn spread_scenario(mode: &str) -> anyhow::Result<()> {
             "{mode}: weighted shares off by more than 10 points: {counts:?}"
         );
     }
-    let stats = net.lb(&["stats", "--json"])?;
-    let v: serde_json::Value = serde_json::from_str(&stats)?;
-    assert!(
-        v["global"]["forwarded"]["packets"].as_u64().unwrap_or(0) >= 600,
-        "{stats}"
-    );
+    let stats = net.dir.stats()?;
+    assert!(counter(&stats, "forwarded") >= 600, "{stats:?}");
     Ok(())
 }
 
@@ -91,12 +88,13 @@ fn spread_generic() -> anyhow::Result<()> {
     spread_scenario("generic")
 }
 
-fn forwarded(net: &DemoNet) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::from_str(&net.lb(&["stats", "--json"])?)?)
+fn forwarded(net: &DemoNet) -> anyhow::Result<StatsView> {
+    net.dir.stats()
 }
 
-fn counter(stats: &serde_json::Value, name: &str) -> u64 {
-    stats["global"][name]["packets"].as_u64().unwrap_or(0)
+/// Packets of global counter `name` (0 when the agent does not list it).
+fn counter(stats: &StatsView, name: &str) -> u64 {
+    stats.global.get(name).map_or(0, |c| c.packets)
 }
 
 /// Scenario 6: traffic to the load balancer itself (ping, TCP to its own address, ARP, IPv6
@@ -172,7 +170,8 @@ fn ipv6_and_udp_vips() -> anyhow::Result<()> {
 /// connection after that succeeds; restarted, it comes back.
 #[test]
 fn health_checks_follow_backends() -> anyhow::Result<()> {
-    use std::time::{Duration, Instant};
+    use lb_tests::wait_until;
+    use std::time::Duration;
     let mut net = DemoNet::build(3, "native")?;
     net.start_backends()?;
     net.start_agent(&[])?;
@@ -194,38 +193,36 @@ fn health_checks_follow_backends() -> anyhow::Result<()> {
         ],
     )?;
     let state_of = |net: &DemoNet, i: usize| net.dir.backend_health(&lb_tests::topo::backend_ip(i));
-    let t = Instant::now();
-    while state_of(&net, 1)? != "up" || t.elapsed() < Duration::from_millis(600) {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "backend 1 never up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "backend 1 up",
+        || Ok(state_of(&net, 1)? == "up"),
+        || format!("{:?}", state_of(&net, 1)),
+    )?;
+    // At least `rise` probes passed: its streak is settled.
+    std::thread::sleep(Duration::from_millis(600));
     // Kill backend 1's server (the sample processes were started in index order).
     let killed = net.procs.remove(1);
     drop(killed);
-    let t = Instant::now();
-    while state_of(&net, 1)? != "down" {
-        anyhow::ensure!(
-            t.elapsed() <= Duration::from_millis(200 * 3 + 1000),
-            "backend 1 still in rotation after {:?}",
-            t.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("backend 1 out of rotation after {:?}", t.elapsed());
+    let took = wait_until(
+        Duration::from_millis(200 * 3 + 1000),
+        "backend 1 out of rotation",
+        || Ok(state_of(&net, 1)? == "down"),
+        || format!("{:?}", state_of(&net, 1)),
+    )?;
+    eprintln!("backend 1 out of rotation after {took:?}");
     let mut counts = [0usize; 3];
     for _ in 0..100 {
         counts[net.http_get(vip_ip(), PORT)?] += 1;
     }
     assert_eq!(counts[1], 0, "{counts:?}");
     net.start_backend(1)?;
-    let t = Instant::now();
-    while state_of(&net, 1)? != "up" {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(5),
-            "backend 1 did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "backend 1 back",
+        || Ok(state_of(&net, 1)? == "up"),
+        || format!("{:?}", state_of(&net, 1)),
+    )?;
     let mut counts = [0usize; 3];
     for _ in 0..100 {
         counts[net.http_get(vip_ip(), PORT)?] += 1;
@@ -364,28 +361,20 @@ fn mac_of(ns: &lb_tests::Netns) -> anyhow::Result<[u8; 6]> {
 fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<()> {
     use etherparse::{
         IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6Header, Ipv6RawExtHeader,
-        PacketBuilder, VlanId,
+        VlanId,
     };
     use lb_tests::{
+        frames::{Frames, v4, v6},
         raw::RawSocket,
         topo::{CLIENT_IP, CLIENT_IP6, LB_IP, VIP6},
     };
-    let v4 = |s: &str| -> [u8; 4] { s.parse::<std::net::Ipv4Addr>().expect("v4").octets() };
-    let v6 = |s: &str| -> [u8; 16] { s.parse::<std::net::Ipv6Addr>().expect("v6").octets() };
 
     let net = serving(3, "native", &[0, 1, 2])?;
     net.add_vip(&format!("[{VIP6}]:{PORT}/tcp"), &[0, 1, 2], &[])?;
     let (lb_mac, client_mac) = (mac_of(&net.lb)?, mac_of(&net.client)?);
-    let eth = || PacketBuilder::ethernet2(client_mac, lb_mac);
-    let tcp_to = |dst: &str| {
-        let mut f = Vec::new();
-        eth()
-            .ipv4(v4(CLIENT_IP), v4(dst), 64)
-            .tcp(40000, PORT, 1, 1000)
-            .write(&mut f, b"x")
-            .expect("frame");
-        f
-    };
+    let frames = Frames::new(client_mac, lb_mac);
+    let eth = || frames.eth();
+    let tcp_to = |dst: &str| frames.tcp4((v4(CLIENT_IP), 40000), (v4(dst), PORT), "A", b"x");
     let patched = |mut f: Vec<u8>, at: usize, v: u8| {
         f[at] = v;
         f
@@ -479,14 +468,14 @@ fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<
     assert_eq!(
         delta("dropped_malformed"),
         want["dropped_malformed"],
-        "{after}"
+        "{after:?}"
     );
     assert_eq!(delta("passed_fragment"), want["passed_fragment"]);
     // Background IGMP reports carry the Router Alert option; background IPv6 (MLD, ND)
     // carries extension headers or is not for a VIP. So these are lower bounds.
     assert!(
         delta("passed_ip_options") >= want["passed_ip_options"],
-        "{after}"
+        "{after:?}"
     );
     assert!(delta("passed_ipv6_ext") >= want["passed_ipv6_ext"]);
     assert!(delta("passed_not_vip") >= want["passed_not_vip"]);

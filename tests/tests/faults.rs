@@ -14,7 +14,9 @@ use lb_tests::{
     AgentDir, Netns, VethPair, lb_binary,
     net::sh,
     topo::{DemoNet, PORT, VIP, backend_ip},
+    wait_until,
 };
+use lb_userspace::{agent::reconcile::Serving, api::protocol::BackendView};
 
 fn tcp_vip() -> String {
     format!("{VIP}:{PORT}/tcp")
@@ -24,20 +26,10 @@ fn vip_ip() -> IpAddr {
     VIP.parse().expect("literal")
 }
 
-fn vips_json(dir: &AgentDir) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::from_str(
-        &dir.cli_ok(&["vip", "list", "--json"])?,
-    )?)
-}
-
-/// `field` of backend `addr` of the first VIP in `lb vip list --json`.
-fn backend_field(dir: &AgentDir, addr: &str, field: &str) -> anyhow::Result<serde_json::Value> {
-    let v = vips_json(dir)?;
-    Ok(v[0]["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-        .map(|b| b[field].clone())
-        .unwrap_or_default())
+/// Backend `addr` of the first VIP; fails when it is not listed.
+fn backend(dir: &AgentDir, addr: &str) -> anyhow::Result<BackendView> {
+    dir.backend(addr)?
+        .with_context(|| format!("backend {addr} not listed"))
 }
 
 /// Runs `lb args` and returns how long it took; fails when it fails.
@@ -94,16 +86,13 @@ fn a_dead_host_freezes_nothing() -> anyhow::Result<()> {
     let start = Instant::now();
     let limit = Duration::from_millis(200 * 2 + 1000);
     for i in [1, 2] {
-        loop {
-            if backend_field(&net.dir, &backend_ip(i), "serving")? == "down" {
-                break;
-            }
-            anyhow::ensure!(
-                start.elapsed() < limit,
-                "backend {i} not out within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let serving = || backend(&net.dir, &backend_ip(i)).map(|b| b.serving);
+        wait_until(
+            limit.saturating_sub(start.elapsed()),
+            &format!("backend {i} out of the table"),
+            || Ok(serving()? == Serving::Down),
+            || format!("{:?}", serving()),
+        )?;
         eprintln!("backend {i} out of the table after {:?}", start.elapsed());
     }
     // In the data plane: every new connection is answered by backend 0.
@@ -130,13 +119,13 @@ fn a_dead_host_freezes_nothing() -> anyhow::Result<()> {
     // Health is not persisted: it starts up and the probes take the dead ones out again.
     let start = Instant::now();
     for i in [1, 2] {
-        while backend_field(&net.dir, &backend_ip(i), "serving")? != "down" {
-            anyhow::ensure!(
-                start.elapsed() < limit,
-                "backend {i} not out after the restart"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let serving = || backend(&net.dir, &backend_ip(i)).map(|b| b.serving);
+        wait_until(
+            limit.saturating_sub(start.elapsed()),
+            &format!("backend {i} out after the restart"),
+            || Ok(serving()? == Serving::Down),
+            || format!("{:?}", serving()),
+        )?;
     }
     for _ in 0..10 {
         assert_eq!(net.http_get(vip_ip(), PORT)?, 0);
@@ -146,12 +135,8 @@ fn a_dead_host_freezes_nothing() -> anyhow::Result<()> {
         t4 < Duration::from_secs(1),
         "removing the dead backend took {t4:?}"
     );
-    let stats: serde_json::Value = serde_json::from_str(&net.lb(&["stats", "--json"])?)?;
-    assert_eq!(
-        stats["agent"]["not_converged"],
-        serde_json::Value::Null,
-        "{stats}"
-    );
+    let stats = net.dir.stats()?;
+    assert_eq!(stats.agent.not_converged, None, "{stats:?}");
     Ok(())
 }
 
@@ -164,24 +149,20 @@ fn a_changed_backend_mac_is_followed() -> anyhow::Result<()> {
     net.start_backends()?;
     net.start_agent(&[])?;
     net.add_vip(&tcp_vip(), &[0, 1], &[])?;
-    let old = backend_field(&net.dir, &backend_ip(0), "mac")?;
+    let old = backend(&net.dir, &backend_ip(0))?.mac;
     let new_mac = "02:42:00:00:be:ef";
     assert_ne!(old, new_mac);
     net.backends[0].ip(&["link", "set", "eth0", "address", new_mac])?;
     net.backends[0].ip(&["neigh", "flush", "dev", "eth0"])?;
     let start = Instant::now();
     net.backends[0].exec("ping", &["-c", "1", "-W", "1", "10.200.0.2"])?;
-    loop {
-        if backend_field(&net.dir, &backend_ip(0), "mac")? == new_mac {
-            break;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(5),
-            "MAC still {} after 5 s",
-            backend_field(&net.dir, &backend_ip(0), "mac")?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mac = || backend(&net.dir, &backend_ip(0)).map(|b| b.mac);
+    wait_until(
+        Duration::from_secs(5).saturating_sub(start.elapsed()),
+        "the new MAC followed",
+        || Ok(mac()? == new_mac),
+        || format!("{:?}", mac()),
+    )?;
     let mut seen = [0usize; 2];
     for _ in 0..30 {
         seen[net.http_get(vip_ip(), PORT)?] += 1;
@@ -203,7 +184,7 @@ fn a_second_agent_is_refused_without_touching_anything() -> anyhow::Result<()> {
     net.start_backends()?;
     net.start_agent(&[])?;
     net.add_vip(&tcp_vip(), &[0, 1], &[])?;
-    let before = vips_json(&net.dir)?;
+    let before = net.dir.vips()?;
     let traffic = net.start_traffic(vip_ip(), 10, true)?;
     std::thread::sleep(Duration::from_millis(300));
     let other_socket = net.dir.dir.join("second.sock");
@@ -233,7 +214,7 @@ fn a_second_agent_is_refused_without_touching_anything() -> anyhow::Result<()> {
         "{:?}",
         report.long_lived_errors
     );
-    assert_eq!(vips_json(&net.dir)?, before);
+    assert_eq!(net.dir.vips()?, before);
     // The first agent still owns the data plane: a change reaches it.
     net.lb(&["backend", "drain", &tcp_vip(), &backend_ip(1)])?;
     for _ in 0..10 {
@@ -265,7 +246,7 @@ fn pins_from_other_options_are_refused() -> anyhow::Result<()> {
     let mut agent = dir.spawn_agent(&lb, &veth.a, &opts)?;
     dir.cli_ok(&["vip", "add", vip])?;
     dir.cli_ok(&["backend", "add", vip, "10.66.0.2"])?;
-    let before = vips_json(&dir)?;
+    let before = dir.vips()?;
     agent.kill();
     for (extra, what) in [
         (
@@ -310,12 +291,12 @@ fn pins_from_other_options_are_refused() -> anyhow::Result<()> {
         "refused starts detached the program: {out}"
     );
     let agent = dir.spawn_agent(&lb, &veth.a, &[&opts[..], &["--mode", "generic"]].concat())?;
-    assert_eq!(vips_json(&dir)?, before);
+    assert_eq!(dir.vips()?, before);
     drop(agent);
     // --fresh: new maps, the desired state comes back from the state file.
     let _agent = dir.spawn_agent(&lb, &veth.a, &["--fresh", "--mode", "generic"])?;
-    let after = vips_json(&dir)?;
-    assert_eq!(after[0]["vip"], vip, "{after}");
+    let after = dir.vips()?;
+    assert_eq!(after[0].vip.to_string(), vip, "{after:?}");
     assert_eq!(kernel_vips(&dir, &veth.a)?, 1);
     Ok(())
 }
@@ -386,14 +367,14 @@ fn a_full_disk_refuses_the_change_and_changes_nothing() -> anyhow::Result<()> {
     })?;
     dir.cli_ok(&["vip", "add", "10.67.0.100:80/tcp"])?;
     dir.cli_ok(&["backend", "add", "10.67.0.100:80/tcp", "10.67.0.2"])?;
-    let before = vips_json(&dir)?;
+    let before = dir.vips()?;
     let file_before = std::fs::read_to_string(&state)?;
     let filler = fs.fill();
     let out = dir.cli(&["vip", "add", "10.67.0.101:80/tcp"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(8), "{err}");
     assert!(err.contains("No space left"), "{err}");
-    assert_eq!(vips_json(&dir)?, before, "memory changed");
+    assert_eq!(dir.vips()?, before, "memory changed");
     assert_eq!(
         std::fs::read_to_string(&state)?,
         file_before,

@@ -12,7 +12,10 @@ use etherparse::{
     icmpv4::DestUnreachableHeader,
 };
 use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Stat};
-use lb_tests::world::{CLIENT_MAC, LB_MAC, ROUTER_MAC, World, backend_mac, flow_key, ip};
+use lb_tests::{
+    frames::{Frames, v4, v6},
+    world::{CLIENT_MAC, LB_MAC, ROUTER_MAC, World, backend_mac, flow_key, ip},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -35,48 +38,27 @@ struct Case {
     expect: Expect,
 }
 
-fn v4(s: &str) -> [u8; 4] {
-    match ip(s) {
-        IpAddr::V4(a) => a.octets(),
-        IpAddr::V6(_) => unreachable!("IPv4 literal expected"),
-    }
-}
-
-fn v6(s: &str) -> [u8; 16] {
-    match ip(s) {
-        IpAddr::V6(a) => a.octets(),
-        IpAddr::V4(_) => unreachable!("IPv6 literal expected"),
-    }
-}
-
 const CLIENT4: &str = "192.0.2.7";
 const CLIENT6: &str = "2001:db8:c::7";
 const VIP4: &str = "10.0.0.10";
 const VIP6: &str = "2001:db8::10";
 
+/// Frames from the router to the load balancer.
+const SCENE: Frames = Frames {
+    src: ROUTER_MAC,
+    dst: LB_MAC,
+};
+
 fn eth() -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
-    PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+    SCENE.eth()
 }
 
 fn tcp4(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    eth()
-        .ipv4(v4(src), v4(dst), 64)
-        .tcp(sport, dport, 1000, 64000)
-        .syn()
-        .write(&mut out, b"hello")
-        .expect("build");
-    out
+    SCENE.tcp4((v4(src), sport), (v4(dst), dport), "S", b"hello")
 }
 
 fn udp4(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    eth()
-        .ipv4(v4(src), v4(dst), 64)
-        .udp(sport, dport)
-        .write(&mut out, b"query")
-        .expect("build");
-    out
+    SCENE.udp4(v4(src), sport, v4(dst), dport)
 }
 
 fn tcp6(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use etherparse::PacketBuilder;
 use lb_tests::{
     AgentDir, Netns, VethPair,
+    frames::Frames,
     world::{LB_MAC, ROUTER_MAC, World},
 };
 use lb_userspace::maglev::{self, MaglevBackend};
@@ -15,15 +15,9 @@ use lb_userspace::maglev::{self, MaglevBackend};
 const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 200_000;
 
+/// An established-flow segment (ACK, 64 bytes of payload) from the router to the LB.
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1, 64000)
-        .ack(1)
-        .write(&mut out, &[0u8; 64])
-        .expect("frame builds");
-    out
+    Frames::new(ROUTER_MAC, LB_MAC).tcp4((src, sport), (dst, dport), "A", &[0u8; 64])
 }
 
 /// Median of three runs of `repeat` passes (mean ns per pass as the kernel reports it), each
