@@ -57,8 +57,10 @@ impl ErrorKind {
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("this needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo or as root")]
-    NotRoot,
+    #[error(
+        "this needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (missing: {0}): run it as root, or with those capabilities (see the README's \"Install as a service\")"
+    )]
+    NotPrivileged(String),
     #[error("interface `{0}` does not exist: check the name with `ip link`")]
     NoSuchInterface(String),
     #[error("loading the eBPF object failed: {0}")]
@@ -121,7 +123,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::NotRoot => ErrorKind::Permission,
+            Error::NotPrivileged(_) => ErrorKind::Permission,
             Error::NoSuchInterface(_) | Error::NotFound(_) => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::Invalid,
             Error::Conflict(_) => ErrorKind::Conflict,

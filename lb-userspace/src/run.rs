@@ -103,6 +103,20 @@ fn attach(opts: &RunOptions, pins_dir: &Path) -> Result<(Dataplane, String), Err
         pins::remove_pins(pins_dir);
     }
     let found = pins::check(&map_dir, &opts.load)?;
+    let loaded = load_and_attach(opts, pins_dir, found);
+    if loaded.is_err() && found == Pins::Fresh {
+        // Nothing was pinned before this start: leave nothing half-made behind.
+        pins::remove_pins(pins_dir);
+    }
+    loaded
+}
+
+fn load_and_attach(
+    opts: &RunOptions,
+    pins_dir: &Path,
+    found: Pins,
+) -> Result<(Dataplane, String), Error> {
+    let map_dir = pins_dir.join("maps");
     std::fs::create_dir_all(&map_dir)
         .map_err(Error::io(format!("creating {}", map_dir.display())))?;
     let mut dp = Dataplane::load_with_pins(opts.load, Some(&map_dir))?;
@@ -124,10 +138,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     opts.load.validate()?;
     let ifindex = crate::dataplane::if_index(&opts.iface)
         .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::NotRoot);
-    }
+    crate::dataplane::require_capabilities()?;
     let lb_mac = crate::net::interface_mac(&opts.iface)
         .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
     let config = read_config(&opts.config)?;

@@ -114,15 +114,6 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 
 impl Drop for AgentDir {
     fn drop(&mut self) {
-        // Lock files of agents killed with -9 under this bpffs (named after the pin path).
-        let prefix = lb_userspace::dataplane::pins::lock_name(&self.bpffs);
-        if let Ok(entries) = std::fs::read_dir(lb_userspace::dataplane::pins::LOCK_DIR) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
         // Lazy unmount: pins vanish with the mount once nothing holds them.
         let _ = sh("umount", &["-l", &self.bpffs.to_string_lossy()]);
         let _ = std::fs::remove_dir_all(&self.dir);

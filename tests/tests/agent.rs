@@ -219,16 +219,53 @@ fn clear_errors_without_an_agent_or_privileges() -> anyhow::Result<()> {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("interface `no-such-if0` does not exist")
     );
-    // Not root: setpriv drops to nobody.
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(lb_binary()?)
-        .args(["run", "--iface", "lo", "--bpffs"])
+    // Without privileges (setpriv drops to nobody), and root without CAP_PERFMON: one line
+    // naming what is missing, exit 9, nothing created.
+    for (args, missing) in [
+        (
+            &["--reuid=65534", "--regid=65534", "--clear-groups"][..],
+            "missing: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON",
+        ),
+        (
+            &["--inh-caps=-perfmon", "--bounding-set=-perfmon"][..],
+            "missing: CAP_PERFMON",
+        ),
+    ] {
+        let out = Command::new("setpriv")
+            .args(args)
+            .arg(lb_binary()?)
+            .args(["run", "--iface", "lo", "--bpffs"])
+            .arg(&dir.bpffs)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(9), "{err}");
+        assert!(err.contains(missing) && err.lines().count() == 1, "{err}");
+        assert!(
+            !dir.bpffs.join("xdp-lb").exists(),
+            "a refused start created pins"
+        );
+    }
+    // A first start that fails late (native XDP on `lo` is refused at attach, after the maps
+    // were created and pinned): exit 7, and no pin, lock or socket is left behind.
+    let ns = Netns::new("noagn")?;
+    let out = ns
+        .command(lb_binary()?.to_str().unwrap_or("lb"))
+        .arg("--socket")
+        .arg(dir.socket())
+        .args(["run", "--iface", "lo", "--mode", "native", "--bpffs"])
         .arg(&dir.bpffs)
+        .arg("--state-file")
+        .arg(dir.state_file())
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(9), "{err}");
-    assert!(err.contains("this needs root"), "{err}");
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("--mode generic"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.bpffs.join("xdp-lb"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!dir.socket().exists(), "socket left behind");
     Ok(())
 }
 

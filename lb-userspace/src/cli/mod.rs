@@ -4,5 +4,5 @@ pub mod args;
 pub mod commands;
 pub mod output;
 
-pub use args::Cli;
+pub use args::{Cli, Top};
 pub use commands::execute;

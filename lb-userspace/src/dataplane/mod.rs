@@ -136,7 +136,7 @@ impl Dataplane {
     /// pinned there are reused as they are, flows and counters included: check them first
     /// with [`pins::check`].
     pub fn load_with_pins(opts: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, Error> {
-        require_root()?;
+        require_capabilities()?;
         opts.validate()?;
         let cfg = opts.config();
         // The flow table not in use shrinks to one entry.
@@ -390,10 +390,31 @@ pub fn if_index(iface: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
-fn require_root() -> Result<(), Error> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::NotRoot);
+/// The capabilities the agent needs, and why (found by running it with less, see the
+/// `service` test): `CAP_BPF` creates maps and loads programs; `CAP_NET_ADMIN` loads
+/// networking programs (XDP) and attaches them to a link; `CAP_PERFMON` because without it
+/// the verifier refuses pointer arithmetic between packet pointers ("R8 pointer -= pointer
+/// prohibited": the program computes the frame length as `data_end - data`). Nothing else:
+/// no `CAP_SYS_ADMIN` (bpffs is mounted beforehand, by systemd or by root), no root uid
+/// (the agent only needs to own its bpffs directory, state file and socket directory).
+pub const CAPABILITIES: [caps::Capability; 3] = [
+    caps::Capability::CAP_BPF,
+    caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_PERFMON,
+];
+
+/// Fails with the missing ones unless this process holds [`CAPABILITIES`] (effective set).
+pub fn require_capabilities() -> Result<(), Error> {
+    let have = caps::read(None, caps::CapSet::Effective)
+        .map_err(|e| Error::Kernel(format!("reading this process's capabilities: {e}")))?;
+    let missing: Vec<String> = CAPABILITIES
+        .iter()
+        .filter(|c| !have.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotPrivileged(missing.join(", ")))
     }
-    Ok(())
 }

@@ -7,7 +7,6 @@
 //! with one line saying what differs; `--fresh` discards the old set.
 use std::{
     fs::File,
-    io::{Read as _, Seek as _, Write as _},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -144,7 +143,7 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
 }
 
 /// Whether `map_dir` holds a map set to adopt.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pins {
     /// Nothing pinned: the maps will be created.
     Fresh,
@@ -263,69 +262,84 @@ pub fn write_record(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
         .map_err(|e| Error::Kernel(format!("pinning {}: {e}", path.display())))
 }
 
-/// Directory of the agents' lock files.
-pub const LOCK_DIR: &str = "/run/xdp-lb/locks";
-
-/// The lock file's name for pins under `path` (pins are found by path, so the path is the
-/// identity); also a prefix of the names of every pin directory below `path`.
-pub fn lock_name(path: &Path) -> String {
-    path.to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// The lock of the pins in `pin_dir`: a directory beside it (`<iface>:lock`), on the same
+/// bpffs (which refuses names with a dot; no interface name can hold a colon, so this never
+/// meets another interface's pins). The lock lives with what it protects: whoever can see the pins sees the lock, it
+/// needs no other writable directory (the agent may run without a root uid, owning only its
+/// bpffs directory), and it goes away with the bpffs mount.
+pub fn lock_dir(pin_dir: &Path) -> PathBuf {
+    let mut name = pin_dir.file_name().unwrap_or_default().to_os_string();
+    name.push(":lock");
+    pin_dir.with_file_name(name)
 }
 
-/// An exclusive lock on one interface's pins, held for the agent's life (released by the
-/// kernel when the process dies, also on kill -9). The file names the holder.
+/// The symlink in the lock directory that names the holder (bpffs holds no regular files,
+/// but symlinks; the target is free text).
+const HOLDER: &str = "holder";
+
+/// An exclusive lock on one interface's pins, held for the agent's life (`flock` on the lock
+/// directory: released by the kernel when the process dies, also on kill -9).
 pub struct AgentLock {
-    file: File,
+    /// Open for the flock only.
+    _dir: File,
     path: PathBuf,
 }
 
 impl AgentLock {
     /// Takes the lock of the pins under `pin_dir`, or says who holds it. Touches no pin.
     pub fn acquire(pin_dir: &Path, iface: &str, socket: &Path) -> Result<AgentLock, Error> {
-        let dir = Path::new(LOCK_DIR);
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-        let path = dir.join(format!("{}.lock", lock_name(pin_dir)));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(Error::io(format!("opening {}", path.display())))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(Error::Conflict(format!(
-                "another agent already runs on {iface} ({}): stop it first; nothing was changed",
-                if holder.is_empty() {
-                    "holder unknown".to_string()
-                } else {
-                    holder.to_string()
-                }
-            )));
+        let path = lock_dir(pin_dir);
+        // A releasing agent removes the directory after unlocking it; if that happens between
+        // our open and our flock, we hold a lock on a removed directory: look again.
+        for _ in 0..3 {
+            std::fs::create_dir_all(&path)
+                .map_err(Error::io(format!("creating {}", path.display())))?;
+            let dir =
+                File::open(&path).map_err(Error::io(format!("opening {}", path.display())))?;
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let holder = std::fs::read_link(path.join(HOLDER))
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "holder unknown".to_string());
+                return Err(Error::Conflict(format!(
+                    "another agent already runs on {iface} ({holder}): stop it first; nothing was changed"
+                )));
+            }
+            if !same_inode(&dir, &path) {
+                continue;
+            }
+            let me = format!("pid {}, socket {}", std::process::id(), socket.display());
+            let link = path.join(HOLDER);
+            let _ = std::fs::remove_file(&link);
+            let _ = std::os::unix::fs::symlink(&me, &link);
+            return Ok(AgentLock { _dir: dir, path });
         }
-        let me = format!("pid {}, socket {}", std::process::id(), socket.display());
-        let _ = file.set_len(0);
-        let _ = file.rewind();
-        let _ = file.write_all(me.as_bytes());
-        Ok(AgentLock { file, path })
+        Err(Error::Conflict(format!(
+            "the lock {} keeps being removed under us: another agent is starting and stopping on {iface}",
+            path.display()
+        )))
     }
 
-    /// Removes the lock file and releases the lock (clean exit). A process killed with -9
-    /// leaves the file; the kernel releases its lock, and the next agent reuses the file.
+    /// Removes the lock directory and releases the lock (clean exit, or a refused start).
     pub fn release(self) {
-        let _ = std::fs::remove_file(&self.path);
-        drop(self.file);
+        drop(self);
+    }
+}
+
+impl Drop for AgentLock {
+    /// A process killed with -9 leaves the directory; the kernel releases its lock, and the
+    /// next agent reuses it. The fd is closed after the removal (field drop order).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.path.join(HOLDER));
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Whether `path` still names the directory open as `file`.
+fn same_inode(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
