@@ -133,6 +133,31 @@ fn load_and_attach(
     Ok((dp, msg))
 }
 
+/// Detaches the program an agent left pinned on `iface` (`--keep-on-exit`) and discards its
+/// maps. Refused while an agent holds the interface's lock; nothing to detach is an error.
+pub fn detach(iface: &str, bpffs: &Path) -> Result<String, Error> {
+    let bpffs = bpffs.canonicalize().unwrap_or_else(|_| bpffs.to_path_buf());
+    let pins_dir = pins::pin_dir(&bpffs, iface);
+    let lock = AgentLock::acquire(&pins_dir, iface, Path::new("(lb detach)"))?;
+    if !pins_dir.exists() {
+        return Err(Error::NotFound(format!(
+            "nothing is pinned for {iface} under {}: no agent left a program attached there",
+            bpffs.display()
+        )));
+    }
+    pins::remove_pins(&pins_dir);
+    if pins_dir.exists() {
+        return Err(Error::Kernel(format!(
+            "could not remove every pin under {}: check its permissions",
+            pins_dir.display()
+        )));
+    }
+    drop(lock);
+    Ok(format!(
+        "detached from {iface}: program unpinned, maps discarded (forwarding on {iface} stopped)"
+    ))
+}
+
 /// Runs the agent until Ctrl-C, SIGTERM or `duration`.
 pub async fn run(opts: RunOptions) -> Result<(), Error> {
     opts.load.validate()?;

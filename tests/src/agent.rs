@@ -93,7 +93,27 @@ impl AgentDir {
         iface: &str,
         extra: &[&str],
     ) -> anyhow::Result<ChildGuard> {
-        let mut cmd = ns.command(path_str(&lb_binary()?)?);
+        self.spawn_agent_as(ns, iface, extra, &[])
+    }
+
+    /// As [`AgentDir::spawn_agent`], run through `wrapper` (e.g. `setpriv` with a user and
+    /// capability set), which must exec the command it is given.
+    pub fn spawn_agent_as(
+        &self,
+        ns: &Netns,
+        iface: &str,
+        extra: &[&str],
+        wrapper: &[String],
+    ) -> anyhow::Result<ChildGuard> {
+        let lb = lb_binary()?;
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = ns.command(first);
+                c.args(rest).arg(&lb);
+                c
+            }
+            None => ns.command(path_str(&lb)?),
+        };
         cmd.arg("--socket")
             .arg(self.socket())
             .args(["run", "--iface", iface]);

@@ -86,6 +86,11 @@ impl ChildGuard {
         }
     }
 
+    /// The child's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL now, and reap (what `kill -9` does to a daemon).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

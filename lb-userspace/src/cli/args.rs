@@ -107,6 +107,16 @@ pub enum Top {
     },
     /// Read the kernel maps again and bring them in line with the desired state.
     Reconcile,
+    /// Detach a stopped agent's program and discard its pinned maps (after `lb run
+    /// --keep-on-exit`, e.g. the systemd unit): forwarding on IFACE stops. Refused while an
+    /// agent runs on it.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        /// bpffs mount point the agent pinned under.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
     /// XDP_TX on a veth is only delivered when its peer runs XDP.
     XdpPass {

@@ -39,6 +39,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("the kernel maps match the desired state");
             Ok(())
         }
+        Top::Detach { iface, bpffs } => {
+            println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
+            Ok(())
+        }
         Top::XdpPass { iface } => xdp_pass(&iface).await,
         Top::Samples {
             count,
