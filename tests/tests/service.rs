@@ -34,8 +34,8 @@ fn unit() -> anyhow::Result<String> {
 /// The value of `key=` in the unit (last one wins, as in systemd).
 fn directive(unit: &str, key: &str) -> Option<String> {
     unit.lines()
-        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
         .map(|v| v.trim().to_string())
 }
 
