@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
         .context("workspace root")?
         .join("lb-ebpf");
     let root = root.to_str().context("non-UTF-8 workspace path")?;
+    git_revision();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",
@@ -16,4 +17,33 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// `LB_GIT_REV` for `lb --version`: the commit built, `-dirty` with local changes, `unknown`
+/// outside a git checkout (e.g. a container build that copies only the sources).
+fn git_revision() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(rev)
+            if git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty()) =>
+        {
+            format!("{rev}-dirty")
+        }
+        Some(rev) => rev,
+        None => "unknown".to_string(),
+    };
+    println!("cargo:rustc-env=LB_GIT_REV={rev}");
+    for path in ["../.git/HEAD", "../.git/refs/heads", "../.git/index"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

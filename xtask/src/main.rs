@@ -1,4 +1,4 @@
-//! Drivers for the README's commands: `setup`, `demo`, `test`, `bench`.
+//! Drivers for the README's commands: `setup`, `demo`, `test`, `bench`, `man`.
 //!
 //! xtask builds nothing itself beyond calling cargo: the eBPF object is built by
 //! `lb-userspace/build.rs`. `setup` makes a fresh Debian machine able to do that build and run
@@ -31,6 +31,8 @@ enum Task {
     Test,
     /// Build everything and print the benchmark tables.
     Bench,
+    /// Build `lb` and write its man pages (lb.1, lb-run.1, ...) to target/man.
+    Man,
 }
 
 fn main() {
@@ -40,6 +42,7 @@ fn main() {
         Task::Demo { keep } => setup::run().and_then(|()| demo(keep)),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Bench => setup::run().and_then(|()| bench()),
+        Task::Man => man(),
     };
     if let Err(err) = result {
         eprintln!("xtask: {err:#}");
@@ -64,6 +67,19 @@ fn cargo() -> Command {
 
 fn build_release() -> anyhow::Result<()> {
     run_cmd(cargo().args(["build", "--release", "--all-targets"]))
+}
+
+fn man() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    run_cmd(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "lb"]))?;
+    run_cmd(
+        Command::new(root.join("target/release/lb"))
+            .arg("man")
+            .arg("--out")
+            .arg(root.join("target/man")),
+    )
 }
 
 fn test() -> anyhow::Result<()> {

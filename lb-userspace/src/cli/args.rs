@@ -34,10 +34,21 @@ fn backend_addr(s: &str) -> Result<IpAddr, String> {
     Err(format!("`{s}` is not an IPv4 or IPv6 address"))
 }
 
+/// `lb --version`: the release, the commit it was built from, and the map ABI version (pins
+/// made by a build with another ABI are refused, see `lb run`).
+pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (commit {}, map ABI {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("LB_GIT_REV"),
+        lb_common::ABI_VERSION
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "lb",
-    version,
+    version = VERSION.as_str(),
     about = "Layer-4 load balancer on eBPF/XDP: Maglev consistent hashing, L2 direct server return",
     long_about = "Layer-4 load balancer on eBPF/XDP.\n\n`lb run` attaches the XDP program to an interface and serves a control API on a unix socket; the other commands talk to it.\n\nExample:\n  lb run --iface eth0 &\n  lb vip add 10.0.0.10:80/tcp --health http --health-path /health\n  lb backend add 10.0.0.10:80/tcp 10.0.0.2 --weight 100\n  lb stats --watch"
 )]
@@ -107,6 +118,18 @@ pub enum Top {
     },
     /// Read the kernel maps again and bring them in line with the desired state.
     Reconcile,
+    /// Print a shell completion script: `lb completions bash > /etc/bash_completion.d/lb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (lb.1 and one per subcommand, roff) into DIR; `cargo xtask man`
+    /// writes them to target/man.
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Detach a stopped agent's program and discard its pinned maps (after `lb run
     /// --keep-on-exit`, e.g. the systemd unit): forwarding on IFACE stops. Refused while an
     /// agent runs on it.

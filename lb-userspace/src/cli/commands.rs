@@ -39,6 +39,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("the kernel maps match the desired state");
             Ok(())
         }
+        Top::Completions { shell } => {
+            let mut cmd = <super::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Top::Man { out } => {
+            std::fs::create_dir_all(&out)?;
+            let cmd = <super::Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &out)?;
+            println!("man pages written to {}", out.display());
+            Ok(())
+        }
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
             Ok(())
