@@ -18,6 +18,7 @@ use crate::{
     api::{
         SharedAgent,
         listen::{self, Limits},
+        status,
     },
 };
 
@@ -123,12 +124,16 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
     Ok(out)
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
+/// Serves, read-only, on `addr` until the task is dropped: `GET /metrics` (Prometheus text),
+/// `/` (the status page) and its `/status.json`, `/healthz` (the agent answers) and
+/// `/readyz` (503 while the kernel maps are not in line with the desired state).
 pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io(format!("binding the metrics listener {addr}")))?;
     let listener = std::sync::Arc::new(listener);
+    let rates = status::SharedRates::default();
+    tokio::spawn(status::sample(agent.clone(), rates.clone()));
     tokio::spawn(listen::serve(
         move || {
             let l = listener.clone();
@@ -138,22 +143,65 @@ pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
         "metrics",
         move |req: Request<hyper::body::Incoming>| {
             let agent = agent.clone();
-            async move {
-                if req.uri().path() != "/metrics" {
-                    let mut r = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
-                    *r.status_mut() = StatusCode::NOT_FOUND;
-                    return r;
-                }
-                match render(&agent) {
-                    Ok(text) => Response::new(Full::new(Bytes::from(text))),
-                    Err(e) => {
-                        let mut r = Response::new(Full::new(Bytes::from(e.to_string())));
-                        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        r
-                    }
-                }
-            }
+            let rates = rates.clone();
+            async move { route(req.uri().path(), &agent, &rates) }
         },
     ));
     Ok(())
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let failed = |e: Error| {
+        reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            TEXT,
+            Bytes::from(e.to_string()),
+        )
+    };
+    match path {
+        "/metrics" => match render(agent) {
+            Ok(text) => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                Bytes::from(text),
+            ),
+            Err(e) => failed(e),
+        },
+        "/" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            Bytes::from_static(status::PAGE.as_bytes()),
+        ),
+        "/status.json" => match status::view(agent, rates)
+            .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::Invalid(e.to_string())))
+        {
+            Ok(body) => reply(StatusCode::OK, "application/json", Bytes::from(body)),
+            Err(e) => failed(e),
+        },
+        "/healthz" => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
+        "/readyz" => match agent.core().not_converged() {
+            None => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                Bytes::from(format!("not converged: {why}\n")),
+            ),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            Bytes::from_static(b"see / (status page), /metrics, /healthz or /readyz\n"),
+        ),
+    }
 }

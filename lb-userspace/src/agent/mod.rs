@@ -8,6 +8,7 @@
 //! change saved and in memory, reported as [`Error::NotConverged`] and retried by
 //! [`Agent::retry`] until the kernel agrees.
 pub mod core;
+pub mod events;
 pub mod health;
 pub mod kernel;
 pub mod neigh;
@@ -42,6 +43,7 @@ pub struct Agent {
     store: Box<dyn StateStore>,
     iface: String,
     neighbours: Mutex<Option<Box<dyn Neighbours>>>,
+    events: Mutex<events::Events>,
 }
 
 /// What a change did.
@@ -71,7 +73,27 @@ impl Agent {
             store,
             iface: iface.to_string(),
             neighbours: Mutex::new(None),
+            events: Mutex::new(events::Events::default()),
         })
+    }
+
+    /// Notes a change or a health flip for the status page.
+    pub fn record(&self, what: impl Into<String>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(now, what.into());
+    }
+
+    /// The recent events, oldest first.
+    pub fn events(&self) -> Vec<crate::api::protocol::Event> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .list()
     }
 
     /// Connects the neighbour table: from now on it is told which MACs are needed.
@@ -124,7 +146,10 @@ impl Agent {
                 no_mac: Vec::new(),
             });
         }
-        self.change(|d| crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone())))
+        let changed = self
+            .change(|d| crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone())))?;
+        self.record(cmd.describe());
+        Ok(changed)
     }
 
     /// Makes `f(current)` the desired state. See the module documentation for what a failure

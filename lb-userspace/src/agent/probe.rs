@@ -74,10 +74,14 @@ async fn probe_loop(agent: SharedAgent, vip: VipAddr, addr: IpAddr, check: Healt
             tokio::task::spawn_blocking(move || a.core().observe_health(&vip, addr, ok, detail))
                 .await;
         match recorded {
-            Ok(Ok(true)) => log::info!(
-                "backend {addr} of {vip} is now {}",
-                if ok { "up" } else { "down" }
-            ),
+            Ok(Ok(true)) => {
+                let what = format!(
+                    "backend {addr} of {vip} is now {}",
+                    if ok { "up" } else { "down" }
+                );
+                log::info!("{what}");
+                agent.record(what);
+            }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => log::warn!("health of {addr} in {vip}: {e}"),
             Err(e) => log::warn!("health of {addr} in {vip}: {e}"),

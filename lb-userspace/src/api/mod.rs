@@ -5,5 +5,6 @@ pub mod client;
 pub mod listen;
 pub mod protocol;
 pub mod server;
+pub mod status;
 
 pub use server::SharedAgent;

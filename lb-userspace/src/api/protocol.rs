@@ -56,6 +56,70 @@ pub enum Command {
     Reconcile,
 }
 
+impl Command {
+    /// One line for the status page's recent changes.
+    pub fn describe(&self) -> String {
+        match self {
+            Command::AddVip { vip, .. } => format!("added VIP {vip}"),
+            Command::RemoveVip { vip } => format!("removed VIP {vip}"),
+            Command::AddBackend {
+                vip,
+                address,
+                weight,
+                ..
+            } => format!("added backend {address} to {vip} (weight {weight})"),
+            Command::RemoveBackend { vip, address } => {
+                format!("removed backend {address} from {vip}")
+            }
+            Command::SetWeight {
+                vip,
+                address,
+                weight,
+            } => format!("weight of {address} in {vip} set to {weight}"),
+            Command::Drain {
+                vip,
+                address,
+                drained,
+            } => format!(
+                "{} {address} in {vip}",
+                if *drained { "drained" } else { "undrained" }
+            ),
+            Command::Apply { state, .. } => {
+                format!("applied a config of {} VIP(s)", state.vips.len())
+            }
+            Command::Reconcile => "reconciled the kernel maps".to_string(),
+        }
+    }
+}
+
+/// Something that happened, for the status page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at_unix: u64,
+    pub what: String,
+}
+
+/// Packets per second over the last second, per VIP and backend.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Rates {
+    /// `VIP` -> packets/s.
+    pub vips: BTreeMap<String, f64>,
+    /// `VIP backend` -> packets/s.
+    pub backends: BTreeMap<String, f64>,
+}
+
+/// Everything the status page shows, in one read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub iface: String,
+    pub vips: Vec<VipView>,
+    pub stats: StatsView,
+    pub rates: Rates,
+    pub events: Vec<Event>,
+}
+
 /// Answer to a command.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CommandResult {

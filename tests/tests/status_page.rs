@@ -1,0 +1,169 @@
+//! The status page in a real headless Chromium: served by the agent's metrics listener with
+//! the demo's traffic running, it names the three backends with non-zero rates, logs nothing
+//! to the console, and renders to a screenshot. Also `/healthz`, `/readyz` and the JSON.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use lb_tests::{
+    Netns,
+    topo::{DemoNet, PORT, VIP, backend_ip},
+    unique_name, wait_until,
+};
+use lb_userspace::api::protocol::StatusView;
+
+const METRICS: &str = "127.0.0.1:9100";
+
+/// `GET path` on the metrics listener inside `ns`: (status code, body).
+fn get(ns: &Netns, path: &str) -> anyhow::Result<(u16, String)> {
+    let path = path.to_string();
+    ns.run(move || -> anyhow::Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((code, body.to_string()))
+    })?
+}
+
+/// A directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Headless Chromium inside `ns` on the status page, with `extra` flags; flags from the
+/// machine notes keep it from reaching for the (closed) network.
+fn chromium(ns: &Netns, profile: &Path, extra: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", ns.name(), "chromium"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=4000",
+            "--window-size=1200,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(format!("http://{METRICS}/"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+#[test]
+fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> {
+    let mut net = DemoNet::build(3, "generic")?;
+    net.start_backends()?;
+    net.start_agent(&["--metrics", METRICS])?;
+    let (code, _) = get(&net.lb, "/readyz")?;
+    assert_eq!(code, 200);
+    assert_eq!(get(&net.lb, "/healthz")?, (200, "ok\n".to_string()));
+    assert_eq!(get(&net.lb, "/nope")?.0, 404);
+    net.add_vip(&format!("{VIP}:{PORT}/tcp"), &[0, 1, 2], &[])?;
+    let traffic = net.start_traffic(VIP.parse()?, 6, true)?;
+    // The sampler needs two one-second samples with traffic between them.
+    let status = || -> anyhow::Result<StatusView> {
+        Ok(serde_json::from_str(&get(&net.lb, "/status.json")?.1)?)
+    };
+    let all_flowing = |s: &StatusView| {
+        (0..3).all(|i| {
+            s.rates
+                .backends
+                .get(&format!("{VIP}:{PORT}/tcp {}", backend_ip(i)))
+                .is_some_and(|r| *r > 0.0)
+        })
+    };
+    wait_until(
+        Duration::from_secs(8),
+        "every backend has a non-zero rate",
+        || Ok(all_flowing(&status()?)),
+        || format!("{:?}", status().map(|s| s.rates)),
+    )?;
+    let s = status()?;
+    assert!(
+        s.events.iter().any(|e| e.what.contains("added backend")),
+        "{:?}",
+        s.events
+    );
+
+    let scratch = Scratch(std::env::temp_dir().join(unique_name("chromium")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let out = chromium(&net.lb, &scratch.0.join("profile"), &["--dump-dom"])?;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        dom.contains("data-state=\"live\""),
+        "page never rendered: {dom}"
+    );
+    for i in 0..3 {
+        let addr = backend_ip(i);
+        let row = dom
+            .split("<tr ")
+            .find(|r| r.contains(&format!("data-backend=\"{addr}\"")))
+            .unwrap_or_default();
+        let pps: f64 = row
+            .split("data-pps=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(pps > 0.0, "backend {addr} shows no rate: {row}");
+    }
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+
+    let png = scratch.0.join("status.png");
+    chromium(
+        &net.lb,
+        &scratch.0.join("profile2"),
+        &[&format!("--screenshot={}", png.display())],
+    )?;
+    let bytes = std::fs::read(&png)?;
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 20_000,
+        "{} bytes",
+        bytes.len()
+    );
+    // Kept for the README (`cp target/status-page.png docs/`).
+    let _ = std::fs::copy(
+        &png,
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/status-page.png"),
+    );
+    let report = traffic.stop()?;
+    assert!(
+        report.long_lived_errors.is_empty(),
+        "{:?}",
+        report.long_lived_errors
+    );
+    Ok(())
+}
