@@ -200,6 +200,9 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
             let _ = std::fs::remove_file(&opts.socket);
             return Err(e);
         }
+        if let Some(path) = &opts.config {
+            agent.record(format!("applied {} at start", path.display()));
+        }
     }
     let reporter = agent.clone();
     let neighbours = NetlinkNeighbours::start(ifindex, move |macs| {
