@@ -12,11 +12,16 @@
 //! command and its tests must compute the very slot the kernel picks.
 #![no_std]
 
+mod flow;
+pub use flow::*;
+
 // ---------------------------------------------------------------------------------------------
 // Map names and default capacities.
 
 /// Global counters: per-CPU array indexed by [`Stat`], value [`Counter`].
 pub const STATS_MAP: &str = "LB_STATS";
+/// Flow-table events: per-CPU array indexed by [`FlowEvent`], value `u64` (packets).
+pub const FLOW_STATS_MAP: &str = "LB_FLOW_STATS";
 /// VIPs: hash [`VipKey`] -> VIP id (`u32`).
 pub const VIPS_MAP: &str = "LB_VIPS";
 /// VIP state by id: array of [`VipInfo`], `max_vips` entries.
@@ -32,6 +37,10 @@ pub const SLOTS_MAP: &str = "LB_SLOTS";
 pub const BACKENDS_MAP: &str = "LB_BACKENDS";
 /// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`] shared by all CPUs.
 pub const FLOWS_MAP: &str = "LB_FLOWS";
+/// Probation flow table: LRU hash [`FlowKey`] -> [`FlowValue`] for flows seen once (a
+/// handshake's ACK, a first UDP datagram). A flow's next packet moves it to [`FLOWS_MAP`], so
+/// a flood of spoofed first packets churns this table and never evicts established flows.
+pub const FLOWS_NEW_MAP: &str = "LB_FLOWS_NEW";
 /// Flow table used instead of [`FLOWS_MAP`] in [`FLOW_TABLE_PER_CPU`] mode: the same hash
 /// table, with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`).
 pub const FLOWS_PERCPU_MAP: &str = "LB_FLOWS_PERCPU";
@@ -55,14 +64,18 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Default flow-table capacity.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Default seconds a TCP entry lives after a FIN once the flow goes quiet.
+pub const DEFAULT_FIN_GRACE_S: u32 = 4;
+/// Default seconds a UDP entry lives without a datagram (per VIP).
+pub const DEFAULT_UDP_IDLE_S: u32 = 30;
 /// Capacity of the egress device map.
 pub const MAX_TX_PORTS: u32 = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Counters.
 
-/// Why a packet got the action it got, or a flow-table event. Used as the index into
-/// [`STATS_MAP`]; never stored in a map value.
+/// Why a packet got the action it got. Used as the index into [`STATS_MAP`]; never stored
+/// in a map value. Flow-table events are counted apart, by [`FlowEvent`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -80,17 +93,13 @@ pub enum Stat {
     DropMalformed = 5,
     /// For a VIP that has no usable backend: dropped.
     DropNoBackend = 6,
-    /// The flow table knew the flow and its backend is still there.
-    FlowHit = 7,
-    /// The flow table did not know the flow (new, evicted, or its backend is gone).
-    FlowMiss = 8,
     /// The egress device for a backend could not be used (redirect failed): dropped.
-    DropTxError = 9,
+    DropTxError = 7,
 }
 
 impl Stat {
     /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 8;
     /// All variants in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Forwarded,
@@ -100,8 +109,6 @@ impl Stat {
         Stat::PassIpv6Ext,
         Stat::DropMalformed,
         Stat::DropNoBackend,
-        Stat::FlowHit,
-        Stat::FlowMiss,
         Stat::DropTxError,
     ];
 
@@ -115,8 +122,6 @@ impl Stat {
             Stat::PassIpv6Ext => "passed_ipv6_ext",
             Stat::DropMalformed => "dropped_malformed",
             Stat::DropNoBackend => "dropped_no_backend",
-            Stat::FlowHit => "flow_table_hit",
-            Stat::FlowMiss => "flow_table_miss",
             Stat::DropTxError => "dropped_tx_error",
         }
     }
@@ -157,8 +162,12 @@ pub struct LbConfig {
     pub flow_table: u32,
     /// Seed of [`flow_hash`]: nodes with the same seed and tables pick the same backends.
     pub hash_seed: u64,
+    /// Seconds a TCP flow entry lives after a FIN once its packets stop.
+    pub fin_grace_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 24);
+const _: () = assert!(core::mem::offset_of!(LbConfig, hash_seed) == 8);
 
 /// One LRU hash with one LRU list for all CPUs (the default).
 pub const FLOW_TABLE_SHARED: u32 = 0;
@@ -171,6 +180,8 @@ impl LbConfig {
         ring_size: DEFAULT_RING_SIZE,
         flow_table: FLOW_TABLE_SHARED,
         hash_seed: 0x6c62_2d78_6470_5f31,
+        fin_grace_s: DEFAULT_FIN_GRACE_S,
+        _pad: 0,
     };
 }
 
@@ -218,8 +229,11 @@ pub struct VipInfo {
     pub backend_count: u32,
     /// Bumped each time the id is given to a new VIP; flows remember it.
     pub generation: u32,
+    /// Seconds a UDP flow entry lives without a datagram.
+    pub udp_idle_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
+const _: () = assert!(core::mem::offset_of!(VipInfo, active_gen) == 4);
 
 /// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64).
 #[inline(always)]
@@ -239,6 +253,10 @@ pub const fn slot_index(vip_id: u32, generation: u32, ring_size: u32, slot: u32)
 
 /// The backend entry is in use.
 pub const BACKEND_F_PRESENT: u32 = 1;
+/// Drained (or weight 0): out of the slot table; its flows stay, a SYN is placed again.
+pub const BACKEND_F_DRAINED: u32 = 2;
+/// Health-down or without a MAC: out of the slot table, and its flows move at once.
+pub const BACKEND_F_DOWN: u32 = 4;
 
 /// Value of [`BACKENDS_MAP`]: where to send a flow's packets.
 #[repr(C)]
@@ -263,6 +281,8 @@ pub struct Backend {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 44);
+const _: () = assert!(core::mem::offset_of!(Backend, ifindex) == 28);
+const _: () = assert!(core::mem::offset_of!(Backend, family) == 40);
 
 /// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple.
 #[repr(C)]
@@ -281,6 +301,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::offset_of!(FlowKey, sport) == 32);
 
 /// Value of [`FLOWS_MAP`]. The flow is only used while both its VIP and its backend still
 /// carry the generations remembered here.
@@ -293,14 +314,19 @@ pub struct FlowValue {
     pub vip_id: u32,
     /// [`VipInfo::generation`] when the flow was placed.
     pub vip_generation: u32,
+    /// Coarse monotonic seconds of the flow's last packet, written at most once a second.
+    pub last_seen: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 24);
+const _: () = assert!(core::mem::offset_of!(FlowValue, last_seen) == 16);
 
 // ---------------------------------------------------------------------------------------------
 // The pinned map set's record.
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 
@@ -317,6 +343,7 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<FlowKey>(),
         core::mem::size_of::<FlowValue>(),
         Stat::COUNT as usize,
+        FlowEvent::COUNT as usize,
         VIP_FILTER_WORDS as usize,
     ];
     let mut h = 0x6c62_5f61_6269_u64;

@@ -42,6 +42,13 @@ pub static LB_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
 
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
+/// Probation table: flows seen once. Their next packet moves them to the established table,
+/// so spoofed first packets (a SYN-then-ACK flood) only churn this table. The agent sizes it
+/// to a quarter of the flow table.
+#[map(name = "LB_FLOWS_NEW")]
+pub static LB_FLOWS_NEW: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
+
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 
@@ -56,26 +63,52 @@ pub fn config() -> LbConfig {
     unsafe { core::ptr::read_volatile(&LB_CONFIG) }
 }
 
-/// The flow-table entry of `key`, from the table the configuration selects.
+/// The established entry of `key`, in place (from the table the configuration selects), so
+/// a hit can refresh its last-seen time without a second lookup.
 #[inline(always)]
-pub fn find_flow(cfg: &LbConfig, key: &FlowKey) -> Option<FlowValue> {
-    // SAFETY: values are plain data copied out immediately.
+pub fn established(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowValue> {
     if cfg.flow_table == FLOW_TABLE_PER_CPU {
-        unsafe { LB_FLOWS_PERCPU.get(key) }.copied()
+        LB_FLOWS_PERCPU.get_ptr_mut(key)
     } else {
-        unsafe { LB_FLOWS.get(key) }.copied()
+        LB_FLOWS.get_ptr_mut(key)
     }
 }
 
-/// Remembers `value` for `key`. Best effort: a full LRU evicts, and a failed insert only
-/// costs a new placement next time.
+/// Remembers `value` as established. Best effort: a full LRU evicts its oldest entry, and a
+/// failed insert only costs a new placement next time.
 #[inline(always)]
-pub fn remember_flow(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
+pub fn remember_established(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
     let _ = if cfg.flow_table == FLOW_TABLE_PER_CPU {
         LB_FLOWS_PERCPU.insert(key, value, 0)
     } else {
         LB_FLOWS.insert(key, value, 0)
     };
+}
+
+#[inline(always)]
+pub fn forget_established(cfg: &LbConfig, key: &FlowKey) {
+    let _ = if cfg.flow_table == FLOW_TABLE_PER_CPU {
+        LB_FLOWS_PERCPU.remove(key)
+    } else {
+        LB_FLOWS.remove(key)
+    };
+}
+
+/// The probation entry of `key`, copied out.
+#[inline(always)]
+pub fn on_probation(key: &FlowKey) -> Option<FlowValue> {
+    // SAFETY: plain data copied out immediately.
+    unsafe { LB_FLOWS_NEW.get(key) }.copied()
+}
+
+#[inline(always)]
+pub fn remember_probation(key: &FlowKey, value: &FlowValue) {
+    let _ = LB_FLOWS_NEW.insert(key, value, 0);
+}
+
+#[inline(always)]
+pub fn forget_probation(key: &FlowKey) {
+    let _ = LB_FLOWS_NEW.remove(key);
 }
 
 /// False when no VIP has address `addr`; true when one may (the bitmap can collide).

@@ -39,6 +39,8 @@ pub struct Parsed {
     pub key: FlowKey,
     /// The packet is an ICMP error about `key`: forward it, but never create a flow for it.
     pub icmp_error: bool,
+    /// TCP flags (`lb_common::TCP_*`); 0 for UDP and ICMP errors.
+    pub tcp_flags: u8,
     /// The reason to pass it with if it turns out not to be for a VIP.
     pub not_vip: Verdict,
 }
@@ -128,10 +130,11 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     };
     match ip.proto {
         PROTO_TCP | PROTO_UDP => {
-            ports(ctx, l4, l4_len, &mut key)?;
+            let tcp_flags = ports(ctx, l4, l4_len, &mut key)?;
             Ok(Parsed {
                 key,
                 icmp_error: false,
+                tcp_flags,
                 not_vip,
             })
         }
@@ -140,12 +143,9 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
             if unsafe { (*icmp)[0] } != ICMP_DEST_UNREACH {
                 return Err(not_vip);
             }
-            let key = quoted_v4(ctx, l4 + ICMP_HDR_LEN).ok_or(not_vip)?;
-            Ok(Parsed {
-                key,
-                icmp_error: true,
-                not_vip,
-            })
+            // The quote ends where the ICMP packet's IP total length says.
+            let quoted = quoted_v4(ctx, l4 + ICMP_HDR_LEN, l3 + tot_len).ok_or(not_vip)?;
+            steer_error(quoted, key.dst, not_vip)
         }
         _ => Err(not_vip),
     }
@@ -183,10 +183,11 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     };
     match ip.next_hdr {
         PROTO_TCP | PROTO_UDP => {
-            ports(ctx, l4, payload, &mut key)?;
+            let tcp_flags = ports(ctx, l4, payload, &mut key)?;
             Ok(Parsed {
                 key,
                 icmp_error: false,
+                tcp_flags,
                 not_vip: NOT_VIP,
             })
         }
@@ -196,31 +197,51 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
             if t != ICMPV6_DEST_UNREACH && t != ICMPV6_PKT_TOOBIG {
                 return Err(NOT_VIP);
             }
-            let key = quoted_v6(ctx, l4 + ICMP_HDR_LEN).ok_or(NOT_VIP)?;
-            Ok(Parsed {
-                key,
-                icmp_error: true,
-                not_vip: NOT_VIP,
-            })
+            let quoted = quoted_v6(ctx, l4 + ICMP_HDR_LEN, l4 + payload).ok_or(NOT_VIP)?;
+            steer_error(quoted, key.dst, NOT_VIP)
         }
         next if is_ipv6_ext(next) => Err(Verdict::Pass(Stat::PassIpv6Ext)),
         _ => Err(NOT_VIP),
     }
 }
 
-/// Reads TCP/UDP ports at `l4` into `key`, checking the L4 header against the IP length.
+/// An ICMP error is steered to a backend only when it is addressed to the VIP its quote came
+/// from (a backend's packet VIP -> client met a router): an error addressed to anything else
+/// (the load balancer's own address, say) is the kernel's, whatever it quotes.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Result<(), Verdict> {
+fn steer_error(quoted: FlowKey, outer_dst: [u32; 4], not_vip: Verdict) -> Result<Parsed, Verdict> {
+    if quoted.dst != outer_dst {
+        return Err(not_vip);
+    }
+    Ok(Parsed {
+        key: quoted,
+        icmp_error: true,
+        tcp_flags: 0,
+        not_vip,
+    })
+}
+
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+
+/// Reads TCP/UDP ports at `l4` into `key`, checking the L4 header against the IP length;
+/// returns the TCP flags (0 for UDP).
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Result<u8, Verdict> {
     if key.proto == PROTO_TCP {
-        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+        let tcp_ptr: *const TcpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
         // SAFETY: checked by `ptr_at`.
-        let tcp = unsafe { &*tcp };
+        let tcp = unsafe { &*tcp_ptr };
         let doff = tcp.doff() as usize * 4;
         if doff < TcpHdr::LEN || doff > l4_len {
             return Err(MALFORMED);
         }
         key.sport = u16::from_ne_bytes(tcp.source);
         key.dport = u16::from_ne_bytes(tcp.dest);
+        // Read through the header pointer itself: the verifier knows its 20 bytes are in the
+        // packet, while a freshly computed pointer would need its own bound check.
+        // SAFETY: byte 13 of the 20-byte header checked above.
+        return Ok(unsafe { *(tcp_ptr as *const u8).add(TCP_FLAGS_OFFSET) });
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
         // SAFETY: checked by `ptr_at`.
@@ -232,18 +253,33 @@ fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Resul
         key.sport = u16::from_ne_bytes(udp.src);
         key.dport = u16::from_ne_bytes(udp.dst);
     }
-    Ok(())
+    Ok(0)
+}
+
+/// `v`, hidden from the optimiser (see `quoted_v4`).
+#[inline(always)]
+fn opaque(v: usize) -> usize {
+    // SAFETY: a volatile read of a local.
+    unsafe { core::ptr::read_volatile(&v) }
 }
 
 /// The flow quoted by an ICMP error: the quoted packet went VIP -> client, so the tuple is
-/// turned around to the client -> VIP direction the flow table uses.
+/// turned around to the client -> VIP direction the flow table uses. `end` is where the
+/// ICMP packet ends by its IP length: quoted bytes past it (Ethernet padding) are not read.
 #[inline(always)]
-fn quoted_v4(ctx: &XdpContext, off: usize) -> Option<FlowKey> {
+fn quoted_v4(ctx: &XdpContext, off: usize, end: usize) -> Option<FlowKey> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) {
+        return None;
+    }
+    // Verifier note: `end` is laundered through a volatile read, or LLVM proves this check
+    // implies the packet bound below (the IP length was checked against `data_end`) and drops
+    // that one, which the verifier needs.
+    let end = opaque(end);
+    if off + ihl + 4 > end {
         return None;
     }
     let ports: *const [u8; 4] = ptr_at(ctx, off + ihl)?;
@@ -260,11 +296,18 @@ fn quoted_v4(ctx: &XdpContext, off: usize) -> Option<FlowKey> {
 }
 
 #[inline(always)]
-fn quoted_v6(ctx: &XdpContext, off: usize) -> Option<FlowKey> {
+fn quoted_v6(ctx: &XdpContext, off: usize, end: usize) -> Option<FlowKey> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 || (ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP) {
+        return None;
+    }
+    // Verifier note: `end` is laundered through a volatile read, or LLVM proves this check
+    // implies the packet bound below (the IP length was checked against `data_end`) and drops
+    // that one, which the verifier needs.
+    let end = opaque(end);
+    if off + Ipv6Hdr::LEN + 4 > end {
         return None;
     }
     let ports: *const [u8; 4] = ptr_at(ctx, off + Ipv6Hdr::LEN)?;

@@ -1,13 +1,26 @@
-//! Backend selection: the flow table first, then the VIP's live Maglev slot table.
+//! Backend selection: the established flow table, then the probation table, then the VIP's
+//! live Maglev slot table. The rules for whether a remembered entry still decides live in
+//! `lb_common::entry_decides`, shared with the agent's `trace`.
+//!
+//! Why two tables: a TCP SYN is placed but never remembered (it costs a hash and a slot read),
+//! a flow's first remembered packet (the handshake's ACK, a first UDP datagram) goes on
+//! probation, and only its next packet makes it established. A flood of spoofed first packets
+//! (SYN, or SYN then ACK) therefore churns the probation table and never evicts an established
+//! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, FlowValue, Stat, VIP_F_SRC_HASH, flow_hash, slot_index,
+    BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FlowEvent, FlowValue, LbConfig,
+    PROTO_UDP, PacketFacts, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_SLOTS, config, find_flow, find_vip_id, present_vip, remember_flow},
+    maps::{
+        LB_BACKENDS, LB_SLOTS, config, established, find_vip_id, forget_established,
+        forget_probation, on_probation, present_vip, remember_established, remember_probation,
+    },
     parse::Parsed,
-    stats,
+    stats::count_flow,
 };
 
 const NO_BACKEND: Verdict = Verdict::Drop(Stat::DropNoBackend);
@@ -16,65 +29,165 @@ pub struct Picked {
     pub id: u32,
     pub backend: Backend,
     pub vip_id: u32,
-    /// The flow was placed by the slot table now (not found in the flow table).
+    /// The flow was placed by the slot table now (no table decided it).
     pub new_flow: bool,
 }
 
-/// A present backend with id `id`, if any.
-#[inline(always)]
-fn present_backend(id: u32) -> Option<Backend> {
-    let b = *LB_BACKENDS.get(id)?;
-    (b.flags & BACKEND_F_PRESENT != 0).then_some(b)
+/// Where the flow's stale entry was, when one was found but no longer decides.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Nowhere,
+    Established,
+    Probation,
 }
 
-/// Picks the backend for `pkt`, which passed the VIP address pre-filter. A flow-table hit
-/// needs one hash lookup; only new flows look the VIP up by key.
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: helper without arguments; CLOCK_MONOTONIC_COARSE, no locking.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The VIP and backend a remembered entry points at, if the entry still decides.
+#[inline(always)]
+fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<(VipInfo, Backend)> {
+    let vip = present_vip(flow.vip_id)?;
+    let backend = LB_BACKENDS.get(flow.backend_id).copied();
+    if entry_decides(flow, &vip, backend.as_ref(), facts, cfg.fin_grace_s) {
+        backend.map(|b| (vip, b))
+    } else {
+        None
+    }
+}
+
+/// The entry as this packet leaves it: last-seen now, FIN remembered.
+#[inline(always)]
+fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
+    let mut v = *flow;
+    v.last_seen = facts.now_s;
+    if facts.is_fin() {
+        v.flags |= FLOW_F_FIN;
+    }
+    v
+}
+
+/// Picks the backend for `pkt`, which passed the VIP address pre-filter. An established hit
+/// costs one hash lookup and two array reads; only flows no table decides look the VIP up.
 #[inline(always)]
 pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
     let cfg = config();
-    if let Some(flow) = find_flow(&cfg, &pkt.key)
-        && let Some(vip) = present_vip(flow.vip_id)
-        // A recycled VIP or backend id belongs to something else now: place the flow again.
-        && vip.generation == flow.vip_generation
-        && let Some(b) = present_backend(flow.backend_id)
-        && b.generation == flow.backend_generation
-    {
-        stats::count(Stat::FlowHit, 0);
-        return Ok(Picked {
-            id: flow.backend_id,
-            backend: b,
-            vip_id: flow.vip_id,
-            new_flow: false,
-        });
+    let facts = PacketFacts {
+        proto: pkt.key.proto,
+        tcp_flags: pkt.tcp_flags,
+        now_s: now_s(),
+    };
+    let mut found = Found::Nowhere;
+    if let Some(entry) = established(&cfg, &pkt.key) {
+        // SAFETY: the map's value, valid while this program runs; plain data.
+        let flow = unsafe { *entry };
+        if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
+            count_flow(FlowEvent::Hit);
+            if facts.is_rst() {
+                count_flow(FlowEvent::EndedRst);
+                forget_established(&cfg, &pkt.key);
+            } else if flow.last_seen != facts.now_s
+                || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0)
+            {
+                // At most one write a second per entry (plus the FIN): the hot path stays a read.
+                // SAFETY: as above; a racing writer on another CPU writes the same values.
+                unsafe { *entry = touched(&flow, &facts) };
+            }
+            return Ok(picked(flow.backend_id, b, flow.vip_id, false));
+        }
+        count_flow(FlowEvent::Replaced);
+        found = Found::Established;
+    } else if let Some(flow) = on_probation(&pkt.key) {
+        if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
+            count_flow(FlowEvent::Promoted);
+            forget_probation(&pkt.key);
+            if facts.is_rst() {
+                count_flow(FlowEvent::EndedRst);
+            } else {
+                remember_established(&cfg, &pkt.key, &touched(&flow, &facts));
+            }
+            return Ok(picked(flow.backend_id, b, flow.vip_id, false));
+        }
+        count_flow(FlowEvent::Replaced);
+        found = Found::Probation;
     }
+    place(pkt, &facts, &cfg, found)
+}
+
+#[inline(always)]
+fn picked(id: u32, backend: Backend, vip_id: u32, new_flow: bool) -> Picked {
+    Picked {
+        id,
+        backend,
+        vip_id,
+        new_flow,
+    }
+}
+
+/// Places the flow by the VIP's live slot table, and remembers it as the packet warrants.
+#[inline(always)]
+fn place(
+    pkt: &Parsed,
+    facts: &PacketFacts,
+    cfg: &LbConfig,
+    found: Found,
+) -> Result<Picked, Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
-    stats::count(Stat::FlowMiss, 0);
     if vip.backend_count == 0 {
         return Err(NO_BACKEND);
     }
-    let hash = flow_hash(&pkt.key, cfg.hash_seed, vip.flags & VIP_F_SRC_HASH != 0);
-    // checked: a zero ring size (never loaded so) must not become a panic path.
-    let slot = hash
-        .checked_rem(u64::from(cfg.ring_size))
-        .ok_or(NO_BACKEND)? as u32;
+    let slot = slot_of(
+        &pkt.key,
+        cfg.hash_seed,
+        vip.flags & VIP_F_SRC_HASH != 0,
+        cfg.ring_size,
+    )
+    .ok_or(NO_BACKEND)?;
     let id = *LB_SLOTS
         .get(slot_index(vip_id, vip.active_gen, cfg.ring_size, slot))
         .ok_or(NO_BACKEND)?;
-    let b = present_backend(id).ok_or(NO_BACKEND)?;
-    if !pkt.icmp_error {
-        let value = FlowValue {
-            backend_id: id,
-            backend_generation: b.generation,
-            vip_id,
-            vip_generation: vip.generation,
-        };
-        remember_flow(&cfg, &pkt.key, &value);
+    let b = *LB_BACKENDS.get(id).ok_or(NO_BACKEND)?;
+    if b.flags & BACKEND_F_PRESENT == 0 || b.flags & BACKEND_F_DOWN != 0 {
+        return Err(NO_BACKEND);
     }
-    Ok(Picked {
-        id,
-        backend: b,
+    if pkt.icmp_error {
+        // Steered like its flow, never a reason to remember one.
+        return Ok(picked(id, b, vip_id, false));
+    }
+    let value = FlowValue {
+        backend_id: id,
+        backend_generation: b.generation,
         vip_id,
-        new_flow: !pkt.icmp_error,
-    })
+        vip_generation: vip.generation,
+        last_seen: facts.now_s,
+        flags: if facts.is_fin() { FLOW_F_FIN } else { 0 },
+    };
+    if facts.is_syn() || facts.is_rst() {
+        // A new connection (or its end): nothing to remember, and a stale entry is done.
+        if facts.is_syn() {
+            count_flow(FlowEvent::SynPlaced);
+        }
+        match found {
+            Found::Established => forget_established(cfg, &pkt.key),
+            Found::Probation => forget_probation(&pkt.key),
+            Found::Nowhere => {}
+        }
+    } else if found == Found::Established {
+        // An established flow that had to move (its backend went down) stays established.
+        remember_established(cfg, &pkt.key, &value);
+    } else {
+        if found == Found::Nowhere {
+            count_flow(if pkt.key.proto == PROTO_UDP {
+                FlowEvent::NewUdp
+            } else {
+                FlowEvent::MissNotSyn
+            });
+        }
+        remember_probation(&pkt.key, &value);
+    }
+    Ok(picked(id, b, vip_id, true))
 }

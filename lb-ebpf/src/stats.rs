@@ -1,9 +1,21 @@
 //! Per-CPU counters: global by [`Stat`], per VIP and per backend.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, Stat, VipCounter};
+use lb_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, FlowEvent, Stat, VipCounter};
 
 #[map(name = "LB_STATS")]
 static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[map(name = "LB_FLOW_STATS")]
+static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
+
+/// Counts one flow-table event.
+#[inline(always)]
+pub fn count_flow(event: FlowEvent) {
+    if let Some(c) = LB_FLOW_STATS.get_ptr_mut(event as u32) {
+        // SAFETY: this CPU's slot; nothing else writes it concurrently.
+        unsafe { *c += 1 };
+    }
+}
 
 #[map(name = "LB_VIP_STATS")]
 static LB_VIP_STATS: PerCpuArray<VipCounter> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);

@@ -275,17 +275,38 @@ fn default_weight() -> u32 {
     100
 }
 
+fn default_udp_idle() -> u32 {
+    lb_common::DEFAULT_UDP_IDLE_S
+}
+
+/// Longest UDP idle time accepted (a day): longer is a flow table that never forgets.
+pub const MAX_UDP_IDLE_S: u32 = 86_400;
+
 /// A VIP's configuration.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipSpec {
     /// Hash the client address only (client affinity) instead of the 5-tuple.
     #[serde(default)]
     pub source_hash: bool,
+    /// Seconds a UDP flow is remembered without a datagram.
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_s: u32,
     #[serde(default)]
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
+impl Default for VipSpec {
+    fn default() -> Self {
+        VipSpec {
+            source_hash: false,
+            udp_idle_s: default_udp_idle(),
+            health: None,
+            backends: BTreeMap::new(),
+        }
+    }
 }
 
 /// Everything the operator asked for.
@@ -303,12 +324,23 @@ impl DesiredState {
             if let Some(h) = &spec.health {
                 h.validate(vip)?;
             }
+            validate_udp_idle(vip, spec.udp_idle_s)?;
             for (addr, b) in &spec.backends {
                 validate_backend(vip, addr, b)?;
             }
         }
         Ok(())
     }
+}
+
+/// The UDP idle time's range: 1 s to a day.
+pub fn validate_udp_idle(vip: &VipAddr, secs: u32) -> Result<(), String> {
+    if secs == 0 || secs > MAX_UDP_IDLE_S {
+        return Err(format!(
+            "VIP {vip}: udp_idle must be 1 to {MAX_UDP_IDLE_S} seconds, not {secs}"
+        ));
+    }
+    Ok(())
 }
 
 /// One backend's rules: weight range and address family.
@@ -352,6 +384,9 @@ struct ConfigVip {
     address: VipAddr,
     #[serde(default)]
     source_hash: bool,
+    /// Seconds a UDP flow is remembered without a datagram (default 30).
+    #[serde(default)]
+    udp_idle: Option<u32>,
     #[serde(default)]
     health: Option<HealthCheck>,
     #[serde(default)]
@@ -384,6 +419,7 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
     for v in file.vip {
         let mut spec = VipSpec {
             source_hash: v.source_hash,
+            udp_idle_s: v.udp_idle.unwrap_or_else(default_udp_idle),
             health: v.health,
             backends: BTreeMap::new(),
         };

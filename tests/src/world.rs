@@ -7,6 +7,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{Backend, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, flow_hash};
 use lb_userspace::{
     Dataplane, LoadOptions,
+    agent::reconcile::VipParams,
     maglev::{self, MaglevBackend},
 };
 
@@ -30,6 +31,8 @@ pub struct WorldVip {
     pub key: VipKey,
     pub id: u32,
     pub flags: u32,
+    /// Seconds a UDP flow is remembered without a datagram.
+    pub udp_idle_s: u32,
     pub backends: Vec<u32>,
     pub table: Vec<u32>,
 }
@@ -40,6 +43,8 @@ pub struct World {
 }
 
 pub const RING: u32 = 1009;
+/// The world's FIN grace: short, so fixtures can wait it out.
+pub const FIN_GRACE_S: u32 = 1;
 pub const SEED: u64 = 0x5eed_1234_abcd_0042;
 
 pub fn ip(s: &str) -> IpAddr {
@@ -65,6 +70,7 @@ impl World {
             flow_entries,
             hash_seed: SEED,
             per_cpu_flows,
+            fin_grace_s: FIN_GRACE_S,
         };
         let dp = Dataplane::load(opts).context("loading the data plane")?;
         let mut world = World {
@@ -99,6 +105,23 @@ impl World {
         self.set_backend_via(id, addr, 0)
     }
 
+    /// Sets backend `id`'s `BACKEND_F_DRAINED`/`BACKEND_F_DOWN` bits, keeping its generation
+    /// (as the agent does when a backend is drained or fails its health check).
+    pub fn set_backend_flags(&mut self, id: u32, flags: u32) -> anyhow::Result<()> {
+        let old = self.dp.backends.get(id)?;
+        self.dp.backends.set(id, &Backend { flags, ..old })?;
+        Ok(())
+    }
+
+    /// Sets the UDP idle time of VIP number `index` and publishes it.
+    pub fn set_udp_idle(&mut self, index: usize, secs: u32) -> anyhow::Result<()> {
+        let mut v = self.vips[index].clone();
+        v.udp_idle_s = secs;
+        self.publish(&mut v)?;
+        self.vips[index] = v;
+        Ok(())
+    }
+
     /// Stores backend `id` at `addr`, reached through interface `ifindex` (0: the receiving one).
     pub fn set_backend_via(&mut self, id: u32, addr: IpAddr, ifindex: u32) -> anyhow::Result<()> {
         let old = self.dp.backends.get(id)?;
@@ -123,6 +146,7 @@ impl World {
             key,
             id,
             flags,
+            udp_idle_s: lb_common::DEFAULT_UDP_IDLE_S,
             backends: backends.to_vec(),
             table: Vec::new(),
         };
@@ -142,7 +166,11 @@ impl World {
             })
             .collect();
         v.table = maglev::build(&mb, RING);
-        self.dp.publish_vip(&v.key, v.id, v.flags, &v.table)?;
+        let params = VipParams {
+            flags: v.flags,
+            udp_idle_s: v.udp_idle_s,
+        };
+        self.dp.publish_vip(&v.key, v.id, params, &v.table)?;
         Ok(())
     }
 

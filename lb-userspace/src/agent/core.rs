@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::flow_hash;
+use lb_common::slot_of;
 
 use crate::{
     Error,
@@ -376,6 +376,7 @@ impl Core {
                 vip: *vip,
                 id: vip_id,
                 source_hash: spec.source_hash,
+                udp_idle_s: spec.udp_idle_s,
                 health_check: spec.health.clone(),
                 backends,
             });
@@ -393,8 +394,16 @@ impl Core {
             .map(|(a, _)| *a)
     }
 
-    /// What a packet from `src:sport` to `vip` would meet.
-    pub fn trace(&self, src: IpAddr, sport: u16, vip: &VipAddr) -> Result<Trace, Error> {
+    /// What a packet from `src:sport` to `vip` (at port `dport` for an every-port VIP) would
+    /// meet. The kernel looks a packet up by its exact port first: a port that another VIP on
+    /// the same address serves is refused here, naming that VIP.
+    pub fn trace(
+        &self,
+        src: IpAddr,
+        sport: u16,
+        vip: &VipAddr,
+        dport: Option<u16>,
+    ) -> Result<Trace, Error> {
         if !self.desired.vips.contains_key(vip) {
             return Err(Error::NotFound(format!(
                 "unknown VIP {vip}: see `lb vip list`"
@@ -411,10 +420,37 @@ impl Core {
             .vips
             .get(vip)
             .ok_or_else(|| Error::NotFound(format!("VIP {vip} has no id yet")))?;
-        let key = flow_key(src, sport, vip.ip, vip.port, vip.proto.number());
-        let m = self.kernel.ring_size();
-        let seed = self.kernel_seed();
-        let slot = (flow_hash(&key, seed, spec.source_hash) % u64::from(m)) as u32;
+        let port = match (vip.port, dport) {
+            (0, None) => {
+                return Err(Error::Invalid(format!(
+                    "VIP {vip} covers every port: give the packet's port with --dport"
+                )));
+            }
+            (0, Some(p)) => {
+                let exact = VipAddr { port: p, ..*vip };
+                if p == 0 || self.desired.vips.contains_key(&exact) {
+                    return Err(Error::Invalid(format!(
+                        "packets to port {p} go to VIP {exact}, not {vip}: trace that one"
+                    )));
+                }
+                p
+            }
+            (p, None) => p,
+            (p, Some(d)) if d == p => p,
+            (p, Some(d)) => {
+                return Err(Error::Invalid(format!(
+                    "VIP {vip} serves port {p} only, not {d}"
+                )));
+            }
+        };
+        let key = flow_key(src, sport, vip.ip, port, vip.proto.number());
+        let slot = slot_of(
+            &key,
+            self.kernel_seed(),
+            spec.source_hash,
+            self.kernel.ring_size(),
+        )
+        .ok_or_else(|| Error::Kernel("the slot table has no slots".into()))?;
         let slot_backend = self
             .kernel
             .view()

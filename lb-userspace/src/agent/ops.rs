@@ -33,8 +33,10 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
         Command::AddVip {
             vip: v,
             source_hash,
+            udp_idle_s,
             health,
         } => {
+            crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
             if d.vips.contains_key(v) {
                 return Err(Error::Conflict(format!(
                     "VIP {v} already exists: remove it first or use `lb apply`"
@@ -47,6 +49,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                 *v,
                 VipSpec {
                     source_hash: *source_hash,
+                    udp_idle_s: *udp_idle_s,
                     health: health.clone(),
                     backends: Default::default(),
                 },

@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{VIP_F_SRC_HASH, VipKey};
+use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, VIP_F_SRC_HASH, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -110,14 +110,25 @@ pub fn allocate(
 pub struct BackendTarget {
     pub addr: IpAddr,
     pub mac: Mac,
+    /// `BACKEND_F_DRAINED` or `BACKEND_F_DOWN` (without `BACKEND_F_PRESENT`): what its
+    /// remembered flows do (see `lb_common::entry_decides`).
+    pub flags: u32,
+}
+
+/// A VIP's parameters the kernel holds beside its table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipParams {
+    /// `VIP_F_*` bits (without `VIP_F_PRESENT`).
+    pub flags: u32,
+    /// Seconds a UDP flow entry lives without a datagram.
+    pub udp_idle_s: u32,
 }
 
 /// A VIP as the kernel should hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipTarget {
     pub id: u32,
-    /// `VIP_F_*` bits (without `VIP_F_PRESENT`).
-    pub flags: u32,
+    pub params: VipParams,
     /// M backend ids, or empty for "no backend".
     pub table: Arc<Vec<u32>>,
 }
@@ -188,11 +199,24 @@ pub fn target(
                 continue;
             };
             // A backend is written to the kernel whenever its MAC is known, serving or not:
-            // drained and down backends keep their entry so remembered flows stay valid.
+            // drained flows stay on it; down ones move (its flag tells the program).
+            let serves = serving(state, facts, vip, addr);
             if let Some(mac) = facts.mac(vip, addr) {
-                out.backends.insert(id, BackendTarget { addr: *addr, mac });
+                let flags = match serves {
+                    Serving::Serving => 0,
+                    Serving::Weightless | Serving::Drained => BACKEND_F_DRAINED,
+                    Serving::Down | Serving::NoMac => BACKEND_F_DOWN,
+                };
+                out.backends.insert(
+                    id,
+                    BackendTarget {
+                        addr: *addr,
+                        mac,
+                        flags,
+                    },
+                );
             }
-            if serving(state, facts, vip, addr) == Serving::Serving {
+            if serves == Serving::Serving {
                 serving_set.push(MaglevBackend {
                     id,
                     key: addr.to_string(),
@@ -204,7 +228,10 @@ pub fn target(
             vip.key(),
             VipTarget {
                 id: *vip_id,
-                flags: if spec.source_hash { VIP_F_SRC_HASH } else { 0 },
+                params: VipParams {
+                    flags: if spec.source_hash { VIP_F_SRC_HASH } else { 0 },
+                    udp_idle_s: spec.udp_idle_s,
+                },
                 table: table(vip, &serving_set),
             },
         );
@@ -217,7 +244,7 @@ pub fn target(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelView {
     pub vips: BTreeMap<VipKey, u32>,
-    pub published: BTreeMap<u32, (u32, Arc<Vec<u32>>)>,
+    pub published: BTreeMap<u32, (VipParams, Arc<Vec<u32>>)>,
     pub backends: BTreeMap<u32, BackendTarget>,
 }
 
@@ -238,7 +265,7 @@ pub enum Op {
     PublishVip {
         key: VipKey,
         id: u32,
-        flags: u32,
+        params: VipParams,
         table: Arc<Vec<u32>>,
         new: bool,
     },
@@ -270,13 +297,13 @@ pub fn diff(view: &KernelView, target: &Target) -> Vec<Op> {
     for (key, t) in &target.vips {
         let bound = view.vips.get(key) == Some(&t.id);
         let live = view.published.get(&t.id);
-        if bound && live.is_some_and(|(f, tb)| *f == t.flags && tb == &t.table) {
+        if bound && live.is_some_and(|(p, tb)| *p == t.params && tb == &t.table) {
             continue;
         }
         ops.push(Op::PublishVip {
             key: *key,
             id: t.id,
-            flags: t.flags,
+            params: t.params,
             table: t.table.clone(),
             new: !bound,
         });
@@ -303,12 +330,12 @@ pub fn apply_to_view(view: &mut KernelView, op: &Op) {
         Op::PublishVip {
             key,
             id,
-            flags,
+            params,
             table,
             ..
         } => {
             view.vips.insert(*key, *id);
-            view.published.insert(*id, (*flags, table.clone()));
+            view.published.insert(*id, (*params, table.clone()));
         }
         Op::ClearBackend { id } => {
             view.backends.remove(id);

@@ -121,7 +121,7 @@ fn assert_agree(w: &World, ctx: &str) {
     let want_vips: std::collections::BTreeMap<_, _> = want
         .vips
         .iter()
-        .map(|(key, t)| (*key, (t.id, (t.flags, t.table.clone()))))
+        .map(|(key, t)| (*key, (t.id, (t.params, t.table.clone()))))
         .collect();
     assert_eq!(have_vips, want_vips, "{ctx}: kernel VIPs differ");
     assert_eq!(
@@ -173,6 +173,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
     });
     let run = |c: Command| w.agent.execute(&c);
     run(Command::AddVip {
+        udp_idle_s: 30,
         vip: vip(0),
         source_hash: false,
         health: Some(check()),
@@ -270,6 +271,7 @@ fn a_failed_save_changes_nothing() {
     let err = w
         .agent
         .execute(&Command::AddVip {
+            udp_idle_s: 30,
             vip: vip(0),
             source_hash: false,
             health: None,
@@ -299,6 +301,7 @@ fn random_command(r: &mut Rng) -> Command {
     let a = addr(r.below(5) as u8);
     match r.below(9) {
         0 => Command::AddVip {
+            udp_idle_s: 30,
             vip: v,
             source_hash: r.below(2) == 0,
             health: (r.below(2) == 0).then(check),

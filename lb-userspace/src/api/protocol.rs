@@ -23,6 +23,9 @@ pub enum Command {
     AddVip {
         vip: VipAddr,
         source_hash: bool,
+        /// Seconds a UDP flow is remembered without a datagram.
+        #[serde(default = "default_udp_idle")]
+        udp_idle_s: u32,
         health: Option<HealthCheck>,
     },
     RemoveVip {
@@ -120,6 +123,10 @@ pub struct StatusView {
     pub events: Vec<Event>,
 }
 
+fn default_udp_idle() -> u32 {
+    lb_common::DEFAULT_UDP_IDLE_S
+}
+
 /// Answer to a command.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CommandResult {
@@ -160,6 +167,8 @@ pub struct VipView {
     pub vip: VipAddr,
     pub id: u32,
     pub source_hash: bool,
+    /// Seconds a UDP flow is remembered without a datagram.
+    pub udp_idle_s: u32,
     pub health_check: Option<HealthCheck>,
     pub backends: Vec<BackendView>,
 }

@@ -117,7 +117,7 @@ fn query(uri: &hyper::Uri) -> HashMap<String, String> {
 
 fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
     let q = query(uri);
-    let parsed = (|| -> Result<(IpAddr, u16, VipAddr), String> {
+    let parsed = (|| -> Result<(IpAddr, u16, VipAddr, Option<u16>), String> {
         let src = q
             .get("src")
             .ok_or("missing src")?
@@ -129,11 +129,15 @@ fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
             .parse()
             .map_err(|_| "bad source port")?;
         let vip = q.get("vip").ok_or("missing vip")?.parse()?;
-        Ok((src, sport, vip))
+        let dport = match q.get("dport") {
+            Some(p) => Some(p.parse().map_err(|_| "bad destination port")?),
+            None => None,
+        };
+        Ok((src, sport, vip, dport))
     })();
     match parsed {
         Err(e) => invalid(e),
-        Ok((src, sport, vip)) => match agent.core().trace(src, sport, &vip) {
+        Ok((src, sport, vip, dport)) => match agent.core().trace(src, sport, &vip, dport) {
             Ok(t) => json(StatusCode::OK, &t),
             Err(e) => error(&e),
         },

@@ -87,6 +87,9 @@ pub enum Top {
         client: SocketAddr,
         /// The VIP, e.g. 10.0.0.10:80/tcp.
         vip: VipAddr,
+        /// Destination port of the packet: required for an every-port VIP (`ADDR:*/tcp`).
+        #[arg(long)]
+        dport: Option<u16>,
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +186,9 @@ pub struct RunArgs {
     /// Per-CPU LRU lists for the flow table (many-core NICs).
     #[arg(long)]
     pub per_cpu_flows: bool,
+    /// Seconds a TCP flow keeps its backend after a FIN once it goes quiet.
+    #[arg(long, default_value_t = lb_common::DEFAULT_FIN_GRACE_S)]
+    pub fin_grace: u32,
     /// Keep forwarding after exit (maps and link stay pinned), for restarts and upgrades.
     #[arg(long)]
     pub keep_on_exit: bool,
@@ -236,6 +242,9 @@ pub enum VipCmd {
         /// Failures that take a backend out.
         #[arg(long, default_value_t = 3)]
         fall: u32,
+        /// Seconds a UDP flow keeps its backend without a datagram (1-86400).
+        #[arg(long, default_value_t = lb_common::DEFAULT_UDP_IDLE_S)]
+        udp_idle: u32,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },

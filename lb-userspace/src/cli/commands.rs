@@ -27,8 +27,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Top::Trace {
             client: c,
             vip,
+            dport,
             json,
-        } => trace(&client, c, vip, json).await,
+        } => trace(&client, c, vip, dport, json).await,
         Top::Apply {
             file,
             dry_run,
@@ -90,6 +91,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             flow_entries: a.flow_entries,
             hash_seed: a.hash_seed,
             per_cpu_flows: a.per_cpu_flows,
+            fin_grace_s: a.fin_grace,
         },
         config: a.config,
         state_file,
@@ -119,6 +121,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             timeout_ms,
             rise,
             fall,
+            udp_idle,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -137,6 +140,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                 .command(&Command::AddVip {
                     vip,
                     source_hash,
+                    udp_idle_s: udp_idle,
                     health,
                 })
                 .await?;
@@ -247,11 +251,13 @@ async fn trace(
     client: &Client,
     c: std::net::SocketAddr,
     vip: VipAddr,
+    dport: Option<u16>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let dport = dport.map(|p| format!("&dport={p}")).unwrap_or_default();
     let t: Trace = client
         .get(&format!(
-            "/v1/trace?src={}&sport={}&vip={}",
+            "/v1/trace?src={}&sport={}&vip={}{dport}",
             encode_query(&c.ip().to_string()),
             c.port(),
             encode_query(&vip.to_string())

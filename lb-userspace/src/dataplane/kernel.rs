@@ -3,7 +3,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuValues;
-use lb_common::{BACKEND_F_PRESENT, Backend, FAMILY_V4, FlowKey, VIP_F_PRESENT};
+use lb_common::{
+    BACKEND_F_PRESENT, Backend, FAMILY_V4, FlowKey, PacketFacts, VIP_F_PRESENT, entry_decides,
+};
 
 use crate::{
     Dataplane, Error,
@@ -73,7 +75,7 @@ impl MapsKernel {
             } else {
                 old.generation
             },
-            flags: BACKEND_F_PRESENT,
+            flags: BACKEND_F_PRESENT | b.flags,
             family: family(b.addr),
             _pad: [0; 3],
         };
@@ -97,6 +99,7 @@ impl MapsKernel {
                     BackendTarget {
                         addr: words_addr(b.addr, b.family),
                         mac: Mac(b.mac),
+                        flags: b.flags & !BACKEND_F_PRESENT,
                     },
                 );
             }
@@ -123,14 +126,14 @@ impl Kernel for MapsKernel {
             Op::PublishVip {
                 key,
                 id,
-                flags,
+                params,
                 table,
                 new,
             } => {
                 if *new {
                     Self::zero(&mut self.dp.stats.vips, lb_common::VIP_STATS_MAP, *id)?;
                 }
-                self.dp.publish_vip(key, *id, *flags, table).map(drop)
+                self.dp.publish_vip(key, *id, *params, table).map(drop)
             }
             Op::ClearBackend { id } => self.dp.backends.clear(*id),
         };
@@ -175,6 +178,7 @@ impl Kernel for MapsKernel {
                     BackendTarget {
                         addr: words_addr(b.addr, b.family),
                         mac: Mac(b.mac),
+                        flags: b.flags & !BACKEND_F_PRESENT,
                     },
                 );
             }
@@ -202,19 +206,40 @@ impl Kernel for MapsKernel {
     }
 
     fn flow_backend(&self, key: &FlowKey, vip_id: u32) -> Result<Option<u32>, Error> {
-        let Some(f) = self.dp.flows.get(key)? else {
-            return Ok(None);
+        // What the program decides for the flow's next packet (an ACK, now), by the same
+        // rules: the established table first, then probation.
+        let facts = PacketFacts {
+            proto: key.proto,
+            tcp_flags: lb_common::TCP_ACK,
+            now_s: coarse_now_s(),
         };
         let info = self.dp.vips.info(vip_id)?;
-        let b = self.dp.backends.get(f.backend_id)?;
-        let valid = f.vip_id == vip_id
-            && f.vip_generation == info.generation
-            && b.flags & BACKEND_F_PRESENT != 0
-            && b.generation == f.backend_generation;
-        Ok(valid.then_some(f.backend_id))
+        for f in [self.dp.flows.get(key)?, self.dp.flows.probation(key)?]
+            .into_iter()
+            .flatten()
+        {
+            let b = self.dp.backends.get(f.backend_id).ok();
+            if f.vip_id == vip_id
+                && entry_decides(&f, &info, b.as_ref(), &facts, self.dp.opts.fin_grace_s)
+            {
+                return Ok(Some(f.backend_id));
+            }
+        }
+        Ok(None)
     }
 
     fn stats(&self) -> Option<&StatsMaps> {
         Some(&self.dp.stats)
     }
+}
+
+/// The program's clock: CLOCK_MONOTONIC_COARSE in seconds (`bpf_ktime_get_coarse_ns`).
+fn coarse_now_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
 }

@@ -17,8 +17,9 @@ use aya::{
 };
 use lb_common::{
     BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP, FLOWS_PERCPU_MAP, LbConfig,
-    SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
+    DEFAULT_MAX_VIPS, FLOW_STATS_MAP, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP,
+    FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, LbConfig, SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_FILTER_MAP,
+    VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
 };
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,8 @@ pub struct LoadOptions {
     pub hash_seed: u64,
     /// Shared LRU (default) or one LRU per CPU.
     pub per_cpu_flows: bool,
+    /// Seconds a TCP flow entry lives after a FIN once the flow is quiet.
+    pub fin_grace_s: u32,
 }
 
 impl Default for LoadOptions {
@@ -71,11 +74,17 @@ impl Default for LoadOptions {
             flow_entries: DEFAULT_FLOW_ENTRIES,
             hash_seed: LbConfig::DEFAULT.hash_seed,
             per_cpu_flows: false,
+            fin_grace_s: lb_common::DEFAULT_FIN_GRACE_S,
         }
     }
 }
 
 impl LoadOptions {
+    /// Entries of the probation table: a quarter of the flow table (at least 256).
+    pub fn probation_entries(&self) -> u32 {
+        (self.flow_entries / 4).max(256)
+    }
+
     /// Checks the sizes before anything touches the kernel.
     pub fn validate(&self) -> Result<(), Error> {
         if !crate::maglev::is_prime(self.ring_size) {
@@ -108,6 +117,8 @@ impl LoadOptions {
                 FLOW_TABLE_SHARED
             },
             hash_seed: self.hash_seed,
+            fin_grace_s: self.fin_grace_s,
+            _pad: 0,
         }
     }
 }
@@ -161,6 +172,7 @@ impl Dataplane {
             .map_max_entries(BACKENDS_MAP, opts.max_backends)
             .map_max_entries(FLOWS_MAP, shared)
             .map_max_entries(FLOWS_PERCPU_MAP, per_cpu)
+            .map_max_entries(FLOWS_NEW_MAP, opts.probation_entries())
             .map_max_entries(VIP_STATS_MAP, opts.max_vips)
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
@@ -190,12 +202,15 @@ impl Dataplane {
         };
         let flows = FlowTable::new(
             HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
+            HashMap::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
         );
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
         let stats = StatsMaps {
             global: PerCpuArray::try_from(take(&mut ebpf, STATS_MAP)?)
                 .map_err(map_err(STATS_MAP))?,
+            flows: PerCpuArray::try_from(take(&mut ebpf, FLOW_STATS_MAP)?)
+                .map_err(map_err(FLOW_STATS_MAP))?,
             vips: PerCpuArray::try_from(take(&mut ebpf, VIP_STATS_MAP)?)
                 .map_err(map_err(VIP_STATS_MAP))?,
             backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)
@@ -361,7 +376,9 @@ const ALL_MAPS: &[&str] = &[
     BACKENDS_MAP,
     FLOWS_MAP,
     FLOWS_PERCPU_MAP,
+    FLOWS_NEW_MAP,
     TX_PORTS_MAP,
+    FLOW_STATS_MAP,
     STATS_MAP,
     VIP_STATS_MAP,
     BACKEND_STATS_MAP,

@@ -14,9 +14,9 @@ use std::{
 use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
     ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
-    FLOWS_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS, SLOTS_MAP, STATS_MAP, Stat,
-    TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
-    VipCounter, VipInfo, VipKey, abi_layout,
+    FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS,
+    SLOTS_MAP, STATS_MAP, Stat, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP,
+    VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey, abi_layout,
 };
 
 use crate::{Error, LoadOptions};
@@ -112,6 +112,22 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             sz::<FlowValue>(),
             per_cpu,
             BPF_F_NO_COMMON_LRU,
+        ),
+        (
+            FLOWS_NEW_MAP,
+            MapType::LruHash,
+            sz::<FlowKey>(),
+            sz::<FlowValue>(),
+            opts.probation_entries(),
+            0,
+        ),
+        (
+            FLOW_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            8,
+            lb_common::FlowEvent::COUNT,
+            0,
         ),
         // Devmap values are `struct bpf_devmap_val` (ifindex and a program fd).
         (TX_PORTS_MAP, MapType::DevMapHash, 4, 8, MAX_TX_PORTS, 0),

@@ -6,16 +6,16 @@ use std::collections::BTreeSet;
 
 use lb_common::{VIP_F_PRESENT, VipInfo, VipKey};
 
-use crate::{Dataplane, Error};
+use crate::{Dataplane, Error, agent::reconcile::VipParams};
 
 impl Dataplane {
     /// Makes `slots` (M backend ids, or empty for "no backend") the live table of VIP `key`
-    /// under id `id` with `flags` (`VIP_F_*`), creating the VIP if needed. Returns its state.
+    /// under id `id` with `params`, creating the VIP if needed. Returns its state.
     pub fn publish_vip(
         &mut self,
         key: &VipKey,
         id: u32,
-        flags: u32,
+        params: VipParams,
         slots: &[u32],
     ) -> Result<VipInfo, Error> {
         let old = self.vips.info(id)?;
@@ -48,10 +48,11 @@ impl Dataplane {
         }
         let backend_count = slots.iter().collect::<BTreeSet<_>>().len() as u32;
         let info = VipInfo {
-            flags: flags | VIP_F_PRESENT,
+            flags: params.flags | VIP_F_PRESENT,
             active_gen,
             backend_count,
             generation,
+            udp_idle_s: params.udp_idle_s,
         };
         self.vips.set_info(id, &info)?;
         if bound.is_none() {

@@ -2,12 +2,16 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::{BACKEND_STATS_MAP, Counter, STATS_MAP, Stat, VIP_STATS_MAP, VipCounter};
+use lb_common::{
+    BACKEND_STATS_MAP, Counter, FLOW_STATS_MAP, FlowEvent, STATS_MAP, Stat, VIP_STATS_MAP,
+    VipCounter,
+};
 use serde::Serialize;
 
 use crate::Error;
 
-/// Totals per [`Stat`] summed over all CPUs, keyed by the stat's stable name.
+/// Totals per [`Stat`] and per [`FlowEvent`] (packets only) summed over all CPUs, keyed by
+/// their stable names (which never collide: flow events start with `flow_`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct GlobalStats(pub BTreeMap<&'static str, Counter>);
@@ -16,11 +20,17 @@ impl GlobalStats {
     pub fn get(&self, stat: Stat) -> Counter {
         self.0.get(stat.name()).copied().unwrap_or_default()
     }
+
+    /// How many times `event` happened.
+    pub fn flow(&self, event: FlowEvent) -> u64 {
+        self.0.get(event.name()).map_or(0, |c| c.packets)
+    }
 }
 
-/// The three counter maps.
+/// The counter maps.
 pub struct StatsMaps {
     pub global: PerCpuArray<MapData, Counter>,
+    pub flows: PerCpuArray<MapData, u64>,
     pub vips: PerCpuArray<MapData, VipCounter>,
     pub backends: PerCpuArray<MapData, Counter>,
 }
@@ -46,6 +56,17 @@ impl StatsMaps {
                 })?;
             out.0
                 .insert(stat.name(), per_cpu.iter().fold(Counter::default(), add));
+        }
+        for event in FlowEvent::ALL {
+            let per_cpu = self
+                .flows
+                .get(&(event as u32), 0)
+                .map_err(|source| Error::Map {
+                    name: FLOW_STATS_MAP,
+                    source,
+                })?;
+            let packets = per_cpu.iter().sum();
+            out.0.insert(event.name(), Counter { packets, bytes: 0 });
         }
         Ok(out)
     }

@@ -5,9 +5,9 @@ use std::os::fd::AsFd as _;
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
-    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FlowKey, FlowValue, SLOTS_MAP,
-    VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey, slot_index,
-    vip_filter_bit,
+    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
+    SLOTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey,
+    slot_index, vip_filter_bit,
 };
 
 use crate::Error;
@@ -225,21 +225,40 @@ impl BackendTable {
     }
 }
 
-/// The LRU flow table (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout).
+/// The flow tables: established (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout)
+/// and probation (`LB_FLOWS_NEW`).
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
+    probation: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+fn lookup(
+    map: &HashMap<MapData, FlowKey, FlowValue>,
+    key: &FlowKey,
+    name: &'static str,
+) -> Result<Option<FlowValue>, Error> {
+    match map.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(err(name)(e)),
+    }
 }
 
 impl FlowTable {
-    pub fn new(map: HashMap<MapData, FlowKey, FlowValue>) -> Self {
-        FlowTable { map }
+    pub fn new(
+        map: HashMap<MapData, FlowKey, FlowValue>,
+        probation: HashMap<MapData, FlowKey, FlowValue>,
+    ) -> Self {
+        FlowTable { map, probation }
     }
 
+    /// The established entry of `key`.
     pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        match self.map.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(err(FLOWS_MAP)(e)),
-        }
+        lookup(&self.map, key, FLOWS_MAP)
+    }
+
+    /// The probation entry of `key` (a flow seen once).
+    pub fn probation(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
+        lookup(&self.probation, key, FLOWS_NEW_MAP)
     }
 }

@@ -93,8 +93,7 @@ fn flow_misses(world: &World) -> anyhow::Result<u64> {
         .dp
         .stats
         .global()?
-        .get(lb_common::Stat::FlowMiss)
-        .packets)
+        .flow(lb_common::FlowEvent::MissNotSyn))
 }
 
 fn row(name: String, ns: f64, floor: f64, target: Option<f64>) -> Row {

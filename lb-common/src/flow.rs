@@ -1,0 +1,235 @@
+//! Flow-table semantics shared by the XDP program and the agent's `trace`: which events are
+//! counted, what a packet tells the table, and whether a remembered entry still decides where
+//! a packet goes. Pure functions on plain data, so both sides (and unit tests) agree.
+use crate::{
+    BACKEND_F_DOWN, BACKEND_F_DRAINED, BACKEND_F_PRESENT, Backend, FlowKey, FlowValue, PROTO_TCP,
+    PROTO_UDP, VipInfo, flow_hash,
+};
+
+/// Flow-table events, counted apart from the pass/drop reasons of [`crate::Stat`]: the index
+/// into [`crate::FLOW_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// Found in the established table and still valid.
+    Hit = 0,
+    /// Found in the probation table and moved to the established table (its second packet).
+    Promoted = 1,
+    /// A TCP SYN placed by the slot table and not remembered: a SYN flood costs no entry.
+    SynPlaced = 2,
+    /// A TCP packet without SYN that no table knew: a handshake's last ACK (one per real
+    /// connection), or a flow that was evicted or never seen. Remembered on probation.
+    MissNotSyn = 3,
+    /// A UDP datagram no table knew: a new flow (or one that aged out). Remembered on
+    /// probation.
+    NewUdp = 4,
+    /// An entry was found but no longer decides: its backend is down, removed or recycled, a
+    /// SYN met a drained backend or a closed connection, or it aged out. Placed again.
+    Replaced = 5,
+    /// A TCP RST ended the entry.
+    EndedRst = 6,
+}
+
+impl FlowEvent {
+    /// Number of variants; the length of [`crate::FLOW_STATS_MAP`].
+    pub const COUNT: u32 = 7;
+    /// All variants in index order.
+    pub const ALL: [FlowEvent; FlowEvent::COUNT as usize] = [
+        FlowEvent::Hit,
+        FlowEvent::Promoted,
+        FlowEvent::SynPlaced,
+        FlowEvent::MissNotSyn,
+        FlowEvent::NewUdp,
+        FlowEvent::Replaced,
+        FlowEvent::EndedRst,
+    ];
+
+    /// Stable snake_case name used in CLI output and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowEvent::Hit => "flow_hit",
+            FlowEvent::Promoted => "flow_promoted",
+            FlowEvent::SynPlaced => "flow_syn_placed",
+            FlowEvent::MissNotSyn => "flow_miss_not_syn",
+            FlowEvent::NewUdp => "flow_new_udp",
+            FlowEvent::Replaced => "flow_replaced",
+            FlowEvent::EndedRst => "flow_ended_rst",
+        }
+    }
+}
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A FIN was seen on the flow: the entry ends `fin_grace_s` after the flow's last packet, and
+/// a SYN reusing the tuple is a new connection.
+pub const FLOW_F_FIN: u32 = 1;
+
+/// What one packet tells the flow table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketFacts {
+    pub proto: u8,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+    /// Coarse monotonic clock, seconds (`bpf_ktime_get_coarse_ns` / CLOCK_MONOTONIC_COARSE).
+    pub now_s: u32,
+}
+
+impl PacketFacts {
+    /// A connection's first packet: SYN without ACK.
+    #[inline(always)]
+    pub const fn is_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    #[inline(always)]
+    pub const fn is_rst(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & TCP_RST != 0
+    }
+
+    #[inline(always)]
+    pub const fn is_fin(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & TCP_FIN != 0
+    }
+}
+
+/// Whether a remembered entry still decides where a packet of its flow goes. `backend` is the
+/// entry at the remembered backend id (absent if the id is out of range).
+///
+/// - health-down, no MAC, removed or recycled backend, or recycled VIP: the flow moves now;
+/// - drained (or weight 0): existing flows stay, but a SYN reusing the tuple is a new
+///   connection and is placed again;
+/// - a FIN was seen: a SYN is a new connection, and the entry ends `fin_grace_s` after the
+///   flow's last packet;
+/// - UDP: the entry ends `udp_idle_s` (per VIP) after the flow's last datagram.
+#[inline(always)]
+pub const fn entry_decides(
+    flow: &FlowValue,
+    vip: &VipInfo,
+    backend: Option<&Backend>,
+    pkt: &PacketFacts,
+    fin_grace_s: u32,
+) -> bool {
+    if vip.generation != flow.vip_generation {
+        return false;
+    }
+    let b = match backend {
+        Some(b) => b,
+        None => return false,
+    };
+    if b.flags & BACKEND_F_PRESENT == 0
+        || b.generation != flow.backend_generation
+        || b.flags & BACKEND_F_DOWN != 0
+    {
+        return false;
+    }
+    let idle = pkt.now_s.wrapping_sub(flow.last_seen);
+    if pkt.is_syn() && (b.flags & BACKEND_F_DRAINED != 0 || flow.flags & FLOW_F_FIN != 0) {
+        return false;
+    }
+    if flow.flags & FLOW_F_FIN != 0 && idle > fin_grace_s {
+        return false;
+    }
+    if pkt.proto == PROTO_UDP && idle > vip.udp_idle_s {
+        return false;
+    }
+    true
+}
+
+/// The slot of a flow in a table of `ring_size` slots; `None` for a zero ring size (never
+/// loaded so, but not a division by zero).
+#[inline(always)]
+pub const fn slot_of(key: &FlowKey, seed: u64, src_only: bool, ring_size: u32) -> Option<u32> {
+    if ring_size == 0 {
+        return None;
+    }
+    Some((flow_hash(key, seed, src_only) % ring_size as u64) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (FlowValue, VipInfo, Backend) {
+        let flow = FlowValue {
+            backend_id: 3,
+            backend_generation: 7,
+            vip_id: 1,
+            vip_generation: 2,
+            last_seen: 100,
+            flags: 0,
+        };
+        let vip = VipInfo {
+            generation: 2,
+            udp_idle_s: 30,
+            ..VipInfo::default()
+        };
+        let b = Backend {
+            generation: 7,
+            flags: BACKEND_F_PRESENT,
+            ..Backend::default()
+        };
+        (flow, vip, b)
+    }
+
+    fn tcp(flags: u8, now_s: u32) -> PacketFacts {
+        PacketFacts {
+            proto: PROTO_TCP,
+            tcp_flags: flags,
+            now_s,
+        }
+    }
+
+    #[test]
+    fn rules() {
+        let (f, v, b) = setup();
+        assert!(entry_decides(&f, &v, Some(&b), &tcp(TCP_ACK, 5000), 4));
+        // A SYN retransmit to a live backend sticks.
+        assert!(entry_decides(&f, &v, Some(&b), &tcp(TCP_SYN, 101), 4));
+        let drained = Backend {
+            flags: BACKEND_F_PRESENT | BACKEND_F_DRAINED,
+            ..b
+        };
+        assert!(entry_decides(&f, &v, Some(&drained), &tcp(TCP_ACK, 101), 4));
+        assert!(!entry_decides(
+            &f,
+            &v,
+            Some(&drained),
+            &tcp(TCP_SYN, 101),
+            4
+        ));
+        let down = Backend {
+            flags: BACKEND_F_PRESENT | BACKEND_F_DOWN,
+            ..b
+        };
+        assert!(!entry_decides(&f, &v, Some(&down), &tcp(TCP_ACK, 101), 4));
+        let recycled = Backend { generation: 8, ..b };
+        assert!(!entry_decides(
+            &f,
+            &v,
+            Some(&recycled),
+            &tcp(TCP_ACK, 101),
+            4
+        ));
+        assert!(!entry_decides(&f, &v, None, &tcp(TCP_ACK, 101), 4));
+        let fin = FlowValue {
+            flags: FLOW_F_FIN,
+            ..f
+        };
+        assert!(entry_decides(&fin, &v, Some(&b), &tcp(TCP_ACK, 104), 4));
+        assert!(!entry_decides(&fin, &v, Some(&b), &tcp(TCP_ACK, 105), 4));
+        assert!(!entry_decides(&fin, &v, Some(&b), &tcp(TCP_SYN, 101), 4));
+        let udp = |now_s| PacketFacts {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            now_s,
+        };
+        assert!(entry_decides(&f, &v, Some(&b), &udp(130), 4));
+        assert!(!entry_decides(&f, &v, Some(&b), &udp(131), 4));
+        // TCP does not age.
+        assert!(entry_decides(&f, &v, Some(&b), &tcp(TCP_ACK, 1_000_000), 4));
+    }
+}
