@@ -91,6 +91,25 @@ impl Netns {
         cmd
     }
 
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> anyhow::Result<[u8; 6]> {
+        // /sys shows the caller's namespace: ask `ip` about this one instead.
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-br", "link", "show", dev])
+            .output()
+            .context("running ip")?;
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mac = line
+            .split_whitespace()
+            .nth(2)
+            .with_context(|| format!("no MAC for {dev} in {}: {line:?}", self.name))?;
+        let mut bytes = [0u8; 6];
+        for (i, p) in mac.split(':').enumerate().take(6) {
+            bytes[i] = u8::from_str_radix(p, 16).with_context(|| format!("MAC {mac:?}"))?;
+        }
+        Ok(bytes)
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])

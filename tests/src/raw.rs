@@ -13,6 +13,15 @@ const ETH_P_ALL: u16 = 0x0003;
 impl RawSocket {
     /// A socket bound to interface `iface` (in the calling thread's namespace), all protocols.
     pub fn bind(iface: &str) -> anyhow::Result<Self> {
+        Self::open(iface, ETH_P_ALL)
+    }
+
+    /// A socket that only sends (protocol 0: nothing is queued for it to receive), for floods.
+    pub fn sender(iface: &str) -> anyhow::Result<Self> {
+        Self::open(iface, 0)
+    }
+
+    fn open(iface: &str, protocol: u16) -> anyhow::Result<Self> {
         let name = std::ffi::CString::new(iface)?;
         // SAFETY: plain libc calls with valid arguments; the fd is owned right away.
         unsafe {
@@ -23,7 +32,7 @@ impl RawSocket {
             let fd = libc::socket(
                 libc::AF_PACKET,
                 libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                i32::from(ETH_P_ALL.to_be()),
+                i32::from(protocol.to_be()),
             );
             if fd < 0 {
                 bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
@@ -31,7 +40,7 @@ impl RawSocket {
             let fd = OwnedFd::from_raw_fd(fd);
             let mut sll: libc::sockaddr_ll = std::mem::zeroed();
             sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
+            sll.sll_protocol = protocol.to_be();
             sll.sll_ifindex = ifindex as i32;
             let rc = libc::bind(
                 fd.as_raw_fd(),
@@ -56,6 +65,25 @@ impl RawSocket {
             bail!("sending a raw frame: {}", std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Sends one frame, waiting (up to a second) while the device queue is full.
+    pub fn send_waiting(&self, frame: &[u8]) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            // SAFETY: `frame` is a valid buffer of its length.
+            let n =
+                unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            let full = matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS));
+            if !full || std::time::Instant::now() >= deadline {
+                bail!("sending a raw frame: {e}");
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 
     /// Every frame received so far that was not sent by this host (non-blocking drain).

@@ -290,6 +290,8 @@ type NewConnThread = std::thread::JoinHandle<anyhow::Result<(usize, Vec<String>)
 /// new connections, until stopped (at most two minutes).
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the long-lived connections stay idle (open, nothing sent).
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     long: std::thread::JoinHandle<anyhow::Result<TrafficReport>>,
     new: Option<NewConnThread>,
 }
@@ -323,10 +325,16 @@ impl DemoNet {
             })??;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let st = stop.clone();
+        let paused = Arc::new(AtomicBool::new(false));
+        let pa = paused.clone();
         let long = std::thread::spawn(move || -> anyhow::Result<TrafficReport> {
             let mut conns = conns;
             let mut r = TrafficReport::default();
             while !st.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                if pa.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 for (i, (s, backend)) in conns.iter_mut().enumerate() {
                     match keepalive_request(s) {
                         Ok(b) if b == *backend => {}
@@ -362,11 +370,28 @@ impl DemoNet {
         } else {
             None
         };
-        Ok(Traffic { stop, long, new })
+        Ok(Traffic {
+            stop,
+            paused,
+            long,
+            new,
+        })
     }
 }
 
 impl Traffic {
+    /// Leaves the long-lived connections idle (open, silent) until [`Traffic::resume`]; waits
+    /// for the round in progress to finish.
+    pub fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn stop(self) -> anyhow::Result<TrafficReport> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut r = self

@@ -340,20 +340,6 @@ fn upgrade_replaces_the_program_without_drops() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The MAC of `eth0` in `ns`.
-fn mac_of(ns: &lb_tests::Netns) -> anyhow::Result<[u8; 6]> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns.name(), "-j", "link", "show", "eth0"])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let text = v[0]["address"].as_str().unwrap_or_default().to_string();
-    let mut mac = [0u8; 6];
-    for (i, p) in text.split(':').enumerate().take(6) {
-        mac[i] = u8::from_str_radix(p, 16)?;
-    }
-    Ok(mac)
-}
-
 /// Scenario 7: malformed and odd frames from the client on a raw socket: nothing crashes,
 /// the counters account for each by reason, and no backend receives a rewritten frame that
 /// was not for a VIP. Normal traffic works afterwards.
@@ -371,7 +357,7 @@ fn malformed_and_odd_frames_are_counted_and_never_forwarded() -> anyhow::Result<
 
     let net = serving(3, "native", &[0, 1, 2])?;
     net.add_vip(&format!("[{VIP6}]:{PORT}/tcp"), &[0, 1, 2], &[])?;
-    let (lb_mac, client_mac) = (mac_of(&net.lb)?, mac_of(&net.client)?);
+    let (lb_mac, client_mac) = (net.lb.mac("eth0")?, net.client.mac("eth0")?);
     let frames = Frames::new(client_mac, lb_mac);
     let eth = || frames.eth();
     let tcp_to = |dst: &str| frames.tcp4((v4(CLIENT_IP), 40000), (v4(dst), PORT), "A", b"x");
