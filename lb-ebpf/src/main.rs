@@ -28,8 +28,11 @@ pub enum Verdict {
     Forward(u32),
 }
 
-/// Entry point attached to the load balancer's interface.
-#[xdp]
+/// Entry point attached to the load balancer's interface. Multi-buffer aware (`xdp.frags`)
+/// so native attach works at jumbo MTUs on drivers that split such frames: every header the
+/// program reads is in the first buffer (`data..data_end`), and byte counters count that
+/// part of a multi-buffer frame.
+#[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     lb(&ctx)
 }

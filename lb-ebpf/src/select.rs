@@ -75,22 +75,31 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
 #[inline(always)]
 pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
     let cfg = config();
-    let facts = PacketFacts {
+    let mut facts = PacketFacts {
         proto: pkt.key.proto,
         tcp_flags: pkt.tcp_flags,
-        now_s: now_s(),
+        now_s: 0,
     };
+    // The clock is read only when time matters: UDP ages, and a TCP entry does once a FIN
+    // was seen. An established TCP packet without FIN skips the helper call.
+    if facts.proto == PROTO_UDP || facts.is_fin() {
+        facts.now_s = now_s();
+    }
     let mut found = Found::Nowhere;
     if let Some(entry) = established(&cfg, &pkt.key) {
         // SAFETY: the map's value, valid while this program runs; plain data.
         let flow = unsafe { *entry };
+        if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
+            facts.now_s = now_s();
+        }
         if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
             count_flow(FlowEvent::Hit);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
                 forget_established(&cfg, &pkt.key);
-            } else if flow.last_seen != facts.now_s
-                || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0)
+            } else if facts.now_s != 0
+                && (flow.last_seen != facts.now_s
+                    || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0))
             {
                 // At most one write a second per entry (plus the FIN): the hot path stays a read.
                 // SAFETY: as above; a racing writer on another CPU writes the same values.
@@ -101,6 +110,9 @@ pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
         count_flow(FlowEvent::Replaced);
         found = Found::Established;
     } else if let Some(flow) = on_probation(&pkt.key) {
+        if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
+            facts.now_s = now_s();
+        }
         if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
             count_flow(FlowEvent::Promoted);
             forget_probation(&pkt.key);

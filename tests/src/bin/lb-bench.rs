@@ -120,7 +120,10 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     };
     let vip = [10, 0, 0, 10];
     let established = tcp([192, 0, 2, 7], 40000, vip, 80);
-    world.run(&established)?; // place the flow
+    // Its first packet puts the flow on probation, the second makes it established.
+    world.run(&established)?;
+    world.run(&established)?;
+    let syn = Frames::new(ROUTER_MAC, LB_MAC).tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
     let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
     let single_frame = |i| {
         let (c, p) = client(i);
@@ -137,6 +140,9 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     let lb = world.dp.lb_program()?;
     let est = ns_repeat(lb, &established, REPEAT)?;
     let nv = ns_repeat(lb, &non_vip, REPEAT)?;
+    // A SYN is placed by the slot table every time and never remembered: the same frame
+    // repeated measures the placement path.
+    let syn_placed = ns_repeat(lb, &syn, REPEAT)?;
     let new_single = ns_single(lb, NEW_FLOWS, single_frame)?;
     let before = flow_misses(&world)?;
     let new_repeat = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
@@ -169,7 +175,13 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
         Some(2.0),
     ));
     rows.push(row(
-        format!("new TCP flow, {label} (harness included)"),
+        format!("SYN, placed and not remembered, {label}"),
+        syn_placed,
+        floor,
+        Some(4.0),
+    ));
+    rows.push(row(
+        format!("new TCP flow (first ACK, onto probation), {label} (harness included)"),
         new_repeat,
         floor,
         Some(4.0),
