@@ -194,6 +194,53 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     );
     let trace = dir.cli_ok(&["trace", "192.0.2.1:5000", vip])?;
     assert!(trace.contains("10.61.0.9"), "{trace}");
+    // An every-port VIP on the same address: the kernel matches the exact port first, and
+    // trace says which VIP a port belongs to.
+    let wild = "10.61.0.100:*/tcp";
+    dir.cli_ok(&["vip", "add", wild])?;
+    dir.cli_ok(&[
+        "backend",
+        "add",
+        wild,
+        "10.61.0.9",
+        "--mac",
+        "02:00:00:00:00:09",
+    ])?;
+    expect_error(
+        &dir,
+        &["trace", "192.0.2.1:5000", wild],
+        "give the packet's port",
+    )?;
+    expect_error(
+        &dir,
+        &["trace", "192.0.2.1:5000", wild, "--dport", "80"],
+        "go to VIP 10.61.0.100:80/tcp",
+    )?;
+    expect_error(
+        &dir,
+        &["trace", "192.0.2.1:5000", vip, "--dport", "81"],
+        "serves port 80 only",
+    )?;
+    let t: lb_userspace::api::protocol::Trace = serde_json::from_str(&dir.cli_ok(&[
+        "trace",
+        "192.0.2.1:5000",
+        wild,
+        "--dport",
+        "8080",
+        "--json",
+    ])?)?;
+    assert_eq!(t.slot_backend, Some("10.61.0.9".parse()?), "{t:?}");
+    // The slot is the one the kernel computes for that 5-tuple (the shared `slot_of`).
+    let key = lb_userspace::net::flow_key(
+        "192.0.2.1".parse()?,
+        5000,
+        "10.61.0.100".parse()?,
+        8080,
+        lb_common::PROTO_TCP,
+    );
+    let want = lb_common::slot_of(&key, lb_common::LbConfig::DEFAULT.hash_seed, false, 65537);
+    assert_eq!(Some(t.slot), want);
+    dir.cli_ok(&["vip", "remove", wild])?;
     dir.cli_ok(&["backend", "drain", vip, "10.61.0.2", "--undo"])?;
     dir.cli_ok(&["backend", "weight", vip, "10.61.0.2", "100"])?;
     let listed = dir.cli_ok(&["backend", "list", vip])?;
