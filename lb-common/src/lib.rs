@@ -144,7 +144,8 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 pub struct VipCounter {
     pub packets: u64,
     pub bytes: u64,
-    /// Flows that missed the flow table and were placed by the slot table.
+    /// Flows first remembered (a TCP connection at its handshake's ACK, a UDP flow at its
+    /// first datagram); SYNs placed without being remembered are not counted.
     pub new_flows: u64,
 }
 const _: () = assert!(core::mem::size_of::<VipCounter>() == 24);

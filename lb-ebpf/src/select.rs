@@ -178,6 +178,9 @@ fn place(
         last_seen: facts.now_s,
         flags: if facts.is_fin() { FLOW_F_FIN } else { 0 },
     };
+    // The VIP's `new_flows` counts flows when first remembered (a TCP connection once, at
+    // its handshake's ACK; a UDP flow at its first datagram), not every placement of a SYN.
+    let mut remembered_new = false;
     if facts.is_syn() || facts.is_rst() {
         // A new connection (or its end): nothing to remember, and a stale entry is done.
         if facts.is_syn() {
@@ -198,8 +201,9 @@ fn place(
             } else {
                 FlowEvent::MissNotSyn
             });
+            remembered_new = true;
         }
         remember_probation(&pkt.key, &value);
     }
-    Ok(picked(id, b, vip_id, true))
+    Ok(picked(id, b, vip_id, remembered_new))
 }

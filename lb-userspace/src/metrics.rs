@@ -34,18 +34,26 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
 pub fn render(agent: &Agent) -> Result<String, Error> {
     let stats = crate::api::server::stats(agent)?;
     let mut reg = Registry::with_prefix("lb");
-    let packets = family(
-        &mut reg,
-        "packets",
-        "Packets by outcome or flow-table event",
-    );
+    let packets = family(&mut reg, "packets", "Packets by outcome");
     let bytes = family(&mut reg, "bytes", "Bytes by outcome");
-    for (reason, c) in &stats.global {
+    let flow_events = family(
+        &mut reg,
+        "flow_events",
+        "Flow-table events (see the README's Flow table section)",
+    );
+    let flow_names: Vec<&str> = lb_common::FlowEvent::ALL.iter().map(|e| e.name()).collect();
+    for (name, c) in &stats.global {
+        if flow_names.contains(&name.as_str()) {
+            flow_events
+                .get_or_create(&vec![("event".into(), name.clone())])
+                .inc_by(c.packets);
+            continue;
+        }
         packets
-            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .get_or_create(&vec![("reason".into(), name.clone())])
             .inc_by(c.packets);
         bytes
-            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .get_or_create(&vec![("reason".into(), name.clone())])
             .inc_by(c.bytes);
     }
     let vip_packets = family(&mut reg, "vip_packets", "Packets forwarded per VIP");
@@ -53,7 +61,7 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
     let vip_flows = family(
         &mut reg,
         "vip_new_flows",
-        "Flows placed by the slot table per VIP",
+        "Flows first remembered per VIP (a TCP connection once, at its handshake ACK)",
     );
     let be_packets = family(&mut reg, "backend_packets", "Packets forwarded per backend");
     let be_bytes = family(&mut reg, "backend_bytes", "Bytes forwarded per backend");

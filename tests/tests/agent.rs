@@ -541,7 +541,9 @@ fn metrics_are_served_in_prometheus_text() -> anyhow::Result<()> {
         Ok(out)
     })??;
     assert!(
-        body.contains("lb_packets_total{reason=\"passed_not_vip\"}"),
+        body.contains("lb_packets_total{reason=\"passed_not_vip\"}")
+            && body.contains("lb_flow_events_total{event=\"flow_syn_placed\"}")
+            && !body.contains("reason=\"flow_"),
         "{body}"
     );
     assert!(
