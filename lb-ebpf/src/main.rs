@@ -62,10 +62,8 @@ fn lb(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
+    // `parse` passes what is not addressed to a VIP address before reading L4 headers.
     let pkt = parse::parse(ctx)?;
-    if !maps::maybe_vip_addr(&pkt.key.dst) {
-        return Err(pkt.not_vip);
-    }
     let picked = select::pick(&pkt)?;
     stats::count_vip(picked.vip_id, len, picked.new_flow);
     stats::count_backend(picked.id, len);

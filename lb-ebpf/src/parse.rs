@@ -16,7 +16,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::Verdict;
+use crate::{Verdict, maps::maybe_vip_addr};
 
 const ETH_P_IP: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
@@ -119,11 +119,17 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     } else {
         NOT_VIP
     };
+    let dst = v4_addr(ip.dst_addr);
+    // Not addressed to a VIP (an ICMP error we steer is addressed to its VIP too): pass it
+    // before reading any L4 header. The kernel judges its own traffic.
+    if !maybe_vip_addr(&dst) {
+        return Err(not_vip);
+    }
     let l4 = l3 + ihl;
     let l4_len = tot_len - ihl;
     let mut key = FlowKey {
         src: v4_addr(ip.src_addr),
-        dst: v4_addr(ip.dst_addr),
+        dst,
         proto: ip.proto,
         family: FAMILY_V4,
         ..FlowKey::default()
@@ -174,9 +180,13 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     if ctx.data() + l4 + payload > ctx.data_end() {
         return Err(MALFORMED);
     }
+    let dst = v6_addr(ip.dst_addr);
+    if !maybe_vip_addr(&dst) {
+        return Err(NOT_VIP);
+    }
     let mut key = FlowKey {
         src: v6_addr(ip.src_addr),
-        dst: v6_addr(ip.dst_addr),
+        dst,
         proto: ip.next_hdr,
         family: FAMILY_V6,
         ..FlowKey::default()
