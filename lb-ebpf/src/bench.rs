@@ -42,3 +42,65 @@ pub fn bench_next_client(ctx: XdpContext) -> u32 {
     next_client(&ctx);
     xdp_action::XDP_PASS
 }
+
+/// Parsing alone: every header an established packet's path reads (and the VIP-address
+/// bitmap, which `parse` consults). For the "where the time goes" rows.
+#[xdp]
+pub fn bench_parse(ctx: XdpContext) -> u32 {
+    // The outcome depends on every check, so no part of the parse is optimised away.
+    if crate::parse::parse(&ctx).is_ok() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Parsing and the established flow-table lookup, nothing else.
+#[xdp]
+pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
+    let Ok(p) = crate::parse::parse(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    let cfg = crate::maps::config();
+    match crate::maps::established(&cfg, &p.key) {
+        Some(_) => xdp_action::XDP_PASS,
+        None => xdp_action::XDP_DROP,
+    }
+}
+
+/// A 16-byte IPv4 flow key (addresses, ports, protocol), to measure what the flow-table
+/// lookup would cost with a compact key instead of the 40-byte [`lb_common::FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CompactKey {
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    proto: u32,
+}
+
+/// Bench-only LRU with the compact key; same value type as the flow table.
+#[aya_ebpf::macros::map(name = "BENCH_FLOWS16")]
+static BENCH_FLOWS16: aya_ebpf::maps::LruHashMap<CompactKey, lb_common::FlowValue> =
+    aya_ebpf::maps::LruHashMap::with_max_entries(1024, 0);
+
+/// Parsing and a lookup in the compact-key table (the first pass inserts the flow).
+#[xdp]
+pub fn bench_parse_lookup16(ctx: XdpContext) -> u32 {
+    let Ok(p) = crate::parse::parse(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    let k = CompactKey {
+        src: p.key.src[0],
+        dst: p.key.dst[0],
+        sport: p.key.sport,
+        dport: p.key.dport,
+        proto: u32::from(p.key.proto),
+    };
+    if BENCH_FLOWS16.get_ptr_mut(&k).is_some() {
+        return xdp_action::XDP_PASS;
+    }
+    let _ = BENCH_FLOWS16.insert(&k, &lb_common::FlowValue::default(), 0);
+    xdp_action::XDP_DROP
+}

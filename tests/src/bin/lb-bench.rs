@@ -137,6 +137,17 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
         &established,
         REPEAT,
     )?;
+    let parse_only = ns_repeat(world.dp.extra_program("bench_parse")?, &established, REPEAT)?;
+    let parse_lookup = ns_repeat(
+        world.dp.extra_program("bench_parse_lookup")?,
+        &established,
+        REPEAT,
+    )?;
+    let parse_lookup16 = ns_repeat(
+        world.dp.extra_program("bench_parse_lookup16")?,
+        &established,
+        REPEAT,
+    )?;
     let lb = world.dp.lb_program()?;
     let est = ns_repeat(lb, &established, REPEAT)?;
     let nv = ns_repeat(lb, &non_vip, REPEAT)?;
@@ -168,6 +179,24 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
             None,
         ));
     }
+    rows.push(row(
+        format!("  of which: parsing (+ VIP-address bitmap), {label}"),
+        parse_only,
+        floor,
+        None,
+    ));
+    rows.push(row(
+        format!("  of which: parsing + flow-table lookup, {label}"),
+        parse_lookup,
+        floor,
+        None,
+    ));
+    rows.push(row(
+        "  (same, with a 16-byte IPv4 key: not in use, for comparison)".to_string(),
+        parse_lookup16,
+        floor,
+        None,
+    ));
     rows.push(row(
         format!("established TCP flow, {label}"),
         est,
