@@ -98,9 +98,9 @@ pub fn bench_parse_lookup16(ctx: XdpContext) -> u32 {
         dport: p.key.dport,
         proto: u32::from(p.key.proto),
     };
-    if BENCH_FLOWS16.get_ptr_mut(&k).is_some() {
+    if BENCH_FLOWS16.get_ptr_mut(k).is_some() {
         return xdp_action::XDP_PASS;
     }
-    let _ = BENCH_FLOWS16.insert(&k, &lb_common::FlowValue::default(), 0);
+    let _ = BENCH_FLOWS16.insert(k, lb_common::FlowValue::default(), 0);
     xdp_action::XDP_DROP
 }
