@@ -78,6 +78,11 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     expect_error(&dir, &["vip", "add", vip], "already exists")?;
     expect_error(
         &dir,
+        &["vip", "add", "10.61.0.101:53/udp", "--udp-idle", "0"],
+        "udp_idle must be 1 to 86400 seconds",
+    )?;
+    expect_error(
+        &dir,
         &["backend", "add", vip, "10.61.0.2"],
         "already exists",
     )?;

@@ -426,9 +426,12 @@ impl Core {
                     "VIP {vip} covers every port: give the packet's port with --dport"
                 )));
             }
+            (0, Some(0)) => {
+                return Err(Error::Invalid("--dport 0 is no packet's port".into()));
+            }
             (0, Some(p)) => {
                 let exact = VipAddr { port: p, ..*vip };
-                if p == 0 || self.desired.vips.contains_key(&exact) {
+                if self.desired.vips.contains_key(&exact) {
                     return Err(Error::Invalid(format!(
                         "packets to port {p} go to VIP {exact}, not {vip}: trace that one"
                     )));

@@ -156,7 +156,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                 return print_json(&vips);
             }
             print_table(
-                &["VIP", "ID", "HASH", "HEALTH", "SERVING"],
+                &["VIP", "ID", "HASH", "HEALTH", "SERVING", "UDP IDLE"],
                 &vip_rows(&vips),
             );
         }
