@@ -271,11 +271,11 @@ pub struct BackendSpec {
     pub drained: bool,
 }
 
-fn default_weight() -> u32 {
+pub(crate) fn default_weight() -> u32 {
     100
 }
 
-fn default_udp_idle() -> u32 {
+pub(crate) fn default_udp_idle() -> u32 {
     lb_common::DEFAULT_UDP_IDLE_S
 }
 
@@ -367,82 +367,8 @@ pub fn validate_backend(vip: &VipAddr, addr: &IpAddr, b: &BackendSpec) -> Result
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// The declarative config file (TOML).
-
-/// `[[vip]]` tables of the config file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default)]
-    vip: Vec<ConfigVip>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigVip {
-    address: VipAddr,
-    #[serde(default)]
-    source_hash: bool,
-    /// Seconds a UDP flow is remembered without a datagram (default 30).
-    #[serde(default)]
-    udp_idle: Option<u32>,
-    #[serde(default)]
-    health: Option<HealthCheck>,
-    #[serde(default)]
-    backend: Vec<ConfigBackend>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigBackend {
-    address: IpAddr,
-    #[serde(default = "default_weight")]
-    weight: u32,
-    #[serde(default)]
-    mac: Option<Mac>,
-    #[serde(default)]
-    drained: bool,
-}
-
-/// Parses a TOML config file into a validated desired state.
-///
-/// ```toml
-/// [[vip]]
-/// address = "10.0.0.10:80/tcp"
-/// health = { kind = "http", path = "/health" }
-/// backend = [ { address = "10.0.0.2", weight = 100 }, { address = "10.0.0.3" } ]
-/// ```
-pub fn parse_config(text: &str) -> Result<DesiredState, String> {
-    let file: ConfigFile = toml::from_str(text).map_err(|e| format!("config: {}", e.message()))?;
-    let mut state = DesiredState::default();
-    for v in file.vip {
-        let mut spec = VipSpec {
-            source_hash: v.source_hash,
-            udp_idle_s: v.udp_idle.unwrap_or_else(default_udp_idle),
-            health: v.health,
-            backends: BTreeMap::new(),
-        };
-        for b in v.backend {
-            let bs = BackendSpec {
-                weight: b.weight,
-                mac: b.mac,
-                drained: b.drained,
-            };
-            if spec.backends.insert(b.address, bs).is_some() {
-                return Err(format!(
-                    "config: backend {} appears twice under VIP {}",
-                    b.address, v.address
-                ));
-            }
-        }
-        if state.vips.insert(v.address, spec).is_some() {
-            return Err(format!("config: VIP {} appears twice", v.address));
-        }
-    }
-    state.validate().map_err(|e| format!("config: {e}"))?;
-    Ok(state)
-}
+mod config;
+pub use config::parse_config;
 
 #[cfg(test)]
 mod tests {
