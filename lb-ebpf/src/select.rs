@@ -9,8 +9,8 @@
 //! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FlowEvent, FlowValue, LbConfig,
-    PROTO_UDP, PacketFacts, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
+    BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FlowEvent, FlowValue, LbConfig, PROTO_UDP, PacketFacts,
+    Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
 };
 
 use crate::{
@@ -163,7 +163,9 @@ fn place(
         .get(slot_index(vip_id, vip.active_gen, cfg.ring_size, slot))
         .ok_or(NO_BACKEND)?;
     let b = *LB_BACKENDS.get(id).ok_or(NO_BACKEND)?;
-    if b.flags & BACKEND_F_PRESENT == 0 || b.flags & BACKEND_F_DOWN != 0 {
+    // The live table is the authority for placing: it never names a down backend once
+    // published (the DOWN flag is about remembered flows, and is written just before).
+    if b.flags & BACKEND_F_PRESENT == 0 {
         return Err(NO_BACKEND);
     }
     if pkt.icmp_error {

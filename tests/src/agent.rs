@@ -59,6 +59,13 @@ impl AgentDir {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Where the agent on `iface` pins map `name` under this bpffs.
+    pub fn map_pin(&self, iface: &str, name: &str) -> PathBuf {
+        lb_userspace::dataplane::pins::pin_dir(&self.bpffs, iface)
+            .join("maps")
+            .join(name)
+    }
+
     /// `lb vip list --json`, read into the API's own types.
     pub fn vips(&self) -> anyhow::Result<Vec<VipView>> {
         let out = self.cli_ok(&["vip", "list", "--json"])?;

@@ -13,6 +13,6 @@ pub mod wait;
 pub mod world;
 
 pub use agent::AgentDir;
-pub use net::{Netns, VethPair, unique_name};
+pub use net::{Netns, TwoHosts, VethPair, unique_name};
 pub use proc::{ChildGuard, lb_binary};
 pub use wait::wait_until;

@@ -208,3 +208,26 @@ impl Drop for VethPair {
         let _ = ip(&["-n", &self.ns_a, "link", "del", &self.a]);
     }
 }
+
+/// Two namespaces, a load balancer (`lb`, 10.N.0.1) and a backend (`backend`, 10.N.0.2), joined
+/// by a veth: the smallest network an agent can run on. Removed on drop.
+pub struct TwoHosts {
+    pub lb: Netns,
+    pub backend: Netns,
+    pub veth: VethPair,
+}
+
+impl TwoHosts {
+    /// Namespaces named after `tag`, addresses in 10.`subnet`.0.0/24.
+    pub fn new(tag: &str, subnet: u8) -> anyhow::Result<Self> {
+        let lb = Netns::new(&format!("{tag}l"))?;
+        let backend = Netns::new(&format!("{tag}b"))?;
+        let veth = VethPair::new(
+            &lb,
+            &format!("10.{subnet}.0.1/24"),
+            &backend,
+            &format!("10.{subnet}.0.2/24"),
+        )?;
+        Ok(TwoHosts { lb, backend, veth })
+    }
+}

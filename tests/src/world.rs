@@ -20,6 +20,12 @@ pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa0];
 use lb_userspace::net::family;
 pub use lb_userspace::net::{addr_words, flow_key, vip_key};
 
+/// Frames from the router to the load balancer: what the fixtures and the bench send.
+pub const SCENE: crate::frames::Frames = crate::frames::Frames {
+    src: ROUTER_MAC,
+    dst: LB_MAC,
+};
+
 /// Backend id `id`'s MAC in fixtures.
 pub fn backend_mac(id: u32) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x0b, id as u8]

@@ -8,27 +8,8 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{AgentDir, ChildGuard, Netns, VethPair, lb_binary, wait_until};
+use lb_tests::{AgentDir, ChildGuard, Netns, TwoHosts, lb_binary, wait_until};
 use lb_userspace::agent::reconcile::Serving;
-
-/// A load-balancer namespace with a veth to a backend namespace.
-struct Net {
-    lb: Netns,
-    backend: Netns,
-    veth: VethPair,
-}
-
-fn net(tag: &str, subnet: u8) -> anyhow::Result<Net> {
-    let lb = Netns::new(&format!("{tag}l"))?;
-    let backend = Netns::new(&format!("{tag}b"))?;
-    let veth = VethPair::new(
-        &lb,
-        &format!("10.{subnet}.0.1/24"),
-        &backend,
-        &format!("10.{subnet}.0.2/24"),
-    )?;
-    Ok(Net { lb, backend, veth })
-}
 
 /// Runs `lb args`, expects failure with one line on stderr containing `want`.
 fn expect_error(dir: &AgentDir, args: &[&str], want: &str) -> anyhow::Result<()> {
@@ -50,7 +31,7 @@ fn expect_error(dir: &AgentDir, args: &[&str], want: &str) -> anyhow::Result<()>
 
 #[test]
 fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
-    let n = net("op", 61)?;
+    let n = TwoHosts::new("op", 61)?;
     let dir = AgentDir::new("op")?;
     let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
     let vip = "10.61.0.100:80/tcp";
@@ -323,7 +304,7 @@ fn clear_errors_without_an_agent_or_privileges() -> anyhow::Result<()> {
 
 #[test]
 fn kill_9_keeps_forwarding_and_restart_restores_state() -> anyhow::Result<()> {
-    let n = net("rs", 62)?;
+    let n = TwoHosts::new("rs", 62)?;
     let dir = AgentDir::new("rs")?;
     let vip = "10.62.0.100:80/tcp";
     let mut agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
@@ -410,7 +391,7 @@ fn samples(ns: &Netns, bind: &str, port: u16) -> anyhow::Result<ChildGuard> {
 
 #[test]
 fn health_checks_take_backends_out_and_back() -> anyhow::Result<()> {
-    let n = net("hc", 63)?;
+    let n = TwoHosts::new("hc", 63)?;
     let dir = AgentDir::new("hc")?;
     let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &[])?;
     let vip = "10.63.0.100:8080/tcp";
@@ -475,7 +456,7 @@ fn health_checks_take_backends_out_and_back() -> anyhow::Result<()> {
 
 #[test]
 fn apply_shows_the_plan_and_dry_run_changes_nothing() -> anyhow::Result<()> {
-    let n = net("ap", 64)?;
+    let n = TwoHosts::new("ap", 64)?;
     let dir = AgentDir::new("ap")?;
     let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--ring-size", "16381"])?;
     let cfg = dir.dir.join("lb.toml");
@@ -533,7 +514,7 @@ backend = [
 
 #[test]
 fn metrics_are_served_in_prometheus_text() -> anyhow::Result<()> {
-    let n = net("me", 65)?;
+    let n = TwoHosts::new("me", 65)?;
     let dir = AgentDir::new("me")?;
     let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--metrics", "127.0.0.1:9464"])?;
     dir.cli_ok(&["vip", "add", "10.65.0.100:80/tcp"])?;

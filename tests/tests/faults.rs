@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::VipKey;
 use lb_tests::{
-    AgentDir, Netns, VethPair, lb_binary,
+    AgentDir, TwoHosts, lb_binary,
     net::sh,
     topo::{DemoNet, PORT, VIP, backend_ip},
     wait_until,
@@ -41,12 +41,7 @@ fn timed(dir: &AgentDir, args: &[&str]) -> anyhow::Result<Duration> {
 
 /// The VIP keys bound in the kernel, read from the pinned `LB_VIPS` map itself.
 fn kernel_vips(dir: &AgentDir, iface: &str) -> anyhow::Result<usize> {
-    let path = dir
-        .bpffs
-        .join("xdp-lb")
-        .join(iface)
-        .join("maps")
-        .join("LB_VIPS");
+    let path = dir.map_pin(iface, lb_common::VIPS_MAP);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let map: HashMap<MapData, VipKey, u32> = HashMap::try_from(Map::HashMap(data))?;
     Ok(map.keys().count())
@@ -223,23 +218,16 @@ fn a_second_agent_is_refused_without_touching_anything() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn two_hosts(tag: &str, subnet: u8) -> anyhow::Result<(Netns, Netns, VethPair)> {
-    let lb = Netns::new(&format!("{tag}l"))?;
-    let b = Netns::new(&format!("{tag}b"))?;
-    let v = VethPair::new(
-        &lb,
-        &format!("10.{subnet}.0.1/24"),
-        &b,
-        &format!("10.{subnet}.0.2/24"),
-    )?;
-    Ok((lb, b, v))
-}
-
 /// (d) Pins made with other `--flow-entries` / `--per-cpu-flows` are refused with the hint;
 /// the same options adopt them; `--fresh` starts over from the state file.
 #[test]
 fn pins_from_other_options_are_refused() -> anyhow::Result<()> {
-    let (lb, _b, veth) = two_hosts("pn", 66)?;
+    // The backend namespace is bound, not dropped: dropping it would delete the veth.
+    let TwoHosts {
+        lb,
+        veth,
+        backend: _backend,
+    } = TwoHosts::new("pn", 66)?;
     let dir = AgentDir::new("pn")?;
     let vip = "10.66.0.100:80/tcp";
     let opts = ["--flow-entries", "8192", "--ring-size", "16381"];
@@ -344,7 +332,12 @@ impl Drop for TinyFs {
 /// memory and file agree afterwards; once there is room, the same change works.
 #[test]
 fn a_full_disk_refuses_the_change_and_changes_nothing() -> anyhow::Result<()> {
-    let (lb, _b, veth) = two_hosts("fd", 67)?;
+    // The backend namespace is bound, not dropped: dropping it would delete the veth.
+    let TwoHosts {
+        lb,
+        veth,
+        backend: _backend,
+    } = TwoHosts::new("fd", 67)?;
     let dir = AgentDir::new("fd")?;
     let fs = TinyFs::new(&dir.dir.join("state"))?;
     let state = fs.0.join("lb.json");

@@ -13,8 +13,8 @@ use etherparse::{
 };
 use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Stat};
 use lb_tests::{
-    frames::{Frames, v4, v6},
-    world::{CLIENT_MAC, LB_MAC, ROUTER_MAC, World, backend_mac, flow_key, ip},
+    frames::{v4, v6},
+    world::{CLIENT_MAC, LB_MAC, ROUTER_MAC, SCENE, World, backend_mac, flow_key, ip},
 };
 
 const XDP_DROP: u32 = 1;
@@ -42,12 +42,6 @@ const CLIENT4: &str = "192.0.2.7";
 const CLIENT6: &str = "2001:db8:c::7";
 const VIP4: &str = "10.0.0.10";
 const VIP6: &str = "2001:db8::10";
-
-/// Frames from the router to the load balancer.
-const SCENE: Frames = Frames {
-    src: ROUTER_MAC,
-    dst: LB_MAC,
-};
 
 fn eth() -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
     SCENE.eth()

@@ -35,7 +35,7 @@ fn flow_event(net: &DemoNet, ev: FlowEvent) -> anyhow::Result<u64> {
 /// Entries in the pinned established flow table: (all, those of the real client).
 fn established_entries(net: &DemoNet) -> anyhow::Result<(usize, usize)> {
     use aya::maps::{HashMap, Map, MapData};
-    let path = net.dir.bpffs.join("xdp-lb/eth0/maps/LB_FLOWS");
+    let path = net.dir.map_pin("eth0", lb_common::FLOWS_MAP);
     let map: HashMap<MapData, lb_common::FlowKey, lb_common::FlowValue> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path)?))?;
     let client = u32::from_ne_bytes(v4(lb_tests::topo::CLIENT_IP));

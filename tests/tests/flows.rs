@@ -14,8 +14,8 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_DRAINED, FlowEvent, FlowKey, PROTO_TCP, PROTO_UDP, Stat,
 };
 use lb_tests::{
-    frames::{Frames, v4},
-    world::{FIN_GRACE_S, LB_MAC, ROUTER_MAC, World, backend_mac, flow_key, ip},
+    frames::v4,
+    world::{FIN_GRACE_S, LB_MAC, SCENE, World, backend_mac, flow_key, ip},
 };
 
 const XDP_PASS: u32 = 2;
@@ -25,11 +25,6 @@ const VIP: &str = "10.0.0.10";
 /// Index of 10.0.0.10:80/tcp and 10.0.0.10:53/udp in the world.
 const TCP_VIP: usize = 0;
 const UDP_VIP: usize = 1;
-
-const SCENE: Frames = Frames {
-    src: ROUTER_MAC,
-    dst: LB_MAC,
-};
 
 fn tcp(sport: u16, flags: &str) -> Vec<u8> {
     SCENE.tcp4((v4(CLIENT), sport), (v4(VIP), 80), flags, b"data")

@@ -46,23 +46,24 @@ impl Health {
     }
 }
 
+/// A TCP check with `rise` and `fall`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_check(rise: u32, fall: u32) -> HealthCheck {
+    HealthCheck {
+        kind: crate::model::HealthKind::Tcp,
+        port: None,
+        path: "/".into(),
+        expect_status: 200,
+        interval_ms: 100,
+        timeout_ms: 50,
+        rise,
+        fall,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::model::HealthKind;
-
-    fn check(rise: u32, fall: u32) -> HealthCheck {
-        HealthCheck {
-            kind: HealthKind::Tcp,
-            port: None,
-            path: "/".into(),
-            expect_status: 200,
-            interval_ms: 100,
-            timeout_ms: 50,
-            rise,
-            fall,
-        }
-    }
+    use super::{test_check as check, *};
 
     #[test]
     fn flips_after_fall_failures_and_rise_successes() {

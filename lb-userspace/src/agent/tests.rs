@@ -15,7 +15,7 @@ use super::{
 use crate::{
     ErrorKind,
     api::protocol::Command,
-    model::{DesiredState, HealthCheck, HealthKind, Mac, VipAddr},
+    model::{DesiredState, HealthCheck, Mac, VipAddr},
 };
 
 struct World {
@@ -56,16 +56,7 @@ fn spec() -> crate::model::BackendSpec {
 }
 
 fn check() -> HealthCheck {
-    HealthCheck {
-        kind: HealthKind::Tcp,
-        port: None,
-        path: "/".into(),
-        expect_status: 200,
-        interval_ms: 100,
-        timeout_ms: 50,
-        rise: 1,
-        fall: 1,
-    }
+    crate::agent::health::test_check(1, 1)
 }
 
 /// The kernel the core's current state asks for, computed independently of the core's cache.

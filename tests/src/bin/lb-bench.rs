@@ -7,8 +7,7 @@ use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_tests::{
     AgentDir, Netns, VethPair,
-    frames::Frames,
-    world::{LB_MAC, ROUTER_MAC, World},
+    world::{SCENE, World},
 };
 use lb_userspace::maglev::{self, MaglevBackend};
 
@@ -17,7 +16,7 @@ const NEW_FLOWS: u32 = 200_000;
 
 /// An established-flow segment (ACK, 64 bytes of payload) from the router to the LB.
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    Frames::new(ROUTER_MAC, LB_MAC).tcp4((src, sport), (dst, dport), "A", &[0u8; 64])
+    SCENE.tcp4((src, sport), (dst, dport), "A", &[0u8; 64])
 }
 
 /// Median of three runs of `repeat` passes (mean ns per pass as the kernel reports it), each
@@ -123,7 +122,7 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     // Its first packet puts the flow on probation, the second makes it established.
     world.run(&established)?;
     world.run(&established)?;
-    let syn = Frames::new(ROUTER_MAC, LB_MAC).tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
+    let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
     let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
     let single_frame = |i| {
         let (c, p) = client(i);
