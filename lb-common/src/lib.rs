@@ -12,7 +12,9 @@
 //! command and its tests must compute the very slot the kernel picks.
 #![no_std]
 
+mod encap;
 mod flow;
+pub use encap::*;
 pub use flow::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -95,11 +97,26 @@ pub enum Stat {
     DropNoBackend = 6,
     /// The egress device for a backend could not be used (redirect failed): dropped.
     DropTxError = 7,
+    /// Encapsulated, but the FIB has no neighbour entry for the next hop yet: handed to the
+    /// kernel, which resolves it and sends the packet.
+    PassNoNeighbour = 8,
+    /// Encapsulated, but the FIB has no usable route to the backend (unreachable,
+    /// blackhole, prohibit, or an unsupported route): dropped.
+    DropNoRoute = 9,
+    /// Encapsulated, but forwarding is disabled on the receiving interface (the FIB lookup
+    /// refuses): dropped. Set `net.ipv4.conf.IF.forwarding=1` / `net.ipv6.conf.IF.forwarding=1`.
+    DropForwardingDisabled = 10,
+    /// Too big for the egress MTU once encapsulated: an ICMP "fragmentation needed" or ICMPv6
+    /// "packet too big" went back to the client.
+    IcmpTooBig = 11,
+    /// Too big for the egress MTU once encapsulated and not answerable (IPv4 without DF, or
+    /// too short to quote): dropped.
+    DropTooBig = 12,
 }
 
 impl Stat {
     /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 13;
     /// All variants in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Forwarded,
@@ -110,6 +127,11 @@ impl Stat {
         Stat::DropMalformed,
         Stat::DropNoBackend,
         Stat::DropTxError,
+        Stat::PassNoNeighbour,
+        Stat::DropNoRoute,
+        Stat::DropForwardingDisabled,
+        Stat::IcmpTooBig,
+        Stat::DropTooBig,
     ];
 
     /// Stable snake_case name used in CLI output and metrics labels.
@@ -123,6 +145,11 @@ impl Stat {
             Stat::DropMalformed => "dropped_malformed",
             Stat::DropNoBackend => "dropped_no_backend",
             Stat::DropTxError => "dropped_tx_error",
+            Stat::PassNoNeighbour => "passed_no_neighbour",
+            Stat::DropNoRoute => "dropped_no_route",
+            Stat::DropForwardingDisabled => "dropped_forwarding_disabled",
+            Stat::IcmpTooBig => "icmp_too_big_sent",
+            Stat::DropTooBig => "dropped_too_big",
         }
     }
 }
@@ -165,10 +192,21 @@ pub struct LbConfig {
     pub hash_seed: u64,
     /// Seconds a TCP flow entry lives after a FIN once its packets stop.
     pub fin_grace_s: u32,
-    pub _pad: u32,
+    /// Outer UDP destination port of GUE packets, network byte order.
+    pub gue_port: u16,
+    pub _pad0: u16,
+    /// IPIP over IPv4: outer source taken per flow from this /16 (network byte order; the
+    /// low 16 bits are per flow, for the backends' RSS). 0: the backend's `outer_src`.
+    pub ipip_src_prefix4: u32,
+    pub _pad1: u32,
+    /// IPIP over IPv6: outer source taken per flow from this /64 (network byte order; words
+    /// 2 and 3 are per flow). All zero: the backend's `outer_src`.
+    pub ipip_src_prefix6: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
 const _: () = assert!(core::mem::offset_of!(LbConfig, hash_seed) == 8);
+const _: () = assert!(core::mem::offset_of!(LbConfig, gue_port) == 20);
+const _: () = assert!(core::mem::offset_of!(LbConfig, ipip_src_prefix6) == 32);
 
 /// One LRU hash with one LRU list for all CPUs (the default).
 pub const FLOW_TABLE_SHARED: u32 = 0;
@@ -182,7 +220,11 @@ impl LbConfig {
         flow_table: FLOW_TABLE_SHARED,
         hash_seed: 0x6c62_2d78_6470_5f31,
         fin_grace_s: DEFAULT_FIN_GRACE_S,
-        _pad: 0,
+        gue_port: DEFAULT_GUE_PORT.to_be(),
+        _pad0: 0,
+        ipip_src_prefix4: 0,
+        _pad1: 0,
+        ipip_src_prefix6: [0; 4],
     };
 }
 
@@ -279,11 +321,20 @@ pub struct Backend {
     pub flags: u32,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// How packets reach it: [`ENCAP_L2`] (MAC rewrite, `mac`/`src_mac`/`ifindex` used),
+    /// [`ENCAP_IPIP`] or [`ENCAP_GUE`] (outer header to `addr`, next hop by FIB lookup). Its
+    /// VIP's forwarding mode: a backend id belongs to one VIP.
+    pub encap: u8,
+    pub _pad: [u8; 2],
+    /// Outer source address for encapsulation (the load balancer's, of the backend's
+    /// family), network byte order; IPv4 in `[0]`.
+    pub outer_src: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 44);
+const _: () = assert!(core::mem::size_of::<Backend>() == 60);
 const _: () = assert!(core::mem::offset_of!(Backend, ifindex) == 28);
 const _: () = assert!(core::mem::offset_of!(Backend, family) == 40);
+const _: () = assert!(core::mem::offset_of!(Backend, encap) == 41);
+const _: () = assert!(core::mem::offset_of!(Backend, outer_src) == 44);
 
 /// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple.
 #[repr(C)]
@@ -327,7 +378,7 @@ const _: () = assert!(core::mem::offset_of!(FlowValue, last_seen) == 16);
 // The pinned map set's record.
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 
@@ -344,6 +395,7 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<FlowKey>(),
         core::mem::size_of::<FlowValue>(),
         Stat::COUNT as usize,
+        HcStat::COUNT as usize,
         FlowEvent::COUNT as usize,
         VIP_FILTER_WORDS as usize,
     ];
@@ -432,4 +484,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::AbiRecord {}
+    unsafe impl aya::Pod for super::DecapAddr {}
+    unsafe impl aya::Pod for super::DecapConfig {}
 }

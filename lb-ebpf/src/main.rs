@@ -8,14 +8,20 @@
 #![no_main]
 
 mod bench;
+mod encap;
+mod fib;
 mod forward;
+mod hc;
+mod icmp;
 mod maps;
+mod outer;
 mod parse;
+mod ptr;
 mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::Stat;
+use lb_common::{ENCAP_L2, Stat};
 
 /// What to do with a packet, and why.
 #[derive(Clone, Copy)]
@@ -26,6 +32,9 @@ pub enum Verdict {
     Drop(Stat),
     /// The packet was rewritten; return this action (XDP_TX or a redirect).
     Forward(u32),
+    /// The packet was turned into an answer to its sender (an ICMP "too big"); return this
+    /// action and count this reason.
+    Reply(Stat, u32),
 }
 
 /// Entry point attached to the load balancer's interface. Multi-buffer aware (`xdp.frags`)
@@ -57,6 +66,10 @@ fn lb(ctx: &XdpContext) -> u32 {
             stats::count(Stat::Forwarded, len);
             action
         }
+        Verdict::Reply(stat, action) => {
+            stats::count(stat, len);
+            action
+        }
     }
 }
 
@@ -67,7 +80,11 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     let picked = select::pick(&pkt)?;
     stats::count_vip(picked.vip_id, len, picked.new_flow);
     stats::count_backend(picked.id, len);
-    forward::l2_dsr(ctx, &picked.backend)
+    if picked.backend.encap == ENCAP_L2 {
+        forward::l2_dsr(ctx, &picked.backend)
+    } else {
+        encap::encapsulate(ctx, &pkt, &picked.backend)
+    }
 }
 
 /// Trivial program for veth peers: native XDP_TX/REDIRECT on a veth is only delivered when the

@@ -4,8 +4,6 @@
 //! Every read goes through [`ptr_at`]. Broken L2/L3/L4 headers are dropped as malformed (the
 //! kernel would discard them too); anything we do not balance (fragments, IPv6 extension
 //! headers, other protocols) is passed untouched with its own reason.
-use core::mem::size_of;
-
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Stat};
 use network_types::{
@@ -16,10 +14,11 @@ use network_types::{
     vlan::VlanHdr,
 };
 
+pub use crate::ptr::{ptr_at, ptr_at_mut};
 use crate::{Verdict, maps::maybe_vip_addr};
 
-const ETH_P_IP: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+pub const ETH_P_IP: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -29,6 +28,8 @@ const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 /// ICMP and ICMPv6 headers are both 8 bytes before the quoted packet.
 const ICMP_HDR_LEN: usize = 8;
+/// IPv4 "don't fragment" bit of the flags/fragment-offset field.
+const IP_DF: u16 = 0x4000;
 
 const MALFORMED: Verdict = Verdict::Drop(Stat::DropMalformed);
 const NOT_VIP: Verdict = Verdict::Pass(Stat::PassNotVip);
@@ -43,27 +44,22 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// The reason to pass it with if it turns out not to be for a VIP.
     pub not_vip: Verdict,
+    /// Where the IP header starts (after Ethernet and an optional VLAN tag) and its total
+    /// length, TOS / traffic class, and whether it may not be fragmented (IPv4 DF; always
+    /// for IPv6): what encapsulation and "too big" replies need.
+    pub ip: IpFacts,
 }
 
-/// Pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *const T)
-}
-
-/// Mutable variant of [`ptr_at`].
-#[inline(always)]
-pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
+#[derive(Clone, Copy)]
+pub struct IpFacts {
+    pub l3: usize,
+    pub len: usize,
+    pub tos: u8,
+    pub df: bool,
 }
 
 #[inline(always)]
-fn v4_addr(a: [u8; 4]) -> [u32; 4] {
+pub fn v4_addr(a: [u8; 4]) -> [u32; 4] {
     [u32::from_ne_bytes(a), 0, 0, 0]
 }
 
@@ -127,6 +123,12 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     }
     let l4 = l3 + ihl;
     let l4_len = tot_len - ihl;
+    let facts = IpFacts {
+        l3,
+        len: tot_len,
+        tos: ip.tos,
+        df: u16::from_be_bytes(ip.frags) & IP_DF != 0,
+    };
     let mut key = FlowKey {
         src: v4_addr(ip.src_addr),
         dst,
@@ -142,6 +144,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
                 icmp_error: false,
                 tcp_flags,
                 not_vip,
+                ip: facts,
             })
         }
         IPPROTO_ICMP => {
@@ -151,7 +154,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
             }
             // The quote ends where the ICMP packet's IP total length says.
             let quoted = quoted_v4(ctx, l4 + ICMP_HDR_LEN, l3 + tot_len).ok_or(not_vip)?;
-            steer_error(quoted, key.dst, not_vip)
+            steer_error(quoted, key.dst, not_vip, facts)
         }
         _ => Err(not_vip),
     }
@@ -184,6 +187,12 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     if !maybe_vip_addr(&dst) {
         return Err(NOT_VIP);
     }
+    let facts = IpFacts {
+        l3,
+        len: Ipv6Hdr::LEN + payload,
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        df: true,
+    };
     let mut key = FlowKey {
         src: v6_addr(ip.src_addr),
         dst,
@@ -199,6 +208,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
                 icmp_error: false,
                 tcp_flags,
                 not_vip: NOT_VIP,
+                ip: facts,
             })
         }
         IPPROTO_ICMPV6 => {
@@ -208,7 +218,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
                 return Err(NOT_VIP);
             }
             let quoted = quoted_v6(ctx, l4 + ICMP_HDR_LEN, l4 + payload).ok_or(NOT_VIP)?;
-            steer_error(quoted, key.dst, NOT_VIP)
+            steer_error(quoted, key.dst, NOT_VIP, facts)
         }
         next if is_ipv6_ext(next) => Err(Verdict::Pass(Stat::PassIpv6Ext)),
         _ => Err(NOT_VIP),
@@ -219,7 +229,12 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
 /// from (a backend's packet VIP -> client met a router): an error addressed to anything else
 /// (the load balancer's own address, say) is the kernel's, whatever it quotes.
 #[inline(always)]
-fn steer_error(quoted: FlowKey, outer_dst: [u32; 4], not_vip: Verdict) -> Result<Parsed, Verdict> {
+fn steer_error(
+    quoted: FlowKey,
+    outer_dst: [u32; 4],
+    not_vip: Verdict,
+    ip: IpFacts,
+) -> Result<Parsed, Verdict> {
     if quoted.dst != outer_dst {
         return Err(not_vip);
     }
@@ -228,6 +243,7 @@ fn steer_error(quoted: FlowKey, outer_dst: [u32; 4], not_vip: Verdict) -> Result
         icmp_error: true,
         tcp_flags: 0,
         not_vip,
+        ip,
     })
 }
 

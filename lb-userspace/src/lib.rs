@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod dataplane;
+pub mod decap;
 pub mod error;
 pub mod maglev;
 pub mod metrics;
@@ -23,6 +24,11 @@ pub use error::{Error, ErrorKind};
 
 /// The compiled eBPF object, built by `build.rs` with aya-build and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The backends' decapsulation object (`lb decap`).
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+/// Name of the decapsulation XDP program in [`DECAP_OBJECT`].
+pub const DECAP_PROGRAM: &str = "lb_decap";
 
 /// Name of the load-balancing XDP program in [`EBPF_OBJECT`].
 pub const LB_PROGRAM: &str = "lb_xdp";

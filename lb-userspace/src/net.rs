@@ -16,6 +16,19 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The address stored as `words` (network byte order, IPv4 in `[0]`) of family `fam`.
+pub fn words_addr(words: [u32; 4], fam: u8) -> IpAddr {
+    if fam == lb_common::FAMILY_V4 {
+        IpAddr::V4(std::net::Ipv4Addr::from(words[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
 pub fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
@@ -41,6 +54,50 @@ pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> 
         family: family(src),
         _pad: [0; 2],
     }
+}
+
+/// The global unicast addresses of interface `iface`, IPv4 first, in the kernel's order.
+pub fn interface_addrs(iface: &str) -> Vec<IpAddr> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free with freeifaddrs; each entry's sockaddr is read
+    // according to its family.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return Vec::new();
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let a = &*p;
+            p = a.ifa_next;
+            if a.ifa_addr.is_null()
+                || std::ffi::CStr::from_ptr(a.ifa_name).to_bytes() != iface.as_bytes()
+            {
+                continue;
+            }
+            match i32::from((*a.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(a.ifa_addr as *const libc::sockaddr_in);
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    if !ip.is_loopback() && !ip.is_link_local() {
+                        v4.push(IpAddr::V4(ip));
+                    }
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(a.ifa_addr as *const libc::sockaddr_in6);
+                    let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    if !ip.is_loopback() && !ip.is_unicast_link_local() {
+                        v6.push(IpAddr::V6(ip));
+                    }
+                }
+                _ => {}
+            }
+        }
+        libc::freeifaddrs(list);
+    }
+    v4.extend(v6);
+    v4
 }
 
 /// The MAC address of interface `iface` (from sysfs).

@@ -16,7 +16,8 @@ use crate::{
     agent::{Agent, neigh::NetlinkNeighbours, probe, state::FileStore},
     api::{self, SharedAgent},
     dataplane::{
-        kernel::MapsKernel,
+        egress::TxPorts,
+        kernel::{EncapSources, MapsKernel},
         pins::{self, AgentLock, Pins},
     },
     metrics, model,
@@ -39,6 +40,81 @@ pub struct RunOptions {
     pub interval: u64,
     pub duration: Option<u64>,
     pub json: bool,
+    /// Outer source addresses given with `--encap-source` (at most one per family).
+    pub encap_sources: Vec<std::net::IpAddr>,
+}
+
+/// The outer source per family: given, or the interface's first global address.
+fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
+    let mut out = EncapSources::default();
+    for a in &opts.encap_sources {
+        let dup = match a {
+            std::net::IpAddr::V4(v4) => out.v4.replace(*v4).is_some(),
+            std::net::IpAddr::V6(v6) => out.v6.replace(*v6).is_some(),
+        };
+        if dup || a.is_unspecified() || a.is_multicast() {
+            return Err(Error::Invalid(format!(
+                "--encap-source {a}: give at most one unicast address per family"
+            )));
+        }
+    }
+    for a in crate::net::interface_addrs(&opts.iface) {
+        match a {
+            std::net::IpAddr::V4(v4) if out.v4.is_none() => out.v4 = Some(v4),
+            std::net::IpAddr::V6(v6) if out.v6.is_none() => out.v6 = Some(v6),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the kernel forwards on `iface` for both families (the FIB lookup of encapsulated
+/// packets refuses otherwise).
+fn forwarding_off(iface: &str) -> Vec<String> {
+    ["ipv4", "ipv6"]
+        .iter()
+        .map(|f| format!("/proc/sys/net/{f}/conf/{iface}/forwarding"))
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
+        .map(|p| p.trim_start_matches("/proc/sys/").replace('/', "."))
+        .collect()
+}
+
+/// Every few seconds: the egress device map follows the host's interfaces, and the next hops
+/// of encapsulated backends are kept resolved (one datagram to each backend's discard port
+/// makes the kernel resolve the route's next hop, so the program's FIB lookup finds a MAC).
+async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
+    let mut warned = false;
+    loop {
+        let ports_changed = tokio::task::spawn_blocking(move || {
+            let n = ports.sync();
+            (ports, n)
+        })
+        .await;
+        match ports_changed {
+            Ok((p, _)) => ports = p,
+            Err(e) => {
+                log::warn!("egress device map upkeep stopped: {e}");
+                return;
+            }
+        }
+        let routed = agent.core().routed_backends();
+        if !routed.is_empty() && !warned {
+            let off = forwarding_off(&iface);
+            if !off.is_empty() {
+                let what = format!(
+                    "encapsulating VIPs need forwarding on {iface}: set {} = 1 (packets are dropped as dropped_forwarding_disabled meanwhile)",
+                    off.join(" and ")
+                );
+                log::warn!("{what}");
+                agent.record(what);
+                warned = true;
+            }
+        }
+        for addr in routed {
+            crate::agent::neigh::solicit(addr).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -130,6 +206,7 @@ fn load_and_attach(
             opts.iface
         ),
     };
+    dp.attach_hc_pinned(&opts.iface, &pins_dir.join(pins::HC_LINK))?;
     Ok((dp, msg))
 }
 
@@ -167,6 +244,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let lb_mac = crate::net::interface_mac(&opts.iface)
         .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
     let config = read_config(&opts.config)?;
+    let sources = encap_sources(&opts)?;
     ensure_bpffs(&opts.bpffs)?;
     let bpffs = opts
         .bpffs
@@ -184,7 +262,8 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
         }
     };
     println!("{msg}");
-    let kernel = MapsKernel::new(dp, lb_mac)?;
+    let tx_ports = TxPorts::open(&pins_dir.join("maps"))?;
+    let kernel = MapsKernel::new(dp, lb_mac, sources)?;
     let agent = Agent::start(
         Box::new(kernel),
         Box::new(FileStore::new(&opts.state_file)),
@@ -221,6 +300,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     }
     let api_task = tokio::spawn(api::server::serve(listener, agent.clone()));
     let health_task = tokio::spawn(probe::supervise(agent.clone()));
+    let egress_task = tokio::spawn(egress_upkeep(agent.clone(), tx_ports, opts.iface.clone()));
     let retry_agent = agent.clone();
     let retry_task = tokio::spawn(async move {
         loop {
@@ -257,6 +337,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     }
     api_task.abort();
     health_task.abort();
+    egress_task.abort();
     retry_task.abort();
     let _ = std::fs::remove_file(&opts.socket);
     print_stats(&agent, opts.json)?;

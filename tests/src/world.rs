@@ -77,6 +77,7 @@ impl World {
             hash_seed: SEED,
             per_cpu_flows,
             fin_grace_s: FIN_GRACE_S,
+            ..LoadOptions::default()
         };
         let dp = Dataplane::load(opts).context("loading the data plane")?;
         let mut world = World {
@@ -139,7 +140,32 @@ impl World {
             generation: old.generation + 1,
             flags: 0,
             family: family(addr),
-            _pad: [0; 3],
+            encap: lb_common::ENCAP_L2,
+            _pad: [0; 2],
+            outer_src: [0; 4],
+        };
+        self.dp.backends.set(id, &b)?;
+        Ok(())
+    }
+
+    /// Stores backend `id` at `addr`, reached by encapsulation `encap` (`ENCAP_IPIP` or
+    /// `ENCAP_GUE`) from outer source `src`.
+    pub fn set_backend_encap(
+        &mut self,
+        id: u32,
+        addr: IpAddr,
+        encap: u8,
+        src: IpAddr,
+    ) -> anyhow::Result<()> {
+        let old = self.dp.backends.get(id)?;
+        let b = Backend {
+            addr: addr_words(addr),
+            generation: old.generation + 1,
+            flags: 0,
+            family: family(addr),
+            encap,
+            outer_src: addr_words(src),
+            ..Backend::default()
         };
         self.dp.backends.set(id, &b)?;
         Ok(())

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::slot_of;
+use lb_common::{FlowKey, slot_of};
 
 use crate::{
     Error,
@@ -18,10 +18,10 @@ use crate::{
         reconcile::{self, Capacity, Facts, Ids},
         state::StateFile,
     },
-    api::protocol::{BackendView, Trace, VipView},
+    api::protocol::{BackendView, OuterView, Trace, VipView},
     maglev::{self, MaglevBackend},
-    model::{DesiredState, Mac, VipAddr},
-    net::flow_key,
+    model::{DesiredState, Forward, Mac, VipAddr},
+    net::{addr_words, family, flow_key, words_addr},
     plan::{self, VipPlan},
 };
 
@@ -161,6 +161,7 @@ impl Core {
     /// Validates `new` and gives it ids; changes nothing.
     pub fn prepare(&self, new: DesiredState) -> Result<Prepared, Error> {
         new.validate().map_err(Error::Invalid)?;
+        self.check_sources(&new)?;
         // Ids the kernel still holds or the current state uses are not handed to newcomers.
         let mut reserved = self.ids.backend_ids();
         reserved.extend(self.kernel.view().backends.keys().copied());
@@ -171,6 +172,24 @@ impl Core {
             ids,
             plan,
         })
+    }
+
+    /// Every encapsulated backend needs a source address of its family on this node.
+    fn check_sources(&self, new: &DesiredState) -> Result<(), Error> {
+        for (vip, spec) in &new.vips {
+            if !spec.forward.encapsulates() {
+                continue;
+            }
+            for addr in spec.backends.keys() {
+                if self.kernel.outer_source(*addr).is_none() {
+                    return Err(Error::Invalid(format!(
+                        "backend {addr} of VIP {vip}: this load balancer has no {} address to encapsulate from (give `lb run --encap-source ADDR`)",
+                        if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes `p` the state in memory (the caller has saved it) and converges the kernel. A
@@ -295,9 +314,20 @@ impl Core {
         self.desired
             .vips
             .values()
+            .filter(|v| !v.forward.encapsulates())
             .flat_map(|v| v.backends.iter())
             .filter(|(_, b)| b.mac.is_none())
             .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Backends of encapsulating VIPs (reached through routers).
+    pub fn routed_backends(&self) -> BTreeSet<IpAddr> {
+        self.desired
+            .vips
+            .values()
+            .filter(|v| v.forward.encapsulates())
+            .flat_map(|v| v.backends.keys().copied())
             .collect()
     }
 
@@ -306,6 +336,9 @@ impl Core {
         let facts = self.facts();
         let mut out: BTreeSet<IpAddr> = BTreeSet::new();
         for (vip, spec) in &self.desired.vips {
+            if spec.forward.encapsulates() {
+                continue;
+            }
             for addr in spec.backends.keys() {
                 if facts.mac(vip, addr).is_none() {
                     out.insert(*addr);
@@ -377,6 +410,7 @@ impl Core {
                 id: vip_id,
                 source_hash: spec.source_hash,
                 udp_idle_s: spec.udp_idle_s,
+                forward: spec.forward,
                 health_check: spec.health.clone(),
                 backends,
             });
@@ -465,13 +499,38 @@ impl Core {
             .kernel
             .flow_backend(&key, vip_id)?
             .and_then(|id| self.backend_addr(vip, id));
+        let next_packet_to = flow_backend.or(slot_backend);
+        let outer = next_packet_to
+            .filter(|_| spec.forward.encapsulates())
+            .and_then(|b| self.outer_view(spec.forward, b, &key));
         Ok(Trace {
             vip: *vip,
             vip_id,
             slot,
             slot_backend,
             flow_backend,
-            next_packet_to: flow_backend.or(slot_backend),
+            next_packet_to,
+            forward: spec.forward,
+            outer,
+        })
+    }
+
+    /// The outer header the program builds for `key` to `backend`, by the shared rules.
+    fn outer_view(&self, forward: Forward, backend: IpAddr, key: &FlowKey) -> Option<OuterView> {
+        let cfg = self.kernel.config();
+        let entry = lb_common::Backend {
+            addr: addr_words(backend),
+            family: family(backend),
+            encap: forward.encap(),
+            outer_src: addr_words(self.kernel.outer_source(backend)?),
+            ..Default::default()
+        };
+        let src = words_addr(lb_common::outer_source(&cfg, &entry, key), entry.family);
+        Some(OuterView {
+            src,
+            dst: backend,
+            udp: (forward == Forward::Gue)
+                .then(|| (lb_common::gue_source_port(key), u16::from_be(cfg.gue_port))),
         })
     }
 

@@ -125,6 +125,17 @@ impl Kernel for FakeKernel {
     fn flow_backend(&self, _key: &FlowKey, _vip_id: u32) -> Result<Option<u32>, Error> {
         Ok(None)
     }
+
+    /// IPv4 only: the fake load balancer has no IPv6 address.
+    fn outer_source(&self, backend: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        backend
+            .is_ipv4()
+            .then(|| std::net::IpAddr::from([192, 0, 2, 254]))
+    }
+
+    fn config(&self) -> lb_common::LbConfig {
+        lb_common::LbConfig::DEFAULT
+    }
 }
 
 /// A state file in memory.

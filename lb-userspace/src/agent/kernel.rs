@@ -1,6 +1,8 @@
 //! The agent's view of the data-plane maps as one small trait, so the reconciler can be driven
 //! against an in-memory fake in unit tests and against the real maps in the agent.
-use lb_common::FlowKey;
+use std::net::IpAddr;
+
+use lb_common::{FlowKey, LbConfig};
 
 use crate::{
     Error,
@@ -29,4 +31,9 @@ pub trait Kernel: Send {
     fn stats(&self) -> Option<&StatsMaps> {
         None
     }
+    /// The load balancer's address encapsulated packets to `backend` come from, if it has
+    /// one of that family.
+    fn outer_source(&self, backend: IpAddr) -> Option<IpAddr>;
+    /// The constants the program was loaded with.
+    fn config(&self) -> LbConfig;
 }

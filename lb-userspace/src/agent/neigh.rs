@@ -97,8 +97,9 @@ async fn dump(handle: &Handle, ifindex: u32) -> Result<Vec<(IpAddr, Mac)>, rtnet
     Ok(out)
 }
 
-/// Sends one empty datagram to `addr`'s discard port so the kernel resolves its neighbour.
-async fn solicit(addr: IpAddr) {
+/// Sends one empty datagram to `addr`'s discard port so the kernel resolves its neighbour
+/// (or, for an address behind a router, the route's next hop).
+pub async fn solicit(addr: IpAddr) {
     let bind: SocketAddr = if addr.is_ipv4() {
         SocketAddr::from(([0u8; 4], 0))
     } else {

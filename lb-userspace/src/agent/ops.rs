@@ -34,6 +34,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             vip: v,
             source_hash,
             udp_idle_s,
+            forward,
             health,
         } => {
             crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
@@ -50,6 +51,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                 VipSpec {
                     source_hash: *source_hash,
                     udp_idle_s: *udp_idle_s,
+                    forward: *forward,
                     health: health.clone(),
                     backends: Default::default(),
                 },
@@ -76,7 +78,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                     "backend {address} already exists in VIP {v}: use `lb backend weight` to change it"
                 )));
             }
-            validate_backend(v, address, &spec).map_err(Error::Invalid)?;
+            validate_backend(v, s.forward, address, &spec).map_err(Error::Invalid)?;
             s.backends.insert(*address, spec);
         }
         Command::RemoveBackend { vip: v, address } => {
@@ -88,9 +90,10 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             address,
             weight,
         } => {
+            let forward = vip(&mut d, v)?.forward;
             let b = backend(&mut d, v, address)?;
             b.weight = *weight;
-            validate_backend(v, address, b).map_err(Error::Invalid)?;
+            validate_backend(v, forward, address, b).map_err(Error::Invalid)?;
         }
         Command::Drain {
             vip: v,

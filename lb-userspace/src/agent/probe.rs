@@ -6,7 +6,14 @@ use std::{collections::HashMap, net::IpAddr, net::SocketAddr, time::Duration};
 use http_body_util::Empty;
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, task::JoinHandle, time::timeout};
+use std::os::fd::AsRawFd as _;
+
+use lb_common::HC_MARK_BASE;
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    task::JoinHandle,
+    time::timeout,
+};
 
 use crate::{
     api::SharedAgent,
@@ -16,15 +23,55 @@ use crate::{
 /// Longest health-check path sent (longer ones are refused by validation).
 pub const MAX_PATH: usize = 1024;
 
+/// Where a probe goes: the backend itself (L2 forwarding), or the VIP through the tunnel to
+/// one backend (encapsulating VIPs: the socket's mark tells the tc program which).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub addr: IpAddr,
+    /// `HC_MARK_BASE | backend id` for probes through the tunnel.
+    pub mark: Option<u32>,
+}
+
+async fn connect(target: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(target).await;
+    };
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let value: libc::c_int = mark as libc::c_int;
+    // SAFETY: setsockopt on a socket we own with a correctly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.connect(target).await
+}
+
 /// One probe: `(passed, what happened)`.
-pub async fn probe(addr: IpAddr, check: &HealthCheck, vip_port: u16) -> (bool, String) {
+pub async fn probe(to: ProbeTarget, check: &HealthCheck, vip_port: u16) -> (bool, String) {
     let port = check.port.unwrap_or(vip_port);
-    let target = SocketAddr::new(addr, port);
+    let target = SocketAddr::new(to.addr, port);
+    let via = if to.mark.is_some() {
+        " through the tunnel"
+    } else {
+        ""
+    };
     let limit = Duration::from_millis(check.timeout_ms);
     let result = timeout(limit, async {
-        let stream = TcpStream::connect(target)
+        let stream = connect(target, to.mark)
             .await
-            .map_err(|e| format!("connect {target}: {e}"))?;
+            .map_err(|e| format!("connect {target}{via}: {e}"))?;
         if check.kind == HealthKind::Tcp {
             return Ok("ok".to_string());
         }
@@ -59,16 +106,25 @@ pub async fn probe(addr: IpAddr, check: &HealthCheck, vip_port: u16) -> (bool, S
         Ok(Err(e)) => (false, e),
         Err(_) => (
             false,
-            format!("no answer from {target} within {} ms", check.timeout_ms),
+            format!(
+                "no answer from {target}{via} within {} ms",
+                check.timeout_ms
+            ),
         ),
     }
 }
 
-async fn probe_loop(agent: SharedAgent, vip: VipAddr, addr: IpAddr, check: HealthCheck) {
+async fn probe_loop(
+    agent: SharedAgent,
+    vip: VipAddr,
+    addr: IpAddr,
+    to: ProbeTarget,
+    check: HealthCheck,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
     loop {
         tick.tick().await;
-        let (ok, detail) = probe(addr, &check, vip.port).await;
+        let (ok, detail) = probe(to, &check, vip.port).await;
         let a = agent.clone();
         let recorded =
             tokio::task::spawn_blocking(move || a.core().observe_health(&vip, addr, ok, detail))
@@ -89,13 +145,28 @@ async fn probe_loop(agent: SharedAgent, vip: VipAddr, addr: IpAddr, check: Healt
     }
 }
 
-/// Backends that need probing: (VIP, address, check).
-fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, HealthCheck)> {
+/// Backends that need probing: (VIP, address, where the probe goes, check).
+fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, ProbeTarget, HealthCheck)> {
     let mut out = Vec::new();
     for (vip, spec) in &core.desired().vips {
         if let Some(h) = &spec.health {
             for addr in spec.backends.keys() {
-                out.push((*vip, *addr, h.clone()));
+                let to = if spec.forward.encapsulates() {
+                    // No id yet (not committed): probed once it has one.
+                    let Some(id) = core.ids().backend(vip, addr) else {
+                        continue;
+                    };
+                    ProbeTarget {
+                        addr: vip.ip,
+                        mark: Some(HC_MARK_BASE | id),
+                    }
+                } else {
+                    ProbeTarget {
+                        addr: *addr,
+                        mark: None,
+                    }
+                };
+                out.push((*vip, *addr, to, h.clone()));
             }
         }
     }
@@ -104,22 +175,26 @@ fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, HealthChec
 
 /// Keeps one probe task per configured target, following configuration changes.
 pub async fn supervise(agent: SharedAgent) {
-    let mut running: HashMap<(VipAddr, IpAddr), (HealthCheck, JoinHandle<()>)> = HashMap::new();
+    type Running = HashMap<(VipAddr, IpAddr), ((ProbeTarget, HealthCheck), JoinHandle<()>)>;
+    let mut running: Running = HashMap::new();
     loop {
         let targets = health_targets(&agent.core());
-        let wanted: HashMap<(VipAddr, IpAddr), HealthCheck> =
-            targets.into_iter().map(|(v, a, c)| ((v, a), c)).collect();
-        running.retain(|k, (check, task)| {
-            let keep = wanted.get(k) == Some(check);
+        let wanted: HashMap<(VipAddr, IpAddr), (ProbeTarget, HealthCheck)> = targets
+            .into_iter()
+            .map(|(v, a, t, c)| ((v, a), (t, c)))
+            .collect();
+        running.retain(|k, (how, task)| {
+            let keep = wanted.get(k) == Some(how);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for (k, check) in wanted {
+        for (k, how) in wanted {
             running.entry(k).or_insert_with(|| {
-                let task = tokio::spawn(probe_loop(agent.clone(), k.0, k.1, check.clone()));
-                (check, task)
+                let (to, check) = how.clone();
+                let task = tokio::spawn(probe_loop(agent.clone(), k.0, k.1, to, check));
+                (how, task)
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

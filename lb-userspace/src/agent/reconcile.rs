@@ -109,7 +109,11 @@ pub fn allocate(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendTarget {
     pub addr: IpAddr,
+    /// The backend's MAC for L2 forwarding; all zero when encapsulated (the FIB finds the
+    /// next hop).
     pub mac: Mac,
+    /// `lb_common::ENCAP_*`: its VIP's forwarding mode.
+    pub encap: u8,
     /// `BACKEND_F_DRAINED` or `BACKEND_F_DOWN` (without `BACKEND_F_PRESENT`): what its
     /// remembered flows do (see `lb_common::entry_decides`).
     pub flags: u32,
@@ -167,11 +171,15 @@ pub fn serving(state: &DesiredState, facts: &impl Facts, vip: &VipAddr, addr: &I
     let Some(b) = state.vips.get(vip).and_then(|v| v.backends.get(addr)) else {
         return Serving::Weightless;
     };
+    let routed = state
+        .vips
+        .get(vip)
+        .is_some_and(|v| v.forward.encapsulates());
     if b.weight == 0 {
         Serving::Weightless
     } else if b.drained {
         Serving::Drained
-    } else if facts.mac(vip, addr).is_none() {
+    } else if !routed && facts.mac(vip, addr).is_none() {
         Serving::NoMac
     } else if !facts.up(vip, addr) {
         Serving::Down
@@ -201,7 +209,13 @@ pub fn target(
             // A backend is written to the kernel whenever its MAC is known, serving or not:
             // drained flows stay on it; down ones move (its flag tells the program).
             let serves = serving(state, facts, vip, addr);
-            if let Some(mac) = facts.mac(vip, addr) {
+            // Encapsulated backends need no MAC: the FIB finds their next hop.
+            let mac = if spec.forward.encapsulates() {
+                Some(Mac([0; 6]))
+            } else {
+                facts.mac(vip, addr)
+            };
+            if let Some(mac) = mac {
                 let flags = match serves {
                     Serving::Serving => 0,
                     Serving::Weightless | Serving::Drained => BACKEND_F_DRAINED,
@@ -212,6 +226,7 @@ pub fn target(
                     BackendTarget {
                         addr: *addr,
                         mac,
+                        encap: spec.forward.encap(),
                         flags,
                     },
                 );

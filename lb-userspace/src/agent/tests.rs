@@ -165,6 +165,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
     let run = |c: Command| w.agent.execute(&c);
     run(Command::AddVip {
         udp_idle_s: 30,
+        forward: Default::default(),
         vip: vip(0),
         source_hash: false,
         health: Some(check()),
@@ -263,6 +264,7 @@ fn a_failed_save_changes_nothing() {
         .agent
         .execute(&Command::AddVip {
             udp_idle_s: 30,
+            forward: Default::default(),
             vip: vip(0),
             source_hash: false,
             health: None,
@@ -293,6 +295,7 @@ fn random_command(r: &mut Rng) -> Command {
     match r.below(9) {
         0 => Command::AddVip {
             udp_idle_s: 30,
+            forward: Default::default(),
             vip: v,
             source_hash: r.below(2) == 0,
             health: (r.below(2) == 0).then(check),

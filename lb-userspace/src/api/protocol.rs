@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ErrorKind,
     agent::reconcile::Serving,
-    model::{DesiredState, HealthCheck, Mac, VipAddr},
+    model::{DesiredState, Forward, HealthCheck, Mac, VipAddr},
     plan::VipPlan,
 };
 
@@ -26,6 +26,9 @@ pub enum Command {
         /// Seconds a UDP flow is remembered without a datagram.
         #[serde(default = "default_udp_idle")]
         udp_idle_s: u32,
+        /// How packets reach the backends.
+        #[serde(default)]
+        forward: Forward,
         health: Option<HealthCheck>,
     },
     RemoveVip {
@@ -169,6 +172,9 @@ pub struct VipView {
     pub source_hash: bool,
     /// Seconds a UDP flow is remembered without a datagram.
     pub udp_idle_s: u32,
+    /// How packets reach the backends.
+    #[serde(default)]
+    pub forward: Forward,
     pub health_check: Option<HealthCheck>,
     pub backends: Vec<BackendView>,
 }
@@ -185,6 +191,20 @@ pub struct Trace {
     pub flow_backend: Option<IpAddr>,
     /// Where the next packet goes.
     pub next_packet_to: Option<IpAddr>,
+    /// How it gets there, and for encapsulation the outer header.
+    #[serde(default)]
+    pub forward: Forward,
+    #[serde(default)]
+    pub outer: Option<OuterView>,
+}
+
+/// The outer header of an encapsulated packet, as `trace` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OuterView {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// GUE only: UDP source and destination ports.
+    pub udp: Option<(u16, u16)>,
 }
 
 /// Counters of one backend.

@@ -4,7 +4,7 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     AttachMode,
-    model::{MAX_WEIGHT, Mac, VipAddr},
+    model::{Forward, MAX_WEIGHT, Mac, VipAddr},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
@@ -32,6 +32,27 @@ fn backend_addr(s: &str) -> Result<IpAddr, String> {
         ));
     }
     Err(format!("`{s}` is not an IPv4 or IPv6 address"))
+}
+
+/// An IPIP source prefix: an IPv4 /16 or an IPv6 /64 with nothing set past the prefix.
+pub fn source_prefix(s: &str) -> Result<IpAddr, String> {
+    let bad = |why: &str| format!("invalid source prefix `{s}`: {why}");
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| bad("expected ADDRESS/LENGTH, e.g. 172.31.0.0/16 or fd00:1:2:3::/64"))?;
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| bad("not an IPv4 or IPv6 address"))?;
+    match (ip, len) {
+        (IpAddr::V4(v4), "16") if v4.octets()[2..] == [0, 0] && v4.octets()[..2] != [0, 0] => {
+            Ok(ip)
+        }
+        (IpAddr::V6(v6), "64") if v6.segments()[4..] == [0; 4] && !v6.is_unspecified() => Ok(ip),
+        (IpAddr::V4(_), _) => Err(bad(
+            "an IPv4 prefix must be a /16 with its last two bytes 0",
+        )),
+        (IpAddr::V6(_), _) => Err(bad("an IPv6 prefix must be a /64 with its last 64 bits 0")),
+    }
 }
 
 /// `lb --version`: the release, the commit it was built from, and the map ABI version (pins
@@ -143,6 +164,9 @@ pub enum Top {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Backend side of ipip/gue VIPs: attach the decapsulation program (it stays attached),
+    /// show its counters, print the backend's setup, or detach it.
+    Decap(DecapArgs),
     /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
     /// XDP_TX on a veth is only delivered when its peer runs XDP.
     XdpPass {
@@ -189,6 +213,18 @@ pub struct RunArgs {
     /// Seconds a TCP flow keeps its backend after a FIN once it goes quiet.
     #[arg(long, default_value_t = lb_common::DEFAULT_FIN_GRACE_S)]
     pub fin_grace: u32,
+    /// UDP port of GUE packets (backends' `lb decap --gue-port` must match).
+    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
+    /// Outer source address of encapsulated packets (one per family) [default: the
+    /// interface's first global address of that family].
+    #[arg(long = "encap-source", value_name = "ADDR")]
+    pub encap_source: Vec<IpAddr>,
+    /// IPIP only: take each flow's outer source from this prefix (an IPv4 /16 or an IPv6
+    /// /64, e.g. 172.31.0.0/16), so the backends' RSS spreads flows (Katran's trick). The
+    /// routers between must accept these sources.
+    #[arg(long = "ipip-source-prefix", value_name = "PREFIX", value_parser = source_prefix)]
+    pub ipip_source_prefix: Vec<IpAddr>,
     /// Keep forwarding after exit (maps and link stay pinned), for restarts and upgrades.
     #[arg(long)]
     pub keep_on_exit: bool,
@@ -210,6 +246,40 @@ pub struct RunArgs {
 pub enum CheckKind {
     Tcp,
     Http,
+}
+
+#[derive(Args)]
+pub struct DecapArgs {
+    /// The backend's interface that receives tunnels.
+    #[arg(long)]
+    pub iface: String,
+    /// A VIP this backend serves (repeatable).
+    #[arg(long = "vip", value_name = "ADDR")]
+    pub vips: Vec<IpAddr>,
+    /// A file of VIP addresses, one per line (`#` comments).
+    #[arg(long)]
+    pub vip_file: Option<PathBuf>,
+    /// This host's tunnel address (repeatable) [default: IFACE's global addresses].
+    #[arg(long = "local", value_name = "ADDR")]
+    pub local: Vec<IpAddr>,
+    /// UDP port of GUE packets (the load balancer's `--gue-port`).
+    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: AttachMode,
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Show the counters instead of attaching.
+    #[arg(long, conflicts_with_all = ["detach", "print_setup"])]
+    pub stats: bool,
+    /// Detach the program and remove its pins.
+    #[arg(long, conflicts_with = "print_setup")]
+    pub detach: bool,
+    /// Print the backend's one-time setup (VIP on lo, ARP and rp_filter sysctls) and exit.
+    #[arg(long)]
+    pub print_setup: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -245,6 +315,10 @@ pub enum VipCmd {
         /// Seconds a UDP flow keeps its backend without a datagram (1-86400).
         #[arg(long, default_value_t = lb_common::DEFAULT_UDP_IDLE_S)]
         udp_idle: u32,
+        /// How packets reach the backends: l2 (MAC rewrite, same segment), ipip or gue
+        /// (encapsulated to backends behind routers, which run `lb decap`).
+        #[arg(long, default_value = "l2")]
+        forward: Forward,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },

@@ -13,7 +13,7 @@ use lb_userspace::{
 };
 
 use super::{
-    args::{BackendCmd, CheckKind, Cli, RunArgs, Top, VipCmd},
+    args::{BackendCmd, CheckKind, Cli, DecapArgs, RunArgs, Top, VipCmd},
     output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows},
 };
 
@@ -52,6 +52,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("man pages written to {}", out.display());
             Ok(())
         }
+        Top::Decap(d) => decap(d),
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
             Ok(())
@@ -77,6 +78,52 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn decap(d: DecapArgs) -> anyhow::Result<()> {
+    use lb_userspace::decap;
+    if d.stats {
+        let stats = decap::stats(&d.iface, &d.bpffs)?;
+        if d.json {
+            let m: std::collections::BTreeMap<_, _> = stats.into_iter().collect();
+            return print_json(&m);
+        }
+        let rows: Vec<Vec<String>> = stats
+            .iter()
+            .map(|(n, c)| vec![n.to_string(), c.packets.to_string(), c.bytes.to_string()])
+            .collect();
+        print_table(&["COUNTER", "PACKETS", "BYTES"], &rows);
+        return Ok(());
+    }
+    if d.detach {
+        println!("{}", decap::detach(&d.iface, &d.bpffs)?);
+        return Ok(());
+    }
+    let mut vips: std::collections::BTreeSet<IpAddr> = d.vips.iter().copied().collect();
+    if let Some(f) = &d.vip_file {
+        vips.extend(decap::read_vip_file(f)?);
+    }
+    if d.print_setup {
+        print!("{}", decap::setup_script(&d.iface, &vips));
+        return Ok(());
+    }
+    let local = if d.local.is_empty() {
+        lb_userspace::net::interface_addrs(&d.iface)
+            .into_iter()
+            .collect()
+    } else {
+        d.local.iter().copied().collect()
+    };
+    let opts = decap::DecapOptions {
+        iface: d.iface,
+        mode: d.mode,
+        vips,
+        local,
+        gue_port: d.gue_port,
+        bpffs: d.bpffs,
+    };
+    println!("{}", decap::attach(&opts)?);
+    Ok(())
+}
+
 async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     let state_file = a
         .state_file
@@ -92,7 +139,17 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             hash_seed: a.hash_seed,
             per_cpu_flows: a.per_cpu_flows,
             fin_grace_s: a.fin_grace,
+            gue_port: a.gue_port,
+            ipip_prefix4: a.ipip_source_prefix.iter().find_map(|p| match p {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+            ipip_prefix6: a.ipip_source_prefix.iter().find_map(|p| match p {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            }),
         },
+        encap_sources: a.encap_source,
         config: a.config,
         state_file,
         socket,
@@ -122,6 +179,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             rise,
             fall,
             udp_idle,
+            forward,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -141,6 +199,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     vip,
                     source_hash,
                     udp_idle_s: udp_idle,
+                    forward,
                     health,
                 })
                 .await?;
@@ -156,7 +215,9 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                 return print_json(&vips);
             }
             print_table(
-                &["VIP", "ID", "HASH", "HEALTH", "SERVING", "UDP IDLE"],
+                &[
+                    "VIP", "ID", "HASH", "HEALTH", "SERVING", "FORWARD", "UDP IDLE",
+                ],
                 &vip_rows(&vips),
             );
         }
@@ -275,6 +336,8 @@ async fn trace(
             "SLOT BACKEND",
             "FLOW ENTRY",
             "NEXT PACKET TO",
+            "FORWARD",
+            "OUTER HEADER",
         ],
         &[vec![
             t.vip.to_string(),
@@ -283,6 +346,11 @@ async fn trace(
             show(t.slot_backend),
             show(t.flow_backend),
             show(t.next_packet_to),
+            t.forward.to_string(),
+            t.outer.as_ref().map_or("-".to_string(), |o| match o.udp {
+                Some((sport, dport)) => format!("{} -> {} udp {sport} -> {dport}", o.src, o.dst),
+                None => format!("{} -> {}", o.src, o.dst),
+            }),
         ]],
     );
     Ok(())

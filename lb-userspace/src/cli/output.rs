@@ -88,6 +88,7 @@ pub fn vip_rows(vips: &[VipView]) -> Vec<Vec<String>> {
                     .as_ref()
                     .map_or("none".into(), |h| format!("{:?}", h.kind).to_lowercase()),
                 format!("{serving}/{}", v.backends.len()),
+                v.forward.to_string(),
                 // How long a UDP flow keeps its backend without a datagram.
                 if v.vip.proto == lb_userspace::model::Proto::Udp {
                     format!("{}s", v.udp_idle_s)

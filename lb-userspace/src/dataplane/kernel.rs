@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuValues;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, FAMILY_V4, FlowKey, PacketFacts, VIP_F_PRESENT, entry_decides,
+    BACKEND_F_PRESENT, Backend, ENCAP_L2, FlowKey, LbConfig, PacketFacts, VIP_F_PRESENT,
+    entry_decides,
 };
 
 use crate::{
@@ -15,34 +16,42 @@ use crate::{
     },
     dataplane::stats::StatsMaps,
     model::Mac,
-    net::{addr_words, family},
+    net::{addr_words, family, words_addr},
 };
 
 pub struct MapsKernel {
     dp: Dataplane,
     /// Source MAC of rewritten frames: the interface's own.
     lb_mac: [u8; 6],
+    /// Outer source addresses of encapsulated packets, per family.
+    sources: EncapSources,
     view: KernelView,
 }
 
-fn words_addr(words: [u32; 4], fam: u8) -> IpAddr {
-    if fam == FAMILY_V4 {
-        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+/// The load balancer's own addresses that encapsulated packets come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncapSources {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl EncapSources {
+    /// The source for a backend of `addr`'s family.
+    pub fn for_backend(&self, addr: IpAddr) -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(_) => self.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6.map(IpAddr::V6),
         }
-        IpAddr::V6(Ipv6Addr::from(o))
     }
 }
 
 impl MapsKernel {
     /// Wraps `dp` and reads what its maps hold.
-    pub fn new(dp: Dataplane, lb_mac: [u8; 6]) -> Result<Self, Error> {
+    pub fn new(dp: Dataplane, lb_mac: [u8; 6], sources: EncapSources) -> Result<Self, Error> {
         let mut k = MapsKernel {
             dp,
             lb_mac,
+            sources,
             view: KernelView::default(),
         };
         k.resync()?;
@@ -77,7 +86,9 @@ impl MapsKernel {
             },
             flags: BACKEND_F_PRESENT | b.flags,
             family: family(b.addr),
-            _pad: [0; 3],
+            encap: b.encap,
+            _pad: [0; 2],
+            outer_src: self.outer_src(b.encap, b.addr),
         };
         if new_owner {
             // Counters first: the new owner's first packet must not be added to the old's.
@@ -90,18 +101,34 @@ impl MapsKernel {
         self.dp.backends.set(id, &entry)
     }
 
+    /// The outer source written for an encapsulated backend at `addr` (zero for L2).
+    fn outer_src(&self, encap: u8, addr: IpAddr) -> [u32; 4] {
+        match self.sources.for_backend(addr) {
+            Some(src) if encap != ENCAP_L2 => addr_words(src),
+            _ => [0; 4],
+        }
+    }
+
+    /// What a backend entry read from the map stands for. An encapsulated entry whose outer
+    /// source is not this run's (the agent restarted with another `--encap-source`) is
+    /// mirrored with an impossible mode, so the next diff rewrites it in place.
+    fn target_of(&self, b: &Backend) -> BackendTarget {
+        let addr = words_addr(b.addr, b.family);
+        let stale = b.encap != ENCAP_L2 && b.outer_src != self.outer_src(b.encap, addr);
+        BackendTarget {
+            addr,
+            mac: Mac(b.mac),
+            encap: if stale { u8::MAX } else { b.encap },
+            flags: b.flags & !BACKEND_F_PRESENT,
+        }
+    }
+
     /// Re-reads backend `id` into the mirror after a failed write.
     fn reread_backend(&mut self, id: u32) {
         match self.dp.backends.get(id) {
             Ok(b) if b.flags & BACKEND_F_PRESENT != 0 => {
-                self.view.backends.insert(
-                    id,
-                    BackendTarget {
-                        addr: words_addr(b.addr, b.family),
-                        mac: Mac(b.mac),
-                        flags: b.flags & !BACKEND_F_PRESENT,
-                    },
-                );
+                let t = self.target_of(&b);
+                self.view.backends.insert(id, t);
             }
             _ => {
                 self.view.backends.remove(&id);
@@ -173,14 +200,7 @@ impl Kernel for MapsKernel {
         for id in 1..self.dp.backends.capacity() {
             let b = self.dp.backends.get(id)?;
             if b.flags & BACKEND_F_PRESENT != 0 {
-                view.backends.insert(
-                    id,
-                    BackendTarget {
-                        addr: words_addr(b.addr, b.family),
-                        mac: Mac(b.mac),
-                        flags: b.flags & !BACKEND_F_PRESENT,
-                    },
-                );
+                view.backends.insert(id, self.target_of(&b));
             }
         }
         for id in 0..self.dp.vips.capacity() {
@@ -230,6 +250,14 @@ impl Kernel for MapsKernel {
 
     fn stats(&self) -> Option<&StatsMaps> {
         Some(&self.dp.stats)
+    }
+
+    fn outer_source(&self, backend: IpAddr) -> Option<IpAddr> {
+        self.sources.for_backend(backend)
+    }
+
+    fn config(&self) -> LbConfig {
+        self.dp.opts.config()
     }
 }
 

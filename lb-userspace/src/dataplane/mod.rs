@@ -1,5 +1,6 @@
 //! Loading the eBPF object, attaching it, and owning its maps as typed tables.
 pub mod batch;
+pub mod egress;
 pub mod kernel;
 pub mod pins;
 pub mod publish;
@@ -63,6 +64,12 @@ pub struct LoadOptions {
     pub per_cpu_flows: bool,
     /// Seconds a TCP flow entry lives after a FIN once the flow is quiet.
     pub fin_grace_s: u32,
+    /// UDP port of GUE packets (host order).
+    pub gue_port: u16,
+    /// IPIP over IPv4: per-flow outer sources from this /16 (its first two bytes).
+    pub ipip_prefix4: Option<std::net::Ipv4Addr>,
+    /// IPIP over IPv6: per-flow outer sources from this /64 (its first eight bytes).
+    pub ipip_prefix6: Option<std::net::Ipv6Addr>,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +82,9 @@ impl Default for LoadOptions {
             hash_seed: LbConfig::DEFAULT.hash_seed,
             per_cpu_flows: false,
             fin_grace_s: lb_common::DEFAULT_FIN_GRACE_S,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
+            ipip_prefix4: None,
+            ipip_prefix6: None,
         }
     }
 }
@@ -92,6 +102,9 @@ impl LoadOptions {
                 "slot table size {} is not prime: pick a prime such as 65537 or 16381",
                 self.ring_size
             )));
+        }
+        if self.gue_port == 0 {
+            return Err(Error::Invalid("the GUE port must not be 0".into()));
         }
         if self.max_vips == 0 || self.max_backends < 2 || self.flow_entries == 0 {
             return Err(Error::Invalid(
@@ -118,7 +131,16 @@ impl LoadOptions {
             },
             hash_seed: self.hash_seed,
             fin_grace_s: self.fin_grace_s,
-            _pad: 0,
+            gue_port: self.gue_port.to_be(),
+            _pad0: 0,
+            ipip_src_prefix4: self
+                .ipip_prefix4
+                .map_or(0, |p| u32::from_ne_bytes(p.octets())),
+            _pad1: 0,
+            ipip_src_prefix6: self.ipip_prefix6.map_or([0; 4], |p| {
+                let w = crate::net::addr_words(p.into());
+                [w[0], w[1], 0, 0]
+            }),
         }
     }
 }
@@ -182,6 +204,16 @@ impl Dataplane {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        {
+            let name = lb_common::HC_PROGRAM;
+            let hc: &mut aya::programs::SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            hc.load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
@@ -229,6 +261,10 @@ impl Dataplane {
         })
     }
 
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// The load-balancing program (for attaching or `BPF_PROG_TEST_RUN`).
     pub fn lb_program(&mut self) -> Result<&mut Xdp, Error> {
         xdp_program(&mut self.ebpf, LB_PROGRAM)
@@ -260,57 +296,7 @@ impl Dataplane {
         mode: AttachMode,
         link_pin: &Path,
     ) -> Result<Option<AttachMode>, Error> {
-        let pin_err =
-            |what: &str, e: String| Error::Kernel(format!("{what} {}: {e}", link_pin.display()));
-        if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(link_pin)
-                .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
-            let fd_link: FdLink = pinned.into();
-            let xdp_link = XdpLink::try_from(fd_link)
-                .map_err(|e| pin_err("the pinned link", e.to_string()))?;
-            let prog = self.lb_program()?;
-            let id = prog
-                .attach_to_link(xdp_link)
-                .map_err(|source| Error::Program {
-                    name: LB_PROGRAM,
-                    source,
-                })?;
-            // Keep the link open: the pin still holds it, and dropping ours must not detach.
-            let link = prog.take_link(id).map_err(|source| Error::Program {
-                name: LB_PROGRAM,
-                source,
-            })?;
-            std::mem::forget(link);
-            return Ok(None);
-        }
-        let used = self.attach(iface, mode)?;
-        let id = self
-            .attached
-            .take()
-            .ok_or(Error::Kernel("no link after attach".into()))?;
-        let prog = self.lb_program()?;
-        let link = prog.take_link(id).map_err(|source| Error::Program {
-            name: LB_PROGRAM,
-            source,
-        })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            pin_err(
-                "this kernel attached XDP without a bpf_link, cannot pin",
-                e.to_string(),
-            )
-        })?;
-        if let Some(dir) = link_pin.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-                what: format!("creating {}", dir.display()),
-                source,
-            })?;
-        }
-        let pinned = fd_link
-            .pin(link_pin)
-            .map_err(|e| pin_err("pinning the link at", e.to_string()))?;
-        // The pin keeps the attachment; our fd closes with `pinned`.
-        drop(pinned);
-        Ok(Some(used))
+        attach_xdp_pinned(self.lb_program()?, LB_PROGRAM, iface, mode, link_pin)
     }
 
     /// Attaches the trivial XDP_PASS program to `iface` in native mode, until this
@@ -333,38 +319,98 @@ impl Dataplane {
     /// Attaches the load-balancing program to `iface`; returns the mode actually used.
     /// The program stays attached until this `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, Error> {
-        if if_index(iface).is_none() {
-            return Err(Error::NoSuchInterface(iface.to_string()));
-        }
-        let prog = self.lb_program()?;
-        let try_mode = |prog: &mut Xdp, m: AttachMode| {
-            let xm = if m == AttachMode::Generic {
-                XdpMode::Skb
-            } else {
-                XdpMode::Driver
-            };
-            prog.attach(iface, xm)
-                .map(|id| (m, id))
-                .map_err(|source| Error::Attach {
-                    iface: iface.to_string(),
-                    mode: m.as_str(),
-                    hint: if m == AttachMode::Generic {
-                        ""
-                    } else {
-                        "; try `--mode generic`"
-                    },
-                    source: Box::new(source),
-                })
-        };
-        let (used, id) = match mode {
-            AttachMode::Auto => {
-                try_mode(prog, AttachMode::Native).or_else(|_| try_mode(prog, AttachMode::Generic))
-            }
-            m => try_mode(prog, m),
-        }?;
+        let (used, id) = attach_xdp(self.lb_program()?, iface, mode)?;
         self.attached = Some(id);
         Ok(used)
     }
+}
+
+/// Attaches `prog` to `iface` in `mode` (auto: native, then generic).
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(AttachMode, XdpLinkId), Error> {
+    if if_index(iface).is_none() {
+        return Err(Error::NoSuchInterface(iface.to_string()));
+    }
+    let try_mode = |prog: &mut Xdp, m: AttachMode| {
+        let xm = if m == AttachMode::Generic {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
+        prog.attach(iface, xm)
+            .map(|id| (m, id))
+            .map_err(|source| Error::Attach {
+                iface: iface.to_string(),
+                mode: m.as_str(),
+                hint: if m == AttachMode::Generic {
+                    ""
+                } else {
+                    "; try `--mode generic`"
+                },
+                source: Box::new(source),
+            })
+    };
+    match mode {
+        AttachMode::Auto => {
+            try_mode(prog, AttachMode::Native).or_else(|_| try_mode(prog, AttachMode::Generic))
+        }
+        m => try_mode(prog, m),
+    }
+}
+
+/// Attaches `prog` (named `name`) to `iface` through a bpf_link pinned at `link_pin`, or, if
+/// a link is pinned there already, replaces the program it runs in one step. Returns the mode
+/// of a new attachment, or `None` when an existing one was adopted.
+pub fn attach_xdp_pinned(
+    prog: &mut Xdp,
+    name: &'static str,
+    iface: &str,
+    mode: AttachMode,
+    link_pin: &Path,
+) -> Result<Option<AttachMode>, Error> {
+    let pin_err =
+        |what: &str, e: String| Error::Kernel(format!("{what} {}: {e}", link_pin.display()));
+    if link_pin.exists() {
+        let pinned = PinnedLink::from_pin(link_pin)
+            .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
+        let fd_link: FdLink = pinned.into();
+        let xdp_link =
+            XdpLink::try_from(fd_link).map_err(|e| pin_err("the pinned link", e.to_string()))?;
+        let id = prog
+            .attach_to_link(xdp_link)
+            .map_err(|source| Error::Program { name, source })?;
+        // Keep the link open: the pin still holds it, and dropping ours must not detach.
+        let link = prog
+            .take_link(id)
+            .map_err(|source| Error::Program { name, source })?;
+        std::mem::forget(link);
+        return Ok(None);
+    }
+    let (used, id) = attach_xdp(prog, iface, mode)?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| Error::Program { name, source })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| {
+        pin_err(
+            "this kernel attached XDP without a bpf_link, cannot pin",
+            e.to_string(),
+        )
+    })?;
+    if let Some(dir) = link_pin.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    let pinned = fd_link
+        .pin(link_pin)
+        .map_err(|e| pin_err("pinning the link at", e.to_string()))?;
+    // The pin keeps the attachment; our fd closes with `pinned`.
+    drop(pinned);
+    Ok(Some(used))
 }
 
 /// Every map of the object, for pinning.
@@ -378,6 +424,7 @@ const ALL_MAPS: &[&str] = &[
     FLOWS_PERCPU_MAP,
     FLOWS_NEW_MAP,
     TX_PORTS_MAP,
+    lb_common::HC_STATS_MAP,
     FLOW_STATS_MAP,
     STATS_MAP,
     VIP_STATS_MAP,

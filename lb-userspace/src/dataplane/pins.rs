@@ -27,8 +27,12 @@ pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
 }
 
 /// Removes the link pin (detaching the program once nothing else holds it) and every map pin.
+/// The health-check program's tc link, beside the XDP `link`.
+pub const HC_LINK: &str = "hc-link";
+
 pub fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_file(dir.join("link"));
+    let _ = std::fs::remove_file(dir.join(HC_LINK));
     if let Ok(entries) = std::fs::read_dir(dir.join("maps")) {
         for e in entries.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -127,6 +131,14 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             4,
             8,
             lb_common::FlowEvent::COUNT,
+            0,
+        ),
+        (
+            lb_common::HC_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            8,
+            lb_common::HcStat::COUNT,
             0,
         ),
         // Devmap values are `struct bpf_devmap_val` (ifindex and a program fd).

@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Deserialize;
 
 use super::{
-    BackendSpec, DesiredState, HealthCheck, Mac, VipAddr, VipSpec, default_udp_idle, default_weight,
+    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_udp_idle,
+    default_weight,
 };
 
 /// `[[vip]]` tables of the config file.
@@ -25,6 +26,9 @@ struct ConfigVip {
     /// Seconds a UDP flow is remembered without a datagram (default 30).
     #[serde(default)]
     udp_idle: Option<u32>,
+    /// `l2` (default), `ipip` or `gue`.
+    #[serde(default)]
+    forward: Forward,
     #[serde(default)]
     health: Option<HealthCheck>,
     #[serde(default)]
@@ -58,6 +62,7 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
         let mut spec = VipSpec {
             source_hash: v.source_hash,
             udp_idle_s: v.udp_idle.unwrap_or_else(default_udp_idle),
+            forward: v.forward,
             health: v.health,
             backends: BTreeMap::new(),
         };

@@ -292,6 +292,9 @@ pub struct VipSpec {
     /// Seconds a UDP flow is remembered without a datagram.
     #[serde(default = "default_udp_idle")]
     pub udp_idle_s: u32,
+    /// How packets reach the backends.
+    #[serde(default, skip_serializing_if = "Forward::is_l2")]
+    pub forward: Forward,
     #[serde(default)]
     pub health: Option<HealthCheck>,
     #[serde(default)]
@@ -303,6 +306,7 @@ impl Default for VipSpec {
         VipSpec {
             source_hash: false,
             udp_idle_s: default_udp_idle(),
+            forward: Forward::L2,
             health: None,
             backends: BTreeMap::new(),
         }
@@ -326,7 +330,7 @@ impl DesiredState {
             }
             validate_udp_idle(vip, spec.udp_idle_s)?;
             for (addr, b) in &spec.backends {
-                validate_backend(vip, addr, b)?;
+                validate_backend(vip, spec.forward, addr, b)?;
             }
         }
         Ok(())
@@ -343,17 +347,28 @@ pub fn validate_udp_idle(vip: &VipAddr, secs: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// One backend's rules: weight range and address family.
-pub fn validate_backend(vip: &VipAddr, addr: &IpAddr, b: &BackendSpec) -> Result<(), String> {
+/// One backend's rules: weight range, and for L2 forwarding the address family (an
+/// encapsulating VIP may have backends of the other family; they need no MAC).
+pub fn validate_backend(
+    vip: &VipAddr,
+    forward: Forward,
+    addr: &IpAddr,
+    b: &BackendSpec,
+) -> Result<(), String> {
     if b.weight > MAX_WEIGHT {
         return Err(format!(
             "weight {} for backend {addr} is out of range: use 0-{MAX_WEIGHT}",
             b.weight
         ));
     }
-    if addr.is_ipv4() != vip.ip.is_ipv4() {
+    if forward.is_l2() && addr.is_ipv4() != vip.ip.is_ipv4() {
         return Err(format!(
-            "backend {addr} and VIP {vip} are of different address families"
+            "backend {addr} and VIP {vip} are of different address families (only ipip and gue forwarding can cross families)"
+        ));
+    }
+    if forward.encapsulates() && b.mac.is_some() {
+        return Err(format!(
+            "backend {addr} of VIP {vip}: a MAC only applies to l2 forwarding ({forward} finds the next hop by route)"
         ));
     }
     if addr.is_unspecified() || addr.is_multicast() {
@@ -368,7 +383,9 @@ pub fn validate_backend(vip: &VipAddr, addr: &IpAddr, b: &BackendSpec) -> Result
 }
 
 mod config;
+mod forward;
 pub use config::parse_config;
+pub use forward::Forward;
 
 #[cfg(test)]
 mod tests {

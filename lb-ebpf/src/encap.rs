@@ -1,0 +1,103 @@
+//! Encapsulated forwarding (IPIP, GUE) in XDP: plan the outer header, ask the FIB for the next
+//! hop (answering "too big" when the path MTU does not fit), then grow the frame at its head
+//! and write Ethernet + outer IP (+ UDP) in front of the untouched inner packet.
+//!
+//! The order matters: nothing is written before the FIB has accepted the packet, so every
+//! drop or ICMP reply sees the original frame.
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, Stat};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+};
+
+use crate::{
+    Verdict,
+    fib::{self, Fib},
+    icmp,
+    maps::{LB_TX_PORTS, config},
+    outer,
+    parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
+};
+
+/// Encapsulates `pkt` to `b` and sends it.
+#[inline(always)]
+pub fn encapsulate(ctx: &XdpContext, pkt: &Parsed, b: &Backend) -> Result<Verdict, Verdict> {
+    let cfg = config();
+    let ingress = ctx.ingress_ifindex() as u32;
+    let inner_v4 = pkt.key.family == FAMILY_V4;
+    let plan = outer::plan(&cfg, b, &pkt.key, inner_v4, pkt.ip.len, pkt.ip.tos, ingress)
+        .ok_or(Verdict::Drop(Stat::DropTooBig))?;
+    let hop = match fib::lookup(ctx.ctx as *mut _, &plan.outer, 0) {
+        Fib::Hop(h) => Some(h),
+        Fib::NoNeighbour => None,
+        Fib::TooBig(mtu) => {
+            return Ok(icmp::too_big(
+                ctx,
+                pkt,
+                mtu.saturating_sub(plan.overhead as u32),
+            ));
+        }
+        Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
+    };
+    // The frame's MACs as received: the no-neighbour path hands the packet to our own stack,
+    // which only takes frames addressed to us.
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::Drop(Stat::DropMalformed))?;
+    // SAFETY: checked by `ptr_at_mut`.
+    let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    // Grow so the inner IP header ends up right after the outer headers; a VLAN tag, if any,
+    // is dropped (the FIB's egress device decides tagging).
+    let grow = plan.overhead as i32 - (pkt.ip.l3 as i32 - EthHdr::LEN as i32);
+    // SAFETY: helper on our own context; every pointer is re-derived and re-checked after.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(Verdict::Drop(Stat::DropTxError));
+    }
+    let (dst_mac, src_mac) = match &hop {
+        Some(h) => (h.dmac, h.smac),
+        None => (rx_dst, rx_src),
+    };
+    write_headers(ctx, &plan, &pkt.key, dst_mac, src_mac)?;
+    match hop {
+        None => Ok(Verdict::Pass(Stat::PassNoNeighbour)),
+        Some(h) if h.ifindex == ingress => Ok(Verdict::Forward(xdp_action::XDP_TX)),
+        Some(h) => LB_TX_PORTS
+            .redirect(h.ifindex, 0)
+            .map(Verdict::Forward)
+            .map_err(|_| Verdict::Drop(Stat::DropTxError)),
+    }
+}
+
+#[inline(always)]
+fn write_headers(
+    ctx: &XdpContext,
+    plan: &outer::Plan,
+    key: &lb_common::FlowKey,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Result<(), Verdict> {
+    const BROKEN: Verdict = Verdict::Drop(Stat::DropTxError);
+    let o = &plan.outer;
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(BROKEN)?;
+    let outer_v4 = o.family == FAMILY_V4;
+    // SAFETY: every pointer below was bounds-checked by `ptr_at_mut`.
+    unsafe {
+        (*eth).dst_addr = dst_mac;
+        (*eth).src_addr = src_mac;
+        (*eth).ether_type = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 };
+    }
+    let ip_len = if outer_v4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, EthHdr::LEN).ok_or(BROKEN)?;
+        unsafe { *ip = outer::ipv4(o, true) };
+        IPV4_HDR_LEN
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, EthHdr::LEN).ok_or(BROKEN)?;
+        unsafe { *ip = outer::ipv6(o, key) };
+        Ipv6Hdr::LEN
+    };
+    if plan.overhead > ip_len {
+        let udp: *mut UdpHdr = ptr_at_mut(ctx, EthHdr::LEN + ip_len).ok_or(BROKEN)?;
+        unsafe { *udp = outer::udp(o) };
+    }
+    Ok(())
+}

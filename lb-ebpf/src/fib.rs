@@ -1,0 +1,88 @@
+//! Next hop by the kernel's FIB (`bpf_fib_lookup`): the egress interface, both MACs, and the
+//! path MTU check, for encapsulated packets whose backend is behind routers.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+    },
+    cty::c_void,
+    helpers::bpf_fib_lookup,
+};
+use lb_common::{FAMILY_V4, Stat};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Where an outer packet goes.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// What the FIB said about an outer packet.
+pub enum Fib {
+    Hop(NextHop),
+    /// The route is fine but the next hop's MAC is not known yet.
+    NoNeighbour,
+    /// Larger than the egress MTU (the value given).
+    TooBig(u32),
+    /// No usable route: drop with this reason.
+    Fail(Stat),
+}
+
+/// The outer packet a lookup is for. Addresses and ports in network byte order.
+pub struct Outer {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// Outer IP total length, for the MTU check.
+    pub len: u16,
+    pub tos: u8,
+    /// Interface the lookup is made from (the receiving one, or the egress one with
+    /// `flags = BPF_FIB_LOOKUP_OUTPUT`).
+    pub ifindex: u32,
+}
+
+/// Looks the outer packet up. `ctx` is the program's context (XDP or skb).
+#[inline(always)]
+pub fn lookup(ctx: *mut c_void, o: &Outer, flags: u32) -> Fib {
+    // SAFETY: plain-data C struct, all-zero is a valid value.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.l4_protocol = o.proto;
+    p.sport = o.sport;
+    p.dport = o.dport;
+    p.__bindgen_anon_1.tot_len = o.len;
+    p.ifindex = o.ifindex;
+    if o.family == FAMILY_V4 {
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = o.tos;
+        p.__bindgen_anon_3.ipv4_src = o.src[0];
+        p.__bindgen_anon_4.ipv4_dst = o.dst[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = o.src;
+        p.__bindgen_anon_4.ipv6_dst = o.dst;
+    }
+    // SAFETY: `p` is a valid, writable params struct of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, flags) }
+        as u32;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Fib::Hop(NextHop {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeighbour,
+        // SAFETY: the kernel wrote `mtu_result` with this return code.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Fib::TooBig(u32::from(unsafe { p.__bindgen_anon_1.mtu_result }))
+        }
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Fib::Fail(Stat::DropForwardingDisabled),
+        _ => Fib::Fail(Stat::DropNoRoute),
+    }
+}
