@@ -124,19 +124,31 @@ pub enum HcStat {
     Encapsulated = 0,
     /// Marked for a backend id that is absent or not encapsulated: passed unchanged.
     NoBackend = 1,
-    /// No route or neighbour to the backend, or the packet could not be rewritten: dropped.
+    /// The packet could not be rewritten: dropped.
     Failed = 2,
+    /// The FIB has no usable route to the backend (or the probe is too big for it): dropped.
+    NoRoute = 3,
+    /// The route's next hop has no neighbour entry yet: dropped (the probe retransmits; the
+    /// agent keeps its backends' next hops resolved).
+    NoNeighbour = 4,
 }
 
 impl HcStat {
-    pub const COUNT: u32 = 3;
-    pub const ALL: [HcStat; HcStat::COUNT as usize] =
-        [HcStat::Encapsulated, HcStat::NoBackend, HcStat::Failed];
+    pub const COUNT: u32 = 5;
+    pub const ALL: [HcStat; HcStat::COUNT as usize] = [
+        HcStat::Encapsulated,
+        HcStat::NoBackend,
+        HcStat::Failed,
+        HcStat::NoRoute,
+        HcStat::NoNeighbour,
+    ];
     pub const fn name(self) -> &'static str {
         match self {
-            HcStat::Encapsulated => "encapsulated",
-            HcStat::NoBackend => "no_backend",
-            HcStat::Failed => "failed",
+            HcStat::Encapsulated => "hc_encapsulated",
+            HcStat::NoBackend => "hc_no_backend",
+            HcStat::Failed => "hc_failed",
+            HcStat::NoRoute => "hc_no_route",
+            HcStat::NoNeighbour => "hc_no_neighbour",
         }
     }
 }

@@ -82,11 +82,13 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let plan = outer::plan(&cfg, &b, &key, inner_v4, inner_len, tos, ifindex).ok_or(FAILED)?;
-    // Looked up as locally sent traffic. No neighbour: the probe fails this time (TCP
-    // retransmits; the agent keeps its backends' next hops resolved).
-    let hop = match fib::lookup(ctx.skb.skb as *mut _, &plan.outer, BPF_FIB_LOOKUP_OUTPUT) {
+    // Looked up as if received on the probe's egress interface, like a client's packet (an
+    // output lookup would pin the route to that interface). No neighbour: the probe fails
+    // this time (TCP retransmits; the agent keeps its backends' next hops resolved).
+    let hop = match fib::lookup(ctx.skb.skb as *mut _, &plan.outer, 0) {
         Fib::Hop(h) => h,
-        _ => return Err(FAILED),
+        Fib::NoNeighbour => return Err((HcStat::NoNeighbour, TC_ACT_SHOT)),
+        _ => return Err((HcStat::NoRoute, TC_ACT_SHOT)),
     };
     let outer_v4 = b.family == FAMILY_V4;
     let mut flags = if outer_v4 {
@@ -147,5 +149,3 @@ fn inner_key(ctx: &TcContext, v4: bool) -> Option<(FlowKey, u8)> {
     key.dport = ports[1];
     Some((key, tos))
 }
-
-const BPF_FIB_LOOKUP_OUTPUT: u32 = 2;

@@ -63,7 +63,7 @@ fn reshape(ctx: &XdpContext, l3: usize, at: usize, quote: usize) -> Option<([u8;
     }
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
     // The quote must be in the packet before anything moves.
-    ptr_at_mut::<u8>(ctx, l3 + quote - 1)?;
+    ptr_at_mut::<[u8; 4]>(ctx, l3 + quote - 4)?;
     // SAFETY: checked by `ptr_at_mut`.
     let macs = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     let grow = at as i32 - l3 as i32;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::Xdp,
 };
@@ -108,14 +108,18 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
     result
 }
 
-fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
-    let maps = dir.join("maps");
+/// Loads the decap object (verified, not attached) with its maps pinned under `maps` (reused
+/// when pinned already), for GUE port `gue_port`.
+pub fn load(gue_port: u16, maps: Option<&Path>) -> Result<Ebpf, Error> {
     let cfg = DecapConfig {
-        gue_port: opts.gue_port.to_be(),
+        gue_port: gue_port.to_be(),
         _pad: 0,
     };
     let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, maps.join(m))).collect();
+    let paths: Vec<(&str, PathBuf)> = match maps {
+        Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+        None => Vec::new(),
+    };
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -123,16 +127,31 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
         .override_global(DECAP_CONFIG_GLOBAL, &cfg, true)
         .load(DECAP_OBJECT)
         .map_err(Error::Load)?;
+    program(&mut ebpf)?
+        .load()
+        .map_err(|source| Error::Program {
+            name: DECAP_PROGRAM,
+            source,
+        })?;
+    Ok(ebpf)
+}
+
+/// The decap XDP program of a loaded object.
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
     let name = DECAP_PROGRAM;
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
+    ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
-        .map_err(|source| Error::Program { name, source })?;
-    prog.load()
-        .map_err(|source| Error::Program { name, source })?;
-    // Addresses first: a fresh program must find them the moment it is attached.
-    for (map, want) in [(DECAP_LOCAL_MAP, &opts.local), (DECAP_VIPS_MAP, &opts.vips)] {
+        .map_err(|source| Error::Program { name, source })
+}
+
+/// Rewrites the address maps to exactly `local` (outer destinations) and `vips`.
+pub fn set_addrs(
+    ebpf: &mut Ebpf,
+    local: &BTreeSet<IpAddr>,
+    vips: &BTreeSet<IpAddr>,
+) -> Result<(), Error> {
+    for (map, want) in [(DECAP_LOCAL_MAP, local), (DECAP_VIPS_MAP, vips)] {
         let m = ebpf.map_mut(map).ok_or(Error::MissingMap { name: map })?;
         let mut m: HashMap<_, DecapAddr, u32> =
             HashMap::try_from(m).map_err(|source| Error::Map { name: map, source })?;
@@ -147,12 +166,20 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
                 .map_err(|source| Error::Map { name: map, source })?;
         }
     }
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })?;
-    let how = attach_xdp_pinned(prog, name, &opts.iface, opts.mode, &dir.join("link"))?;
+    Ok(())
+}
+
+fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
+    let mut ebpf = load(opts.gue_port, Some(&dir.join("maps")))?;
+    // Addresses first: a fresh program must find them the moment it is attached.
+    set_addrs(&mut ebpf, &opts.local, &opts.vips)?;
+    let how = attach_xdp_pinned(
+        program(&mut ebpf)?,
+        DECAP_PROGRAM,
+        &opts.iface,
+        opts.mode,
+        &dir.join("link"),
+    )?;
     let list = |s: &BTreeSet<IpAddr>| {
         s.iter()
             .map(ToString::to_string)

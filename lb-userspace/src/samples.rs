@@ -3,11 +3,14 @@
 //! same port that answers the same line.
 use std::{convert::Infallible, net::SocketAddr};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 
 use crate::Error;
+
+/// Size of the `/big` download.
+pub const BIG: usize = 1 << 20;
 
 /// The line backend `index` answers a client at `peer` with.
 pub fn greeting(index: usize, local: SocketAddr, peer: SocketAddr) -> String {
@@ -32,6 +35,17 @@ async fn http_server(index: usize, addr: SocketAddr) -> Result<(), Error> {
                     let resp = match req.uri().path() {
                         "/health" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
                         "/" => Response::new(Full::new(Bytes::from(greeting(index, local, peer)))),
+                        // A large download and an upload: path-MTU tests send these.
+                        "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))),
+                        "/upload" => {
+                            let n = match req.into_body().collect().await {
+                                Ok(b) => b.to_bytes().len(),
+                                Err(_) => 0,
+                            };
+                            Response::new(Full::new(Bytes::from(format!(
+                                "backend {index} received {n} bytes\n"
+                            ))))
+                        }
                         _ => {
                             let mut r =
                                 Response::new(Full::new(Bytes::from_static(b"not found\n")));

@@ -8,6 +8,7 @@ pub mod frames;
 pub mod net;
 pub mod proc;
 pub mod raw;
+pub mod routed;
 pub mod topo;
 pub mod wait;
 pub mod world;

@@ -240,6 +240,27 @@ impl World {
         Some(v.table[(h % u64::from(RING)) as usize])
     }
 
+    /// Runs the program once on `frame` as if received on interface `ifindex` (of the
+    /// calling thread's namespace); returns the action and output frame.
+    pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let prog = self.dp.lb_program()?;
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
     /// Runs the load-balancing program once on `frame`; returns the action and output frame.
     pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];

@@ -243,6 +243,8 @@ impl Dataplane {
                 .map_err(map_err(STATS_MAP))?,
             flows: PerCpuArray::try_from(take(&mut ebpf, FLOW_STATS_MAP)?)
                 .map_err(map_err(FLOW_STATS_MAP))?,
+            hc: PerCpuArray::try_from(take(&mut ebpf, lb_common::HC_STATS_MAP)?)
+                .map_err(map_err(lb_common::HC_STATS_MAP))?,
             vips: PerCpuArray::try_from(take(&mut ebpf, VIP_STATS_MAP)?)
                 .map_err(map_err(VIP_STATS_MAP))?,
             backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)

@@ -3,15 +3,16 @@ use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::{
-    BACKEND_STATS_MAP, Counter, FLOW_STATS_MAP, FlowEvent, STATS_MAP, Stat, VIP_STATS_MAP,
-    VipCounter,
+    BACKEND_STATS_MAP, Counter, FLOW_STATS_MAP, FlowEvent, HC_STATS_MAP, HcStat, STATS_MAP, Stat,
+    VIP_STATS_MAP, VipCounter,
 };
 use serde::Serialize;
 
 use crate::Error;
 
-/// Totals per [`Stat`] and per [`FlowEvent`] (packets only) summed over all CPUs, keyed by
-/// their stable names (which never collide: flow events start with `flow_`).
+/// Totals per [`Stat`], per [`FlowEvent`] and per [`HcStat`] (packets only) summed over all
+/// CPUs, keyed by their stable names (which never collide: flow events start with `flow_`,
+/// health-check encapsulation counters with `hc_`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct GlobalStats(pub BTreeMap<&'static str, Counter>);
@@ -31,6 +32,8 @@ impl GlobalStats {
 pub struct StatsMaps {
     pub global: PerCpuArray<MapData, Counter>,
     pub flows: PerCpuArray<MapData, u64>,
+    /// Health-check encapsulation counters (tc program).
+    pub hc: PerCpuArray<MapData, u64>,
     pub vips: PerCpuArray<MapData, VipCounter>,
     pub backends: PerCpuArray<MapData, Counter>,
 }
@@ -57,16 +60,19 @@ impl StatsMaps {
             out.0
                 .insert(stat.name(), per_cpu.iter().fold(Counter::default(), add));
         }
-        for event in FlowEvent::ALL {
-            let per_cpu = self
-                .flows
-                .get(&(event as u32), 0)
-                .map_err(|source| Error::Map {
-                    name: FLOW_STATS_MAP,
-                    source,
-                })?;
-            let packets = per_cpu.iter().sum();
-            out.0.insert(event.name(), Counter { packets, bytes: 0 });
+        let events = FlowEvent::ALL.map(|e| (e as u32, e.name()));
+        let hc = HcStat::ALL.map(|e| (e as u32, e.name()));
+        for (map, name, list) in [
+            (&self.flows, FLOW_STATS_MAP, &events[..]),
+            (&self.hc, HC_STATS_MAP, &hc[..]),
+        ] {
+            for (index, key) in list {
+                let per_cpu = map
+                    .get(index, 0)
+                    .map_err(|source| Error::Map { name, source })?;
+                let packets = per_cpu.iter().sum();
+                out.0.insert(key, Counter { packets, bytes: 0 });
+            }
         }
         Ok(out)
     }

@@ -1,0 +1,278 @@
+//! A routed network for encapsulation: the client and the backends are in different subnets
+//! from the load balancer, all joined by one router namespace.
+//!
+//! ```text
+//!   client 10.20.0.2 ──── router ──── lb eth0 10.30.0.2   (VIPs routed here)
+//!                          │  └────── lb eth1 10.31.0.2   (backend subnets routed there)
+//!                          ├── backend 1  10.41.0.2, fd00:41::2 (on bk1)
+//!                          ├── backend 2  10.42.0.2, fd00:42::2
+//!                          └── backend 3  10.43.0.2, fd00:43::2
+//! ```
+//! Every link has an IPv6 twin (`fd00:N::/64`). The load balancer receives on `eth0` and
+//! sends encapsulated packets out of `eth1` (XDP_REDIRECT through the devmap); backends answer
+//! clients directly through the router. Backends hold every VIP on `lo`; each runs a sample
+//! HTTP server on port 80, and `lb decap` where a test asks for it.
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::{
+    agent::AgentDir,
+    net::{Netns, VethPair},
+    proc::{ChildGuard, lb_binary},
+};
+
+/// VIPs the backends hold on `lo`.
+pub const VIP4: &str = "10.0.0.10";
+pub const VIP6: &str = "2001:db8::10";
+/// An IPv4 VIP served by IPv6 backends.
+pub const VIP_MIXED: &str = "10.0.0.11";
+pub const CLIENT4: &str = "10.20.0.2";
+
+pub fn backend4(i: usize) -> String {
+    format!("10.4{i}.0.2")
+}
+
+pub fn backend6(i: usize) -> String {
+    format!("fd00:4{i}::2")
+}
+
+/// Backend `i`'s interface.
+pub fn backend_dev(i: usize) -> String {
+    format!("bk{i}")
+}
+
+/// The network; everything is removed on drop (processes first).
+pub struct Routed {
+    /// Agent, samples, decap and XDP_PASS helpers: dropped first.
+    pub procs: Vec<ChildGuard>,
+    pub agent: Option<ChildGuard>,
+    pub dir: AgentDir,
+    pub links: Vec<VethPair>,
+    pub client: Netns,
+    pub router: Netns,
+    pub lb: Netns,
+    /// Backends 1..=3 at index 0..3.
+    pub backends: Vec<Netns>,
+    /// The router's end of lb's eth1 (the MTU tests lower it).
+    pub router_to_lb_out: String,
+}
+
+fn veth_named(a: &Netns, a_name: &str, b: &Netns) -> anyhow::Result<String> {
+    let peer = crate::net::unique_name("r");
+    crate::net::ip(&[
+        "link",
+        "add",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+        "netns",
+        b.name(),
+    ])?;
+    Ok(peer)
+}
+
+/// Adds `v4`/24 and `v6`/64 to `dev` in `ns` and brings it up.
+fn addrs(ns: &Netns, dev: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+    ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+    ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+    ns.ip(&["link", "set", dev, "up"])
+}
+
+impl Routed {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let client = Netns::new(&format!("{tag}c"))?;
+        let router = Netns::new(&format!("{tag}r"))?;
+        let lb = Netns::new(&format!("{tag}l"))?;
+        let mut backends = Vec::new();
+        for i in 1..=3 {
+            backends.push(Netns::new(&format!("{tag}b{i}"))?);
+        }
+        let dir = AgentDir::new(&format!("{tag}-agent"))?;
+        let mut net = Routed {
+            procs: Vec::new(),
+            agent: None,
+            dir,
+            links: Vec::new(),
+            client,
+            router,
+            lb,
+            backends,
+            router_to_lb_out: String::new(),
+        };
+        net.wire().context("building the routed network")?;
+        Ok(net)
+    }
+
+    fn wire(&mut self) -> anyhow::Result<()> {
+        let r = &self.router;
+        for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+            r.sysctl(key, "1")?;
+        }
+        r.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        r.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        r.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        r.sysctl("net.ipv4.conf.default.send_redirects", "0")?;
+        // Client.
+        let rc = veth_named(&self.client, "eth0", r)?;
+        addrs(&self.client, "eth0", "10.20.0.2", "fd00:20::2")?;
+        addrs(r, &rc, "10.20.0.1", "fd00:20::1")?;
+        self.client
+            .ip(&["route", "add", "default", "via", "10.20.0.1"])?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00:20::1"])?;
+        // Checksums complete on the client's packets (they cross XDP on a veth).
+        self.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        // Load balancer: eth0 receives, eth1 sends to the backends.
+        let r_in = veth_named(&self.lb, "eth0", r)?;
+        addrs(&self.lb, "eth0", "10.30.0.2", "fd00:30::2")?;
+        addrs(r, &r_in, "10.30.0.1", "fd00:30::1")?;
+        let r_out = veth_named(&self.lb, "eth1", r)?;
+        addrs(&self.lb, "eth1", "10.31.0.2", "fd00:31::2")?;
+        addrs(r, &r_out, "10.31.0.1", "fd00:31::1")?;
+        self.router_to_lb_out = r_out.clone();
+        let l = &self.lb;
+        l.ip(&["route", "add", "default", "via", "10.30.0.1"])?;
+        l.ip(&["-6", "route", "add", "default", "via", "fd00:30::1"])?;
+        for i in 1..=3 {
+            l.ip(&[
+                "route",
+                "add",
+                &format!("10.4{i}.0.0/24"),
+                "via",
+                "10.31.0.1",
+            ])?;
+            l.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:4{i}::/64"),
+                "via",
+                "fd00:31::1",
+            ])?;
+        }
+        for key in [
+            "net.ipv4.conf.all.forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ] {
+            l.sysctl(key, "1")?;
+        }
+        for dev in ["all", "default", "eth0", "eth1"] {
+            l.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+        }
+        // The no-neighbour path hands encapsulated packets (source: ours) to our stack.
+        l.sysctl("net.ipv4.conf.eth0.accept_local", "1")?;
+        // The agent's own probes cross XDP on the backends' veths: full checksums.
+        l.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        l.exec("ethtool", &["-K", "eth1", "tx", "off"])?;
+        // The router sends VIP traffic to the load balancer.
+        r.ip(&["route", "add", "10.0.0.0/24", "via", "10.30.0.2"])?;
+        r.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:30::2"])?;
+        // Backends.
+        for (n, b) in self.backends.iter().enumerate() {
+            let i = n + 1;
+            // Named apart: the backends share one bpffs in tests, and decap pins by name.
+            let dev = backend_dev(i);
+            let rb = veth_named(b, &dev, r)?;
+            addrs(b, &dev, &backend4(i), &backend6(i))?;
+            addrs(r, &rb, &format!("10.4{i}.0.1"), &format!("fd00:4{i}::1"))?;
+            b.ip(&["route", "add", "default", "via", &format!("10.4{i}.0.1")])?;
+            b.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:4{i}::1"),
+            ])?;
+            for vip in [VIP4, VIP_MIXED] {
+                b.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            }
+            b.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+            for dev in ["all", dev.as_str()] {
+                b.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
+                b.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
+                b.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "2")?;
+            }
+        }
+        // Native XDP_TX (eth0) and redirects into eth1 are delivered only when the router's
+        // ends run XDP.
+        for dev in [r_in, r_out] {
+            self.xdp_pass_on_router(&dev)?;
+        }
+        Ok(())
+    }
+
+    fn lb_cmd(&self, ns: &Netns) -> anyhow::Result<std::process::Command> {
+        Ok(ns.command(lb_binary()?.to_str().context("non-UTF-8 path")?))
+    }
+
+    fn xdp_pass_on_router(&mut self, dev: &str) -> anyhow::Result<()> {
+        let mut cmd = self.lb_cmd(&self.router)?;
+        cmd.args(["xdp-pass", "--iface", dev]);
+        let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {dev}"))?;
+        child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// Starts a sample HTTP backend on port 80 (both families) in backend `i` (1..=3).
+    pub fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut cmd = self.lb_cmd(&self.backends[i - 1])?;
+        cmd.args([
+            "samples",
+            "--count",
+            "1",
+            "--base-port",
+            "80",
+            "--bind",
+            "::",
+        ]);
+        cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
+        let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
+        child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// Runs `lb decap` on backend `i`'s interface for every VIP; returns its output.
+    pub fn decap(&self, i: usize, extra: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.lb_cmd(&self.backends[i - 1])?;
+        cmd.args(["decap", "--iface", &backend_dev(i), "--bpffs"])
+            .arg(&self.dir.bpffs)
+            .args(["--vip", VIP4, "--vip", VIP6, "--vip", VIP_MIXED])
+            .args(extra);
+        let out = cmd.output().context("running lb decap")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "lb decap on backend {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts the agent on the load balancer's eth0.
+    pub fn start_agent(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["--mode", "native"];
+        args.extend_from_slice(extra);
+        self.agent = Some(self.dir.spawn_agent(&self.lb, "eth0", &args)?);
+        Ok(())
+    }
+
+    /// `lb ...` against the agent.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.dir.cli_ok(args)
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        self.agent.take();
+        self.procs.clear();
+    }
+}

@@ -1,0 +1,239 @@
+//! Encapsulated forwarding on a routed network (see `lb_tests::routed`): IPIP and GUE to
+//! backends in other subnets, IPv4, IPv6 and a v4 VIP over v6 backends, `lb decap` on the
+//! backends, health checks through the tunnel, and path MTU discovery through it.
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use lb_tests::{
+    routed::{CLIENT4, Routed, VIP_MIXED, VIP4, VIP6, backend4, backend6},
+    topo::backend_index,
+    wait_until,
+};
+use lb_userspace::api::protocol::{StatsView, VipView};
+
+const HEALTH: [&str; 10] = [
+    "--health",
+    "http",
+    "--health-path",
+    "/health",
+    "--interval-ms",
+    "200",
+    "--timeout-ms",
+    "150",
+    "--rise",
+    "1",
+];
+
+/// One HTTP request on a new connection from the client; returns the whole answer.
+fn request(net: &Routed, vip: &str, req: Vec<u8>) -> anyhow::Result<String> {
+    let ip: IpAddr = vip.parse()?;
+    net.client.run(move || -> anyhow::Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(ip, 80), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&req)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })?
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// Health of backend `addr` in VIP `vip` (as `lb vip list` spells it).
+fn health_of(vips: &[VipView], vip: &str, addr: &str) -> String {
+    let addr: IpAddr = addr.parse().expect("address");
+    vips.iter()
+        .filter(|v| v.vip.to_string() == vip)
+        .flat_map(|v| v.backends.iter())
+        .find(|b| b.address == addr)
+        .map(|b| b.health.clone())
+        .unwrap_or_default()
+}
+
+fn backend_packets(stats: &StatsView, addr: &str) -> u64 {
+    let addr: IpAddr = addr.parse().expect("address");
+    stats
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter())
+        .filter(|b| b.address == addr)
+        .map(|b| b.packets)
+        .sum()
+}
+
+fn global(stats: &StatsView, name: &str) -> u64 {
+    stats.global.get(name).map_or(0, |c| c.packets)
+}
+
+#[test]
+fn routed_backends_over_ipip_and_gue_with_health_through_the_tunnel() -> anyhow::Result<()> {
+    let mut net = Routed::new("enc")?;
+    for i in 1..=3 {
+        net.start_sample(i)?;
+    }
+    // Backends 1 and 2 decapsulate; backend 3 has the VIPs on lo but no decap program.
+    for i in [1, 2] {
+        let out = net.decap(i, &[])?;
+        assert!(out.contains(&format!("attached to bk{i}")), "{out}");
+    }
+    net.start_agent(&[])?;
+    let vip4 = format!("{VIP4}:80/tcp");
+    let vip6 = format!("[{VIP6}]:80/tcp");
+    let mixed = format!("{VIP_MIXED}:80/tcp");
+    for (vip, mode, backends) in [
+        (&vip4, "ipip", (1..=3).map(backend4).collect::<Vec<_>>()),
+        (&vip6, "gue", (1..=3).map(backend6).collect()),
+        (&mixed, "gue", vec![backend6(1), backend6(2), backend6(3)]),
+    ] {
+        let mut args = vec!["vip", "add", vip.as_str(), "--forward", mode];
+        args.extend_from_slice(&HEALTH);
+        net.lb(&args)?;
+        for b in &backends {
+            net.lb(&["backend", "add", vip, b])?;
+        }
+    }
+    let list = net.lb(&["vip", "list"])?;
+    assert!(
+        list.contains("FORWARD") && list.contains("ipip") && list.contains("gue"),
+        "{list}"
+    );
+    // Health through the tunnel: backend 3 cannot decapsulate, so it is down in every VIP.
+    wait_until(
+        Duration::from_secs(15),
+        "backends 1 and 2 up, backend 3 down, in every VIP",
+        || {
+            let vips = net.dir.vips()?;
+            let of = |v: &str, b: String| health_of(&vips, v, &b);
+            Ok([&vip4, &vip6, &mixed].iter().all(|v| {
+                let (b1, b2, b3) = if *v == &vip4 {
+                    (backend4(1), backend4(2), backend4(3))
+                } else {
+                    (backend6(1), backend6(2), backend6(3))
+                };
+                of(v, b1) == "up" && of(v, b2) == "up" && of(v, b3) == "down"
+            }))
+        },
+        || {
+            format!(
+                "{}\n{}",
+                net.lb(&["backend", "list"]).unwrap_or_default(),
+                net.lb(&["stats"]).unwrap_or_default()
+            )
+        },
+    )?;
+    // Client traffic: every request answered, by backends 1 and 2 only.
+    for vip in [VIP4, VIP6, VIP_MIXED] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..30 {
+            let body = request(&net, vip, get("/"))?;
+            seen.insert(backend_index(&body).with_context(|| format!("{vip}: {body}"))?);
+        }
+        assert_eq!(seen, BTreeSet::from([1, 2]), "backends answering {vip}");
+    }
+    let stats = net.dir.stats()?;
+    assert_eq!(
+        backend_packets(&stats, &backend4(3)),
+        0,
+        "backend 3 got client traffic"
+    );
+    assert_eq!(
+        backend_packets(&stats, &backend6(3)),
+        0,
+        "backend 3 got client traffic"
+    );
+    assert!(global(&stats, "forwarded") >= 90 * 3, "{:?}", stats.global);
+    for bad in [
+        "dropped_no_route",
+        "dropped_forwarding_disabled",
+        "dropped_tx_error",
+    ] {
+        assert_eq!(global(&stats, bad), 0, "{bad}: {:?}", stats.global);
+    }
+    // The backends counted what they decapsulated.
+    for i in [1, 2] {
+        let s = net.decap(i, &["--stats", "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&s)?;
+        assert!(
+            v["decapsulated"]["packets"].as_u64().unwrap_or(0) > 0,
+            "backend {i}: {s}"
+        );
+    }
+    // trace names the mode and the outer header.
+    let t = net.lb(&["trace", &format!("{CLIENT4}:40000"), &vip4])?;
+    assert!(t.contains("ipip") && t.contains("10.30.0.2 -> 10.4"), "{t}");
+    let t = net.lb(&["trace", &format!("{CLIENT4}:40000"), &mixed])?;
+    assert!(
+        t.contains("gue") && t.contains("fd00:30::2 -> fd00:4") && t.contains("-> 6080"),
+        "{t}"
+    );
+    // Re-running decap converges in place; detaching stops decapsulation (and health follows).
+    let out = net.decap(1, &[])?;
+    assert!(out.contains("updated on bk1"), "{out}");
+    net.decap(2, &["--detach"])?;
+    wait_until(
+        Duration::from_secs(10),
+        "backend 2 down once its decap program is gone",
+        || Ok(health_of(&net.dir.vips()?, &vip4, &backend4(2)) == "down"),
+        || net.lb(&["backend", "list"]).unwrap_or_default(),
+    )?;
+    for _ in 0..10 {
+        assert_eq!(backend_index(&request(&net, VIP4, get("/"))?)?, 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn path_mtu_through_the_tunnel() -> anyhow::Result<()> {
+    let mut net = Routed::new("mtu")?;
+    net.start_sample(1)?;
+    net.decap(1, &[])?;
+    // The tunnel side of the load balancer is 1400 bytes; the client's side is 1500.
+    net.lb.ip(&["link", "set", "eth1", "mtu", "1400"])?;
+    let r_out = net.router_to_lb_out.clone();
+    net.router.ip(&["link", "set", &r_out, "mtu", "1400"])?;
+    net.start_agent(&[])?;
+    let vip4 = format!("{VIP4}:80/tcp");
+    let vip6 = format!("[{VIP6}]:80/tcp");
+    net.lb(&["vip", "add", &vip4, "--forward", "ipip"])?;
+    net.lb(&["backend", "add", &vip4, &backend4(1)])?;
+    net.lb(&["vip", "add", &vip6, "--forward", "gue"])?;
+    net.lb(&["backend", "add", &vip6, &backend6(1)])?;
+    const MB: usize = 1 << 20;
+    for vip in [VIP4, VIP6] {
+        // A 1 MB download (the answer goes straight from the backend to the client).
+        let body = request(&net, vip, get("/big"))?;
+        assert!(
+            body.len() > MB && body.ends_with('x'),
+            "{vip}: {} bytes",
+            body.len()
+        );
+        // A 1 MB upload: full-size client segments no longer fit once encapsulated; the
+        // client learns the path MTU from our ICMP and the upload completes.
+        let mut req = format!(
+            "POST /upload HTTP/1.1\r\nHost: vip\r\nContent-Length: {MB}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        req.extend(std::iter::repeat_n(b'u', MB));
+        let answer = request(&net, vip, req)?;
+        assert!(
+            answer.contains(&format!("received {MB} bytes")),
+            "{vip}: {answer}"
+        );
+    }
+    let stats = net.dir.stats()?;
+    assert!(
+        global(&stats, "icmp_too_big_sent") >= 2,
+        "{:?}",
+        stats.global
+    );
+    assert_eq!(global(&stats, "dropped_too_big"), 0, "{:?}", stats.global);
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! Encapsulation fixtures through the real program (BPF_PROG_TEST_RUN), run inside a namespace
+//! whose FIB gives known next hops: every mode and family combination with its exact output
+//! frame (outer headers built independently with etherparse, checksums included), the "too
+//! big" answers, and the FIB's failure cases.
+use std::net::IpAddr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, NetHeaders,
+    PacketHeaders, TransportHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+use lb_common::{ENCAP_GUE, ENCAP_IPIP, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port};
+use lb_tests::{
+    Netns, VethPair,
+    frames::{v4, v6},
+    world::{LB_MAC, ROUTER_MAC, SCENE, World, flow_key, ip},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+const CLIENT4: &str = "192.0.2.7";
+const CLIENT6: &str = "2001:db8:c::7";
+const VIP4: &str = "10.0.0.10";
+const VIP6: &str = "2001:db8::10";
+const SRC4: &str = "10.31.0.2";
+const SRC6: &str = "fd00:31::2";
+
+/// The namespace the program runs in: `fxa` (10.31.0.2, fd00:31::2) with a permanent
+/// neighbour for the gateway (10.31.0.1, fd00:31::1); backend subnets 10.41/24 and
+/// fd00:41::/64 behind it, 10.42/24 and fd00:42::/64 behind it with a link with an MTU of 1400,
+/// 10.44/24 behind a gateway with no neighbour entry.
+struct Fib {
+    ns: Netns,
+    _peer: Netns,
+    _veth: VethPair,
+    _small: VethPair,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+fn fib() -> anyhow::Result<Fib> {
+    let ns = Netns::new("encfx")?;
+    let peer = Netns::new("encfp")?;
+    let veth = VethPair::new(&ns, "10.31.0.2/24", &peer, "10.31.0.1/24")?;
+    let a = veth.a.clone();
+    ns.ip(&["addr", "add", "fd00:31::2/64", "dev", &a, "nodad"])?;
+    for key in [
+        "net.ipv4.conf.all.forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ] {
+        ns.sysctl(key, "1")?;
+    }
+    let gw = "02:00:00:00:0a:01";
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.31.0.1",
+        "lladdr",
+        gw,
+        "dev",
+        &a,
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "fd00:31::1",
+        "lladdr",
+        gw,
+        "dev",
+        &a,
+        "nud",
+        "permanent",
+    ])?;
+    ns.ip(&[
+        "route",
+        "add",
+        "10.41.0.0/24",
+        "via",
+        "10.31.0.1",
+        "dev",
+        &a,
+    ])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:41::/64",
+        "via",
+        "fd00:31::1",
+        "dev",
+        &a,
+    ])?;
+    // A second link with a 1400-byte MTU (the FIB's MTU check uses the device's).
+    let small = VethPair::new(&ns, "10.32.0.2/24", &peer, "10.32.0.1/24")?;
+    let c = small.a.clone();
+    ns.ip(&["link", "set", &c, "mtu", "1400"])?;
+    peer.ip(&["link", "set", &small.b, "mtu", "1400"])?;
+    ns.ip(&["addr", "add", "fd00:32::2/64", "dev", &c, "nodad"])?;
+    for (gw_ip, fam) in [("10.32.0.1", "-4"), ("fd00:32::1", "-6")] {
+        ns.ip(&[
+            fam,
+            "neigh",
+            "replace",
+            gw_ip,
+            "lladdr",
+            gw,
+            "dev",
+            &c,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "10.42.0.0/24",
+        "via",
+        "10.32.0.1",
+        "dev",
+        &c,
+    ])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:42::/64",
+        "via",
+        "fd00:32::1",
+        "dev",
+        &c,
+    ])?;
+    ns.ip(&[
+        "route",
+        "add",
+        "10.44.0.0/24",
+        "via",
+        "10.31.0.9",
+        "dev",
+        &a,
+    ])?;
+    let mac = ns.mac(&a)?;
+    let ifindex = ns
+        .run(|| lb_userspace::dataplane::if_index(&a))?
+        .expect("veth");
+    Ok(Fib {
+        ns,
+        _peer: peer,
+        _veth: veth,
+        _small: small,
+        ifindex,
+        mac,
+    })
+}
+
+fn src_of(addr: IpAddr) -> IpAddr {
+    ip(if addr.is_ipv4() { SRC4 } else { SRC6 })
+}
+
+/// Points every backend of VIP4 (ids 1-3) and VIP6 (ids 4-5) at `to` with `encap`.
+fn all_to(world: &mut World, encap: u8, to4: &str, to6: &str) -> anyhow::Result<()> {
+    for id in [1, 2, 3] {
+        world.set_backend_encap(id, ip(to4), encap, src_of(ip(to4)))?;
+    }
+    for id in [4, 5] {
+        world.set_backend_encap(id, ip(to6), encap, src_of(ip(to6)))?;
+    }
+    Ok(())
+}
+
+fn tcp4(sport: u16, payload: &[u8]) -> Vec<u8> {
+    SCENE.tcp4((v4(CLIENT4), sport), (v4(VIP4), 80), "A", payload)
+}
+
+fn tcp6(sport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    SCENE
+        .eth()
+        .ipv6(v6(CLIENT6), v6(VIP6), 64)
+        .tcp(sport, 80, 1000, 64000)
+        .ack(1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+/// The frame the program must send for `inner` (a frame from the router) to `backend`.
+fn expected(f: &Fib, inner: &[u8], key: &FlowKey, encap: u8, backend: IpAddr) -> Vec<u8> {
+    let ip_packet = &inner[14..];
+    let inner_v4 = ip_packet[0] >> 4 == 4;
+    let tos = if inner_v4 {
+        ip_packet[1]
+    } else {
+        (ip_packet[0] << 4) | (ip_packet[1] >> 4)
+    };
+    let proto = match (encap, inner_v4) {
+        (ENCAP_GUE, _) => IpNumber::UDP,
+        (_, true) => IpNumber::IPV4,
+        (_, false) => IpNumber::IPV6,
+    };
+    let udp_len = if encap == ENCAP_GUE { 8 } else { 0 };
+    let mut out = Vec::new();
+    let ether_type: u16 = if backend.is_ipv4() { 0x0800 } else { 0x86dd };
+    out.extend_from_slice(&GW_MAC);
+    out.extend_from_slice(&f.mac);
+    out.extend_from_slice(&ether_type.to_be_bytes());
+    match (backend, src_of(backend)) {
+        (IpAddr::V4(dst), IpAddr::V4(src)) => {
+            let mut h = Ipv4Header::new(
+                (ip_packet.len() + udp_len) as u16,
+                64,
+                proto,
+                src.octets(),
+                dst.octets(),
+            )
+            .expect("header");
+            h.dont_fragment = true;
+            h.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
+            h.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
+            h.header_checksum = h.calc_header_checksum();
+            h.write(&mut out).expect("write");
+        }
+        (IpAddr::V6(dst), IpAddr::V6(src)) => {
+            let h = Ipv6Header {
+                traffic_class: tos,
+                flow_label: Ipv6FlowLabel::try_new(flow_entropy(key) & 0xfffff).expect("label"),
+                payload_length: (ip_packet.len() + udp_len) as u16,
+                next_header: proto,
+                hop_limit: 64,
+                source: src.octets(),
+                destination: dst.octets(),
+            };
+            h.write(&mut out).expect("write");
+        }
+        _ => unreachable!("source and backend share a family"),
+    }
+    if encap == ENCAP_GUE {
+        let u = UdpHeader {
+            source_port: gue_source_port(key),
+            destination_port: 6080,
+            length: (ip_packet.len() + 8) as u16,
+            checksum: 0,
+        };
+        u.write(&mut out).expect("write");
+    }
+    out.extend_from_slice(ip_packet);
+    out
+}
+
+#[test]
+fn every_mode_and_family_has_exact_output_bytes() -> anyhow::Result<()> {
+    let f = fib()?;
+    let mut world = World::new()?;
+    let cases: [(&str, u8, bool, &str, &str); 6] = [
+        ("ipip v4 in v4", ENCAP_IPIP, true, "10.41.0.2", "fd00:41::2"),
+        ("gue v4 in v4", ENCAP_GUE, true, "10.41.0.2", "fd00:41::2"),
+        (
+            "ipip v6 in v6",
+            ENCAP_IPIP,
+            false,
+            "10.41.0.2",
+            "fd00:41::2",
+        ),
+        ("gue v6 in v6", ENCAP_GUE, false, "10.41.0.2", "fd00:41::2"),
+        // Mixed: the backend's family decides the outer header.
+        ("ipip v4 in v6", ENCAP_IPIP, true, "fd00:41::2", "10.41.0.2"),
+        ("gue v6 in v4", ENCAP_GUE, false, "fd00:41::2", "10.41.0.2"),
+    ];
+    f.ns.run(|| -> anyhow::Result<()> {
+        for (n, (name, encap, inner_v4, to4, to6)) in cases.into_iter().enumerate() {
+            all_to(&mut world, encap, to4, to6)?;
+            let sport = 41000 + n as u16;
+            let (frame, key, backend) = if inner_v4 {
+                let k = flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP);
+                (tcp4(sport, b"payload"), k, ip(to4))
+            } else {
+                let k = flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP);
+                (tcp6(sport, b"payload"), k, ip(to6))
+            };
+            let before = world.dp.stats.global()?.get(Stat::Forwarded).packets;
+            let (action, out) = world.run_on(&frame, f.ifindex)?;
+            assert_eq!(action, XDP_TX, "{name}");
+            let want = expected(&f, &frame, &key, encap, backend);
+            assert_eq!(out, want, "{name}: output bytes");
+            // An independent parse agrees: outer checksum valid, inner packet untouched.
+            let p = PacketHeaders::from_ethernet_slice(&out).expect("parses");
+            if let Some(NetHeaders::Ipv4(h, _)) = &p.net {
+                assert_eq!(h.header_checksum, h.calc_header_checksum(), "{name}");
+            }
+            if encap == ENCAP_GUE {
+                let Some(TransportHeader::Udp(u)) = &p.transport else {
+                    panic!("{name}: no UDP header")
+                };
+                assert!(u.source_port >= 49152, "{name}: GUE source port");
+            }
+            assert_eq!(
+                world.dp.stats.global()?.get(Stat::Forwarded).packets,
+                before + 1,
+                "{name}"
+            );
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// A 1450-byte TCP segment client -> VIP4 (DF as given).
+fn big4(sport: u16, df: bool) -> Vec<u8> {
+    let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, v4(CLIENT4), v4(VIP4)).expect("header");
+    h.dont_fragment = df;
+    let mut out = Vec::new();
+    SCENE
+        .eth()
+        .ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
+        .tcp(sport, 80, 1000, 64000)
+        .ack(1)
+        .write(&mut out, &[b'b'; 1410])
+        .expect("build");
+    out
+}
+
+#[test]
+fn too_big_answers_and_fib_failures() -> anyhow::Result<()> {
+    let f = fib()?;
+    let mut world = World::new()?;
+    f.ns.run(|| -> anyhow::Result<()> {
+        let count = |w: &World, s: Stat| w.dp.stats.global().map(|g| g.get(s).packets);
+        // IPv4 + IPIP over a 1400-byte route: "fragmentation needed", MTU 1380, quoting the
+        // first 64 bytes of the original packet, back to where it came from.
+        all_to(&mut world, ENCAP_IPIP, "10.42.0.2", "fd00:42::2")?;
+        let frame = big4(42000, true);
+        let before = count(&world, Stat::IcmpTooBig)?;
+        let (action, out) = world.run_on(&frame, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, v4(VIP4), v4(CLIENT4))?;
+        ip.dont_fragment = false;
+        let mut want = Vec::new();
+        etherparse::PacketBuilder::ethernet2(LB_MAC, ROUTER_MAC)
+            .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1380 },
+            ))
+            .write(&mut want, &frame[14..14 + 64])?;
+        assert_eq!(out, want, "ICMP fragmentation needed");
+        assert_eq!(count(&world, Stat::IcmpTooBig)?, before + 1);
+        // Without DF it cannot be answered (nor fragmented): dropped, counted.
+        let before = count(&world, Stat::DropTooBig)?;
+        let (action, _) = world.run_on(&big4(42001, false), f.ifindex)?;
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(count(&world, Stat::DropTooBig)?, before + 1);
+
+        // IPv6 + GUE (48 bytes) over the same route: "packet too big", MTU 1352.
+        all_to(&mut world, ENCAP_GUE, "10.42.0.2", "fd00:42::2")?;
+        let frame = tcp6(42002, &[b'b'; 1400]);
+        let (action, out) = world.run_on(&frame, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        let mut want = Vec::new();
+        etherparse::PacketBuilder::ethernet2(LB_MAC, ROUTER_MAC)
+            .ipv6(v6(VIP6), v6(CLIENT6), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1352 })
+            .write(&mut want, &frame[14..14 + 128])?;
+        assert_eq!(out, want, "ICMPv6 packet too big");
+
+        // No route to the backend: dropped as dropped_no_route.
+        all_to(&mut world, ENCAP_IPIP, "10.99.0.2", "fd00:99::2")?;
+        let before = count(&world, Stat::DropNoRoute)?;
+        let (action, _) = world.run_on(&tcp4(42003, b"x"), f.ifindex)?;
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(count(&world, Stat::DropNoRoute)?, before + 1);
+
+        // A next hop without a neighbour entry: encapsulated and handed to the stack (which
+        // resolves it), addressed as received.
+        all_to(&mut world, ENCAP_IPIP, "10.44.0.2", "fd00:44::2")?;
+        let frame = tcp4(42004, b"x");
+        let before = count(&world, Stat::PassNoNeighbour)?;
+        let (action, out) = world.run_on(&frame, f.ifindex)?;
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(count(&world, Stat::PassNoNeighbour)?, before + 1);
+        assert_eq!(&out[..12], &frame[..12], "MACs as received");
+        let p = PacketHeaders::from_ethernet_slice(&out)?;
+        let Some(NetHeaders::Ipv4(h, _)) = &p.net else {
+            panic!("no outer IPv4")
+        };
+        assert_eq!(
+            (h.protocol, h.destination),
+            (IpNumber::IPV4, [10, 44, 0, 2])
+        );
+        assert_eq!(&out[34..], &frame[14..], "inner packet untouched");
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// Runs the decap program once on `frame`.
+fn decap_run(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 64];
+    let res = lb_userspace::decap::program(ebpf)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
+fn decap_count(ebpf: &mut aya::Ebpf, s: lb_common::DecapStat) -> anyhow::Result<u64> {
+    let m: aya::maps::PerCpuArray<_, lb_common::Counter> = aya::maps::PerCpuArray::try_from(
+        ebpf.map_mut(lb_common::DECAP_STATS_MAP).expect("stats map"),
+    )?;
+    Ok(m.get(&(s as u32), 0)?.iter().map(|c| c.packets).sum())
+}
+
+/// The backend side: what the load balancer sends is decapsulated to exactly the client's
+/// packet; everything else passes untouched, counted by reason.
+#[test]
+fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
+    use lb_common::DecapStat as D;
+    let f = fib()?;
+    let mut ebpf = lb_userspace::decap::load(6080, None)?;
+    let local = [ip("10.41.0.2"), ip("fd00:41::2")].into_iter().collect();
+    let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();
+    lb_userspace::decap::set_addrs(&mut ebpf, &local, &vips)?;
+    let cases: [(u8, bool, &str, &str); 4] = [
+        (ENCAP_IPIP, true, "10.41.0.2", "fd00:41::2"),
+        (ENCAP_GUE, false, "10.41.0.2", "fd00:41::2"),
+        (ENCAP_GUE, true, "fd00:41::2", "10.41.0.2"),
+        (ENCAP_IPIP, false, "10.41.0.2", "fd00:41::2"),
+    ];
+    for (n, (encap, inner_v4, to4, to6)) in cases.into_iter().enumerate() {
+        let sport = 43000 + n as u16;
+        let (inner, key, backend) = if inner_v4 {
+            let k = flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP);
+            (tcp4(sport, b"payload"), k, ip(to4))
+        } else {
+            let k = flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP);
+            (tcp6(sport, b"payload"), k, ip(to6))
+        };
+        let encapsulated = expected(&f, &inner, &key, encap, backend);
+        let before = decap_count(&mut ebpf, D::Decapsulated)?;
+        let (action, out) = decap_run(&mut ebpf, &encapsulated)?;
+        assert_eq!(action, XDP_PASS);
+        // The outer frame's MACs, the inner packet's Ethernet type, the inner packet.
+        let mut want = encapsulated[..12].to_vec();
+        want.extend_from_slice(&inner[12..]);
+        assert_eq!(out, want, "case {n}: decapsulated bytes");
+        assert_eq!(decap_count(&mut ebpf, D::Decapsulated)?, before + 1);
+    }
+    // Untouched, by reason.
+    let key = flow_key(ip(CLIENT4), 44000, ip(VIP4), 80, PROTO_TCP);
+    let plain = tcp4(44000, b"x");
+    let to_other_host = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.9"));
+    let mut not_vip = plain.clone();
+    not_vip[30..34].copy_from_slice(&[10, 0, 0, 99]);
+    let not_vip_ipv4 = Ipv4Header::from_slice(&not_vip[14..])?.0;
+    let sum = not_vip_ipv4.calc_header_checksum().to_be_bytes();
+    not_vip[24..26].copy_from_slice(&sum);
+    let to_non_vip = expected(&f, &not_vip, &key, ENCAP_IPIP, ip("10.41.0.2"));
+    let mut other_udp = expected(&f, &plain, &key, ENCAP_GUE, ip("10.41.0.2"));
+    other_udp[36..38].copy_from_slice(&53u16.to_be_bytes());
+    let truncated = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"))[..40].to_vec();
+    let mut fragment = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"));
+    fragment[20] = 0x20; // more fragments
+    for (name, frame, stat) in [
+        ("plain TCP", plain, D::PassNotEncap),
+        ("tunnel to another host", to_other_host, D::PassNotLocal),
+        ("tunnel for a non-VIP", to_non_vip, D::PassNotVip),
+        ("UDP to another port", other_udp, D::PassNotEncap),
+        ("truncated inner header", truncated, D::PassMalformed),
+        ("outer fragment", fragment, D::PassFragment),
+    ] {
+        let before = decap_count(&mut ebpf, stat)?;
+        let (action, out) = decap_run(&mut ebpf, &frame)?;
+        assert_eq!((action, &out), (XDP_PASS, &frame), "{name}: untouched");
+        assert_eq!(decap_count(&mut ebpf, stat)?, before + 1, "{name}");
+    }
+    Ok(())
+}
