@@ -108,6 +108,31 @@ pub const fn csum_fold(mut sum: u64) -> u16 {
     !(sum as u16)
 }
 
+/// Per-CPU next-hop cache of the XDP program (`LB_NEXTHOPS`, indexed by backend id, not
+/// pinned): a FIB lookup with its neighbour costs more than the rest of an encapsulated
+/// packet's path, so its answer is reused for up to a second per CPU.
+pub const NEXTHOPS_MAP: &str = "LB_NEXTHOPS";
+/// Seconds a cached next hop is used before the FIB is asked again.
+pub const NEXTHOP_TTL_S: u32 = 1;
+
+/// Value of [`NEXTHOPS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopCache {
+    pub ifindex: u32,
+    /// Largest outer IP length the FIB accepted (packets up to it need no MTU check).
+    pub ok_len: u16,
+    /// The path MTU the FIB reported for longer packets (0: none reported).
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The backend entry's generation the answer was for (a recycled id never reuses it).
+    pub generation: u32,
+    /// Coarse seconds of the lookup; 0: empty.
+    pub stamp_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHopCache>() == 28);
+
 // ---------------------------------------------------------------------------------------------
 // Health checks through the tunnel.
 

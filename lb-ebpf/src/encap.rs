@@ -4,8 +4,12 @@
 //!
 //! The order matters: nothing is written before the FIB has accepted the packet, so every
 //! drop or ICMP reply sees the original frame.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, Stat};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, NEXTHOP_TTL_S, NextHopCache, Stat};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -14,22 +18,27 @@ use network_types::{
 
 use crate::{
     Verdict,
-    fib::{self, Fib},
+    fib::{self, Fib, NextHop},
     icmp,
-    maps::{LB_TX_PORTS, config},
+    maps::{LB_NEXTHOPS, LB_TX_PORTS, config},
     outer,
     parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
 };
 
 /// Encapsulates `pkt` to `b` and sends it.
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, pkt: &Parsed, b: &Backend) -> Result<Verdict, Verdict> {
+pub fn encapsulate(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    id: u32,
+    b: &Backend,
+) -> Result<Verdict, Verdict> {
     let cfg = config();
     let ingress = ctx.ingress_ifindex() as u32;
     let inner_v4 = pkt.key.family == FAMILY_V4;
     let plan = outer::plan(&cfg, b, &pkt.key, inner_v4, pkt.ip.len, pkt.ip.tos, ingress)
         .ok_or(Verdict::Drop(Stat::DropTooBig))?;
-    let hop = match fib::lookup(ctx.ctx as *mut _, &plan.outer, 0) {
+    let hop = match next_hop(ctx, id, b, &plan) {
         Fib::Hop(h) => Some(h),
         Fib::NoNeighbour => None,
         Fib::TooBig(mtu) => {
@@ -66,6 +75,68 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Parsed, b: &Backend) -> Result<Verdic
             .map(Verdict::Forward)
             .map_err(|_| Verdict::Drop(Stat::DropTxError)),
     }
+}
+
+/// The FIB's answer for `plan`, from this CPU's cache when it is fresh, for the same backend
+/// generation and interface, and known to fit (or known not to); else asked and cached. A
+/// route or neighbour change is seen within `NEXTHOP_TTL_S`.
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, plan: &outer::Plan) -> Fib {
+    let len = plan.outer.len;
+    let Some(c) = LB_NEXTHOPS.get_ptr_mut(id) else {
+        return fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+    let cached = unsafe { *c };
+    let now = now_s();
+    if cached.stamp_s != 0
+        && now.wrapping_sub(cached.stamp_s) < NEXTHOP_TTL_S
+        && cached.generation == b.generation
+    {
+        if len <= cached.ok_len {
+            return Fib::Hop(NextHop {
+                ifindex: cached.ifindex,
+                smac: cached.smac,
+                dmac: cached.dmac,
+            });
+        }
+        if cached.mtu != 0 && len > cached.mtu {
+            return Fib::TooBig(u32::from(cached.mtu));
+        }
+    }
+    let answer = fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
+    let fresh = cached.stamp_s != 0
+        && now.wrapping_sub(cached.stamp_s) < NEXTHOP_TTL_S
+        && cached.generation == b.generation;
+    let mut next = if fresh {
+        cached
+    } else {
+        NextHopCache {
+            generation: b.generation,
+            stamp_s: now.max(1),
+            ..NextHopCache::default()
+        }
+    };
+    match &answer {
+        Fib::Hop(h) => {
+            next.ifindex = h.ifindex;
+            next.smac = h.smac;
+            next.dmac = h.dmac;
+            next.ok_len = next.ok_len.max(len);
+        }
+        Fib::TooBig(mtu) => next.mtu = (*mtu).min(0xffff) as u16,
+        // Not cached: asked again next time.
+        _ => return answer,
+    }
+    // SAFETY: as above.
+    unsafe { *c = next };
+    answer
+}
+
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 #[inline(always)]

@@ -83,7 +83,7 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, &picked.backend)
     } else {
-        encap::encapsulate(ctx, &pkt, &picked.backend)
+        encap::encapsulate(ctx, &pkt, picked.id, &picked.backend)
     }
 }
 

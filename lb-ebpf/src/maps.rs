@@ -2,11 +2,11 @@
 //! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, VIP_F_PRESENT,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, VIP_F_PRESENT,
     VIP_FILTER_WORDS, VipInfo, VipKey, vip_filter_bit,
 };
 
@@ -48,6 +48,12 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map(name = "LB_FLOWS_NEW")]
 pub static LB_FLOWS_NEW: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
+
+/// Next hops per backend id, per CPU, for `NEXTHOP_TTL_S` (see `encap`). Sized like
+/// `LB_BACKENDS` by the agent; never pinned (a cache).
+#[map(name = "LB_NEXTHOPS")]
+pub static LB_NEXTHOPS: PerCpuArray<NextHopCache> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

@@ -276,3 +276,138 @@ impl Drop for Routed {
         self.procs.clear();
     }
 }
+
+/// MAC of the gateway in [`FibNs`].
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+
+/// The namespace the program runs in: `fxa` (10.31.0.2, fd00:31::2) with a permanent
+/// neighbour for the gateway (10.31.0.1, fd00:31::1); backend subnets 10.41/24 and
+/// fd00:41::/64 behind it, 10.42/24 and fd00:42::/64 behind it with a link with an MTU of 1400,
+/// 10.44/24 behind a gateway with no neighbour entry.
+pub struct FibNs {
+    pub ns: Netns,
+    _peer: Netns,
+    _veth: VethPair,
+    _small: VethPair,
+    /// The program's receiving (and, unless the MTU is small, sending) interface.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+impl FibNs {
+    pub fn new() -> anyhow::Result<Self> {
+        let ns = Netns::new("encfx")?;
+        let peer = Netns::new("encfp")?;
+        let veth = VethPair::new(&ns, "10.31.0.2/24", &peer, "10.31.0.1/24")?;
+        let a = veth.a.clone();
+        ns.ip(&["addr", "add", "fd00:31::2/64", "dev", &a, "nodad"])?;
+        for key in [
+            "net.ipv4.conf.all.forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ] {
+            ns.sysctl(key, "1")?;
+        }
+        let gw = "02:00:00:00:0a:01";
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.31.0.1",
+            "lladdr",
+            gw,
+            "dev",
+            &a,
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "fd00:31::1",
+            "lladdr",
+            gw,
+            "dev",
+            &a,
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "10.41.0.0/24",
+            "via",
+            "10.31.0.1",
+            "dev",
+            &a,
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:41::/64",
+            "via",
+            "fd00:31::1",
+            "dev",
+            &a,
+        ])?;
+        // A second link with a 1400-byte MTU (the FIB's MTU check uses the device's).
+        let small = VethPair::new(&ns, "10.32.0.2/24", &peer, "10.32.0.1/24")?;
+        let c = small.a.clone();
+        ns.ip(&["link", "set", &c, "mtu", "1400"])?;
+        peer.ip(&["link", "set", &small.b, "mtu", "1400"])?;
+        ns.ip(&["addr", "add", "fd00:32::2/64", "dev", &c, "nodad"])?;
+        for (gw_ip, fam) in [("10.32.0.1", "-4"), ("fd00:32::1", "-6")] {
+            ns.ip(&[
+                fam,
+                "neigh",
+                "replace",
+                gw_ip,
+                "lladdr",
+                gw,
+                "dev",
+                &c,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        ns.ip(&[
+            "route",
+            "add",
+            "10.42.0.0/24",
+            "via",
+            "10.32.0.1",
+            "dev",
+            &c,
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:42::/64",
+            "via",
+            "fd00:32::1",
+            "dev",
+            &c,
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "10.44.0.0/24",
+            "via",
+            "10.31.0.9",
+            "dev",
+            &a,
+        ])?;
+        let mac = ns.mac(&a)?;
+        let ifindex = ns
+            .run(|| lb_userspace::dataplane::if_index(&a))?
+            .expect("veth");
+        Ok(FibNs {
+            ns,
+            _peer: peer,
+            _veth: veth,
+            _small: small,
+            ifindex,
+            mac,
+        })
+    }
+}

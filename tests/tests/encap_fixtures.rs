@@ -11,150 +11,21 @@ use etherparse::{
 };
 use lb_common::{ENCAP_GUE, ENCAP_IPIP, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port};
 use lb_tests::{
-    Netns, VethPair,
     frames::{v4, v6},
+    routed::{FibNs, GW_MAC},
     world::{LB_MAC, ROUTER_MAC, SCENE, World, flow_key, ip},
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+
 const CLIENT4: &str = "192.0.2.7";
 const CLIENT6: &str = "2001:db8:c::7";
 const VIP4: &str = "10.0.0.10";
 const VIP6: &str = "2001:db8::10";
 const SRC4: &str = "10.31.0.2";
 const SRC6: &str = "fd00:31::2";
-
-/// The namespace the program runs in: `fxa` (10.31.0.2, fd00:31::2) with a permanent
-/// neighbour for the gateway (10.31.0.1, fd00:31::1); backend subnets 10.41/24 and
-/// fd00:41::/64 behind it, 10.42/24 and fd00:42::/64 behind it with a link with an MTU of 1400,
-/// 10.44/24 behind a gateway with no neighbour entry.
-struct Fib {
-    ns: Netns,
-    _peer: Netns,
-    _veth: VethPair,
-    _small: VethPair,
-    ifindex: u32,
-    mac: [u8; 6],
-}
-
-fn fib() -> anyhow::Result<Fib> {
-    let ns = Netns::new("encfx")?;
-    let peer = Netns::new("encfp")?;
-    let veth = VethPair::new(&ns, "10.31.0.2/24", &peer, "10.31.0.1/24")?;
-    let a = veth.a.clone();
-    ns.ip(&["addr", "add", "fd00:31::2/64", "dev", &a, "nodad"])?;
-    for key in [
-        "net.ipv4.conf.all.forwarding",
-        "net.ipv6.conf.all.forwarding",
-    ] {
-        ns.sysctl(key, "1")?;
-    }
-    let gw = "02:00:00:00:0a:01";
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "10.31.0.1",
-        "lladdr",
-        gw,
-        "dev",
-        &a,
-        "nud",
-        "permanent",
-    ])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "fd00:31::1",
-        "lladdr",
-        gw,
-        "dev",
-        &a,
-        "nud",
-        "permanent",
-    ])?;
-    ns.ip(&[
-        "route",
-        "add",
-        "10.41.0.0/24",
-        "via",
-        "10.31.0.1",
-        "dev",
-        &a,
-    ])?;
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "fd00:41::/64",
-        "via",
-        "fd00:31::1",
-        "dev",
-        &a,
-    ])?;
-    // A second link with a 1400-byte MTU (the FIB's MTU check uses the device's).
-    let small = VethPair::new(&ns, "10.32.0.2/24", &peer, "10.32.0.1/24")?;
-    let c = small.a.clone();
-    ns.ip(&["link", "set", &c, "mtu", "1400"])?;
-    peer.ip(&["link", "set", &small.b, "mtu", "1400"])?;
-    ns.ip(&["addr", "add", "fd00:32::2/64", "dev", &c, "nodad"])?;
-    for (gw_ip, fam) in [("10.32.0.1", "-4"), ("fd00:32::1", "-6")] {
-        ns.ip(&[
-            fam,
-            "neigh",
-            "replace",
-            gw_ip,
-            "lladdr",
-            gw,
-            "dev",
-            &c,
-            "nud",
-            "permanent",
-        ])?;
-    }
-    ns.ip(&[
-        "route",
-        "add",
-        "10.42.0.0/24",
-        "via",
-        "10.32.0.1",
-        "dev",
-        &c,
-    ])?;
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "fd00:42::/64",
-        "via",
-        "fd00:32::1",
-        "dev",
-        &c,
-    ])?;
-    ns.ip(&[
-        "route",
-        "add",
-        "10.44.0.0/24",
-        "via",
-        "10.31.0.9",
-        "dev",
-        &a,
-    ])?;
-    let mac = ns.mac(&a)?;
-    let ifindex = ns
-        .run(|| lb_userspace::dataplane::if_index(&a))?
-        .expect("veth");
-    Ok(Fib {
-        ns,
-        _peer: peer,
-        _veth: veth,
-        _small: small,
-        ifindex,
-        mac,
-    })
-}
 
 fn src_of(addr: IpAddr) -> IpAddr {
     ip(if addr.is_ipv4() { SRC4 } else { SRC6 })
@@ -188,7 +59,7 @@ fn tcp6(sport: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The frame the program must send for `inner` (a frame from the router) to `backend`.
-fn expected(f: &Fib, inner: &[u8], key: &FlowKey, encap: u8, backend: IpAddr) -> Vec<u8> {
+fn expected(f: &FibNs, inner: &[u8], key: &FlowKey, encap: u8, backend: IpAddr) -> Vec<u8> {
     let ip_packet = &inner[14..];
     let inner_v4 = ip_packet[0] >> 4 == 4;
     let tos = if inner_v4 {
@@ -252,7 +123,7 @@ fn expected(f: &Fib, inner: &[u8], key: &FlowKey, encap: u8, backend: IpAddr) ->
 
 #[test]
 fn every_mode_and_family_has_exact_output_bytes() -> anyhow::Result<()> {
-    let f = fib()?;
+    let f = FibNs::new()?;
     let mut world = World::new()?;
     let cases: [(&str, u8, bool, &str, &str); 6] = [
         ("ipip v4 in v4", ENCAP_IPIP, true, "10.41.0.2", "fd00:41::2"),
@@ -324,7 +195,7 @@ fn big4(sport: u16, df: bool) -> Vec<u8> {
 
 #[test]
 fn too_big_answers_and_fib_failures() -> anyhow::Result<()> {
-    let f = fib()?;
+    let f = FibNs::new()?;
     let mut world = World::new()?;
     f.ns.run(|| -> anyhow::Result<()> {
         let count = |w: &World, s: Stat| w.dp.stats.global().map(|g| g.get(s).packets);
@@ -418,7 +289,7 @@ fn decap_count(ebpf: &mut aya::Ebpf, s: lb_common::DecapStat) -> anyhow::Result<
 #[test]
 fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
     use lb_common::DecapStat as D;
-    let f = fib()?;
+    let f = FibNs::new()?;
     let mut ebpf = lb_userspace::decap::load(6080, None)?;
     let local = [ip("10.41.0.2"), ip("fd00:41::2")].into_iter().collect();
     let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();

@@ -30,6 +30,10 @@ enum Task {
         /// Keep the network up until Ctrl-C and print commands to explore it.
         #[arg(long)]
         keep: bool,
+        /// `l2` (default): one segment, direct server return. `ipip` or `gue`: the routed
+        /// scene, backends behind a router running `lb decap`.
+        #[arg(long, default_value = "l2")]
+        mode: String,
     },
     /// Build everything and run every test, privileged ones included.
     Test,
@@ -43,7 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup { build_only } => setup::run(build_only),
-        Task::Demo { keep } => setup::run(false).and_then(|()| demo(keep)),
+        Task::Demo { keep, mode } => setup::run(false).and_then(|()| demo(keep, &mode)),
         Task::Test => setup::run(false).and_then(|()| test()),
         Task::Bench => setup::run(false).and_then(|()| bench()),
         Task::Man => man(),
@@ -138,8 +142,12 @@ fn run_tests_bin(bin: &str, args: &[&str]) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
-fn demo(keep: bool) -> anyhow::Result<()> {
-    run_tests_bin("lb-demo", if keep { &["--keep"] } else { &[] })
+fn demo(keep: bool, mode: &str) -> anyhow::Result<()> {
+    let mut args = vec!["--mode", mode];
+    if keep {
+        args.push("--keep");
+    }
+    run_tests_bin("lb-demo", &args)
 }
 
 fn bench() -> anyhow::Result<()> {

@@ -197,6 +197,7 @@ impl Dataplane {
             .map_max_entries(FLOWS_NEW_MAP, opts.probation_entries())
             .map_max_entries(VIP_STATS_MAP, opts.max_vips)
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
+            .map_max_entries(lb_common::NEXTHOPS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM] {

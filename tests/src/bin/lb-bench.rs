@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::{ENCAP_GUE, ENCAP_IPIP};
 use lb_tests::{
     AgentDir, Netns, VethPair,
+    routed::FibNs,
     world::{SCENE, World},
 };
 use lb_userspace::maglev::{self, MaglevBackend};
@@ -231,6 +233,86 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex` (the calling
+/// thread's namespace).
+fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; frame.len() + 256];
+    for _ in 0..n {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        total += r.duration;
+    }
+    Ok(total.as_nanos() as f64 / f64::from(n))
+}
+
+/// Encapsulating modes and the backends' decap program. Both change the frame's shape, so
+/// they are measured with single runs (a repeated run would feed each pass its own output)
+/// against the floor measured the same way, in a namespace whose FIB knows the next hop.
+fn encap_rows() -> anyhow::Result<Vec<Row>> {
+    const N: u32 = 100_000;
+    let fib = FibNs::new()?;
+    let mut world = World::new()?;
+    let mut decap = lb_userspace::decap::load(lb_common::DEFAULT_GUE_PORT, None)?;
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("literal") };
+    let local = [ip("10.41.0.2")].into_iter().collect();
+    let vips = [ip("10.0.0.10")].into_iter().collect();
+    lb_userspace::decap::set_addrs(&mut decap, &local, &vips)?;
+    fib.ns.run(|| -> anyhow::Result<Vec<Row>> {
+        let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+        let floor = ns_single_on(world.dp.pass_program()?, N, &frame, fib.ifindex)?;
+        let mut rows = vec![row(
+            format!("XDP_PASS floor ({N} single runs, encapsulation namespace)"),
+            floor,
+            floor,
+            None,
+        )];
+        let l2 = ns_single_on(world.dp.lb_program()?, N, &frame, fib.ifindex)?;
+        rows.push(row(
+            "established TCP flow, l2 (same single runs)".into(),
+            l2,
+            floor,
+            None,
+        ));
+        for (name, encap) in [("ipip", ENCAP_IPIP), ("gue", ENCAP_GUE)] {
+            for id in [1, 2, 3] {
+                world.set_backend_encap(id, ip("10.41.0.2"), encap, ip("10.31.0.2"))?;
+            }
+            // Established first (probation, then the table), as in the l2 row.
+            let (_, encapsulated) = world.run_on(&frame, fib.ifindex)?;
+            world.run_on(&frame, fib.ifindex)?;
+            let ns = ns_single_on(world.dp.lb_program()?, N, &frame, fib.ifindex)?;
+            rows.push(row(
+                format!("established TCP flow, {name} (FIB lookup + outer header)"),
+                ns,
+                floor,
+                Some(2.5),
+            ));
+            let d = ns_single_on(
+                lb_userspace::decap::program(&mut decap)?,
+                N,
+                &encapsulated,
+                fib.ifindex,
+            )?;
+            rows.push(row(
+                format!("backend decap program, {name} packet"),
+                d,
+                floor,
+                Some(1.5),
+            ));
+        }
+        Ok(rows)
+    })?
+}
+
 fn print_rows(rows: &[Row]) {
     println!("| case | ns/packet | x floor | target |");
     println!("| --- | ---: | ---: | --- |");
@@ -378,8 +460,14 @@ fn control_plane_rows() -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     println!("## Data plane (BPF_PROG_TEST_RUN, freshly loaded program, one process)\n");
+    // BENCH_ONLY=encap: just the encapsulation rows (quick iteration on that path).
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "encap") {
+        print_rows(&encap_rows()?);
+        return Ok(());
+    }
     let mut rows = packet_rows(false, true)?;
     rows.extend(packet_rows(true, false)?);
+    rows.extend(encap_rows()?);
     print_rows(&rows);
     println!();
     println!("New flows need a distinct flow per pass. The harness rows run a program that calls");

@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use lb_tests::{
     lb_binary,
-    topo::{DemoNet, PORT, VIP, backend_ip},
+    routed::{CLIENT4, Routed, VIP4, backend4},
+    topo::{DemoNet, PORT, VIP, backend_index, backend_ip},
 };
 
 const REQUESTS: usize = 300;
@@ -29,13 +30,151 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let keep = std::env::args().any(|a| a == "--keep");
+    let args: Vec<String> = std::env::args().collect();
+    let keep = args.iter().any(|a| a == "--keep");
+    let mode = args
+        .iter()
+        .position(|a| a == "--mode")
+        .and_then(|i| args.get(i + 1))
+        .map_or("l2", String::as_str);
+    match mode {
+        "l2" => l2_demo(keep),
+        "ipip" | "gue" => routed_demo(mode, keep),
+        other => bail!("unknown demo mode `{other}`: use l2, ipip or gue"),
+    }
+}
+
+/// Ctrl-C sets the flag; `check` turns it into an error that tears the network down.
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing the Ctrl-C handler")?;
     }
+    Ok(stop)
+}
+
+/// The routed scene: client and backends in other subnets than the load balancer, packets
+/// encapsulated (`ipip` or `gue`) to backends that run `lb decap`; backend 3 has no decap
+/// program, and the health checks through the tunnel take it out.
+fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
+    let stop = interrupt_flag()?;
+    let check = || -> anyhow::Result<()> {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted: tearing the demo network down");
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    println!("demo: building the routed network (client, router, load balancer, 3 backends)");
+    let mut net = Routed::new("demo")?;
+    for i in 1..=3 {
+        net.start_sample(i)?;
+    }
+    for i in [1, 2] {
+        println!("demo: backend {i}: $ {}", net.decap(i, &[])?.trim());
+    }
+    println!("demo: backend 3: no decap program (it should be reported down)");
+    net.start_agent(&[])?;
+    check()?;
+    let vip = format!("{VIP4}:80/tcp");
+    net.lb(&[
+        "vip",
+        "add",
+        &vip,
+        "--forward",
+        mode,
+        "--health",
+        "http",
+        "--interval-ms",
+        "300",
+        "--timeout-ms",
+        "200",
+        "--rise",
+        "1",
+    ])?;
+    for i in 1..=3 {
+        net.lb(&["backend", "add", &vip, &backend4(i)])?;
+    }
+    println!(
+        "demo: $ lb vip add {vip} --forward {mode} --health http; lb backend add {vip} 10.4{{1,2,3}}.0.2"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        check()?;
+        let list = net.lb(&["backend", "list", &vip])?;
+        if list.matches("serving").count() == 2 && list.contains("down") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    print!("{}", net.lb(&["backend", "list", &vip])?);
+    let t = Instant::now();
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut failed = 0;
+    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
+    for _ in 0..REQUESTS {
+        check()?;
+        let answer = net.client.run(|| -> anyhow::Result<usize> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            backend_index(&out)
+        })?;
+        match answer {
+            Ok(i) => *counts.entry(i).or_default() += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    println!(
+        "\ndemo: {REQUESTS} HTTP requests from the client ({CLIENT4}) to {vip} over {mode}, a new connection each ({:.1} s):",
+        t.elapsed().as_secs_f64()
+    );
+    for (i, n) in &counts {
+        println!(
+            "  backend {i} ({}): {n:>4} answers  {:>5.1}%  {}",
+            backend4(*i),
+            100.0 * *n as f64 / REQUESTS as f64,
+            "#".repeat(n / 5)
+        );
+    }
+    println!("  failed: {failed}");
+    println!("\ndemo: agent counters ($ lb stats)");
+    print!("{}", net.lb(&["stats"])?);
+    println!("\ndemo: backend 1's decap counters ($ lb decap --iface bk1 --stats)");
+    print!("{}", net.decap(1, &["--stats"])?);
+    if keep {
+        println!("\ndemo: the network stays up until Ctrl-C. Explore it:");
+        println!(
+            "  ip netns exec {} curl -s http://{VIP4}/",
+            net.client.name()
+        );
+        println!(
+            "  {} --socket {} trace {CLIENT4}:40000 {vip}",
+            lb_binary()?.display(),
+            net.dir.socket().display()
+        );
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!(
+        "\ndemo: removing the network ({:.1} s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} of {REQUESTS} requests failed");
+    }
+    Ok(())
+}
+
+/// The default scene: one segment, L2 direct server return.
+fn l2_demo(keep: bool) -> anyhow::Result<()> {
+    let stop = interrupt_flag()?;
     let check = || -> anyhow::Result<()> {
         if stop.load(Ordering::SeqCst) {
             bail!("interrupted: tearing the demo network down");
