@@ -151,21 +151,18 @@ pub enum HcStat {
     NoBackend = 1,
     /// The packet could not be rewritten: dropped.
     Failed = 2,
-    /// The FIB has no usable route to the backend (or the probe is too big for it): dropped.
+    /// The FIB has no usable route to the backend: dropped. (An unresolved next hop is no
+    /// failure: `bpf_redirect_neigh` resolves it.)
     NoRoute = 3,
-    /// The route's next hop has no neighbour entry yet: dropped (the probe retransmits; the
-    /// agent keeps its backends' next hops resolved).
-    NoNeighbour = 4,
 }
 
 impl HcStat {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 4;
     pub const ALL: [HcStat; HcStat::COUNT as usize] = [
         HcStat::Encapsulated,
         HcStat::NoBackend,
         HcStat::Failed,
         HcStat::NoRoute,
-        HcStat::NoNeighbour,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -173,7 +170,6 @@ impl HcStat {
             HcStat::NoBackend => "hc_no_backend",
             HcStat::Failed => "hc_failed",
             HcStat::NoRoute => "hc_no_route",
-            HcStat::NoNeighbour => "hc_no_neighbour",
         }
     }
 }

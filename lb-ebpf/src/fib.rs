@@ -48,9 +48,37 @@ pub struct Outer {
     pub ifindex: u32,
 }
 
-/// Looks the outer packet up. `ctx` is the program's context (XDP or skb).
+/// Route part of a lookup without the neighbour: the egress interface and the next hop's
+/// address (the gateway, or the destination itself on a connected route), for
+/// `bpf_redirect_neigh` (tc), which resolves the neighbour itself.
 #[inline(always)]
-pub fn lookup(ctx: *mut c_void, o: &Outer, flags: u32) -> Fib {
+pub fn route(ctx: *mut c_void, o: &Outer) -> Option<(u32, [u32; 4])> {
+    let mut p = params(o);
+    // SAFETY: `p` is a valid, writable params struct of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    } as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return None;
+    }
+    // SAFETY: the kernel wrote the next hop into the destination field of the family asked.
+    let nh = if o.family == FAMILY_V4 {
+        [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
+    } else {
+        unsafe { p.__bindgen_anon_4.ipv6_dst }
+    };
+    Some((p.ifindex, nh))
+}
+
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 4;
+
+#[inline(always)]
+fn params(o: &Outer) -> FibParams {
     // SAFETY: plain-data C struct, all-zero is a valid value.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.l4_protocol = o.proto;
@@ -68,6 +96,13 @@ pub fn lookup(ctx: *mut c_void, o: &Outer, flags: u32) -> Fib {
         p.__bindgen_anon_3.ipv6_src = o.src;
         p.__bindgen_anon_4.ipv6_dst = o.dst;
     }
+    p
+}
+
+/// Looks the outer packet up. `ctx` is the program's context (XDP or skb).
+#[inline(always)]
+pub fn lookup(ctx: *mut c_void, o: &Outer, flags: u32) -> Fib {
+    let mut p = params(o);
     // SAFETY: `p` is a valid, writable params struct of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, flags) }
         as u32;

@@ -12,7 +12,8 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_redirect,
+    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    helpers::bpf_redirect_neigh,
     macros::{classifier, map},
     maps::PerCpuArray,
     programs::TcContext,
@@ -24,11 +25,14 @@ use lb_common::{
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
-    fib::{self, Fib},
+    fib,
     maps::{LB_BACKENDS, config},
     outer,
     parse::{ETH_P_IP, ETH_P_IPV6},
 };
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[map(name = "LB_HC_STATS")]
 static LB_HC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HcStat::COUNT, 0);
@@ -83,13 +87,11 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let plan = outer::plan(&cfg, &b, &key, inner_v4, inner_len, tos, ifindex).ok_or(FAILED)?;
     // Looked up as if received on the probe's egress interface, like a client's packet (an
-    // output lookup would pin the route to that interface). No neighbour: the probe fails
-    // this time (TCP retransmits; the agent keeps its backends' next hops resolved).
-    let hop = match fib::lookup(ctx.skb.skb as *mut _, &plan.outer, 0) {
-        Fib::Hop(h) => h,
-        Fib::NoNeighbour => return Err((HcStat::NoNeighbour, TC_ACT_SHOT)),
-        _ => return Err((HcStat::NoRoute, TC_ACT_SHOT)),
-    };
+    // output lookup would pin the route to that interface); the neighbour is left to
+    // `bpf_redirect_neigh`, which resolves it if needed (a probe never fails for an
+    // unresolved next hop).
+    let (ifindex, nh) =
+        fib::route(ctx.skb.skb as *mut _, &plan.outer).ok_or((HcStat::NoRoute, TC_ACT_SHOT))?;
     let outer_v4 = b.family == FAMILY_V4;
     let mut flags = if outer_v4 {
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
@@ -101,9 +103,10 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
     }
     ctx.adjust_room(plan.overhead as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| FAILED)?;
+    // The MACs are filled in by `bpf_redirect_neigh`.
     let eth = EthHdr {
-        dst_addr: hop.dmac,
-        src_addr: hop.smac,
+        dst_addr: [0; 6],
+        src_addr: [0; 6],
         ether_type: if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 },
     };
     ctx.store(0, &eth, 0).map_err(|_| FAILED)?;
@@ -120,8 +123,25 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
         ctx.store(EthHdr::LEN + ip_len, &outer::udp(&plan.outer), 0)
             .map_err(|_| FAILED)?;
     }
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
+    let mut to = bpf_redir_neigh {
+        nh_family: if outer_v4 { AF_INET } else { AF_INET6 },
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
+    };
+    if outer_v4 {
+        to.__bindgen_anon_1.ipv4_nh = nh[0];
+    } else {
+        to.__bindgen_anon_1.ipv6_nh = nh;
+    }
+    // SAFETY: `to` is a valid params struct of the size passed.
+    let rc = unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut to,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    Ok(rc as i32)
 }
 
 /// The probe's own 5-tuple (for the flow's entropy) and TOS, read from the skb.

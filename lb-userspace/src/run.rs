@@ -84,23 +84,38 @@ fn forwarding_off(iface: &str) -> Vec<String> {
 /// makes the kernel resolve the route's next hop, so the program's FIB lookup finds a MAC).
 async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
     let mut warned = false;
+    let mut known = std::collections::BTreeSet::new();
+    let mut tick: u64 = 0;
     loop {
-        let ports_changed = tokio::task::spawn_blocking(move || {
-            let n = ports.sync();
-            (ports, n)
-        })
-        .await;
-        match ports_changed {
-            Ok((p, _)) => ports = p,
-            Err(e) => {
-                log::warn!("egress device map upkeep stopped: {e}");
-                return;
-            }
-        }
+        tick += 1;
+        // New backends are resolved within a second; all of them every five.
         let routed = agent.core().routed_backends();
-        if !routed.is_empty() && !warned {
-            let off = forwarding_off(&iface);
-            if !off.is_empty() {
+        for addr in routed
+            .iter()
+            .filter(|a| tick % 5 == 0 || !known.contains(*a))
+        {
+            crate::agent::neigh::solicit(*addr).await;
+        }
+        known = routed;
+        // The device map and the sysctl check: at once, then every five seconds.
+        if tick % 5 == 1 {
+            let name = iface.clone();
+            let synced = tokio::task::spawn_blocking(move || {
+                ports.sync();
+                (ports, forwarding_off(&name))
+            })
+            .await;
+            let off = match synced {
+                Ok((p, off)) => {
+                    ports = p;
+                    off
+                }
+                Err(e) => {
+                    log::warn!("egress device map upkeep stopped: {e}");
+                    return;
+                }
+            };
+            if !known.is_empty() && !warned && !off.is_empty() {
                 let what = format!(
                     "encapsulating VIPs need forwarding on {iface}: set {} = 1 (packets are dropped as dropped_forwarding_disabled meanwhile)",
                     off.join(" and ")
@@ -110,10 +125,7 @@ async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
                 warned = true;
             }
         }
-        for addr in routed {
-            crate::agent::neigh::solicit(addr).await;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
