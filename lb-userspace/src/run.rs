@@ -92,7 +92,7 @@ async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
         let routed = agent.core().routed_backends();
         for addr in routed
             .iter()
-            .filter(|a| tick % 5 == 0 || !known.contains(*a))
+            .filter(|a| tick.is_multiple_of(5) || !known.contains(*a))
         {
             crate::agent::neigh::solicit(*addr).await;
         }
