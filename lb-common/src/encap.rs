@@ -277,6 +277,40 @@ mod tests {
     }
 
     #[test]
+    fn ipip_sources_come_from_the_prefix_per_flow() {
+        let mut cfg = LbConfig::DEFAULT;
+        let b = Backend {
+            encap: ENCAP_IPIP,
+            family: FAMILY_V4,
+            outer_src: [u32::from_ne_bytes([10, 31, 0, 2]), 0, 0, 0],
+            ..Backend::default()
+        };
+        let key = |sport: u16| FlowKey {
+            src: [u32::from_ne_bytes([192, 0, 2, 7]), 0, 0, 0],
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            ..FlowKey::default()
+        };
+        // No prefix: the backend's source.
+        assert_eq!(outer_source(&cfg, &b, &key(1)), b.outer_src);
+        cfg.ipip_src_prefix4 = u32::from_ne_bytes([172, 31, 0, 0]);
+        let mut seen = [false; 16];
+        for sport in 1000..1100 {
+            let s = outer_source(&cfg, &b, &key(sport))[0].to_ne_bytes();
+            assert_eq!(&s[..2], &[172, 31]);
+            assert_ne!(s[3], 0, "never the network address");
+            seen[(s[2] & 15) as usize] = true;
+        }
+        assert!(seen.iter().filter(|x| **x).count() > 10);
+        // GUE keeps the backend's source (its entropy is the UDP port).
+        let gue = Backend {
+            encap: ENCAP_GUE,
+            ..b
+        };
+        assert_eq!(outer_source(&cfg, &gue, &key(1)), b.outer_src);
+    }
+
+    #[test]
     fn gue_ports_are_ephemeral_and_spread() {
         let mut seen = [false; 64];
         for sport in 1000..1400u16 {

@@ -393,3 +393,61 @@ fn random_operations_with_failures_keep_state_file_and_kernel_in_agreement() {
     }
     assert!(failures > 100, "too few failures exercised: {failures}");
 }
+
+#[test]
+fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    let run = |c: Command| w.agent.execute(&c);
+    run(Command::AddVip {
+        udp_idle_s: 30,
+        forward: crate::model::Forward::Gue,
+        vip: vip(0),
+        source_hash: false,
+        health: None,
+    })
+    .unwrap();
+    // No MAC, no neighbour: an encapsulated backend serves at once and is not `no-mac`.
+    let added = run(Command::AddBackend {
+        vip: vip(0),
+        address: addr(0),
+        weight: 100,
+        mac: None,
+    })
+    .unwrap();
+    assert!(added.no_mac.is_empty());
+    assert_eq!(
+        w.agent.core().list()[0].backends[0].serving,
+        Serving::Serving
+    );
+    assert!(w.agent.core().wanted_macs().is_empty());
+    assert_eq!(w.agent.core().routed_backends(), BTreeSet::from([addr(0)]));
+    {
+        let k = w.kernel.lock().unwrap();
+        let b = k.actual.backends.values().next().unwrap();
+        assert_eq!(b.encap, lb_common::ENCAP_GUE);
+    }
+    // A MAC makes no sense for it: refused, nothing changes.
+    let e = run(Command::AddBackend {
+        vip: vip(0),
+        address: addr(1),
+        weight: 100,
+        mac: Some(mac(1)),
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert!(e.to_string().contains("only applies to l2"), "{e}");
+    // The fake load balancer has no IPv6 address: an IPv6 backend is refused with the fix.
+    let e = run(Command::AddBackend {
+        vip: vip(0),
+        address: "2001:db8::5".parse().unwrap(),
+        weight: 100,
+        mac: None,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--encap-source"), "{e}");
+    assert_eq!(w.agent.core().desired().vips[&vip(0)].backends.len(), 1);
+    assert_agree(&w, "after refusals");
+}
