@@ -13,11 +13,14 @@
 mod ptr;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+    },
     helpers::bpf_xdp_adjust_head,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{HashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Counter, DECAP_MAX_ADDRS, DecapAddr, DecapConfig, DecapStat, FAMILY_V4, FAMILY_V6,
@@ -29,7 +32,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::ptr::{ptr_at, ptr_at_mut};
+use crate::ptr::{Frame, ptr_at, ptr_at_mut};
 
 #[map(name = "DECAP_LOCAL")]
 static DECAP_LOCAL: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_MAX_ADDRS, 0);
@@ -47,12 +50,8 @@ static DECAP_CONFIG: DecapConfig = DecapConfig::DEFAULT;
 const ETH_P_IP: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 
-#[xdp]
-pub fn lb_decap(ctx: XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
-    let stat = match decap(&ctx) {
-        Ok(s) | Err(s) => s,
-    };
+#[inline(always)]
+fn count(stat: DecapStat, len: u64) {
     if let Some(c) = DECAP_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: this CPU's slot.
         unsafe {
@@ -60,7 +59,78 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
             (*c).bytes += len;
         }
     }
+}
+
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let stat = match classify(&ctx).and_then(|found| strip_xdp(&ctx, &found)) {
+        Ok(s) | Err(s) => s,
+    };
+    count(stat, len);
     xdp_action::XDP_PASS
+}
+
+/// The same program at tc ingress (`lb decap --attach tc`), for drivers where XDP is not
+/// wanted: the outer headers are removed with `bpf_skb_adjust_room`, keeping a GRO'd
+/// packet's segment size (`BPF_F_ADJ_ROOM_FIXED_GSO`) and setting the inner protocol.
+#[classifier]
+pub fn lb_decap_tc(ctx: TcContext) -> i32 {
+    let len = u64::from(ctx.len());
+    // Headers up to the inner IP header must be in the linear part for direct access.
+    let _ = ctx.pull_data(ctx.len().min(PULL));
+    let stat = match classify(&ctx).and_then(|found| strip_tc(&ctx, &found)) {
+        Ok(s) | Err(s) => s,
+    };
+    count(stat, len);
+    TC_ACT_OK
+}
+
+/// Ethernet, outer IPv6, UDP and an inner IPv6 header.
+const PULL: u32 = 14 + 40 + 8 + 40;
+
+/// Where the inner packet starts and the Ethernet type it will carry.
+struct Found {
+    inner: usize,
+    inner_type: u16,
+}
+
+#[inline(always)]
+fn strip_xdp(ctx: &XdpContext, found: &Found) -> Result<DecapStat, DecapStat> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`; copied before the frame moves.
+    let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let cut = (found.inner - EthHdr::LEN) as i32;
+    // SAFETY: helper on our own context; the frame is re-checked below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, cut) } != 0 {
+        return Err(MALFORMED);
+    }
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at_mut`.
+    unsafe {
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
+        (*eth).ether_type = found.inner_type;
+    }
+    Ok(DecapStat::Decapsulated)
+}
+
+#[inline(always)]
+fn strip_tc(ctx: &TcContext, found: &Found) -> Result<DecapStat, DecapStat> {
+    let cut = (found.inner - EthHdr::LEN) as i32;
+    let inner = if found.inner_type == ETH_P_IP {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+    } else {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+    };
+    ctx.adjust_room(
+        -cut,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | inner),
+    )
+    .map_err(|_| MALFORMED)?;
+    ctx.store(12, &found.inner_type, 0).map_err(|_| MALFORMED)?;
+    Ok(DecapStat::Decapsulated)
 }
 
 const NOT_ENCAP: DecapStat = DecapStat::PassNotEncap;
@@ -75,8 +145,10 @@ struct Tunnel {
     family: Option<u32>,
 }
 
+/// Whether the frame is a tunnel to this host for a configured VIP, and where its inner
+/// packet is; otherwise why not.
 #[inline(always)]
-fn decap(ctx: &XdpContext) -> Result<DecapStat, DecapStat> {
+fn classify(ctx: &impl Frame) -> Result<Found, DecapStat> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
     // SAFETY: checked by `ptr_at`.
     let ether_type = unsafe { (*eth).ether_type };
@@ -96,25 +168,14 @@ fn decap(ctx: &XdpContext) -> Result<DecapStat, DecapStat> {
     if unsafe { DECAP_VIPS.get(vip) }.is_none() {
         return Err(DecapStat::PassNotVip);
     }
-    // SAFETY: checked by `ptr_at` above; copied before the frame moves.
-    let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
-    let cut = (tunnel.inner - EthHdr::LEN) as i32;
-    // SAFETY: helper on our own context; the frame is re-checked below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, cut) } != 0 {
-        return Err(MALFORMED);
-    }
-    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(MALFORMED)?;
-    // SAFETY: checked by `ptr_at_mut`.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-        (*eth).ether_type = inner_type;
-    }
-    Ok(DecapStat::Decapsulated)
+    Ok(Found {
+        inner: tunnel.inner,
+        inner_type,
+    })
 }
 
 #[inline(always)]
-fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
+fn outer_v4(ctx: &impl Frame, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
@@ -136,7 +197,7 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(Tunnel, DecapAddr), DecapSta
 }
 
 #[inline(always)]
-fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
+fn outer_v6(ctx: &impl Frame, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
@@ -161,7 +222,7 @@ fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(Tunnel, DecapAddr), DecapSta
 
 /// Where the inner packet starts after the outer IP header at `l4` with protocol `proto`.
 #[inline(always)]
-fn tunnel(ctx: &XdpContext, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
+fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
     match proto {
         IPPROTO_IPIP => Ok(Tunnel {
             inner: l4,
@@ -188,7 +249,7 @@ fn tunnel(ctx: &XdpContext, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
 
 /// The inner packet's destination and the Ethernet type it will carry.
 #[inline(always)]
-fn inner_dst(ctx: &XdpContext, t: &Tunnel) -> Result<(DecapAddr, u16), DecapStat> {
+fn inner_dst(ctx: &impl Frame, t: &Tunnel) -> Result<(DecapAddr, u16), DecapStat> {
     // Verifier note: a one-byte check compiles to `>=`, from which the verifier learns no
     // range; check the smallest inner header (20 bytes) instead.
     let first: *const [u8; Ipv4Hdr::LEN] = ptr_at(ctx, t.inner).ok_or(MALFORMED)?;

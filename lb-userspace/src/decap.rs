@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::Xdp,
+    programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use lb_common::{
     Counter, DECAP_CONFIG_GLOBAL, DECAP_LOCAL_MAP, DECAP_STATS_MAP, DECAP_VIPS_MAP, DecapAddr,
@@ -22,15 +22,42 @@ use lb_common::{
 };
 
 use crate::{
-    AttachMode, DECAP_OBJECT, DECAP_PROGRAM, Error,
-    dataplane::{attach_xdp_pinned, require_capabilities},
+    AttachMode, DECAP_OBJECT, DECAP_PROGRAM, DECAP_TC_PROGRAM, Error,
+    dataplane::{attach_xdp_pinned, egress::attach_tc_pinned, require_capabilities},
     net::{addr_words, family},
 };
+
+/// Where the decap program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapHook {
+    /// XDP (before the stack allocates an skb): the default.
+    Xdp,
+    /// tc ingress through tcx, with `BPF_F_ADJ_ROOM_FIXED_GSO` (keeps GRO'd packets whole).
+    Tc,
+}
+
+impl DecapHook {
+    fn link(self) -> &'static str {
+        match self {
+            DecapHook::Xdp => "link",
+            DecapHook::Tc => "tc-link",
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DecapHook::Xdp => "xdp",
+            DecapHook::Tc => "tc",
+        }
+    }
+}
 
 /// What `lb decap` attaches with.
 #[derive(Clone, Debug)]
 pub struct DecapOptions {
     pub iface: String,
+    pub hook: DecapHook,
+    /// XDP attach mode (with `DecapHook::Xdp`).
     pub mode: AttachMode,
     /// The VIPs whose packets are decapsulated.
     pub vips: BTreeSet<IpAddr>,
@@ -98,9 +125,21 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
     require_capabilities()?;
     crate::run::ensure_bpffs(&opts.bpffs)?;
     let dir = pin_dir(&opts.bpffs, &opts.iface);
+    let other = match opts.hook {
+        DecapHook::Xdp => DecapHook::Tc,
+        DecapHook::Tc => DecapHook::Xdp,
+    };
+    if dir.join(other.link()).exists() {
+        return Err(Error::Conflict(format!(
+            "decap runs at {} on {} already: `lb decap --iface {} --detach` first",
+            other.as_str(),
+            opts.iface,
+            opts.iface
+        )));
+    }
     let maps = dir.join("maps");
     std::fs::create_dir_all(&maps).map_err(Error::io(format!("creating {}", maps.display())))?;
-    let fresh = !dir.join("link").exists();
+    let fresh = !dir.join(opts.hook.link()).exists();
     let result = load_and_attach(opts, &dir);
     if result.is_err() && fresh {
         remove(&dir);
@@ -133,7 +172,22 @@ pub fn load(gue_port: u16, maps: Option<&Path>) -> Result<Ebpf, Error> {
             name: DECAP_PROGRAM,
             source,
         })?;
+    tc_program(&mut ebpf)?
+        .load()
+        .map_err(|source| Error::Program {
+            name: DECAP_TC_PROGRAM,
+            source,
+        })?;
     Ok(ebpf)
+}
+
+/// The tc variant of the decap program.
+pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, Error> {
+    let name = DECAP_TC_PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
 }
 
 /// The decap XDP program of a loaded object.
@@ -173,13 +227,28 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
     let mut ebpf = load(opts.gue_port, Some(&dir.join("maps")))?;
     // Addresses first: a fresh program must find them the moment it is attached.
     set_addrs(&mut ebpf, &opts.local, &opts.vips)?;
-    let how = attach_xdp_pinned(
-        program(&mut ebpf)?,
-        DECAP_PROGRAM,
-        &opts.iface,
-        opts.mode,
-        &dir.join("link"),
-    )?;
+    let link = dir.join(opts.hook.link());
+    let existed = link.exists();
+    let how = match opts.hook {
+        DecapHook::Xdp => attach_xdp_pinned(
+            program(&mut ebpf)?,
+            DECAP_PROGRAM,
+            &opts.iface,
+            opts.mode,
+            &link,
+        )?
+        .map(|m| m.as_str()),
+        DecapHook::Tc => {
+            attach_tc_pinned(
+                tc_program(&mut ebpf)?,
+                DECAP_TC_PROGRAM,
+                &opts.iface,
+                TcAttachType::Ingress,
+                &link,
+            )?;
+            (!existed).then_some("tc ingress (tcx)")
+        }
+    };
     let list = |s: &BTreeSet<IpAddr>| {
         s.iter()
             .map(ToString::to_string)
@@ -187,7 +256,7 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
             .join(", ")
     };
     let what = match how {
-        Some(mode) => format!("attached to {} in {} mode", opts.iface, mode.as_str()),
+        Some(mode) => format!("attached to {} in {mode} mode", opts.iface),
         None => format!(
             "updated on {} (the program was replaced in place)",
             opts.iface
@@ -202,7 +271,9 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
 }
 
 fn remove(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join("link"));
+    for hook in [DecapHook::Xdp, DecapHook::Tc] {
+        let _ = std::fs::remove_file(dir.join(hook.link()));
+    }
     for m in PINNED_MAPS {
         let _ = std::fs::remove_file(dir.join("maps").join(m));
     }
@@ -216,7 +287,7 @@ fn remove(dir: &Path) {
 /// Detaches the decap program from `iface` (its pins go; the kernel drops it).
 pub fn detach(iface: &str, bpffs: &Path) -> Result<String, Error> {
     let dir = pin_dir(bpffs, iface);
-    if !dir.join("link").exists() {
+    if !dir.join(DecapHook::Xdp.link()).exists() && !dir.join(DecapHook::Tc.link()).exists() {
         return Err(Error::NotFound(format!(
             "no decap program is attached to {iface} (nothing pinned under {})",
             dir.display()

@@ -29,6 +29,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 /// Name of the decapsulation XDP program in [`DECAP_OBJECT`].
 pub const DECAP_PROGRAM: &str = "lb_decap";
+/// Name of its tc variant (`lb decap --attach tc`).
+pub const DECAP_TC_PROGRAM: &str = "lb_decap_tc";
 
 /// Name of the load-balancing XDP program in [`EBPF_OBJECT`].
 pub const LB_PROGRAM: &str = "lb_xdp";

@@ -79,11 +79,18 @@ fn routed_backends_over_ipip_and_gue_with_health_through_the_tunnel() -> anyhow:
     for i in 1..=3 {
         net.start_sample(i)?;
     }
-    // Backends 1 and 2 decapsulate; backend 3 has the VIPs on lo but no decap program.
-    for i in [1, 2] {
-        let out = net.decap(i, &[])?;
-        assert!(out.contains(&format!("attached to bk{i}")), "{out}");
-    }
+    // Backends 1 (XDP) and 2 (tc ingress) decapsulate; backend 3 has the VIPs on lo but no
+    // decap program.
+    let out = net.decap(1, &[])?;
+    assert!(out.contains("attached to bk1 in native mode"), "{out}");
+    let out = net.decap(2, &["--attach", "tc"])?;
+    assert!(
+        out.contains("attached to bk2 in tc ingress (tcx) mode"),
+        "{out}"
+    );
+    // One hook at a time: asking for the other is refused, naming the fix.
+    let refused = net.decap(2, &[]).unwrap_err().to_string();
+    assert!(refused.contains("runs at tc on bk2 already"), "{refused}");
     net.start_agent(&[])?;
     let vip4 = format!("{VIP4}:80/tcp");
     let vip6 = format!("[{VIP6}]:80/tcp");
@@ -177,6 +184,8 @@ fn routed_backends_over_ipip_and_gue_with_health_through_the_tunnel() -> anyhow:
     // Re-running decap converges in place; detaching stops decapsulation (and health follows).
     let out = net.decap(1, &[])?;
     assert!(out.contains("updated on bk1"), "{out}");
+    let out = net.decap(2, &["--attach", "tc"])?;
+    assert!(out.contains("updated on bk2"), "{out}");
     net.decap(2, &["--detach"])?;
     wait_until(
         Duration::from_secs(10),

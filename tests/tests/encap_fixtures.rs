@@ -265,16 +265,27 @@ fn too_big_answers_and_fib_failures() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the decap program once on `frame`.
-fn decap_run(ebpf: &mut aya::Ebpf, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+/// Runs the decap program once on `frame`, at XDP or (`tc`) at tc ingress; returns the
+/// action mapped to XDP's (TC_ACT_OK is a pass) and the output frame.
+fn decap_run(ebpf: &mut aya::Ebpf, frame: &[u8], tc: bool) -> anyhow::Result<(u32, Vec<u8>)> {
     let mut out = vec![0u8; frame.len() + 64];
-    let res = lb_userspace::decap::program(ebpf)?.test_run(TestRunOptions {
+    let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
         ..Default::default()
-    })?;
+    };
+    let res = if tc {
+        lb_userspace::decap::tc_program(ebpf)?.test_run(opts)?
+    } else {
+        lb_userspace::decap::program(ebpf)?.test_run(opts)?
+    };
     out.truncate(res.data_size_out as usize);
-    Ok((res.return_value, out))
+    let action = match (tc, res.return_value) {
+        (true, 0) => XDP_PASS,
+        (true, other) => 100 + other,
+        (false, a) => a,
+    };
+    Ok((action, out))
 }
 
 fn decap_count(ebpf: &mut aya::Ebpf, s: lb_common::DecapStat) -> anyhow::Result<u64> {
@@ -310,14 +321,16 @@ fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
             (tcp6(sport, b"payload"), k, ip(to6))
         };
         let encapsulated = expected(&f, &inner, &key, encap, backend);
-        let before = decap_count(&mut ebpf, D::Decapsulated)?;
-        let (action, out) = decap_run(&mut ebpf, &encapsulated)?;
-        assert_eq!(action, XDP_PASS);
-        // The outer frame's MACs, the inner packet's Ethernet type, the inner packet.
-        let mut want = encapsulated[..12].to_vec();
-        want.extend_from_slice(&inner[12..]);
-        assert_eq!(out, want, "case {n}: decapsulated bytes");
-        assert_eq!(decap_count(&mut ebpf, D::Decapsulated)?, before + 1);
+        for tc in [false, true] {
+            let before = decap_count(&mut ebpf, D::Decapsulated)?;
+            let (action, out) = decap_run(&mut ebpf, &encapsulated, tc)?;
+            assert_eq!(action, XDP_PASS);
+            // The outer frame's MACs, the inner packet's Ethernet type, the inner packet.
+            let mut want = encapsulated[..12].to_vec();
+            want.extend_from_slice(&inner[12..]);
+            assert_eq!(out, want, "case {n} (tc: {tc}): decapsulated bytes");
+            assert_eq!(decap_count(&mut ebpf, D::Decapsulated)?, before + 1);
+        }
     }
     // Untouched, by reason.
     let key = flow_key(ip(CLIENT4), 44000, ip(VIP4), 80, PROTO_TCP);
@@ -342,10 +355,20 @@ fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
         ("truncated inner header", truncated, D::PassMalformed),
         ("outer fragment", fragment, D::PassFragment),
     ] {
-        let before = decap_count(&mut ebpf, stat)?;
-        let (action, out) = decap_run(&mut ebpf, &frame)?;
-        assert_eq!((action, &out), (XDP_PASS, &frame), "{name}: untouched");
-        assert_eq!(decap_count(&mut ebpf, stat)?, before + 1, "{name}");
+        for tc in [false, true] {
+            let before = decap_count(&mut ebpf, stat)?;
+            let (action, out) = decap_run(&mut ebpf, &frame, tc)?;
+            assert_eq!(
+                (action, &out),
+                (XDP_PASS, &frame),
+                "{name} (tc: {tc}): untouched"
+            );
+            assert_eq!(
+                decap_count(&mut ebpf, stat)?,
+                before + 1,
+                "{name} (tc: {tc})"
+            );
+        }
     }
     Ok(())
 }

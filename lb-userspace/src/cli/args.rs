@@ -265,6 +265,10 @@ pub struct DecapArgs {
     /// UDP port of GUE packets (the load balancer's `--gue-port`).
     #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
+    /// Where the program runs: xdp (default) or tc (ingress, through tcx).
+    #[arg(long, value_enum, default_value = "xdp")]
+    pub attach: lb_userspace::decap::DecapHook,
+    /// XDP attach mode.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: AttachMode,
     #[arg(long, default_value = "/sys/fs/bpf")]

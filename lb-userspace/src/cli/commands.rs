@@ -114,6 +114,7 @@ fn decap(d: DecapArgs) -> anyhow::Result<()> {
     };
     let opts = decap::DecapOptions {
         iface: d.iface,
+        hook: d.attach,
         mode: d.mode,
         vips,
         local,

@@ -30,42 +30,57 @@ impl Dataplane {
     /// Attaches the health-check program to `iface`'s egress through a tcx link pinned at
     /// `link_pin`; an existing pin is updated to this program in place.
     pub fn attach_hc_pinned(&mut self, iface: &str, link_pin: &Path) -> Result<(), Error> {
-        let name = HC_PROGRAM;
-        let pin_err =
-            |what: &str, e: String| Error::Kernel(format!("{what} {}: {e}", link_pin.display()));
-        let prog = self.hc_program()?;
-        let id = if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(link_pin)
-                .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
-            let fd_link: FdLink = pinned.into();
-            let link = SchedClassifierLink::try_from(fd_link)
-                .map_err(|e| pin_err("the pinned link", e.to_string()))?;
-            prog.attach_to_link(link)
-                .map_err(|source| Error::Program { name, source })?
-        } else {
-            prog.attach(iface, TcAttachType::Egress)
-                .map_err(|source| Error::Attach {
-                    iface: iface.to_string(),
-                    mode: "tcx egress",
-                    hint: "",
-                    source: Box::new(source),
-                })?
-        };
-        let link = prog
-            .take_link(id)
-            .map_err(|source| Error::Program { name, source })?;
-        let fd_link = FdLink::try_from(link)
-            .map_err(|e| pin_err("this kernel attached tc without a bpf_link", e.to_string()))?;
-        if !link_pin.exists() {
-            fd_link
-                .pin(link_pin)
-                .map_err(|e| pin_err("pinning the link at", e.to_string()))?;
-        } else {
-            // The pin holds the link; ours must not detach it when dropped.
-            std::mem::forget(fd_link);
-        }
-        Ok(())
+        attach_tc_pinned(
+            self.hc_program()?,
+            HC_PROGRAM,
+            iface,
+            TcAttachType::Egress,
+            link_pin,
+        )
     }
+}
+
+/// Attaches `prog` (named `name`) to `iface` at `at` through a tcx link pinned at `link_pin`,
+/// or updates the program of the link pinned there in one step.
+pub fn attach_tc_pinned(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    at: TcAttachType,
+    link_pin: &Path,
+) -> Result<(), Error> {
+    let pin_err =
+        |what: &str, e: String| Error::Kernel(format!("{what} {}: {e}", link_pin.display()));
+    let id = if link_pin.exists() {
+        let pinned = PinnedLink::from_pin(link_pin)
+            .map_err(|e| pin_err("opening the pinned link", e.to_string()))?;
+        let fd_link: FdLink = pinned.into();
+        let link = SchedClassifierLink::try_from(fd_link)
+            .map_err(|e| pin_err("the pinned link", e.to_string()))?;
+        prog.attach_to_link(link)
+            .map_err(|source| Error::Program { name, source })?
+    } else {
+        prog.attach(iface, at).map_err(|source| Error::Attach {
+            iface: iface.to_string(),
+            mode: "tcx",
+            hint: "",
+            source: Box::new(source),
+        })?
+    };
+    let link = prog
+        .take_link(id)
+        .map_err(|source| Error::Program { name, source })?;
+    let fd_link = FdLink::try_from(link)
+        .map_err(|e| pin_err("this kernel attached tc without a bpf_link", e.to_string()))?;
+    if link_pin.exists() {
+        // The pin holds the link; ours must not detach it when dropped.
+        std::mem::forget(fd_link);
+    } else {
+        fd_link
+            .pin(link_pin)
+            .map_err(|e| pin_err("pinning the link at", e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The egress device map, opened from its pin: the program redirects to any interface the
