@@ -193,25 +193,34 @@ pub struct DecapAddr {
 }
 const _: () = assert!(core::mem::size_of::<DecapAddr>() == 20);
 
-/// Load-time constants of the decap program.
+/// Most local (outer destination) addresses the decap program matches.
+pub const DECAP_MAX_LOCAL: usize = 8;
+
+/// Load-time constants of the decap program. The host's own addresses are here rather than in
+/// a map: `lb decap` loads a fresh program on every run anyway, and a compare against
+/// read-only data costs a few nanoseconds where a hash lookup costs tens.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecapConfig {
     /// GUE UDP port, network byte order.
     pub gue_port: u16,
-    pub _pad: u16,
+    /// Entries of `local` in use.
+    pub n_local: u16,
+    /// The host's outer addresses (tunnels to others pass untouched).
+    pub local: [DecapAddr; DECAP_MAX_LOCAL],
 }
-const _: () = assert!(core::mem::size_of::<DecapConfig>() == 4);
+const _: () = assert!(core::mem::size_of::<DecapConfig>() == 4 + 20 * DECAP_MAX_LOCAL);
 
 impl DecapConfig {
     pub const DEFAULT: DecapConfig = DecapConfig {
         gue_port: DEFAULT_GUE_PORT.to_be(),
-        _pad: 0,
+        n_local: 0,
+        local: [DecapAddr {
+            addr: [0; 4],
+            family: 0,
+        }; DECAP_MAX_LOCAL],
     };
 }
-
-/// The host's own outer addresses: hash [`DecapAddr`] -> `u32` (1).
-pub const DECAP_LOCAL_MAP: &str = "DECAP_LOCAL";
 /// The VIPs this backend serves: hash [`DecapAddr`] -> `u32` (1).
 pub const DECAP_VIPS_MAP: &str = "DECAP_VIPS";
 /// Decap counters: per-CPU array indexed by [`DecapStat`], value [`crate::Counter`].

@@ -17,7 +17,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use lb_common::{
-    Counter, DECAP_CONFIG_GLOBAL, DECAP_LOCAL_MAP, DECAP_STATS_MAP, DECAP_VIPS_MAP, DecapAddr,
+    Counter, DECAP_CONFIG_GLOBAL, DECAP_MAX_LOCAL, DECAP_STATS_MAP, DECAP_VIPS_MAP, DecapAddr,
     DecapConfig, DecapStat,
 };
 
@@ -72,7 +72,7 @@ pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
     bpffs.join("xdp-lb-decap").join(iface)
 }
 
-const PINNED_MAPS: [&str; 3] = [DECAP_LOCAL_MAP, DECAP_VIPS_MAP, DECAP_STATS_MAP];
+const PINNED_MAPS: [&str; 2] = [DECAP_VIPS_MAP, DECAP_STATS_MAP];
 
 /// Reads a VIP list file: one address per line, `#` comments and blank lines ignored.
 pub fn read_vip_file(path: &Path) -> Result<Vec<IpAddr>, Error> {
@@ -147,13 +147,23 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
     result
 }
 
-/// Loads the decap object (verified, not attached) with its maps pinned under `maps` (reused
-/// when pinned already), for GUE port `gue_port`.
-pub fn load(gue_port: u16, maps: Option<&Path>) -> Result<Ebpf, Error> {
-    let cfg = DecapConfig {
+/// Loads the decap object (verified, not attached) for GUE port `gue_port` and this host's
+/// `local` addresses, with its maps pinned under `maps` (reused when pinned already).
+pub fn load(gue_port: u16, local: &BTreeSet<IpAddr>, maps: Option<&Path>) -> Result<Ebpf, Error> {
+    if local.len() > DECAP_MAX_LOCAL {
+        return Err(Error::Invalid(format!(
+            "{} local addresses given: at most {DECAP_MAX_LOCAL} (name them with --local)",
+            local.len()
+        )));
+    }
+    let mut cfg = DecapConfig {
         gue_port: gue_port.to_be(),
-        _pad: 0,
+        n_local: local.len() as u16,
+        ..DecapConfig::DEFAULT
     };
+    for (slot, ip) in cfg.local.iter_mut().zip(local) {
+        *slot = key(*ip);
+    }
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match maps {
         Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
@@ -199,13 +209,9 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
         .map_err(|source| Error::Program { name, source })
 }
 
-/// Rewrites the address maps to exactly `local` (outer destinations) and `vips`.
-pub fn set_addrs(
-    ebpf: &mut Ebpf,
-    local: &BTreeSet<IpAddr>,
-    vips: &BTreeSet<IpAddr>,
-) -> Result<(), Error> {
-    for (map, want) in [(DECAP_LOCAL_MAP, local), (DECAP_VIPS_MAP, vips)] {
+/// Rewrites the VIP map to exactly `vips`.
+pub fn set_vips(ebpf: &mut Ebpf, vips: &BTreeSet<IpAddr>) -> Result<(), Error> {
+    for (map, want) in [(DECAP_VIPS_MAP, vips)] {
         let m = ebpf.map_mut(map).ok_or(Error::MissingMap { name: map })?;
         let mut m: HashMap<_, DecapAddr, u32> =
             HashMap::try_from(m).map_err(|source| Error::Map { name: map, source })?;
@@ -224,9 +230,9 @@ pub fn set_addrs(
 }
 
 fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
-    let mut ebpf = load(opts.gue_port, Some(&dir.join("maps")))?;
-    // Addresses first: a fresh program must find them the moment it is attached.
-    set_addrs(&mut ebpf, &opts.local, &opts.vips)?;
+    let mut ebpf = load(opts.gue_port, &opts.local, Some(&dir.join("maps")))?;
+    // VIPs first: a fresh program must find them the moment it is attached.
+    set_vips(&mut ebpf, &opts.vips)?;
     let link = dir.join(opts.hook.link());
     let existed = link.exists();
     let how = match opts.hook {

@@ -301,10 +301,10 @@ fn decap_count(ebpf: &mut aya::Ebpf, s: lb_common::DecapStat) -> anyhow::Result<
 fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
     use lb_common::DecapStat as D;
     let f = FibNs::new()?;
-    let mut ebpf = lb_userspace::decap::load(6080, None)?;
     let local = [ip("10.41.0.2"), ip("fd00:41::2")].into_iter().collect();
     let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();
-    lb_userspace::decap::set_addrs(&mut ebpf, &local, &vips)?;
+    let mut ebpf = lb_userspace::decap::load(6080, &local, None)?;
+    lb_userspace::decap::set_vips(&mut ebpf, &vips)?;
     let cases: [(u8, bool, &str, &str); 4] = [
         (ENCAP_IPIP, true, "10.41.0.2", "fd00:41::2"),
         (ENCAP_GUE, false, "10.41.0.2", "fd00:41::2"),
