@@ -41,11 +41,22 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
         "flow_events",
         "Flow-table events (see the README's Flow table section)",
     );
+    let hc = family(
+        &mut reg,
+        "hc_packets",
+        "Health-probe packets by what the tunnel encapsulation (tc egress) did",
+    );
     let flow_names: Vec<&str> = lb_common::FlowEvent::ALL.iter().map(|e| e.name()).collect();
+    let hc_names: Vec<&str> = lb_common::HcStat::ALL.iter().map(|e| e.name()).collect();
     for (name, c) in &stats.global {
         if flow_names.contains(&name.as_str()) {
             flow_events
                 .get_or_create(&vec![("event".into(), name.clone())])
+                .inc_by(c.packets);
+            continue;
+        }
+        if hc_names.contains(&name.as_str()) {
+            hc.get_or_create(&vec![("outcome".into(), name.clone())])
                 .inc_by(c.packets);
             continue;
         }
