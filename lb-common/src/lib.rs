@@ -33,6 +33,15 @@ pub const VIP_INFO_MAP: &str = "LB_VIP_INFO";
 pub const VIP_FILTER_MAP: &str = "LB_VIP_FILTER";
 /// Words in [`VIP_FILTER_MAP`] (64 bits each).
 pub const VIP_FILTER_WORDS: u32 = 1024;
+/// VIP index: an array of [`VipIndexEntry`] the agent fills from [`VIPS_MAP`], so the
+/// program finds a VIP id with array reads and a few compares instead of a hash lookup (which
+/// costs as much as the rest of a stateless packet's path). [`VIPS_MAP`] stays the authority:
+/// a key the index does not hold is looked up there.
+pub const VIP_INDEX_MAP: &str = "LB_VIP_INDEX";
+/// Entries of [`VIP_INDEX_MAP`] (a power of two).
+pub const VIP_INDEX_SLOTS: u32 = 1024;
+/// Consecutive entries a key may occupy, from [`vip_index_slot`] on.
+pub const VIP_INDEX_PROBES: u32 = 4;
 /// Slot tables: array of backend ids, `2 * ring_size` entries per VIP id (two generations).
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].
@@ -186,7 +195,7 @@ const _: () = assert!(core::mem::size_of::<VipCounter>() == 24);
 pub struct LbConfig {
     /// Slot-table size M (prime). Every VIP owns `2 * M` entries in [`SLOTS_MAP`].
     pub ring_size: u32,
-    /// [`FLOW_TABLE_SHARED`] or [`FLOW_TABLE_PER_CPU`].
+    /// [`FLOW_TABLE_SHARED`], [`FLOW_TABLE_PER_CPU`] or [`FLOW_TABLE_OFF`].
     pub flow_table: u32,
     /// Seed of [`flow_hash`]: nodes with the same seed and tables pick the same backends.
     pub hash_seed: u64,
@@ -213,6 +222,9 @@ pub const FLOW_TABLE_SHARED: u32 = 0;
 /// One LRU hash with an LRU list and free pool per CPU: inserts on different CPUs never
 /// contend, lookups still see every CPU's flows; each CPU can hold `entries / CPUs` flows.
 pub const FLOW_TABLE_PER_CPU: u32 = 1;
+/// No flow table (`--flow-table off`): every packet is placed by the live slot table (a hash
+/// and a slot read); nothing is remembered, nothing is evicted.
+pub const FLOW_TABLE_OFF: u32 = 2;
 
 impl LbConfig {
     pub const DEFAULT: LbConfig = LbConfig {
@@ -286,6 +298,28 @@ pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
         pair(addr[2], addr[3]),
     );
     ((h >> 40) % (VIP_FILTER_WORDS as u64 * 64)) as u32
+}
+
+/// Value of [`VIP_INDEX_MAP`]: a bound key and its id; `key.family == 0` is an empty entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipIndexEntry {
+    pub key: VipKey,
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipIndexEntry>() == 24);
+
+/// First entry of [`VIP_INDEX_MAP`] `key` may occupy.
+#[inline(always)]
+pub const fn vip_index_slot(key: &VipKey) -> u32 {
+    let h = mix(
+        mix(
+            mix(0x7669_705f_6964_7800, pair(key.addr[0], key.addr[1])),
+            pair(key.addr[2], key.addr[3]),
+        ),
+        ((key.port as u64) << 16) | ((key.proto as u64) << 8) | key.family as u64,
+    );
+    ((h >> 32) as u32) & (VIP_INDEX_SLOTS - 1)
 }
 
 /// Index of `slot` of generation `generation` of VIP `vip_id` in [`SLOTS_MAP`].
@@ -394,6 +428,8 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<Backend>(),
         core::mem::size_of::<FlowKey>(),
         core::mem::size_of::<FlowValue>(),
+        core::mem::size_of::<VipIndexEntry>(),
+        VIP_INDEX_SLOTS as usize,
         Stat::COUNT as usize,
         HcStat::COUNT as usize,
         FlowEvent::COUNT as usize,
@@ -485,5 +521,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::AbiRecord {}
     unsafe impl aya::Pod for super::DecapAddr {}
+    unsafe impl aya::Pod for super::VipIndexEntry {}
     unsafe impl aya::Pod for super::DecapConfig {}
 }

@@ -2,7 +2,12 @@
 //! previous pass's output, so a new-flow benchmark needs every pass to carry a new flow:
 //! these programs move the frame to the next client (source port, then source address) after
 //! running the load balancer. They expect an untagged IPv4 TCP frame with a 20-byte header.
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
 
 use crate::parse::ptr_at_mut;
 
@@ -117,8 +122,12 @@ pub fn bench_lb_encap(ctx: XdpContext) -> u32 {
     let Some(head) = crate::ptr::ptr_at::<[u8; SAVED]>(&ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: bounds-checked above.
-    let saved = unsafe { *head };
+    // Saved in a per-CPU map: the load balancer's own stack leaves no room for 64 bytes.
+    let Some(saved) = BENCH_SAVED.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bounds-checked above; this CPU's slot.
+    unsafe { *saved = *head };
     let before = ctx.data_end() - ctx.data();
     let action = crate::lb(&ctx);
     let grown = (ctx.data_end() - ctx.data()) as i32 - before as i32;
@@ -127,8 +136,11 @@ pub fn bench_lb_encap(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     if let Some(head) = ptr_at_mut::<[u8; SAVED]>(&ctx, 0) {
-        // SAFETY: bounds-checked by `ptr_at_mut`.
-        unsafe { *head = saved };
+        // SAFETY: bounds-checked by `ptr_at_mut`; this CPU's slot.
+        unsafe { *head = *saved };
     }
     action
 }
+
+#[map(name = "BENCH_SAVED")]
+static BENCH_SAVED: PerCpuArray<[u8; SAVED]> = PerCpuArray::with_max_entries(1, 0);

@@ -7,7 +7,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
     FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, VIP_F_PRESENT,
-    VIP_FILTER_WORDS, VipInfo, VipKey, vip_filter_bit,
+    VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey,
+    vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -18,6 +19,10 @@ pub static LB_VIP_INFO: Array<VipInfo> = Array::with_max_entries(DEFAULT_MAX_VIP
 
 #[map(name = "LB_VIP_FILTER")]
 pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+/// See `lb_common::VIP_INDEX_MAP`.
+#[map(name = "LB_VIP_INDEX")]
+pub static LB_VIP_INDEX: Array<VipIndexEntry> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
 
 /// Two generations of M backend ids per VIP; see `lb_common::slot_index`.
 #[map(name = "LB_SLOTS")]
@@ -137,11 +142,27 @@ pub fn find_vip_id(key: &FlowKey) -> Option<u32> {
         proto: key.proto,
         family: key.family,
     };
-    // SAFETY: values are plain data copied out immediately.
-    if let Some(id) = unsafe { LB_VIPS.get(vk) } {
-        return Some(*id);
+    if let Some(id) = vip_id_of(&vk) {
+        return Some(id);
     }
     vk.port = 0;
+    vip_id_of(&vk)
+}
+
+/// The id bound to `vk`: from the index when it holds the key, else from the hash.
+#[inline(always)]
+fn vip_id_of(vk: &VipKey) -> Option<u32> {
+    let first = vip_index_slot(vk);
+    let mut i = 0;
+    while i < VIP_INDEX_PROBES {
+        if let Some(e) = LB_VIP_INDEX.get((first + i) & (VIP_INDEX_SLOTS - 1))
+            && e.key == *vk
+        {
+            return Some(e.id);
+        }
+        i += 1;
+    }
+    // SAFETY: values are plain data copied out immediately.
     unsafe { LB_VIPS.get(vk) }.copied()
 }
 

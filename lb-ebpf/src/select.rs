@@ -9,8 +9,8 @@
 //! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FlowEvent, FlowValue, LbConfig, PROTO_UDP, PacketFacts,
-    Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
+    BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue, LbConfig,
+    PROTO_UDP, PacketFacts, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
 };
 
 use crate::{
@@ -75,6 +75,11 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
 #[inline(always)]
 pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
     let cfg = config();
+    if cfg.flow_table == FLOW_TABLE_OFF {
+        // Stateless: the live table decides every packet, nothing is remembered.
+        let (vip_id, id, b, _) = by_table(pkt, &cfg)?;
+        return Ok(picked(id, b, vip_id, false));
+    }
     let mut facts = PacketFacts {
         proto: pkt.key.proto,
         tcp_flags: pkt.tcp_flags,
@@ -139,14 +144,9 @@ fn picked(id: u32, backend: Backend, vip_id: u32, new_flow: bool) -> Picked {
     }
 }
 
-/// Places the flow by the VIP's live slot table, and remembers it as the packet warrants.
+/// The VIP id, backend id and backend the VIP's live slot table gives the packet.
 #[inline(always)]
-fn place(
-    pkt: &Parsed,
-    facts: &PacketFacts,
-    cfg: &LbConfig,
-    found: Found,
-) -> Result<Picked, Verdict> {
+fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32, Backend, VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
     if vip.backend_count == 0 {
@@ -168,6 +168,18 @@ fn place(
     if b.flags & BACKEND_F_PRESENT == 0 {
         return Err(NO_BACKEND);
     }
+    Ok((vip_id, id, b, vip))
+}
+
+/// Places the flow by the VIP's live slot table, and remembers it as the packet warrants.
+#[inline(always)]
+fn place(
+    pkt: &Parsed,
+    facts: &PacketFacts,
+    cfg: &LbConfig,
+    found: Found,
+) -> Result<Picked, Verdict> {
+    let (vip_id, id, b, vip) = by_table(pkt, cfg)?;
     if pkt.icmp_error {
         // Steered like its flow, never a reason to remember one.
         return Ok(picked(id, b, vip_id, false));

@@ -69,16 +69,36 @@ impl World {
 
     /// As [`World::new`] with a flow table of `flow_entries`, shared or per CPU.
     pub fn with_flows(flow_entries: u32, per_cpu_flows: bool) -> anyhow::Result<Self> {
-        let opts = LoadOptions {
+        Self::with_options(LoadOptions {
+            flow_entries,
+            per_cpu_flows,
+            ..Self::options()
+        })
+    }
+
+    /// As [`World::new`] without a flow table (`--flow-table off`).
+    pub fn stateless() -> anyhow::Result<Self> {
+        Self::with_options(LoadOptions {
+            flow_table_off: true,
+            ..Self::options()
+        })
+    }
+
+    /// The world's load options.
+    pub fn options() -> LoadOptions {
+        LoadOptions {
             ring_size: RING,
             max_vips: 16,
             max_backends: 64,
-            flow_entries,
+            flow_entries: 4096,
             hash_seed: SEED,
-            per_cpu_flows,
             fin_grace_s: FIN_GRACE_S,
             ..LoadOptions::default()
-        };
+        }
+    }
+
+    /// As [`World::new`] loaded with `opts`.
+    pub fn with_options(opts: LoadOptions) -> anyhow::Result<Self> {
         let dp = Dataplane::load(opts).context("loading the data plane")?;
         let mut world = World {
             dp,

@@ -337,3 +337,35 @@ fn icmp_errors_are_steered_only_to_their_vip_within_the_ip_length() -> anyhow::R
     assert_eq!(passed(&world)?, before + 3);
     Ok(())
 }
+
+/// `--flow-table off`: every packet (SYN, ACK, UDP) is placed by the live table, nothing is
+/// remembered (no flow events, empty tables), a drained or removed backend's flows move with
+/// their slots at once, and the program still passes the verifier with the table gone.
+#[test]
+fn without_a_flow_table_the_live_table_decides_every_packet() -> anyhow::Result<()> {
+    let mut world = World::stateless()?;
+    let mut events = Events::new(&world)?;
+    for sport in 50000..50040u16 {
+        let key = tcp_key(sport);
+        let want = backend_mac(world.table_backend(&key).expect("backend"));
+        for flags in ["S", "A", "A", "FA"] {
+            let (action, out) = world.run(&tcp(sport, flags))?;
+            assert_eq!((action, &out[..6]), (XDP_TX, &want[..]), "{sport} {flags}");
+        }
+        let (action, out) = world.run(&udp(sport))?;
+        let want = backend_mac(world.table_backend(&udp_key(sport)).expect("backend"));
+        assert_eq!((action, &out[..6]), (XDP_TX, &want[..]));
+    }
+    assert!(events.delta(&world)?.is_empty(), "no flow-table events");
+    assert!(world.dp.flows.get(&tcp_key(50000))?.is_none());
+    assert!(world.dp.flows.probation(&tcp_key(50000))?.is_none());
+    // A table change moves exactly the flows whose slot changed, at their next packet.
+    world.set_vip_backends(TCP_VIP, &[1, 2])?;
+    for sport in 50000..50040u16 {
+        let want = backend_mac(world.table_backend(&tcp_key(sport)).expect("backend"));
+        let (_, out) = world.run(&tcp(sport, "A"))?;
+        assert_eq!(&out[..6], &want[..]);
+        assert_ne!(&out[..6], &backend_mac(3)[..], "backend 3 left the table");
+    }
+    Ok(())
+}

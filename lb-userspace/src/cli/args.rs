@@ -210,6 +210,11 @@ pub struct RunArgs {
     /// Per-CPU LRU lists for the flow table (many-core NICs).
     #[arg(long)]
     pub per_cpu_flows: bool,
+    /// `off`: no flow table; every packet is placed by the live slot table (stateless: no
+    /// eviction, no SYN-flood table pressure, cheapest new flows; a table change moves the
+    /// flows of the slots that change).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    pub flow_table: String,
     /// Seconds a TCP flow keeps its backend after a FIN once it goes quiet.
     #[arg(long, default_value_t = lb_common::DEFAULT_FIN_GRACE_S)]
     pub fin_grace: u32,

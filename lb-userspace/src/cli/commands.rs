@@ -139,6 +139,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             flow_entries: a.flow_entries,
             hash_seed: a.hash_seed,
             per_cpu_flows: a.per_cpu_flows,
+            flow_table_off: a.flow_table == "off",
             fin_grace_s: a.fin_grace,
             gue_port: a.gue_port,
             ipip_prefix4: a.ipip_source_prefix.iter().find_map(|p| match p {

@@ -62,6 +62,8 @@ pub struct LoadOptions {
     pub hash_seed: u64,
     /// Shared LRU (default) or one LRU per CPU.
     pub per_cpu_flows: bool,
+    /// No flow table at all (`--flow-table off`): every packet placed by the slot table.
+    pub flow_table_off: bool,
     /// Seconds a TCP flow entry lives after a FIN once the flow is quiet.
     pub fin_grace_s: u32,
     /// UDP port of GUE packets (host order).
@@ -81,6 +83,7 @@ impl Default for LoadOptions {
             flow_entries: DEFAULT_FLOW_ENTRIES,
             hash_seed: LbConfig::DEFAULT.hash_seed,
             per_cpu_flows: false,
+            flow_table_off: false,
             fin_grace_s: lb_common::DEFAULT_FIN_GRACE_S,
             gue_port: lb_common::DEFAULT_GUE_PORT,
             ipip_prefix4: None,
@@ -90,9 +93,26 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// Entries of the probation table: a quarter of the flow table (at least 256).
+    /// Entries of the probation table: a quarter of the flow table (at least 256); one
+    /// without a flow table.
     pub fn probation_entries(&self) -> u32 {
-        (self.flow_entries / 4).max(256)
+        if self.flow_table_off {
+            1
+        } else {
+            (self.flow_entries / 4).max(256)
+        }
+    }
+
+    /// Entries of the shared and the per-CPU-lists flow tables: the one not in use (both
+    /// without a flow table) shrinks to one entry.
+    pub fn flow_table_entries(&self) -> (u32, u32) {
+        if self.flow_table_off {
+            (1, 1)
+        } else if self.per_cpu_flows {
+            (1, self.flow_entries)
+        } else {
+            (self.flow_entries, 1)
+        }
     }
 
     /// Checks the sizes before anything touches the kernel.
@@ -102,6 +122,11 @@ impl LoadOptions {
                 "slot table size {} is not prime: pick a prime such as 65537 or 16381",
                 self.ring_size
             )));
+        }
+        if self.flow_table_off && self.per_cpu_flows {
+            return Err(Error::Invalid(
+                "--per-cpu-flows shapes a flow table; with --flow-table off there is none".into(),
+            ));
         }
         if self.gue_port == 0 {
             return Err(Error::Invalid("the GUE port must not be 0".into()));
@@ -124,7 +149,9 @@ impl LoadOptions {
     pub fn config(&self) -> LbConfig {
         LbConfig {
             ring_size: self.ring_size,
-            flow_table: if self.per_cpu_flows {
+            flow_table: if self.flow_table_off {
+                lb_common::FLOW_TABLE_OFF
+            } else if self.per_cpu_flows {
                 FLOW_TABLE_PER_CPU
             } else {
                 FLOW_TABLE_SHARED
@@ -172,12 +199,7 @@ impl Dataplane {
         require_capabilities()?;
         opts.validate()?;
         let cfg = opts.config();
-        // The flow table not in use shrinks to one entry.
-        let (shared, per_cpu) = if opts.per_cpu_flows {
-            (1, opts.flow_entries)
-        } else {
-            (opts.flow_entries, 1)
-        };
+        let (shared, per_cpu) = opts.flow_table_entries();
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
@@ -219,6 +241,8 @@ impl Dataplane {
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_FILTER_MAP)?).map_err(map_err(VIP_FILTER_MAP))?,
+            Array::try_from(take(&mut ebpf, lb_common::VIP_INDEX_MAP)?)
+                .map_err(map_err(lb_common::VIP_INDEX_MAP))?,
         )?;
         let slots = SlotTable::new(
             Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,
@@ -421,6 +445,7 @@ const ALL_MAPS: &[&str] = &[
     VIPS_MAP,
     VIP_INFO_MAP,
     VIP_FILTER_MAP,
+    lb_common::VIP_INDEX_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
     FLOWS_MAP,

@@ -66,11 +66,7 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// flags). Kept beside the program's definitions in `lb-ebpf/src/maps.rs`.
 fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32, u32)> {
     use std::mem::size_of as sz;
-    let (shared, per_cpu) = if opts.per_cpu_flows {
-        (1, opts.flow_entries)
-    } else {
-        (opts.flow_entries, 1)
-    };
+    let (shared, per_cpu) = opts.flow_table_entries();
     // The kernel rounds an LRU with per-CPU lists up to a multiple of the possible CPUs.
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32);
     let per_cpu = per_cpu.div_ceil(cpus) * cpus;
@@ -85,6 +81,14 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             0,
         ),
         (VIP_FILTER_MAP, MapType::Array, 4, 8, VIP_FILTER_WORDS, 0),
+        (
+            lb_common::VIP_INDEX_MAP,
+            MapType::Array,
+            4,
+            sz::<lb_common::VipIndexEntry>(),
+            lb_common::VIP_INDEX_SLOTS,
+            0,
+        ),
         (
             SLOTS_MAP,
             MapType::Array,

@@ -6,8 +6,9 @@ use std::os::fd::AsFd as _;
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
-    SLOTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP, VIPS_MAP, VipInfo, VipKey,
-    slot_index, vip_filter_bit,
+    SLOTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
+    VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey, slot_index, vip_filter_bit,
+    vip_index_slot,
 };
 
 use crate::Error;
@@ -24,6 +25,29 @@ pub struct VipTable {
     filter: Array<MapData, u64>,
     /// The filter words as last written.
     filter_words: Vec<u64>,
+    index: Array<MapData, VipIndexEntry>,
+    /// The index entries as last written.
+    index_entries: Vec<VipIndexEntry>,
+}
+
+/// The index entries for `bound` keys: each at the first free of its probe positions, keys
+/// visited in order so the layout is the same whatever the history. A key with no free
+/// position stays out (the program finds it in the hash).
+pub fn index_layout(bound: &[(VipKey, u32)]) -> Vec<VipIndexEntry> {
+    let mut out = vec![VipIndexEntry::default(); VIP_INDEX_SLOTS as usize];
+    let mut keys = bound.to_vec();
+    keys.sort();
+    for (key, id) in keys {
+        let first = vip_index_slot(&key);
+        for i in 0..VIP_INDEX_PROBES {
+            let e = &mut out[((first + i) & (VIP_INDEX_SLOTS - 1)) as usize];
+            if e.key.family == 0 {
+                *e = VipIndexEntry { key, id };
+                break;
+            }
+        }
+    }
+    out
 }
 
 impl VipTable {
@@ -31,16 +55,25 @@ impl VipTable {
         ids: HashMap<MapData, VipKey, u32>,
         info: Array<MapData, VipInfo>,
         filter: Array<MapData, u64>,
+        index: Array<MapData, VipIndexEntry>,
     ) -> Result<Self, Error> {
         let filter_words = (0..VIP_FILTER_WORDS)
             .map(|i| filter.get(&i, 0).map_err(err(VIP_FILTER_MAP)))
             .collect::<Result<_, _>>()?;
-        Ok(VipTable {
+        let index_entries = (0..VIP_INDEX_SLOTS)
+            .map(|i| index.get(&i, 0).map_err(err(VIP_INDEX_MAP)))
+            .collect::<Result<_, _>>()?;
+        let mut t = VipTable {
             ids,
             info,
             filter,
             filter_words,
-        })
+            index,
+            index_entries,
+        };
+        // Pinned maps from before the index existed, or a write that failed: made right now.
+        t.sync_filter()?;
+        Ok(t)
     }
 
     pub fn capacity(&self) -> u32 {
@@ -85,10 +118,20 @@ impl VipTable {
         self.ids.iter().map(|r| r.map_err(err(VIPS_MAP))).collect()
     }
 
-    /// Rewrites the pre-filter words that differ from the bitmap of the bound addresses.
+    /// Rewrites the pre-filter words and index entries that differ from what the bound keys
+    /// give. A key removed from the hash leaves the index in this same call, before its id
+    /// can be given to another VIP.
     fn sync_filter(&mut self) -> Result<(), Error> {
+        let bound = self.list()?;
+        let layout = index_layout(&bound);
+        for (i, e) in layout.iter().enumerate() {
+            if self.index_entries[i] != *e {
+                self.index.set(i as u32, e, 0).map_err(err(VIP_INDEX_MAP))?;
+                self.index_entries[i] = *e;
+            }
+        }
         let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
-        for (key, _) in self.list()? {
+        for (key, _) in bound {
             let bit = vip_filter_bit(&key.addr);
             words[(bit / 64) as usize] |= 1 << (bit % 64);
         }
@@ -260,5 +303,52 @@ impl FlowTable {
     /// The probation entry of `key` (a flow seen once).
     pub fn probation(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
         lookup(&self.probation, key, FLOWS_NEW_MAP)
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use lb_common::{VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, vip_index_slot};
+
+    use super::index_layout;
+
+    fn key(i: u32) -> VipKey {
+        VipKey {
+            addr: [
+                u32::from_ne_bytes([10, 0, (i >> 8) as u8, i as u8]),
+                0,
+                0,
+                0,
+            ],
+            port: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+        }
+    }
+
+    #[test]
+    fn every_key_is_within_its_probes_and_the_layout_ignores_order() {
+        let bound: Vec<_> = (0..64).map(|i| (key(i), i)).collect();
+        let layout = index_layout(&bound);
+        for (k, id) in &bound {
+            let first = vip_index_slot(k);
+            let found = (0..VIP_INDEX_PROBES)
+                .map(|i| layout[((first + i) & (VIP_INDEX_SLOTS - 1)) as usize])
+                .find(|e| e.key == *k);
+            assert_eq!(found.map(|e| e.id), Some(*id));
+        }
+        let mut reversed = bound.clone();
+        reversed.reverse();
+        assert_eq!(index_layout(&reversed), layout);
+    }
+
+    #[test]
+    fn keys_beyond_a_full_neighbourhood_stay_out() {
+        // More keys than entries: the extra ones are simply absent (the hash still has them).
+        let bound: Vec<_> = (0..VIP_INDEX_SLOTS + 100).map(|i| (key(i), i)).collect();
+        let layout = index_layout(&bound);
+        let held = layout.iter().filter(|e| e.key.family != 0).count();
+        assert!(held <= VIP_INDEX_SLOTS as usize);
+        assert!(held > VIP_INDEX_SLOTS as usize / 2);
     }
 }

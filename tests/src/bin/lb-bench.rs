@@ -254,6 +254,43 @@ fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Resul
     Ok(total.as_nanos() as f64 / f64::from(n))
 }
 
+/// `--flow-table off`: every packet costs the VIP lookup, a hash and a slot read, whether its
+/// flow is new or not (the new-flow harness gives every pass a new flow).
+fn stateless_rows() -> anyhow::Result<Vec<Row>> {
+    let mut world = World::stateless()?;
+    let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+    let floor = ns_repeat(world.dp.pass_program()?, &frame, REPEAT)?;
+    let harness = ns_repeat(world.dp.extra_program("bench_next_client")?, &frame, REPEAT)?;
+    let same = ns_repeat(world.dp.lb_program()?, &frame, REPEAT)?;
+    let new = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
+    Ok(vec![
+        row(
+            format!("XDP_PASS floor (repeat {REPEAT}, flow table off)"),
+            floor,
+            floor,
+            None,
+        ),
+        row(
+            "TCP packet of a known flow, flow table off".into(),
+            same,
+            floor,
+            Some(2.0),
+        ),
+        row(
+            "new TCP flow, flow table off (harness included)".into(),
+            new,
+            floor,
+            Some(2.0),
+        ),
+        row(
+            "new TCP flow, flow table off, harness subtracted".into(),
+            new - (harness - floor),
+            floor,
+            Some(2.0),
+        ),
+    ])
+}
+
 /// Median of three runs of `REPEAT` passes over `frame` received on `ifindex`.
 fn ns_repeat_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
@@ -527,12 +564,20 @@ fn control_plane_rows() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     println!("## Data plane (BPF_PROG_TEST_RUN, freshly loaded program, one process)\n");
     // BENCH_ONLY=encap: just the encapsulation rows (quick iteration on that path).
-    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "encap") {
-        print_rows(&encap_rows()?);
-        return Ok(());
+    match std::env::var("BENCH_ONLY").as_deref() {
+        Ok("encap") => {
+            print_rows(&encap_rows()?);
+            return Ok(());
+        }
+        Ok("stateless") => {
+            print_rows(&stateless_rows()?);
+            return Ok(());
+        }
+        _ => {}
     }
     let mut rows = packet_rows(false, true)?;
     rows.extend(packet_rows(true, false)?);
+    rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
     print_rows(&rows);
     println!();
