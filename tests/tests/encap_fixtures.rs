@@ -372,3 +372,33 @@ fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An ICMP error about a VIP flow (a router's "fragmentation needed" about a backend's
+/// answer, addressed to the VIP) is encapsulated to that flow's backend like its packets.
+#[test]
+fn icmp_errors_about_vip_flows_follow_the_tunnel() -> anyhow::Result<()> {
+    let f = FibNs::new()?;
+    let mut world = World::new()?;
+    f.ns.run(|| -> anyhow::Result<()> {
+        all_to(&mut world, ENCAP_IPIP, "10.41.0.2", "fd00:41::2")?;
+        let mut quoted = Vec::new();
+        etherparse::PacketBuilder::ipv4(v4(VIP4), v4(CLIENT4), 64)
+            .tcp(80, 46000, 5, 1000)
+            .write(&mut quoted, &[0u8; 100])?;
+        quoted.truncate(28);
+        let mut frame = Vec::new();
+        SCENE
+            .eth()
+            .ipv4(v4("198.51.100.1"), v4(VIP4), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut frame, &quoted)?;
+        let key = flow_key(ip(CLIENT4), 46000, ip(VIP4), 80, PROTO_TCP);
+        let (action, out) = world.run_on(&frame, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected(&f, &frame, &key, ENCAP_IPIP, ip("10.41.0.2")));
+        Ok(())
+    })??;
+    Ok(())
+}
