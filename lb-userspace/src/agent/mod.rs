@@ -16,6 +16,7 @@ pub mod ops;
 pub mod probe;
 pub mod reconcile;
 pub mod state;
+mod trace;
 
 #[cfg(test)]
 mod fake;

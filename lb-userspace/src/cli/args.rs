@@ -166,7 +166,7 @@ pub enum Top {
     },
     /// Backend side of ipip/gue VIPs: attach the decapsulation program (it stays attached),
     /// show its counters, print the backend's setup, or detach it.
-    Decap(DecapArgs),
+    Decap(super::decap::DecapArgs),
     /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
     /// XDP_TX on a veth is only delivered when its peer runs XDP.
     XdpPass {
@@ -251,44 +251,6 @@ pub struct RunArgs {
 pub enum CheckKind {
     Tcp,
     Http,
-}
-
-#[derive(Args)]
-pub struct DecapArgs {
-    /// The backend's interface that receives tunnels.
-    #[arg(long)]
-    pub iface: String,
-    /// A VIP this backend serves (repeatable).
-    #[arg(long = "vip", value_name = "ADDR")]
-    pub vips: Vec<IpAddr>,
-    /// A file of VIP addresses, one per line (`#` comments).
-    #[arg(long)]
-    pub vip_file: Option<PathBuf>,
-    /// This host's tunnel address (repeatable) [default: IFACE's global addresses].
-    #[arg(long = "local", value_name = "ADDR")]
-    pub local: Vec<IpAddr>,
-    /// UDP port of GUE packets (the load balancer's `--gue-port`).
-    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
-    pub gue_port: u16,
-    /// Where the program runs: xdp (default) or tc (ingress, through tcx).
-    #[arg(long, value_enum, default_value = "xdp")]
-    pub attach: lb_userspace::decap::DecapHook,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub mode: AttachMode,
-    #[arg(long, default_value = "/sys/fs/bpf")]
-    pub bpffs: PathBuf,
-    /// Show the counters instead of attaching.
-    #[arg(long, conflicts_with_all = ["detach", "print_setup"])]
-    pub stats: bool,
-    /// Detach the program and remove its pins.
-    #[arg(long, conflicts_with = "print_setup")]
-    pub detach: bool,
-    /// Print the backend's one-time setup (VIP on lo, ARP and rp_filter sysctls) and exit.
-    #[arg(long)]
-    pub print_setup: bool,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Subcommand)]

@@ -13,7 +13,7 @@ use lb_userspace::{
 };
 
 use super::{
-    args::{BackendCmd, CheckKind, Cli, DecapArgs, RunArgs, Top, VipCmd},
+    args::{BackendCmd, CheckKind, Cli, RunArgs, Top, VipCmd},
     output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows},
 };
 
@@ -52,7 +52,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("man pages written to {}", out.display());
             Ok(())
         }
-        Top::Decap(d) => decap(d),
+        Top::Decap(d) => super::decap::run(d),
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
             Ok(())
@@ -76,53 +76,6 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn decap(d: DecapArgs) -> anyhow::Result<()> {
-    use lb_userspace::decap;
-    if d.stats {
-        let stats = decap::stats(&d.iface, &d.bpffs)?;
-        if d.json {
-            let m: std::collections::BTreeMap<_, _> = stats.into_iter().collect();
-            return print_json(&m);
-        }
-        let rows: Vec<Vec<String>> = stats
-            .iter()
-            .map(|(n, c)| vec![n.to_string(), c.packets.to_string(), c.bytes.to_string()])
-            .collect();
-        print_table(&["COUNTER", "PACKETS", "BYTES"], &rows);
-        return Ok(());
-    }
-    if d.detach {
-        println!("{}", decap::detach(&d.iface, &d.bpffs)?);
-        return Ok(());
-    }
-    let mut vips: std::collections::BTreeSet<IpAddr> = d.vips.iter().copied().collect();
-    if let Some(f) = &d.vip_file {
-        vips.extend(decap::read_vip_file(f)?);
-    }
-    if d.print_setup {
-        print!("{}", decap::setup_script(&d.iface, &vips));
-        return Ok(());
-    }
-    let local = if d.local.is_empty() {
-        lb_userspace::net::interface_addrs(&d.iface)
-            .into_iter()
-            .collect()
-    } else {
-        d.local.iter().copied().collect()
-    };
-    let opts = decap::DecapOptions {
-        iface: d.iface,
-        hook: d.attach,
-        mode: d.mode,
-        vips,
-        local,
-        gue_port: d.gue_port,
-        bpffs: d.bpffs,
-    };
-    println!("{}", decap::attach(&opts)?);
-    Ok(())
 }
 
 async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {

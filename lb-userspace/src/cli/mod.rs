@@ -2,6 +2,7 @@
 //! agent's API (or runs the agent), `output` prints.
 pub mod args;
 pub mod commands;
+pub mod decap;
 pub mod output;
 
 pub use args::{Cli, Top};

@@ -1,0 +1,62 @@
+//! The pinned map set's record: what an agent checks before adopting maps pinned by another
+//! run (or another build).
+use crate::{
+    Backend, Counter, FlowEvent, FlowKey, FlowValue, HcStat, LbConfig, Stat, VIP_FILTER_WORDS,
+    VIP_INDEX_SLOTS, VipCounter, VipIndexEntry, VipInfo, VipKey, fmix64, mix,
+};
+
+/// Bumped whenever a map's meaning changes without its sizes changing.
+pub const ABI_VERSION: u32 = 3;
+/// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
+pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
+
+/// Sizes of every map key and value type, folded into one number: a struct that changes size
+/// changes it, so maps pinned by another build are refused instead of misread.
+pub const fn abi_layout() -> u64 {
+    let sizes = [
+        core::mem::size_of::<Counter>(),
+        core::mem::size_of::<VipCounter>(),
+        core::mem::size_of::<LbConfig>(),
+        core::mem::size_of::<VipKey>(),
+        core::mem::size_of::<VipInfo>(),
+        core::mem::size_of::<Backend>(),
+        core::mem::size_of::<FlowKey>(),
+        core::mem::size_of::<FlowValue>(),
+        core::mem::size_of::<VipIndexEntry>(),
+        VIP_INDEX_SLOTS as usize,
+        Stat::COUNT as usize,
+        HcStat::COUNT as usize,
+        FlowEvent::COUNT as usize,
+        VIP_FILTER_WORDS as usize,
+    ];
+    let mut h = 0x6c62_5f61_6269_u64;
+    let mut i = 0;
+    while i < sizes.len() {
+        h = mix(h, sizes[i] as u64);
+        i += 1;
+    }
+    fmix64(h)
+}
+
+/// Value of [`ABI_MAP`]: what the pinned maps were made by and for. An agent adopts pinned
+/// maps only when every field matches its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbiRecord {
+    /// [`ABI_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub version: u32,
+    /// [`FLOW_TABLE_SHARED`] or [`FLOW_TABLE_PER_CPU`].
+    pub flow_table: u32,
+    /// [`abi_layout`].
+    pub layout: u64,
+    pub ring_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_entries: u32,
+    pub hash_seed: u64,
+}
+const _: () = assert!(core::mem::size_of::<AbiRecord>() == 48);
+const _: () = assert!(core::mem::offset_of!(AbiRecord, layout) == 16);
+const _: () = assert!(core::mem::offset_of!(AbiRecord, hash_seed) == 40);

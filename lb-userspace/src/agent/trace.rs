@@ -1,0 +1,134 @@
+//! `lb trace`: what a packet would meet, from the same rules and tables the program uses.
+use std::net::IpAddr;
+
+use lb_common::{FlowKey, slot_of};
+
+use super::core::Core;
+use crate::{
+    Error,
+    api::protocol::{OuterView, Trace},
+    model::{Forward, VipAddr},
+    net::{addr_words, family, flow_key, words_addr},
+};
+
+impl Core {
+    /// Address of backend id `id` of `vip`.
+    fn backend_addr(&self, vip: &VipAddr, id: u32) -> Option<IpAddr> {
+        self.ids
+            .backends
+            .get(vip)?
+            .iter()
+            .find(|(_, b)| **b == id)
+            .map(|(a, _)| *a)
+    }
+
+    /// What a packet from `src:sport` to `vip` (at port `dport` for an every-port VIP) would
+    /// meet. The kernel looks a packet up by its exact port first: a port that another VIP on
+    /// the same address serves is refused here, naming that VIP.
+    pub fn trace(
+        &self,
+        src: IpAddr,
+        sport: u16,
+        vip: &VipAddr,
+        dport: Option<u16>,
+    ) -> Result<Trace, Error> {
+        if !self.desired.vips.contains_key(vip) {
+            return Err(Error::NotFound(format!(
+                "unknown VIP {vip}: see `lb vip list`"
+            )));
+        }
+        let spec = &self.desired.vips[vip];
+        if src.is_ipv4() != vip.ip.is_ipv4() {
+            return Err(Error::Invalid(format!(
+                "client {src} and VIP {vip} are of different address families"
+            )));
+        }
+        let vip_id = *self
+            .ids
+            .vips
+            .get(vip)
+            .ok_or_else(|| Error::NotFound(format!("VIP {vip} has no id yet")))?;
+        let port = match (vip.port, dport) {
+            (0, None) => {
+                return Err(Error::Invalid(format!(
+                    "VIP {vip} covers every port: give the packet's port with --dport"
+                )));
+            }
+            (0, Some(0)) => {
+                return Err(Error::Invalid("--dport 0 is no packet's port".into()));
+            }
+            (0, Some(p)) => {
+                let exact = VipAddr { port: p, ..*vip };
+                if self.desired.vips.contains_key(&exact) {
+                    return Err(Error::Invalid(format!(
+                        "packets to port {p} go to VIP {exact}, not {vip}: trace that one"
+                    )));
+                }
+                p
+            }
+            (p, None) => p,
+            (p, Some(d)) if d == p => p,
+            (p, Some(d)) => {
+                return Err(Error::Invalid(format!(
+                    "VIP {vip} serves port {p} only, not {d}"
+                )));
+            }
+        };
+        let key = flow_key(src, sport, vip.ip, port, vip.proto.number());
+        let slot = slot_of(
+            &key,
+            self.kernel_seed(),
+            spec.source_hash,
+            self.kernel.ring_size(),
+        )
+        .ok_or_else(|| Error::Kernel("the slot table has no slots".into()))?;
+        let slot_backend = self
+            .kernel
+            .view()
+            .published
+            .get(&vip_id)
+            .and_then(|(_, t)| t.get(slot as usize).copied())
+            .and_then(|id| self.backend_addr(vip, id));
+        let flow_backend = self
+            .kernel
+            .flow_backend(&key, vip_id)?
+            .and_then(|id| self.backend_addr(vip, id));
+        let next_packet_to = flow_backend.or(slot_backend);
+        let outer = next_packet_to
+            .filter(|_| spec.forward.encapsulates())
+            .and_then(|b| self.outer_view(spec.forward, b, &key));
+        Ok(Trace {
+            vip: *vip,
+            vip_id,
+            slot,
+            slot_backend,
+            flow_backend,
+            next_packet_to,
+            forward: spec.forward,
+            outer,
+        })
+    }
+
+    /// The outer header the program builds for `key` to `backend`, by the shared rules.
+    fn outer_view(&self, forward: Forward, backend: IpAddr, key: &FlowKey) -> Option<OuterView> {
+        let cfg = self.kernel.config();
+        let entry = lb_common::Backend {
+            addr: addr_words(backend),
+            family: family(backend),
+            encap: forward.encap(),
+            outer_src: addr_words(self.kernel.outer_source(backend)?),
+            ..Default::default()
+        };
+        let src = words_addr(lb_common::outer_source(&cfg, &entry, key), entry.family);
+        Some(OuterView {
+            src,
+            dst: backend,
+            udp: (forward == Forward::Gue)
+                .then(|| (lb_common::gue_source_port(key), u16::from_be(cfg.gue_port))),
+        })
+    }
+
+    fn kernel_seed(&self) -> u64 {
+        self.kernel.hash_seed()
+    }
+}

@@ -1,0 +1,114 @@
+//! Parsing and validation of the operator's vocabulary.
+use super::*;
+
+#[test]
+fn vip_addresses_round_trip() {
+    for s in [
+        "10.0.0.10:80/tcp",
+        "[2001:db8::10]:53/udp",
+        "10.0.0.20:*/tcp",
+    ] {
+        let v: VipAddr = s.parse().unwrap();
+        assert_eq!(v.to_string(), s);
+    }
+    assert_eq!("10.0.0.20:0/TCP".parse::<VipAddr>().unwrap().port, 0);
+}
+
+#[test]
+fn bad_vips_say_why() {
+    for (s, why) in [
+        ("10.0.0.10:80", "missing /tcp"),
+        ("10.0.0.10/tcp", "missing :PORT"),
+        ("10.0.0.10:70000/tcp", "port must be"),
+        ("10.0.0.300:80/tcp", "not an IPv4"),
+        ("10.0.0.10:80/sctp", "tcp or udp"),
+        ("0.0.0.0:80/tcp", "unicast"),
+        ("2001:db8::50:80/tcp", "needs brackets"),
+    ] {
+        let err = s.parse::<VipAddr>().unwrap_err();
+        assert!(err.contains(why), "{s}: {err}");
+    }
+}
+
+#[test]
+fn macs() {
+    assert_eq!(
+        "02:00:00:00:00:0a".parse::<Mac>().unwrap().0,
+        [2, 0, 0, 0, 0, 10]
+    );
+    assert!("02:00:00:00:00".parse::<Mac>().is_err());
+    assert!(
+        "01:00:5e:00:00:01"
+            .parse::<Mac>()
+            .unwrap_err()
+            .contains("unicast")
+    );
+    assert!("zz:00:00:00:00:01".parse::<Mac>().is_err());
+}
+
+#[test]
+fn config_parses_and_validates() {
+    let text = r#"
+        [[vip]]
+        address = "10.0.0.10:80/tcp"
+        health = { kind = "http", path = "/health", interval_ms = 200, timeout_ms = 100 }
+        backend = [ { address = "10.0.0.2", weight = 100 }, { address = "10.0.0.3", mac = "02:00:00:00:00:03" } ]
+
+        [[vip]]
+        address = "[2001:db8::10]:53/udp"
+        source_hash = true
+        backend = [ { address = "2001:db8::2" } ]
+    "#;
+    let s = parse_config(text).unwrap();
+    assert_eq!(s.vips.len(), 2);
+    let v = &s.vips[&"10.0.0.10:80/tcp".parse().unwrap()];
+    assert_eq!(v.backends.len(), 2);
+    assert_eq!(v.health.as_ref().unwrap().rise, 2);
+    assert!(s.vips[&"[2001:db8::10]:53/udp".parse().unwrap()].source_hash);
+}
+
+#[test]
+fn config_errors_are_specific() {
+    let cases = [
+        (
+            r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "10.0.0.2", weight = 70000 } ]"#,
+            "out of range",
+        ),
+        (
+            r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "2001:db8::2" } ]"#,
+            "different address families",
+        ),
+        (
+            r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+[[vip]]
+address = "10.0.0.10:80/tcp""#,
+            "appears twice",
+        ),
+        (
+            r#"[[vip]]
+address = "10.0.0.10:80/tcp"
+backend = [ { address = "10.0.0.2" }, { address = "10.0.0.2" } ]"#,
+            "appears twice",
+        ),
+        (
+            r#"[[vip]]
+address = "10.0.0.10:*/tcp"
+health = { kind = "tcp" }"#,
+            "give its health check a `port`",
+        ),
+        (
+            r#"[[vip]]
+adress = "10.0.0.10:80/tcp""#,
+            "unknown field",
+        ),
+    ];
+    for (text, why) in cases {
+        let err = parse_config(text).unwrap_err();
+        assert!(err.contains(why), "{err}");
+    }
+}

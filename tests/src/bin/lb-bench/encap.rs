@@ -1,0 +1,193 @@
+//! Rows for `--flow-table off` and for encapsulation (the load balancer's ipip/gue paths and
+//! the backends' decap program).
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::{ENCAP_GUE, ENCAP_IPIP};
+use lb_tests::{routed::FibNs, world::World};
+
+use super::{REPEAT, Row, ns_new_flows, ns_repeat, row, tcp};
+
+/// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex` (the calling
+/// thread's namespace).
+fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; frame.len() + 256];
+    for _ in 0..n {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        total += r.duration;
+    }
+    Ok(total.as_nanos() as f64 / f64::from(n))
+}
+
+/// `--flow-table off`: every packet costs the VIP lookup, a hash and a slot read, whether its
+/// flow is new or not (the new-flow harness gives every pass a new flow).
+pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
+    let mut world = World::stateless()?;
+    let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+    let floor = ns_repeat(world.dp.pass_program()?, &frame, REPEAT)?;
+    let harness = ns_repeat(world.dp.extra_program("bench_next_client")?, &frame, REPEAT)?;
+    let same = ns_repeat(world.dp.lb_program()?, &frame, REPEAT)?;
+    let new = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
+    Ok(vec![
+        row(
+            format!("XDP_PASS floor (repeat {REPEAT}, flow table off)"),
+            floor,
+            floor,
+            None,
+        ),
+        row(
+            "TCP packet of a known flow, flow table off".into(),
+            same,
+            floor,
+            Some(2.0),
+        ),
+        row(
+            "new TCP flow, flow table off (harness included)".into(),
+            new,
+            floor,
+            Some(2.0),
+        ),
+        row(
+            "new TCP flow, flow table off, harness subtracted".into(),
+            new - (harness - floor),
+            floor,
+            Some(2.0),
+        ),
+    ])
+}
+
+/// Median of three runs of `REPEAT` passes over `frame` received on `ifindex`.
+fn ns_repeat_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: REPEAT,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        runs.push(r.duration.as_nanos() as f64);
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}
+
+/// Encapsulating modes and the backends' decap program, in a namespace whose FIB knows the
+/// next hop. Both change the frame's shape, so repeated runs go through harnesses that put the
+/// frame back after each pass (their restore is included: these ratios are upper bounds), and
+/// single runs (a fresh frame each, cold caches) are shown against the floor measured the same
+/// way.
+pub fn encap_rows() -> anyhow::Result<Vec<Row>> {
+    const N: u32 = 100_000;
+    let fib = FibNs::new()?;
+    let mut world = World::new()?;
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("literal") };
+    let local = [ip("10.41.0.2")].into_iter().collect();
+    let vips = [ip("10.0.0.10")].into_iter().collect();
+    let mut decap = lb_userspace::decap::load(lb_common::DEFAULT_GUE_PORT, &local, None)?;
+    lb_userspace::decap::set_vips(&mut decap, &vips)?;
+    fib.ns.run(|| -> anyhow::Result<Vec<Row>> {
+        let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+        let floor_r = ns_repeat_on(world.dp.pass_program()?, &frame, fib.ifindex)?;
+        let floor = ns_single_on(world.dp.pass_program()?, N, &frame, fib.ifindex)?;
+        let mut rows = vec![row(
+            format!("XDP_PASS floor (repeat {REPEAT}, encapsulation namespace)"),
+            floor_r,
+            floor_r,
+            None,
+        )];
+        let mut singles = vec![row(
+            format!("XDP_PASS floor ({N} single runs, encapsulation namespace)"),
+            floor,
+            floor,
+            None,
+        )];
+        world.run_on(&frame, fib.ifindex)?;
+        world.run_on(&frame, fib.ifindex)?;
+        let l2_r = ns_repeat_on(world.dp.lb_program()?, &frame, fib.ifindex)?;
+        rows.push(row("established TCP flow, l2".into(), l2_r, floor_r, Some(2.0)));
+        let l2 = ns_single_on(world.dp.lb_program()?, N, &frame, fib.ifindex)?;
+        singles.push(row(
+            "established TCP flow, l2 (single runs)".into(),
+            l2,
+            floor,
+            None,
+        ));
+        for (name, encap) in [("ipip", ENCAP_IPIP), ("gue", ENCAP_GUE)] {
+            for id in [1, 2, 3] {
+                world.set_backend_encap(id, ip("10.41.0.2"), encap, ip("10.31.0.2"))?;
+            }
+            // Established first (probation, then the table), as in the l2 row.
+            let (_, encapsulated) = world.run_on(&frame, fib.ifindex)?;
+            world.run_on(&frame, fib.ifindex)?;
+            let r = ns_repeat_on(
+                world.dp.extra_program("bench_lb_encap")?,
+                &frame,
+                fib.ifindex,
+            )?;
+            rows.push(row(
+                format!("established TCP flow, {name} (cached next hop + outer header; restore included)"),
+                r,
+                floor_r,
+                Some(2.5),
+            ));
+            let d = ns_repeat_on(decap_bench(&mut decap)?, &encapsulated, fib.ifindex)?;
+            rows.push(row(
+                format!("backend decap program, {name} packet (restore included)"),
+                d,
+                floor_r,
+                Some(1.5),
+            ));
+            let ns = ns_single_on(world.dp.lb_program()?, N, &frame, fib.ifindex)?;
+            singles.push(row(
+                format!("established TCP flow, {name} (single runs)"),
+                ns,
+                floor,
+                Some(2.5),
+            ));
+            let d = ns_single_on(
+                lb_userspace::decap::program(&mut decap)?,
+                N,
+                &encapsulated,
+                fib.ifindex,
+            )?;
+            singles.push(row(
+                format!("backend decap program, {name} packet (single runs)"),
+                d,
+                floor,
+                Some(1.5),
+            ));
+        }
+        rows.extend(singles);
+        Ok(rows)
+    })?
+}
+
+/// The decap object's benchmark harness, loaded.
+fn decap_bench(ebpf: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut("bench_decap")
+        .context("no bench_decap program")?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    Ok(prog)
+}
