@@ -375,15 +375,22 @@ impl Core {
                     let h = self.health.get(&(*vip, *addr));
                     let slots = built.and_then(|t| t.slots.get(&id)).copied().unwrap_or(0);
                     let mac = facts.mac(vip, addr);
+                    let routed = spec.forward.encapsulates();
                     BackendView {
                         address: *addr,
                         id,
                         weight: b.weight,
-                        mac: mac.map_or("no-mac".into(), |m| m.to_string()),
-                        mac_source: match (b.mac, mac) {
-                            (Some(_), _) => "configured",
-                            (None, Some(_)) => "neighbour",
-                            (None, None) => "none",
+                        // Encapsulated backends have no MAC of their own: the FIB's next hop.
+                        mac: match (routed, mac) {
+                            (true, _) => "via-fib".into(),
+                            (false, Some(m)) => m.to_string(),
+                            (false, None) => "no-mac".into(),
+                        },
+                        mac_source: match (routed, b.mac, mac) {
+                            (true, _, _) => "fib",
+                            (false, Some(_), _) => "configured",
+                            (false, None, Some(_)) => "neighbour",
+                            (false, None, None) => "none",
                         }
                         .into(),
                         drained: b.drained,
