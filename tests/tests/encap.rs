@@ -246,3 +246,141 @@ fn path_mtu_through_the_tunnel() -> anyhow::Result<()> {
     assert_eq!(global(&stats, "dropped_too_big"), 0, "{:?}", stats.global);
     Ok(())
 }
+
+/// Runs `lb args...` inside `ns`; returns (exit code, stderr).
+fn lb_in(
+    ns: &lb_tests::Netns,
+    dir: &lb_tests::AgentDir,
+    args: &[&str],
+) -> anyhow::Result<(i32, String)> {
+    let mut cmd = ns.command(lb_tests::lb_binary()?.to_str().context("path")?);
+    cmd.arg("--socket").arg(dir.socket()).args(args);
+    let out = cmd.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// One line of error (clap's usage errors add a "try --help" line).
+fn brief(err: &str) -> bool {
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.len() == 1 || (lines.len() == 2 && lines[1].contains("--help"))
+}
+
+/// Bad input to the encapsulation commands: one clear line, a non-zero exit, nothing changed
+/// (no pins, no attachment, the desired state as it was).
+#[test]
+fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
+    let net = lb_tests::TwoHosts::new("encbad", 77)?;
+    let dir = lb_tests::AgentDir::new("encbad")?;
+    let bpffs = dir.bpffs.to_string_lossy().into_owned();
+    let dev = net.veth.b.clone();
+    let decap_pins = lb_userspace::decap::pin_dir(&dir.bpffs, &dev);
+    let nine: Vec<String> = (1..=9).map(|i| format!("10.77.1.{i}")).collect();
+    let mut many = vec![
+        "decap",
+        "--iface",
+        &dev,
+        "--bpffs",
+        &bpffs,
+        "--vip",
+        "10.0.0.10",
+    ];
+    for a in &nine {
+        many.extend(["--local", a.as_str()]);
+    }
+    for (args, code, why) in [
+        (
+            vec!["decap", "--iface", &dev, "--bpffs", &bpffs],
+            2,
+            "give the VIPs",
+        ),
+        (
+            vec![
+                "decap",
+                "--iface",
+                "nosuch0",
+                "--bpffs",
+                &bpffs,
+                "--vip",
+                "10.0.0.10",
+            ],
+            -2,
+            "nosuch0",
+        ),
+        (many.clone(), 2, "at most 8"),
+        (
+            vec!["decap", "--iface", &dev, "--bpffs", &bpffs, "--stats"],
+            -2,
+            "no decap program",
+        ),
+        (
+            vec!["decap", "--iface", &dev, "--bpffs", &bpffs, "--detach"],
+            -2,
+            "no decap program",
+        ),
+    ] {
+        let (got, err) = lb_in(&net.backend, &dir, &args)?;
+        assert_ne!(got, 0, "{args:?}");
+        if code > 0 {
+            assert_eq!(got, code, "{args:?}: {err}");
+        }
+        assert!(err.contains(why) && brief(&err), "{args:?}: {err}");
+        assert!(
+            !decap_pins.join("link").exists(),
+            "{args:?} attached something"
+        );
+    }
+    // The agent: conflicting options are refused before anything is pinned.
+    let lb_dev = net.veth.a.clone();
+    let agent_pins = lb_userspace::dataplane::pins::pin_dir(&dir.bpffs, &lb_dev);
+    for (extra, why) in [
+        (
+            vec!["--encap-source", "10.77.0.1", "--encap-source", "10.77.0.9"],
+            "at most one",
+        ),
+        (
+            vec!["--flow-table", "off", "--per-cpu-flows"],
+            "--per-cpu-flows",
+        ),
+        (vec!["--ipip-source-prefix", "172.31.5.0/24"], "/16"),
+    ] {
+        let mut args = vec![
+            "run",
+            "--iface",
+            &lb_dev,
+            "--bpffs",
+            &bpffs,
+            "--duration",
+            "1",
+        ];
+        args.extend(extra.iter().copied());
+        let (got, err) = lb_in(&net.lb, &dir, &args)?;
+        assert_ne!(got, 0, "{extra:?}");
+        assert!(err.contains(why) && brief(&err), "{extra:?}: {err}");
+        assert!(!agent_pins.join("link").exists(), "{extra:?} attached");
+    }
+    // A running agent: a MAC on an encapsulated backend, and a bad mode, change nothing.
+    let _agent = dir.spawn_agent(&net.lb, &lb_dev, &["--mode", "generic"])?;
+    dir.cli_ok(&["vip", "add", "10.0.0.10:80/tcp", "--forward", "ipip"])?;
+    let before = dir.cli_ok(&["vip", "list", "--json"])?;
+    for args in [
+        vec![
+            "backend",
+            "add",
+            "10.0.0.10:80/tcp",
+            "10.77.0.2",
+            "--mac",
+            "02:00:00:00:00:02",
+        ],
+        vec!["vip", "add", "10.0.0.11:80/tcp", "--forward", "vxlan"],
+    ] {
+        let out = dir.cli(&args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(brief(&err), "{args:?}: {err}");
+    }
+    assert_eq!(dir.cli_ok(&["vip", "list", "--json"])?, before);
+    Ok(())
+}
