@@ -68,15 +68,20 @@ fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
     Ok(out)
 }
 
-/// Whether the kernel forwards on `iface` for both families (the FIB lookup of encapsulated
-/// packets refuses otherwise).
-fn forwarding_off(iface: &str) -> Vec<String> {
-    ["ipv4", "ipv6"]
-        .iter()
-        .map(|f| format!("/proc/sys/net/{f}/conf/{iface}/forwarding"))
-        .filter(|p| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
-        .map(|p| p.trim_start_matches("/proc/sys/").replace('/', "."))
-        .collect()
+/// The sysctls encapsulation needs on `iface` that are not set: forwarding for both families
+/// (the FIB lookup refuses otherwise) and IPv4 `accept_local` (the no-neighbour hand-off gives
+/// the stack a packet whose source is our own address).
+fn encap_sysctls_missing(iface: &str) -> Vec<String> {
+    [
+        ("ipv4", "forwarding"),
+        ("ipv6", "forwarding"),
+        ("ipv4", "accept_local"),
+    ]
+    .iter()
+    .map(|(f, k)| format!("/proc/sys/net/{f}/conf/{iface}/{k}"))
+    .filter(|p| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
+    .map(|p| p.trim_start_matches("/proc/sys/").replace('/', "."))
+    .collect()
 }
 
 /// Every few seconds: the egress device map follows the host's interfaces, and the next hops
@@ -102,7 +107,7 @@ async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
             let name = iface.clone();
             let synced = tokio::task::spawn_blocking(move || {
                 ports.sync();
-                (ports, forwarding_off(&name))
+                (ports, encap_sysctls_missing(&name))
             })
             .await;
             let off = match synced {
@@ -117,7 +122,7 @@ async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
             };
             if !known.is_empty() && !warned && !off.is_empty() {
                 let what = format!(
-                    "encapsulating VIPs need forwarding on {iface}: set {} = 1 (packets are dropped as dropped_forwarding_disabled meanwhile)",
+                    "encapsulating VIPs need on {iface}: {} = 1 (without forwarding packets are dropped as dropped_forwarding_disabled; without accept_local, IPv4 packets handed to the stack for a missing neighbour are dropped)",
                     off.join(" and ")
                 );
                 log::warn!("{what}");

@@ -362,7 +362,11 @@ fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
         assert!(!agent_pins.join("link").exists(), "{extra:?} attached");
     }
     // A running agent: a MAC on an encapsulated backend, and a bad mode, change nothing.
-    let _agent = dir.spawn_agent(&net.lb, &lb_dev, &["--mode", "generic"])?;
+    let _agent = dir.spawn_agent(
+        &net.lb,
+        &lb_dev,
+        &["--mode", "generic", "--metrics", "127.0.0.1:9477"],
+    )?;
     dir.cli_ok(&["vip", "add", "10.0.0.10:80/tcp", "--forward", "ipip"])?;
     let before = dir.cli_ok(&["vip", "list", "--json"])?;
     for args in [
@@ -382,5 +386,29 @@ fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
         assert!(brief(&err), "{args:?}: {err}");
     }
     assert_eq!(dir.cli_ok(&["vip", "list", "--json"])?, before);
+    // This namespace does not forward: once a routed backend exists the agent says which
+    // sysctls encapsulation needs (in its events, on the status page).
+    dir.cli_ok(&["backend", "add", "10.0.0.10:80/tcp", "10.77.0.2"])?;
+    let status = || -> anyhow::Result<String> {
+        net.lb.run(|| -> anyhow::Result<String> {
+            let mut s = TcpStream::connect("127.0.0.1:9477")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET /status.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "an event naming the missing sysctls",
+        || {
+            let s = status()?;
+            Ok(s.contains("encapsulating VIPs need")
+                && s.contains("ipv4.conf.")
+                && s.contains(".forwarding"))
+        },
+        || status().unwrap_or_default(),
+    )?;
     Ok(())
 }
