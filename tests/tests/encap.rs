@@ -412,3 +412,43 @@ fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// kill -9 and a new agent: the encapsulating VIP keeps forwarding meanwhile (pinned program
+/// and maps), the new agent adopts the pinned XDP link and the pinned tc link of the
+/// health-check program in place, and the probes through the tunnel go on.
+#[test]
+fn a_killed_agent_is_replaced_without_losing_the_tunnel() -> anyhow::Result<()> {
+    let mut net = Routed::new("enk")?;
+    net.start_sample(1)?;
+    net.decap(1, &[])?;
+    net.start_agent(&[])?;
+    let vip = format!("{VIP4}:80/tcp");
+    let mut args = vec!["vip", "add", vip.as_str(), "--forward", "gue"];
+    args.extend_from_slice(&HEALTH);
+    net.lb(&args)?;
+    net.lb(&["backend", "add", &vip, &backend4(1)])?;
+    let up = |net: &Routed| -> anyhow::Result<bool> {
+        Ok(health_of(&net.dir.vips()?, &vip, &backend4(1)) == "up")
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "backend 1 up",
+        || up(&net),
+        || net.lb(&["backend", "list"]).unwrap_or_default(),
+    )?;
+    // Counters live in pinned maps: they carry over to the next agent.
+    let probes_before = global(&net.dir.stats()?, "hc_encapsulated");
+    let mut agent = net.agent.take().context("agent")?;
+    agent.kill();
+    // No agent: the pinned program still encapsulates.
+    assert_eq!(backend_index(&request(&net, VIP4, get("/"))?)?, 1);
+    net.start_agent(&[])?;
+    assert_eq!(backend_index(&request(&net, VIP4, get("/"))?)?, 1);
+    wait_until(
+        Duration::from_secs(10),
+        "probes through the tunnel after the restart",
+        || Ok(up(&net)? && global(&net.dir.stats()?, "hc_encapsulated") > probes_before),
+        || net.lb(&["stats"]).unwrap_or_default(),
+    )?;
+    Ok(())
+}
