@@ -72,6 +72,16 @@ impl MapsKernel {
     }
 
     fn set_backend(&mut self, id: u32, b: &BackendTarget, new_owner: bool) -> Result<(), Error> {
+        // Checked when a change is made; a state saved by a run that had a source of this
+        // family (the interface lost its address since) is refused here, and reported as not
+        // converged, rather than sent from no address.
+        if b.encap != ENCAP_L2 && self.sources.for_backend(b.addr).is_none() {
+            return Err(Error::Kernel(format!(
+                "backend {}: no {} address to encapsulate from (give `lb run --encap-source ADDR`)",
+                b.addr,
+                if b.addr.is_ipv4() { "IPv4" } else { "IPv6" }
+            )));
+        }
         let old = self.dp.backends.get(id)?;
         let was_present = old.flags & BACKEND_F_PRESENT != 0;
         let entry = Backend {
