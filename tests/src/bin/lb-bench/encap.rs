@@ -123,6 +123,19 @@ pub fn encap_rows() -> anyhow::Result<Vec<Row>> {
         world.run_on(&frame, fib.ifindex)?;
         let l2_r = ns_repeat_on(world.dp.lb_program()?, &frame, fib.ifindex)?;
         rows.push(row("established TCP flow, l2".into(), l2_r, floor_r, Some(2.0)));
+        // The restoring harness on the l2 path (nothing to undo): its own cost, to read the
+        // encapsulation rows against.
+        let harness = ns_repeat_on(
+            world.dp.extra_program("bench_lb_encap")?,
+            &frame,
+            fib.ifindex,
+        )?;
+        rows.push(row(
+            "established TCP flow, l2, through the restoring harness".into(),
+            harness,
+            floor_r,
+            None,
+        ));
         let l2 = ns_single_on(world.dp.lb_program()?, N, &frame, fib.ifindex)?;
         singles.push(row(
             "established TCP flow, l2 (single runs)".into(),
