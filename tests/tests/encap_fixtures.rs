@@ -402,3 +402,44 @@ fn icmp_errors_about_vip_flows_follow_the_tunnel() -> anyhow::Result<()> {
     })??;
     Ok(())
 }
+
+/// `--ipip-source-prefix`: each IPIP flow's outer source is taken from the prefix (IPv4 /16,
+/// IPv6 /64) by the shared rule, and the outer IPv4 checksum covers it.
+#[test]
+fn ipip_sources_from_a_prefix() -> anyhow::Result<()> {
+    let f = FibNs::new()?;
+    let mut world = World::with_options(lb_userspace::LoadOptions {
+        ipip_prefix4: Some("172.31.0.0".parse()?),
+        ipip_prefix6: Some("fd00:99:1:2::".parse()?),
+        ..World::options()
+    })?;
+    let cfg = world.dp.opts.config();
+    f.ns.run(|| -> anyhow::Result<()> {
+        all_to(&mut world, ENCAP_IPIP, "10.41.0.2", "fd00:41::2")?;
+        let mut seen = std::collections::BTreeSet::new();
+        for sport in 47000..47040u16 {
+            let (action, out) = world.run_on(&tcp4(sport, b"x"), f.ifindex)?;
+            assert_eq!(action, XDP_TX);
+            let p = PacketHeaders::from_ethernet_slice(&out)?;
+            let Some(NetHeaders::Ipv4(h, _)) = &p.net else {
+                panic!("no outer IPv4")
+            };
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(&h.source[..2], &[172, 31]);
+            let key = flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP);
+            let b = world.dp.backends.get(1)?;
+            let want = lb_common::outer_source(&cfg, &b, &key)[0].to_ne_bytes();
+            assert_eq!(h.source, want, "the shared rule");
+            seen.insert(h.source);
+        }
+        assert!(seen.len() > 30, "sources spread over flows: {}", seen.len());
+        let (_, out) = world.run_on(&tcp6(47100, b"x"), f.ifindex)?;
+        let p = PacketHeaders::from_ethernet_slice(&out)?;
+        let Some(NetHeaders::Ipv6(h, _)) = &p.net else {
+            panic!("no outer IPv6")
+        };
+        assert_eq!(&h.source[..8], &[0xfd, 0, 0, 0x99, 0, 1, 0, 2]);
+        Ok(())
+    })??;
+    Ok(())
+}
