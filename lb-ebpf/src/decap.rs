@@ -10,6 +10,11 @@
 #![no_std]
 #![no_main]
 
+#[allow(
+    dead_code,
+    reason = "shared with the load balancer, which uses all of it; decap needs the Ethernet types"
+)]
+mod proto;
 mod ptr;
 
 use aya_ebpf::{
@@ -32,7 +37,10 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::ptr::{Frame, ptr_at, ptr_at_mut};
+use crate::{
+    proto::{ETH_P_IP, ETH_P_IPV6},
+    ptr::{Frame, ptr_at, ptr_at_mut},
+};
 
 #[map(name = "DECAP_VIPS")]
 static DECAP_VIPS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_MAX_ADDRS, 0);
@@ -43,9 +51,6 @@ static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DecapSt
 /// Written by `lb decap` before loading.
 #[unsafe(no_mangle)]
 static DECAP_CONFIG: DecapConfig = DecapConfig::DEFAULT;
-
-const ETH_P_IP: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 
 #[inline(always)]
 fn count(stat: DecapStat, len: u64) {

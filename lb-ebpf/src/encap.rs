@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, NEXTHOP_TTL_S, NextHopCache, Stat};
+use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, LbConfig, NEXTHOP_TTL_S, NextHopCache, Stat};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -20,7 +20,7 @@ use crate::{
     Verdict,
     fib::{self, Fib, NextHop},
     icmp,
-    maps::{LB_NEXTHOPS, LB_TX_PORTS, config},
+    maps::{LB_NEXTHOPS, LB_TX_PORTS},
     outer,
     parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
 };
@@ -29,14 +29,14 @@ use crate::{
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
+    cfg: &LbConfig,
     pkt: &Parsed,
     id: u32,
     b: &Backend,
 ) -> Result<Verdict, Verdict> {
-    let cfg = config();
     let ingress = ctx.ingress_ifindex() as u32;
     let inner_v4 = pkt.key.family == FAMILY_V4;
-    let plan = outer::plan(&cfg, b, &pkt.key, inner_v4, pkt.ip.len, pkt.ip.tos, ingress)
+    let plan = outer::plan(cfg, b, &pkt.key, inner_v4, pkt.ip.len, pkt.ip.tos, ingress)
         .ok_or(Verdict::Drop(Stat::DropTooBig))?;
     let hop = match next_hop(ctx, id, b, &plan) {
         Fib::Hop(h) => Some(h),

@@ -19,21 +19,19 @@ use network_types::{
 
 use crate::{
     Verdict, outer,
-    parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
+    parse::{Parsed, ptr_at_mut},
+    proto::{
+        ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMPV6_PKT_TOOBIG,
+        IPPROTO_ICMP, IPPROTO_ICMPV6,
+    },
 };
 
 /// Bytes of the original IPv4 packet quoted: the header (options included) and the ports.
 const QUOTE4: usize = 64;
 /// Bytes of the original IPv6 packet quoted: the header and the start of TCP/UDP.
 const QUOTE6: usize = 128;
-const ICMP_LEN: usize = 8;
 /// Ethernet header and one VLAN tag: where an IP header can start.
 const MAX_L3: usize = 18;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 const CANNOT: Verdict = Verdict::Drop(Stat::DropTooBig);
 
@@ -101,10 +99,10 @@ fn sum_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u64> {
 
 #[inline(always)]
 fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
-    const AT: usize = EthHdr::LEN + Ipv4Hdr::LEN + ICMP_LEN;
+    const AT: usize = EthHdr::LEN + Ipv4Hdr::LEN + ICMP_HDR_LEN;
     let macs = reshape(ctx, pkt.ip.l3, AT, QUOTE4)?;
     reply_eth(ctx, macs, ETH_P_IP)?;
-    let icmp: *mut [u8; ICMP_LEN] = ptr_at_mut(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at_mut(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
     let mtu = (mtu.min(0xffff) as u16).to_be_bytes();
     // SAFETY: checked by `ptr_at_mut`.
     unsafe {
@@ -119,7 +117,7 @@ fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
             mtu[1],
         ]
     };
-    let sum = sum_at::<{ ICMP_LEN + QUOTE4 }>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    let sum = sum_at::<{ ICMP_HDR_LEN + QUOTE4 }>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
     let check = csum_fold(sum).to_ne_bytes();
     unsafe {
         (*icmp)[2] = check[0];
@@ -132,7 +130,7 @@ fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
         dst: pkt.key.src,
         sport: 0,
         dport: 0,
-        len: (Ipv4Hdr::LEN + ICMP_LEN + QUOTE4) as u16,
+        len: (Ipv4Hdr::LEN + ICMP_HDR_LEN + QUOTE4) as u16,
         tos: 0,
         ifindex: 0,
     };
@@ -144,20 +142,20 @@ fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
 
 #[inline(always)]
 fn too_big_v6(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
-    const AT: usize = EthHdr::LEN + Ipv6Hdr::LEN + ICMP_LEN;
+    const AT: usize = EthHdr::LEN + Ipv6Hdr::LEN + ICMP_HDR_LEN;
     let macs = reshape(ctx, pkt.ip.l3, AT, QUOTE6)?;
     reply_eth(ctx, macs, ETH_P_IPV6)?;
-    let icmp: *mut [u8; ICMP_LEN] = ptr_at_mut(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at_mut(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
     let m = mtu.to_be_bytes();
     // SAFETY: checked by `ptr_at_mut`.
     unsafe { *icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, m[0], m[1], m[2], m[3]] };
-    let len = (ICMP_LEN + QUOTE6) as u32;
+    let len = (ICMP_HDR_LEN + QUOTE6) as u32;
     // Pseudo-header: addresses, upper-layer length, next header (native-order words).
     let pseudo = outer::addr_sum(&pkt.key.src)
         + outer::addr_sum(&pkt.key.dst)
         + len.to_be() as u64
         + (IPPROTO_ICMPV6 as u32).to_be() as u64;
-    let sum = sum_at::<{ ICMP_LEN + QUOTE6 }>(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    let sum = sum_at::<{ ICMP_HDR_LEN + QUOTE6 }>(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
     let check = csum_fold(sum + pseudo).to_ne_bytes();
     unsafe {
         (*icmp)[2] = check[0];
@@ -170,7 +168,7 @@ fn too_big_v6(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
         dst: pkt.key.src,
         sport: 0,
         dport: 0,
-        len: (Ipv6Hdr::LEN + ICMP_LEN + QUOTE6) as u16,
+        len: (Ipv6Hdr::LEN + ICMP_HDR_LEN + QUOTE6) as u16,
         tos: 0,
         ifindex: 0,
     };

@@ -16,6 +16,7 @@ mod icmp;
 mod maps;
 mod outer;
 mod parse;
+mod proto;
 mod ptr;
 mod select;
 mod stats;
@@ -77,13 +78,15 @@ fn lb(ctx: &XdpContext) -> u32 {
 fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     // `parse` passes what is not addressed to a VIP address before reading L4 headers.
     let pkt = parse::parse(ctx)?;
-    let picked = select::pick(&pkt)?;
+    // Read once: the selection and the encapsulation both need the load-time constants.
+    let cfg = maps::config();
+    let picked = select::pick(&pkt, &cfg)?;
     stats::count_vip(picked.vip_id, len, picked.new_flow);
     stats::count_backend(picked.id, len);
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, &picked.backend)
     } else {
-        encap::encapsulate(ctx, &pkt, picked.id, &picked.backend)
+        encap::encapsulate(ctx, &cfg, &pkt, picked.id, &picked.backend)
     }
 }
 

@@ -10,10 +10,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::fib::Outer;
-
-/// IPv4 "don't fragment".
-const IP_DF: u16 = 0x4000;
+use crate::{fib::Outer, proto::IP_DF};
 
 /// Everything about one encapsulation, decided before the packet is touched.
 pub struct Plan {

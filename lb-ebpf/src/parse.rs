@@ -14,22 +14,13 @@ use network_types::{
     vlan::VlanHdr,
 };
 
+use crate::proto::{
+    ETH_P_8021Q, ICMP_DEST_UNREACH, ICMP_HDR_LEN, ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG, IP_DF,
+    IPPROTO_ICMP, IPPROTO_ICMPV6,
+};
+pub use crate::proto::{ETH_P_IP, ETH_P_IPV6};
 pub use crate::ptr::{ptr_at, ptr_at_mut};
 use crate::{Verdict, maps::maybe_vip_addr};
-
-pub const ETH_P_IP: u16 = 0x0800u16.to_be();
-pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
-const ETH_P_8021Q: u16 = 0x8100u16.to_be();
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-/// ICMP destination unreachable (includes "fragmentation needed").
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-/// ICMP and ICMPv6 headers are both 8 bytes before the quoted packet.
-const ICMP_HDR_LEN: usize = 8;
-/// IPv4 "don't fragment" bit of the flags/fragment-offset field.
-const IP_DF: u16 = 0x4000;
 
 const MALFORMED: Verdict = Verdict::Drop(Stat::DropMalformed);
 const NOT_VIP: Verdict = Verdict::Pass(Stat::PassNotVip);

@@ -16,8 +16,8 @@ use lb_common::{
 use crate::{
     Verdict,
     maps::{
-        LB_BACKENDS, LB_SLOTS, config, established, find_vip_id, forget_established,
-        forget_probation, on_probation, present_vip, remember_established, remember_probation,
+        LB_BACKENDS, LB_SLOTS, established, find_vip_id, forget_established, forget_probation,
+        on_probation, present_vip, remember_established, remember_probation,
     },
     parse::Parsed,
     stats::count_flow,
@@ -73,11 +73,10 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
 /// Picks the backend for `pkt`, which passed the VIP address pre-filter. An established hit
 /// costs one hash lookup and two array reads; only flows no table decides look the VIP up.
 #[inline(always)]
-pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
-    let cfg = config();
+pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
     if cfg.flow_table == FLOW_TABLE_OFF {
         // Stateless: the live table decides every packet, nothing is remembered.
-        let (vip_id, id, b, _) = by_table(pkt, &cfg)?;
+        let (vip_id, id, b, _) = by_table(pkt, cfg)?;
         return Ok(picked(id, b, vip_id, false));
     }
     let mut facts = PacketFacts {
@@ -91,17 +90,17 @@ pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
         facts.now_s = now_s();
     }
     let mut found = Found::Nowhere;
-    if let Some(entry) = established(&cfg, &pkt.key) {
+    if let Some(entry) = established(cfg, &pkt.key) {
         // SAFETY: the map's value, valid while this program runs; plain data.
         let flow = unsafe { *entry };
         if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
             facts.now_s = now_s();
         }
-        if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
+        if let Some((_, b)) = deciding(&flow, &facts, cfg) {
             count_flow(FlowEvent::Hit);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
-                forget_established(&cfg, &pkt.key);
+                forget_established(cfg, &pkt.key);
             } else if facts.now_s != 0
                 && (flow.last_seen != facts.now_s
                     || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0))
@@ -118,20 +117,20 @@ pub fn pick(pkt: &Parsed) -> Result<Picked, Verdict> {
         if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
             facts.now_s = now_s();
         }
-        if let Some((_, b)) = deciding(&flow, &facts, &cfg) {
+        if let Some((_, b)) = deciding(&flow, &facts, cfg) {
             count_flow(FlowEvent::Promoted);
             forget_probation(&pkt.key);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
             } else {
-                remember_established(&cfg, &pkt.key, &touched(&flow, &facts));
+                remember_established(cfg, &pkt.key, &touched(&flow, &facts));
             }
             return Ok(picked(flow.backend_id, b, flow.vip_id, false));
         }
         count_flow(FlowEvent::Replaced);
         found = Found::Probation;
     }
-    place(pkt, &facts, &cfg, found)
+    place(pkt, &facts, cfg, found)
 }
 
 #[inline(always)]

@@ -91,6 +91,12 @@ impl Netns {
         cmd
     }
 
+    /// A `Command` that runs the `lb` binary inside the namespace.
+    pub fn lb(&self) -> anyhow::Result<Command> {
+        let lb = crate::proc::lb_binary()?;
+        Ok(self.command(lb.to_str().context("non-UTF-8 path to lb")?))
+    }
+
     /// The MAC address of `dev` in this namespace.
     pub fn mac(&self, dev: &str) -> anyhow::Result<[u8; 6]> {
         // /sys shows the caller's namespace: ask `ip` about this one instead.

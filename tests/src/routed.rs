@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use crate::{
     agent::AgentDir,
     net::{Netns, VethPair},
-    proc::{ChildGuard, lb_binary},
+    proc::ChildGuard,
 };
 
 /// VIPs the backends hold on `lo`.
@@ -208,12 +208,8 @@ impl Routed {
         Ok(())
     }
 
-    fn lb_cmd(&self, ns: &Netns) -> anyhow::Result<std::process::Command> {
-        Ok(ns.command(lb_binary()?.to_str().context("non-UTF-8 path")?))
-    }
-
     fn xdp_pass_on_router(&mut self, dev: &str) -> anyhow::Result<()> {
-        let mut cmd = self.lb_cmd(&self.router)?;
+        let mut cmd = self.router.lb()?;
         cmd.args(["xdp-pass", "--iface", dev]);
         let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {dev}"))?;
         child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
@@ -223,7 +219,7 @@ impl Routed {
 
     /// Starts a sample HTTP backend on port 80 (both families) in backend `i` (1..=3).
     pub fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut cmd = self.lb_cmd(&self.backends[i - 1])?;
+        let mut cmd = self.backends[i - 1].lb()?;
         cmd.args([
             "samples",
             "--count",
@@ -242,7 +238,7 @@ impl Routed {
 
     /// Runs `lb decap` on backend `i`'s interface for every VIP; returns its output.
     pub fn decap(&self, i: usize, extra: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = self.lb_cmd(&self.backends[i - 1])?;
+        let mut cmd = self.backends[i - 1].lb()?;
         cmd.args(["decap", "--iface", &backend_dev(i), "--bpffs"])
             .arg(&self.dir.bpffs)
             .args(["--vip", VIP4, "--vip", VIP6, "--vip", VIP_MIXED])
@@ -308,28 +304,19 @@ impl FibNs {
             ns.sysctl(key, "1")?;
         }
         let gw = "02:00:00:00:0a:01";
-        ns.ip(&[
-            "neigh",
-            "replace",
-            "10.31.0.1",
-            "lladdr",
-            gw,
-            "dev",
-            &a,
-            "nud",
-            "permanent",
-        ])?;
-        ns.ip(&[
-            "neigh",
-            "replace",
-            "fd00:31::1",
-            "lladdr",
-            gw,
-            "dev",
-            &a,
-            "nud",
-            "permanent",
-        ])?;
+        for gw_ip in ["10.31.0.1", "fd00:31::1"] {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                gw_ip,
+                "lladdr",
+                gw,
+                "dev",
+                &a,
+                "nud",
+                "permanent",
+            ])?;
+        }
         ns.ip(&[
             "route",
             "add",

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{AgentDir, ChildGuard, Netns, lb_binary};
+use crate::{AgentDir, ChildGuard, Netns};
 
 pub const CLIENT_IP: &str = "10.200.0.10";
 pub const LB_IP: &str = "10.200.0.2";
@@ -134,13 +134,9 @@ impl DemoNet {
         Ok(())
     }
 
-    fn lb_cmd(&self, ns: &Netns) -> anyhow::Result<std::process::Command> {
-        Ok(ns.command(lb_binary()?.to_str().context("non-UTF-8 path")?))
-    }
-
     /// Starts a sample backend (HTTP + UDP echo on port 80, v4 and v6) in backend `i`.
     pub fn start_backend(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut cmd = self.lb_cmd(&self.backends[i])?;
+        let mut cmd = self.backends[i].lb()?;
         cmd.args([
             "samples",
             "--count",
@@ -164,7 +160,7 @@ impl DemoNet {
             self.start_backend(i)?;
         }
         if self.mode == "native" {
-            let mut cmd = self.lb_cmd(&self.bridge)?;
+            let mut cmd = self.bridge.lb()?;
             cmd.args(["xdp-pass", "--iface", "p-lb"]);
             let mut child = ChildGuard::spawn(cmd, "xdp-pass on p-lb")?;
             child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
@@ -202,16 +198,11 @@ impl DemoNet {
 
     /// One HTTP GET on a new connection from the client; returns the backend index answering.
     pub fn http_get(&self, vip: IpAddr, port: u16) -> anyhow::Result<usize> {
-        let body = self.client.run(move || -> anyhow::Result<String> {
-            let addr = SocketAddr::new(vip, port);
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })??;
-        backend_index(&body)
+        backend_index(&http_request(
+            &self.client,
+            SocketAddr::new(vip, port),
+            &get("/"),
+        )?)
     }
 
     /// One UDP request/response from the client; returns the backend index answering.
@@ -235,6 +226,25 @@ impl DemoNet {
         })??;
         backend_index(&body)
     }
+}
+
+/// A `GET path` request that closes the connection after the answer.
+pub fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// Sends `request` on a new connection from namespace `ns` to `to` and returns the whole
+/// answer (up to the server closing). Bounded: 3 s to connect, 10 s per read or write.
+pub fn http_request(ns: &Netns, to: SocketAddr, request: &[u8]) -> anyhow::Result<String> {
+    ns.run(|| -> anyhow::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })?
 }
 
 /// The `i` of "hello from backend i" in a response.

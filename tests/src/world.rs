@@ -53,6 +53,16 @@ pub const RING: u32 = 1009;
 pub const FIN_GRACE_S: u32 = 1;
 pub const SEED: u64 = 0x5eed_1234_abcd_0042;
 
+/// The `ctx_in` of a BPF_PROG_TEST_RUN of a `len`-byte frame received on `ifindex`: a
+/// `struct xdp_md` (data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+/// egress_ifindex).
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ifindex, 0, 0u32]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("valid literal address")
 }
@@ -264,10 +274,7 @@ impl World {
     /// calling thread's namespace); returns the action and output frame.
     pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx = xdp_md(frame.len(), ifindex);
         let prog = self.dp.lb_program()?;
         let res = prog
             .test_run(TestRunOptions {

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use lb_tests::{
     routed::{CLIENT4, Routed, VIP_MIXED, VIP4, VIP6, backend4, backend6},
-    topo::backend_index,
+    topo::{backend_index, get, http_request},
     wait_until,
 };
 use lb_userspace::api::protocol::{StatsView, VipView};
@@ -29,22 +29,9 @@ const HEALTH: [&str; 10] = [
     "1",
 ];
 
-/// One HTTP request on a new connection from the client; returns the whole answer.
+/// One HTTP request on a new connection from the client to `vip`:80; the whole answer.
 fn request(net: &Routed, vip: &str, req: Vec<u8>) -> anyhow::Result<String> {
-    let ip: IpAddr = vip.parse()?;
-    net.client.run(move || -> anyhow::Result<String> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(ip, 80), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(&req)?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    })?
-}
-
-fn get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").into_bytes()
+    http_request(&net.client, SocketAddr::new(vip.parse()?, 80), &req)
 }
 
 /// Health of backend `addr` in VIP `vip` (as `lb vip list` spells it).
@@ -253,7 +240,7 @@ fn lb_in(
     dir: &lb_tests::AgentDir,
     args: &[&str],
 ) -> anyhow::Result<(i32, String)> {
-    let mut cmd = ns.command(lb_tests::lb_binary()?.to_str().context("path")?);
+    let mut cmd = ns.lb()?;
     cmd.arg("--socket").arg(dir.socket()).args(args);
     let out = cmd.output()?;
     Ok((

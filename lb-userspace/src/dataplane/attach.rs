@@ -12,7 +12,7 @@ use super::{AttachMode, if_index};
 use crate::Error;
 
 /// Attaches `prog` to `iface` in `mode` (auto: native, then generic).
-pub fn attach_xdp(
+fn attach_xdp(
     prog: &mut Xdp,
     iface: &str,
     mode: AttachMode,

@@ -119,16 +119,12 @@ impl MapsKernel {
         }
     }
 
-    /// What a backend entry read from the map stands for. An encapsulated entry whose outer
-    /// source is not this run's (the agent restarted with another `--encap-source`) is
-    /// mirrored with an impossible mode, so the next diff rewrites it in place.
-    fn target_of(&self, b: &Backend) -> BackendTarget {
-        let addr = words_addr(b.addr, b.family);
-        let stale = b.encap != ENCAP_L2 && b.outer_src != self.outer_src(b.encap, addr);
+    /// What a backend entry read from the map stands for.
+    fn target_of(b: &Backend) -> BackendTarget {
         BackendTarget {
-            addr,
+            addr: words_addr(b.addr, b.family),
             mac: Mac(b.mac),
-            encap: if stale { u8::MAX } else { b.encap },
+            encap: b.encap,
             flags: b.flags & !BACKEND_F_PRESENT,
         }
     }
@@ -137,8 +133,7 @@ impl MapsKernel {
     fn reread_backend(&mut self, id: u32) {
         match self.dp.backends.get(id) {
             Ok(b) if b.flags & BACKEND_F_PRESENT != 0 => {
-                let t = self.target_of(&b);
-                self.view.backends.insert(id, t);
+                self.view.backends.insert(id, Self::target_of(&b));
             }
             _ => {
                 self.view.backends.remove(&id);
@@ -208,10 +203,22 @@ impl Kernel for MapsKernel {
             self.dp.vips.unbind(&key)?;
         }
         for id in 1..self.dp.backends.capacity() {
-            let b = self.dp.backends.get(id)?;
-            if b.flags & BACKEND_F_PRESENT != 0 {
-                view.backends.insert(id, self.target_of(&b));
+            let mut b = self.dp.backends.get(id)?;
+            if b.flags & BACKEND_F_PRESENT == 0 {
+                continue;
             }
+            // The outer source is this run's concern, not the desired state's: an entry
+            // pinned by a run with another `--encap-source` is corrected here, in place (same
+            // generation, so its flows stay).
+            let t = Self::target_of(&b);
+            if b.encap != ENCAP_L2 && self.sources.for_backend(t.addr).is_some() {
+                let src = self.outer_src(b.encap, t.addr);
+                if b.outer_src != src {
+                    b.outer_src = src;
+                    self.dp.backends.set(id, &b)?;
+                }
+            }
+            view.backends.insert(id, t);
         }
         for id in 0..self.dp.vips.capacity() {
             self.dp.slots.forget(id);

@@ -11,7 +11,7 @@ pub mod tables;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{Xdp, XdpMode},
 };
 use lb_common::{
     BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
@@ -21,7 +21,7 @@ use lb_common::{
 };
 use std::path::{Path, PathBuf};
 
-pub use self::attach::{attach_xdp, attach_xdp_pinned};
+pub use self::attach::attach_xdp_pinned;
 use self::{
     stats::StatsMaps,
     tables::{BackendTable, FlowTable, SlotTable, VipTable},
@@ -180,8 +180,6 @@ pub struct Dataplane {
     pub flows: FlowTable,
     pub tx_ports: DevMapHash<MapData>,
     pub stats: StatsMaps,
-    /// The link made by the last `attach`, until `attach_pinned` takes it.
-    attached: Option<XdpLinkId>,
 }
 
 impl Dataplane {
@@ -282,7 +280,6 @@ impl Dataplane {
             flows,
             tx_ports,
             stats,
-            attached: None,
         })
     }
 
@@ -339,14 +336,6 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         Ok(())
-    }
-
-    /// Attaches the load-balancing program to `iface`; returns the mode actually used.
-    /// The program stays attached until this `Dataplane` is dropped.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, Error> {
-        let (used, id) = attach_xdp(self.lb_program()?, iface, mode)?;
-        self.attached = Some(id);
-        Ok(used)
     }
 }
 

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use lb_tests::{
     lb_binary,
     routed::{CLIENT4, Routed, VIP4, backend4},
-    topo::{DemoNet, PORT, VIP, backend_index, backend_ip},
+    topo::{DemoNet, PORT, VIP, backend_index, backend_ip, get, http_request},
 };
 
 const REQUESTS: usize = 300;
@@ -42,6 +42,37 @@ fn run() -> anyhow::Result<()> {
         "ipip" | "gue" => routed_demo(mode, keep),
         other => bail!("unknown demo mode `{other}`: use l2, ipip or gue"),
     }
+}
+
+/// Which backend answered how often, with a bar each.
+fn print_spread(counts: &BTreeMap<usize, usize>, failed: usize, addr: impl Fn(usize) -> String) {
+    for (i, n) in counts {
+        println!(
+            "  backend {i} ({}): {n:>4} answers  {:>5.1}%  {}",
+            addr(*i),
+            100.0 * *n as f64 / REQUESTS as f64,
+            "#".repeat(n / 5)
+        );
+    }
+    println!("  failed: {failed}");
+}
+
+fn wait_for_ctrl_c(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The last lines of a demo: how long it took, and failure if any request failed.
+fn finish(started: Instant, failed: usize) -> anyhow::Result<()> {
+    println!(
+        "\ndemo: removing the network ({:.1} s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} of {REQUESTS} requests failed");
+    }
+    Ok(())
 }
 
 /// Ctrl-C sets the flag; `check` turns it into an error that tears the network down.
@@ -116,15 +147,8 @@ fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
     let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
     for _ in 0..REQUESTS {
         check()?;
-        let answer = net.client.run(|| -> anyhow::Result<usize> {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            backend_index(&out)
-        })?;
+        let answer =
+            http_request(&net.client, target, &get("/")).and_then(|body| backend_index(&body));
         match answer {
             Ok(i) => *counts.entry(i).or_default() += 1,
             Err(_) => failed += 1,
@@ -134,15 +158,7 @@ fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
         "\ndemo: {REQUESTS} HTTP requests from the client ({CLIENT4}) to {vip} over {mode}, a new connection each ({:.1} s):",
         t.elapsed().as_secs_f64()
     );
-    for (i, n) in &counts {
-        println!(
-            "  backend {i} ({}): {n:>4} answers  {:>5.1}%  {}",
-            backend4(*i),
-            100.0 * *n as f64 / REQUESTS as f64,
-            "#".repeat(n / 5)
-        );
-    }
-    println!("  failed: {failed}");
+    print_spread(&counts, failed, backend4);
     println!("\ndemo: agent counters ($ lb stats)");
     print!("{}", net.lb(&["stats"])?);
     println!("\ndemo: backend 1's decap counters ($ lb decap --iface bk1 --stats)");
@@ -158,18 +174,9 @@ fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
             lb_binary()?.display(),
             net.dir.socket().display()
         );
-        while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_ctrl_c(&stop);
     }
-    println!(
-        "\ndemo: removing the network ({:.1} s in all)",
-        started.elapsed().as_secs_f64()
-    );
-    if failed > 0 {
-        bail!("{failed} of {REQUESTS} requests failed");
-    }
-    Ok(())
+    finish(started, failed)
 }
 
 /// The default scene: one segment, L2 direct server return.
@@ -225,15 +232,7 @@ fn l2_demo(keep: bool) -> anyhow::Result<()> {
     println!(
         "\ndemo: {REQUESTS} HTTP requests from the client to {vip}, a new connection each ({secs:.1} s):"
     );
-    for (i, n) in &counts {
-        println!(
-            "  backend {i} ({}): {n:>4} answers  {:>5.1}%  {}",
-            backend_ip(*i),
-            100.0 * *n as f64 / REQUESTS as f64,
-            "#".repeat(n / 5)
-        );
-    }
-    println!("  failed: {failed}");
+    print_spread(&counts, failed, backend_ip);
     println!("\ndemo: agent counters ($ lb stats)");
     print!("{}", net.lb(&["stats"])?);
     if keep {
@@ -263,16 +262,7 @@ fn l2_demo(keep: bool) -> anyhow::Result<()> {
             "  ip -n {} link show eth0      # the XDP program",
             net.lb.name()
         );
-        while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_ctrl_c(&stop);
     }
-    println!(
-        "\ndemo: removing the network ({:.1} s in all)",
-        started.elapsed().as_secs_f64()
-    );
-    if failed > 0 {
-        bail!("{failed} of {REQUESTS} requests failed");
-    }
-    Ok(())
+    finish(started, failed)
 }

@@ -1,33 +1,15 @@
 //! Rows for `--flow-table off` and for encapsulation (the load balancer's ipip/gue paths and
 //! the backends' decap program).
-use std::time::Duration;
-
 use anyhow::Context as _;
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::programs::Xdp;
 use lb_common::{ENCAP_GUE, ENCAP_IPIP};
 use lb_tests::{routed::FibNs, world::World};
 
-use super::{REPEAT, Row, ns_new_flows, ns_repeat, row, tcp};
+use super::{REPEAT, Row, median_of_three, ns_new_flows, ns_repeat, ns_single, row, tcp};
 
-/// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex` (the calling
-/// thread's namespace).
+/// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex`.
 fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let mut total = Duration::ZERO;
-    let mut out = vec![0u8; frame.len() + 256];
-    for _ in 0..n {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        total += r.duration;
-    }
-    Ok(total.as_nanos() as f64 / f64::from(n))
+    ns_single(prog, n, Some(ifindex), |_| frame.to_vec())
 }
 
 /// `--flow-table off`: every packet costs the VIP lookup, a hash and a slot read, whether its
@@ -69,24 +51,7 @@ pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
 
 /// Median of three runs of `REPEAT` passes over `frame` received on `ifindex`.
 fn ns_repeat_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: REPEAT,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        runs.push(r.duration.as_nanos() as f64);
-    }
-    runs.sort_by(f64::total_cmp);
-    Ok(runs[1])
+    median_of_three(prog, REPEAT, Some(ifindex), |_| frame.to_vec())
 }
 
 /// Encapsulating modes and the backends' decap program, in a namespace whose FIB knows the

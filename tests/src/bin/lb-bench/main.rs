@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_tests::{
     AgentDir, Netns, VethPair,
-    world::{SCENE, World},
+    world::{SCENE, World, xdp_md},
 };
 use lb_userspace::maglev::{self, MaglevBackend};
 
@@ -23,22 +23,40 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     SCENE.tcp4((src, sport), (dst, dport), "A", &[0u8; 64])
 }
 
+/// One BPF_PROG_TEST_RUN of `repeat` passes over `frame`, received on interface `ingress`
+/// of the calling thread's namespace (loopback when `None`).
+fn test_run(
+    prog: &Xdp,
+    frame: &[u8],
+    repeat: u32,
+    ingress: Option<u32>,
+) -> anyhow::Result<Duration> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = ingress.map(|i| xdp_md(frame.len(), i));
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok(r.duration)
+}
+
 /// Median of three runs of `repeat` passes (mean ns per pass as the kernel reports it), each
-/// run on the frame `frame(run)` gives.
-fn median_of_three(prog: &Xdp, repeat: u32, frame: impl Fn(u8) -> Vec<u8>) -> anyhow::Result<f64> {
+/// run on the frame `frame(run)` gives, received on `ingress`.
+fn median_of_three(
+    prog: &Xdp,
+    repeat: u32,
+    ingress: Option<u32>,
+    frame: impl Fn(u8) -> Vec<u8>,
+) -> anyhow::Result<f64> {
     let mut runs = Vec::new();
     for run in 0..3u8 {
-        let frame = frame(run);
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        runs.push(r.duration.as_nanos() as f64);
+        let r = test_run(prog, &frame(run), repeat, ingress)?;
+        runs.push(r.as_nanos() as f64);
     }
     runs.sort_by(f64::total_cmp);
     Ok(runs[1])
@@ -46,31 +64,28 @@ fn median_of_three(prog: &Xdp, repeat: u32, frame: impl Fn(u8) -> Vec<u8>) -> an
 
 /// Mean ns per pass of `repeat` passes over `frame`; median of three runs.
 fn ns_repeat(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
-    median_of_three(prog, repeat, |_| frame.to_vec())
+    median_of_three(prog, repeat, None, |_| frame.to_vec())
 }
 
 /// Mean ns per pass of the new-flow harness: each run starts from its own client range so
 /// that no pass meets a flow placed before.
 fn ns_new_flows(prog: &Xdp, repeat: u32) -> anyhow::Result<f64> {
-    median_of_three(prog, repeat, |run| {
+    median_of_three(prog, repeat, None, |run| {
         tcp([100, 64 + run, 0, 0], 1, [10, 0, 0, 10], 80)
     })
 }
 
-/// Mean kernel-reported ns of `n` single runs, each on the frame `make(i)` gives.
-fn ns_single(prog: &Xdp, n: u32, make: impl Fn(u32) -> Vec<u8>) -> anyhow::Result<f64> {
+/// Mean kernel-reported ns of `n` single runs, each on the frame `make(i)` gives, received
+/// on `ingress`.
+fn ns_single(
+    prog: &Xdp,
+    n: u32,
+    ingress: Option<u32>,
+    make: impl Fn(u32) -> Vec<u8>,
+) -> anyhow::Result<f64> {
     let mut total = Duration::ZERO;
-    let mut out = vec![0u8; 512];
     for i in 0..n {
-        let frame = make(i);
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        total += r.duration;
+        total += test_run(prog, &make(i), 1, ingress)?;
     }
     Ok(total.as_nanos() as f64 / f64::from(n))
 }
@@ -134,7 +149,7 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     };
 
     let floor = ns_repeat(world.dp.pass_program()?, &established, REPEAT)?;
-    let floor_single = ns_single(world.dp.pass_program()?, NEW_FLOWS, single_frame)?;
+    let floor_single = ns_single(world.dp.pass_program()?, NEW_FLOWS, None, single_frame)?;
     let harness = ns_repeat(
         world.dp.extra_program("bench_next_client")?,
         &established,
@@ -157,7 +172,7 @@ fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
     // A SYN is placed by the slot table every time and never remembered: the same frame
     // repeated measures the placement path.
     let syn_placed = ns_repeat(lb, &syn, REPEAT)?;
-    let new_single = ns_single(lb, NEW_FLOWS, single_frame)?;
+    let new_single = ns_single(lb, NEW_FLOWS, None, single_frame)?;
     let before = flow_misses(&world)?;
     let new_repeat = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
     let placed = flow_misses(&world)? - before;
