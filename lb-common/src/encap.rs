@@ -247,10 +247,25 @@ pub enum DecapStat {
     PassMalformed = 4,
     /// An outer IPv4 fragment: passed untouched.
     PassFragment = 5,
+    /// Second chance (the packet carried hops, see `chance`): a SYN, kept and decapsulated.
+    KeptSyn = 6,
+    /// Second chance: a socket of this host owns the flow (TCP not listening, connected UDP).
+    KeptSocket = 7,
+    /// Second chance: an ACK whose syncookie a listener accepts.
+    KeptSyncookie = 8,
+    /// Second chance: not ours, but no hop left (or hops we cannot read): kept.
+    KeptLastHop = 9,
+    /// Second chance: not ours; sent on to the next hop (XDP_TX, redirect, or tc redirect).
+    Forwarded = 10,
+    /// Second chance: not ours; the next hop's neighbour is unresolved, so the rewritten
+    /// packet goes to the stack, which forwards it (needs `ip_forward`).
+    ForwardedByStack = 11,
+    /// Second chance: not ours, but no route to the next hop: kept.
+    KeptNoRoute = 12,
 }
 
 impl DecapStat {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 13;
     pub const ALL: [DecapStat; DecapStat::COUNT as usize] = [
         DecapStat::Decapsulated,
         DecapStat::PassNotEncap,
@@ -258,6 +273,13 @@ impl DecapStat {
         DecapStat::PassNotVip,
         DecapStat::PassMalformed,
         DecapStat::PassFragment,
+        DecapStat::KeptSyn,
+        DecapStat::KeptSocket,
+        DecapStat::KeptSyncookie,
+        DecapStat::KeptLastHop,
+        DecapStat::Forwarded,
+        DecapStat::ForwardedByStack,
+        DecapStat::KeptNoRoute,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -267,6 +289,13 @@ impl DecapStat {
             DecapStat::PassNotVip => "passed_not_vip",
             DecapStat::PassMalformed => "passed_malformed",
             DecapStat::PassFragment => "passed_fragment",
+            DecapStat::KeptSyn => "kept_syn",
+            DecapStat::KeptSocket => "kept_socket",
+            DecapStat::KeptSyncookie => "kept_syncookie",
+            DecapStat::KeptLastHop => "kept_last_hop",
+            DecapStat::Forwarded => "forwarded",
+            DecapStat::ForwardedByStack => "forwarded_by_stack",
+            DecapStat::KeptNoRoute => "kept_no_route",
         }
     }
 }

@@ -13,9 +13,11 @@
 #![no_std]
 
 mod abi;
+mod chance;
 mod encap;
 mod flow;
 pub use abi::*;
+pub use chance::*;
 pub use encap::*;
 pub use flow::*;
 
@@ -44,7 +46,8 @@ pub const VIP_INDEX_MAP: &str = "LB_VIP_INDEX";
 pub const VIP_INDEX_SLOTS: u32 = 1024;
 /// Consecutive entries a key may occupy, from [`vip_index_slot`] on.
 pub const VIP_INDEX_PROBES: u32 = 4;
-/// Slot tables: array of backend ids, `2 * ring_size` entries per VIP id (two generations).
+/// Slot tables: array of [`Slot`] (backend id and previous backend id), `2 * ring_size`
+/// entries per VIP id (two generations).
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].
 pub const BACKENDS_MAP: &str = "LB_BACKENDS";
@@ -466,4 +469,5 @@ mod pod {
     unsafe impl aya::Pod for super::DecapAddr {}
     unsafe impl aya::Pod for super::VipIndexEntry {}
     unsafe impl aya::Pod for super::DecapConfig {}
+    unsafe impl aya::Pod for super::Slot {}
 }

@@ -9,7 +9,10 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Backend, FAMILY_V4, IPV4_HDR_LEN, LbConfig, NEXTHOP_TTL_S, NextHopCache, Stat};
+use lb_common::{
+    BACKEND_F_PRESENT, Backend, ENCAP_GUE, FAMILY_V4, IPV4_HDR_LEN, LbConfig,
+    NEXTHOP_TTL_S, NextHopCache, Stat, UDP_HDR_LEN, gue_base_word, gue_hops_word,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -20,12 +23,28 @@ use crate::{
     Verdict,
     fib::{self, Fib, NextHop},
     icmp,
-    maps::{LB_NEXTHOPS, LB_TX_PORTS},
+    maps::{LB_BACKENDS, LB_NEXTHOPS, LB_TX_PORTS},
     outer,
     parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
+    select::Picked,
 };
 
-/// Encapsulates `pkt` to `b` and sends it.
+/// The previous backend's address when the flow's slot is in a drain window and the packet
+/// can carry it: GUE only (IPIP has no room for it), the same family as the outer header, a
+/// present backend entry on another host.
+#[inline(always)]
+pub fn second_chance_hop(picked: &Picked) -> Option<&'static [u32; 4]> {
+    let b = &picked.backend;
+    if picked.previous == 0 || picked.previous == picked.id || b.encap != ENCAP_GUE {
+        return None;
+    }
+    let prev = LB_BACKENDS.get(picked.previous)?;
+    (prev.flags & BACKEND_F_PRESENT != 0 && prev.family == b.family && prev.addr != b.addr)
+        .then_some(&prev.addr)
+}
+
+/// Encapsulates `pkt` to `b` and sends it; with `hop`, a GUE header carries it as the next
+/// hop (second chance, `lb_common::chance`).
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -33,12 +52,17 @@ pub fn encapsulate(
     pkt: &Parsed,
     id: u32,
     b: &Backend,
+    hop: Option<&'static [u32; 4]>,
 ) -> Result<Verdict, Verdict> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let inner_v4 = pkt.key.family == FAMILY_V4;
-    let plan = outer::plan(cfg, b, &pkt.key, inner_v4, pkt.ip.len, pkt.ip.tos, ingress)
+    let inner = outer::Inner {
+        v4: pkt.key.family == FAMILY_V4,
+        len: pkt.ip.len,
+        tos: pkt.ip.tos,
+    };
+    let plan = outer::plan(cfg, b, &pkt.key, &inner, ingress, hop)
         .ok_or(Verdict::Drop(Stat::DropTooBig))?;
-    let hop = match next_hop(ctx, id, b, &plan) {
+    let next = match next_hop(ctx, id, b, &plan) {
         Fib::Hop(h) => Some(h),
         Fib::NoNeighbour => None,
         Fib::TooBig(mtu) => {
@@ -62,12 +86,12 @@ pub fn encapsulate(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return Err(Verdict::Drop(Stat::DropTxError));
     }
-    let (dst_mac, src_mac) = match &hop {
+    let (dst_mac, src_mac) = match &next {
         Some(h) => (h.dmac, h.smac),
         None => (rx_dst, rx_src),
     };
-    write_headers(ctx, &plan, &pkt.key, dst_mac, src_mac)?;
-    match hop {
+    write_headers(ctx, &plan, &pkt.key, inner.v4, dst_mac, src_mac)?;
+    match next {
         None => Ok(Verdict::Pass(Stat::PassNoNeighbour)),
         Some(h) if h.ifindex == ingress => Ok(Verdict::Forward(xdp_action::XDP_TX)),
         Some(h) => LB_TX_PORTS
@@ -86,13 +110,14 @@ fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, plan: &outer::Plan) -> Fib {
     let Some(c) = LB_NEXTHOPS.get_ptr_mut(id) else {
         return fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
     };
-    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
-    let cached = unsafe { *c };
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile. Read
+    // and written in place: copies of the entry would cost stack the XDP path has not got.
+    let cached = unsafe { &mut *c };
     let now = now_s();
-    if cached.stamp_s != 0
+    let fresh = cached.stamp_s != 0
         && now.wrapping_sub(cached.stamp_s) < NEXTHOP_TTL_S
-        && cached.generation == b.generation
-    {
+        && cached.generation == b.generation;
+    if fresh {
         if len <= cached.ok_len {
             return Fib::Hop(NextHop {
                 ifindex: cached.ifindex,
@@ -105,31 +130,27 @@ fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, plan: &outer::Plan) -> Fib {
         }
     }
     let answer = fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
-    let fresh = cached.stamp_s != 0
-        && now.wrapping_sub(cached.stamp_s) < NEXTHOP_TTL_S
-        && cached.generation == b.generation;
-    let mut next = if fresh {
-        cached
-    } else {
-        NextHopCache {
+    if !matches!(answer, Fib::Hop(_) | Fib::TooBig(_)) {
+        // Not cached: asked again next time.
+        return answer;
+    }
+    if !fresh {
+        *cached = NextHopCache {
             generation: b.generation,
             stamp_s: now.max(1),
             ..NextHopCache::default()
-        }
-    };
+        };
+    }
     match &answer {
         Fib::Hop(h) => {
-            next.ifindex = h.ifindex;
-            next.smac = h.smac;
-            next.dmac = h.dmac;
-            next.ok_len = next.ok_len.max(len);
+            cached.ifindex = h.ifindex;
+            cached.smac = h.smac;
+            cached.dmac = h.dmac;
+            cached.ok_len = cached.ok_len.max(len);
         }
-        Fib::TooBig(mtu) => next.mtu = (*mtu).min(0xffff) as u16,
-        // Not cached: asked again next time.
-        _ => return answer,
+        Fib::TooBig(mtu) => cached.mtu = (*mtu).min(0xffff) as u16,
+        _ => {}
     }
-    // SAFETY: as above.
-    unsafe { *c = next };
     answer
 }
 
@@ -144,6 +165,7 @@ fn write_headers(
     ctx: &XdpContext,
     plan: &outer::Plan,
     key: &lb_common::FlowKey,
+    inner_v4: bool,
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
 ) -> Result<(), Verdict> {
@@ -169,6 +191,20 @@ fn write_headers(
     if plan.overhead > ip_len {
         let udp: *mut UdpHdr = ptr_at_mut(ctx, EthHdr::LEN + ip_len).ok_or(BROKEN)?;
         unsafe { *udp = outer::udp(o) };
+    }
+    if let Some(a) = plan.hop {
+        // Word stores of a fixed size per family keep the stack small and the verifier's
+        // bounds simple.
+        let at = EthHdr::LEN + ip_len + UDP_HDR_LEN;
+        let base = gue_base_word(inner_v4, o.family, 1);
+        let hops = gue_hops_word(o.family, 1);
+        if outer_v4 {
+            let p: *mut [u32; 3] = ptr_at_mut(ctx, at).ok_or(BROKEN)?;
+            unsafe { *p = [base, hops, a[0]] };
+        } else {
+            let p: *mut [u32; 6] = ptr_at_mut(ctx, at).ok_or(BROKEN)?;
+            unsafe { *p = [base, hops, a[0], a[1], a[2], a[3]] };
+        }
     }
     Ok(())
 }

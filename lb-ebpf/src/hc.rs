@@ -85,7 +85,12 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
     let cfg = config();
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let plan = outer::plan(&cfg, &b, &key, inner_v4, inner_len, tos, ifindex).ok_or(FAILED)?;
+    let inner = outer::Inner {
+        v4: inner_v4,
+        len: inner_len,
+        tos,
+    };
+    let plan = outer::plan(&cfg, &b, &key, &inner, ifindex, None).ok_or(FAILED)?;
     // Looked up as if received on the probe's egress interface, like a client's packet (an
     // output lookup would pin the route to that interface); the neighbour is left to
     // `bpf_redirect_neigh`, which resolves it if needed (a probe never fails for an

@@ -86,7 +86,8 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, &picked.backend)
     } else {
-        encap::encapsulate(ctx, &cfg, &pkt, picked.id, &picked.backend)
+        let hop = encap::second_chance_hop(&picked);
+        encap::encapsulate(ctx, &cfg, &pkt, picked.id, &picked.backend, hop)
     }
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, VIP_F_PRESENT,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, Slot, VIP_F_PRESENT,
     VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey,
     vip_filter_bit, vip_index_slot,
 };
@@ -24,9 +24,10 @@ pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS,
 #[map(name = "LB_VIP_INDEX")]
 pub static LB_VIP_INDEX: Array<VipIndexEntry> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
 
-/// Two generations of M backend ids per VIP; see `lb_common::slot_index`.
+/// Two generations of M slots (backend and previous backend) per VIP; see
+/// `lb_common::slot_index`.
 #[map(name = "LB_SLOTS")]
-pub static LB_SLOTS: Array<u32> =
+pub static LB_SLOTS: Array<Slot> =
     Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_RING_SIZE, 0);
 
 #[map(name = "LB_BACKENDS")]

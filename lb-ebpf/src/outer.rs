@@ -3,7 +3,7 @@
 use lb_common::{
     Backend, ENCAP_GUE, FAMILY_V4, FlowKey, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN,
     LbConfig, OUTER_TTL, PROTO_UDP, csum_fold, encap_overhead, flow_entropy, gue_source_port,
-    outer_source,
+    gue_hops_len, outer_source,
 };
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -17,26 +17,47 @@ pub struct Plan {
     pub outer: Outer,
     /// Bytes added in front of the inner IP header.
     pub overhead: usize,
+    /// A second-chance hop for the GUE variant-0 header (`lb_common::chance`), when set: the
+    /// previous backend's address in its map entry (no copy: the stack is tight).
+    pub hop: Option<&'static [u32; 4]>,
 }
 
-/// Plans the encapsulation of an inner packet of `inner_len` bytes (`tos` its TOS or traffic
-/// class) for `b`. `None` when the result would not fit an IP length.
+/// The inner packet as the outer header needs it.
+pub struct Inner {
+    pub v4: bool,
+    /// IP length in bytes.
+    pub len: usize,
+    /// TOS or traffic class.
+    pub tos: u8,
+}
+
+/// Plans the encapsulation of `inner` for `b`. `None` when the result would not fit an IP
+/// length.
 #[inline(always)]
 pub fn plan(
     cfg: &LbConfig,
     b: &Backend,
     key: &FlowKey,
-    inner_v4: bool,
-    inner_len: usize,
-    tos: u8,
+    inner: &Inner,
     ifindex: u32,
+    hop: Option<&'static [u32; 4]>,
 ) -> Option<Plan> {
-    let overhead = encap_overhead(b.encap, b.family);
+    let (inner_v4, inner_len, tos) = (inner.v4, inner.len, inner.tos);
+    let gue = b.encap == ENCAP_GUE;
+    let hops = match hop {
+        Some(h) if gue => Some(h),
+        _ => None,
+    };
+    let overhead = encap_overhead(b.encap, b.family)
+        + if hops.is_some() {
+            gue_hops_len(b.family, 1)
+        } else {
+            0
+        };
     let len = inner_len + overhead;
     if len > 0xffff {
         return None;
     }
-    let gue = b.encap == ENCAP_GUE;
     let proto = if gue {
         PROTO_UDP
     } else if inner_v4 {
@@ -57,6 +78,7 @@ pub fn plan(
             ifindex,
         },
         overhead,
+        hop: hops,
     })
 }
 

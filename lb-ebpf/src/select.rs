@@ -10,7 +10,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue, LbConfig,
-    PROTO_UDP, PacketFacts, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
+    PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
 };
 
 use crate::{
@@ -31,6 +31,8 @@ pub struct Picked {
     pub vip_id: u32,
     /// The flow was placed by the slot table now (no table decided it).
     pub new_flow: bool,
+    /// The slot's previous backend during a drain window (second chance), else 0.
+    pub previous: u32,
 }
 
 /// Where the flow's stale entry was, when one was found but no longer decides.
@@ -76,8 +78,11 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
 pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
     if cfg.flow_table == FLOW_TABLE_OFF {
         // Stateless: the live table decides every packet, nothing is remembered.
-        let (vip_id, id, b, _) = by_table(pkt, cfg)?;
-        return Ok(picked(id, b, vip_id, false));
+        let (vip_id, slot, b, _) = by_table(pkt, cfg)?;
+        return Ok(Picked {
+            previous: slot.previous,
+            ..picked(slot.backend, b, vip_id, false)
+        });
     }
     let mut facts = PacketFacts {
         proto: pkt.key.proto,
@@ -140,12 +145,13 @@ fn picked(id: u32, backend: Backend, vip_id: u32, new_flow: bool) -> Picked {
         backend,
         vip_id,
         new_flow,
+        previous: 0,
     }
 }
 
-/// The VIP id, backend id and backend the VIP's live slot table gives the packet.
+/// The VIP id, slot and backend the VIP's live slot table gives the packet.
 #[inline(always)]
-fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32, Backend, VipInfo), Verdict> {
+fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, Slot, Backend, VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
     if vip.backend_count == 0 {
@@ -158,16 +164,16 @@ fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32, Backend, VipInfo)
         cfg.ring_size,
     )
     .ok_or(NO_BACKEND)?;
-    let id = *LB_SLOTS
+    let slot = *LB_SLOTS
         .get(slot_index(vip_id, vip.active_gen, cfg.ring_size, slot))
         .ok_or(NO_BACKEND)?;
-    let b = *LB_BACKENDS.get(id).ok_or(NO_BACKEND)?;
+    let b = *LB_BACKENDS.get(slot.backend).ok_or(NO_BACKEND)?;
     // The live table is the authority for placing: it never names a down backend once
     // published (the DOWN flag is about remembered flows, and is written just before).
     if b.flags & BACKEND_F_PRESENT == 0 {
         return Err(NO_BACKEND);
     }
-    Ok((vip_id, id, b, vip))
+    Ok((vip_id, slot, b, vip))
 }
 
 /// Places the flow by the VIP's live slot table, and remembers it as the packet warrants.
@@ -178,10 +184,17 @@ fn place(
     cfg: &LbConfig,
     found: Found,
 ) -> Result<Picked, Verdict> {
-    let (vip_id, id, b, vip) = by_table(pkt, cfg)?;
-    if pkt.icmp_error {
-        // Steered like its flow, never a reason to remember one.
-        return Ok(picked(id, b, vip_id, false));
+    let (vip_id, slot, b, vip) = by_table(pkt, cfg)?;
+    let id = slot.backend;
+    if pkt.icmp_error || slot.previous != 0 {
+        // An ICMP error is steered like its flow, never a reason to remember one. A slot
+        // with a previous backend is in its drain window: the flow may belong to either, and
+        // only the backends can tell (second chance), so every packet is placed by the table
+        // and carries both until the window ends.
+        return Ok(Picked {
+            previous: slot.previous,
+            ..picked(id, b, vip_id, false)
+        });
     }
     let value = FlowValue {
         backend_id: id,

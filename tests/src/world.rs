@@ -41,6 +41,8 @@ pub struct WorldVip {
     pub udp_idle_s: u32,
     pub backends: Vec<u32>,
     pub table: Vec<u32>,
+    /// Previous backend per slot (second chance), or empty.
+    pub previous: Vec<u32>,
 }
 
 pub struct World {
@@ -211,6 +213,7 @@ impl World {
             udp_idle_s: lb_common::DEFAULT_UDP_IDLE_S,
             backends: backends.to_vec(),
             table: Vec::new(),
+            previous: Vec::new(),
         };
         self.publish(&mut v)?;
         self.vips.push(v);
@@ -232,7 +235,41 @@ impl World {
             flags: v.flags,
             udp_idle_s: v.udp_idle_s,
         };
-        self.dp.publish_vip(&v.key, v.id, params, &v.table)?;
+        self.dp
+            .publish_vip(&v.key, v.id, params, &v.table, &v.previous)?;
+        Ok(())
+    }
+
+    /// Replaces the backend set of VIP number `index` with second chance: each slot that
+    /// changes hands keeps its old backend as previous.
+    pub fn move_with_previous(&mut self, index: usize, backends: &[u32]) -> anyhow::Result<()> {
+        let mut v = self.vips[index].clone();
+        let old = v.table.clone();
+        v.backends = backends.to_vec();
+        v.previous = Vec::new();
+        let mb: Vec<MaglevBackend> = v
+            .backends
+            .iter()
+            .map(|id| MaglevBackend {
+                id: *id,
+                key: format!("backend-{id}"),
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::build(&mb, RING);
+        v.previous = table
+            .iter()
+            .zip(&old)
+            .map(|(n, o)| if n == o { 0 } else { *o })
+            .collect();
+        v.table = table;
+        let params = VipParams {
+            flags: v.flags,
+            udp_idle_s: v.udp_idle_s,
+        };
+        self.dp
+            .publish_vip(&v.key, v.id, params, &v.table, &v.previous)?;
+        self.vips[index] = v;
         Ok(())
     }
 

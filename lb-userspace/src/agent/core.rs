@@ -6,19 +6,21 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
+    time::Instant,
 };
 
 use crate::{
     Error,
     agent::{
+        chance::Windows,
         health::Health,
         kernel::Kernel,
         reconcile::{self, Capacity, Facts, Ids},
         state::StateFile,
     },
-    api::protocol::{BackendView, VipView},
+    api::protocol::{BackendView, RetiredView, VipView},
     maglev::{self, MaglevBackend},
-    model::{DesiredState, Mac, VipAddr},
+    model::{DesiredState, Forward, Mac, VipAddr},
     plan::{self, VipPlan},
 };
 
@@ -57,6 +59,8 @@ pub struct Core {
     tables: BTreeMap<VipAddr, BuiltTable>,
     /// Why the kernel does not match the desired state, while it does not.
     not_converged: Option<String>,
+    /// Second-chance drain windows.
+    windows: Windows,
 }
 
 /// The facts the target is computed from, borrowed from the core.
@@ -124,6 +128,7 @@ impl Core {
             kernel,
             tables: BTreeMap::new(),
             not_converged: None,
+            windows: Windows::default(),
         })
     }
 
@@ -216,7 +221,7 @@ impl Core {
             learned: &self.learned,
         };
         let tables = &mut self.tables;
-        let target = reconcile::target(&self.desired, &self.ids, &facts, |vip, from| {
+        let mut target = reconcile::target(&self.desired, &self.ids, &facts, |vip, from| {
             if let Some(t) = tables.get(vip)
                 && t.from == from
             {
@@ -237,6 +242,12 @@ impl Core {
             );
             table
         });
+        self.windows.apply(
+            &self.desired,
+            self.kernel.view(),
+            &mut target,
+            Instant::now(),
+        );
         let ops = reconcile::diff(self.kernel.view(), &target);
         for op in &ops {
             if let Err(e) = self.kernel.apply(op) {
@@ -247,6 +258,12 @@ impl Core {
         }
         self.not_converged = None;
         Ok(())
+    }
+
+    /// When the earliest second-chance window ends: the agent converges then, which clears
+    /// the previous backends of that VIP's slots.
+    pub fn next_window_end(&self) -> Option<Instant> {
+        self.windows.next_end()
     }
 
     /// Re-reads the kernel maps, then converges (`lb reconcile`, and after a failure).
@@ -361,11 +378,34 @@ impl Core {
         for (vip, spec) in &self.desired.vips {
             let vip_id = self.ids.vips.get(vip).copied().unwrap_or(0);
             // Shares of what is live: only when the live table is the one we built.
+            let live = view.published.get(&vip_id);
             let built = self.tables.get(vip).filter(|t| {
-                view.published
-                    .get(&vip_id)
-                    .is_some_and(|(_, live)| Arc::ptr_eq(live, &t.table) || **live == *t.table)
+                live.is_some_and(|l| Arc::ptr_eq(&l.table, &t.table) || *l.table == *t.table)
             });
+            let previous_slots =
+                |id: u32| live.map_or(0, |l| l.previous.iter().filter(|p| **p == id).count());
+            let known: BTreeSet<u32> = self
+                .ids
+                .backends
+                .get(vip)
+                .map(|m| m.values().copied().collect())
+                .unwrap_or_default();
+            let mut retired: BTreeMap<u32, usize> = BTreeMap::new();
+            for p in live.map(|l| l.previous.iter()).into_iter().flatten() {
+                if *p != 0 && !known.contains(p) {
+                    *retired.entry(*p).or_insert(0) += 1;
+                }
+            }
+            let retired = retired
+                .into_iter()
+                .filter_map(|(id, n)| {
+                    Some(RetiredView {
+                        address: view.backends.get(&id)?.addr,
+                        id,
+                        previous_slots: n,
+                    })
+                })
+                .collect();
             let total = built.map_or(0, |t| t.table.len());
             let backends = spec
                 .backends
@@ -406,6 +446,7 @@ impl Core {
                         } else {
                             100.0 * slots as f64 / total as f64
                         },
+                        previous_slots: previous_slots(id),
                     }
                 })
                 .collect();
@@ -415,6 +456,16 @@ impl Core {
                 source_hash: spec.source_hash,
                 udp_idle_s: spec.udp_idle_s,
                 forward: spec.forward,
+                second_chance_s: if spec.forward == Forward::Gue {
+                    spec.second_chance_s
+                } else {
+                    0
+                },
+                window_ends_in_s: self
+                    .windows
+                    .ends(vip)
+                    .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
+                retired,
                 health_check: spec.health.clone(),
                 backends,
             });

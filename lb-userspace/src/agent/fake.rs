@@ -56,7 +56,7 @@ fn check(actual: &KernelView, op: &Op) -> Option<String> {
         actual
             .published
             .iter()
-            .any(|(vid, (_, t))| actual.vips.values().any(|v| v == vid) && t.contains(&id))
+            .any(|(vid, l)| actual.vips.values().any(|v| v == vid) && l.names(id))
     };
     match op {
         Op::SetBackend {
@@ -69,8 +69,11 @@ fn check(actual: &KernelView, op: &Op) -> Option<String> {
         Op::ClearBackend { id } if named(*id) => Some(format!(
             "backend id {id} cleared while a live table names it"
         )),
-        Op::PublishVip { table, .. } => table
+        Op::PublishVip {
+            table, previous, ..
+        } => table
             .iter()
+            .chain(previous.iter().filter(|id| **id != 0))
             .find(|id| !actual.backends.contains_key(id))
             .map(|id| format!("table names absent backend {id}")),
         _ => None,

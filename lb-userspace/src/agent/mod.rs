@@ -7,6 +7,7 @@
 //! A failure before the file is written changes nothing; a kernel failure after it leaves the
 //! change saved and in memory, reported as [`Error::NotConverged`] and retried by
 //! [`Agent::retry`] until the kernel agrees.
+pub mod chance;
 pub mod core;
 pub mod events;
 pub mod health;
@@ -200,11 +201,17 @@ impl Agent {
         Ok(())
     }
 
-    /// Converges again when the last attempt failed; called periodically.
+    /// Converges again when the last attempt failed, or when a second-chance window has
+    /// ended (its previous backends are cleared); called every second.
     pub fn retry(&self) -> Result<(), Error> {
         let mut core = self.core();
         if core.not_converged().is_some() {
             core.resync()?;
+        } else if core
+            .next_window_end()
+            .is_some_and(|t| t <= std::time::Instant::now())
+        {
+            core.converge()?;
         }
         Ok(())
     }

@@ -35,9 +35,14 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             source_hash,
             udp_idle_s,
             forward,
+            second_chance_s,
             health,
         } => {
             crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
+            if let Some(s) = second_chance_s {
+                crate::model::second_chance_needs_gue(v, *forward).map_err(Error::Invalid)?;
+                crate::model::validate_second_chance(v, *s).map_err(Error::Invalid)?;
+            }
             if d.vips.contains_key(v) {
                 return Err(Error::Conflict(format!(
                     "VIP {v} already exists: remove it first or use `lb apply`"
@@ -52,6 +57,8 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                     source_hash: *source_hash,
                     udp_idle_s: *udp_idle_s,
                     forward: *forward,
+                    second_chance_s: second_chance_s
+                        .unwrap_or(crate::model::DEFAULT_SECOND_CHANCE_S),
                     health: health.clone(),
                     backends: Default::default(),
                 },

@@ -135,6 +135,23 @@ pub struct VipTarget {
     pub params: VipParams,
     /// M backend ids, or empty for "no backend".
     pub table: Arc<Vec<u32>>,
+    /// M previous backend ids during a second-chance window (0: none), or empty.
+    pub previous: Arc<Vec<u32>>,
+}
+
+/// A VIP's table as published (what the kernel's live generation holds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Live {
+    pub params: VipParams,
+    pub table: Arc<Vec<u32>>,
+    pub previous: Arc<Vec<u32>>,
+}
+
+impl Live {
+    /// Whether the table names `id`, as backend or previous backend.
+    pub fn names(&self, id: u32) -> bool {
+        self.table.contains(&id) || self.previous.contains(&id)
+    }
 }
 
 /// Everything the kernel maps should say.
@@ -248,6 +265,7 @@ pub fn target(
                     udp_idle_s: spec.udp_idle_s,
                 },
                 table: table(vip, &serving_set),
+                previous: Arc::new(Vec::new()),
             },
         );
     }
@@ -259,7 +277,7 @@ pub fn target(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelView {
     pub vips: BTreeMap<VipKey, u32>,
-    pub published: BTreeMap<u32, (VipParams, Arc<Vec<u32>>)>,
+    pub published: BTreeMap<u32, Live>,
     pub backends: BTreeMap<u32, BackendTarget>,
 }
 
@@ -282,6 +300,8 @@ pub enum Op {
         id: u32,
         params: VipParams,
         table: Arc<Vec<u32>>,
+        /// Previous backend per slot (second chance), or empty.
+        previous: Arc<Vec<u32>>,
         new: bool,
     },
     /// Mark backend `id` absent; flows remembered on it are placed again.
@@ -312,7 +332,11 @@ pub fn diff(view: &KernelView, target: &Target) -> Vec<Op> {
     for (key, t) in &target.vips {
         let bound = view.vips.get(key) == Some(&t.id);
         let live = view.published.get(&t.id);
-        if bound && live.is_some_and(|(p, tb)| *p == t.params && tb == &t.table) {
+        if bound
+            && live.is_some_and(|l| {
+                l.params == t.params && l.table == t.table && l.previous == t.previous
+            })
+        {
             continue;
         }
         ops.push(Op::PublishVip {
@@ -320,6 +344,7 @@ pub fn diff(view: &KernelView, target: &Target) -> Vec<Op> {
             id: t.id,
             params: t.params,
             table: t.table.clone(),
+            previous: t.previous.clone(),
             new: !bound,
         });
     }
@@ -347,10 +372,18 @@ pub fn apply_to_view(view: &mut KernelView, op: &Op) {
             id,
             params,
             table,
+            previous,
             ..
         } => {
             view.vips.insert(*key, *id);
-            view.published.insert(*id, (*params, table.clone()));
+            view.published.insert(
+                *id,
+                Live {
+                    params: *params,
+                    table: table.clone(),
+                    previous: previous.clone(),
+                },
+            );
         }
         Op::ClearBackend { id } => {
             view.backends.remove(id);

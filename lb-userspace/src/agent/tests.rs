@@ -112,7 +112,14 @@ fn assert_agree(w: &World, ctx: &str) {
     let want_vips: std::collections::BTreeMap<_, _> = want
         .vips
         .iter()
-        .map(|(key, t)| (*key, (t.id, (t.params, t.table.clone()))))
+        .map(|(key, t)| {
+            let live = crate::agent::reconcile::Live {
+                params: t.params,
+                table: t.table.clone(),
+                previous: t.previous.clone(),
+            };
+            (*key, (t.id, live))
+        })
         .collect();
     assert_eq!(have_vips, want_vips, "{ctx}: kernel VIPs differ");
     assert_eq!(
@@ -166,6 +173,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
     run(Command::AddVip {
         udp_idle_s: 30,
         forward: Default::default(),
+        second_chance_s: None,
         vip: vip(0),
         source_hash: false,
         health: Some(check()),
@@ -200,7 +208,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
     let k = w.kernel.lock().unwrap();
     let id = k.actual.vips[&vip(0).key()];
     assert!(
-        k.actual.published[&id].1.is_empty(),
+        k.actual.published[&id].table.is_empty(),
         "down backend still in the table"
     );
     drop(k);
@@ -265,6 +273,7 @@ fn a_failed_save_changes_nothing() {
         .execute(&Command::AddVip {
             udp_idle_s: 30,
             forward: Default::default(),
+            second_chance_s: None,
             vip: vip(0),
             source_hash: false,
             health: None,
@@ -296,6 +305,7 @@ fn random_command(r: &mut Rng) -> Command {
         0 => Command::AddVip {
             udp_idle_s: 30,
             forward: Default::default(),
+            second_chance_s: None,
             vip: v,
             source_hash: r.below(2) == 0,
             health: (r.below(2) == 0).then(check),
@@ -404,6 +414,7 @@ fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
     run(Command::AddVip {
         udp_idle_s: 30,
         forward: crate::model::Forward::Gue,
+        second_chance_s: None,
         vip: vip(0),
         source_hash: false,
         health: None,

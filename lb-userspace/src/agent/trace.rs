@@ -82,18 +82,23 @@ impl Core {
             self.kernel.ring_size(),
         )
         .ok_or_else(|| Error::Kernel("the slot table has no slots".into()))?;
-        let slot_backend = self
-            .kernel
-            .view()
-            .published
-            .get(&vip_id)
-            .and_then(|(_, t)| t.get(slot as usize).copied())
+        let live = self.kernel.view().published.get(&vip_id);
+        let slot_backend = live
+            .and_then(|l| l.table.get(slot as usize).copied())
             .and_then(|id| self.backend_addr(vip, id));
+        // The kernel carries the previous backend as the second hop (gue only), when the
+        // flow table does not decide the flow.
+        let previous_backend = live
+            .and_then(|l| l.previous.get(slot as usize).copied())
+            .filter(|id| *id != 0)
+            .and_then(|id| self.kernel.view().backends.get(&id).map(|b| b.addr))
+            .filter(|p| Some(*p) != slot_backend && spec.forward == Forward::Gue);
         let flow_backend = self
             .kernel
             .flow_backend(&key, vip_id)?
             .and_then(|id| self.backend_addr(vip, id));
         let next_packet_to = flow_backend.or(slot_backend);
+        let previous_backend = previous_backend.filter(|_| flow_backend.is_none());
         let outer = next_packet_to
             .filter(|_| spec.forward.encapsulates())
             .and_then(|b| self.outer_view(spec.forward, b, &key));
@@ -102,6 +107,7 @@ impl Core {
             vip_id,
             slot,
             slot_backend,
+            previous_backend,
             flow_backend,
             next_packet_to,
             forward: spec.forward,

@@ -29,6 +29,9 @@ pub enum Command {
         /// How packets reach the backends.
         #[serde(default)]
         forward: Forward,
+        /// Second-chance drain window in seconds (`gue` only); `None`: the default.
+        #[serde(default)]
+        second_chance_s: Option<u32>,
         health: Option<HealthCheck>,
     },
     RemoveVip {
@@ -162,6 +165,9 @@ pub struct BackendView {
     pub serving: Serving,
     /// Share of the live slot table, percent.
     pub share_pct: f64,
+    /// Slots of the live table that name it as their previous backend (second chance).
+    #[serde(default)]
+    pub previous_slots: usize,
 }
 
 /// A VIP as listed by the API.
@@ -175,8 +181,25 @@ pub struct VipView {
     /// How packets reach the backends.
     #[serde(default)]
     pub forward: Forward,
+    /// Second-chance drain window in seconds (0: off; only `gue` VIPs carry one).
+    #[serde(default)]
+    pub second_chance_s: u32,
+    /// Seconds until the open drain window ends (none open: `None`).
+    #[serde(default)]
+    pub window_ends_in_s: Option<u64>,
+    /// Backends removed from the VIP that slots still name as previous during the window.
+    #[serde(default)]
+    pub retired: Vec<RetiredView>,
     pub health_check: Option<HealthCheck>,
     pub backends: Vec<BackendView>,
+}
+
+/// A backend removed from a VIP whose slots still name it as previous (second chance).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetiredView {
+    pub address: IpAddr,
+    pub id: u32,
+    pub previous_slots: usize,
 }
 
 /// What `trace` reports for a 5-tuple.
@@ -187,6 +210,10 @@ pub struct Trace {
     pub slot: u32,
     /// Backend the slot table gives a new flow.
     pub slot_backend: Option<IpAddr>,
+    /// The slot's previous backend during a drain window: the second hop a `gue` packet
+    /// carries (the first backend sends it there unless it owns the flow).
+    #[serde(default)]
+    pub previous_backend: Option<IpAddr>,
     /// Backend remembered in the flow table, if the flow is known.
     pub flow_backend: Option<IpAddr>,
     /// Where the next packet goes.

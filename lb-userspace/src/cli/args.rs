@@ -290,6 +290,11 @@ pub enum VipCmd {
         /// (encapsulated to backends behind routers, which run `lb decap`).
         #[arg(long, default_value = "l2")]
         forward: Forward,
+        /// Second chance (gue only): seconds a slot's previous backend is carried after
+        /// the slot changed hands, so connections survive table changes [default: 300;
+        /// 0: off].
+        #[arg(long, value_name = "SECS")]
+        second_chance: Option<u32>,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },

@@ -135,6 +135,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             fall,
             udp_idle,
             forward,
+            second_chance,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -155,6 +156,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     source_hash,
                     udp_idle_s: udp_idle,
                     forward,
+                    second_chance_s: second_chance,
                     health,
                 })
                 .await?;

@@ -18,8 +18,8 @@ struct BatchAttr {
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
-/// Writes `values[i]` at index `keys[i]` of the array map `fd`.
-pub fn update_u32(fd: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+/// Writes `values[i]` at index `keys[i]` of the array map `fd` (whose value type is `V`).
+pub fn update<V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[u32], values: &[V]) -> std::io::Result<()> {
     assert_eq!(keys.len(), values.len());
     let mut done = 0usize;
     while done < keys.len() {

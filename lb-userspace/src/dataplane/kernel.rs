@@ -160,12 +160,15 @@ impl Kernel for MapsKernel {
                 id,
                 params,
                 table,
+                previous,
                 new,
             } => {
                 if *new {
                     Self::zero(&mut self.dp.stats.vips, lb_common::VIP_STATS_MAP, *id)?;
                 }
-                self.dp.publish_vip(key, *id, *params, table).map(drop)
+                self.dp
+                    .publish_vip(key, *id, *params, table, previous)
+                    .map(drop)
             }
             Op::ClearBackend { id } => self.dp.backends.clear(*id),
         };

@@ -4,19 +4,21 @@
 //! already finds a complete table.
 use std::collections::BTreeSet;
 
-use lb_common::{VIP_F_PRESENT, VipInfo, VipKey};
+use lb_common::{Slot, VIP_F_PRESENT, VipInfo, VipKey};
 
 use crate::{Dataplane, Error, agent::reconcile::VipParams};
 
 impl Dataplane {
     /// Makes `slots` (M backend ids, or empty for "no backend") the live table of VIP `key`
-    /// under id `id` with `params`, creating the VIP if needed. Returns its state.
+    /// under id `id` with `params`, with `previous` (M previous backend ids during a
+    /// second-chance window, or empty), creating the VIP if needed. Returns its state.
     pub fn publish_vip(
         &mut self,
         key: &VipKey,
         id: u32,
         params: VipParams,
         slots: &[u32],
+        previous: &[u32],
     ) -> Result<VipInfo, Error> {
         let old = self.vips.info(id)?;
         let bound = self.vips.id_of(key)?;
@@ -33,18 +35,24 @@ impl Dataplane {
         };
         // An empty table is written as zeros (backend id 0 is never present): a packet that
         // reads the new generation early still finds no backend, never a stale one.
-        let zeros;
-        let table = if slots.is_empty() {
-            zeros = vec![0u32; self.slots.ring_size() as usize];
-            &zeros[..]
-        } else {
-            slots
-        };
-        self.slots.write(id, active_gen, table)?;
+        let m = self.slots.ring_size() as usize;
+        let table: Vec<Slot> = (0..m)
+            .map(|s| Slot {
+                backend: slots.get(s).copied().unwrap_or(0),
+                previous: previous.get(s).copied().unwrap_or(0),
+            })
+            .collect();
+        if !slots.is_empty() && slots.len() != m {
+            return Err(Error::Invalid(format!(
+                "slot table has {} entries, the data plane was loaded with {m}",
+                slots.len()
+            )));
+        }
+        self.slots.write(id, active_gen, &table)?;
         // A new VIP gets the same table in its other generation too, so the next publish
         // only writes the slots that differ.
         if bound.is_none() {
-            self.slots.write(id, 1 - active_gen, table)?;
+            self.slots.write(id, 1 - active_gen, &table)?;
         }
         let backend_count = slots.iter().collect::<BTreeSet<_>>().len() as u32;
         let info = VipInfo {

@@ -6,7 +6,7 @@ use std::os::fd::AsFd as _;
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
-    SLOTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
+    SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
     VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey, slot_index, vip_filter_bit,
     vip_index_slot,
 };
@@ -147,17 +147,17 @@ impl VipTable {
     }
 }
 
-/// `LB_SLOTS`: two generations of M backend ids per VIP id. Keeps a copy of what it wrote so
-/// a publish only writes the slots that differ.
+/// `LB_SLOTS`: two generations of M slots (backend id, previous backend id) per VIP id. Keeps
+/// a copy of what it wrote so a publish only writes the slots that differ.
 pub struct SlotTable {
-    map: Array<MapData, u32>,
+    map: Array<MapData, Slot>,
     ring_size: u32,
     max_vips: u32,
-    written: StdHashMap<(u32, u32), Vec<u32>>,
+    written: StdHashMap<(u32, u32), Vec<Slot>>,
 }
 
 impl SlotTable {
-    pub fn new(map: Array<MapData, u32>, ring_size: u32, max_vips: u32) -> Self {
+    pub fn new(map: Array<MapData, Slot>, ring_size: u32, max_vips: u32) -> Self {
         SlotTable {
             map,
             ring_size,
@@ -170,9 +170,9 @@ impl SlotTable {
         self.ring_size
     }
 
-    /// Writes `slots` (exactly M ids, or empty for "no backend") into generation `generation`
-    /// of VIP `vip_id`. The generation must not be the live one.
-    pub fn write(&mut self, vip_id: u32, generation: u32, slots: &[u32]) -> Result<(), Error> {
+    /// Writes `slots` (exactly M, or empty for "no backend") into generation `generation` of
+    /// VIP `vip_id`. The generation must not be the live one.
+    pub fn write(&mut self, vip_id: u32, generation: u32, slots: &[Slot]) -> Result<(), Error> {
         if vip_id >= self.max_vips {
             return Err(Error::Kernel(format!(
                 "VIP id {vip_id} is beyond the {} VIPs the maps were sized for",
@@ -191,15 +191,15 @@ impl SlotTable {
         }
         let prev = self.written.remove(&(vip_id, generation));
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for (slot, id) in slots.iter().enumerate() {
-            if prev.as_ref().is_some_and(|p| p[slot] == *id) {
+        for (slot, v) in slots.iter().enumerate() {
+            if prev.as_ref().is_some_and(|p| p[slot] == *v) {
                 continue;
             }
             keys.push(slot_index(vip_id, generation, self.ring_size, slot as u32));
-            values.push(*id);
+            values.push(*v);
         }
         let fd = self.map.map().fd().as_fd();
-        if let Err(e) = super::batch::update_u32(fd, &keys, &values) {
+        if let Err(e) = super::batch::update(fd, &keys, &values) {
             // Kernels without batch updates for arrays (< 5.6): one syscall per slot.
             if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTSUP) {
                 return Err(Error::Io {
@@ -215,8 +215,8 @@ impl SlotTable {
         Ok(())
     }
 
-    /// The backend id in one slot.
-    pub fn get(&self, vip_id: u32, generation: u32, slot: u32) -> Result<u32, Error> {
+    /// One slot.
+    pub fn get(&self, vip_id: u32, generation: u32, slot: u32) -> Result<Slot, Error> {
         self.map
             .get(&slot_index(vip_id, generation, self.ring_size, slot), 0)
             .map_err(err(SLOTS_MAP))

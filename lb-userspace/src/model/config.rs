@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Deserialize;
 
 use super::{
-    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_udp_idle,
+    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_second_chance, default_udp_idle,
     default_weight,
 };
 
@@ -29,6 +29,9 @@ struct ConfigVip {
     /// `l2` (default), `ipip` or `gue`.
     #[serde(default)]
     forward: Forward,
+    /// Second-chance drain window in seconds (`gue` only; default 300, 0: off).
+    #[serde(default)]
+    second_chance: Option<u32>,
     #[serde(default)]
     health: Option<HealthCheck>,
     #[serde(default)]
@@ -63,9 +66,14 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
             source_hash: v.source_hash,
             udp_idle_s: v.udp_idle.unwrap_or_else(default_udp_idle),
             forward: v.forward,
+            second_chance_s: v.second_chance.unwrap_or_else(default_second_chance),
             health: v.health,
             backends: BTreeMap::new(),
         };
+        if v.second_chance.is_some() {
+            super::second_chance_needs_gue(&v.address, v.forward)
+                .map_err(|e| format!("config: {e}"))?;
+        }
         for b in v.backend {
             let bs = BackendSpec {
                 weight: b.weight,

@@ -282,6 +282,20 @@ pub(crate) fn default_udp_idle() -> u32 {
 /// Longest UDP idle time accepted (a day): longer is a flow table that never forgets.
 pub const MAX_UDP_IDLE_S: u32 = 86_400;
 
+/// Default second-chance drain window of a `gue` VIP: a slot's previous backend is carried
+/// for this long after the slot changed hands.
+pub const DEFAULT_SECOND_CHANCE_S: u32 = 300;
+/// Longest drain window accepted (a day).
+pub const MAX_SECOND_CHANCE_S: u32 = 86_400;
+
+pub(crate) fn default_second_chance() -> u32 {
+    DEFAULT_SECOND_CHANCE_S
+}
+
+fn is_default_second_chance(s: &u32) -> bool {
+    *s == DEFAULT_SECOND_CHANCE_S
+}
+
 /// A VIP's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +309,13 @@ pub struct VipSpec {
     /// How packets reach the backends.
     #[serde(default, skip_serializing_if = "Forward::is_l2")]
     pub forward: Forward,
+    /// Second-chance drain window in seconds (`gue` VIPs only; 0: off). See
+    /// `agent::chance`.
+    #[serde(
+        default = "default_second_chance",
+        skip_serializing_if = "is_default_second_chance"
+    )]
+    pub second_chance_s: u32,
     #[serde(default)]
     pub health: Option<HealthCheck>,
     #[serde(default)]
@@ -307,6 +328,7 @@ impl Default for VipSpec {
             source_hash: false,
             udp_idle_s: default_udp_idle(),
             forward: Forward::L2,
+            second_chance_s: default_second_chance(),
             health: None,
             backends: BTreeMap::new(),
         }
@@ -329,6 +351,7 @@ impl DesiredState {
                 h.validate(vip)?;
             }
             validate_udp_idle(vip, spec.udp_idle_s)?;
+            validate_second_chance(vip, spec.second_chance_s)?;
             for (addr, b) in &spec.backends {
                 validate_backend(vip, spec.forward, addr, b)?;
             }
@@ -342,6 +365,26 @@ pub fn validate_udp_idle(vip: &VipAddr, secs: u32) -> Result<(), String> {
     if secs == 0 || secs > MAX_UDP_IDLE_S {
         return Err(format!(
             "VIP {vip}: udp_idle must be 1 to {MAX_UDP_IDLE_S} seconds, not {secs}"
+        ));
+    }
+    Ok(())
+}
+
+/// The drain window's range: 0 (off) to a day.
+pub fn validate_second_chance(vip: &VipAddr, secs: u32) -> Result<(), String> {
+    if secs > MAX_SECOND_CHANCE_S {
+        return Err(format!(
+            "VIP {vip}: second_chance must be 0 (off) to {MAX_SECOND_CHANCE_S} seconds, not {secs}"
+        ));
+    }
+    Ok(())
+}
+
+/// A drain window given explicitly for a VIP that cannot carry one.
+pub fn second_chance_needs_gue(vip: &VipAddr, forward: Forward) -> Result<(), String> {
+    if forward != Forward::Gue {
+        return Err(format!(
+            "VIP {vip}: second_chance needs forward = \"gue\" (the previous backend travels in the GUE header), not {forward}"
         ));
     }
     Ok(())
