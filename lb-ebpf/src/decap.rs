@@ -16,20 +16,29 @@
 )]
 mod proto;
 mod ptr;
+#[allow(
+    dead_code,
+    reason = "shared with the load balancer; decap uses the lookups, not every variant"
+)]
+mod fib;
+mod owner;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
         TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    helpers::bpf_xdp_adjust_head,
+    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    cty::c_void,
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     macros::{classifier, map, xdp},
     maps::{HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Counter, DECAP_MAX_ADDRS, DECAP_MAX_LOCAL, DecapAddr, DecapConfig, DecapStat, FAMILY_V4,
-    FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, PROTO_UDP, UDP_HDR_LEN,
+    FAMILY_V6, GUE_BASE_LEN, GUE_HOPS_WORD_LEN, HopsHeader, IPPROTO_IPIP, IPPROTO_IPV6,
+    PROTO_UDP, UDP_HDR_LEN, hop_addr_len, parse_hops_word,
 };
 use network_types::{
     eth::EthHdr,
@@ -38,6 +47,7 @@ use network_types::{
 };
 
 use crate::{
+    owner::Hops,
     proto::{ETH_P_IP, ETH_P_IPV6},
     ptr::{Frame, ptr_at, ptr_at_mut},
 };
@@ -71,12 +81,207 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn decap_xdp(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let stat = match classify(ctx).and_then(|found| strip_xdp(ctx, &found)) {
-        Ok(s) | Err(s) => s,
+    let (stat, action) = match classify(ctx) {
+        Err(s) => (s, xdp_action::XDP_PASS),
+        Ok(found) => match decide(ctx.ctx as *mut c_void, ctx, &found) {
+            Decision::Keep(reason) => match strip_xdp(ctx, &found) {
+                Ok(_) => (reason, xdp_action::XDP_PASS),
+                Err(s) => (s, xdp_action::XDP_PASS),
+            },
+            Decision::Forward(h) => match forward_xdp(ctx, &h) {
+                Ok(sent) => sent,
+                Err(reason) => match strip_xdp(ctx, &found) {
+                    Ok(_) => (reason, xdp_action::XDP_PASS),
+                    Err(s) => (s, xdp_action::XDP_PASS),
+                },
+            },
+        },
     };
     count(stat, len);
-    xdp_action::XDP_PASS
+    action
 }
+
+/// What to do with a tunnel packet for a configured VIP.
+enum Decision {
+    /// Decapsulate and hand to the stack, counted with this reason.
+    Keep(DecapStat),
+    /// Not ours: on to the next hop of the list.
+    Forward(Hops),
+}
+
+/// Second chance: a packet without a hop list is ours; one with hops is ours when this
+/// host owns its flow (`owner::owned`), else it goes to the next hop, if one is left.
+#[inline(always)]
+fn decide(raw: *mut c_void, ctx: &impl Frame, found: &Found) -> Decision {
+    let Some(h) = found.hops else {
+        return Decision::Keep(DecapStat::Decapsulated);
+    };
+    if h.next >= h.count {
+        return Decision::Keep(DecapStat::KeptLastHop);
+    }
+    match owner::owned(raw, ctx, found.inner, found.inner_type == ETH_P_IP) {
+        Some(reason) => Decision::Keep(reason),
+        None => Decision::Forward(h),
+    }
+}
+
+/// The outer header as the FIB needs it, with the destination replaced by the next hop.
+#[inline(always)]
+fn next_outer(ctx: &impl Frame, h: &Hops, ifindex: u32) -> Result<fib::Outer, DecapStat> {
+    let l3 = EthHdr::LEN;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`.
+    if !owner::hop_fits(h, unsafe { (*eth).ether_type } == ETH_P_IP) {
+        // Hops of the other family than the outer header: unusable, so the packet stays.
+        return Err(DecapStat::KeptLastHop);
+    }
+    let next = (h.next & 3) as usize;
+    let word = h.word & 0x1ff;
+    let udp: *const UdpHdr;
+    let mut o = fib::Outer {
+        family: h.family,
+        proto: PROTO_UDP,
+        src: [0; 4],
+        dst: [0; 4],
+        sport: 0,
+        dport: 0,
+        len: 0,
+        tos: 0,
+        ifindex,
+    };
+    if h.family == FAMILY_V4 {
+        let ip: *const [u8; 20] = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        if ip[0] != 0x45 || ip[8] <= 1 {
+            // Options, or no TTL left to forward with: keep it.
+            return Err(DecapStat::KeptNoRoute);
+        }
+        let hop: *const [u8; 4] = ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 4).ok_or(MALFORMED)?;
+        o.src[0] = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+        o.dst[0] = u32::from_ne_bytes(unsafe { *hop });
+        o.len = u16::from_be_bytes([ip[2], ip[3]]);
+        o.tos = ip[1];
+        udp = ptr_at(ctx, l3 + 20).ok_or(MALFORMED)?;
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        if ip.hop_limit <= 1 {
+            return Err(DecapStat::KeptNoRoute);
+        }
+        let hop: *const [u32; 4] =
+            ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 16).ok_or(MALFORMED)?;
+        for i in 0..4 {
+            let a = &ip.src_addr[i * 4..i * 4 + 4];
+            o.src[i] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        }
+        o.dst = unsafe { *hop };
+        o.len = u16::from_be_bytes(ip.payload_len) + Ipv6Hdr::LEN as u16;
+        udp = ptr_at(ctx, l3 + Ipv6Hdr::LEN).ok_or(MALFORMED)?;
+    }
+    // SAFETY: checked by `ptr_at`.
+    unsafe {
+        o.sport = u16::from_ne_bytes((*udp).src);
+        o.dport = u16::from_ne_bytes((*udp).dst);
+    }
+    Ok(o)
+}
+
+/// Rewrites the outer header for the next hop: destination, TTL or hop limit one less
+/// (IPv4 checksum recomputed), and the hop list's `next` one further.
+#[inline(always)]
+fn rewrite_outer(ctx: &impl Frame, h: &Hops, o: &fib::Outer) -> Result<(), DecapStat> {
+    let l3 = EthHdr::LEN;
+    if h.family == FAMILY_V4 {
+        let ip: *mut [u8; 20] = ptr_at_mut(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at_mut`.
+        let ip = unsafe { &mut *ip };
+        ip[16..20].copy_from_slice(&o.dst[0].to_ne_bytes());
+        ip[8] -= 1;
+        let c = owner::ipv4_checksum(ip).to_ne_bytes();
+        ip[10] = c[0];
+        ip[11] = c[1];
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at_mut`.
+        let ip = unsafe { &mut *ip };
+        for i in 0..4 {
+            ip.dst_addr[i * 4..i * 4 + 4].copy_from_slice(&o.dst[i].to_ne_bytes());
+        }
+        ip.hop_limit -= 1;
+    }
+    let w: *mut [u8; 4] = ptr_at_mut(ctx, h.word & 0x1ff).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at_mut`.
+    unsafe { (*w)[1] = h.next + 1 };
+    Ok(())
+}
+
+/// Sends the packet to the next hop from XDP: out of the receiving interface (XDP_TX) or
+/// another one (redirect); an unresolved neighbour hands the rewritten packet to the stack,
+/// which forwards it. `Err`: keep the packet (no route).
+#[inline(always)]
+fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let o = next_outer(ctx, h, ingress)?;
+    match fib::lookup(ctx.ctx as *mut c_void, &o, 0) {
+        fib::Fib::Hop(nh) => {
+            rewrite_outer(ctx, h, &o)?;
+            let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(MALFORMED)?;
+            // SAFETY: checked by `ptr_at_mut`.
+            unsafe {
+                (*eth).dst_addr = nh.dmac;
+                (*eth).src_addr = nh.smac;
+            }
+            if nh.ifindex == ingress {
+                Ok((DecapStat::Forwarded, xdp_action::XDP_TX))
+            } else {
+                // SAFETY: plain helper call.
+                let rc = unsafe { bpf_redirect(nh.ifindex, 0) } as u32;
+                Ok((DecapStat::Forwarded, rc))
+            }
+        }
+        fib::Fib::NoNeighbour | fib::Fib::TooBig(_) => {
+            rewrite_outer(ctx, h, &o)?;
+            Ok((DecapStat::ForwardedByStack, xdp_action::XDP_PASS))
+        }
+        fib::Fib::Fail(_) => Err(DecapStat::KeptNoRoute),
+    }
+}
+
+/// The tc variant: the route from the FIB, the neighbour left to `bpf_redirect_neigh`.
+#[inline(always)]
+fn forward_tc(ctx: &TcContext, h: &Hops) -> Result<(DecapStat, i32), DecapStat> {
+    // SAFETY: reads the skb's ingress ifindex field.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let o = next_outer(ctx, h, ingress)?;
+    let (ifindex, nh) =
+        fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
+    rewrite_outer(ctx, h, &o)?;
+    let v4 = h.family == FAMILY_V4;
+    let mut to = bpf_redir_neigh {
+        nh_family: if v4 { AF_INET } else { AF_INET6 },
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
+    };
+    if v4 {
+        to.__bindgen_anon_1.ipv4_nh = nh[0];
+    } else {
+        to.__bindgen_anon_1.ipv6_nh = nh;
+    }
+    // SAFETY: `to` is a valid params struct of the size passed.
+    let rc = unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut to,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    Ok((DecapStat::Forwarded, rc as i32))
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// The same program at tc ingress (`lb decap --attach tc`), for drivers where XDP is not
 /// wanted: the outer headers are removed with `bpf_skb_adjust_room`, keeping a GRO'd
@@ -86,24 +291,41 @@ pub fn lb_decap_tc(ctx: TcContext) -> i32 {
     let len = u64::from(ctx.len());
     // Headers up to the inner IP header must be in the linear part for direct access.
     let _ = ctx.pull_data(ctx.len().min(PULL));
-    let stat = match classify(&ctx).and_then(|found| strip_tc(&ctx, &found)) {
-        Ok(s) | Err(s) => s,
+    let (stat, action) = match classify(&ctx) {
+        Err(s) => (s, TC_ACT_OK),
+        Ok(found) => match decide(ctx.skb.skb as *mut c_void, &ctx, &found) {
+            Decision::Keep(reason) => match strip_tc(&ctx, &found) {
+                Ok(_) => (reason, TC_ACT_OK),
+                Err(s) => (s, TC_ACT_OK),
+            },
+            Decision::Forward(h) => match forward_tc(&ctx, &h) {
+                Ok(sent) => sent,
+                Err(reason) => match strip_tc(&ctx, &found) {
+                    Ok(_) => (reason, TC_ACT_OK),
+                    Err(s) => (s, TC_ACT_OK),
+                },
+            },
+        },
     };
     count(stat, len);
-    TC_ACT_OK
+    action
 }
 
 /// Benchmark harness (never attached): the decap program, then the frame put back as it came
-/// (the outer header restored from the saved first 64 bytes), so `repeat` passes measure the
-/// same tunnel packet. The restore is included in its time.
+/// (the outer headers restored from the saved first `BENCH_SAVED` bytes), so `repeat` passes
+/// measure the same tunnel packet, whether it was stripped or forwarded (rewritten in place).
+/// The restore is included in its time. Frames must be at least that long.
 #[xdp]
 pub fn bench_decap(ctx: XdpContext) -> u32 {
-    const SAVED: usize = 64;
-    let Some(head) = ptr_at::<[u8; SAVED]>(&ctx, 0) else {
+    let Some(head) = ptr_at::<[u8; BENCH_SAVE]>(&ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: bounds-checked above.
-    let saved = unsafe { *head };
+    // Saved in a per-CPU map: the program's own stack leaves no room for it.
+    let Some(saved) = BENCH_SAVED.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bounds-checked above; this CPU's slot.
+    unsafe { *saved = *head };
     let before = ctx.data_end() - ctx.data();
     let action = decap_xdp(&ctx);
     let cut = before as i32 - (ctx.data_end() - ctx.data()) as i32;
@@ -111,20 +333,29 @@ pub fn bench_decap(ctx: XdpContext) -> u32 {
     if cut > 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, -cut) } != 0 {
         return xdp_action::XDP_ABORTED;
     }
-    if let Some(head) = ptr_at_mut::<[u8; SAVED]>(&ctx, 0) {
-        // SAFETY: bounds-checked by `ptr_at_mut`.
-        unsafe { *head = saved };
+    if let Some(head) = ptr_at_mut::<[u8; BENCH_SAVE]>(&ctx, 0) {
+        // SAFETY: bounds-checked by `ptr_at_mut`; this CPU's slot.
+        unsafe { *head = *saved };
     }
     action
 }
 
-/// Ethernet, outer IPv6, UDP and an inner IPv6 header.
-const PULL: u32 = 14 + 40 + 8 + 40;
+/// Ethernet, outer IPv6, UDP and a GUE header with one IPv6 hop (86 bytes), rounded up.
+const BENCH_SAVE: usize = 96;
 
-/// Where the inner packet starts and the Ethernet type it will carry.
+#[map(name = "BENCH_SAVED")]
+static BENCH_SAVED: PerCpuArray<[u8; BENCH_SAVE]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ethernet, outer IPv6, UDP, a GUE header with one IPv6 hop, an inner IPv6 header and a
+/// TCP header.
+const PULL: u32 = 14 + 40 + 8 + 24 + 40 + 20;
+
+/// Where the inner packet starts and the Ethernet type it will carry; for a GUE packet with
+/// a hop list (second chance), where the list is.
 struct Found {
     inner: usize,
     inner_type: u16,
+    hops: Option<Hops>,
 }
 
 #[inline(always)]
@@ -172,9 +403,11 @@ const MALFORMED: DecapStat = DecapStat::PassMalformed;
 struct Tunnel {
     /// Offset of the inner IP header.
     inner: usize,
-    /// Inner family required by the outer protocol (IPIP); `None` for GUE (read from the
-    /// inner version nibble).
+    /// Inner family required by the outer protocol (IPIP, GUE variant 0); `None` for GUE
+    /// variant 1 (read from the inner version nibble).
     family: Option<u32>,
+    /// The second-chance hop list of a GUE variant-0 header.
+    hops: Option<Hops>,
 }
 
 /// Whether `a` is one of this host's addresses (from the read-only configuration).
@@ -219,6 +452,7 @@ fn classify(ctx: &impl Frame) -> Result<Found, DecapStat> {
     Ok(Found {
         inner: tunnel.inner,
         inner_type,
+        hops: tunnel.hops,
     })
 }
 
@@ -275,10 +509,12 @@ fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
         IPPROTO_IPIP => Ok(Tunnel {
             inner: l4,
             family: Some(FAMILY_V4 as u32),
+            hops: None,
         }),
         IPPROTO_IPV6 => Ok(Tunnel {
             inner: l4,
             family: Some(FAMILY_V6 as u32),
+            hops: None,
         }),
         _ => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
@@ -287,11 +523,61 @@ fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
             if u16::from_ne_bytes(unsafe { (*udp).dst }) != port {
                 return Err(NOT_ENCAP);
             }
+            gue(ctx, l4 + UDP_HDR_LEN)
+        }
+    }
+}
+
+/// A GUE payload at `at`: variant 1 (the inner IP header itself, version nibble 4 or 6) or
+/// variant 0 (a GUE header; its private data may carry a hop list, `lb_common::chance`).
+#[inline(always)]
+fn gue(ctx: &impl Frame, at: usize) -> Result<Tunnel, DecapStat> {
+    let h: *const [u8; GUE_BASE_LEN] = ptr_at(ctx, at).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`.
+    let h = unsafe { *h };
+    match h[0] >> 6 {
+        1 => Ok(Tunnel {
+            inner: at,
+            family: None,
+            hops: None,
+        }),
+        0 => {
+            // A control message (C bit) or flag fields are not ours to read.
+            if h[0] & 0x20 != 0 || h[2] != 0 || h[3] != 0 {
+                return Err(NOT_ENCAP);
+            }
+            let family = match h[1] {
+                IPPROTO_IPIP => FAMILY_V4 as u32,
+                IPPROTO_IPV6 => FAMILY_V6 as u32,
+                _ => return Err(MALFORMED),
+            };
+            let words = (h[0] & 0x1f) as usize;
+            let mut hops = None;
+            if words > 0 {
+                let w: *const [u8; 4] = ptr_at(ctx, at + GUE_BASE_LEN).ok_or(MALFORMED)?;
+                // SAFETY: checked by `ptr_at`.
+                if let HopsHeader::Hops {
+                    next,
+                    count,
+                    family: hf,
+                } = parse_hops_word(unsafe { *w })
+                    && GUE_HOPS_WORD_LEN + count as usize * hop_addr_len(hf) <= words * 4
+                {
+                    hops = Some(Hops {
+                        word: at + GUE_BASE_LEN,
+                        next,
+                        count,
+                        family: hf,
+                    });
+                }
+            }
             Ok(Tunnel {
-                inner: l4 + UDP_HDR_LEN,
-                family: None,
+                inner: at + GUE_BASE_LEN + words * 4,
+                family: Some(family),
+                hops,
             })
         }
+        _ => Err(MALFORMED),
     }
 }
 
