@@ -1,8 +1,8 @@
 //! The pinned map set's record: what an agent checks before adopting maps pinned by another
 //! run (or another build).
 use crate::{
-    Backend, Counter, FlowEvent, FlowKey, FlowValue, HcStat, LbConfig, Slot, Stat, VIP_FILTER_WORDS,
-    VIP_INDEX_SLOTS, VipCounter, VipIndexEntry, VipInfo, VipKey, fmix64, mix,
+    Backend, Counter, FlowEvent, FlowKey, FlowValue, HcStat, LbConfig, Slot, Stat,
+    VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipCounter, VipIndexEntry, VipInfo, VipKey, fmix64, mix,
 };
 
 /// Bumped whenever a map's meaning changes without its sizes changing.

@@ -111,7 +111,11 @@ mod tests {
         assert_eq!(gue_hops_word(FAMILY_V4, 1).to_ne_bytes(), [1, 0, 1, 4]);
         assert_eq!(gue_hops_len(FAMILY_V4, 1), 12);
         let base6 = gue_base_word(false, FAMILY_V6, 1).to_ne_bytes();
-        assert_eq!(base6, [5, 41, 0, 0], "hlen 5 words: private word + IPv6 hop");
+        assert_eq!(
+            base6,
+            [5, 41, 0, 0],
+            "hlen 5 words: private word + IPv6 hop"
+        );
         assert_eq!(gue_hops_len(FAMILY_V6, 1), 24);
     }
 

@@ -12,16 +12,16 @@
 
 #[allow(
     dead_code,
-    reason = "shared with the load balancer, which uses all of it; decap needs the Ethernet types"
-)]
-mod proto;
-mod ptr;
-#[allow(
-    dead_code,
     reason = "shared with the load balancer; decap uses the lookups, not every variant"
 )]
 mod fib;
 mod owner;
+#[allow(
+    dead_code,
+    reason = "shared with the load balancer, which uses all of it; decap needs the Ethernet types"
+)]
+mod proto;
+mod ptr;
 
 use aya_ebpf::{
     bindings::{
@@ -37,8 +37,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Counter, DECAP_MAX_ADDRS, DECAP_MAX_LOCAL, DecapAddr, DecapConfig, DecapStat, FAMILY_V4,
-    FAMILY_V6, GUE_BASE_LEN, GUE_HOPS_WORD_LEN, HopsHeader, IPPROTO_IPIP, IPPROTO_IPV6,
-    PROTO_UDP, UDP_HDR_LEN, hop_addr_len, parse_hops_word,
+    FAMILY_V6, GUE_BASE_LEN, GUE_HOPS_WORD_LEN, HopsHeader, IPPROTO_IPIP, IPPROTO_IPV6, PROTO_UDP,
+    UDP_HDR_LEN, hop_addr_len, parse_hops_word,
 };
 use network_types::{
     eth::EthHdr,
@@ -157,7 +157,8 @@ fn next_outer(ctx: &impl Frame, h: &Hops, ifindex: u32) -> Result<fib::Outer, De
             // Options, or no TTL left to forward with: keep it.
             return Err(DecapStat::KeptNoRoute);
         }
-        let hop: *const [u8; 4] = ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 4).ok_or(MALFORMED)?;
+        let hop: *const [u8; 4] =
+            ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 4).ok_or(MALFORMED)?;
         o.src[0] = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
         o.dst[0] = u32::from_ne_bytes(unsafe { *hop });
         o.len = u16::from_be_bytes([ip[2], ip[3]]);
@@ -252,11 +253,10 @@ fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat
 /// The tc variant: the route from the FIB, the neighbour left to `bpf_redirect_neigh`.
 #[inline(always)]
 fn forward_tc(ctx: &TcContext, h: &Hops) -> Result<(DecapStat, i32), DecapStat> {
-    // SAFETY: reads the skb's ingress ifindex field.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: reads the skb's device field (at tc ingress, the receiving interface).
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let o = next_outer(ctx, h, ingress)?;
-    let (ifindex, nh) =
-        fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
+    let (ifindex, nh) = fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
     rewrite_outer(ctx, h, &o)?;
     let v4 = h.family == FAMILY_V4;
     let mut to = bpf_redir_neigh {

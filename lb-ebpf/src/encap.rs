@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, ENCAP_GUE, FAMILY_V4, IPV4_HDR_LEN, LbConfig,
-    NEXTHOP_TTL_S, NextHopCache, Stat, UDP_HDR_LEN, gue_base_word, gue_hops_word,
+    BACKEND_F_PRESENT, Backend, ENCAP_GUE, FAMILY_V4, IPV4_HDR_LEN, LbConfig, NEXTHOP_TTL_S,
+    NextHopCache, Stat, UDP_HDR_LEN, gue_base_word, gue_hops_word,
 };
 use network_types::{
     eth::EthHdr,

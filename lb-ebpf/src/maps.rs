@@ -6,9 +6,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, Slot, VIP_F_PRESENT,
-    VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey,
-    vip_filter_bit, vip_index_slot,
+    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, Slot,
+    VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo,
+    VipKey, vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]

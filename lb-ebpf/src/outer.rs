@@ -2,8 +2,8 @@
 //! tc health-check path, which write them differently). Formats: `lb_common::encap`'s docs.
 use lb_common::{
     Backend, ENCAP_GUE, FAMILY_V4, FlowKey, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN,
-    LbConfig, OUTER_TTL, PROTO_UDP, csum_fold, encap_overhead, flow_entropy, gue_source_port,
-    gue_hops_len, outer_source,
+    LbConfig, OUTER_TTL, PROTO_UDP, csum_fold, encap_overhead, flow_entropy, gue_hops_len,
+    gue_source_port, outer_source,
 };
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},

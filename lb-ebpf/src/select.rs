@@ -10,7 +10,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue, LbConfig,
-    PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index, slot_of,
+    PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index,
+    slot_of,
 };
 
 use crate::{

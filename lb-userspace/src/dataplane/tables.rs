@@ -6,9 +6,9 @@ use std::os::fd::AsFd as _;
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
-    SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
-    VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey, slot_index, vip_filter_bit,
-    vip_index_slot,
+    SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES,
+    VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey, slot_index,
+    vip_filter_bit, vip_index_slot,
 };
 
 use crate::Error;

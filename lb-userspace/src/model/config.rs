@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Deserialize;
 
 use super::{
-    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_second_chance, default_udp_idle,
-    default_weight,
+    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_second_chance,
+    default_udp_idle, default_weight,
 };
 
 /// `[[vip]]` tables of the config file.

@@ -1,0 +1,544 @@
+//! Second-chance fixtures through the real programs (BPF_PROG_TEST_RUN), inside a namespace
+//! whose FIB gives known next hops and which holds real sockets for the backend side:
+//! - the load balancer writes the slot's previous backend into a GUE variant-0 header (exact
+//!   bytes, IPv4 and IPv6), and plain variant 1 for slots without one;
+//! - the decap program keeps a SYN, a packet of an established socket, a syncookie ACK and a
+//!   connected UDP socket's datagram, forwards an unknown flow's packet to the next hop (exact
+//!   bytes: destination, TTL, checksum, `next`), and keeps it when no hop is left.
+use std::{
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, UdpHeader};
+use lb_common::{
+    DecapStat as D, ENCAP_GUE, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port, slot_of,
+};
+use lb_tests::{
+    frames::{v4, v6},
+    routed::{FibNs, GW_MAC},
+    world::{RING, SCENE, SEED, World, flow_key, ip, xdp_md},
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT4: &str = "192.0.2.7";
+const CLIENT6: &str = "2001:db8:c::7";
+const VIP4: &str = "10.0.0.10";
+const VIP6: &str = "2001:db8::10";
+const LB4: &str = "10.31.0.2";
+const LB6: &str = "fd00:31::2";
+
+/// The outer frame around `inner_ip` (an IP packet): Ethernet to `dst_mac`, outer IP from
+/// `src` to `dst` (TTL 64; DF for IPv4; IPv6 flow label `label`), UDP from `sport` to 6080
+/// (checksum 0), then `gue` (a GUE header, or nothing for variant 1).
+fn outer(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    (src, dst): (IpAddr, IpAddr),
+    sport: u16,
+    label: u32,
+    gue: &[u8],
+    inner_ip: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + gue.len() + inner_ip.len();
+    let mut out = Vec::new();
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let tos = if inner_ip[0] >> 4 == 4 {
+                inner_ip[1]
+            } else {
+                (inner_ip[0] << 4) | (inner_ip[1] >> 4)
+            };
+            let mut h = Ipv4Header::new(udp_len as u16, 64, IpNumber::UDP, s.octets(), d.octets())
+                .expect("header");
+            h.dont_fragment = true;
+            h.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
+            h.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
+            h.header_checksum = h.calc_header_checksum();
+            h.write(&mut out).expect("write");
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let tos = (inner_ip[0] << 4) | (inner_ip[1] >> 4);
+            Ipv6Header {
+                traffic_class: tos,
+                flow_label: Ipv6FlowLabel::try_new(label & 0xfffff).expect("label"),
+                payload_length: udp_len as u16,
+                next_header: IpNumber::UDP,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            }
+            .write(&mut out)
+            .expect("write");
+        }
+        _ => unreachable!("one family"),
+    }
+    UdpHeader {
+        source_port: sport,
+        destination_port: 6080,
+        length: udp_len as u16,
+        checksum: 0,
+    }
+    .write(&mut out)
+    .expect("write");
+    out.extend_from_slice(gue);
+    out.extend_from_slice(inner_ip);
+    out
+}
+
+/// A GUE variant-0 header with one hop (the documented format), `next` as given.
+fn gue_hop(inner_v4: bool, hop: IpAddr, next: u8) -> Vec<u8> {
+    let (words, fam, addr): (u8, u8, Vec<u8>) = match hop {
+        IpAddr::V4(a) => (2, 4, a.octets().to_vec()),
+        IpAddr::V6(a) => (5, 6, a.octets().to_vec()),
+    };
+    let mut g = vec![words, if inner_v4 { 4 } else { 41 }, 0, 0, 1, next, 1, fam];
+    g.extend_from_slice(&addr);
+    g
+}
+
+fn tcp4(src: &str, sport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+    SCENE.tcp4((v4(src), sport), (v4(VIP4), 80), flags, payload)
+}
+
+fn tcp6(sport: u16, syn: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = SCENE
+        .eth()
+        .ipv6(v6(CLIENT6), v6(VIP6), 64)
+        .tcp(sport, 80, 1000, 64000);
+    if syn { b.syn() } else { b.ack(1) }
+        .write(&mut out, b"")
+        .expect("build");
+    out
+}
+
+/// A flow to VIP `vip_index` of the world whose slot names a previous backend, and one whose
+/// slot does not.
+fn flows(world: &World, vip_index: usize, v6: bool) -> (u16, u16) {
+    let v = &world.vips[vip_index];
+    let mut with = None;
+    let mut without = None;
+    for sport in 30000..40000u16 {
+        let key = if v6 {
+            flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP)
+        } else {
+            flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP)
+        };
+        let slot = slot_of(&key, SEED, false, RING).expect("slot") as usize;
+        if v.previous[slot] != 0 {
+            with.get_or_insert(sport);
+        } else {
+            without.get_or_insert(sport);
+        }
+        if let (Some(a), Some(b)) = (with, without) {
+            return (a, b);
+        }
+    }
+    panic!("no flows found")
+}
+
+#[test]
+fn load_balancer_carries_the_previous_backend_in_gue_private_data() -> anyhow::Result<()> {
+    let f = FibNs::new()?;
+    let mut world = World::new()?;
+    let addrs4 = ["10.41.0.2", "10.41.0.3", "10.41.0.4"];
+    let addrs6 = ["fd00:41::2", "fd00:41::3"];
+    for (i, a) in addrs4.iter().enumerate() {
+        world.set_backend_encap(i as u32 + 1, ip(a), ENCAP_GUE, ip(LB4))?;
+    }
+    for (i, a) in addrs6.iter().enumerate() {
+        world.set_backend_encap(i as u32 + 4, ip(a), ENCAP_GUE, ip(LB6))?;
+    }
+    // Backend 3 (IPv4) and 5 (IPv6) leave: their slots keep them as previous.
+    world.move_with_previous(0, &[1, 2])?;
+    world.move_with_previous(4, &[4])?;
+    f.ns.run(|| -> anyhow::Result<()> {
+        for v6 in [false, true] {
+            let index = if v6 { 4 } else { 0 };
+            let (with, without) = flows(&world, index, v6);
+            for (sport, carried) in [(with, true), (without, false)] {
+                let (frame, key): (Vec<u8>, FlowKey) = if v6 {
+                    let k = flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP);
+                    (tcp6(sport, false), k)
+                } else {
+                    let k = flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP);
+                    (tcp4(CLIENT4, sport, "A", b"payload"), k)
+                };
+                let slot = slot_of(&key, SEED, false, RING).expect("slot") as usize;
+                let v = &world.vips[index];
+                let backend = |id: u32| {
+                    if v6 {
+                        ip(addrs6[id as usize - 4])
+                    } else {
+                        ip(addrs4[id as usize - 1])
+                    }
+                };
+                let to = backend(v.table[slot]);
+                let gue = if carried {
+                    assert_eq!(v.previous[slot], if v6 { 5 } else { 3 });
+                    gue_hop(!v6, backend(v.previous[slot]), 0)
+                } else {
+                    Vec::new()
+                };
+                let src = ip(if v6 { LB6 } else { LB4 });
+                // Twice: a slot in its window is never remembered, so both packets carry it.
+                for pass in 0..2 {
+                    let (action, out) = world.run_on(&frame, f.ifindex)?;
+                    assert_eq!(action, XDP_TX, "v6 {v6} carried {carried} pass {pass}");
+                    let want = outer(
+                        GW_MAC,
+                        f.mac,
+                        (src, to),
+                        gue_source_port(&key),
+                        flow_entropy(&key),
+                        &gue,
+                        &frame[14..],
+                    );
+                    assert_eq!(out, want, "v6 {v6} carried {carried} pass {pass}: bytes");
+                }
+            }
+        }
+        Ok(())
+    })??;
+    assert!(world.dp.stats.global()?.get(Stat::Forwarded).packets >= 8);
+    Ok(())
+}
+
+/// Runs the decap program (`tc`: its tc variant) on `frame` received on `ifindex`.
+fn decap_run(
+    ebpf: &mut aya::Ebpf,
+    frame: &[u8],
+    tc: bool,
+    ifindex: u32,
+) -> anyhow::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 64];
+    let res = if tc {
+        // A `struct __sk_buff` naming the receiving device (`ifindex`, at byte 40).
+        let mut skb = [0u8; 44];
+        skb[40..].copy_from_slice(&ifindex.to_ne_bytes());
+        lb_userspace::decap::tc_program(ebpf)?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&skb),
+            ..Default::default()
+        })?
+    } else {
+        let ctx = xdp_md(frame.len(), ifindex);
+        lb_userspace::decap::program(ebpf)?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })?
+    };
+    out.truncate(res.data_size_out as usize);
+    let action = match (tc, res.return_value) {
+        (true, 0) => XDP_PASS,
+        (true, 7) => TC_ACT_REDIRECT,
+        (true, other) => 100 + other,
+        (false, a) => a,
+    };
+    Ok((action, out))
+}
+
+fn decap_count(ebpf: &mut aya::Ebpf, s: D) -> anyhow::Result<u64> {
+    let m: aya::maps::PerCpuArray<_, lb_common::Counter> = aya::maps::PerCpuArray::try_from(
+        ebpf.map_mut(lb_common::DECAP_STATS_MAP).expect("stats map"),
+    )?;
+    Ok(m.get(&(s as u32), 0)?.iter().map(|c| c.packets).sum())
+}
+
+/// The sockets a backend holds: VIPs and the client addresses on `lo` (so real connections
+/// have the clients' tuples), a listener on each VIP's port 80, one established connection
+/// per family, and a UDP socket on VIP4:53 connected to one client port.
+struct Sockets {
+    _listen: Vec<TcpListener>,
+    _conns: Vec<(TcpStream, TcpStream)>,
+    _udp: Vec<UdpSocket>,
+    est4: u16,
+    est6: u16,
+    udp_connected_to: u16,
+}
+
+fn sockets(f: &FibNs) -> anyhow::Result<Sockets> {
+    for a in [VIP4, CLIENT4] {
+        f.ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+    }
+    for a in [VIP6, CLIENT6] {
+        f.ns.ip(&["addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"])?;
+    }
+    f.ns.ip(&["link", "set", "lo", "up"])?;
+    f.ns.run(|| -> anyhow::Result<Sockets> {
+        let mut listen = Vec::new();
+        let mut conns = Vec::new();
+        let mut ports = Vec::new();
+        for (vip, client) in [(VIP4, CLIENT4), (VIP6, CLIENT6)] {
+            let l = TcpListener::bind(SocketAddr::new(ip(vip), 80))?;
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(SocketAddr::new(ip(client), 0)),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.bind(&SocketAddr::new(ip(client), 0).into())?;
+            s.connect(&SocketAddr::new(ip(vip), 80).into())?;
+            let c: TcpStream = s.into();
+            let (a, _) = l.accept()?;
+            ports.push(c.local_addr()?.port());
+            conns.push((c, a));
+            listen.push(l);
+        }
+        let u = UdpSocket::bind(SocketAddr::new(ip(VIP4), 53))?;
+        u.connect(SocketAddr::new(ip(CLIENT4), 5353))?;
+        let unconnected = UdpSocket::bind(SocketAddr::new(ip(VIP4), 54))?;
+        Ok(Sockets {
+            _listen: listen,
+            _conns: conns,
+            _udp: vec![u, unconnected],
+            est4: ports[0],
+            est6: ports[1],
+            udp_connected_to: 5353,
+        })
+    })?
+}
+
+fn udp4(sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    SCENE
+        .eth()
+        .ipv4(v4(CLIENT4), v4(VIP4), 64)
+        .udp(sport, dport)
+        .write(&mut out, b"q")
+        .expect("build");
+    out
+}
+
+#[test]
+fn backend_keeps_what_it_owns_and_forwards_the_rest() -> anyhow::Result<()> {
+    let f = FibNs::new()?;
+    let socks = sockets(&f)?;
+    let local = [ip("10.41.0.2"), ip("fd00:41::2")].into_iter().collect();
+    let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();
+    let mut ebpf = lb_userspace::decap::load(6080, &local, None)?;
+    lb_userspace::decap::set_vips(&mut ebpf, &vips)?;
+    let lb4 = (ip("10.31.0.9"), ip("10.41.0.2"));
+    let lb6 = (ip("fd00:31::9"), ip("fd00:41::2"));
+    let hop4 = ip("10.41.0.3");
+    let hop6 = ip("fd00:41::3");
+    let rx_mac = [0x02, 0, 0, 0, 0x0a, 0x01];
+    let wrap = |inner: &[u8], next: u8| -> Vec<u8> {
+        let v4_inner = inner[14] >> 4 == 4;
+        let (pair, hop) = if v4_inner { (lb4, hop4) } else { (lb6, hop6) };
+        outer(
+            f.mac,
+            rx_mac,
+            pair,
+            50000,
+            7,
+            &gue_hop(v4_inner, hop, next),
+            &inner[14..],
+        )
+    };
+    let kept = |frame: &[u8], inner: &[u8]| -> Vec<u8> {
+        let mut want = frame[..12].to_vec();
+        want.extend_from_slice(&inner[12..]);
+        want
+    };
+    let cases: Vec<(&str, Vec<u8>, D)> = vec![
+        ("v4 SYN", tcp4(CLIENT4, 40001, "S", b""), D::KeptSyn),
+        ("v6 SYN", tcp6(40002, true), D::KeptSyn),
+        (
+            "v4 established",
+            tcp4(CLIENT4, socks.est4, "A", b"x"),
+            D::KeptSocket,
+        ),
+        ("v6 established", tcp6(socks.est6, false), D::KeptSocket),
+        (
+            "connected UDP",
+            udp4(socks.udp_connected_to, 53),
+            D::KeptSocket,
+        ),
+    ];
+    f.ns.run(|| -> anyhow::Result<()> {
+        for tc in [false, true] {
+            for (name, inner, stat) in &cases {
+                let frame = wrap(inner, 0);
+                let before = decap_count(&mut ebpf, *stat)?;
+                let (action, out) = decap_run(&mut ebpf, &frame, tc, f.ifindex)?;
+                assert_eq!(action, XDP_PASS, "{name} (tc {tc})");
+                assert_eq!(out, kept(&frame, inner), "{name} (tc {tc}): decapsulated");
+                assert_eq!(decap_count(&mut ebpf, *stat)?, before + 1, "{name}");
+            }
+            // No hop left: kept whatever it is.
+            let inner = tcp4(CLIENT4, 40003, "A", b"x");
+            let frame = wrap(&inner, 1);
+            let (action, out) = decap_run(&mut ebpf, &frame, tc, f.ifindex)?;
+            assert_eq!((action, out), (XDP_PASS, kept(&frame, &inner)), "last hop");
+            // Unknown flows (TCP ACK with no socket, UDP to an unconnected socket): sent on
+            // to the next hop, rewritten in place.
+            for (name, inner) in [
+                ("v4 unknown ACK", tcp4(CLIENT4, 40004, "A", b"x")),
+                ("v6 unknown ACK", tcp6(40005, false)),
+                ("UDP, unconnected socket", udp4(5354, 54)),
+            ] {
+                let frame = wrap(&inner, 0);
+                let before = decap_count(&mut ebpf, D::Forwarded)?;
+                let (action, out) = decap_run(&mut ebpf, &frame, tc, f.ifindex)?;
+                let v4_inner = inner[14] >> 4 == 4;
+                let mut want = if v4_inner {
+                    let mut w = outer(
+                        GW_MAC,
+                        f.mac,
+                        (lb4.0, hop4),
+                        50000,
+                        7,
+                        &gue_hop(true, hop4, 1),
+                        &inner[14..],
+                    );
+                    w[22] = 63; // TTL
+                    let h = Ipv4Header::from_slice(&w[14..])?.0;
+                    w[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+                    w
+                } else {
+                    let mut w = outer(
+                        GW_MAC,
+                        f.mac,
+                        (lb6.0, hop6),
+                        50000,
+                        7,
+                        &gue_hop(false, hop6, 1),
+                        &inner[14..],
+                    );
+                    w[21] = 63; // hop limit
+                    w
+                };
+                if tc {
+                    // tc leaves the MACs to `bpf_redirect_neigh`.
+                    want[..12].copy_from_slice(&frame[..12]);
+                    assert_eq!(action, TC_ACT_REDIRECT, "{name} (tc)");
+                } else {
+                    assert_eq!(action, XDP_TX, "{name}");
+                }
+                assert_eq!(out, want, "{name} (tc {tc}): forwarded bytes");
+                assert_eq!(decap_count(&mut ebpf, D::Forwarded)?, before + 1, "{name}");
+            }
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// An ACK completing a handshake the listener answered with a syncookie has no socket yet:
+/// `bpf_tcp_check_syncookie` recognises it, so the backend keeps it. The cookie is real: a
+/// SYN is sent from a raw socket to a listener with `tcp_syncookies=2` and the SYN-ACK read.
+#[test]
+fn a_syncookie_ack_is_kept() -> anyhow::Result<()> {
+    let f = FibNs::new()?;
+    let _socks = sockets(&f)?;
+    f.ns.sysctl("net.ipv4.tcp_syncookies", "2")?;
+    let local = [ip("10.41.0.2")].into_iter().collect();
+    let vips = [ip(VIP4)].into_iter().collect();
+    let mut ebpf = lb_userspace::decap::load(6080, &local, None)?;
+    lb_userspace::decap::set_vips(&mut ebpf, &vips)?;
+    let sport = 40100u16;
+    let isn = 1000u32;
+    let cookie = f.ns.run(|| syn_ack_seq(sport, isn))??;
+    // The ACK: seq isn+1, ack cookie+1.
+    let mut ack = Vec::new();
+    SCENE
+        .eth()
+        .ipv4(v4(CLIENT4), v4(VIP4), 64)
+        .tcp(sport, 80, isn + 1, 64000)
+        .ack(cookie.wrapping_add(1))
+        .write(&mut ack, b"")
+        .expect("build");
+    let frame = outer(
+        f.mac,
+        [2, 0, 0, 0, 0x0a, 1],
+        (ip("10.31.0.9"), ip("10.41.0.2")),
+        50000,
+        7,
+        &gue_hop(true, ip("10.41.0.3"), 0),
+        &ack[14..],
+    );
+    f.ns.run(|| -> anyhow::Result<()> {
+        for tc in [false, true] {
+            let before = decap_count(&mut ebpf, D::KeptSyncookie)?;
+            let (action, _) = decap_run(&mut ebpf, &frame, tc, f.ifindex)?;
+            assert_eq!(action, XDP_PASS, "tc {tc}");
+            assert_eq!(
+                decap_count(&mut ebpf, D::KeptSyncookie)?,
+                before + 1,
+                "tc {tc}"
+            );
+        }
+        // A wrong cookie is not ours: forwarded.
+        let mut bad = frame.clone();
+        let n = bad.len();
+        // The ACK number sits 8 bytes into the inner TCP header (20-byte inner IPv4 header
+        // at the end of the frame's headers).
+        let ack_at = n - 20 + 8;
+        bad[ack_at] ^= 0x55;
+        let before = decap_count(&mut ebpf, D::Forwarded)?;
+        let (action, _) = decap_run(&mut ebpf, &bad, false, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        assert_eq!(decap_count(&mut ebpf, D::Forwarded)?, before + 1);
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// Sends a SYN from CLIENT4:`sport` (sequence `isn`) to VIP4:80 through a raw socket and
+/// returns the SYN-ACK's sequence number (the cookie).
+fn syn_ack_seq(sport: u16, isn: u32) -> anyhow::Result<u32> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(ip(CLIENT4), 0).into())?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let tcp = etherparse::TcpHeader {
+        source_port: sport,
+        destination_port: 80,
+        sequence_number: isn,
+        syn: true,
+        window_size: 64000,
+        ..Default::default()
+    };
+    let mut tcp = tcp;
+    tcp.checksum = tcp.calc_checksum_ipv4_raw(v4(CLIENT4), v4(VIP4), &[])?;
+    let bytes = tcp.to_bytes();
+    s.send_to(&bytes, &SocketAddr::new(ip(VIP4), 0).into())?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut raw = s;
+    while Instant::now() < deadline {
+        let mut buf = [0u8; 1500];
+        let n = match raw.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        let Ok((ip4, rest)) = Ipv4Header::from_slice(&buf[..n]) else {
+            continue;
+        };
+        if ip4.source != v4(VIP4) || ip4.destination != v4(CLIENT4) {
+            continue;
+        }
+        let Ok((t, _)) = etherparse::TcpHeader::from_slice(rest) else {
+            continue;
+        };
+        if t.destination_port == sport && t.syn && t.ack {
+            return Ok(t.sequence_number);
+        }
+    }
+    anyhow::bail!("no SYN-ACK from the listener")
+}
