@@ -56,6 +56,8 @@ pub struct Routed {
     pub backends: Vec<Netns>,
     /// The router's end of lb's eth1 (the MTU tests lower it).
     pub router_to_lb_out: String,
+    /// The router's ends of the backends' links (index 0 for backend 1).
+    pub router_to_backends: Vec<String>,
 }
 
 fn veth_named(a: &Netns, a_name: &str, b: &Netns) -> anyhow::Result<String> {
@@ -104,6 +106,7 @@ impl Routed {
             lb,
             backends,
             router_to_lb_out: String::new(),
+            router_to_backends: Vec::new(),
         };
         net.wire().context("building the routed network")?;
         Ok(net)
@@ -179,6 +182,7 @@ impl Routed {
             // Named apart: the backends share one bpffs in tests, and decap pins by name.
             let dev = backend_dev(i);
             let rb = veth_named(b, &dev, r)?;
+            self.router_to_backends.push(rb.clone());
             addrs(b, &dev, &backend4(i), &backend6(i))?;
             addrs(r, &rb, &format!("10.4{i}.0.1"), &format!("fd00:4{i}::1"))?;
             b.ip(&["route", "add", "default", "via", &format!("10.4{i}.0.1")])?;
@@ -203,6 +207,15 @@ impl Routed {
         // Native XDP_TX (eth0) and redirects into eth1 are delivered only when the router's
         // ends run XDP.
         for dev in [r_in, r_out] {
+            self.xdp_pass_on_router(&dev)?;
+        }
+        Ok(())
+    }
+
+    /// XDP on the router's ends of the backends' links: needed for the backends' own native
+    /// XDP_TX (second chance sends packets on from a backend's decap program).
+    pub fn xdp_pass_to_backends(&mut self) -> anyhow::Result<()> {
+        for dev in self.router_to_backends.clone() {
             self.xdp_pass_on_router(&dev)?;
         }
         Ok(())

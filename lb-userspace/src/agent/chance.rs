@@ -1,19 +1,23 @@
-//! Second chance's pure core: drain windows per VIP, and the previous-backend column of each
-//! slot table (GLB's "primary and secondary", Unimog's "current and previous").
+//! Second chance's pure core: which previous backend each slot carries (GLB's "secondary",
+//! Unimog's "previous"), from each slot's ownership history.
 //!
 //! Rules (the README's "Second chance" section says the same):
-//! - A `gue` VIP with `second_chance_s > 0` opens a window when its live table is about to be
-//!   replaced and none is open: the live table becomes the window's *previous* table, and the
-//!   window ends `second_chance_s` later.
-//! - Changes inside an open window keep that previous table: connections that existed when the
-//!   window opened survive any number of changes during it. (A connection opened during the
-//!   window on a slot that changes again before the window ends is not covered; the same limit
-//!   as GLB and Unimog, which carry one previous backend per slot.)
-//! - A slot's previous backend is carried only when it differs from the slot's backend and is
-//!   still usable: in the desired state and not health-down, or removed from it (*retired*) but
-//!   still held by the kernel and not down. Retired backends stay in the kernel, marked
-//!   drained, until the window ends; their ids are not reused meanwhile (the kernel holds them).
-//! - When the window ends the previous column is cleared and retired backends are removed.
+//! - Every time a slot of a `gue` VIP with `second_chance_s > 0` changes hands, the owner that
+//!   loses it has held it for some time (its *tenure*). The slot remembers, as its candidate
+//!   previous backend, the owner with the longest tenure among those that lost the slot less
+//!   than `second_chance_s` ago. Connections accumulate with time, so the longest-serving
+//!   recent owner is the one most likely to hold them: after a burst of changes (a rollout, a
+//!   series of `lb backend` commands), the owner from before the burst stays the previous one
+//!   however many times the slot moves. A table found in the kernel at start counts as held
+//!   for ever.
+//! - A slot carries its previous backend for `second_chance_s` after that backend lost it,
+//!   only when it differs from the slot's backend and is usable: in the desired state and not
+//!   health-down, or removed from it (*retired*) but still held by the kernel and not down.
+//!   Retired backends stay in the kernel, marked drained, while a slot names them; their ids are
+//!   not reused meanwhile (the kernel holds them).
+//! - One previous backend per slot (the GUE format allows more hops; the tables carry one):
+//!   connections of a short-lived owner between two changes are not covered when an older,
+//!   longer-serving owner is; the same limit as GLB and Unimog.
 use std::{
     collections::BTreeMap,
     sync::Arc,
@@ -23,26 +27,117 @@ use std::{
 use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED};
 
 use crate::{
-    agent::reconcile::{KernelView, Target},
+    agent::reconcile::{BackendTarget, KernelView, Target},
     model::{DesiredState, Forward, VipAddr},
 };
 
-/// One VIP's open window.
+/// Times are deciseconds since [`Windows::base`], in `u32` (13 years), to keep a VIP's
+/// history at 16 bytes per slot. `LONG_AGO` marks a tenure that started before we knew.
+const LONG_AGO: u32 = 0;
+
+/// One VIP's slot history.
 #[derive(Clone, Debug)]
-struct Window {
-    previous: Arc<Vec<u32>>,
-    until: Instant,
+struct History {
+    /// The table the history last saw (what each slot's owner is).
+    current: Vec<u32>,
+    /// When each slot's owner got it.
+    since: Vec<u32>,
+    /// Each slot's candidate previous backend (0: none), its tenure and when it lost the slot.
+    best: Vec<u32>,
+    tenure: Vec<u32>,
+    ended: Vec<u32>,
 }
 
-/// Every open window.
-#[derive(Debug, Default)]
+impl History {
+    fn new(current: Vec<u32>, since: u32) -> Self {
+        let m = current.len();
+        History {
+            current,
+            since: vec![since; m],
+            best: vec![0; m],
+            tenure: vec![0; m],
+            ended: vec![0; m],
+        }
+    }
+
+    /// Records the table becoming `table` at `now`.
+    fn observe(&mut self, table: &[u32], now: u32, window: u32) {
+        if table.len() != self.current.len() {
+            // No table before (or a different size): nothing to remember from.
+            *self = History::new(table.to_vec(), now);
+            return;
+        }
+        for (s, new) in table.iter().enumerate() {
+            let old = self.current[s];
+            if old == *new {
+                continue;
+            }
+            let tenure = if self.since[s] == LONG_AGO {
+                u32::MAX
+            } else {
+                now.saturating_sub(self.since[s])
+            };
+            let expired = now >= self.ended[s].saturating_add(window);
+            // A slot coming back to its candidate previous owner gives it its old tenure back
+            // (its connections from then are still there), without the time it was away.
+            let back = self.best[s] == *new && !expired;
+            let since = if !back {
+                now
+            } else if self.tenure[s] == u32::MAX {
+                LONG_AGO
+            } else {
+                now.saturating_sub(self.tenure[s]).max(1)
+            };
+            if old != 0
+                && (self.best[s] == 0
+                    || expired
+                    || tenure >= self.tenure[s]
+                    || self.best[s] == *new)
+            {
+                self.best[s] = old;
+                self.tenure[s] = tenure;
+                self.ended[s] = now;
+            }
+            self.current[s] = *new;
+            self.since[s] = since;
+        }
+    }
+}
+
+/// Every second-chance VIP's history.
+#[derive(Debug)]
 pub struct Windows {
-    open: BTreeMap<VipAddr, Window>,
+    base: Instant,
+    vips: BTreeMap<VipAddr, History>,
+    /// The earliest moment a carried previous backend expires (the agent converges then).
+    next_end: Option<Instant>,
+    /// Per VIP, when its last carried previous backend expires.
+    ends: BTreeMap<VipAddr, Instant>,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            base: Instant::now(),
+            vips: BTreeMap::new(),
+            next_end: None,
+            ends: BTreeMap::new(),
+        }
+    }
 }
 
 impl Windows {
-    /// Opens, keeps or closes each VIP's window at `now` and fills `target` in: the previous
-    /// column of each VIP in a window, and the retired backends those columns name.
+    fn ds(&self, t: Instant) -> u32 {
+        // Never LONG_AGO: 1 decisecond after the base at the earliest.
+        (t.saturating_duration_since(self.base).as_millis() / 100).clamp(1, u32::MAX as u128) as u32
+    }
+
+    fn at(&self, ds: u32) -> Instant {
+        self.base + Duration::from_millis(u64::from(ds) * 100)
+    }
+
+    /// Records each second-chance VIP's table as of `now` and fills `target` in: the previous
+    /// column of each VIP, and the retired backends those columns name.
     pub fn apply(
         &mut self,
         desired: &DesiredState,
@@ -50,88 +145,97 @@ impl Windows {
         target: &mut Target,
         now: Instant,
     ) {
-        self.open.retain(|vip, w| {
+        let on = |vip: &VipAddr| {
             desired
                 .vips
                 .get(vip)
-                .is_some_and(|s| s.forward == Forward::Gue && s.second_chance_s > 0)
-                && w.until > now
-        });
-        for (vip, spec) in &desired.vips {
-            if spec.forward != Forward::Gue || spec.second_chance_s == 0 {
-                continue;
-            }
-            let Some(t) = target.vips.get(&vip.key()) else {
-                continue;
-            };
-            let live = view
-                .published
-                .get(&t.id)
-                .filter(|_| view.vips.get(&vip.key()) == Some(&t.id));
-            if !self.open.contains_key(vip)
-                && let Some(live) = live
-                && !live.table.is_empty()
-                && live.table != t.table
-            {
-                self.open.insert(
-                    *vip,
-                    Window {
-                        previous: live.table.clone(),
-                        until: now + Duration::from_secs(u64::from(spec.second_chance_s)),
-                    },
-                );
-            }
-        }
-        for (vip, w) in &self.open {
-            let Some(t) = target.vips.get(&vip.key()) else {
+                .filter(|s| s.forward == Forward::Gue && s.second_chance_s > 0)
+                .map(|s| s.second_chance_s * 10)
+        };
+        self.vips.retain(|vip, _| on(vip).is_some());
+        self.ends.clear();
+        self.next_end = None;
+        let t = self.ds(now);
+        for vip in desired.vips.keys() {
+            let Some(window) = on(vip) else { continue };
+            let Some(vt) = target.vips.get(&vip.key()) else {
                 continue;
             };
-            let mut column = vec![0u32; t.table.len()];
+            let history = self.vips.entry(*vip).or_insert_with(|| {
+                // First sight: a live table in the kernel has been there "for ever"; a VIP
+                // without one starts from nothing.
+                match view
+                    .published
+                    .get(&vt.id)
+                    .filter(|_| view.vips.get(&vip.key()) == Some(&vt.id))
+                {
+                    Some(l) if !l.table.is_empty() => History::new(l.table.to_vec(), LONG_AGO),
+                    _ => History::new(Vec::new(), t),
+                }
+            });
+            if !vt.table.is_empty() {
+                history.observe(&vt.table, t, window);
+            }
+            let mut column = vec![0u32; vt.table.len()];
             let mut any = false;
-            for (s, (cur, prev)) in t.table.iter().zip(w.previous.iter()).enumerate() {
-                if *prev == 0 || prev == cur {
+            let mut last_end = 0u32;
+            for (s, cur) in vt.table.iter().enumerate() {
+                let prev = history.best.get(s).copied().unwrap_or(0);
+                let end = history
+                    .ended
+                    .get(s)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_add(window);
+                if prev == 0 || prev == *cur || t >= end {
                     continue;
                 }
-                let usable = match target.backends.get(prev) {
-                    Some(b) => b.flags & BACKEND_F_DOWN == 0,
-                    None => match view.backends.get(prev) {
-                        Some(b) if b.flags & BACKEND_F_DOWN == 0 => {
-                            // Retired: kept, drained (its remembered flows stay).
-                            target.backends.insert(
-                                *prev,
-                                crate::agent::reconcile::BackendTarget {
-                                    flags: BACKEND_F_DRAINED,
-                                    ..*b
-                                },
-                            );
-                            true
-                        }
-                        _ => false,
-                    },
-                };
-                if usable {
-                    column[s] = *prev;
+                if usable(prev, view, &mut target.backends) {
+                    column[s] = prev;
                     any = true;
+                    last_end = last_end.max(end);
+                    let end_at = self.base + Duration::from_millis(u64::from(end) * 100);
+                    self.next_end = Some(self.next_end.map_or(end_at, |n| n.min(end_at)));
                 }
             }
-            if let Some(t) = target.vips.get_mut(&vip.key()) {
-                t.previous = if any {
-                    Arc::new(column)
-                } else {
-                    Arc::new(Vec::new())
-                };
+            if any {
+                self.ends.insert(*vip, self.at(last_end));
+            }
+            if let Some(vt) = target.vips.get_mut(&vip.key()) {
+                vt.previous = Arc::new(if any { column } else { Vec::new() });
             }
         }
     }
 
-    /// When the earliest open window ends (the agent converges then).
+    /// When the earliest carried previous backend expires (the agent converges then).
     pub fn next_end(&self) -> Option<Instant> {
-        self.open.values().map(|w| w.until).min()
+        self.next_end
     }
 
-    /// When `vip`'s window ends, if one is open.
+    /// When `vip`'s last carried previous backend expires, if it carries any.
     pub fn ends(&self, vip: &VipAddr) -> Option<Instant> {
-        self.open.get(vip).map(|w| w.until)
+        self.ends.get(vip).copied()
+    }
+}
+
+/// Whether backend `id` may be carried as previous: in the target and not down, or retired
+/// (only the kernel holds it) and not down, in which case it is kept, drained.
+fn usable(id: u32, view: &KernelView, backends: &mut BTreeMap<u32, BackendTarget>) -> bool {
+    match backends.get(&id) {
+        Some(b) => b.flags & BACKEND_F_DOWN == 0,
+        None => match view.backends.get(&id) {
+            Some(b) if b.flags & BACKEND_F_DOWN == 0 => {
+                backends.insert(
+                    id,
+                    BackendTarget {
+                        flags: BACKEND_F_DRAINED,
+                        ..*b
+                    },
+                );
+                true
+            }
+            _ => false,
+        },
     }
 }
 
@@ -213,7 +317,7 @@ mod tests {
     }
 
     #[test]
-    fn a_change_opens_a_window_that_keeps_the_table_before_it() {
+    fn the_longest_serving_recent_owner_is_the_previous_one() {
         let mut w = Windows::default();
         let now = Instant::now();
         let d = desired(60, &[1, 2, 3]);
@@ -221,18 +325,49 @@ mod tests {
         let mut t = target(&[1, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
         w.apply(&d, &view(&[1, 1, 2, 2], &[(1, 0), (2, 0)]), &mut t, now);
         assert_eq!(*t.vips[&vip().key()].previous, vec![0, 1, 2, 0]);
-        assert_eq!(w.next_end(), Some(now + Duration::from_secs(60)));
-        // A second change inside the window keeps the table from before the first.
-        let mut t2 = target(&[3, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
-        let live = view(&[1, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
-        w.apply(&d, &live, &mut t2, now + Duration::from_secs(10));
+        let end = w.next_end().expect("an end");
+        // Deciseconds: within one of 60 s.
+        let after = end.duration_since(now).as_secs_f64();
+        assert!((59.8..=60.2).contains(&after), "{after}");
+        // Slot 1 moves again 10 s later (3 -> 2, a short tenure), slot 0 for the first time:
+        // slot 1 keeps backend 1 (held it far longer), slot 0 gets backend 1 too.
+        let all = [(1, 0), (2, 0), (3, 0)];
+        let mut t2 = target(&[3, 2, 3, 2], &all);
+        w.apply(
+            &d,
+            &view(&[1, 3, 3, 2], &all),
+            &mut t2,
+            now + Duration::from_secs(10),
+        );
         assert_eq!(*t2.vips[&vip().key()].previous, vec![1, 1, 2, 0]);
-        // When the window ends the column is cleared.
-        let mut t3 = target(&[3, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
-        let live = view(&[3, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
-        w.apply(&d, &live, &mut t3, now + Duration::from_secs(61));
-        assert!(t3.vips[&vip().key()].previous.is_empty());
+        // 61 s: slots 1 and 2 lost their previous owner over 60 s ago; slot 0 did not.
+        let mut t3 = target(&[3, 2, 3, 2], &all);
+        w.apply(
+            &d,
+            &view(&[3, 2, 3, 2], &all),
+            &mut t3,
+            now + Duration::from_secs(61),
+        );
+        assert_eq!(*t3.vips[&vip().key()].previous, vec![1, 0, 0, 0]);
+        // 71 s: nothing left.
+        let mut t4 = target(&[3, 2, 3, 2], &all);
+        w.apply(
+            &d,
+            &view(&[3, 2, 3, 2], &all),
+            &mut t4,
+            now + Duration::from_secs(71),
+        );
+        assert!(t4.vips[&vip().key()].previous.is_empty());
         assert_eq!(w.next_end(), None);
+        // After the window a change takes the owner it replaces, however short its tenure.
+        let mut t5 = target(&[1, 2, 3, 2], &all);
+        w.apply(
+            &d,
+            &view(&[3, 2, 3, 2], &all),
+            &mut t5,
+            now + Duration::from_secs(72),
+        );
+        assert_eq!(*t5.vips[&vip().key()].previous, vec![3, 0, 0, 0]);
     }
 
     #[test]

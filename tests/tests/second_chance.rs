@@ -1,0 +1,301 @@
+//! Second chance on real parts: a routed network, the load balancer with the flow table off
+//! (every packet placed by the live table), `lb decap` (XDP) on three backends with two
+//! addresses each, and 50 keep-alive connections exchanging a request every 100 ms while 100
+//! random backend operations (add, remove, drain, undrain, reweight) run. With second chance
+//! no connection breaks and every answer comes from the backend that answered first; the
+//! control run (second chance off) shows what it prevents. The connections talk for a while
+//! before the changes start, as connections do: each slot's previous backend is the recent
+//! owner that held it longest (`agent::chance`), so a burst of changes shorter than that keeps
+//! them all.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::routed::{Routed, VIP4, backend_dev};
+
+const CONNS: usize = 50;
+const OPS: usize = 100;
+/// Traffic before the changes start; the 100 changes take about 6 s.
+const STEADY: Duration = Duration::from_secs(8);
+
+/// Backend addresses: `.2` (the network's) and `.3` (added here) on each of the 3 hosts.
+fn pool() -> Vec<String> {
+    let mut p = Vec::new();
+    for i in 1..=3 {
+        p.push(format!("10.4{i}.0.2"));
+        p.push(format!("10.4{i}.0.3"));
+    }
+    p
+}
+
+/// One HTTP/1.1 request on a keep-alive connection; the answering backend's greeting.
+fn request(s: &mut TcpStream) -> std::io::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                // "hello from backend N (...)": the host.
+                return Ok(body.split(" (").next().unwrap_or("").to_string());
+            }
+        }
+    }
+}
+
+/// What the connections saw.
+#[derive(Debug, Default)]
+struct Outcome {
+    requests: u64,
+    broken: u64,
+    other_backend: u64,
+}
+
+/// A deterministic generator (xorshift): the same operations every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// The VIP's backends as the test keeps them: address and drained.
+struct Members(Vec<(String, bool)>);
+
+impl Members {
+    fn serving(&self) -> usize {
+        self.0.iter().filter(|(_, d)| !d).count()
+    }
+}
+
+/// One random valid operation, as `lb` arguments.
+fn next_op(rng: &mut Rng, m: &mut Members, vip: &str) -> Vec<String> {
+    let s = |x: &str| x.to_string();
+    loop {
+        match rng.below(5) {
+            0 => {
+                let free: Vec<String> = pool()
+                    .into_iter()
+                    .filter(|a| !m.0.iter().any(|(b, _)| b == a))
+                    .collect();
+                if free.is_empty() {
+                    continue;
+                }
+                let a = free[rng.below(free.len())].clone();
+                m.0.push((a.clone(), false));
+                return vec![s("backend"), s("add"), s(vip), a];
+            }
+            1 => {
+                let i = rng.below(m.0.len());
+                if m.0.len() < 2 || (!m.0[i].1 && m.serving() < 2) {
+                    continue;
+                }
+                let (a, _) = m.0.remove(i);
+                return vec![s("backend"), s("remove"), s(vip), a];
+            }
+            2 => {
+                let i = rng.below(m.0.len());
+                if m.0[i].1 || m.serving() < 2 {
+                    continue;
+                }
+                m.0[i].1 = true;
+                return vec![s("backend"), s("drain"), s(vip), m.0[i].0.clone()];
+            }
+            3 => {
+                let i = rng.below(m.0.len());
+                if !m.0[i].1 {
+                    continue;
+                }
+                m.0[i].1 = false;
+                let a = m.0[i].0.clone();
+                return vec![s("backend"), s("drain"), s(vip), a, s("--undo")];
+            }
+            _ => {
+                let i = rng.below(m.0.len());
+                let w = 50 + rng.below(151);
+                let a = m.0[i].0.clone();
+                return vec![s("backend"), s("weight"), s(vip), a, w.to_string()];
+            }
+        }
+    }
+}
+
+/// Opens the connections, runs the operations under load, and reports.
+fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
+    let vip = format!("{VIP4}:80/tcp");
+    net.lb(&[
+        "vip",
+        "add",
+        &vip,
+        "--forward",
+        "gue",
+        "--second-chance",
+        second_chance,
+    ])?;
+    let mut members = Members(Vec::new());
+    for i in 1..=3 {
+        let a = format!("10.4{i}.0.2");
+        net.lb(&["backend", "add", &vip, &a])?;
+        members.0.push((a, false));
+    }
+    let target = SocketAddr::new(VIP4.parse()?, 80);
+    let mut conns = net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
+        let mut out = Vec::new();
+        for _ in 0..CONNS {
+            let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            out.push(s);
+        }
+        Ok(out)
+    })??;
+    // Who answers each connection before any change.
+    let mut owners = Vec::new();
+    for c in &mut conns {
+        owners.push(request(c)?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
+    let other = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for (mut c, owner) in conns.into_iter().zip(owners) {
+        let (stop, requests, broken, other) = (
+            stop.clone(),
+            requests.clone(),
+            broken.clone(),
+            other.clone(),
+        );
+        workers.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match request(&mut c) {
+                    Ok(b) => {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        if b != owner {
+                            other.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        broken.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    // Steady traffic first: the owners hold their slots longer than the burst of changes
+    // below lasts (the rule that picks each slot's previous backend: `agent::chance`).
+    std::thread::sleep(STEADY);
+    let mut rng = Rng(0x5ec0_2d_c4a2_ce42);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for _ in 0..OPS {
+        anyhow::ensure!(Instant::now() < deadline, "operations took too long");
+        let op = next_op(&mut rng, &mut members, &vip);
+        let args: Vec<&str> = op.iter().map(String::as_str).collect();
+        net.lb(&args)?;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    // The connections keep talking a while after the last change.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let out = Outcome {
+        requests: requests.load(Ordering::Relaxed),
+        broken: broken.load(Ordering::Relaxed),
+        other_backend: other.load(Ordering::Relaxed),
+    };
+    net.lb(&["vip", "remove", &vip])?;
+    Ok(out)
+}
+
+#[test]
+fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::Result<()> {
+    let mut net = Routed::new("sch")?;
+    for i in 1..=3 {
+        net.backends[i - 1].ip(&[
+            "addr",
+            "add",
+            &format!("10.4{i}.0.3/24"),
+            "dev",
+            &backend_dev(i),
+        ])?;
+        net.start_sample(i)?;
+        net.decap(i, &[])?;
+    }
+    net.xdp_pass_to_backends()?;
+    net.start_agent(&["--flow-table", "off"])?;
+    let with = run(&net, "120")?;
+    let stats: Vec<String> = (1..=3)
+        .map(|i| net.decap(i, &["--stats", "--json"]).unwrap_or_default())
+        .collect();
+    let total = |reason: &str| -> u64 {
+        stats
+            .iter()
+            .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+            .map(|v| v[reason]["packets"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (forwarded, last_hop) = (total("forwarded"), total("kept_last_hop"));
+    let control = run(&net, "0")?;
+    println!(
+        "second chance on:  {} requests, {} broken connections, {} answers from another backend",
+        with.requests, with.broken, with.other_backend
+    );
+    println!(
+        "second chance off: {} requests, {} broken connections, {} answers from another backend",
+        control.requests, control.broken, control.other_backend
+    );
+    assert_eq!(
+        (with.broken, with.other_backend),
+        (0, 0),
+        "second chance kept every connection on its backend\n{}",
+        stats.join("\n")
+    );
+    assert!(
+        with.requests > (CONNS * 10) as u64,
+        "the connections kept talking: {with:?}"
+    );
+    // The backends sent packets on to the previous backend, and the previous backends kept
+    // them as the last hop.
+    assert!(
+        forwarded > 0 && last_hop > 0,
+        "forwarded {forwarded}, kept as last hop {last_hop}\n{}",
+        stats.join("\n")
+    );
+    println!(
+        "backends: {forwarded} packets sent on to the previous backend, {last_hop} kept there"
+    );
+    assert!(
+        control.broken > 0,
+        "the control run breaks connections (otherwise this test proves nothing): {control:?}"
+    );
+    Ok(())
+}
