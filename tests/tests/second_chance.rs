@@ -173,6 +173,10 @@ fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
         }
         Ok(out)
     })??;
+    let ports: Vec<u16> = conns
+        .iter()
+        .map(|c| c.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
     // Who answers each connection before any change.
     let mut owners = Vec::new();
     for c in &mut conns {
@@ -226,6 +230,29 @@ fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
+    }
+    if second_chance != "0" {
+        // The operator's view: previous slots per backend (retired ones too), the window,
+        // and both hops of a connection whose slot moved.
+        let list = net.lb(&["backend", "list", &vip])?;
+        anyhow::ensure!(
+            list.contains("PREV SLOTS")
+                && list.contains("second chance carries previous backends for"),
+            "{list}"
+        );
+        let mut two_hops = 0;
+        for p in &ports {
+            let t = net.lb(&["trace", &format!("10.20.0.2:{p}"), &vip, "--json"])?;
+            let t: serde_json::Value = serde_json::from_str(&t)?;
+            if t["previous_backend"].is_string() {
+                two_hops += 1;
+            }
+        }
+        anyhow::ensure!(
+            two_hops > 0,
+            "no connection's slot names a previous backend"
+        );
+        println!("{two_hops} of {CONNS} connections have a slot that carries a previous backend");
     }
     let out = Outcome {
         requests: requests.load(Ordering::Relaxed),

@@ -14,7 +14,7 @@ use lb_userspace::{
 
 use super::{
     args::{BackendCmd, CheckKind, Cli, RunArgs, Top, VipCmd},
-    output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows},
+    output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows, window_lines},
 };
 
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -260,6 +260,9 @@ async fn backend(client: &Client, cmd: BackendCmd) -> anyhow::Result<()> {
                 return print_json(&vips);
             }
             print_table(&BACKEND_HEADERS, &backend_rows(&vips));
+            for line in window_lines(&vips) {
+                println!("{line}");
+            }
         }
     }
     Ok(())
@@ -291,6 +294,7 @@ async fn trace(
             "VIP ID",
             "SLOT",
             "SLOT BACKEND",
+            "PREVIOUS (2ND HOP)",
             "FLOW ENTRY",
             "NEXT PACKET TO",
             "FORWARD",
@@ -301,6 +305,7 @@ async fn trace(
             t.vip_id.to_string(),
             t.slot.to_string(),
             show(t.slot_backend),
+            show(t.previous_backend),
             show(t.flow_backend),
             show(t.next_packet_to),
             t.forward.to_string(),

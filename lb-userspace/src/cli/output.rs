@@ -38,13 +38,14 @@ fn serving_word(s: Serving) -> &'static str {
     }
 }
 
-pub const BACKEND_HEADERS: [&str; 8] = [
+pub const BACKEND_HEADERS: [&str; 9] = [
     "VIP",
     "BACKEND",
     "WEIGHT",
     "STATE",
     "HEALTH",
     "SHARE",
+    "PREV SLOTS",
     "MAC",
     "LAST CHECK",
 ];
@@ -60,12 +61,41 @@ pub fn backend_rows(vips: &[VipView]) -> Vec<Vec<String>> {
                 serving_word(b.serving).into(),
                 b.health.clone(),
                 format!("{:.1}%", b.share_pct),
+                b.previous_slots.to_string(),
                 b.mac.clone(),
                 b.last_check.clone(),
             ]);
         }
+        // Removed backends that slots still name as previous (second chance).
+        for r in &v.retired {
+            rows.push(vec![
+                v.vip.to_string(),
+                r.address.to_string(),
+                "-".into(),
+                "retired".into(),
+                "-".into(),
+                "0.0%".into(),
+                r.previous_slots.to_string(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
     }
     rows
+}
+
+/// One line per VIP in a second-chance window: when its last previous backend expires.
+pub fn window_lines(vips: &[VipView]) -> Vec<String> {
+    vips.iter()
+        .filter_map(|v| {
+            v.window_ends_in_s.map(|s| {
+                format!(
+                    "{}: second chance carries previous backends for {s} s more (window {} s)",
+                    v.vip, v.second_chance_s
+                )
+            })
+        })
+        .collect()
 }
 
 pub fn vip_rows(vips: &[VipView]) -> Vec<Vec<String>> {
