@@ -58,6 +58,16 @@ pub struct Routed {
     pub router_to_lb_out: String,
     /// The router's ends of the backends' links (index 0 for backend 1).
     pub router_to_backends: Vec<String>,
+    /// Load balancers 2.. of a fleet (`Routed::fleet`); `lb`, `dir` and `agent` are the first.
+    pub more: Vec<LbNode>,
+}
+
+/// One more load balancer node of a fleet: node `k` (from 1) has eth0 10.30.k.2 and eth1
+/// 10.31.k.2 (IPv6 fd00:30:k::2, fd00:31:k::2).
+pub struct LbNode {
+    pub agent: Option<ChildGuard>,
+    pub dir: AgentDir,
+    pub ns: Netns,
 }
 
 fn veth_named(a: &Netns, a_name: &str, b: &Netns) -> anyhow::Result<String> {
@@ -88,6 +98,12 @@ fn addrs(ns: &Netns, dev: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
 
 impl Routed {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
+        Self::fleet(tag, 1)
+    }
+
+    /// The network with `nodes` load balancers; with more than one, the router spreads VIP
+    /// traffic over them by ECMP (L4 hash, nexthop group 100 of nexthops 1..=nodes).
+    pub fn fleet(tag: &str, nodes: usize) -> anyhow::Result<Self> {
         let client = Netns::new(&format!("{tag}c"))?;
         let router = Netns::new(&format!("{tag}r"))?;
         let lb = Netns::new(&format!("{tag}l"))?;
@@ -96,6 +112,14 @@ impl Routed {
             backends.push(Netns::new(&format!("{tag}b{i}"))?);
         }
         let dir = AgentDir::new(&format!("{tag}-agent"))?;
+        let mut more = Vec::new();
+        for k in 1..nodes {
+            more.push(LbNode {
+                agent: None,
+                dir: AgentDir::new(&format!("{tag}-agent{k}"))?,
+                ns: Netns::new(&format!("{tag}l{k}"))?,
+            });
+        }
         let mut net = Routed {
             procs: Vec::new(),
             agent: None,
@@ -107,6 +131,7 @@ impl Routed {
             backends,
             router_to_lb_out: String::new(),
             router_to_backends: Vec::new(),
+            more,
         };
         net.wire().context("building the routed network")?;
         Ok(net)
@@ -131,51 +156,32 @@ impl Routed {
             .ip(&["-6", "route", "add", "default", "via", "fd00:20::1"])?;
         // Checksums complete on the client's packets (they cross XDP on a veth).
         self.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-        // Load balancer: eth0 receives, eth1 sends to the backends.
-        let r_in = veth_named(&self.lb, "eth0", r)?;
-        addrs(&self.lb, "eth0", "10.30.0.2", "fd00:30::2")?;
-        addrs(r, &r_in, "10.30.0.1", "fd00:30::1")?;
-        let r_out = veth_named(&self.lb, "eth1", r)?;
-        addrs(&self.lb, "eth1", "10.31.0.2", "fd00:31::2")?;
-        addrs(r, &r_out, "10.31.0.1", "fd00:31::1")?;
-        self.router_to_lb_out = r_out.clone();
-        let l = &self.lb;
-        l.ip(&["route", "add", "default", "via", "10.30.0.1"])?;
-        l.ip(&["-6", "route", "add", "default", "via", "fd00:30::1"])?;
-        for i in 1..=3 {
-            l.ip(&[
-                "route",
-                "add",
-                &format!("10.4{i}.0.0/24"),
-                "via",
-                "10.31.0.1",
-            ])?;
-            l.ip(&[
-                "-6",
-                "route",
-                "add",
-                &format!("fd00:4{i}::/64"),
-                "via",
-                "fd00:31::1",
-            ])?;
+        // Load balancers: eth0 receives, eth1 sends to the backends.
+        let mut router_ends = Vec::new();
+        let nodes: Vec<&Netns> = std::iter::once(&self.lb)
+            .chain(self.more.iter().map(|n| &n.ns))
+            .collect();
+        for (k, l) in nodes.iter().enumerate() {
+            router_ends.push(wire_lb(r, l, k)?);
         }
-        for key in [
-            "net.ipv4.conf.all.forwarding",
-            "net.ipv6.conf.all.forwarding",
-        ] {
-            l.sysctl(key, "1")?;
+        if nodes.len() == 1 {
+            // The router sends VIP traffic to the load balancer.
+            r.ip(&["route", "add", "10.0.0.0/24", "via", "10.30.0.2"])?;
+            r.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:30::2"])?;
+        } else {
+            // ECMP over the nodes, by L4 hash.
+            r.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+            r.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
+            for (k, (r_in, _)) in router_ends.iter().enumerate() {
+                let id = (k + 1).to_string();
+                let via = format!("10.30.{k}.2");
+                r.ip(&["nexthop", "add", "id", &id, "via", &via, "dev", r_in])?;
+            }
+            let all: Vec<usize> = (0..nodes.len()).collect();
+            self.ecmp(&all)?;
+            r.ip(&["route", "add", "10.0.0.0/24", "nhid", "100"])?;
         }
-        for dev in ["all", "default", "eth0", "eth1"] {
-            l.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-        }
-        // The no-neighbour path hands encapsulated packets (source: ours) to our stack.
-        l.sysctl("net.ipv4.conf.eth0.accept_local", "1")?;
-        // The agent's own probes cross XDP on the backends' veths: full checksums.
-        l.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-        l.exec("ethtool", &["-K", "eth1", "tx", "off"])?;
-        // The router sends VIP traffic to the load balancer.
-        r.ip(&["route", "add", "10.0.0.0/24", "via", "10.30.0.2"])?;
-        r.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:30::2"])?;
+        self.router_to_lb_out = router_ends[0].1.clone();
         // Backends.
         for (n, b) in self.backends.iter().enumerate() {
             let i = n + 1;
@@ -206,10 +212,46 @@ impl Routed {
         }
         // Native XDP_TX (eth0) and redirects into eth1 are delivered only when the router's
         // ends run XDP.
-        for dev in [r_in, r_out] {
-            self.xdp_pass_on_router(&dev)?;
+        for (r_in, r_out) in router_ends {
+            for dev in [r_in, r_out] {
+                self.xdp_pass_on_router(&dev)?;
+            }
         }
         Ok(())
+    }
+
+    /// Sends VIP traffic (IPv4) to load balancer nodes `nodes` (0-based) by ECMP: a plain
+    /// multipath group, so changing it moves flows between nodes.
+    pub fn ecmp(&self, nodes: &[usize]) -> anyhow::Result<()> {
+        let group: Vec<String> = nodes.iter().map(|k| (k + 1).to_string()).collect();
+        self.router
+            .ip(&["nexthop", "replace", "id", "100", "group", &group.join("/")])
+    }
+
+    /// Starts the agent of node `k` (0: the first) on its eth0.
+    pub fn start_agent_at(&mut self, k: usize, extra: &[&str]) -> anyhow::Result<()> {
+        if k == 0 {
+            return self.start_agent(extra);
+        }
+        let mut args = vec!["--mode", "native"];
+        args.extend_from_slice(extra);
+        let n = &mut self.more[k - 1];
+        n.agent = Some(n.dir.spawn_agent(&n.ns, "eth0", &args)?);
+        Ok(())
+    }
+
+    /// `lb ...` against node `k`'s agent.
+    pub fn lb_at(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
+        if k == 0 {
+            self.dir.cli_ok(args)
+        } else {
+            self.more[k - 1].dir.cli_ok(args)
+        }
+    }
+
+    /// The number of load balancer nodes.
+    pub fn nodes(&self) -> usize {
+        1 + self.more.len()
     }
 
     /// XDP on the router's ends of the backends' links: needed for the backends' own native
@@ -282,7 +324,65 @@ impl Routed {
 impl Drop for Routed {
     fn drop(&mut self) {
         self.agent.take();
+        for n in &mut self.more {
+            n.agent.take();
+        }
         self.procs.clear();
+    }
+}
+
+/// Wires load balancer node `k` to the router: eth0 (10.30.k.2) receives, eth1 (10.31.k.2)
+/// sends to the backends. Returns the router's ends (eth0's, eth1's).
+fn wire_lb(r: &Netns, l: &Netns, k: usize) -> anyhow::Result<(String, String)> {
+    let r_in = veth_named(l, "eth0", r)?;
+    let (in4, in6) = (format!("10.30.{k}.2"), v6(30, k, 2));
+    addrs(l, "eth0", &in4, &in6)?;
+    addrs(r, &r_in, &format!("10.30.{k}.1"), &v6(30, k, 1))?;
+    let r_out = veth_named(l, "eth1", r)?;
+    addrs(l, "eth1", &format!("10.31.{k}.2"), &v6(31, k, 2))?;
+    addrs(r, &r_out, &format!("10.31.{k}.1"), &v6(31, k, 1))?;
+    l.ip(&["route", "add", "default", "via", &format!("10.30.{k}.1")])?;
+    l.ip(&["-6", "route", "add", "default", "via", &v6(30, k, 1)])?;
+    for i in 1..=3 {
+        l.ip(&[
+            "route",
+            "add",
+            &format!("10.4{i}.0.0/24"),
+            "via",
+            &format!("10.31.{k}.1"),
+        ])?;
+        l.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("fd00:4{i}::/64"),
+            "via",
+            &v6(31, k, 1),
+        ])?;
+    }
+    for key in [
+        "net.ipv4.conf.all.forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ] {
+        l.sysctl(key, "1")?;
+    }
+    for dev in ["all", "default", "eth0", "eth1"] {
+        l.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+    }
+    // The no-neighbour path hands encapsulated packets (source: ours) to our stack.
+    l.sysctl("net.ipv4.conf.eth0.accept_local", "1")?;
+    // The agent's own probes cross XDP on the backends' veths: full checksums.
+    l.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    l.exec("ethtool", &["-K", "eth1", "tx", "off"])?;
+    Ok((r_in, r_out))
+}
+
+/// `fd00:NET::HOST` for node 0, `fd00:NET:K::HOST` for node `k`.
+fn v6(net: u32, k: usize, host: u32) -> String {
+    if k == 0 {
+        format!("fd00:{net}::{host}")
+    } else {
+        format!("fd00:{net}:{k}::{host}")
     }
 }
 

@@ -145,22 +145,35 @@ fn next_op(rng: &mut Rng, m: &mut Members, vip: &str) -> Vec<String> {
     }
 }
 
-/// Opens the connections, runs the operations under load, and reports.
-fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
+/// `lb args` on every load balancer node, in turn (as a fleet's operators, or its config
+/// store, would).
+fn on_all(net: &Routed, args: &[&str]) -> anyhow::Result<()> {
+    for k in 0..net.nodes() {
+        net.lb_at(k, args)?;
+    }
+    Ok(())
+}
+
+/// Opens the connections, runs the operations under load (every 10th one also moves flows
+/// between load balancer nodes when `reshuffle`), and reports.
+fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Outcome> {
     let vip = format!("{VIP4}:80/tcp");
-    net.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--forward",
-        "gue",
-        "--second-chance",
-        second_chance,
-    ])?;
+    on_all(
+        net,
+        &[
+            "vip",
+            "add",
+            &vip,
+            "--forward",
+            "gue",
+            "--second-chance",
+            second_chance,
+        ],
+    )?;
     let mut members = Members(Vec::new());
     for i in 1..=3 {
         let a = format!("10.4{i}.0.2");
-        net.lb(&["backend", "add", &vip, &a])?;
+        on_all(net, &["backend", "add", &vip, &a])?;
         members.0.push((a, false));
     }
     let target = SocketAddr::new(VIP4.parse()?, 80);
@@ -218,11 +231,16 @@ fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
     std::thread::sleep(STEADY);
     let mut rng = Rng(0x5ec0_2d_c4a2_ce42);
     let deadline = Instant::now() + Duration::from_secs(90);
-    for _ in 0..OPS {
+    // Node sets the ECMP group cycles through: flows move between nodes each time.
+    let groups: [&[usize]; 4] = [&[1, 2], &[0, 2], &[2, 1, 0], &[0, 1]];
+    for n in 0..OPS {
         anyhow::ensure!(Instant::now() < deadline, "operations took too long");
         let op = next_op(&mut rng, &mut members, &vip);
         let args: Vec<&str> = op.iter().map(String::as_str).collect();
-        net.lb(&args)?;
+        on_all(net, &args)?;
+        if reshuffle && n % 10 == 5 {
+            net.ecmp(groups[(n / 10) % groups.len()])?;
+        }
         std::thread::sleep(Duration::from_millis(40));
     }
     // The connections keep talking a while after the last change.
@@ -259,7 +277,7 @@ fn run(net: &Routed, second_chance: &str) -> anyhow::Result<Outcome> {
         broken: broken.load(Ordering::Relaxed),
         other_backend: other.load(Ordering::Relaxed),
     };
-    net.lb(&["vip", "remove", &vip])?;
+    on_all(net, &["vip", "remove", &vip])?;
     Ok(out)
 }
 
@@ -279,7 +297,7 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
     }
     net.xdp_pass_to_backends()?;
     net.start_agent(&["--flow-table", "off"])?;
-    let with = run(&net, "120")?;
+    let with = run(&net, "120", false)?;
     let stats: Vec<String> = (1..=3)
         .map(|i| net.decap(i, &["--stats", "--json"]).unwrap_or_default())
         .collect();
@@ -291,7 +309,7 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
             .sum()
     };
     let (forwarded, last_hop) = (total("forwarded"), total("kept_last_hop"));
-    let control = run(&net, "0")?;
+    let control = run(&net, "0", false)?;
     println!(
         "second chance on:  {} requests, {} broken connections, {} answers from another backend",
         with.requests, with.broken, with.other_backend
@@ -324,5 +342,60 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
         control.broken > 0,
         "the control run breaks connections (otherwise this test proves nothing): {control:?}"
     );
+    Ok(())
+}
+
+/// The same with three load balancer nodes behind ECMP (each stateless, each told every
+/// change), the router's nexthop group changed every 10 operations so connections move
+/// between nodes while their slots move between backends.
+#[test]
+fn connections_survive_changes_and_ecmp_reshuffles_across_three_nodes() -> anyhow::Result<()> {
+    let mut net = Routed::fleet("scf", 3)?;
+    for i in 1..=3 {
+        net.backends[i - 1].ip(&[
+            "addr",
+            "add",
+            &format!("10.4{i}.0.3/24"),
+            "dev",
+            &backend_dev(i),
+        ])?;
+        net.start_sample(i)?;
+        net.decap(i, &[])?;
+    }
+    net.xdp_pass_to_backends()?;
+    for k in 0..3 {
+        net.start_agent_at(k, &["--flow-table", "off"])?;
+    }
+    let forwarded = |net: &Routed| -> anyhow::Result<Vec<u64>> {
+        (0..3)
+            .map(|k| {
+                let s: serde_json::Value =
+                    serde_json::from_str(&net.lb_at(k, &["stats", "--json"])?)?;
+                Ok(s["global"]["forwarded"]["packets"].as_u64().unwrap_or(0))
+            })
+            .collect()
+    };
+    let before = forwarded(&net)?;
+    let with = run(&net, "120", true)?;
+    let after = forwarded(&net)?;
+    println!(
+        "3 nodes, ECMP reshuffled every 10 changes: {} requests, {} broken connections, {} answers from another backend; packets forwarded per node: {:?}",
+        with.requests,
+        with.broken,
+        with.other_backend,
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!((with.broken, with.other_backend), (0, 0), "{with:?}");
+    assert!(with.requests > (CONNS * 10) as u64, "{with:?}");
+    for k in 0..3 {
+        assert!(
+            after[k] > before[k],
+            "node {k} carried traffic: {before:?} -> {after:?}"
+        );
+    }
     Ok(())
 }
