@@ -7,16 +7,17 @@
 //!   bytes: destination, TTL, checksum, `next`), and keeps it when no hop is left.
 use std::{
     io::Read as _,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, UdpHeader};
+use etherparse::Ipv4Header;
 use lb_common::{
     DecapStat as D, ENCAP_GUE, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port, slot_of,
 };
 use lb_tests::{
+    chance::{CLIENT4, CLIENT6, VIP4, VIP6, gue_hop, outer, sockets},
     frames::{v4, v6},
     routed::{FibNs, GW_MAC},
     world::{RING, SCENE, SEED, World, flow_key, ip, xdp_md},
@@ -26,85 +27,8 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const CLIENT4: &str = "192.0.2.7";
-const CLIENT6: &str = "2001:db8:c::7";
-const VIP4: &str = "10.0.0.10";
-const VIP6: &str = "2001:db8::10";
 const LB4: &str = "10.31.0.2";
 const LB6: &str = "fd00:31::2";
-
-/// The outer frame around `inner_ip` (an IP packet): Ethernet to `dst_mac`, outer IP from
-/// `src` to `dst` (TTL 64; DF for IPv4; IPv6 flow label `label`), UDP from `sport` to 6080
-/// (checksum 0), then `gue` (a GUE header, or nothing for variant 1).
-fn outer(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    (src, dst): (IpAddr, IpAddr),
-    sport: u16,
-    label: u32,
-    gue: &[u8],
-    inner_ip: &[u8],
-) -> Vec<u8> {
-    let udp_len = 8 + gue.len() + inner_ip.len();
-    let mut out = Vec::new();
-    out.extend_from_slice(&dst_mac);
-    out.extend_from_slice(&src_mac);
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            out.extend_from_slice(&0x0800u16.to_be_bytes());
-            let tos = if inner_ip[0] >> 4 == 4 {
-                inner_ip[1]
-            } else {
-                (inner_ip[0] << 4) | (inner_ip[1] >> 4)
-            };
-            let mut h = Ipv4Header::new(udp_len as u16, 64, IpNumber::UDP, s.octets(), d.octets())
-                .expect("header");
-            h.dont_fragment = true;
-            h.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
-            h.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
-            h.header_checksum = h.calc_header_checksum();
-            h.write(&mut out).expect("write");
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            out.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let tos = (inner_ip[0] << 4) | (inner_ip[1] >> 4);
-            Ipv6Header {
-                traffic_class: tos,
-                flow_label: Ipv6FlowLabel::try_new(label & 0xfffff).expect("label"),
-                payload_length: udp_len as u16,
-                next_header: IpNumber::UDP,
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-            }
-            .write(&mut out)
-            .expect("write");
-        }
-        _ => unreachable!("one family"),
-    }
-    UdpHeader {
-        source_port: sport,
-        destination_port: 6080,
-        length: udp_len as u16,
-        checksum: 0,
-    }
-    .write(&mut out)
-    .expect("write");
-    out.extend_from_slice(gue);
-    out.extend_from_slice(inner_ip);
-    out
-}
-
-/// A GUE variant-0 header with one hop (the documented format), `next` as given.
-fn gue_hop(inner_v4: bool, hop: IpAddr, next: u8) -> Vec<u8> {
-    let (words, fam, addr): (u8, u8, Vec<u8>) = match hop {
-        IpAddr::V4(a) => (2, 4, a.octets().to_vec()),
-        IpAddr::V6(a) => (5, 6, a.octets().to_vec()),
-    };
-    let mut g = vec![words, if inner_v4 { 4 } else { 41 }, 0, 0, 1, next, 1, fam];
-    g.extend_from_slice(&addr);
-    g
-}
 
 fn tcp4(src: &str, sport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
     SCENE.tcp4((v4(src), sport), (v4(VIP4), 80), flags, payload)
@@ -258,59 +182,6 @@ fn decap_count(ebpf: &mut aya::Ebpf, s: D) -> anyhow::Result<u64> {
     Ok(m.get(&(s as u32), 0)?.iter().map(|c| c.packets).sum())
 }
 
-/// The sockets a backend holds: VIPs and the client addresses on `lo` (so real connections
-/// have the clients' tuples), a listener on each VIP's port 80, one established connection
-/// per family, and a UDP socket on VIP4:53 connected to one client port.
-struct Sockets {
-    _listen: Vec<TcpListener>,
-    _conns: Vec<(TcpStream, TcpStream)>,
-    _udp: Vec<UdpSocket>,
-    est4: u16,
-    est6: u16,
-    udp_connected_to: u16,
-}
-
-fn sockets(f: &FibNs) -> anyhow::Result<Sockets> {
-    for a in [VIP4, CLIENT4] {
-        f.ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
-    }
-    for a in [VIP6, CLIENT6] {
-        f.ns.ip(&["addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"])?;
-    }
-    f.ns.ip(&["link", "set", "lo", "up"])?;
-    f.ns.run(|| -> anyhow::Result<Sockets> {
-        let mut listen = Vec::new();
-        let mut conns = Vec::new();
-        let mut ports = Vec::new();
-        for (vip, client) in [(VIP4, CLIENT4), (VIP6, CLIENT6)] {
-            let l = TcpListener::bind(SocketAddr::new(ip(vip), 80))?;
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(SocketAddr::new(ip(client), 0)),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            s.bind(&SocketAddr::new(ip(client), 0).into())?;
-            s.connect(&SocketAddr::new(ip(vip), 80).into())?;
-            let c: TcpStream = s.into();
-            let (a, _) = l.accept()?;
-            ports.push(c.local_addr()?.port());
-            conns.push((c, a));
-            listen.push(l);
-        }
-        let u = UdpSocket::bind(SocketAddr::new(ip(VIP4), 53))?;
-        u.connect(SocketAddr::new(ip(CLIENT4), 5353))?;
-        let unconnected = UdpSocket::bind(SocketAddr::new(ip(VIP4), 54))?;
-        Ok(Sockets {
-            _listen: listen,
-            _conns: conns,
-            _udp: vec![u, unconnected],
-            est4: ports[0],
-            est6: ports[1],
-            udp_connected_to: 5353,
-        })
-    })?
-}
-
 fn udp4(sport: u16, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
     SCENE
@@ -325,7 +196,7 @@ fn udp4(sport: u16, dport: u16) -> Vec<u8> {
 #[test]
 fn backend_keeps_what_it_owns_and_forwards_the_rest() -> anyhow::Result<()> {
     let f = FibNs::new()?;
-    let socks = sockets(&f)?;
+    let socks = sockets(&f.ns)?;
     let local = [ip("10.41.0.2"), ip("fd00:41::2")].into_iter().collect();
     let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();
     let mut ebpf = lb_userspace::decap::load(6080, &local, None)?;
@@ -443,7 +314,7 @@ fn backend_keeps_what_it_owns_and_forwards_the_rest() -> anyhow::Result<()> {
 #[test]
 fn a_syncookie_ack_is_kept() -> anyhow::Result<()> {
     let f = FibNs::new()?;
-    let _socks = sockets(&f)?;
+    let _socks = sockets(&f.ns)?;
     f.ns.sysctl("net.ipv4.tcp_syncookies", "2")?;
     let local = [ip("10.41.0.2")].into_iter().collect();
     let vips = [ip(VIP4)].into_iter().collect();

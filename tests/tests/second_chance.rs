@@ -229,7 +229,7 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
     // Steady traffic first: the owners hold their slots longer than the burst of changes
     // below lasts (the rule that picks each slot's previous backend: `agent::chance`).
     std::thread::sleep(STEADY);
-    let mut rng = Rng(0x5ec0_2d_c4a2_ce42);
+    let mut rng = Rng(0x005e_c02d_c4a2_ce42);
     let deadline = Instant::now() + Duration::from_secs(90);
     // Node sets the ECMP group cycles through: flows move between nodes each time.
     let groups: [&[usize]; 4] = [&[1, 2], &[0, 2], &[2, 1, 0], &[0, 1]];

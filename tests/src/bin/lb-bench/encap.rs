@@ -8,7 +8,7 @@ use lb_tests::{routed::FibNs, world::World};
 use super::{REPEAT, Row, median_of_three, ns_new_flows, ns_repeat, ns_single, row, tcp};
 
 /// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex`.
-fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+pub(super) fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
     ns_single(prog, n, Some(ifindex), |_| frame.to_vec())
 }
 
@@ -50,7 +50,7 @@ pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
 }
 
 /// Median of three runs of `REPEAT` passes over `frame` received on `ifindex`.
-fn ns_repeat_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+pub(super) fn ns_repeat_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
     median_of_three(prog, REPEAT, Some(ifindex), |_| frame.to_vec())
 }
 
@@ -159,7 +159,7 @@ pub fn encap_rows() -> anyhow::Result<Vec<Row>> {
 }
 
 /// The decap object's benchmark harness, loaded.
-fn decap_bench(ebpf: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
+pub(super) fn decap_bench(ebpf: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
     let prog: &mut Xdp = ebpf
         .program_mut("bench_decap")
         .context("no bench_decap program")?

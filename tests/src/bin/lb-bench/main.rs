@@ -11,8 +11,10 @@ use lb_tests::{
 };
 use lb_userspace::maglev::{self, MaglevBackend};
 
+mod chance;
 mod encap;
 
+use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 
 const REPEAT: u32 = 1_000_000;
@@ -407,12 +409,17 @@ fn main() -> anyhow::Result<()> {
             print_rows(&stateless_rows()?);
             return Ok(());
         }
+        Ok("chance") => {
+            print_rows(&chance_rows()?);
+            return Ok(());
+        }
         _ => {}
     }
     let mut rows = packet_rows(false, true)?;
     rows.extend(packet_rows(true, false)?);
     rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
+    rows.extend(chance_rows()?);
     print_rows(&rows);
     println!();
     println!("New flows need a distinct flow per pass. The harness rows run a program that calls");
