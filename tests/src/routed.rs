@@ -116,7 +116,7 @@ impl Routed {
         for k in 1..nodes {
             more.push(LbNode {
                 agent: None,
-                dir: AgentDir::new(&format!("{tag}-agent{k}"))?,
+                dir: AgentDir::new(&format!("{tag}a{k}"))?,
                 ns: Netns::new(&format!("{tag}l{k}"))?,
             });
         }

@@ -15,7 +15,7 @@ use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
     ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
     FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS,
-    SLOTS_MAP, STATS_MAP, Stat, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP,
+    SLOTS_MAP, STATS_MAP, Slot, Stat, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INFO_MAP,
     VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey, abi_layout,
 };
 
@@ -93,7 +93,7 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             SLOTS_MAP,
             MapType::Array,
             4,
-            4,
+            sz::<Slot>(),
             opts.max_vips * 2 * opts.ring_size,
             0,
         ),
