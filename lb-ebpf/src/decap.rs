@@ -28,9 +28,8 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
         TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
-    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     cty::c_void,
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
     macros::{classifier, map, xdp},
     maps::{HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -259,30 +258,11 @@ fn forward_tc(ctx: &TcContext, h: &Hops) -> Result<(DecapStat, i32), DecapStat> 
     let o = next_outer(ctx, h, ingress)?;
     let (ifindex, nh) = fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
     rewrite_outer(ctx, h, &o)?;
-    let v4 = h.family == FAMILY_V4;
-    let mut to = bpf_redir_neigh {
-        nh_family: if v4 { AF_INET } else { AF_INET6 },
-        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
-    };
-    if v4 {
-        to.__bindgen_anon_1.ipv4_nh = nh[0];
-    } else {
-        to.__bindgen_anon_1.ipv6_nh = nh;
-    }
-    // SAFETY: `to` is a valid params struct of the size passed.
-    let rc = unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            &mut to,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    };
-    Ok((DecapStat::Forwarded, rc as i32))
+    Ok((
+        DecapStat::Forwarded,
+        fib::redirect_neigh(ifindex, h.family, nh),
+    ))
 }
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 /// The same program at tc ingress (`lb decap --attach tc`), for drivers where XDP is not
 /// wanted: the outer headers are removed with `bpf_skb_adjust_room`, keeping a GRO'd

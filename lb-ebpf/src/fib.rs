@@ -3,10 +3,11 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
     },
     cty::c_void,
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
 };
 use lb_common::{FAMILY_V4, Stat};
 
@@ -76,6 +77,31 @@ pub fn route(ctx: *mut c_void, o: &Outer) -> Option<(u32, [u32; 4])> {
 }
 
 const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 4;
+
+/// tc: sends the skb out of `ifindex` to next hop `nh` (of `family`, as [`route`] gave it),
+/// the neighbour resolved by the kernel (`bpf_redirect_neigh`). Returns the tc action.
+#[inline(always)]
+pub fn redirect_neigh(ifindex: u32, family: u8, nh: [u32; 4]) -> i32 {
+    let v4 = family == FAMILY_V4;
+    let mut to = bpf_redir_neigh {
+        nh_family: u32::from(if v4 { AF_INET } else { AF_INET6 }),
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
+    };
+    if v4 {
+        to.__bindgen_anon_1.ipv4_nh = nh[0];
+    } else {
+        to.__bindgen_anon_1.ipv6_nh = nh;
+    }
+    // SAFETY: `to` is a valid params struct of the size passed.
+    (unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut to,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    }) as i32
+}
 
 #[inline(always)]
 fn params(o: &Outer) -> FibParams {

@@ -12,8 +12,6 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
-    helpers::bpf_redirect_neigh,
     macros::{classifier, map},
     maps::PerCpuArray,
     programs::TcContext,
@@ -30,9 +28,6 @@ use crate::{
     outer,
     parse::{ETH_P_IP, ETH_P_IPV6},
 };
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 #[map(name = "LB_HC_STATS")]
 static LB_HC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HcStat::COUNT, 0);
@@ -128,25 +123,7 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
         ctx.store(EthHdr::LEN + ip_len, &outer::udp(&plan.outer), 0)
             .map_err(|_| FAILED)?;
     }
-    let mut to = bpf_redir_neigh {
-        nh_family: if outer_v4 { AF_INET } else { AF_INET6 },
-        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
-    };
-    if outer_v4 {
-        to.__bindgen_anon_1.ipv4_nh = nh[0];
-    } else {
-        to.__bindgen_anon_1.ipv6_nh = nh;
-    }
-    // SAFETY: `to` is a valid params struct of the size passed.
-    let rc = unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            &mut to,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    };
-    Ok(rc as i32)
+    Ok(fib::redirect_neigh(ifindex, b.family, nh))
 }
 
 /// The probe's own 5-tuple (for the flow's entropy) and TOS, read from the skb.

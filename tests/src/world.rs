@@ -45,6 +45,19 @@ pub struct WorldVip {
     pub previous: Vec<u32>,
 }
 
+/// The slot table of equal-weight backends `ids` (keys `backend-ID`).
+fn table_of(ids: &[u32]) -> Vec<u32> {
+    let mb: Vec<MaglevBackend> = ids
+        .iter()
+        .map(|id| MaglevBackend {
+            id: *id,
+            key: format!("backend-{id}"),
+            weight: 1,
+        })
+        .collect();
+    maglev::build(&mb, RING)
+}
+
 pub struct World {
     pub dp: Dataplane,
     pub vips: Vec<WorldVip>,
@@ -221,16 +234,7 @@ impl World {
     }
 
     fn publish(&mut self, v: &mut WorldVip) -> anyhow::Result<()> {
-        let mb: Vec<MaglevBackend> = v
-            .backends
-            .iter()
-            .map(|id| MaglevBackend {
-                id: *id,
-                key: format!("backend-{id}"),
-                weight: 1,
-            })
-            .collect();
-        v.table = maglev::build(&mb, RING);
+        v.table = table_of(&v.backends);
         let params = VipParams {
             flags: v.flags,
             udp_idle_s: v.udp_idle_s,
@@ -247,16 +251,7 @@ impl World {
         let old = v.table.clone();
         v.backends = backends.to_vec();
         v.previous = Vec::new();
-        let mb: Vec<MaglevBackend> = v
-            .backends
-            .iter()
-            .map(|id| MaglevBackend {
-                id: *id,
-                key: format!("backend-{id}"),
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::build(&mb, RING);
+        let table = table_of(&v.backends);
         v.previous = table
             .iter()
             .zip(&old)

@@ -281,9 +281,9 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
     Ok(out)
 }
 
-#[test]
-fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::Result<()> {
-    let mut net = Routed::new("sch")?;
+/// Every backend host gets its second address, a sample server and `lb decap` (XDP); the
+/// router runs XDP on its ends so the backends' XDP_TX is delivered.
+fn backends_with_decap(net: &mut Routed) -> anyhow::Result<()> {
     for i in 1..=3 {
         net.backends[i - 1].ip(&[
             "addr",
@@ -296,6 +296,13 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
         net.decap(i, &[])?;
     }
     net.xdp_pass_to_backends()?;
+    Ok(())
+}
+
+#[test]
+fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::Result<()> {
+    let mut net = Routed::new("sch")?;
+    backends_with_decap(&mut net)?;
     net.start_agent(&["--flow-table", "off"])?;
     let with = run(&net, "120", false)?;
     let stats: Vec<String> = (1..=3)
@@ -351,18 +358,7 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
 #[test]
 fn connections_survive_changes_and_ecmp_reshuffles_across_three_nodes() -> anyhow::Result<()> {
     let mut net = Routed::fleet("scf", 3)?;
-    for i in 1..=3 {
-        net.backends[i - 1].ip(&[
-            "addr",
-            "add",
-            &format!("10.4{i}.0.3/24"),
-            "dev",
-            &backend_dev(i),
-        ])?;
-        net.start_sample(i)?;
-        net.decap(i, &[])?;
-    }
-    net.xdp_pass_to_backends()?;
+    backends_with_decap(&mut net)?;
     for k in 0..3 {
         net.start_agent_at(k, &["--flow-table", "off"])?;
     }
