@@ -328,10 +328,11 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
             }
         }
     });
-    println!("serving the control API on {}", opts.socket.display());
-
+    // The handler exists before the ready line: whoever waits for that line may stop us
+    // at once, and an uninstalled handler would let SIGTERM kill us without the final stats.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::io("installing the SIGTERM handler"))?;
+    println!("serving the control API on {}", opts.socket.display());
     let deadline = opts
         .duration
         .map(|d| Instant::now() + Duration::from_secs(d));

@@ -349,8 +349,9 @@ async fn xdp_pass(iface: &str) -> anyhow::Result<()> {
     };
     let mut dp = lb_userspace::Dataplane::load(tiny)?;
     dp.attach_pass(iface)?;
-    println!("XDP_PASS attached to {iface}");
+    // Handler before the ready line (see `run`).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    println!("XDP_PASS attached to {iface}");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
