@@ -11,6 +11,7 @@ pub mod api;
 pub mod dataplane;
 pub mod decap;
 pub mod error;
+pub mod fleet;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

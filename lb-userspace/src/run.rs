@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub json: bool,
     /// Outer source addresses given with `--encap-source` (at most one per family).
     pub encap_sources: Vec<std::net::IpAddr>,
+    /// Fleet mode: the desired state comes from this store.
+    pub store: Option<crate::fleet::FleetConfig>,
 }
 
 /// The outer source per family: given, or the interface's first global address.
@@ -260,6 +262,11 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     crate::dataplane::require_capabilities()?;
     let lb_mac = crate::net::interface_mac(&opts.iface)
         .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
+    if opts.store.is_some() && opts.config.is_some() {
+        return Err(Error::Invalid(
+            "--config and --store exclude each other: in a fleet the configuration lives in etcd (load it there with `lb apply`)".into(),
+        ));
+    }
     let config = read_config(&opts.config)?;
     let sources = encap_sources(&opts)?;
     ensure_bpffs(&opts.bpffs)?;
@@ -315,6 +322,26 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
         metrics::serve(addr, agent.clone()).await?;
         println!("metrics on http://{addr}/metrics");
     }
+    let fleet_tasks = match &opts.store {
+        None => Vec::new(),
+        Some(cfg) => {
+            let fleet = crate::fleet::Fleet::new(cfg.clone(), agent.store_revision())?;
+            agent.set_fleet(fleet.clone());
+            println!(
+                "following etcd {} as node {} of cluster {} (serving revision {} until caught up)",
+                cfg.endpoints.join(","),
+                cfg.node,
+                cfg.cluster,
+                agent
+                    .store_revision()
+                    .map_or("none".into(), |r| r.to_string())
+            );
+            vec![
+                tokio::spawn(fleet.clone().follow(agent.clone())),
+                tokio::spawn(fleet.publish(agent.clone())),
+            ]
+        }
+    };
     let api_task = tokio::spawn(api::server::serve(listener, agent.clone()));
     let health_task = tokio::spawn(probe::supervise(agent.clone()));
     let egress_task = tokio::spawn(egress_upkeep(agent.clone(), tx_ports, opts.iface.clone()));
@@ -357,6 +384,9 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     health_task.abort();
     egress_task.abort();
     retry_task.abort();
+    for t in &fleet_tasks {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     print_stats(&agent, opts.json)?;
     if opts.keep_on_exit {

@@ -27,6 +27,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "chromium",
+    // The fleet: etcd-client's build compiles etcd's protos (protoc + well-known types), and
+    // the fleet tests start a real etcd of their own.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.

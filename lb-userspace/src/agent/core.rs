@@ -37,6 +37,7 @@ impl Prepared {
         StateFile {
             desired: self.desired.clone(),
             ids: self.ids.clone(),
+            store_revision: None,
         }
     }
 }
@@ -52,7 +53,10 @@ struct BuiltTable {
 pub struct Core {
     pub(super) desired: DesiredState,
     pub(super) ids: Ids,
-    health: BTreeMap<(VipAddr, IpAddr), Health>,
+    pub(super) health: BTreeMap<(VipAddr, IpAddr), Health>,
+    /// The fleet's health verdicts (store mode): where present, they decide instead of this
+    /// node's own probes, so every node takes a backend in or out alike.
+    pub(super) fleet_health: BTreeMap<(VipAddr, IpAddr), bool>,
     /// MACs learned from the neighbour table (the last known one is kept when an entry fails).
     learned: BTreeMap<IpAddr, Mac>,
     pub(super) kernel: Box<dyn Kernel>,
@@ -67,12 +71,16 @@ pub struct Core {
 struct CoreFacts<'a> {
     desired: &'a DesiredState,
     health: &'a BTreeMap<(VipAddr, IpAddr), Health>,
+    fleet_health: &'a BTreeMap<(VipAddr, IpAddr), bool>,
     learned: &'a BTreeMap<IpAddr, Mac>,
 }
 
 impl Facts for CoreFacts<'_> {
     fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
-        self.health.get(&(*vip, *addr)).is_none_or(|h| h.up)
+        match self.fleet_health.get(&(*vip, *addr)) {
+            Some(up) => *up,
+            None => self.health.get(&(*vip, *addr)).is_none_or(|h| h.up),
+        }
     }
 
     fn mac(&self, vip: &VipAddr, addr: &IpAddr) -> Option<Mac> {
@@ -124,6 +132,7 @@ impl Core {
             desired: saved.desired,
             ids,
             health: BTreeMap::new(),
+            fleet_health: BTreeMap::new(),
             learned,
             kernel,
             tables: BTreeMap::new(),
@@ -157,6 +166,7 @@ impl Core {
         StateFile {
             desired: self.desired.clone(),
             ids: self.ids.clone(),
+            store_revision: None,
         }
     }
 
@@ -218,6 +228,7 @@ impl Core {
         let facts = CoreFacts {
             desired: &self.desired,
             health: &self.health,
+            fleet_health: &self.fleet_health,
             learned: &self.learned,
         };
         let tables = &mut self.tables;
@@ -366,6 +377,7 @@ impl Core {
         CoreFacts {
             desired: &self.desired,
             health: &self.health,
+            fleet_health: &self.fleet_health,
             learned: &self.learned,
         }
     }
@@ -434,11 +446,12 @@ impl Core {
                         }
                         .into(),
                         drained: b.drained,
-                        health: match (&spec.health, h) {
-                            (None, _) => "unchecked".into(),
-                            (Some(_), Some(h)) if !h.up => "down".into(),
-                            (Some(_), _) => "up".into(),
-                        },
+                        health: health_word(
+                            spec.health.is_some(),
+                            h.is_none_or(|h| h.up),
+                            self.fleet_health.get(&(*vip, *addr)).copied(),
+                        )
+                        .into(),
                         last_check: h.map(|h| h.last.clone()).unwrap_or_default(),
                         serving: reconcile::serving(&self.desired, &facts, vip, addr),
                         share_pct: if total == 0 {
@@ -466,10 +479,22 @@ impl Core {
                     .ends(vip)
                     .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
                 retired,
+                digest: self.digest(vip).map(|d| format!("{d:016x}")),
                 health_check: spec.health.clone(),
                 backends,
             });
         }
         out
+    }
+}
+
+/// The health column: this node's probe verdict, or the fleet's where it overrides it.
+fn health_word(checked: bool, own_up: bool, fleet: Option<bool>) -> &'static str {
+    match (checked, fleet) {
+        (false, _) => "unchecked",
+        (true, Some(true)) if !own_up => "up (fleet)",
+        (true, Some(false)) if own_up => "down (fleet)",
+        (true, _) if own_up => "up",
+        (true, _) => "down",
     }
 }

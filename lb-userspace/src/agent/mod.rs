@@ -10,6 +10,7 @@
 pub mod chance;
 pub mod core;
 pub mod events;
+mod fleet;
 pub mod health;
 pub mod kernel;
 pub mod neigh;
@@ -46,6 +47,10 @@ pub struct Agent {
     iface: String,
     neighbours: Mutex<Option<Box<dyn Neighbours>>>,
     events: Mutex<events::Events>,
+    /// Store mode: the configuration revision the desired state was read at.
+    store_revision: Mutex<Option<i64>>,
+    /// Store mode: the link to the fleet's store (changes go there, not to this node).
+    fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::Fleet>>,
 }
 
 /// What a change did.
@@ -65,6 +70,7 @@ impl Agent {
         iface: &str,
     ) -> Result<Self, Error> {
         let saved = store.load()?;
+        let store_revision = saved.store_revision;
         let mut core = Core::new(kernel, saved)?;
         if let Err(e) = core.resync() {
             log::warn!("the data plane is not in line with the saved state yet: {e}");
@@ -76,6 +82,8 @@ impl Agent {
             iface: iface.to_string(),
             neighbours: Mutex::new(None),
             events: Mutex::new(events::Events::default()),
+            store_revision: Mutex::new(store_revision),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 
@@ -120,6 +128,16 @@ impl Agent {
         }
     }
 
+    /// Puts the agent in store mode (once, at start).
+    pub fn set_fleet(&self, fleet: std::sync::Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet's store link in store mode.
+    pub fn fleet(&self) -> Option<&std::sync::Arc<crate::fleet::Fleet>> {
+        self.fleet.get()
+    }
+
     pub fn iface(&self) -> &str {
         &self.iface
     }
@@ -138,6 +156,7 @@ impl Agent {
         if let Command::Apply {
             state,
             dry_run: true,
+            ..
         } = cmd
         {
             state.validate().map_err(Error::Invalid)?;
@@ -160,7 +179,32 @@ impl Agent {
         &self,
         f: impl FnOnce(&DesiredState) -> Result<DesiredState, Error>,
     ) -> Result<Changed, Error> {
+        self.change_at(None, f)
+    }
+
+    /// Store mode: makes `state`, read at configuration revision `revision`, the desired
+    /// state (saved with its revision, so a restart says what it serves). Same path as every
+    /// other change.
+    pub fn apply_store(&self, revision: i64, state: DesiredState) -> Result<Changed, Error> {
+        self.change_at(Some(revision), |_| Ok(state))
+    }
+
+    /// The configuration revision last applied from the store (or saved before a restart).
+    pub fn store_revision(&self) -> Option<i64> {
+        *self
+            .store_revision
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn change_at(
+        &self,
+        revision: Option<i64>,
+        f: impl FnOnce(&DesiredState) -> Result<DesiredState, Error>,
+    ) -> Result<Changed, Error> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let saved_revision = self.store_revision();
+        let new_revision = revision.is_some() && revision != saved_revision;
         let (prepared, unchanged) = {
             let core = self.core();
             let new = f(core.desired())?;
@@ -175,8 +219,16 @@ impl Agent {
             .values()
             .flat_map(|v| v.backends.keys().copied())
             .collect();
-        if !unchanged {
-            self.store.save(&prepared.state_file())?;
+        if !unchanged || new_revision {
+            let mut file = prepared.state_file();
+            file.store_revision = revision.or(saved_revision);
+            self.store.save(&file)?;
+            if revision.is_some() {
+                *self
+                    .store_revision
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = revision;
+            }
         }
         let result = self.make_live(prepared, unchanged);
         self.want_macs();

@@ -18,6 +18,10 @@ use crate::{Error, agent::reconcile::Ids, model::DesiredState};
 pub struct StateFile {
     pub desired: DesiredState,
     pub ids: Ids,
+    /// In store mode (`lb run --store`): the configuration revision `desired` was read at,
+    /// so a restarted node says which revision it serves until it has caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_revision: Option<i64>,
 }
 
 /// Durable storage of [`StateFile`].

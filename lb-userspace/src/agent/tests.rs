@@ -243,6 +243,7 @@ fn removing_a_health_check_forgets_down() {
         .execute(&Command::Apply {
             state: d.clone(),
             dry_run: false,
+            if_revision: None,
         })
         .unwrap();
     w.agent
@@ -255,6 +256,7 @@ fn removing_a_health_check_forgets_down() {
         .execute(&Command::Apply {
             state: d,
             dry_run: false,
+            if_revision: None,
         })
         .unwrap();
     let b = &w.agent.core().list()[0].backends[0];
@@ -347,6 +349,7 @@ fn random_command(r: &mut Rng) -> Command {
             Command::Apply {
                 state: d,
                 dry_run: r.below(4) == 0,
+                if_revision: None,
             }
         }
         _ => Command::Reconcile,

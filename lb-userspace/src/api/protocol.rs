@@ -60,6 +60,10 @@ pub enum Command {
     Apply {
         state: DesiredState,
         dry_run: bool,
+        /// Store mode: refuse unless the configuration is still at this revision (the one
+        /// the operator's dry run showed), so nobody's change is overwritten unseen.
+        #[serde(default)]
+        if_revision: Option<i64>,
     },
     /// Read the kernel maps again and converge them to the desired state.
     Reconcile,
@@ -145,6 +149,10 @@ pub struct CommandResult {
     /// their neighbour entry resolves).
     #[serde(default)]
     pub no_mac: Vec<IpAddr>,
+    /// Store mode: the configuration revision the change was written at (or, for a dry run,
+    /// planned against).
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// A backend as listed by the API.
@@ -190,6 +198,10 @@ pub struct VipView {
     /// Backends removed from the VIP that slots still name as previous during the window.
     #[serde(default)]
     pub retired: Vec<RetiredView>,
+    /// Digest of the slot table live in the kernel (backend addresses per slot, FNV-1a, hex):
+    /// equal on every node that sends each flow to the same backend.
+    #[serde(default)]
+    pub digest: Option<String>,
     pub health_check: Option<HealthCheck>,
     pub backends: Vec<BackendView>,
 }
@@ -267,6 +279,41 @@ pub struct StatsView {
     pub vips: Vec<VipStats>,
     #[serde(default)]
     pub agent: AgentStatus,
+    /// Store mode only.
+    #[serde(default)]
+    pub store: Option<StoreView>,
+}
+
+/// The agent's link to the fleet's store (`lb run --store`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreView {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub node: String,
+    /// Whether etcd answers; when it does not, the node keeps forwarding with the last
+    /// applied configuration and refuses changes.
+    pub connected: bool,
+    /// The configuration revision applied (from the store, or the state file after a restart).
+    pub applied_revision: Option<i64>,
+    /// The last error talking to etcd, and since when (seconds since the epoch) it is down.
+    pub last_error: Option<String>,
+    pub down_since_unix: Option<u64>,
+    /// Keys whose values are not applied, with the reason (each keeps its last good value).
+    pub rejected: Vec<String>,
+    /// Counters: rejected key values seen, revisions refused as a whole, reconnections.
+    pub rejected_total: u64,
+    pub refused_revisions_total: u64,
+    pub reconnects_total: u64,
+}
+
+/// `lb cluster status`: every live node's published status and what disagrees.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster: String,
+    /// The configuration revision in the store now.
+    pub revision: i64,
+    pub nodes: Vec<crate::fleet::status::NodeStatus>,
+    pub divergence: Vec<String>,
 }
 
 /// Error body: what went wrong, and its kind (the CLI's exit code follows it).

@@ -95,6 +95,7 @@ pub fn stats(agent: &Agent) -> Result<StatsView, Error> {
             not_converged: core.not_converged().map(str::to_string),
             no_mac: core.no_mac(),
         },
+        store: agent.fleet().map(|f| f.view()),
     })
 }
 
@@ -161,10 +162,20 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
         Ok(c) => c,
         Err(e) => return invalid(format!("malformed command: {e}")),
     };
-    let a = agent.clone();
-    let done = match tokio::task::spawn_blocking(move || a.execute(&cmd)).await {
-        Ok(r) => r,
-        Err(e) => Err(Error::Kernel(format!("the change did not finish: {e}"))),
+    let (done, revision) = match agent.fleet() {
+        // Store mode: the change goes to etcd; every node (this one too) applies it from there.
+        Some(fleet) => match fleet.execute(&agent, &cmd).await {
+            Ok((c, rev)) => (Ok(c), rev),
+            Err(e) => (Err(e), None),
+        },
+        None => {
+            let a = agent.clone();
+            let r = match tokio::task::spawn_blocking(move || a.execute(&cmd)).await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Kernel(format!("the change did not finish: {e}"))),
+            };
+            (r, None)
+        }
     };
     let took_ns = start.elapsed().as_nanos() as u64;
     match done {
@@ -186,6 +197,7 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
                     plan: changed.plan,
                     took_ns,
                     no_mac,
+                    revision,
                 },
             )
         }
@@ -202,6 +214,15 @@ async fn handle(req: Request<Incoming>, agent: SharedAgent) -> Response<Full<Byt
             Err(e) => error(&e),
         },
         (Method::GET, "/v1/trace") => trace(&agent, &parts.uri),
+        (Method::GET, "/v1/cluster") => match agent.fleet() {
+            None => error(&Error::Invalid(
+                "this agent runs without --store: there is no cluster to show".into(),
+            )),
+            Some(f) => match f.cluster().await {
+                Ok(c) => json(StatusCode::OK, &c),
+                Err(e) => error(&e),
+            },
+        },
         (Method::POST, "/v1/commands") => command(agent, body).await,
         _ => error(&Error::NotFound(format!(
             "no such endpoint {} {}",

@@ -101,6 +101,7 @@ mod tests {
                 }],
             }],
             agent: AgentStatus::default(),
+            store: None,
         }
     }
 

@@ -122,9 +122,17 @@ pub enum Top {
         /// Show the plan only.
         #[arg(long)]
         dry_run: bool,
+        /// Fleet mode: apply only if the configuration is still at this revision (the one the
+        /// dry run printed); otherwise refuse with a conflict.
+        #[arg(long, value_name = "REV")]
+        if_revision: Option<i64>,
         #[arg(long)]
         json: bool,
     },
+    /// Fleet mode: every node's applied revision, slot-table digests and health, side by
+    /// side, with any divergence flagged.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Run sample HTTP (and UDP echo) backends answering "hello from backend i".
     Samples {
         #[arg(long, default_value_t = 2)]
@@ -245,6 +253,25 @@ pub struct RunArgs {
     /// Counter lines as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Fleet mode: take the desired state from etcd (etcd://HOST:PORT[,HOST:PORT...]);
+    /// `vip`, `backend` and `apply` then write there and every node applies them.
+    #[arg(long, value_name = "URL", requires = "cluster")]
+    pub store: Option<String>,
+    /// Fleet mode: the cluster's name (its keys live under /xdp-lb/NAME/).
+    #[arg(long, value_name = "NAME", requires = "store")]
+    pub cluster: Option<String>,
+    /// Fleet mode: this node's name in `lb cluster status` [default: the host name].
+    #[arg(long, value_name = "NAME", requires = "store")]
+    pub node: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Show every live node of the cluster.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]

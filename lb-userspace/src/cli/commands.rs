@@ -13,7 +13,7 @@ use lb_userspace::{
 };
 
 use super::{
-    args::{BackendCmd, CheckKind, Cli, RunArgs, Top, VipCmd},
+    args::{BackendCmd, CheckKind, Cli, ClusterCmd, RunArgs, Top, VipCmd},
     output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows, window_lines},
 };
 
@@ -33,8 +33,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Top::Apply {
             file,
             dry_run,
+            if_revision,
             json,
-        } => apply(&client, file, dry_run, json).await,
+        } => apply(&client, file, dry_run, if_revision, json).await,
+        Top::Cluster(ClusterCmd::Status { json }) => super::cluster::status(&client, json).await,
         Top::Reconcile => {
             client.command(&Command::Reconcile).await?;
             println!("the kernel maps match the desired state");
@@ -115,6 +117,19 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         interval: a.interval,
         duration: a.duration,
         json: a.json,
+        store: match (&a.store, &a.cluster) {
+            (Some(url), Some(cluster)) => {
+                let node = match a.node {
+                    Some(n) => n,
+                    None => nix_hostname()?,
+                };
+                Some(
+                    lb_userspace::fleet::FleetConfig::new(url, cluster, &node)
+                        .map_err(lb_userspace::Error::Invalid)?,
+                )
+            }
+            _ => None,
+        },
     };
     run::run(opts).await?;
     Ok(())
@@ -173,7 +188,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             }
             print_table(
                 &[
-                    "VIP", "ID", "HASH", "HEALTH", "SERVING", "FORWARD", "UDP IDLE",
+                    "VIP", "ID", "HASH", "HEALTH", "SERVING", "FORWARD", "UDP IDLE", "DIGEST",
                 ],
                 &vip_rows(&vips),
             );
@@ -318,21 +333,36 @@ async fn trace(
     Ok(())
 }
 
-async fn apply(client: &Client, file: PathBuf, dry_run: bool, json: bool) -> anyhow::Result<()> {
+async fn apply(
+    client: &Client,
+    file: PathBuf,
+    dry_run: bool,
+    if_revision: Option<i64>,
+    json: bool,
+) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let state = parse_config(&text).map_err(lb_userspace::Error::Invalid)?;
-    let r = client.command(&Command::Apply { state, dry_run }).await?;
+    let r = client
+        .command(&Command::Apply {
+            state,
+            dry_run,
+            if_revision,
+        })
+        .await?;
     if json {
         return print_json(&r);
     }
     print!("{}", plan::render(&r.plan));
     println!(
         "{}",
-        if dry_run {
-            "dry run: nothing changed"
-        } else {
-            "applied"
+        match (dry_run, r.revision) {
+            (true, None) => "dry run: nothing changed".to_string(),
+            (true, Some(rev)) => format!(
+                "dry run at revision {rev}: nothing changed (apply exactly this with --if-revision {rev})"
+            ),
+            (false, None) => "applied".to_string(),
+            (false, Some(rev)) => format!("applied: revision {rev}"),
         }
     );
     report_no_mac(&r);
@@ -389,6 +419,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
     if let Some(why) = &s.agent.not_converged {
         println!("WARNING: the data plane does not match the desired state yet: {why}\n");
     }
+    if let Some(st) = &s.store {
+        print!("{}", super::cluster::store_lines(st));
+    }
     if !s.agent.no_mac.is_empty() {
         let list: Vec<String> = s.agent.no_mac.iter().map(|a| a.to_string()).collect();
         println!("backends without a MAC (no traffic): {}\n", list.join(", "));
@@ -432,4 +465,10 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
         &["VIP", "BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "RATE"],
         &rows,
     );
+}
+
+/// This host's name (the default node name in a fleet).
+fn nix_hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_string())
 }

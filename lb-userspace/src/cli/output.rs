@@ -125,6 +125,8 @@ pub fn vip_rows(vips: &[VipView]) -> Vec<Vec<String>> {
                 } else {
                     "-".into()
                 },
+                // Equal on every node that sends each flow to the same backend.
+                v.digest.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect()

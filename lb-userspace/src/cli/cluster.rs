@@ -1,0 +1,104 @@
+//! `lb cluster status` and the store lines of `lb stats` (fleet mode).
+use std::collections::BTreeSet;
+
+use lb_userspace::api::{
+    client::Client,
+    protocol::{ClusterView, StoreView},
+};
+
+use super::output::{print_json, print_table};
+
+/// What `lb stats` says about the store, first thing (a node cut off from etcd must be seen).
+pub fn store_lines(s: &StoreView) -> String {
+    let rev = s
+        .applied_revision
+        .map_or("none".to_string(), |r| r.to_string());
+    let mut out = if s.connected {
+        format!(
+            "store: etcd {} cluster {} node {}: connected, applied revision {rev}\n",
+            s.endpoints.join(","),
+            s.cluster,
+            s.node
+        )
+    } else {
+        format!(
+            "WARNING: store etcd {} unreachable{} ({}): forwarding with the last applied revision {rev}; changes are refused\n",
+            s.endpoints.join(","),
+            s.down_since_unix
+                .map(|t| format!(" for {}s", now().saturating_sub(t)))
+                .unwrap_or_default(),
+            s.last_error.as_deref().unwrap_or("no answer")
+        )
+    };
+    for r in &s.rejected {
+        out.push_str(&format!("WARNING: store key not applied: {r}\n"));
+    }
+    out.push_str(&format!(
+        "store counters: rejected values {}, refused revisions {}, reconnects {}\n\n",
+        s.rejected_total, s.refused_revisions_total, s.reconnects_total
+    ));
+    out
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let c: ClusterView = client.get("/v1/cluster").await?;
+    if json {
+        return print_json(&c);
+    }
+    println!(
+        "cluster {}: configuration revision {}, {} node(s) alive",
+        c.cluster,
+        c.revision,
+        c.nodes.len()
+    );
+    let vips: BTreeSet<_> = c.nodes.iter().flat_map(|n| n.digests.keys()).collect();
+    let mut headers = vec!["NODE".to_string(), "REVISION".into(), "AGE".into()];
+    headers.extend(vips.iter().map(|v| format!("DIGEST {v}")));
+    headers.push("DOWN (OWN PROBES)".into());
+    let rows: Vec<Vec<String>> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut row = vec![
+                n.node.clone(),
+                n.revision.to_string(),
+                format!("{}s", now().saturating_sub(n.at_unix)),
+            ];
+            row.extend(
+                vips.iter()
+                    .map(|v| n.digests.get(v).cloned().unwrap_or_else(|| "-".into())),
+            );
+            let down: Vec<String> = n
+                .health
+                .iter()
+                .flat_map(|(v, m)| {
+                    m.iter()
+                        .filter(|(_, up)| !**up)
+                        .map(move |(a, _)| format!("{a} ({v})"))
+                })
+                .collect();
+            row.push(if down.is_empty() {
+                "-".into()
+            } else {
+                down.join(", ")
+            });
+            row
+        })
+        .collect();
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    print_table(&headers, &rows);
+    if c.divergence.is_empty() {
+        println!("all nodes agree");
+    } else {
+        for d in &c.divergence {
+            println!("DIVERGENT: {d}");
+        }
+    }
+    Ok(())
+}

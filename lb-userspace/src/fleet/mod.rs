@@ -1,0 +1,390 @@
+//! The fleet (`lb run --store etcd://... --cluster NAME`): the desired state lives in etcd,
+//! every node follows it through the same reconciler path as the API, publishes what it has
+//! applied, and takes its health verdicts from the fleet.
+//!
+//! - [`schema`]: key layout and per-key decoding (pure).
+//! - [`status`]: node statuses, the fleet health rule and divergence (pure).
+//! - [`store`]: etcd I/O with deadlines.
+//! - here: the follower (snapshot, watch, apply), the publisher and the writer.
+//!
+//! Faults: etcd unreachable keeps the last applied state forwarding and refuses changes,
+//! each node back to its own health view; on return the node reads a full snapshot at one
+//! revision and applies it whole (never half a revision); a restarted node serves its state
+//! file and catches up the same way.
+pub mod schema;
+pub mod status;
+pub mod store;
+mod write;
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    Error,
+    agent::Agent,
+    api::protocol::{ClusterView, StoreView},
+    fleet::{
+        schema::Keys,
+        status::NodeStatus,
+        store::{Snapshot, Store},
+    },
+};
+
+/// Seconds a node's status outlives its last write.
+const STATUS_TTL_S: i64 = 5;
+/// How often a node writes its status and reads the others'.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Where the fleet's store is and who this node is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub node: String,
+}
+
+impl FleetConfig {
+    /// From `--store etcd://HOST:PORT[,HOST:PORT...]`, `--cluster` and `--node`.
+    pub fn new(store: &str, cluster: &str, node: &str) -> Result<Self, String> {
+        let rest = store.strip_prefix("etcd://").ok_or_else(|| {
+            format!("--store `{store}`: expected etcd://HOST:PORT[,HOST:PORT...]")
+        })?;
+        let endpoints: Vec<String> = rest.split(',').map(str::to_string).collect();
+        for e in &endpoints {
+            let ok = e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(format!(
+                    "--store `{store}`: `{e}` is not HOST:PORT (e.g. etcd://127.0.0.1:2379)"
+                ));
+            }
+        }
+        Keys::new(cluster)?;
+        schema::check_name("node", node)?;
+        Ok(FleetConfig {
+            endpoints,
+            cluster: cluster.into(),
+            node: node.into(),
+        })
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The node's link to the store, shared by the follower, the publisher and the API.
+pub struct Fleet {
+    pub config: FleetConfig,
+    keys: Keys,
+    /// The connected client while etcd answers.
+    store: Mutex<Option<Store>>,
+    view: Mutex<StoreView>,
+    /// Rejected keys already logged (key and value), so a bad key is logged once.
+    logged: Mutex<BTreeSet<(String, Vec<u8>)>>,
+    /// The applied configuration revision, for writers waiting to see their change live.
+    applied: tokio::sync::watch::Sender<i64>,
+}
+
+impl Fleet {
+    pub fn new(config: FleetConfig, applied: Option<i64>) -> Result<Arc<Self>, Error> {
+        let keys = Keys::new(&config.cluster).map_err(Error::Invalid)?;
+        let view = StoreView {
+            endpoints: config.endpoints.clone(),
+            cluster: config.cluster.clone(),
+            node: config.node.clone(),
+            applied_revision: applied,
+            last_error: Some("not connected yet".into()),
+            down_since_unix: Some(now_unix()),
+            ..StoreView::default()
+        };
+        Ok(Arc::new(Fleet {
+            config,
+            keys,
+            store: Mutex::new(None),
+            view: Mutex::new(view),
+            logged: Mutex::new(BTreeSet::new()),
+            applied: tokio::sync::watch::channel(applied.unwrap_or(0)).0,
+        }))
+    }
+
+    fn view_mut(&self) -> std::sync::MutexGuard<'_, StoreView> {
+        self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What `lb stats` shows about the store.
+    pub fn view(&self) -> StoreView {
+        self.view_mut().clone()
+    }
+
+    /// The connected store, or why there is none.
+    pub fn store(&self) -> Result<Store, Error> {
+        if let Some(s) = self
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(s);
+        }
+        let v = self.view();
+        Err(Error::Unavailable(format!(
+            "etcd is unreachable ({}): changes are refused until it answers; this node keeps forwarding with revision {}",
+            v.last_error.unwrap_or_default(),
+            v.applied_revision.map_or("none".into(), |r| r.to_string())
+        )))
+    }
+
+    fn connected(&self, store: Store) {
+        *self.store.lock().unwrap_or_else(PoisonError::into_inner) = Some(store);
+        let mut v = self.view_mut();
+        if !v.connected {
+            log::info!("etcd {}: connected", self.config.endpoints.join(","));
+        }
+        v.connected = true;
+        v.last_error = None;
+        v.down_since_unix = None;
+    }
+
+    fn lost(&self, e: &Error) {
+        *self.store.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut v = self.view_mut();
+        if v.connected {
+            log::warn!("etcd lost ({e}): forwarding continues with the last applied configuration");
+            v.reconnects_total += 1;
+        }
+        v.connected = false;
+        v.last_error = Some(e.to_string());
+        v.down_since_unix.get_or_insert_with(now_unix);
+    }
+
+    /// Follows the store until the task is dropped: snapshot, apply, watch; on any error
+    /// back to a fresh snapshot after a pause.
+    pub async fn follow(self: Arc<Self>, agent: Arc<Agent>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if let Err(e) = self.session(&agent).await {
+                self.lost(&e);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            if self.view().connected {
+                backoff = Duration::from_millis(200);
+            }
+        }
+    }
+
+    async fn session(&self, agent: &Arc<Agent>) -> Result<(), Error> {
+        let store = Store::connect(&self.config.endpoints, self.keys.clone()).await?;
+        let snap = store.snapshot(None).await?;
+        let mut watch = store.watch(snap.revision + 1).await?;
+        self.apply(agent, &snap).await;
+        self.connected(store.clone());
+        loop {
+            let msg = watch
+                .message()
+                .await
+                .map_err(|e| Error::Unavailable(format!("etcd: watch: {e}")))?
+                .ok_or_else(|| Error::Unavailable("etcd: the watch ended".into()))?;
+            if msg.canceled() {
+                // Compacted past our revision, or the server went away: start over.
+                return Err(Error::Unavailable(format!(
+                    "etcd: watch cancelled ({})",
+                    msg.cancel_reason()
+                )));
+            }
+            if msg.events().is_empty() {
+                continue;
+            }
+            let rev = msg.header().map_or(0, |h| h.revision());
+            let snap = store.snapshot(Some(rev)).await?;
+            self.apply(agent, &snap).await;
+        }
+    }
+
+    /// Applies one snapshot whole through the agent's change path; rejected keys keep their
+    /// last value. A revision the agent refuses as a whole (e.g. beyond this node's capacity)
+    /// is counted and logged; the node keeps the previous one.
+    async fn apply(&self, agent: &Arc<Agent>, snap: &Snapshot) {
+        let last = agent.core().desired().clone();
+        let decoded = schema::decode(&self.keys, &snap.vips, &last);
+        let revision = snap.config_revision();
+        {
+            let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut v = self.view_mut();
+            v.rejected = decoded
+                .rejected
+                .iter()
+                .map(|r| format!("{}: {}", r.key, r.why))
+                .collect();
+            for r in &decoded.rejected {
+                let value = snap
+                    .vips
+                    .iter()
+                    .find(|(k, _)| *k == r.key)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                if logged.insert((r.key.clone(), value)) {
+                    v.rejected_total += 1;
+                    log::warn!(
+                        "etcd key {} rejected at revision {revision}: {} (its last good value stays)",
+                        r.key,
+                        r.why
+                    );
+                }
+            }
+            logged.retain(|(k, _)| decoded.rejected.iter().any(|r| r.key == *k));
+        }
+        let a = agent.clone();
+        let state = decoded.state;
+        let done = tokio::task::spawn_blocking(move || a.apply_store(revision, state)).await;
+        match done {
+            Ok(Ok(_)) | Ok(Err(Error::NotConverged(_))) => {
+                // Saved and in memory (a kernel hiccup is retried by the agent).
+                self.view_mut().applied_revision = Some(revision);
+                self.applied.send_replace(revision);
+            }
+            Ok(Err(e)) => {
+                self.view_mut().refused_revisions_total += 1;
+                log::warn!("configuration revision {revision} not applied: {e}");
+                agent.record(format!("store revision {revision} refused: {e}"));
+            }
+            Err(e) => log::warn!("applying revision {revision}: {e}"),
+        }
+    }
+
+    /// Waits (bounded) until revision `rev` is applied on this node.
+    async fn applied_at_least(&self, rev: i64, within: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|r| *r >= rev))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Writes this node's status and takes the fleet's health verdict, every
+    /// [`STATUS_PERIOD`], until the task is dropped. Without etcd each node uses its own
+    /// probes.
+    pub async fn publish(self: Arc<Self>, agent: Arc<Agent>) {
+        let mut lease: Option<i64> = None;
+        loop {
+            tokio::time::sleep(STATUS_PERIOD).await;
+            let Ok(store) = self.store() else {
+                lease = None;
+                self.set_fleet_health(&agent, Default::default()).await;
+                continue;
+            };
+            if let Err(e) = self.publish_once(&agent, &store, &mut lease).await {
+                log::debug!("publishing the node status: {e}");
+                lease = None;
+                self.set_fleet_health(&agent, Default::default()).await;
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        agent: &Arc<Agent>,
+        store: &Store,
+        lease: &mut Option<i64>,
+    ) -> Result<(), Error> {
+        let (own, status) = {
+            let core = agent.core();
+            let own = core.own_health();
+            let status = NodeStatus {
+                node: self.config.node.clone(),
+                revision: self.view().applied_revision.unwrap_or(0),
+                digests: core.digests(),
+                health: own.clone(),
+                not_converged: core.not_converged().map(str::to_string),
+                at_unix: now_unix(),
+            };
+            (own, status)
+        };
+        let id = match *lease {
+            Some(id) => id,
+            None => store.grant(STATUS_TTL_S).await?,
+        };
+        let value = serde_json::to_vec(&status)
+            .map_err(|e| Error::Invalid(format!("encoding the node status: {e}")))?;
+        *lease = store
+            .put_status(&self.config.node, id, value)
+            .await?
+            .then_some(id);
+        let nodes = parse_nodes(&store.nodes().await?);
+        let verdicts = status::fleet_health(&self.config.node, &own, &nodes);
+        self.set_fleet_health(agent, verdicts).await;
+        Ok(())
+    }
+
+    async fn set_fleet_health(
+        &self,
+        agent: &Arc<Agent>,
+        verdicts: std::collections::BTreeMap<(crate::model::VipAddr, std::net::IpAddr), bool>,
+    ) {
+        let a = agent.clone();
+        let r = tokio::task::spawn_blocking(move || a.core().set_fleet_health(verdicts)).await;
+        if let Ok(Err(e)) = r {
+            log::warn!("applying the fleet's health verdict: {e}");
+        }
+    }
+
+    /// `lb cluster status`: every live node's status, and what disagrees.
+    pub async fn cluster(&self) -> Result<ClusterView, Error> {
+        let store = self.store()?;
+        let snap = store.snapshot(None).await?;
+        let nodes = parse_nodes(&store.nodes().await?);
+        Ok(ClusterView {
+            cluster: self.config.cluster.clone(),
+            revision: snap.config_revision(),
+            divergence: status::divergence(&nodes),
+            nodes,
+        })
+    }
+}
+
+/// Node statuses that parse; a malformed one (another version, a hand-written key) is skipped
+/// with a log line.
+fn parse_nodes(kvs: &[(String, Vec<u8>)]) -> Vec<NodeStatus> {
+    kvs.iter()
+        .filter_map(|(k, v)| match serde_json::from_slice::<NodeStatus>(v) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("node status {k} is not readable: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_are_checked() {
+        let c = FleetConfig::new("etcd://127.0.0.1:2379,10.0.0.1:2379", "prod", "lb1").unwrap();
+        assert_eq!(c.endpoints, ["127.0.0.1:2379", "10.0.0.1:2379"]);
+        for (url, want) in [
+            ("http://127.0.0.1:2379", "expected etcd://"),
+            ("etcd://127.0.0.1", "not HOST:PORT"),
+            ("etcd://127.0.0.1:0", "not HOST:PORT"),
+            ("etcd://", "not HOST:PORT"),
+        ] {
+            let e = FleetConfig::new(url, "prod", "lb1").unwrap_err();
+            assert!(e.contains(want), "{url}: {e}");
+        }
+        assert!(
+            FleetConfig::new("etcd://h:1", "prod", "a/b")
+                .unwrap_err()
+                .contains("invalid node name")
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! What each node publishes about itself, how the fleet's health verdict is formed from it,
+//! and how divergence between nodes is found. Pure.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::VipAddr;
+
+/// One node's status, published under `nodes/<node>` with a lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    /// The store revision whose configuration this node has applied.
+    pub revision: i64,
+    /// Per VIP: [`ring_digest`] of the slot table live in this node's kernel (hex).
+    pub digests: BTreeMap<VipAddr, String>,
+    /// Per VIP and backend: this node's own probe verdict (true: up). Only checked backends.
+    pub health: BTreeMap<VipAddr, BTreeMap<IpAddr, bool>>,
+    /// Why this node's kernel does not match its configuration, while it does not.
+    #[serde(default)]
+    pub not_converged: Option<String>,
+    /// Seconds since the epoch when this status was written.
+    pub at_unix: u64,
+}
+
+/// FNV-1a over the backend address of every slot in order (16 bytes each, IPv4 mapped; an
+/// empty slot hashes as 16 zero bytes). Backend ids are per node, addresses are not, so equal
+/// digests mean the nodes send every flow of the VIP to the same backend.
+pub fn ring_digest(slots: impl Iterator<Item = Option<IpAddr>>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in slots {
+        let bytes = match s {
+            Some(IpAddr::V4(a)) => a.to_ipv6_mapped().octets(),
+            Some(IpAddr::V6(a)) => a.octets(),
+            None => [0; 16],
+        };
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The fleet's health verdict for every checked backend: down when more than half of the
+/// nodes reporting on it say down, up otherwise. `own` replaces this node's published view
+/// (it is fresher). Every node computes the same verdict from the same statuses, so a backend
+/// that only some nodes cannot reach is in or out on all of them, never in on some and out on
+/// others for longer than one status round.
+pub fn fleet_health(
+    me: &str,
+    own: &BTreeMap<VipAddr, BTreeMap<IpAddr, bool>>,
+    nodes: &[NodeStatus],
+) -> BTreeMap<(VipAddr, IpAddr), bool> {
+    let mut votes: BTreeMap<(VipAddr, IpAddr), (u32, u32)> = BTreeMap::new();
+    let views = nodes
+        .iter()
+        .filter(|n| n.node != me)
+        .map(|n| &n.health)
+        .chain(std::iter::once(own));
+    for view in views {
+        for (vip, backends) in view {
+            for (addr, up) in backends {
+                let v = votes.entry((*vip, *addr)).or_default();
+                v.0 += 1;
+                if !up {
+                    v.1 += 1;
+                }
+            }
+        }
+    }
+    votes
+        .into_iter()
+        .map(|(k, (reporters, down))| (k, down * 2 <= reporters))
+        .collect()
+}
+
+/// Lines naming every disagreement between nodes: applied revisions that differ, and VIPs
+/// whose digests differ between nodes at the same revision (or that a node lacks).
+pub fn divergence(nodes: &[NodeStatus]) -> Vec<String> {
+    let mut out = Vec::new();
+    let newest = nodes.iter().map(|n| n.revision).max().unwrap_or(0);
+    for n in nodes.iter().filter(|n| n.revision != newest) {
+        out.push(format!(
+            "node {} has applied revision {}, others {newest}",
+            n.node, n.revision
+        ));
+    }
+    if let Some(n) = nodes.iter().find(|n| n.not_converged.is_some()) {
+        out.push(format!(
+            "node {}: kernel not in line ({})",
+            n.node,
+            n.not_converged.as_deref().unwrap_or_default()
+        ));
+    }
+    let current: Vec<&NodeStatus> = nodes.iter().filter(|n| n.revision == newest).collect();
+    let vips: std::collections::BTreeSet<&VipAddr> =
+        current.iter().flat_map(|n| n.digests.keys()).collect();
+    for vip in vips {
+        let seen: std::collections::BTreeSet<Option<&String>> =
+            current.iter().map(|n| n.digests.get(vip)).collect();
+        if seen.len() > 1 {
+            let each: Vec<String> = current
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}={}",
+                        n.node,
+                        n.digests.get(vip).map_or("missing", |d| d.as_str())
+                    )
+                })
+                .collect();
+            out.push(format!("VIP {vip}: slot tables differ ({})", each.join(" ")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip() -> VipAddr {
+        "10.0.0.10:80/tcp".parse().unwrap()
+    }
+
+    fn view(up: &[(&str, bool)]) -> BTreeMap<VipAddr, BTreeMap<IpAddr, bool>> {
+        BTreeMap::from([(
+            vip(),
+            up.iter().map(|(a, u)| (a.parse().unwrap(), *u)).collect(),
+        )])
+    }
+
+    fn node(name: &str, revision: i64, up: &[(&str, bool)], digest: &str) -> NodeStatus {
+        NodeStatus {
+            node: name.into(),
+            revision,
+            digests: BTreeMap::from([(vip(), digest.into())]),
+            health: view(up),
+            ..NodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_minority_cannot_take_a_backend_out_and_a_majority_can() {
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let others = [
+            node("a", 1, &[("10.0.0.2", true)], "x"),
+            node("b", 1, &[("10.0.0.2", true)], "x"),
+        ];
+        // This node alone sees it down: the fleet keeps it up, on every node alike.
+        let v = fleet_health("c", &view(&[("10.0.0.2", false)]), &others);
+        assert_eq!(v[&(vip(), b)], true);
+        let others = [
+            node("a", 1, &[("10.0.0.2", false)], "x"),
+            node("b", 1, &[("10.0.0.2", true)], "x"),
+        ];
+        let v = fleet_health("c", &view(&[("10.0.0.2", false)]), &others);
+        assert_eq!(v[&(vip(), b)], false);
+        // Our own published (stale) status is replaced by the fresh view.
+        let stale = [node("c", 1, &[("10.0.0.2", true)], "x")];
+        assert_eq!(
+            fleet_health("c", &view(&[("10.0.0.2", false)]), &stale)[&(vip(), b)],
+            false
+        );
+        // A tie keeps the backend: taking traffic away needs a majority.
+        let one = [node("a", 1, &[("10.0.0.2", true)], "x")];
+        assert_eq!(
+            fleet_health("c", &view(&[("10.0.0.2", false)]), &one)[&(vip(), b)],
+            true
+        );
+    }
+
+    #[test]
+    fn divergence_names_revisions_and_digests() {
+        let same = [node("a", 5, &[], "d1"), node("b", 5, &[], "d1")];
+        assert!(divergence(&same).is_empty());
+        let lag = [node("a", 5, &[], "d1"), node("b", 4, &[], "d0")];
+        assert_eq!(
+            divergence(&lag),
+            ["node b has applied revision 4, others 5"]
+        );
+        let differ = [node("a", 5, &[], "d1"), node("b", 5, &[], "d2")];
+        assert_eq!(
+            divergence(&differ),
+            ["VIP 10.0.0.10:80/tcp: slot tables differ (a=d1 b=d2)"]
+        );
+    }
+
+    #[test]
+    fn the_digest_follows_addresses_and_order() {
+        let a: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.0.3".parse().unwrap();
+        let ab = ring_digest([Some(a), Some(b)].into_iter());
+        assert_eq!(ab, ring_digest([Some(a), Some(b)].into_iter()));
+        assert_ne!(ab, ring_digest([Some(b), Some(a)].into_iter()));
+        assert_ne!(ab, ring_digest([Some(a), None].into_iter()));
+    }
+}

@@ -1,0 +1,88 @@
+//! Changes in store mode: the command is applied to the configuration read from etcd and
+//! written back in one transaction that only succeeds if nobody wrote in between. Edits
+//! (`vip`, `backend`) are read again and retried on a conflict, so two operators' edits both
+//! land; `apply` replaces the whole configuration, so it is refused instead (with
+//! `if_revision`, also when anything changed since the operator's dry run).
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    Error,
+    agent::{Agent, Changed},
+    api::protocol::Command,
+    fleet::{Fleet, schema},
+    model::DesiredState,
+};
+
+/// Attempts of an edit against a configuration that keeps changing.
+const ATTEMPTS: usize = 8;
+/// How long a writer waits to see its change applied on this node.
+const SEE_OWN_WRITE: Duration = Duration::from_secs(3);
+
+impl Fleet {
+    /// Executes `cmd` against the store; returns what changed and the revision written (or
+    /// planned against, for a dry run).
+    pub async fn execute(
+        &self,
+        agent: &Arc<Agent>,
+        cmd: &Command,
+    ) -> Result<(Changed, Option<i64>), Error> {
+        if let Command::Reconcile = cmd {
+            let a = agent.clone();
+            return tokio::task::spawn_blocking(move || a.execute(&Command::Reconcile))
+                .await
+                .map_err(|e| Error::Kernel(format!("reconcile did not finish: {e}")))?
+                .map(|c| (c, None));
+        }
+        let store = self.store()?;
+        for _ in 0..ATTEMPTS {
+            let snap = store.snapshot(None).await?;
+            let at = snap.config_revision();
+            let (replace, dry_run, if_revision) = match cmd {
+                Command::Apply {
+                    dry_run,
+                    if_revision,
+                    ..
+                } => (true, *dry_run, *if_revision),
+                _ => (false, false, None),
+            };
+            if let Some(want) = if_revision
+                && want != at
+            {
+                return Err(Error::Conflict(format!(
+                    "the configuration is at revision {at}, not {want} as planned: run `lb apply --dry-run` again and review the new plan"
+                )));
+            }
+            let current = schema::decode(&self.keys, &snap.vips, &DesiredState::default()).state;
+            let new = crate::agent::ops::edit(&current, cmd)?.unwrap_or_else(|| current.clone());
+            new.validate().map_err(Error::Invalid)?;
+            // This node's rules (capacity, ids) and the plan, against what it serves now.
+            let plan = agent.core().prepare(new.clone())?.plan;
+            let changed = Changed {
+                plan,
+                no_mac: Vec::new(),
+            };
+            let writes = schema::encode(&self.keys, &current, &new).map_err(Error::Invalid)?;
+            if dry_run || writes.is_empty() {
+                return Ok((changed, Some(at)));
+            }
+            match store.commit(snap.meta, &writes).await? {
+                Some(rev) => {
+                    if !self.applied_at_least(rev, SEE_OWN_WRITE).await {
+                        log::warn!("revision {rev} written but not applied here within {SEE_OWN_WRITE:?}");
+                    }
+                    agent.record(format!("{} (store revision {rev})", cmd.describe()));
+                    return Ok((changed, Some(rev)));
+                }
+                None if replace => {
+                    return Err(Error::Conflict(format!(
+                        "the configuration changed while this apply was planned at revision {at}: run it again to see the new plan"
+                    )));
+                }
+                None => continue,
+            }
+        }
+        Err(Error::Conflict(format!(
+            "the configuration kept changing: gave up after {ATTEMPTS} attempts"
+        )))
+    }
+}
