@@ -5,6 +5,7 @@
 //! through iproute2's `ip`, the same commands an operator would type.
 pub mod agent;
 pub mod chance;
+pub mod etcd;
 pub mod frames;
 pub mod net;
 pub mod proc;

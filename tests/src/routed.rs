@@ -249,6 +249,24 @@ impl Routed {
         }
     }
 
+    /// Node `k`'s agent directory (socket, state file, pins).
+    pub fn dir_at(&self, k: usize) -> &AgentDir {
+        if k == 0 {
+            &self.dir
+        } else {
+            &self.more[k - 1].dir
+        }
+    }
+
+    /// Takes node `k`'s running agent (to kill or stop it); `None` when none runs.
+    pub fn take_agent_at(&mut self, k: usize) -> Option<ChildGuard> {
+        if k == 0 {
+            self.agent.take()
+        } else {
+            self.more[k - 1].agent.take()
+        }
+    }
+
     /// The number of load balancer nodes.
     pub fn nodes(&self) -> usize {
         1 + self.more.len()

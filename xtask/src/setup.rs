@@ -28,10 +28,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "chromium",
     // The fleet: etcd-client's build compiles etcd's protos (protoc + well-known types), and
-    // the fleet tests start a real etcd of their own.
+    // the fleet tests start a real etcd of their own (etcdctl writes raw values into it).
     "protobuf-compiler",
     "libprotobuf-dev",
     "etcd-server",
+    "etcd-client",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.

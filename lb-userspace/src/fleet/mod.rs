@@ -92,6 +92,8 @@ pub struct Fleet {
     logged: Mutex<BTreeSet<(String, Vec<u8>)>>,
     /// The applied configuration revision, for writers waiting to see their change live.
     applied: tokio::sync::watch::Sender<i64>,
+    /// Wakes the publisher when something it publishes changed (a revision applied).
+    changed: tokio::sync::Notify,
 }
 
 impl Fleet {
@@ -113,6 +115,7 @@ impl Fleet {
             view: Mutex::new(view),
             logged: Mutex::new(BTreeSet::new()),
             applied: tokio::sync::watch::channel(applied.unwrap_or(0)).0,
+            changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -251,6 +254,7 @@ impl Fleet {
                 // Saved and in memory (a kernel hiccup is retried by the agent).
                 self.view_mut().applied_revision = Some(revision);
                 self.applied.send_replace(revision);
+                self.changed.notify_one();
             }
             Ok(Err(e)) => {
                 self.view_mut().refused_revisions_total += 1;
@@ -270,12 +274,15 @@ impl Fleet {
     }
 
     /// Writes this node's status and takes the fleet's health verdict, every
-    /// [`STATUS_PERIOD`], until the task is dropped. Without etcd each node uses its own
+    /// [`STATUS_PERIOD`] and at once after a revision is applied, until the task is dropped. Without etcd each node uses its own
     /// probes.
     pub async fn publish(self: Arc<Self>, agent: Arc<Agent>) {
         let mut lease: Option<i64> = None;
         loop {
-            tokio::time::sleep(STATUS_PERIOD).await;
+            tokio::select! {
+                _ = tokio::time::sleep(STATUS_PERIOD) => {}
+                _ = self.changed.notified() => {}
+            }
             let Ok(store) = self.store() else {
                 lease = None;
                 self.set_fleet_health(&agent, Default::default()).await;

@@ -235,11 +235,22 @@ mod tests {
         assert_eq!(d.rejected.len(), 3);
         assert!(d.rejected[0].why.contains("JSON"), "{:?}", d.rejected);
         assert!(d.rejected[1].why.contains("70000"), "{:?}", d.rejected);
-        assert!(d.rejected[2].why.contains("invalid VIP"), "{:?}", d.rejected);
+        assert!(
+            d.rejected[2].why.contains("invalid VIP"),
+            "{:?}",
+            d.rejected
+        );
         assert_eq!(
-            d.state.vips.keys().map(|v| v.to_string()).collect::<Vec<_>>(),
+            d.state
+                .vips
+                .keys()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>(),
             ["10.0.0.10:80/tcp", "10.0.0.12:53/udp"]
         );
-        assert_eq!(d.state.vips[&vip("10.0.0.10:80/tcp")], last.vips[&vip("10.0.0.10:80/tcp")]);
+        assert_eq!(
+            d.state.vips[&vip("10.0.0.10:80/tcp")],
+            last.vips[&vip("10.0.0.10:80/tcp")]
+        );
     }
 }

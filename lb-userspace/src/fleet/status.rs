@@ -110,7 +110,10 @@ pub fn divergence(nodes: &[NodeStatus]) -> Vec<String> {
                     )
                 })
                 .collect();
-            out.push(format!("VIP {vip}: slot tables differ ({})", each.join(" ")));
+            out.push(format!(
+                "VIP {vip}: slot tables differ ({})",
+                each.join(" ")
+            ));
         }
     }
     out

@@ -56,8 +56,9 @@ impl Store {
         let opts = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            // HTTP/2 pings find a dead peer on an idle watch.
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            // HTTP/2 pings find a dead peer on an idle watch. Not more often than every 5 s:
+            // etcd's --grpc-keepalive-min-time (5 s) answers faster pings with GOAWAY.
+            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(opts)))
             .await
@@ -121,7 +122,11 @@ impl Store {
                 Write::Delete { key } => TxnOp::delete(key.as_str(), None),
             })
             .collect();
-        ops.push(TxnOp::put(self.keys.meta(), b"written by lb".to_vec(), None));
+        ops.push(TxnOp::put(
+            self.keys.meta(),
+            b"written by lb".to_vec(),
+            None,
+        ));
         let txn = etcd_client::Txn::new()
             .when([Compare::mod_revision(
                 self.keys.meta(),

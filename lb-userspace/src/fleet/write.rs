@@ -68,7 +68,9 @@ impl Fleet {
             match store.commit(snap.meta, &writes).await? {
                 Some(rev) => {
                     if !self.applied_at_least(rev, SEE_OWN_WRITE).await {
-                        log::warn!("revision {rev} written but not applied here within {SEE_OWN_WRITE:?}");
+                        log::warn!(
+                            "revision {rev} written but not applied here within {SEE_OWN_WRITE:?}"
+                        );
                     }
                     agent.record(format!("{} (store revision {rev})", cmd.describe()));
                     return Ok((changed, Some(rev)));

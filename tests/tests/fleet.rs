@@ -1,0 +1,618 @@
+//! The fleet on real parts: a router spreading VIP traffic over three load balancer nodes by
+//! ECMP, GUE to three routed backends running `lb decap`, and a real etcd (in the router's
+//! namespace, own data dir) holding the configuration every node follows.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use lb_tests::{etcd::Etcd, routed::Routed, routed::VIP4};
+use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
+
+const NODES: usize = 3;
+
+/// etcd first: it goes before the namespaces do.
+struct Fleet {
+    etcd: Etcd,
+    net: Routed,
+}
+
+impl Fleet {
+    /// The network, the backends (sample servers, `lb decap`), etcd and three agents
+    /// following it as nodes lb0..lb2 of cluster `t`.
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let mut net = Routed::fleet(tag, NODES)?;
+        for i in 1..=3 {
+            net.start_sample(i)?;
+            net.decap(i, &[])?;
+        }
+        // A backend sends packets of moved slots on to the previous one (second chance) by
+        // XDP_TX: delivered when the router's ends run XDP.
+        net.xdp_pass_to_backends()?;
+        let etcd = Etcd::start(&net.router, "10.30.0.1")?;
+        let mut f = Fleet { etcd, net };
+        for k in 0..NODES {
+            f.start(k)?;
+        }
+        Ok(f)
+    }
+
+    fn start(&mut self, k: usize) -> anyhow::Result<()> {
+        // Each node reaches etcd on its own link to the router.
+        let url = format!("etcd://10.30.{k}.1:{}", lb_tests::etcd::PORT);
+        let node = format!("lb{k}");
+        self.net
+            .start_agent_at(k, &["--store", &url, "--cluster", "t", "--node", &node])
+    }
+
+    fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
+        self.net.lb_at(k, args)
+    }
+
+    fn vips(&self, k: usize) -> anyhow::Result<Vec<VipView>> {
+        self.net.dir_at(k).vips()
+    }
+
+    fn stats(&self, k: usize) -> anyhow::Result<StatsView> {
+        Ok(serde_json::from_str(&self.lb(k, &["stats", "--json"])?)?)
+    }
+
+    /// Each node's digest of `vip` (None: not live there).
+    fn digests(&self, vip: &str) -> anyhow::Result<Vec<Option<String>>> {
+        (0..NODES)
+            .map(|k| {
+                Ok(self
+                    .vips(k)?
+                    .into_iter()
+                    .find(|v| v.vip.to_string() == vip)
+                    .and_then(|v| v.digest))
+            })
+            .collect()
+    }
+
+    /// Waits until every node has the same digest of `vip`, different from `before`;
+    /// returns it and how long it took.
+    fn converged(&self, vip: &str, before: Option<&str>) -> anyhow::Result<(String, Duration)> {
+        let start = Instant::now();
+        loop {
+            let d = self.digests(vip)?;
+            if let Some(Some(first)) = d.first()
+                && d.iter().all(|x| x.as_deref() == Some(first.as_str()))
+                && before != Some(first.as_str())
+            {
+                return Ok((first.clone(), start.elapsed()));
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "nodes did not agree on {vip} within 10 s: {d:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn cluster(&self, k: usize) -> anyhow::Result<ClusterView> {
+        Ok(serde_json::from_str(
+            &self.lb(k, &["cluster", "status", "--json"])?,
+        )?)
+    }
+}
+
+/// One request on a new connection; the answering backend ("hello from backend N").
+fn one_request(target: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    request(&mut s)
+}
+
+/// One HTTP/1.1 request on a keep-alive connection; the answering backend's greeting.
+fn request(s: &mut TcpStream) -> std::io::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                return Ok(body.split(" (").next().unwrap_or("").to_string());
+            }
+        }
+    }
+}
+
+fn add_vip(f: &Fleet, k: usize, vip: &str, backends: &[&str]) -> anyhow::Result<()> {
+    add_vip_with(f, k, vip, backends, &[])
+}
+
+fn add_vip_with(
+    f: &Fleet,
+    k: usize,
+    vip: &str,
+    backends: &[&str],
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let mut args = vec!["vip", "add", vip, "--forward", "gue"];
+    args.extend_from_slice(extra);
+    f.lb(k, &args)?;
+    for b in backends {
+        f.lb(k, &["backend", "add", vip, b])?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// (a) a change written to etcd is live on every node within a second, with equal digests;
+/// (b) 1,000 UDP flows meet the same backend whichever node receives them; a malformed value
+/// in etcd is rejected for its key only; `lb cluster status` agrees.
+#[test]
+fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Result<()> {
+    let f = Fleet::new("fla")?;
+    let tcp = format!("{VIP4}:80/tcp");
+    let udp = format!("{VIP4}:80/udp");
+    add_vip(&f, 0, &tcp, &["10.41.0.2", "10.42.0.2"])?;
+    let (mut digest, _) = f.converged(&tcp, None)?;
+
+    // A backend added in etcd itself (etcdctl, as a config pipeline would).
+    let key = format!("/xdp-lb/t/vips/{tcp}");
+    let value = r#"{"forward":"gue","backends":{"10.41.0.2":{},"10.42.0.2":{},"10.43.0.2":{}}}"#;
+    let start = Instant::now();
+    f.etcd.ctl(&["put", &key, value])?;
+    let (d, _) = f.converged(&tcp, Some(&digest))?;
+    let took = start.elapsed();
+    println!("a backend added with etcdctl was live on all {NODES} nodes after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    digest = d;
+    for k in 0..NODES {
+        let v = f.vips(k)?;
+        assert_eq!(v[0].backends.len(), 3, "node {k}: {v:?}");
+    }
+
+    // 20 changes through `lb` on alternating nodes: time to live everywhere.
+    let mut times = Vec::new();
+    for n in 0..20 {
+        let w = (60 + n * 7).to_string();
+        let start = Instant::now();
+        f.lb(n % NODES, &["backend", "weight", &tcp, "10.43.0.2", &w])?;
+        let (d, _) = f.converged(&tcp, Some(&digest))?;
+        times.push(start.elapsed());
+        digest = d;
+    }
+    let max = *times.iter().max().unwrap_or(&Duration::ZERO);
+    println!(
+        "20 changes: write to live on all nodes median {:?}, max {max:?}",
+        median(times.clone())
+    );
+    assert!(max < Duration::from_secs(1), "{times:?}");
+
+    // (b) the same backend whichever node: each node alone in the ECMP group in turn.
+    // Second chance off for this VIP: the sample's UDP socket is unconnected, so with it on
+    // a backend hands every datagram of a moved slot to the slot's previous backend, and the
+    // answer would name that one instead of the load balancer's choice.
+    add_vip_with(
+        &f,
+        1,
+        &udp,
+        &["10.41.0.2", "10.42.0.2", "10.43.0.2"],
+        &["--second-chance", "0"],
+    )?;
+    f.converged(&udp, None)?;
+    let target = SocketAddr::new(VIP4.parse()?, 80);
+    let mut seen: Vec<BTreeMap<u16, String>> = Vec::new();
+    for k in 0..NODES {
+        f.net.ecmp(&[k])?;
+        let picks = f
+            .net
+            .client
+            .run(|| -> anyhow::Result<BTreeMap<u16, String>> {
+                let mut out = BTreeMap::new();
+                for port in 20000..21000u16 {
+                    let s = UdpSocket::bind(("10.20.0.2", port))?;
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    let mut buf = [0u8; 512];
+                    let mut answer = None;
+                    for _ in 0..3 {
+                        s.send_to(b"which", target)?;
+                        if let Ok(n) = s.recv(&mut buf) {
+                            answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                            break;
+                        }
+                    }
+                    let a = answer.with_context(|| format!("no answer from source port {port}"))?;
+                    out.insert(port, a.split(" (").next().unwrap_or("").to_string());
+                }
+                Ok(out)
+            });
+        let picks = match picks {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) | Err(e) => {
+                let health = f.etcd.ctl(&["endpoint", "health"]);
+                let stats = f.lb(0, &["stats"]);
+                let decap: Vec<String> = (1..=3)
+                    .map(|i| {
+                        f.net
+                            .decap(i, &["--stats"])
+                            .unwrap_or_else(|e| format!("{e:#}"))
+                    })
+                    .collect();
+                anyhow::bail!(
+                    "{e}: etcd health: {health:?}; node 0: {}\n{}",
+                    stats.unwrap_or_default(),
+                    decap.join("\n")
+                );
+            }
+        };
+        seen.push(picks);
+    }
+    f.net.ecmp(&[0, 1, 2])?;
+    let differ = seen[0]
+        .iter()
+        .filter(|(p, b)| seen[1..].iter().any(|s| s.get(p) != Some(*b)))
+        .count();
+    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    for b in seen[0].values() {
+        *spread.entry(b.as_str()).or_default() += 1;
+    }
+    println!(
+        "1000 UDP flows through each node alone: {differ} met a different backend; spread {spread:?}"
+    );
+    assert_eq!(differ, 0);
+    assert_eq!(spread.len(), 3, "{spread:?}");
+
+    // A malformed value is rejected for its key only: the VIP keeps its last good value, the
+    // other VIPs still change, and every node says so.
+    f.etcd.ctl(&[
+        "put",
+        &key,
+        r#"{"forward":"gue","backends":{"10.41.0.2":{"weight":70000}}}"#,
+    ])?;
+    f.lb(2, &["backend", "weight", &udp, "10.41.0.2", "55"])?;
+    for k in 0..NODES {
+        let s = f.stats(k)?;
+        let store = s.store.context("store view")?;
+        assert!(store.connected, "node {k}: {store:?}");
+        assert_eq!(store.rejected.len(), 1, "node {k}: {store:?}");
+        assert!(store.rejected[0].contains("70000"), "{store:?}");
+        assert_eq!(store.rejected_total, 1, "node {k}: {store:?}");
+        let v = f.vips(k)?;
+        let t = v
+            .iter()
+            .find(|v| v.vip.to_string() == tcp)
+            .context("tcp vip")?;
+        assert_eq!(t.backends.len(), 3, "node {k} kept the last good value");
+        let u = v
+            .iter()
+            .find(|v| v.vip.to_string() == udp)
+            .context("udp vip")?;
+        assert_eq!(u.backends[0].weight, 55, "node {k} applied the other key");
+    }
+    let text = f.lb(0, &["stats"])?;
+    assert!(text.contains("WARNING: store key not applied"), "{text}");
+    println!("{}", text.lines().take(3).collect::<Vec<_>>().join("\n"));
+
+    // Every node publishes its status right after applying a revision.
+    let start = Instant::now();
+    let c = loop {
+        let c = f.cluster(1)?;
+        if c.nodes.len() == NODES && c.divergence.is_empty() {
+            break c;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(3), "{c:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(c.nodes.iter().all(|n| n.revision == c.revision), "{c:?}");
+    println!("{}", f.lb(1, &["cluster", "status"])?);
+    Ok(())
+}
+
+/// (e) Two operators at once: edits on different nodes both land (retried on a conflict);
+/// two `apply` runs planned at the same revision: one applies, the other is refused with a
+/// conflict, never a lost update.
+#[test]
+fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()> {
+    let f = Fleet::new("fle")?;
+    let vip = format!("{VIP4}:81/tcp");
+    add_vip(&f, 0, &vip, &[])?;
+    // The agents' sockets: the threads run `lb` against them as separate operators.
+    let sockets: Vec<std::path::PathBuf> = (0..NODES).map(|k| f.net.dir_at(k).socket()).collect();
+    let mut workers = Vec::new();
+    for k in 1..NODES {
+        let (socket, vip) = (sockets[k].clone(), vip.clone());
+        workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            for n in 1..=10 {
+                let a = format!("10.9{k}.0.{n}");
+                let out = lb(&socket, &["backend", "add", &vip, &a])?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        }));
+    }
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+    }
+    for k in 0..NODES {
+        let n = f.vips(k)?[0].backends.len();
+        assert_eq!(n, 20, "node {k} has every backend both operators added");
+    }
+
+    let dir = tempdir()?;
+    let a = dir.join("a.toml");
+    let b = dir.join("b.toml");
+    std::fs::write(
+        &a,
+        format!("[vips.\"{vip}\"]\nforward = \"gue\"\nbackends = {{ \"10.41.0.2\" = {{}} }}\n"),
+    )?;
+    std::fs::write(
+        &b,
+        format!("[vips.\"{vip}\"]\nforward = \"gue\"\nbackends = {{ \"10.42.0.2\" = {{}} }}\n"),
+    )?;
+    let plan = f.lb(1, &["apply", "-f", path(&a)?, "--dry-run"])?;
+    let rev = plan
+        .split("--if-revision ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .with_context(|| format!("no revision in the dry run: {plan}"))?
+        .to_string();
+    let mut runs = Vec::new();
+    for (k, file) in [(1, a.clone()), (2, b.clone())] {
+        let (socket, rev) = (sockets[k].clone(), rev.clone());
+        runs.push(std::thread::spawn(move || {
+            lb(
+                &socket,
+                &[
+                    "apply",
+                    "-f",
+                    file.to_str().unwrap_or(""),
+                    "--if-revision",
+                    &rev,
+                ],
+            )
+        }));
+    }
+    let outs: Vec<std::process::Output> = runs
+        .into_iter()
+        .map(|r| r.join().map_err(|_| anyhow::anyhow!("apply panicked"))?)
+        .collect::<anyhow::Result<_>>()?;
+    let ok: Vec<bool> = outs.iter().map(|o| o.status.success()).collect();
+    assert_eq!(
+        ok.iter().filter(|x| **x).count(),
+        1,
+        "exactly one applies: {outs:?}"
+    );
+    let refused = outs
+        .iter()
+        .find(|o| !o.status.success())
+        .context("refused")?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "conflict exit code: {err}");
+    assert!(err.contains("not") && err.contains("as planned"), "{err}");
+    println!(
+        "concurrent applies: one applied, the other refused: {}",
+        err.trim()
+    );
+    let winner = if ok[0] { "10.41.0.2" } else { "10.42.0.2" };
+    for k in 0..NODES {
+        let v = f.vips(k)?;
+        let addrs: Vec<String> = v[0]
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        assert_eq!(addrs, [winner], "node {k}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `lb --socket SOCKET ARGS`.
+fn lb(socket: &std::path::Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(std::process::Command::new(lb_tests::lb_binary()?)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()?)
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(lb_tests::unique_name("fle"));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn path(p: &std::path::Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// Keep-alive connections and a stream of new ones, counting failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Load {
+    fn start(f: &Fleet, conns: usize) -> anyhow::Result<Self> {
+        let target = SocketAddr::new(VIP4.parse()?, 80);
+        let streams = f.net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
+            (0..conns)
+                .map(|_| {
+                    let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    Ok(s)
+                })
+                .collect()
+        })??;
+        let l = Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+            threads: Vec::new(),
+        };
+        let mut threads = Vec::new();
+        for mut s in streams {
+            let (stop, req, failed) = (l.stop.clone(), l.requests.clone(), l.failed.clone());
+            threads.push(std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match request(&mut s) {
+                        Ok(_) => req.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            }));
+        }
+        // New connections, one request each, from the client's namespace.
+        let (stop, req, failed) = (l.stop.clone(), l.requests.clone(), l.failed.clone());
+        threads.push(f.net.client.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match one_request(target) {
+                    Ok(_) => req.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })?);
+        Ok(Load { threads, ..l })
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// (c) node loss under load: one node leaves the ECMP group, another is killed with kill -9
+/// (and its flows moved away), then it restarts and catches up; (d) etcd down for 10 s:
+/// forwarding unaffected, changes refused with a clear line, and they resume on its return.
+#[test]
+fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
+    let mut f = Fleet::new("flc")?;
+    let vip = format!("{VIP4}:80/tcp");
+    add_vip(&f, 0, &vip, &["10.41.0.2", "10.42.0.2", "10.43.0.2"])?;
+    f.converged(&vip, None)?;
+    let load = Load::start(&f, 50)?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 2 leaves the group (maintenance): its flows move to nodes 0 and 1.
+    f.net.ecmp(&[0, 1])?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 1 dies: kill -9, and the router stops sending to it.
+    let mut dead = f.net.take_agent_at(1).context("agent 1")?;
+    dead.kill();
+    f.net.ecmp(&[0])?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Its status lease runs out: the cluster shows two nodes.
+    let start = Instant::now();
+    loop {
+        let c = f.cluster(0)?;
+        if c.nodes.len() == 2 {
+            println!(
+                "the killed node left `lb cluster status` after {:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "{c:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A change while node 1 is down; it restarts from its state file and catches up.
+    f.lb(0, &["backend", "weight", &vip, "10.41.0.2", "150"])?;
+    f.start(1)?;
+    let (d, took) = f.converged(&vip, None)?;
+    println!("the restarted node caught up in {took:?} (digest {d})");
+    f.net.ecmp(&[0, 1, 2])?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    // (d) etcd down for 10 s.
+    f.etcd.stop();
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let refused = f
+        .net
+        .dir_at(2)
+        .cli(&["backend", "weight", &vip, "10.42.0.2", "120"])?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(6), "unavailable: {err}");
+    assert!(
+        err.contains("etcd is unreachable") && err.contains("keeps forwarding"),
+        "{err}"
+    );
+    println!("a change while etcd is down: {}", err.trim());
+    for k in 0..NODES {
+        let s = f.stats(k)?.store.context("store")?;
+        assert!(!s.connected, "node {k} says etcd is unreachable: {s:?}");
+    }
+    let text = f.lb(0, &["stats"])?;
+    assert!(text.contains("unreachable"), "{text}");
+    println!("{}", text.lines().next().unwrap_or(""));
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    f.etcd.resume()?;
+    let back = Instant::now();
+    loop {
+        if (0..NODES).all(|k| {
+            f.stats(k)
+                .ok()
+                .and_then(|s| s.store)
+                .is_some_and(|s| s.connected)
+        }) {
+            break;
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(15),
+            "nodes did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "all nodes reconnected {:?} after etcd returned",
+        back.elapsed()
+    );
+    let before = f.digests(&vip)?[0].clone();
+    f.lb(2, &["backend", "weight", &vip, "10.42.0.2", "120"])?;
+    f.converged(&vip, before.as_deref())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (requests, failed) = load.finish();
+    println!("under node loss and an etcd outage: {requests} requests, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(requests > 1000, "{requests}");
+    Ok(())
+}
