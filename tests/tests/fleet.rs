@@ -365,14 +365,13 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
     let dir = tempdir()?;
     let a = dir.join("a.toml");
     let b = dir.join("b.toml");
-    std::fs::write(
-        &a,
-        format!("[vips.\"{vip}\"]\nforward = \"gue\"\nbackends = {{ \"10.41.0.2\" = {{}} }}\n"),
-    )?;
-    std::fs::write(
-        &b,
-        format!("[vips.\"{vip}\"]\nforward = \"gue\"\nbackends = {{ \"10.42.0.2\" = {{}} }}\n"),
-    )?;
+    let config = |backend: &str| {
+        format!(
+            "[[vip]]\naddress = \"{vip}\"\nforward = \"gue\"\nbackend = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    };
+    std::fs::write(&a, config("10.41.0.2"))?;
+    std::fs::write(&b, config("10.42.0.2"))?;
     let plan = f.lb(1, &["apply", "-f", path(&a)?, "--dry-run"])?;
     let rev = plan
         .split("--if-revision ")
@@ -412,7 +411,12 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
         .context("refused")?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(4), "conflict exit code: {err}");
-    assert!(err.contains("not") && err.contains("as planned"), "{err}");
+    // Refused either before writing (the revision moved) or by etcd's compare (both read the
+    // same revision and the other's transaction landed first).
+    assert!(
+        err.contains("as planned") || err.contains("changed while this apply was planned"),
+        "{err}"
+    );
     println!(
         "concurrent applies: one applied, the other refused: {}",
         err.trim()
