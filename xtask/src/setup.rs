@@ -33,6 +33,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
+    // The fleet health test blocks one node's probes with a netfilter rule.
+    "iptables",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.
