@@ -13,96 +13,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_tests::{etcd::Etcd, routed::Routed, routed::VIP4};
-use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
-
-const NODES: usize = 3;
-
-/// etcd first: it goes before the namespaces do.
-struct Fleet {
-    etcd: Etcd,
-    net: Routed,
-}
-
-impl Fleet {
-    /// The network, the backends (sample servers, `lb decap`), etcd and three agents
-    /// following it as nodes lb0..lb2 of cluster `t`.
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let mut net = Routed::fleet(tag, NODES)?;
-        for i in 1..=3 {
-            net.start_sample(i)?;
-            net.decap(i, &[])?;
-        }
-        // A backend sends packets of moved slots on to the previous one (second chance) by
-        // XDP_TX: delivered when the router's ends run XDP.
-        net.xdp_pass_to_backends()?;
-        let etcd = Etcd::start(&net.router, "10.30.0.1")?;
-        let mut f = Fleet { etcd, net };
-        for k in 0..NODES {
-            f.start(k)?;
-        }
-        Ok(f)
-    }
-
-    fn start(&mut self, k: usize) -> anyhow::Result<()> {
-        // Each node reaches etcd on its own link to the router.
-        let url = format!("etcd://10.30.{k}.1:{}", lb_tests::etcd::PORT);
-        let node = format!("lb{k}");
-        self.net
-            .start_agent_at(k, &["--store", &url, "--cluster", "t", "--node", &node])
-    }
-
-    fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
-        self.net.lb_at(k, args)
-    }
-
-    fn vips(&self, k: usize) -> anyhow::Result<Vec<VipView>> {
-        self.net.dir_at(k).vips()
-    }
-
-    fn stats(&self, k: usize) -> anyhow::Result<StatsView> {
-        Ok(serde_json::from_str(&self.lb(k, &["stats", "--json"])?)?)
-    }
-
-    /// Each node's digest of `vip` (None: not live there).
-    fn digests(&self, vip: &str) -> anyhow::Result<Vec<Option<String>>> {
-        (0..NODES)
-            .map(|k| {
-                Ok(self
-                    .vips(k)?
-                    .into_iter()
-                    .find(|v| v.vip.to_string() == vip)
-                    .and_then(|v| v.digest))
-            })
-            .collect()
-    }
-
-    /// Waits until every node has the same digest of `vip`, different from `before`;
-    /// returns it and how long it took.
-    fn converged(&self, vip: &str, before: Option<&str>) -> anyhow::Result<(String, Duration)> {
-        let start = Instant::now();
-        loop {
-            let d = self.digests(vip)?;
-            if let Some(Some(first)) = d.first()
-                && d.iter().all(|x| x.as_deref() == Some(first.as_str()))
-                && before != Some(first.as_str())
-            {
-                return Ok((first.clone(), start.elapsed()));
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(10),
-                "nodes did not agree on {vip} within 10 s: {d:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn cluster(&self, k: usize) -> anyhow::Result<ClusterView> {
-        Ok(serde_json::from_str(
-            &self.lb(k, &["cluster", "status", "--json"])?,
-        )?)
-    }
-}
+use lb_tests::{
+    fleet::{Fleet, NODES},
+    routed::{Routed, VIP4},
+};
 
 /// One request on a new connection; the answering backend ("hello from backend N").
 fn one_request(target: SocketAddr) -> std::io::Result<String> {

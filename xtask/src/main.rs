@@ -34,6 +34,9 @@ enum Task {
         /// scene, backends behind a router running `lb decap`.
         #[arg(long, default_value = "l2")]
         mode: String,
+        /// The fleet: three load balancer nodes behind ECMP following one etcd.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Build everything and run every test, privileged ones included.
     Test,
@@ -47,7 +50,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup { build_only } => setup::run(build_only),
-        Task::Demo { keep, mode } => setup::run(false).and_then(|()| demo(keep, &mode)),
+        Task::Demo { keep, mode, fleet } => {
+            setup::run(false).and_then(|()| demo(keep, &mode, fleet))
+        }
         Task::Test => setup::run(false).and_then(|()| test()),
         Task::Bench => setup::run(false).and_then(|()| bench()),
         Task::Man => man(),
@@ -142,10 +147,13 @@ fn run_tests_bin(bin: &str, args: &[&str]) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
-fn demo(keep: bool, mode: &str) -> anyhow::Result<()> {
+fn demo(keep: bool, mode: &str, fleet: bool) -> anyhow::Result<()> {
     let mut args = vec!["--mode", mode];
     if keep {
         args.push("--keep");
+    }
+    if fleet {
+        args.push("--fleet");
     }
     run_tests_bin("lb-demo", &args)
 }

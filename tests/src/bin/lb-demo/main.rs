@@ -4,6 +4,7 @@
 //! VIP through the CLI, sends a few hundred HTTP requests on new connections, reports which
 //! backend answered and the agent's counters, and removes everything (also on Ctrl-C or
 //! failure). `--keep` leaves the network up until Ctrl-C and prints commands to explore it.
+//! `--mode ipip|gue`: the routed scene; `--fleet`: three nodes following etcd (`fleet.rs`).
 use std::{
     collections::BTreeMap,
     sync::{
@@ -19,6 +20,8 @@ use lb_tests::{
     routed::{CLIENT4, Routed, VIP4, backend4},
     topo::{DemoNet, PORT, VIP, backend_index, backend_ip, get, http_request},
 };
+
+mod fleet;
 
 const REQUESTS: usize = 300;
 
@@ -37,6 +40,9 @@ fn run() -> anyhow::Result<()> {
         .position(|a| a == "--mode")
         .and_then(|i| args.get(i + 1))
         .map_or("l2", String::as_str);
+    if args.iter().any(|a| a == "--fleet") {
+        return fleet::run(keep);
+    }
     match mode {
         "l2" => l2_demo(keep),
         "ipip" | "gue" => routed_demo(mode, keep),
