@@ -13,9 +13,11 @@ use lb_userspace::maglev::{self, MaglevBackend};
 
 mod chance;
 mod encap;
+mod fleet;
 
 use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
+use fleet::fleet_rows;
 
 const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 200_000;
@@ -413,6 +415,7 @@ fn main() -> anyhow::Result<()> {
             print_rows(&chance_rows()?);
             return Ok(());
         }
+        Ok("fleet") => return fleet_rows(),
         _ => {}
     }
     let mut rows = packet_rows(false, true)?;
@@ -430,5 +433,7 @@ fn main() -> anyhow::Result<()> {
     maglev_rows();
     println!();
     control_plane_rows()?;
+    println!();
+    fleet_rows()?;
     Ok(())
 }
