@@ -123,13 +123,16 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
     );
     no_mac.set(stats.agent.no_mac.len() as i64);
     let list = agent.core().list();
+    fleet_metrics(&mut reg, &list, stats.store.as_ref());
     for v in list {
         for b in v.backends {
             let l = vec![
                 ("vip".to_string(), v.vip.to_string()),
                 ("backend".to_string(), b.address.to_string()),
             ];
-            up.get_or_create(&l).set(i64::from(b.health != "down"));
+            // "down" (own probes) or "down (fleet)" (the fleet's majority).
+            up.get_or_create(&l)
+                .set(i64::from(!b.health.starts_with("down")));
             serving
                 .get_or_create(&l)
                 .set(i64::from(b.serving == Serving::Serving));
@@ -141,6 +144,75 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| Error::Invalid(format!("encoding metrics: {e}")))?;
     Ok(out)
+}
+
+/// Each VIP's slot-table digest (equal on nodes that agree), and the store link in fleet mode.
+fn fleet_metrics(
+    reg: &mut Registry,
+    list: &[crate::api::protocol::VipView],
+    store: Option<&crate::api::protocol::StoreView>,
+) {
+    let digest = Family::<Labels, Gauge>::default();
+    reg.register(
+        "vip_ring_digest",
+        "Always 1; the digest label is the live slot table's digest (compare across nodes)",
+        digest.clone(),
+    );
+    for v in list {
+        if let Some(d) = &v.digest {
+            digest
+                .get_or_create(&vec![
+                    ("vip".to_string(), v.vip.to_string()),
+                    ("digest".to_string(), d.clone()),
+                ])
+                .set(1);
+        }
+    }
+    let Some(s) = store else { return };
+    let gauge = |reg: &mut Registry, name: &str, help: &str, value: i64| {
+        let g = Gauge::<i64>::default();
+        reg.register(name, help, g.clone());
+        g.set(value);
+    };
+    gauge(
+        reg,
+        "store_connected",
+        "1 while etcd answers (0: forwarding with the last applied configuration)",
+        i64::from(s.connected),
+    );
+    gauge(
+        reg,
+        "store_applied_revision",
+        "The configuration revision this node applied",
+        s.applied_revision.unwrap_or(0),
+    );
+    gauge(
+        reg,
+        "store_rejected_keys",
+        "Keys whose value is not applied now (each keeps its last good value)",
+        s.rejected.len() as i64,
+    );
+    for (name, help, value) in [
+        (
+            "store_rejected_values",
+            "Malformed or invalid values seen in etcd",
+            s.rejected_total,
+        ),
+        (
+            "store_refused_revisions",
+            "Revisions this node refused as a whole (e.g. beyond its capacity)",
+            s.refused_revisions_total,
+        ),
+        (
+            "store_reconnects",
+            "Times the link to etcd was lost",
+            s.reconnects_total,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        reg.register(name, help, c.clone());
+        c.inc_by(value);
+    }
 }
 
 /// Serves, read-only, on `addr` until the task is dropped: `GET /metrics` (Prometheus text),

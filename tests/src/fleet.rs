@@ -9,6 +9,8 @@ use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
 use crate::{etcd::Etcd, routed::Routed};
 
 pub const NODES: usize = 3;
+/// Where each node serves /metrics (inside its own namespace).
+const METRICS: &str = "127.0.0.1:9100";
 
 /// etcd first: it goes before the namespaces do.
 pub struct Fleet {
@@ -40,8 +42,19 @@ impl Fleet {
         // Each node reaches etcd on its own link to the router.
         let url = format!("etcd://10.30.{k}.1:{}", crate::etcd::PORT);
         let node = format!("lb{k}");
-        self.net
-            .start_agent_at(k, &["--store", &url, "--cluster", "t", "--node", &node])
+        self.net.start_agent_at(
+            k,
+            &[
+                "--store",
+                &url,
+                "--cluster",
+                "t",
+                "--node",
+                &node,
+                "--metrics",
+                METRICS,
+            ],
+        )
     }
 
     pub fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
@@ -87,6 +100,16 @@ impl Fleet {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Node `k`'s Prometheus page.
+    pub fn metrics(&self, k: usize) -> anyhow::Result<String> {
+        let ns = if k == 0 {
+            &self.net.lb
+        } else {
+            &self.net.more[k - 1].ns
+        };
+        crate::topo::http_request(ns, METRICS.parse()?, &crate::topo::get("/metrics"))
     }
 
     pub fn cluster(&self, k: usize) -> anyhow::Result<ClusterView> {

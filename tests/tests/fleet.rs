@@ -238,6 +238,19 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(c.nodes.iter().all(|n| n.revision == c.revision), "{c:?}");
+    // The same in Prometheus terms, on every node.
+    let tcp_digest = f.digests(&tcp)?[0].clone().context("digest")?;
+    for k in 0..NODES {
+        let m = f.metrics(k)?;
+        for want in [
+            "lb_store_connected 1".to_string(),
+            "lb_store_rejected_values_total 1".to_string(),
+            format!("lb_store_applied_revision {}", c.revision),
+            format!("lb_vip_ring_digest{{vip=\"{tcp}\",digest=\"{tcp_digest}\"}} 1"),
+        ] {
+            assert!(m.contains(&want), "node {k} metrics lack `{want}`:\n{m}");
+        }
+    }
     println!("{}", f.lb(1, &["cluster", "status"])?);
     Ok(())
 }
