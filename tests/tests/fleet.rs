@@ -266,8 +266,8 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
     // The agents' sockets: the threads run `lb` against them as separate operators.
     let sockets: Vec<std::path::PathBuf> = (0..NODES).map(|k| f.net.dir_at(k).socket()).collect();
     let mut workers = Vec::new();
-    for k in 1..NODES {
-        let (socket, vip) = (sockets[k].clone(), vip.clone());
+    for (k, socket) in sockets.iter().enumerate().skip(1) {
+        let (socket, vip) = (socket.clone(), vip.clone());
         workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
             for n in 1..=10 {
                 let a = format!("10.9{k}.0.{n}");

@@ -84,7 +84,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Top {
     /// Run the agent: load and attach the XDP program, serve the API, run health checks.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Add, remove or list VIPs.
     #[command(subcommand)]
     Vip(VipCmd),

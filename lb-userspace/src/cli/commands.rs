@@ -20,7 +20,7 @@ use super::{
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
     match cli.command {
-        Top::Run(a) => run_agent(a, cli.socket).await,
+        Top::Run(a) => run_agent(*a, cli.socket).await,
         Top::Vip(cmd) => vip(&client, cmd).await,
         Top::Backend(cmd) => backend(&client, cmd).await,
         Top::Stats { watch, count, json } => stats(&client, watch, count, json).await,
