@@ -1,25 +1,86 @@
-//! A fleet for tests, the demo and the benchmarks: `Routed::fleet` with three load balancer
-//! nodes behind the router's ECMP group, GUE backends running `lb decap` and sample servers,
-//! and a real etcd (in the router's namespace, own data dir) that every node follows as nodes
-//! lb0..lb2 of cluster `t`.
+//! A fleet for tests, the demo and the benchmarks: three load balancer nodes behind a
+//! router's ECMP group and a real etcd (in the router's namespace, own data dir) that every
+//! node follows as nodes lb0..lb2 of cluster `t`. Two networks: [`Routed::fleet`] (GUE to
+//! routed backends running `lb decap`) and [`L2Net`] (one segment, L2 direct server return).
 use std::time::{Duration, Instant};
 
 use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
 
-use crate::{etcd::Etcd, routed::Routed};
+use crate::{AgentDir, ChildGuard, Netns, etcd::Etcd, l2fleet::L2Net, routed::Routed};
+
+/// What the fleet helpers need from a network.
+pub trait FleetNet {
+    fn node_dir(&self, k: usize) -> &AgentDir;
+    fn node_ns(&self, k: usize) -> &Netns;
+    fn set_agent(&mut self, k: usize, agent: ChildGuard);
+    /// Where node `k` reaches etcd (an address of the router's namespace).
+    fn store_addr(&self, k: usize) -> String;
+}
+
+impl FleetNet for Routed {
+    fn node_dir(&self, k: usize) -> &AgentDir {
+        self.dir_at(k)
+    }
+    fn node_ns(&self, k: usize) -> &Netns {
+        if k == 0 {
+            &self.lb
+        } else {
+            &self.more[k - 1].ns
+        }
+    }
+    fn set_agent(&mut self, k: usize, agent: ChildGuard) {
+        if k == 0 {
+            self.agent = Some(agent);
+        } else {
+            self.more[k - 1].agent = Some(agent);
+        }
+    }
+    // Each node reaches etcd on its own link to the router.
+    fn store_addr(&self, k: usize) -> String {
+        format!("10.30.{k}.1")
+    }
+}
+
+impl FleetNet for L2Net {
+    fn node_dir(&self, k: usize) -> &AgentDir {
+        &self.nodes[k].dir
+    }
+    fn node_ns(&self, k: usize) -> &Netns {
+        &self.nodes[k].ns
+    }
+    fn set_agent(&mut self, k: usize, agent: ChildGuard) {
+        self.nodes[k].agent = Some(agent);
+    }
+    fn store_addr(&self, _k: usize) -> String {
+        "10.50.0.1".into()
+    }
+}
 
 pub const NODES: usize = 3;
 /// Where each node serves /metrics (inside its own namespace).
 const METRICS: &str = "127.0.0.1:9100";
 
 /// etcd first: it goes before the namespaces do.
-pub struct Fleet {
+pub struct Fleet<N: FleetNet = Routed> {
     pub etcd: Etcd,
-    pub net: Routed,
+    pub net: N,
 }
 
-impl Fleet {
-    /// The network, the backends (sample servers, `lb decap`), etcd and three agents
+impl Fleet<L2Net> {
+    /// The L2 network, etcd and three agents following it.
+    pub fn l2(tag: &str) -> anyhow::Result<Self> {
+        let net = L2Net::build(tag, NODES)?;
+        let etcd = Etcd::start(&net.router, "10.50.0.1")?;
+        let mut f = Fleet { etcd, net };
+        for k in 0..NODES {
+            f.start(k)?;
+        }
+        Ok(f)
+    }
+}
+
+impl Fleet<Routed> {
+    /// The routed network, the backends (sample servers, `lb decap`), etcd and three agents
     /// following it as nodes lb0..lb2 of cluster `t`.
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let mut net = Routed::fleet(tag, NODES)?;
@@ -37,32 +98,39 @@ impl Fleet {
         }
         Ok(f)
     }
+}
 
+impl<N: FleetNet> Fleet<N> {
+    /// Starts node `k`'s agent (native mode on its eth0) following etcd.
     pub fn start(&mut self, k: usize) -> anyhow::Result<()> {
-        // Each node reaches etcd on its own link to the router.
-        let url = format!("etcd://10.30.{k}.1:{}", crate::etcd::PORT);
+        let url = format!("etcd://{}:{}", self.net.store_addr(k), crate::etcd::PORT);
         let node = format!("lb{k}");
-        self.net.start_agent_at(
-            k,
-            &[
-                "--store",
-                &url,
-                "--cluster",
-                "t",
-                "--node",
-                &node,
-                "--metrics",
-                METRICS,
-            ],
-        )
+        let args = [
+            "--mode",
+            "native",
+            "--store",
+            &url,
+            "--cluster",
+            "t",
+            "--node",
+            &node,
+            "--metrics",
+            METRICS,
+        ];
+        let agent = self
+            .net
+            .node_dir(k)
+            .spawn_agent(self.net.node_ns(k), "eth0", &args)?;
+        self.net.set_agent(k, agent);
+        Ok(())
     }
 
     pub fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
-        self.net.lb_at(k, args)
+        self.net.node_dir(k).cli_ok(args)
     }
 
     pub fn vips(&self, k: usize) -> anyhow::Result<Vec<VipView>> {
-        self.net.dir_at(k).vips()
+        self.net.node_dir(k).vips()
     }
 
     pub fn stats(&self, k: usize) -> anyhow::Result<StatsView> {
@@ -104,12 +172,11 @@ impl Fleet {
 
     /// Node `k`'s Prometheus page.
     pub fn metrics(&self, k: usize) -> anyhow::Result<String> {
-        let ns = if k == 0 {
-            &self.net.lb
-        } else {
-            &self.net.more[k - 1].ns
-        };
-        crate::topo::http_request(ns, METRICS.parse()?, &crate::topo::get("/metrics"))
+        crate::topo::http_request(
+            self.net.node_ns(k),
+            METRICS.parse()?,
+            &crate::topo::get("/metrics"),
+        )
     }
 
     pub fn cluster(&self, k: usize) -> anyhow::Result<ClusterView> {

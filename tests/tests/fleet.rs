@@ -14,9 +14,43 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    fleet::{Fleet, NODES},
-    routed::{Routed, VIP4},
+    Netns,
+    fleet::{Fleet, FleetNet, NODES},
+    routed::VIP4,
 };
+
+/// 1,000 UDP flows (source ports 20000-20999) from the client to the VIP's port 80: the
+/// backend answering each ("hello from backend N").
+fn udp_picks(client: &Netns) -> anyhow::Result<BTreeMap<u16, String>> {
+    let target = SocketAddr::new(VIP4.parse()?, 80);
+    client.run(|| -> anyhow::Result<BTreeMap<u16, String>> {
+        let mut out = BTreeMap::new();
+        for port in 20000..21000u16 {
+            let s = UdpSocket::bind(("10.20.0.2", port))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut buf = [0u8; 512];
+            let mut answer = None;
+            for _ in 0..3 {
+                s.send_to(b"which", target)?;
+                if let Ok(n) = s.recv(&mut buf) {
+                    answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    break;
+                }
+            }
+            let a = answer.with_context(|| format!("no answer from source port {port}"))?;
+            out.insert(port, a.split(" (").next().unwrap_or("").to_string());
+        }
+        Ok(out)
+    })?
+}
+
+/// Flows (of `seen[0]`) that met another backend in a later round.
+fn moved(seen: &[BTreeMap<u16, String>]) -> usize {
+    seen[0]
+        .iter()
+        .filter(|(p, b)| seen[1..].iter().any(|s| s.get(p) != Some(*b)))
+        .count()
+}
 
 /// One request on a new connection; the answering backend ("hello from backend N").
 fn one_request(target: SocketAddr) -> std::io::Result<String> {
@@ -134,58 +168,13 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
         &["--second-chance", "0"],
     )?;
     f.converged(&udp, None)?;
-    let target = SocketAddr::new(VIP4.parse()?, 80);
     let mut seen: Vec<BTreeMap<u16, String>> = Vec::new();
     for k in 0..NODES {
         f.net.ecmp(&[k])?;
-        let picks = f
-            .net
-            .client
-            .run(|| -> anyhow::Result<BTreeMap<u16, String>> {
-                let mut out = BTreeMap::new();
-                for port in 20000..21000u16 {
-                    let s = UdpSocket::bind(("10.20.0.2", port))?;
-                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                    let mut buf = [0u8; 512];
-                    let mut answer = None;
-                    for _ in 0..3 {
-                        s.send_to(b"which", target)?;
-                        if let Ok(n) = s.recv(&mut buf) {
-                            answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
-                            break;
-                        }
-                    }
-                    let a = answer.with_context(|| format!("no answer from source port {port}"))?;
-                    out.insert(port, a.split(" (").next().unwrap_or("").to_string());
-                }
-                Ok(out)
-            });
-        let picks = match picks {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) | Err(e) => {
-                let health = f.etcd.ctl(&["endpoint", "health"]);
-                let stats = f.lb(0, &["stats"]);
-                let decap: Vec<String> = (1..=3)
-                    .map(|i| {
-                        f.net
-                            .decap(i, &["--stats"])
-                            .unwrap_or_else(|e| format!("{e:#}"))
-                    })
-                    .collect();
-                anyhow::bail!(
-                    "{e}: etcd health: {health:?}; node 0: {}\n{}",
-                    stats.unwrap_or_default(),
-                    decap.join("\n")
-                );
-            }
-        };
-        seen.push(picks);
+        seen.push(udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"))?);
     }
     f.net.ecmp(&[0, 1, 2])?;
-    let differ = seen[0]
-        .iter()
-        .filter(|(p, b)| seen[1..].iter().any(|s| s.get(p) != Some(*b)))
-        .count();
+    let differ = moved(&seen);
     let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
     for b in seen[0].values() {
         *spread.entry(b.as_str()).or_default() += 1;
@@ -390,9 +379,9 @@ struct Load {
 }
 
 impl Load {
-    fn start(f: &Fleet, conns: usize) -> anyhow::Result<Self> {
+    fn start(client: &Netns, conns: usize) -> anyhow::Result<Self> {
         let target = SocketAddr::new(VIP4.parse()?, 80);
-        let streams = f.net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
+        let streams = client.run(|| -> anyhow::Result<Vec<TcpStream>> {
             (0..conns)
                 .map(|_| {
                     let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
@@ -427,7 +416,7 @@ impl Load {
         }
         // New connections, one request each, from the client's namespace.
         let (stop, req, failed) = (l.stop.clone(), l.requests.clone(), l.failed.clone());
-        threads.push(f.net.client.spawn(move || {
+        threads.push(client.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match one_request(target) {
@@ -461,7 +450,7 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     let vip = format!("{VIP4}:80/tcp");
     add_vip(&f, 0, &vip, &["10.41.0.2", "10.42.0.2", "10.43.0.2"])?;
     f.converged(&vip, None)?;
-    let load = Load::start(&f, 50)?;
+    let load = Load::start(&f.net.client, 50)?;
     std::thread::sleep(Duration::from_secs(2));
     // Node 2 leaves the group (maintenance): its flows move to nodes 0 and 1.
     f.net.ecmp(&[0, 1])?;
@@ -548,11 +537,6 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Node `k`'s namespace.
-fn node_ns(net: &Routed, k: usize) -> &lb_tests::Netns {
-    if k == 0 { &net.lb } else { &net.more[k - 1].ns }
-}
-
 /// Blocks (or unblocks) node `k`'s health probes to `backend` only: a netfilter rule on the
 /// node's own output matching the probe socket's mark (`HC_MARK_BASE | backend id`, the id
 /// being this node's), which forwarded (XDP) traffic never meets.
@@ -565,7 +549,7 @@ fn block_probes(f: &Fleet, k: usize, vip: &str, backend: &str, on: bool) -> anyh
         .context("backend id")?
         .id;
     let mark = format!("{:#x}", lb_common::HC_MARK_BASE | id);
-    node_ns(&f.net, k).exec(
+    f.net.node_ns(k).exec(
         "iptables",
         &[
             if on { "-A" } else { "-D" },
@@ -707,5 +691,64 @@ fn health_is_decided_by_the_majority_of_nodes() -> anyhow::Result<()> {
     }
     // A status round is a second; a probe verdict takes fall x interval to form.
     assert!(longest < Duration::from_secs(2) && longest2 < Duration::from_secs(2));
+    Ok(())
+}
+
+/// The same fleet on one L2 segment (direct server return, one-armed nodes, a `type
+/// resilient` nexthop group): every node picks the same backend for 1,000 UDP flows, and 50
+/// keep-alive connections plus a stream of new ones see zero failures while one node leaves
+/// the group and another is killed with kill -9.
+#[test]
+fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
+    let mut f = Fleet::l2("fll")?;
+    let backends: Vec<String> = (1..=3).map(lb_tests::l2fleet::backend_ip).collect();
+    for vip in [format!("{VIP4}:80/udp"), format!("{VIP4}:80/tcp")] {
+        f.lb(0, &["vip", "add", &vip])?;
+        for b in &backends {
+            f.lb(0, &["backend", "add", &vip, b])?;
+        }
+        let (d, took) = f.converged(&vip, None)?;
+        println!("L2 fleet: {vip} live on all nodes after {took:?} (digest {d})");
+    }
+    // Each node's MACs of the backends come from its own neighbour table.
+    let start = Instant::now();
+    while (0..NODES).any(|k| {
+        f.vips(k)
+            .map(|v| {
+                v.iter()
+                    .any(|v| v.backends.iter().any(|b| b.mac == "no-mac"))
+            })
+            .unwrap_or(true)
+    }) {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "MACs not learned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = Vec::new();
+    for k in 0..NODES {
+        f.net.ecmp(&[k])?;
+        seen.push(udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"))?);
+    }
+    f.net.ecmp(&[0, 1, 2])?;
+    let differ = moved(&seen);
+    let backends_seen: std::collections::BTreeSet<&String> = seen[0].values().collect();
+    println!(
+        "L2 fleet: 1000 UDP flows through each node alone: {differ} met a different backend; {} backends answered",
+        backends_seen.len()
+    );
+    assert_eq!(differ, 0);
+    assert_eq!(backends_seen.len(), 3, "{backends_seen:?}");
+
+    let load = Load::start(&f.net.client, 50)?;
+    std::thread::sleep(Duration::from_secs(2));
+    f.net.ecmp(&[0, 1])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut dead = f.net.nodes[1].agent.take().context("agent 1")?;
+    dead.kill();
+    f.net.ecmp(&[0])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (requests, failed) = load.finish();
+    println!("L2 fleet, a node leaving and one killed: {requests} requests, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(requests > 500, "{requests}");
     Ok(())
 }

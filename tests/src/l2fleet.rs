@@ -1,0 +1,227 @@
+//! The L2 fleet network: a router doing ECMP (a `type resilient` nexthop group, L4 hash) to
+//! three load balancer nodes that share one segment (a bridge in its own namespace) with three
+//! backends: L2 direct server return, one-armed (each node receives from the router and sends
+//! to the backends on the same `eth0`). The backends hold the VIP on `lo` and answer the
+//! client through the router. Everything is removed on drop, processes first.
+//!
+//! Addresses: client 10.20.0.2 (router 10.20.0.1); segment 10.50.0.0/24 with the router at
+//! .1, node k at .2k (k = 0..3) and backend i at .3i (i = 1..=3); the VIP is
+//! [`crate::routed::VIP4`], routed by the router to the nodes (nexthop k+1, group 100).
+use std::time::Duration;
+
+use crate::{AgentDir, ChildGuard, Netns, routed::VIP4};
+
+pub fn node_ip(k: usize) -> String {
+    format!("10.50.0.2{k}")
+}
+
+pub fn backend_ip(i: usize) -> String {
+    format!("10.50.0.3{i}")
+}
+
+/// One load balancer node.
+pub struct L2Node {
+    pub agent: Option<ChildGuard>,
+    pub dir: AgentDir,
+    pub ns: Netns,
+}
+
+pub struct L2Net {
+    /// Dropped first: agents, samples, XDP_PASS helpers.
+    pub procs: Vec<ChildGuard>,
+    pub nodes: Vec<L2Node>,
+    pub client: Netns,
+    pub router: Netns,
+    pub bridge: Netns,
+    pub backends: Vec<Netns>,
+}
+
+/// A veth from bridge port `port` to `dev` in `ns`, up, with `addr`/24.
+fn plug(bridge: &Netns, port: &str, ns: &Netns, dev: &str, addr: &str) -> anyhow::Result<()> {
+    bridge.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        dev,
+        "netns",
+        ns.name(),
+    ])?;
+    bridge.ip(&["link", "set", port, "master", "br0", "up"])?;
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])
+}
+
+impl L2Net {
+    /// Builds the network with `nodes` load balancer nodes and starts the sample backends
+    /// (not the agents).
+    pub fn build(tag: &str, nodes: usize) -> anyhow::Result<Self> {
+        let mut net = L2Net {
+            procs: Vec::new(),
+            nodes: Vec::new(),
+            client: Netns::new(&format!("{tag}c"))?,
+            router: Netns::new(&format!("{tag}r"))?,
+            bridge: Netns::new(&format!("{tag}s"))?,
+            backends: Vec::new(),
+        };
+        for k in 0..nodes {
+            net.nodes.push(L2Node {
+                agent: None,
+                dir: AgentDir::new(&format!("{tag}a{k}"))?,
+                ns: Netns::new(&format!("{tag}l{k}"))?,
+            });
+        }
+        for i in 1..=3 {
+            net.backends.push(Netns::new(&format!("{tag}b{i}"))?);
+        }
+        net.wire()?;
+        for i in 1..=3 {
+            net.start_sample(i)?;
+        }
+        Ok(net)
+    }
+
+    fn wire(&mut self) -> anyhow::Result<()> {
+        let (b, r) = (&self.bridge, &self.router);
+        b.ip(&["link", "add", "br0", "type", "bridge"])?;
+        b.ip(&["link", "set", "br0", "up"])?;
+        // Client <-> router.
+        r.ip(&[
+            "link",
+            "add",
+            "cl",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.client.name(),
+        ])?;
+        r.ip(&["addr", "add", "10.20.0.1/24", "dev", "cl"])?;
+        r.ip(&["link", "set", "cl", "up"])?;
+        self.client
+            .ip(&["addr", "add", "10.20.0.2/24", "dev", "eth0"])?;
+        self.client.ip(&["link", "set", "eth0", "up"])?;
+        self.client
+            .ip(&["route", "add", "default", "via", "10.20.0.1"])?;
+        // Rewritten frames keep a partial checksum if the sender offloads it (NETNS-NOTES).
+        self.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        // Router on the segment.
+        plug(b, "p-r", r, "seg", "10.50.0.1")?;
+        for key in ["net.ipv4.ip_forward", "net.ipv4.fib_multipath_hash_policy"] {
+            r.sysctl(key, "1")?;
+        }
+        for dev in ["all", "default", "seg", "cl"] {
+            r.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+            r.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+        }
+        // Nodes: one arm on the segment.
+        for (k, n) in self.nodes.iter().enumerate() {
+            plug(b, &format!("p-l{k}"), &n.ns, "eth0", &node_ip(k))?;
+            n.ns.ip(&["route", "add", "default", "via", "10.50.0.1"])?;
+            for dev in ["all", "eth0"] {
+                n.ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+                n.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+            }
+            let id = (k + 1).to_string();
+            r.ip(&[
+                "nexthop",
+                "add",
+                "id",
+                &id,
+                "via",
+                &node_ip(k),
+                "dev",
+                "seg",
+            ])?;
+        }
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.router.ip(&strs(&group_args("add", &all)))?;
+        self.router
+            .ip(&["route", "add", &format!("{VIP4}/32"), "nhid", "100"])?;
+        // Backends: the VIP on lo, answering only for their own address.
+        for (n, ns) in self.backends.iter().enumerate() {
+            let i = n + 1;
+            plug(b, &format!("p-b{i}"), ns, "eth0", &backend_ip(i))?;
+            ns.ip(&["route", "add", "default", "via", "10.50.0.1"])?;
+            ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+            for dev in ["all", "eth0"] {
+                ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
+                ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
+                ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+            }
+        }
+        // Native XDP_TX on a veth is delivered only when the peer runs XDP.
+        for k in 0..self.nodes.len() {
+            let mut cmd = self.bridge.lb()?;
+            let port = format!("p-l{k}");
+            cmd.args(["xdp-pass", "--iface", &port]);
+            let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {port}"))?;
+            child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+            self.procs.push(child);
+        }
+        Ok(())
+    }
+
+    fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut cmd = self.backends[i - 1].lb()?;
+        cmd.args([
+            "samples",
+            "--count",
+            "1",
+            "--base-port",
+            "80",
+            "--bind",
+            "::",
+        ]);
+        cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
+        let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
+        child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// VIP traffic to nodes `nodes` (0-based). A resilient group: a node leaving moves only
+    /// its own flows, the others' stay where they are.
+    pub fn ecmp(&self, nodes: &[usize]) -> anyhow::Result<()> {
+        self.router.ip(&strs(&group_args("replace", nodes)))
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn group_args(verb: &str, nodes: &[usize]) -> Vec<String> {
+    let group: Vec<String> = nodes.iter().map(|k| (k + 1).to_string()).collect();
+    [
+        "nexthop",
+        verb,
+        "id",
+        "100",
+        "group",
+        &group.join("/"),
+        "type",
+        "resilient",
+        "buckets",
+        "64",
+        "idle_timer",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Drop for L2Net {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.agent.take();
+        }
+        self.procs.clear();
+    }
+}
