@@ -195,7 +195,7 @@ impl Fleet {
             let msg = watch
                 .message()
                 .await
-                .map_err(|e| Error::Unavailable(format!("etcd: watch: {e}")))?
+                .map_err(|e| Error::Unavailable(format!("etcd: watch: {}", store::short(&e))))?
                 .ok_or_else(|| Error::Unavailable("etcd: the watch ended".into()))?;
             if msg.canceled() {
                 // Compacted past our revision, or the server went away: start over.

@@ -47,7 +47,30 @@ pub struct Store {
 }
 
 fn unavailable(what: &str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
-    move |e| Error::Unavailable(format!("etcd: {what}: {e}"))
+    move |e| Error::Unavailable(format!("etcd: {what}: {}", short(&e)))
+}
+
+/// One short line for an etcd error: gRPC's message and the innermost cause (e.g. "tcp
+/// connect error: Connection refused (os error 111)"), not tonic's whole debug chain.
+pub(crate) fn short(e: &etcd_client::Error) -> String {
+    let mut innermost: &dyn std::error::Error = e;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    let head = match e {
+        etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => s.message().to_string(),
+        _ => e.to_string(),
+    };
+    let cause = innermost.to_string();
+    if std::ptr::eq(
+        innermost as *const dyn std::error::Error as *const u8,
+        e as *const etcd_client::Error as *const u8,
+    ) || head.contains(&cause)
+    {
+        head
+    } else {
+        format!("{head}: {cause}")
+    }
 }
 
 impl Store {
