@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod error;
 pub mod fleet;
+pub mod import;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -129,6 +129,9 @@ pub enum Top {
         #[arg(long)]
         json: bool,
     },
+    /// Translate another load balancer's configuration into ours.
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Fleet mode: every node's applied revision, slot-table digests and health, side by
     /// side, with any divergence flagged.
     #[command(subcommand)]
@@ -263,6 +266,31 @@ pub struct RunArgs {
     /// Fleet mode: this node's name in `lb cluster status` [default: the host name].
     #[arg(long, value_name = "NAME", requires = "store")]
     pub node: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ImportCmd {
+    /// nginx `upstream` blocks and the `server` blocks that proxy_pass to them: prints our
+    /// config file (notes on stderr), or applies it with --apply (showing the plan).
+    Nginx {
+        /// The nginx configuration file.
+        file: PathBuf,
+        /// Use ADDR for host NAME instead of resolving it (e.g. localhost=10.0.0.2).
+        #[arg(long = "map-host", value_name = "NAME=ADDR", value_parser = lb_userspace::import::nginx::map_host)]
+        map_host: Vec<(String, IpAddr)>,
+        /// The VIP address for `listen PORT` without one.
+        #[arg(long, value_name = "ADDR")]
+        vip_address: Option<IpAddr>,
+        /// How the VIPs reach the backends: l2, ipip or gue.
+        #[arg(long, default_value = "l2")]
+        forward: lb_userspace::model::Forward,
+        /// Make it the desired state (through the agent; the plan is shown).
+        #[arg(long)]
+        apply: bool,
+        /// With --apply: show the plan only.
+        #[arg(long, requires = "apply")]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]

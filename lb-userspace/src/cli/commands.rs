@@ -13,7 +13,7 @@ use lb_userspace::{
 };
 
 use super::{
-    args::{BackendCmd, CheckKind, Cli, ClusterCmd, RunArgs, Top, VipCmd},
+    args::{BackendCmd, CheckKind, Cli, ClusterCmd, ImportCmd, RunArgs, Top, VipCmd},
     output::{BACKEND_HEADERS, backend_rows, print_json, print_table, vip_rows, window_lines},
 };
 
@@ -37,6 +37,21 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             json,
         } => apply(&client, file, dry_run, if_revision, json).await,
         Top::Cluster(ClusterCmd::Status { json }) => super::cluster::status(&client, json).await,
+        Top::Import(ImportCmd::Nginx {
+            file,
+            map_host,
+            vip_address,
+            forward,
+            apply,
+            dry_run,
+        }) => {
+            let opts = lb_userspace::import::nginx::Options {
+                map_host: map_host.into_iter().collect(),
+                vip_address,
+                forward,
+            };
+            import_nginx(&client, &file, &opts, apply, dry_run).await
+        }
         Top::Reconcile => {
             client.command(&Command::Reconcile).await?;
             println!("the kernel maps match the desired state");
@@ -471,4 +486,45 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
 fn nix_hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
     Ok(name.trim().to_string())
+}
+
+/// `lb import nginx`: notes on stderr (one line each), the config on stdout, or applied.
+async fn import_nginx(
+    client: &Client,
+    file: &std::path::Path,
+    opts: &lb_userspace::import::nginx::Options,
+    apply: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let name = file.display();
+    let imported =
+        lb_userspace::import::nginx::import(&text, opts, &lb_userspace::import::SystemResolver)
+            .map_err(|e| lb_userspace::Error::Invalid(format!("{name}: {e}")))?;
+    for n in &imported.notes {
+        eprintln!("{name}: {n}");
+    }
+    if !apply {
+        print!("{}", lb_userspace::model::render_config(&imported.state));
+        return Ok(());
+    }
+    let r = client
+        .command(&Command::Apply {
+            state: imported.state,
+            dry_run,
+            if_revision: None,
+        })
+        .await?;
+    print!("{}", plan::render(&r.plan));
+    println!(
+        "{}",
+        if dry_run {
+            "dry run: nothing changed"
+        } else {
+            "applied"
+        }
+    );
+    report_no_mac(&r);
+    Ok(())
 }

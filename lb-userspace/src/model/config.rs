@@ -94,3 +94,52 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
     state.validate().map_err(|e| format!("config: {e}"))?;
     Ok(state)
 }
+
+/// The config file for `state` ([`parse_config`] reads it back to the same state).
+pub fn render_config(state: &DesiredState) -> String {
+    let mut out = String::new();
+    for (vip, spec) in &state.vips {
+        out.push_str(&format!("[[vip]]\naddress = \"{vip}\"\n"));
+        if spec.source_hash {
+            out.push_str("source_hash = true\n");
+        }
+        if spec.udp_idle_s != default_udp_idle() {
+            out.push_str(&format!("udp_idle = {}\n", spec.udp_idle_s));
+        }
+        if spec.forward != Forward::L2 {
+            out.push_str(&format!("forward = \"{}\"\n", spec.forward));
+            if spec.second_chance_s != default_second_chance() {
+                out.push_str(&format!("second_chance = {}\n", spec.second_chance_s));
+            }
+        }
+        if let Some(h) = &spec.health {
+            let kind = match h.kind {
+                super::HealthKind::Tcp => "tcp",
+                super::HealthKind::Http => "http",
+            };
+            out.push_str(&format!(
+                "health = {{ kind = \"{kind}\", path = {}, expect_status = {}, interval_ms = {}, timeout_ms = {}, rise = {}, fall = {}{} }}\n",
+                toml::Value::String(h.path.clone()),
+                h.expect_status,
+                h.interval_ms,
+                h.timeout_ms,
+                h.rise,
+                h.fall,
+                h.port.map(|p| format!(", port = {p}")).unwrap_or_default()
+            ));
+        }
+        out.push_str("backend = [\n");
+        for (addr, b) in &spec.backends {
+            out.push_str(&format!("  {{ address = \"{addr}\", weight = {}", b.weight));
+            if let Some(m) = b.mac {
+                out.push_str(&format!(", mac = \"{m}\""));
+            }
+            if b.drained {
+                out.push_str(", drained = true");
+            }
+            out.push_str(" },\n");
+        }
+        out.push_str("]\n\n");
+    }
+    out
+}

@@ -427,7 +427,7 @@ pub fn validate_backend(
 
 mod config;
 mod forward;
-pub use config::parse_config;
+pub use config::{parse_config, render_config};
 pub use forward::Forward;
 
 #[cfg(test)]
