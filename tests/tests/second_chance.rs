@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use lb_tests::routed::{Routed, VIP4, backend_dev};
 
 const CONNS: usize = 50;
@@ -392,6 +393,67 @@ fn connections_survive_changes_and_ecmp_reshuffles_across_three_nodes() -> anyho
             after[k] > before[k],
             "node {k} carried traffic: {before:?} -> {after:?}"
         );
+    }
+    Ok(())
+}
+
+/// Slot changes, then the agent is killed (kill -9) and started again: the new agent adopts
+/// the previous backends the kernel's tables carry (their window starts again at its start),
+/// so the connections whose slots moved keep reaching their backend through the restart and
+/// a change after it.
+#[test]
+fn a_restarted_agent_keeps_the_previous_backends() -> anyhow::Result<()> {
+    let mut net = Routed::new("scr")?;
+    backends_with_decap(&mut net)?;
+    net.start_agent(&["--flow-table", "off"])?;
+    let vip = format!("{VIP4}:80/tcp");
+    net.lb(&[
+        "vip",
+        "add",
+        &vip,
+        "--forward",
+        "gue",
+        "--second-chance",
+        "120",
+    ])?;
+    for a in ["10.41.0.2", "10.42.0.2"] {
+        net.lb(&["backend", "add", &vip, a])?;
+    }
+    let target = SocketAddr::new(VIP4.parse()?, 80);
+    let mut conns = net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
+        (0..20)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                Ok(s)
+            })
+            .collect()
+    })??;
+    let owners: Vec<String> = conns.iter_mut().map(request).collect::<Result<_, _>>()?;
+    net.lb(&["backend", "add", &vip, "10.43.0.2"])?;
+    let prev = |net: &Routed| -> anyhow::Result<Vec<usize>> {
+        let v = net.dir.vips()?;
+        Ok(v[0].backends.iter().map(|b| b.previous_slots).collect())
+    };
+    let before = prev(&net)?;
+    anyhow::ensure!(
+        before.iter().sum::<usize>() > 0,
+        "no slot carries a previous backend"
+    );
+    let mut agent = net.agent.take().context("agent")?;
+    agent.kill();
+    net.start_agent(&["--flow-table", "off"])?;
+    let after = prev(&net)?;
+    println!("previous slots per backend before the restart {before:?}, after {after:?}");
+    assert_eq!(
+        before, after,
+        "the restarted agent kept every previous backend"
+    );
+    assert!(net.dir.vips()?[0].window_ends_in_s.is_some());
+    // A change after the restart; every connection still reaches the backend it started on.
+    net.lb(&["backend", "weight", &vip, "10.42.0.2", "150"])?;
+    for (c, owner) in conns.iter_mut().zip(&owners) {
+        assert_eq!(&request(c)?, owner);
     }
     Ok(())
 }

@@ -15,6 +15,8 @@
 //!   health-down, or removed from it (*retired*) but still held by the kernel and not down.
 //!   Retired backends stay in the kernel, marked drained, while a slot names them; their ids are
 //!   not reused meanwhile (the kernel holds them).
+//! - An agent that restarts adopts the previous backends the kernel's tables carry, for a
+//!   whole window from its start (how much of the old window had passed is not known).
 //! - One previous backend per slot (the GUE format allows more hops; the tables carry one):
 //!   connections of a short-lived owner between two changes are not covered when an older,
 //!   longer-serving owner is; the same limit as GLB and Unimog.
@@ -58,6 +60,23 @@ impl History {
             tenure: vec![0; m],
             ended: vec![0; m],
         }
+    }
+
+    /// A history adopted from the kernel at start: the live table has been there "for ever",
+    /// and each slot's live previous backend (a previous run's choice) stays its candidate,
+    /// carried for a whole window from `now` (how much of it had passed is not known).
+    fn adopted(current: Vec<u32>, previous: &[u32], now: u32) -> Self {
+        let mut h = History::new(current, LONG_AGO);
+        if previous.len() == h.current.len() {
+            for (s, p) in previous.iter().enumerate() {
+                if *p != 0 && *p != h.current[s] {
+                    h.best[s] = *p;
+                    h.tenure[s] = u32::MAX;
+                    h.ended[s] = now;
+                }
+            }
+        }
+        h
     }
 
     /// Records the table becoming `table` at `now`.
@@ -144,6 +163,7 @@ impl Windows {
         view: &KernelView,
         target: &mut Target,
         now: Instant,
+        kernel_slots: impl Fn(u32) -> Option<(Vec<u32>, Vec<u32>)>,
     ) {
         let on = |vip: &VipAddr| {
             desired
@@ -162,14 +182,20 @@ impl Windows {
                 continue;
             };
             let history = self.vips.entry(*vip).or_insert_with(|| {
-                // First sight: a live table in the kernel has been there "for ever"; a VIP
-                // without one starts from nothing.
-                match view
-                    .published
-                    .get(&vt.id)
-                    .filter(|_| view.vips.get(&vip.key()) == Some(&vt.id))
-                {
-                    Some(l) if !l.table.is_empty() => History::new(l.table.to_vec(), LONG_AGO),
+                // First sight: a live table in the kernel has been there "for ever" and keeps
+                // the previous backends it carries (an agent restart loses no second chance);
+                // a VIP without one starts from nothing.
+                // After a restart the view has not read the tables: ask the kernel.
+                let bound = view.vips.get(&vip.key()) == Some(&vt.id);
+                let live = match view.published.get(&vt.id) {
+                    Some(l) => Some((l.table.to_vec(), l.previous.to_vec())),
+                    None if bound => kernel_slots(vt.id),
+                    None => None,
+                };
+                match live.filter(|_| bound) {
+                    Some((table, previous)) if !table.is_empty() => {
+                        History::adopted(table, &previous, t)
+                    }
                     _ => History::new(Vec::new(), t),
                 }
             });
@@ -323,7 +349,13 @@ mod tests {
         let d = desired(60, &[1, 2, 3]);
         // 1 1 2 2 -> 1 3 3 2: slots 1 and 2 change hands.
         let mut t = target(&[1, 3, 3, 2], &[(1, 0), (2, 0), (3, 0)]);
-        w.apply(&d, &view(&[1, 1, 2, 2], &[(1, 0), (2, 0)]), &mut t, now);
+        w.apply(
+            &d,
+            &view(&[1, 1, 2, 2], &[(1, 0), (2, 0)]),
+            &mut t,
+            now,
+            |_| None,
+        );
         assert_eq!(*t.vips[&vip().key()].previous, vec![0, 1, 2, 0]);
         let end = w.next_end().expect("an end");
         // Deciseconds: within one of 60 s.
@@ -338,6 +370,7 @@ mod tests {
             &view(&[1, 3, 3, 2], &all),
             &mut t2,
             now + Duration::from_secs(10),
+            |_| None,
         );
         assert_eq!(*t2.vips[&vip().key()].previous, vec![1, 1, 2, 0]);
         // 61 s: slots 1 and 2 lost their previous owner over 60 s ago; slot 0 did not.
@@ -347,6 +380,7 @@ mod tests {
             &view(&[3, 2, 3, 2], &all),
             &mut t3,
             now + Duration::from_secs(61),
+            |_| None,
         );
         assert_eq!(*t3.vips[&vip().key()].previous, vec![1, 0, 0, 0]);
         // 71 s: nothing left.
@@ -356,6 +390,7 @@ mod tests {
             &view(&[3, 2, 3, 2], &all),
             &mut t4,
             now + Duration::from_secs(71),
+            |_| None,
         );
         assert!(t4.vips[&vip().key()].previous.is_empty());
         assert_eq!(w.next_end(), None);
@@ -366,6 +401,7 @@ mod tests {
             &view(&[3, 2, 3, 2], &all),
             &mut t5,
             now + Duration::from_secs(72),
+            |_| None,
         );
         assert_eq!(*t5.vips[&vip().key()].previous, vec![3, 0, 0, 0]);
     }
@@ -378,16 +414,53 @@ mod tests {
         let live = view(&[1, 2, 3], &[(1, 0), (2, 0), (3, 0)]);
         let mut t = target(&[3, 3, 3], &[(2, BACKEND_F_DOWN), (3, 0)]);
         let mut w = Windows::default();
-        w.apply(&d, &live, &mut t, now);
+        w.apply(&d, &live, &mut t, now, |_| None);
         assert_eq!(*t.vips[&vip().key()].previous, vec![1, 0, 0]);
         assert_eq!(t.backends[&1].flags, BACKEND_F_DRAINED, "retired, drained");
         // A removed backend that was down is not kept.
         let live = view(&[1, 2, 3], &[(1, BACKEND_F_DOWN), (2, 0), (3, 0)]);
         let mut t = target(&[3, 3, 3], &[(2, 0), (3, 0)]);
         let mut w = Windows::default();
-        w.apply(&d, &live, &mut t, now);
+        w.apply(&d, &live, &mut t, now, |_| None);
         assert_eq!(*t.vips[&vip().key()].previous, vec![0, 2, 0]);
         assert!(!t.backends.contains_key(&1));
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_previous_backends_the_kernel_carries() {
+        let now = Instant::now();
+        let d = desired(60, &[2, 3]);
+        // The kernel (from the previous run): slots 0 and 1 carry 1 (now retired) and 2.
+        let all = [(1, 0), (2, 0), (3, 0)];
+        let mut live = view(&[3, 3, 2], &all);
+        live.published.get_mut(&0).unwrap().previous = Arc::new(vec![1, 2, 0]);
+        let mut t = target(&[3, 3, 2], &[(2, 0), (3, 0)]);
+        let mut w = Windows::default();
+        w.apply(&d, &live, &mut t, now, |_| None);
+        assert_eq!(*t.vips[&vip().key()].previous, vec![1, 2, 0]);
+        assert_eq!(
+            t.backends[&1].flags, BACKEND_F_DRAINED,
+            "retired, still held"
+        );
+        // Carried for a whole window from the restart, then dropped.
+        let end = w
+            .next_end()
+            .expect("an end")
+            .duration_since(now)
+            .as_secs_f64();
+        assert!((59.8..=60.2).contains(&end), "{end}");
+        let mut t2 = target(&[3, 3, 2], &[(2, 0), (3, 0)]);
+        w.apply(&d, &live, &mut t2, now + Duration::from_secs(61), |_| None);
+        assert!(t2.vips[&vip().key()].previous.is_empty());
+        // Right after a start the view has read no tables: the kernel's live slots are asked.
+        let mut fresh = live.clone();
+        fresh.published.clear();
+        let mut t3 = target(&[3, 3, 2], &[(2, 0), (3, 0)]);
+        let mut w = Windows::default();
+        w.apply(&d, &fresh, &mut t3, now, |id| {
+            (id == 0).then(|| (vec![3, 3, 2], vec![1, 2, 0]))
+        });
+        assert_eq!(*t3.vips[&vip().key()].previous, vec![1, 2, 0]);
     }
 
     #[test]
@@ -401,7 +474,7 @@ mod tests {
         }] {
             let mut t = target(&[2, 2], &[(1, 0), (2, 0)]);
             let mut w = Windows::default();
-            w.apply(&d, &live, &mut t, now);
+            w.apply(&d, &live, &mut t, now, |_| None);
             assert!(t.vips[&vip().key()].previous.is_empty());
             assert_eq!(w.next_end(), None);
         }

@@ -253,11 +253,13 @@ impl Core {
             );
             table
         });
+        let kernel = &self.kernel;
         self.windows.apply(
             &self.desired,
-            self.kernel.view(),
+            kernel.view(),
             &mut target,
             Instant::now(),
+            |id| kernel.live_slots(id).ok().flatten(),
         );
         let ops = reconcile::diff(self.kernel.view(), &target);
         for op in &ops {

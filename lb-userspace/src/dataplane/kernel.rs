@@ -230,6 +230,26 @@ impl Kernel for MapsKernel {
         Ok(())
     }
 
+    fn live_slots(&self, vip_id: u32) -> Result<Option<(Vec<u32>, Vec<u32>)>, Error> {
+        let info = self.dp.vips.info(vip_id)?;
+        if info.flags & VIP_F_PRESENT == 0 || info.backend_count == 0 {
+            return Ok(None);
+        }
+        let m = self.dp.slots.ring_size();
+        let (mut table, mut previous) = (Vec::with_capacity(m as usize), Vec::new());
+        for s in 0..m {
+            let slot = self.dp.slots.get(vip_id, info.active_gen, s)?;
+            table.push(slot.backend);
+            if slot.previous != 0 && previous.is_empty() {
+                previous = vec![0; m as usize];
+            }
+            if !previous.is_empty() {
+                previous[s as usize] = slot.previous;
+            }
+        }
+        Ok(Some((table, previous)))
+    }
+
     fn capacity(&self) -> Capacity {
         Capacity {
             vips: self.dp.vips.capacity(),
