@@ -163,7 +163,7 @@ impl Windows {
         view: &KernelView,
         target: &mut Target,
         now: Instant,
-        kernel_slots: impl Fn(u32) -> Option<(Vec<u32>, Vec<u32>)>,
+        kernel_slots: impl Fn(u32) -> Option<crate::agent::kernel::LiveSlots>,
     ) {
         let on = |vip: &VipAddr| {
             desired

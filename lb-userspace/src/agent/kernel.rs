@@ -11,6 +11,10 @@ use crate::{
 };
 
 /// The kernel maps, seen through the writes the reconciler makes.
+/// A live slot table read from the kernel: each slot's backend id, and each slot's previous
+/// backend id (empty when no slot carries one).
+pub type LiveSlots = (Vec<u32>, Vec<u32>);
+
 pub trait Kernel: Send {
     /// What the kernel holds, as last read or written.
     fn view(&self) -> &KernelView;
@@ -39,7 +43,7 @@ pub trait Kernel: Send {
     /// The live slot table of VIP id `vip_id` as the kernel holds it: each slot's backend and
     /// previous backend (second chance), or `None` when it has none. Read once per VIP after
     /// a start (M lookups), so a restarted agent keeps the previous backends.
-    fn live_slots(&self, _vip_id: u32) -> Result<Option<(Vec<u32>, Vec<u32>)>, Error> {
+    fn live_slots(&self, _vip_id: u32) -> Result<Option<LiveSlots>, Error> {
         Ok(None)
     }
 }

@@ -11,7 +11,7 @@ use lb_common::{
 use crate::{
     Dataplane, Error,
     agent::{
-        kernel::Kernel,
+        kernel::{Kernel, LiveSlots},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
     dataplane::stats::StatsMaps,
@@ -230,7 +230,7 @@ impl Kernel for MapsKernel {
         Ok(())
     }
 
-    fn live_slots(&self, vip_id: u32) -> Result<Option<(Vec<u32>, Vec<u32>)>, Error> {
+    fn live_slots(&self, vip_id: u32) -> Result<Option<LiveSlots>, Error> {
         let info = self.dp.vips.info(vip_id)?;
         if info.flags & VIP_F_PRESENT == 0 || info.backend_count == 0 {
             return Ok(None);
