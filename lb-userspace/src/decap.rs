@@ -176,18 +176,16 @@ pub fn load(gue_port: u16, local: &BTreeSet<IpAddr>, maps: Option<&Path>) -> Res
         .override_global(DECAP_CONFIG_GLOBAL, &cfg, true)
         .load(DECAP_OBJECT)
         .map_err(Error::Load)?;
-    program(&mut ebpf)?
-        .load()
-        .map_err(|source| Error::Program {
-            name: DECAP_PROGRAM,
-            source,
-        })?;
-    tc_program(&mut ebpf)?
-        .load()
-        .map_err(|source| Error::Program {
-            name: DECAP_TC_PROGRAM,
-            source,
-        })?;
+    let xdp = program(&mut ebpf)?;
+    crate::dataplane::load_retrying(|| xdp.load()).map_err(|source| Error::Program {
+        name: DECAP_PROGRAM,
+        source,
+    })?;
+    let tc = tc_program(&mut ebpf)?;
+    crate::dataplane::load_retrying(|| tc.load()).map_err(|source| Error::Program {
+        name: DECAP_TC_PROGRAM,
+        source,
+    })?;
     Ok(ebpf)
 }
 

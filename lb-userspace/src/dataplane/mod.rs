@@ -219,9 +219,8 @@ impl Dataplane {
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM] {
-            xdp_program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
+            let prog = xdp_program(&mut ebpf, name)?;
+            load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
         }
         {
             let name = lb_common::HC_PROGRAM;
@@ -230,8 +229,7 @@ impl Dataplane {
                 .ok_or(Error::MissingProgram { name })?
                 .try_into()
                 .map_err(|source| Error::Program { name, source })?;
-            hc.load()
-                .map_err(|source| Error::Program { name, source })?;
+            load_retrying(|| hc.load()).map_err(|source| Error::Program { name, source })?;
         }
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
@@ -302,8 +300,7 @@ impl Dataplane {
     pub fn extra_program(&mut self, name: &'static str) -> Result<&mut Xdp, Error> {
         let prog = xdp_program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
+            load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
         }
         Ok(prog)
     }
@@ -407,5 +404,24 @@ pub fn require_capabilities() -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::NotPrivileged(missing.join(", ")))
+    }
+}
+
+/// Runs a program load, again when the verifier was interrupted: the kernel answers EAGAIN
+/// when a signal arrives during verification (a child exiting in a busy process), and libbpf
+/// retries the same way (up to 5 attempts).
+pub fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+            {
+                attempts += 1;
+            }
+            done => return done,
+        }
     }
 }
