@@ -689,8 +689,12 @@ fn health_is_decided_by_the_majority_of_nodes() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A status round is a second; a probe verdict takes fall x interval to form.
-    assert!(longest < Duration::from_secs(2) && longest2 < Duration::from_secs(2));
+    // Every node takes the verdict as soon as another node's status changes (a watch), and a
+    // backend the fleet has no verdict on yet counts as up: the tables move together.
+    assert!(
+        longest < Duration::from_millis(500) && longest2 < Duration::from_millis(500),
+        "{longest:?} {longest2:?}"
+    );
     Ok(())
 }
 

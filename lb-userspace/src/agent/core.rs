@@ -54,9 +54,10 @@ pub struct Core {
     pub(super) desired: DesiredState,
     pub(super) ids: Ids,
     pub(super) health: BTreeMap<(VipAddr, IpAddr), Health>,
-    /// The fleet's health verdicts (store mode): where present, they decide instead of this
-    /// node's own probes, so every node takes a backend in or out alike.
-    pub(super) fleet_health: BTreeMap<(VipAddr, IpAddr), bool>,
+    /// The fleet's health verdicts (store mode, while the others' statuses are known): they
+    /// decide instead of this node's own probes, so every node takes a backend in or out
+    /// alike; a backend the fleet has no verdict on yet counts as up. `None`: own probes.
+    pub(super) fleet_health: Option<BTreeMap<(VipAddr, IpAddr), bool>>,
     /// MACs learned from the neighbour table (the last known one is kept when an entry fails).
     learned: BTreeMap<IpAddr, Mac>,
     pub(super) kernel: Box<dyn Kernel>,
@@ -71,14 +72,14 @@ pub struct Core {
 struct CoreFacts<'a> {
     desired: &'a DesiredState,
     health: &'a BTreeMap<(VipAddr, IpAddr), Health>,
-    fleet_health: &'a BTreeMap<(VipAddr, IpAddr), bool>,
+    fleet_health: &'a Option<BTreeMap<(VipAddr, IpAddr), bool>>,
     learned: &'a BTreeMap<IpAddr, Mac>,
 }
 
 impl Facts for CoreFacts<'_> {
     fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
-        match self.fleet_health.get(&(*vip, *addr)) {
-            Some(up) => *up,
+        match self.fleet_health {
+            Some(verdicts) => verdicts.get(&(*vip, *addr)).copied().unwrap_or(true),
             None => self.health.get(&(*vip, *addr)).is_none_or(|h| h.up),
         }
     }
@@ -132,7 +133,7 @@ impl Core {
             desired: saved.desired,
             ids,
             health: BTreeMap::new(),
-            fleet_health: BTreeMap::new(),
+            fleet_health: None,
             learned,
             kernel,
             tables: BTreeMap::new(),
@@ -451,7 +452,9 @@ impl Core {
                         health: health_word(
                             spec.health.is_some(),
                             h.is_none_or(|h| h.up),
-                            self.fleet_health.get(&(*vip, *addr)).copied(),
+                            self.fleet_health
+                                .as_ref()
+                                .map(|v| v.get(&(*vip, *addr)).copied().unwrap_or(true)),
                         )
                         .into(),
                         last_check: h.map(|h| h.last.clone()).unwrap_or_default(),

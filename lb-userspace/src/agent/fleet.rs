@@ -14,11 +14,11 @@ impl Core {
         out
     }
 
-    /// The fleet's verdicts replace this node's own probes where given; converges when that
-    /// changes anything. An empty map returns to this node's own view.
+    /// The fleet's verdicts replace this node's own probes (`None`: back to its own view);
+    /// converges when that changes anything.
     pub fn set_fleet_health(
         &mut self,
-        verdicts: BTreeMap<(VipAddr, IpAddr), bool>,
+        verdicts: Option<BTreeMap<(VipAddr, IpAddr), bool>>,
     ) -> Result<bool, Error> {
         if verdicts == self.fleet_health {
             return Ok(false);

@@ -137,6 +137,11 @@ async fn probe_loop(
                 );
                 log::info!("{what}");
                 agent.record(what);
+                // In a fleet the verdict is the majority's: tell the others now, not at the
+                // next status round.
+                if let Some(f) = agent.fleet() {
+                    f.changed();
+                }
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => log::warn!("health of {addr} in {vip}: {e}"),

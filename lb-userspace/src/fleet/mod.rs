@@ -19,7 +19,7 @@ mod write;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
@@ -92,7 +92,8 @@ pub struct Fleet {
     logged: Mutex<BTreeSet<(String, Vec<u8>)>>,
     /// The applied configuration revision, for writers waiting to see their change live.
     applied: tokio::sync::watch::Sender<i64>,
-    /// Wakes the publisher when something it publishes changed (a revision applied).
+    /// Wakes the publisher when something it publishes changed (a revision applied, a health
+    /// flip).
     changed: tokio::sync::Notify,
 }
 
@@ -265,6 +266,11 @@ impl Fleet {
         }
     }
 
+    /// Something this node publishes changed (a health flip): publish now.
+    pub fn changed(&self) {
+        self.changed.notify_one();
+    }
+
     /// Waits (bounded) until revision `rev` is applied on this node.
     async fn applied_at_least(&self, rev: i64, within: Duration) -> bool {
         let mut rx = self.applied.subscribe();
@@ -274,26 +280,71 @@ impl Fleet {
     }
 
     /// Writes this node's status and takes the fleet's health verdict, every
-    /// [`STATUS_PERIOD`] and at once after a revision is applied, until the task is dropped. Without etcd each node uses its own
+    /// [`STATUS_PERIOD`] and at once after a revision is applied or a probe verdict flips, until
+    /// the task is dropped. Without etcd (longer than a status lives) each node uses its own
     /// probes.
     pub async fn publish(self: Arc<Self>, agent: Arc<Agent>) {
         let mut lease: Option<i64> = None;
+        // Another node's status written: its health view may have changed the verdict, so it
+        // is taken at once (every node then moves within milliseconds of each other).
+        let mut others: Option<etcd_client::WatchStream> = None;
+        let mut last_verdict = Instant::now();
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(STATUS_PERIOD) => {}
-                _ = self.changed.notified() => {}
+            let other_wrote = tokio::select! {
+                _ = tokio::time::sleep(STATUS_PERIOD) => None,
+                _ = self.changed.notified() => None,
+                m = async {
+                    match others.as_mut() {
+                        Some(w) => w.message().await.map(|m| m.is_some()).unwrap_or(false),
+                        None => std::future::pending().await,
+                    }
+                } => Some(m),
+            };
+            if other_wrote == Some(false) {
+                others = None;
             }
             let Ok(store) = self.store() else {
                 lease = None;
-                self.set_fleet_health(&agent, Default::default()).await;
+                others = None;
+                self.own_view_after(&agent, last_verdict).await;
                 continue;
             };
-            if let Err(e) = self.publish_once(&agent, &store, &mut lease).await {
-                log::debug!("publishing the node status: {e}");
-                lease = None;
-                self.set_fleet_health(&agent, Default::default()).await;
+            if others.is_none() {
+                others = store.watch_nodes().await.ok();
+            }
+            let done = if other_wrote == Some(true) {
+                self.take_verdict(&agent, &store).await
+            } else {
+                self.publish_once(&agent, &store, &mut lease).await
+            };
+            match done {
+                Ok(()) => last_verdict = Instant::now(),
+                Err(e) => {
+                    log::debug!("publishing the node status: {e}");
+                    lease = None;
+                    others = None;
+                    self.own_view_after(&agent, last_verdict).await;
+                }
             }
         }
+    }
+
+    /// Without the others' statuses, the last verdict holds as long as the statuses it came
+    /// from would (their lease), so a short loss of etcd moves nothing; then this node's own
+    /// probes decide.
+    async fn own_view_after(&self, agent: &Arc<Agent>, last_verdict: Instant) {
+        if last_verdict.elapsed() >= Duration::from_secs(STATUS_TTL_S as u64) {
+            self.set_fleet_health(agent, None).await;
+        }
+    }
+
+    /// The fleet's health verdict from every node's status (this node's own view fresh).
+    async fn take_verdict(&self, agent: &Arc<Agent>, store: &Store) -> Result<(), Error> {
+        let own = agent.core().own_health();
+        let nodes = parse_nodes(&store.nodes().await?);
+        let verdicts = status::fleet_health(&self.config.node, &own, &nodes);
+        self.set_fleet_health(agent, Some(verdicts)).await;
+        Ok(())
     }
 
     async fn publish_once(
@@ -302,18 +353,16 @@ impl Fleet {
         store: &Store,
         lease: &mut Option<i64>,
     ) -> Result<(), Error> {
-        let (own, status) = {
+        let status = {
             let core = agent.core();
-            let own = core.own_health();
-            let status = NodeStatus {
+            NodeStatus {
                 node: self.config.node.clone(),
                 revision: self.view().applied_revision.unwrap_or(0),
                 digests: core.digests(),
-                health: own.clone(),
+                health: core.own_health(),
                 not_converged: core.not_converged().map(str::to_string),
                 at_unix: now_unix(),
-            };
-            (own, status)
+            }
         };
         let id = match *lease {
             Some(id) => id,
@@ -325,16 +374,15 @@ impl Fleet {
             .put_status(&self.config.node, id, value)
             .await?
             .then_some(id);
-        let nodes = parse_nodes(&store.nodes().await?);
-        let verdicts = status::fleet_health(&self.config.node, &own, &nodes);
-        self.set_fleet_health(agent, verdicts).await;
-        Ok(())
+        self.take_verdict(agent, store).await
     }
 
     async fn set_fleet_health(
         &self,
         agent: &Arc<Agent>,
-        verdicts: std::collections::BTreeMap<(crate::model::VipAddr, std::net::IpAddr), bool>,
+        verdicts: Option<
+            std::collections::BTreeMap<(crate::model::VipAddr, std::net::IpAddr), bool>,
+        >,
     ) {
         let a = agent.clone();
         let r = tokio::task::spawn_blocking(move || a.core().set_fleet_health(verdicts)).await;

@@ -185,6 +185,15 @@ impl Store {
             .map_err(unavailable("watching the configuration"))
     }
 
+    /// Watches the node statuses (every write of any node).
+    pub async fn watch_nodes(&self) -> Result<WatchStream, Error> {
+        self.client
+            .clone()
+            .watch(self.keys.nodes(), Some(WatchOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable("watching node statuses"))
+    }
+
     /// A lease of `ttl` seconds for this node's status.
     pub async fn grant(&self, ttl: i64) -> Result<i64, Error> {
         Ok(self
