@@ -278,6 +278,64 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
         assert_eq!(n, 20, "node {k} has every backend both operators added");
     }
 
+    // A value written with another tool (etcdctl: no `meta` bump) between a writer's read
+    // and its commit: the commit is refused, the other tool's value stays.
+    let keys = || lb_userspace::fleet::schema::Keys::new("t").map_err(anyhow::Error::msg);
+    let endpoints = vec![format!("10.30.0.1:{}", lb_tests::etcd::PORT)];
+    let store_call = |commit: Option<lb_userspace::fleet::store::Snapshot>| {
+        let endpoints = endpoints.clone();
+        f.net.router.run(
+            move || -> anyhow::Result<(lb_userspace::fleet::store::Snapshot, Option<i64>)> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let store =
+                        lb_userspace::fleet::store::Store::connect(&endpoints, keys()?).await?;
+                    match commit {
+                        None => Ok((store.snapshot(None).await?, None)),
+                        Some(snap) => {
+                            let w = lb_userspace::fleet::schema::Write::Put {
+                                key: format!("/xdp-lb/t/vips/{VIP4}:82/tcp"),
+                                value: b"{}".to_vec(),
+                            };
+                            let r = store.commit(&snap, &[w]).await?;
+                            Ok((snap, r))
+                        }
+                    }
+                })
+            },
+        )?
+    };
+    let (snap, _) = store_call(None)?;
+    f.etcd.ctl(&[
+        "put",
+        &format!("/xdp-lb/t/vips/{vip}"),
+        r#"{"forward":"gue"}"#,
+    ])?;
+    let (_, committed) = store_call(Some(snap))?;
+    assert_eq!(
+        committed, None,
+        "a commit over another tool's newer write is refused"
+    );
+    let start = Instant::now();
+    while !f.vips(0)?[0].backends.is_empty() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(3),
+            "etcdctl's value not applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The control: the same commit from a fresh read goes through.
+    let (fresh, _) = store_call(None)?;
+    let (_, committed) = store_call(Some(fresh))?;
+    assert!(
+        committed.is_some(),
+        "a commit from a fresh read is accepted"
+    );
+    f.lb(0, &["vip", "remove", &format!("{VIP4}:82/tcp")])?;
+    println!("a commit over etcdctl's newer value: refused (the same from a fresh read: accepted)");
+
     let dir = tempdir()?;
     let a = dir.join("a.toml");
     let b = dir.join("b.toml");

@@ -7,7 +7,8 @@
 //!   malformed value rejects that VIP only and the others still apply; a VIP with thousands
 //!   of backends stays far below etcd's 1.5 MiB value limit.
 //! - `meta`: rewritten by every configuration write. Writers compare its `mod_revision` with
-//!   the one they read, so a change computed from an old state is refused instead of
+//!   the one they read (and that no VIP key changed after the revision they read, for writes
+//!   made with other tools), so a change computed from an old state is refused instead of
 //!   overwriting another operator's change (optimistic concurrency over the whole
 //!   configuration: changes are rare, and a refused command is retried on the new state).
 //! - `nodes/<node>`: each node's [`super::status::NodeStatus`], written under a lease so a

@@ -135,9 +135,11 @@ impl Store {
         Ok(snap)
     }
 
-    /// Writes `writes` if nobody wrote the configuration since `meta` was read; returns the
-    /// new revision, or `None` when someone did (the caller reads again).
-    pub async fn commit(&self, meta: i64, writes: &[Write]) -> Result<Option<i64>, Error> {
+    /// Writes `writes` if nobody wrote the configuration since `snap` was read: `meta` is
+    /// unchanged (every `lb` write bumps it) and no VIP key was modified after the snapshot's
+    /// revision (a write with another tool). Returns the new revision, or `None` when someone
+    /// did write (the caller reads again).
+    pub async fn commit(&self, snap: &Snapshot, writes: &[Write]) -> Result<Option<i64>, Error> {
         let mut ops: Vec<TxnOp> = writes
             .iter()
             .map(|w| match w {
@@ -151,11 +153,11 @@ impl Store {
             None,
         ));
         let txn = etcd_client::Txn::new()
-            .when([Compare::mod_revision(
-                self.keys.meta(),
-                CompareOp::Equal,
-                meta,
-            )])
+            .when([
+                Compare::mod_revision(self.keys.meta(), CompareOp::Equal, snap.meta),
+                Compare::mod_revision(self.keys.vips(), CompareOp::Less, snap.revision + 1)
+                    .with_prefix(),
+            ])
             .and_then(ops);
         let resp = self
             .client

@@ -65,7 +65,7 @@ impl Fleet {
             if dry_run || writes.is_empty() {
                 return Ok((changed, Some(at)));
             }
-            match store.commit(snap.meta, &writes).await? {
+            match store.commit(&snap, &writes).await? {
                 Some(rev) => {
                     if !self.applied_at_least(rev, SEE_OWN_WRITE).await {
                         log::warn!(
