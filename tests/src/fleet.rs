@@ -125,6 +125,24 @@ impl<N: FleetNet> Fleet<N> {
         Ok(())
     }
 
+    /// `lb vip add VIP --forward gue EXTRA` and `lb backend add` of each of `backends`,
+    /// through node `k` (written to etcd, applied by every node).
+    pub fn gue_vip(
+        &self,
+        k: usize,
+        vip: &str,
+        backends: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut args = vec!["vip", "add", vip, "--forward", "gue"];
+        args.extend_from_slice(extra);
+        self.lb(k, &args)?;
+        for b in backends {
+            self.lb(k, &["backend", "add", vip, b])?;
+        }
+        Ok(())
+    }
+
     pub fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
         self.net.node_dir(k).cli_ok(args)
     }

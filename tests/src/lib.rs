@@ -14,6 +14,7 @@ pub mod proc;
 pub mod raw;
 pub mod routed;
 pub mod topo;
+pub mod traffic;
 pub mod wait;
 pub mod world;
 

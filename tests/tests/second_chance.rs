@@ -8,8 +8,7 @@
 //! owner that held it longest (`agent::chance`), so a burst of changes shorter than that keeps
 //! them all.
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,7 +17,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_tests::routed::{Routed, VIP4, backend_dev};
+use lb_tests::{
+    routed::{Routed, VIP4, backend_dev},
+    traffic::{connect_many, request},
+};
 
 const CONNS: usize = 50;
 const OPS: usize = 100;
@@ -33,36 +35,6 @@ fn pool() -> Vec<String> {
         p.push(format!("10.4{i}.0.3"));
     }
     p
-}
-
-/// One HTTP/1.1 request on a keep-alive connection; the answering backend's greeting.
-fn request(s: &mut TcpStream) -> std::io::Result<String> {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                // "hello from backend N (...)": the host.
-                return Ok(body.split(" (").next().unwrap_or("").to_string());
-            }
-        }
-    }
 }
 
 /// What the connections saw.
@@ -178,15 +150,7 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
         members.0.push((a, false));
     }
     let target = SocketAddr::new(VIP4.parse()?, 80);
-    let mut conns = net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
-        let mut out = Vec::new();
-        for _ in 0..CONNS {
-            let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            out.push(s);
-        }
-        Ok(out)
-    })??;
+    let mut conns = connect_many(&net.client, target, CONNS)?;
     let ports: Vec<u16> = conns
         .iter()
         .map(|c| c.local_addr().map(|a| a.port()))
@@ -420,15 +384,7 @@ fn a_restarted_agent_keeps_the_previous_backends() -> anyhow::Result<()> {
         net.lb(&["backend", "add", &vip, a])?;
     }
     let target = SocketAddr::new(VIP4.parse()?, 80);
-    let mut conns = net.client.run(|| -> anyhow::Result<Vec<TcpStream>> {
-        (0..20)
-            .map(|_| {
-                let s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                Ok(s)
-            })
-            .collect()
-    })??;
+    let mut conns = connect_many(&net.client, target, 20)?;
     let owners: Vec<String> = conns.iter_mut().map(request).collect::<Result<_, _>>()?;
     net.lb(&["backend", "add", &vip, "10.43.0.2"])?;
     let prev = |net: &Routed| -> anyhow::Result<Vec<usize>> {

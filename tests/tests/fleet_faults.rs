@@ -1,0 +1,167 @@
+//! The fleet under faults: node loss (a node leaving the ECMP group, another killed with
+//! kill -9, a restart catching up) and an etcd outage under load, on the routed fleet; the
+//! same agreement and node loss on an L2 fleet (direct server return, resilient nexthop
+//! group).
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use lb_tests::{
+    fleet::{Fleet, NODES},
+    routed::VIP4,
+    traffic::{Load, moved, udp_picks},
+};
+
+/// (c) node loss under load: one node leaves the ECMP group, another is killed with kill -9
+/// (and its flows moved away), then it restarts and catches up; (d) etcd down for 10 s:
+/// forwarding unaffected, changes refused with a clear line, and they resume on its return.
+#[test]
+fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
+    let mut f = Fleet::new("flc")?;
+    let vip = format!("{VIP4}:80/tcp");
+    f.gue_vip(0, &vip, &["10.41.0.2", "10.42.0.2", "10.43.0.2"], &[])?;
+    f.converged(&vip, None)?;
+    let load = Load::start(&f.net.client, 50)?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 2 leaves the group (maintenance): its flows move to nodes 0 and 1.
+    f.net.ecmp(&[0, 1])?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Node 1 dies: kill -9, and the router stops sending to it.
+    let mut dead = f.net.take_agent_at(1).context("agent 1")?;
+    dead.kill();
+    f.net.ecmp(&[0])?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Its status lease runs out: the cluster shows two nodes.
+    let start = Instant::now();
+    loop {
+        let c = f.cluster(0)?;
+        if c.nodes.len() == 2 {
+            println!(
+                "the killed node left `lb cluster status` after {:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "{c:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A change while node 1 is down; it restarts from its state file and catches up.
+    f.lb(0, &["backend", "weight", &vip, "10.41.0.2", "150"])?;
+    f.start(1)?;
+    let (d, took) = f.converged(&vip, None)?;
+    println!("the restarted node caught up in {took:?} (digest {d})");
+    f.net.ecmp(&[0, 1, 2])?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    // (d) etcd down for 10 s.
+    f.etcd.stop();
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let refused = f
+        .net
+        .dir_at(2)
+        .cli(&["backend", "weight", &vip, "10.42.0.2", "120"])?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(6), "unavailable: {err}");
+    assert!(
+        err.contains("etcd is unreachable") && err.contains("keeps forwarding"),
+        "{err}"
+    );
+    println!("a change while etcd is down: {}", err.trim());
+    for k in 0..NODES {
+        let s = f.stats(k)?.store.context("store")?;
+        assert!(!s.connected, "node {k} says etcd is unreachable: {s:?}");
+    }
+    let text = f.lb(0, &["stats"])?;
+    assert!(text.contains("unreachable"), "{text}");
+    println!("{}", text.lines().next().unwrap_or(""));
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    f.etcd.resume()?;
+    let back = Instant::now();
+    loop {
+        if (0..NODES).all(|k| {
+            f.stats(k)
+                .ok()
+                .and_then(|s| s.store)
+                .is_some_and(|s| s.connected)
+        }) {
+            break;
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(15),
+            "nodes did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "all nodes reconnected {:?} after etcd returned",
+        back.elapsed()
+    );
+    let before = f.digests(&vip)?[0].clone();
+    f.lb(2, &["backend", "weight", &vip, "10.42.0.2", "120"])?;
+    f.converged(&vip, before.as_deref())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (requests, failed) = load.finish();
+    println!("under node loss and an etcd outage: {requests} requests, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(requests > 1000, "{requests}");
+    Ok(())
+}
+
+/// The same fleet on one L2 segment (direct server return, one-armed nodes, a `type
+/// resilient` nexthop group): every node picks the same backend for 1,000 UDP flows, and 50
+/// keep-alive connections plus a stream of new ones see zero failures while one node leaves
+/// the group and another is killed with kill -9.
+#[test]
+fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
+    let mut f = Fleet::l2("fll")?;
+    let backends: Vec<String> = (1..=3).map(lb_tests::l2fleet::backend_ip).collect();
+    for vip in [format!("{VIP4}:80/udp"), format!("{VIP4}:80/tcp")] {
+        f.lb(0, &["vip", "add", &vip])?;
+        for b in &backends {
+            f.lb(0, &["backend", "add", &vip, b])?;
+        }
+        let (d, took) = f.converged(&vip, None)?;
+        println!("L2 fleet: {vip} live on all nodes after {took:?} (digest {d})");
+    }
+    // Each node's MACs of the backends come from its own neighbour table.
+    let start = Instant::now();
+    while (0..NODES).any(|k| {
+        f.vips(k)
+            .map(|v| {
+                v.iter()
+                    .any(|v| v.backends.iter().any(|b| b.mac == "no-mac"))
+            })
+            .unwrap_or(true)
+    }) {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "MACs not learned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = Vec::new();
+    for k in 0..NODES {
+        f.net.ecmp(&[k])?;
+        seen.push(udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"))?);
+    }
+    f.net.ecmp(&[0, 1, 2])?;
+    let differ = moved(&seen);
+    let backends_seen: std::collections::BTreeSet<&String> = seen[0].values().collect();
+    println!(
+        "L2 fleet: 1000 UDP flows through each node alone: {differ} met a different backend; {} backends answered",
+        backends_seen.len()
+    );
+    assert_eq!(differ, 0);
+    assert_eq!(backends_seen.len(), 3, "{backends_seen:?}");
+
+    let load = Load::start(&f.net.client, 50)?;
+    std::thread::sleep(Duration::from_secs(2));
+    f.net.ecmp(&[0, 1])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut dead = f.net.nodes[1].agent.take().context("agent 1")?;
+    dead.kill();
+    f.net.ecmp(&[0])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (requests, failed) = load.finish();
+    println!("L2 fleet, a node leaving and one killed: {requests} requests, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(requests > 500, "{requests}");
+    Ok(())
+}
