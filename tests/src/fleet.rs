@@ -60,18 +60,30 @@ pub const NODES: usize = 3;
 /// Where each node serves /metrics (inside its own namespace).
 const METRICS: &str = "127.0.0.1:9100";
 
-/// etcd first: it goes before the namespaces do.
+/// One fleet at a time in a test binary: each is seven or more namespaces, four agents and
+/// etcd with traffic on two cores; two at once starve each other into timeouts.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// etcd first: it goes before the namespaces do; the turn last.
 pub struct Fleet<N: FleetNet = Routed> {
     pub etcd: Etcd,
     pub net: N,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Fleet<L2Net> {
     /// The L2 network, etcd and three agents following it.
     pub fn l2(tag: &str) -> anyhow::Result<Self> {
+        let _turn = turn();
         let net = L2Net::build(tag, NODES)?;
         let etcd = Etcd::start(&net.router, "10.50.0.1")?;
-        let mut f = Fleet { etcd, net };
+        let mut f = Fleet { etcd, net, _turn };
         for k in 0..NODES {
             f.start(k)?;
         }
@@ -83,6 +95,7 @@ impl Fleet<Routed> {
     /// The routed network, the backends (sample servers, `lb decap`), etcd and three agents
     /// following it as nodes lb0..lb2 of cluster `t`.
     pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let _turn = turn();
         let mut net = Routed::fleet(tag, NODES)?;
         for i in 1..=3 {
             net.start_sample(i)?;
@@ -92,7 +105,7 @@ impl Fleet<Routed> {
         // XDP_TX: delivered when the router's ends run XDP.
         net.xdp_pass_to_backends()?;
         let etcd = Etcd::start(&net.router, "10.30.0.1")?;
-        let mut f = Fleet { etcd, net };
+        let mut f = Fleet { etcd, net, _turn };
         for k in 0..NODES {
             f.start(k)?;
         }

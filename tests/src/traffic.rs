@@ -107,6 +107,8 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// What each failure was (which connection, the error, when).
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
     threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -118,18 +120,27 @@ impl Load {
             stop: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(AtomicU64::new(0)),
             failed: Arc::new(AtomicU64::new(0)),
+            failures: Arc::default(),
             threads: Vec::new(),
         };
+        let started = Instant::now();
         let mut threads = Vec::new();
         for mut s in streams {
             let (stop, req, failed) = (l.stop.clone(), l.requests.clone(), l.failed.clone());
+            let failures = l.failures.clone();
+            let port = s.local_addr().map_or(0, |a| a.port());
             threads.push(std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     match request(&mut s) {
                         Ok(_) => req.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => {
+                        Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            note(
+                                &failures,
+                                started,
+                                format!("keep-alive from port {port}: {e}"),
+                            );
                             return Ok(());
                         }
                     };
@@ -140,12 +151,16 @@ impl Load {
         }
         // New connections, one request each, from the client's namespace.
         let (stop, req, failed) = (l.stop.clone(), l.requests.clone(), l.failed.clone());
+        let failures = l.failures.clone();
         threads.push(client.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match one_request(target) {
                     Ok(_) => req.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        note(&failures, started, format!("new connection: {e}"));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
                 };
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -153,14 +168,23 @@ impl Load {
         Ok(Load { threads, ..l })
     }
 
-    pub fn finish(self) -> (u64, u64) {
+    /// Stops the load: requests answered, requests failed, and what each failure was.
+    pub fn finish(self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             let _ = t.join();
         }
+        let failures = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
         (
             self.requests.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
+            failures,
         )
+    }
+}
+
+fn note(failures: &std::sync::Mutex<Vec<String>>, started: Instant, what: String) {
+    if let Ok(mut f) = failures.lock() {
+        f.push(format!("{:.1} s: {what}", started.elapsed().as_secs_f64()));
     }
 }

@@ -20,15 +20,19 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     let vip = format!("{VIP4}:80/tcp");
     f.gue_vip(0, &vip, &["10.41.0.2", "10.42.0.2", "10.43.0.2"], &[])?;
     f.converged(&vip, None)?;
+    let t0 = Instant::now();
+    let phase = |what: &str| println!("{:.1} s: {what}", t0.elapsed().as_secs_f64());
     let load = Load::start(&f.net.client, 50)?;
     std::thread::sleep(Duration::from_secs(2));
     // Node 2 leaves the group (maintenance): its flows move to nodes 0 and 1.
     f.net.ecmp(&[0, 1])?;
+    phase("node 2 left the ECMP group");
     std::thread::sleep(Duration::from_secs(2));
     // Node 1 dies: kill -9, and the router stops sending to it.
     let mut dead = f.net.take_agent_at(1).context("agent 1")?;
     dead.kill();
     f.net.ecmp(&[0])?;
+    phase("node 1 killed and out of the group");
     std::thread::sleep(Duration::from_secs(2));
     // Its status lease runs out: the cluster shows two nodes.
     let start = Instant::now();
@@ -46,14 +50,17 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     }
     // A change while node 1 is down; it restarts from its state file and catches up.
     f.lb(0, &["backend", "weight", &vip, "10.41.0.2", "150"])?;
+    phase("weight changed");
     f.start(1)?;
     let (d, took) = f.converged(&vip, None)?;
     println!("the restarted node caught up in {took:?} (digest {d})");
     f.net.ecmp(&[0, 1, 2])?;
+    phase("nodes 1 and 2 back in the group");
     std::thread::sleep(Duration::from_secs(2));
 
     // (d) etcd down for 10 s.
     f.etcd.stop();
+    phase("etcd stopped");
     let down = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let refused = f
@@ -76,6 +83,7 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     println!("{}", text.lines().next().unwrap_or(""));
     std::thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
     f.etcd.resume()?;
+    phase("etcd started");
     let back = Instant::now();
     loop {
         if (0..NODES).all(|k| {
@@ -100,9 +108,9 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     f.lb(2, &["backend", "weight", &vip, "10.42.0.2", "120"])?;
     f.converged(&vip, before.as_deref())?;
     std::thread::sleep(Duration::from_secs(1));
-    let (requests, failed) = load.finish();
+    let (requests, failed, failures) = load.finish();
     println!("under node loss and an etcd outage: {requests} requests, {failed} failed");
-    assert_eq!(failed, 0);
+    assert_eq!(failed, 0, "{failures:#?}");
     assert!(requests > 1000, "{requests}");
     Ok(())
 }
@@ -159,9 +167,9 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     dead.kill();
     f.net.ecmp(&[0])?;
     std::thread::sleep(Duration::from_secs(2));
-    let (requests, failed) = load.finish();
+    let (requests, failed, failures) = load.finish();
     println!("L2 fleet, a node leaving and one killed: {requests} requests, {failed} failed");
-    assert_eq!(failed, 0);
+    assert_eq!(failed, 0, "{failures:#?}");
     assert!(requests > 500, "{requests}");
     Ok(())
 }
