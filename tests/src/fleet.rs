@@ -116,6 +116,11 @@ impl Fleet<Routed> {
 impl<N: FleetNet> Fleet<N> {
     /// Starts node `k`'s agent (native mode on its eth0) following etcd.
     pub fn start(&mut self, k: usize) -> anyhow::Result<()> {
+        self.start_with(k, &[])
+    }
+
+    /// As [`Fleet::start`], with more `lb run` arguments.
+    pub fn start_with(&mut self, k: usize, extra: &[&str]) -> anyhow::Result<()> {
         let url = format!("etcd://{}:{}", self.net.store_addr(k), crate::etcd::PORT);
         let node = format!("lb{k}");
         let args = [
@@ -130,6 +135,8 @@ impl<N: FleetNet> Fleet<N> {
             "--metrics",
             METRICS,
         ];
+        let mut args = args.to_vec();
+        args.extend_from_slice(extra);
         let agent = self
             .net
             .node_dir(k)

@@ -173,3 +173,63 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     assert!(requests > 500, "{requests}");
     Ok(())
 }
+
+/// A node that cannot take a revision (started with room for two backends) refuses it whole,
+/// keeps serving the previous one, counts it, and `lb cluster status` names the divergence;
+/// once the configuration fits again the node applies it and the fleet agrees.
+#[test]
+fn a_node_refusing_a_revision_is_flagged_as_divergent() -> anyhow::Result<()> {
+    let mut f = Fleet::new("fld")?;
+    let mut agent = f.net.take_agent_at(2).context("agent 2")?;
+    agent.kill();
+    // Backend ids 1 and 2 only; --fresh: pins sized for the default are refused otherwise.
+    f.start_with(2, &["--max-backends", "3", "--fresh"])?;
+    let vip = format!("{VIP4}:80/tcp");
+    f.gue_vip(0, &vip, &["10.41.0.2", "10.42.0.2"], &[])?;
+    let (fits, _) = f.converged(&vip, None)?;
+    f.lb(0, &["backend", "add", &vip, "10.43.0.2"])?;
+    let start = Instant::now();
+    let c = loop {
+        let c = f.cluster(0)?;
+        if c.divergence
+            .iter()
+            .any(|d| d.contains("node lb2 has applied revision"))
+        {
+            break c;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "{c:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("{}", f.lb(0, &["cluster", "status"])?);
+    let d = f.digests(&vip)?;
+    assert_eq!(
+        d[2].as_deref(),
+        Some(fits.as_str()),
+        "node 2 still serves the revision that fit"
+    );
+    assert!(d[0] == d[1] && d[0] != d[2], "{d:?}");
+    let s = f.stats(2)?.store.context("store")?;
+    assert_eq!(s.refused_revisions_total, 1, "{s:?}");
+    assert!(
+        c.nodes
+            .iter()
+            .any(|n| n.node == "lb2" && n.revision < c.revision),
+        "{c:?}"
+    );
+    // Back within its room: node 2 applies the next revision and the fleet agrees again.
+    f.lb(1, &["backend", "remove", &vip, "10.43.0.2"])?;
+    let start = Instant::now();
+    loop {
+        let c = f.cluster(0)?;
+        if c.divergence.is_empty()
+            && f.digests(&vip)?
+                .iter()
+                .all(|x| x.as_deref() == Some(fits.as_str()))
+        {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "{c:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
