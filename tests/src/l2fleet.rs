@@ -7,9 +7,10 @@
 //! Addresses: client 10.20.0.2 (router 10.20.0.1); segment 10.50.0.0/24 with the router at
 //! .1, node k at .2k (k = 0..3) and backend i at .3i (i = 1..=3); the VIP is
 //! [`crate::routed::VIP4`], routed by the router to the nodes (nexthop k+1, group 100).
-use std::time::Duration;
-
-use crate::{AgentDir, ChildGuard, Netns, routed::VIP4};
+use crate::{
+    AgentDir, ChildGuard, Netns,
+    routed::{LbNode, VIP4},
+};
 
 pub fn node_ip(k: usize) -> String {
     format!("10.50.0.2{k}")
@@ -19,17 +20,10 @@ pub fn backend_ip(i: usize) -> String {
     format!("10.50.0.3{i}")
 }
 
-/// One load balancer node.
-pub struct L2Node {
-    pub agent: Option<ChildGuard>,
-    pub dir: AgentDir,
-    pub ns: Netns,
-}
-
 pub struct L2Net {
     /// Dropped first: agents, samples, XDP_PASS helpers.
     pub procs: Vec<ChildGuard>,
-    pub nodes: Vec<L2Node>,
+    pub nodes: Vec<LbNode>,
     pub client: Netns,
     pub router: Netns,
     pub bridge: Netns,
@@ -68,7 +62,7 @@ impl L2Net {
             backends: Vec::new(),
         };
         for k in 0..nodes {
-            net.nodes.push(L2Node {
+            net.nodes.push(LbNode {
                 agent: None,
                 dir: AgentDir::new(&format!("{tag}a{k}"))?,
                 ns: Netns::new(&format!("{tag}l{k}"))?,
@@ -79,7 +73,8 @@ impl L2Net {
         }
         net.wire()?;
         for i in 1..=3 {
-            net.start_sample(i)?;
+            let child = crate::proc::sample_backend(&net.backends[i - 1], 80, i)?;
+            net.procs.push(child);
         }
         Ok(net)
     }
@@ -157,31 +152,9 @@ impl L2Net {
         }
         // Native XDP_TX on a veth is delivered only when the peer runs XDP.
         for k in 0..self.nodes.len() {
-            let mut cmd = self.bridge.lb()?;
-            let port = format!("p-l{k}");
-            cmd.args(["xdp-pass", "--iface", &port]);
-            let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {port}"))?;
-            child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+            let child = crate::proc::xdp_pass(&self.bridge, &format!("p-l{k}"))?;
             self.procs.push(child);
         }
-        Ok(())
-    }
-
-    fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut cmd = self.backends[i - 1].lb()?;
-        cmd.args([
-            "samples",
-            "--count",
-            "1",
-            "--base-port",
-            "80",
-            "--bind",
-            "::",
-        ]);
-        cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
-        let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
-        child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
-        self.procs.push(child);
         Ok(())
     }
 

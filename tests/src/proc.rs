@@ -128,3 +128,25 @@ impl Drop for ChildGuard {
         let _ = self.child.wait();
     }
 }
+
+/// Starts `lb samples` (one HTTP + UDP echo backend on `port`, both families) in `ns`,
+/// answering "hello from backend `index`"; returns once it listens.
+pub fn sample_backend(ns: &crate::Netns, port: u16, index: usize) -> anyhow::Result<ChildGuard> {
+    let mut cmd = ns.lb()?;
+    cmd.args(["samples", "--count", "1", "--base-port", &port.to_string()]);
+    cmd.args(["--bind", "::", "--first-index", &index.to_string()]);
+    cmd.args(["--duration", "1800"]);
+    let mut child = ChildGuard::spawn(cmd, &format!("sample backend {index}"))?;
+    child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+    Ok(child)
+}
+
+/// Attaches the XDP_PASS program to `dev` in `ns` (native XDP_TX and redirects into a veth
+/// are delivered only when its peer runs XDP); detached when the guard drops.
+pub fn xdp_pass(ns: &crate::Netns, dev: &str) -> anyhow::Result<ChildGuard> {
+    let mut cmd = ns.lb()?;
+    cmd.args(["xdp-pass", "--iface", dev]);
+    let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {dev}"))?;
+    child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+    Ok(child)
+}

@@ -12,7 +12,6 @@
 //! sends encapsulated packets out of `eth1` (XDP_REDIRECT through the devmap); backends answer
 //! clients directly through the router. Backends hold every VIP on `lo`; each runs a sample
 //! HTTP server on port 80, and `lb decap` where a test asks for it.
-use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -282,29 +281,14 @@ impl Routed {
     }
 
     fn xdp_pass_on_router(&mut self, dev: &str) -> anyhow::Result<()> {
-        let mut cmd = self.router.lb()?;
-        cmd.args(["xdp-pass", "--iface", dev]);
-        let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {dev}"))?;
-        child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+        let child = crate::proc::xdp_pass(&self.router, dev)?;
         self.procs.push(child);
         Ok(())
     }
 
     /// Starts a sample HTTP backend on port 80 (both families) in backend `i` (1..=3).
     pub fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut cmd = self.backends[i - 1].lb()?;
-        cmd.args([
-            "samples",
-            "--count",
-            "1",
-            "--base-port",
-            "80",
-            "--bind",
-            "::",
-        ]);
-        cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
-        let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
-        child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+        let child = crate::proc::sample_backend(&self.backends[i - 1], 80, i)?;
         self.procs.push(child);
         Ok(())
     }

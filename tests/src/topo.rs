@@ -136,19 +136,7 @@ impl DemoNet {
 
     /// Starts a sample backend (HTTP + UDP echo on port 80, v4 and v6) in backend `i`.
     pub fn start_backend(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut cmd = self.backends[i].lb()?;
-        cmd.args([
-            "samples",
-            "--count",
-            "1",
-            "--base-port",
-            &PORT.to_string(),
-            "--bind",
-            "::",
-        ]);
-        cmd.args(["--first-index", &i.to_string(), "--duration", "1800"]);
-        let mut child = ChildGuard::spawn(cmd, &format!("sample backend {i}"))?;
-        child.wait_for_line(Duration::from_secs(10), |l| l.contains("listening"))?;
+        let child = crate::proc::sample_backend(&self.backends[i], PORT, i)?;
         self.procs.push(child);
         Ok(())
     }
@@ -160,10 +148,7 @@ impl DemoNet {
             self.start_backend(i)?;
         }
         if self.mode == "native" {
-            let mut cmd = self.bridge.lb()?;
-            cmd.args(["xdp-pass", "--iface", "p-lb"]);
-            let mut child = ChildGuard::spawn(cmd, "xdp-pass on p-lb")?;
-            child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+            let child = crate::proc::xdp_pass(&self.bridge, "p-lb")?;
             self.procs.push(child);
         }
         Ok(())

@@ -78,10 +78,8 @@ struct CoreFacts<'a> {
 
 impl Facts for CoreFacts<'_> {
     fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
-        match self.fleet_health {
-            Some(verdicts) => verdicts.get(&(*vip, *addr)).copied().unwrap_or(true),
-            None => self.health.get(&(*vip, *addr)).is_none_or(|h| h.up),
-        }
+        fleet_verdict(self.fleet_health, vip, addr)
+            .unwrap_or_else(|| self.health.get(&(*vip, *addr)).is_none_or(|h| h.up))
     }
 
     fn mac(&self, vip: &VipAddr, addr: &IpAddr) -> Option<Mac> {
@@ -452,9 +450,7 @@ impl Core {
                         health: health_word(
                             spec.health.is_some(),
                             h.is_none_or(|h| h.up),
-                            self.fleet_health
-                                .as_ref()
-                                .map(|v| v.get(&(*vip, *addr)).copied().unwrap_or(true)),
+                            fleet_verdict(&self.fleet_health, vip, addr),
                         )
                         .into(),
                         last_check: h.map(|h| h.last.clone()).unwrap_or_default(),
@@ -484,13 +480,25 @@ impl Core {
                     .ends(vip)
                     .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
                 retired,
-                digest: self.digest(vip).map(|d| format!("{d:016x}")),
+                digest: self.digest_hex(vip),
                 health_check: spec.health.clone(),
                 backends,
             });
         }
         out
     }
+}
+
+/// The fleet's verdict on a backend in store mode (one without a verdict yet counts as up),
+/// `None` when this node's own probes decide.
+fn fleet_verdict(
+    fleet: &Option<BTreeMap<(VipAddr, IpAddr), bool>>,
+    vip: &VipAddr,
+    addr: &IpAddr,
+) -> Option<bool> {
+    fleet
+        .as_ref()
+        .map(|v| v.get(&(*vip, *addr)).copied().unwrap_or(true))
 }
 
 /// The health column: this node's probe verdict, or the fleet's where it overrides it.

@@ -29,7 +29,7 @@ impl Core {
     }
 
     /// [`ring_digest`] of the slot table live in the kernel for `vip` (None: not published).
-    pub fn digest(&self, vip: &VipAddr) -> Option<u64> {
+    fn digest(&self, vip: &VipAddr) -> Option<u64> {
         let view = self.kernel.view();
         let live = view.published.get(self.ids.vips.get(vip)?)?;
         Some(ring_digest(
@@ -39,12 +39,17 @@ impl Core {
         ))
     }
 
+    /// [`Core::digest`] as shown to operators (16 hex digits).
+    pub fn digest_hex(&self, vip: &VipAddr) -> Option<String> {
+        self.digest(vip).map(|d| format!("{d:016x}"))
+    }
+
     /// Every VIP's digest, hex.
     pub fn digests(&self) -> BTreeMap<VipAddr, String> {
         self.desired
             .vips
             .keys()
-            .filter_map(|v| Some((*v, format!("{:016x}", self.digest(v)?))))
+            .filter_map(|v| Some((*v, self.digest_hex(v)?)))
             .collect()
     }
 }

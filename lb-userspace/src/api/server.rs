@@ -164,11 +164,14 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
     };
     let (done, revision) = match agent.fleet() {
         // Store mode: the change goes to etcd; every node (this one too) applies it from there.
-        Some(fleet) => match fleet.execute(&agent, &cmd).await {
-            Ok((c, rev)) => (Ok(c), rev),
-            Err(e) => (Err(e), None),
-        },
-        None => {
+        // `reconcile` is about this node's kernel: it stays local.
+        Some(fleet) if !matches!(cmd, Command::Reconcile) => {
+            match fleet.execute(&agent, &cmd).await {
+                Ok((c, rev)) => (Ok(c), rev),
+                Err(e) => (Err(e), None),
+            }
+        }
+        _ => {
             let a = agent.clone();
             let r = match tokio::task::spawn_blocking(move || a.execute(&cmd)).await {
                 Ok(r) => r,

@@ -62,11 +62,7 @@ pub(crate) fn short(e: &etcd_client::Error) -> String {
         _ => e.to_string(),
     };
     let cause = innermost.to_string();
-    if std::ptr::eq(
-        innermost as *const dyn std::error::Error as *const u8,
-        e as *const etcd_client::Error as *const u8,
-    ) || head.contains(&cause)
-    {
+    if std::ptr::addr_eq(innermost, e) || head.contains(&cause) {
         head
     } else {
         format!("{head}: {cause}")

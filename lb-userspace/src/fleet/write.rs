@@ -19,20 +19,13 @@ const ATTEMPTS: usize = 8;
 const SEE_OWN_WRITE: Duration = Duration::from_secs(3);
 
 impl Fleet {
-    /// Executes `cmd` against the store; returns what changed and the revision written (or
-    /// planned against, for a dry run).
+    /// Executes the configuration command `cmd` against the store; returns what changed and
+    /// the revision written (or planned against, for a dry run).
     pub async fn execute(
         &self,
         agent: &Arc<Agent>,
         cmd: &Command,
     ) -> Result<(Changed, Option<i64>), Error> {
-        if let Command::Reconcile = cmd {
-            let a = agent.clone();
-            return tokio::task::spawn_blocking(move || a.execute(&Command::Reconcile))
-                .await
-                .map_err(|e| Error::Kernel(format!("reconcile did not finish: {e}")))?
-                .map(|c| (c, None));
-        }
         let store = self.store()?;
         for _ in 0..ATTEMPTS {
             let snap = store.snapshot(None).await?;
