@@ -73,6 +73,10 @@ impl History {
                     h.best[s] = *p;
                     h.tenure[s] = u32::MAX;
                     h.ended[s] = now;
+                    // The slot's owner got it within the last window: its tenure starts now,
+                    // shorter than the previous one's, so a later change keeps the previous
+                    // backend (a tie would hand the candidacy to the short-lived owner).
+                    h.since[s] = now;
                 }
             }
         }
@@ -461,6 +465,15 @@ mod tests {
             (id == 0).then(|| (vec![3, 3, 2], vec![1, 2, 0]))
         });
         assert_eq!(*t3.vips[&vip().key()].previous, vec![1, 2, 0]);
+        // A change after the restart moves slots 0 and 1 from 3 to 2 and slot 2 from 2 to 3:
+        // slot 0 keeps its adopted previous backend 1 (the short-lived owner 3 does not take
+        // its place); slot 1 comes back to its previous owner 2, so 3 becomes its previous;
+        // slot 2 had none, its "for ever" owner 2 becomes one.
+        let mut t4 = target(&[2, 2, 3], &[(2, 0), (3, 0)]);
+        let mut moved = view(&[3, 3, 2], &all);
+        moved.published.get_mut(&0).unwrap().previous = Arc::new(vec![1, 2, 0]);
+        w.apply(&d, &moved, &mut t4, now + Duration::from_secs(5), |_| None);
+        assert_eq!(*t4.vips[&vip().key()].previous, vec![1, 3, 2]);
     }
 
     #[test]
