@@ -19,6 +19,8 @@ pub const ENCAP_L2: u8 = 0;
 pub const ENCAP_IPIP: u8 = 1;
 /// GUE variant 1 over UDP.
 pub const ENCAP_GUE: u8 = 2;
+/// Full NAT (`lb_common::nat`): addresses and ports rewritten both ways, no outer header.
+pub const ENCAP_NAT: u8 = 3;
 
 /// Default GUE UDP port (Katran's).
 pub const DEFAULT_GUE_PORT: u16 = 6080;

@@ -364,15 +364,19 @@ pub struct Backend {
     /// [`ENCAP_IPIP`] or [`ENCAP_GUE`] (outer header to `addr`, next hop by FIB lookup). Its
     /// VIP's forwarding mode: a backend id belongs to one VIP.
     pub encap: u8,
-    pub _pad: [u8; 2],
-    /// Outer source address for encapsulation (the load balancer's, of the backend's
-    /// family), network byte order; IPv4 in `[0]`.
+    /// [`ENCAP_NAT`]: the port the backend listens on, network byte order; 0: the packet's
+    /// destination port (the VIP's). Zero in the other modes, which never change ports.
+    pub port: u16,
+    /// Outer source address for encapsulation, or the source NAT address for
+    /// [`ENCAP_NAT`] (the load balancer's, of the backend's family), network byte order;
+    /// IPv4 in `[0]`.
     pub outer_src: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 60);
 const _: () = assert!(core::mem::offset_of!(Backend, ifindex) == 28);
 const _: () = assert!(core::mem::offset_of!(Backend, family) == 40);
 const _: () = assert!(core::mem::offset_of!(Backend, encap) == 41);
+const _: () = assert!(core::mem::offset_of!(Backend, port) == 42);
 const _: () = assert!(core::mem::offset_of!(Backend, outer_src) == 44);
 
 /// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple.

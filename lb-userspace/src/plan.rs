@@ -1,12 +1,12 @@
 //! What a change of desired state does to the slot tables: per VIP, the share of slots that
 //! move and each backend's new share. Pure; used by `lb apply` (and `--dry-run`).
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     maglev::{self, MaglevBackend},
-    model::{DesiredState, VipAddr, VipSpec},
+    model::{BackendAddr, DesiredState, VipAddr, VipSpec},
 };
 
 /// What happens to one VIP.
@@ -16,13 +16,13 @@ pub struct VipPlan {
     /// `add`, `remove`, `change` or `keep`.
     pub action: String,
     /// Backends added, removed, and whose settings change.
-    pub added: Vec<IpAddr>,
-    pub removed: Vec<IpAddr>,
-    pub changed: Vec<IpAddr>,
+    pub added: Vec<BackendAddr>,
+    pub removed: Vec<BackendAddr>,
+    pub changed: Vec<BackendAddr>,
     /// Percentage of the M slots that point at a different backend afterwards.
     pub slots_moved_pct: f64,
     /// Each backend's share of slots afterwards, in percent.
-    pub shares: BTreeMap<IpAddr, f64>,
+    pub shares: BTreeMap<BackendAddr, f64>,
 }
 
 /// The serving table of a VIP spec: backends with weight > 0, not drained and `healthy`.
@@ -30,9 +30,9 @@ pub struct VipPlan {
 pub fn table_for(
     spec: &VipSpec,
     m: u32,
-    healthy: impl Fn(&IpAddr) -> bool,
-) -> (Vec<u32>, Vec<IpAddr>) {
-    let addrs: Vec<IpAddr> = spec.backends.keys().copied().collect();
+    healthy: impl Fn(&BackendAddr) -> bool,
+) -> (Vec<u32>, Vec<BackendAddr>) {
+    let addrs: Vec<BackendAddr> = spec.backends.keys().copied().collect();
     let backends: Vec<MaglevBackend> = spec
         .backends
         .iter()
@@ -47,8 +47,8 @@ pub fn table_for(
     (maglev::build(&backends, m), addrs)
 }
 
-fn shares(table: &[u32], addrs: &[IpAddr]) -> BTreeMap<IpAddr, f64> {
-    let mut out: BTreeMap<IpAddr, f64> = addrs.iter().map(|a| (*a, 0.0)).collect();
+fn shares(table: &[u32], addrs: &[BackendAddr]) -> BTreeMap<BackendAddr, f64> {
+    let mut out: BTreeMap<BackendAddr, f64> = addrs.iter().map(|a| (*a, 0.0)).collect();
     for id in table {
         *out.entry(addrs[*id as usize]).or_default() += 100.0 / table.len() as f64;
     }
@@ -88,7 +88,7 @@ pub fn plan(old: &DesiredState, new: &DesiredState, m: u32) -> Vec<VipPlan> {
             .filter(|a| !ns.backends.contains_key(a))
             .copied()
             .collect();
-        let changed: Vec<IpAddr> = ns
+        let changed: Vec<BackendAddr> = ns
             .backends
             .iter()
             .filter(|(a, b)| os.backends.get(a).is_some_and(|ob| ob != *b))
@@ -166,7 +166,7 @@ mod tests {
         let p = plan(&old, &new, 65537);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].action, "change");
-        assert_eq!(p[0].added, vec!["10.0.0.4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p[0].added, vec!["10.0.0.4".parse::<BackendAddr>().unwrap()]);
         // About a third moves to the new backend, little else.
         assert!(
             (p[0].slots_moved_pct - 33.3).abs() < 2.0,
@@ -184,7 +184,7 @@ mod tests {
         let s = state(&[("10.0.0.2", 1), ("10.0.0.3", 3)]);
         let p = plan(&DesiredState::default(), &s, 65537);
         assert_eq!(p[0].action, "add");
-        assert!((p[0].shares[&"10.0.0.3".parse::<IpAddr>().unwrap()] - 75.0).abs() < 1.0);
+        assert!((p[0].shares[&"10.0.0.3".parse::<BackendAddr>().unwrap()] - 75.0).abs() < 1.0);
         let same = plan(&s, &s, 65537);
         assert_eq!(same[0].action, "keep");
         assert_eq!(same[0].slots_moved_pct, 0.0);

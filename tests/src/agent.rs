@@ -79,7 +79,7 @@ impl AgentDir {
             .vips()?
             .into_iter()
             .next()
-            .and_then(|v| v.backends.into_iter().find(|b| b.address == addr)))
+            .and_then(|v| v.backends.into_iter().find(|b| b.address == addr.into())))
     }
 
     /// Health of backend `addr` in the first VIP (`up`, `down`, `unchecked`; empty if absent).

@@ -186,7 +186,7 @@ impl World {
             flags: 0,
             family: family(addr),
             encap: lb_common::ENCAP_L2,
-            _pad: [0; 2],
+            port: 0,
             outer_src: [0; 4],
         };
         self.dp.backends.set(id, &b)?;

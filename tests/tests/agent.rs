@@ -215,7 +215,11 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
         "8080",
         "--json",
     ])?)?;
-    assert_eq!(t.slot_backend, Some("10.61.0.9".parse()?), "{t:?}");
+    assert_eq!(
+        t.slot_backend,
+        Some("10.61.0.9".parse::<std::net::IpAddr>()?.into()),
+        "{t:?}"
+    );
     // The slot is the one the kernel computes for that 5-tuple (the shared `slot_of`).
     let key = lb_userspace::net::flow_key(
         "192.0.2.1".parse()?,

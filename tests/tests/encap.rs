@@ -40,7 +40,7 @@ fn health_of(vips: &[VipView], vip: &str, addr: &str) -> String {
     vips.iter()
         .filter(|v| v.vip.to_string() == vip)
         .flat_map(|v| v.backends.iter())
-        .find(|b| b.address == addr)
+        .find(|b| b.address == addr.into())
         .map(|b| b.health.clone())
         .unwrap_or_default()
 }
@@ -51,7 +51,7 @@ fn backend_packets(stats: &StatsView, addr: &str) -> u64 {
         .vips
         .iter()
         .flat_map(|v| v.backends.iter())
-        .filter(|b| b.address == addr)
+        .filter(|b| b.address == addr.into())
         .map(|b| b.packets)
         .sum()
 }

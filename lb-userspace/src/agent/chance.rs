@@ -285,7 +285,7 @@ mod tests {
 
     fn backend(i: u8, flags: u32) -> BackendTarget {
         BackendTarget {
-            addr: IpAddr::from([10, 42, 0, i]),
+            addr: IpAddr::from([10, 42, 0, i]).into(),
             mac: Mac([0; 6]),
             encap: lb_common::ENCAP_GUE,
             flags,
@@ -304,7 +304,8 @@ mod tests {
                 mac: None,
                 drained: false,
             };
-            spec.backends.insert(IpAddr::from([10, 42, 0, *b]), b0);
+            spec.backends
+                .insert(IpAddr::from([10, 42, 0, *b]).into(), b0);
         }
         let mut d = DesiredState::default();
         d.vips.insert(vip(), spec);

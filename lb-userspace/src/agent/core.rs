@@ -20,7 +20,7 @@ use crate::{
     },
     api::protocol::{BackendView, RetiredView, VipView},
     maglev::{self, MaglevBackend},
-    model::{DesiredState, Forward, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, Forward, Mac, VipAddr},
     plan::{self, VipPlan},
 };
 
@@ -53,11 +53,11 @@ struct BuiltTable {
 pub struct Core {
     pub(super) desired: DesiredState,
     pub(super) ids: Ids,
-    pub(super) health: BTreeMap<(VipAddr, IpAddr), Health>,
+    pub(super) health: BTreeMap<(VipAddr, BackendAddr), Health>,
     /// The fleet's health verdicts (store mode, while the others' statuses are known): they
     /// decide instead of this node's own probes, so every node takes a backend in or out
     /// alike; a backend the fleet has no verdict on yet counts as up. `None`: own probes.
-    pub(super) fleet_health: Option<BTreeMap<(VipAddr, IpAddr), bool>>,
+    pub(super) fleet_health: Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     /// MACs learned from the neighbour table (the last known one is kept when an entry fails).
     learned: BTreeMap<IpAddr, Mac>,
     pub(super) kernel: Box<dyn Kernel>,
@@ -71,13 +71,13 @@ pub struct Core {
 /// The facts the target is computed from, borrowed from the core.
 struct CoreFacts<'a> {
     desired: &'a DesiredState,
-    health: &'a BTreeMap<(VipAddr, IpAddr), Health>,
-    fleet_health: &'a Option<BTreeMap<(VipAddr, IpAddr), bool>>,
+    health: &'a BTreeMap<(VipAddr, BackendAddr), Health>,
+    fleet_health: &'a Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     learned: &'a BTreeMap<IpAddr, Mac>,
 }
 
 impl Facts for CoreFacts<'_> {
-    fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
+    fn up(&self, vip: &VipAddr, addr: &BackendAddr) -> bool {
         fleet_verdict(self.fleet_health, vip, addr)
             .unwrap_or_else(|| self.health.get(&(*vip, *addr)).is_none_or(|h| h.up))
     }
@@ -86,8 +86,11 @@ impl Facts for CoreFacts<'_> {
         self.desired
             .vips
             .get(vip)
-            .and_then(|v| v.backends.get(addr))
-            .and_then(|b| b.mac)
+            .and_then(|v| {
+                v.backends
+                    .iter()
+                    .find_map(|(a, b)| b.mac.filter(|_| a.ip == *addr))
+            })
             .or_else(|| self.learned.get(addr).copied())
     }
 }
@@ -123,7 +126,7 @@ impl Core {
                     && b.addr == *addr
                     && configured.is_none()
                 {
-                    learned.insert(*addr, b.mac);
+                    learned.insert(addr.ip, b.mac);
                 }
             }
         }
@@ -188,14 +191,14 @@ impl Core {
     /// Every encapsulated backend needs a source address of its family on this node.
     fn check_sources(&self, new: &DesiredState) -> Result<(), Error> {
         for (vip, spec) in &new.vips {
-            if !spec.forward.encapsulates() {
+            if !spec.forward.routed() {
                 continue;
             }
             for addr in spec.backends.keys() {
-                if self.kernel.outer_source(*addr).is_none() {
+                if self.kernel.outer_source(addr.ip).is_none() {
                     return Err(Error::Invalid(format!(
                         "backend {addr} of VIP {vip}: this load balancer has no {} address to encapsulate from (give `lb run --encap-source ADDR`)",
-                        if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                        if addr.ip.is_ipv4() { "IPv4" } else { "IPv6" }
                     )));
                 }
             }
@@ -292,7 +295,7 @@ impl Core {
     pub fn observe_health(
         &mut self,
         vip: &VipAddr,
-        addr: IpAddr,
+        addr: BackendAddr,
         ok: bool,
         detail: String,
     ) -> Result<bool, Error> {
@@ -340,10 +343,10 @@ impl Core {
         self.desired
             .vips
             .values()
-            .filter(|v| !v.forward.encapsulates())
+            .filter(|v| !v.forward.routed())
             .flat_map(|v| v.backends.iter())
             .filter(|(_, b)| b.mac.is_none())
-            .map(|(a, _)| *a)
+            .map(|(a, _)| a.ip)
             .collect()
     }
 
@@ -352,8 +355,8 @@ impl Core {
         self.desired
             .vips
             .values()
-            .filter(|v| v.forward.encapsulates())
-            .flat_map(|v| v.backends.keys().copied())
+            .filter(|v| v.forward.routed())
+            .flat_map(|v| v.backends.keys().map(|a| a.ip))
             .collect()
     }
 
@@ -362,12 +365,12 @@ impl Core {
         let facts = self.facts();
         let mut out: BTreeSet<IpAddr> = BTreeSet::new();
         for (vip, spec) in &self.desired.vips {
-            if spec.forward.encapsulates() {
+            if spec.forward.routed() {
                 continue;
             }
             for addr in spec.backends.keys() {
-                if facts.mac(vip, addr).is_none() {
-                    out.insert(*addr);
+                if facts.mac(vip, &addr.ip).is_none() {
+                    out.insert(addr.ip);
                 }
             }
         }
@@ -427,8 +430,8 @@ impl Core {
                     let id = self.ids.backend(vip, addr).unwrap_or(0);
                     let h = self.health.get(&(*vip, *addr));
                     let slots = built.and_then(|t| t.slots.get(&id)).copied().unwrap_or(0);
-                    let mac = facts.mac(vip, addr);
-                    let routed = spec.forward.encapsulates();
+                    let mac = facts.mac(vip, &addr.ip);
+                    let routed = spec.forward.routed();
                     BackendView {
                         address: *addr,
                         id,
@@ -492,9 +495,9 @@ impl Core {
 /// The fleet's verdict on a backend in store mode (one without a verdict yet counts as up),
 /// `None` when this node's own probes decide.
 fn fleet_verdict(
-    fleet: &Option<BTreeMap<(VipAddr, IpAddr), bool>>,
+    fleet: &Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     vip: &VipAddr,
-    addr: &IpAddr,
+    addr: &BackendAddr,
 ) -> Option<bool> {
     fleet
         .as_ref()

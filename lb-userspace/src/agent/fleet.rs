@@ -1,13 +1,18 @@
 //! What the core tells the fleet and takes from it (store mode): its own probe verdicts, the
 //! digest of each live slot table, and the fleet's health verdicts.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
-use crate::{Error, agent::Core, fleet::status::ring_digest, model::VipAddr};
+use crate::{
+    Error,
+    agent::Core,
+    fleet::status::ring_digest,
+    model::{BackendAddr, VipAddr},
+};
 
 impl Core {
     /// This node's own verdict for every probed backend (true: up).
-    pub fn own_health(&self) -> BTreeMap<VipAddr, BTreeMap<IpAddr, bool>> {
-        let mut out: BTreeMap<VipAddr, BTreeMap<IpAddr, bool>> = BTreeMap::new();
+    pub fn own_health(&self) -> BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>> {
+        let mut out: BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>> = BTreeMap::new();
         for ((vip, addr), h) in &self.health {
             out.entry(*vip).or_default().insert(*addr, h.up);
         }
@@ -18,7 +23,7 @@ impl Core {
     /// converges when that changes anything.
     pub fn set_fleet_health(
         &mut self,
-        verdicts: Option<BTreeMap<(VipAddr, IpAddr), bool>>,
+        verdicts: Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     ) -> Result<bool, Error> {
         if verdicts == self.fleet_health {
             return Ok(false);

@@ -217,7 +217,7 @@ impl Agent {
             .desired
             .vips
             .values()
-            .flat_map(|v| v.backends.keys().copied())
+            .flat_map(|v| v.backends.keys().map(|a| a.ip))
             .collect();
         if !unchanged || new_revision {
             let mut file = prepared.state_file();

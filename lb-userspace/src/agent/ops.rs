@@ -1,11 +1,9 @@
 //! Each command as a pure edit of the desired state: checks that what it names exists (or
 //! does not), and returns the new desired state. The agent validates the result as a whole.
-use std::net::IpAddr;
-
 use crate::{
     Error,
     api::protocol::Command,
-    model::{BackendSpec, DesiredState, VipAddr, VipSpec, validate_backend},
+    model::{BackendAddr, BackendSpec, DesiredState, VipAddr, VipSpec, validate_backend},
 };
 
 fn vip<'a>(d: &'a mut DesiredState, vip: &VipAddr) -> Result<&'a mut VipSpec, Error> {
@@ -17,7 +15,7 @@ fn vip<'a>(d: &'a mut DesiredState, vip: &VipAddr) -> Result<&'a mut VipSpec, Er
 fn backend<'a>(
     d: &'a mut DesiredState,
     v: &VipAddr,
-    addr: &IpAddr,
+    addr: &BackendAddr,
 ) -> Result<&'a mut BackendSpec, Error> {
     vip(d, v)?.backends.get_mut(addr).ok_or_else(|| {
         Error::NotFound(format!(

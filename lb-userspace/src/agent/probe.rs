@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     api::SharedAgent,
-    model::{HealthCheck, HealthKind, VipAddr},
+    model::{BackendAddr, HealthCheck, HealthKind, VipAddr},
 };
 
 /// Longest health-check path sent (longer ones are refused by validation).
@@ -117,14 +117,14 @@ pub async fn probe(to: ProbeTarget, check: &HealthCheck, vip_port: u16) -> (bool
 async fn probe_loop(
     agent: SharedAgent,
     vip: VipAddr,
-    addr: IpAddr,
+    addr: BackendAddr,
     to: ProbeTarget,
     check: HealthCheck,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
     loop {
         tick.tick().await;
-        let (ok, detail) = probe(to, &check, vip.port).await;
+        let (ok, detail) = probe(to, &check, addr.port_for(vip.port)).await;
         let a = agent.clone();
         let recorded =
             tokio::task::spawn_blocking(move || a.core().observe_health(&vip, addr, ok, detail))
@@ -151,7 +151,9 @@ async fn probe_loop(
 }
 
 /// Backends that need probing: (VIP, address, where the probe goes, check).
-fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, ProbeTarget, HealthCheck)> {
+fn health_targets(
+    core: &crate::agent::Core,
+) -> Vec<(VipAddr, BackendAddr, ProbeTarget, HealthCheck)> {
     let mut out = Vec::new();
     for (vip, spec) in &core.desired().vips {
         if let Some(h) = &spec.health {
@@ -167,7 +169,7 @@ fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, ProbeTarge
                     }
                 } else {
                     ProbeTarget {
-                        addr: *addr,
+                        addr: addr.ip,
                         mark: None,
                     }
                 };
@@ -180,11 +182,11 @@ fn health_targets(core: &crate::agent::Core) -> Vec<(VipAddr, IpAddr, ProbeTarge
 
 /// Keeps one probe task per configured target, following configuration changes.
 pub async fn supervise(agent: SharedAgent) {
-    type Running = HashMap<(VipAddr, IpAddr), ((ProbeTarget, HealthCheck), JoinHandle<()>)>;
+    type Running = HashMap<(VipAddr, BackendAddr), ((ProbeTarget, HealthCheck), JoinHandle<()>)>;
     let mut running: Running = HashMap::new();
     loop {
         let targets = health_targets(&agent.core());
-        let wanted: HashMap<(VipAddr, IpAddr), (ProbeTarget, HealthCheck)> = targets
+        let wanted: HashMap<(VipAddr, BackendAddr), (ProbeTarget, HealthCheck)> = targets
             .into_iter()
             .map(|(v, a, t, c)| ((v, a), (t, c)))
             .collect();

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Error,
     maglev::MaglevBackend,
-    model::{DesiredState, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, Mac, VipAddr},
 };
 
 /// Ids given to VIPs and backends; persisted so a restart adopts pinned maps (and the flows
@@ -24,7 +24,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct Ids {
     pub vips: BTreeMap<VipAddr, u32>,
-    pub backends: BTreeMap<VipAddr, BTreeMap<IpAddr, u32>>,
+    pub backends: BTreeMap<VipAddr, BTreeMap<BackendAddr, u32>>,
 }
 
 impl Ids {
@@ -36,7 +36,7 @@ impl Ids {
             .collect()
     }
 
-    pub fn backend(&self, vip: &VipAddr, addr: &IpAddr) -> Option<u32> {
+    pub fn backend(&self, vip: &VipAddr, addr: &BackendAddr) -> Option<u32> {
         self.backends.get(vip)?.get(addr).copied()
     }
 }
@@ -108,7 +108,7 @@ pub fn allocate(
 /// A backend entry as the kernel should hold it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendTarget {
-    pub addr: IpAddr,
+    pub addr: BackendAddr,
     /// The backend's MAC for L2 forwarding; all zero when encapsulated (the FIB finds the
     /// next hop).
     pub mac: Mac,
@@ -178,25 +178,27 @@ pub enum Serving {
 /// What the target is computed from besides the desired state and ids.
 pub trait Facts {
     /// Whether backend `addr` of `vip` passes its health check (true when unchecked).
-    fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool;
+    fn up(&self, vip: &VipAddr, addr: &BackendAddr) -> bool;
     /// The MAC to send backend `addr` of `vip`: configured, learned, or unknown.
     fn mac(&self, vip: &VipAddr, addr: &IpAddr) -> Option<Mac>;
 }
 
 /// Whether and why backend `addr` of `vip` takes new flows.
-pub fn serving(state: &DesiredState, facts: &impl Facts, vip: &VipAddr, addr: &IpAddr) -> Serving {
+pub fn serving(
+    state: &DesiredState,
+    facts: &impl Facts,
+    vip: &VipAddr,
+    addr: &BackendAddr,
+) -> Serving {
     let Some(b) = state.vips.get(vip).and_then(|v| v.backends.get(addr)) else {
         return Serving::Weightless;
     };
-    let routed = state
-        .vips
-        .get(vip)
-        .is_some_and(|v| v.forward.encapsulates());
+    let routed = state.vips.get(vip).is_some_and(|v| v.forward.routed());
     if b.weight == 0 {
         Serving::Weightless
     } else if b.drained {
         Serving::Drained
-    } else if !routed && facts.mac(vip, addr).is_none() {
+    } else if !routed && facts.mac(vip, &addr.ip).is_none() {
         Serving::NoMac
     } else if !facts.up(vip, addr) {
         Serving::Down
@@ -226,11 +228,11 @@ pub fn target(
             // A backend is written to the kernel whenever its MAC is known, serving or not:
             // drained flows stay on it; down ones move (its flag tells the program).
             let serves = serving(state, facts, vip, addr);
-            // Encapsulated backends need no MAC: the FIB finds their next hop.
-            let mac = if spec.forward.encapsulates() {
+            // Routed backends need no MAC: the FIB finds their next hop.
+            let mac = if spec.forward.routed() {
                 Some(Mac([0; 6]))
             } else {
-                facts.mac(vip, addr)
+                facts.mac(vip, &addr.ip)
             };
             if let Some(mac) = mac {
                 let flags = match serves {

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     ErrorKind,
     api::protocol::Command,
-    model::{DesiredState, HealthCheck, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, HealthCheck, Mac, VipAddr},
 };
 
 struct World {
@@ -39,7 +39,7 @@ fn vip(i: u8) -> VipAddr {
     format!("10.0.0.{}:80/tcp", 100 + i).parse().unwrap()
 }
 
-fn addr(i: u8) -> IpAddr {
+fn addr(i: u8) -> BackendAddr {
     format!("10.0.1.{}", i + 1).parse().unwrap()
 }
 
@@ -63,7 +63,7 @@ fn check() -> HealthCheck {
 fn expected_kernel(w: &World) -> reconcile::Target {
     struct F<'a>(&'a World);
     impl Facts for F<'_> {
-        fn up(&self, vip: &VipAddr, addr: &IpAddr) -> bool {
+        fn up(&self, vip: &VipAddr, addr: &BackendAddr) -> bool {
             self.0
                 .agent
                 .core()
@@ -78,7 +78,7 @@ fn expected_kernel(w: &World) -> reconcile::Target {
             let b = core.list();
             b.iter()
                 .find(|v| v.vip == *vip)
-                .and_then(|v| v.backends.iter().find(|b| b.address == *addr))
+                .and_then(|v| v.backends.iter().find(|b| b.address.ip == *addr))
                 .and_then(|b| b.mac.parse().ok())
         }
     }
@@ -186,7 +186,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
         mac: None,
     })
     .unwrap();
-    assert_eq!(added.no_mac, vec![addr(0)]);
+    assert_eq!(added.no_mac, vec![addr(0).ip]);
     run(Command::AddBackend {
         vip: vip(0),
         address: addr(1),
@@ -213,10 +213,10 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
     );
     drop(k);
     // The MAC arrives: the backend serves.
-    w.agent.core().learn_macs(&[(addr(0), mac(0))]).unwrap();
+    w.agent.core().learn_macs(&[(addr(0).ip, mac(0))]).unwrap();
     assert_eq!(w.agent.core().list()[0].backends[0].share_pct, 100.0);
     // A changed MAC is followed.
-    w.agent.core().learn_macs(&[(addr(0), mac(9))]).unwrap();
+    w.agent.core().learn_macs(&[(addr(0).ip, mac(9))]).unwrap();
     let k = w.kernel.lock().unwrap();
     assert!(k.actual.backends.values().any(|b| b.mac == mac(9)));
 }
@@ -385,7 +385,7 @@ fn random_operations_with_failures_keep_state_file_and_kernel_in_agreement() {
                         .observe_health(&v, a, r.below(2) == 0, "p".into());
                 }
                 1 => {
-                    let m = [(addr(r.below(5) as u8), mac(r.below(5) as u8))];
+                    let m = [(addr(r.below(5) as u8).ip, mac(r.below(5) as u8))];
                     let _ = w.agent.core().learn_macs(&m);
                 }
                 _ => {
@@ -437,7 +437,10 @@ fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
         Serving::Serving
     );
     assert!(w.agent.core().wanted_macs().is_empty());
-    assert_eq!(w.agent.core().routed_backends(), BTreeSet::from([addr(0)]));
+    assert_eq!(
+        w.agent.core().routed_backends(),
+        BTreeSet::from([addr(0).ip])
+    );
     {
         let k = w.kernel.lock().unwrap();
         let b = k.actual.backends.values().next().unwrap();

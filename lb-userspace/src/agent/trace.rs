@@ -7,13 +7,13 @@ use super::core::Core;
 use crate::{
     Error,
     api::protocol::{OuterView, Trace},
-    model::{Forward, VipAddr},
+    model::{BackendAddr, Forward, VipAddr},
     net::{addr_words, family, flow_key, words_addr},
 };
 
 impl Core {
     /// Address of backend id `id` of `vip`.
-    fn backend_addr(&self, vip: &VipAddr, id: u32) -> Option<IpAddr> {
+    fn backend_addr(&self, vip: &VipAddr, id: u32) -> Option<BackendAddr> {
         self.ids
             .backends
             .get(vip)?
@@ -101,7 +101,7 @@ impl Core {
         let previous_backend = previous_backend.filter(|_| flow_backend.is_none());
         let outer = next_packet_to
             .filter(|_| spec.forward.encapsulates())
-            .and_then(|b| self.outer_view(spec.forward, b, &key));
+            .and_then(|b| self.outer_view(spec.forward, b.ip, &key));
         Ok(Trace {
             vip: *vip,
             vip_id,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ErrorKind,
     agent::reconcile::Serving,
-    model::{DesiredState, Forward, HealthCheck, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, Forward, HealthCheck, Mac, VipAddr},
     plan::VipPlan,
 };
 
@@ -39,22 +39,22 @@ pub enum Command {
     },
     AddBackend {
         vip: VipAddr,
-        address: IpAddr,
+        address: BackendAddr,
         weight: u32,
         mac: Option<Mac>,
     },
     RemoveBackend {
         vip: VipAddr,
-        address: IpAddr,
+        address: BackendAddr,
     },
     SetWeight {
         vip: VipAddr,
-        address: IpAddr,
+        address: BackendAddr,
         weight: u32,
     },
     Drain {
         vip: VipAddr,
-        address: IpAddr,
+        address: BackendAddr,
         drained: bool,
     },
     Apply {
@@ -158,7 +158,7 @@ pub struct CommandResult {
 /// A backend as listed by the API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendView {
-    pub address: IpAddr,
+    pub address: BackendAddr,
     pub id: u32,
     pub weight: u32,
     /// The MAC frames are sent to, or `no-mac`.
@@ -209,7 +209,7 @@ pub struct VipView {
 /// A backend removed from a VIP whose slots still name it as previous (second chance).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RetiredView {
-    pub address: IpAddr,
+    pub address: BackendAddr,
     pub id: u32,
     pub previous_slots: usize,
 }
@@ -221,15 +221,15 @@ pub struct Trace {
     pub vip_id: u32,
     pub slot: u32,
     /// Backend the slot table gives a new flow.
-    pub slot_backend: Option<IpAddr>,
+    pub slot_backend: Option<BackendAddr>,
     /// The slot's previous backend during a drain window: the second hop a `gue` packet
     /// carries (the first backend sends it there unless it owns the flow).
     #[serde(default)]
-    pub previous_backend: Option<IpAddr>,
+    pub previous_backend: Option<BackendAddr>,
     /// Backend remembered in the flow table, if the flow is known.
-    pub flow_backend: Option<IpAddr>,
+    pub flow_backend: Option<BackendAddr>,
     /// Where the next packet goes.
-    pub next_packet_to: Option<IpAddr>,
+    pub next_packet_to: Option<BackendAddr>,
     /// How it gets there, and for encapsulation the outer header.
     #[serde(default)]
     pub forward: Forward,
@@ -249,7 +249,7 @@ pub struct OuterView {
 /// Counters of one backend.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendStats {
-    pub address: IpAddr,
+    pub address: BackendAddr,
     pub packets: u64,
     pub bytes: u64,
 }

@@ -4,7 +4,7 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     AttachMode,
-    model::{Forward, MAX_WEIGHT, Mac, VipAddr},
+    model::{BackendAddr, Forward, MAX_WEIGHT, Mac, VipAddr},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
@@ -19,19 +19,6 @@ fn weight(s: &str) -> Result<u32, String> {
             "`{s}` is not a weight: use a whole number 0-{MAX_WEIGHT}"
         )),
     }
-}
-
-/// A backend address: an IP address without a port (a backend serves the VIP's port).
-fn backend_addr(s: &str) -> Result<IpAddr, String> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    if s.parse::<SocketAddr>().is_ok() {
-        return Err(format!(
-            "`{s}` has a port: a backend is an IP address only (in L2 DSR it serves the VIP's port)"
-        ));
-    }
-    Err(format!("`{s}` is not an IPv4 or IPv6 address"))
 }
 
 /// An IPIP source prefix: an IPv4 /16 or an IPv6 /64 with nothing set past the prefix.
@@ -365,8 +352,7 @@ pub enum BackendCmd {
     /// Add a backend to a VIP.
     Add {
         vip: VipAddr,
-        #[arg(value_parser = backend_addr)]
-        address: IpAddr,
+        address: BackendAddr,
         /// Relative weight, 0-65535.
         #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = weight)]
         weight: u32,
@@ -375,11 +361,7 @@ pub enum BackendCmd {
         mac: Option<Mac>,
     },
     /// Remove a backend; its flows are placed again.
-    Remove {
-        vip: VipAddr,
-        #[arg(value_parser = backend_addr)]
-        address: IpAddr,
-    },
+    Remove { vip: VipAddr, address: BackendAddr },
     /// List a VIP's backends (all VIPs when omitted).
     List {
         vip: Option<VipAddr>,
@@ -389,16 +371,14 @@ pub enum BackendCmd {
     /// Set a backend's weight (0-65535).
     Weight {
         vip: VipAddr,
-        #[arg(value_parser = backend_addr)]
-        address: IpAddr,
+        address: BackendAddr,
         #[arg(allow_negative_numbers = true, value_parser = weight)]
         weight: u32,
     },
     /// Drain a backend: no new flows, established flows continue.
     Drain {
         vip: VipAddr,
-        #[arg(value_parser = backend_addr)]
-        address: IpAddr,
+        address: BackendAddr,
         /// Take new flows again.
         #[arg(long)]
         undo: bool,
@@ -480,8 +460,8 @@ mod tests {
                 "not an IPv4 or IPv6 address",
             ),
             (
-                &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.2:8080"],
-                "has a port",
+                &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.2:0"],
+                "port must be 1-65535",
             ),
             (
                 &[

@@ -8,7 +8,7 @@ use lb_userspace::{
         client::{Client, encode_query},
         protocol::{Command, CommandResult, StatsView, Trace, VipView},
     },
-    model::{HealthCheck, HealthKind, VipAddr, parse_config},
+    model::{BackendAddr, HealthCheck, HealthKind, VipAddr, parse_config},
     plan, run, samples,
 };
 
@@ -317,7 +317,7 @@ async fn trace(
     if json {
         return print_json(&t);
     }
-    let show = |a: Option<IpAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    let show = |a: Option<BackendAddr>| a.map_or("-".to_string(), |a| a.to_string());
     print_table(
         &[
             "VIP",

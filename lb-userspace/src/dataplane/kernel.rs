@@ -15,7 +15,7 @@ use crate::{
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
     dataplane::stats::StatsMaps,
-    model::Mac,
+    model::{BackendAddr, Mac},
     net::{addr_words, family, words_addr},
 };
 
@@ -75,17 +75,17 @@ impl MapsKernel {
         // Checked when a change is made; a state saved by a run that had a source of this
         // family (the interface lost its address since) is refused here, and reported as not
         // converged, rather than sent from no address.
-        if b.encap != ENCAP_L2 && self.sources.for_backend(b.addr).is_none() {
+        if b.encap != ENCAP_L2 && self.sources.for_backend(b.addr.ip).is_none() {
             return Err(Error::Kernel(format!(
-                "backend {}: no {} address to encapsulate from (give `lb run --encap-source ADDR`)",
+                "backend {}: no {} address to send from (give `lb run --encap-source ADDR`)",
                 b.addr,
-                if b.addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                if b.addr.ip.is_ipv4() { "IPv4" } else { "IPv6" }
             )));
         }
         let old = self.dp.backends.get(id)?;
         let was_present = old.flags & BACKEND_F_PRESENT != 0;
         let entry = Backend {
-            addr: addr_words(b.addr),
+            addr: addr_words(b.addr.ip),
             mac: b.mac.0,
             src_mac: self.lb_mac,
             ifindex: 0,
@@ -95,10 +95,10 @@ impl MapsKernel {
                 old.generation
             },
             flags: BACKEND_F_PRESENT | b.flags,
-            family: family(b.addr),
+            family: family(b.addr.ip),
             encap: b.encap,
-            _pad: [0; 2],
-            outer_src: self.outer_src(b.encap, b.addr),
+            port: b.addr.port.to_be(),
+            outer_src: self.outer_src(b.encap, b.addr.ip),
         };
         if new_owner {
             // Counters first: the new owner's first packet must not be added to the old's.
@@ -122,7 +122,7 @@ impl MapsKernel {
     /// What a backend entry read from the map stands for.
     fn target_of(b: &Backend) -> BackendTarget {
         BackendTarget {
-            addr: words_addr(b.addr, b.family),
+            addr: BackendAddr::new(words_addr(b.addr, b.family), u16::from_be(b.port)),
             mac: Mac(b.mac),
             encap: b.encap,
             flags: b.flags & !BACKEND_F_PRESENT,
@@ -214,8 +214,8 @@ impl Kernel for MapsKernel {
             // pinned by a run with another `--encap-source` is corrected here, in place (same
             // generation, so its flows stay).
             let t = Self::target_of(&b);
-            if b.encap != ENCAP_L2 && self.sources.for_backend(t.addr).is_some() {
-                let src = self.outer_src(b.encap, t.addr);
+            if b.encap != ENCAP_L2 && self.sources.for_backend(t.addr.ip).is_some() {
+                let src = self.outer_src(b.encap, t.addr.ip);
                 if b.outer_src != src {
                     b.outer_src = src;
                     self.dp.backends.set(id, &b)?;

@@ -381,7 +381,7 @@ impl Fleet {
         &self,
         agent: &Arc<Agent>,
         verdicts: Option<
-            std::collections::BTreeMap<(crate::model::VipAddr, std::net::IpAddr), bool>,
+            std::collections::BTreeMap<(crate::model::VipAddr, crate::model::BackendAddr), bool>,
         >,
     ) {
         let a = agent.clone();

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::VipAddr;
+use crate::model::{BackendAddr, VipAddr};
 
 /// One node's status, published under `nodes/<node>` with a lease.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,7 +15,7 @@ pub struct NodeStatus {
     /// Per VIP: [`ring_digest`] of the slot table live in this node's kernel (hex).
     pub digests: BTreeMap<VipAddr, String>,
     /// Per VIP and backend: this node's own probe verdict (true: up). Only checked backends.
-    pub health: BTreeMap<VipAddr, BTreeMap<IpAddr, bool>>,
+    pub health: BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
     /// Why this node's kernel does not match its configuration, while it does not.
     #[serde(default)]
     pub not_converged: Option<String>,
@@ -23,20 +23,31 @@ pub struct NodeStatus {
     pub at_unix: u64,
 }
 
-/// FNV-1a over the backend address of every slot in order (16 bytes each, IPv4 mapped; an
-/// empty slot hashes as 16 zero bytes). Backend ids are per node, addresses are not, so equal
+/// FNV-1a over the backend address of every slot in order (16 bytes each, IPv4 mapped, then
+/// the port if the backend has its own; an empty slot hashes as 16 zero bytes). Backend ids are per node, addresses are not, so equal
 /// digests mean the nodes send every flow of the VIP to the same backend.
-pub fn ring_digest(slots: impl Iterator<Item = Option<IpAddr>>) -> u64 {
+pub fn ring_digest(slots: impl Iterator<Item = Option<BackendAddr>>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for s in slots {
-        let bytes = match s {
-            Some(IpAddr::V4(a)) => a.to_ipv6_mapped().octets(),
-            Some(IpAddr::V6(a)) => a.octets(),
-            None => [0; 16],
-        };
+    let mut eat = |bytes: &[u8]| {
         for b in bytes {
-            h ^= u64::from(b);
+            h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for s in slots {
+        match s {
+            Some(b) => {
+                eat(&match b.ip {
+                    IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    IpAddr::V6(a) => a.octets(),
+                });
+                // A backend on its own port (NAT) also hashes the port; one on the VIP's
+                // port hashes as before ports existed.
+                if b.port != 0 {
+                    eat(&b.port.to_be_bytes());
+                }
+            }
+            None => eat(&[0; 16]),
         }
     }
     h
@@ -49,10 +60,10 @@ pub fn ring_digest(slots: impl Iterator<Item = Option<IpAddr>>) -> u64 {
 /// others for longer than one status round.
 pub fn fleet_health(
     me: &str,
-    own: &BTreeMap<VipAddr, BTreeMap<IpAddr, bool>>,
+    own: &BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
     nodes: &[NodeStatus],
-) -> BTreeMap<(VipAddr, IpAddr), bool> {
-    let mut votes: BTreeMap<(VipAddr, IpAddr), (u32, u32)> = BTreeMap::new();
+) -> BTreeMap<(VipAddr, BackendAddr), bool> {
+    let mut votes: BTreeMap<(VipAddr, BackendAddr), (u32, u32)> = BTreeMap::new();
     let views = nodes
         .iter()
         .filter(|n| n.node != me)
@@ -127,7 +138,7 @@ mod tests {
         "10.0.0.10:80/tcp".parse().unwrap()
     }
 
-    fn view(up: &[(&str, bool)]) -> BTreeMap<VipAddr, BTreeMap<IpAddr, bool>> {
+    fn view(up: &[(&str, bool)]) -> BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>> {
         BTreeMap::from([(
             vip(),
             up.iter().map(|(a, u)| (a.parse().unwrap(), *u)).collect(),
@@ -146,7 +157,7 @@ mod tests {
 
     #[test]
     fn a_minority_cannot_take_a_backend_out_and_a_majority_can() {
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: BackendAddr = "10.0.0.2".parse().unwrap();
         let others = [
             node("a", 1, &[("10.0.0.2", true)], "x"),
             node("b", 1, &[("10.0.0.2", true)], "x"),
@@ -186,8 +197,8 @@ mod tests {
 
     #[test]
     fn the_digest_follows_addresses_and_order() {
-        let a: IpAddr = "10.0.0.2".parse().unwrap();
-        let b: IpAddr = "10.0.0.3".parse().unwrap();
+        let a: BackendAddr = "10.0.0.2".parse().unwrap();
+        let b: BackendAddr = "10.0.0.3".parse().unwrap();
         let ab = ring_digest([Some(a), Some(b)].into_iter());
         assert_eq!(ab, ring_digest([Some(a), Some(b)].into_iter()));
         assert_ne!(ab, ring_digest([Some(b), Some(a)].into_iter()));

@@ -479,7 +479,7 @@ pub fn import(text: &str, opts: &Options, resolver: &dyn Resolver) -> Result<Imp
                     ));
                 }
                 spec.backends.insert(
-                    a,
+                    a.into(),
                     BackendSpec {
                         weight,
                         mac: None,

@@ -1,12 +1,12 @@
 //! The declarative config file (TOML): `[[vip]]` tables parsed strictly (unknown fields are
 //! errors) into a validated [`DesiredState`].
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 use super::{
-    BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec, default_second_chance,
-    default_udp_idle, default_weight,
+    BackendAddr, BackendSpec, DesiredState, Forward, HealthCheck, Mac, VipAddr, VipSpec,
+    default_second_chance, default_udp_idle, default_weight,
 };
 
 /// `[[vip]]` tables of the config file.
@@ -41,7 +41,7 @@ struct ConfigVip {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigBackend {
-    address: IpAddr,
+    address: BackendAddr,
     #[serde(default = "default_weight")]
     weight: u32,
     #[serde(default)]

@@ -319,7 +319,7 @@ pub struct VipSpec {
     #[serde(default)]
     pub health: Option<HealthCheck>,
     #[serde(default)]
-    pub backends: BTreeMap<IpAddr, BackendSpec>,
+    pub backends: BTreeMap<BackendAddr, BackendSpec>,
 }
 
 impl Default for VipSpec {
@@ -390,26 +390,32 @@ pub fn second_chance_needs_gue(vip: &VipAddr, forward: Forward) -> Result<(), St
     Ok(())
 }
 
-/// One backend's rules: weight range, and for L2 forwarding the address family (an
-/// encapsulating VIP may have backends of the other family; they need no MAC).
+/// One backend's rules: weight range, the address family (only an encapsulating VIP may have
+/// backends of the other family), a MAC only for L2, a port of its own only for NAT.
 pub fn validate_backend(
     vip: &VipAddr,
     forward: Forward,
-    addr: &IpAddr,
+    backend: &BackendAddr,
     b: &BackendSpec,
 ) -> Result<(), String> {
+    let addr = &backend.ip;
     if b.weight > MAX_WEIGHT {
         return Err(format!(
             "weight {} for backend {addr} is out of range: use 0-{MAX_WEIGHT}",
             b.weight
         ));
     }
-    if forward.is_l2() && addr.is_ipv4() != vip.ip.is_ipv4() {
+    if !forward.encapsulates() && addr.is_ipv4() != vip.ip.is_ipv4() {
         return Err(format!(
             "backend {addr} and VIP {vip} are of different address families (only ipip and gue forwarding can cross families)"
         ));
     }
-    if forward.encapsulates() && b.mac.is_some() {
+    if backend.port != 0 && backend.port != vip.port && !forward.translates_ports() {
+        return Err(format!(
+            "backend {backend} of VIP {vip}: {forward} forwarding never changes ports, so a backend serves the VIP's port (use forward = \"nat\" for backends on other ports)"
+        ));
+    }
+    if forward.routed() && b.mac.is_some() {
         return Err(format!(
             "backend {addr} of VIP {vip}: a MAC only applies to l2 forwarding ({forward} finds the next hop by route)"
         ));
@@ -425,8 +431,10 @@ pub fn validate_backend(
     Ok(())
 }
 
+mod backend;
 mod config;
 mod forward;
+pub use backend::BackendAddr;
 pub use config::{parse_config, render_config};
 pub use forward::Forward;
 

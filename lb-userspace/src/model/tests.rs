@@ -112,3 +112,41 @@ adress = "10.0.0.10:80/tcp""#,
         assert!(err.contains(why), "{err}");
     }
 }
+
+#[test]
+fn only_nat_moves_ports_and_it_keeps_the_family() {
+    let vip: VipAddr = "10.0.0.10:80/tcp".parse().unwrap();
+    let b = BackendSpec {
+        weight: 100,
+        mac: None,
+        drained: false,
+    };
+    let at = |s: &str| s.parse::<BackendAddr>().unwrap();
+    for f in [Forward::L2, Forward::Ipip, Forward::Gue] {
+        let e = validate_backend(&vip, f, &at("10.0.0.2:8000"), &b).unwrap_err();
+        assert!(e.contains("never changes ports"), "{f}: {e}");
+        // The VIP's own port, written out, is the same backend as no port.
+        validate_backend(&vip, f, &at("10.0.0.2:80"), &b).unwrap();
+    }
+    validate_backend(&vip, Forward::Nat, &at("10.0.0.2:8000"), &b).unwrap();
+    let e = validate_backend(&vip, Forward::Nat, &at("[2001:db8::2]:8000"), &b).unwrap_err();
+    assert!(e.contains("different address families"), "{e}");
+    let e = validate_backend(
+        &vip,
+        Forward::Nat,
+        &at("10.0.0.2:8000"),
+        &BackendSpec {
+            mac: Some(Mac([2; 6])),
+            ..b
+        },
+    )
+    .unwrap_err();
+    assert!(e.contains("a MAC only applies to l2"), "{e}");
+    // A config file says the same.
+    let cfg = "[[vip]]\naddress = \"10.0.0.10:80/tcp\"\nforward = \"nat\"\nbackend = [ { address = \"10.0.0.2:8000\" }, { address = \"10.0.0.2:8001\" } ]\n";
+    let s = parse_config(cfg).unwrap();
+    assert_eq!(s.vips[&vip].backends.len(), 2);
+    assert_eq!(parse_config(&render_config(&s)).unwrap(), s);
+    let e = parse_config(&cfg.replace("forward = \"nat\"\n", "")).unwrap_err();
+    assert!(e.contains("never changes ports"), "{e}");
+}
