@@ -16,10 +16,12 @@ mod abi;
 mod chance;
 mod encap;
 mod flow;
+mod nat;
 pub use abi::*;
 pub use chance::*;
 pub use encap::*;
 pub use flow::*;
+pub use nat::*;
 
 // ---------------------------------------------------------------------------------------------
 // Map names and default capacities.
@@ -126,11 +128,20 @@ pub enum Stat {
     /// Too big for the egress MTU once encapsulated and not answerable (IPv4 without DF, or
     /// too short to quote): dropped.
     DropTooBig = 12,
+    /// NAT: every port a new connection tried toward its backend is in use: dropped.
+    DropNatNoPort = 13,
+    /// NAT: the translation table is full: dropped.
+    DropNatTableFull = 14,
+    /// NAT: an answer to a NAT source address matching no translation (the load balancer's
+    /// own traffic, or an expired one): passed to the kernel.
+    PassNatUnknown = 15,
+    /// NAT: an ICMP error about a translated flow: passed to the kernel (not translated).
+    PassNatIcmp = 16,
 }
 
 impl Stat {
     /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 17;
     /// All variants in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Forwarded,
@@ -146,6 +157,10 @@ impl Stat {
         Stat::DropForwardingDisabled,
         Stat::IcmpTooBig,
         Stat::DropTooBig,
+        Stat::DropNatNoPort,
+        Stat::DropNatTableFull,
+        Stat::PassNatUnknown,
+        Stat::PassNatIcmp,
     ];
 
     /// Stable snake_case name used in CLI output and metrics labels.
@@ -164,6 +179,10 @@ impl Stat {
             Stat::DropForwardingDisabled => "dropped_forwarding_disabled",
             Stat::IcmpTooBig => "icmp_too_big_sent",
             Stat::DropTooBig => "dropped_too_big",
+            Stat::DropNatNoPort => "dropped_nat_no_port",
+            Stat::DropNatTableFull => "dropped_nat_table_full",
+            Stat::PassNatUnknown => "passed_nat_unknown",
+            Stat::PassNatIcmp => "passed_nat_icmp",
         }
     }
 }
@@ -216,8 +235,13 @@ pub struct LbConfig {
     /// IPIP over IPv6: outer source taken per flow from this /64 (network byte order; words
     /// 2 and 3 are per flow). All zero: the backend's `outer_src`.
     pub ipip_src_prefix6: [u32; 4],
+    /// NAT source ports, host byte order, inclusive.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 56);
+const _: () = assert!(core::mem::offset_of!(LbConfig, nat_port_min) == 48);
 const _: () = assert!(core::mem::offset_of!(LbConfig, hash_seed) == 8);
 const _: () = assert!(core::mem::offset_of!(LbConfig, gue_port) == 20);
 const _: () = assert!(core::mem::offset_of!(LbConfig, ipip_src_prefix6) == 32);
@@ -242,6 +266,9 @@ impl LbConfig {
         ipip_src_prefix4: 0,
         _pad1: 0,
         ipip_src_prefix6: [0; 4],
+        nat_port_min: DEFAULT_NAT_PORT_MIN,
+        nat_port_max: DEFAULT_NAT_PORT_MAX,
+        _pad2: 0,
     };
 }
 
@@ -474,4 +501,5 @@ mod pod {
     unsafe impl aya::Pod for super::VipIndexEntry {}
     unsafe impl aya::Pod for super::DecapConfig {}
     unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::NatEntry {}
 }

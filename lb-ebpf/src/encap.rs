@@ -62,7 +62,7 @@ pub fn encapsulate(
     };
     let plan = outer::plan(cfg, b, &pkt.key, &inner, ingress, hop)
         .ok_or(Verdict::Drop(Stat::DropTooBig))?;
-    let next = match next_hop(ctx, id, b, &plan) {
+    let next = match next_hop(ctx, id, b, &plan.outer) {
         Fib::Hop(h) => Some(h),
         Fib::NoNeighbour => None,
         Fib::TooBig(mtu) => {
@@ -105,10 +105,10 @@ pub fn encapsulate(
 /// generation and interface, and known to fit (or known not to); else asked and cached. A
 /// route or neighbour change is seen within `NEXTHOP_TTL_S`.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, plan: &outer::Plan) -> Fib {
-    let len = plan.outer.len;
+pub fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, o: &fib::Outer) -> Fib {
+    let len = o.len;
     let Some(c) = LB_NEXTHOPS.get_ptr_mut(id) else {
-        return fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
+        return fib::lookup(ctx.ctx as *mut _, o, 0);
     };
     // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile. Read
     // and written in place: copies of the entry would cost stack the XDP path has not got.
@@ -129,7 +129,7 @@ fn next_hop(ctx: &XdpContext, id: u32, b: &Backend, plan: &outer::Plan) -> Fib {
             return Fib::TooBig(u32::from(cached.mtu));
         }
     }
-    let answer = fib::lookup(ctx.ctx as *mut _, &plan.outer, 0);
+    let answer = fib::lookup(ctx.ctx as *mut _, o, 0);
     if !matches!(answer, Fib::Hop(_) | Fib::TooBig(_)) {
         // Not cached: asked again next time.
         return answer;

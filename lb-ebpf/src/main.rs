@@ -14,6 +14,7 @@ mod forward;
 mod hc;
 mod icmp;
 mod maps;
+mod nat;
 mod outer;
 mod parse;
 mod proto;
@@ -22,7 +23,7 @@ mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{ENCAP_L2, Stat};
+use lb_common::{ENCAP_L2, ENCAP_NAT, Stat};
 
 /// What to do with a packet, and why.
 #[derive(Clone, Copy)]
@@ -47,11 +48,25 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     lb(&ctx)
 }
 
-/// The one place that turns a [`Verdict`] into an XDP action and a counter.
+/// NAT VIPs and answers to NAT addresses (`nat`): a program of its own, entered from
+/// [`lb_xdp`] by a tail call. Verifier note: a tail call starts a fresh 512-byte stack; the
+/// NAT path (two entries, two keys, FIB parameters) does not fit beside the rest.
+#[xdp(frags)]
+pub fn lb_nat(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    act(nat::run(&ctx, len), len)
+}
+
 #[inline(always)]
 fn lb(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = match try_lb(ctx, len) {
+    act(try_lb(ctx, len), len)
+}
+
+/// The one place that turns a [`Verdict`] into an XDP action and a counter.
+#[inline(always)]
+fn act(verdict: Result<Verdict, Verdict>, len: u64) -> u32 {
+    let verdict = match verdict {
         Ok(v) | Err(v) => v,
     };
     match verdict {
@@ -80,8 +95,20 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     let pkt = parse::parse(ctx)?;
     // Read once: the selection and the encapsulation both need the load-time constants.
     let cfg = maps::config();
+    // A backend's answer to a NAT address goes back to its client (one array read decides;
+    // VIP packets pay only that).
+    if nat::is_nat_addr(&pkt) {
+        // A backend's answer to a NAT address: the NAT program's (no return on success).
+        nat::enter(ctx);
+        return Err(Verdict::Drop(Stat::DropTxError));
+    }
     let picked = select::pick(&pkt, &cfg)?;
     stats::count_vip(picked.vip_id, len, picked.new_flow);
+    if picked.backend.encap == ENCAP_NAT {
+        // The NAT table decides the backend (and counts it).
+        nat::enter(ctx);
+        return Err(Verdict::Drop(Stat::DropTxError));
+    }
     stats::count_backend(picked.id, len);
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, &picked.backend)

@@ -2,13 +2,14 @@
 //! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NextHopCache, Slot,
-    VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo,
-    VipKey, vip_filter_bit, vip_index_slot,
+    Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES,
+    DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
+    NextHopCache, PROG_NAT as PROG_NAT_INDEX, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS,
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, vip_filter_bit,
+    vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -60,6 +61,25 @@ pub static LB_FLOWS_NEW: LruHashMap<FlowKey, FlowValue> =
 #[map(name = "LB_NEXTHOPS")]
 pub static LB_NEXTHOPS: PerCpuArray<NextHopCache> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Full NAT, both directions (`lb_common::nat`). Plain hashes: full means refused, never
+/// evicted.
+#[map(name = "LB_NAT_FWD")]
+pub static LB_NAT_FWD: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+
+#[map(name = "LB_NAT_REV")]
+pub static LB_NAT_REV: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+
+/// Index of the NAT program in [`LB_PROGS`].
+pub const PROG_NAT: u32 = PROG_NAT_INDEX;
+
+#[map(name = "LB_PROGS")]
+pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[map(name = "LB_NAT_ADDRS")]
+pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(2, 0);
 
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

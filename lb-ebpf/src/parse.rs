@@ -44,6 +44,8 @@ pub struct Parsed {
 #[derive(Clone, Copy)]
 pub struct IpFacts {
     pub l3: usize,
+    /// Where the L4 header (TCP, UDP or ICMP) starts.
+    pub l4: usize,
     pub len: usize,
     pub tos: u8,
     pub df: bool,
@@ -116,6 +118,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     let l4_len = tot_len - ihl;
     let facts = IpFacts {
         l3,
+        l4,
         len: tot_len,
         tos: ip.tos,
         df: u16::from_be_bytes(ip.frags) & IP_DF != 0,
@@ -180,6 +183,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     }
     let facts = IpFacts {
         l3,
+        l4,
         len: Ipv6Hdr::LEN + payload,
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         df: true,

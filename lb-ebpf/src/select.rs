@@ -9,9 +9,9 @@
 //! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue, LbConfig,
-    PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides, slot_index,
-    slot_of,
+    BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue,
+    LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides,
+    slot_index, slot_of,
 };
 
 use crate::{
@@ -150,6 +150,14 @@ fn picked(id: u32, backend: Backend, vip_id: u32, new_flow: bool) -> Picked {
     }
 }
 
+/// The backend id and VIP id the live slot table gives a new flow (NAT's placement: its
+/// connections live in the NAT table).
+#[inline(always)]
+pub fn slot_backend(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32), Verdict> {
+    let (vip_id, slot, _, _) = by_table(pkt, cfg)?;
+    Ok((slot.backend, vip_id))
+}
+
 /// The VIP id, slot and backend the VIP's live slot table gives the packet.
 #[inline(always)]
 fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, Slot, Backend, VipInfo), Verdict> {
@@ -187,11 +195,12 @@ fn place(
 ) -> Result<Picked, Verdict> {
     let (vip_id, slot, b, vip) = by_table(pkt, cfg)?;
     let id = slot.backend;
-    if pkt.icmp_error || slot.previous != 0 {
+    if pkt.icmp_error || slot.previous != 0 || b.encap == ENCAP_NAT {
         // An ICMP error is steered like its flow, never a reason to remember one. A slot
         // with a previous backend is in its drain window: the flow may belong to either, and
         // only the backends can tell (second chance), so every packet is placed by the table
-        // and carries both until the window ends.
+        // and carries both until the window ends. A NAT VIP's connections live in the NAT
+        // table, which decides their backend (`nat::forward`).
         return Ok(Picked {
             previous: slot.previous,
             ..picked(id, b, vip_id, false)

@@ -347,11 +347,26 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let egress_task = tokio::spawn(egress_upkeep(agent.clone(), tx_ports, opts.iface.clone()));
     let retry_agent = agent.clone();
     let retry_task = tokio::spawn(async move {
+        // Seconds between NAT sweeps.
+        const NAT_SWEEP_S: u64 = 5;
+        let mut swept: u64 = 0;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let a = retry_agent.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.retry()).await {
                 log::warn!("the data plane is still not in line: {e}");
+            }
+            swept += 1;
+            if swept.is_multiple_of(NAT_SWEEP_S) {
+                let a = retry_agent.clone();
+                match tokio::task::spawn_blocking(move || a.nat_sweep()).await {
+                    Ok(Ok((_, 0))) => {}
+                    Ok(Ok((live, gone))) => {
+                        log::debug!("NAT: {gone} expired connections deleted, {live} live")
+                    }
+                    Ok(Err(e)) => log::warn!("NAT sweep: {e}"),
+                    Err(e) => log::warn!("NAT sweep: {e}"),
+                }
             }
         }
     });

@@ -46,4 +46,8 @@ pub trait Kernel: Send {
     fn live_slots(&self, _vip_id: u32) -> Result<Option<LiveSlots>, Error> {
         Ok(None)
     }
+    /// Deletes expired NAT connections; returns (live, deleted).
+    fn nat_sweep(&mut self) -> Result<(usize, usize), Error> {
+        Ok((0, 0))
+    }
 }

@@ -255,6 +255,12 @@ impl Agent {
 
     /// Converges again when the last attempt failed, or when a second-chance window has
     /// ended (its previous backends are cleared); called every second.
+    /// Deletes expired NAT connections (every few seconds; the program takes over an
+    /// expired port by itself, this keeps the tables from filling up).
+    pub fn nat_sweep(&self) -> Result<(usize, usize), Error> {
+        self.core().kernel_mut().nat_sweep()
+    }
+
     pub fn retry(&self) -> Result<(), Error> {
         let mut core = self.core();
         if core.not_converged().is_some() {

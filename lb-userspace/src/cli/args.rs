@@ -21,6 +21,20 @@ fn weight(s: &str) -> Result<u32, String> {
     }
 }
 
+/// A port range `LOW-HIGH`, 1 <= LOW <= HIGH.
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("invalid port range `{s}`: expected LOW-HIGH with 1 <= LOW <= HIGH");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let (lo, hi): (u16, u16) = (
+        lo.parse().map_err(|_| bad())?,
+        hi.parse().map_err(|_| bad())?,
+    );
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
 /// An IPIP source prefix: an IPv4 /16 or an IPv6 /64 with nothing set past the prefix.
 pub fn source_prefix(s: &str) -> Result<IpAddr, String> {
     let bad = |why: &str| format!("invalid source prefix `{s}`: {why}");
@@ -219,8 +233,13 @@ pub struct RunArgs {
     /// UDP port of GUE packets (backends' `lb decap --gue-port` must match).
     #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
-    /// Outer source address of encapsulated packets (one per family) [default: the
-    /// interface's first global address of that family].
+    /// NAT source ports, LOW-HIGH (kept apart from the kernel's ephemeral ports, so the load
+    /// balancer's own connections never meet a NAT port).
+    #[arg(long, value_name = "LOW-HIGH", default_value = "1024-32767", value_parser = port_range)]
+    pub nat_ports: (u16, u16),
+    /// Source address of encapsulated and NAT'ed packets (one per family) [default: the
+    /// interface's first global address of that family]. Backends answer NAT'ed packets to
+    /// it: it must route back to this interface.
     #[arg(long = "encap-source", value_name = "ADDR")]
     pub encap_source: Vec<IpAddr>,
     /// IPIP only: take each flow's outer source from this prefix (an IPv4 /16 or an IPv6

@@ -112,6 +112,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             flow_table_off: a.flow_table == "off",
             fin_grace_s: a.fin_grace,
             gue_port: a.gue_port,
+            nat_ports: a.nat_ports,
             ipip_prefix4: a.ipip_source_prefix.iter().find_map(|p| match p {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,

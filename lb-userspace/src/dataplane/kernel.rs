@@ -54,6 +54,13 @@ impl MapsKernel {
             sources,
             view: KernelView::default(),
         };
+        // The NAT source addresses are this run's: the program answers on them, and packets
+        // to them pass the VIP pre-filter.
+        let v4 = sources.v4.map_or([0; 4], |a| addr_words(a.into()));
+        let v6 = sources.v6.map_or([0; 4], |a| addr_words(a.into()));
+        k.dp.nat.set_addrs(v4, v6)?;
+        let also: Vec<[u32; 4]> = [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect();
+        k.dp.vips.set_also_filtered(also)?;
         k.resync()?;
         Ok(k)
     }
@@ -296,13 +303,18 @@ impl Kernel for MapsKernel {
         self.sources.for_backend(backend)
     }
 
+    fn nat_sweep(&mut self) -> Result<(usize, usize), Error> {
+        let s = self.dp.nat.sweep(coarse_now_s())?;
+        Ok((s.live, s.expired))
+    }
+
     fn config(&self) -> LbConfig {
         self.dp.opts.config()
     }
 }
 
 /// The program's clock: CLOCK_MONOTONIC_COARSE in seconds (`bpf_ktime_get_coarse_ns`).
-fn coarse_now_s() -> u32 {
+pub(crate) fn coarse_now_s() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -3,6 +3,7 @@ mod attach;
 pub mod batch;
 pub mod egress;
 pub mod kernel;
+pub mod nat;
 pub mod pins;
 pub mod publish;
 pub mod stats;
@@ -70,6 +71,8 @@ pub struct LoadOptions {
     pub ipip_prefix4: Option<std::net::Ipv4Addr>,
     /// IPIP over IPv6: per-flow outer sources from this /64 (its first eight bytes).
     pub ipip_prefix6: Option<std::net::Ipv6Addr>,
+    /// NAT source ports (host order, inclusive).
+    pub nat_ports: (u16, u16),
 }
 
 impl Default for LoadOptions {
@@ -86,6 +89,10 @@ impl Default for LoadOptions {
             gue_port: lb_common::DEFAULT_GUE_PORT,
             ipip_prefix4: None,
             ipip_prefix6: None,
+            nat_ports: (
+                lb_common::DEFAULT_NAT_PORT_MIN,
+                lb_common::DEFAULT_NAT_PORT_MAX,
+            ),
         }
     }
 }
@@ -125,6 +132,12 @@ impl LoadOptions {
             return Err(Error::Invalid(
                 "--per-cpu-flows shapes a flow table; with --flow-table off there is none".into(),
             ));
+        }
+        let (lo, hi) = self.nat_ports;
+        if lo == 0 || lo > hi {
+            return Err(Error::Invalid(format!(
+                "NAT port range {lo}-{hi}: give LOW-HIGH with 1 <= LOW <= HIGH"
+            )));
         }
         if self.gue_port == 0 {
             return Err(Error::Invalid("the GUE port must not be 0".into()));
@@ -166,6 +179,9 @@ impl LoadOptions {
                 let w = crate::net::addr_words(p.into());
                 [w[0], w[1], 0, 0]
             }),
+            nat_port_min: self.nat_ports.0,
+            nat_port_max: self.nat_ports.1,
+            _pad2: 0,
         }
     }
 }
@@ -180,6 +196,7 @@ pub struct Dataplane {
     pub flows: FlowTable,
     pub tx_ports: DevMapHash<MapData>,
     pub stats: StatsMaps,
+    pub nat: nat::NatTables,
 }
 
 impl Dataplane {
@@ -218,9 +235,29 @@ impl Dataplane {
             .map_max_entries(lb_common::NEXTHOPS_MAP, opts.max_backends)
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
-        for name in [LB_PROGRAM, PASS_PROGRAM] {
+        for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
             let prog = xdp_program(&mut ebpf, name)?;
             load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
+        }
+        // The NAT program is entered by a tail call through the (pinned) program array: a
+        // pin keeps the entry while no agent runs.
+        {
+            let name = lb_common::NAT_PROGRAM;
+            let fd = xdp_program(&mut ebpf, name)?
+                .fd()
+                .map_err(|source| Error::Program { name, source })?
+                .try_clone()
+                .map_err(Error::io("duplicating the NAT program's fd"))?;
+            let mut progs = aya::maps::ProgramArray::try_from(
+                ebpf.map_mut(lb_common::PROGS_MAP)
+                    .ok_or(Error::MissingMap {
+                        name: lb_common::PROGS_MAP,
+                    })?,
+            )
+            .map_err(map_err(lb_common::PROGS_MAP))?;
+            progs
+                .set(lb_common::PROG_NAT, &fd, 0)
+                .map_err(map_err(lb_common::PROGS_MAP))?;
         }
         {
             let name = lb_common::HC_PROGRAM;
@@ -269,6 +306,14 @@ impl Dataplane {
             backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)
                 .map_err(map_err(BACKEND_STATS_MAP))?,
         };
+        let nat = nat::NatTables {
+            fwd: HashMap::try_from(take(&mut ebpf, lb_common::NAT_FWD_MAP)?)
+                .map_err(map_err(lb_common::NAT_FWD_MAP))?,
+            rev: HashMap::try_from(take(&mut ebpf, lb_common::NAT_REV_MAP)?)
+                .map_err(map_err(lb_common::NAT_REV_MAP))?,
+            addrs: Array::try_from(take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?)
+                .map_err(map_err(lb_common::NAT_ADDRS_MAP))?,
+        };
         Ok(Dataplane {
             ebpf,
             opts,
@@ -278,6 +323,7 @@ impl Dataplane {
             flows,
             tx_ports,
             stats,
+            nat,
         })
     }
 
@@ -353,6 +399,10 @@ const ALL_MAPS: &[&str] = &[
     STATS_MAP,
     VIP_STATS_MAP,
     BACKEND_STATS_MAP,
+    lb_common::NAT_FWD_MAP,
+    lb_common::NAT_REV_MAP,
+    lb_common::NAT_ADDRS_MAP,
+    lb_common::PROGS_MAP,
 ];
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {

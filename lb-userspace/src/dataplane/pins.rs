@@ -171,6 +171,24 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             opts.max_backends,
             0,
         ),
+        (
+            lb_common::NAT_FWD_MAP,
+            MapType::Hash,
+            sz::<FlowKey>(),
+            sz::<lb_common::NatEntry>(),
+            lb_common::DEFAULT_NAT_ENTRIES,
+            0,
+        ),
+        (
+            lb_common::NAT_REV_MAP,
+            MapType::Hash,
+            sz::<FlowKey>(),
+            sz::<lb_common::NatEntry>(),
+            lb_common::DEFAULT_NAT_ENTRIES,
+            0,
+        ),
+        (lb_common::NAT_ADDRS_MAP, MapType::Array, 4, 16, 2, 0),
+        (lb_common::PROGS_MAP, MapType::ProgramArray, 4, 4, 1, 0),
     ]
 }
 

@@ -28,6 +28,9 @@ pub struct VipTable {
     index: Array<MapData, VipIndexEntry>,
     /// The index entries as last written.
     index_entries: Vec<VipIndexEntry>,
+    /// Addresses that pass the pre-filter without being VIPs: the NAT source addresses, whose
+    /// packets (backends' answers) the program must see.
+    also_filtered: Vec<[u32; 4]>,
 }
 
 /// The index entries for `bound` keys: each at the first free of its probe positions, keys
@@ -70,10 +73,17 @@ impl VipTable {
             filter_words,
             index,
             index_entries,
+            also_filtered: Vec::new(),
         };
         // Pinned maps from before the index existed, or a write that failed: made right now.
         t.sync_filter()?;
         Ok(t)
+    }
+
+    /// Lets packets to `addrs` past the pre-filter too (the NAT source addresses).
+    pub fn set_also_filtered(&mut self, addrs: Vec<[u32; 4]>) -> Result<(), Error> {
+        self.also_filtered = addrs;
+        self.sync_filter()
     }
 
     pub fn capacity(&self) -> u32 {
@@ -131,8 +141,12 @@ impl VipTable {
             }
         }
         let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
-        for (key, _) in bound {
-            let bit = vip_filter_bit(&key.addr);
+        let addrs = bound
+            .iter()
+            .map(|(k, _)| k.addr)
+            .chain(self.also_filtered.iter().copied());
+        for addr in addrs {
+            let bit = vip_filter_bit(&addr);
             words[(bit / 64) as usize] |= 1 << (bit % 64);
         }
         for (i, w) in words.iter().enumerate() {

@@ -1,0 +1,429 @@
+//! Full NAT in XDP (`forward = "nat"`), both directions; the tables and rules are
+//! `lb_common::nat`'s.
+//!
+//! - Client -> VIP ([`forward`]): the connection's forward entry gives the tuple LB address:NAT
+//!   port -> backend:port; a connection without one takes a NAT port (the reverse entry is
+//!   inserted first, `BPF_NOEXIST`, so a port is never handed out twice).
+//! - Backend -> LB address ([`reply`]): the reverse entry gives VIP -> client.
+//!
+//! Either way the FIB is asked for the next hop *before* the packet is touched (a drop or a
+//! "too big" answer sees the original), then addresses and ports are rewritten with
+//! incremental checksum updates (RFC 1624) and the frame goes out by XDP_TX or a redirect.
+// Keys go to the map helpers by reference: by value they would be copied onto the stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST, xdp_action},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    macros::map,
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
+    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_ANSWERED, NAT_F_FIN, NAT_F_REPLY, NAT_F_RST, NAT_PORT_PROBES,
+    NAT_TCP_ESTABLISHED_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN, csum_apply, csum_delta, nat_expired, nat_forward_key, nat_port, nat_reverse,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    Verdict,
+    encap::next_hop,
+    fib::{self, Fib, Outer},
+    maps,
+    maps::{
+        LB_BACKENDS, LB_NAT_ADDRS, LB_NAT_FWD, LB_NAT_REV, LB_PROGS, LB_TX_PORTS, PROG_NAT,
+        present_vip,
+    },
+    parse,
+    parse::{Parsed, ptr_at_mut},
+    select, stats,
+};
+
+const EEXIST: i32 = 17;
+
+/// Work space of [`allocate`] (per CPU, in a map: the stack has no room for it).
+#[repr(C)]
+pub struct Scratch {
+    fwd: NatEntry,
+    rev: NatEntry,
+    rkey: FlowKey,
+    okey: FlowKey,
+}
+
+#[map(name = "LB_NAT_SCRATCH")]
+static LB_NAT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The backend a new connection goes to: the slot table's pick, entry in map memory.
+struct Picked {
+    id: u32,
+    vip_id: u32,
+    b: &'static Backend,
+}
+const TABLE_FULL: Verdict = Verdict::Drop(Stat::DropNatTableFull);
+const BROKEN: Verdict = Verdict::Drop(Stat::DropMalformed);
+/// Offsets of the checksum in the TCP and UDP headers.
+const TCP_CSUM: usize = 16;
+const UDP_CSUM: usize = 6;
+
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The `NAT_F_*` bits this packet sets on its direction.
+#[inline(always)]
+fn flags_of(pkt: &Parsed) -> u16 {
+    if pkt.key.proto != PROTO_TCP {
+        return 0;
+    }
+    let mut f = 0;
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        f |= NAT_F_FIN;
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        f |= NAT_F_RST;
+    }
+    f
+}
+
+/// Refreshes an entry in place: last-seen at most once a second, and any new flag.
+#[inline(always)]
+fn touch(e: &mut NatEntry, add: u16, now: u32) {
+    if e.last_seen != now || e.flags | add != e.flags {
+        e.last_seen = now;
+        e.flags |= add;
+    }
+}
+
+/// Whether `addr` (of the packet's family) is one of this load balancer's NAT addresses.
+#[inline(always)]
+pub fn is_nat_addr(pkt: &Parsed) -> bool {
+    let i = if pkt.key.family == FAMILY_V4 {
+        NAT_ADDR_V4
+    } else {
+        NAT_ADDR_V6
+    };
+    LB_NAT_ADDRS
+        .get(i)
+        .is_some_and(|a| a[0] | a[1] | a[2] | a[3] != 0 && *a == pkt.key.dst)
+}
+
+/// Enters the NAT program ([`crate::lb_nat`]); returns only if the tail call failed.
+#[inline(always)]
+pub fn enter(ctx: &XdpContext) {
+    // SAFETY: tail call into our own program array; on success it does not return.
+    unsafe { LB_PROGS.tail_call(ctx, PROG_NAT) };
+}
+
+/// The NAT program: the frame parsed again (cheaper than carrying state across the tail
+/// call), then a backend's answer or a client's packet.
+#[inline(always)]
+pub fn run(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
+    let pkt = parse::parse(ctx)?;
+    if is_nat_addr(&pkt) {
+        reply(ctx, &pkt, len)
+    } else {
+        forward(ctx, &pkt)
+    }
+}
+
+/// A backend's answer to a NAT address: translated back to VIP -> client.
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
+    // To a NAT address, matching no translation: the kernel's own traffic. (A NAT address
+    // is not also a VIP address: the agent refuses that.)
+    let e = LB_NAT_REV
+        .get_ptr_mut(&pkt.key)
+        .ok_or(Verdict::Pass(Stat::PassNatUnknown))?;
+    if pkt.icmp_error {
+        // About a translated flow; not translated (yet): the kernel drops it.
+        return Err(Verdict::Pass(Stat::PassNatIcmp));
+    }
+    // SAFETY: the map's value, valid while the program runs; a racing CPU writes the same.
+    let e = unsafe { &mut *e };
+    let mut add = flags_of(pkt) | NAT_F_ANSWERED;
+    if e.flags & NAT_F_ANSWERED != 0 {
+        add &= !NAT_F_ANSWERED;
+    }
+    touch(e, add, now_s());
+    stats::count_backend(e.backend_id, len);
+    send(ctx, pkt, e, None)
+}
+
+/// Whether a forward entry still carries its connection: its backend is the same one and not
+/// down, and the packet does not open a new connection on a closed tuple.
+#[inline(always)]
+fn still_good(e: &NatEntry, pkt: &Parsed) -> bool {
+    let Some(b) = LB_BACKENDS.get(e.backend_id) else {
+        return false;
+    };
+    if b.flags & BACKEND_F_PRESENT == 0
+        || b.flags & BACKEND_F_DOWN != 0
+        || b.generation != e.backend_generation
+    {
+        return false;
+    }
+    let syn = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    !(syn && e.flags & (NAT_F_FIN | NAT_F_RST) != 0)
+}
+
+/// A client's packet for a NAT VIP: translated to the connection's backend, or to the one
+/// the VIP's slot table gives a new connection.
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Parsed) -> Result<Verdict, Verdict> {
+    if pkt.icmp_error {
+        return Err(Verdict::Pass(Stat::PassNatIcmp));
+    }
+    let cfg = &maps::config();
+    let now = now_s();
+    // Entries are used in place (map memory), never copied: an entry is 56 bytes.
+    let to: &NatEntry = match LB_NAT_FWD.get_ptr_mut(&pkt.key) {
+        // SAFETY: as in `reply`.
+        Some(e) if still_good(unsafe { &*e }, pkt) => {
+            let e = unsafe { &mut *e };
+            touch(e, flags_of(pkt), now);
+            e
+        }
+        _ => {
+            let (id, vip_id) = select::slot_backend(pkt, cfg)?;
+            let b = LB_BACKENDS
+                .get(id)
+                .ok_or(Verdict::Drop(Stat::DropNoBackend))?;
+            allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?
+        }
+    };
+    stats::count_backend(to.backend_id, pkt.ip.len as u64);
+    let picked = LB_BACKENDS.get(to.backend_id).map(|b| Picked {
+        id: to.backend_id,
+        vip_id: 0,
+        b,
+    });
+    send(ctx, pkt, to, picked.as_ref())
+}
+
+/// Takes a NAT port toward the picked backend for a new connection and records both
+/// directions.
+#[inline(always)]
+fn allocate(
+    cfg: &LbConfig,
+    pkt: &Parsed,
+    picked: &Picked,
+    now: u32,
+) -> Result<&'static NatEntry, Verdict> {
+    let b = picked.b;
+    let k = &pkt.key;
+    let idle_s = if k.proto == PROTO_UDP {
+        present_vip(picked.vip_id).map_or(DEFAULT_UDP_IDLE_S, |v| v.udp_idle_s)
+    } else {
+        NAT_TCP_ESTABLISHED_S
+    };
+    // Verifier note: the entries and keys being built live in a per-CPU scratch record,
+    // not on the stack (which the parse, the FIB parameters and the map keys fill).
+    let s = LB_NAT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Verdict::Drop(Stat::DropTxError))?;
+    // SAFETY: this CPU's scratch record; nothing else uses it meanwhile.
+    let s = unsafe { &mut *s };
+    s.fwd = NatEntry {
+        src: b.outer_src,
+        dst: b.addr,
+        sport: 0,
+        dport: if b.port != 0 { b.port } else { k.dport },
+        backend_id: picked.id,
+        backend_generation: b.generation,
+        last_seen: now,
+        flags: flags_of(pkt),
+        _pad: 0,
+        idle_s,
+    };
+    // A random start, not the flow's hash: a retransmitted SYN whose ports were all taken
+    // tries other ones.
+    // SAFETY: helper without arguments.
+    let h = unsafe { bpf_get_prandom_u32() };
+    let mut i = 0;
+    while i < NAT_PORT_PROBES {
+        s.fwd.sport = nat_port(h, i, cfg.nat_port_min, cfg.nat_port_max).to_be();
+        i += 1;
+        (s.rkey, s.rev) = nat_reverse(k, &s.fwd);
+        s.rev.flags = NAT_F_REPLY;
+        match LB_NAT_REV.insert(&s.rkey, &s.rev, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == -EEXIST => {
+                if !take_expired(s, now) {
+                    continue;
+                }
+            }
+            Err(_) => return Err(TABLE_FULL),
+        }
+        if LB_NAT_FWD.insert(k, &s.fwd, 0).is_err() {
+            let _ = LB_NAT_REV.remove(&s.rkey);
+            return Err(TABLE_FULL);
+        }
+        // SAFETY: the entry just written, in map memory.
+        return LB_NAT_FWD
+            .get_ptr(k)
+            .map(|p| unsafe { &*p })
+            .ok_or(TABLE_FULL);
+    }
+    Err(Verdict::Drop(Stat::DropNatNoPort))
+}
+
+/// Takes over the port of reverse entry `rkey` if its connection has expired (its forward
+/// entry, when it still names this port, goes too); false while it lives.
+#[inline(always)]
+fn take_expired(s: &mut Scratch, now: u32) -> bool {
+    // SAFETY: map memory, read in place.
+    let Some(old) = (unsafe { LB_NAT_REV.get(&s.rkey) }) else {
+        return false;
+    };
+    s.okey = nat_forward_key(old, s.rkey.proto, s.rkey.family);
+    let s = &*s;
+    // The old connection's forward entry, if it still uses this port (a tuple that was
+    // placed again has moved on, and keeps its new entry).
+    let f = &s.fwd;
+    let ofwd = unsafe { LB_NAT_FWD.get(&s.okey) }
+        .filter(|o| o.sport == f.sport && o.dst == f.dst && o.dport == f.dport);
+    if !nat_expired(s.rkey.proto, ofwd, Some(old), now) {
+        return false;
+    }
+    if ofwd.is_some() {
+        let _ = LB_NAT_FWD.remove(&s.okey);
+    }
+    LB_NAT_REV.insert(&s.rkey, &s.rev, BPF_EXIST as u64).is_ok()
+}
+
+/// Sends `pkt` rewritten to `to`: next hop by the FIB (cached per backend for the forward
+/// direction), then the rewrite, then out.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    to: &NatEntry,
+    picked: Option<&Picked>,
+) -> Result<Verdict, Verdict> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let o = Outer {
+        family: pkt.key.family,
+        proto: pkt.key.proto,
+        src: to.src,
+        dst: to.dst,
+        sport: to.sport,
+        dport: to.dport,
+        len: pkt.ip.len as u16,
+        tos: pkt.ip.tos,
+        ifindex: ingress,
+    };
+    let hop = match picked {
+        Some(p) => next_hop(ctx, p.id, p.b, &o),
+        None => fib::lookup(ctx.ctx as *mut _, &o, 0),
+    };
+    let next = match hop {
+        Fib::Hop(h) => Some(h),
+        Fib::NoNeighbour => None,
+        // NAT never grows a packet: only a smaller egress MTU than the ingress one does this.
+        Fib::TooBig(_) => return Err(Verdict::Drop(Stat::DropTooBig)),
+        Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
+    };
+    rewrite(ctx, pkt, to)?;
+    let Some(h) = next else {
+        // The kernel resolves the neighbour and forwards the rewritten packet.
+        return Ok(Verdict::Pass(Stat::PassNoNeighbour));
+    };
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(BROKEN)?;
+    // SAFETY: checked by `ptr_at_mut`.
+    unsafe {
+        (*eth).dst_addr = h.dmac;
+        (*eth).src_addr = h.smac;
+    }
+    if h.ifindex == ingress {
+        return Ok(Verdict::Forward(xdp_action::XDP_TX));
+    }
+    LB_TX_PORTS
+        .redirect(h.ifindex, 0)
+        .map(Verdict::Forward)
+        .map_err(|_| Verdict::Drop(Stat::DropTxError))
+}
+
+#[inline(always)]
+fn ports_word(sport: u16, dport: u16) -> u32 {
+    u32::from(sport) | (u32::from(dport) << 16)
+}
+
+/// Rewrites addresses and ports to `to`, updating the IPv4 header checksum and the TCP/UDP
+/// checksum (pseudo-header addresses and ports) incrementally.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
+    let k = &pkt.key;
+    // Verifier note: offsets re-bounded after travelling through the struct.
+    let l3 = pkt.ip.l3 & 0x1f;
+    let l4 = pkt.ip.l4 & 0x7f;
+    let mut d = 0u64;
+    if k.family == FAMILY_V4 {
+        d = csum_delta(d, k.src[0], to.src[0]);
+        d = csum_delta(d, k.dst[0], to.dst[0]);
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
+        // SAFETY: checked by `ptr_at_mut`.
+        unsafe {
+            (*ip).src_addr = to.src[0].to_ne_bytes();
+            (*ip).dst_addr = to.dst[0].to_ne_bytes();
+            let c = u16::from_ne_bytes((*ip).check);
+            (*ip).check = csum_apply(c, d).to_ne_bytes();
+        }
+    } else {
+        let mut i = 0;
+        while i < 4 {
+            d = csum_delta(d, k.src[i], to.src[i]);
+            d = csum_delta(d, k.dst[i], to.dst[i]);
+            i += 1;
+        }
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
+        // SAFETY: checked by `ptr_at_mut`.
+        unsafe {
+            (*ip).src_addr = words_bytes(&to.src);
+            (*ip).dst_addr = words_bytes(&to.dst);
+        }
+    }
+    d = csum_delta(
+        d,
+        ports_word(k.sport, k.dport),
+        ports_word(to.sport, to.dport),
+    );
+    let (csum_at, udp) = if k.proto == PROTO_TCP {
+        (TCP_CSUM, false)
+    } else {
+        (UDP_CSUM, true)
+    };
+    let ports: *mut [u16; 2] = ptr_at_mut(ctx, l4).ok_or(BROKEN)?;
+    let csum: *mut u16 = ptr_at_mut(ctx, l4 + csum_at).ok_or(BROKEN)?;
+    // SAFETY: both checked by `ptr_at_mut`.
+    unsafe {
+        *ports = [to.sport, to.dport];
+        let c = *csum;
+        // An IPv4 UDP datagram without a checksum keeps none.
+        if !(udp && c == 0 && k.family == FAMILY_V4) {
+            let n = csum_apply(c, d);
+            *csum = if udp && n == 0 { 0xffff } else { n };
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn words_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}

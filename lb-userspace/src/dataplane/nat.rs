@@ -1,0 +1,84 @@
+//! The NAT tables (`LB_NAT_FWD`, `LB_NAT_REV`, `LB_NAT_ADDRS`): the NAT source addresses the
+//! program answers on, and the sweep that deletes expired connections (the program only
+//! takes over an expired port when it needs one; the sweep keeps the tables from filling).
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::{
+    FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP, NAT_REV_MAP, NatEntry,
+    nat_expired, nat_forward_key,
+};
+
+use crate::Error;
+
+pub struct NatTables {
+    pub fwd: HashMap<MapData, FlowKey, NatEntry>,
+    pub rev: HashMap<MapData, FlowKey, NatEntry>,
+    pub addrs: Array<MapData, [u32; 4]>,
+}
+
+fn err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// What a sweep found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Connections (reverse entries) still live.
+    pub live: usize,
+    /// Connections deleted.
+    pub expired: usize,
+}
+
+impl NatTables {
+    /// Sets the NAT source addresses (network-order words; all zero: none).
+    pub fn set_addrs(&mut self, v4: [u32; 4], v6: [u32; 4]) -> Result<(), Error> {
+        self.addrs
+            .set(NAT_ADDR_V4, v4, 0)
+            .map_err(err(NAT_ADDRS_MAP))?;
+        self.addrs
+            .set(NAT_ADDR_V6, v6, 0)
+            .map_err(err(NAT_ADDRS_MAP))
+    }
+
+    /// Deletes every connection expired at `now_s` (both entries; a forward entry only while
+    /// it still names the same port, as the program does).
+    pub fn sweep(&mut self, now_s: u32) -> Result<Sweep, Error> {
+        let mut out = Sweep::default();
+        let mut dead = Vec::new();
+        for r in self.rev.iter() {
+            let (key, rev) = r.map_err(err(NAT_REV_MAP))?;
+            let fkey = nat_forward_key(&rev, key.proto, key.family);
+            let fwd = self
+                .fwd
+                .get(&fkey, 0)
+                .ok()
+                .filter(|f| f.sport == key.dport && f.dst == key.src && f.dport == key.sport);
+            if nat_expired(key.proto, fwd.as_ref(), Some(&rev), now_s) {
+                dead.push((key, fwd.map(|_| fkey)));
+            } else {
+                out.live += 1;
+            }
+        }
+        for (key, fkey) in dead {
+            if let Some(f) = fkey {
+                // Gone already (the program took the port over) is fine.
+                let _ = self.fwd.remove(&f);
+            }
+            let _ = self.rev.remove(&key);
+            out.expired += 1;
+        }
+        // Forward entries whose reverse entry is gone (the program placed the tuple again on
+        // another port, then that one expired) are swept when their own time is up.
+        let mut orphans = Vec::new();
+        for r in self.fwd.iter() {
+            let (key, fwd) = r.map_err(err(NAT_FWD_MAP))?;
+            let (rkey, _) = lb_common::nat_reverse(&key, &fwd);
+            if self.rev.get(&rkey, 0).is_err() && nat_expired(key.proto, Some(&fwd), None, now_s) {
+                orphans.push(key);
+            }
+        }
+        for k in orphans {
+            let _ = self.fwd.remove(&k);
+        }
+        Ok(out)
+    }
+}
