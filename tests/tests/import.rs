@@ -1,7 +1,7 @@
 //! `lb import nginx` end to end: the real binary against a real agent. A DSR-compatible
 //! upstream is imported and applied (the plan is shown, the VIP is live); the seed's config is
-//! refused with one line naming why (a loopback backend, then ports that need translation),
-//! and refusals change nothing.
+//! refused with one line naming why (a loopback backend, ports a DSR mode cannot translate)
+//! until given what it needs, then applied as a NAT VIP; refusals change nothing.
 use std::process::Command;
 
 use lb_tests::{AgentDir, Netns, VethPair, lb_binary};
@@ -64,8 +64,10 @@ fn an_nginx_upstream_is_applied_and_the_seed_is_refused_with_the_reason() -> any
                 "10.67.0.101",
                 "--map-host",
                 "localhost=10.67.0.2",
+                "--forward",
+                "gue",
             ],
-            "backend port 8000 differs from the VIP's port 80",
+            "backend port 8000 differs from the VIP's port 80: gue forwarding keeps the port; import with --forward nat",
         ),
         (
             vec!["--map-host", "localhost=10.67.0.2"],
@@ -87,6 +89,27 @@ fn an_nginx_upstream_is_applied_and_the_seed_is_refused_with_the_reason() -> any
         println!("{}", err.lines().next().unwrap_or(""));
     }
     assert_eq!(dir.vips()?.len(), 1, "refusals changed nothing");
+    // With an address for localhost and the VIP, the seed is the NAT scene.
+    let applied = dir.cli_ok(&[
+        "import",
+        "nginx",
+        seed.as_str(),
+        "--vip-address",
+        "10.67.0.101",
+        "--map-host",
+        "localhost=10.67.0.2",
+        "--apply",
+    ])?;
+    assert!(
+        applied.contains("+ backend 10.67.0.2:8000") && applied.contains("+ backend 10.67.0.2:8001"),
+        "{applied}"
+    );
+    let vips = dir.vips()?;
+    let seed_vip = vips
+        .iter()
+        .find(|v| v.vip.to_string() == "10.67.0.101:80/tcp")
+        .expect("the seed's VIP");
+    assert_eq!(seed_vip.forward.to_string(), "nat");
     let missing = Command::new(lb_binary()?)
         .args(["import", "nginx", "/nonexistent.conf"])
         .output()?;

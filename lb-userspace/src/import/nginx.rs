@@ -9,8 +9,8 @@ use nginx_lint_parser::ast::Directive;
 
 use super::Resolver;
 use crate::model::{
-    BackendSpec, DesiredState, Forward, HealthCheck, HealthKind, MAX_WEIGHT, Proto, VipAddr,
-    VipSpec,
+    BackendAddr, BackendSpec, DesiredState, Forward, HealthCheck, HealthKind, MAX_WEIGHT, Proto,
+    VipAddr, VipSpec,
 };
 
 /// What the operator adds to the file.
@@ -445,9 +445,24 @@ pub fn import(text: &str, opts: &Options, resolver: &dyn Resolver) -> Result<Imp
             port: f.port,
             proto: f.proto,
         };
+        // Backends on other ports than the VIP's need port translation: NAT, chosen here
+        // unless another mode was asked for (then refused below).
+        let translate = up.members.iter().any(|m| m.port.unwrap_or(80) != f.port);
+        let forward = if translate && opts.forward == Forward::L2 {
+            notes.push(at(
+                up.line,
+                format!(
+                    "upstream {}: backend ports differ from the VIP's port {}: forward = \"nat\" (direct server return cannot change ports)",
+                    f.upstream, f.port
+                ),
+            ));
+            Forward::Nat
+        } else {
+            opts.forward
+        };
         let mut spec = VipSpec {
             source_hash: up.source_hash,
-            forward: opts.forward,
+            forward,
             ..VipSpec::default()
         };
         let (mut fall, mut window) = (0, 0);
@@ -470,7 +485,7 @@ pub fn import(text: &str, opts: &Options, resolver: &dyn Resolver) -> Result<Imp
                     )
                 })?;
             for a in addresses(m, opts, resolver, &mut notes)? {
-                if a.is_ipv4() != ip.is_ipv4() && !opts.forward.encapsulates() {
+                if a.is_ipv4() != ip.is_ipv4() && !forward.encapsulates() {
                     return Err(at(
                         m.line,
                         format!(
@@ -478,8 +493,9 @@ pub fn import(text: &str, opts: &Options, resolver: &dyn Resolver) -> Result<Imp
                         ),
                     ));
                 }
+                let own_port = if port == f.port { 0 } else { port };
                 spec.backends.insert(
-                    a.into(),
+                    BackendAddr::new(a, own_port),
                     BackendSpec {
                         weight,
                         mac: None,
@@ -490,11 +506,13 @@ pub fn import(text: &str, opts: &Options, resolver: &dyn Resolver) -> Result<Imp
             fall = fall.max(m.max_fails);
             window = window.max(m.fail_timeout_s);
         }
-        if let Some(p) = ports.iter().find(|p| **p != f.port) {
+        if let Some(p) = ports.iter().find(|p| **p != f.port)
+            && !forward.translates_ports()
+        {
             return Err(at(
                 up.line,
                 format!(
-                    "upstream {}: backend port {p} differs from the VIP's port {}; direct server return keeps the port, so this needs port translation (NAT), which xdp-lb does not have yet",
+                    "upstream {}: backend port {p} differs from the VIP's port {}: {forward} forwarding keeps the port; import with --forward nat",
                     f.upstream, f.port
                 ),
             ));

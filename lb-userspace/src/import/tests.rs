@@ -57,7 +57,7 @@ http {
 "#;
 
 #[test]
-fn the_seed_needs_a_reachable_address_and_port_translation() {
+fn the_seed_needs_a_reachable_address_and_gets_nat() {
     let e = import(SEED, &opts(Some("10.0.0.10"), &[]), &dns()).unwrap_err();
     assert!(
         e.starts_with("line 4: backend localhost is 127.0.0.1"),
@@ -69,17 +69,34 @@ fn the_seed_needs_a_reachable_address_and_port_translation() {
         e.contains("`listen 80` has no address: give the VIP's address with --vip-address"),
         "{e}"
     );
-    let e = import(
+    // Ports 8000 and 8001 behind :80: NAT, said in a note; the TOML reads back.
+    let r = import(
         SEED,
         &opts(Some("10.0.0.10"), &[("localhost", "10.0.0.2")]),
         &dns(),
     )
-    .unwrap_err();
+    .unwrap();
+    let toml = render_config(&r.state);
+    assert!(toml.contains("forward = \"nat\""), "{toml}");
     assert!(
-        e.contains("backend port 8000 differs from the VIP's port 80"),
+        toml.contains("{ address = \"10.0.0.2:8000\", weight = 100 }")
+            && toml.contains("{ address = \"10.0.0.2:8001\", weight = 100 }"),
+        "{toml}"
+    );
+    assert_eq!(parse_config(&toml).unwrap(), r.state);
+    let notes = r.notes.join("\n");
+    assert!(
+        notes.contains("forward = \"nat\" (direct server return cannot change ports)"),
+        "{notes}"
+    );
+    // A mode that keeps ports, asked for explicitly, is refused with the way out.
+    let mut o = opts(Some("10.0.0.10"), &[("localhost", "10.0.0.2")]);
+    o.forward = crate::model::Forward::Gue;
+    let e = import(SEED, &o, &dns()).unwrap_err();
+    assert!(
+        e.contains("backend port 8000 differs from the VIP's port 80: gue forwarding keeps the port; import with --forward nat"),
         "{e}"
     );
-    assert!(e.contains("needs port translation (NAT)"), "{e}");
 }
 
 #[test]
