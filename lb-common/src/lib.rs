@@ -205,7 +205,8 @@ pub struct VipCounter {
     pub packets: u64,
     pub bytes: u64,
     /// Flows first remembered (a TCP connection at its handshake's ACK, a UDP flow at its
-    /// first datagram); SYNs placed without being remembered are not counted.
+    /// first datagram); SYNs placed without being remembered are not counted. NAT VIPs:
+    /// connections given a NAT port.
     pub new_flows: u64,
 }
 const _: () = assert!(core::mem::size_of::<VipCounter>() == 24);

@@ -265,6 +265,7 @@ fn allocate(
             let _ = LB_NAT_REV.remove(&s.rkey);
             return Err(TABLE_FULL);
         }
+        stats::count_new_flow(picked.vip_id);
         // SAFETY: the entry just written, in map memory.
         return LB_NAT_FWD
             .get_ptr(k)

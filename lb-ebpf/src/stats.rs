@@ -48,6 +48,15 @@ pub fn count_vip(vip_id: u32, bytes: u64, new_flow: bool) {
     }
 }
 
+/// A new flow of VIP `vip_id` counted apart from its packet (NAT: a connection given a port).
+#[inline(always)]
+pub fn count_new_flow(vip_id: u32) {
+    if let Some(c) = LB_VIP_STATS.get_ptr_mut(vip_id) {
+        // SAFETY: as in `count`.
+        unsafe { (*c).new_flows += 1 };
+    }
+}
+
 #[inline(always)]
 pub fn count_backend(backend_id: u32, bytes: u64) {
     if let Some(c) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {

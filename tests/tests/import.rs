@@ -101,7 +101,8 @@ fn an_nginx_upstream_is_applied_and_the_seed_is_refused_with_the_reason() -> any
         "--apply",
     ])?;
     assert!(
-        applied.contains("+ backend 10.67.0.2:8000") && applied.contains("+ backend 10.67.0.2:8001"),
+        applied.contains("+ backend 10.67.0.2:8000")
+            && applied.contains("+ backend 10.67.0.2:8001"),
         "{applied}"
     );
     let vips = dir.vips()?;

@@ -37,6 +37,10 @@ enum Task {
         /// The fleet: three load balancer nodes behind ECMP following one etcd.
         #[arg(long)]
         fleet: bool,
+        /// The seed's scene: its nginx `upstream` (ports 8000 and 8001 behind :80) imported
+        /// with `lb import nginx`, served through NAT.
+        #[arg(long)]
+        seed: bool,
     },
     /// Build everything and run every test, privileged ones included.
     Test,
@@ -50,9 +54,12 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup { build_only } => setup::run(build_only),
-        Task::Demo { keep, mode, fleet } => {
-            setup::run(false).and_then(|()| demo(keep, &mode, fleet))
-        }
+        Task::Demo {
+            keep,
+            mode,
+            fleet,
+            seed,
+        } => setup::run(false).and_then(|()| demo(keep, &mode, fleet, seed)),
         Task::Test => setup::run(false).and_then(|()| test()),
         Task::Bench => setup::run(false).and_then(|()| bench()),
         Task::Man => man(),
@@ -147,13 +154,16 @@ fn run_tests_bin(bin: &str, args: &[&str]) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
-fn demo(keep: bool, mode: &str, fleet: bool) -> anyhow::Result<()> {
+fn demo(keep: bool, mode: &str, fleet: bool, seed: bool) -> anyhow::Result<()> {
     let mut args = vec!["--mode", mode];
     if keep {
         args.push("--keep");
     }
     if fleet {
         args.push("--fleet");
+    }
+    if seed {
+        args.push("--seed");
     }
     run_tests_bin("lb-demo", &args)
 }

@@ -4,7 +4,8 @@
 //! VIP through the CLI, sends a few hundred HTTP requests on new connections, reports which
 //! backend answered and the agent's counters, and removes everything (also on Ctrl-C or
 //! failure). `--keep` leaves the network up until Ctrl-C and prints commands to explore it.
-//! `--mode ipip|gue`: the routed scene; `--fleet`: three nodes following etcd (`fleet.rs`).
+//! `--mode ipip|gue`: the routed scene; `--fleet`: three nodes following etcd (`fleet.rs`);
+//! `--seed`: the seed's nginx scene through NAT (`seed.rs`).
 use std::{
     collections::BTreeMap,
     sync::{
@@ -22,6 +23,7 @@ use lb_tests::{
 };
 
 mod fleet;
+mod seed;
 
 const REQUESTS: usize = 300;
 
@@ -42,6 +44,9 @@ fn run() -> anyhow::Result<()> {
         .map_or("l2", String::as_str);
     if args.iter().any(|a| a == "--fleet") {
         return fleet::run(keep);
+    }
+    if args.iter().any(|a| a == "--seed") {
+        return seed::run(keep);
     }
     match mode {
         "l2" => l2_demo(keep),
