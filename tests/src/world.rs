@@ -216,6 +216,30 @@ impl World {
         Ok(())
     }
 
+    /// Stores backend `id` as a NAT backend at `addr:port` (port 0: the VIP's), translated
+    /// from source `src`, which is also made a NAT address the program answers on.
+    pub fn set_backend_nat(
+        &mut self,
+        id: u32,
+        addr: IpAddr,
+        port: u16,
+        src: IpAddr,
+    ) -> anyhow::Result<()> {
+        self.set_backend_encap(id, addr, lb_common::ENCAP_NAT, src)?;
+        let mut b = self.dp.backends.get(id)?;
+        b.port = port.to_be();
+        self.dp.backends.set(id, &b)?;
+        let mut addrs = [[0u32; 4]; 2];
+        for i in [0, 1] {
+            addrs[i] = self.dp.nat.addrs.get(&(i as u32), 0)?;
+        }
+        addrs[if src.is_ipv4() { 0 } else { 1 }] = addr_words(src);
+        self.dp.nat.set_addrs(addrs[0], addrs[1])?;
+        let also = addrs.into_iter().filter(|a| *a != [0; 4]).collect();
+        self.dp.vips.set_also_filtered(also)?;
+        Ok(())
+    }
+
     /// Adds a VIP with equal-weight `backends` and publishes its table.
     pub fn add_vip(&mut self, key: VipKey, flags: u32, backends: &[u32]) -> anyhow::Result<()> {
         let id = self.vips.len() as u32;
