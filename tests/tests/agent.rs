@@ -111,7 +111,7 @@ fn operations_and_errors_that_change_nothing() -> anyhow::Result<()> {
     expect_error(
         &dir,
         &["backend", "add", vip, "10.61.0.7:8080"],
-        "has a port",
+        "l2 forwarding never changes ports",
     )?;
     expect_error(
         &dir,

@@ -14,10 +14,12 @@ use lb_userspace::maglev::{self, MaglevBackend};
 mod chance;
 mod encap;
 mod fleet;
+mod nat;
 
 use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 use fleet::fleet_rows;
+use nat::nat_rows;
 
 const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 200_000;
@@ -416,6 +418,10 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Ok("fleet") => return fleet_rows(),
+        Ok("nat") => {
+            print_rows(&nat_rows()?);
+            return Ok(());
+        }
         _ => {}
     }
     let mut rows = packet_rows(false, true)?;
@@ -423,6 +429,7 @@ fn main() -> anyhow::Result<()> {
     rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
     rows.extend(chance_rows()?);
+    rows.extend(nat_rows()?);
     print_rows(&rows);
     println!();
     println!("New flows need a distinct flow per pass. The harness rows run a program that calls");
