@@ -26,6 +26,8 @@ pub struct MapsKernel {
     /// Outer source addresses of encapsulated packets, per family.
     sources: EncapSources,
     view: KernelView,
+    /// The NAT source addresses are live (a NAT backend has existed in this run).
+    nat_on: bool,
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
@@ -53,16 +55,27 @@ impl MapsKernel {
             lb_mac,
             sources,
             view: KernelView::default(),
+            nat_on: false,
         };
-        // The NAT source addresses are this run's: the program answers on them, and packets
-        // to them pass the VIP pre-filter.
-        let v4 = sources.v4.map_or([0; 4], |a| addr_words(a.into()));
-        let v6 = sources.v6.map_or([0; 4], |a| addr_words(a.into()));
-        k.dp.nat.set_addrs(v4, v6)?;
-        let also: Vec<[u32; 4]> = [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect();
-        k.dp.vips.set_also_filtered(also)?;
+        k.dp.nat.set_addrs([0; 4], [0; 4])?;
         k.resync()?;
         Ok(k)
+    }
+
+    /// Makes this run's NAT source addresses live (the program answers on them, and packets
+    /// to them pass the VIP pre-filter) once a NAT backend exists: until then the load
+    /// balancer's own address is none of the program's business.
+    fn nat_addresses_on(&mut self) -> Result<(), Error> {
+        if self.nat_on {
+            return Ok(());
+        }
+        let v4 = self.sources.v4.map_or([0; 4], |a| addr_words(a.into()));
+        let v6 = self.sources.v6.map_or([0; 4], |a| addr_words(a.into()));
+        self.dp.nat.set_addrs(v4, v6)?;
+        let also: Vec<[u32; 4]> = [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect();
+        self.dp.vips.set_also_filtered(also)?;
+        self.nat_on = true;
+        Ok(())
     }
 
     /// Zeroes entry `id` of a per-CPU counter map (an id changing hands starts at 0).
@@ -88,6 +101,9 @@ impl MapsKernel {
                 b.addr,
                 if b.addr.ip.is_ipv4() { "IPv4" } else { "IPv6" }
             )));
+        }
+        if b.encap == lb_common::ENCAP_NAT {
+            self.nat_addresses_on()?;
         }
         let old = self.dp.backends.get(id)?;
         let was_present = old.flags & BACKEND_F_PRESENT != 0;
@@ -221,6 +237,9 @@ impl Kernel for MapsKernel {
             // pinned by a run with another `--encap-source` is corrected here, in place (same
             // generation, so its flows stay).
             let t = Self::target_of(&b);
+            if b.encap == lb_common::ENCAP_NAT {
+                self.nat_addresses_on()?;
+            }
             if b.encap != ENCAP_L2 && self.sources.for_backend(t.addr.ip).is_some() {
                 let src = self.outer_src(b.encap, t.addr.ip);
                 if b.outer_src != src {
