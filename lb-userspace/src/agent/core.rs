@@ -192,8 +192,20 @@ impl Core {
         })
     }
 
-    /// Every encapsulated backend needs a source address of its family on this node.
+    /// Every routed backend needs a source address of its family on this node; with NAT in
+    /// use, no VIP may sit on a NAT source address (the program takes every packet to it as
+    /// a backend's answer).
     fn check_sources(&self, new: &DesiredState) -> Result<(), Error> {
+        if new.vips.values().any(|s| s.forward == Forward::Nat)
+            && let Some(vip) = new
+                .vips
+                .keys()
+                .find(|v| self.kernel.outer_source(v.ip) == Some(v.ip))
+        {
+            return Err(Error::Invalid(format!(
+                "VIP {vip} is this load balancer's NAT source address: backends' answers arrive there; give the VIP another address (or `lb run --encap-source` another source)"
+            )));
+        }
         for (vip, spec) in &new.vips {
             if !spec.forward.routed() {
                 continue;

@@ -468,3 +468,57 @@ fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
     assert_eq!(w.agent.core().desired().vips[&vip(0)].backends.len(), 1);
     assert_agree(&w, "after refusals");
 }
+
+#[test]
+fn nat_backends_on_their_own_ports_and_no_vip_on_the_nat_source() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    let run = |c: Command| w.agent.execute(&c);
+    let add_vip = |v: VipAddr| Command::AddVip {
+        udp_idle_s: 30,
+        forward: crate::model::Forward::Nat,
+        second_chance_s: None,
+        vip: v,
+        source_hash: false,
+        health: None,
+    };
+    run(add_vip(vip(0))).unwrap();
+    // The same host on two ports: two backends, routed (no MAC), the port in the kernel.
+    for p in [8000, 8001] {
+        let a = BackendAddr::new(addr(0).ip, p);
+        let added = run(Command::AddBackend {
+            vip: vip(0),
+            address: a,
+            weight: 100,
+            mac: None,
+        })
+        .unwrap();
+        assert!(added.no_mac.is_empty());
+    }
+    {
+        let k = w.kernel.lock().unwrap();
+        let mut ports: Vec<u16> = k
+            .actual
+            .backends
+            .values()
+            .map(|b| {
+                assert_eq!(b.encap, lb_common::ENCAP_NAT);
+                b.addr.port
+            })
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [8000, 8001]);
+    }
+    // A VIP on the NAT source address is refused while NAT is in use; nothing changes.
+    let before = w.agent.core().desired().clone();
+    let on_source = VipAddr {
+        ip: "192.0.2.254".parse().unwrap(),
+        port: 80,
+        proto: crate::model::Proto::Tcp,
+    };
+    let e = run(add_vip(on_source)).unwrap_err();
+    assert!(e.to_string().contains("NAT source address"), "{e}");
+    assert_eq!(*w.agent.core().desired(), before);
+}
