@@ -141,12 +141,17 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     let e = LB_NAT_REV
         .get_ptr_mut(&pkt.key)
         .ok_or(Verdict::Pass(Stat::PassNatUnknown))?;
-    if pkt.icmp_error {
-        // About a translated flow; not translated (yet): the kernel drops it.
+    if pkt.icmp_error && pkt.key.family != FAMILY_V4 {
+        // An ICMPv6 error about a translated flow: not translated (yet), the kernel's.
         return Err(Verdict::Pass(Stat::PassNatIcmp));
     }
     // SAFETY: the map's value, valid while the program runs; a racing CPU writes the same.
     let e = unsafe { &mut *e };
+    if pkt.icmp_error {
+        // An ICMP error about a translated flow (port unreachable, fragmentation needed)
+        // goes to its client, translated; it does not refresh the connection.
+        return send(ctx, pkt, e, None);
+    }
     let mut add = flags_of(pkt) | NAT_F_ANSWERED;
     if e.flags & NAT_F_ANSWERED != 0 {
         add &= !NAT_F_ANSWERED;
@@ -331,7 +336,11 @@ fn send(
         Fib::TooBig(_) => return Err(Verdict::Drop(Stat::DropTooBig)),
         Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
     };
-    rewrite(ctx, pkt, to)?;
+    if pkt.icmp_error {
+        rewrite_icmp4(ctx, pkt, to)?;
+    } else {
+        rewrite(ctx, pkt, to)?;
+    }
     let Some(h) = next else {
         // The kernel resolves the neighbour and forwards the rewritten packet.
         return Ok(Verdict::Pass(Stat::PassNoNeighbour));
@@ -411,6 +420,59 @@ fn rewrite(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict>
             let n = csum_apply(c, d);
             *csum = if udp && n == 0 { 0xffff } else { n };
         }
+    }
+    Ok(())
+}
+
+/// Offset of the checksum in the ICMP header, and the ICMP header's length.
+const ICMP_CSUM: usize = 2;
+const ICMP_HDR: usize = 8;
+
+/// Translates an ICMPv4 error from a backend's side about a NAT'ed flow for its client: the
+/// outer header becomes VIP -> client, the quoted packet (LB:port -> backend:port) becomes
+/// VIP:port -> client:port with its IP checksum updated; the ICMP checksum follows both. The
+/// quoted TCP/UDP checksum is left as quoted (nobody verifies a quote's). Only a quote
+/// without IP options (the parser's quote check already bounded it).
+#[inline(always)]
+fn rewrite_icmp4(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
+    let k = &pkt.key;
+    let l3 = pkt.ip.l3 & 0x1f;
+    let l4 = pkt.ip.l4 & 0x7f;
+    let inner = l4 + ICMP_HDR;
+    let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
+    let icmp_csum: *mut u16 = ptr_at_mut(ctx, l4 + ICMP_CSUM).ok_or(BROKEN)?;
+    let qip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner).ok_or(BROKEN)?;
+    let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv4Hdr::LEN).ok_or(BROKEN)?;
+    // SAFETY: every pointer checked by `ptr_at_mut`.
+    unsafe {
+        if (*qip).vihl != 0x45 {
+            return Err(Verdict::Pass(Stat::PassNatIcmp));
+        }
+        // Outer: whoever sent it -> the NAT address, becomes VIP -> client.
+        let (osrc, odst) = (
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        );
+        let d = csum_delta(csum_delta(0, osrc, to.src[0]), odst, to.dst[0]);
+        (*ip).src_addr = to.src[0].to_ne_bytes();
+        (*ip).dst_addr = to.dst[0].to_ne_bytes();
+        (*ip).check = csum_apply(u16::from_ne_bytes((*ip).check), d).to_ne_bytes();
+        // Quoted: NAT address:port -> backend:port (the key, turned around) becomes
+        // VIP:port -> client:port.
+        let qd = csum_delta(csum_delta(0, k.dst[0], to.src[0]), k.src[0], to.dst[0]);
+        let old_qcheck = u16::from_ne_bytes((*qip).check);
+        let new_qcheck = csum_apply(old_qcheck, qd);
+        (*qip).src_addr = to.src[0].to_ne_bytes();
+        (*qip).dst_addr = to.dst[0].to_ne_bytes();
+        (*qip).check = new_qcheck.to_ne_bytes();
+        let pd = csum_delta(
+            0,
+            ports_word(k.dport, k.sport),
+            ports_word(to.sport, to.dport),
+        );
+        *qports = [to.sport, to.dport];
+        let cd = csum_delta(qd + pd, u32::from(old_qcheck), u32::from(new_qcheck));
+        *icmp_csum = csum_apply(*icmp_csum, cd);
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! inside a namespace whose FIB gives known next hops: TCP and UDP, IPv4 and IPv6, both
 //! directions, each output frame compared byte for byte with one rebuilt independently by
 //! etherparse (addresses, ports and every checksum recomputed from scratch), the NAT port
-//! exhaustion counted and dropped, and an ICMP error about a translated flow.
+//! exhaustion counted and dropped, and an ICMP error about a translated flow translated for
+//! its client.
 use std::net::IpAddr;
 
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
@@ -211,7 +212,7 @@ fn both_directions_have_exact_bytes_for_tcp_udp_ipv4_ipv6() -> anyhow::Result<()
 }
 
 #[test]
-fn exhausted_ports_unknown_answers_and_icmp_errors_are_counted() -> anyhow::Result<()> {
+fn exhausted_ports_unknown_answers_and_icmp_errors() -> anyhow::Result<()> {
     let f = fib()?;
     // One NAT port: the second connection to the same backend finds none.
     let mut world = nat_world(LoadOptions {
@@ -238,7 +239,8 @@ fn exhausted_ports_unknown_answers_and_icmp_errors_are_counted() -> anyhow::Resu
         let (action, out) = world.run_on(&stray, f.ifindex)?;
         assert_eq!((action, out), (XDP_PASS, stray));
         assert_eq!(stat(&world, Stat::PassNatUnknown)?, 1);
-        // An ICMP error from the backend about the translated flow: passed, counted.
+        // An ICMP error from the backend about the translated flow goes to its client,
+        // translated: outer VIP -> client, the quote VIP:53 -> client:41000.
         let quoted = frame("udp", (ip(SRC4), 5000), (ip(BACKEND4), 8001));
         let mut icmp = Vec::new();
         SCENE
@@ -249,10 +251,54 @@ fn exhausted_ports_unknown_answers_and_icmp_errors_are_counted() -> anyhow::Resu
             ))
             .write(&mut icmp, &quoted[14..])
             .expect("builds");
-        let (action, _) = world.run_on(&icmp, f.ifindex)?;
-        assert_eq!(action, XDP_PASS);
-        assert_eq!(stat(&world, Stat::PassNatIcmp)?, 1);
+        let (action, out) = world.run_on(&icmp, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, translated_icmp(&icmp, (f.mac, GW_MAC)), "ICMP bytes");
+        let p = PacketHeaders::from_ethernet_slice(&out).expect("parses");
+        let Some(TransportHeader::Icmpv4(h)) = &p.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(
+            h.checksum,
+            h.icmp_type.calc_checksum(p.payload.slice()),
+            "ICMP checksum"
+        );
         Ok(())
     })??;
     Ok(())
+}
+
+/// The ICMP error `frame` (backend -> NAT address, quoting NAT address:5000 -> backend:8001)
+/// as the client must get it: VIP -> client, quoting VIP:53 -> client:41000 with the quoted IP
+/// checksum recomputed (the quoted UDP checksum left as quoted), the ICMP checksum recomputed.
+fn translated_icmp(frame: &[u8], (smac, dmac): ([u8; 6], [u8; 6])) -> Vec<u8> {
+    let p = PacketHeaders::from_ethernet_slice(frame).expect("parses");
+    let quote = p.payload.slice();
+    let (mut qip, rest) = etherparse::Ipv4Header::from_slice(quote).expect("quote");
+    qip.source = v4(VIP4);
+    qip.destination = v4(CLIENT4);
+    qip.header_checksum = qip.calc_header_checksum();
+    let mut new_quote = Vec::new();
+    qip.write(&mut new_quote).expect("write");
+    new_quote.extend_from_slice(&53u16.to_be_bytes());
+    new_quote.extend_from_slice(&41000u16.to_be_bytes());
+    new_quote.extend_from_slice(&rest[4..]);
+    let mut out = Vec::new();
+    let mut eth = p.link.expect("eth").ethernet2().expect("eth2");
+    (eth.source, eth.destination) = (smac, dmac);
+    eth.write(&mut out).expect("write");
+    let Some(NetHeaders::Ipv4(mut h, _)) = p.net else {
+        panic!("IPv4")
+    };
+    h.source = v4(VIP4);
+    h.destination = v4(CLIENT4);
+    h.header_checksum = h.calc_header_checksum();
+    h.write(&mut out).expect("write");
+    let Some(TransportHeader::Icmpv4(i)) = p.transport else {
+        panic!("ICMP")
+    };
+    let i = etherparse::Icmpv4Header::with_checksum(i.icmp_type, &new_quote);
+    i.write(&mut out).expect("write");
+    out.extend_from_slice(&new_quote);
+    out
 }
