@@ -153,18 +153,7 @@ fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
     }
     print!("{}", net.lb(&["backend", "list", &vip])?);
     let t = Instant::now();
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut failed = 0;
-    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
-    for _ in 0..REQUESTS {
-        check()?;
-        let answer =
-            http_request(&net.client, target, &get("/")).and_then(|body| backend_index(&body));
-        match answer {
-            Ok(i) => *counts.entry(i).or_default() += 1,
-            Err(_) => failed += 1,
-        }
-    }
+    let (counts, failed) = routed_requests(&net, &check)?;
     println!(
         "\ndemo: {REQUESTS} HTTP requests from the client ({CLIENT4}) to {vip} over {mode}, a new connection each ({:.1} s):",
         t.elapsed().as_secs_f64()
@@ -188,6 +177,27 @@ fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
         wait_for_ctrl_c(&stop);
     }
     finish(started, failed)
+}
+
+/// `REQUESTS` HTTP requests from the routed network's client to VIP4:80, a new connection
+/// each: which backend answered how often, and how many failed.
+fn routed_requests(
+    net: &Routed,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<(BTreeMap<usize, usize>, usize)> {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut failed = 0;
+    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
+    for _ in 0..REQUESTS {
+        check()?;
+        let answer =
+            http_request(&net.client, target, &get("/")).and_then(|body| backend_index(&body));
+        match answer {
+            Ok(i) => *counts.entry(i).or_default() += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    Ok((counts, failed))
 }
 
 /// The default scene: one segment, L2 direct server return.

@@ -4,16 +4,15 @@
 //! 8000 and 8001 of one backend host, the seed's nginx block imported with `lb import nginx`
 //! (which picks NAT: the ports differ from the VIP's), then 300 refreshes and the spread, as
 //! the seed tells its reader to do.
-use std::{collections::BTreeMap, sync::atomic::Ordering, time::Instant};
+use std::{sync::atomic::Ordering, time::Instant};
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
     proc::sample_backend,
     routed::{CLIENT4, Routed, VIP4, backend_dev, backend4},
-    topo::{backend_index, get, http_request},
 };
 
-use super::{REQUESTS, finish, interrupt_flag, print_spread, wait_for_ctrl_c};
+use super::{REQUESTS, finish, interrupt_flag, print_spread, routed_requests, wait_for_ctrl_c};
 
 /// The seed document, relative to the workspace.
 const SEED_DOC: &str = "../shared/seeds/004_015de59c996d3785.txt";
@@ -87,18 +86,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let vip = format!("{VIP4}:80/tcp");
     print!("{}", net.lb(&["backend", "list", &vip])?);
     let t = Instant::now();
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut failed = 0;
-    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
-    for _ in 0..REQUESTS {
-        check()?;
-        let answer =
-            http_request(&net.client, target, &get("/")).and_then(|body| backend_index(&body));
-        match answer {
-            Ok(i) => *counts.entry(i).or_default() += 1,
-            Err(_) => failed += 1,
-        }
-    }
+    let (counts, failed) = routed_requests(&net, &check)?;
     println!(
         "\ndemo: {REQUESTS} refreshes of http://{VIP4}/ from the client ({CLIENT4}), a new connection each ({:.1} s):",
         t.elapsed().as_secs_f64()
