@@ -205,9 +205,19 @@ fn both_directions_have_exact_bytes_for_tcp_udp_ipv4_ipv6() -> anyhow::Result<()
         }
         Ok(())
     })??;
-    let nat = &world.dp.nat;
+    let nat = &mut world.dp.nat;
     assert_eq!(nat.fwd.keys().count(), 4);
     assert_eq!(nat.rev.keys().count(), 4);
+    // The agent's sweep: nothing has expired now; 31 s on, the UDP connections (idle 30 s)
+    // have; 901 s on, the answered TCP ones (900 s) too, both directions.
+    let now = lb_userspace::dataplane::kernel::coarse_now_s();
+    let s = nat.sweep(now)?;
+    assert_eq!((s.live, s.expired), (4, 0));
+    let s = nat.sweep(now + 31)?;
+    assert_eq!((s.live, s.expired), (2, 2));
+    let s = nat.sweep(now + 901)?;
+    assert_eq!((s.live, s.expired), (0, 2));
+    assert_eq!((nat.fwd.keys().count(), nat.rev.keys().count()), (0, 0));
     Ok(())
 }
 

@@ -333,7 +333,7 @@ impl Kernel for MapsKernel {
 }
 
 /// The program's clock: CLOCK_MONOTONIC_COARSE in seconds (`bpf_ktime_get_coarse_ns`).
-pub(crate) fn coarse_now_s() -> u32 {
+pub fn coarse_now_s() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
