@@ -226,3 +226,35 @@ fn udp_request_and_reply_through_nat() -> anyhow::Result<()> {
     assert_eq!(answers.len(), 2, "{answers:?}");
     Ok(())
 }
+
+#[test]
+fn ipv6_connections_through_nat() -> anyhow::Result<()> {
+    let mut net = Routed::new("nt6")?;
+    nat_backend(&net, 1)?;
+    for (port, index) in [(8000, 1), (8001, 2)] {
+        let child = sample_backend(&net.backends[0], port, index)?;
+        net.procs.push(child);
+    }
+    net.start_agent(&[])?;
+    let vip = "[2001:db8::10]:80/tcp";
+    net.lb(&["vip", "add", vip, "--forward", "nat"])?;
+    for b in ["[fd00:41::2]:8000", "[fd00:41::2]:8001"] {
+        net.lb(&["backend", "add", vip, b])?;
+    }
+    let target: SocketAddr = "[2001:db8::10]:80".parse()?;
+    let (spread, failed) = net.client.run(|| {
+        let mut spread: BTreeMap<String, u32> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for i in 0..100 {
+            match one_request(target) {
+                Ok(who) => *spread.entry(who).or_default() += 1,
+                Err(e) => failed.push(format!("request {i}: {e}")),
+            }
+        }
+        (spread, failed)
+    })?;
+    println!("100 IPv6 connections through NAT: {spread:?}, failed {failed:?}");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(spread.len(), 2, "{spread:?}");
+    Ok(())
+}
