@@ -122,6 +122,22 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
         no_mac.clone(),
     );
     no_mac.set(stats.agent.no_mac.len() as i64);
+    if let Some((live, cap)) = stats.agent.nat_connections {
+        let nat = Gauge::<i64>::default();
+        reg.register(
+            "nat_connections",
+            "NAT connections at the last sweep (closed ones keep their port 70 s)",
+            nat.clone(),
+        );
+        nat.set(live as i64);
+        let room = Gauge::<i64>::default();
+        reg.register(
+            "nat_connections_capacity",
+            "Connections the NAT table holds; beyond, new ones are refused",
+            room.clone(),
+        );
+        room.set(cap as i64);
+    }
     let list = agent.core().list();
     fleet_metrics(&mut reg, &list, stats.store.as_ref());
     for v in list {

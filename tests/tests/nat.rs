@@ -93,6 +93,26 @@ fn the_seeds_scene_spreads_300_connections_over_two_ports() -> anyhow::Result<()
         out.contains("10.41.0.2:8000") && out.contains("10.41.0.2:8001"),
         "{out}"
     );
+    // The agent's sweep (every 5 s) reports the table: the 300 closed connections keep their
+    // ports (70 s), the first request's too.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let live = loop {
+        let stats = net.lb(&["stats"])?;
+        let live = stats.lines().find_map(|l| {
+            l.strip_prefix("NAT connections: ")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+        match live {
+            Some(n) => break n,
+            None if Instant::now() > deadline => anyhow::bail!("no NAT line in:\n{stats}"),
+            None => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    println!("lb stats: NAT connections: {live}");
+    assert_eq!(live, 301);
     Ok(())
 }
 

@@ -51,6 +51,8 @@ pub struct Agent {
     store_revision: Mutex<Option<i64>>,
     /// Store mode: the link to the fleet's store (changes go there, not to this node).
     fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::Fleet>>,
+    /// NAT connections live at the last sweep (`u64::MAX`: no sweep has found any yet).
+    nat_live: std::sync::atomic::AtomicU64,
 }
 
 /// What a change did.
@@ -84,6 +86,7 @@ impl Agent {
             events: Mutex::new(events::Events::default()),
             store_revision: Mutex::new(store_revision),
             fleet: std::sync::OnceLock::new(),
+            nat_live: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -258,7 +261,19 @@ impl Agent {
     /// Deletes expired NAT connections (every few seconds; the program takes over an
     /// expired port by itself, this keeps the tables from filling up).
     pub fn nat_sweep(&self) -> Result<(usize, usize), Error> {
-        self.core().kernel_mut().nat_sweep()
+        let (live, gone) = self.core().kernel_mut().nat_sweep()?;
+        if live + gone > 0 || self.nat_connections().is_some() {
+            self.nat_live
+                .store(live as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((live, gone))
+    }
+
+    /// NAT connections live at the last sweep and the table's capacity, once NAT has been
+    /// used.
+    pub fn nat_connections(&self) -> Option<(u64, u64)> {
+        let live = self.nat_live.load(std::sync::atomic::Ordering::Relaxed);
+        (live != u64::MAX).then_some((live, u64::from(lb_common::DEFAULT_NAT_ENTRIES)))
     }
 
     pub fn retry(&self) -> Result<(), Error> {

@@ -271,6 +271,9 @@ pub struct AgentStatus {
     pub not_converged: Option<String>,
     /// Backends without a known MAC.
     pub no_mac: Vec<IpAddr>,
+    /// NAT connections live at the last sweep, and the table's capacity (once NAT is used).
+    #[serde(default)]
+    pub nat_connections: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ pub fn stats(agent: &Agent) -> Result<StatsView, Error> {
         agent: AgentStatus {
             not_converged: core.not_converged().map(str::to_string),
             no_mac: core.no_mac(),
+            nat_connections: agent.nat_connections(),
         },
         store: agent.fleet().map(|f| f.view()),
     })

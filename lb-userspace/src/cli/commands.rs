@@ -442,6 +442,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
         let list: Vec<String> = s.agent.no_mac.iter().map(|a| a.to_string()).collect();
         println!("backends without a MAC (no traffic): {}\n", list.join(", "));
     }
+    if let Some((live, cap)) = s.agent.nat_connections {
+        println!("NAT connections: {live} of {cap} (closed ones keep their port 70 s)\n");
+    }
     let mut rows = Vec::new();
     for (k, c) in &s.global {
         let before = prev.and_then(|p| p.global.get(k)).map(|c| c.packets);
