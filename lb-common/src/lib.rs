@@ -135,8 +135,8 @@ pub enum Stat {
     /// NAT: an answer to a NAT source address matching no translation (the load balancer's
     /// own traffic, or an expired one): passed to the kernel.
     PassNatUnknown = 15,
-    /// NAT: an ICMP error about a translated flow that is not translated (ICMPv6, from the
-    /// clients' side, or quoting IP options): passed to the kernel.
+    /// NAT: an ICMP error about no known NAT connection, or quoting IPv4 options: passed to
+    /// the kernel (not translated).
     PassNatIcmp = 16,
 }
 

@@ -141,23 +141,18 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     let e = LB_NAT_REV
         .get_ptr_mut(&pkt.key)
         .ok_or(Verdict::Pass(Stat::PassNatUnknown))?;
-    if pkt.icmp_error && pkt.key.family != FAMILY_V4 {
-        // An ICMPv6 error about a translated flow: not translated (yet), the kernel's.
-        return Err(Verdict::Pass(Stat::PassNatIcmp));
-    }
     // SAFETY: the map's value, valid while the program runs; a racing CPU writes the same.
     let e = unsafe { &mut *e };
-    if pkt.icmp_error {
-        // An ICMP error about a translated flow (port unreachable, fragmentation needed)
-        // goes to its client, translated; it does not refresh the connection.
-        return send(ctx, pkt, e, None);
+    // An ICMP error about a translated flow (port unreachable, fragmentation needed, packet
+    // too big) goes to its client, translated; it does not refresh the connection.
+    if !pkt.icmp_error {
+        let mut add = flags_of(pkt) | NAT_F_ANSWERED;
+        if e.flags & NAT_F_ANSWERED != 0 {
+            add &= !NAT_F_ANSWERED;
+        }
+        touch(e, add, now_s());
+        stats::count_backend(e.backend_id, len);
     }
-    let mut add = flags_of(pkt) | NAT_F_ANSWERED;
-    if e.flags & NAT_F_ANSWERED != 0 {
-        add &= !NAT_F_ANSWERED;
-    }
-    touch(e, add, now_s());
-    stats::count_backend(e.backend_id, len);
     send(ctx, pkt, e, None)
 }
 
@@ -182,13 +177,15 @@ fn still_good(e: &NatEntry, pkt: &Parsed) -> bool {
 /// the VIP's slot table gives a new connection.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Parsed) -> Result<Verdict, Verdict> {
-    if pkt.icmp_error {
-        return Err(Verdict::Pass(Stat::PassNatIcmp));
-    }
     let cfg = &maps::config();
     let now = now_s();
     // Entries are used in place (map memory), never copied: an entry is 56 bytes.
     let to: &NatEntry = match LB_NAT_FWD.get_ptr_mut(&pkt.key) {
+        // An ICMP error from the clients' side about a NAT'ed flow (a router on the way back
+        // to the client): translated for the backend, never a new connection.
+        // SAFETY: as in `reply`.
+        Some(e) if pkt.icmp_error => unsafe { &*e },
+        None if pkt.icmp_error => return Err(Verdict::Pass(Stat::PassNatIcmp)),
         // SAFETY: as in `reply`.
         Some(e) if still_good(unsafe { &*e }, pkt) => {
             let e = unsafe { &mut *e };
@@ -337,7 +334,7 @@ fn send(
         Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
     };
     if pkt.icmp_error {
-        rewrite_icmp4(ctx, pkt, to)?;
+        rewrite_icmp(ctx, pkt, to)?;
     } else {
         rewrite(ctx, pkt, to)?;
     }
@@ -427,52 +424,85 @@ fn rewrite(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict>
 /// Offset of the checksum in the ICMP header, and the ICMP header's length.
 const ICMP_CSUM: usize = 2;
 const ICMP_HDR: usize = 8;
+/// Offsets of the addresses in an IPv6 header.
+const V6_SRC: usize = 8;
+const V6_DST: usize = 24;
 
-/// Translates an ICMPv4 error from a backend's side about a NAT'ed flow for its client: the
-/// outer header becomes VIP -> client, the quoted packet (LB:port -> backend:port) becomes
-/// VIP:port -> client:port with its IP checksum updated; the ICMP checksum follows both. The
-/// quoted TCP/UDP checksum is left as quoted (nobody verifies a quote's). Only a quote
-/// without IP options (the parser's quote check already bounded it).
+/// Translates an ICMP error about a NAT'ed flow with that flow's entry `to` (either
+/// direction): the outer header becomes `to.src` -> `to.dst`, and the quoted packet, one that
+/// went the other way, becomes the one that side sent (`to.dst:to.dport` -> `to.src:to.sport`),
+/// so the receiver's stack matches it to its own connection. The quoted IPv4 header checksum
+/// and the ICMP checksum (ICMPv6: with its pseudo-header) are updated; the quoted TCP/UDP
+/// checksum is left as quoted (nobody verifies a quote's). A quote with IPv4 options is
+/// passed.
 #[inline(always)]
-fn rewrite_icmp4(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
+fn rewrite_icmp(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
     let k = &pkt.key;
     let l3 = pkt.ip.l3 & 0x1f;
     let l4 = pkt.ip.l4 & 0x7f;
     let inner = l4 + ICMP_HDR;
-    let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
     let icmp_csum: *mut u16 = ptr_at_mut(ctx, l4 + ICMP_CSUM).ok_or(BROKEN)?;
-    let qip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner).ok_or(BROKEN)?;
-    let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv4Hdr::LEN).ok_or(BROKEN)?;
-    // SAFETY: every pointer checked by `ptr_at_mut`.
-    unsafe {
-        if (*qip).vihl != 0x45 {
-            return Err(Verdict::Pass(Stat::PassNatIcmp));
+    // The quote, turned around by the parser into `k`: old inner source k.dst, destination
+    // k.src, ports (k.dport, k.sport).
+    let pd = csum_delta(
+        0,
+        ports_word(k.dport, k.sport),
+        ports_word(to.dport, to.sport),
+    );
+    if k.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
+        let qip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner).ok_or(BROKEN)?;
+        let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv4Hdr::LEN).ok_or(BROKEN)?;
+        // SAFETY: every pointer checked by `ptr_at_mut`.
+        unsafe {
+            if (*qip).vihl != 0x45 {
+                return Err(Verdict::Pass(Stat::PassNatIcmp));
+            }
+            let (osrc, odst) = (
+                u32::from_ne_bytes((*ip).src_addr),
+                u32::from_ne_bytes((*ip).dst_addr),
+            );
+            let d = csum_delta(csum_delta(0, osrc, to.src[0]), odst, to.dst[0]);
+            (*ip).src_addr = to.src[0].to_ne_bytes();
+            (*ip).dst_addr = to.dst[0].to_ne_bytes();
+            (*ip).check = csum_apply(u16::from_ne_bytes((*ip).check), d).to_ne_bytes();
+            let qd = csum_delta(csum_delta(0, k.dst[0], to.dst[0]), k.src[0], to.src[0]);
+            let old_qcheck = u16::from_ne_bytes((*qip).check);
+            let new_qcheck = csum_apply(old_qcheck, qd);
+            (*qip).src_addr = to.dst[0].to_ne_bytes();
+            (*qip).dst_addr = to.src[0].to_ne_bytes();
+            (*qip).check = new_qcheck.to_ne_bytes();
+            *qports = [to.dport, to.sport];
+            // ICMPv4 has no pseudo-header: the quote's bytes only.
+            let cd = csum_delta(qd + pd, u32::from(old_qcheck), u32::from(new_qcheck));
+            *icmp_csum = csum_apply(*icmp_csum, cd);
         }
-        // Outer: whoever sent it -> the NAT address, becomes VIP -> client.
-        let (osrc, odst) = (
-            u32::from_ne_bytes((*ip).src_addr),
-            u32::from_ne_bytes((*ip).dst_addr),
-        );
-        let d = csum_delta(csum_delta(0, osrc, to.src[0]), odst, to.dst[0]);
-        (*ip).src_addr = to.src[0].to_ne_bytes();
-        (*ip).dst_addr = to.dst[0].to_ne_bytes();
-        (*ip).check = csum_apply(u16::from_ne_bytes((*ip).check), d).to_ne_bytes();
-        // Quoted: NAT address:port -> backend:port (the key, turned around) becomes
-        // VIP:port -> client:port.
-        let qd = csum_delta(csum_delta(0, k.dst[0], to.src[0]), k.src[0], to.dst[0]);
-        let old_qcheck = u16::from_ne_bytes((*qip).check);
-        let new_qcheck = csum_apply(old_qcheck, qd);
-        (*qip).src_addr = to.src[0].to_ne_bytes();
-        (*qip).dst_addr = to.dst[0].to_ne_bytes();
-        (*qip).check = new_qcheck.to_ne_bytes();
-        let pd = csum_delta(
-            0,
-            ports_word(k.dport, k.sport),
-            ports_word(to.sport, to.dport),
-        );
-        *qports = [to.sport, to.dport];
-        let cd = csum_delta(qd + pd, u32::from(old_qcheck), u32::from(new_qcheck));
-        *icmp_csum = csum_apply(*icmp_csum, cd);
+    } else {
+        // Addresses as words, in place: copies would cost stack the program has not got.
+        let osrc: *mut [u32; 4] = ptr_at_mut(ctx, l3 + V6_SRC).ok_or(BROKEN)?;
+        let odst: *mut [u32; 4] = ptr_at_mut(ctx, l3 + V6_DST).ok_or(BROKEN)?;
+        let qsrc: *mut [u32; 4] = ptr_at_mut(ctx, inner + V6_SRC).ok_or(BROKEN)?;
+        let qdst: *mut [u32; 4] = ptr_at_mut(ctx, inner + V6_DST).ok_or(BROKEN)?;
+        let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv6Hdr::LEN).ok_or(BROKEN)?;
+        // SAFETY: every pointer checked by `ptr_at_mut`.
+        unsafe {
+            let mut d = pd;
+            let mut i = 0;
+            while i < 4 {
+                // Pseudo-header (outer addresses) and quoted addresses.
+                d = csum_delta(d, (*osrc)[i], to.src[i]);
+                d = csum_delta(d, (*odst)[i], to.dst[i]);
+                d = csum_delta(d, (*qsrc)[i], to.dst[i]);
+                d = csum_delta(d, (*qdst)[i], to.src[i]);
+                (*osrc)[i] = to.src[i];
+                (*odst)[i] = to.dst[i];
+                (*qsrc)[i] = to.dst[i];
+                (*qdst)[i] = to.src[i];
+                i += 1;
+            }
+            *qports = [to.dport, to.sport];
+            *icmp_csum = csum_apply(*icmp_csum, d);
+        }
     }
     Ok(())
 }

@@ -2,14 +2,14 @@
 //! inside a namespace whose FIB gives known next hops: TCP and UDP, IPv4 and IPv6, both
 //! directions, each output frame compared byte for byte with one rebuilt independently by
 //! etherparse (addresses, ports and every checksum recomputed from scratch), the NAT port
-//! exhaustion counted and dropped, and an ICMP error about a translated flow translated for
-//! its client.
+//! exhaustion counted and dropped, and ICMP errors about translated flows translated for the
+//! other side (from the backends' side, IPv4 and IPv6, and from the clients' side).
 use std::net::IpAddr;
 
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use lb_common::Stat;
 use lb_tests::{
-    frames::v4,
+    frames::{v4, v6},
     routed::{FibNs, GW_MAC},
     world::{SCENE, World, ip},
 };
@@ -250,65 +250,141 @@ fn exhausted_ports_unknown_answers_and_icmp_errors() -> anyhow::Result<()> {
         assert_eq!((action, out), (XDP_PASS, stray));
         assert_eq!(stat(&world, Stat::PassNatUnknown)?, 1);
         // An ICMP error from the backend about the translated flow goes to its client,
-        // translated: outer VIP -> client, the quote VIP:53 -> client:41000.
+        // translated: outer VIP -> client, quoting what the client sent (client:41000 ->
+        // VIP:53).
         let quoted = frame("udp", (ip(SRC4), 5000), (ip(BACKEND4), 8001));
+        let icmp = icmp4(BACKEND4, SRC4, &quoted);
+        let (action, out) = world.run_on(&icmp, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        let want = translated_icmp(
+            &icmp,
+            (ip(VIP4), ip(CLIENT4)),
+            ((ip(CLIENT4), 41000), (ip(VIP4), 53)),
+            (f.mac, GW_MAC),
+        );
+        assert_eq!(out, want, "ICMP from the backend's side: bytes");
+        // From the client's side (a router on the way back says the answer did not fit):
+        // translated for the backend, quoting what the backend sent.
+        let quoted = frame("udp", (ip(VIP4), 53), (ip(CLIENT4), 41000));
+        let icmp = icmp4("198.51.100.1", VIP4, &quoted);
+        let (action, out) = world.run_on(&icmp, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        let want = translated_icmp(
+            &icmp,
+            (ip(SRC4), ip(BACKEND4)),
+            ((ip(BACKEND4), 8001), (ip(SRC4), 5000)),
+            (f.mac, GW_MAC),
+        );
+        assert_eq!(out, want, "ICMP from the client's side: bytes");
+        // ICMPv6 "packet too big" from the backend's side, for an IPv6 connection.
+        let request = frame("tcp", (ip(CLIENT6), 42000), (ip(VIP6), 80));
+        let (action, out) = world.run_on(&request, f.ifindex)?;
+        assert_eq!(action, XDP_TX);
+        let nat_port = source_port(&out);
+        let bport = match PacketHeaders::from_ethernet_slice(&out)
+            .expect("parses")
+            .transport
+        {
+            Some(TransportHeader::Tcp(t)) => t.destination_port,
+            _ => unreachable!(),
+        };
+        let quoted = frame("tcp", (ip(SRC6), nat_port), (ip(BACKEND6), bport));
         let mut icmp = Vec::new();
         SCENE
             .eth()
-            .ipv4(v4(BACKEND4), v4(SRC4), 64)
-            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
-                etherparse::icmpv4::DestUnreachableHeader::Port,
-            ))
+            .ipv6(v6(BACKEND6), v6(SRC6), 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
             .write(&mut icmp, &quoted[14..])
             .expect("builds");
         let (action, out) = world.run_on(&icmp, f.ifindex)?;
         assert_eq!(action, XDP_TX);
-        assert_eq!(out, translated_icmp(&icmp, (f.mac, GW_MAC)), "ICMP bytes");
-        let p = PacketHeaders::from_ethernet_slice(&out).expect("parses");
-        let Some(TransportHeader::Icmpv4(h)) = &p.transport else {
-            panic!("not ICMP")
-        };
-        assert_eq!(
-            h.checksum,
-            h.icmp_type.calc_checksum(p.payload.slice()),
-            "ICMP checksum"
+        let want = translated_icmp(
+            &icmp,
+            (ip(VIP6), ip(CLIENT6)),
+            ((ip(CLIENT6), 42000), (ip(VIP6), 80)),
+            (f.mac, GW_MAC),
         );
+        assert_eq!(out, want, "ICMPv6 from the backend's side: bytes");
         Ok(())
     })??;
     Ok(())
 }
 
-/// The ICMP error `frame` (backend -> NAT address, quoting NAT address:5000 -> backend:8001)
-/// as the client must get it: VIP -> client, quoting VIP:53 -> client:41000 with the quoted IP
-/// checksum recomputed (the quoted UDP checksum left as quoted), the ICMP checksum recomputed.
-fn translated_icmp(frame: &[u8], (smac, dmac): ([u8; 6], [u8; 6])) -> Vec<u8> {
+/// An ICMP port unreachable from `src` to `dst` quoting `quoted` (a frame).
+fn icmp4(src: &str, dst: &str, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = Vec::new();
+    SCENE
+        .eth()
+        .ipv4(v4(src), v4(dst), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut icmp, &quoted[14..])
+        .expect("builds");
+    icmp
+}
+
+/// The ICMP error `frame` as it must leave: outer `src -> dst`, the quote's addresses and
+/// ports replaced (its IPv4 checksum recomputed, its TCP/UDP checksum left as quoted), the
+/// ICMP checksum recomputed from scratch (ICMPv6: with its pseudo-header).
+fn translated_icmp(
+    frame: &[u8],
+    (src, dst): (IpAddr, IpAddr),
+    ((qsrc, qsport), (qdst, qdport)): ((IpAddr, u16), (IpAddr, u16)),
+    (smac, dmac): ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    let octets6 = |a: IpAddr| match a {
+        IpAddr::V6(a) => a.octets(),
+        _ => unreachable!(),
+    };
+    let octets4 = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets(),
+        _ => unreachable!(),
+    };
     let p = PacketHeaders::from_ethernet_slice(frame).expect("parses");
     let quote = p.payload.slice();
-    let (mut qip, rest) = etherparse::Ipv4Header::from_slice(quote).expect("quote");
-    qip.source = v4(VIP4);
-    qip.destination = v4(CLIENT4);
-    qip.header_checksum = qip.calc_header_checksum();
     let mut new_quote = Vec::new();
-    qip.write(&mut new_quote).expect("write");
-    new_quote.extend_from_slice(&53u16.to_be_bytes());
-    new_quote.extend_from_slice(&41000u16.to_be_bytes());
+    let rest = if src.is_ipv4() {
+        let (mut q, rest) = etherparse::Ipv4Header::from_slice(quote).expect("quote");
+        (q.source, q.destination) = (octets4(qsrc), octets4(qdst));
+        q.header_checksum = q.calc_header_checksum();
+        q.write(&mut new_quote).expect("write");
+        rest
+    } else {
+        let (mut q, rest) = etherparse::Ipv6Header::from_slice(quote).expect("quote");
+        (q.source, q.destination) = (octets6(qsrc), octets6(qdst));
+        q.write(&mut new_quote).expect("write");
+        rest
+    };
+    new_quote.extend_from_slice(&qsport.to_be_bytes());
+    new_quote.extend_from_slice(&qdport.to_be_bytes());
     new_quote.extend_from_slice(&rest[4..]);
     let mut out = Vec::new();
     let mut eth = p.link.expect("eth").ethernet2().expect("eth2");
     (eth.source, eth.destination) = (smac, dmac);
     eth.write(&mut out).expect("write");
-    let Some(NetHeaders::Ipv4(mut h, _)) = p.net else {
-        panic!("IPv4")
-    };
-    h.source = v4(VIP4);
-    h.destination = v4(CLIENT4);
-    h.header_checksum = h.calc_header_checksum();
-    h.write(&mut out).expect("write");
-    let Some(TransportHeader::Icmpv4(i)) = p.transport else {
-        panic!("ICMP")
-    };
-    let i = etherparse::Icmpv4Header::with_checksum(i.icmp_type, &new_quote);
-    i.write(&mut out).expect("write");
+    match (p.net, p.transport) {
+        (Some(NetHeaders::Ipv4(mut h, _)), Some(TransportHeader::Icmpv4(i))) => {
+            (h.source, h.destination) = (octets4(src), octets4(dst));
+            h.header_checksum = h.calc_header_checksum();
+            h.write(&mut out).expect("write");
+            let i = etherparse::Icmpv4Header::with_checksum(i.icmp_type, &new_quote);
+            i.write(&mut out).expect("write");
+        }
+        (Some(NetHeaders::Ipv6(mut h, _)), Some(TransportHeader::Icmpv6(i))) => {
+            (h.source, h.destination) = (octets6(src), octets6(dst));
+            h.write(&mut out).expect("write");
+            let i = etherparse::Icmpv6Header::with_checksum(
+                i.icmp_type,
+                h.source,
+                h.destination,
+                &new_quote,
+            )
+            .expect("checksum");
+            i.write(&mut out).expect("write");
+        }
+        _ => unreachable!(),
+    }
     out.extend_from_slice(&new_quote);
     out
 }
