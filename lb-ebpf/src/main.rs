@@ -2,7 +2,8 @@
 //!
 //! `lb_xdp` parses a frame (`parse`), finds its VIP (`maps`), picks a backend through the flow
 //! table and the VIP's Maglev slot table (`select`), rewrites and sends the frame (`forward`)
-//! and counts what happened (`stats`). Every outcome is a [`Verdict`]; [`lb_xdp`] is the one
+//! and counts what happened (`stats`). NAT VIPs and backends' answers to NAT addresses go on
+//! to [`lb_nat`] by a tail call (`nat`). Every outcome is a [`Verdict`]; [`act`] is the one
 //! place that turns verdicts into XDP actions and counters. Nothing is logged per packet.
 #![no_std]
 #![no_main]
@@ -15,6 +16,7 @@ mod hc;
 mod icmp;
 mod maps;
 mod nat;
+mod nat_rewrite;
 mod outer;
 mod parse;
 mod proto;
@@ -95,10 +97,10 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     let pkt = parse::parse(ctx)?;
     // Read once: the selection and the encapsulation both need the load-time constants.
     let cfg = maps::config();
-    // A backend's answer to a NAT address goes back to its client (one array read decides;
-    // VIP packets pay only that).
+    // A backend's answer to a NAT address is the NAT program's (one array read decides;
+    // other VIP packets pay only that). `nat::enter` returns only when the tail call failed
+    // (no NAT program in the array): dropped as a send failure.
     if nat::is_nat_addr(&pkt) {
-        // A backend's answer to a NAT address: the NAT program's (no return on success).
         nat::enter(ctx);
         return Err(Verdict::Drop(Stat::DropTxError));
     }

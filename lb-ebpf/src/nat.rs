@@ -5,10 +5,12 @@
 //!   port -> backend:port; a connection without one takes a NAT port (the reverse entry is
 //!   inserted first, `BPF_NOEXIST`, so a port is never handed out twice).
 //! - Backend -> LB address ([`reply`]): the reverse entry gives VIP -> client.
+//! - An ICMP error about a connection, from either side, is translated with that side's entry
+//!   for the other (`nat_rewrite`).
 //!
-//! Either way the FIB is asked for the next hop *before* the packet is touched (a drop or a
-//! "too big" answer sees the original), then addresses and ports are rewritten with
-//! incremental checksum updates (RFC 1624) and the frame goes out by XDP_TX or a redirect.
+//! Either way the FIB is asked for the next hop *before* the packet is touched (a drop sees
+//! the original), then addresses and ports are rewritten with incremental checksum updates
+//! (RFC 1624) and the frame goes out by XDP_TX or a redirect.
 // Keys go to the map helpers by reference: by value they would be copied onto the stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
@@ -23,12 +25,9 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
     NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_ANSWERED, NAT_F_FIN, NAT_F_REPLY, NAT_F_RST, NAT_PORT_PROBES,
     NAT_TCP_ESTABLISHED_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, csum_apply, csum_delta, nat_expired, nat_forward_key, nat_port, nat_reverse,
+    TCP_SYN, nat_expired, nat_forward_key, nat_port, nat_reverse,
 };
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use network_types::eth::EthHdr;
 
 use crate::{
     Verdict,
@@ -39,6 +38,7 @@ use crate::{
         LB_BACKENDS, LB_NAT_ADDRS, LB_NAT_FWD, LB_NAT_REV, LB_PROGS, LB_TX_PORTS, PROG_NAT,
         present_vip,
     },
+    nat_rewrite::{rewrite, rewrite_icmp},
     parse,
     parse::{Parsed, ptr_at_mut},
     select, stats,
@@ -48,7 +48,7 @@ const EEXIST: i32 = 17;
 
 /// Work space of [`allocate`] (per CPU, in a map: the stack has no room for it).
 #[repr(C)]
-pub struct Scratch {
+struct Scratch {
     fwd: NatEntry,
     rev: NatEntry,
     rkey: FlowKey,
@@ -64,11 +64,9 @@ struct Picked {
     vip_id: u32,
     b: &'static Backend,
 }
+
 const TABLE_FULL: Verdict = Verdict::Drop(Stat::DropNatTableFull);
 const BROKEN: Verdict = Verdict::Drop(Stat::DropMalformed);
-/// Offsets of the checksum in the TCP and UDP headers.
-const TCP_CSUM: usize = 16;
-const UDP_CSUM: usize = 6;
 
 #[inline(always)]
 fn now_s() -> u32 {
@@ -129,7 +127,7 @@ pub fn run(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     if is_nat_addr(&pkt) {
         reply(ctx, &pkt, len)
     } else {
-        forward(ctx, &pkt)
+        forward(ctx, &pkt, len)
     }
 }
 
@@ -176,7 +174,7 @@ fn still_good(e: &NatEntry, pkt: &Parsed) -> bool {
 /// A client's packet for a NAT VIP: translated to the connection's backend, or to the one
 /// the VIP's slot table gives a new connection.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Parsed) -> Result<Verdict, Verdict> {
+fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     let cfg = &maps::config();
     let now = now_s();
     // Entries are used in place (map memory), never copied: an entry is 56 bytes.
@@ -200,7 +198,7 @@ fn forward(ctx: &XdpContext, pkt: &Parsed) -> Result<Verdict, Verdict> {
             allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?
         }
     };
-    stats::count_backend(to.backend_id, pkt.ip.len as u64);
+    stats::count_backend(to.backend_id, len);
     let picked = LB_BACKENDS.get(to.backend_id).map(|b| Picked {
         id: to.backend_id,
         vip_id: 0,
@@ -355,168 +353,4 @@ fn send(
         .redirect(h.ifindex, 0)
         .map(Verdict::Forward)
         .map_err(|_| Verdict::Drop(Stat::DropTxError))
-}
-
-#[inline(always)]
-fn ports_word(sport: u16, dport: u16) -> u32 {
-    u32::from(sport) | (u32::from(dport) << 16)
-}
-
-/// Rewrites addresses and ports to `to`, updating the IPv4 header checksum and the TCP/UDP
-/// checksum (pseudo-header addresses and ports) incrementally.
-#[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
-    let k = &pkt.key;
-    // Verifier note: offsets re-bounded after travelling through the struct.
-    let l3 = pkt.ip.l3 & 0x1f;
-    let l4 = pkt.ip.l4 & 0x7f;
-    let mut d = 0u64;
-    if k.family == FAMILY_V4 {
-        d = csum_delta(d, k.src[0], to.src[0]);
-        d = csum_delta(d, k.dst[0], to.dst[0]);
-        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
-        // SAFETY: checked by `ptr_at_mut`.
-        unsafe {
-            (*ip).src_addr = to.src[0].to_ne_bytes();
-            (*ip).dst_addr = to.dst[0].to_ne_bytes();
-            let c = u16::from_ne_bytes((*ip).check);
-            (*ip).check = csum_apply(c, d).to_ne_bytes();
-        }
-    } else {
-        let mut i = 0;
-        while i < 4 {
-            d = csum_delta(d, k.src[i], to.src[i]);
-            d = csum_delta(d, k.dst[i], to.dst[i]);
-            i += 1;
-        }
-        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
-        // SAFETY: checked by `ptr_at_mut`.
-        unsafe {
-            (*ip).src_addr = words_bytes(&to.src);
-            (*ip).dst_addr = words_bytes(&to.dst);
-        }
-    }
-    d = csum_delta(
-        d,
-        ports_word(k.sport, k.dport),
-        ports_word(to.sport, to.dport),
-    );
-    let (csum_at, udp) = if k.proto == PROTO_TCP {
-        (TCP_CSUM, false)
-    } else {
-        (UDP_CSUM, true)
-    };
-    let ports: *mut [u16; 2] = ptr_at_mut(ctx, l4).ok_or(BROKEN)?;
-    let csum: *mut u16 = ptr_at_mut(ctx, l4 + csum_at).ok_or(BROKEN)?;
-    // SAFETY: both checked by `ptr_at_mut`.
-    unsafe {
-        *ports = [to.sport, to.dport];
-        let c = *csum;
-        // An IPv4 UDP datagram without a checksum keeps none.
-        if !(udp && c == 0 && k.family == FAMILY_V4) {
-            let n = csum_apply(c, d);
-            *csum = if udp && n == 0 { 0xffff } else { n };
-        }
-    }
-    Ok(())
-}
-
-/// Offset of the checksum in the ICMP header, and the ICMP header's length.
-const ICMP_CSUM: usize = 2;
-const ICMP_HDR: usize = 8;
-/// Offsets of the addresses in an IPv6 header.
-const V6_SRC: usize = 8;
-const V6_DST: usize = 24;
-
-/// Translates an ICMP error about a NAT'ed flow with that flow's entry `to` (either
-/// direction): the outer header becomes `to.src` -> `to.dst`, and the quoted packet, one that
-/// went the other way, becomes the one that side sent (`to.dst:to.dport` -> `to.src:to.sport`),
-/// so the receiver's stack matches it to its own connection. The quoted IPv4 header checksum
-/// and the ICMP checksum (ICMPv6: with its pseudo-header) are updated; the quoted TCP/UDP
-/// checksum is left as quoted (nobody verifies a quote's). A quote with IPv4 options is
-/// passed.
-#[inline(always)]
-fn rewrite_icmp(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(), Verdict> {
-    let k = &pkt.key;
-    let l3 = pkt.ip.l3 & 0x1f;
-    let l4 = pkt.ip.l4 & 0x7f;
-    let inner = l4 + ICMP_HDR;
-    let icmp_csum: *mut u16 = ptr_at_mut(ctx, l4 + ICMP_CSUM).ok_or(BROKEN)?;
-    // The quote, turned around by the parser into `k`: old inner source k.dst, destination
-    // k.src, ports (k.dport, k.sport).
-    let pd = csum_delta(
-        0,
-        ports_word(k.dport, k.sport),
-        ports_word(to.dport, to.sport),
-    );
-    if k.family == FAMILY_V4 {
-        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(BROKEN)?;
-        let qip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner).ok_or(BROKEN)?;
-        let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv4Hdr::LEN).ok_or(BROKEN)?;
-        // SAFETY: every pointer checked by `ptr_at_mut`.
-        unsafe {
-            if (*qip).vihl != 0x45 {
-                return Err(Verdict::Pass(Stat::PassNatIcmp));
-            }
-            let (osrc, odst) = (
-                u32::from_ne_bytes((*ip).src_addr),
-                u32::from_ne_bytes((*ip).dst_addr),
-            );
-            let d = csum_delta(csum_delta(0, osrc, to.src[0]), odst, to.dst[0]);
-            (*ip).src_addr = to.src[0].to_ne_bytes();
-            (*ip).dst_addr = to.dst[0].to_ne_bytes();
-            (*ip).check = csum_apply(u16::from_ne_bytes((*ip).check), d).to_ne_bytes();
-            let qd = csum_delta(csum_delta(0, k.dst[0], to.dst[0]), k.src[0], to.src[0]);
-            let old_qcheck = u16::from_ne_bytes((*qip).check);
-            let new_qcheck = csum_apply(old_qcheck, qd);
-            (*qip).src_addr = to.dst[0].to_ne_bytes();
-            (*qip).dst_addr = to.src[0].to_ne_bytes();
-            (*qip).check = new_qcheck.to_ne_bytes();
-            *qports = [to.dport, to.sport];
-            // ICMPv4 has no pseudo-header: the quote's bytes only.
-            let cd = csum_delta(qd + pd, u32::from(old_qcheck), u32::from(new_qcheck));
-            *icmp_csum = csum_apply(*icmp_csum, cd);
-        }
-    } else {
-        // Addresses as words, in place: copies would cost stack the program has not got.
-        let osrc: *mut [u32; 4] = ptr_at_mut(ctx, l3 + V6_SRC).ok_or(BROKEN)?;
-        let odst: *mut [u32; 4] = ptr_at_mut(ctx, l3 + V6_DST).ok_or(BROKEN)?;
-        let qsrc: *mut [u32; 4] = ptr_at_mut(ctx, inner + V6_SRC).ok_or(BROKEN)?;
-        let qdst: *mut [u32; 4] = ptr_at_mut(ctx, inner + V6_DST).ok_or(BROKEN)?;
-        let qports: *mut [u16; 2] = ptr_at_mut(ctx, inner + Ipv6Hdr::LEN).ok_or(BROKEN)?;
-        // SAFETY: every pointer checked by `ptr_at_mut`.
-        unsafe {
-            let mut d = pd;
-            let mut i = 0;
-            while i < 4 {
-                // Pseudo-header (outer addresses) and quoted addresses.
-                d = csum_delta(d, (*osrc)[i], to.src[i]);
-                d = csum_delta(d, (*odst)[i], to.dst[i]);
-                d = csum_delta(d, (*qsrc)[i], to.dst[i]);
-                d = csum_delta(d, (*qdst)[i], to.src[i]);
-                (*osrc)[i] = to.src[i];
-                (*odst)[i] = to.dst[i];
-                (*qsrc)[i] = to.dst[i];
-                (*qdst)[i] = to.src[i];
-                i += 1;
-            }
-            *qports = [to.dport, to.sport];
-            *icmp_csum = csum_apply(*icmp_csum, d);
-        }
-    }
-    Ok(())
-}
-
-#[inline(always)]
-fn words_bytes(w: &[u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (
-        w[0].to_ne_bytes(),
-        w[1].to_ne_bytes(),
-        w[2].to_ne_bytes(),
-        w[3].to_ne_bytes(),
-    );
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
 }
