@@ -128,6 +128,23 @@ fn keep_alive_connections_survive_backend_add_and_drain() -> anyhow::Result<()> 
     for (c, o) in conns.iter_mut().zip(&owners) {
         assert_eq!(&request(c)?, o, "a connection moved after an add");
     }
+    // `lb trace` names each connection's NAT'ed backend (its NAT entry decides).
+    for (c, o) in conns.iter().zip(&owners) {
+        let local = c.local_addr()?;
+        let t = net.lb(&["trace", &local.to_string(), VIP])?;
+        let want = if o == "hello from backend 1" {
+            "10.41.0.2:8000"
+        } else {
+            "10.41.0.2:8001"
+        };
+        // The row under the header: VIP, id, slot, slot backend, previous, FLOW ENTRY, ...
+        let flow_entry = t
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or("");
+        assert_eq!(flow_entry, want, "{o}: {t}");
+    }
     net.lb(&["backend", "drain", VIP, "10.41.0.2:8000"])?;
     for (c, o) in conns.iter_mut().zip(&owners) {
         assert_eq!(&request(c)?, o, "a connection moved after a drain");

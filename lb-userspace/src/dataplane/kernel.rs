@@ -311,6 +311,16 @@ impl Kernel for MapsKernel {
                 return Ok(Some(f.backend_id));
             }
         }
+        // A NAT connection: its forward entry, while its backend is the same and not down
+        // (what `lb_nat` checks).
+        if let Ok(e) = self.dp.nat.fwd.get(key, 0)
+            && let Ok(b) = self.dp.backends.get(e.backend_id)
+            && b.flags & BACKEND_F_PRESENT != 0
+            && b.flags & lb_common::BACKEND_F_DOWN == 0
+            && b.generation == e.backend_generation
+        {
+            return Ok(Some(e.backend_id));
+        }
         Ok(None)
     }
 
