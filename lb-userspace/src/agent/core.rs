@@ -155,10 +155,6 @@ impl Core {
         self.kernel.as_ref()
     }
 
-    pub fn kernel_mut(&mut self) -> &mut dyn Kernel {
-        self.kernel.as_mut()
-    }
-
     pub fn not_converged(&self) -> Option<&str> {
         self.not_converged.as_deref()
     }

@@ -46,8 +46,11 @@ pub trait Kernel: Send {
     fn live_slots(&self, _vip_id: u32) -> Result<Option<LiveSlots>, Error> {
         Ok(None)
     }
-    /// Deletes expired NAT connections; returns (live, deleted).
-    fn nat_sweep(&mut self) -> Result<(usize, usize), Error> {
-        Ok((0, 0))
+    /// The NAT sweep's own handles on the NAT tables (none without a data plane): the sweep
+    /// runs without the agent's lock.
+    fn nat_sweeper(
+        &self,
+    ) -> Option<std::sync::Arc<std::sync::Mutex<crate::dataplane::nat::NatSweeper>>> {
+        None
     }
 }

@@ -261,7 +261,15 @@ impl Agent {
     /// Deletes expired NAT connections (every few seconds; the program takes over an
     /// expired port by itself, this keeps the tables from filling up).
     pub fn nat_sweep(&self) -> Result<(usize, usize), Error> {
-        let (live, gone) = self.core().kernel_mut().nat_sweep()?;
+        // The core's lock only to get the handles: the sweep reads up to two full tables.
+        let Some(sweeper) = self.core().kernel().nat_sweeper() else {
+            return Ok((0, 0));
+        };
+        let s = sweeper
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sweep(crate::dataplane::kernel::coarse_now_s())?;
+        let (live, gone) = (s.live, s.expired);
         if live + gone > 0 || self.nat_connections().is_some() {
             self.nat_live
                 .store(live as u64, std::sync::atomic::Ordering::Relaxed);

@@ -332,9 +332,8 @@ impl Kernel for MapsKernel {
         self.sources.for_backend(backend)
     }
 
-    fn nat_sweep(&mut self) -> Result<(usize, usize), Error> {
-        let s = self.dp.nat.sweep(coarse_now_s())?;
-        Ok((s.live, s.expired))
+    fn nat_sweeper(&self) -> Option<std::sync::Arc<std::sync::Mutex<super::nat::NatSweeper>>> {
+        Some(self.dp.nat_sweeper.clone())
     }
 
     fn config(&self) -> LbConfig {

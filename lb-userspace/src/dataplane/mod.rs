@@ -197,6 +197,8 @@ pub struct Dataplane {
     pub tx_ports: DevMapHash<MapData>,
     pub stats: StatsMaps,
     pub nat: nat::NatTables,
+    /// The NAT sweep's own handles: it runs without the agent's lock.
+    pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
 }
 
 impl Dataplane {
@@ -306,14 +308,11 @@ impl Dataplane {
             backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)
                 .map_err(map_err(BACKEND_STATS_MAP))?,
         };
-        let nat = nat::NatTables {
-            fwd: HashMap::try_from(take(&mut ebpf, lb_common::NAT_FWD_MAP)?)
-                .map_err(map_err(lb_common::NAT_FWD_MAP))?,
-            rev: HashMap::try_from(take(&mut ebpf, lb_common::NAT_REV_MAP)?)
-                .map_err(map_err(lb_common::NAT_REV_MAP))?,
-            addrs: Array::try_from(take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?)
-                .map_err(map_err(lb_common::NAT_ADDRS_MAP))?,
-        };
+        let (nat, nat_sweeper) = nat::from_maps(
+            take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
+            take(&mut ebpf, lb_common::NAT_REV_MAP)?,
+            take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
+        )?;
         Ok(Dataplane {
             ebpf,
             opts,
@@ -324,6 +323,7 @@ impl Dataplane {
             tx_ports,
             stats,
             nat,
+            nat_sweeper: std::sync::Arc::new(std::sync::Mutex::new(nat_sweeper)),
         })
     }
 
