@@ -51,6 +51,25 @@ fn target() -> SocketAddr {
     SocketAddr::new(VIP4.parse().expect("VIP"), 80)
 }
 
+/// `n` requests from the client on new connections: answers per backend, and the failures.
+fn spread(
+    net: &Routed,
+    target: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(BTreeMap<String, u32>, Vec<String>)> {
+    net.client.run(|| {
+        let mut spread: BTreeMap<String, u32> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for i in 0..n {
+            match one_request(target) {
+                Ok(who) => *spread.entry(who).or_default() += 1,
+                Err(e) => failed.push(format!("request {i}: {e}")),
+            }
+        }
+        (spread, failed)
+    })
+}
+
 fn stat(net: &Routed, name: &str) -> u64 {
     let out = net.lb(&["stats"]).unwrap_or_default();
     out.lines()
@@ -68,17 +87,7 @@ fn the_seeds_scene_spreads_300_connections_over_two_ports() -> anyhow::Result<()
     if let Err(e) = net.client.run(|| one_request(target()))? {
         anyhow::bail!("the first request failed: {e}\n{}", net.lb(&["stats"])?);
     }
-    let (spread, failed) = net.client.run(|| {
-        let mut spread: BTreeMap<String, u32> = BTreeMap::new();
-        let mut failed = Vec::new();
-        for i in 0..300 {
-            match one_request(target()) {
-                Ok(who) => *spread.entry(who).or_default() += 1,
-                Err(e) => failed.push(format!("request {i}: {e}")),
-            }
-        }
-        (spread, failed)
-    })?;
+    let (spread, failed) = spread(&net, target(), 300)?;
     println!("300 new connections: {spread:?}, failed {failed:?}");
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(spread.len(), 2, "{spread:?}");
@@ -279,17 +288,7 @@ fn ipv6_connections_through_nat() -> anyhow::Result<()> {
         net.lb(&["backend", "add", vip, b])?;
     }
     let target: SocketAddr = "[2001:db8::10]:80".parse()?;
-    let (spread, failed) = net.client.run(|| {
-        let mut spread: BTreeMap<String, u32> = BTreeMap::new();
-        let mut failed = Vec::new();
-        for i in 0..100 {
-            match one_request(target) {
-                Ok(who) => *spread.entry(who).or_default() += 1,
-                Err(e) => failed.push(format!("request {i}: {e}")),
-            }
-        }
-        (spread, failed)
-    })?;
+    let (spread, failed) = spread(&net, target, 100)?;
     println!("100 IPv6 connections through NAT: {spread:?}, failed {failed:?}");
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(spread.len(), 2, "{spread:?}");

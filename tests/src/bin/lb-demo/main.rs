@@ -68,6 +68,14 @@ fn print_spread(counts: &BTreeMap<usize, usize>, failed: usize, addr: impl Fn(us
     println!("  failed: {failed}");
 }
 
+/// An error once Ctrl-C was pressed (checked between the demo's steps).
+fn interrupted(stop: &AtomicBool) -> anyhow::Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted: tearing the demo network down");
+    }
+    Ok(())
+}
+
 fn wait_for_ctrl_c(stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
@@ -102,12 +110,7 @@ fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
 /// program, and the health checks through the tunnel take it out.
 fn routed_demo(mode: &str, keep: bool) -> anyhow::Result<()> {
     let stop = interrupt_flag()?;
-    let check = || -> anyhow::Result<()> {
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted: tearing the demo network down");
-        }
-        Ok(())
-    };
+    let check = || interrupted(&stop);
     let started = Instant::now();
     println!("demo: building the routed network (client, router, load balancer, 3 backends)");
     let mut net = Routed::new("demo")?;
@@ -203,12 +206,7 @@ fn routed_requests(
 /// The default scene: one segment, L2 direct server return.
 fn l2_demo(keep: bool) -> anyhow::Result<()> {
     let stop = interrupt_flag()?;
-    let check = || -> anyhow::Result<()> {
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted: tearing the demo network down");
-        }
-        Ok(())
-    };
+    let check = || interrupted(&stop);
     let started = Instant::now();
     println!(
         "demo: building the network: client, load balancer, 3 backends on a bridge (own namespaces)"

@@ -4,7 +4,7 @@
 //! 8000 and 8001 of one backend host, the seed's nginx block imported with `lb import nginx`
 //! (which picks NAT: the ports differ from the VIP's), then 300 refreshes and the spread, as
 //! the seed tells its reader to do.
-use std::{sync::atomic::Ordering, time::Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
@@ -12,7 +12,9 @@ use lb_tests::{
     routed::{CLIENT4, Routed, VIP4, backend_dev, backend4},
 };
 
-use super::{REQUESTS, finish, interrupt_flag, print_spread, routed_requests, wait_for_ctrl_c};
+use super::{
+    REQUESTS, finish, interrupt_flag, interrupted, print_spread, routed_requests, wait_for_ctrl_c,
+};
 
 /// The seed document, relative to the workspace.
 const SEED_DOC: &str = "../shared/seeds/004_015de59c996d3785.txt";
@@ -36,12 +38,7 @@ fn seed_nginx() -> anyhow::Result<(String, String)> {
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     let stop = interrupt_flag()?;
-    let check = || -> anyhow::Result<()> {
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted: tearing the demo network down");
-        }
-        Ok(())
-    };
+    let check = || interrupted(&stop);
     let started = Instant::now();
     println!("demo: building the routed network (client, router, load balancer, backend hosts)");
     let mut net = Routed::new("seed")?;
