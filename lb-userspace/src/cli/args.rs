@@ -348,7 +348,8 @@ pub enum VipCmd {
         #[arg(long, default_value_t = lb_common::DEFAULT_UDP_IDLE_S)]
         udp_idle: u32,
         /// How packets reach the backends: l2 (MAC rewrite, same segment), ipip or gue
-        /// (encapsulated to backends behind routers, which run `lb decap`).
+        /// (encapsulated to backends behind routers, which run `lb decap`), or nat
+        /// (addresses and ports translated both ways; backends on any port, anywhere).
         #[arg(long, default_value = "l2")]
         forward: Forward,
         /// Second chance (gue only): seconds a slot's previous backend is carried after
@@ -371,6 +372,8 @@ pub enum BackendCmd {
     /// Add a backend to a VIP.
     Add {
         vip: VipAddr,
+        /// ADDRESS or ADDRESS:PORT ([IPv6]:PORT); a port other than the VIP's needs
+        /// `--forward nat`.
         address: BackendAddr,
         /// Relative weight, 0-65535.
         #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = weight)]
