@@ -78,12 +78,21 @@ pub struct NatEntry {
     pub last_seen: u32,
     /// `NAT_F_*` bits of this direction.
     pub flags: u16,
-    pub _pad: u16,
+    /// Next-hop cache of the answer direction (reverse entries; the forward direction uses
+    /// the per-backend cache): the largest IP length known to fit, ...
+    pub hop_ok_len: u16,
     /// Seconds an answered connection lives without a packet ([`NAT_TCP_ESTABLISHED_S`], or
     /// the VIP's UDP idle time).
     pub idle_s: u32,
+    /// ... when the FIB was asked (coarse seconds; 0: never, stale after
+    /// [`NEXTHOP_TTL_S`](crate::NEXTHOP_TTL_S)), the egress interface and both MACs.
+    pub hop_stamp: u32,
+    pub hop_ifindex: u32,
+    pub hop_dmac: [u8; 6],
+    pub hop_smac: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<NatEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 76);
+const _: () = assert!(core::mem::offset_of!(NatEntry, hop_stamp) == 56);
 const _: () = assert!(core::mem::offset_of!(NatEntry, sport) == 32);
 const _: () = assert!(core::mem::offset_of!(NatEntry, last_seen) == 44);
 
@@ -156,6 +165,9 @@ pub const fn nat_reverse(from: &FlowKey, to: &NatEntry) -> (FlowKey, NatEntry) {
         sport: from.dport,
         dport: from.sport,
         flags: NAT_F_REPLY,
+        // Another direction, another next hop: asked on its first packet.
+        hop_ok_len: 0,
+        hop_stamp: 0,
         ..*to
     };
     (key, entry)

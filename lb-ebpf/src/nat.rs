@@ -24,15 +24,15 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
     NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_ANSWERED, NAT_F_FIN, NAT_F_REPLY, NAT_F_RST, NAT_PORT_PROBES,
-    NAT_TCP_ESTABLISHED_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, nat_expired, nat_forward_key, nat_port, nat_reverse,
+    NAT_TCP_ESTABLISHED_S, NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN, nat_expired, nat_forward_key, nat_port, nat_reverse,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
     Verdict,
     encap::next_hop,
-    fib::{self, Fib, Outer},
+    fib::{self, Fib, NextHop, Outer},
     maps,
     maps::{
         LB_BACKENDS, LB_NAT_ADDRS, LB_NAT_FWD, LB_NAT_REV, LB_PROGS, LB_TX_PORTS, PROG_NAT,
@@ -178,11 +178,11 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
     let cfg = &maps::config();
     let now = now_s();
     // Entries are used in place (map memory), never copied: an entry is 56 bytes.
-    let to: &NatEntry = match LB_NAT_FWD.get_ptr_mut(&pkt.key) {
+    let to: &mut NatEntry = match LB_NAT_FWD.get_ptr_mut(&pkt.key) {
         // An ICMP error from the clients' side about a NAT'ed flow (a router on the way back
         // to the client): translated for the backend, never a new connection.
         // SAFETY: as in `reply`.
-        Some(e) if pkt.icmp_error => unsafe { &*e },
+        Some(e) if pkt.icmp_error => unsafe { &mut *e },
         None if pkt.icmp_error => return Err(Verdict::Pass(Stat::PassNatIcmp)),
         // SAFETY: as in `reply`.
         Some(e) if still_good(unsafe { &*e }, pkt) => {
@@ -215,7 +215,7 @@ fn allocate(
     pkt: &Parsed,
     picked: &Picked,
     now: u32,
-) -> Result<&'static NatEntry, Verdict> {
+) -> Result<&'static mut NatEntry, Verdict> {
     let b = picked.b;
     let k = &pkt.key;
     let idle_s = if k.proto == PROTO_UDP {
@@ -239,8 +239,8 @@ fn allocate(
         backend_generation: b.generation,
         last_seen: now,
         flags: flags_of(pkt),
-        _pad: 0,
         idle_s,
+        ..NatEntry::default()
     };
     // A random start, not the flow's hash: a retransmitted SYN whose ports were all taken
     // tries other ones.
@@ -268,8 +268,8 @@ fn allocate(
         stats::count_new_flow(picked.vip_id);
         // SAFETY: the entry just written, in map memory.
         return LB_NAT_FWD
-            .get_ptr(k)
-            .map(|p| unsafe { &*p })
+            .get_ptr_mut(k)
+            .map(|p| unsafe { &mut *p })
             .ok_or(TABLE_FULL);
     }
     Err(Verdict::Drop(Stat::DropNatNoPort))
@@ -299,13 +299,41 @@ fn take_expired(s: &mut Scratch, now: u32) -> bool {
     LB_NAT_REV.insert(&s.rkey, &s.rev, BPF_EXIST as u64).is_ok()
 }
 
+/// The answer direction's next hop from the entry's own cache when it is fresh and known to
+/// fit; else the FIB's, cached (a route or neighbour change is seen within `NEXTHOP_TTL_S`).
+#[inline(always)]
+fn entry_hop(ctx: &XdpContext, e: &mut NatEntry, o: &Outer) -> Fib {
+    let now = now_s();
+    let fresh = e.hop_stamp != 0 && now.wrapping_sub(e.hop_stamp) < NEXTHOP_TTL_S;
+    if fresh && o.len <= e.hop_ok_len {
+        return Fib::Hop(NextHop {
+            ifindex: e.hop_ifindex,
+            smac: e.hop_smac,
+            dmac: e.hop_dmac,
+        });
+    }
+    let answer = fib::lookup(ctx.ctx as *mut _, o, 0);
+    if let Fib::Hop(h) = &answer {
+        e.hop_ok_len = if fresh {
+            e.hop_ok_len.max(o.len)
+        } else {
+            o.len
+        };
+        e.hop_stamp = now.max(1);
+        e.hop_ifindex = h.ifindex;
+        e.hop_smac = h.smac;
+        e.hop_dmac = h.dmac;
+    }
+    answer
+}
+
 /// Sends `pkt` rewritten to `to`: next hop by the FIB (cached per backend for the forward
 /// direction), then the rewrite, then out.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
     pkt: &Parsed,
-    to: &NatEntry,
+    to: &mut NatEntry,
     picked: Option<&Picked>,
 ) -> Result<Verdict, Verdict> {
     let ingress = ctx.ingress_ifindex() as u32;
@@ -322,7 +350,7 @@ fn send(
     };
     let hop = match picked {
         Some(p) => next_hop(ctx, p.id, p.b, &o),
-        None => fib::lookup(ctx.ctx as *mut _, &o, 0),
+        None => entry_hop(ctx, to, &o),
     };
     let next = match hop {
         Fib::Hop(h) => Some(h),
