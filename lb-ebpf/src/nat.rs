@@ -154,21 +154,19 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     send(ctx, pkt, e, None)
 }
 
-/// Whether a forward entry still carries its connection: its backend is the same one and not
+/// The backend of a forward entry that still carries its connection: the same one and not
 /// down, and the packet does not open a new connection on a closed tuple.
 #[inline(always)]
-fn still_good(e: &NatEntry, pkt: &Parsed) -> bool {
-    let Some(b) = LB_BACKENDS.get(e.backend_id) else {
-        return false;
-    };
+fn still_good(e: &NatEntry, pkt: &Parsed) -> Option<&'static Backend> {
+    let b = LB_BACKENDS.get(e.backend_id)?;
     if b.flags & BACKEND_F_PRESENT == 0
         || b.flags & BACKEND_F_DOWN != 0
         || b.generation != e.backend_generation
     {
-        return false;
+        return None;
     }
     let syn = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    !(syn && e.flags & (NAT_F_FIN | NAT_F_RST) != 0)
+    (!(syn && e.flags & (NAT_F_FIN | NAT_F_RST) != 0)).then_some(b)
 }
 
 /// A client's packet for a NAT VIP: translated to the connection's backend, or to the one
@@ -177,29 +175,35 @@ fn still_good(e: &NatEntry, pkt: &Parsed) -> bool {
 fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     let cfg = &maps::config();
     let now = now_s();
-    // Entries are used in place (map memory), never copied: an entry is 56 bytes.
-    let to: &mut NatEntry = match LB_NAT_FWD.get_ptr_mut(&pkt.key) {
+    let entry = LB_NAT_FWD.get_ptr_mut(&pkt.key);
+    // Entries are used in place (map memory), never copied: an entry is 56 bytes. The
+    // backend is read once: it decides whether the entry still holds, and where to send.
+    // SAFETY (each `unsafe`): the map's value, valid while the program runs; a racing CPU
+    // writes the same.
+    let (to, b): (&mut NatEntry, Option<&'static Backend>) = match entry {
         // An ICMP error from the clients' side about a NAT'ed flow (a router on the way back
         // to the client): translated for the backend, never a new connection.
-        // SAFETY: as in `reply`.
-        Some(e) if pkt.icmp_error => unsafe { &mut *e },
+        Some(e) if pkt.icmp_error => {
+            let e = unsafe { &mut *e };
+            let b = LB_BACKENDS.get(e.backend_id);
+            (e, b)
+        }
         None if pkt.icmp_error => return Err(Verdict::Pass(Stat::PassNatIcmp)),
-        // SAFETY: as in `reply`.
-        Some(e) if still_good(unsafe { &*e }, pkt) => {
+        Some(e) if let Some(b) = still_good(unsafe { &*e }, pkt) => {
             let e = unsafe { &mut *e };
             touch(e, flags_of(pkt), now);
-            e
+            (e, Some(b))
         }
         _ => {
             let (id, vip_id) = select::slot_backend(pkt, cfg)?;
             let b = LB_BACKENDS
                 .get(id)
                 .ok_or(Verdict::Drop(Stat::DropNoBackend))?;
-            allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?
+            (allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?, Some(b))
         }
     };
     stats::count_backend(to.backend_id, len);
-    let picked = LB_BACKENDS.get(to.backend_id).map(|b| Picked {
+    let picked = b.map(|b| Picked {
         id: to.backend_id,
         vip_id: 0,
         b,
