@@ -2,6 +2,10 @@
 //! previous pass's output, so a new-flow benchmark needs every pass to carry a new flow:
 //! these programs move the frame to the next client (source port, then source address) after
 //! running the load balancer. They expect an untagged IPv4 TCP frame with a 20-byte header.
+//!
+//! The harnesses that run the load balancer are `xdp.frags` like `lb_xdp`: the NAT program
+//! array takes only programs of its first user's kind, and loading a plain XDP program that
+//! tail-calls through it fails with EINVAL.
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -34,7 +38,7 @@ fn next_client(ctx: &XdpContext) {
 }
 
 /// The load balancer, then the next client: every pass is a new flow.
-#[xdp]
+#[xdp(frags)]
 pub fn bench_lb_new_flow(ctx: XdpContext) -> u32 {
     let action = crate::lb(&ctx);
     next_client(&ctx);
@@ -117,7 +121,7 @@ const SAVED: usize = 64;
 /// The load balancer on an encapsulated backend's flow, then the frame put back as it came
 /// (the saved first bytes restored after removing the outer header), so `repeat` passes
 /// measure the same packet. The restore (a head adjustment and a 64-byte copy) is included.
-#[xdp]
+#[xdp(frags)]
 pub fn bench_lb_encap(ctx: XdpContext) -> u32 {
     let Some(head) = crate::ptr::ptr_at::<[u8; SAVED]>(&ctx, 0) else {
         return xdp_action::XDP_ABORTED;
