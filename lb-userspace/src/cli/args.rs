@@ -287,7 +287,8 @@ pub enum ImportCmd {
         /// The VIP address for `listen PORT` without one.
         #[arg(long, value_name = "ADDR")]
         vip_address: Option<IpAddr>,
-        /// How the VIPs reach the backends: l2, ipip or gue.
+        /// How the VIPs reach the backends: l2, ipip, gue or nat (nat is chosen by itself
+        /// when backend ports differ from the VIP's).
         #[arg(long, default_value = "l2")]
         forward: lb_userspace::model::Forward,
         /// Make it the desired state (through the agent; the plan is shown).

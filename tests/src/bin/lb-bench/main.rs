@@ -417,6 +417,10 @@ fn main() -> anyhow::Result<()> {
             print_rows(&chance_rows()?);
             return Ok(());
         }
+        Ok("packet") => {
+            print_rows(&packet_rows(true, false)?);
+            return Ok(());
+        }
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
             print_rows(&nat_rows()?);
