@@ -139,14 +139,15 @@ pub const fn entry_decides(
     true
 }
 
-/// The slot of a flow in a table of `ring_size` slots; `None` for a zero ring size (never
-/// loaded so, but not a division by zero).
+/// The slot of a flow in a table of `ring_size` slots: the hash's high 32 bits scaled to the
+/// ring (a multiply and a shift where a modulo is a 64-bit division); `None` for a zero ring
+/// size (never loaded so).
 #[inline(always)]
 pub const fn slot_of(key: &FlowKey, seed: u64, src_only: bool, ring_size: u32) -> Option<u32> {
     if ring_size == 0 {
         return None;
     }
-    Some((flow_hash(key, seed, src_only) % ring_size as u64) as u32)
+    Some((((flow_hash(key, seed, src_only) >> 32) * ring_size as u64) >> 32) as u32)
 }
 
 #[cfg(test)]
@@ -180,6 +181,62 @@ mod tests {
             proto: PROTO_TCP,
             tcp_flags: flags,
             now_s,
+        }
+    }
+
+    /// Counts per tenth of a 65,537-slot ring for `n` flows made by `flow(i)`.
+    fn spread(n: u32, src_only: bool, flow: impl Fn(u32) -> FlowKey) -> [u32; 10] {
+        let mut buckets = [0u32; 10];
+        for i in 0..n {
+            let slot = slot_of(&flow(i), 0x5eed, src_only, 65_537).expect("ring");
+            assert!(slot < 65_537);
+            buckets[(slot as u64 * 10 / 65_537) as usize] += 1;
+        }
+        buckets
+    }
+
+    #[test]
+    fn flows_spread_evenly_over_the_ring() {
+        let n = 200_000;
+        let v4 = |src: u32, sport: u16| FlowKey {
+            src: [src.to_be(), 0, 0, 0],
+            dst: [u32::from_be_bytes([10, 0, 0, 10]).to_be(), 0, 0, 0],
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: crate::PROTO_TCP,
+            family: crate::FAMILY_V4,
+            ..FlowKey::default()
+        };
+        type Case<'a> = (&'a str, bool, &'a dyn Fn(u32) -> FlowKey);
+        let cases: [Case; 4] = [
+            // One client, consecutive source ports (a busy NAT gateway).
+            ("ports", false, &|i| {
+                v4(0xc000_0207, 1024 + (i % 60_000) as u16)
+            }),
+            // Consecutive client addresses, one port.
+            ("addresses", false, &|i| v4(0x0a01_0000 + i, 40_000)),
+            // Client address only (source hashing), consecutive addresses.
+            ("source hash", true, &|i| v4(0x0a01_0000 + i, 40_000)),
+            // IPv6 clients differing in the last word.
+            ("ipv6", false, &|i| FlowKey {
+                src: [0x2001_0db8u32.to_be(), 0, 0, i.to_be()],
+                dst: [0x2001_0db8u32.to_be(), 0, 0, 10u32.to_be()],
+                sport: 40_000u16.to_be(),
+                dport: 80u16.to_be(),
+                proto: crate::PROTO_TCP,
+                family: crate::FAMILY_V6,
+                ..FlowKey::default()
+            }),
+        ];
+        for (name, src_only, flow) in cases {
+            let want = n / 10;
+            for (tenth, got) in spread(n, src_only, flow).into_iter().enumerate() {
+                // 3 % of 20,000 is ~4.7 standard deviations of a fair split.
+                assert!(
+                    got.abs_diff(want) < want * 3 / 100,
+                    "{name}: tenth {tenth} of the ring got {got} of {n} flows"
+                );
+            }
         }
     }
 

@@ -77,6 +77,20 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Parsing and placement by the live slot table (VIP index, VIP, flow hash, slot, backend),
+/// nothing else: the stateless path without the NAT check, counters or rewrite.
+#[xdp]
+pub fn bench_place(ctx: XdpContext) -> u32 {
+    let Ok(p) = crate::parse::parse(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    let cfg = crate::maps::config();
+    match crate::select::slot_backend(&p, &cfg) {
+        Ok(_) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_DROP,
+    }
+}
+
 /// A 16-byte IPv4 flow key (addresses, ports, protocol), to measure what the flow-table
 /// lookup would cost with a compact key instead of the 40-byte [`lb_common::FlowKey`].
 #[repr(C)]

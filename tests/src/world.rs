@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{Backend, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, flow_hash};
+use lb_common::{Backend, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, slot_of};
 use lb_userspace::{
     Dataplane, LoadOptions,
     agent::reconcile::VipParams,
@@ -322,8 +322,8 @@ impl World {
         if v.table.is_empty() {
             return None;
         }
-        let h = flow_hash(key, SEED, v.flags & VIP_F_SRC_HASH != 0);
-        Some(v.table[(h % u64::from(RING)) as usize])
+        let slot = slot_of(key, SEED, v.flags & VIP_F_SRC_HASH != 0, RING)?;
+        Some(v.table[slot as usize])
     }
 
     /// Runs the program once on `frame` as if received on interface `ifindex` (of the

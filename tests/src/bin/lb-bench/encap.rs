@@ -19,12 +19,26 @@ pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
     let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
     let floor = ns_repeat(world.dp.pass_program()?, &frame, REPEAT)?;
     let harness = ns_repeat(world.dp.extra_program("bench_next_client")?, &frame, REPEAT)?;
+    let parse = ns_repeat(world.dp.extra_program("bench_parse")?, &frame, REPEAT)?;
+    let place = ns_repeat(world.dp.extra_program("bench_place")?, &frame, REPEAT)?;
     let same = ns_repeat(world.dp.lb_program()?, &frame, REPEAT)?;
     let new = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
     Ok(vec![
         row(
             format!("XDP_PASS floor (repeat {REPEAT}, flow table off)"),
             floor,
+            floor,
+            None,
+        ),
+        row(
+            "  of which: parsing (+ VIP-address bitmap)".into(),
+            parse,
+            floor,
+            None,
+        ),
+        row(
+            "  of which: parsing + placement (VIP, hash, slot, backend)".into(),
+            place,
             floor,
             None,
         ),
