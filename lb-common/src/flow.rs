@@ -185,10 +185,10 @@ mod tests {
     }
 
     /// Counts per tenth of a 65,537-slot ring for `n` flows made by `flow(i)`.
-    fn spread(n: u32, src_only: bool, flow: impl Fn(u32) -> FlowKey) -> [u32; 10] {
+    fn spread(n: u32, seed: u64, src_only: bool, flow: impl Fn(u32) -> FlowKey) -> [u32; 10] {
         let mut buckets = [0u32; 10];
         for i in 0..n {
-            let slot = slot_of(&flow(i), 0x5eed, src_only, 65_537).expect("ring");
+            let slot = slot_of(&flow(i), seed, src_only, 65_537).expect("ring");
             assert!(slot < 65_537);
             buckets[(slot as u64 * 10 / 65_537) as usize] += 1;
         }
@@ -228,14 +228,16 @@ mod tests {
                 ..FlowKey::default()
             }),
         ];
-        for (name, src_only, flow) in cases {
-            let want = n / 10;
-            for (tenth, got) in spread(n, src_only, flow).into_iter().enumerate() {
-                // 3 % of 20,000 is ~4.7 standard deviations of a fair split.
-                assert!(
-                    got.abs_diff(want) < want * 3 / 100,
-                    "{name}: tenth {tenth} of the ring got {got} of {n} flows"
-                );
+        for seed in [crate::LbConfig::DEFAULT.hash_seed, 0x5eed, 0] {
+            for (name, src_only, flow) in cases {
+                let want = n / 10;
+                for (tenth, got) in spread(n, seed, src_only, flow).into_iter().enumerate() {
+                    // 3 % of 20,000 is ~4.7 standard deviations of a fair split.
+                    assert!(
+                        got.abs_diff(want) < want * 3 / 100,
+                        "{name}, seed {seed:#x}: tenth {tenth} of the ring got {got} of {n} flows"
+                    );
+                }
             }
         }
     }

@@ -328,8 +328,14 @@ const _: () = assert!(core::mem::offset_of!(VipInfo, active_gen) == 4);
 /// it is two independent multiplies and one finishing multiply (see [`flow_hash`]).
 #[inline(always)]
 pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
-    let h = lane(pair(addr[0], addr[1]), 0x7669_705f_6669_6c74, LANE_K[0])
-        ^ lane(pair(addr[2], addr[3]), 0x7669_705f_6669_6c74, LANE_K[1]);
+    const SEED: u64 = 0x7669_705f_6669_6c74;
+    // An IPv4 address is one word (the other three are zero): one lane.
+    let h = if addr[1] | addr[2] | addr[3] == 0 {
+        lane(addr[0] as u64, SEED, LANE_K[0])
+    } else {
+        lane(pair(addr[0], addr[1]), SEED, LANE_K[0])
+            ^ lane(pair(addr[2], addr[3]), SEED, LANE_K[1])
+    };
     (finish(h) >> 48) as u32 & (VIP_FILTER_WORDS * 64 - 1)
 }
 const _: () = assert!(VIP_FILTER_WORDS.is_power_of_two());
@@ -347,13 +353,15 @@ const _: () = assert!(core::mem::size_of::<VipIndexEntry>() == 24);
 #[inline(always)]
 pub const fn vip_index_slot(key: &VipKey) -> u32 {
     const SEED: u64 = 0x7669_705f_6964_7800;
-    let h = lane(pair(key.addr[0], key.addr[1]), SEED, LANE_K[0])
-        ^ lane(pair(key.addr[2], key.addr[3]), SEED, LANE_K[1])
-        ^ lane(
-            ((key.port as u64) << 16) | ((key.proto as u64) << 8) | key.family as u64,
-            SEED,
-            LANE_K[2],
-        );
+    let rest = ((key.port as u64) << 16) | ((key.proto as u64) << 8) | key.family as u64;
+    let h = if key.family == FAMILY_V4 {
+        // One address word: it shares a lane with the port, protocol and family.
+        lane(pair(key.addr[0], rest as u32), SEED, LANE_K[0])
+    } else {
+        lane(pair(key.addr[0], key.addr[1]), SEED, LANE_K[0])
+            ^ lane(pair(key.addr[2], key.addr[3]), SEED, LANE_K[1])
+            ^ lane(rest, SEED, LANE_K[2])
+    };
     ((finish(h) >> 32) as u32) & (VIP_INDEX_SLOTS - 1)
 }
 
@@ -488,32 +496,40 @@ const fn lane(v: u64, seed: u64, k: u64) -> u64 {
 }
 
 /// Folds the xor of lanes: the high half (which depends on every input bit below it) is
-/// brought down and multiplied up again, so the result's high bits depend on every input bit.
+/// brought down and multiplied up again, twice, so the result's high bits depend on every
+/// input bit (one round left consecutive IPv4 ports 3 % uneven over the ring).
 #[inline(always)]
 const fn finish(h: u64) -> u64 {
     let h = (h ^ (h >> 32)).wrapping_mul(0xd6e8_feb8_6659_fd93);
+    let h = (h ^ (h >> 29)).wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 32)
 }
 
 /// Hash of a flow: the 5-tuple, or the client address alone when `src_only`
 /// ([`VIP_F_SRC_HASH`]). Its high 32 bits pick the flow's slot ([`flow::slot_of`]).
 ///
-/// Shape: one independent multiply per 64-bit input word (two for IPv4, five for IPv6 with
-/// ports) and one finishing multiply, for the latency of two multiplies on every packet. The
+/// Shape: one independent multiply per 64-bit input word (two for IPv4, both addresses in
+/// one; five for IPv6) and one finishing multiply, for the latency of two multiplies. The
 /// serial chain it replaced (a multiply per word, then murmur3's finaliser, then a 64-bit
 /// division) cost about 8 ns more per VIP packet in `cargo xtask bench` (the placement row).
 #[inline(always)]
 pub const fn flow_hash(key: &FlowKey, seed: u64, src_only: bool) -> u64 {
+    let ports = ((key.sport as u64) << 24) | ((key.dport as u64) << 8) | key.proto as u64;
+    if key.family == FAMILY_V4 {
+        // IPv4 addresses are one word each: both in one lane, ports and protocol in another.
+        let h = if src_only {
+            lane(key.src[0] as u64, seed, LANE_K[0])
+        } else {
+            lane(pair(key.src[0], key.dst[0]), seed, LANE_K[0]) ^ lane(ports, seed, LANE_K[4])
+        };
+        return finish(h);
+    }
     let mut h = lane(pair(key.src[0], key.src[1]), seed, LANE_K[0])
         ^ lane(pair(key.src[2], key.src[3]), seed, LANE_K[1]);
     if !src_only {
         h ^= lane(pair(key.dst[0], key.dst[1]), seed, LANE_K[2])
             ^ lane(pair(key.dst[2], key.dst[3]), seed, LANE_K[3])
-            ^ lane(
-                ((key.sport as u64) << 24) | ((key.dport as u64) << 8) | key.proto as u64,
-                seed,
-                LANE_K[4],
-            );
+            ^ lane(ports, seed, LANE_K[4]);
     }
     finish(h)
 }

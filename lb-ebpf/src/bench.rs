@@ -71,7 +71,7 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let cfg = crate::maps::config();
-    match crate::maps::established(&cfg, &p.key) {
+    match crate::maps::established(cfg, &p.key) {
         Some(_) => xdp_action::XDP_PASS,
         None => xdp_action::XDP_DROP,
     }
@@ -85,7 +85,7 @@ pub fn bench_place(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let cfg = crate::maps::config();
-    match crate::select::slot_backend(&p, &cfg) {
+    match crate::select::slot_backend(&p, cfg) {
         Ok(_) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }

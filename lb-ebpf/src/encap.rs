@@ -34,7 +34,7 @@ use crate::{
 /// present backend entry on another host.
 #[inline(always)]
 pub fn second_chance_hop(picked: &Picked) -> Option<&'static [u32; 4]> {
-    let b = &picked.backend;
+    let b = picked.backend;
     if picked.previous == 0 || picked.previous == picked.id || b.encap != ENCAP_GUE {
         return None;
     }

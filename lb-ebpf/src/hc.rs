@@ -85,7 +85,7 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Result<i32, (HcStat, i32)> {
         len: inner_len,
         tos,
     };
-    let plan = outer::plan(&cfg, &b, &key, &inner, ifindex, None).ok_or(FAILED)?;
+    let plan = outer::plan(cfg, &b, &key, &inner, ifindex, None).ok_or(FAILED)?;
     // Looked up as if received on the probe's egress interface, like a client's packet (an
     // output lookup would pin the route to that interface); the neighbour is left to
     // `bpf_redirect_neigh`, which resolves it if needed (a probe never fails for an

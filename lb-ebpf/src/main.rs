@@ -104,7 +104,7 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
         nat::enter(ctx);
         return Err(Verdict::Drop(Stat::DropTxError));
     }
-    let picked = select::pick(&pkt, &cfg)?;
+    let picked = select::pick(&pkt, cfg)?;
     stats::count_vip(picked.vip_id, len, picked.new_flow);
     if picked.backend.encap == ENCAP_NAT {
         // The NAT table decides the backend (and counts it).
@@ -113,10 +113,10 @@ fn try_lb(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     }
     stats::count_backend(picked.id, len);
     if picked.backend.encap == ENCAP_L2 {
-        forward::l2_dsr(ctx, &picked.backend)
+        forward::l2_dsr(ctx, picked.backend)
     } else {
         let hop = encap::second_chance_hop(&picked);
-        encap::encapsulate(ctx, &cfg, &pkt, picked.id, &picked.backend, hop)
+        encap::encapsulate(ctx, cfg, &pkt, picked.id, picked.backend, hop)
     }
 }
 

@@ -88,11 +88,16 @@ pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 
 #[unsafe(no_mangle)]
 static LB_CONFIG: LbConfig = LbConfig::DEFAULT;
 
+/// The load-time configuration, in place. Its address goes through a volatile read, so the
+/// compiler cannot tell which static it points at: each field a path uses is read from the
+/// global the loader wrote, never folded from the compile-time default, and only those
+/// fields are read (a volatile copy of the whole struct cost 28 instructions per packet).
 #[inline(always)]
-pub fn config() -> LbConfig {
-    // SAFETY: a plain read of an initialised global; volatile so the value written at load
-    // time is used instead of the compile-time default.
-    unsafe { core::ptr::read_volatile(&LB_CONFIG) }
+pub fn config() -> &'static LbConfig {
+    let p: *const LbConfig = &raw const LB_CONFIG;
+    // SAFETY: `p` is the address of an initialised static that nothing writes while the
+    // program runs (the loader writes it before loading; the verifier sees it frozen).
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 /// The established entry of `key`, in place (from the table the configuration selects), so
@@ -189,7 +194,7 @@ fn vip_id_of(vk: &VipKey) -> Option<u32> {
 
 /// The state of VIP `id`, if that id is in use.
 #[inline(always)]
-pub fn present_vip(id: u32) -> Option<VipInfo> {
-    let v = *LB_VIP_INFO.get(id)?;
+pub fn present_vip(id: u32) -> Option<&'static VipInfo> {
+    let v = LB_VIP_INFO.get(id)?;
     (v.flags & VIP_F_PRESENT != 0).then_some(v)
 }

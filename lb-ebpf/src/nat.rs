@@ -107,9 +107,11 @@ pub fn is_nat_addr(pkt: &Parsed) -> bool {
     } else {
         NAT_ADDR_V6
     };
-    LB_NAT_ADDRS
-        .get(i)
-        .is_some_and(|a| a[0] | a[1] | a[2] | a[3] != 0 && *a == pkt.key.dst)
+    // The first word decides for every VIP packet (a VIP is never a NAT address); the
+    // rest only for an answer to a NAT address.
+    LB_NAT_ADDRS.get(i).is_some_and(|a| {
+        a[0] == pkt.key.dst[0] && *a == pkt.key.dst && a[0] | a[1] | a[2] | a[3] != 0
+    })
 }
 
 /// Enters the NAT program ([`crate::lb_nat`]); returns only if the tail call failed.
@@ -173,7 +175,7 @@ fn still_good(e: &NatEntry, pkt: &Parsed) -> Option<&'static Backend> {
 /// the VIP's slot table gives a new connection.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
-    let cfg = &maps::config();
+    let cfg = maps::config();
     let now = now_s();
     let entry = LB_NAT_FWD.get_ptr_mut(&pkt.key);
     // Entries are used in place (map memory), never copied: an entry is 56 bytes. The

@@ -28,7 +28,8 @@ const NO_BACKEND: Verdict = Verdict::Drop(Stat::DropNoBackend);
 
 pub struct Picked {
     pub id: u32,
-    pub backend: Backend,
+    /// The backend's entry in place (map memory): only the fields a path needs are read.
+    pub backend: &'static Backend,
     pub vip_id: u32,
     /// The flow was placed by the slot table now (no table decided it).
     pub new_flow: bool,
@@ -52,11 +53,11 @@ fn now_s() -> u32 {
 
 /// The VIP and backend a remembered entry points at, if the entry still decides.
 #[inline(always)]
-fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<(VipInfo, Backend)> {
+fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
     let vip = present_vip(flow.vip_id)?;
-    let backend = LB_BACKENDS.get(flow.backend_id).copied();
-    if entry_decides(flow, &vip, backend.as_ref(), facts, cfg.fin_grace_s) {
-        backend.map(|b| (vip, b))
+    let backend = LB_BACKENDS.get(flow.backend_id);
+    if entry_decides(flow, vip, backend, facts, cfg.fin_grace_s) {
+        backend
     } else {
         None
     }
@@ -102,7 +103,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
             facts.now_s = now_s();
         }
-        if let Some((_, b)) = deciding(&flow, &facts, cfg) {
+        if let Some(b) = deciding(&flow, &facts, cfg) {
             count_flow(FlowEvent::Hit);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
@@ -123,7 +124,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
             facts.now_s = now_s();
         }
-        if let Some((_, b)) = deciding(&flow, &facts, cfg) {
+        if let Some(b) = deciding(&flow, &facts, cfg) {
             count_flow(FlowEvent::Promoted);
             forget_probation(&pkt.key);
             if facts.is_rst() {
@@ -140,7 +141,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
 }
 
 #[inline(always)]
-fn picked(id: u32, backend: Backend, vip_id: u32, new_flow: bool) -> Picked {
+fn picked(id: u32, backend: &'static Backend, vip_id: u32, new_flow: bool) -> Picked {
     Picked {
         id,
         backend,
@@ -160,7 +161,10 @@ pub fn slot_backend(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32), Verdict>
 
 /// The VIP id, slot and backend the VIP's live slot table gives the packet.
 #[inline(always)]
-fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, Slot, Backend, VipInfo), Verdict> {
+fn by_table(
+    pkt: &Parsed,
+    cfg: &LbConfig,
+) -> Result<(u32, Slot, &'static Backend, &'static VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
     if vip.backend_count == 0 {
@@ -176,7 +180,7 @@ fn by_table(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, Slot, Backend, VipInfo
     let slot = *LB_SLOTS
         .get(slot_index(vip_id, vip.active_gen, cfg.ring_size, slot))
         .ok_or(NO_BACKEND)?;
-    let b = *LB_BACKENDS.get(slot.backend).ok_or(NO_BACKEND)?;
+    let b = LB_BACKENDS.get(slot.backend).ok_or(NO_BACKEND)?;
     // The live table is the authority for placing: it never names a down backend once
     // published (the DOWN flag is about remembered flows, and is written just before).
     if b.flags & BACKEND_F_PRESENT == 0 {

@@ -8,6 +8,7 @@ pub mod chance;
 pub mod etcd;
 pub mod fleet;
 pub mod frames;
+pub mod insns;
 pub mod l2fleet;
 pub mod net;
 pub mod proc;

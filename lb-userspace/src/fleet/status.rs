@@ -54,35 +54,37 @@ pub fn ring_digest(slots: impl Iterator<Item = Option<BackendAddr>>) -> u64 {
 }
 
 /// The fleet's health verdict for every checked backend: down when more than half of the
-/// nodes reporting on it say down, up otherwise. `own` replaces this node's published view
-/// (it is fresher). Every node computes the same verdict from the same statuses, so a backend
-/// that only some nodes cannot reach is in or out on all of them, never in on some and out on
-/// others for longer than one status round.
+/// live nodes (those with a status, and this one) say down, up otherwise. A node without a
+/// verdict on a backend yet (its status predates the backend, or its probes have not run)
+/// counts as up, as a backend without any verdict does: otherwise one node's first failed
+/// probe of a just-added backend would be a majority of one and take it out on that node
+/// alone until the others' statuses caught up (seen under load: tables differed ~1 s).
+/// `own` replaces this node's published view (it is fresher). Every node computes the same
+/// verdict from the same statuses, so a backend that only some nodes cannot reach is in or
+/// out on all of them, never in on some and out on others for longer than one status round.
 pub fn fleet_health(
     me: &str,
     own: &BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
     nodes: &[NodeStatus],
 ) -> BTreeMap<(VipAddr, BackendAddr), bool> {
-    let mut votes: BTreeMap<(VipAddr, BackendAddr), (u32, u32)> = BTreeMap::new();
-    let views = nodes
+    let mut down_votes: BTreeMap<(VipAddr, BackendAddr), u32> = BTreeMap::new();
+    let views: Vec<_> = nodes
         .iter()
         .filter(|n| n.node != me)
         .map(|n| &n.health)
-        .chain(std::iter::once(own));
+        .chain(std::iter::once(own))
+        .collect();
+    let live = views.len() as u32;
     for view in views {
         for (vip, backends) in view {
             for (addr, up) in backends {
-                let v = votes.entry((*vip, *addr)).or_default();
-                v.0 += 1;
-                if !up {
-                    v.1 += 1;
-                }
+                *down_votes.entry((*vip, *addr)).or_default() += u32::from(!up);
             }
         }
     }
-    votes
+    down_votes
         .into_iter()
-        .map(|(k, (reporters, down))| (k, down * 2 <= reporters))
+        .map(|(k, down)| (k, down * 2 <= live))
         .collect()
 }
 
@@ -177,6 +179,12 @@ mod tests {
         // A tie keeps the backend: taking traffic away needs a majority.
         let one = [node("a", 1, &[("10.0.0.2", true)], "x")];
         assert!(fleet_health("c", &view(&[("10.0.0.2", false)]), &one)[&(vip(), b)]);
+        // Nodes whose statuses do not name the backend yet (published before it was added)
+        // count as up: one node's failed probe is not a majority of one.
+        let before = [node("a", 1, &[], "x"), node("b", 1, &[], "x")];
+        assert!(fleet_health("c", &view(&[("10.0.0.2", false)]), &before)[&(vip(), b)]);
+        // Alone in the fleet, this node's view decides.
+        assert!(!fleet_health("c", &view(&[("10.0.0.2", false)]), &[])[&(vip(), b)]);
     }
 
     #[test]

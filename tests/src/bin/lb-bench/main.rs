@@ -14,11 +14,13 @@ use lb_userspace::maglev::{self, MaglevBackend};
 mod chance;
 mod encap;
 mod fleet;
+mod insns;
 mod nat;
 
 use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 use fleet::fleet_rows;
+use insns::insn_rows;
 use nat::nat_rows;
 
 const REPEAT: u32 = 1_000_000;
@@ -421,6 +423,7 @@ fn main() -> anyhow::Result<()> {
             print_rows(&packet_rows(true, false)?);
             return Ok(());
         }
+        Ok("insns") => return insn_rows(),
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
             print_rows(&nat_rows()?);

@@ -1,0 +1,89 @@
+//! Instructions per path: each packet path of the benchmark run once through the instruction
+//! counter (`lb_tests::insns`) and once through the kernel, which must agree on the action and
+//! the output bytes.
+use anyhow::{Context as _, ensure};
+use lb_tests::{
+    insns::{Interpreter, PathCount},
+    world::{SCENE, World},
+};
+
+use super::tcp;
+
+/// One path: its name, the frame, and what the kernel and the counter did with it.
+struct Path {
+    name: &'static str,
+    count: PathCount,
+}
+
+/// Counts `frame` through `world`'s program and checks the count against the kernel's run.
+fn count(world: &mut World, name: &'static str, frame: &[u8]) -> anyhow::Result<Path> {
+    let it = Interpreter::new(
+        lb_userspace::EBPF_OBJECT,
+        lb_userspace::LB_PROGRAM,
+        world.dp.lb_program()?,
+    )?;
+    // The counter only reads the maps, so it runs first: the kernel's run may then change
+    // the tables (a flow put on probation) as this packet does.
+    let count = it
+        .run(frame, 1)
+        .with_context(|| format!("counting {name}"))?;
+    let (action, out) = world.run(frame)?;
+    ensure!(
+        count.action == Some(action) && count.frame == out,
+        "{name}: the instruction counter disagrees with the kernel (action {:?} vs {action})",
+        count.action
+    );
+    if std::env::var_os("INSNS_TRACE").is_some() {
+        let pcs: Vec<String> = count.trace.iter().map(u32::to_string).collect();
+        eprintln!("trace {name}: {}", pcs.join(" "));
+    }
+    Ok(Path { name, count })
+}
+
+pub fn insn_rows() -> anyhow::Result<()> {
+    let vip = [10, 0, 0, 10];
+    let mut paths = Vec::new();
+    let mut world = World::new()?;
+    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    paths.push(count(
+        &mut world,
+        "non-VIP packet",
+        &tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80),
+    )?);
+    paths.push(count(
+        &mut world,
+        "new TCP flow (first ACK, onto probation)",
+        &established,
+    )?);
+    world.run(&established)?;
+    paths.push(count(&mut world, "established TCP flow", &established)?);
+    let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
+    paths.push(count(&mut world, "SYN, placed and not remembered", &syn)?);
+    let mut stateless = World::stateless()?;
+    paths.push(count(
+        &mut stateless,
+        "any TCP packet, flow table off",
+        &established,
+    )?);
+    println!(
+        "| path (checked against the kernel's run) | BPF instructions | helper calls | map lookups |"
+    );
+    println!("| --- | ---: | --- | --- |");
+    println!("| XDP_PASS floor (`xdp_pass`) | 2 | none | none |");
+    for p in &paths {
+        let lookups: Vec<String> = p
+            .count
+            .lookups
+            .iter()
+            .map(|(m, n)| format!("{m} x{n}"))
+            .collect();
+        println!(
+            "| {} | {} | {} | {} |",
+            p.name,
+            p.count.insns,
+            p.count.helper_summary(),
+            lookups.join(", ")
+        );
+    }
+    Ok(())
+}
