@@ -439,6 +439,8 @@ fn main() -> anyhow::Result<()> {
     rows.extend(nat_rows()?);
     print_rows(&rows);
     println!();
+    insn_rows()?;
+    println!();
     println!("New flows need a distinct flow per pass. The harness rows run a program that calls");
     println!("the load balancer and then moves the frame to the next client, so each of the");
     println!("{REPEAT} passes places a new flow (the harness alone is shown). The single-run rows");
