@@ -32,6 +32,8 @@ pub struct PathCount {
     pub frame: Vec<u8>,
     /// Index of every instruction executed, in order (for `INSNS_TRACE`).
     pub trace: Vec<u32>,
+    /// BPF-to-BPF calls made (functions the compiler did not inline, e.g. `memmove`).
+    pub calls: u32,
 }
 
 impl PathCount {
@@ -46,6 +48,26 @@ impl PathCount {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Counts `frame` through the load-balancing program of `world`, and checks the count
+/// against the kernel: the kernel's run of the same frame must give the same action and
+/// output bytes. The counter only reads the maps, so it runs first (the kernel's run may then
+/// change the tables, as this packet does).
+pub fn count_checked(world: &mut crate::world::World, frame: &[u8]) -> anyhow::Result<PathCount> {
+    let it = Interpreter::new(
+        lb_userspace::EBPF_OBJECT,
+        lb_userspace::LB_PROGRAM,
+        world.dp.lb_program()?,
+    )?;
+    let count = it.run(frame, 1)?;
+    let (action, out) = world.run(frame)?;
+    ensure!(
+        count.action == Some(action) && count.frame == out,
+        "the instruction counter disagrees with the kernel (action {:?} vs {action})",
+        count.action
+    );
+    Ok(count)
 }
 
 /// A map of the object: its kernel twin (for reads) and its shape.
@@ -349,7 +371,7 @@ impl<'a> Machine<'a> {
         }
         let (r1, r2) = (self.regs[1], self.regs[2]);
         Ok(Some(match id {
-            1 | 2 | 3 => {
+            1..=3 => {
                 let i = self.map(r1)?;
                 let key = self.slice(self.regs[2], self.it.maps[i].key_size)?.to_vec();
                 if id == 1 {
@@ -457,6 +479,7 @@ impl<'a> Machine<'a> {
                     if class == 5 && op == 0x80 {
                         if i.src == 1 {
                             // BPF-to-BPF call: a new frame with its own stack.
+                            self.count.calls += 1;
                             let saved = [self.regs[6], self.regs[7], self.regs[8], self.regs[9]];
                             self.frames.push((pc, saved, self.regs[10]));
                             self.regs[10] = self.new_stack();

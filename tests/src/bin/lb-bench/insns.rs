@@ -1,9 +1,9 @@
 //! Instructions per path: each packet path of the benchmark run once through the instruction
 //! counter (`lb_tests::insns`) and once through the kernel, which must agree on the action and
 //! the output bytes.
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use lb_tests::{
-    insns::{Interpreter, PathCount},
+    insns::{PathCount, count_checked},
     world::{SCENE, World},
 };
 
@@ -15,24 +15,9 @@ struct Path {
     count: PathCount,
 }
 
-/// Counts `frame` through `world`'s program and checks the count against the kernel's run.
+/// Counts `frame` through `world`'s program, checked against the kernel's run.
 fn count(world: &mut World, name: &'static str, frame: &[u8]) -> anyhow::Result<Path> {
-    let it = Interpreter::new(
-        lb_userspace::EBPF_OBJECT,
-        lb_userspace::LB_PROGRAM,
-        world.dp.lb_program()?,
-    )?;
-    // The counter only reads the maps, so it runs first: the kernel's run may then change
-    // the tables (a flow put on probation) as this packet does.
-    let count = it
-        .run(frame, 1)
-        .with_context(|| format!("counting {name}"))?;
-    let (action, out) = world.run(frame)?;
-    ensure!(
-        count.action == Some(action) && count.frame == out,
-        "{name}: the instruction counter disagrees with the kernel (action {:?} vs {action})",
-        count.action
-    );
+    let count = count_checked(world, frame).with_context(|| format!("counting {name}"))?;
     if std::env::var_os("INSNS_TRACE").is_some() {
         let pcs: Vec<String> = count.trace.iter().map(u32::to_string).collect();
         eprintln!("trace {name}: {}", pcs.join(" "));
