@@ -244,6 +244,30 @@ impl Interpreter {
     }
 }
 
+/// One ALU operation on `$t` (u64 or u32, `$s` its signed twin), with BPF's rules for a zero
+/// divisor (the quotient is 0, the remainder the dividend).
+macro_rules! alu_op {
+    ($op:expr, $a:expr, $b:expr, $t:ty, $s:ty, $code:expr) => {{
+        let (a, b): ($t, $t) = ($a, $b);
+        match $op {
+            0x00 => a.wrapping_add(b),
+            0x10 => a.wrapping_sub(b),
+            0x20 => a.wrapping_mul(b),
+            0x30 => a.checked_div(b).unwrap_or(0),
+            0x40 => a | b,
+            0x50 => a & b,
+            0x60 => a.wrapping_shl(b as u32),
+            0x70 => a.wrapping_shr(b as u32),
+            0x80 => (a as $s).wrapping_neg() as $t,
+            0x90 => a.checked_rem(b).unwrap_or(a),
+            0xa0 => a ^ b,
+            0xb0 => b,
+            0xc0 => ((a as $s) >> (b as u32 & (<$t>::BITS - 1))) as $t,
+            _ => bail!("unsupported alu {:#x}", $code),
+        }
+    }};
+}
+
 /// One run's state: registers, memory regions, call frames and counts.
 struct Machine<'a> {
     it: &'a Interpreter,
@@ -575,40 +599,9 @@ impl<'a> Machine<'a> {
         };
         let a = self.regs[i.dst];
         let v = if wide {
-            match op {
-                0x00 => a.wrapping_add(b),
-                0x10 => a.wrapping_sub(b),
-                0x20 => a.wrapping_mul(b),
-                0x30 => a.checked_div(b).unwrap_or(0),
-                0x40 => a | b,
-                0x50 => a & b,
-                0x60 => a.wrapping_shl(b as u32),
-                0x70 => a.wrapping_shr(b as u32),
-                0x80 => (a as i64).wrapping_neg() as u64,
-                0x90 => a.checked_rem(b).unwrap_or(a),
-                0xa0 => a ^ b,
-                0xb0 => b,
-                0xc0 => ((a as i64) >> (b & 63)) as u64,
-                _ => bail!("unsupported alu64 {:#x}", i.code),
-            }
+            alu_op!(op, a, b, u64, i64, i.code)
         } else {
-            let (a, b) = (a as u32, b as u32);
-            u64::from(match op {
-                0x00 => a.wrapping_add(b),
-                0x10 => a.wrapping_sub(b),
-                0x20 => a.wrapping_mul(b),
-                0x30 => a.checked_div(b).unwrap_or(0),
-                0x40 => a | b,
-                0x50 => a & b,
-                0x60 => a.wrapping_shl(b),
-                0x70 => a.wrapping_shr(b),
-                0x80 => (a as i32).wrapping_neg() as u32,
-                0x90 => a.checked_rem(b).unwrap_or(a),
-                0xa0 => a ^ b,
-                0xb0 => b,
-                0xc0 => ((a as i32) >> (b & 31)) as u32,
-                _ => bail!("unsupported alu32 {:#x}", i.code),
-            })
+            u64::from(alu_op!(op, a as u32, b as u32, u32, i32, i.code))
         };
         self.regs[i.dst] = v;
         Ok(())

@@ -5,7 +5,9 @@ use aya::programs::Xdp;
 use lb_common::{ENCAP_GUE, ENCAP_IPIP};
 use lb_tests::{routed::FibNs, world::World};
 
-use super::{REPEAT, Row, median_of_three, ns_new_flows, ns_repeat, ns_single, row, tcp};
+use super::{
+    NEW_FLOWS, REPEAT, Row, client, median_of_three, ns_new_flows, ns_repeat, ns_single, row, tcp,
+};
 
 /// Mean kernel-reported ns of `n` single runs of `frame` received on `ifindex`.
 pub(super) fn ns_single_on(prog: &Xdp, n: u32, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
@@ -23,6 +25,13 @@ pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
     let place = ns_repeat(world.dp.extra_program("bench_place")?, &frame, REPEAT)?;
     let same = ns_repeat(world.dp.lb_program()?, &frame, REPEAT)?;
     let new = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
+    // New flows as the flow-table rows measure them too: distinct frames, one run each.
+    let single_frame = |i| {
+        let (c, p) = client(i);
+        tcp(c, p, [10, 0, 0, 10], 80)
+    };
+    let floor_single = ns_single(world.dp.pass_program()?, NEW_FLOWS, None, single_frame)?;
+    let new_single = ns_single(world.dp.lb_program()?, NEW_FLOWS, None, single_frame)?;
     Ok(vec![
         row(
             format!("XDP_PASS floor (repeat {REPEAT}, flow table off)"),
@@ -58,6 +67,18 @@ pub fn stateless_rows() -> anyhow::Result<Vec<Row>> {
             "new TCP flow, flow table off, harness subtracted".into(),
             new - (harness - floor),
             floor,
+            Some(2.0),
+        ),
+        row(
+            format!("XDP_PASS floor ({NEW_FLOWS} single runs, flow table off)"),
+            floor_single,
+            floor_single,
+            None,
+        ),
+        row(
+            format!("new TCP flow, flow table off ({NEW_FLOWS} single runs)"),
+            new_single,
+            floor_single,
             Some(2.0),
         ),
     ])
