@@ -52,7 +52,7 @@ fn now_s() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-/// The VIP and backend a remembered entry points at, if the entry still decides.
+/// The backend a remembered entry points at, if the entry still decides.
 #[inline(always)]
 fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
     let vip = present_vip(flow.vip_id)?;
