@@ -233,7 +233,8 @@ pub struct LbConfig {
     /// IPIP over IPv4: outer source taken per flow from this /16 (network byte order; the
     /// low 16 bits are per flow, for the backends' RSS). 0: the backend's `outer_src`.
     pub ipip_src_prefix4: u32,
-    pub _pad1: u32,
+    /// Slots of the probation table ([`FLOWS_NEW_MAP`]), a power of two.
+    pub probation_slots: u32,
     /// IPIP over IPv6: outer source taken per flow from this /64 (network byte order; words
     /// 2 and 3 are per flow). All zero: the backend's `outer_src`.
     pub ipip_src_prefix6: [u32; 4],
@@ -266,7 +267,7 @@ impl LbConfig {
         gue_port: DEFAULT_GUE_PORT.to_be(),
         _pad0: 0,
         ipip_src_prefix4: 0,
-        _pad1: 0,
+        probation_slots: DEFAULT_FLOW_ENTRIES / 4,
         ipip_src_prefix6: [0; 4],
         nat_port_min: DEFAULT_NAT_PORT_MIN,
         nat_port_max: DEFAULT_NAT_PORT_MAX,
@@ -478,6 +479,53 @@ const fn pair(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
 }
 
+/// One slot of the probation table ([`FLOWS_NEW_MAP`], an array): a flow seen once. Slots are
+/// written without a lock by whichever CPU sees a flow's first packet, so a slot two CPUs
+/// write at once can mix two flows: `check` ([`probation_check`]) over the key and the value
+/// tells a whole slot from a torn one. An empty slot has `key.family == 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbationSlot {
+    pub key: FlowKey,
+    pub value: FlowValue,
+    pub check: u64,
+}
+const _: () = assert!(core::mem::size_of::<ProbationSlot>() == 72);
+const _: () = assert!(core::mem::offset_of!(ProbationSlot, value) == 40);
+const _: () = assert!(core::mem::offset_of!(ProbationSlot, check) == 64);
+
+/// Seed of the probation slot index (any constant: the slot only has to be the same for a
+/// flow's first and second packets on every CPU).
+const PROBATION_SEED: u64 = 0x7072_6f62_6174_696f;
+
+/// The probation hash of `key`: it picks the slot ([`probation_slot`]) and seeds the check
+/// word ([`probation_check`]), so a packet hashes its key once.
+#[inline(always)]
+pub const fn probation_hash(key: &FlowKey) -> u64 {
+    flow_hash(key, PROBATION_SEED, false)
+}
+
+/// The probation slot of a key of probation hash `h` in a table of `slots` slots (a power of
+/// two).
+#[inline(always)]
+pub const fn probation_slot(h: u64, slots: u32) -> u32 {
+    (h >> 32) as u32 & slots.wrapping_sub(1)
+}
+
+/// The check word of a probation slot holding `value` for a key of probation hash `h`.
+#[inline(always)]
+pub const fn probation_check(h: u64, value: &FlowValue) -> u64 {
+    finish(
+        h ^ lane(pair(value.backend_id, value.vip_id), 0, LANE_K[1])
+            ^ lane(
+                pair(value.backend_generation, value.vip_generation),
+                0,
+                LANE_K[2],
+            )
+            ^ lane(pair(value.last_seen, value.flags), 0, LANE_K[3]),
+    )
+}
+
 /// Odd multipliers of the hash lanes (from splitmix64, murmur3, xxh64 and wyhash).
 const LANE_K: [u64; 5] = [
     0x9E37_79B9_7F4A_7C15,
@@ -551,4 +599,5 @@ mod pod {
     unsafe impl aya::Pod for super::DecapConfig {}
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::ProbationSlot {}
 }

@@ -7,9 +7,9 @@ use aya_ebpf::{
 use lb_common::{
     Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES,
     DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
-    NextHopCache, PROG_NAT as PROG_NAT_INDEX, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS,
-    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, vip_filter_bit,
-    vip_index_slot,
+    NextHopCache, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS,
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, probation_check,
+    probation_slot, vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -50,11 +50,14 @@ pub static LB_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// Probation table: flows seen once. Their next packet moves them to the established table,
-/// so spoofed first packets (a SYN-then-ACK flood) only churn this table. The agent sizes it
-/// to a quarter of the flow table.
+/// so spoofed first packets (a SYN-then-ACK flood) only churn this table. A direct-mapped
+/// array, not an LRU hash: a first packet overwrites its flow's slot (an inlined array write
+/// where an LRU insert cost ~600 ns), and a flow that lost its slot to another before its
+/// second packet is simply placed again and put on probation again. The agent sizes it to a
+/// quarter of the flow table, rounded up to a power of two (`LbConfig::probation_slots`).
 #[map(name = "LB_FLOWS_NEW")]
-pub static LB_FLOWS_NEW: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
+pub static LB_FLOWS_NEW: Array<ProbationSlot> =
+    Array::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
 
 /// Next hops per backend id, per CPU, for `NEXTHOP_TTL_S` (see `encap`). Sized like
 /// `LB_BACKENDS` by the agent; never pinned (a cache).
@@ -132,21 +135,51 @@ pub fn forget_established(cfg: &LbConfig, key: &FlowKey) {
     };
 }
 
-/// The probation entry of `key`, copied out.
+/// The slot a key of probation hash `h` occupies in the probation table.
 #[inline(always)]
-pub fn on_probation(key: &FlowKey) -> Option<FlowValue> {
-    // SAFETY: plain data copied out immediately.
-    unsafe { LB_FLOWS_NEW.get(key) }.copied()
+fn probation_place(cfg: &LbConfig, h: u64) -> Option<*mut ProbationSlot> {
+    LB_FLOWS_NEW.get_ptr_mut(probation_slot(h, cfg.probation_slots))
+}
+
+/// The probation entry of `key` (of probation hash `h`), copied out: its slot holds this
+/// key, whole (not torn by two writers).
+#[inline(always)]
+pub fn on_probation(cfg: &LbConfig, key: &FlowKey, h: u64) -> Option<FlowValue> {
+    // SAFETY: map memory, compared in place and the value copied out; another CPU may
+    // rewrite the slot meanwhile, which the check word catches.
+    let slot = unsafe { &*probation_place(cfg, h)? };
+    if slot.key != *key {
+        return None;
+    }
+    let value = slot.value;
+    (slot.check == probation_check(h, &value)).then_some(value)
 }
 
 #[inline(always)]
-pub fn remember_probation(key: &FlowKey, value: &FlowValue) {
-    let _ = LB_FLOWS_NEW.insert(key, value, 0);
+pub fn remember_probation(cfg: &LbConfig, key: &FlowKey, h: u64, value: &FlowValue) {
+    if let Some(slot) = probation_place(cfg, h) {
+        // SAFETY: map memory of this slot; a racing writer is caught by the check word. The
+        // copies are non-overlapping ones (map memory and the stack), which the compiler
+        // expands inline: a plain assignment between these places became a `memmove` call.
+        unsafe {
+            core::ptr::copy_nonoverlapping(key, &raw mut (*slot).key, 1);
+            core::ptr::copy_nonoverlapping(value, &raw mut (*slot).value, 1);
+            (*slot).check = probation_check(h, value);
+        }
+    }
 }
 
 #[inline(always)]
-pub fn forget_probation(key: &FlowKey) {
-    let _ = LB_FLOWS_NEW.remove(key);
+pub fn forget_probation(cfg: &LbConfig, key: &FlowKey, h: u64) {
+    if let Some(slot) = probation_place(cfg, h) {
+        // SAFETY: map memory of this slot. Only this flow's own entry is emptied.
+        unsafe {
+            if (*slot).key == *key {
+                (*slot).key.family = 0;
+                (*slot).check = 0;
+            }
+        }
+    }
 }
 
 /// False when no VIP has address `addr`; true when one may (the bitmap can collide).

@@ -11,7 +11,7 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue,
     LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides,
-    slot_index, slot_of,
+    probation_hash, slot_index, slot_of,
 };
 
 use crate::{
@@ -121,13 +121,18 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         }
         count_flow(FlowEvent::Replaced);
         found = Found::Established;
-    } else if let Some(flow) = on_probation(&pkt.key) {
+    }
+    // Only packets no established entry decided hash their key for the probation table.
+    let ph = probation_hash(&pkt.key);
+    if found == Found::Nowhere
+        && let Some(flow) = on_probation(cfg, &pkt.key, ph)
+    {
         if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
             facts.now_s = now_s();
         }
         if let Some(b) = deciding(&flow, &facts, cfg) {
             count_flow(FlowEvent::Promoted);
-            forget_probation(&pkt.key);
+            forget_probation(cfg, &pkt.key, ph);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
             } else {
@@ -138,7 +143,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         count_flow(FlowEvent::Replaced);
         found = Found::Probation;
     }
-    place(pkt, &facts, cfg, found)
+    place(pkt, &facts, cfg, found, ph)
 }
 
 #[inline(always)]
@@ -197,6 +202,7 @@ fn place(
     facts: &PacketFacts,
     cfg: &LbConfig,
     found: Found,
+    ph: u64,
 ) -> Result<Picked, Verdict> {
     let (vip_id, slot, b, vip) = by_table(pkt, cfg)?;
     let id = slot.backend;
@@ -229,7 +235,7 @@ fn place(
         }
         match found {
             Found::Established => forget_established(cfg, &pkt.key),
-            Found::Probation => forget_probation(&pkt.key),
+            Found::Probation => forget_probation(cfg, &pkt.key, ph),
             Found::Nowhere => {}
         }
     } else if found == Found::Established {
@@ -244,7 +250,7 @@ fn place(
             });
             remembered_new = true;
         }
-        remember_probation(&pkt.key, &value);
+        remember_probation(cfg, &pkt.key, ph, &value);
     }
     Ok(picked(id, b, vip_id, remembered_new))
 }

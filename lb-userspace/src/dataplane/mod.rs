@@ -98,13 +98,14 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// Entries of the probation table: a quarter of the flow table (at least 256); one
-    /// without a flow table.
+    /// Slots of the probation table: a quarter of the flow table rounded up to a power of
+    /// two (at least 256; the program masks the flow's hash with it); one without a flow
+    /// table.
     pub fn probation_entries(&self) -> u32 {
         if self.flow_table_off {
             1
         } else {
-            (self.flow_entries / 4).max(256)
+            (self.flow_entries / 4).max(256).next_power_of_two()
         }
     }
 
@@ -174,7 +175,7 @@ impl LoadOptions {
             ipip_src_prefix4: self
                 .ipip_prefix4
                 .map_or(0, |p| u32::from_ne_bytes(p.octets())),
-            _pad1: 0,
+            probation_slots: self.probation_entries(),
             ipip_src_prefix6: self.ipip_prefix6.map_or([0; 4], |p| {
                 let w = crate::net::addr_words(p.into());
                 [w[0], w[1], 0, 0]
@@ -292,7 +293,7 @@ impl Dataplane {
         };
         let flows = FlowTable::new(
             HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
-            HashMap::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
+            Array::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
         );
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;

@@ -6,9 +6,9 @@ use std::os::fd::AsFd as _;
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
-    SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES,
-    VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey, slot_index,
-    vip_filter_bit, vip_index_slot,
+    ProbationSlot, SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP,
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey,
+    probation_check, probation_hash, probation_slot, slot_index, vip_filter_bit, vip_index_slot,
 };
 
 use crate::Error;
@@ -286,7 +286,7 @@ impl BackendTable {
 /// and probation (`LB_FLOWS_NEW`).
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
-    probation: HashMap<MapData, FlowKey, FlowValue>,
+    probation: Array<MapData, ProbationSlot>,
 }
 
 fn lookup(
@@ -304,7 +304,7 @@ fn lookup(
 impl FlowTable {
     pub fn new(
         map: HashMap<MapData, FlowKey, FlowValue>,
-        probation: HashMap<MapData, FlowKey, FlowValue>,
+        probation: Array<MapData, ProbationSlot>,
     ) -> Self {
         FlowTable { map, probation }
     }
@@ -314,9 +314,18 @@ impl FlowTable {
         lookup(&self.map, key, FLOWS_MAP)
     }
 
-    /// The probation entry of `key` (a flow seen once).
+    /// The probation entry of `key` (a flow seen once): its slot holds this key, whole, by
+    /// the program's own rule.
     pub fn probation(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        lookup(&self.probation, key, FLOWS_NEW_MAP)
+        let h = probation_hash(key);
+        let slot = self
+            .probation
+            .get(&probation_slot(h, self.probation.len()), 0)
+            .map_err(err(FLOWS_NEW_MAP))?;
+        Ok(
+            (slot.key == *key && slot.check == probation_check(h, &slot.value))
+                .then_some(slot.value),
+        )
     }
 }
 
