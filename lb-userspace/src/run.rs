@@ -353,8 +353,18 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let a = retry_agent.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.retry()).await {
-                log::warn!("the data plane is still not in line: {e}");
+            let retried = tokio::task::spawn_blocking(move || {
+                let r = a.retry();
+                (r, a.save_history())
+            })
+            .await;
+            if let Ok((r, saved)) = retried {
+                if let Err(e) = r {
+                    log::warn!("the data plane is still not in line: {e}");
+                }
+                if let Err(e) = saved {
+                    log::warn!("saving the second-chance history: {e}");
+                }
             }
             swept += 1;
             if swept.is_multiple_of(NAT_SWEEP_S) {

@@ -163,24 +163,6 @@ impl<N: FleetNet> Fleet<N> {
         Ok(())
     }
 
-    /// A `gue` VIP with all its backends in one change (`lb apply` through node `k`): its
-    /// slot table starts full, so no slot carries a previous backend from the setup.
-    pub fn gue_vip_at_once(&self, k: usize, vip: &str, backends: &[&str]) -> anyhow::Result<()> {
-        let list: Vec<String> = backends
-            .iter()
-            .map(|b| format!("{{ address = \"{b}\" }}"))
-            .collect();
-        let toml = format!(
-            "[[vip]]\naddress = \"{vip}\"\nforward = \"gue\"\nbackend = [ {} ]\n",
-            list.join(", ")
-        );
-        let file = std::env::temp_dir().join(format!("{}.toml", crate::unique_name("fva")));
-        std::fs::write(&file, toml)?;
-        let applied = self.lb(k, &["apply", "-f", &file.to_string_lossy()]);
-        let _ = std::fs::remove_file(&file);
-        applied.map(|_| ())
-    }
-
     pub fn lb(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
         self.net.node_dir(k).cli_ok(args)
     }

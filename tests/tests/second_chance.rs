@@ -361,15 +361,35 @@ fn connections_survive_changes_and_ecmp_reshuffles_across_three_nodes() -> anyho
     Ok(())
 }
 
-/// Slot changes, then the agent is killed (kill -9) and started again: the new agent adopts
-/// the previous backends the kernel's tables carry (their window starts again at its start),
-/// so the connections whose slots moved keep reaching their backend through the restart and
-/// a change after it.
+/// A VIP built one backend at a time (so the kernel's slots carry setup owners that held
+/// them for milliseconds as previous backends), 40 connections that talk for a while, then
+/// the agent killed (kill -9) and started again, and two backends added. With the history
+/// saved beside the state file the restarted agent knows which owners served: every
+/// connection still reaches the backend it started on, through the restart and the changes
+/// after it. Control: the same with the history deleted before the restart (the agent can
+/// only adopt what the kernel carries and takes the setup owners for long-serving ones):
+/// connections break.
 #[test]
-fn a_restarted_agent_keeps_the_previous_backends() -> anyhow::Result<()> {
+fn a_restarted_agent_resumes_the_previous_backends() -> anyhow::Result<()> {
     let mut net = Routed::new("scr")?;
     backends_with_decap(&mut net)?;
     net.start_agent(&["--flow-table", "off"])?;
+    let kept = restart_under_changes(&mut net, true)?;
+    let control = restart_under_changes(&mut net, false)?;
+    println!(
+        "40 connections, restart then 2 backends added: {kept} broken with the saved history, {control} without it"
+    );
+    assert_eq!(kept, 0, "every connection kept its backend");
+    assert!(
+        control > 0,
+        "without the history connections break (otherwise this test proves nothing)"
+    );
+    Ok(())
+}
+
+/// One run of [`a_restarted_agent_resumes_the_previous_backends`]; returns how many
+/// connections broke or were answered by another backend.
+fn restart_under_changes(net: &mut Routed, keep_history: bool) -> anyhow::Result<usize> {
     let vip = format!("{VIP4}:80/tcp");
     net.lb(&[
         "vip",
@@ -380,36 +400,50 @@ fn a_restarted_agent_keeps_the_previous_backends() -> anyhow::Result<()> {
         "--second-chance",
         "120",
     ])?;
-    for a in ["10.41.0.2", "10.42.0.2"] {
+    for a in ["10.41.0.2", "10.42.0.2", "10.43.0.2"] {
         net.lb(&["backend", "add", &vip, a])?;
     }
     let target = SocketAddr::new(VIP4.parse()?, 80);
-    let mut conns = connect_many(&net.client, target, 20)?;
+    let mut conns = connect_many(&net.client, target, 40)?;
     let owners: Vec<String> = conns.iter_mut().map(request).collect::<Result<_, _>>()?;
-    net.lb(&["backend", "add", &vip, "10.43.0.2"])?;
+    // The owners serve for longer than the setup owners held their slots.
+    std::thread::sleep(Duration::from_secs(1));
     let prev = |net: &Routed| -> anyhow::Result<Vec<usize>> {
         let v = net.dir.vips()?;
         Ok(v[0].backends.iter().map(|b| b.previous_slots).collect())
     };
-    let before = prev(&net)?;
+    let before = prev(net)?;
     anyhow::ensure!(
         before.iter().sum::<usize>() > 0,
         "no slot carries a previous backend"
     );
     let mut agent = net.agent.take().context("agent")?;
     agent.kill();
+    let history = net.dir.state_file().with_extension("chance");
+    anyhow::ensure!(history.exists(), "{} was saved", history.display());
+    if !keep_history {
+        std::fs::remove_file(&history)?;
+    }
     net.start_agent(&["--flow-table", "off"])?;
-    let after = prev(&net)?;
-    println!("previous slots per backend before the restart {before:?}, after {after:?}");
+    let after = prev(net)?;
+    println!(
+        "history kept: {keep_history}; previous slots per backend before the restart {before:?}, after {after:?}"
+    );
     assert_eq!(
         before, after,
         "the restarted agent kept every previous backend"
     );
     assert!(net.dir.vips()?[0].window_ends_in_s.is_some());
-    // A change after the restart; every connection still reaches the backend it started on.
-    net.lb(&["backend", "weight", &vip, "10.42.0.2", "150"])?;
-    for (c, owner) in conns.iter_mut().zip(&owners) {
-        assert_eq!(&request(c)?, owner);
+    for a in ["10.41.0.3", "10.42.0.3"] {
+        net.lb(&["backend", "add", &vip, a])?;
     }
-    Ok(())
+    let broken = conns
+        .iter_mut()
+        .zip(&owners)
+        .map(|(c, owner)| request(c).ok().as_ref() != Some(owner))
+        .filter(|b| *b)
+        .count();
+    drop(conns);
+    net.lb(&["vip", "remove", &vip])?;
+    Ok(broken)
 }

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     Error,
     agent::{
-        chance::Windows,
+        chance::{self, Windows},
         health::Health,
         kernel::Kernel,
         reconcile::{self, Capacity, Facts, Ids},
@@ -287,6 +287,18 @@ impl Core {
         Ok(())
     }
 
+    /// Takes the second-chance history the previous run saved; call before the first
+    /// convergence (which resumes it where it agrees with the kernel's tables).
+    pub fn restore_history(&mut self, saved: chance::saved::Saved) {
+        self.windows.restore(saved, Instant::now(), unix_ms());
+    }
+
+    /// The second-chance history to save, and its version, unless version `saved` is the
+    /// latest (a clone of each second-chance VIP's history: 20 bytes a slot).
+    pub fn history_snapshot(&self, saved: u64) -> Option<(u64, chance::saved::Saved)> {
+        self.windows.snapshot(saved, Instant::now(), unix_ms())
+    }
+
     /// When the earliest second-chance window ends: the agent converges then, which clears
     /// the previous backends of that VIP's slots.
     pub fn next_window_end(&self) -> Option<Instant> {
@@ -525,4 +537,11 @@ fn health_word(checked: bool, own_up: bool, fleet: Option<bool>) -> &'static str
         (true, _) if own_up => "up",
         (true, _) => "down",
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 for a clock before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

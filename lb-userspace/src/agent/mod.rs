@@ -53,6 +53,9 @@ pub struct Agent {
     fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::Fleet>>,
     /// NAT connections live at the last sweep (`u64::MAX`: no sweep has found any yet).
     nat_live: std::sync::atomic::AtomicU64,
+    /// The version of the second-chance history last saved; held while saving, so an older
+    /// snapshot never replaces a newer one.
+    history_saved: Mutex<u64>,
 }
 
 /// What a change did.
@@ -74,6 +77,16 @@ impl Agent {
         let saved = store.load()?;
         let store_revision = saved.store_revision;
         let mut core = Core::new(kernel, saved)?;
+        // The history is advisory: without it a restart adopts the kernel's previous
+        // backends as long-serving (the rule before it existed).
+        match store.load_history() {
+            Ok(None) => {}
+            Ok(Some(bytes)) => match chance::saved::decode(&bytes) {
+                Ok(h) => core.restore_history(h),
+                Err(e) => log::warn!("ignoring the saved second-chance history: {e}"),
+            },
+            Err(e) => log::warn!("ignoring the saved second-chance history: {e}"),
+        }
         if let Err(e) = core.resync() {
             log::warn!("the data plane is not in line with the saved state yet: {e}");
         }
@@ -87,7 +100,24 @@ impl Agent {
             store_revision: Mutex::new(store_revision),
             fleet: std::sync::OnceLock::new(),
             nat_live: std::sync::atomic::AtomicU64::new(u64::MAX),
+            history_saved: Mutex::new(0),
         })
+    }
+
+    /// Saves the second-chance history when it changed since the last save. Blocking (a
+    /// file write, outside the core's lock): call it from a blocking thread. Called after
+    /// every change and every second (health flips and window ends change it too).
+    pub fn save_history(&self) -> Result<(), Error> {
+        let mut saved = self
+            .history_saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some((version, history)) = self.core().history_snapshot(*saved) else {
+            return Ok(());
+        };
+        self.store.save_history(&chance::saved::encode(&history))?;
+        *saved = version;
+        Ok(())
     }
 
     /// Notes a change or a health flip for the status page.
@@ -235,6 +265,9 @@ impl Agent {
         }
         let result = self.make_live(prepared, unchanged);
         self.want_macs();
+        if let Err(e) = self.save_history() {
+            log::warn!("saving the second-chance history: {e}");
+        }
         result?;
         let no_mac = self.core().no_mac();
         Ok(Changed {

@@ -30,6 +30,15 @@ pub trait StateStore: Send + Sync {
     fn load(&self) -> Result<StateFile, Error>;
     /// Replaces the saved state; on error the previous one is intact.
     fn save(&self, state: &StateFile) -> Result<(), Error>;
+    /// The second-chance history the last run saved ([`crate::agent::chance::saved`]), if
+    /// any.
+    fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(None)
+    }
+    /// Replaces the saved second-chance history; on error the previous one is intact.
+    fn save_history(&self, _bytes: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// The state file on disk.
@@ -42,6 +51,11 @@ impl FileStore {
         FileStore {
             path: path.to_path_buf(),
         }
+    }
+
+    /// The second-chance history beside the state file (`IFACE.chance`).
+    fn history_path(&self) -> PathBuf {
+        self.path.with_extension("chance")
     }
 }
 
@@ -66,18 +80,7 @@ impl StateStore for FileStore {
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(state)
             .map_err(|e| Error::Invalid(format!("serializing state: {e}")))?;
-        let write = || -> std::io::Result<()> {
-            // Mode 0600: the state names every backend; only root reads it.
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()
-        };
-        if let Err(e) = write() {
+        if let Err(e) = write_private(&tmp, &text, true) {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io(format!("writing {}", tmp.display()))(e));
         }
@@ -91,4 +94,41 @@ impl StateStore for FileStore {
         }
         Ok(())
     }
+
+    fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
+        let path = self.history_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Written whole and renamed into place, without fsync: the history describes the kernel's
+    /// tables, which a power cut loses too, while a killed agent's writes survive in the page
+    /// cache.
+    fn save_history(&self, bytes: &[u8]) -> Result<(), Error> {
+        let path = self.history_path();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        let tmp = path.with_extension("chance.tmp");
+        if let Err(e) = write_private(&tmp, bytes, false) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(format!("writing {}", tmp.display()))(e));
+        }
+        std::fs::rename(&tmp, &path).map_err(Error::io(format!("renaming onto {}", path.display())))
+    }
+}
+
+/// Writes `bytes` as the whole of `path`, mode 0600 (the state names every backend; only root
+/// reads it), synced to disk when `sync`.
+fn write_private(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    if sync { f.sync_all() } else { Ok(()) }
 }
