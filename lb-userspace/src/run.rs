@@ -350,6 +350,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
         // Seconds between NAT sweeps.
         const NAT_SWEEP_S: u64 = 5;
         let mut swept: u64 = 0;
+        let mut history_failed: Option<String> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let a = retry_agent.clone();
@@ -362,9 +363,14 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
                 if let Err(e) = r {
                     log::warn!("the data plane is still not in line: {e}");
                 }
-                if let Err(e) = saved {
+                // Once per distinct failure (a full or read-only disk would say so every second).
+                let failed = saved.err().map(|e| e.to_string());
+                if let Some(e) = &failed
+                    && failed != history_failed
+                {
                     log::warn!("saving the second-chance history: {e}");
                 }
+                history_failed = failed;
             }
             swept += 1;
             if swept.is_multiple_of(NAT_SWEEP_S) {
