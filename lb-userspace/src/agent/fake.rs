@@ -49,6 +49,15 @@ impl FakeKernel {
             ctl,
         )
     }
+
+    /// A kernel whose maps are `ctl`'s (an agent restarted over a previous one's kernel).
+    pub fn over(ctl: Arc<Mutex<KernelCtl>>, cap: Capacity) -> Self {
+        FakeKernel {
+            ctl,
+            view: KernelView::default(),
+            cap,
+        }
+    }
 }
 
 fn check(actual: &KernelView, op: &Op) -> Option<String> {
@@ -139,6 +148,16 @@ impl Kernel for FakeKernel {
     fn config(&self) -> lb_common::LbConfig {
         lb_common::LbConfig::DEFAULT
     }
+
+    fn live_slots(&self, vip_id: u32) -> Result<Option<crate::agent::kernel::LiveSlots>, Error> {
+        let ctl = self.ctl.lock().unwrap();
+        Ok(ctl
+            .actual
+            .published
+            .get(&vip_id)
+            .filter(|l| !l.table.is_empty())
+            .map(|l| (l.table.to_vec(), l.previous.to_vec())))
+    }
 }
 
 /// A state file in memory.
@@ -146,6 +165,8 @@ impl Kernel for FakeKernel {
 pub struct StoreCtl {
     pub saved: StateFile,
     pub fail_next: bool,
+    /// The second-chance history file.
+    pub history: Option<Vec<u8>>,
 }
 
 pub struct FakeStore(pub Arc<Mutex<StoreCtl>>);
@@ -164,6 +185,15 @@ impl StateStore for FakeStore {
             });
         }
         ctl.saved = state.clone();
+        Ok(())
+    }
+
+    fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.0.lock().unwrap().history.clone())
+    }
+
+    fn save_history(&self, bytes: &[u8]) -> Result<(), Error> {
+        self.0.lock().unwrap().history = Some(bytes.to_vec());
         Ok(())
     }
 }

@@ -522,3 +522,77 @@ fn nat_backends_on_their_own_ports_and_no_vip_on_the_nat_source() {
     assert!(e.to_string().contains("NAT source address"), "{e}");
     assert_eq!(*w.agent.core().desired(), before);
 }
+
+/// An agent that restarts over the same kernel resumes the second-chance history the first
+/// one saved (through the state store, after every change): the candidates keep their real
+/// tenures (deciseconds of setup here), where adopting from the kernel alone would take each
+/// carried previous backend for a "for ever" owner (`u32::MAX`).
+#[test]
+fn a_restarted_agent_resumes_the_saved_second_chance_history() {
+    let cap = Capacity {
+        vips: 4,
+        backends: 16,
+    };
+    let w = world(cap);
+    let gue = |n: u8| {
+        let mut d = DesiredState::default();
+        let mut v = crate::model::VipSpec {
+            forward: crate::model::Forward::Gue,
+            second_chance_s: 60,
+            ..crate::model::VipSpec::default()
+        };
+        for i in 0..n {
+            v.backends.insert(addr(i), spec());
+        }
+        d.vips.insert(vip(0), v);
+        d
+    };
+    // Built one backend at a time: slots change hands, previous backends are carried.
+    for n in 1..=3 {
+        w.agent.change(|_| Ok(gue(n))).unwrap();
+    }
+    let first = w.agent.core().history_snapshot(u64::MAX).unwrap().1;
+    let (best, tenure) = first.vips[&vip(0)].candidates();
+    assert!(best.iter().any(|b| *b != 0), "some slot has a candidate");
+    let saved = w
+        .store
+        .lock()
+        .unwrap()
+        .history
+        .clone()
+        .expect("history saved");
+    assert_eq!(
+        super::chance::saved::decode(&saved).unwrap().vips,
+        first.vips,
+        "the last change's history was saved"
+    );
+    let carried = |w: &World| {
+        let k = w.kernel.lock().unwrap();
+        let id = k.actual.vips[&vip(0).key()];
+        k.actual.published[&id].previous.clone()
+    };
+    let before = carried(&w);
+    // Restart over the same kernel and store.
+    let restarted = Agent::start(
+        Box::new(FakeKernel::over(w.kernel.clone(), cap)),
+        Box::new(FakeStore(w.store.clone())),
+        "fake0",
+    )
+    .unwrap();
+    let after = restarted.core().history_snapshot(u64::MAX).unwrap().1;
+    assert_eq!(after.vips[&vip(0)].candidates(), (best, tenure));
+    assert!(tenure.iter().all(|t| *t != u32::MAX), "{tenure:?}");
+    assert_eq!(carried(&w), before, "the same previous backends");
+    // Without the history the same restart adopts the kernel's previous backends as
+    // "for ever" owners.
+    w.store.lock().unwrap().history = None;
+    let blind = Agent::start(
+        Box::new(FakeKernel::over(w.kernel.clone(), cap)),
+        Box::new(FakeStore(w.store.clone())),
+        "fake0",
+    )
+    .unwrap();
+    let adopted = blind.core().history_snapshot(u64::MAX).unwrap().1;
+    let (_, adopted_tenure) = adopted.vips[&vip(0)].candidates();
+    assert!(adopted_tenure.contains(&u32::MAX), "{adopted_tenure:?}");
+}

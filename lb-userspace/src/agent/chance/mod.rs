@@ -107,6 +107,12 @@ impl History {
         h
     }
 
+    /// Each slot's candidate previous backend and its tenure (tests compare histories).
+    #[cfg(test)]
+    pub fn candidates(&self) -> (&[u32], &[u32]) {
+        (&self.best, &self.tenure)
+    }
+
     /// Records the table becoming `table` at `now`; says whether anything changed.
     fn observe(&mut self, table: &[u32], now: u32, window: u32) -> bool {
         if table.len() != self.current.len() {
