@@ -291,4 +291,52 @@ mod tests {
         // TCP does not age.
         assert!(entry_decides(&f, &v, Some(&b), &tcp(TCP_ACK, 1_000_000), 4));
     }
+
+    /// The VIP-address bitmap's bit: consecutive VIP addresses (how operators number them)
+    /// take distinct bits, and addresses that are not VIPs hit a set bit about as often as
+    /// the share of bits set, so non-VIP traffic rarely goes on to the VIP lookup.
+    #[test]
+    fn vip_filter_bits_spread() {
+        extern crate std;
+        use crate::{VIP_FILTER_WORDS, vip_filter_bit};
+        let bits = VIP_FILTER_WORDS * 64;
+        let mut set = std::collections::HashSet::new();
+        for i in 0..256u32 {
+            let v4 = [
+                u32::from_ne_bytes([10, 0, (i >> 8) as u8, i as u8]),
+                0,
+                0,
+                0,
+            ];
+            let v6 = [0xb80d_0120, 0, 0, (i + 1).to_be()];
+            for a in [v4, v6] {
+                let bit = vip_filter_bit(&a);
+                assert!(bit < bits);
+                set.insert(bit);
+            }
+        }
+        // 512 addresses into 65,536 bits: about 2 collisions expected.
+        assert!(set.len() >= 500, "{} distinct bits of 512", set.len());
+        let hits = (0..200_000u32)
+            .filter(|i| {
+                let other = [
+                    u32::from_ne_bytes([192, 168, (i >> 8) as u8, *i as u8]),
+                    0,
+                    0,
+                    0,
+                ];
+                set.contains(&vip_filter_bit(&other))
+            })
+            .count();
+        // Expected 200,000 x 512 / 65,536 = 1,562 for an even spread.
+        assert!(
+            hits < 2_500,
+            "{hits} of 200,000 non-VIP addresses hit the filter"
+        );
+        // An unmixed bit (the address word's low bits) fails the first check: the test can fail.
+        let low: std::collections::HashSet<u32> = (0..256u32)
+            .map(|i| u32::from_ne_bytes([10, 0, (i >> 8) as u8, i as u8]) & (bits - 1))
+            .collect();
+        assert!(low.len() < 250);
+    }
 }

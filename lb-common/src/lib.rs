@@ -325,19 +325,17 @@ pub struct VipInfo {
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
 const _: () = assert!(core::mem::offset_of!(VipInfo, active_gen) == 4);
 
-/// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64). Every packet pays this, so
-/// it is one lane per 64-bit word (one for IPv4) and the finish (see [`flow_hash`]).
+/// Bit index of `addr` in [`VIP_FILTER_MAP`] (word = bit / 64). Every packet pays this, the
+/// traffic not for a VIP nothing else, so it is one multiply: the address's words folded by
+/// xor (an IPv4 address is its first word, the others are zero, so the fold costs nothing)
+/// and the top bits of one 64-bit product, which depend on every bit of the folded word
+/// (Fibonacci hashing). A collision only sends a packet on to the VIP lookup, which decides.
 #[inline(always)]
 pub const fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
     const SEED: u64 = 0x7669_705f_6669_6c74;
-    // An IPv4 address is one word (the other three are zero): one lane.
-    let h = if addr[1] | addr[2] | addr[3] == 0 {
-        lane(addr[0] as u64, SEED, LANE_K[0])
-    } else {
-        lane(pair(addr[0], addr[1]), SEED, LANE_K[0])
-            ^ lane(pair(addr[2], addr[3]), SEED, LANE_K[1])
-    };
-    (finish(h) >> 48) as u32 & (VIP_FILTER_WORDS * 64 - 1)
+    const BITS: u32 = (VIP_FILTER_WORDS * 64).trailing_zeros();
+    let folded = pair(addr[1] ^ addr[3], addr[0] ^ addr[2]);
+    (lane(folded, SEED, LANE_K[0]) >> (64 - BITS)) as u32
 }
 const _: () = assert!(VIP_FILTER_WORDS.is_power_of_two());
 

@@ -66,8 +66,22 @@ fn v6_addr(a: [u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// A frame whose destination may be a VIP address: its family, where its IP header starts,
+/// and the destination (read once, here).
+#[derive(Clone, Copy)]
+pub enum Candidate {
+    V4 { l3: usize, dst: [u32; 4] },
+    V6 { l3: usize, dst: [u32; 4] },
+}
+
+/// The VIP pre-filter, first and alone: Ethernet, an optional VLAN tag, and the IP
+/// destination against the VIP-address bitmap. Most frames on a shared interface are not for
+/// a VIP, and they leave here, passed without any further check (the kernel judges its own
+/// traffic: a broken IP header not addressed to a VIP is its to drop, a fragment or IP
+/// options not addressed to one are plain `passed_not_vip`). Only a frame too short to hold
+/// the headers that tell is malformed here.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
+pub fn prefilter(ctx: &XdpContext) -> Result<Candidate, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
     // SAFETY: `ptr_at` checked the header is inside the frame.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -78,16 +92,43 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
         l3 += VlanHdr::LEN;
     }
     if ether_type == ETH_P_IP {
-        parse_v4(ctx, l3)
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let dst = v4_addr(unsafe { (*ip).dst_addr });
+        if !maybe_vip_addr(&dst) {
+            return Err(NOT_VIP);
+        }
+        Ok(Candidate::V4 { l3, dst })
     } else if ether_type == ETH_P_IPV6 {
-        parse_v6(ctx, l3)
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let dst = v6_addr(unsafe { (*ip).dst_addr });
+        if !maybe_vip_addr(&dst) {
+            return Err(NOT_VIP);
+        }
+        Ok(Candidate::V6 { l3, dst })
     } else {
         Err(NOT_VIP)
     }
 }
 
+/// The whole parse: the pre-filter, then the IP and L4 headers.
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
+    parse_candidate(ctx, prefilter(ctx)?)
+}
+
+/// The IP and L4 headers of a frame the pre-filter let through.
+#[inline(always)]
+pub fn parse_candidate(ctx: &XdpContext, c: Candidate) -> Result<Parsed, Verdict> {
+    match c {
+        Candidate::V4 { l3, dst } => parse_v4(ctx, l3, dst),
+        Candidate::V6 { l3, dst } => parse_v6(ctx, l3, dst),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4]) -> Result<Parsed, Verdict> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
@@ -108,12 +149,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     } else {
         NOT_VIP
     };
-    let dst = v4_addr(ip.dst_addr);
-    // Not addressed to a VIP (an ICMP error we steer is addressed to its VIP too): pass it
-    // before reading any L4 header. The kernel judges its own traffic.
-    if !maybe_vip_addr(&dst) {
-        return Err(not_vip);
-    }
+    // `dst` passed the pre-filter (an ICMP error we steer is addressed to its VIP too, see
+    // `steer_error`).
     let l4 = l3 + ihl;
     let l4_len = tot_len - ihl;
     let facts = IpFacts {
@@ -165,7 +202,7 @@ fn is_ipv6_ext(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
+fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4]) -> Result<Parsed, Verdict> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
@@ -176,10 +213,6 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
     let l4 = l3 + Ipv6Hdr::LEN;
     if ctx.data() + l4 + payload > ctx.data_end() {
         return Err(MALFORMED);
-    }
-    let dst = v6_addr(ip.dst_addr);
-    if !maybe_vip_addr(&dst) {
-        return Err(NOT_VIP);
     }
     let facts = IpFacts {
         l3,

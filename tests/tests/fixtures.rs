@@ -388,10 +388,29 @@ fn cases() -> Vec<Case> {
         c("lldp frame", ethertype_frame(0x88cc), not_vip),
         c("qinq outer tag", ethertype_frame(0x88a8), not_vip),
         c("gre to the vip address", ipv4_other_proto(47), not_vip),
+        // The pre-filter decides first: options on a packet to no VIP address are just not
+        // for a VIP; on one to a VIP address that matches no VIP they have their own reason.
         c(
-            "ipv4 options, not for a vip",
+            "ipv4 options, not a vip address",
             tcp4_with(CLIENT4, 40018, "10.0.0.99", 80, true, false, 0),
+            not_vip,
+        ),
+        c(
+            "ipv4 options to the vip address, other port",
+            tcp4_with(CLIENT4, 40018, VIP4, 81, true, false, 0),
             Pass(Stat::PassIpOptions),
+        ),
+        // Nothing addressed elsewhere is dropped, however broken its IP header: the kernel
+        // judges its own traffic.
+        c(
+            "bad ipv4 version, not a vip address",
+            patched(tcp4(CLIENT4, 40024, "10.0.0.99", 80), L3, 0x65),
+            not_vip,
+        ),
+        c(
+            "fragment, not a vip address",
+            tcp4_with(CLIENT4, 40025, "10.0.0.99", 80, false, true, 0),
+            not_vip,
         ),
         // Fragments and extension headers pass, even for a VIP.
         c(

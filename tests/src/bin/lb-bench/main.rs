@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_tests::{
     AgentDir, Netns, VethPair,
-    world::{SCENE, World, xdp_md},
+    world::{SCENE, xdp_md},
 };
 use lb_userspace::maglev::{self, MaglevBackend};
 
@@ -16,12 +16,14 @@ mod encap;
 mod fleet;
 mod insns;
 mod nat;
+mod packet;
 
 use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 use fleet::fleet_rows;
 use insns::insn_rows;
 use nat::nat_rows;
+use packet::packet_rows;
 
 const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 200_000;
@@ -111,15 +113,9 @@ struct Row {
     name: String,
     ns: f64,
     floor: f64,
+    /// The ratio to print when it was not `ns / floor` (a median of paired rounds).
+    ratio: Option<f64>,
     target: Option<f64>,
-}
-
-fn flow_misses(world: &World) -> anyhow::Result<u64> {
-    Ok(world
-        .dp
-        .stats
-        .global()?
-        .flow(lb_common::FlowEvent::MissNotSyn))
 }
 
 fn row(name: String, ns: f64, floor: f64, target: Option<f64>) -> Row {
@@ -127,142 +123,16 @@ fn row(name: String, ns: f64, floor: f64, target: Option<f64>) -> Row {
         name,
         ns,
         floor,
+        ratio: None,
         target,
     }
-}
-
-/// Rows for one flow-table kind; `with_floors` adds the floor and flow-table-independent rows.
-fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
-    // BENCH_FLOWS sizes the flow table (default: the agent's default).
-    let flows = std::env::var("BENCH_FLOWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(lb_common::DEFAULT_FLOW_ENTRIES);
-    let mut world = World::with_flows(flows, per_cpu)?;
-    let label = if per_cpu {
-        "per-CPU LRU lists"
-    } else {
-        "shared LRU"
-    };
-    let vip = [10, 0, 0, 10];
-    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
-    // Its first packet puts the flow on probation, the second makes it established.
-    world.run(&established)?;
-    world.run(&established)?;
-    let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
-    let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
-    let single_frame = |i| {
-        let (c, p) = client(i);
-        tcp(c, p, vip, 80)
-    };
-
-    let floor = ns_repeat(world.dp.pass_program()?, &established, REPEAT)?;
-    let floor_single = ns_single(world.dp.pass_program()?, NEW_FLOWS, None, single_frame)?;
-    let harness = ns_repeat(
-        world.dp.extra_program("bench_next_client")?,
-        &established,
-        REPEAT,
-    )?;
-    let parse_only = ns_repeat(world.dp.extra_program("bench_parse")?, &established, REPEAT)?;
-    let parse_lookup = ns_repeat(
-        world.dp.extra_program("bench_parse_lookup")?,
-        &established,
-        REPEAT,
-    )?;
-    let parse_lookup16 = ns_repeat(
-        world.dp.extra_program("bench_parse_lookup16")?,
-        &established,
-        REPEAT,
-    )?;
-    let lb = world.dp.lb_program()?;
-    let est = ns_repeat(lb, &established, REPEAT)?;
-    let nv = ns_repeat(lb, &non_vip, REPEAT)?;
-    // A SYN is placed by the slot table every time and never remembered: the same frame
-    // repeated measures the placement path.
-    let syn_placed = ns_repeat(lb, &syn, REPEAT)?;
-    let new_single = ns_single(lb, NEW_FLOWS, None, single_frame)?;
-    let before = flow_misses(&world)?;
-    let new_repeat = ns_new_flows(world.dp.extra_program("bench_lb_new_flow")?, REPEAT)?;
-    let placed = flow_misses(&world)? - before;
-    anyhow::ensure!(
-        placed >= 3 * u64::from(REPEAT),
-        "new-flow harness passes were not all new flows ({placed} misses)"
-    );
-
-    let mut rows = Vec::new();
-    if with_floors {
-        rows.push(row(
-            format!("XDP_PASS floor (repeat {REPEAT})"),
-            floor,
-            floor,
-            None,
-        ));
-        rows.push(row("non-VIP packet".into(), nv, floor, Some(1.3)));
-        rows.push(row(
-            "next-client harness alone".into(),
-            harness,
-            floor,
-            None,
-        ));
-    }
-    rows.push(row(
-        format!("  of which: parsing (+ VIP-address bitmap), {label}"),
-        parse_only,
-        floor,
-        None,
-    ));
-    rows.push(row(
-        format!("  of which: parsing + flow-table lookup, {label}"),
-        parse_lookup,
-        floor,
-        None,
-    ));
-    rows.push(row(
-        "  (same, with a 16-byte IPv4 key: not in use, for comparison)".to_string(),
-        parse_lookup16,
-        floor,
-        None,
-    ));
-    rows.push(row(
-        format!("established TCP flow, {label}"),
-        est,
-        floor,
-        Some(2.0),
-    ));
-    rows.push(row(
-        format!("SYN, placed and not remembered, {label}"),
-        syn_placed,
-        floor,
-        Some(4.0),
-    ));
-    rows.push(row(
-        format!("new TCP flow (first ACK, onto probation), {label} (harness included)"),
-        new_repeat,
-        floor,
-        Some(4.0),
-    ));
-    if with_floors {
-        rows.push(row(
-            format!("XDP_PASS floor ({NEW_FLOWS} single runs)"),
-            floor_single,
-            floor_single,
-            None,
-        ));
-    }
-    rows.push(row(
-        format!("new TCP flow, {label} ({NEW_FLOWS} single runs)"),
-        new_single,
-        floor_single,
-        Some(4.0),
-    ));
-    Ok(rows)
 }
 
 fn print_rows(rows: &[Row]) {
     println!("| case | ns/packet | x floor | target |");
     println!("| --- | ---: | ---: | --- |");
     for r in rows {
-        let ratio = r.ns / r.floor;
+        let ratio = r.ratio.unwrap_or(r.ns / r.floor);
         let target = match r.target {
             Some(t) => format!("<= {t}x {}", if ratio <= t { "met" } else { "MISSED" }),
             None => "-".into(),
@@ -420,7 +290,8 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Ok("packet") => {
-            print_rows(&packet_rows(true, false)?);
+            // The shared table's rows with the floors, as in the full run.
+            print_rows(&packet_rows(false, true)?);
             return Ok(());
         }
         Ok("insns") => return insn_rows(),

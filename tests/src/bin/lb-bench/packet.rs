@@ -1,0 +1,211 @@
+//! The flow-table rows: the load balancer's packet paths with a flow table (shared LRU or
+//! per-CPU LRU lists), each with its ratio to the XDP_PASS floor.
+//!
+//! The rows with targets are measured in alternating rounds: floor, case, floor, case, ...
+//! (`ROUNDS` of each), and their ratio is the median of the per-round ratios. This VM's floor
+//! drifts by up to a third over a run, so a ratio of two figures taken seconds apart carried
+//! that drift into the comparison with the target; a floor taken next to each case does not.
+use aya::programs::Xdp;
+use lb_tests::world::{SCENE, World};
+
+use super::{NEW_FLOWS, REPEAT, Row, client, ns_repeat, ns_single, row, tcp, test_run};
+
+/// Alternating rounds of a targeted row and its floor.
+const ROUNDS: u32 = 7;
+
+/// A case measured in alternation with its floor: medians of each and of the round ratios.
+struct Paired {
+    ns: f64,
+    floor: f64,
+    ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `ROUNDS` rounds of `measure(floor, round)`, the floor first (ns per packet each).
+fn paired(mut measure: impl FnMut(bool, u32) -> anyhow::Result<f64>) -> anyhow::Result<Paired> {
+    let (mut floors, mut cases, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let f = measure(true, round)?;
+        let c = measure(false, round)?;
+        floors.push(f);
+        cases.push(c);
+        ratios.push(c / f);
+    }
+    Ok(Paired {
+        ns: median(cases),
+        floor: median(floors),
+        ratio: median(ratios),
+    })
+}
+
+/// Mean ns per pass of one run of `REPEAT` passes over `frame`.
+fn once(prog: &Xdp, frame: &[u8]) -> anyhow::Result<f64> {
+    Ok(test_run(prog, frame, REPEAT, None)?.as_nanos() as f64)
+}
+
+fn paired_row(name: String, p: &Paired, target: f64) -> Row {
+    Row {
+        ratio: Some(p.ratio),
+        ..row(name, p.ns, p.floor, Some(target))
+    }
+}
+
+fn flow_misses(world: &World) -> anyhow::Result<u64> {
+    Ok(world
+        .dp
+        .stats
+        .global()?
+        .flow(lb_common::FlowEvent::MissNotSyn))
+}
+
+/// Rows for one flow-table kind; `with_floors` adds the floor and flow-table-independent rows.
+pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
+    // BENCH_FLOWS sizes the flow table (default: the agent's default).
+    let flows = std::env::var("BENCH_FLOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(lb_common::DEFAULT_FLOW_ENTRIES);
+    let mut world = World::with_flows(flows, per_cpu)?;
+    let label = if per_cpu {
+        "per-CPU LRU lists"
+    } else {
+        "shared LRU"
+    };
+    let vip = [10, 0, 0, 10];
+    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    // Its first packet puts the flow on probation, the second makes it established.
+    world.run(&established)?;
+    world.run(&established)?;
+    let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
+    let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
+    // Single runs: round `r` sends its own `chunk` distinct clients.
+    let chunk = NEW_FLOWS / ROUNDS;
+    let single_frame = |i| {
+        let (c, p) = client(i);
+        tcp(c, p, vip, 80)
+    };
+
+    let floor = ns_repeat(world.dp.pass_program()?, &established, REPEAT)?;
+    let harness = ns_repeat(
+        world.dp.extra_program("bench_next_client")?,
+        &established,
+        REPEAT,
+    )?;
+    let parse_only = ns_repeat(world.dp.extra_program("bench_parse")?, &established, REPEAT)?;
+    let parse_lookup = ns_repeat(
+        world.dp.extra_program("bench_parse_lookup")?,
+        &established,
+        REPEAT,
+    )?;
+    let parse_lookup16 = ns_repeat(
+        world.dp.extra_program("bench_parse_lookup16")?,
+        &established,
+        REPEAT,
+    )?;
+    // The floor is XDP_PASS on the established frame, next to each round of the case.
+    let mut repeat_case = |frame: &[u8]| {
+        paired(|floor, _| {
+            if floor {
+                once(world.dp.pass_program()?, &established)
+            } else {
+                once(world.dp.lb_program()?, frame)
+            }
+        })
+    };
+    let nv = repeat_case(&non_vip)?;
+    let est = repeat_case(&established)?;
+    // A SYN is placed by the slot table every time and never remembered: the same frame
+    // repeated measures the placement path.
+    let syn_placed = repeat_case(&syn)?;
+    let new_single = paired(|floor, round| {
+        let prog = if floor {
+            world.dp.pass_program()?
+        } else {
+            world.dp.lb_program()?
+        };
+        ns_single(prog, chunk, None, |i| single_frame(round * chunk + i))
+    })?;
+    let before = flow_misses(&world)?;
+    // Each round starts from its own client range: no pass meets a flow placed before.
+    let new_repeat = paired(|floor, round| {
+        if floor {
+            once(world.dp.pass_program()?, &established)
+        } else {
+            let first = tcp([100, 64 + round as u8, 0, 0], 1, vip, 80);
+            once(world.dp.extra_program("bench_lb_new_flow")?, &first)
+        }
+    })?;
+    let placed = flow_misses(&world)? - before;
+    anyhow::ensure!(
+        placed >= u64::from(ROUNDS) * u64::from(REPEAT),
+        "new-flow harness passes were not all new flows ({placed} misses)"
+    );
+
+    let mut rows = Vec::new();
+    if with_floors {
+        rows.push(row(
+            format!("XDP_PASS floor (repeat {REPEAT})"),
+            floor,
+            floor,
+            None,
+        ));
+        rows.push(paired_row("non-VIP packet".into(), &nv, 1.3));
+        rows.push(row(
+            "next-client harness alone".into(),
+            harness,
+            floor,
+            None,
+        ));
+    }
+    rows.push(row(
+        format!("  of which: parsing (+ VIP-address bitmap), {label}"),
+        parse_only,
+        floor,
+        None,
+    ));
+    rows.push(row(
+        format!("  of which: parsing + flow-table lookup, {label}"),
+        parse_lookup,
+        floor,
+        None,
+    ));
+    rows.push(row(
+        "  (same, with a 16-byte IPv4 key: not in use, for comparison)".to_string(),
+        parse_lookup16,
+        floor,
+        None,
+    ));
+    rows.push(paired_row(
+        format!("established TCP flow, {label}"),
+        &est,
+        2.0,
+    ));
+    rows.push(paired_row(
+        format!("SYN, placed and not remembered, {label}"),
+        &syn_placed,
+        4.0,
+    ));
+    rows.push(paired_row(
+        format!("new TCP flow (first ACK, onto probation), {label} (harness included)"),
+        &new_repeat,
+        4.0,
+    ));
+    if with_floors {
+        rows.push(row(
+            format!("XDP_PASS floor ({NEW_FLOWS} single runs)"),
+            new_single.floor,
+            new_single.floor,
+            None,
+        ));
+    }
+    rows.push(paired_row(
+        format!("new TCP flow, {label} ({NEW_FLOWS} single runs)"),
+        &new_single,
+        4.0,
+    ));
+    Ok(rows)
+}
