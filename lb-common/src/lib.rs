@@ -103,7 +103,8 @@ pub enum Stat {
     PassNotVip = 1,
     /// IPv4 fragment: passed untouched.
     PassFragment = 2,
-    /// IPv4 header with options, not for a VIP: passed untouched.
+    /// IPv4 header with options, to a VIP address but for no VIP (another port or
+    /// protocol): passed untouched.
     PassIpOptions = 3,
     /// IPv6 with an extension header before L4: passed untouched.
     PassIpv6Ext = 4,

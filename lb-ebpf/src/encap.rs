@@ -61,7 +61,7 @@ pub fn encapsulate(
         tos: pkt.ip.tos,
     };
     let plan = outer::plan(cfg, b, &pkt.key, &inner, ingress, hop)
-        .ok_or(Verdict::Drop(Stat::DropTooBig))?;
+        .ok_or(Verdict::discard(Stat::DropTooBig))?;
     let next = match next_hop(ctx, id, b, &plan.outer) {
         Fib::Hop(h) => Some(h),
         Fib::NoNeighbour => None,
@@ -72,11 +72,11 @@ pub fn encapsulate(
                 mtu.saturating_sub(plan.overhead as u32),
             ));
         }
-        Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
+        Fib::Fail(stat) => return Err(Verdict::discard(stat)),
     };
     // The frame's MACs as received: the no-neighbour path hands the packet to our own stack,
     // which only takes frames addressed to us.
-    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::Drop(Stat::DropMalformed))?;
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::discard(Stat::DropMalformed))?;
     // SAFETY: checked by `ptr_at_mut`.
     let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     // Grow so the inner IP header ends up right after the outer headers; a VLAN tag, if any,
@@ -84,7 +84,7 @@ pub fn encapsulate(
     let grow = plan.overhead as i32 - (pkt.ip.l3 as i32 - EthHdr::LEN as i32);
     // SAFETY: helper on our own context; every pointer is re-derived and re-checked after.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
-        return Err(Verdict::Drop(Stat::DropTxError));
+        return Err(Verdict::discard(Stat::DropTxError));
     }
     let (dst_mac, src_mac) = match &next {
         Some(h) => (h.dmac, h.smac),
@@ -92,12 +92,12 @@ pub fn encapsulate(
     };
     write_headers(ctx, &plan, &pkt.key, inner.v4, dst_mac, src_mac)?;
     match next {
-        None => Ok(Verdict::Pass(Stat::PassNoNeighbour)),
-        Some(h) if h.ifindex == ingress => Ok(Verdict::Forward(xdp_action::XDP_TX)),
+        None => Ok(Verdict::pass(Stat::PassNoNeighbour)),
+        Some(h) if h.ifindex == ingress => Ok(Verdict::forward(xdp_action::XDP_TX)),
         Some(h) => LB_TX_PORTS
             .redirect(h.ifindex, 0)
-            .map(Verdict::Forward)
-            .map_err(|_| Verdict::Drop(Stat::DropTxError)),
+            .map(Verdict::forward)
+            .map_err(|_| Verdict::discard(Stat::DropTxError)),
     }
 }
 
@@ -169,7 +169,7 @@ fn write_headers(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
 ) -> Result<(), Verdict> {
-    const BROKEN: Verdict = Verdict::Drop(Stat::DropTxError);
+    const BROKEN: Verdict = Verdict::discard(Stat::DropTxError);
     let o = &plan.outer;
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(BROKEN)?;
     let outer_v4 = o.family == FAMILY_V4;

@@ -10,7 +10,7 @@ use crate::{Verdict, maps::LB_TX_PORTS, parse::ptr_at_mut};
 /// behind the receiving interface (`ifindex` 0 or the ingress one), XDP_REDIRECT otherwise.
 #[inline(always)]
 pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<Verdict, Verdict> {
-    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::Drop(Stat::DropMalformed))?;
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::discard(Stat::DropMalformed))?;
     // Both MACs in one non-overlapping copy of a known size, which the compiler expands into
     // loads and stores. A field assignment between two raw places became a call to
     // `memmove` per MAC (a byte loop of 54 instructions each: 18 % of a packet's path, found
@@ -26,10 +26,10 @@ pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<Verdict, Verdict> {
         core::ptr::copy_nonoverlapping(from, eth as *mut u8, 12);
     }
     if backend.ifindex == 0 || backend.ifindex as usize == ctx.ingress_ifindex() {
-        return Ok(Verdict::Forward(xdp_action::XDP_TX));
+        return Ok(Verdict::forward(xdp_action::XDP_TX));
     }
     LB_TX_PORTS
         .redirect(backend.ifindex, 0)
-        .map(Verdict::Forward)
-        .map_err(|_| Verdict::Drop(Stat::DropTxError))
+        .map(Verdict::forward)
+        .map_err(|_| Verdict::discard(Stat::DropTxError))
 }

@@ -33,7 +33,7 @@ const QUOTE6: usize = 128;
 /// Ethernet header and one VLAN tag: where an IP header can start.
 const MAX_L3: usize = 18;
 
-const CANNOT: Verdict = Verdict::Drop(Stat::DropTooBig);
+const CANNOT: Verdict = Verdict::discard(Stat::DropTooBig);
 
 /// Answers `pkt` with a "too big" carrying `mtu` (the inner packet size that fits).
 #[inline(always)]
@@ -137,7 +137,7 @@ fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, EthHdr::LEN)?;
     // SAFETY: checked by `ptr_at_mut`.
     unsafe { *ip = outer::ipv4(&o, false) };
-    Some(Verdict::Reply(Stat::IcmpTooBig, xdp_action::XDP_TX))
+    Some(Verdict::reply(Stat::IcmpTooBig, xdp_action::XDP_TX))
 }
 
 #[inline(always)]
@@ -177,5 +177,5 @@ fn too_big_v6(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
     h.vcf = [0x60, 0, 0, 0];
     // SAFETY: checked by `ptr_at_mut`.
     unsafe { *ip = h };
-    Some(Verdict::Reply(Stat::IcmpTooBig, xdp_action::XDP_TX))
+    Some(Verdict::reply(Stat::IcmpTooBig, xdp_action::XDP_TX))
 }

@@ -65,8 +65,8 @@ struct Picked {
     b: &'static Backend,
 }
 
-const TABLE_FULL: Verdict = Verdict::Drop(Stat::DropNatTableFull);
-const BROKEN: Verdict = Verdict::Drop(Stat::DropMalformed);
+const TABLE_FULL: Verdict = Verdict::discard(Stat::DropNatTableFull);
+const BROKEN: Verdict = Verdict::discard(Stat::DropMalformed);
 
 #[inline(always)]
 fn now_s() -> u32 {
@@ -140,7 +140,7 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     // is not also a VIP address: the agent refuses that.)
     let e = LB_NAT_REV
         .get_ptr_mut(&pkt.key)
-        .ok_or(Verdict::Pass(Stat::PassNatUnknown))?;
+        .ok_or(Verdict::pass(Stat::PassNatUnknown))?;
     // SAFETY: the map's value, valid while the program runs; a racing CPU writes the same.
     let e = unsafe { &mut *e };
     // An ICMP error about a translated flow (port unreachable, fragmentation needed, packet
@@ -190,7 +190,7 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
             let b = LB_BACKENDS.get(e.backend_id);
             (e, b)
         }
-        None if pkt.icmp_error => return Err(Verdict::Pass(Stat::PassNatIcmp)),
+        None if pkt.icmp_error => return Err(Verdict::pass(Stat::PassNatIcmp)),
         Some(e) if let Some(b) = still_good(unsafe { &*e }, pkt) => {
             let e = unsafe { &mut *e };
             touch(e, flags_of(pkt), now);
@@ -200,7 +200,7 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
             let (id, vip_id) = select::slot_backend(pkt, cfg)?;
             let b = LB_BACKENDS
                 .get(id)
-                .ok_or(Verdict::Drop(Stat::DropNoBackend))?;
+                .ok_or(Verdict::discard(Stat::DropNoBackend))?;
             (allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?, Some(b))
         }
     };
@@ -233,7 +233,7 @@ fn allocate(
     // not on the stack (which the parse, the FIB parameters and the map keys fill).
     let s = LB_NAT_SCRATCH
         .get_ptr_mut(0)
-        .ok_or(Verdict::Drop(Stat::DropTxError))?;
+        .ok_or(Verdict::discard(Stat::DropTxError))?;
     // SAFETY: this CPU's scratch record; nothing else uses it meanwhile.
     let s = unsafe { &mut *s };
     s.fwd = NatEntry {
@@ -278,7 +278,7 @@ fn allocate(
             .map(|p| unsafe { &mut *p })
             .ok_or(TABLE_FULL);
     }
-    Err(Verdict::Drop(Stat::DropNatNoPort))
+    Err(Verdict::discard(Stat::DropNatNoPort))
 }
 
 /// Takes over the port of reverse entry `rkey` if its connection has expired (its forward
@@ -362,8 +362,8 @@ fn send(
         Fib::Hop(h) => Some(h),
         Fib::NoNeighbour => None,
         // NAT never grows a packet: only a smaller egress MTU than the ingress one does this.
-        Fib::TooBig(_) => return Err(Verdict::Drop(Stat::DropTooBig)),
-        Fib::Fail(stat) => return Err(Verdict::Drop(stat)),
+        Fib::TooBig(_) => return Err(Verdict::discard(Stat::DropTooBig)),
+        Fib::Fail(stat) => return Err(Verdict::discard(stat)),
     };
     if pkt.icmp_error {
         rewrite_icmp(ctx, pkt, to)?;
@@ -372,7 +372,7 @@ fn send(
     }
     let Some(h) = next else {
         // The kernel resolves the neighbour and forwards the rewritten packet.
-        return Ok(Verdict::Pass(Stat::PassNoNeighbour));
+        return Ok(Verdict::pass(Stat::PassNoNeighbour));
     };
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(BROKEN)?;
     // SAFETY: checked by `ptr_at_mut`.
@@ -381,10 +381,10 @@ fn send(
         (*eth).src_addr = h.smac;
     }
     if h.ifindex == ingress {
-        return Ok(Verdict::Forward(xdp_action::XDP_TX));
+        return Ok(Verdict::forward(xdp_action::XDP_TX));
     }
     LB_TX_PORTS
         .redirect(h.ifindex, 0)
-        .map(Verdict::Forward)
-        .map_err(|_| Verdict::Drop(Stat::DropTxError))
+        .map(Verdict::forward)
+        .map_err(|_| Verdict::discard(Stat::DropTxError))
 }

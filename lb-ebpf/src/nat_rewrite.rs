@@ -10,7 +10,7 @@ use crate::{
     parse::{Parsed, ptr_at_mut},
 };
 
-const BROKEN: Verdict = Verdict::Drop(Stat::DropMalformed);
+const BROKEN: Verdict = Verdict::discard(Stat::DropMalformed);
 /// Offsets of the checksum in the TCP and UDP headers.
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
@@ -114,7 +114,7 @@ pub fn rewrite_icmp(ctx: &XdpContext, pkt: &Parsed, to: &NatEntry) -> Result<(),
         // SAFETY: every pointer checked by `ptr_at_mut`.
         unsafe {
             if (*qip).vihl != 0x45 {
-                return Err(Verdict::Pass(Stat::PassNatIcmp));
+                return Err(Verdict::pass(Stat::PassNatIcmp));
             }
             let (osrc, odst) = (
                 u32::from_ne_bytes((*ip).src_addr),

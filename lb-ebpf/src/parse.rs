@@ -22,8 +22,8 @@ pub use crate::proto::{ETH_P_IP, ETH_P_IPV6};
 pub use crate::ptr::{ptr_at, ptr_at_mut};
 use crate::{Verdict, maps::maybe_vip_addr};
 
-const MALFORMED: Verdict = Verdict::Drop(Stat::DropMalformed);
-const NOT_VIP: Verdict = Verdict::Pass(Stat::PassNotVip);
+const MALFORMED: Verdict = Verdict::discard(Stat::DropMalformed);
+const NOT_VIP: Verdict = Verdict::pass(Stat::PassNotVip);
 
 /// What the rest of the program needs from a frame.
 pub struct Parsed {
@@ -142,10 +142,10 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4]) -> Result<Parsed, Verdic
     }
     // More-fragments flag or a fragment offset: no L4 header to balance on.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(Verdict::Pass(Stat::PassFragment));
+        return Err(Verdict::pass(Stat::PassFragment));
     }
     let not_vip = if ihl > Ipv4Hdr::LEN {
-        Verdict::Pass(Stat::PassIpOptions)
+        Verdict::pass(Stat::PassIpOptions)
     } else {
         NOT_VIP
     };
@@ -248,7 +248,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4]) -> Result<Parsed, Verdic
             let quoted = quoted_v6(ctx, l4 + ICMP_HDR_LEN, l4 + payload).ok_or(NOT_VIP)?;
             steer_error(quoted, key.dst, NOT_VIP, facts)
         }
-        next if is_ipv6_ext(next) => Err(Verdict::Pass(Stat::PassIpv6Ext)),
+        next if is_ipv6_ext(next) => Err(Verdict::pass(Stat::PassIpv6Ext)),
         _ => Err(NOT_VIP),
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     stats::count_flow,
 };
 
-const NO_BACKEND: Verdict = Verdict::Drop(Stat::DropNoBackend);
+const NO_BACKEND: Verdict = Verdict::discard(Stat::DropNoBackend);
 
 pub struct Picked {
     pub id: u32,
