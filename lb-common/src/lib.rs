@@ -13,11 +13,13 @@
 #![no_std]
 
 mod abi;
+mod cache;
 mod chance;
 mod encap;
 mod flow;
 mod nat;
 pub use abi::*;
+pub use cache::*;
 pub use chance::*;
 pub use encap::*;
 pub use flow::*;
@@ -242,7 +244,8 @@ pub struct LbConfig {
     /// NAT source ports, host byte order, inclusive.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    pub _pad2: u32,
+    /// Slots per CPU of the flow cache ([`FLOW_CACHE_MAP`]), a power of two; 0: no cache.
+    pub flow_cache_slots: u32,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 56);
 const _: () = assert!(core::mem::offset_of!(LbConfig, nat_port_min) == 48);
@@ -272,7 +275,7 @@ impl LbConfig {
         ipip_src_prefix6: [0; 4],
         nat_port_min: DEFAULT_NAT_PORT_MIN,
         nat_port_max: DEFAULT_NAT_PORT_MAX,
-        _pad2: 0,
+        flow_cache_slots: DEFAULT_FLOW_CACHE_SLOTS,
     };
 }
 
@@ -599,4 +602,5 @@ mod pod {
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::ProbationSlot {}
+    unsafe impl aya::Pod for super::FlowCacheSlot {}
 }

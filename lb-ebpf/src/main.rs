@@ -73,7 +73,10 @@ impl Verdict {
 /// so native attach works at jumbo MTUs on drivers that split such frames: every header the
 /// program reads is in the first buffer (`data..data_end`), and byte counters count that
 /// part of a multi-buffer frame.
+// Inlined into the generated entry: as one more BPF-to-BPF call the body costs a call and a
+// spill of the context on every packet (LLVM stopped inlining it once the flow cache grew it).
 #[xdp(frags)]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     lb(&ctx)
 }

@@ -5,11 +5,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES,
-    DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
-    NextHopCache, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS,
-    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, probation_check,
-    probation_slot, vip_filter_bit, vip_index_slot,
+    Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowCacheSlot,
+    FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_NAT as PROG_NAT_INDEX,
+    ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
+    VipIndexEntry, VipInfo, VipKey, flow_cache_slot, probation_check, probation_slot,
+    vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -58,6 +59,49 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map(name = "LB_FLOWS_NEW")]
 pub static LB_FLOWS_NEW: Array<ProbationSlot> =
     Array::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
+
+/// The per-CPU flow cache in front of the established table (`lb_common::cache`). Sized by
+/// the agent (`LbConfig::flow_cache_slots`, one slot when off); never pinned (a cache).
+#[map(name = "LB_FLOW_CACHE")]
+pub static LB_FLOW_CACHE: PerCpuArray<FlowCacheSlot> =
+    PerCpuArray::with_max_entries(DEFAULT_FLOW_CACHE_SLOTS, 0);
+
+/// This CPU's cache slot for `key`; `None` without a cache.
+#[inline(always)]
+pub fn flow_cache(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowCacheSlot> {
+    let slots = cfg.flow_cache_slots;
+    if slots == 0 {
+        return None;
+    }
+    LB_FLOW_CACHE.get_ptr_mut(flow_cache_slot(key, slots))
+}
+
+/// Fills this CPU's cache slot with what the established table decided for `key` this second.
+#[inline(always)]
+pub fn cache_fill(slot: *mut FlowCacheSlot, key: &FlowKey, value: &FlowValue, now_s: u32) {
+    // SAFETY: this CPU's slot (per-CPU map memory; an XDP program is not preempted on its
+    // CPU, so nothing else writes it meanwhile). Non-overlapping copies, as in
+    // `remember_probation`.
+    unsafe {
+        core::ptr::copy_nonoverlapping(key, &raw mut (*slot).key, 1);
+        core::ptr::copy_nonoverlapping(value, &raw mut (*slot).value, 1);
+        (*slot).second = now_s;
+    }
+}
+
+/// Empties this CPU's cache slot of `key`, if it holds that flow: the established table is
+/// about to change or drop its entry. (Other CPUs' slots follow within their second.)
+#[inline(always)]
+pub fn uncache(cfg: &LbConfig, key: &FlowKey) {
+    if let Some(slot) = flow_cache(cfg, key) {
+        // SAFETY: this CPU's slot, as in `cache_fill`.
+        unsafe {
+            if (*slot).key == *key {
+                (*slot).key.family = 0;
+            }
+        }
+    }
+}
 
 /// Next hops per backend id, per CPU, for `NEXTHOP_TTL_S` (see `encap`). Sized like
 /// `LB_BACKENDS` by the agent; never pinned (a cache).

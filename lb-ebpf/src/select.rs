@@ -1,5 +1,5 @@
-//! Backend selection: the established flow table, then the probation table, then the VIP's
-//! live Maglev slot table. The rules for whether a remembered entry still decides live in
+//! Backend selection: this CPU's flow cache (`lb_common::cache`), the established flow table,
+//! then the probation table, then the VIP's live Maglev slot table. The rules for whether a remembered entry still decides live in
 //! `lb_common::entry_decides`, shared with the agent's `trace`.
 //!
 //! Why two tables: a TCP SYN is placed but never remembered (it costs a hash and a slot read),
@@ -9,16 +9,17 @@
 //! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowEvent, FlowValue,
-    LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, entry_decides,
-    probation_hash, slot_index, slot_of,
+    BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
+    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo,
+    entry_decides, probation_hash, slot_index, slot_of,
 };
 
 use crate::{
     Verdict,
     maps::{
-        LB_BACKENDS, LB_SLOTS, established, find_vip_id, forget_established, forget_probation,
-        on_probation, present_vip, remember_established, remember_probation,
+        LB_BACKENDS, LB_SLOTS, cache_fill, established, find_vip_id, flow_cache,
+        forget_established, forget_probation, on_probation, present_vip, remember_established,
+        remember_probation, uncache,
     },
     parse::Parsed,
     stats::count_flow,
@@ -75,8 +76,10 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
     v
 }
 
-/// Picks the backend for `pkt`, which passed the VIP address pre-filter. An established hit
-/// costs one hash lookup and two array reads; only flows no table decides look the VIP up.
+/// Picks the backend for `pkt`, which passed the VIP address pre-filter. A busy flow's packet
+/// is decided by this CPU's flow cache (an array read, a key compare and two array reads);
+/// the established table (one hash lookup) decides once a second per flow and for packets
+/// that may change an entry; only flows no table decides look the VIP up.
 #[inline(always)]
 pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
     if cfg.flow_table == FLOW_TABLE_OFF {
@@ -92,35 +95,32 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         tcp_flags: pkt.tcp_flags,
         now_s: 0,
     };
-    // The clock is read only when time matters: UDP ages, and a TCP entry does once a FIN
-    // was seen. An established TCP packet without FIN skips the helper call.
-    if facts.proto == PROTO_UDP || facts.is_fin() {
+    let cacheable = cfg.flow_cache_slots != 0 && facts.cacheable();
+    // The clock is read only when time matters: the cache's second, UDP ages, and a TCP entry
+    // does once a FIN was seen.
+    if cacheable || facts.proto == PROTO_UDP || facts.is_fin() {
         facts.now_s = now_s();
+    }
+    // A SYN, FIN or RST skips the cache: it looks at the slot only if it changes the entry.
+    let cache = if cacheable {
+        flow_cache(cfg, &pkt.key)
+    } else {
+        None
+    };
+    if let Some(slot) = cache
+        && let Some(p) = from_cache(slot, pkt, &facts, cfg)
+    {
+        return Ok(p);
     }
     let mut found = Found::Nowhere;
     if let Some(entry) = established(cfg, &pkt.key) {
-        // SAFETY: the map's value, valid while this program runs; plain data.
-        let flow = unsafe { *entry };
-        if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
-            facts.now_s = now_s();
-        }
-        if let Some(b) = deciding(&flow, &facts, cfg) {
-            count_flow(FlowEvent::Hit);
-            if facts.is_rst() {
-                count_flow(FlowEvent::EndedRst);
-                forget_established(cfg, &pkt.key);
-            } else if facts.now_s != 0
-                && (flow.last_seen != facts.now_s
-                    || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0))
-            {
-                // At most one write a second per entry (plus the FIN): the hot path stays a read.
-                // SAFETY: as above; a racing writer on another CPU writes the same values.
-                unsafe { *entry = touched(&flow, &facts) };
-            }
-            return Ok(picked(flow.backend_id, b, flow.vip_id, false));
+        if let Some(p) = from_established(entry, pkt, &mut facts, cfg, cache) {
+            return Ok(p);
         }
         count_flow(FlowEvent::Replaced);
         found = Found::Established;
+        // The entry is placed again or forgotten below: this CPU's slot must not keep it.
+        uncache(cfg, &pkt.key);
     }
     // Only packets no established entry decided hash their key for the probation table.
     let ph = probation_hash(&pkt.key);
@@ -135,8 +135,14 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
             forget_probation(cfg, &pkt.key, ph);
             if facts.is_rst() {
                 count_flow(FlowEvent::EndedRst);
+                uncache(cfg, &pkt.key);
             } else {
-                remember_established(cfg, &pkt.key, &touched(&flow, &facts));
+                let now = touched(&flow, &facts);
+                remember_established(cfg, &pkt.key, &now);
+                match cache {
+                    Some(slot) => cache_fill(slot, &pkt.key, &now, facts.now_s),
+                    None => uncache(cfg, &pkt.key),
+                }
             }
             return Ok(picked(flow.backend_id, b, flow.vip_id, false));
         }
@@ -144,6 +150,70 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         found = Found::Probation;
     }
     place(pkt, &facts, cfg, found, ph)
+}
+
+/// The flow cache's decision: its slot holds this flow, filled this second, and the entry
+/// still decides. Anything else is the tables' (a deciding established entry fills the slot
+/// again).
+#[inline(always)]
+fn from_cache(
+    slot: *mut FlowCacheSlot,
+    pkt: &Parsed,
+    facts: &PacketFacts,
+    cfg: &LbConfig,
+) -> Option<Picked> {
+    // SAFETY: this CPU's slot (per-CPU map memory, written by no one else while this program
+    // runs on this CPU); compared in place.
+    let c = unsafe { &*slot };
+    if !c.serves(&pkt.key, facts.now_s) {
+        return None;
+    }
+    let flow = c.value;
+    let b = deciding(&flow, facts, cfg)?;
+    count_flow(FlowEvent::Hit);
+    Some(picked(flow.backend_id, b, flow.vip_id, false))
+}
+
+/// The established entry's decision, if it still decides: the entry refreshed (last-seen at
+/// most once a second, the FIN), forgotten on RST, and this CPU's cache slot kept in step
+/// (filled for a packet that may use it, emptied when a SYN, FIN or RST changed the entry).
+#[inline(always)]
+fn from_established(
+    entry: *mut FlowValue,
+    pkt: &Parsed,
+    facts: &mut PacketFacts,
+    cfg: &LbConfig,
+    cache: Option<*mut FlowCacheSlot>,
+) -> Option<Picked> {
+    // SAFETY: the map's value, valid while this program runs; plain data.
+    let flow = unsafe { *entry };
+    if flow.flags & FLOW_F_FIN != 0 && facts.now_s == 0 {
+        facts.now_s = now_s();
+    }
+    let b = deciding(&flow, facts, cfg)?;
+    count_flow(FlowEvent::Hit);
+    let decided = picked(flow.backend_id, b, flow.vip_id, false);
+    if facts.is_rst() {
+        count_flow(FlowEvent::EndedRst);
+        forget_established(cfg, &pkt.key);
+        uncache(cfg, &pkt.key);
+        return Some(decided);
+    }
+    let mut now = flow;
+    let write = facts.now_s != 0
+        && (flow.last_seen != facts.now_s || (facts.is_fin() && flow.flags & FLOW_F_FIN == 0));
+    if write {
+        // At most one write a second per entry (plus the FIN): the hot path stays a read.
+        now = touched(&flow, facts);
+        // SAFETY: as above; a racing writer on another CPU writes the same values.
+        unsafe { *entry = now };
+    }
+    match cache {
+        Some(slot) => cache_fill(slot, &pkt.key, &now, facts.now_s),
+        None if write => uncache(cfg, &pkt.key),
+        None => {}
+    }
+    Some(decided)
 }
 
 #[inline(always)]

@@ -359,3 +359,21 @@ impl World {
         Ok((res.return_value, out))
     }
 }
+
+/// Pins the calling thread to CPU 0, for good: its BPF_PROG_TEST_RUN runs then all fill and
+/// read CPU 0's per-CPU map values (the flow cache), which tests read back.
+pub fn pin_to_cpu0() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it, and
+    // sched_setaffinity reads it for the calling thread (pid 0).
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    anyhow::ensure!(
+        r == 0,
+        "pinning to CPU 0: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}

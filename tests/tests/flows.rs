@@ -369,3 +369,116 @@ fn without_a_flow_table_the_live_table_decides_every_packet() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// The per-CPU flow cache (`lb_common::cache`) never decides what the flow table would not in
+/// the same second: a busy flow's packet is served from this CPU's slot, and a SYN, FIN or
+/// RST empties it before the table changes the entry; an entry that no longer decides (its
+/// backend down) is left for the table, so bringing the backend back within the second does
+/// not take the moved flow back. (Each step runs on CPU 0, and its outcome is the table's
+/// whichever second it falls in; the slot is read back to show the cache took part.)
+#[test]
+fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
+    lb_tests::world::pin_to_cpu0()?;
+    let mut world = World::new()?;
+    let mut ev = Events::new(&world)?;
+    let on_cpu0 = |world: &World, key: &FlowKey| -> anyhow::Result<Option<u32>> {
+        Ok(world
+            .dp
+            .flows
+            .cached(key)?
+            .into_iter()
+            .find(|(cpu, _, _)| *cpu == 0)
+            .map(|(_, v, _)| v.backend_id))
+    };
+
+    // Promoted on its second packet, which fills the slot; the next ones are hits.
+    let key = tcp_key(47000);
+    let b = establish(&mut world, &tcp(47000, "A"), &key)?;
+    assert_eq!(on_cpu0(&world, &key)?, Some(b));
+    for _ in 0..5 {
+        sent_to(&mut world, &tcp(47000, "A"), b)?;
+    }
+    assert_eq!(
+        ev.delta(&world)?,
+        moved(&[
+            (FlowEvent::MissNotSyn, 1),
+            (FlowEvent::Promoted, 1),
+            (FlowEvent::Hit, 5)
+        ])
+    );
+
+    // Drained, and a SYN reuses the tuple: placed again; its ACK must follow it, not the
+    // cached entry of the old connection.
+    world.set_backend_flags(b, BACKEND_F_DRAINED)?;
+    world.set_vip_backends(TCP_VIP, &without(b, &[1, 2, 3]))?;
+    let next = world.table_backend(&key).expect("backend");
+    sent_to(&mut world, &tcp(47000, "S"), next)?;
+    assert_eq!(on_cpu0(&world, &key)?, None, "the SYN emptied the slot");
+    sent_to(&mut world, &tcp(47000, "A"), next)?;
+    assert_eq!(
+        ev.delta(&world)?,
+        moved(&[
+            (FlowEvent::SynPlaced, 1),
+            (FlowEvent::Replaced, 1),
+            (FlowEvent::MissNotSyn, 1)
+        ])
+    );
+    world.set_backend_flags(b, 0)?;
+    world.set_vip_backends(TCP_VIP, &[1, 2, 3])?;
+
+    // RST: the slot is emptied with the entry; the next ACK is a miss, not a cached hit.
+    let key = tcp_key(47001);
+    let b = establish(&mut world, &tcp(47001, "A"), &key)?;
+    ev.delta(&world)?;
+    sent_to(&mut world, &tcp(47001, "RA"), b)?;
+    assert_eq!(on_cpu0(&world, &key)?, None, "the RST emptied the slot");
+    sent_to(&mut world, &tcp(47001, "A"), b)?;
+    assert_eq!(
+        ev.delta(&world)?,
+        moved(&[
+            (FlowEvent::Hit, 1),
+            (FlowEvent::EndedRst, 1),
+            (FlowEvent::MissNotSyn, 1)
+        ])
+    );
+
+    // FIN: the table records it (the slot is emptied first), so a SYN after it in the same
+    // second is a new connection.
+    let key = tcp_key(47002);
+    let b = establish(&mut world, &tcp(47002, "A"), &key)?;
+    sent_to(&mut world, &tcp(47002, "FA"), b)?;
+    assert_eq!(
+        world.dp.flows.get(&key)?.map(|f| f.flags),
+        Some(lb_common::FLOW_F_FIN)
+    );
+    world.set_vip_backends(TCP_VIP, &without(b, &[1, 2, 3]))?;
+    let next = world.table_backend(&key).expect("backend");
+    sent_to(&mut world, &tcp(47002, "A"), b)?;
+    sent_to(&mut world, &tcp(47002, "S"), next)?;
+    world.set_vip_backends(TCP_VIP, &[1, 2, 3])?;
+
+    // Down: the cached entry no longer decides; the flow moves and stays moved when its old
+    // backend comes back within the second.
+    let key = tcp_key(47003);
+    let b = establish(&mut world, &tcp(47003, "A"), &key)?;
+    sent_to(&mut world, &tcp(47003, "A"), b)?;
+    world.set_backend_flags(b, BACKEND_F_DOWN)?;
+    world.set_vip_backends(TCP_VIP, &without(b, &[1, 2, 3]))?;
+    let next = world.table_backend(&key).expect("backend");
+    ev.delta(&world)?;
+    sent_to(&mut world, &tcp(47003, "A"), next)?;
+    sent_to(&mut world, &tcp(47003, "A"), next)?;
+    assert_eq!(on_cpu0(&world, &key)?, Some(next));
+    world.set_backend_flags(b, 0)?;
+    sent_to(&mut world, &tcp(47003, "A"), next)?;
+    assert_eq!(
+        ev.delta(&world)?,
+        moved(&[(FlowEvent::Replaced, 1), (FlowEvent::Hit, 2)])
+    );
+
+    // UDP uses it too, and still ages by the table: one datagram a second keeps it.
+    let ukey = udp_key(47004);
+    let ub = establish(&mut world, &udp(47004), &ukey)?;
+    assert_eq!(on_cpu0(&world, &ukey)?, Some(ub));
+    Ok(())
+}

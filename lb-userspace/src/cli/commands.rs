@@ -113,6 +113,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             fin_grace_s: a.fin_grace,
             gue_port: a.gue_port,
             nat_ports: a.nat_ports,
+            flow_cache_slots: a.flow_cache_slots,
             ipip_prefix4: a.ipip_source_prefix.iter().find_map(|p| match p {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -391,6 +392,7 @@ async fn xdp_pass(iface: &str) -> anyhow::Result<()> {
         max_vips: 1,
         max_backends: 2,
         flow_entries: 1,
+        flow_cache_slots: 0,
         ..LoadOptions::default()
     };
     let mut dp = lb_userspace::Dataplane::load(tiny)?;

@@ -73,6 +73,9 @@ pub struct LoadOptions {
     pub ipip_prefix6: Option<std::net::Ipv6Addr>,
     /// NAT source ports (host order, inclusive).
     pub nat_ports: (u16, u16),
+    /// Slots per CPU of the flow cache in front of the established table (a power of two);
+    /// 0: none.
+    pub flow_cache_slots: u32,
 }
 
 impl Default for LoadOptions {
@@ -93,6 +96,7 @@ impl Default for LoadOptions {
                 lb_common::DEFAULT_NAT_PORT_MIN,
                 lb_common::DEFAULT_NAT_PORT_MAX,
             ),
+            flow_cache_slots: lb_common::DEFAULT_FLOW_CACHE_SLOTS,
         }
     }
 }
@@ -121,6 +125,15 @@ impl LoadOptions {
         }
     }
 
+    /// Slots per CPU of the flow cache in use: none without a flow table.
+    pub fn cache_slots(&self) -> u32 {
+        if self.flow_table_off {
+            0
+        } else {
+            self.flow_cache_slots
+        }
+    }
+
     /// Checks the sizes before anything touches the kernel.
     pub fn validate(&self) -> Result<(), Error> {
         if !crate::maglev::is_prime(self.ring_size) {
@@ -138,6 +151,13 @@ impl LoadOptions {
         if lo == 0 || lo > hi {
             return Err(Error::Invalid(format!(
                 "NAT port range {lo}-{hi}: give LOW-HIGH with 1 <= LOW <= HIGH"
+            )));
+        }
+        let c = self.flow_cache_slots;
+        if c != 0 && (!c.is_power_of_two() || c > lb_common::MAX_FLOW_CACHE_SLOTS) {
+            return Err(Error::Invalid(format!(
+                "flow cache of {c} slots per CPU: give 0 (no cache) or a power of two up to {}",
+                lb_common::MAX_FLOW_CACHE_SLOTS
             )));
         }
         if self.gue_port == 0 {
@@ -182,7 +202,7 @@ impl LoadOptions {
             }),
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
-            _pad2: 0,
+            flow_cache_slots: self.cache_slots(),
         }
     }
 }
@@ -236,6 +256,7 @@ impl Dataplane {
             .map_max_entries(VIP_STATS_MAP, opts.max_vips)
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .map_max_entries(lb_common::NEXTHOPS_MAP, opts.max_backends)
+            .map_max_entries(lb_common::FLOW_CACHE_MAP, opts.cache_slots().max(1))
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
@@ -294,6 +315,9 @@ impl Dataplane {
         let flows = FlowTable::new(
             HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
             Array::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
+            PerCpuArray::try_from(take(&mut ebpf, lb_common::FLOW_CACHE_MAP)?)
+                .map_err(map_err(lb_common::FLOW_CACHE_MAP))?,
+            opts.cache_slots(),
         );
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
@@ -474,5 +498,36 @@ pub fn load_retrying(
             }
             done => return done,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoadOptions;
+
+    #[test]
+    fn the_flow_cache_is_a_power_of_two_or_none() {
+        for slots in [0, 1, 4096, lb_common::MAX_FLOW_CACHE_SLOTS] {
+            let opts = LoadOptions {
+                flow_cache_slots: slots,
+                ..LoadOptions::default()
+            };
+            assert!(opts.validate().is_ok(), "{slots}");
+            assert_eq!(opts.config().flow_cache_slots, slots);
+        }
+        for slots in [3, 4095, lb_common::MAX_FLOW_CACHE_SLOTS * 2] {
+            let opts = LoadOptions {
+                flow_cache_slots: slots,
+                ..LoadOptions::default()
+            };
+            let e = opts.validate().expect_err("refused").to_string();
+            assert!(e.contains("power of two"), "{e}");
+        }
+        // Without a flow table there is nothing to cache.
+        let off = LoadOptions {
+            flow_table_off: true,
+            ..LoadOptions::default()
+        };
+        assert_eq!(off.config().flow_cache_slots, 0);
     }
 }

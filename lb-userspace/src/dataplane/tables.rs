@@ -3,12 +3,13 @@ use std::collections::HashMap as StdHashMap;
 
 use std::os::fd::AsFd as _;
 
-use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use lb_common::{
-    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOWS_MAP, FLOWS_NEW_MAP, FlowKey, FlowValue,
-    ProbationSlot, SLOTS_MAP, Slot, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP,
-    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP, VipIndexEntry, VipInfo, VipKey,
-    probation_check, probation_hash, probation_slot, slot_index, vip_filter_bit, vip_index_slot,
+    BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOW_CACHE_MAP, FLOWS_MAP, FLOWS_NEW_MAP,
+    FlowCacheSlot, FlowKey, FlowValue, ProbationSlot, SLOTS_MAP, Slot, VIP_FILTER_MAP,
+    VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP,
+    VipIndexEntry, VipInfo, VipKey, flow_cache_slot, probation_check, probation_hash,
+    probation_slot, slot_index, vip_filter_bit, vip_index_slot,
 };
 
 use crate::Error;
@@ -282,11 +283,14 @@ impl BackendTable {
     }
 }
 
-/// The flow tables: established (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout)
-/// and probation (`LB_FLOWS_NEW`).
+/// The flow tables: established (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout),
+/// probation (`LB_FLOWS_NEW`) and the per-CPU flow cache (`LB_FLOW_CACHE`).
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
     probation: Array<MapData, ProbationSlot>,
+    cache: PerCpuArray<MapData, FlowCacheSlot>,
+    /// Slots per CPU of the cache in use (0: none).
+    cache_slots: u32,
 }
 
 fn lookup(
@@ -305,8 +309,32 @@ impl FlowTable {
     pub fn new(
         map: HashMap<MapData, FlowKey, FlowValue>,
         probation: Array<MapData, ProbationSlot>,
+        cache: PerCpuArray<MapData, FlowCacheSlot>,
+        cache_slots: u32,
     ) -> Self {
-        FlowTable { map, probation }
+        FlowTable {
+            map,
+            probation,
+            cache,
+            cache_slots,
+        }
+    }
+
+    /// The CPUs whose flow cache holds `key`, with the entry and the second it was filled
+    /// (by the program's own slot rule; stale slots included: a slot serves only in its
+    /// second). Empty without a cache.
+    pub fn cached(&self, key: &FlowKey) -> Result<Vec<(usize, FlowValue, u32)>, Error> {
+        if self.cache_slots == 0 {
+            return Ok(Vec::new());
+        }
+        let i = flow_cache_slot(key, self.cache_slots);
+        let per_cpu = self.cache.get(&i, 0).map_err(err(FLOW_CACHE_MAP))?;
+        Ok(per_cpu
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.key == *key)
+            .map(|(cpu, s)| (cpu, s.value, s.second))
+            .collect())
     }
 
     /// The established entry of `key`.

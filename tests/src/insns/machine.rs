@@ -188,7 +188,10 @@ impl<'a> Machine<'a> {
                     0
                 }
             }
-            5 | 160 => 1_000_000_000_000,
+            // The kernel's clocks (the flow cache's second must match what the kernel's run
+            // wrote): 5 is bpf_ktime_get_ns, 160 bpf_ktime_get_coarse_ns.
+            5 => clock_ns(libc::CLOCK_MONOTONIC),
+            160 => clock_ns(libc::CLOCK_MONOTONIC_COARSE),
             7 => 0x1234_5678,
             8 => 0,
             12 => return Ok(None),
@@ -397,4 +400,15 @@ impl<'a> Machine<'a> {
         self.count.frame = self.mem[PACKET as usize][start..end].to_vec();
         Ok(self.count)
     }
+}
+
+/// `clock`'s time in nanoseconds, as the BPF clock helpers read it.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

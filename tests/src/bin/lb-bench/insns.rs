@@ -41,7 +41,32 @@ pub fn insn_rows() -> anyhow::Result<()> {
         &established,
     )?);
     world.run(&established)?;
-    paths.push(count(&mut world, "established TCP flow", &established)?);
+    let mut cached = count(
+        &mut world,
+        "established TCP flow (this CPU's flow cache)",
+        &established,
+    )?;
+    if cached.count.lookups.contains_key("LB_FLOWS") {
+        // The coarse clock ticked since the cache was filled: the count's kernel run filled
+        // it again.
+        cached = count(
+            &mut world,
+            "established TCP flow (this CPU's flow cache)",
+            &established,
+        )?;
+    }
+    paths.push(cached);
+    let mut uncached = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: 0,
+        ..World::options()
+    })?;
+    uncached.run(&established)?;
+    uncached.run(&established)?;
+    paths.push(count(
+        &mut uncached,
+        "established TCP flow, no flow cache (the flow table's lookup)",
+        &established,
+    )?);
     let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
     paths.push(count(&mut world, "SYN, placed and not remembered", &syn)?);
     let mut stateless = World::stateless()?;

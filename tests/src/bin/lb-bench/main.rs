@@ -294,6 +294,10 @@ fn main() -> anyhow::Result<()> {
             print_rows(&packet_rows(false, true)?);
             return Ok(());
         }
+        Ok("cache") => {
+            print_rows(&packet::cache_rows()?);
+            return Ok(());
+        }
         Ok("insns") => return insn_rows(),
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {

@@ -69,7 +69,18 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(lb_common::DEFAULT_FLOW_ENTRIES);
-    let mut world = World::with_flows(flows, per_cpu)?;
+    // BENCH_FLOW_CACHE sizes the flow cache (0: none; default: the agent's default).
+    let cache = std::env::var("BENCH_FLOW_CACHE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(lb_common::DEFAULT_FLOW_CACHE_SLOTS);
+    let opts = lb_userspace::LoadOptions {
+        flow_entries: flows,
+        per_cpu_flows: per_cpu,
+        flow_cache_slots: cache,
+        ..World::options()
+    };
+    let mut world = World::with_options(opts)?;
     let label = if per_cpu {
         "per-CPU LRU lists"
     } else {
@@ -118,6 +129,21 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
     };
     let nv = repeat_case(&non_vip)?;
     let est = repeat_case(&established)?;
+    // The same flow in a program loaded without the flow cache: every packet pays the flow
+    // table's lookup (what a flow the cache does not hold costs).
+    let mut uncached = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: 0,
+        ..opts
+    })?;
+    uncached.run(&established)?;
+    uncached.run(&established)?;
+    let est_uncached = paired(|floor, _| {
+        if floor {
+            once(uncached.dp.pass_program()?, &established)
+        } else {
+            once(uncached.dp.lb_program()?, &established)
+        }
+    })?;
     // A SYN is placed by the slot table every time and never remembered: the same frame
     // repeated measures the placement path.
     let syn_placed = repeat_case(&syn)?;
@@ -185,6 +211,11 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         2.0,
     ));
     rows.push(paired_row(
+        format!("established TCP flow, {label}, no flow cache"),
+        &est_uncached,
+        2.0,
+    ));
+    rows.push(paired_row(
         format!("SYN, placed and not remembered, {label}"),
         &syn_placed,
         4.0,
@@ -208,4 +239,56 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         4.0,
     ));
     Ok(rows)
+}
+
+/// `BENCH_ONLY=cache`: the established flow with and without the flow cache, in 15
+/// alternating rounds (floor, with, without) of two programs loaded side by side, so the
+/// comparison does not rest on two separate runs of a drifting VM.
+pub fn cache_rows() -> anyhow::Result<Vec<Row>> {
+    const N: u32 = 15;
+    let established = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+    let mut with = World::new()?;
+    let mut without = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: 0,
+        ..World::options()
+    })?;
+    for w in [&mut with, &mut without] {
+        w.run(&established)?;
+        w.run(&established)?;
+    }
+    let (mut floors, mut cached, mut table, mut ratios) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..N {
+        let f = once(with.dp.pass_program()?, &established)?;
+        let c = once(with.dp.lb_program()?, &established)?;
+        let t = once(without.dp.lb_program()?, &established)?;
+        floors.push(f);
+        cached.push(c);
+        table.push(t);
+        ratios.push((c / f, t / f));
+    }
+    let with_ratio = median(ratios.iter().map(|r| r.0).collect());
+    let without_ratio = median(ratios.iter().map(|r| r.1).collect());
+    let floor = median(floors);
+    Ok(vec![
+        row(format!("XDP_PASS floor ({N} rounds)"), floor, floor, None),
+        Row {
+            ratio: Some(with_ratio),
+            ..row(
+                "established TCP flow, flow cache".into(),
+                median(cached),
+                floor,
+                Some(2.0),
+            )
+        },
+        Row {
+            ratio: Some(without_ratio),
+            ..row(
+                "established TCP flow, no flow cache".into(),
+                median(table),
+                floor,
+                Some(2.0),
+            )
+        },
+    ])
 }

@@ -1,0 +1,180 @@
+//! The per-CPU flow cache: a direct-mapped front of the established table ([`crate::FLOWS_MAP`]
+//! or [`crate::FLOWS_PERCPU_MAP`]), so a packet of a busy flow costs an inlined array read and
+//! a key compare where the LRU hash lookup cost ~30-45 ns (hashing 40 bytes, walking a bucket,
+//! marking the entry referenced).
+//!
+//! The established table stays the authority; the cache only remembers, per CPU, what that
+//! table decided for a flow within the current second of the coarse clock:
+//! - a slot serves only in the second it was filled ([`FlowCacheSlot::second`]), so every busy
+//!   flow still meets the table once a second: its LRU position and last-seen time are
+//!   refreshed as without the cache, and UDP ages exactly as before;
+//! - every hit still checks the entry against the live VIP and backend (generations, down,
+//!   present) with [`crate::entry_decides`], so a backend going down moves the flow at once;
+//! - a SYN, FIN or RST never uses it and empties this CPU's slot of its flow, so the table
+//!   sees every packet that can change or end an entry;
+//! - what another CPU changes in the table (an RST that flow's packets took another CPU for,
+//!   the agent's writes) reaches this CPU's slot within a second.
+//!
+//! Per CPU, so without locks or torn slots: an XDP program is not preempted on its CPU.
+use crate::{FlowKey, FlowValue, PROTO_TCP, PROTO_UDP, PacketFacts, TCP_FIN, TCP_RST, TCP_SYN};
+
+/// Per-CPU array of [`FlowCacheSlot`], indexed by [`flow_cache_slot`]. Never pinned: a
+/// restarted program starts with an empty cache.
+pub const FLOW_CACHE_MAP: &str = "LB_FLOW_CACHE";
+
+/// Default slots per CPU (`--flow-cache-slots`): 4,096 x 72 bytes = 288 KiB a CPU.
+pub const DEFAULT_FLOW_CACHE_SLOTS: u32 = 4096;
+/// Most slots per CPU the agent accepts.
+pub const MAX_FLOW_CACHE_SLOTS: u32 = 1 << 20;
+
+/// One slot: a flow and the established entry the table gave it in `second`. An empty slot
+/// has `key.family == 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheSlot {
+    pub key: FlowKey,
+    pub value: FlowValue,
+    /// Coarse monotonic seconds ([`PacketFacts::now_s`]) when the table decided.
+    pub second: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 72);
+const _: () = assert!(core::mem::offset_of!(FlowCacheSlot, value) == 40);
+const _: () = assert!(core::mem::offset_of!(FlowCacheSlot, second) == 64);
+
+/// The cache slot of `key` in a cache of `slots` slots (a power of two). Cheaper than the
+/// flow hash (the slot is only a hint: a full key compare decides, and a collision costs a
+/// table lookup): the key folded to 32 bits by xor, then murmur3's 32-bit finalizer, whose
+/// low bits depend on every folded bit.
+#[inline(always)]
+pub const fn flow_cache_slot(key: &FlowKey, slots: u32) -> u32 {
+    let s = key.src[0] ^ key.src[1] ^ key.src[2] ^ key.src[3];
+    let d = key.dst[0] ^ key.dst[1] ^ key.dst[2] ^ key.dst[3];
+    let p = ((key.sport as u32) << 16) | key.dport as u32;
+    let mut v = s ^ d.rotate_left(8) ^ p;
+    v ^= v >> 16;
+    v = v.wrapping_mul(0x85eb_ca6b);
+    v ^= v >> 13;
+    v = v.wrapping_mul(0xc2b2_ae35);
+    v ^= v >> 16;
+    v & slots.wrapping_sub(1)
+}
+
+impl PacketFacts {
+    /// Whether the cache may decide this packet: UDP, or TCP without SYN, FIN or RST (those
+    /// go to the table, which they may change).
+    #[inline(always)]
+    pub const fn cacheable(&self) -> bool {
+        self.proto == PROTO_UDP
+            || (self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
+    }
+}
+
+impl FlowCacheSlot {
+    /// Whether this slot serves a packet of `key` at second `now_s`: its flow, filled this
+    /// second. (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
+    #[inline(always)]
+    pub fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
+        self.second == now_s && self.key == *key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::TCP_ACK;
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+            dst: [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0],
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: crate::FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn only_plain_tcp_and_udp_packets_use_the_cache() {
+        let tcp = |flags| PacketFacts {
+            proto: PROTO_TCP,
+            tcp_flags: flags,
+            now_s: 5,
+        };
+        assert!(tcp(TCP_ACK).cacheable());
+        assert!(tcp(TCP_ACK | 0x08).cacheable());
+        for f in [
+            TCP_SYN,
+            TCP_SYN | TCP_ACK,
+            TCP_FIN | TCP_ACK,
+            TCP_RST,
+            TCP_RST | TCP_ACK,
+        ] {
+            assert!(!tcp(f).cacheable(), "flags {f:#x}");
+        }
+        let udp = PacketFacts {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            now_s: 5,
+        };
+        assert!(udp.cacheable());
+        let icmp = PacketFacts {
+            proto: 1,
+            tcp_flags: 0,
+            now_s: 5,
+        };
+        assert!(!icmp.cacheable());
+    }
+
+    #[test]
+    fn a_slot_serves_its_flow_only_in_the_second_it_was_filled() {
+        let slot = FlowCacheSlot {
+            key: key(40000),
+            second: 7,
+            ..FlowCacheSlot::default()
+        };
+        assert!(slot.serves(&key(40000), 7));
+        assert!(!slot.serves(&key(40000), 8));
+        assert!(!slot.serves(&key(40001), 7));
+        assert!(!FlowCacheSlot::default().serves(&key(40000), 0));
+    }
+
+    #[test]
+    fn cache_slots_spread_over_ports_and_addresses() {
+        let slots = 4096;
+        let spread = |keys: &mut dyn Iterator<Item = FlowKey>| {
+            let set: std::collections::HashSet<u32> =
+                keys.map(|k| flow_cache_slot(&k, slots)).collect();
+            assert!(set.iter().all(|s| *s < slots));
+            set.len()
+        };
+        // 4,096 flows into 4,096 slots: about 63% distinct (2,590) for an even spread.
+        let ports = spread(&mut (0..4096u16).map(|p| key(20000 + p)));
+        assert!(ports > 2_400, "{ports} distinct slots");
+        let v4 = spread(&mut (0..4096u32).map(|i| FlowKey {
+            src: [
+                u32::from_ne_bytes([10, 1, (i >> 8) as u8, i as u8]),
+                0,
+                0,
+                0,
+            ],
+            ..key(40000)
+        }));
+        assert!(v4 > 2_400, "{v4} distinct slots");
+        let v6 = spread(&mut (0..4096u32).map(|i| FlowKey {
+            src: [0xb80d_0120, 0, i.to_be(), 1],
+            ..key(40000)
+        }));
+        assert!(v6 > 2_400, "{v6} distinct slots");
+        // Clients behind one address, many ports, towards two VIPs.
+        let two = spread(&mut (0..4096u32).map(|i| FlowKey {
+            dst: [u32::from_ne_bytes([10, 0, 0, 100 + (i & 1) as u8]), 0, 0, 0],
+            sport: ((30000 + (i >> 1)) as u16).to_be(),
+            ..key(0)
+        }));
+        assert!(two > 2_400, "{two} distinct slots");
+    }
+}
