@@ -44,14 +44,15 @@ const _: () = assert!(core::mem::offset_of!(FlowCacheSlot, second) == 64);
 
 /// The cache slot of `key` in a cache of `slots` slots (a power of two). Cheaper than the
 /// flow hash (the slot is only a hint: a full key compare decides, and a collision costs a
-/// table lookup): the key folded to 32 bits by xor, then murmur3's 32-bit finalizer, whose
-/// low bits depend on every folded bit.
+/// table lookup): the key's five words folded to 32 bits by xor, then murmur3's 32-bit
+/// finalizer, whose low bits depend on every folded bit.
 #[inline(always)]
 pub const fn flow_cache_slot(key: &FlowKey, slots: u32) -> u32 {
-    let s = key.src[0] ^ key.src[1] ^ key.src[2] ^ key.src[3];
-    let d = key.dst[0] ^ key.dst[1] ^ key.dst[2] ^ key.dst[3];
-    let p = ((key.sport as u32) << 16) | key.dport as u32;
-    let mut v = s ^ d.rotate_left(8) ^ p;
+    let w = key.words();
+    // The VIP address's words are spread by a multiply first: xor-ed as they are, a VIP's
+    // last byte and a client port's high byte land on the same bits and cancel out.
+    let x = w[0] ^ w[1] ^ (w[2] ^ w[3]).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ w[4];
+    let mut v = (x ^ (x >> 32)) as u32;
     v ^= v >> 16;
     v = v.wrapping_mul(0x85eb_ca6b);
     v ^= v >> 13;
@@ -75,7 +76,7 @@ impl FlowCacheSlot {
     /// second. (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
     #[inline(always)]
     pub fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
-        self.second == now_s && self.key == *key
+        self.second == now_s && self.key.same(key)
     }
 }
 

@@ -420,8 +420,9 @@ const _: () = assert!(core::mem::offset_of!(Backend, encap) == 41);
 const _: () = assert!(core::mem::offset_of!(Backend, port) == 42);
 const _: () = assert!(core::mem::offset_of!(Backend, outer_src) == 44);
 
-/// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple.
-#[repr(C)]
+/// Key of [`FLOWS_MAP`]: the client-to-VIP 5-tuple. 8-aligned and without implicit padding,
+/// so the XDP program compares and folds it as five 8-byte words ([`FlowKey::words`]).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Client address, network byte order.
@@ -437,7 +438,27 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 8);
 const _: () = assert!(core::mem::offset_of!(FlowKey, sport) == 32);
+const _: () = assert!(core::mem::offset_of!(FlowKey, _pad) == 38);
+
+impl FlowKey {
+    /// The key as five 8-byte words: every byte is a field (asserted above), so this is the
+    /// key's plain bytes, read with five loads where the field-wise compare takes thirteen.
+    #[inline(always)]
+    pub const fn words(&self) -> &[u64; 5] {
+        // SAFETY: `FlowKey` is 40 bytes, 8-aligned, every byte part of an integer field (no
+        // implicit padding: sizes and offsets asserted above), so it is valid as [u64; 5].
+        unsafe { &*(self as *const FlowKey as *const [u64; 5]) }
+    }
+
+    /// Whether two keys are equal, compared word by word without branches.
+    #[inline(always)]
+    pub const fn same(&self, other: &FlowKey) -> bool {
+        let (a, b) = (self.words(), other.words());
+        ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+    }
+}
 
 /// Value of [`FLOWS_MAP`]. The flow is only used while both its VIP and its backend still
 /// carry the generations remembered here.

@@ -57,7 +57,8 @@ pub fn bench_next_client(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_parse(ctx: XdpContext) -> u32 {
     // The outcome depends on every check, so no part of the parse is optimised away.
-    if crate::parse::parse(&ctx).is_ok() {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_ok() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -67,9 +68,10 @@ pub fn bench_parse(ctx: XdpContext) -> u32 {
 /// Parsing and the established flow-table lookup, nothing else.
 #[xdp]
 pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
-    let Ok(p) = crate::parse::parse(&ctx) else {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_err() {
         return xdp_action::XDP_DROP;
-    };
+    }
     let cfg = crate::maps::config();
     match crate::maps::established(cfg, &p.key) {
         Some(_) => xdp_action::XDP_PASS,
@@ -81,9 +83,10 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
 /// nothing else: the stateless path without the NAT check, counters or rewrite.
 #[xdp]
 pub fn bench_place(ctx: XdpContext) -> u32 {
-    let Ok(p) = crate::parse::parse(&ctx) else {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_err() {
         return xdp_action::XDP_DROP;
-    };
+    }
     let cfg = crate::maps::config();
     match crate::select::slot_backend(&p, cfg) {
         Ok(_) => xdp_action::XDP_PASS,
@@ -111,9 +114,10 @@ static BENCH_FLOWS16: aya_ebpf::maps::LruHashMap<CompactKey, lb_common::FlowValu
 /// Parsing and a lookup in the compact-key table (the first pass inserts the flow).
 #[xdp]
 pub fn bench_parse_lookup16(ctx: XdpContext) -> u32 {
-    let Ok(p) = crate::parse::parse(&ctx) else {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_err() {
         return xdp_action::XDP_DROP;
-    };
+    }
     let k = CompactKey {
         src: p.key.src[0],
         dst: p.key.dst[0],

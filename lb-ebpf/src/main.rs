@@ -112,7 +112,8 @@ fn act(verdict: Result<Verdict, Verdict>, len: u64) -> u32 {
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, candidate: parse::Candidate, len: u64) -> Result<Verdict, Verdict> {
-    let pkt = parse::parse_candidate(ctx, candidate)?;
+    let mut pkt = parse::Parsed::EMPTY;
+    parse::parse_candidate(ctx, candidate, &mut pkt)?;
     // Read once: the selection and the encapsulation both need the load-time constants.
     let cfg = maps::config();
     // A backend's answer to a NAT address is the NAT program's (one array read decides;

@@ -96,7 +96,7 @@ pub fn uncache(cfg: &LbConfig, key: &FlowKey) {
     if let Some(slot) = flow_cache(cfg, key) {
         // SAFETY: this CPU's slot, as in `cache_fill`.
         unsafe {
-            if (*slot).key == *key {
+            if (*slot).key.same(key) {
                 (*slot).key.family = 0;
             }
         }
@@ -192,7 +192,7 @@ pub fn on_probation(cfg: &LbConfig, key: &FlowKey, h: u64) -> Option<FlowValue> 
     // SAFETY: map memory, compared in place and the value copied out; another CPU may
     // rewrite the slot meanwhile, which the check word catches.
     let slot = unsafe { &*probation_place(cfg, h)? };
-    if slot.key != *key {
+    if !slot.key.same(key) {
         return None;
     }
     let value = slot.value;
@@ -218,7 +218,7 @@ pub fn forget_probation(cfg: &LbConfig, key: &FlowKey, h: u64) {
     if let Some(slot) = probation_place(cfg, h) {
         // SAFETY: map memory of this slot. Only this flow's own entry is emptied.
         unsafe {
-            if (*slot).key == *key {
+            if (*slot).key.same(key) {
                 (*slot).key.family = 0;
                 (*slot).check = 0;
             }

@@ -125,7 +125,8 @@ pub fn enter(ctx: &XdpContext) {
 /// call), then a backend's answer or a client's packet.
 #[inline(always)]
 pub fn run(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
-    let pkt = parse::parse(ctx)?;
+    let mut pkt = parse::Parsed::EMPTY;
+    parse::parse(ctx, &mut pkt)?;
     if is_nat_addr(&pkt) {
         reply(ctx, &pkt, len)
     } else {

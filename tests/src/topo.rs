@@ -289,6 +289,8 @@ pub struct Traffic {
     paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     long: std::thread::JoinHandle<anyhow::Result<TrafficReport>>,
     new: Option<NewConnThread>,
+    /// Rounds done so far (the report's count, readable while running).
+    rounds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DemoNet {
@@ -322,6 +324,8 @@ impl DemoNet {
         let st = stop.clone();
         let paused = Arc::new(AtomicBool::new(false));
         let pa = paused.clone();
+        let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ro = rounds.clone();
         let long = std::thread::spawn(move || -> anyhow::Result<TrafficReport> {
             let mut conns = conns;
             let mut r = TrafficReport::default();
@@ -340,6 +344,7 @@ impl DemoNet {
                     }
                 }
                 r.rounds += 1;
+                ro.store(r.rounds, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(100));
             }
             Ok(r)
@@ -370,6 +375,7 @@ impl DemoNet {
             paused,
             long,
             new,
+            rounds,
         })
     }
 }
@@ -385,6 +391,20 @@ impl Traffic {
     pub fn resume(&self) {
         self.paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until `more` rounds past the current count are done, at most `limit`; returns
+    /// how many were (a loaded machine runs fewer than one per 100 ms).
+    pub fn wait_rounds(&self, more: usize, limit: Duration) -> usize {
+        use std::sync::atomic::Ordering;
+        let start = self.rounds.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while self.rounds.load(Ordering::SeqCst) < start + more
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.rounds.load(Ordering::SeqCst) - start
     }
 
     pub fn stop(self) -> anyhow::Result<TrafficReport> {
