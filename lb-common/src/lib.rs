@@ -443,6 +443,17 @@ const _: () = assert!(core::mem::offset_of!(FlowKey, sport) == 32);
 const _: () = assert!(core::mem::offset_of!(FlowKey, _pad) == 38);
 
 impl FlowKey {
+    /// The all-zero key (an empty slot's, before a parse fills it).
+    pub const ZERO: FlowKey = FlowKey {
+        src: [0; 4],
+        dst: [0; 4],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+        family: 0,
+        _pad: [0; 2],
+    };
+
     /// The key as five 8-byte words: every byte is a field (asserted above), so this is the
     /// key's plain bytes, read with five loads where the field-wise compare takes thirteen.
     #[inline(always)]

@@ -47,15 +47,7 @@ impl Parsed {
     /// Copied from read-only data (24 instructions; an all-zero one becomes a `memset` call,
     /// a byte loop of ~400). The parse sets `not_vip` before anything reads it.
     pub const EMPTY: Parsed = Parsed {
-        key: FlowKey {
-            src: [0; 4],
-            dst: [0; 4],
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            family: 0,
-            _pad: [0; 2],
-        },
+        key: FlowKey::ZERO,
         icmp_error: false,
         tcp_flags: 0,
         not_vip: NOT_VIP,
@@ -192,12 +184,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
     out.not_vip = not_vip;
     match ip.proto {
         PROTO_TCP | PROTO_UDP => {
-            out.key.src = v4_addr(ip.src_addr);
-            out.key.dst = dst;
-            out.key.proto = ip.proto;
-            out.key.family = FAMILY_V4;
-            out.tcp_flags = ports(ctx, l4, l4_len, &mut out.key)?;
-            Ok(())
+            let src = v4_addr(ip.src_addr);
+            flow(ctx, out, (src, dst, ip.proto, FAMILY_V4), l4, l4_len)
         }
         IPPROTO_ICMP => {
             let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
@@ -246,12 +234,8 @@ fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
     out.not_vip = NOT_VIP;
     match ip.next_hdr {
         PROTO_TCP | PROTO_UDP => {
-            out.key.src = v6_addr(ip.src_addr);
-            out.key.dst = dst;
-            out.key.proto = ip.next_hdr;
-            out.key.family = FAMILY_V6;
-            out.tcp_flags = ports(ctx, l4, payload, &mut out.key)?;
-            Ok(())
+            let src = v6_addr(ip.src_addr);
+            flow(ctx, out, (src, dst, ip.next_hdr, FAMILY_V6), l4, payload)
         }
         IPPROTO_ICMPV6 => {
             let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
@@ -277,6 +261,24 @@ fn steer_error(quoted: FlowKey, outer_dst: [u32; 4], out: &mut Parsed) -> Result
     }
     out.key = quoted;
     out.icmp_error = true;
+    Ok(())
+}
+
+/// A TCP or UDP packet's key into `out`: addresses, protocol and family, then the ports and
+/// flags from the L4 header at `l4` (of `l4_len` bytes by the IP header).
+#[inline(always)]
+fn flow(
+    ctx: &XdpContext,
+    out: &mut Parsed,
+    (src, dst, proto, family): ([u32; 4], [u32; 4], u8, u8),
+    l4: usize,
+    l4_len: usize,
+) -> Result<(), Verdict> {
+    out.key.src = src;
+    out.key.dst = dst;
+    out.key.proto = proto;
+    out.key.family = family;
+    out.tcp_flags = ports(ctx, l4, l4_len, &mut out.key)?;
     Ok(())
 }
 
