@@ -6,8 +6,9 @@
 //! The established table stays the authority; the cache only remembers, per CPU, what that
 //! table decided for a flow within the current second of the coarse clock:
 //! - a slot serves only in the second it was filled ([`FlowCacheSlot::second`]), so every busy
-//!   flow still meets the table once a second: its LRU position and last-seen time are
-//!   refreshed as without the cache, and UDP ages exactly as before;
+//!   flow still meets the table once a second: its LRU position is refreshed as without the
+//!   cache, its last-seen time is written at most once a second (now for TCP too, which
+//!   reads the clock for the slot's second), and UDP ages exactly as before;
 //! - every hit still checks the entry against the live VIP and backend (generations, down,
 //!   present) with [`crate::entry_decides`], so a backend going down moves the flow at once;
 //! - a SYN, FIN or RST never uses it and empties this CPU's slot of its flow, so the table
@@ -75,7 +76,7 @@ impl FlowCacheSlot {
     /// Whether this slot serves a packet of `key` at second `now_s`: its flow, filled this
     /// second. (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
     #[inline(always)]
-    pub fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
+    pub const fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
         self.second == now_s && self.key.same(key)
     }
 }

@@ -1,6 +1,7 @@
 //! Backend selection: this CPU's flow cache (`lb_common::cache`), the established flow table,
-//! then the probation table, then the VIP's live Maglev slot table. The rules for whether a remembered entry still decides live in
-//! `lb_common::entry_decides`, shared with the agent's `trace`.
+//! then the probation table, then the VIP's live Maglev slot table. The rules for whether a
+//! remembered entry still decides live in `lb_common::entry_decides`, shared with the agent's
+//! `trace`.
 //!
 //! Why two tables: a TCP SYN is placed but never remembered (it costs a hash and a slot read),
 //! a flow's first remembered packet (the handshake's ACK, a first UDP datagram) goes on

@@ -109,6 +109,15 @@ impl World {
         })
     }
 
+    /// As [`World::new`] without the flow cache (`--flow-cache-slots 0`): every packet of a
+    /// flow is decided by the flow table.
+    pub fn without_flow_cache() -> anyhow::Result<Self> {
+        Self::with_options(LoadOptions {
+            flow_cache_slots: 0,
+            ..Self::options()
+        })
+    }
+
     /// The world's load options.
     pub fn options() -> LoadOptions {
         LoadOptions {

@@ -3,7 +3,7 @@
 //! the output bytes.
 use anyhow::Context as _;
 use lb_tests::{
-    insns::{PathCount, count_checked},
+    insns::{PathCount, count_cached, count_checked},
     world::{SCENE, World},
 };
 
@@ -17,7 +17,17 @@ struct Path {
 
 /// Counts `frame` through `world`'s program, checked against the kernel's run.
 fn count(world: &mut World, name: &'static str, frame: &[u8]) -> anyhow::Result<Path> {
-    let count = count_checked(world, frame).with_context(|| format!("counting {name}"))?;
+    count_with(count_checked, world, name, frame)
+}
+
+/// As [`count`], with the counting function `f`.
+fn count_with(
+    f: fn(&mut World, &[u8]) -> anyhow::Result<PathCount>,
+    world: &mut World,
+    name: &'static str,
+    frame: &[u8],
+) -> anyhow::Result<Path> {
+    let count = f(world, frame).with_context(|| format!("counting {name}"))?;
     if std::env::var_os("INSNS_TRACE").is_some() {
         let pcs: Vec<String> = count.trace.iter().map(u32::to_string).collect();
         eprintln!("trace {name}: {}", pcs.join(" "));
@@ -41,25 +51,13 @@ pub fn insn_rows() -> anyhow::Result<()> {
         &established,
     )?);
     world.run(&established)?;
-    let mut cached = count(
+    paths.push(count_with(
+        count_cached,
         &mut world,
         "established TCP flow (this CPU's flow cache)",
         &established,
-    )?;
-    if cached.count.lookups.contains_key("LB_FLOWS") {
-        // The coarse clock ticked since the cache was filled: the count's kernel run filled
-        // it again.
-        cached = count(
-            &mut world,
-            "established TCP flow (this CPU's flow cache)",
-            &established,
-        )?;
-    }
-    paths.push(cached);
-    let mut uncached = World::with_options(lb_userspace::LoadOptions {
-        flow_cache_slots: 0,
-        ..World::options()
-    })?;
+    )?);
+    let mut uncached = World::without_flow_cache()?;
     uncached.run(&established)?;
     uncached.run(&established)?;
     paths.push(count(

@@ -248,10 +248,7 @@ pub fn cache_rows() -> anyhow::Result<Vec<Row>> {
     const N: u32 = 15;
     let established = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
     let mut with = World::new()?;
-    let mut without = World::with_options(lb_userspace::LoadOptions {
-        flow_cache_slots: 0,
-        ..World::options()
-    })?;
+    let mut without = World::without_flow_cache()?;
     for w in [&mut with, &mut without] {
         w.run(&established)?;
         w.run(&established)?;
