@@ -241,51 +241,101 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
     Ok(rows)
 }
 
-/// `BENCH_ONLY=cache`: the established flow with and without the flow cache, in 15
-/// alternating rounds (floor, with, without) of two programs loaded side by side, so the
-/// comparison does not rest on two separate runs of a drifting VM.
+/// `BENCH_ONLY=cache`: the flow cache's gain and its price, each in 15 alternating rounds of
+/// two programs loaded side by side (with the cache, without), so the comparison does not rest
+/// on two separate runs of a drifting VM: the established flow in repeat mode (floor, with,
+/// without), and new flows in single runs (floor, with, without; each round its own clients):
+/// a new flow's first packet also probes this CPU's cache slot, one more cold line.
 pub fn cache_rows() -> anyhow::Result<Vec<Row>> {
     const N: u32 = 15;
-    let established = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
+    let vip = [10, 0, 0, 10];
+    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
     let mut with = World::new()?;
     let mut without = World::without_flow_cache()?;
     for w in [&mut with, &mut without] {
         w.run(&established)?;
         w.run(&established)?;
     }
-    let (mut floors, mut cached, mut table, mut ratios) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut repeat = Triple::default();
     for _ in 0..N {
-        let f = once(with.dp.pass_program()?, &established)?;
-        let c = once(with.dp.lb_program()?, &established)?;
-        let t = once(without.dp.lb_program()?, &established)?;
-        floors.push(f);
-        cached.push(c);
-        table.push(t);
-        ratios.push((c / f, t / f));
+        repeat.push(
+            once(with.dp.pass_program()?, &established)?,
+            once(with.dp.lb_program()?, &established)?,
+            once(without.dp.lb_program()?, &established)?,
+        );
     }
-    let with_ratio = median(ratios.iter().map(|r| r.0).collect());
-    let without_ratio = median(ratios.iter().map(|r| r.1).collect());
-    let floor = median(floors);
-    Ok(vec![
-        row(format!("XDP_PASS floor ({N} rounds)"), floor, floor, None),
-        Row {
-            ratio: Some(with_ratio),
-            ..row(
-                "established TCP flow, flow cache".into(),
-                median(cached),
-                floor,
-                Some(2.0),
-            )
-        },
-        Row {
-            ratio: Some(without_ratio),
-            ..row(
-                "established TCP flow, no flow cache".into(),
-                median(table),
-                floor,
-                Some(2.0),
-            )
-        },
-    ])
+    let chunk = NEW_FLOWS / N;
+    let mut single = Triple::default();
+    for round in 0..N {
+        let frame = |i| {
+            let (c, p) = client(round * chunk + i);
+            tcp(c, p, vip, 80)
+        };
+        let floor = ns_single(with.dp.pass_program()?, chunk, None, frame)?;
+        // Which program meets the round's frames first alternates: the first pays for any
+        // cold lines the frames' buffers bring.
+        let (w, wo) = if round % 2 == 0 {
+            let w = ns_single(with.dp.lb_program()?, chunk, None, frame)?;
+            (w, ns_single(without.dp.lb_program()?, chunk, None, frame)?)
+        } else {
+            let wo = ns_single(without.dp.lb_program()?, chunk, None, frame)?;
+            (ns_single(with.dp.lb_program()?, chunk, None, frame)?, wo)
+        };
+        single.push(floor, w, wo);
+    }
+    let mut rows = repeat.rows(
+        format!("{N} rounds of {REPEAT} passes"),
+        "established TCP flow",
+        2.0,
+    );
+    rows.extend(single.rows(
+        format!("{N} rounds of {chunk} single runs"),
+        "new TCP flow, single runs",
+        4.0,
+    ));
+    Ok(rows)
+}
+
+/// Per-round figures of a floor and a case with and without the flow cache.
+#[derive(Default)]
+struct Triple {
+    floors: Vec<f64>,
+    with: Vec<f64>,
+    without: Vec<f64>,
+}
+
+impl Triple {
+    fn push(&mut self, floor: f64, with: f64, without: f64) {
+        self.floors.push(floor);
+        self.with.push(with);
+        self.without.push(without);
+    }
+
+    /// The floor's row and the case's two rows, each ratio the median of the round ratios.
+    fn rows(self, rounds: String, case: &str, target: f64) -> Vec<Row> {
+        let ratio = |v: &[f64]| median(v.iter().zip(&self.floors).map(|(c, f)| c / f).collect());
+        let (with_ratio, without_ratio) = (ratio(&self.with), ratio(&self.without));
+        let floor = median(self.floors);
+        vec![
+            row(format!("XDP_PASS floor ({rounds})"), floor, floor, None),
+            Row {
+                ratio: Some(with_ratio),
+                ..row(
+                    format!("{case}, flow cache"),
+                    median(self.with),
+                    floor,
+                    Some(target),
+                )
+            },
+            Row {
+                ratio: Some(without_ratio),
+                ..row(
+                    format!("{case}, no flow cache"),
+                    median(self.without),
+                    floor,
+                    Some(target),
+                )
+            },
+        ]
+    }
 }
