@@ -1,6 +1,7 @@
 //! The program's maps and load-time configuration. Names and sizes come from `lb-common`; the
 //! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
+    helpers::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
@@ -9,7 +10,7 @@ use lb_common::{
     DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowCacheSlot,
     FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_NAT as PROG_NAT_INDEX,
     ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
-    VipIndexEntry, VipInfo, VipKey, flow_cache_slot, probation_check, probation_slot,
+    VipIndexEntry, VipInfo, VipKey, flow_cache_index, probation_check, probation_slot,
     vip_filter_bit, vip_index_slot,
 };
 
@@ -60,32 +61,40 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 pub static LB_FLOWS_NEW: Array<ProbationSlot> =
     Array::with_max_entries(DEFAULT_FLOW_ENTRIES / 4, 0);
 
-/// The per-CPU flow cache in front of the established table (`lb_common::cache`). Sized by
-/// the agent (`LbConfig::flow_cache_slots`, one slot when off); never pinned (a cache).
+/// The per-CPU flow cache in front of the established table (`lb_common::cache`): one plain
+/// array with a region of `LbConfig::flow_cache_slots` slots per possible CPU, sized by the
+/// agent (one slot when off); never pinned (a cache). `BPF_F_MMAPABLE` makes the kernel place
+/// the values page-aligned: each 64-byte slot is one cache line.
 #[map(name = "LB_FLOW_CACHE")]
-pub static LB_FLOW_CACHE: PerCpuArray<FlowCacheSlot> =
-    PerCpuArray::with_max_entries(DEFAULT_FLOW_CACHE_SLOTS, 0);
+pub static LB_FLOW_CACHE: Array<FlowCacheSlot> =
+    Array::with_max_entries(DEFAULT_FLOW_CACHE_SLOTS, BPF_F_MMAPABLE);
 
-/// This CPU's cache slot for `key`; `None` without a cache.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// This CPU's cache slot for `key`; `None` without a cache (or for a CPU beyond the array,
+/// which the agent sizes for every possible CPU).
 #[inline(always)]
 pub fn flow_cache(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowCacheSlot> {
     let slots = cfg.flow_cache_slots;
     if slots == 0 {
         return None;
     }
-    LB_FLOW_CACHE.get_ptr_mut(flow_cache_slot(key, slots))
+    // SAFETY: helper without arguments (inlined by the verifier on x86-64).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    LB_FLOW_CACHE.get_ptr_mut(flow_cache_index(cpu, key, slots))
 }
 
-/// Fills this CPU's cache slot with what the established table decided for `key` this second.
+/// Fills this CPU's cache slot with what the established table decided for `key` in second
+/// `now_s` (the slot's second is its entry's last-seen, `lb_common::FlowCacheSlot`).
 #[inline(always)]
 pub fn cache_fill(slot: *mut FlowCacheSlot, key: &FlowKey, value: &FlowValue, now_s: u32) {
-    // SAFETY: this CPU's slot (per-CPU map memory; an XDP program is not preempted on its
-    // CPU, so nothing else writes it meanwhile). Non-overlapping copies, as in
+    // SAFETY: this CPU's slot (its own region of the array; an XDP program is not preempted
+    // on its CPU, so nothing else writes it meanwhile). Non-overlapping copies, as in
     // `remember_probation`.
     unsafe {
         core::ptr::copy_nonoverlapping(key, &raw mut (*slot).key, 1);
         core::ptr::copy_nonoverlapping(value, &raw mut (*slot).value, 1);
-        (*slot).second = now_s;
+        (*slot).value.last_seen = now_s;
     }
 }
 

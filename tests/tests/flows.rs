@@ -387,8 +387,8 @@ fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
             .flows
             .cached(key)?
             .into_iter()
-            .find(|(cpu, _, _)| *cpu == 0)
-            .map(|(_, v, _)| v.backend_id))
+            .find(|(cpu, _)| *cpu == 0)
+            .map(|(_, v)| v.backend_id))
     };
 
     // Promoted on its second packet, which fills the slot; the next ones are hits.

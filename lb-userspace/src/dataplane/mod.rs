@@ -256,7 +256,10 @@ impl Dataplane {
             .map_max_entries(VIP_STATS_MAP, opts.max_vips)
             .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
             .map_max_entries(lb_common::NEXTHOPS_MAP, opts.max_backends)
-            .map_max_entries(lb_common::FLOW_CACHE_MAP, opts.cache_slots().max(1))
+            .map_max_entries(
+                lb_common::FLOW_CACHE_MAP,
+                cache_entries(opts.cache_slots())?,
+            )
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
@@ -315,7 +318,7 @@ impl Dataplane {
         let flows = FlowTable::new(
             HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
             Array::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
-            PerCpuArray::try_from(take(&mut ebpf, lb_common::FLOW_CACHE_MAP)?)
+            Array::try_from(take(&mut ebpf, lb_common::FLOW_CACHE_MAP)?)
                 .map_err(map_err(lb_common::FLOW_CACHE_MAP))?,
             opts.cache_slots(),
         );
@@ -435,6 +438,23 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         .ok_or(Error::MissingProgram { name })?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// Entries of the flow cache's array: a region of `slots` per possible CPU (one slot when
+/// there is no cache: a map cannot be empty).
+fn cache_entries(slots: u32) -> Result<u32, Error> {
+    if slots == 0 {
+        return Ok(1);
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
+    u32::try_from(cpus)
+        .ok()
+        .and_then(|c| c.checked_mul(slots))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "a flow cache of {slots} slots per CPU on {cpus} CPUs is more than 2^32 slots: give fewer slots"
+            ))
+        })
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {

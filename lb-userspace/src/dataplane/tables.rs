@@ -3,12 +3,12 @@ use std::collections::HashMap as StdHashMap;
 
 use std::os::fd::AsFd as _;
 
-use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOW_CACHE_MAP, FLOWS_MAP, FLOWS_NEW_MAP,
     FlowCacheSlot, FlowKey, FlowValue, ProbationSlot, SLOTS_MAP, Slot, VIP_FILTER_MAP,
     VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP,
-    VipIndexEntry, VipInfo, VipKey, flow_cache_slot, probation_check, probation_hash,
+    VipIndexEntry, VipInfo, VipKey, flow_cache_index, probation_check, probation_hash,
     probation_slot, slot_index, vip_filter_bit, vip_index_slot,
 };
 
@@ -284,11 +284,11 @@ impl BackendTable {
 }
 
 /// The flow tables: established (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout),
-/// probation (`LB_FLOWS_NEW`) and the per-CPU flow cache (`LB_FLOW_CACHE`).
+/// probation (`LB_FLOWS_NEW`) and the per-CPU flow cache (`LB_FLOW_CACHE`, a region per CPU).
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
     probation: Array<MapData, ProbationSlot>,
-    cache: PerCpuArray<MapData, FlowCacheSlot>,
+    cache: Array<MapData, FlowCacheSlot>,
     /// Slots per CPU of the cache in use (0: none).
     cache_slots: u32,
 }
@@ -309,7 +309,7 @@ impl FlowTable {
     pub fn new(
         map: HashMap<MapData, FlowKey, FlowValue>,
         probation: Array<MapData, ProbationSlot>,
-        cache: PerCpuArray<MapData, FlowCacheSlot>,
+        cache: Array<MapData, FlowCacheSlot>,
         cache_slots: u32,
     ) -> Self {
         FlowTable {
@@ -320,21 +320,22 @@ impl FlowTable {
         }
     }
 
-    /// The CPUs whose flow cache holds `key`, with the entry and the second it was filled
-    /// (by the program's own slot rule; stale slots included: a slot serves only in its
-    /// second). Empty without a cache.
-    pub fn cached(&self, key: &FlowKey) -> Result<Vec<(usize, FlowValue, u32)>, Error> {
+    /// The CPUs whose flow cache holds `key`, with the entry as filled (its `last_seen` is the
+    /// second the slot serves in; stale slots included). Empty without a cache.
+    pub fn cached(&self, key: &FlowKey) -> Result<Vec<(u32, FlowValue)>, Error> {
         if self.cache_slots == 0 {
             return Ok(Vec::new());
         }
-        let i = flow_cache_slot(key, self.cache_slots);
-        let per_cpu = self.cache.get(&i, 0).map_err(err(FLOW_CACHE_MAP))?;
-        Ok(per_cpu
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.key == *key)
-            .map(|(cpu, s)| (cpu, s.value, s.second))
-            .collect())
+        let cpus = self.cache.len() / self.cache_slots;
+        let mut found = Vec::new();
+        for cpu in 0..cpus {
+            let i = flow_cache_index(cpu, key, self.cache_slots);
+            let slot = self.cache.get(&i, 0).map_err(err(FLOW_CACHE_MAP))?;
+            if slot.key == *key {
+                found.push((cpu, slot.value));
+            }
+        }
+        Ok(found)
     }
 
     /// The established entry of `key`.

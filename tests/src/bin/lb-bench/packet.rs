@@ -62,24 +62,26 @@ fn flow_misses(world: &World) -> anyhow::Result<u64> {
         .flow(lb_common::FlowEvent::MissNotSyn))
 }
 
+/// The benchmark's load options: the agent's defaults, except that `BENCH_FLOWS` sizes the
+/// flow table and `BENCH_FLOW_CACHE` the flow cache (slots per CPU, 0: none).
+fn bench_options(per_cpu: bool) -> lb_userspace::LoadOptions {
+    let env = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    lb_userspace::LoadOptions {
+        flow_entries: env("BENCH_FLOWS", lb_common::DEFAULT_FLOW_ENTRIES),
+        per_cpu_flows: per_cpu,
+        flow_cache_slots: env("BENCH_FLOW_CACHE", lb_common::DEFAULT_FLOW_CACHE_SLOTS),
+        ..World::options()
+    }
+}
+
 /// Rows for one flow-table kind; `with_floors` adds the floor and flow-table-independent rows.
 pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>> {
-    // BENCH_FLOWS sizes the flow table (default: the agent's default).
-    let flows = std::env::var("BENCH_FLOWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(lb_common::DEFAULT_FLOW_ENTRIES);
-    // BENCH_FLOW_CACHE sizes the flow cache (0: none; default: the agent's default).
-    let cache = std::env::var("BENCH_FLOW_CACHE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(lb_common::DEFAULT_FLOW_CACHE_SLOTS);
-    let opts = lb_userspace::LoadOptions {
-        flow_entries: flows,
-        per_cpu_flows: per_cpu,
-        flow_cache_slots: cache,
-        ..World::options()
-    };
+    let opts = bench_options(per_cpu);
     let mut world = World::with_options(opts)?;
     let label = if per_cpu {
         "per-CPU LRU lists"
@@ -242,7 +244,8 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
 }
 
 /// `BENCH_ONLY=cache`: the flow cache's gain and its price, each in 15 alternating rounds of
-/// two programs loaded side by side (with the cache, without), so the comparison does not rest
+/// two programs loaded side by side (with the cache, without; the shared table at the bench's
+/// size), so the comparison does not rest
 /// on two separate runs of a drifting VM: the established flow in repeat mode (floor, with,
 /// without), and new flows in single runs (floor, with, without; each round its own clients):
 /// a new flow's first packet also probes this CPU's cache slot, one more cold line.
@@ -250,8 +253,12 @@ pub fn cache_rows() -> anyhow::Result<Vec<Row>> {
     const N: u32 = 15;
     let vip = [10, 0, 0, 10];
     let established = tcp([192, 0, 2, 7], 40000, vip, 80);
-    let mut with = World::new()?;
-    let mut without = World::without_flow_cache()?;
+    let opts = bench_options(false);
+    let mut with = World::with_options(opts)?;
+    let mut without = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: 0,
+        ..opts
+    })?;
     for w in [&mut with, &mut without] {
         w.run(&established)?;
         w.run(&established)?;
