@@ -308,6 +308,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut rows = packet_rows(false, true)?;
     rows.extend(packet_rows(true, false)?);
+    rows.extend(packet::cache_rows()?);
     rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
     rows.extend(chance_rows()?);
