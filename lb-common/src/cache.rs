@@ -21,12 +21,13 @@
 //! each CPU reads and writes only its own region of the array ([`flow_cache_index`]).
 //!
 //! One plain array with a region per CPU rather than a per-CPU array: a per-CPU array's
-//! lookup first loads the element's per-CPU pointer from a table of them (one more cache line,
-//! cold for a new flow), and its 8-aligned elements straddle cache lines. The array is made
-//! `BPF_F_MMAPABLE`, for which the kernel places the values page-aligned, so each 64-byte slot
-//! is exactly one cache line. Measured with `BENCH_ONLY=cache` (new flows in single runs,
-//! with and without the cache, 15 alternating rounds): the per-CPU array's probe cost a new
-//! flow ~150 ns (3.6-3.9x the floor against 2.3-2.6x without the cache).
+//! lookup first loads the element's per-CPU pointer from a table of them, and its 8-aligned
+//! elements straddle cache lines. The array is made `BPF_F_MMAPABLE`, for which the kernel
+//! places the values page-aligned, so each 64-byte slot is exactly one cache line (an
+//! established packet from the cache: 497 -> 477 instructions). The probe's price for a new
+//! flow stayed what it was with the per-CPU array: one more cold line and page, ~120-230 ns in
+//! single runs at the default table size, whatever the cache's size (`BENCH_ONLY=cache`
+//! measures it against the gain, two programs side by side).
 use crate::{FlowKey, FlowValue, PROTO_TCP, PROTO_UDP, PacketFacts, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Array of [`FlowCacheSlot`], one region of [`LbConfig::flow_cache_slots`](crate::LbConfig)

@@ -163,8 +163,8 @@ fn from_cache(
     facts: &PacketFacts,
     cfg: &LbConfig,
 ) -> Option<Picked> {
-    // SAFETY: this CPU's slot (per-CPU map memory, written by no one else while this program
-    // runs on this CPU); compared in place.
+    // SAFETY: this CPU's slot (its own region of the cache array, written by no one else
+    // while this program runs on this CPU); compared in place.
     let c = unsafe { &*slot };
     if !c.serves(&pkt.key, facts.now_s) {
         return None;

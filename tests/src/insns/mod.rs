@@ -59,8 +59,9 @@ impl PathCount {
 /// output bytes. The counter only reads the maps, so it runs first (the kernel's run may then
 /// change the tables, as this packet does).
 pub fn count_checked(world: &mut crate::world::World, frame: &[u8]) -> anyhow::Result<PathCount> {
-    // Per-CPU maps (the flow cache, the counters) are read as CPU 0's values: the kernel's
-    // runs of this thread (BPF_PROG_TEST_RUN runs on the caller's CPU) happen there too.
+    // The counter runs as CPU 0 (per-CPU maps read as CPU 0's values, the CPU id helper
+    // gives 0, so CPU 0's region of the flow cache): the kernel's runs of this thread
+    // (BPF_PROG_TEST_RUN runs on the caller's CPU) happen there too.
     crate::world::pin_to_cpu0()?;
     let it = Interpreter::new(
         lb_userspace::EBPF_OBJECT,
