@@ -97,7 +97,21 @@ impl FlowCacheSlot {
     /// second. (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
     #[inline(always)]
     pub const fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
-        self.value.last_seen == now_s && self.key.same(key)
+        self.holds(key) && self.filled_in(now_s)
+    }
+
+    /// Whether this slot holds `key`'s flow (of any second). The XDP program asks this
+    /// first and reads the clock only for a slot that holds the flow: a packet the cache
+    /// cannot serve (a new flow's) pays no clock read for it.
+    #[inline(always)]
+    pub const fn holds(&self, key: &FlowKey) -> bool {
+        self.key.same(key)
+    }
+
+    /// Whether this slot was filled in second `now_s`.
+    #[inline(always)]
+    pub const fn filled_in(&self, now_s: u32) -> bool {
+        self.value.last_seen == now_s
     }
 }
 
@@ -164,6 +178,9 @@ mod tests {
         assert!(!slot.serves(&key(40000), 8));
         assert!(!slot.serves(&key(40001), 7));
         assert!(!FlowCacheSlot::default().serves(&key(40000), 0));
+        // The program's two steps (the clock is read between them).
+        assert!(slot.holds(&key(40000)) && !slot.holds(&key(40001)));
+        assert!(slot.filled_in(7) && !slot.filled_in(8));
     }
 
     #[test]

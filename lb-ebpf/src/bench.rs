@@ -79,6 +79,41 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Parsing and a probe of this CPU's flow-cache slot (the key compare), nothing else: what
+/// the cache adds to a packet it does not serve.
+#[xdp]
+pub fn bench_parse_cache(ctx: XdpContext) -> u32 {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    let cfg = crate::maps::config();
+    let Some(slot) = crate::maps::flow_cache(cfg, &p.key) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot in map memory, compared in place.
+    if unsafe { (*slot).key.same(&p.key) } {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Parsing and a probe of the probation table (hash, slot, key compare), nothing else.
+#[xdp]
+pub fn bench_parse_probation(ctx: XdpContext) -> u32 {
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(&ctx, &mut p).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    let cfg = crate::maps::config();
+    let h = lb_common::probation_hash(&p.key);
+    match crate::maps::on_probation(cfg, &p.key, h) {
+        Some(_) => xdp_action::XDP_PASS,
+        None => xdp_action::XDP_DROP,
+    }
+}
+
 /// Parsing and placement by the live slot table (VIP index, VIP, flow hash, slot, backend),
 /// nothing else: the stateless path without the NAT check, counters or rewrite.
 #[xdp]

@@ -16,6 +16,7 @@ mod encap;
 mod fleet;
 mod insns;
 mod nat;
+mod newflow;
 mod packet;
 
 use chance::chance_rows;
@@ -298,6 +299,10 @@ fn main() -> anyhow::Result<()> {
             print_rows(&packet::cache_rows()?);
             return Ok(());
         }
+        Ok("newflow") => {
+            print_rows(&newflow::new_flow_stage_rows()?);
+            return Ok(());
+        }
         Ok("insns") => return insn_rows(),
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
@@ -309,6 +314,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows = packet_rows(false, true)?;
     rows.extend(packet_rows(true, false)?);
     rows.extend(packet::cache_rows()?);
+    rows.extend(newflow::new_flow_stage_rows()?);
     rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
     rows.extend(chance_rows()?);

@@ -20,7 +20,7 @@ struct Paired {
     ratio: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -64,7 +64,7 @@ fn flow_misses(world: &World) -> anyhow::Result<u64> {
 
 /// The benchmark's load options: the agent's defaults, except that `BENCH_FLOWS` sizes the
 /// flow table and `BENCH_FLOW_CACHE` the flow cache (slots per CPU, 0: none).
-fn bench_options(per_cpu: bool) -> lb_userspace::LoadOptions {
+pub(crate) fn bench_options(per_cpu: bool) -> lb_userspace::LoadOptions {
     let env = |name: &str, default: u32| {
         std::env::var(name)
             .ok()
