@@ -5,10 +5,9 @@
 //! one touched), in rounds where the programs take turns going first. The difference between
 //! a stage's row and the parsing row is what that piece adds to a packet nobody has seen.
 use aya::programs::Xdp;
-use lb_tests::world::World;
 
 use super::{NEW_FLOWS, Row, client, ns_single, row, tcp};
-use crate::packet::{bench_options, median};
+use crate::packet::{median, with_and_without_cache};
 
 const ROUNDS: u32 = 15;
 
@@ -47,12 +46,7 @@ enum Stage {
 }
 
 pub fn new_flow_stage_rows() -> anyhow::Result<Vec<Row>> {
-    let opts = bench_options(false);
-    let mut with = World::with_options(opts)?;
-    let mut without = World::with_options(lb_userspace::LoadOptions {
-        flow_cache_slots: 0,
-        ..opts
-    })?;
+    let (mut with, mut without) = with_and_without_cache()?;
     let vip = [10, 0, 0, 10];
     let chunk = NEW_FLOWS / ROUNDS;
     let n = STAGES.len() as u32;

@@ -243,6 +243,18 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
     Ok(rows)
 }
 
+/// Two programs loaded side by side with the bench's options (shared table): with the flow
+/// cache, and without it.
+pub(crate) fn with_and_without_cache() -> anyhow::Result<(World, World)> {
+    let opts = bench_options(false);
+    let with = World::with_options(opts)?;
+    let without = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: 0,
+        ..opts
+    })?;
+    Ok((with, without))
+}
+
 /// `BENCH_ONLY=cache`: the flow cache's gain and its price, each in 15 alternating rounds of
 /// two programs loaded side by side (with the cache, without; the shared table at the bench's
 /// size), so the comparison does not rest
@@ -253,12 +265,7 @@ pub fn cache_rows() -> anyhow::Result<Vec<Row>> {
     const N: u32 = 15;
     let vip = [10, 0, 0, 10];
     let established = tcp([192, 0, 2, 7], 40000, vip, 80);
-    let opts = bench_options(false);
-    let mut with = World::with_options(opts)?;
-    let mut without = World::with_options(lb_userspace::LoadOptions {
-        flow_cache_slots: 0,
-        ..opts
-    })?;
+    let (mut with, mut without) = with_and_without_cache()?;
     for w in [&mut with, &mut without] {
         w.run(&established)?;
         w.run(&established)?;
