@@ -24,10 +24,12 @@
 //! lookup first loads the element's per-CPU pointer from a table of them, and its 8-aligned
 //! elements straddle cache lines. The array is made `BPF_F_MMAPABLE`, for which the kernel
 //! places the values page-aligned, so each 64-byte slot is exactly one cache line (an
-//! established packet from the cache: 497 -> 477 instructions). The probe's price for a new
-//! flow stayed what it was with the per-CPU array: one more cold line and page, ~120-230 ns in
-//! single runs at the default table size, whatever the cache's size (`BENCH_ONLY=cache`
-//! measures it against the gain, two programs side by side).
+//! established packet from the cache: 497 -> 477 instructions).
+//!
+//! A packet the cache cannot serve (a new flow's) pays the probe: the slot's key compare,
+//! and no clock read (the clock is read only once the slot holds the flow). The probe's price
+//! is the slot's line, which the default size keeps warm ([`DEFAULT_FLOW_CACHE_SLOTS`];
+//! `BENCH_ONLY=cache` measures price and gain side by side, `BENCH_ONLY=newflow` the probe).
 use crate::{FlowKey, FlowValue, PROTO_TCP, PROTO_UDP, PacketFacts, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Array of [`FlowCacheSlot`], one region of [`LbConfig::flow_cache_slots`](crate::LbConfig)
@@ -48,7 +50,7 @@ pub const MAX_FLOW_CACHE_SLOTS: u32 = 1 << 20;
 /// One slot, one cache line: a flow and the established entry the table gave it, as the
 /// table left it in the second it decided: a fill sets `value.last_seen` to that second (the
 /// table's own entry has it too: a cacheable packet reads the clock and refreshes a stale
-/// last-seen before the fill), which is what [`FlowCacheSlot::serves`] compares. An empty
+/// last-seen before the fill), which is what [`FlowCacheSlot::filled_in`] compares. An empty
 /// slot has `key.family == 0`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,16 +100,11 @@ impl PacketFacts {
 }
 
 impl FlowCacheSlot {
-    /// Whether this slot serves a packet of `key` at second `now_s`: its flow, filled this
-    /// second. (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
-    #[inline(always)]
-    pub const fn serves(&self, key: &FlowKey, now_s: u32) -> bool {
-        self.holds(key) && self.filled_in(now_s)
-    }
-
-    /// Whether this slot holds `key`'s flow (of any second). The XDP program asks this
-    /// first and reads the clock only for a slot that holds the flow: a packet the cache
-    /// cannot serve (a new flow's) pays no clock read for it.
+    /// Whether this slot holds `key`'s flow (of any second). A slot serves a packet of `key`
+    /// at second `now_s` when it holds the flow and was [`filled_in`](Self::filled_in) that
+    /// second; the XDP program asks this first and reads the clock only for a slot that holds
+    /// the flow, so a packet the cache cannot serve (a new flow's) pays no clock read for it.
+    /// (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
     #[inline(always)]
     pub const fn holds(&self, key: &FlowKey) -> bool {
         self.key.same(key)
@@ -170,6 +167,12 @@ mod tests {
         assert!(!icmp.cacheable());
     }
 
+    /// The cache's rule as the XDP program applies it (`select::from_cache`, the clock read
+    /// between the two steps).
+    fn serves(slot: &FlowCacheSlot, key: &FlowKey, now_s: u32) -> bool {
+        slot.holds(key) && slot.filled_in(now_s)
+    }
+
     #[test]
     fn a_slot_serves_its_flow_only_in_the_second_it_was_filled() {
         let slot = FlowCacheSlot {
@@ -179,10 +182,10 @@ mod tests {
                 ..Default::default()
             },
         };
-        assert!(slot.serves(&key(40000), 7));
-        assert!(!slot.serves(&key(40000), 8));
-        assert!(!slot.serves(&key(40001), 7));
-        assert!(!FlowCacheSlot::default().serves(&key(40000), 0));
+        assert!(serves(&slot, &key(40000), 7));
+        assert!(!serves(&slot, &key(40000), 8));
+        assert!(!serves(&slot, &key(40001), 7));
+        assert!(!serves(&FlowCacheSlot::default(), &key(40000), 0));
         // The program's two steps (the clock is read between them).
         assert!(slot.holds(&key(40000)) && !slot.holds(&key(40001)));
         assert!(slot.filled_in(7) && !slot.filled_in(8));

@@ -168,7 +168,8 @@ fn from_cache(
     // SAFETY: this CPU's slot (its own region of the cache array, written by no one else
     // while this program runs on this CPU); compared in place.
     let c = unsafe { &*slot };
-    // `FlowCacheSlot::serves` in two steps: the clock only for a slot that holds the flow.
+    // The slot serves if it holds the flow and was filled this second: the clock is read
+    // only for a slot that holds the flow.
     if !c.holds(&pkt.key) {
         return None;
     }
