@@ -4,18 +4,25 @@
 //! marking the entry referenced).
 //!
 //! The established table stays the authority; the cache only remembers, per CPU, what that
-//! table decided for a flow within the current second of the coarse clock:
-//! - a slot serves only in the second it was filled (its entry's `last_seen`, which a fill
-//!   sets to the second the table decided: see [`FlowCacheSlot`]), so every busy
-//!   flow still meets the table once a second: its LRU position is refreshed as without the
-//!   cache, its last-seen time is written at most once a second (now for TCP too, which
-//!   reads the clock for the slot's second), and UDP ages exactly as before;
+//! table decided for a flow within the current tick of the kernel's jiffies (a tick is 64
+//! jiffies, under a second at any `CONFIG_HZ`: [`FLOW_CACHE_TICK_SHIFT`]):
+//! - a slot serves only in the tick it was filled (see [`FlowCacheSlot`]), so every busy
+//!   flow still meets the table at least once a second: its LRU position is refreshed as
+//!   without the cache, its last-seen time is written at most once a second (for TCP too,
+//!   which reads the clock for a fill), and UDP ages as before (a hit is less than a tick
+//!   after the fill, which refreshed the entry's last-seen);
+//! - a FIN entry (whose grace counts from its last packet) is never cached;
 //! - every hit still checks the entry against the live VIP and backend (generations, down,
 //!   present) with [`crate::entry_decides`], so a backend going down moves the flow at once;
 //! - a SYN, FIN or RST never uses it and empties this CPU's slot of its flow, so the table
 //!   sees every packet that can change or end an entry;
 //! - what another CPU changes in the table (an RST that flow's packets took another CPU for,
-//!   the agent's writes) reaches this CPU's slot within a second.
+//!   the agent's writes) reaches this CPU's slot within a tick.
+//!
+//! Jiffies rather than the coarse clock the tables use: the verifier inlines `bpf_jiffies64`
+//! as one load, while `bpf_ktime_get_coarse_ns` is a helper call (~30-40 ns in single runs
+//! here); a packet the cache serves reads no other clock (established from the cache:
+//! 95-123 -> 81-83 ns in repeat runs, `BENCH_ONLY=packet`).
 //!
 //! Per CPU, so without locks or torn slots: an XDP program is not preempted on its CPU, and
 //! each CPU reads and writes only its own region of the array ([`flow_cache_index`]).
@@ -27,7 +34,7 @@
 //! established packet from the cache: 497 -> 477 instructions).
 //!
 //! A packet the cache cannot serve (a new flow's) pays the probe: the slot's key compare,
-//! and no clock read (the clock is read only once the slot holds the flow). The probe's price
+//! and no clock read (the tick is read only once the slot holds the flow). The probe's price
 //! is the slot's line, which the default size keeps warm ([`DEFAULT_FLOW_CACHE_SLOTS`];
 //! `BENCH_ONLY=cache` measures price and gain side by side, `BENCH_ONLY=newflow` the probe).
 use crate::{FlowKey, FlowValue, PROTO_TCP, PROTO_UDP, PacketFacts, TCP_FIN, TCP_RST, TCP_SYN};
@@ -44,14 +51,25 @@ pub const FLOW_CACHE_MAP: &str = "LB_FLOW_CACHE";
 /// of a new flow cost +9-10 ns at 256 slots, +17-24 at 1,024 and +35-43 at 4,096 in single
 /// runs (`BENCH_ONLY=newflow`).
 pub const DEFAULT_FLOW_CACHE_SLOTS: u32 = 1024;
+/// The cache's clock is the kernel's jiffies in ticks of 2^6 = 64 jiffies: 0.64 s at the
+/// lowest `CONFIG_HZ` (100), 0.256 s at 250, 64 ms at 1,000; under a second at any HZ, so a
+/// slot never serves longer than the second-based rules allow.
+pub const FLOW_CACHE_TICK_SHIFT: u32 = 6;
+
+/// The cache tick of a jiffies count (`bpf_jiffies64`).
+#[inline(always)]
+pub const fn cache_tick(jiffies: u64) -> u32 {
+    (jiffies >> FLOW_CACHE_TICK_SHIFT) as u32
+}
+
 /// Most slots per CPU the agent accepts.
 pub const MAX_FLOW_CACHE_SLOTS: u32 = 1 << 20;
 
 /// One slot, one cache line: a flow and the established entry the table gave it, as the
-/// table left it in the second it decided: a fill sets `value.last_seen` to that second (the
-/// table's own entry has it too: a cacheable packet reads the clock and refreshes a stale
-/// last-seen before the fill), which is what [`FlowCacheSlot::filled_in`] compares. An empty
-/// slot has `key.family == 0`.
+/// table left it when it decided (its last-seen refreshed to that second), except that the
+/// slot's `value.last_seen` holds the [`cache_tick`] of the fill, which is what
+/// [`FlowCacheSlot::filled_in`] compares (a hit checks the entry as of the fill: no idle
+/// time). An empty slot has `key.family == 0`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheSlot {
@@ -100,9 +118,9 @@ impl PacketFacts {
 }
 
 impl FlowCacheSlot {
-    /// Whether this slot holds `key`'s flow (of any second). A slot serves a packet of `key`
-    /// at second `now_s` when it holds the flow and was [`filled_in`](Self::filled_in) that
-    /// second; the XDP program asks this first and reads the clock only for a slot that holds
+    /// Whether this slot holds `key`'s flow (of any tick). A slot serves a packet of `key`
+    /// in tick `tick` when it holds the flow and was [`filled_in`](Self::filled_in) that
+    /// tick; the XDP program asks this first and reads the tick only for a slot that holds
     /// the flow, so a packet the cache cannot serve (a new flow's) pays no clock read for it.
     /// (Whether the entry still decides is [`crate::entry_decides`]'s, per hit.)
     #[inline(always)]
@@ -110,10 +128,10 @@ impl FlowCacheSlot {
         self.key.same(key)
     }
 
-    /// Whether this slot was filled in second `now_s`.
+    /// Whether this slot was filled in cache tick `tick` ([`cache_tick`]).
     #[inline(always)]
-    pub const fn filled_in(&self, now_s: u32) -> bool {
-        self.value.last_seen == now_s
+    pub const fn filled_in(&self, tick: u32) -> bool {
+        self.value.last_seen == tick
     }
 }
 
@@ -167,14 +185,27 @@ mod tests {
         assert!(!icmp.cacheable());
     }
 
-    /// The cache's rule as the XDP program applies it (`select::from_cache`, the clock read
+    /// The cache's rule as the XDP program applies it (`select::from_cache`, the tick read
     /// between the two steps).
-    fn serves(slot: &FlowCacheSlot, key: &FlowKey, now_s: u32) -> bool {
-        slot.holds(key) && slot.filled_in(now_s)
+    fn serves(slot: &FlowCacheSlot, key: &FlowKey, tick: u32) -> bool {
+        slot.holds(key) && slot.filled_in(tick)
     }
 
     #[test]
-    fn a_slot_serves_its_flow_only_in_the_second_it_was_filled() {
+    fn a_tick_is_under_a_second_at_any_hz() {
+        for hz in [100u64, 250, 300, 1000] {
+            assert!((1u64 << FLOW_CACHE_TICK_SHIFT) < hz, "HZ {hz}");
+        }
+        // Jiffies of one tick share it; the next jiffy after a tick's last is the next tick.
+        let t = cache_tick(64 * 1000);
+        assert_eq!(cache_tick(64 * 1000 + 63), t);
+        assert_eq!(cache_tick(64 * 1001), t + 1);
+        // A 64-bit count past 2^38 wraps the 32-bit tick, which is only compared for equality.
+        assert_eq!(cache_tick((1u64 << 38) + 64), 1);
+    }
+
+    #[test]
+    fn a_slot_serves_its_flow_only_in_the_tick_it_was_filled() {
         let slot = FlowCacheSlot {
             key: key(40000),
             value: crate::FlowValue {
@@ -186,7 +217,7 @@ mod tests {
         assert!(!serves(&slot, &key(40000), 8));
         assert!(!serves(&slot, &key(40001), 7));
         assert!(!serves(&FlowCacheSlot::default(), &key(40000), 0));
-        // The program's two steps (the clock is read between them).
+        // The program's two steps (the tick is read between them).
         assert!(slot.holds(&key(40000)) && !slot.holds(&key(40001)));
         assert!(slot.filled_in(7) && !slot.filled_in(8));
     }

@@ -84,17 +84,18 @@ pub fn flow_cache(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowCacheSlot> {
     LB_FLOW_CACHE.get_ptr_mut(flow_cache_index(cpu, key, slots))
 }
 
-/// Fills this CPU's cache slot with what the established table decided for `key` in second
-/// `now_s` (the slot's second is its entry's last-seen, `lb_common::FlowCacheSlot`).
+/// Fills this CPU's cache slot with what the established table decided for `key` (its entry
+/// as refreshed this second) in cache tick `tick` (kept in the slot's `value.last_seen`,
+/// `lb_common::FlowCacheSlot`).
 #[inline(always)]
-pub fn cache_fill(slot: *mut FlowCacheSlot, key: &FlowKey, value: &FlowValue, now_s: u32) {
+pub fn cache_fill(slot: *mut FlowCacheSlot, key: &FlowKey, value: &FlowValue, tick: u32) {
     // SAFETY: this CPU's slot (its own region of the array; an XDP program is not preempted
     // on its CPU, so nothing else writes it meanwhile). Non-overlapping copies, as in
     // `remember_probation`.
     unsafe {
         core::ptr::copy_nonoverlapping(key, &raw mut (*slot).key, 1);
         core::ptr::copy_nonoverlapping(value, &raw mut (*slot).value, 1);
-        (*slot).value.last_seen = now_s;
+        (*slot).value.last_seen = tick;
     }
 }
 

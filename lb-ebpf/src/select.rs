@@ -8,10 +8,10 @@
 //! probation, and only its next packet makes it established. A flood of spoofed first packets
 //! (SYN, or SYN then ACK) therefore churns the probation table and never evicts an established
 //! flow. The price: a table change between a connection's SYN and its ACK (one RTT) moves it.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
-    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo,
+    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, cache_tick,
     entry_decides, probation_hash, slot_index, slot_of,
 };
 
@@ -52,6 +52,14 @@ enum Found {
 fn now_s() -> u32 {
     // SAFETY: helper without arguments; CLOCK_MONOTONIC_COARSE, no locking.
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The flow cache's clock (`lb_common::cache_tick`): the kernel's jiffies, which the verifier
+/// inlines as one load where `bpf_ktime_get_coarse_ns` is a helper call.
+#[inline(always)]
+fn tick() -> u32 {
+    // SAFETY: helper without arguments.
+    cache_tick(unsafe { bpf_jiffies64() })
 }
 
 /// The backend a remembered entry points at, if the entry still decides.
@@ -96,13 +104,6 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         tcp_flags: pkt.tcp_flags,
         now_s: 0,
     };
-    // The clock is read only when time matters: UDP ages, a FIN (here), a TCP entry once a
-    // FIN was seen, and the cache's second, read once a slot holds the flow or the cache is
-    // about to be filled (below): a new TCP flow's first packet reads no clock (~30-40 ns
-    // in single runs here).
-    if facts.proto == PROTO_UDP || facts.is_fin() {
-        facts.now_s = now_s();
-    }
     // A SYN, FIN or RST skips the cache: it looks at the slot only if it changes the entry.
     let cache = if cfg.flow_cache_slots != 0 && facts.cacheable() {
         flow_cache(cfg, &pkt.key)
@@ -110,9 +111,17 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         None
     };
     if let Some(slot) = cache
-        && let Some(p) = from_cache(slot, pkt, &mut facts, cfg)
+        && let Some(p) = from_cache(slot, pkt, &facts, cfg)
     {
         return Ok(p);
+    }
+    // The clock (a helper call, ~30-40 ns in single runs here) is read only where the tables
+    // need the second: UDP ages and a FIN (here), a TCP entry once a FIN was seen, and the
+    // once-a-second refresh of an entry the cache is filled from (below). A packet the
+    // cache serves reads only its tick (jiffies, one load), a new TCP flow's first packet
+    // no clock at all.
+    if facts.proto == PROTO_UDP || facts.is_fin() {
+        facts.now_s = now_s();
     }
     let mut found = Found::Nowhere;
     if let Some(entry) = established(cfg, &pkt.key) {
@@ -143,8 +152,10 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
                 let now = touched(&flow, &facts);
                 remember_established(cfg, &pkt.key, &now);
                 match cache {
-                    Some(slot) => cache_fill(slot, &pkt.key, &now, facts.now_s),
-                    None => uncache(cfg, &pkt.key),
+                    Some(slot) if now.flags & FLOW_F_FIN == 0 => {
+                        cache_fill(slot, &pkt.key, &now, tick())
+                    }
+                    _ => uncache(cfg, &pkt.key),
                 }
             }
             return Ok(picked(flow.backend_id, b, flow.vip_id, false));
@@ -155,32 +166,31 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
     place(pkt, &facts, cfg, found, ph)
 }
 
-/// The flow cache's decision: its slot holds this flow, filled this second, and the entry
+/// The flow cache's decision: its slot holds this flow, filled in this tick, and the entry
 /// still decides. Anything else is the tables' (a deciding established entry fills the slot
 /// again).
 #[inline(always)]
 fn from_cache(
     slot: *mut FlowCacheSlot,
     pkt: &Parsed,
-    facts: &mut PacketFacts,
+    facts: &PacketFacts,
     cfg: &LbConfig,
 ) -> Option<Picked> {
     // SAFETY: this CPU's slot (its own region of the cache array, written by no one else
     // while this program runs on this CPU); compared in place.
     let c = unsafe { &*slot };
-    // The slot serves if it holds the flow and was filled this second: the clock is read
-    // only for a slot that holds the flow.
-    if !c.holds(&pkt.key) {
-        return None;
-    }
-    if facts.now_s == 0 {
-        facts.now_s = now_s();
-    }
-    if !c.filled_in(facts.now_s) {
+    // The slot serves if it holds the flow and was filled in this tick.
+    if !c.holds(&pkt.key) || !c.filled_in(tick()) {
         return None;
     }
     let flow = c.value;
-    let b = deciding(&flow, facts, cfg)?;
+    // The entry's times as of the fill, less than a tick ago: its last-seen was the second
+    // of the fill then, and a FIN entry is never cached, so the idle checks see no idle time.
+    let at_fill = PacketFacts {
+        now_s: flow.last_seen,
+        ..*facts
+    };
+    let b = deciding(&flow, &at_fill, cfg)?;
     count_flow(FlowEvent::Hit);
     Some(picked(flow.backend_id, b, flow.vip_id, false))
 }
@@ -221,7 +231,8 @@ fn from_established(
         unsafe { *entry = now };
     }
     match cache {
-        Some(slot) => cache_fill(slot, &pkt.key, &now, facts.now_s),
+        Some(slot) if now.flags & FLOW_F_FIN == 0 => cache_fill(slot, &pkt.key, &now, tick()),
+        Some(_) => uncache(cfg, &pkt.key),
         None if write => uncache(cfg, &pkt.key),
         None => {}
     }

@@ -371,11 +371,11 @@ fn without_a_flow_table_the_live_table_decides_every_packet() -> anyhow::Result<
 }
 
 /// The per-CPU flow cache (`lb_common::cache`) never decides what the flow table would not in
-/// the same second: a busy flow's packet is served from this CPU's slot, and a SYN, FIN or
+/// the same tick: a busy flow's packet is served from this CPU's slot, and a SYN, FIN or
 /// RST empties it before the table changes the entry; an entry that no longer decides (its
 /// backend down) is left for the table, so bringing the backend back within the second does
-/// not take the moved flow back. (Each step runs on CPU 0, and its outcome is the table's
-/// whichever second it falls in; the slot is read back to show the cache took part.)
+/// not take the moved flow back; a FIN entry is never cached. (Each step runs on CPU 0, and
+/// its outcome is the table's whichever tick it falls in; the slot is read back to show the cache took part.)
 #[test]
 fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
     lb_tests::world::pin_to_cpu0()?;
@@ -443,7 +443,8 @@ fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
     );
 
     // FIN: the table records it (the slot is emptied first), so a SYN after it in the same
-    // second is a new connection.
+    // tick is a new connection; the ACKs after it are the table's (a FIN entry's grace counts
+    // from its last packet, which only the table keeps), never the cache's.
     let key = tcp_key(47002);
     let b = establish(&mut world, &tcp(47002, "A"), &key)?;
     sent_to(&mut world, &tcp(47002, "FA"), b)?;
@@ -454,6 +455,8 @@ fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
     world.set_vip_backends(TCP_VIP, &without(b, &[1, 2, 3]))?;
     let next = world.table_backend(&key).expect("backend");
     sent_to(&mut world, &tcp(47002, "A"), b)?;
+    sent_to(&mut world, &tcp(47002, "A"), b)?;
+    assert_eq!(on_cpu0(&world, &key)?, None, "a FIN entry is not cached");
     sent_to(&mut world, &tcp(47002, "S"), next)?;
     world.set_vip_backends(TCP_VIP, &[1, 2, 3])?;
 

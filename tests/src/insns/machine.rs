@@ -152,6 +152,7 @@ impl<'a> Machine<'a> {
             2 => "map update",
             3 => "map delete",
             5 | 160 => "clock",
+            118 => "jiffies",
             7 => "random",
             8 => "cpu id",
             12 => "tail call",
@@ -192,6 +193,8 @@ impl<'a> Machine<'a> {
             // wrote): 5 is bpf_ktime_get_ns, 160 bpf_ktime_get_coarse_ns.
             5 => clock_ns(libc::CLOCK_MONOTONIC),
             160 => clock_ns(libc::CLOCK_MONOTONIC_COARSE),
+            // bpf_jiffies64 (the flow cache's tick).
+            118 => jiffies()?,
             7 => 0x1234_5678,
             8 => 0,
             12 => return Ok(None),
@@ -403,6 +406,16 @@ impl<'a> Machine<'a> {
 }
 
 /// `clock`'s time in nanoseconds, as the BPF clock helpers read it.
+/// The kernel's jiffies now, as `bpf_jiffies64` reads them: the `jiffies:` line of
+/// `/proc/timer_list` (root only), the one place user space can read them.
+fn jiffies() -> anyhow::Result<u64> {
+    let list = std::fs::read_to_string("/proc/timer_list")?;
+    list.lines()
+        .find_map(|l| l.trim().strip_prefix("jiffies:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no jiffies line in /proc/timer_list"))
+}
+
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
