@@ -228,7 +228,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     pub flow_table: String,
     /// Slots per CPU of the flow cache in front of the flow table (a power of two; 0: none).
-    /// A busy flow's packets are decided there, and meet the flow table once a second.
+    /// A busy flow's packets are decided there, and meet the flow table at least once a second.
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_CACHE_SLOTS)]
     pub flow_cache_slots: u32,
     /// Seconds a TCP flow keeps its backend after a FIN once it goes quiet.
