@@ -76,6 +76,40 @@ pub fn v4_addr(a: [u8; 4]) -> [u32; 4] {
     [u32::from_ne_bytes(a), 0, 0, 0]
 }
 
+/// A 2-byte field of the frame as the `u16` `u16::from_ne_bytes` makes of it, read as one
+/// 16-bit word.
+///
+/// The frame starts at an even address (NET_IP_ALIGN is 0 or 2; `forward::l2_dsr` relies on
+/// the same) and the IP and L4 headers sit at even offsets (Ethernet 14, a VLAN tag 4, IPv4
+/// headers multiples of 4, IPv6 40), so their address and port fields are 2-aligned. Read
+/// through their `[u8; N]` types the compiler loads them a byte at a time (BPF has no
+/// unaligned loads): four loads, three shifts and three ors per IPv4 address, where two
+/// 16-bit loads, a shift and an or do.
+///
+/// # Safety
+/// `p` is in the frame (checked by `ptr_at`) at an even offset.
+#[inline(always)]
+unsafe fn word16(p: *const [u8; 2]) -> u16 {
+    // SAFETY: the caller's; 2-aligned as above.
+    unsafe { core::ptr::read(p as *const u16) }
+}
+
+// `frame_v4_addr` puts the first half in the low bits, as `u32::from_ne_bytes` does on a
+// little-endian machine (the program's target, bpfel).
+const _: () = assert!(cfg!(target_endian = "little"));
+
+/// An IPv4 address field of the frame as [`v4_addr`] makes it, read as two 16-bit words.
+///
+/// # Safety
+/// As [`word16`].
+#[inline(always)]
+unsafe fn frame_v4_addr(p: *const [u8; 4]) -> [u32; 4] {
+    let p = p as *const [u8; 2];
+    // SAFETY: the caller's; both halves inside the 4-byte field.
+    let (lo, hi) = unsafe { (word16(p), word16(p.add(1))) };
+    [u32::from(lo) | (u32::from(hi) << 16), 0, 0, 0]
+}
+
 #[inline(always)]
 fn v6_addr(a: [u8; 16]) -> [u32; 4] {
     [
@@ -114,7 +148,8 @@ pub fn prefilter(ctx: &XdpContext) -> Result<Candidate, Verdict> {
     if ether_type == ETH_P_IP {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
         // SAFETY: checked by `ptr_at`.
-        let dst = v4_addr(unsafe { (*ip).dst_addr });
+        // SAFETY: checked by `ptr_at`; an even offset (`word16`).
+        let dst = unsafe { frame_v4_addr(&raw const (*ip).dst_addr) };
         if !maybe_vip_addr(&dst) {
             return Err(NOT_VIP);
         }
@@ -184,7 +219,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
     out.not_vip = not_vip;
     match ip.proto {
         PROTO_TCP | PROTO_UDP => {
-            let src = v4_addr(ip.src_addr);
+            // SAFETY: inside the checked header, at an even offset (`word16`).
+            let src = unsafe { frame_v4_addr(&raw const ip.src_addr) };
             flow(ctx, out, (src, dst, ip.proto, FAMILY_V4), l4, l4_len)
         }
         IPPROTO_ICMP => {
@@ -297,8 +333,11 @@ fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Resul
         if doff < TcpHdr::LEN || doff > l4_len {
             return Err(MALFORMED);
         }
-        key.sport = u16::from_ne_bytes(tcp.source);
-        key.dport = u16::from_ne_bytes(tcp.dest);
+        // SAFETY: inside the checked header, at an even offset (`word16`).
+        unsafe {
+            key.sport = word16(&raw const tcp.source);
+            key.dport = word16(&raw const tcp.dest);
+        }
         // Read through the header pointer itself: the verifier knows its 20 bytes are in the
         // packet, while a freshly computed pointer would need its own bound check.
         // SAFETY: byte 13 of the 20-byte header checked above.
@@ -311,8 +350,11 @@ fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Resul
         if len < UdpHdr::LEN || len > l4_len {
             return Err(MALFORMED);
         }
-        key.sport = u16::from_ne_bytes(udp.src);
-        key.dport = u16::from_ne_bytes(udp.dst);
+        // SAFETY: as for TCP.
+        unsafe {
+            key.sport = word16(&raw const udp.src);
+            key.dport = word16(&raw const udp.dst);
+        }
     }
     Ok(0)
 }
