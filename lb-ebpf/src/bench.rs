@@ -92,7 +92,7 @@ pub fn bench_parse_cache(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: this CPU's slot in map memory, compared in place.
-    if unsafe { (*slot).key.same(&p.key) } {
+    if unsafe { (*slot).holds(&p.key) } {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP

@@ -104,11 +104,17 @@ pub fn cache_fill(slot: *mut FlowCacheSlot, key: &FlowKey, value: &FlowValue, ti
 #[inline(always)]
 pub fn uncache(cfg: &LbConfig, key: &FlowKey) {
     if let Some(slot) = flow_cache(cfg, key) {
-        // SAFETY: this CPU's slot, as in `cache_fill`.
-        unsafe {
-            if (*slot).key.same(key) {
-                (*slot).key.family = 0;
-            }
+        empty_of(slot, key);
+    }
+}
+
+/// Empties this CPU's cache slot `slot` (found for `key`) if it holds `key`'s flow.
+#[inline(always)]
+pub fn empty_of(slot: *mut FlowCacheSlot, key: &FlowKey) {
+    // SAFETY: this CPU's slot, as in `cache_fill`.
+    unsafe {
+        if (*slot).holds(key) {
+            (*slot).key.family = 0;
         }
     }
 }

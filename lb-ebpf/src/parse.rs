@@ -147,7 +147,6 @@ pub fn prefilter(ctx: &XdpContext) -> Result<Candidate, Verdict> {
     }
     if ether_type == ETH_P_IP {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
-        // SAFETY: checked by `ptr_at`.
         // SAFETY: checked by `ptr_at`; an even offset (`word16`).
         let dst = unsafe { frame_v4_addr(&raw const (*ip).dst_addr) };
         if !maybe_vip_addr(&dst) {

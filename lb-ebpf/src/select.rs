@@ -18,7 +18,7 @@ use lb_common::{
 use crate::{
     Verdict,
     maps::{
-        LB_BACKENDS, LB_SLOTS, cache_fill, established, find_vip_id, flow_cache,
+        LB_BACKENDS, LB_SLOTS, cache_fill, empty_of, established, find_vip_id, flow_cache,
         forget_established, forget_probation, on_probation, present_vip, remember_established,
         remember_probation, uncache,
     },
@@ -155,7 +155,8 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
                     Some(slot) if now.flags & FLOW_F_FIN == 0 => {
                         cache_fill(slot, &pkt.key, &now, tick())
                     }
-                    _ => uncache(cfg, &pkt.key),
+                    Some(slot) => empty_of(slot, &pkt.key),
+                    None => uncache(cfg, &pkt.key),
                 }
             }
             return Ok(picked(flow.backend_id, b, flow.vip_id, false));
@@ -232,7 +233,8 @@ fn from_established(
     }
     match cache {
         Some(slot) if now.flags & FLOW_F_FIN == 0 => cache_fill(slot, &pkt.key, &now, tick()),
-        Some(_) => uncache(cfg, &pkt.key),
+        // The slot is at hand: a FIN entry is never cached.
+        Some(slot) => empty_of(slot, &pkt.key),
         None if write => uncache(cfg, &pkt.key),
         None => {}
     }

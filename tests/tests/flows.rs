@@ -375,7 +375,8 @@ fn without_a_flow_table_the_live_table_decides_every_packet() -> anyhow::Result<
 /// RST empties it before the table changes the entry; an entry that no longer decides (its
 /// backend down) is left for the table, so bringing the backend back within the second does
 /// not take the moved flow back; a FIN entry is never cached. (Each step runs on CPU 0, and
-/// its outcome is the table's whichever tick it falls in; the slot is read back to show the cache took part.)
+/// its outcome is the table's whichever tick it falls in; the slot is read back to show the
+/// cache took part.)
 #[test]
 fn the_flow_cache_never_outlives_the_tables_decision() -> anyhow::Result<()> {
     lb_tests::world::pin_to_cpu0()?;

@@ -321,7 +321,8 @@ impl FlowTable {
     }
 
     /// The CPUs whose flow cache holds `key`, with the entry as filled (its `last_seen` is the
-    /// cache tick the slot serves in, `lb_common::cache_tick`; stale slots included). Empty without a cache.
+    /// cache tick the slot serves in, `lb_common::cache_tick`; stale slots included). Empty
+    /// without a cache.
     pub fn cached(&self, key: &FlowKey) -> Result<Vec<(u32, FlowValue)>, Error> {
         if self.cache_slots == 0 {
             return Ok(Vec::new());

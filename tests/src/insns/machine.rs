@@ -405,7 +405,6 @@ impl<'a> Machine<'a> {
     }
 }
 
-/// `clock`'s time in nanoseconds, as the BPF clock helpers read it.
 /// The kernel's jiffies now, as `bpf_jiffies64` reads them: the `jiffies:` line of
 /// `/proc/timer_list` (root only), the one place user space can read them.
 fn jiffies() -> anyhow::Result<u64> {
@@ -416,6 +415,7 @@ fn jiffies() -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no jiffies line in /proc/timer_list"))
 }
 
+/// `clock`'s time in nanoseconds, as the BPF clock helpers read it.
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
