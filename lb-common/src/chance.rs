@@ -1,8 +1,8 @@
 //! Second chance (GLB/Unimog style): each slot names its backend and, during a drain window
-//! after the slot changed hands, the backend before it. In `gue` mode the load balancer puts
-//! the previous backend in the GUE header's private data; the backend's decap program keeps a
-//! packet it owns (a SYN, a packet of one of its sockets, a valid syncookie ACK) and sends any
-//! other to the next hop. Connections therefore survive table changes without per-flow state
+//! after the slot changed hands, the backends before it (up to [`PREVIOUS_HOPS`]). In `gue`
+//! mode the load balancer puts the previous backends in the GUE header's private data; the
+//! backend's decap program keeps a packet it owns (a SYN, a packet of one of its sockets, a
+//! valid syncookie ACK) and sends any other to the next hop. Connections therefore survive table changes without per-flow state
 //! on the load balancer.
 //!
 //! # Wire format (GUE variant 0 with private data)
@@ -27,16 +27,35 @@
 //! header) when a slot has no previous backend, so a steady table costs nothing extra.
 use crate::{FAMILY_V4, IPPROTO_IPIP, IPPROTO_IPV6};
 
-/// Value of [`crate::SLOTS_MAP`]: the slot's backend id and its previous one (0: none, or the
-/// window is over).
+/// Most previous backends a slot carries: one per change of owner within a window, so that
+/// a connection made on an owner that lost the slot two or three changes ago is still found.
+/// Three keep [`Slot`] at 16 bytes (an array map rounds values up to 8 bytes, so 12 would cost
+/// the same) and the hop list within [`GUE_MAX_HOPS`].
+pub const PREVIOUS_HOPS: usize = 3;
+
+/// A slot's previous backends: ids, the most likely owner of old connections first (the
+/// longest-serving), then 0s. Zeros only trail: `previous[0] == 0` means none.
+pub type Previous = [u32; PREVIOUS_HOPS];
+
+/// Value of [`crate::SLOTS_MAP`]: the slot's backend id and its previous ones (see
+/// [`Previous`]; all 0: none, or the windows are over).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Slot {
     pub backend: u32,
-    pub previous: u32,
+    pub previous: Previous,
 }
-const _: () = assert!(core::mem::size_of::<Slot>() == 8);
+const _: () = assert!(core::mem::size_of::<Slot>() == 16);
 const _: () = assert!(core::mem::offset_of!(Slot, previous) == 4);
+const _: () = assert!(PREVIOUS_HOPS <= GUE_MAX_HOPS as usize);
+
+impl Slot {
+    /// Whether the slot carries a previous backend (is in a drain window).
+    #[inline(always)]
+    pub const fn in_window(&self) -> bool {
+        self.previous[0] != 0
+    }
+}
 
 /// Private-data format version.
 pub const GUE_HOPS_VERSION: u8 = 1;

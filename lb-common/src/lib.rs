@@ -50,7 +50,7 @@ pub const VIP_INDEX_MAP: &str = "LB_VIP_INDEX";
 pub const VIP_INDEX_SLOTS: u32 = 1024;
 /// Consecutive entries a key may occupy, from [`vip_index_slot`] on.
 pub const VIP_INDEX_PROBES: u32 = 4;
-/// Slot tables: array of [`Slot`] (backend id and previous backend id), `2 * ring_size`
+/// Slot tables: array of [`Slot`] (backend id and previous backend ids), `2 * ring_size`
 /// entries per VIP id (two generations).
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].

@@ -36,8 +36,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Counter, DECAP_MAX_ADDRS, DECAP_MAX_LOCAL, DecapAddr, DecapConfig, DecapStat, FAMILY_V4,
-    FAMILY_V6, GUE_BASE_LEN, GUE_HOPS_WORD_LEN, HopsHeader, IPPROTO_IPIP, IPPROTO_IPV6, PROTO_UDP,
-    UDP_HDR_LEN, hop_addr_len, parse_hops_word,
+    FAMILY_V6, GUE_BASE_LEN, GUE_HOPS_WORD_LEN, GUE_MAX_HOPS, HopsHeader, IPPROTO_IPIP,
+    IPPROTO_IPV6, PROTO_UDP, UDP_HDR_LEN, hop_addr_len, parse_hops_word,
 };
 use network_types::{
     eth::EthHdr,
@@ -123,6 +123,41 @@ fn decide(raw: *mut c_void, ctx: &impl Frame, found: &Found) -> Decision {
         Some(reason) => Decision::Keep(reason),
         None => Decision::Forward(h),
     }
+}
+
+/// The outer header for the next hop that is not this host: a hop that is another of this
+/// host's addresses (a host may serve a VIP on several) cannot own the flow either, since the
+/// sockets are the host's, and the FIB has no route to ourselves: it is skipped (`h.next`
+/// moves past it), or the hops after it would never be tried. `Err(KeptLastHop)`: none left.
+#[inline(always)]
+fn next_outer_elsewhere(
+    ctx: &impl Frame,
+    h: &mut Hops,
+    ifindex: u32,
+) -> Result<fib::Outer, DecapStat> {
+    let at = (h.word & 0x1ff) + GUE_HOPS_WORD_LEN;
+    // Each hop copied out by the helper (`Frame::load`): read in place at an offset computed
+    // at run time, LLVM addressed the words from the end of the bounds check, which the
+    // verifier refuses. Bounded: the loop unrolls.
+    for i in 0..GUE_MAX_HOPS as usize {
+        if i != h.next as usize || h.next >= h.count {
+            continue;
+        }
+        let local = if h.family == FAMILY_V4 {
+            ctx.load::<u32>(at + 4 * i)
+                .is_some_and(|a| is_local_addr(&[a, 0, 0, 0], FAMILY_V4 as u32))
+        } else {
+            ctx.load::<[u32; 4]>(at + 16 * i)
+                .is_some_and(|a| is_local_addr(&a, FAMILY_V6 as u32))
+        };
+        if local {
+            h.next += 1;
+        }
+    }
+    if h.next >= h.count {
+        return Err(DecapStat::KeptLastHop);
+    }
+    next_outer(ctx, h, ifindex)
 }
 
 /// The outer header as the FIB needs it, with the destination replaced by the next hop.
@@ -224,7 +259,9 @@ fn rewrite_outer(ctx: &impl Frame, h: &Hops, o: &fib::Outer) -> Result<(), Decap
 #[inline(always)]
 fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let o = next_outer(ctx, h, ingress)?;
+    let mut h = *h;
+    let h = &mut h;
+    let o = next_outer_elsewhere(ctx, h, ingress)?;
     match fib::lookup(ctx.ctx as *mut c_void, &o, 0) {
         fib::Fib::Hop(nh) => {
             rewrite_outer(ctx, h, &o)?;
@@ -255,7 +292,9 @@ fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat
 fn forward_tc(ctx: &TcContext, h: &Hops) -> Result<(DecapStat, i32), DecapStat> {
     // SAFETY: reads the skb's device field (at tc ingress, the receiving interface).
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let o = next_outer(ctx, h, ingress)?;
+    let mut h = *h;
+    let h = &mut h;
+    let o = next_outer_elsewhere(ctx, h, ingress)?;
     let (ifindex, nh) = fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
     rewrite_outer(ctx, h, &o)?;
     Ok((
@@ -402,14 +441,31 @@ struct Tunnel {
 /// Whether `a` is one of this host's addresses (from the read-only configuration).
 #[inline(always)]
 fn is_local(a: &DecapAddr) -> bool {
-    // SAFETY: a plain read of an initialised global (volatile: the value written at load time,
-    // not the compile-time default).
-    let cfg = unsafe { core::ptr::read_volatile(&DECAP_CONFIG) };
-    let n = cfg.n_local as usize;
+    is_local_addr(&a.addr, a.family)
+}
+
+/// Whether address `addr` of `family` (IPv4: word 0, the rest 0) is one of this host's. The
+/// configuration is read field by field in place: a copy of it would take 164 bytes of a
+/// stack the tc program has not got to spare.
+#[inline(always)]
+fn is_local_addr(addr: &[u32; 4], family: u32) -> bool {
+    // SAFETY: plain reads of an initialised global (volatile: the values written at load
+    // time, not the compile-time defaults).
+    let n = unsafe { core::ptr::read_volatile(&DECAP_CONFIG.n_local) } as usize;
     let mut i = 0;
     while i < DECAP_MAX_LOCAL {
-        if i < n && cfg.local[i] == *a {
-            return true;
+        if i < n {
+            let l = &DECAP_CONFIG.local[i];
+            // SAFETY: as above.
+            let (f, a) = unsafe {
+                (
+                    core::ptr::read_volatile(&l.family),
+                    core::ptr::read_volatile(&l.addr),
+                )
+            };
+            if f == family && a == *addr {
+                return true;
+            }
         }
         i += 1;
     }

@@ -10,8 +10,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, ENCAP_GUE, FAMILY_V4, IPV4_HDR_LEN, LbConfig, NEXTHOP_TTL_S,
-    NextHopCache, Stat, UDP_HDR_LEN, gue_base_word, gue_hops_word,
+    BACKEND_F_PRESENT, Backend, ENCAP_GUE, FAMILY_V4, GUE_BASE_LEN, GUE_HOPS_WORD_LEN,
+    IPV4_HDR_LEN, LbConfig, NEXTHOP_TTL_S, NextHopCache, PREVIOUS_HOPS, Stat, UDP_HDR_LEN,
+    gue_base_word, gue_hops_word,
 };
 use network_types::{
     eth::EthHdr,
@@ -24,27 +25,51 @@ use crate::{
     fib::{self, Fib, NextHop},
     icmp,
     maps::{LB_BACKENDS, LB_NEXTHOPS, LB_TX_PORTS},
-    outer,
+    outer::{self, Hops},
     parse::{ETH_P_IP, ETH_P_IPV6, Parsed, ptr_at_mut},
     select::Picked,
 };
 
-/// The previous backend's address when the flow's slot is in a drain window and the packet
-/// can carry it: GUE only (IPIP has no room for it), the same family as the outer header, a
-/// present backend entry on another host.
+/// The previous backends' addresses when the flow's slot is in a drain window and the packet
+/// can carry them: GUE only (IPIP has no room for them). The hops are the longest prefix of
+/// the slot's previous backends that are present entries of the outer header's family on
+/// other hosts; the agent writes only such backends (`agent::chance`), so the prefix stops
+/// short only when an entry changed under a packet.
 #[inline(always)]
-pub fn second_chance_hop(picked: &Picked) -> Option<&'static [u32; 4]> {
+pub fn second_chance_hops(picked: &Picked) -> Option<Hops> {
     let b = picked.backend;
-    if picked.previous == 0 || picked.previous == picked.id || b.encap != ENCAP_GUE {
+    let previous = picked.previous?;
+    if b.encap != ENCAP_GUE {
         return None;
     }
-    let prev = LB_BACKENDS.get(picked.previous)?;
-    (prev.flags & BACKEND_F_PRESENT != 0 && prev.family == b.family && prev.addr != b.addr)
-        .then_some(&prev.addr)
+    let carried = |id: u32| -> Option<&'static [u32; 4]> {
+        if id == 0 || id == picked.id {
+            return None;
+        }
+        let prev = LB_BACKENDS.get(id)?;
+        (prev.flags & BACKEND_F_PRESENT != 0 && prev.family == b.family && prev.addr != b.addr)
+            .then_some(&prev.addr)
+    };
+    let first = carried(previous[0])?;
+    let mut hops = Hops {
+        count: 1,
+        addr: [first; PREVIOUS_HOPS],
+    };
+    // Unrolled: each index is a constant.
+    for (i, id) in previous.iter().enumerate().skip(1) {
+        match carried(*id) {
+            Some(a) => {
+                hops.addr[i] = a;
+                hops.count = i as u8 + 1;
+            }
+            None => break,
+        }
+    }
+    Some(hops)
 }
 
-/// Encapsulates `pkt` to `b` and sends it; with `hop`, a GUE header carries it as the next
-/// hop (second chance, `lb_common::chance`).
+/// Encapsulates `pkt` to `b` and sends it; with `hops`, a GUE header carries them as the
+/// next hops (second chance, `lb_common::chance`).
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -52,7 +77,7 @@ pub fn encapsulate(
     pkt: &Parsed,
     id: u32,
     b: &Backend,
-    hop: Option<&'static [u32; 4]>,
+    hops: Option<Hops>,
 ) -> Result<Verdict, Verdict> {
     let ingress = ctx.ingress_ifindex() as u32;
     let inner = outer::Inner {
@@ -60,7 +85,7 @@ pub fn encapsulate(
         len: pkt.ip.len,
         tos: pkt.ip.tos,
     };
-    let plan = outer::plan(cfg, b, &pkt.key, &inner, ingress, hop)
+    let plan = outer::plan(cfg, b, &pkt.key, &inner, ingress, hops)
         .ok_or(Verdict::discard(Stat::DropTooBig))?;
     let next = match next_hop(ctx, id, b, &plan.outer) {
         Fib::Hop(h) => Some(h),
@@ -192,18 +217,30 @@ fn write_headers(
         let udp: *mut UdpHdr = ptr_at_mut(ctx, EthHdr::LEN + ip_len).ok_or(BROKEN)?;
         unsafe { *udp = outer::udp(o) };
     }
-    if let Some(a) = plan.hop {
-        // Word stores of a fixed size per family keep the stack small and the verifier's
-        // bounds simple.
+    if let Some(h) = &plan.hops {
+        // Stores of a fixed size at constant offsets per family and hop (the loop unrolls)
+        // keep the stack small and the verifier's bounds simple; each address is copied from
+        // its map entry straight into the frame.
         let at = EthHdr::LEN + ip_len + UDP_HDR_LEN;
-        let base = gue_base_word(inner_v4, o.family, 1);
-        let hops = gue_hops_word(o.family, 1);
-        if outer_v4 {
-            let p: *mut [u32; 3] = ptr_at_mut(ctx, at).ok_or(BROKEN)?;
-            unsafe { *p = [base, hops, a[0]] };
-        } else {
-            let p: *mut [u32; 6] = ptr_at_mut(ctx, at).ok_or(BROKEN)?;
-            unsafe { *p = [base, hops, a[0], a[1], a[2], a[3]] };
+        let words: *mut [u32; 2] = ptr_at_mut(ctx, at).ok_or(BROKEN)?;
+        unsafe {
+            *words = [
+                gue_base_word(inner_v4, o.family, h.count),
+                gue_hops_word(o.family, h.count),
+            ]
+        };
+        let first = at + GUE_BASE_LEN + GUE_HOPS_WORD_LEN;
+        for i in 0..PREVIOUS_HOPS {
+            if i >= h.count as usize {
+                break;
+            }
+            if outer_v4 {
+                let p: *mut u32 = ptr_at_mut(ctx, first + 4 * i).ok_or(BROKEN)?;
+                unsafe { *p = h.addr[i][0] };
+            } else {
+                let p: *mut [u32; 4] = ptr_at_mut(ctx, first + 16 * i).ok_or(BROKEN)?;
+                unsafe { *p = *h.addr[i] };
+            }
         }
     }
     Ok(())

@@ -134,8 +134,8 @@ fn try_lb(ctx: &XdpContext, candidate: parse::Candidate, len: u64) -> Result<Ver
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, picked.backend)
     } else {
-        let hop = encap::second_chance_hop(&picked);
-        encap::encapsulate(ctx, cfg, &pkt, picked.id, picked.backend, hop)
+        let hops = encap::second_chance_hops(&picked);
+        encap::encapsulate(ctx, cfg, &pkt, picked.id, picked.backend, hops)
     }
 }
 

@@ -27,7 +27,7 @@ pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS,
 #[map(name = "LB_VIP_INDEX")]
 pub static LB_VIP_INDEX: Array<VipIndexEntry> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
 
-/// Two generations of M slots (backend and previous backend) per VIP; see
+/// Two generations of M slots (backend and previous backends) per VIP; see
 /// `lb_common::slot_index`.
 #[map(name = "LB_SLOTS")]
 pub static LB_SLOTS: Array<Slot> =

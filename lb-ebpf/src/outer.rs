@@ -2,8 +2,8 @@
 //! tc health-check path, which write them differently). Formats: `lb_common::encap`'s docs.
 use lb_common::{
     Backend, ENCAP_GUE, FAMILY_V4, FlowKey, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN, IPV6_HDR_LEN,
-    LbConfig, OUTER_TTL, PROTO_UDP, csum_fold, encap_overhead, flow_entropy, gue_hops_len,
-    gue_source_port, outer_source,
+    LbConfig, OUTER_TTL, PREVIOUS_HOPS, PROTO_UDP, csum_fold, encap_overhead, flow_entropy,
+    gue_hops_len, gue_source_port, outer_source,
 };
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -17,9 +17,17 @@ pub struct Plan {
     pub outer: Outer,
     /// Bytes added in front of the inner IP header.
     pub overhead: usize,
-    /// A second-chance hop for the GUE variant-0 header (`lb_common::chance`), when set: the
-    /// previous backend's address in its map entry (no copy: the stack is tight).
-    pub hop: Option<&'static [u32; 4]>,
+    /// Second-chance hops for the GUE variant-0 header (`lb_common::chance`), when set.
+    pub hops: Option<Hops>,
+}
+
+/// The previous backends' addresses a GUE header carries, in their map entries (no copies:
+/// the stack is tight): `count` of them (1 to `PREVIOUS_HOPS`); entries from `count` on
+/// repeat the first, so every one is a valid pointer and each is indexed by a constant.
+#[derive(Clone, Copy)]
+pub struct Hops {
+    pub count: u8,
+    pub addr: [&'static [u32; 4]; PREVIOUS_HOPS],
 }
 
 /// The inner packet as the outer header needs it.
@@ -40,19 +48,15 @@ pub fn plan(
     key: &FlowKey,
     inner: &Inner,
     ifindex: u32,
-    hop: Option<&'static [u32; 4]>,
+    hops: Option<Hops>,
 ) -> Option<Plan> {
     let (inner_v4, inner_len, tos) = (inner.v4, inner.len, inner.tos);
     let gue = b.encap == ENCAP_GUE;
-    let hops = match hop {
-        Some(h) if gue => Some(h),
-        _ => None,
-    };
+    let hops = hops.filter(|_| gue);
     let overhead = encap_overhead(b.encap, b.family)
-        + if hops.is_some() {
-            gue_hops_len(b.family, 1)
-        } else {
-            0
+        + match &hops {
+            Some(h) => gue_hops_len(b.family, h.count),
+            None => 0,
         };
     let len = inner_len + overhead;
     if len > 0xffff {
@@ -78,7 +82,7 @@ pub fn plan(
             ifindex,
         },
         overhead,
-        hop: hops,
+        hops,
     })
 }
 

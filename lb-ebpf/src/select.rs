@@ -11,8 +11,8 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
-    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Slot, Stat, VIP_F_SRC_HASH, VipInfo, cache_tick,
-    entry_decides, probation_hash, slot_index, slot_of,
+    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, VIP_F_SRC_HASH, VipInfo,
+    cache_tick, entry_decides, probation_hash, slot_index, slot_of,
 };
 
 use crate::{
@@ -36,8 +36,10 @@ pub struct Picked {
     pub vip_id: u32,
     /// The flow was placed by the slot table now (no table decided it).
     pub new_flow: bool,
-    /// The slot's previous backend during a drain window (second chance), else 0.
-    pub previous: u32,
+    /// The slot's previous backends (second chance), in the slot's map entry, when the table
+    /// placed the packet; `None` when a remembered entry did (one store on those paths, where
+    /// a copy of the ids cost three).
+    pub previous: Option<&'static Previous>,
 }
 
 /// Where the flow's stale entry was, when one was found but no longer decides.
@@ -95,7 +97,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         // Stateless: the live table decides every packet, nothing is remembered.
         let (vip_id, slot, b, _) = by_table(pkt, cfg)?;
         return Ok(Picked {
-            previous: slot.previous,
+            previous: Some(&slot.previous),
             ..picked(slot.backend, b, vip_id, false)
         });
     }
@@ -248,7 +250,7 @@ fn picked(id: u32, backend: &'static Backend, vip_id: u32, new_flow: bool) -> Pi
         backend,
         vip_id,
         new_flow,
-        previous: 0,
+        previous: None,
     }
 }
 
@@ -265,7 +267,7 @@ pub fn slot_backend(pkt: &Parsed, cfg: &LbConfig) -> Result<(u32, u32), Verdict>
 fn by_table(
     pkt: &Parsed,
     cfg: &LbConfig,
-) -> Result<(u32, Slot, &'static Backend, &'static VipInfo), Verdict> {
+) -> Result<(u32, &'static Slot, &'static Backend, &'static VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
     if vip.backend_count == 0 {
@@ -278,7 +280,7 @@ fn by_table(
         cfg.ring_size,
     )
     .ok_or(NO_BACKEND)?;
-    let slot = *LB_SLOTS
+    let slot = LB_SLOTS
         .get(slot_index(vip_id, vip.active_gen, cfg.ring_size, slot))
         .ok_or(NO_BACKEND)?;
     let b = LB_BACKENDS.get(slot.backend).ok_or(NO_BACKEND)?;
@@ -301,14 +303,14 @@ fn place(
 ) -> Result<Picked, Verdict> {
     let (vip_id, slot, b, vip) = by_table(pkt, cfg)?;
     let id = slot.backend;
-    if pkt.icmp_error || slot.previous != 0 || b.encap == ENCAP_NAT {
+    if pkt.icmp_error || slot.in_window() || b.encap == ENCAP_NAT {
         // An ICMP error is steered like its flow, never a reason to remember one. A slot
-        // with a previous backend is in its drain window: the flow may belong to either, and
-        // only the backends can tell (second chance), so every packet is placed by the table
-        // and carries both until the window ends. A NAT VIP's connections live in the NAT
+        // with previous backends is in its drain window: the flow may belong to any of them,
+        // and only the backends can tell (second chance), so every packet is placed by the
+        // table and carries them all until the window ends. A NAT VIP's connections live in the NAT
         // table, which decides their backend (`nat::forward`).
         return Ok(Picked {
-            previous: slot.previous,
+            previous: Some(&slot.previous),
             ..picked(id, b, vip_id, false)
         });
     }

@@ -76,12 +76,24 @@ pub fn outer(
 
 /// A GUE variant-0 header with one hop (the documented format), `next` as given.
 pub fn gue_hop(inner_v4: bool, hop: IpAddr, next: u8) -> Vec<u8> {
-    let (words, fam, addr): (u8, u8, Vec<u8>) = match hop {
-        IpAddr::V4(a) => (2, 4, a.octets().to_vec()),
-        IpAddr::V6(a) => (5, 6, a.octets().to_vec()),
-    };
-    let mut g = vec![words, if inner_v4 { 4 } else { 41 }, 0, 0, 1, next, 1, fam];
-    g.extend_from_slice(&addr);
+    gue_hops(inner_v4, &[hop], next)
+}
+
+/// A GUE variant-0 header with `hops` (one family; the documented format), `next` as given.
+pub fn gue_hops(inner_v4: bool, hops: &[IpAddr], next: u8) -> Vec<u8> {
+    let fam = if hops[0].is_ipv4() { 4 } else { 6 };
+    let addrs: Vec<u8> = hops
+        .iter()
+        .flat_map(|h| match h {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        })
+        .collect();
+    let words = (4 + addrs.len()) / 4;
+    let count = hops.len() as u8;
+    let mut g = vec![words as u8, if inner_v4 { 4 } else { 41 }, 0, 0];
+    g.extend_from_slice(&[1, next, count, fam]);
+    g.extend_from_slice(&addrs);
     g
 }
 

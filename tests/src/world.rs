@@ -41,8 +41,8 @@ pub struct WorldVip {
     pub udp_idle_s: u32,
     pub backends: Vec<u32>,
     pub table: Vec<u32>,
-    /// Previous backend per slot (second chance), or empty.
-    pub previous: Vec<u32>,
+    /// Previous backends per slot (second chance), or empty.
+    pub previous: Vec<lb_common::Previous>,
 }
 
 /// The slot table of equal-weight backends `ids` (keys `backend-ID`).
@@ -278,17 +278,32 @@ impl World {
     }
 
     /// Replaces the backend set of VIP number `index` with second chance: each slot that
-    /// changes hands keeps its old backend as previous.
+    /// changes hands carries its old backend as the first previous one, then the previous
+    /// ones it had (the new owner left out, at most `PREVIOUS_HOPS`).
     pub fn move_with_previous(&mut self, index: usize, backends: &[u32]) -> anyhow::Result<()> {
         let mut v = self.vips[index].clone();
         let old = v.table.clone();
+        let before = std::mem::take(&mut v.previous);
         v.backends = backends.to_vec();
-        v.previous = Vec::new();
         let table = table_of(&v.backends);
         v.previous = table
             .iter()
             .zip(&old)
-            .map(|(n, o)| if n == o { 0 } else { *o })
+            .enumerate()
+            .map(|(s, (n, o))| {
+                let had = before.get(s).copied().unwrap_or_default();
+                if n == o {
+                    return had;
+                }
+                let mut p = lb_common::Previous::default();
+                let ids = std::iter::once(*o)
+                    .chain(had)
+                    .filter(|id| *id != 0 && id != n);
+                for (slot, id) in p.iter_mut().zip(ids) {
+                    *slot = id;
+                }
+                p
+            })
             .collect();
         v.table = table;
         let params = VipParams {

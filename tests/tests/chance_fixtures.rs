@@ -1,13 +1,14 @@
 //! Second-chance fixtures through the real programs (BPF_PROG_TEST_RUN), inside a namespace
 //! whose FIB gives known next hops and which holds real sockets for the backend side:
-//! - the load balancer writes the slot's previous backend into a GUE variant-0 header (exact
-//!   bytes, IPv4 and IPv6), and plain variant 1 for slots without one;
+//! - the load balancer writes the slot's previous backends (one to three) into a GUE
+//!   variant-0 header (exact bytes, IPv4 and IPv6), and plain variant 1 for slots without one;
 //! - the decap program keeps a SYN, a packet of an established socket, a syncookie ACK and a
 //!   connected UDP socket's datagram, forwards an unknown flow's packet to the next hop (exact
 //!   bytes: destination, TTL, checksum, `next`), and keeps it when no hop is left.
 use std::{
+    collections::BTreeMap,
     io::Read as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -17,7 +18,7 @@ use lb_common::{
     DecapStat as D, ENCAP_GUE, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port, slot_of,
 };
 use lb_tests::{
-    chance::{CLIENT4, CLIENT6, VIP4, VIP6, gue_hop, outer, sockets},
+    chance::{CLIENT4, CLIENT6, VIP4, VIP6, gue_hop, gue_hops, outer, sockets},
     frames::{v4, v6},
     routed::{FibNs, GW_MAC},
     world::{RING, SCENE, SEED, World, flow_key, ip, xdp_md},
@@ -46,12 +47,11 @@ fn tcp6(sport: u16, syn: bool) -> Vec<u8> {
     out
 }
 
-/// A flow to VIP `vip_index` of the world whose slot names a previous backend, and one whose
-/// slot does not.
-fn flows(world: &World, vip_index: usize, v6: bool) -> (u16, u16) {
+/// For each number of previous backends a slot of VIP `vip_index` carries (0 to
+/// `PREVIOUS_HOPS`), a client port whose flow lands in such a slot, where there is one.
+fn flows(world: &World, vip_index: usize, v6: bool) -> BTreeMap<usize, u16> {
     let v = &world.vips[vip_index];
-    let mut with = None;
-    let mut without = None;
+    let mut found = BTreeMap::new();
     for sport in 30000..40000u16 {
         let key = if v6 {
             flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP)
@@ -59,38 +59,42 @@ fn flows(world: &World, vip_index: usize, v6: bool) -> (u16, u16) {
             flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP)
         };
         let slot = slot_of(&key, SEED, false, RING).expect("slot") as usize;
-        if v.previous[slot] != 0 {
-            with.get_or_insert(sport);
-        } else {
-            without.get_or_insert(sport);
-        }
-        if let (Some(a), Some(b)) = (with, without) {
-            return (a, b);
-        }
+        let hops = v
+            .previous
+            .get(slot)
+            .map_or(0, |p| p.iter().filter(|id| **id != 0).count());
+        found.entry(hops).or_insert(sport);
     }
-    panic!("no flows found")
+    found
 }
 
 #[test]
-fn load_balancer_carries_the_previous_backend_in_gue_private_data() -> anyhow::Result<()> {
+fn load_balancer_carries_the_previous_backends_in_gue_private_data() -> anyhow::Result<()> {
     let f = FibNs::new()?;
     let mut world = World::new()?;
     let addrs4 = ["10.41.0.2", "10.41.0.3", "10.41.0.4"];
-    let addrs6 = ["fd00:41::2", "fd00:41::3"];
+    let addrs6 = ["fd00:41::2", "fd00:41::3", "fd00:41::4", "fd00:41::5"];
     for (i, a) in addrs4.iter().enumerate() {
         world.set_backend_encap(i as u32 + 1, ip(a), ENCAP_GUE, ip(LB4))?;
     }
     for (i, a) in addrs6.iter().enumerate() {
         world.set_backend_encap(i as u32 + 4, ip(a), ENCAP_GUE, ip(LB6))?;
     }
-    // Backend 3 (IPv4) and 5 (IPv6) leave: their slots keep them as previous.
+    // IPv4: backend 3 leaves, then 2: slots 3 -> 2 -> 1 carry 2 and 3, slots that moved once
+    // one backend, slots of 1 none. IPv6: 4 and 5 hand every slot to 6, 6 to 7, 7 to 4: a
+    // slot that was 5's carries 7, 6 and 5; one that was 4's, 7 and 6 (4 owns it again).
     world.move_with_previous(0, &[1, 2])?;
-    world.move_with_previous(4, &[4])?;
+    world.move_with_previous(0, &[1])?;
+    for set in [[6], [7], [4]] {
+        world.move_with_previous(4, &set)?;
+    }
     f.ns.run(|| -> anyhow::Result<()> {
         for v6 in [false, true] {
             let index = if v6 { 4 } else { 0 };
-            let (with, without) = flows(&world, index, v6);
-            for (sport, carried) in [(with, true), (without, false)] {
+            let found = flows(&world, index, v6);
+            let counts: Vec<usize> = found.keys().copied().collect();
+            assert_eq!(counts, if v6 { vec![2, 3] } else { vec![0, 1, 2] });
+            for (hops, sport) in found {
                 let (frame, key): (Vec<u8>, FlowKey) = if v6 {
                     let k = flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP);
                     (tcp6(sport, false), k)
@@ -108,17 +112,24 @@ fn load_balancer_carries_the_previous_backend_in_gue_private_data() -> anyhow::R
                     }
                 };
                 let to = backend(v.table[slot]);
-                let gue = if carried {
-                    assert_eq!(v.previous[slot], if v6 { 5 } else { 3 });
-                    gue_hop(!v6, backend(v.previous[slot]), 0)
-                } else {
+                let carried: Vec<IpAddr> = v
+                    .previous
+                    .get(slot)
+                    .into_iter()
+                    .flatten()
+                    .filter(|id| **id != 0)
+                    .map(|id| backend(*id))
+                    .collect();
+                let gue = if hops == 0 {
                     Vec::new()
+                } else {
+                    gue_hops(!v6, &carried, 0)
                 };
                 let src = ip(if v6 { LB6 } else { LB4 });
                 // Twice: a slot in its window is never remembered, so both packets carry it.
                 for pass in 0..2 {
                     let (action, out) = world.run_on(&frame, f.ifindex)?;
-                    assert_eq!(action, XDP_TX, "v6 {v6} carried {carried} pass {pass}");
+                    assert_eq!(action, XDP_TX, "v6 {v6} hops {hops} pass {pass}");
                     let want = outer(
                         GW_MAC,
                         f.mac,
@@ -128,13 +139,13 @@ fn load_balancer_carries_the_previous_backend_in_gue_private_data() -> anyhow::R
                         &gue,
                         &frame[14..],
                     );
-                    assert_eq!(out, want, "v6 {v6} carried {carried} pass {pass}: bytes");
+                    assert_eq!(out, want, "v6 {v6} hops {hops} pass {pass}: bytes");
                 }
             }
         }
         Ok(())
     })??;
-    assert!(world.dp.stats.global()?.get(Stat::Forwarded).packets >= 8);
+    assert!(world.dp.stats.global()?.get(Stat::Forwarded).packets >= 10);
     Ok(())
 }
 
@@ -301,6 +312,64 @@ fn backend_keeps_what_it_owns_and_forwards_the_rest() -> anyhow::Result<()> {
                 }
                 assert_eq!(out, want, "{name} (tc {tc}): forwarded bytes");
                 assert_eq!(decap_count(&mut ebpf, D::Forwarded)?, before + 1, "{name}");
+            }
+            // Three hops, this host the first of them: on to the second, `next` 2, whether
+            // the packet comes as the first hop (`next` 1) or the load balancer sent it to this
+            // host first (`next` 0: the first hop is this host again, skipped). A list whose
+            // only hop left is this host: kept.
+            for v4_inner in [true, false] {
+                let (inner, pair, hops) = if v4_inner {
+                    let h = [ip("10.41.0.2"), ip("10.41.0.3"), ip("10.41.0.4")];
+                    (tcp4(CLIENT4, 40006, "A", b"x"), lb4, h)
+                } else {
+                    let h = [ip("fd00:41::2"), ip("fd00:41::3"), ip("fd00:41::4")];
+                    (tcp6(40007, false), lb6, h)
+                };
+                let at = |dst: IpAddr, next: u8| {
+                    outer(
+                        f.mac,
+                        rx_mac,
+                        (pair.0, dst),
+                        50000,
+                        7,
+                        &gue_hops(v4_inner, &hops, next),
+                        &inner[14..],
+                    )
+                };
+                let mut want = at(hops[1], 2);
+                want[..12].copy_from_slice(&[GW_MAC, f.mac].concat());
+                if v4_inner {
+                    want[22] = 63;
+                    let h = Ipv4Header::from_slice(&want[14..])?.0;
+                    want[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+                } else {
+                    want[21] = 63;
+                }
+                for next in [1, 0] {
+                    let frame = at(hops[0], next);
+                    let (action, out) = decap_run(&mut ebpf, &frame, tc, f.ifindex)?;
+                    let mut want = want.clone();
+                    if tc {
+                        want[..12].copy_from_slice(&frame[..12]);
+                    }
+                    let sent = if tc { TC_ACT_REDIRECT } else { XDP_TX };
+                    let name = format!("three hops from {next}, v4 {v4_inner} (tc {tc})");
+                    assert_eq!(action, sent, "{name}");
+                    assert_eq!(out, want, "{name}: bytes");
+                }
+                let only_us = outer(
+                    f.mac,
+                    rx_mac,
+                    (pair.0, hops[0]),
+                    50000,
+                    7,
+                    &gue_hops(v4_inner, &hops[..1], 0),
+                    &inner[14..],
+                );
+                let before = decap_count(&mut ebpf, D::KeptLastHop)?;
+                let (action, out) = decap_run(&mut ebpf, &only_us, tc, f.ifindex)?;
+                assert_eq!((action, out), (XDP_PASS, kept(&only_us, &inner)), "only us");
+                assert_eq!(decap_count(&mut ebpf, D::KeptLastHop)?, before + 1);
             }
         }
         Ok(())

@@ -423,7 +423,7 @@ impl Core {
                 live.is_some_and(|l| Arc::ptr_eq(&l.table, &t.table) || *l.table == *t.table)
             });
             let previous_slots =
-                |id: u32| live.map_or(0, |l| l.previous.iter().filter(|p| **p == id).count());
+                |id: u32| live.map_or(0, |l| l.previous.iter().filter(|p| p.contains(&id)).count());
             let known: BTreeSet<u32> = self
                 .ids
                 .backends
@@ -431,7 +431,11 @@ impl Core {
                 .map(|m| m.values().copied().collect())
                 .unwrap_or_default();
             let mut retired: BTreeMap<u32, usize> = BTreeMap::new();
-            for p in live.map(|l| l.previous.iter()).into_iter().flatten() {
+            for p in live
+                .map(|l| l.previous.iter().flatten())
+                .into_iter()
+                .flatten()
+            {
                 if *p != 0 && !known.contains(p) {
                     *retired.entry(*p).or_insert(0) += 1;
                 }

@@ -82,7 +82,7 @@ fn check(actual: &KernelView, op: &Op) -> Option<String> {
             table, previous, ..
         } => table
             .iter()
-            .chain(previous.iter().filter(|id| **id != 0))
+            .chain(previous.iter().flatten().filter(|id| **id != 0))
             .find(|id| !actual.backends.contains_key(id))
             .map(|id| format!("table names absent backend {id}")),
         _ => None,

@@ -13,7 +13,7 @@ use crate::{
 /// The kernel maps, seen through the writes the reconciler makes.
 /// A live slot table read from the kernel: each slot's backend id, and each slot's previous
 /// backend id (empty when no slot carries one).
-pub type LiveSlots = (Vec<u32>, Vec<u32>);
+pub type LiveSlots = (Vec<u32>, Vec<lb_common::Previous>);
 
 pub trait Kernel: Send {
     /// What the kernel holds, as last read or written.

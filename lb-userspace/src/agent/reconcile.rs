@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, VIP_F_SRC_HASH, VipKey};
+use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, Previous, VIP_F_SRC_HASH, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -135,8 +135,9 @@ pub struct VipTarget {
     pub params: VipParams,
     /// M backend ids, or empty for "no backend".
     pub table: Arc<Vec<u32>>,
-    /// M previous backend ids during a second-chance window (0: none), or empty.
-    pub previous: Arc<Vec<u32>>,
+    /// M slots' previous backend ids during a second-chance window (`lb_common::Previous`:
+    /// 0s trail, all 0: none), or empty.
+    pub previous: Arc<Vec<Previous>>,
 }
 
 /// A VIP's table as published (what the kernel's live generation holds).
@@ -144,13 +145,13 @@ pub struct VipTarget {
 pub struct Live {
     pub params: VipParams,
     pub table: Arc<Vec<u32>>,
-    pub previous: Arc<Vec<u32>>,
+    pub previous: Arc<Vec<Previous>>,
 }
 
 impl Live {
     /// Whether the table names `id`, as backend or previous backend.
     pub fn names(&self, id: u32) -> bool {
-        self.table.contains(&id) || self.previous.contains(&id)
+        self.table.contains(&id) || self.previous.iter().any(|p| p.contains(&id))
     }
 }
 
@@ -302,8 +303,8 @@ pub enum Op {
         id: u32,
         params: VipParams,
         table: Arc<Vec<u32>>,
-        /// Previous backend per slot (second chance), or empty.
-        previous: Arc<Vec<u32>>,
+        /// Previous backends per slot (second chance), or empty.
+        previous: Arc<Vec<Previous>>,
         new: bool,
     },
     /// Mark backend `id` absent; flows remembered on it are placed again.

@@ -86,19 +86,32 @@ impl Core {
         let slot_backend = live
             .and_then(|l| l.table.get(slot as usize).copied())
             .and_then(|id| self.backend_addr(vip, id));
-        // The kernel carries the previous backend as the second hop (gue only), when the
-        // flow table does not decide the flow.
-        let previous_backend = live
-            .and_then(|l| l.previous.get(slot as usize).copied())
-            .filter(|id| *id != 0)
-            .and_then(|id| self.kernel.view().backends.get(&id).map(|b| b.addr))
-            .filter(|p| Some(*p) != slot_backend && spec.forward == Forward::Gue);
+        // The kernel carries the previous backends as the next hops (gue only), when the flow
+        // table does not decide the flow: the longest prefix of the slot's previous backends
+        // that are present, of the slot backend's family and on another address
+        // (`encap::second_chance_hops`).
+        let view = self.kernel.view();
+        let previous: Vec<BackendAddr> = match (live, slot_backend) {
+            (Some(l), Some(owner)) if spec.forward == Forward::Gue => l
+                .previous
+                .get(slot as usize)
+                .into_iter()
+                .flatten()
+                .map_while(|id| view.backends.get(id).map(|b| b.addr))
+                .take_while(|p| p.ip.is_ipv4() == owner.ip.is_ipv4() && p.ip != owner.ip)
+                .collect(),
+            _ => Vec::new(),
+        };
         let flow_backend = self
             .kernel
             .flow_backend(&key, vip_id)?
             .and_then(|id| self.backend_addr(vip, id));
         let next_packet_to = flow_backend.or(slot_backend);
-        let previous_backend = previous_backend.filter(|_| flow_backend.is_none());
+        let previous_backends = if flow_backend.is_none() {
+            previous
+        } else {
+            Vec::new()
+        };
         let outer = next_packet_to
             .filter(|_| spec.forward.encapsulates())
             .and_then(|b| self.outer_view(spec.forward, b.ip, &key));
@@ -107,7 +120,7 @@ impl Core {
             vip_id,
             slot,
             slot_backend,
-            previous_backend,
+            previous_backends,
             flow_backend,
             next_packet_to,
             forward: spec.forward,

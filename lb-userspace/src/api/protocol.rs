@@ -222,10 +222,10 @@ pub struct Trace {
     pub slot: u32,
     /// Backend the slot table gives a new flow.
     pub slot_backend: Option<BackendAddr>,
-    /// The slot's previous backend during a drain window: the second hop a `gue` packet
-    /// carries (the first backend sends it there unless it owns the flow).
+    /// The slot's previous backends during a drain window, in hop order: the next hops a
+    /// `gue` packet carries (each backend sends it on unless it owns the flow).
     #[serde(default)]
-    pub previous_backend: Option<BackendAddr>,
+    pub previous_backends: Vec<BackendAddr>,
     /// Backend remembered in the flow table, if the flow is known.
     pub flow_backend: Option<BackendAddr>,
     /// Where the next packet goes.

@@ -326,7 +326,7 @@ async fn trace(
             "VIP ID",
             "SLOT",
             "SLOT BACKEND",
-            "PREVIOUS (2ND HOP)",
+            "PREVIOUS (NEXT HOPS)",
             "FLOW ENTRY",
             "NEXT PACKET TO",
             "FORWARD",
@@ -337,7 +337,15 @@ async fn trace(
             t.vip_id.to_string(),
             t.slot.to_string(),
             show(t.slot_backend),
-            show(t.previous_backend),
+            if t.previous_backends.is_empty() {
+                "-".to_string()
+            } else {
+                t.previous_backends
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
             show(t.flow_backend),
             show(t.next_packet_to),
             t.forward.to_string(),

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuValues;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, ENCAP_L2, FlowKey, LbConfig, PacketFacts, VIP_F_PRESENT,
+    BACKEND_F_PRESENT, Backend, ENCAP_L2, FlowKey, LbConfig, PacketFacts, Previous, VIP_F_PRESENT,
     entry_decides,
 };
 
@@ -266,8 +266,8 @@ impl Kernel for MapsKernel {
         for s in 0..m {
             let slot = self.dp.slots.get(vip_id, info.active_gen, s)?;
             table.push(slot.backend);
-            if slot.previous != 0 && previous.is_empty() {
-                previous = vec![0; m as usize];
+            if slot.in_window() && previous.is_empty() {
+                previous = vec![Previous::default(); m as usize];
             }
             if !previous.is_empty() {
                 previous[s as usize] = slot.previous;

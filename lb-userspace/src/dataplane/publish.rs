@@ -4,13 +4,13 @@
 //! already finds a complete table.
 use std::collections::BTreeSet;
 
-use lb_common::{Slot, VIP_F_PRESENT, VipInfo, VipKey};
+use lb_common::{Previous, Slot, VIP_F_PRESENT, VipInfo, VipKey};
 
 use crate::{Dataplane, Error, agent::reconcile::VipParams};
 
 impl Dataplane {
     /// Makes `slots` (M backend ids, or empty for "no backend") the live table of VIP `key`
-    /// under id `id` with `params`, with `previous` (M previous backend ids during a
+    /// under id `id` with `params`, with `previous` (M slots' previous backend ids during a
     /// second-chance window, or empty), creating the VIP if needed. Returns its state.
     pub fn publish_vip(
         &mut self,
@@ -18,7 +18,7 @@ impl Dataplane {
         id: u32,
         params: VipParams,
         slots: &[u32],
-        previous: &[u32],
+        previous: &[Previous],
     ) -> Result<VipInfo, Error> {
         let old = self.vips.info(id)?;
         let bound = self.vips.id_of(key)?;
@@ -39,7 +39,7 @@ impl Dataplane {
         let table: Vec<Slot> = (0..m)
             .map(|s| Slot {
                 backend: slots.get(s).copied().unwrap_or(0),
-                previous: previous.get(s).copied().unwrap_or(0),
+                previous: previous.get(s).copied().unwrap_or_default(),
             })
             .collect();
         if !slots.is_empty() && slots.len() != m {

@@ -1,37 +1,41 @@
-//! Second chance's pure core: which previous backend each slot carries (GLB's "secondary",
-//! Unimog's "previous"), from each slot's ownership history.
+//! Second chance's pure core: which previous backends each slot carries (GLB's "secondary",
+//! Unimog's "previous"; up to `lb_common::PREVIOUS_HOPS`), from each slot's ownership history.
 //!
 //! Rules (the README's "Second chance" section says the same):
 //! - Every time a slot of a `gue` VIP with `second_chance_s > 0` changes hands, the owner that
 //!   loses it has held it for some time (its *tenure*). The slot remembers, as its candidate
-//!   previous backend, the owner with the longest tenure among those that lost the slot less
-//!   than `second_chance_s` ago. Connections accumulate with time, so the longest-serving
-//!   recent owner is the one most likely to hold them: after a burst of changes (a rollout, a
-//!   series of `lb backend` commands), the owner from before the burst stays the previous one
-//!   however many times the slot moves. A table found in the kernel at start counts as held
+//!   previous backends, the `PREVIOUS_HOPS` owners with the longest tenures among those that
+//!   lost the slot less than `second_chance_s` ago, the longest first. Connections accumulate
+//!   with time, so the longest-serving recent owners are the likeliest to hold them: after a
+//!   burst of changes (a rollout, a series of `lb backend` commands), the owner from before the
+//!   burst stays a previous one however many times the slot moves, and up to two changes
+//!   within a window lose nobody (a connection made on the owner between two changes is
+//!   carried beside the owner before it). A table found in the kernel at start counts as held
 //!   for ever.
-//! - A slot carries its previous backend for `second_chance_s` after that backend lost it,
+//! - A slot carries each previous backend for `second_chance_s` after that backend lost it,
 //!   only when it differs from the slot's backend and is usable: in the desired state and not
-//!   health-down, or removed from it (*retired*) but still held by the kernel and not down.
+//!   health-down, or removed from it (*retired*) but still held by the kernel and not down;
+//!   and when the kernel can carry it: the family of the slot's backend, another address.
 //!   Retired backends stay in the kernel, marked drained, while a slot names them; their ids are
 //!   not reused meanwhile (the kernel holds them).
 //! - An agent that restarts resumes the history the previous run saved ([`saved`], written
-//!   beside the state file after every change of it): each slot's owner, its start time, the
-//!   candidate previous backend, its tenure and when it lost the slot. A slot whose saved
-//!   owner and previous backend are what the kernel's table holds keeps its times; any other
-//!   slot (no saved history, a history older than the last table written before a kill -9)
-//!   adopts the previous backend the kernel carries, for a whole window from the start, and
-//!   counts as its longest-serving recent owner (nothing says otherwise).
-//! - One previous backend per slot (the GUE format allows more hops; the tables carry one):
-//!   connections of a short-lived owner between two changes are not covered when an older,
-//!   longer-serving owner is; the same limit as GLB and Unimog.
+//!   beside the state file after every change of it): each slot's owner, its start time, and
+//!   the candidates with their tenures and when they lost the slot. A slot whose saved owner is
+//!   what the kernel's table holds, and whose carried previous backends are saved candidates,
+//!   keeps its times; any other slot (no saved history, a history older than the last table
+//!   written before a kill -9) adopts the previous backends the kernel carries, for a whole
+//!   window from the start, counted as its longest-serving recent owners (nothing says
+//!   otherwise).
+//! - `PREVIOUS_HOPS` previous backends per slot (the GUE format allows four hops): after more
+//!   changes than that within a window, the connections of the shortest-serving owners are
+//!   not covered.
 use std::{
     collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED};
+use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, PREVIOUS_HOPS, Previous};
 
 use crate::{
     agent::reconcile::{BackendTarget, KernelView, Target},
@@ -49,6 +53,18 @@ const LONG_AGO: u32 = 0;
 /// older ones become 1 (long ago, but not "for ever").
 const EPOCH_DS: u32 = 10_000_000;
 
+/// An owner that lost a slot: its id (0: none), how long it had held the slot (its tenure,
+/// `u32::MAX`: for ever) and when it lost it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    pub id: u32,
+    pub tenure: u32,
+    pub ended: u32,
+}
+
+/// A slot's candidate previous backends: the longest-serving first, empty ones (id 0) last.
+pub type Candidates = [Candidate; PREVIOUS_HOPS];
+
 /// One VIP's slot history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct History {
@@ -56,10 +72,8 @@ pub struct History {
     current: Vec<u32>,
     /// When each slot's owner got it.
     since: Vec<u32>,
-    /// Each slot's candidate previous backend (0: none), its tenure and when it lost the slot.
-    best: Vec<u32>,
-    tenure: Vec<u32>,
-    ended: Vec<u32>,
+    /// Each slot's candidate previous backends.
+    candidates: Vec<Candidates>,
 }
 
 impl History {
@@ -68,49 +82,61 @@ impl History {
         History {
             current,
             since: vec![since; m],
-            best: vec![0; m],
-            tenure: vec![0; m],
-            ended: vec![0; m],
+            candidates: vec![Candidates::default(); m],
         }
     }
 
     /// A history adopted from the kernel at start: the live table has been there "for ever",
-    /// and each slot's live previous backend (a previous run's choice) stays its candidate,
+    /// and each slot's live previous backends (a previous run's choice) stay its candidates,
     /// carried for a whole window from `now` (how much of it had passed is not known).
     ///
     /// With `saved` (the previous run's history, its times in this run's clock), every slot
-    /// whose saved owner and candidate are what the kernel holds keeps the saved times.
-    fn adopted(current: Vec<u32>, previous: &[u32], now: u32, saved: Option<&History>) -> Self {
+    /// whose saved owner is what the kernel holds and whose carried previous backends are
+    /// among the saved candidates keeps the saved times (a candidate the previous run did not
+    /// carry, being down or expired, is still in the history).
+    fn adopted(
+        current: Vec<u32>,
+        previous: &[Previous],
+        now: u32,
+        saved: Option<&History>,
+    ) -> Self {
         let mut h = History::new(current, LONG_AGO);
         let saved = saved.filter(|o| o.current.len() == h.current.len());
-        let carried = |s: usize| previous.get(s).copied().unwrap_or(0);
         for s in 0..h.current.len() {
-            let p = carried(s);
+            let carried = previous.get(s).copied().unwrap_or_default();
+            let carried = carried
+                .iter()
+                .copied()
+                .filter(|p| *p != 0 && *p != h.current[s]);
             if let Some(o) = saved
                 && o.current[s] == h.current[s]
-                && (p == 0 || p == o.best[s])
+                && carried
+                    .clone()
+                    .all(|p| o.candidates[s].iter().any(|c| c.id == p))
             {
                 h.since[s] = o.since[s];
-                h.best[s] = o.best[s];
-                h.tenure[s] = o.tenure[s];
-                h.ended[s] = o.ended[s];
-            } else if p != 0 && p != h.current[s] {
-                h.best[s] = p;
-                h.tenure[s] = u32::MAX;
-                h.ended[s] = now;
+                h.candidates[s] = o.candidates[s];
+                continue;
+            }
+            for (i, p) in carried.enumerate() {
+                h.candidates[s][i] = Candidate {
+                    id: p,
+                    tenure: u32::MAX,
+                    ended: now,
+                };
                 // The slot's owner got it within the last window: its tenure starts now,
-                // shorter than the previous one's, so a later change keeps the previous
-                // backend (a tie would hand the candidacy to the short-lived owner).
+                // shorter than the previous ones', so a later change keeps them (a tie would
+                // hand a candidacy to the short-lived owner).
                 h.since[s] = now;
             }
         }
         h
     }
 
-    /// Each slot's candidate previous backend and its tenure (tests compare histories).
+    /// Each slot's candidate previous backends (tests compare histories).
     #[cfg(test)]
-    pub fn candidates(&self) -> (&[u32], &[u32]) {
-        (&self.best, &self.tenure)
+    pub fn candidates(&self) -> &[Candidates] {
+        &self.candidates
     }
 
     /// Records the table becoming `table` at `now`; says whether anything changed.
@@ -132,32 +158,60 @@ impl History {
             } else {
                 now.saturating_sub(self.since[s])
             };
-            let expired = now >= self.ended[s].saturating_add(window);
-            // A slot coming back to its candidate previous owner gives it its old tenure back
+            let c = &mut self.candidates[s];
+            for x in c.iter_mut() {
+                if x.id != 0 && now >= x.ended.saturating_add(window) {
+                    *x = Candidate::default();
+                }
+            }
+            // A slot coming back to a candidate previous owner gives it its old tenure back
             // (its connections from then are still there), without the time it was away.
-            let back = self.best[s] == *new && !expired;
-            let since = if !back {
-                now
-            } else if self.tenure[s] == u32::MAX {
-                LONG_AGO
-            } else {
-                now.saturating_sub(self.tenure[s]).max(1)
+            let since = match c.iter_mut().find(|x| x.id == *new) {
+                Some(x) => {
+                    let t = x.tenure;
+                    *x = Candidate::default();
+                    if t == u32::MAX {
+                        LONG_AGO
+                    } else {
+                        now.saturating_sub(t).max(1)
+                    }
+                }
+                None => now,
             };
-            if old != 0
-                && (self.best[s] == 0
-                    || expired
-                    || tenure >= self.tenure[s]
-                    || self.best[s] == *new)
-            {
-                self.best[s] = old;
-                self.tenure[s] = tenure;
-                self.ended[s] = now;
+            if old != 0 {
+                remember(
+                    c,
+                    Candidate {
+                        id: old,
+                        tenure,
+                        ended: now,
+                    },
+                );
             }
             self.current[s] = *new;
             self.since[s] = since;
         }
         changed
     }
+}
+
+/// Takes `lost` among a slot's candidates: in a free place, else in place of the candidate
+/// with the shortest tenure if `lost` served at least as long (connections accumulate with
+/// time: the longest-serving recent owners are the likeliest to hold them). Keeps the order:
+/// longest tenure first, empty places last.
+fn remember(c: &mut Candidates, lost: Candidate) {
+    for x in c.iter_mut() {
+        if x.id == lost.id {
+            *x = Candidate::default();
+        }
+    }
+    c.sort_by_key(|x| (x.id == 0, std::cmp::Reverse(x.tenure)));
+    let last = &mut c[PREVIOUS_HOPS - 1];
+    if last.id == 0 || lost.tenure >= last.tenure {
+        *last = lost;
+    }
+    // Stable: of equal tenures the one that lost the slot earlier stays first.
+    c.sort_by_key(|x| (x.id == 0, std::cmp::Reverse(x.tenure)));
 }
 
 /// Every second-chance VIP's history.
@@ -239,8 +293,11 @@ impl Windows {
             .vips
             .into_iter()
             .map(|(vip, mut h)| {
-                for t in h.since.iter_mut().chain(h.ended.iter_mut()) {
+                for t in h.since.iter_mut() {
                     *t = moved(*t);
+                }
+                for c in h.candidates.iter_mut().flatten() {
+                    c.ended = moved(c.ended);
                 }
                 (vip, h)
             })
@@ -298,26 +355,42 @@ impl Windows {
             if !vt.table.is_empty() && history.observe(&vt.table, t, window) {
                 changed = true;
             }
-            let mut column = vec![0u32; vt.table.len()];
+            let mut column = vec![Previous::default(); vt.table.len()];
             let mut any = false;
             let mut last_end = 0u32;
             for (s, cur) in vt.table.iter().enumerate() {
-                let prev = history.best.get(s).copied().unwrap_or(0);
-                let end = history
-                    .ended
-                    .get(s)
-                    .copied()
-                    .unwrap_or(0)
-                    .saturating_add(window);
-                if prev == 0 || prev == *cur || t >= end {
+                let Some(owner) = target.backends.get(cur).map(|b| b.addr.ip) else {
                     continue;
-                }
-                if usable(prev, view, &mut target.backends) {
-                    column[s] = prev;
-                    any = true;
-                    last_end = last_end.max(end);
+                };
+                let mut n = 0;
+                let mut hops = [owner; PREVIOUS_HOPS + 1];
+                for c in history.candidates.get(s).into_iter().flatten() {
+                    let end = c.ended.saturating_add(window);
+                    if c.id == 0 || c.id == *cur || t >= end {
+                        continue;
+                    }
+                    // Every candidate within its window stays in the kernel, so that its id
+                    // is not given to another backend while the history names it.
+                    let Some(b) = retained(c.id, view, &mut target.backends) else {
+                        continue;
+                    };
                     let end_at = instant_at(self.base, end);
                     self.next_end = Some(self.next_end.map_or(end_at, |n| n.min(end_at)));
+                    // Carried when usable (not down) and the kernel can carry it
+                    // (`encap::second_chance_hops`): the owner's family, an address neither
+                    // the owner's nor one already in the list (one host, one hop).
+                    let ip = b.addr.ip;
+                    if b.flags & BACKEND_F_DOWN != 0
+                        || ip.is_ipv4() != owner.is_ipv4()
+                        || hops[..=n].contains(&ip)
+                    {
+                        continue;
+                    }
+                    column[s][n] = c.id;
+                    n += 1;
+                    hops[n] = ip;
+                    any = true;
+                    last_end = last_end.max(end);
                 }
             }
             if any {
@@ -355,25 +428,29 @@ fn instant_at(base: Instant, ds: u32) -> Instant {
     }
 }
 
-/// Whether backend `id` may be carried as previous: in the target and not down, or retired
-/// (only the kernel holds it) and not down, in which case it is kept, drained.
-fn usable(id: u32, view: &KernelView, backends: &mut BTreeMap<u32, BackendTarget>) -> bool {
-    match backends.get(&id) {
-        Some(b) => b.flags & BACKEND_F_DOWN == 0,
-        None => match view.backends.get(&id) {
-            Some(b) if b.flags & BACKEND_F_DOWN == 0 => {
-                backends.insert(
-                    id,
-                    BackendTarget {
-                        flags: BACKEND_F_DRAINED,
-                        ..*b
-                    },
-                );
-                true
-            }
-            _ => false,
-        },
+/// Backend `id`, a candidate within its window, as the target holds it: in the target
+/// already, or retired (only the kernel holds it), in which case it is kept in the target,
+/// drained (or down, if it is), so the kernel keeps its entry and its id is not reused while
+/// the history names it. `None`: the kernel does not hold it either.
+fn retained(
+    id: u32,
+    view: &KernelView,
+    backends: &mut BTreeMap<u32, BackendTarget>,
+) -> Option<BackendTarget> {
+    if let Some(b) = backends.get(&id) {
+        return Some(*b);
     }
+    let b = view.backends.get(&id)?;
+    let kept = BackendTarget {
+        flags: if b.flags & BACKEND_F_DOWN != 0 {
+            BACKEND_F_DOWN
+        } else {
+            BACKEND_F_DRAINED
+        },
+        ..*b
+    };
+    backends.insert(id, kept);
+    Some(kept)
 }
 
 #[cfg(test)]

@@ -3,24 +3,29 @@
 //! backend that served a slot for hours from one that held it for a millisecond while the VIP
 //! was being built.
 //!
-//! Binary, little endian, because a VIP's history is M (65,537 by default) slots of five
-//! numbers that JSON would make ~2 MB: each distinct slot record (owner, since, candidate,
-//! tenure, ended) is stored once and every slot names its record (4 bytes a slot; a table
-//! change touches a few thousand records at most).
+//! Binary, little endian, because a VIP's history is M (65,537 by default) slots of eleven
+//! numbers that JSON would make ~5 MB: each distinct slot record (owner, since, and per
+//! candidate its id, tenure and end) is stored once and every slot names its record (4 bytes
+//! a slot; a table change touches a few thousand records at most).
 //!
 //! ```text
-//! "LBSC" | format u32 = 1 | saved at: unix ms u64, clock ds u32 | VIPs u32
+//! "LBSC" | format u32 = 2 | saved at: unix ms u64, clock ds u32 | VIPs u32
 //! per VIP: name length u16, name (UTF-8, `10.0.0.10:80/tcp`) | slots M u32 | records R u32
-//!          R x (owner, since, candidate, tenure, ended) u32 | M x record index u32
+//!          R x (owner, since, PREVIOUS_HOPS x (candidate, tenure, ended)) u32
+//!          M x record index u32
 //! ```
+//! Format 1 (one candidate) is not read: it went with 8-byte slots, whose pinned maps an
+//! agent of format 2 refuses anyway.
 //! Pure: the agent writes and reads the bytes ([`crate::agent::state::StateStore`]).
 use std::collections::{BTreeMap, HashMap};
 
-use super::History;
+use lb_common::PREVIOUS_HOPS;
+
+use super::{Candidate, History};
 use crate::model::VipAddr;
 
 const MAGIC: &[u8; 4] = b"LBSC";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// Larger slot tables are not ours (M is at most 2^24 here): refused as corrupt.
 const MAX_SLOTS: u32 = 1 << 24;
 
@@ -33,7 +38,31 @@ pub struct Saved {
     pub vips: BTreeMap<VipAddr, History>,
 }
 
-type Record = [u32; 5];
+/// Words of a slot's record.
+const RECORD: usize = 2 + 3 * PREVIOUS_HOPS;
+type Record = [u32; RECORD];
+
+fn record(h: &History, s: usize) -> Record {
+    let mut r = [0; RECORD];
+    r[0] = h.current[s];
+    r[1] = h.since[s];
+    for (i, c) in h.candidates[s].iter().enumerate() {
+        r[2 + 3 * i..5 + 3 * i].copy_from_slice(&[c.id, c.tenure, c.ended]);
+    }
+    r
+}
+
+fn set_record(h: &mut History, s: usize, r: &Record) {
+    h.current[s] = r[0];
+    h.since[s] = r[1];
+    for (i, c) in h.candidates[s].iter_mut().enumerate() {
+        *c = Candidate {
+            id: r[2 + 3 * i],
+            tenure: r[3 + 3 * i],
+            ended: r[4 + 3 * i],
+        };
+    }
+}
 
 pub fn encode(s: &Saved) -> Vec<u8> {
     let mut out = Vec::new();
@@ -50,7 +79,7 @@ pub fn encode(s: &Saved) -> Vec<u8> {
         let mut records: Vec<Record> = Vec::new();
         let slots: Vec<u32> = (0..h.current.len())
             .map(|i| {
-                let r = [h.current[i], h.since[i], h.best[i], h.tenure[i], h.ended[i]];
+                let r = record(h, i);
                 *index.entry(r).or_insert_with(|| {
                     records.push(r);
                     records.len() as u32 - 1
@@ -90,7 +119,11 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, String> {
         }
         let mut records = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            records.push([r.u32()?, r.u32()?, r.u32()?, r.u32()?, r.u32()?]);
+            let mut rec = [0; RECORD];
+            for w in &mut rec {
+                *w = r.u32()?;
+            }
+            records.push(rec);
         }
         let mut h = History::new(vec![0; m as usize], 0);
         for s in 0..m as usize {
@@ -98,7 +131,7 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, String> {
             let rec = records
                 .get(i as usize)
                 .ok_or_else(|| format!("{vip}: slot {s} names record {i} of {count}"))?;
-            [h.current[s], h.since[s], h.best[s], h.tenure[s], h.ended[s]] = *rec;
+            set_record(&mut h, s, rec);
         }
         vips.insert(vip, h);
     }
@@ -138,9 +171,9 @@ mod tests {
 
     fn sample() -> Saved {
         let mut h = History::new(vec![3, 3, 2, 1], 500);
-        h.best = vec![1, 0, 3, 0];
-        h.tenure = vec![u32::MAX, 0, 40, 0];
-        h.ended = vec![490, 0, 495, 0];
+        let c = |id, tenure, ended| Candidate { id, tenure, ended };
+        h.candidates[0][0] = c(1, u32::MAX, 490);
+        h.candidates[2] = [c(3, 40, 495), c(1, 20, 470), c(4, 5, 480)];
         h.since[0] = 0;
         let mut vips = BTreeMap::new();
         vips.insert("10.0.0.10:80/tcp".parse().unwrap(), h.clone());
@@ -162,8 +195,8 @@ mod tests {
         assert_eq!(decode(&bytes), Ok(s));
         // Identical slots share one record: 4 records for the first VIP, 1 for the second.
         let header = 4 + 4 + 8 + 4 + 4;
-        let first = 2 + 16 + 8 + 4 * 20 + 4 * 4;
-        let second = 2 + 21 + 8 + 20 + 9 * 4;
+        let first = 2 + 16 + 8 + 4 * 44 + 4 * 4;
+        let second = 2 + 21 + 8 + 44 + 9 * 4;
         assert_eq!(bytes.len(), header + first + second);
     }
 
