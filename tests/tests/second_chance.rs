@@ -386,16 +386,7 @@ fn connections_older_than_two_changes_survive_them() -> anyhow::Result<()> {
     let mut net = Routed::new("sc2")?;
     backends_with_decap(&mut net)?;
     net.start_agent(&["--flow-table", "off"])?;
-    let vip = format!("{VIP4}:80/tcp");
-    net.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--forward",
-        "gue",
-        "--second-chance",
-        "120",
-    ])?;
+    let vip = gue_vip_with_second_chance(&net)?;
     net.lb(&["backend", "add", &vip, "10.41.0.2"])?;
     let target = SocketAddr::new(VIP4.parse()?, 80);
     let mut conns = connect_many(&net.client, target, 60)?;
@@ -465,19 +456,18 @@ fn a_restarted_agent_resumes_the_previous_backends() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the test VIP (`gue`, second chance for 120 s) on the single load balancer; its name.
+fn gue_vip_with_second_chance(net: &Routed) -> anyhow::Result<String> {
+    let vip = format!("{VIP4}:80/tcp");
+    let window = ["--forward", "gue", "--second-chance", "120"];
+    net.lb(&[&["vip", "add", vip.as_str()][..], &window].concat())?;
+    Ok(vip)
+}
+
 /// One run of [`a_restarted_agent_resumes_the_previous_backends`]; returns how many
 /// connections broke or were answered by another backend.
 fn restart_under_changes(net: &mut Routed, keep_history: bool) -> anyhow::Result<usize> {
-    let vip = format!("{VIP4}:80/tcp");
-    net.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--forward",
-        "gue",
-        "--second-chance",
-        "120",
-    ])?;
+    let vip = gue_vip_with_second_chance(net)?;
     // Set up with three replacements in a row (a rollout): every slot ends up carrying the
     // three setup owners, which fill its previous backends when they count as "for ever"
     // owners (no history). They sit on hosts 1 and 3: a hop to the serving backend's host 2
