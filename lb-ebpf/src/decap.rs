@@ -135,6 +135,11 @@ fn next_outer_elsewhere(
     h: &mut Hops,
     ifindex: u32,
 ) -> Result<fib::Outer, DecapStat> {
+    let o = next_outer(ctx, h, ifindex)?;
+    if !is_local_addr(&o.dst, u32::from(o.family)) {
+        // The usual case: no helper call.
+        return Ok(o);
+    }
     let at = (h.word & 0x1ff) + GUE_HOPS_WORD_LEN;
     // Each hop copied out by the helper (`Frame::load`): read in place at an offset computed
     // at run time, LLVM addressed the words from the end of the bounds check, which the
@@ -441,13 +446,26 @@ struct Tunnel {
 /// Whether `a` is one of this host's addresses (from the read-only configuration).
 #[inline(always)]
 fn is_local(a: &DecapAddr) -> bool {
-    is_local_addr(&a.addr, a.family)
+    // SAFETY: a plain read of an initialised global (volatile: the value written at load time,
+    // not the compile-time default).
+    let cfg = unsafe { core::ptr::read_volatile(&DECAP_CONFIG) };
+    let n = cfg.n_local as usize;
+    let mut i = 0;
+    while i < DECAP_MAX_LOCAL {
+        if i < n && cfg.local[i] == *a {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
-/// Whether address `addr` of `family` (IPv4: word 0, the rest 0) is one of this host's. The
-/// configuration is read field by field in place: a copy of it would take 164 bytes of a
-/// stack the tc program has not got to spare.
-#[inline(always)]
+/// [`is_local`] for a hop's address `addr` of `family` (IPv4: word 0, the rest 0), on the
+/// forwarding path: the configuration read field by field in place, where a copy of it would
+/// take 164 bytes of a stack the tc program has not got to spare. Not inlined: a BPF-to-BPF
+/// call (a few instructions) where five inlined copies made the program 700 instructions
+/// longer and its hot paths measurably slower.
+#[inline(never)]
 fn is_local_addr(addr: &[u32; 4], family: u32) -> bool {
     // SAFETY: plain reads of an initialised global (volatile: the values written at load
     // time, not the compile-time defaults).
