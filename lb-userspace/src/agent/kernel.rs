@@ -41,7 +41,7 @@ pub trait Kernel: Send {
     /// The constants the program was loaded with.
     fn config(&self) -> LbConfig;
     /// The live slot table of VIP id `vip_id` as the kernel holds it: each slot's backend and
-    /// previous backend (second chance), or `None` when it has none. Read once per VIP after
+    /// previous backends (second chance), or `None` when it has none. Read once per VIP after
     /// a start (M lookups), so a restarted agent keeps the previous backends.
     fn live_slots(&self, _vip_id: u32) -> Result<Option<LiveSlots>, Error> {
         Ok(None)

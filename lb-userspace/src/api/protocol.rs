@@ -173,7 +173,8 @@ pub struct BackendView {
     pub serving: Serving,
     /// Share of the live slot table, percent.
     pub share_pct: f64,
-    /// Slots of the live table that name it as their previous backend (second chance).
+    /// Slots of the live table that name it as one of their previous backends (second
+    /// chance).
     #[serde(default)]
     pub previous_slots: usize,
 }

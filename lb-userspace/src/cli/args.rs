@@ -357,9 +357,9 @@ pub enum VipCmd {
         /// (addresses and ports translated both ways; backends on any port, anywhere).
         #[arg(long, default_value = "l2")]
         forward: Forward,
-        /// Second chance (gue only): seconds a slot's previous backend is carried after
-        /// the slot changed hands, so connections survive table changes [default: 300;
-        /// 0: off].
+        /// Second chance (gue only): seconds each of a slot's previous backends (up to
+        /// three) is carried after it lost the slot, so connections survive table changes
+        /// [default: 300; 0: off].
         #[arg(long, value_name = "SECS")]
         second_chance: Option<u32>,
     },

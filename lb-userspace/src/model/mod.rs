@@ -283,7 +283,7 @@ pub(crate) fn default_udp_idle() -> u32 {
 pub const MAX_UDP_IDLE_S: u32 = 86_400;
 
 /// Default second-chance drain window of a `gue` VIP: a slot's previous backend is carried
-/// for this long after the slot changed hands.
+/// for this long after it lost the slot.
 pub const DEFAULT_SECOND_CHANCE_S: u32 = 300;
 /// Longest drain window accepted (a day).
 pub const MAX_SECOND_CHANCE_S: u32 = 86_400;
@@ -384,7 +384,7 @@ pub fn validate_second_chance(vip: &VipAddr, secs: u32) -> Result<(), String> {
 pub fn second_chance_needs_gue(vip: &VipAddr, forward: Forward) -> Result<(), String> {
     if forward != Forward::Gue {
         return Err(format!(
-            "VIP {vip}: second_chance needs forward = \"gue\" (the previous backend travels in the GUE header), not {forward}"
+            "VIP {vip}: second_chance needs forward = \"gue\" (the previous backends travel in the GUE header), not {forward}"
         ));
     }
     Ok(())

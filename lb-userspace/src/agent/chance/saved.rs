@@ -1,5 +1,5 @@
 //! The second-chance histories as saved between runs: the kernel keeps each slot's owner and
-//! previous backend but no times, so without this a restarted agent cannot tell a previous
+//! previous backends but no times, so without this a restarted agent cannot tell a previous
 //! backend that served a slot for hours from one that held it for a millisecond while the VIP
 //! was being built.
 //!
