@@ -2,8 +2,8 @@
 //! after the slot changed hands, the backends before it (up to [`PREVIOUS_HOPS`]). In `gue`
 //! mode the load balancer puts the previous backends in the GUE header's private data; the
 //! backend's decap program keeps a packet it owns (a SYN, a packet of one of its sockets, a
-//! valid syncookie ACK) and sends any other to the next hop. Connections therefore survive table changes without per-flow state
-//! on the load balancer.
+//! valid syncookie ACK) and sends any other to the next hop. Connections therefore survive
+//! table changes without per-flow state on the load balancer.
 //!
 //! # Wire format (GUE variant 0 with private data)
 //!

@@ -87,7 +87,7 @@ fn decap_xdp(ctx: &XdpContext) -> u32 {
                 Ok(_) => (reason, xdp_action::XDP_PASS),
                 Err(s) => (s, xdp_action::XDP_PASS),
             },
-            Decision::Forward(h) => match forward_xdp(ctx, &h) {
+            Decision::Forward(h) => match forward_xdp(ctx, h) {
                 Ok(sent) => sent,
                 Err(reason) => match strip_xdp(ctx, &found) {
                     Ok(_) => (reason, xdp_action::XDP_PASS),
@@ -140,11 +140,12 @@ fn next_outer_elsewhere(
         // The usual case: no helper call.
         return Ok(o);
     }
+    // `hop[next]` is ours; the hops after it are copied out by the helper (`Frame::load`):
+    // read in place at an offset computed at run time, LLVM addressed the words from the end
+    // of the bounds check, which the verifier refuses. Bounded: the loop unrolls.
+    h.next += 1;
     let at = (h.word & 0x1ff) + GUE_HOPS_WORD_LEN;
-    // Each hop copied out by the helper (`Frame::load`): read in place at an offset computed
-    // at run time, LLVM addressed the words from the end of the bounds check, which the
-    // verifier refuses. Bounded: the loop unrolls.
-    for i in 0..GUE_MAX_HOPS as usize {
+    for i in 1..GUE_MAX_HOPS as usize {
         if i != h.next as usize || h.next >= h.count {
             continue;
         }
@@ -262,9 +263,8 @@ fn rewrite_outer(ctx: &impl Frame, h: &Hops, o: &fib::Outer) -> Result<(), Decap
 /// another one (redirect); an unresolved neighbour hands the rewritten packet to the stack,
 /// which forwards it. `Err`: keep the packet (no route).
 #[inline(always)]
-fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat> {
+fn forward_xdp(ctx: &XdpContext, mut h: Hops) -> Result<(DecapStat, u32), DecapStat> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut h = *h;
     let h = &mut h;
     let o = next_outer_elsewhere(ctx, h, ingress)?;
     match fib::lookup(ctx.ctx as *mut c_void, &o, 0) {
@@ -294,10 +294,9 @@ fn forward_xdp(ctx: &XdpContext, h: &Hops) -> Result<(DecapStat, u32), DecapStat
 
 /// The tc variant: the route from the FIB, the neighbour left to `bpf_redirect_neigh`.
 #[inline(always)]
-fn forward_tc(ctx: &TcContext, h: &Hops) -> Result<(DecapStat, i32), DecapStat> {
+fn forward_tc(ctx: &TcContext, mut h: Hops) -> Result<(DecapStat, i32), DecapStat> {
     // SAFETY: reads the skb's device field (at tc ingress, the receiving interface).
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let mut h = *h;
     let h = &mut h;
     let o = next_outer_elsewhere(ctx, h, ingress)?;
     let (ifindex, nh) = fib::route(ctx.skb.skb as *mut c_void, &o).ok_or(DecapStat::KeptNoRoute)?;
@@ -323,7 +322,7 @@ pub fn lb_decap_tc(ctx: TcContext) -> i32 {
                 Ok(_) => (reason, TC_ACT_OK),
                 Err(s) => (s, TC_ACT_OK),
             },
-            Decision::Forward(h) => match forward_tc(&ctx, &h) {
+            Decision::Forward(h) => match forward_tc(&ctx, h) {
                 Ok(sent) => sent,
                 Err(reason) => match strip_tc(&ctx, &found) {
                     Ok(_) => (reason, TC_ACT_OK),
@@ -443,30 +442,25 @@ struct Tunnel {
     hops: Hops,
 }
 
-/// Whether `a` is one of this host's addresses (from the read-only configuration).
+/// Whether `a` (a tunnel's outer destination) is one of this host's addresses.
 #[inline(always)]
 fn is_local(a: &DecapAddr) -> bool {
-    // SAFETY: a plain read of an initialised global (volatile: the value written at load time,
-    // not the compile-time default).
-    let cfg = unsafe { core::ptr::read_volatile(&DECAP_CONFIG) };
-    let n = cfg.n_local as usize;
-    let mut i = 0;
-    while i < DECAP_MAX_LOCAL {
-        if i < n && cfg.local[i] == *a {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    in_local_config(&a.addr, a.family)
 }
 
-/// [`is_local`] for a hop's address `addr` of `family` (IPv4: word 0, the rest 0), on the
-/// forwarding path: the configuration read field by field in place, where a copy of it would
-/// take 164 bytes of a stack the tc program has not got to spare. Not inlined: a BPF-to-BPF
-/// call (a few instructions) where five inlined copies made the program 700 instructions
-/// longer and its hot paths measurably slower.
+/// [`is_local`] for a hop's address on the forwarding path. Not inlined: a BPF-to-BPF call (a
+/// few instructions) where inlined copies made the program 700 instructions longer and its
+/// hot paths measurably slower.
 #[inline(never)]
 fn is_local_addr(addr: &[u32; 4], family: u32) -> bool {
+    in_local_config(addr, family)
+}
+
+/// Whether address `addr` of `family` (IPv4: word 0, the rest 0) is in the read-only
+/// configuration's local addresses, read field by field in place (a copy of the configuration
+/// would take 164 bytes of a stack the tc program has not got to spare).
+#[inline(always)]
+fn in_local_config(addr: &[u32; 4], family: u32) -> bool {
     // SAFETY: plain reads of an initialised global (volatile: the values written at load
     // time, not the compile-time defaults).
     let n = unsafe { core::ptr::read_volatile(&DECAP_CONFIG.n_local) } as usize;
