@@ -208,3 +208,184 @@ fn lb_call(ctx: &XdpContext) -> u32 {
 
 #[map(name = "BENCH_SAVED")]
 static BENCH_SAVED: PerCpuArray<[u8; SAVED]> = PerCpuArray::with_max_entries(1, 0);
+
+/// One entry of [`BENCH_BARE`]: an IPv4 TCP flow's addresses and ports, and the MACs to
+/// write (destination, source).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BareEntry {
+    src: u32,
+    dst: u32,
+    ports: u32,
+    macs: [u16; 6],
+    _pad: [u8; 4],
+}
+
+const BARE_SLOTS: u32 = 1024;
+
+/// Bench-only flow array for [`bench_bare`].
+#[map(name = "BENCH_BARE")]
+static BENCH_BARE: aya_ebpf::maps::Array<BareEntry> =
+    aya_ebpf::maps::Array::with_max_entries(BARE_SLOTS, 0);
+
+/// A 16-bit word of the frame at an even offset (checked by the caller's bound).
+///
+/// # Safety
+/// `p + off + 2` is inside the frame and `p + off` is even.
+#[inline(always)]
+unsafe fn bare16(p: *const u8, off: usize) -> u32 {
+    // SAFETY: the caller's.
+    u32::from(unsafe { core::ptr::read(p.add(off) as *const u16) })
+}
+
+/// The least any flow-keeping L4 balancer does for an established IPv4 TCP packet, for the
+/// "how close to the kernel's floor" row: one bound check, the Ethernet type, version and
+/// header length, not a fragment, TCP; the 12-byte tuple; one multiply-shift hash into one
+/// inlined array read; a 3-word compare; both MACs written; XDP_TX. No VLAN, IPv6, options,
+/// TCP flags, validity of VIP or backend, counters, drain or down. The first pass fills the
+/// slot (XDP_PASS); every later pass of the same frame is a hit.
+#[xdp]
+pub fn bench_bare(ctx: XdpContext) -> u32 {
+    const BARE_LEN: usize = 14 + 20 + 20;
+    let Some(h) = ptr_at_mut::<[u8; BARE_LEN]>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let p = h as *const u8;
+    // SAFETY: all offsets below are inside the 54 bounds-checked bytes, 16-bit ones even.
+    unsafe {
+        // Ethernet type 0x0800 (as a little-endian word), IHL 5 version 4, TCP, and neither
+        // more-fragments nor an offset.
+        if bare16(p, 12) != 0x0008
+            || *p.add(14) != 0x45
+            || *p.add(23) != 6
+            || bare16(p, 20) & 0xff3f != 0
+        {
+            return xdp_action::XDP_PASS;
+        }
+        let src = bare16(p, 26) | (bare16(p, 28) << 16);
+        let dst = bare16(p, 30) | (bare16(p, 32) << 16);
+        let ports = bare16(p, 34) | (bare16(p, 36) << 16);
+        let mixed = (u64::from(src) << 32 | u64::from(dst)) ^ u64::from(ports);
+        let slot = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as u32 & (BARE_SLOTS - 1);
+        let Some(e) = BENCH_BARE.get_ptr_mut(slot) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        if (*e).src != src || (*e).dst != dst || (*e).ports != ports {
+            *e = BareEntry {
+                src,
+                dst,
+                ports,
+                macs: [1, 2, 3, 4, 5, 6],
+                _pad: [0; 4],
+            };
+            return xdp_action::XDP_PASS;
+        }
+        let to = p as *mut u16;
+        let from = &raw const (*e).macs as *const u16;
+        let mut i = 0;
+        while i < 6 {
+            core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
+            i += 1;
+        }
+    }
+    xdp_action::XDP_TX
+}
+
+/// The pre-filter alone (Ethernet, VLAN, IP destination, VIP-address bitmap), without the
+/// counter a non-VIP packet then gets: what that counter costs.
+#[xdp]
+pub fn bench_prefilter(ctx: XdpContext) -> u32 {
+    match crate::parse::prefilter(&ctx) {
+        Ok(_) => xdp_action::XDP_DROP,
+        Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+/// How far [`staged`] follows an established packet's path (each stage includes those
+/// before it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// Parsing, the NAT-address check, this CPU's cache slot: key compare and tick.
+    Cache,
+    /// The entry still decides (VIP, backend, the rules) and the hit is counted.
+    Decide,
+    /// The MACs rewritten, XDP_TX (or a redirect).
+    Forward,
+    /// The VIP, backend and reason counters: all of `lb_xdp`'s work on this packet.
+    Count,
+}
+
+/// An established packet's path through this CPU's flow cache, up to `upto`, built from the
+/// product's own functions, for the "where an established packet's time goes" rows. A slot
+/// that does not hold the flow in this tick is filled from the established table (once a
+/// tick, as the product does) and the pass returns XDP_PASS; a hit returns XDP_TX.
+#[inline(always)]
+fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let mut p = crate::parse::Parsed::EMPTY;
+    if crate::parse::parse(ctx, &mut p).is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    let cfg = crate::maps::config();
+    if crate::nat::is_nat_addr(&p) {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(slot) = crate::maps::flow_cache(cfg, &p.key) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot, as in `select::from_cache`.
+    let c = unsafe { &*slot };
+    if !c.holds(&p.key) || !c.filled_in(crate::select::tick()) {
+        if let Some(e) = crate::maps::established(cfg, &p.key) {
+            // SAFETY: the map's value, valid while this program runs.
+            crate::maps::cache_fill(slot, &p.key, unsafe { &*e }, crate::select::tick());
+            return xdp_action::XDP_PASS;
+        }
+        return xdp_action::XDP_DROP;
+    }
+    if upto == Stage::Cache {
+        return xdp_action::XDP_TX;
+    }
+    let flow = c.value;
+    let at_fill = lb_common::PacketFacts {
+        proto: p.key.proto,
+        tcp_flags: p.tcp_flags,
+        now_s: flow.last_seen,
+    };
+    let Some(b) = crate::select::deciding(&flow, &at_fill, cfg) else {
+        return xdp_action::XDP_DROP;
+    };
+    crate::stats::count_flow(lb_common::FlowEvent::Hit);
+    if upto == Stage::Decide {
+        return xdp_action::XDP_TX;
+    }
+    let Ok(v) = crate::forward::l2_dsr(ctx, b) else {
+        return xdp_action::XDP_DROP;
+    };
+    if upto == Stage::Count {
+        crate::stats::count_vip(flow.vip_id, len, false);
+        crate::stats::count_backend(flow.backend_id, len);
+        crate::stats::count(v.stat, len);
+    }
+    v.action
+}
+
+#[xdp(frags)]
+pub fn bench_stage_cache(ctx: XdpContext) -> u32 {
+    staged(&ctx, Stage::Cache)
+}
+
+#[xdp(frags)]
+pub fn bench_stage_decide(ctx: XdpContext) -> u32 {
+    staged(&ctx, Stage::Decide)
+}
+
+#[xdp(frags)]
+pub fn bench_stage_forward(ctx: XdpContext) -> u32 {
+    staged(&ctx, Stage::Forward)
+}
+
+#[xdp(frags)]
+pub fn bench_stage_count(ctx: XdpContext) -> u32 {
+    staged(&ctx, Stage::Count)
+}

@@ -59,14 +59,14 @@ fn now_s() -> u32 {
 /// The flow cache's clock (`lb_common::cache_tick`): the kernel's jiffies, which the verifier
 /// inlines as one load where `bpf_ktime_get_coarse_ns` is a helper call.
 #[inline(always)]
-fn tick() -> u32 {
+pub fn tick() -> u32 {
     // SAFETY: helper without arguments.
     cache_tick(unsafe { bpf_jiffies64() })
 }
 
 /// The backend a remembered entry points at, if the entry still decides.
 #[inline(always)]
-fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
+pub fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
     let vip = present_vip(flow.vip_id)?;
     let backend = LB_BACKENDS.get(flow.backend_id);
     if entry_decides(flow, vip, backend, facts, cfg.fin_grace_s) {

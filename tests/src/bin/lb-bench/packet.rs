@@ -119,6 +119,14 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         &established,
         REPEAT,
     )?;
+    // Where an established packet's time goes: harnesses that follow its path up to a stage
+    // (the product's own functions), and the least any flow-keeping balancer does, each in
+    // alternating rounds with the floor. Only with the floors (one flow-table kind).
+    let stages = if with_floors {
+        stage_rows(&mut world, &established, &non_vip)?
+    } else {
+        Vec::new()
+    };
     // The floor is XDP_PASS on the established frame, next to each round of the case.
     let mut repeat_case = |frame: &[u8]| {
         paired(|floor, _| {
@@ -207,6 +215,7 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         floor,
         None,
     ));
+    rows.extend(stages);
     rows.push(paired_row(
         format!("established TCP flow, {label}"),
         &est,
@@ -240,6 +249,59 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         &new_single,
         4.0,
     ));
+    Ok(rows)
+}
+
+/// The harness rows of "where an established packet's time goes" (`lb-ebpf/src/bench.rs`):
+/// each stage includes the ones before it; the first pass of each fills what it reads.
+fn stage_rows(world: &mut World, established: &[u8], non_vip: &[u8]) -> anyhow::Result<Vec<Row>> {
+    const STAGES: [(&str, &str); 7] = [
+        (
+            "bench_bare",
+            "bare minimum of any flow-keeping balancer (harness: fixed IPv4/TCP parse, one array read, MACs, XDP_TX; not the product)",
+        ),
+        (
+            "bench_parse",
+            "stage 1: parsing (pre-filter, IPv4, TCP, the key)",
+        ),
+        (
+            "bench_stage_cache",
+            "stage 2: + NAT-address check, this CPU's cache slot (index, key compare, tick)",
+        ),
+        (
+            "bench_stage_decide",
+            "stage 3: + the entry still decides (VIP, backend, rules), hit counted",
+        ),
+        ("bench_stage_forward", "stage 4: + MAC rewrite, XDP_TX"),
+        (
+            "bench_stage_count",
+            "stage 5: + VIP, backend and reason counters (all of the product's work)",
+        ),
+        (
+            "bench_prefilter",
+            "non-VIP packet, pre-filter alone (without its counter)",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, label) in STAGES {
+        let frame = if name == "bench_prefilter" {
+            non_vip
+        } else {
+            established
+        };
+        test_run(world.dp.extra_program(name)?, frame, 1, None)?;
+        let p = paired(|floor, _| {
+            if floor {
+                once(world.dp.pass_program()?, established)
+            } else {
+                once(world.dp.extra_program(name)?, frame)
+            }
+        })?;
+        rows.push(Row {
+            ratio: Some(p.ratio),
+            ..row(format!("  {label}"), p.ns, p.floor, None)
+        });
+    }
     Ok(rows)
 }
 
