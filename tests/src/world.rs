@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use anyhow::Context as _;
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{Backend, FlowKey, PROTO_TCP, PROTO_UDP, VIP_F_SRC_HASH, VipKey, slot_of};
 use lb_userspace::{
     Dataplane, LoadOptions,
@@ -370,18 +370,22 @@ impl World {
 
     /// Runs the load-balancing program once on `frame`; returns the action and output frame.
     pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.dp.lb_program()?;
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        run_once(self.dp.lb_program()?, frame)
     }
+}
+
+/// One pass of `prog` over `frame`: the XDP action and the output frame.
+pub fn run_once(prog: &Xdp, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
 }
 
 /// Pins the calling thread to CPU 0, for good: its BPF_PROG_TEST_RUN runs then all fill and
