@@ -463,11 +463,42 @@ impl FlowKey {
         unsafe { &*(self as *const FlowKey as *const [u64; 5]) }
     }
 
+    /// The key whose [`words`](Self::words) are `w` (written as five 8-byte stores).
+    #[inline(always)]
+    pub const fn from_words(w: [u64; 5]) -> FlowKey {
+        // SAFETY: as in `words`: every bit pattern of the 40 bytes is a valid key.
+        unsafe { core::mem::transmute::<[u64; 5], FlowKey>(w) }
+    }
+
     /// Whether two keys are equal, compared word by word without branches.
     #[inline(always)]
     pub const fn same(&self, other: &FlowKey) -> bool {
-        let (a, b) = (self.words(), other.words());
+        self.has_words(other.words())
+    }
+
+    /// Whether this key's [`words`](Self::words) are `b` (a key built in registers, as the
+    /// XDP program's express lane builds an IPv4 one with [`FlowKey::v4_words`]).
+    #[inline(always)]
+    pub const fn has_words(&self, b: &[u64; 5]) -> bool {
+        let a = self.words();
         ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+    }
+
+    /// The [`words`](Self::words) of the IPv4 key of addresses `src` and `dst` (as the key
+    /// holds them), ports `ports` (the four bytes of the L4 header's two port fields as one
+    /// native word: client port then VIP port, as the key lays them out) and protocol
+    /// `proto`, built without the key: what the XDP program's express lane compares a cache
+    /// slot with, straight from the frame (`words_of_v4_keys_are_the_keys_words` checks it
+    /// against the key's own). Little-endian, like the program and the hosts it runs on.
+    #[inline(always)]
+    pub const fn v4_words(src: u32, dst: u32, ports: u32, proto: u8) -> [u64; 5] {
+        [
+            src as u64,
+            0,
+            dst as u64,
+            0,
+            ports as u64 | (proto as u64) << 32 | (FAMILY_V4 as u64) << 40,
+        ]
     }
 }
 

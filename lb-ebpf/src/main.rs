@@ -10,6 +10,7 @@
 
 mod bench;
 mod encap;
+mod express;
 mod fib;
 mod forward;
 mod hc;
@@ -25,7 +26,7 @@ mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{ENCAP_L2, ENCAP_NAT, Stat};
+use lb_common::{ENCAP_L2, ENCAP_NAT, FlowCacheSlot, LbConfig, Stat};
 
 /// What to do with a packet, and why: the XDP action to return and the reason to count it
 /// under. Made only by the constructors below, which say which action each kind of outcome
@@ -96,10 +97,18 @@ fn lb(ctx: &XdpContext) -> u32 {
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
     // the full path's verdict plumbing (129 -> N instructions for a non-VIP packet).
-    match parse::prefilter(ctx) {
-        Ok(candidate) => act(try_lb(ctx, candidate, len), len),
-        Err(verdict) => act(Err(verdict), len),
-    }
+    let verdict = match parse::prefilter(ctx) {
+        // A plain IPv4 TCP or UDP packet (the common case) is read once, into registers, and
+        // goes by the express lane (`express`), which serves a busy flow's packet from the
+        // flow cache or hands the packet to the full path already parsed.
+        Ok(parse::Candidate::V4 { l3, dst }) => match parse::plain_v4(ctx, l3, dst[0]) {
+            Some(p) => express::balance(ctx, &p, len),
+            None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, len),
+        },
+        Ok(candidate) => try_lb(ctx, candidate, len),
+        Err(verdict) => return act(Err(verdict), len),
+    };
+    act(verdict, len)
 }
 
 /// The one place that turns a [`Verdict`] into an XDP action and a counter.
@@ -110,20 +119,46 @@ fn act(verdict: Result<Verdict, Verdict>, len: u64) -> u32 {
     v.action
 }
 
+/// The full path for a frame the pre-filter let through: parsed into a [`parse::Parsed`]
+/// record, then balanced.
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, candidate: parse::Candidate, len: u64) -> Result<Verdict, Verdict> {
     let mut pkt = parse::Parsed::EMPTY;
     parse::parse_candidate(ctx, candidate, &mut pkt)?;
     // Read once: the selection and the encapsulation both need the load-time constants.
-    let cfg = maps::config();
+    balance(ctx, &pkt, maps::config(), len, None)
+}
+
+/// Balances a parsed VIP packet. `probed`: the express lane already probed this CPU's cache
+/// slot for it without a decision (`Some`, with the slot when there is one), or not.
+#[inline(always)]
+fn balance(
+    ctx: &XdpContext,
+    pkt: &parse::Parsed,
+    cfg: &LbConfig,
+    len: u64,
+    probed: Option<Option<*mut FlowCacheSlot>>,
+) -> Result<Verdict, Verdict> {
     // A backend's answer to a NAT address is the NAT program's (one array read decides;
     // other VIP packets pay only that). `nat::enter` returns only when the tail call failed
     // (no NAT program in the array): dropped as a send failure.
-    if nat::is_nat_addr(&pkt) {
+    if nat::is_nat_addr(pkt) {
         nat::enter(ctx);
         return Err(Verdict::discard(Stat::DropTxError));
     }
-    let picked = select::pick(&pkt, cfg)?;
+    let picked = select::pick(pkt, cfg, probed)?;
+    deliver(ctx, cfg, pkt, &picked, len)
+}
+
+/// Counts and sends a packet the selection placed.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    cfg: &LbConfig,
+    pkt: &parse::Parsed,
+    picked: &select::Picked,
+    len: u64,
+) -> Result<Verdict, Verdict> {
     stats::count_vip(picked.vip_id, len, picked.new_flow);
     if picked.backend.encap == ENCAP_NAT {
         // The NAT table decides the backend (and counts it).
@@ -134,8 +169,8 @@ fn try_lb(ctx: &XdpContext, candidate: parse::Candidate, len: u64) -> Result<Ver
     if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, picked.backend)
     } else {
-        let hops = encap::second_chance_hops(&picked);
-        encap::encapsulate(ctx, cfg, &pkt, picked.id, picked.backend, hops)
+        let hops = encap::second_chance_hops(picked);
+        encap::encapsulate(ctx, cfg, pkt, picked.id, picked.backend, hops)
     }
 }
 

@@ -10,7 +10,7 @@ use lb_common::{
     DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowCacheSlot,
     FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_NAT as PROG_NAT_INDEX,
     ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
-    VipIndexEntry, VipInfo, VipKey, flow_cache_index, probation_check, probation_slot,
+    VipIndexEntry, VipInfo, VipKey, flow_cache_index_of, probation_check, probation_slot,
     vip_filter_bit, vip_index_slot,
 };
 
@@ -75,13 +75,19 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// which the agent sizes for every possible CPU).
 #[inline(always)]
 pub fn flow_cache(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowCacheSlot> {
+    flow_cache_of(cfg, key.words())
+}
+
+/// [`flow_cache`] of a key given as its [`FlowKey::words`].
+#[inline(always)]
+pub fn flow_cache_of(cfg: &LbConfig, words: &[u64; 5]) -> Option<*mut FlowCacheSlot> {
     let slots = cfg.flow_cache_slots;
     if slots == 0 {
         return None;
     }
     // SAFETY: helper without arguments (inlined by the verifier on x86-64).
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    LB_FLOW_CACHE.get_ptr_mut(flow_cache_index(cpu, key, slots))
+    LB_FLOW_CACHE.get_ptr_mut(flow_cache_index_of(cpu, words, slots))
 }
 
 /// Fills this CPU's cache slot with what the established table decided for `key` (its entry

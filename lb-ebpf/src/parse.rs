@@ -235,6 +235,82 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
     }
 }
 
+/// An IPv4 TCP or UDP packet in its plainest form, read straight into registers: what the
+/// express lane (`express`) needs of it. Only what a cache hit uses is kept (every value
+/// live across the map lookups is a stack spill on BPF); the rest of the full path's
+/// record is read again from the frame if the packet goes on ([`PlainV4::parsed`]).
+pub struct PlainV4 {
+    /// The flow's key as [`FlowKey::words`] ([`FlowKey::v4_words`]).
+    pub words: [u64; 5],
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+    /// Where the IP header starts.
+    pub l3: usize,
+}
+
+impl PlainV4 {
+    /// The IP protocol (TCP or UDP), from the key.
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        FlowKey::from_words(self.words).proto
+    }
+
+    /// The full path's record of this packet, as [`parse_v4`] makes it (the IP header read
+    /// again for its length, TOS and DF).
+    #[inline(always)]
+    pub fn parsed(&self, ctx: &XdpContext) -> Result<Parsed, Verdict> {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, self.l3).ok_or(MALFORMED)?;
+        // SAFETY: checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        Ok(Parsed {
+            key: FlowKey::from_words(self.words),
+            icmp_error: false,
+            tcp_flags: self.tcp_flags,
+            not_vip: NOT_VIP,
+            ip: IpFacts {
+                l3: self.l3,
+                l4: self.l3 + Ipv4Hdr::LEN,
+                len: u16::from_be_bytes(ip.tot_len) as usize,
+                tos: ip.tos,
+                df: u16::from_be_bytes(ip.frags) & IP_DF != 0,
+            },
+        })
+    }
+}
+
+/// The frame (a pre-filter candidate with its IPv4 header at `l3`, destination `dst`) when
+/// it is an IPv4 TCP or UDP packet that [`parse_v4`] takes as it is: a 20-byte IP header
+/// (no options), the IP length inside the frame, not a fragment, and an L4 header that
+/// [`l4_ports`] accepts. `None` for anything else, which [`parse_v4`] judges (and counts).
+#[inline(always)]
+pub fn plain_v4(ctx: &XdpContext, l3: usize, dst: u32) -> Option<PlainV4> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    // Version 4, IHL 5: the L4 header at a constant offset.
+    if ip.vihl != 0x45 {
+        return None;
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let frags = u16::from_be_bytes(ip.frags);
+    if tot_len < Ipv4Hdr::LEN || ctx.data() + l3 + tot_len > ctx.data_end() || frags & 0x3fff != 0 {
+        return None;
+    }
+    let proto = ip.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    // SAFETY: inside the checked header, at an even offset (`word16`).
+    let src = unsafe { frame_v4_addr(&raw const ip.src_addr) }[0];
+    let (sport, dport, tcp_flags) =
+        l4_ports(ctx, proto, l3 + Ipv4Hdr::LEN, tot_len - Ipv4Hdr::LEN).ok()?;
+    Some(PlainV4 {
+        words: FlowKey::v4_words(src, dst, u32::from(sport) | u32::from(dport) << 16, proto),
+        tcp_flags,
+        l3,
+    })
+}
+
 #[inline(always)]
 fn is_ipv6_ext(next: u8) -> bool {
     // hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6,
@@ -309,22 +385,30 @@ fn flow(
     l4: usize,
     l4_len: usize,
 ) -> Result<(), Verdict> {
+    let (sport, dport, flags) = l4_ports(ctx, proto, l4, l4_len)?;
     out.key.src = src;
     out.key.dst = dst;
+    out.key.sport = sport;
+    out.key.dport = dport;
     out.key.proto = proto;
     out.key.family = family;
-    out.tcp_flags = ports(ctx, l4, l4_len, &mut out.key)?;
+    out.tcp_flags = flags;
     Ok(())
 }
 
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
 
-/// Reads TCP/UDP ports at `l4` into `key`, checking the L4 header against the IP length;
-/// returns the TCP flags (0 for UDP).
+/// The TCP or UDP (`proto`) header at `l4`, checked against the IP length `l4_len`: its
+/// source and destination ports (network byte order) and the TCP flags (0 for UDP).
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Result<u8, Verdict> {
-    if key.proto == PROTO_TCP {
+fn l4_ports(
+    ctx: &XdpContext,
+    proto: u8,
+    l4: usize,
+    l4_len: usize,
+) -> Result<(u16, u16, u8), Verdict> {
+    if proto == PROTO_TCP {
         let tcp_ptr: *const TcpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
         // SAFETY: checked by `ptr_at`.
         let tcp = unsafe { &*tcp_ptr };
@@ -332,30 +416,26 @@ fn ports(ctx: &XdpContext, l4: usize, l4_len: usize, key: &mut FlowKey) -> Resul
         if doff < TcpHdr::LEN || doff > l4_len {
             return Err(MALFORMED);
         }
-        // SAFETY: inside the checked header, at an even offset (`word16`).
-        unsafe {
-            key.sport = word16(&raw const tcp.source);
-            key.dport = word16(&raw const tcp.dest);
-        }
-        // Read through the header pointer itself: the verifier knows its 20 bytes are in the
-        // packet, while a freshly computed pointer would need its own bound check.
-        // SAFETY: byte 13 of the 20-byte header checked above.
-        return Ok(unsafe { *(tcp_ptr as *const u8).add(TCP_FLAGS_OFFSET) });
-    } else {
-        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
-        // SAFETY: checked by `ptr_at`.
-        let udp = unsafe { &*udp };
-        let len = u16::from_be_bytes(udp.len) as usize;
-        if len < UdpHdr::LEN || len > l4_len {
-            return Err(MALFORMED);
-        }
-        // SAFETY: as for TCP.
-        unsafe {
-            key.sport = word16(&raw const udp.src);
-            key.dport = word16(&raw const udp.dst);
-        }
+        // Flags read through the header pointer itself: the verifier knows its 20 bytes are
+        // in the packet, while a freshly computed pointer would need its own bound check.
+        // SAFETY: inside the checked header, at even offsets (`word16`); byte 13 of the 20.
+        return Ok(unsafe {
+            (
+                word16(&raw const tcp.source),
+                word16(&raw const tcp.dest),
+                *(tcp_ptr as *const u8).add(TCP_FLAGS_OFFSET),
+            )
+        });
     }
-    Ok(0)
+    let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+    // SAFETY: checked by `ptr_at`.
+    let udp = unsafe { &*udp };
+    let len = u16::from_be_bytes(udp.len) as usize;
+    if len < UdpHdr::LEN || len > l4_len {
+        return Err(MALFORMED);
+    }
+    // SAFETY: as for TCP.
+    Ok(unsafe { (word16(&raw const udp.src), word16(&raw const udp.dst), 0) })
 }
 
 /// `v`, hidden from the optimiser (see `quoted_v4`).

@@ -91,8 +91,16 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
 /// is decided by this CPU's flow cache (an array read, a key compare and two array reads);
 /// the established table (one hash lookup) decides once a second per flow and for packets
 /// that may change an entry; only flows no table decides look the VIP up.
+///
+/// `probed`: `Some` when the express lane already probed this CPU's cache slot for the
+/// packet and it did not decide (with the slot, when the packet may use one): the slot is
+/// not probed again, only kept in step.
 #[inline(always)]
-pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
+pub fn pick(
+    pkt: &Parsed,
+    cfg: &LbConfig,
+    probed: Option<Option<*mut FlowCacheSlot>>,
+) -> Result<Picked, Verdict> {
     if cfg.flow_table == FLOW_TABLE_OFF {
         // Stateless: the live table decides every packet, nothing is remembered.
         let (vip_id, slot, b, _) = by_table(pkt, cfg)?;
@@ -106,17 +114,24 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig) -> Result<Picked, Verdict> {
         tcp_flags: pkt.tcp_flags,
         now_s: 0,
     };
-    // A SYN, FIN or RST skips the cache: it looks at the slot only if it changes the entry.
-    let cache = if cfg.flow_cache_slots != 0 && facts.cacheable() {
-        flow_cache(cfg, &pkt.key)
-    } else {
-        None
+    let cache = match probed {
+        Some(slot) => slot,
+        None => {
+            // A SYN, FIN or RST skips the cache: it looks at the slot only if it changes the
+            // entry.
+            let cache = if cfg.flow_cache_slots != 0 && facts.cacheable() {
+                flow_cache(cfg, &pkt.key)
+            } else {
+                None
+            };
+            if let Some(slot) = cache
+                && let Some(p) = from_cache(slot, pkt, &facts, cfg)
+            {
+                return Ok(p);
+            }
+            cache
+        }
     };
-    if let Some(slot) = cache
-        && let Some(p) = from_cache(slot, pkt, &facts, cfg)
-    {
-        return Ok(p);
-    }
     // The clock (a helper call, ~30-40 ns in single runs here) is read only where the tables
     // need the second: UDP ages and a FIN (here), a TCP entry once a FIN was seen, and the
     // once-a-second refresh of an entry the cache is filled from (below). A packet the
@@ -179,23 +194,37 @@ fn from_cache(
     facts: &PacketFacts,
     cfg: &LbConfig,
 ) -> Option<Picked> {
+    let (flow, b) = cache_decides(slot, pkt.key.words(), facts, cfg)?;
+    count_flow(FlowEvent::Hit);
+    Some(picked(flow.backend_id, b, flow.vip_id, false))
+}
+
+/// What this CPU's cache slot `slot` decides for the packet of key `words` (and `facts`,
+/// cacheable ones): the entry (in the slot) and its backend when the slot holds the flow,
+/// was filled in this tick and the entry still decides; `None` leaves the packet to the
+/// tables. Nothing counted: the caller counts the hit once it serves it.
+#[inline(always)]
+pub fn cache_decides(
+    slot: *mut FlowCacheSlot,
+    words: &[u64; 5],
+    facts: &PacketFacts,
+    cfg: &LbConfig,
+) -> Option<(&'static FlowValue, &'static Backend)> {
     // SAFETY: this CPU's slot (its own region of the cache array, written by no one else
-    // while this program runs on this CPU); compared in place.
-    let c = unsafe { &*slot };
+    // while this program runs on this CPU, so it holds still while read in place).
+    let c: &'static FlowCacheSlot = unsafe { &*slot };
     // The slot serves if it holds the flow and was filled in this tick.
-    if !c.holds(&pkt.key) || !c.filled_in(tick()) {
+    if !c.holds_words(words) || !c.filled_in(tick()) {
         return None;
     }
-    let flow = c.value;
     // The entry's times as of the fill, less than a tick ago: its last-seen was the second
     // of the fill then, and a FIN entry is never cached, so the idle checks see no idle time.
     let at_fill = PacketFacts {
-        now_s: flow.last_seen,
+        now_s: c.value.last_seen,
         ..*facts
     };
-    let b = deciding(&flow, &at_fill, cfg)?;
-    count_flow(FlowEvent::Hit);
-    Some(picked(flow.backend_id, b, flow.vip_id, false))
+    let b = deciding(&c.value, &at_fill, cfg)?;
+    Some((&c.value, b))
 }
 
 /// The established entry's decision, if it still decides: the entry refreshed (last-seen at
@@ -244,7 +273,7 @@ fn from_established(
 }
 
 #[inline(always)]
-fn picked(id: u32, backend: &'static Backend, vip_id: u32, new_flow: bool) -> Picked {
+pub fn picked(id: u32, backend: &'static Backend, vip_id: u32, new_flow: bool) -> Picked {
     Picked {
         id,
         backend,

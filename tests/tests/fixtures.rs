@@ -11,7 +11,7 @@ use etherparse::{
     Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, PacketBuilder, VlanId,
     icmpv4::DestUnreachableHeader,
 };
-use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Stat};
+use lb_common::{FlowEvent, FlowKey, PROTO_TCP, PROTO_UDP, Stat};
 use lb_tests::{
     frames::{v4, v6},
     world::{CLIENT_MAC, LB_MAC, ROUTER_MAC, SCENE, World, backend_mac, flow_key, ip},
@@ -580,45 +580,14 @@ fn packet_fixtures_per_cpu_flow_table() -> anyhow::Result<()> {
 fn run_fixtures(mut world: World) -> anyhow::Result<()> {
     let all = cases();
     assert!(all.len() >= 40, "only {} cases", all.len());
+    check_cases(&mut world, all)
+}
+
+/// Runs every case; all must meet their expectation.
+fn check_cases(world: &mut World, cases: Vec<Case>) -> anyhow::Result<()> {
     let mut failures = Vec::new();
-    for case in all {
-        let before = world.dp.stats.global()?;
-        let (action, out) = world.run(&case.frame)?;
-        let after = world.dp.stats.global()?;
-        let moved = |s: Stat| after.get(s).packets - before.get(s).packets;
-        let problem = match case.expect {
-            Expect::Pass(stat) => (action != XDP_PASS || out != case.frame || moved(stat) != 1)
-                .then(|| {
-                    format!(
-                        "want PASS untouched +1 {}: got action {action}, same={}, moved {}",
-                        stat.name(),
-                        out == case.frame,
-                        moved(stat)
-                    )
-                }),
-            Expect::Drop(stat) => (action != XDP_DROP || moved(stat) != 1).then(|| {
-                format!(
-                    "want DROP +1 {}: got action {action}, moved {}",
-                    stat.name(),
-                    moved(stat)
-                )
-            }),
-            Expect::Tx(key) => {
-                let backend = world
-                    .table_backend(&key)
-                    .expect("fixture flow is for a VIP with backends");
-                let mut want = case.frame.clone();
-                want[0..6].copy_from_slice(&backend_mac(backend));
-                want[6..12].copy_from_slice(&LB_MAC);
-                (action != XDP_TX || out != want || moved(Stat::Forwarded) != 1).then(|| {
-                    format!(
-                        "want TX to backend {backend}: got action {action}, dst mac {:02x?}",
-                        &out.get(0..6)
-                    )
-                })
-            }
-        };
-        if let Some(p) = problem {
+    for case in cases {
+        if let Some(p) = check(world, &case)? {
             failures.push(format!("{}: {p}", case.name));
         }
     }
@@ -628,6 +597,143 @@ fn run_fixtures(mut world: World) -> anyhow::Result<()> {
         failures.len(),
         failures.join("\n")
     );
+    Ok(())
+}
+
+/// Runs one case: what is wrong with the outcome, if anything.
+fn check(world: &mut World, case: &Case) -> anyhow::Result<Option<String>> {
+    let before = world.dp.stats.global()?;
+    let (action, out) = world.run(&case.frame)?;
+    let after = world.dp.stats.global()?;
+    let moved = |s: Stat| after.get(s).packets - before.get(s).packets;
+    Ok(match case.expect {
+        Expect::Pass(stat) => {
+            (action != XDP_PASS || out != case.frame || moved(stat) != 1).then(|| {
+                format!(
+                    "want PASS untouched +1 {}: got action {action}, same={}, moved {}",
+                    stat.name(),
+                    out == case.frame,
+                    moved(stat)
+                )
+            })
+        }
+        Expect::Drop(stat) => (action != XDP_DROP || moved(stat) != 1).then(|| {
+            format!(
+                "want DROP +1 {}: got action {action}, moved {}",
+                stat.name(),
+                moved(stat)
+            )
+        }),
+        Expect::Tx(key) => {
+            let backend = world
+                .table_backend(&key)
+                .expect("fixture flow is for a VIP with backends");
+            let mut want = case.frame.clone();
+            want[0..6].copy_from_slice(&backend_mac(backend));
+            want[6..12].copy_from_slice(&LB_MAC);
+            (action != XDP_TX || out != want || moved(Stat::Forwarded) != 1).then(|| {
+                format!(
+                    "want TX to backend {backend}: got action {action}, dst mac {:02x?}",
+                    &out.get(0..6)
+                )
+            })
+        }
+    })
+}
+
+/// A busy IPv4 flow's packet is served by the program's express lane (this CPU's flow cache,
+/// straight from the frame's fields) only when the full parse would take the frame as it is:
+/// every variant of a cached flow's frame that the full parse judges otherwise (a broken
+/// length or data offset, a fragment) gets the full parse's outcome, and the variants it
+/// balances (a VLAN tag, IP options) go to the flow's backend. Counted: the plain frames and
+/// the balanced variants are cache hits, the rest are not.
+#[test]
+fn a_busy_flows_odd_frames_get_the_full_parses_outcome() -> anyhow::Result<()> {
+    use Expect::*;
+    // The flow cache is per CPU: every run on CPU 0.
+    lb_tests::world::pin_to_cpu0()?;
+    let mut world = World::new()?;
+    let sport = 47100;
+    let tcp = tcp4_with(CLIENT4, sport, VIP4, 80, false, false, 0);
+    let udp = udp4(CLIENT4, sport, VIP4, 53);
+    // On probation, then established, then served from the cache.
+    for frame in [&tcp, &udp] {
+        for _ in 0..3 {
+            assert_eq!(world.run(frame)?.0, XDP_TX);
+        }
+    }
+    let tcp_tx = Tx(flow_key(ip(CLIENT4), sport, ip(VIP4), 80, PROTO_TCP));
+    let udp_tx = Tx(flow_key(ip(CLIENT4), sport, ip(VIP4), 53, PROTO_UDP));
+    let malformed = Drop(Stat::DropMalformed);
+    let c = |name, frame, expect| Case {
+        name,
+        frame,
+        expect,
+    };
+    let hits = vec![
+        c("tcp, from the cache", tcp.clone(), tcp_tx),
+        c("tcp with a vlan tag", vlan_tcp4(sport), tcp_tx),
+        c(
+            "tcp with ip options",
+            tcp4_with(CLIENT4, sport, VIP4, 80, true, false, 0),
+            tcp_tx,
+        ),
+        c("udp, from the cache", udp.clone(), udp_tx),
+    ];
+    let others = vec![
+        c(
+            "tcp first fragment (MF)",
+            tcp4_with(CLIENT4, sport, VIP4, 80, false, true, 0),
+            Pass(Stat::PassFragment),
+        ),
+        c(
+            "tcp later fragment",
+            tcp4_with(CLIENT4, sport, VIP4, 80, false, false, 8),
+            Pass(Stat::PassFragment),
+        ),
+        c(
+            "ip total length beyond the frame",
+            patched(tcp.clone(), L3 + 2, 0x7f),
+            malformed,
+        ),
+        c(
+            "ip total length below the header",
+            patched(patched(tcp.clone(), L3 + 2, 0), L3 + 3, 12),
+            malformed,
+        ),
+        c("ihl 4", patched(tcp.clone(), L3, 0x44), malformed),
+        c(
+            "tcp data offset 4",
+            patched(tcp.clone(), L4_V4 + 12, 0x40),
+            malformed,
+        ),
+        c(
+            "tcp data offset beyond the packet",
+            patched(tcp.clone(), L4_V4 + 12, 0xf0),
+            malformed,
+        ),
+        c("tcp header cut", cut(tcp.clone(), L4_V4 + 10), malformed),
+        c(
+            "udp length beyond the ip payload",
+            patched(udp.clone(), L4_V4 + 4, 0x10),
+            malformed,
+        ),
+        c(
+            "udp length below 8",
+            patched(patched(udp.clone(), L4_V4 + 4, 0), L4_V4 + 5, 4),
+            malformed,
+        ),
+    ];
+    let hit_count = |world: &World| -> anyhow::Result<u64> {
+        Ok(world.dp.stats.global()?.flow(FlowEvent::Hit))
+    };
+    let before = hit_count(&world)?;
+    let n = hits.len() as u64;
+    check_cases(&mut world, hits)?;
+    assert_eq!(hit_count(&world)? - before, n, "each a cache hit");
+    let before = hit_count(&world)?;
+    check_cases(&mut world, others)?;
+    assert_eq!(hit_count(&world)?, before, "none served by the cache");
     Ok(())
 }
 
