@@ -113,19 +113,10 @@ pub const fn entry_decides(
     pkt: &PacketFacts,
     fin_grace_s: u32,
 ) -> bool {
-    if vip.generation != flow.vip_generation {
-        return false;
-    }
-    let b = match backend {
+    let b = match live_backend(flow, vip, backend) {
         Some(b) => b,
         None => return false,
     };
-    if b.flags & BACKEND_F_PRESENT == 0
-        || b.generation != flow.backend_generation
-        || b.flags & BACKEND_F_DOWN != 0
-    {
-        return false;
-    }
     let idle = pkt.now_s.wrapping_sub(flow.last_seen);
     if pkt.is_syn() && (b.flags & BACKEND_F_DRAINED != 0 || flow.flags & FLOW_F_FIN != 0) {
         return false;
@@ -137,6 +128,45 @@ pub const fn entry_decides(
         return false;
     }
     true
+}
+
+/// The entry's backend when the entry's VIP and backend are still the ones it remembers and
+/// the backend may take packets: the first of [`entry_decides`]'s rules, the ones about
+/// the tables rather than the packet.
+#[inline(always)]
+const fn live_backend<'a>(
+    flow: &FlowValue,
+    vip: &VipInfo,
+    backend: Option<&'a Backend>,
+) -> Option<&'a Backend> {
+    if vip.generation != flow.vip_generation {
+        return None;
+    }
+    let b = match backend {
+        Some(b) => b,
+        None => return None,
+    };
+    if b.flags & BACKEND_F_PRESENT == 0
+        || b.generation != flow.backend_generation
+        || b.flags & BACKEND_F_DOWN != 0
+    {
+        return None;
+    }
+    Some(b)
+}
+
+/// [`entry_decides`] for a flow-cache hit (`crate::cache`): a cacheable packet
+/// ([`PacketFacts::cacheable`]: no SYN) and an entry as filled (never a FIN entry, and no
+/// idle time: its last-seen is the packet's second). Of the rules only those about the
+/// tables can apply, so only they are checked (`cache_hits_decide_as_the_table_would`).
+/// Returns the backend when the entry decides.
+#[inline(always)]
+pub const fn cached_entry_decides<'a>(
+    flow: &FlowValue,
+    vip: &VipInfo,
+    backend: Option<&'a Backend>,
+) -> Option<&'a Backend> {
+    live_backend(flow, vip, backend)
 }
 
 /// The slot of a flow in a table of `ring_size` slots: the hash's high 32 bits scaled to the
@@ -290,6 +320,52 @@ mod tests {
         assert!(!entry_decides(&f, &v, Some(&b), &udp(131), 4));
         // TCP does not age.
         assert!(entry_decides(&f, &v, Some(&b), &tcp(TCP_ACK, 1_000_000), 4));
+    }
+
+    /// Whatever the tables hold, a cache hit's shortened rule agrees with the full one for
+    /// every packet the cache serves and every entry it holds.
+    #[test]
+    fn cache_hits_decide_as_the_table_would() {
+        let (f, v, b) = setup();
+        let flags = [0, BACKEND_F_PRESENT, BACKEND_F_DRAINED, BACKEND_F_DOWN];
+        for vip_gen in [2, 3] {
+            for backend_gen in [7, 8] {
+                for bf in 0..16u32 {
+                    let bflags = flags.iter().enumerate().fold(0, |acc, (i, f)| {
+                        if bf & (1 << i) != 0 { acc | f } else { acc }
+                    });
+                    let vip = VipInfo {
+                        generation: vip_gen,
+                        udp_idle_s: 0,
+                        ..v
+                    };
+                    let be = Backend {
+                        generation: backend_gen,
+                        flags: bflags,
+                        ..b
+                    };
+                    for backend in [Some(&be), None] {
+                        for (proto, tcp_flags) in [
+                            (PROTO_TCP, TCP_ACK),
+                            (PROTO_TCP, TCP_ACK | 0x08),
+                            (PROTO_UDP, 0),
+                        ] {
+                            let facts = PacketFacts {
+                                proto,
+                                tcp_flags,
+                                now_s: f.last_seen,
+                            };
+                            assert!(facts.cacheable());
+                            assert_eq!(
+                                cached_entry_decides(&f, &vip, backend).is_some(),
+                                entry_decides(&f, &vip, backend, &facts, 0),
+                                "vip gen {vip_gen}, backend gen {backend_gen}, flags {bflags:#x}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The VIP-address bitmap's bit: consecutive VIP addresses (how operators number them)

@@ -305,7 +305,9 @@ pub fn bench_prefilter(ctx: XdpContext) -> u32 {
 /// before it).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
-    /// Parsing, the NAT-address check, this CPU's cache slot: key compare and tick.
+    /// The pre-filter and the express lane's read of the frame (`parse::plain_v4`).
+    Parse,
+    /// This CPU's cache slot: CPU id, index, key compare and tick.
     Cache,
     /// The entry still decides (VIP, backend, the rules) and the hit is counted.
     Decide,
@@ -315,30 +317,34 @@ enum Stage {
     Count,
 }
 
-/// An established packet's path through this CPU's flow cache, up to `upto`, built from the
-/// product's own functions, for the "where an established packet's time goes" rows. A slot
-/// that does not hold the flow in this tick is filled from the established table (once a
-/// tick, as the product does) and the pass returns XDP_PASS; a hit returns XDP_TX.
+/// An established IPv4 packet's path through the express lane (`express`) and this CPU's
+/// flow cache, up to `upto`, built from the product's own functions, for the "where an
+/// established packet's time goes" rows. A slot that does not hold the flow in this tick is
+/// filled from the established table (once a tick, as the product does) and the pass
+/// returns XDP_PASS; a hit returns XDP_TX (`Stage::Parse`: XDP_PASS once parsed).
 #[inline(always)]
 fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let mut p = crate::parse::Parsed::EMPTY;
-    if crate::parse::parse(ctx, &mut p).is_err() {
+    let Ok(crate::parse::Candidate::V4 { l3, dst }) = crate::parse::prefilter(ctx) else {
         return xdp_action::XDP_DROP;
+    };
+    let Some(p) = crate::parse::plain_v4(ctx, l3, dst[0]) else {
+        return xdp_action::XDP_DROP;
+    };
+    if upto == Stage::Parse {
+        return xdp_action::XDP_PASS;
     }
     let cfg = crate::maps::config();
-    if crate::nat::is_nat_addr(&p) {
-        return xdp_action::XDP_ABORTED;
-    }
-    let Some(slot) = crate::maps::flow_cache(cfg, &p.key) else {
+    let Some(slot) = crate::maps::flow_cache_of(cfg, &p.words) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: this CPU's slot, as in `select::from_cache`.
+    // SAFETY: this CPU's slot, as in `select::cache_decides`.
     let c = unsafe { &*slot };
-    if !c.holds(&p.key) || !c.filled_in(crate::select::tick()) {
-        if let Some(e) = crate::maps::established(cfg, &p.key) {
+    if !c.holds_words(&p.words) || !c.filled_in(crate::select::tick()) {
+        let key = lb_common::FlowKey::from_words(p.words);
+        if let Some(e) = crate::maps::established(cfg, &key) {
             // SAFETY: the map's value, valid while this program runs.
-            crate::maps::cache_fill(slot, &p.key, unsafe { &*e }, crate::select::tick());
+            crate::maps::cache_fill(slot, &key, unsafe { &*e }, crate::select::tick());
             return xdp_action::XDP_PASS;
         }
         return xdp_action::XDP_DROP;
@@ -346,13 +352,7 @@ fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
     if upto == Stage::Cache {
         return xdp_action::XDP_TX;
     }
-    let flow = c.value;
-    let at_fill = lb_common::PacketFacts {
-        proto: p.key.proto,
-        tcp_flags: p.tcp_flags,
-        now_s: flow.last_seen,
-    };
-    let Some(b) = crate::select::deciding(&flow, &at_fill, cfg) else {
+    let Some((flow, b)) = crate::select::cache_decides(slot, &p.words) else {
         return xdp_action::XDP_DROP;
     };
     crate::stats::count_flow(lb_common::FlowEvent::Hit);
@@ -368,6 +368,11 @@ fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
         crate::stats::count(v.stat, len);
     }
     v.action
+}
+
+#[xdp(frags)]
+pub fn bench_stage_parse(ctx: XdpContext) -> u32 {
+    staged(&ctx, Stage::Parse)
 }
 
 #[xdp(frags)]

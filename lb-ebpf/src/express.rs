@@ -14,10 +14,10 @@
 //! a VIP never sits on a NAT source address (the agent refuses it), so a slot that still
 //! decides names a VIP address, not a NAT one.
 use aya_ebpf::programs::XdpContext;
-use lb_common::{ENCAP_L2, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent, LbConfig, PacketFacts};
+use lb_common::{ENCAP_L2, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent, PacketFacts};
 
 use crate::{
-    Verdict, deliver, forward,
+    Verdict, act, deliver, forward,
     maps::{config, flow_cache_of},
     parse::PlainV4,
     select::{cache_decides, picked},
@@ -26,7 +26,10 @@ use crate::{
 
 /// The verdict for a plain IPv4 packet `p` of a frame of `len` bytes.
 #[inline(always)]
-pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> Result<Verdict, Verdict> {
+pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> u32 {
+    // The configuration's address is read again where it is needed after the cache probe
+    // (one load from a constant address) rather than kept: every value live across the
+    // probe's helper calls is a stack round trip on the hit path.
     let cfg = config();
     let facts = PacketFacts {
         proto: p.proto(),
@@ -39,22 +42,27 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> Result<Verdict, Verdi
     if cfg.flow_table != FLOW_TABLE_OFF && facts.cacheable() {
         slot = flow_cache_of(cfg, &p.words);
         if let Some(s) = slot
-            && let Some((flow, backend)) = cache_decides(s, &p.words, &facts, cfg)
+            && let Some((flow, backend)) = cache_decides(s, &p.words)
         {
             count_flow(FlowEvent::Hit);
             if backend.encap == ENCAP_L2 {
                 // The hit as the full path counts and sends it, without its record.
                 count_vip(flow.vip_id, len, false);
                 count_backend(flow.backend_id, len);
-                return forward::l2_dsr(ctx, backend);
+                return act(forward::l2_dsr(ctx, backend), len);
             }
             // Encapsulation needs the record (lengths, family, TOS).
-            let pkt = p.parsed(ctx)?;
             let picked = picked(flow.backend_id, backend, flow.vip_id, false);
-            return deliver(ctx, cfg, &pkt, &picked, len);
+            let verdict = p
+                .parsed(ctx)
+                .and_then(|pkt| deliver(ctx, config(), &pkt, &picked, len));
+            return act(verdict, len);
         }
     }
-    balance_full(ctx, p, cfg, len, slot)
+    // Marked cold: the register allocator then keeps the full path's stack traffic off the
+    // hit (established from the cache: 304 -> 297 instructions, 48 -> 40 of them spills).
+    core::hint::cold_path();
+    act(balance_full(ctx, p, len, slot), len)
 }
 
 /// The full path for `p`, whose cache slot was probed (`slot`) without a decision.
@@ -62,10 +70,9 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> Result<Verdict, Verdi
 fn balance_full(
     ctx: &XdpContext,
     p: &PlainV4,
-    cfg: &LbConfig,
     len: u64,
     slot: Option<*mut FlowCacheSlot>,
 ) -> Result<Verdict, Verdict> {
     let pkt = p.parsed(ctx)?;
-    crate::balance(ctx, &pkt, cfg, len, Some(slot))
+    crate::balance(ctx, &pkt, config(), len, Some(slot))
 }

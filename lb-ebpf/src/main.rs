@@ -102,7 +102,7 @@ fn lb(ctx: &XdpContext) -> u32 {
         // goes by the express lane (`express`), which serves a busy flow's packet from the
         // flow cache or hands the packet to the full path already parsed.
         Ok(parse::Candidate::V4 { l3, dst }) => match parse::plain_v4(ctx, l3, dst[0]) {
-            Some(p) => express::balance(ctx, &p, len),
+            Some(p) => return express::balance(ctx, &p, len),
             None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, len),
         },
         Ok(candidate) => try_lb(ctx, candidate, len),

@@ -12,7 +12,7 @@ use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
     FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, VIP_F_SRC_HASH, VipInfo,
-    cache_tick, entry_decides, probation_hash, slot_index, slot_of,
+    cache_tick, cached_entry_decides, entry_decides, probation_hash, slot_index, slot_of,
 };
 
 use crate::{
@@ -125,7 +125,7 @@ pub fn pick(
                 None
             };
             if let Some(slot) = cache
-                && let Some(p) = from_cache(slot, pkt, &facts, cfg)
+                && let Some(p) = from_cache(slot, pkt)
             {
                 return Ok(p);
             }
@@ -188,27 +188,24 @@ pub fn pick(
 /// still decides. Anything else is the tables' (a deciding established entry fills the slot
 /// again).
 #[inline(always)]
-fn from_cache(
-    slot: *mut FlowCacheSlot,
-    pkt: &Parsed,
-    facts: &PacketFacts,
-    cfg: &LbConfig,
-) -> Option<Picked> {
-    let (flow, b) = cache_decides(slot, pkt.key.words(), facts, cfg)?;
+fn from_cache(slot: *mut FlowCacheSlot, pkt: &Parsed) -> Option<Picked> {
+    let (flow, b) = cache_decides(slot, pkt.key.words())?;
     count_flow(FlowEvent::Hit);
     Some(picked(flow.backend_id, b, flow.vip_id, false))
 }
 
-/// What this CPU's cache slot `slot` decides for the packet of key `words` (and `facts`,
-/// cacheable ones): the entry (in the slot) and its backend when the slot holds the flow,
-/// was filled in this tick and the entry still decides; `None` leaves the packet to the
-/// tables. Nothing counted: the caller counts the hit once it serves it.
+/// What this CPU's cache slot `slot` decides for a cacheable packet (`PacketFacts::
+/// cacheable`) of key `words`: the entry (in the slot) and its backend when the slot holds
+/// the flow, was filled in this tick and the entry still decides; `None` leaves the packet to
+/// the tables. Nothing counted: the caller counts the hit once it serves it.
+///
+/// The entry is judged by `lb_common::cached_entry_decides`: of `entry_decides`'s rules only
+/// those about the tables can apply to a hit (no SYN, no FIN entry, no idle time: the slot
+/// serves only within the tick of its fill, when the entry's last-seen was refreshed).
 #[inline(always)]
 pub fn cache_decides(
     slot: *mut FlowCacheSlot,
     words: &[u64; 5],
-    facts: &PacketFacts,
-    cfg: &LbConfig,
 ) -> Option<(&'static FlowValue, &'static Backend)> {
     // SAFETY: this CPU's slot (its own region of the cache array, written by no one else
     // while this program runs on this CPU, so it holds still while read in place).
@@ -217,13 +214,8 @@ pub fn cache_decides(
     if !c.holds_words(words) || !c.filled_in(tick()) {
         return None;
     }
-    // The entry's times as of the fill, less than a tick ago: its last-seen was the second
-    // of the fill then, and a FIN entry is never cached, so the idle checks see no idle time.
-    let at_fill = PacketFacts {
-        now_s: c.value.last_seen,
-        ..*facts
-    };
-    let b = deciding(&c.value, &at_fill, cfg)?;
+    let vip = present_vip(c.value.vip_id)?;
+    let b = cached_entry_decides(&c.value, vip, LB_BACKENDS.get(c.value.backend_id))?;
     Some((&c.value, b))
 }
 

@@ -273,14 +273,14 @@ const STAGES: [StageRow; 7] = [
         action: XDP_TX,
     },
     StageRow {
-        prog: "bench_parse",
-        label: "stage 1: parsing (pre-filter, IPv4, TCP, the key)",
+        prog: "bench_stage_parse",
+        label: "stage 1: parsing (pre-filter, the express lane's IPv4/TCP read, the key's words)",
         non_vip: false,
         action: XDP_PASS,
     },
     StageRow {
         prog: "bench_stage_cache",
-        label: "stage 2: + NAT-address check, this CPU's cache slot (index, key compare, tick)",
+        label: "stage 2: + this CPU's cache slot (CPU id, index, key compare, tick)",
         non_vip: false,
         action: XDP_TX,
     },
