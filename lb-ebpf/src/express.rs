@@ -6,8 +6,9 @@
 //! It decides nothing of its own: the frame is taken only when the full parse would take it
 //! as it is, the cache slot is the one the full path probes (same key words,
 //! `lb_common::FlowKey::v4_words`), the decision is `select::cache_decides` (the cache's
-//! rules, `lb_common::entry_decides`), and the hit is counted, rewritten and sent by the same
-//! functions, so a packet gets the same action, bytes and counters either way.
+//! rules: `lb_common::cached_entry_decides`, the part of `entry_decides` a hit can meet),
+//! and the hit is counted, rewritten and sent by the same functions, so a packet gets the
+//! same action, bytes and counters either way.
 //!
 //! The NAT-address check the full path makes first is skipped for a hit: a slot is filled
 //! only after that check (a backend's answer to a NAT address never reaches the cache), and

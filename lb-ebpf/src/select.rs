@@ -335,6 +335,20 @@ fn place(
             ..picked(id, b, vip_id, false)
         });
     }
+    if facts.is_syn() || facts.is_rst() {
+        // A new connection (or its end): nothing to remember, and a stale entry is done.
+        if facts.is_syn() {
+            count_flow(FlowEvent::SynPlaced);
+        }
+        match found {
+            Found::Established => forget_established(cfg, &pkt.key),
+            Found::Probation => forget_probation(cfg, &pkt.key, ph),
+            Found::Nowhere => {}
+        }
+        return Ok(picked(id, b, vip_id, false));
+    }
+    // The entry is made only here, where it is remembered (built before the SYN's return,
+    // its six stores ran on every SYN).
     let value = FlowValue {
         backend_id: id,
         backend_generation: b.generation,
@@ -346,17 +360,7 @@ fn place(
     // The VIP's `new_flows` counts flows when first remembered (a TCP connection once, at
     // its handshake's ACK; a UDP flow at its first datagram), not every placement of a SYN.
     let mut remembered_new = false;
-    if facts.is_syn() || facts.is_rst() {
-        // A new connection (or its end): nothing to remember, and a stale entry is done.
-        if facts.is_syn() {
-            count_flow(FlowEvent::SynPlaced);
-        }
-        match found {
-            Found::Established => forget_established(cfg, &pkt.key),
-            Found::Probation => forget_probation(cfg, &pkt.key, ph),
-            Found::Nowhere => {}
-        }
-    } else if found == Found::Established {
+    if found == Found::Established {
         // An established flow that had to move (its backend went down) stays established.
         remember_established(cfg, &pkt.key, &value);
     } else {
