@@ -340,7 +340,14 @@ fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
     };
     // SAFETY: this CPU's slot, as in `select::cache_decides`.
     let c = unsafe { &*slot };
-    if !c.holds_words(&p.words) || !c.filled_in(crate::select::tick()) {
+    // Stage 2 stops at the slot; the later stages take the product's decision, which makes
+    // the same two checks first (not made twice here, or those stages would time them twice).
+    let decided = if upto == Stage::Cache {
+        (c.holds_words(&p.words) && c.filled_in(crate::select::tick())).then_some(None)
+    } else {
+        crate::select::cache_decides(slot, &p.words).map(Some)
+    };
+    let Some(decided) = decided else {
         let key = lb_common::FlowKey::from_words(p.words);
         if let Some(e) = crate::maps::established(cfg, &key) {
             // SAFETY: the map's value, valid while this program runs.
@@ -348,12 +355,9 @@ fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
             return xdp_action::XDP_PASS;
         }
         return xdp_action::XDP_DROP;
-    }
-    if upto == Stage::Cache {
+    };
+    let Some((flow, b)) = decided else {
         return xdp_action::XDP_TX;
-    }
-    let Some((flow, b)) = crate::select::cache_decides(slot, &p.words) else {
-        return xdp_action::XDP_DROP;
     };
     crate::stats::count_flow(lb_common::FlowEvent::Hit);
     if upto == Stage::Decide {

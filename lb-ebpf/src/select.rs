@@ -66,7 +66,7 @@ pub fn tick() -> u32 {
 
 /// The backend a remembered entry points at, if the entry still decides.
 #[inline(always)]
-pub fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
+fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
     let vip = present_vip(flow.vip_id)?;
     let backend = LB_BACKENDS.get(flow.backend_id);
     if entry_decides(flow, vip, backend, facts, cfg.fin_grace_s) {
