@@ -35,6 +35,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-client",
     // The fleet health test blocks one node's probes with a netfilter rule.
     "iptables",
+    // `tests/tools/bpf-profile.py` (where the XDP program's time goes): perf's samples and
+    // the loaded program's line table.
+    "linux-perf",
+    "bpftool",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.

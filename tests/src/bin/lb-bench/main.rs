@@ -304,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Ok("insns") => return insn_rows(),
+        Ok("spin") => return packet::spin(),
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
             print_rows(&nat_rows()?);

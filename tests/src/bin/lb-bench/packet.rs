@@ -457,3 +457,44 @@ impl Triple {
         ]
     }
 }
+
+/// `BENCH_ONLY=spin`: one path, run for a bounded while (`BENCH_CASE`: `non-vip`,
+/// `established` (from this CPU's flow cache), `established-table` (no flow cache: the flow
+/// table's lookup), `syn`; 40 runs of `REPEAT` passes), so that a sampling profiler sees
+/// only it: `BENCH_ONLY=spin BENCH_CASE=syn perf record -e cpu-clock -C 1 -- taskset -c 1
+/// lb-bench`, then `perf report --sort sym`. Prints the path's and the floor's ns per pass.
+pub fn spin() -> anyhow::Result<()> {
+    const RUNS: u32 = 40;
+    let case = std::env::var("BENCH_CASE").unwrap_or_else(|_| "established".into());
+    let vip = [10, 0, 0, 10];
+    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    let (frame, cache) = match case.as_str() {
+        "non-vip" => (tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80), true),
+        "established" => (established.clone(), true),
+        "established-table" => (established.clone(), false),
+        "syn" => (
+            SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]),
+            true,
+        ),
+        other => anyhow::bail!(
+            "BENCH_CASE {other:?}: expected non-vip, established, established-table or syn"
+        ),
+    };
+    let opts = bench_options(false);
+    let mut world = World::with_options(lb_userspace::LoadOptions {
+        flow_cache_slots: if cache { opts.flow_cache_slots } else { 0 },
+        ..opts
+    })?;
+    world.run(&established)?;
+    world.run(&established)?;
+    let floor = once(world.dp.pass_program()?, &frame)?;
+    let mut ns = Vec::new();
+    for _ in 0..RUNS {
+        ns.push(once(world.dp.lb_program()?, &frame)?);
+    }
+    println!(
+        "{case}: {:.1} ns per pass (median of {RUNS} runs of {REPEAT}), floor {floor:.1}",
+        median(ns)
+    );
+    Ok(())
+}
