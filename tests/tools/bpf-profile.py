@@ -9,8 +9,8 @@ Runs `lb-bench` in its spin mode (`BENCH_ONLY=spin BENCH_CASE=CASE`: non-vip, es
 established-table, syn) pinned to CPU 1 under `perf record -e cpu-clock`, reads the loaded
 `lb_xdp`'s line table while it runs, then prints the split of the run's samples (the
 program's own code, the kernel's flow-table functions, the test-run loop around them) with
-the spin mode's ns per pass, and each concern's (or source file's, or line's) share of the program's own
-samples. cpu-clock samples skid a few instructions past a stall, so a line's share is
+the spin mode's ns per pass, and each concern's (or source file's, or line's) share of the
+program's own samples. cpu-clock samples skid a few instructions past a stall, so a line's share is
 approximate; a concern's is close. Needs root, perf and bpftool; build first
 (`cargo build --release --all-targets`).
 """
@@ -38,7 +38,7 @@ def bpf(cmd, attr):
     r = libc.syscall(SYS_BPF, cmd, buf, 128)
     if r < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"bpf({cmd}): {ctypes.cast(libc.strerror(err), ctypes.c_char_p).value.decode()}")
+        raise OSError(err, f"bpf({cmd}): {os.strerror(err)}")
     return r
 
 
@@ -49,6 +49,13 @@ def prog_info(fd, info):
 def line_table(prog_id):
     """(JIT offsets, xlated insn offsets) of the program's line info records, in order."""
     fd = bpf(BPF_PROG_GET_FD_BY_ID, struct.pack("I", prog_id))
+    try:
+        return read_line_table(fd)
+    finally:
+        os.close(fd)
+
+
+def read_line_table(fd):
     info = ctypes.create_string_buffer(INFO_SIZE)
     prog_info(fd, info)
     nr_line, = struct.unpack_from("I", info, 148)

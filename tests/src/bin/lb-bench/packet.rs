@@ -10,6 +10,26 @@ use lb_tests::world::{SCENE, World, run_once};
 
 use super::{NEW_FLOWS, REPEAT, Row, client, ns_repeat, ns_single, row, tcp, test_run};
 
+/// The frames of the timed paths, to VIP `vip` (port 80).
+struct Frames {
+    /// A flow's packet (made established by sending it twice).
+    established: Vec<u8>,
+    /// The same client to an address that is no VIP.
+    non_vip: Vec<u8>,
+    /// Another client's SYN.
+    syn: Vec<u8>,
+}
+
+impl Frames {
+    fn new(vip: [u8; 4]) -> Self {
+        Self {
+            established: tcp([192, 0, 2, 7], 40000, vip, 80),
+            non_vip: tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80),
+            syn: SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]),
+        }
+    }
+}
+
 /// Alternating rounds of a targeted row and its floor.
 const ROUNDS: u32 = 7;
 
@@ -89,12 +109,14 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         "shared LRU"
     };
     let vip = [10, 0, 0, 10];
-    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    let Frames {
+        established,
+        non_vip,
+        syn,
+    } = Frames::new(vip);
     // Its first packet puts the flow on probation, the second makes it established.
     world.run(&established)?;
     world.run(&established)?;
-    let syn = SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]);
-    let non_vip = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80);
     // Single runs: round `r` sends its own `chunk` distinct clients.
     let chunk = NEW_FLOWS / ROUNDS;
     let single_frame = |i| {
@@ -466,16 +488,12 @@ impl Triple {
 pub fn spin() -> anyhow::Result<()> {
     const RUNS: u32 = 40;
     let case = std::env::var("BENCH_CASE").unwrap_or_else(|_| "established".into());
-    let vip = [10, 0, 0, 10];
-    let established = tcp([192, 0, 2, 7], 40000, vip, 80);
+    let frames = Frames::new([10, 0, 0, 10]);
     let (frame, cache) = match case.as_str() {
-        "non-vip" => (tcp([192, 0, 2, 7], 40000, [10, 0, 0, 99], 80), true),
-        "established" => (established.clone(), true),
-        "established-table" => (established.clone(), false),
-        "syn" => (
-            SCENE.tcp4(([192, 0, 2, 8], 40001), (vip, 80), "S", &[]),
-            true,
-        ),
+        "non-vip" => (&frames.non_vip, true),
+        "established" => (&frames.established, true),
+        "established-table" => (&frames.established, false),
+        "syn" => (&frames.syn, true),
         other => anyhow::bail!(
             "BENCH_CASE {other:?}: expected non-vip, established, established-table or syn"
         ),
@@ -485,12 +503,12 @@ pub fn spin() -> anyhow::Result<()> {
         flow_cache_slots: if cache { opts.flow_cache_slots } else { 0 },
         ..opts
     })?;
-    world.run(&established)?;
-    world.run(&established)?;
-    let floor = once(world.dp.pass_program()?, &frame)?;
+    world.run(&frames.established)?;
+    world.run(&frames.established)?;
+    let floor = once(world.dp.pass_program()?, frame)?;
     let mut ns = Vec::new();
     for _ in 0..RUNS {
-        ns.push(once(world.dp.lb_program()?, &frame)?);
+        ns.push(once(world.dp.lb_program()?, frame)?);
     }
     println!(
         "{case}: {:.1} ns per pass (median of {RUNS} runs of {REPEAT}), floor {floor:.1}",
