@@ -1,12 +1,12 @@
 //! The pinned map set's record: what an agent checks before adopting maps pinned by another
 //! run (or another build).
 use crate::{
-    Backend, Counter, FlowEvent, FlowKey, FlowValue, HcStat, LbConfig, NatEntry, Slot, Stat,
+    Backend, Counter, FlowEvent, FlowKey, FlowValue, HcStat, LbConfig, NatEntry, Slot,
     VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipCounter, VipIndexEntry, VipInfo, VipKey, fmix64, mix,
 };
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 
@@ -26,7 +26,7 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<Slot>(),
         core::mem::size_of::<NatEntry>(),
         VIP_INDEX_SLOTS as usize,
-        Stat::COUNT as usize,
+        crate::STATS_ENTRIES as usize,
         HcStat::COUNT as usize,
         FlowEvent::COUNT as usize,
         VIP_FILTER_WORDS as usize,

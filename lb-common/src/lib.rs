@@ -28,8 +28,17 @@ pub use nat::*;
 // ---------------------------------------------------------------------------------------------
 // Map names and default capacities.
 
-/// Global counters: per-CPU array indexed by [`Stat`], value [`Counter`].
+/// Global counters: per-CPU array indexed by [`Stat`], value [`Counter`], plus one more
+/// entry, [`STATS_CACHE_HITS`]; [`STATS_ENTRIES`] in all.
 pub const STATS_MAP: &str = "LB_STATS";
+/// The entry of [`STATS_MAP`] after the reasons: packets and bytes of flow-cache hits the
+/// express lane forwarded, each of them a `forwarded` packet and a `flow_hit` event counted
+/// once, here (one per-CPU lookup with a constant key where the two counters took two: an
+/// established packet's counters are a quarter of its time). Readers add it to both
+/// ([`Stat::Forwarded`]'s counter and [`FlowEvent::Hit`]'s packets); never shown alone.
+pub const STATS_CACHE_HITS: u32 = Stat::COUNT;
+/// Length of [`STATS_MAP`].
+pub const STATS_ENTRIES: u32 = Stat::COUNT + 1;
 /// Flow-table events: per-CPU array indexed by [`FlowEvent`], value `u64` (packets).
 pub const FLOW_STATS_MAP: &str = "LB_FLOW_STATS";
 /// VIPs: hash [`VipKey`] -> VIP id (`u32`).

@@ -55,7 +55,13 @@ impl Verdict {
         }
     }
 
-    /// The packet was rewritten; return this action (XDP_TX or a redirect).
+    /// The XDP action it takes.
+    pub const fn action(self) -> u32 {
+        self.action
+    }
+
+    /// The packet was rewritten; return this action (XDP_TX or a redirect); its reason is
+    /// always [`Stat::Forwarded`].
     pub const fn forward(action: u32) -> Self {
         Self {
             stat: Stat::Forwarded,

@@ -1,9 +1,12 @@
 //! Per-CPU counters: global by [`Stat`], per VIP and per backend.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, FlowEvent, Stat, VipCounter};
+use lb_common::{
+    Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, FlowEvent, STATS_CACHE_HITS, STATS_ENTRIES,
+    Stat, VipCounter,
+};
 
 #[map(name = "LB_STATS")]
-static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
 #[map(name = "LB_FLOW_STATS")]
 static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
@@ -29,6 +32,19 @@ static LB_BACKEND_STATS: PerCpuArray<Counter> =
 pub fn count(stat: Stat, bytes: u64) {
     if let Some(c) = LB_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: this CPU's slot; nothing else writes it concurrently.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// A flow-cache hit the express lane forwarded: counted as reason `forwarded` and flow event
+/// `flow_hit` by one entry (`lb_common::STATS_CACHE_HITS`, which readers add to both).
+#[inline(always)]
+pub fn count_cache_hit(bytes: u64) {
+    if let Some(c) = LB_STATS.get_ptr_mut(STATS_CACHE_HITS) {
+        // SAFETY: as in `count`.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;

@@ -15,9 +15,8 @@ use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
     ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
     FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS,
-    ProbationSlot, SLOTS_MAP, STATS_MAP, Slot, Stat, TX_PORTS_MAP, VIP_FILTER_MAP,
-    VIP_FILTER_WORDS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey,
-    abi_layout,
+    ProbationSlot, SLOTS_MAP, STATS_MAP, Slot, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS,
+    VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey, abi_layout,
 };
 
 use crate::{Error, LoadOptions};
@@ -153,7 +152,7 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
             MapType::PerCpuArray,
             4,
             sz::<Counter>(),
-            Stat::COUNT,
+            lb_common::STATS_ENTRIES,
             0,
         ),
         (

@@ -3,8 +3,8 @@ use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::{
-    BACKEND_STATS_MAP, Counter, FLOW_STATS_MAP, FlowEvent, HC_STATS_MAP, HcStat, STATS_MAP, Stat,
-    VIP_STATS_MAP, VipCounter,
+    BACKEND_STATS_MAP, Counter, FLOW_STATS_MAP, FlowEvent, HC_STATS_MAP, HcStat, STATS_CACHE_HITS,
+    STATS_MAP, Stat, VIP_STATS_MAP, VipCounter,
 };
 use serde::Serialize;
 
@@ -38,6 +38,14 @@ pub struct StatsMaps {
     pub backends: PerCpuArray<MapData, Counter>,
 }
 
+/// Adds the express lane's forwarded cache hits (`lb_common::STATS_CACHE_HITS`, counted once
+/// for two counters) to `forwarded` and `flow_hit`.
+fn fold_cache_hits(out: &mut GlobalStats, hits: Counter) {
+    let forwarded = out.0.entry(Stat::Forwarded.name()).or_default();
+    *forwarded = add(*forwarded, &hits);
+    out.0.entry(FlowEvent::Hit.name()).or_default().packets += hits.packets;
+}
+
 fn add(a: Counter, b: &Counter) -> Counter {
     Counter {
         packets: a.packets + b.packets,
@@ -46,19 +54,20 @@ fn add(a: Counter, b: &Counter) -> Counter {
 }
 
 impl StatsMaps {
+    /// Entry `index` of the global counters, summed over CPUs.
+    fn global_entry(&self, index: u32) -> Result<Counter, Error> {
+        let per_cpu = self.global.get(&index, 0).map_err(|source| Error::Map {
+            name: STATS_MAP,
+            source,
+        })?;
+        Ok(per_cpu.iter().fold(Counter::default(), add))
+    }
+
     /// Reads every global counter and sums it over CPUs.
     pub fn global(&self) -> Result<GlobalStats, Error> {
         let mut out = GlobalStats::default();
         for stat in Stat::ALL {
-            let per_cpu = self
-                .global
-                .get(&(stat as u32), 0)
-                .map_err(|source| Error::Map {
-                    name: STATS_MAP,
-                    source,
-                })?;
-            out.0
-                .insert(stat.name(), per_cpu.iter().fold(Counter::default(), add));
+            out.0.insert(stat.name(), self.global_entry(stat as u32)?);
         }
         let events = FlowEvent::ALL.map(|e| (e as u32, e.name()));
         let hc = HcStat::ALL.map(|e| (e as u32, e.name()));
@@ -74,6 +83,7 @@ impl StatsMaps {
                 out.0.insert(key, Counter { packets, bytes: 0 });
             }
         }
+        fold_cache_hits(&mut out, self.global_entry(STATS_CACHE_HITS)?);
         Ok(out)
     }
 
@@ -99,5 +109,45 @@ impl StatsMaps {
             source,
         })?;
         Ok(per_cpu.iter().fold(Counter::default(), add))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_hits_count_as_forwarded_packets_and_flow_hits() {
+        let mut out = GlobalStats::default();
+        out.0.insert(
+            Stat::Forwarded.name(),
+            Counter {
+                packets: 3,
+                bytes: 300,
+            },
+        );
+        out.0.insert(
+            FlowEvent::Hit.name(),
+            Counter {
+                packets: 2,
+                bytes: 0,
+            },
+        );
+        fold_cache_hits(
+            &mut out,
+            Counter {
+                packets: 5,
+                bytes: 640,
+            },
+        );
+        assert_eq!(
+            out.get(Stat::Forwarded),
+            Counter {
+                packets: 8,
+                bytes: 940
+            }
+        );
+        assert_eq!(out.flow(FlowEvent::Hit), 7);
+        assert_eq!(out.get(Stat::DropMalformed), Counter::default());
     }
 }
