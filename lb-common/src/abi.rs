@@ -6,7 +6,7 @@ use crate::{
 };
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 
@@ -21,6 +21,7 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<VipInfo>(),
         core::mem::size_of::<Backend>(),
         core::mem::size_of::<FlowKey>(),
+        core::mem::size_of::<crate::TableKey>(),
         core::mem::size_of::<FlowValue>(),
         core::mem::size_of::<VipIndexEntry>(),
         core::mem::size_of::<Slot>(),

@@ -18,12 +18,14 @@ mod chance;
 mod encap;
 mod flow;
 mod nat;
+mod table_key;
 pub use abi::*;
 pub use cache::*;
 pub use chance::*;
 pub use encap::*;
 pub use flow::*;
 pub use nat::*;
+pub use table_key::*;
 
 // ---------------------------------------------------------------------------------------------
 // Map names and default capacities.
@@ -64,7 +66,8 @@ pub const VIP_INDEX_PROBES: u32 = 4;
 pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Backends: array indexed by backend id, value [`Backend`].
 pub const BACKENDS_MAP: &str = "LB_BACKENDS";
-/// Flow table: LRU hash [`FlowKey`] -> [`FlowValue`] shared by all CPUs.
+/// Flow table: LRU hash [`TableKey`] (a [`FlowKey`] in 16 bytes) -> [`FlowValue`] shared by
+/// all CPUs.
 pub const FLOWS_MAP: &str = "LB_FLOWS";
 /// Probation flow table: LRU hash [`FlowKey`] -> [`FlowValue`] for flows seen once (a
 /// handshake's ACK, a first UDP datagram). A flow's next packet moves it to [`FLOWS_MAP`], so
@@ -601,7 +604,7 @@ pub const fn probation_check(h: u64, value: &FlowValue) -> u64 {
 }
 
 /// Odd multipliers of the hash lanes (from splitmix64, murmur3, xxh64 and wyhash).
-const LANE_K: [u64; 5] = [
+pub(crate) const LANE_K: [u64; 5] = [
     0x9E37_79B9_7F4A_7C15,
     0xff51_afd7_ed55_8ccd,
     0xc4ce_b9fe_1a85_ec53,
@@ -613,7 +616,7 @@ const LANE_K: [u64; 5] = [
 /// the CPU multiplies them in parallel; a chain of mixes (`mix`) costs a multiply's latency
 /// per word on every packet.
 #[inline(always)]
-const fn lane(v: u64, seed: u64, k: u64) -> u64 {
+pub(crate) const fn lane(v: u64, seed: u64, k: u64) -> u64 {
     (v ^ seed).wrapping_mul(k)
 }
 
@@ -621,7 +624,7 @@ const fn lane(v: u64, seed: u64, k: u64) -> u64 {
 /// brought down and multiplied up again, twice, so the result's high bits depend on every
 /// input bit (one round left consecutive IPv4 ports 3 % uneven over the ring).
 #[inline(always)]
-const fn finish(h: u64) -> u64 {
+pub(crate) const fn finish(h: u64) -> u64 {
     let h = (h ^ (h >> 32)).wrapping_mul(0xd6e8_feb8_6659_fd93);
     let h = (h ^ (h >> 29)).wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 32)
@@ -666,6 +669,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::TableKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::AbiRecord {}
     unsafe impl aya::Pod for super::DecapAddr {}

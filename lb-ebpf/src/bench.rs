@@ -73,7 +73,7 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let cfg = crate::maps::config();
-    match crate::maps::established(cfg, &p.key) {
+    match crate::maps::established(cfg, &crate::maps::table_key(cfg, &p.key)) {
         Some(_) => xdp_action::XDP_PASS,
         None => xdp_action::XDP_DROP,
     }
@@ -127,44 +127,6 @@ pub fn bench_place(ctx: XdpContext) -> u32 {
         Ok(_) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }
-}
-
-/// A 16-byte IPv4 flow key (addresses, ports, protocol), to measure what the flow-table
-/// lookup would cost with a compact key instead of the 40-byte [`lb_common::FlowKey`].
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CompactKey {
-    src: u32,
-    dst: u32,
-    sport: u16,
-    dport: u16,
-    proto: u32,
-}
-
-/// Bench-only LRU with the compact key; same value type as the flow table.
-#[aya_ebpf::macros::map(name = "BENCH_FLOWS16")]
-static BENCH_FLOWS16: aya_ebpf::maps::LruHashMap<CompactKey, lb_common::FlowValue> =
-    aya_ebpf::maps::LruHashMap::with_max_entries(1024, 0);
-
-/// Parsing and a lookup in the compact-key table (the first pass inserts the flow).
-#[xdp]
-pub fn bench_parse_lookup16(ctx: XdpContext) -> u32 {
-    let mut p = crate::parse::Parsed::EMPTY;
-    if crate::parse::parse(&ctx, &mut p).is_err() {
-        return xdp_action::XDP_DROP;
-    }
-    let k = CompactKey {
-        src: p.key.src[0],
-        dst: p.key.dst[0],
-        sport: p.key.sport,
-        dport: p.key.dport,
-        proto: u32::from(p.key.proto),
-    };
-    if BENCH_FLOWS16.get_ptr_mut(k).is_some() {
-        return xdp_action::XDP_PASS;
-    }
-    let _ = BENCH_FLOWS16.insert(k, lb_common::FlowValue::default(), 0);
-    xdp_action::XDP_DROP
 }
 
 /// Bytes the encapsulation harness saves and restores: Ethernet and the largest outer header
@@ -349,7 +311,7 @@ fn staged(ctx: &XdpContext, upto: Stage) -> u32 {
     };
     let Some(decided) = decided else {
         let key = lb_common::FlowKey::from_words(p.words);
-        if let Some(e) = crate::maps::established(cfg, &key) {
+        if let Some(e) = crate::maps::established(cfg, &crate::maps::table_key(cfg, &key)) {
             // SAFETY: the map's value, valid while this program runs.
             crate::maps::cache_fill(slot, &key, unsafe { &*e }, crate::select::tick());
             return xdp_action::XDP_PASS;

@@ -9,9 +9,9 @@ use lb_common::{
     Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowCacheSlot,
     FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_NAT as PROG_NAT_INDEX,
-    ProbationSlot, Slot, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS,
-    VipIndexEntry, VipInfo, VipKey, flow_cache_index_of, probation_check, probation_slot,
-    vip_filter_bit, vip_index_slot,
+    ProbationSlot, Slot, TableKey, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES,
+    VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, flow_cache_index_of, probation_check,
+    probation_slot, vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -37,16 +37,18 @@ pub static LB_SLOTS: Array<Slot> =
 pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Shared (not per-CPU) LRU: a flow must find its entry whichever CPU its next packet lands
-/// on (RSS changes, generic mode and veth run on the sender's CPU).
+/// on (RSS changes, generic mode and veth run on the sender's CPU). Keyed by the 16-byte
+/// `TableKey` of a flow's `FlowKey` (`table_key`): the kernel hashes the whole key on every
+/// lookup.
 #[map(name = "LB_FLOWS")]
-pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+pub static LB_FLOWS: LruHashMap<TableKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Alternative flow table for `FLOW_TABLE_PER_CPU` mode: one hash table, but LRU lists and
 /// free entries per CPU (`BPF_F_NO_COMMON_LRU`), so inserts never share a lock. The agent
 /// sizes the table not in use to one entry.
 #[map(name = "LB_FLOWS_PERCPU")]
-pub static LB_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
+pub static LB_FLOWS_PERCPU: LruHashMap<TableKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
@@ -173,7 +175,7 @@ pub fn config() -> &'static LbConfig {
 /// The established entry of `key`, in place (from the table the configuration selects), so
 /// a hit can refresh its last-seen time without a second lookup.
 #[inline(always)]
-pub fn established(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowValue> {
+pub fn established(cfg: &LbConfig, key: &TableKey) -> Option<*mut FlowValue> {
     if cfg.flow_table == FLOW_TABLE_PER_CPU {
         LB_FLOWS_PERCPU.get_ptr_mut(key)
     } else {
@@ -181,10 +183,19 @@ pub fn established(cfg: &LbConfig, key: &FlowKey) -> Option<*mut FlowValue> {
     }
 }
 
+/// The established tables' key of `key` (`lb_common::TableKey::of`, as `trace` makes it).
+/// Made once per packet by the caller and passed to the three functions around this one:
+/// made inside each, its IPv6 branch was explored by the verifier at every call site and the
+/// program went past the verifier's million-instruction budget.
+#[inline(always)]
+pub fn table_key(cfg: &LbConfig, key: &FlowKey) -> TableKey {
+    TableKey::of(key, cfg.hash_seed)
+}
+
 /// Remembers `value` as established. Best effort: a full LRU evicts its oldest entry, and a
 /// failed insert only costs a new placement next time.
 #[inline(always)]
-pub fn remember_established(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
+pub fn remember_established(cfg: &LbConfig, key: &TableKey, value: &FlowValue) {
     let _ = if cfg.flow_table == FLOW_TABLE_PER_CPU {
         LB_FLOWS_PERCPU.insert(key, value, 0)
     } else {
@@ -193,7 +204,7 @@ pub fn remember_established(cfg: &LbConfig, key: &FlowKey, value: &FlowValue) {
 }
 
 #[inline(always)]
-pub fn forget_established(cfg: &LbConfig, key: &FlowKey) {
+pub fn forget_established(cfg: &LbConfig, key: &TableKey) {
     let _ = if cfg.flow_table == FLOW_TABLE_PER_CPU {
         LB_FLOWS_PERCPU.remove(key)
     } else {

@@ -11,8 +11,8 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
-    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, VIP_F_SRC_HASH, VipInfo,
-    cache_tick, cached_entry_decides, entry_decides, probation_hash, slot_index, slot_of,
+    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, TableKey, VIP_F_SRC_HASH,
+    VipInfo, cache_tick, cached_entry_decides, entry_decides, probation_hash, slot_index, slot_of,
 };
 
 use crate::{
@@ -20,7 +20,7 @@ use crate::{
     maps::{
         LB_BACKENDS, LB_SLOTS, cache_fill, empty_of, established, find_vip_id, flow_cache,
         forget_established, forget_probation, on_probation, present_vip, remember_established,
-        remember_probation, uncache,
+        remember_probation, table_key, uncache,
     },
     parse::Parsed,
     stats::count_flow,
@@ -141,8 +141,9 @@ pub fn pick(
         facts.now_s = now_s();
     }
     let mut found = Found::Nowhere;
-    if let Some(entry) = established(cfg, &pkt.key) {
-        if let Some(p) = from_established(entry, pkt, &mut facts, cfg, cache) {
+    let tk = table_key(cfg, &pkt.key);
+    if let Some(entry) = established(cfg, &tk) {
+        if let Some(p) = from_established(entry, pkt, &tk, &mut facts, cfg, cache) {
             return Ok(p);
         }
         count_flow(FlowEvent::Replaced);
@@ -167,7 +168,7 @@ pub fn pick(
                 uncache(cfg, &pkt.key);
             } else {
                 let now = touched(&flow, &facts);
-                remember_established(cfg, &pkt.key, &now);
+                remember_established(cfg, &tk, &now);
                 match cache {
                     Some(slot) if now.flags & FLOW_F_FIN == 0 => {
                         cache_fill(slot, &pkt.key, &now, tick())
@@ -181,7 +182,7 @@ pub fn pick(
         count_flow(FlowEvent::Replaced);
         found = Found::Probation;
     }
-    place(pkt, &facts, cfg, found, ph)
+    place(pkt, &tk, &facts, cfg, found, ph)
 }
 
 /// The flow cache's decision: its slot holds this flow, filled in this tick, and the entry
@@ -226,6 +227,7 @@ pub fn cache_decides(
 fn from_established(
     entry: *mut FlowValue,
     pkt: &Parsed,
+    tk: &TableKey,
     facts: &mut PacketFacts,
     cfg: &LbConfig,
     cache: Option<*mut FlowCacheSlot>,
@@ -241,7 +243,7 @@ fn from_established(
     let decided = picked(flow.backend_id, b, flow.vip_id, false);
     if facts.is_rst() {
         count_flow(FlowEvent::EndedRst);
-        forget_established(cfg, &pkt.key);
+        forget_established(cfg, tk);
         uncache(cfg, &pkt.key);
         return Some(decided);
     }
@@ -317,6 +319,7 @@ fn by_table(
 #[inline(always)]
 fn place(
     pkt: &Parsed,
+    tk: &TableKey,
     facts: &PacketFacts,
     cfg: &LbConfig,
     found: Found,
@@ -341,7 +344,7 @@ fn place(
             count_flow(FlowEvent::SynPlaced);
         }
         match found {
-            Found::Established => forget_established(cfg, &pkt.key),
+            Found::Established => forget_established(cfg, tk),
             Found::Probation => forget_probation(cfg, &pkt.key, ph),
             Found::Nowhere => {}
         }
@@ -362,7 +365,7 @@ fn place(
     let mut remembered_new = false;
     if found == Found::Established {
         // An established flow that had to move (its backend went down) stays established.
-        remember_established(cfg, &pkt.key, &value);
+        remember_established(cfg, tk, &value);
     } else {
         if found == Found::Nowhere {
             count_flow(if pkt.key.proto == PROTO_UDP {

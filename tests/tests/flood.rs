@@ -36,14 +36,14 @@ fn flow_event(net: &DemoNet, ev: FlowEvent) -> anyhow::Result<u64> {
 fn established_entries(net: &DemoNet) -> anyhow::Result<(usize, usize)> {
     use aya::maps::{HashMap, Map, MapData};
     let path = net.dir.map_pin("eth0", lb_common::FLOWS_MAP);
-    let map: HashMap<MapData, lb_common::FlowKey, lb_common::FlowValue> =
+    let map: HashMap<MapData, lb_common::TableKey, lb_common::FlowValue> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path)?))?;
     let client = u32::from_ne_bytes(v4(lb_tests::topo::CLIENT_IP));
     let (mut total, mut real) = (0, 0);
     for k in map.keys() {
         let k = k?;
         total += 1;
-        real += usize::from(k.src[0] == client);
+        real += usize::from(k.v4_client() == Some(client));
     }
     Ok((total, real))
 }

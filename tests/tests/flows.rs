@@ -14,7 +14,7 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_DRAINED, FlowEvent, FlowKey, PROTO_TCP, PROTO_UDP, Stat,
 };
 use lb_tests::{
-    frames::v4,
+    frames::{v4, v6},
     world::{FIN_GRACE_S, LB_MAC, SCENE, World, backend_mac, flow_key, ip},
 };
 
@@ -22,6 +22,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const CLIENT: &str = "192.0.2.7";
 const VIP: &str = "10.0.0.10";
+const VIP6: &str = "2001:db8::10";
 /// Index of 10.0.0.10:80/tcp and 10.0.0.10:53/udp in the world.
 const TCP_VIP: usize = 0;
 const UDP_VIP: usize = 1;
@@ -32,6 +33,18 @@ fn tcp(sport: u16, flags: &str) -> Vec<u8> {
 
 fn udp(sport: u16) -> Vec<u8> {
     SCENE.udp4(v4(CLIENT), sport, v4(VIP), 53)
+}
+
+/// A datagram from IPv6 client `client` to [2001:db8::10]:53.
+fn udp6(client: &str, sport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    SCENE
+        .eth()
+        .ipv6(v6(client), v6(VIP6), 64)
+        .udp(sport, 53)
+        .write(&mut out, b"query")
+        .expect("build");
+    out
 }
 
 fn tcp_key(sport: u16) -> FlowKey {
@@ -128,6 +141,51 @@ fn a_syn_is_placed_but_not_remembered_and_flows_are_established_on_their_second_
     assert_eq!(ev.delta(&world)?, moved(&[(FlowEvent::NewUdp, 1)]));
     // Counted once, when first remembered (the ACK), not at the SYN.
     assert_eq!(world.dp.stats.vip(TCP_VIP as u32)?.new_flows, 1);
+    Ok(())
+}
+
+/// The established table's key is 16 bytes (`lb_common::TableKey`): exact for IPv4, a seeded
+/// fingerprint of the addresses for IPv6. Flows that differ only in an address (same ports)
+/// must each get an entry of their own, found by the agent's lookup (`trace`'s) as the
+/// kernel keyed it: a collision would show as a first datagram that hits another flow's
+/// entry instead of going on probation.
+#[test]
+fn flows_differing_only_in_an_address_keep_entries_of_their_own() -> anyhow::Result<()> {
+    let mut world = World::new()?;
+    let mut ev = Events::new(&world)?;
+    let clients6 = [
+        "2001:db8:c::7",
+        "2001:db8:c::8",
+        "2001:db8:d::7",
+        "2001:db9:c::7",
+    ];
+    for c in clients6 {
+        let key = flow_key(ip(c), 5353, ip(VIP6), 53, PROTO_UDP);
+        establish(&mut world, &udp6(c, 5353), &key)?;
+        assert_eq!(
+            ev.delta(&world)?,
+            moved(&[(FlowEvent::NewUdp, 1), (FlowEvent::Promoted, 1)]),
+            "{c}"
+        );
+    }
+    for c in ["192.0.2.7", "192.0.2.8", "198.51.100.7"] {
+        let key = flow_key(ip(c), 5353, ip(VIP), 53, PROTO_UDP);
+        establish(&mut world, &SCENE.udp4(v4(c), 5353, v4(VIP), 53), &key)?;
+        assert_eq!(
+            ev.delta(&world)?,
+            moved(&[(FlowEvent::NewUdp, 1), (FlowEvent::Promoted, 1)]),
+            "{c}"
+        );
+    }
+    // Every entry still there, under its own key.
+    for c in clients6 {
+        let key = flow_key(ip(c), 5353, ip(VIP6), 53, PROTO_UDP);
+        assert_eq!(
+            world.dp.flows.get(&key)?.map(|f| f.backend_id),
+            world.table_backend(&key),
+            "{c}"
+        );
+    }
     Ok(())
 }
 

@@ -317,6 +317,7 @@ impl Dataplane {
         };
         let flows = FlowTable::new(
             HashMap::try_from(take(&mut ebpf, flows_map)?).map_err(map_err(flows_map))?,
+            opts.hash_seed,
             Array::try_from(take(&mut ebpf, FLOWS_NEW_MAP)?).map_err(map_err(FLOWS_NEW_MAP))?,
             Array::try_from(take(&mut ebpf, lb_common::FLOW_CACHE_MAP)?)
                 .map_err(map_err(lb_common::FLOW_CACHE_MAP))?,

@@ -15,8 +15,9 @@ use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
     ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
     FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS,
-    ProbationSlot, SLOTS_MAP, STATS_MAP, Slot, TX_PORTS_MAP, VIP_FILTER_MAP, VIP_FILTER_WORDS,
-    VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey, abi_layout,
+    ProbationSlot, SLOTS_MAP, STATS_MAP, Slot, TX_PORTS_MAP, TableKey, VIP_FILTER_MAP,
+    VIP_FILTER_WORDS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey,
+    abi_layout,
 };
 
 use crate::{Error, LoadOptions};
@@ -108,7 +109,7 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
         (
             FLOWS_MAP,
             MapType::LruHash,
-            sz::<FlowKey>(),
+            sz::<TableKey>(),
             sz::<FlowValue>(),
             shared,
             0,
@@ -116,7 +117,7 @@ fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32
         (
             FLOWS_PERCPU_MAP,
             MapType::LruHash,
-            sz::<FlowKey>(),
+            sz::<TableKey>(),
             sz::<FlowValue>(),
             per_cpu,
             BPF_F_NO_COMMON_LRU,

@@ -6,7 +6,7 @@ use std::os::fd::AsFd as _;
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{
     BACKEND_F_PRESENT, BACKENDS_MAP, Backend, FLOW_CACHE_MAP, FLOWS_MAP, FLOWS_NEW_MAP,
-    FlowCacheSlot, FlowKey, FlowValue, ProbationSlot, SLOTS_MAP, Slot, VIP_FILTER_MAP,
+    FlowCacheSlot, FlowKey, FlowValue, ProbationSlot, SLOTS_MAP, Slot, TableKey, VIP_FILTER_MAP,
     VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIPS_MAP,
     VipIndexEntry, VipInfo, VipKey, flow_cache_index, probation_check, probation_hash,
     probation_slot, slot_index, vip_filter_bit, vip_index_slot,
@@ -286,7 +286,10 @@ impl BackendTable {
 /// The flow tables: established (`LB_FLOWS` or `LB_FLOWS_PERCPU`, as loaded; same layout),
 /// probation (`LB_FLOWS_NEW`) and the per-CPU flow cache (`LB_FLOW_CACHE`, a region per CPU).
 pub struct FlowTable {
-    map: HashMap<MapData, FlowKey, FlowValue>,
+    /// Keyed by [`TableKey`], made with `seed`.
+    map: HashMap<MapData, TableKey, FlowValue>,
+    /// The node's hash seed (`--hash-seed`), which IPv6 table keys are fingerprinted with.
+    seed: u64,
     probation: Array<MapData, ProbationSlot>,
     cache: Array<MapData, FlowCacheSlot>,
     /// Slots per CPU of the cache in use (0: none).
@@ -294,8 +297,8 @@ pub struct FlowTable {
 }
 
 fn lookup(
-    map: &HashMap<MapData, FlowKey, FlowValue>,
-    key: &FlowKey,
+    map: &HashMap<MapData, TableKey, FlowValue>,
+    key: &TableKey,
     name: &'static str,
 ) -> Result<Option<FlowValue>, Error> {
     match map.get(key, 0) {
@@ -307,13 +310,15 @@ fn lookup(
 
 impl FlowTable {
     pub fn new(
-        map: HashMap<MapData, FlowKey, FlowValue>,
+        map: HashMap<MapData, TableKey, FlowValue>,
+        seed: u64,
         probation: Array<MapData, ProbationSlot>,
         cache: Array<MapData, FlowCacheSlot>,
         cache_slots: u32,
     ) -> Self {
         FlowTable {
             map,
+            seed,
             probation,
             cache,
             cache_slots,
@@ -341,7 +346,7 @@ impl FlowTable {
 
     /// The established entry of `key`.
     pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>, Error> {
-        lookup(&self.map, key, FLOWS_MAP)
+        lookup(&self.map, &TableKey::of(key, self.seed), FLOWS_MAP)
     }
 
     /// The probation entry of `key` (a flow seen once): its slot holds this key, whole, by

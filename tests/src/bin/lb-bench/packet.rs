@@ -136,11 +136,6 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
         &established,
         REPEAT,
     )?;
-    let parse_lookup16 = ns_repeat(
-        world.dp.extra_program("bench_parse_lookup16")?,
-        &established,
-        REPEAT,
-    )?;
     // Where an established packet's time goes: harnesses that follow its path up to a stage
     // (the product's own functions), and the least any flow-keeping balancer does, each in
     // alternating rounds with the floor. Only with the floors (one flow-table kind).
@@ -228,12 +223,6 @@ pub fn packet_rows(per_cpu: bool, with_floors: bool) -> anyhow::Result<Vec<Row>>
     rows.push(row(
         format!("  of which: parsing + flow-table lookup, {label}"),
         parse_lookup,
-        floor,
-        None,
-    ));
-    rows.push(row(
-        "  (same, with a 16-byte IPv4 key: not in use, for comparison)".to_string(),
-        parse_lookup16,
         floor,
         None,
     ));
