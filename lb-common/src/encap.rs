@@ -264,10 +264,13 @@ pub enum DecapStat {
     ForwardedByStack = 11,
     /// Second chance: not ours, but no route to the next hop: kept.
     KeptNoRoute = 12,
+    /// A multi-buffer (jumbo) frame whose outer or inner headers do not all sit in its first
+    /// buffer: passed untouched (not malformed; the stack has no tunnel to take it either).
+    PassSplitHeaders = 13,
 }
 
 impl DecapStat {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [DecapStat; DecapStat::COUNT as usize] = [
         DecapStat::Decapsulated,
         DecapStat::PassNotEncap,
@@ -282,6 +285,7 @@ impl DecapStat {
         DecapStat::Forwarded,
         DecapStat::ForwardedByStack,
         DecapStat::KeptNoRoute,
+        DecapStat::PassSplitHeaders,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -298,6 +302,7 @@ impl DecapStat {
             DecapStat::Forwarded => "forwarded",
             DecapStat::ForwardedByStack => "forwarded_by_stack",
             DecapStat::KeptNoRoute => "kept_no_route",
+            DecapStat::PassSplitHeaders => "passed_split_headers",
         }
     }
 }

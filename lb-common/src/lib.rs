@@ -153,11 +153,15 @@ pub enum Stat {
     /// NAT: an ICMP error about no known NAT connection, or quoting IPv4 options: passed to
     /// the kernel (not translated).
     PassNatIcmp = 16,
+    /// A multi-buffer (jumbo) frame whose headers do not all sit in its first buffer, where
+    /// the program can read them: passed to the kernel, which reassembles what it needs. Not
+    /// malformed: the packet is whole, only split where the driver cut it.
+    PassSplitHeaders = 17,
 }
 
 impl Stat {
     /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// All variants in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Forwarded,
@@ -177,6 +181,7 @@ impl Stat {
         Stat::DropNatTableFull,
         Stat::PassNatUnknown,
         Stat::PassNatIcmp,
+        Stat::PassSplitHeaders,
     ];
 
     /// Stable snake_case name used in CLI output and metrics labels.
@@ -199,6 +204,7 @@ impl Stat {
             Stat::DropNatTableFull => "dropped_nat_table_full",
             Stat::PassNatUnknown => "passed_nat_unknown",
             Stat::PassNatIcmp => "passed_nat_icmp",
+            Stat::PassSplitHeaders => "passed_split_headers",
         }
     }
 }

@@ -48,8 +48,22 @@ use network_types::{
 use crate::{
     owner::Hops,
     proto::{ETH_P_IP, ETH_P_IPV6},
-    ptr::{Frame, ptr_at, ptr_at_mut},
+    ptr::{Frame, ptr_at, ptr_at_mut, unreadable},
 };
+
+/// The header `T` at `off` in the frame's first buffer, or why it cannot be read there:
+/// split by a multi-buffer frame's buffer boundary, or past the frame's end (malformed).
+#[inline(always)]
+fn header<T>(ctx: &impl Frame, off: usize) -> Result<*const T, DecapStat> {
+    ptr_at(ctx, off).ok_or_else(|| {
+        unreadable(
+            ctx,
+            off + core::mem::size_of::<T>(),
+            DecapStat::PassSplitHeaders,
+            MALFORMED,
+        )
+    })
+}
 
 #[map(name = "DECAP_VIPS")]
 static DECAP_VIPS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_MAX_ADDRS, 0);
@@ -72,14 +86,18 @@ fn count(stat: DecapStat, len: u64) {
     }
 }
 
-#[xdp]
+/// Multi-buffer aware (`xdp.frags`): a backend at a jumbo MTU gets its large tunnel packets
+/// whole. Headers are read in the first buffer; the strip moves only the head, so the inner
+/// packet's later buffers are kept as they are.
+#[xdp(frags)]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap_xdp(&ctx)
 }
 
 #[inline(always)]
 fn decap_xdp(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    // The whole frame, a jumbo one's later buffers included.
+    let len = ctx.frame_len() as u64;
     let (stat, action) = match classify(ctx) {
         Err(s) => (s, xdp_action::XDP_PASS),
         Ok(found) => match decide(ctx.ctx as *mut c_void, ctx, &found) {
@@ -170,7 +188,7 @@ fn next_outer_elsewhere(
 #[inline(always)]
 fn next_outer(ctx: &impl Frame, h: &Hops, ifindex: u32) -> Result<fib::Outer, DecapStat> {
     let l3 = EthHdr::LEN;
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    let eth: *const EthHdr = header(ctx, 0)?;
     // SAFETY: checked by `ptr_at`.
     if !owner::hop_fits(h, unsafe { (*eth).ether_type } == ETH_P_IP) {
         // Hops of the other family than the outer header: unusable, so the packet stays.
@@ -191,36 +209,34 @@ fn next_outer(ctx: &impl Frame, h: &Hops, ifindex: u32) -> Result<fib::Outer, De
         ifindex,
     };
     if h.family == FAMILY_V4 {
-        let ip: *const [u8; 20] = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        let ip: *const [u8; 20] = header(ctx, l3)?;
         // SAFETY: checked by `ptr_at`.
         let ip = unsafe { &*ip };
         if ip[0] != 0x45 || ip[8] <= 1 {
             // Options, or no TTL left to forward with: keep it.
             return Err(DecapStat::KeptNoRoute);
         }
-        let hop: *const [u8; 4] =
-            ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 4).ok_or(MALFORMED)?;
+        let hop: *const [u8; 4] = header(ctx, word + GUE_HOPS_WORD_LEN + next * 4)?;
         o.src[0] = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
         o.dst[0] = u32::from_ne_bytes(unsafe { *hop });
         o.len = u16::from_be_bytes([ip[2], ip[3]]);
         o.tos = ip[1];
-        udp = ptr_at(ctx, l3 + 20).ok_or(MALFORMED)?;
+        udp = header(ctx, l3 + 20)?;
     } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        let ip: *const Ipv6Hdr = header(ctx, l3)?;
         // SAFETY: checked by `ptr_at`.
         let ip = unsafe { &*ip };
         if ip.hop_limit <= 1 {
             return Err(DecapStat::KeptNoRoute);
         }
-        let hop: *const [u32; 4] =
-            ptr_at(ctx, word + GUE_HOPS_WORD_LEN + next * 16).ok_or(MALFORMED)?;
+        let hop: *const [u32; 4] = header(ctx, word + GUE_HOPS_WORD_LEN + next * 16)?;
         for i in 0..4 {
             let a = &ip.src_addr[i * 4..i * 4 + 4];
             o.src[i] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
         }
         o.dst = unsafe { *hop };
         o.len = u16::from_be_bytes(ip.payload_len) + Ipv6Hdr::LEN as u16;
-        udp = ptr_at(ctx, l3 + Ipv6Hdr::LEN).ok_or(MALFORMED)?;
+        udp = header(ctx, l3 + Ipv6Hdr::LEN)?;
     }
     // SAFETY: checked by `ptr_at`.
     unsafe {
@@ -392,7 +408,7 @@ struct Found {
 
 #[inline(always)]
 fn strip_xdp(ctx: &XdpContext, found: &Found) -> Result<DecapStat, DecapStat> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    let eth: *const EthHdr = header(ctx, 0)?;
     // SAFETY: checked by `ptr_at`; copied before the frame moves.
     let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     let cut = (found.inner - EthHdr::LEN) as i32;
@@ -488,7 +504,7 @@ fn in_local_config(addr: &[u32; 4], family: u32) -> bool {
 /// packet is; otherwise why not.
 #[inline(always)]
 fn classify(ctx: &impl Frame) -> Result<Found, DecapStat> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    let eth: *const EthHdr = header(ctx, 0)?;
     // SAFETY: checked by `ptr_at`.
     let ether_type = unsafe { (*eth).ether_type };
     let l3 = EthHdr::LEN;
@@ -515,7 +531,7 @@ fn classify(ctx: &impl Frame) -> Result<Found, DecapStat> {
 
 #[inline(always)]
 fn outer_v4(ctx: &impl Frame, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    let ip: *const Ipv4Hdr = header(ctx, l3)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -537,7 +553,7 @@ fn outer_v4(ctx: &impl Frame, l3: usize) -> Result<(Tunnel, DecapAddr), DecapSta
 
 #[inline(always)]
 fn outer_v6(ctx: &impl Frame, l3: usize) -> Result<(Tunnel, DecapAddr), DecapStat> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    let ip: *const Ipv6Hdr = header(ctx, l3)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
@@ -574,7 +590,7 @@ fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
             hops: Hops::NONE,
         }),
         _ => {
-            let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+            let udp: *const UdpHdr = header(ctx, l4)?;
             // SAFETY: checked by `ptr_at`; the config global is plain data.
             let port = unsafe { core::ptr::read_volatile(&DECAP_CONFIG) }.gue_port;
             if u16::from_ne_bytes(unsafe { (*udp).dst }) != port {
@@ -589,7 +605,7 @@ fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
 /// variant 0 (a GUE header; its private data may carry a hop list, `lb_common::chance`).
 #[inline(always)]
 fn gue(ctx: &impl Frame, at: usize) -> Result<Tunnel, DecapStat> {
-    let h: *const [u8; GUE_BASE_LEN] = ptr_at(ctx, at).ok_or(MALFORMED)?;
+    let h: *const [u8; GUE_BASE_LEN] = header(ctx, at)?;
     // SAFETY: checked by `ptr_at`.
     let h = unsafe { *h };
     match h[0] >> 6 {
@@ -611,7 +627,7 @@ fn gue(ctx: &impl Frame, at: usize) -> Result<Tunnel, DecapStat> {
             let words = (h[0] & 0x1f) as usize;
             let mut hops = Hops::NONE;
             if words > 0 {
-                let w: *const [u8; 4] = ptr_at(ctx, at + GUE_BASE_LEN).ok_or(MALFORMED)?;
+                let w: *const [u8; 4] = header(ctx, at + GUE_BASE_LEN)?;
                 // SAFETY: checked by `ptr_at`.
                 if let HopsHeader::Hops {
                     next,
@@ -643,14 +659,14 @@ fn gue(ctx: &impl Frame, at: usize) -> Result<Tunnel, DecapStat> {
 fn inner_dst(ctx: &impl Frame, t: &Tunnel) -> Result<(DecapAddr, u16), DecapStat> {
     // Verifier note: a one-byte check compiles to `>=`, from which the verifier learns no
     // range; check the smallest inner header (20 bytes) instead.
-    let first: *const [u8; Ipv4Hdr::LEN] = ptr_at(ctx, t.inner).ok_or(MALFORMED)?;
+    let first: *const [u8; Ipv4Hdr::LEN] = header(ctx, t.inner)?;
     // SAFETY: checked by `ptr_at`.
     let version = (unsafe { (*first)[0] } >> 4) as u32;
     if t.family.is_some_and(|f| f != version) {
         return Err(MALFORMED);
     }
     if version == FAMILY_V4 as u32 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, t.inner).ok_or(MALFORMED)?;
+        let ip: *const Ipv4Hdr = header(ctx, t.inner)?;
         // SAFETY: checked by `ptr_at`.
         let dst = unsafe { (*ip).dst_addr };
         let addr = DecapAddr {
@@ -659,7 +675,7 @@ fn inner_dst(ctx: &impl Frame, t: &Tunnel) -> Result<(DecapAddr, u16), DecapStat
         };
         Ok((addr, ETH_P_IP))
     } else if version == FAMILY_V6 as u32 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, t.inner).ok_or(MALFORMED)?;
+        let ip: *const Ipv6Hdr = header(ctx, t.inner)?;
         // SAFETY: checked by `ptr_at`.
         let d = unsafe { (*ip).dst_addr };
         let mut addr = [0u32; 4];

@@ -24,12 +24,17 @@ use crate::{
         ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMPV6_PKT_TOOBIG,
         IPPROTO_ICMP, IPPROTO_ICMPV6,
     },
+    ptr::Frame,
 };
 
 /// Bytes of the original IPv4 packet quoted: the header (options included) and the ports.
 const QUOTE4: usize = 64;
 /// Bytes of the original IPv6 packet quoted: the header and the start of TCP/UDP.
 const QUOTE6: usize = 128;
+/// The IPv6 quote when the first buffer of a multi-buffer frame is shorter than [`QUOTE6`]
+/// (a driver that splits headers from data): the header and the L4 header's first 24 bytes,
+/// all a client's stack reads of it (ports and sequence number).
+const QUOTE6_SHORT: usize = 64;
 /// Ethernet header and one VLAN tag: where an IP header can start.
 const MAX_L3: usize = 18;
 
@@ -69,7 +74,9 @@ fn reshape(ctx: &XdpContext, l3: usize, at: usize, quote: usize) -> Option<([u8;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;
     }
-    let len = (ctx.data_end() - ctx.data()) as i32;
+    // Cut to the quote from the whole frame's end: a jumbo frame's later buffers go first
+    // (the helper frees them, then trims the first buffer).
+    let len = ctx.frame_len() as i32;
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, (at + quote) as i32 - len) } != 0 {
         return None;
     }
@@ -140,22 +147,41 @@ fn too_big_v4(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
     Some(Verdict::reply(Stat::IcmpTooBig, xdp_action::XDP_TX))
 }
 
+/// The quote is read in place, so it must sit in the frame's first buffer: the usual one
+/// when it does, the short one when only that does.
 #[inline(always)]
 fn too_big_v6(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
+    if pkt.ip.l3 > MAX_L3 {
+        return None;
+    }
+    if ptr_at_mut::<[u8; 4]>(ctx, pkt.ip.l3 + QUOTE6 - 4).is_some() {
+        too_big_v6_quoting::<QUOTE6, { ICMP_HDR_LEN + QUOTE6 }>(ctx, pkt, mtu)
+    } else {
+        too_big_v6_quoting::<QUOTE6_SHORT, { ICMP_HDR_LEN + QUOTE6_SHORT }>(ctx, pkt, mtu)
+    }
+}
+
+/// [`too_big_v6`] with a quote of `Q` bytes (`N`: the ICMP header and the quote).
+#[inline(always)]
+fn too_big_v6_quoting<const Q: usize, const N: usize>(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    mtu: u32,
+) -> Option<Verdict> {
     const AT: usize = EthHdr::LEN + Ipv6Hdr::LEN + ICMP_HDR_LEN;
-    let macs = reshape(ctx, pkt.ip.l3, AT, QUOTE6)?;
+    let macs = reshape(ctx, pkt.ip.l3, AT, Q)?;
     reply_eth(ctx, macs, ETH_P_IPV6)?;
     let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at_mut(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
     let m = mtu.to_be_bytes();
     // SAFETY: checked by `ptr_at_mut`.
     unsafe { *icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, m[0], m[1], m[2], m[3]] };
-    let len = (ICMP_HDR_LEN + QUOTE6) as u32;
+    let len = N as u32;
     // Pseudo-header: addresses, upper-layer length, next header (native-order words).
     let pseudo = outer::addr_sum(&pkt.key.src)
         + outer::addr_sum(&pkt.key.dst)
         + len.to_be() as u64
         + (IPPROTO_ICMPV6 as u32).to_be() as u64;
-    let sum = sum_at::<{ ICMP_HDR_LEN + QUOTE6 }>(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    let sum = sum_at::<N>(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
     let check = csum_fold(sum + pseudo).to_ne_bytes();
     unsafe {
         (*icmp)[2] = check[0];
@@ -168,7 +194,7 @@ fn too_big_v6(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Option<Verdict> {
         dst: pkt.key.src,
         sport: 0,
         dport: 0,
-        len: (Ipv6Hdr::LEN + ICMP_HDR_LEN + QUOTE6) as u16,
+        len: (Ipv6Hdr::LEN + N) as u16,
         tos: 0,
         ifindex: 0,
     };

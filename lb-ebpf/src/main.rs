@@ -28,6 +28,8 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{ENCAP_L2, ENCAP_NAT, FlowCacheSlot, LbConfig, Stat};
 
+use crate::ptr::Frame;
+
 /// What to do with a packet, and why: the XDP action to return and the reason to count it
 /// under. Made only by the constructors below, which say which action each kind of outcome
 /// takes; [`act`] counts and returns. (It was an enum of four kinds, and the match that
@@ -78,8 +80,11 @@ impl Verdict {
 
 /// Entry point attached to the load balancer's interface. Multi-buffer aware (`xdp.frags`)
 /// so native attach works at jumbo MTUs on drivers that split such frames: every header the
-/// program reads is in the first buffer (`data..data_end`), and byte counters count that
-/// part of a multi-buffer frame.
+/// program reads is in the first buffer (`data..data_end`), completeness is judged against
+/// the whole frame (`ptr::holds`), and headers cut by a buffer boundary are passed under
+/// their own reason (`Stat::PassSplitHeaders`). A multi-buffer frame takes the full path
+/// (the express lane takes only frames whose IP packet fits the first buffer, so single-
+/// buffer frames pay nothing for this), which counts its whole length.
 // Inlined into the generated entry: as one more BPF-to-BPF call the body costs a call and a
 // spill of the context on every packet (LLVM stopped inlining it once the flow cache grew it).
 #[xdp(frags)]
@@ -93,13 +98,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// NAT path (two entries, two keys, FIB parameters) does not fit beside the rest.
 #[xdp(frags)]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    // The whole frame (a jumbo one included): NAT's own work dwarfs the helper call.
+    let len = ctx.frame_len() as u64;
     act(nat::run(&ctx, len), len)
 }
 
 #[inline(always)]
 fn lb(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    // The first buffer's length: the whole frame's for every frame the express lane takes;
+    // the full path replaces it for a multi-buffer frame (`try_lb`).
+    let mut len = (ctx.data_end() - ctx.data()) as u64;
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
     // the full path's verdict plumbing (129 -> 71 instructions for a non-VIP packet).
@@ -109,9 +117,9 @@ fn lb(ctx: &XdpContext) -> u32 {
         // flow cache or hands the packet to the full path already parsed.
         Ok(parse::Candidate::V4 { l3, dst }) => match parse::plain_v4(ctx, l3, dst[0]) {
             Some(p) => return express::balance(ctx, &p, len),
-            None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, len),
+            None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, &mut len),
         },
-        Ok(candidate) => try_lb(ctx, candidate, len),
+        Ok(candidate) => try_lb(ctx, candidate, &mut len),
         Err(verdict) => return act(Err(verdict), len),
     };
     act(verdict, len)
@@ -126,13 +134,22 @@ fn act(verdict: Result<Verdict, Verdict>, len: u64) -> u32 {
 }
 
 /// The full path for a frame the pre-filter let through: parsed into a [`parse::Parsed`]
-/// record, then balanced.
+/// record, then balanced. `len` comes in as the first buffer's length and leaves as the
+/// length the counters count.
 #[inline(always)]
-fn try_lb(ctx: &XdpContext, candidate: parse::Candidate, len: u64) -> Result<Verdict, Verdict> {
+fn try_lb(
+    ctx: &XdpContext,
+    candidate: parse::Candidate,
+    len: &mut u64,
+) -> Result<Verdict, Verdict> {
     let mut pkt = parse::Parsed::EMPTY;
     parse::parse_candidate(ctx, candidate, &mut pkt)?;
+    // An IP packet longer than the first buffer is a multi-buffer frame: count all of it.
+    if (pkt.ip.l3 + pkt.ip.len) as u64 > *len {
+        *len = ctx.frame_len() as u64;
+    }
     // Read once: the selection and the encapsulation both need the load-time constants.
-    balance(ctx, &pkt, maps::config(), len, None)
+    balance(ctx, &pkt, maps::config(), *len, None)
 }
 
 /// Balances a parsed VIP packet. `probed`: the express lane already probed this CPU's cache
@@ -181,8 +198,9 @@ fn deliver(
 }
 
 /// Trivial program for veth peers: native XDP_TX/REDIRECT on a veth is only delivered when the
-/// peer runs XDP. It is also the floor in benchmarks.
-#[xdp]
+/// peer runs XDP. It is also the floor in benchmarks. Multi-buffer aware, or a veth peer
+/// running it could not take jumbo frames (the kernel caps such a peer's MTU at a page).
+#[xdp(frags)]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }

@@ -4,6 +4,8 @@
 //! Every read goes through [`ptr_at`]. Broken L2/L3/L4 headers are dropped as malformed (the
 //! kernel would discard them too); anything we do not balance (fragments, IPv6 extension
 //! headers, other protocols) is passed untouched with its own reason.
+use core::mem::size_of;
+
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Stat};
 use network_types::{
@@ -19,11 +21,22 @@ use crate::proto::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 pub use crate::proto::{ETH_P_IP, ETH_P_IPV6};
+use crate::ptr::{holds, unreadable};
 pub use crate::ptr::{ptr_at, ptr_at_mut};
 use crate::{Verdict, maps::maybe_vip_addr};
 
 const MALFORMED: Verdict = Verdict::discard(Stat::DropMalformed);
 const NOT_VIP: Verdict = Verdict::pass(Stat::PassNotVip);
+const SPLIT: Verdict = Verdict::pass(Stat::PassSplitHeaders);
+
+/// The header `T` at `off` in the frame's first buffer, where the program can read it; or
+/// why not: split (a multi-buffer frame that holds it past its first buffer: passed, the
+/// kernel reads it) or malformed (the frame ends before it). The judgement costs a helper
+/// call on the failure path only.
+#[inline(always)]
+fn header<T>(ctx: &XdpContext, off: usize) -> Result<*const T, Verdict> {
+    ptr_at(ctx, off).ok_or_else(|| unreadable(ctx, off + size_of::<T>(), SPLIT, MALFORMED))
+}
 
 /// What the rest of the program needs from a frame. The parse writes it in place
 /// ([`Parsed::EMPTY`] first): built in the parse and returned by value, its 40-byte key was
@@ -147,17 +160,17 @@ pub enum Candidate {
 /// the headers that tell is malformed here.
 #[inline(always)]
 pub fn prefilter(ctx: &XdpContext) -> Result<Candidate, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(MALFORMED)?;
+    let eth: *const EthHdr = header(ctx, 0)?;
     // SAFETY: `ptr_at` checked the header is inside the frame.
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q {
-        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        let vlan: *const VlanHdr = header(ctx, l3)?;
         ether_type = unsafe { (*vlan).ether_type };
         l3 += VlanHdr::LEN;
     }
     if ether_type == ETH_P_IP {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        let ip: *const Ipv4Hdr = header(ctx, l3)?;
         // SAFETY: checked by `ptr_at`; an even offset (`word16`).
         let dst = unsafe { frame_v4_addr(&raw const (*ip).dst_addr) };
         if !maybe_vip_addr(&dst) {
@@ -165,7 +178,7 @@ pub fn prefilter(ctx: &XdpContext) -> Result<Candidate, Verdict> {
         }
         Ok(Candidate::V4 { l3, dst })
     } else if ether_type == ETH_P_IPV6 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+        let ip: *const Ipv6Hdr = header(ctx, l3)?;
         // SAFETY: checked by `ptr_at`.
         let dst = v6_addr(unsafe { (*ip).dst_addr });
         if !maybe_vip_addr(&dst) {
@@ -194,7 +207,7 @@ pub fn parse_candidate(ctx: &XdpContext, c: Candidate, out: &mut Parsed) -> Resu
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Result<(), Verdict> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    let ip: *const Ipv4Hdr = header(ctx, l3)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -208,7 +221,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
             be16(&raw const ip.frags),
         )
     };
-    if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
+    // Complete by the whole frame: a jumbo frame's payload may sit in later buffers.
+    if tot_len < ihl || !holds(ctx, l3 + tot_len) {
         return Err(MALFORMED);
     }
     // More-fragments flag or a fragment offset: no L4 header to balance on.
@@ -240,7 +254,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
             flow(ctx, out, (src, dst, ip.proto, FAMILY_V4), l4, l4_len)
         }
         IPPROTO_ICMP => {
-            let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+            let icmp: *const [u8; ICMP_HDR_LEN] = header(ctx, l4)?;
             if unsafe { (*icmp)[0] } != ICMP_DEST_UNREACH {
                 return Err(not_vip);
             }
@@ -276,7 +290,7 @@ impl PlainV4 {
     /// again for its length, TOS and DF).
     #[inline(always)]
     pub fn parsed(&self, ctx: &XdpContext) -> Result<Parsed, Verdict> {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, self.l3).ok_or(MALFORMED)?;
+        let ip: *const Ipv4Hdr = header(ctx, self.l3)?;
         // SAFETY: checked by `ptr_at`.
         let ip = unsafe { &*ip };
         Ok(Parsed {
@@ -298,7 +312,8 @@ impl PlainV4 {
 
 /// The frame (a pre-filter candidate with its IPv4 header at `l3`, destination `dst`) when
 /// it is an IPv4 TCP or UDP packet that [`parse_v4`] takes as it is: a 20-byte IP header
-/// (no options), the IP length inside the frame, not a fragment, and an L4 header that
+/// (no options), the IP length inside the first buffer (a multi-buffer frame goes on to
+/// [`parse_v4`], which judges it by the whole frame), not a fragment, and an L4 header that
 /// [`l4_ports`] accepts. `None` for anything else, which [`parse_v4`] judges (and counts).
 #[inline(always)]
 pub fn plain_v4(ctx: &XdpContext, l3: usize, dst: u32) -> Option<PlainV4> {
@@ -346,7 +361,7 @@ fn is_ipv6_ext(next: u8) -> bool {
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Result<(), Verdict> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(MALFORMED)?;
+    let ip: *const Ipv6Hdr = header(ctx, l3)?;
     // SAFETY: checked by `ptr_at`.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
@@ -355,7 +370,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
     // SAFETY: inside the checked header, at an even offset (`word16`).
     let payload = unsafe { be16(&raw const ip.payload_len) } as usize;
     let l4 = l3 + Ipv6Hdr::LEN;
-    if ctx.data() + l4 + payload > ctx.data_end() {
+    if !holds(ctx, l4 + payload) {
         return Err(MALFORMED);
     }
     let facts = IpFacts {
@@ -373,7 +388,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize, dst: [u32; 4], out: &mut Parsed) -> Res
             flow(ctx, out, (src, dst, ip.next_hdr, FAMILY_V6), l4, payload)
         }
         IPPROTO_ICMPV6 => {
-            let icmp: *const [u8; ICMP_HDR_LEN] = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+            let icmp: *const [u8; ICMP_HDR_LEN] = header(ctx, l4)?;
             let t = unsafe { (*icmp)[0] };
             if t != ICMPV6_DEST_UNREACH && t != ICMPV6_PKT_TOOBIG {
                 return Err(NOT_VIP);
@@ -434,7 +449,7 @@ fn l4_ports(
     l4_len: usize,
 ) -> Result<(u16, u16, u8), Verdict> {
     if proto == PROTO_TCP {
-        let tcp_ptr: *const TcpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+        let tcp_ptr: *const TcpHdr = header(ctx, l4)?;
         // SAFETY: checked by `ptr_at`.
         let tcp = unsafe { &*tcp_ptr };
         // The data offset is the high nibble of byte 12 (read as it is: the header type's
@@ -455,7 +470,7 @@ fn l4_ports(
             )
         });
     }
-    let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(MALFORMED)?;
+    let udp: *const UdpHdr = header(ctx, l4)?;
     // SAFETY: checked by `ptr_at`.
     let udp = unsafe { &*udp };
     // SAFETY: inside the checked header, at an even offset.

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod chance;
 pub mod etcd;
+pub mod expect;
 pub mod fleet;
 pub mod frames;
 pub mod insns;

@@ -116,6 +116,34 @@ impl Netns {
         Ok(bytes)
     }
 
+    /// Every interface of this namespace but `lo`, bridges last (a bridge's MTU follows its
+    /// ports').
+    pub fn links(&self) -> anyhow::Result<Vec<String>> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-o", "-d", "link", "show"])
+            .output()
+            .context("running ip")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut links: Vec<(bool, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let name = l.split(": ").nth(1)?.split('@').next()?.to_string();
+                (name != "lo").then(|| (l.contains(" bridge "), name))
+            })
+            .collect();
+        links.sort();
+        Ok(links.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// Sets the MTU of every interface of this namespace but `lo`.
+    pub fn set_mtu_all(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        for dev in self.links()? {
+            self.ip(&["link", "set", &dev, "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])

@@ -57,6 +57,25 @@ impl RawSocket {
         }
     }
 
+    /// Sets the receive buffer to `bytes` (SO_RCVBUFFORCE: past the sysctl's cap, as root),
+    /// so a capture of a bulk transfer keeps more than a few jumbo frames.
+    pub fn set_receive_buffer(&self, bytes: i32) -> anyhow::Result<()> {
+        // SAFETY: a valid option value of its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+        if rc != 0 {
+            bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Sends one whole Ethernet frame.
     pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
         // SAFETY: `frame` is a valid buffer of its length.
@@ -90,7 +109,8 @@ impl RawSocket {
     pub fn drain(&self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         loop {
-            let mut buf = vec![0u8; 2048];
+            // Room for a jumbo frame (a 9000-byte MTU and more).
+            let mut buf = vec![0u8; 16 * 1024];
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
             // SAFETY: valid buffers and lengths.

@@ -309,9 +309,14 @@ impl Routed {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Starts the agent on the load balancer's eth0.
+    /// Starts the agent on the load balancer's eth0 (native mode).
     pub fn start_agent(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        let mut args = vec!["--mode", "native"];
+        self.start_agent_in("native", extra)
+    }
+
+    /// Starts the agent on the load balancer's eth0 in attach `mode`.
+    pub fn start_agent_in(&mut self, mode: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["--mode", mode];
         args.extend_from_slice(extra);
         self.agent = Some(self.dir.spawn_agent(&self.lb, "eth0", &args)?);
         Ok(())
@@ -406,6 +411,13 @@ pub struct FibNs {
 }
 
 impl FibNs {
+    /// Sets the MTU of the main link (both ends): the FIB's MTU check uses it.
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        self.ns.ip(&["link", "set", &self._veth.a, "mtu", &mtu])?;
+        self._peer.ip(&["link", "set", &self._veth.b, "mtu", &mtu])
+    }
+
     pub fn new() -> anyhow::Result<Self> {
         let ns = Netns::new("encfx")?;
         let peer = Netns::new("encfp")?;

@@ -70,9 +70,17 @@ pub const SEED: u64 = 0x5eed_1234_abcd_0042;
 
 /// The `ctx_in` of a BPF_PROG_TEST_RUN of a `len`-byte frame received on `ifindex`: a
 /// `struct xdp_md` (data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-/// egress_ifindex).
+/// egress_ifindex). `data_end` is the length of the frame's first buffer: a smaller one than
+/// `len` makes the kernel build a multi-buffer frame (the rest in page-sized fragments), as
+/// a driver does for a jumbo frame (for `xdp.frags` programs; the kernel also caps the first
+/// buffer at a page less its head and tail room).
 pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
-    [0, len as u32, 0, ifindex, 0, 0u32]
+    xdp_md_split(len, ifindex)
+}
+
+/// [`xdp_md`] with the first buffer `linear` bytes long.
+pub fn xdp_md_split(linear: usize, ifindex: u32) -> Vec<u8> {
+    [0, linear as u32, 0, ifindex, 0, 0u32]
         .iter()
         .flat_map(|w| w.to_ne_bytes())
         .collect()
@@ -353,8 +361,19 @@ impl World {
     /// Runs the program once on `frame` as if received on interface `ifindex` (of the
     /// calling thread's namespace); returns the action and output frame.
     pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>)> {
+        self.run_split(frame, ifindex, frame.len())
+    }
+
+    /// [`World::run_on`] with the frame's first buffer `linear` bytes long and the rest in
+    /// fragments (a multi-buffer frame, as a driver at a jumbo MTU makes).
+    pub fn run_split(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        linear: usize,
+    ) -> anyhow::Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let ctx = xdp_md(frame.len(), ifindex);
+        let ctx = xdp_md_split(linear.min(frame.len()), ifindex);
         let prog = self.dp.lb_program()?;
         let res = prog
             .test_run(TestRunOptions {

@@ -2,19 +2,16 @@
 //! whose FIB gives known next hops: every mode and family combination with its exact output
 //! frame (outer headers built independently with etherparse, checksums included), the "too
 //! big" answers, and the FIB's failure cases.
-use std::net::IpAddr;
-
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{
-    Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, NetHeaders,
-    PacketHeaders, TransportHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+    Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, NetHeaders, PacketHeaders, TransportHeader,
+    icmpv4::DestUnreachableHeader,
 };
-use lb_common::{
-    ENCAP_GUE, ENCAP_IPIP, FlowEvent, FlowKey, PROTO_TCP, Stat, flow_entropy, gue_source_port,
-};
+use lb_common::{ENCAP_GUE, ENCAP_IPIP, FlowEvent, PROTO_TCP, Stat};
 use lb_tests::{
+    expect::{encapsulated, src_of},
     frames::{v4, v6},
-    routed::{FibNs, GW_MAC},
+    routed::FibNs,
     world::{LB_MAC, ROUTER_MAC, SCENE, World, flow_key, ip},
 };
 
@@ -26,12 +23,6 @@ const CLIENT4: &str = "192.0.2.7";
 const CLIENT6: &str = "2001:db8:c::7";
 const VIP4: &str = "10.0.0.10";
 const VIP6: &str = "2001:db8::10";
-const SRC4: &str = "10.31.0.2";
-const SRC6: &str = "fd00:31::2";
-
-fn src_of(addr: IpAddr) -> IpAddr {
-    ip(if addr.is_ipv4() { SRC4 } else { SRC6 })
-}
 
 /// Points every backend of VIP4 (ids 1-3) and VIP6 (ids 4-5) at `to` with `encap`.
 fn all_to(world: &mut World, encap: u8, to4: &str, to6: &str) -> anyhow::Result<()> {
@@ -57,69 +48,6 @@ fn tcp6(sport: u16, payload: &[u8]) -> Vec<u8> {
         .ack(1)
         .write(&mut out, payload)
         .expect("build");
-    out
-}
-
-/// The frame the program must send for `inner` (a frame from the router) to `backend`.
-fn expected(f: &FibNs, inner: &[u8], key: &FlowKey, encap: u8, backend: IpAddr) -> Vec<u8> {
-    let ip_packet = &inner[14..];
-    let inner_v4 = ip_packet[0] >> 4 == 4;
-    let tos = if inner_v4 {
-        ip_packet[1]
-    } else {
-        (ip_packet[0] << 4) | (ip_packet[1] >> 4)
-    };
-    let proto = match (encap, inner_v4) {
-        (ENCAP_GUE, _) => IpNumber::UDP,
-        (_, true) => IpNumber::IPV4,
-        (_, false) => IpNumber::IPV6,
-    };
-    let udp_len = if encap == ENCAP_GUE { 8 } else { 0 };
-    let mut out = Vec::new();
-    let ether_type: u16 = if backend.is_ipv4() { 0x0800 } else { 0x86dd };
-    out.extend_from_slice(&GW_MAC);
-    out.extend_from_slice(&f.mac);
-    out.extend_from_slice(&ether_type.to_be_bytes());
-    match (backend, src_of(backend)) {
-        (IpAddr::V4(dst), IpAddr::V4(src)) => {
-            let mut h = Ipv4Header::new(
-                (ip_packet.len() + udp_len) as u16,
-                64,
-                proto,
-                src.octets(),
-                dst.octets(),
-            )
-            .expect("header");
-            h.dont_fragment = true;
-            h.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
-            h.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
-            h.header_checksum = h.calc_header_checksum();
-            h.write(&mut out).expect("write");
-        }
-        (IpAddr::V6(dst), IpAddr::V6(src)) => {
-            let h = Ipv6Header {
-                traffic_class: tos,
-                flow_label: Ipv6FlowLabel::try_new(flow_entropy(key) & 0xfffff).expect("label"),
-                payload_length: (ip_packet.len() + udp_len) as u16,
-                next_header: proto,
-                hop_limit: 64,
-                source: src.octets(),
-                destination: dst.octets(),
-            };
-            h.write(&mut out).expect("write");
-        }
-        _ => unreachable!("source and backend share a family"),
-    }
-    if encap == ENCAP_GUE {
-        let u = UdpHeader {
-            source_port: gue_source_port(key),
-            destination_port: 6080,
-            length: (ip_packet.len() + 8) as u16,
-            checksum: 0,
-        };
-        u.write(&mut out).expect("write");
-    }
-    out.extend_from_slice(ip_packet);
     out
 }
 
@@ -164,7 +92,7 @@ fn every_mode_and_family_has_exact_output_bytes() -> anyhow::Result<()> {
                 let before = world.dp.stats.global()?.get(Stat::Forwarded).packets;
                 let (action, o) = world.run_on(&frame, f.ifindex)?;
                 assert_eq!(action, XDP_TX, "{name}, pass {pass}");
-                let want = expected(&f, &frame, &key, encap, backend);
+                let want = encapsulated(&f, &frame, &key, encap, backend);
                 assert_eq!(o, want, "{name}, pass {pass}: output bytes");
                 assert_eq!(
                     world.dp.stats.global()?.get(Stat::Forwarded).packets,
@@ -337,7 +265,7 @@ fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
             let k = flow_key(ip(CLIENT6), sport, ip(VIP6), 80, PROTO_TCP);
             (tcp6(sport, b"payload"), k, ip(to6))
         };
-        let encapsulated = expected(&f, &inner, &key, encap, backend);
+        let encapsulated = encapsulated(&f, &inner, &key, encap, backend);
         for tc in [false, true] {
             let before = decap_count(&mut ebpf, D::Decapsulated)?;
             let (action, out) = decap_run(&mut ebpf, &encapsulated, tc)?;
@@ -352,17 +280,17 @@ fn decap_strips_exactly_and_passes_the_rest() -> anyhow::Result<()> {
     // Untouched, by reason.
     let key = flow_key(ip(CLIENT4), 44000, ip(VIP4), 80, PROTO_TCP);
     let plain = tcp4(44000, b"x");
-    let to_other_host = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.9"));
+    let to_other_host = encapsulated(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.9"));
     let mut not_vip = plain.clone();
     not_vip[30..34].copy_from_slice(&[10, 0, 0, 99]);
     let not_vip_ipv4 = Ipv4Header::from_slice(&not_vip[14..])?.0;
     let sum = not_vip_ipv4.calc_header_checksum().to_be_bytes();
     not_vip[24..26].copy_from_slice(&sum);
-    let to_non_vip = expected(&f, &not_vip, &key, ENCAP_IPIP, ip("10.41.0.2"));
-    let mut other_udp = expected(&f, &plain, &key, ENCAP_GUE, ip("10.41.0.2"));
+    let to_non_vip = encapsulated(&f, &not_vip, &key, ENCAP_IPIP, ip("10.41.0.2"));
+    let mut other_udp = encapsulated(&f, &plain, &key, ENCAP_GUE, ip("10.41.0.2"));
     other_udp[36..38].copy_from_slice(&53u16.to_be_bytes());
-    let truncated = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"))[..40].to_vec();
-    let mut fragment = expected(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"));
+    let truncated = encapsulated(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"))[..40].to_vec();
+    let mut fragment = encapsulated(&f, &plain, &key, ENCAP_IPIP, ip("10.41.0.2"));
     fragment[20] = 0x20; // more fragments
     for (name, frame, stat) in [
         ("plain TCP", plain, D::PassNotEncap),
@@ -414,7 +342,10 @@ fn icmp_errors_about_vip_flows_follow_the_tunnel() -> anyhow::Result<()> {
         let key = flow_key(ip(CLIENT4), 46000, ip(VIP4), 80, PROTO_TCP);
         let (action, out) = world.run_on(&frame, f.ifindex)?;
         assert_eq!(action, XDP_TX);
-        assert_eq!(out, expected(&f, &frame, &key, ENCAP_IPIP, ip("10.41.0.2")));
+        assert_eq!(
+            out,
+            encapsulated(&f, &frame, &key, ENCAP_IPIP, ip("10.41.0.2"))
+        );
         Ok(())
     })??;
     Ok(())

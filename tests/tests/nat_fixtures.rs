@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use lb_common::Stat;
 use lb_tests::{
+    expect::{rewritten, source_port},
     frames::{v4, v6},
     routed::{FibNs, GW_MAC},
     world::{SCENE, World, ip},
@@ -28,89 +29,6 @@ const SRC4: &str = "10.31.0.2";
 const SRC6: &str = "fd00:31::2";
 const BACKEND4: &str = "10.41.0.2";
 const BACKEND6: &str = "fd00:41::2";
-
-/// `frame` with its addresses, ports and MACs replaced, every checksum computed anew by
-/// etherparse (not incrementally, as the program does).
-fn rewritten(
-    frame: &[u8],
-    (src, sport): (IpAddr, u16),
-    (dst, dport): (IpAddr, u16),
-    (smac, dmac): ([u8; 6], [u8; 6]),
-) -> Vec<u8> {
-    let p = PacketHeaders::from_ethernet_slice(frame).expect("parses");
-    let payload = p.payload.slice().to_vec();
-    let mut out = Vec::new();
-    let mut eth = p.link.expect("ethernet").ethernet2().expect("eth2");
-    eth.source = smac;
-    eth.destination = dmac;
-    eth.write(&mut out).expect("write");
-    let mut transport = p.transport.expect("l4");
-    match p.net.expect("ip") {
-        NetHeaders::Ipv4(mut h, _) => {
-            h.source = match src {
-                IpAddr::V4(a) => a.octets(),
-                _ => unreachable!(),
-            };
-            h.destination = match dst {
-                IpAddr::V4(a) => a.octets(),
-                _ => unreachable!(),
-            };
-            h.header_checksum = h.calc_header_checksum();
-            h.write(&mut out).expect("write");
-            match &mut transport {
-                TransportHeader::Tcp(t) => {
-                    (t.source_port, t.destination_port) = (sport, dport);
-                    t.checksum = t.calc_checksum_ipv4(&h, &payload).expect("csum");
-                }
-                TransportHeader::Udp(u) => {
-                    (u.source_port, u.destination_port) = (sport, dport);
-                    u.checksum = u.calc_checksum_ipv4(&h, &payload).expect("csum");
-                }
-                _ => unreachable!(),
-            }
-        }
-        NetHeaders::Ipv6(mut h, _) => {
-            h.source = match src {
-                IpAddr::V6(a) => a.octets(),
-                _ => unreachable!(),
-            };
-            h.destination = match dst {
-                IpAddr::V6(a) => a.octets(),
-                _ => unreachable!(),
-            };
-            h.write(&mut out).expect("write");
-            match &mut transport {
-                TransportHeader::Tcp(t) => {
-                    (t.source_port, t.destination_port) = (sport, dport);
-                    t.checksum = t.calc_checksum_ipv6(&h, &payload).expect("csum");
-                }
-                TransportHeader::Udp(u) => {
-                    (u.source_port, u.destination_port) = (sport, dport);
-                    u.checksum = u.calc_checksum_ipv6(&h, &payload).expect("csum");
-                }
-                _ => unreachable!(),
-            }
-        }
-        _ => unreachable!(),
-    }
-    match transport {
-        TransportHeader::Tcp(t) => t.write(&mut out).expect("write"),
-        TransportHeader::Udp(u) => u.write(&mut out).expect("write"),
-        _ => unreachable!(),
-    }
-    out.extend_from_slice(&payload);
-    out
-}
-
-/// The source port the program chose (the only field it picks at random).
-fn source_port(frame: &[u8]) -> u16 {
-    let p = PacketHeaders::from_ethernet_slice(frame).expect("parses");
-    match p.transport.expect("l4") {
-        TransportHeader::Tcp(t) => t.source_port,
-        TransportHeader::Udp(u) => u.source_port,
-        _ => unreachable!(),
-    }
-}
 
 fn frame(proto: &str, (src, sport): (IpAddr, u16), (dst, dport): (IpAddr, u16)) -> Vec<u8> {
     let mut out = Vec::new();
