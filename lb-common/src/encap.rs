@@ -143,36 +143,18 @@ const _: () = assert!(core::mem::size_of::<NextHopCache>() == 28);
 pub const HC_MARK_BASE: u32 = 0x4c42_0000;
 pub const HC_MARK_MASK: u32 = 0xffff_0000;
 
-/// Counters of the health-check encapsulation program (per-CPU array `LB_HC_STATS`).
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HcStat {
-    /// A marked probe packet was encapsulated and sent to its backend.
-    Encapsulated = 0,
-    /// Marked for a backend id that is absent or not encapsulated: passed unchanged.
-    NoBackend = 1,
-    /// The packet could not be rewritten: dropped.
-    Failed = 2,
-    /// The FIB has no usable route to the backend: dropped. (An unresolved next hop is no
-    /// failure: `bpf_redirect_neigh` resolves it.)
-    NoRoute = 3,
-}
-
-impl HcStat {
-    pub const COUNT: u32 = 4;
-    pub const ALL: [HcStat; HcStat::COUNT as usize] = [
-        HcStat::Encapsulated,
-        HcStat::NoBackend,
-        HcStat::Failed,
-        HcStat::NoRoute,
-    ];
-    pub const fn name(self) -> &'static str {
-        match self {
-            HcStat::Encapsulated => "hc_encapsulated",
-            HcStat::NoBackend => "hc_no_backend",
-            HcStat::Failed => "hc_failed",
-            HcStat::NoRoute => "hc_no_route",
-        }
+counter_enum! {
+    /// Counters of the health-check encapsulation program (per-CPU array `LB_HC_STATS`).
+    pub enum HcStat {
+        /// A marked probe packet was encapsulated and sent to its backend.
+        Encapsulated = "hc_encapsulated",
+        /// Marked for a backend id that is absent or not encapsulated: passed unchanged.
+        NoBackend = "hc_no_backend",
+        /// The packet could not be rewritten: dropped.
+        Failed = "hc_failed",
+        /// The FIB has no usable route to the backend: dropped. (An unresolved next hop is no
+        /// failure: `bpf_redirect_neigh` resolves it.)
+        NoRoute = "hc_no_route",
     }
 }
 
@@ -232,78 +214,40 @@ pub const DECAP_CONFIG_GLOBAL: &str = "DECAP_CONFIG";
 /// Capacity of each decap address map.
 pub const DECAP_MAX_ADDRS: u32 = 1024;
 
-/// What the decap program did with a packet.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecapStat {
-    /// IPIP or GUE to this host for a configured VIP: the outer headers were removed.
-    Decapsulated = 0,
-    /// Not IPIP/GUE (or not IP): passed untouched.
-    PassNotEncap = 1,
-    /// Encapsulated but the outer destination is not this host: passed untouched.
-    PassNotLocal = 2,
-    /// Encapsulated to this host, but the inner destination is not a configured VIP: passed
-    /// untouched (the stack drops it: no tunnel device).
-    PassNotVip = 3,
-    /// Truncated or inconsistent outer or inner headers: passed untouched.
-    PassMalformed = 4,
-    /// An outer IPv4 fragment: passed untouched.
-    PassFragment = 5,
-    /// Second chance (the packet carried hops, see `chance`): a SYN, kept and decapsulated.
-    KeptSyn = 6,
-    /// Second chance: a socket of this host owns the flow (TCP not listening, connected UDP).
-    KeptSocket = 7,
-    /// Second chance: an ACK whose syncookie a listener accepts.
-    KeptSyncookie = 8,
-    /// Second chance: not ours, but no hop left (or hops we cannot read): kept.
-    KeptLastHop = 9,
-    /// Second chance: not ours; sent on to the next hop (XDP_TX, redirect, or tc redirect).
-    Forwarded = 10,
-    /// Second chance: not ours; the next hop's neighbour is unresolved, so the rewritten
-    /// packet goes to the stack, which forwards it (needs `ip_forward`).
-    ForwardedByStack = 11,
-    /// Second chance: not ours, but no route to the next hop: kept.
-    KeptNoRoute = 12,
-    /// A multi-buffer (jumbo) frame whose outer or inner headers do not all sit in its first
-    /// buffer: passed untouched (not malformed; the stack has no tunnel to take it either).
-    PassSplitHeaders = 13,
-}
-
-impl DecapStat {
-    pub const COUNT: u32 = 14;
-    pub const ALL: [DecapStat; DecapStat::COUNT as usize] = [
-        DecapStat::Decapsulated,
-        DecapStat::PassNotEncap,
-        DecapStat::PassNotLocal,
-        DecapStat::PassNotVip,
-        DecapStat::PassMalformed,
-        DecapStat::PassFragment,
-        DecapStat::KeptSyn,
-        DecapStat::KeptSocket,
-        DecapStat::KeptSyncookie,
-        DecapStat::KeptLastHop,
-        DecapStat::Forwarded,
-        DecapStat::ForwardedByStack,
-        DecapStat::KeptNoRoute,
-        DecapStat::PassSplitHeaders,
-    ];
-    pub const fn name(self) -> &'static str {
-        match self {
-            DecapStat::Decapsulated => "decapsulated",
-            DecapStat::PassNotEncap => "passed_not_encapsulated",
-            DecapStat::PassNotLocal => "passed_not_local",
-            DecapStat::PassNotVip => "passed_not_vip",
-            DecapStat::PassMalformed => "passed_malformed",
-            DecapStat::PassFragment => "passed_fragment",
-            DecapStat::KeptSyn => "kept_syn",
-            DecapStat::KeptSocket => "kept_socket",
-            DecapStat::KeptSyncookie => "kept_syncookie",
-            DecapStat::KeptLastHop => "kept_last_hop",
-            DecapStat::Forwarded => "forwarded",
-            DecapStat::ForwardedByStack => "forwarded_by_stack",
-            DecapStat::KeptNoRoute => "kept_no_route",
-            DecapStat::PassSplitHeaders => "passed_split_headers",
-        }
+counter_enum! {
+    /// What the decap program did with a packet.
+    pub enum DecapStat {
+        /// IPIP or GUE to this host for a configured VIP: the outer headers were removed.
+        Decapsulated = "decapsulated",
+        /// Not IPIP/GUE (or not IP): passed untouched.
+        PassNotEncap = "passed_not_encapsulated",
+        /// Encapsulated but the outer destination is not this host: passed untouched.
+        PassNotLocal = "passed_not_local",
+        /// Encapsulated to this host, but the inner destination is not a configured VIP: passed
+        /// untouched (the stack drops it: no tunnel device).
+        PassNotVip = "passed_not_vip",
+        /// Truncated or inconsistent outer or inner headers: passed untouched.
+        PassMalformed = "passed_malformed",
+        /// An outer IPv4 fragment: passed untouched.
+        PassFragment = "passed_fragment",
+        /// Second chance (the packet carried hops, see `chance`): a SYN, kept and decapsulated.
+        KeptSyn = "kept_syn",
+        /// Second chance: a socket of this host owns the flow (TCP not listening, connected UDP).
+        KeptSocket = "kept_socket",
+        /// Second chance: an ACK whose syncookie a listener accepts.
+        KeptSyncookie = "kept_syncookie",
+        /// Second chance: not ours, but no hop left (or hops we cannot read): kept.
+        KeptLastHop = "kept_last_hop",
+        /// Second chance: not ours; sent on to the next hop (XDP_TX, redirect, or tc redirect).
+        Forwarded = "forwarded",
+        /// Second chance: not ours; the next hop's neighbour is unresolved, so the rewritten
+        /// packet goes to the stack, which forwards it (needs `ip_forward`).
+        ForwardedByStack = "forwarded_by_stack",
+        /// Second chance: not ours, but no route to the next hop: kept.
+        KeptNoRoute = "kept_no_route",
+        /// A multi-buffer (jumbo) frame whose outer or inner headers do not all sit in its first
+        /// buffer: passed untouched (not malformed; the stack has no tunnel to take it either).
+        PassSplitHeaders = "passed_split_headers",
     }
 }
 

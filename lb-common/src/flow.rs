@@ -6,55 +6,27 @@ use crate::{
     PROTO_UDP, VipInfo, flow_hash,
 };
 
-/// Flow-table events, counted apart from the pass/drop reasons of [`crate::Stat`]: the index
-/// into [`crate::FLOW_STATS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowEvent {
-    /// Found in the established table and still valid.
-    Hit = 0,
-    /// Found in the probation table and moved to the established table (its second packet).
-    Promoted = 1,
-    /// A TCP SYN placed by the slot table and not remembered: a SYN flood costs no entry.
-    SynPlaced = 2,
-    /// A TCP packet without SYN that no table knew: a handshake's last ACK (one per real
-    /// connection), or a flow that was evicted or never seen. Remembered on probation.
-    MissNotSyn = 3,
-    /// A UDP datagram no table knew: a new flow (or one that aged out). Remembered on
-    /// probation.
-    NewUdp = 4,
-    /// An entry was found but no longer decides: its backend is down, removed or recycled, a
-    /// SYN met a drained backend or a closed connection, or it aged out. Placed again.
-    Replaced = 5,
-    /// A TCP RST ended the entry.
-    EndedRst = 6,
-}
-
-impl FlowEvent {
-    /// Number of variants; the length of [`crate::FLOW_STATS_MAP`].
-    pub const COUNT: u32 = 7;
-    /// All variants in index order.
-    pub const ALL: [FlowEvent; FlowEvent::COUNT as usize] = [
-        FlowEvent::Hit,
-        FlowEvent::Promoted,
-        FlowEvent::SynPlaced,
-        FlowEvent::MissNotSyn,
-        FlowEvent::NewUdp,
-        FlowEvent::Replaced,
-        FlowEvent::EndedRst,
-    ];
-
-    /// Stable snake_case name used in CLI output and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            FlowEvent::Hit => "flow_hit",
-            FlowEvent::Promoted => "flow_promoted",
-            FlowEvent::SynPlaced => "flow_syn_placed",
-            FlowEvent::MissNotSyn => "flow_miss_not_syn",
-            FlowEvent::NewUdp => "flow_new_udp",
-            FlowEvent::Replaced => "flow_replaced",
-            FlowEvent::EndedRst => "flow_ended_rst",
-        }
+counter_enum! {
+    /// Flow-table events, counted apart from the pass/drop reasons of [`crate::Stat`]: the index
+    /// into [`crate::FLOW_STATS_MAP`].
+    pub enum FlowEvent {
+        /// Found in the established table and still valid.
+        Hit = "flow_hit",
+        /// Found in the probation table and moved to the established table (its second packet).
+        Promoted = "flow_promoted",
+        /// A TCP SYN placed by the slot table and not remembered: a SYN flood costs no entry.
+        SynPlaced = "flow_syn_placed",
+        /// A TCP packet without SYN that no table knew: a handshake's last ACK (one per real
+        /// connection), or a flow that was evicted or never seen. Remembered on probation.
+        MissNotSyn = "flow_miss_not_syn",
+        /// A UDP datagram no table knew: a new flow (or one that aged out). Remembered on
+        /// probation.
+        NewUdp = "flow_new_udp",
+        /// An entry was found but no longer decides: its backend is down, removed or recycled, a
+        /// SYN met a drained backend or a closed connection, or it aged out. Placed again.
+        Replaced = "flow_replaced",
+        /// A TCP RST ended the entry.
+        EndedRst = "flow_ended_rst",
     }
 }
 

@@ -12,6 +12,9 @@
 //! command and its tests must compute the very slot the kernel picks.
 #![no_std]
 
+#[macro_use]
+mod counters;
+
 mod abi;
 mod cache;
 mod chance;
@@ -106,106 +109,56 @@ pub const MAX_TX_PORTS: u32 = 64;
 // ---------------------------------------------------------------------------------------------
 // Counters.
 
-/// Why a packet got the action it got. Used as the index into [`STATS_MAP`]; never stored
-/// in a map value. Flow-table events are counted apart, by [`FlowEvent`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Rewritten and sent to a backend.
-    Forwarded = 0,
-    /// Not for a VIP (or not IP at all): passed untouched.
-    PassNotVip = 1,
-    /// IPv4 fragment: passed untouched.
-    PassFragment = 2,
-    /// IPv4 header with options, to a VIP address but for no VIP (another port or
-    /// protocol): passed untouched.
-    PassIpOptions = 3,
-    /// IPv6 with an extension header before L4: passed untouched.
-    PassIpv6Ext = 4,
-    /// Truncated or inconsistent headers: dropped.
-    DropMalformed = 5,
-    /// For a VIP that has no usable backend: dropped.
-    DropNoBackend = 6,
-    /// The egress device for a backend could not be used (redirect failed): dropped.
-    DropTxError = 7,
-    /// Encapsulated, but the FIB has no neighbour entry for the next hop yet: handed to the
-    /// kernel, which resolves it and sends the packet.
-    PassNoNeighbour = 8,
-    /// Encapsulated, but the FIB has no usable route to the backend (unreachable,
-    /// blackhole, prohibit, or an unsupported route): dropped.
-    DropNoRoute = 9,
-    /// Encapsulated, but forwarding is disabled on the receiving interface (the FIB lookup
-    /// refuses): dropped. Set `net.ipv4.conf.IF.forwarding=1` / `net.ipv6.conf.IF.forwarding=1`.
-    DropForwardingDisabled = 10,
-    /// Too big for the egress MTU once encapsulated: an ICMP "fragmentation needed" or ICMPv6
-    /// "packet too big" went back to the client.
-    IcmpTooBig = 11,
-    /// Too big for the egress MTU once encapsulated and not answerable (IPv4 without DF, or
-    /// too short to quote): dropped.
-    DropTooBig = 12,
-    /// NAT: every port a new connection tried toward its backend is in use: dropped.
-    DropNatNoPort = 13,
-    /// NAT: the translation table is full: dropped.
-    DropNatTableFull = 14,
-    /// NAT: an answer to a NAT source address matching no translation (the load balancer's
-    /// own traffic, or an expired one): passed to the kernel.
-    PassNatUnknown = 15,
-    /// NAT: an ICMP error about no known NAT connection, or quoting IPv4 options: passed to
-    /// the kernel (not translated).
-    PassNatIcmp = 16,
-    /// A multi-buffer (jumbo) frame whose headers do not all sit in its first buffer, where
-    /// the program can read them: passed to the kernel, which reassembles what it needs. Not
-    /// malformed: the packet is whole, only split where the driver cut it.
-    PassSplitHeaders = 17,
-}
-
-impl Stat {
-    /// Number of variants; the length of [`STATS_MAP`].
-    pub const COUNT: u32 = 18;
-    /// All variants in index order.
-    pub const ALL: [Stat; Stat::COUNT as usize] = [
-        Stat::Forwarded,
-        Stat::PassNotVip,
-        Stat::PassFragment,
-        Stat::PassIpOptions,
-        Stat::PassIpv6Ext,
-        Stat::DropMalformed,
-        Stat::DropNoBackend,
-        Stat::DropTxError,
-        Stat::PassNoNeighbour,
-        Stat::DropNoRoute,
-        Stat::DropForwardingDisabled,
-        Stat::IcmpTooBig,
-        Stat::DropTooBig,
-        Stat::DropNatNoPort,
-        Stat::DropNatTableFull,
-        Stat::PassNatUnknown,
-        Stat::PassNatIcmp,
-        Stat::PassSplitHeaders,
-    ];
-
-    /// Stable snake_case name used in CLI output and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::Forwarded => "forwarded",
-            Stat::PassNotVip => "passed_not_vip",
-            Stat::PassFragment => "passed_fragment",
-            Stat::PassIpOptions => "passed_ip_options",
-            Stat::PassIpv6Ext => "passed_ipv6_ext",
-            Stat::DropMalformed => "dropped_malformed",
-            Stat::DropNoBackend => "dropped_no_backend",
-            Stat::DropTxError => "dropped_tx_error",
-            Stat::PassNoNeighbour => "passed_no_neighbour",
-            Stat::DropNoRoute => "dropped_no_route",
-            Stat::DropForwardingDisabled => "dropped_forwarding_disabled",
-            Stat::IcmpTooBig => "icmp_too_big_sent",
-            Stat::DropTooBig => "dropped_too_big",
-            Stat::DropNatNoPort => "dropped_nat_no_port",
-            Stat::DropNatTableFull => "dropped_nat_table_full",
-            Stat::PassNatUnknown => "passed_nat_unknown",
-            Stat::PassNatIcmp => "passed_nat_icmp",
-            Stat::PassSplitHeaders => "passed_split_headers",
-        }
+counter_enum! {
+    /// Why a packet got the action it got. Used as the index into [`STATS_MAP`]; never stored
+    /// in a map value. Flow-table events are counted apart, by [`FlowEvent`].
+    pub enum Stat {
+        /// Rewritten and sent to a backend.
+        Forwarded = "forwarded",
+        /// Not for a VIP (or not IP at all): passed untouched.
+        PassNotVip = "passed_not_vip",
+        /// IPv4 fragment: passed untouched.
+        PassFragment = "passed_fragment",
+        /// IPv4 header with options, to a VIP address but for no VIP (another port or
+        /// protocol): passed untouched.
+        PassIpOptions = "passed_ip_options",
+        /// IPv6 with an extension header before L4: passed untouched.
+        PassIpv6Ext = "passed_ipv6_ext",
+        /// Truncated or inconsistent headers: dropped.
+        DropMalformed = "dropped_malformed",
+        /// For a VIP that has no usable backend: dropped.
+        DropNoBackend = "dropped_no_backend",
+        /// The egress device for a backend could not be used (redirect failed): dropped.
+        DropTxError = "dropped_tx_error",
+        /// Encapsulated, but the FIB has no neighbour entry for the next hop yet: handed to the
+        /// kernel, which resolves it and sends the packet.
+        PassNoNeighbour = "passed_no_neighbour",
+        /// Encapsulated, but the FIB has no usable route to the backend (unreachable,
+        /// blackhole, prohibit, or an unsupported route): dropped.
+        DropNoRoute = "dropped_no_route",
+        /// Encapsulated, but forwarding is disabled on the receiving interface (the FIB lookup
+        /// refuses): dropped. Set `net.ipv4.conf.IF.forwarding=1` / `net.ipv6.conf.IF.forwarding=1`.
+        DropForwardingDisabled = "dropped_forwarding_disabled",
+        /// Too big for the egress MTU once encapsulated: an ICMP "fragmentation needed" or ICMPv6
+        /// "packet too big" went back to the client.
+        IcmpTooBig = "icmp_too_big_sent",
+        /// Too big for the egress MTU once encapsulated and not answerable (IPv4 without DF, or
+        /// too short to quote): dropped.
+        DropTooBig = "dropped_too_big",
+        /// NAT: every port a new connection tried toward its backend is in use: dropped.
+        DropNatNoPort = "dropped_nat_no_port",
+        /// NAT: the translation table is full: dropped.
+        DropNatTableFull = "dropped_nat_table_full",
+        /// NAT: an answer to a NAT source address matching no translation (the load balancer's
+        /// own traffic, or an expired one): passed to the kernel.
+        PassNatUnknown = "passed_nat_unknown",
+        /// NAT: an ICMP error about no known NAT connection, or quoting IPv4 options: passed to
+        /// the kernel (not translated).
+        PassNatIcmp = "passed_nat_icmp",
+        /// A multi-buffer (jumbo) frame whose headers do not all sit in its first buffer, where
+        /// the program can read them: passed to the kernel, which reassembles what it needs. Not
+        /// malformed: the packet is whole, only split where the driver cut it.
+        PassSplitHeaders = "passed_split_headers",
     }
 }
 
