@@ -20,6 +20,7 @@ mod cache;
 mod chance;
 mod encap;
 mod flow;
+mod maps;
 mod nat;
 mod table_key;
 pub use abi::*;
@@ -27,6 +28,7 @@ pub use cache::*;
 pub use chance::*;
 pub use encap::*;
 pub use flow::*;
+pub use maps::*;
 pub use nat::*;
 pub use table_key::*;
 

@@ -1,17 +1,18 @@
-//! The program's maps and load-time configuration. Names and sizes come from `lb-common`; the
-//! agent resizes them (`set_max_entries`) and fills `LB_CONFIG` before loading.
+//! The program's maps and load-time configuration. Each map is described once in
+//! `lb_common::LB_MAPS` (a test checks these declarations against it); the agent resizes
+//! them from it and fills `LB_CONFIG` before loading.
 use aya_ebpf::{
     helpers::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, FLOW_TABLE_PER_CPU, FlowCacheSlot,
-    FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_NAT as PROG_NAT_INDEX,
-    ProbationSlot, Slot, TableKey, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES,
-    VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, flow_cache_index_of, probation_check,
-    probation_slot, vip_filter_bit, vip_index_slot,
+    BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE,
+    FLOW_TABLE_PER_CPU, FlowCacheSlot, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
+    NextHopCache, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot, TableKey, VIP_F_PRESENT,
+    VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey,
+    flow_cache_index_of, probation_check, probation_slot, vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -51,8 +52,6 @@ pub static LB_FLOWS: LruHashMap<TableKey, FlowValue> =
 pub static LB_FLOWS_PERCPU: LruHashMap<TableKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
-
 /// Probation table: flows seen once. Their next packet moves them to the established table,
 /// so spoofed first packets (a SYN-then-ACK flood) only churn this table. A direct-mapped
 /// array, not an LRU hash: a first packet overwrites its flow's slot (an inlined array write
@@ -70,8 +69,6 @@ pub static LB_FLOWS_NEW: Array<ProbationSlot> =
 #[map(name = "LB_FLOW_CACHE")]
 pub static LB_FLOW_CACHE: Array<FlowCacheSlot> =
     Array::with_max_entries(DEFAULT_FLOW_CACHE_SLOTS, BPF_F_MMAPABLE);
-
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// This CPU's cache slot for `key`; `None` without a cache (or for a CPU beyond the array,
 /// which the agent sizes for every possible CPU).

@@ -15,10 +15,10 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_VIPS, FLOW_STATS_MAP, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED, FLOWS_MAP,
-    FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, LbConfig, SLOTS_MAP, STATS_MAP, TX_PORTS_MAP, VIP_FILTER_MAP,
-    VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
+    BACKEND_STATS_MAP, BACKENDS_MAP, CONFIG_GLOBAL, Capacity, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, FLOW_STATS_MAP, FLOW_TABLE_PER_CPU, FLOW_TABLE_SHARED,
+    FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, LbConfig, SLOTS_MAP, STATS_MAP, TX_PORTS_MAP,
+    VIP_FILTER_MAP, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
 };
 use std::path::{Path, PathBuf};
 
@@ -102,6 +102,21 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// The number of entries capacity `c` gives under these options.
+    pub fn capacity(&self, c: Capacity) -> Result<u32, Error> {
+        let (shared, per_cpu) = self.flow_table_entries();
+        Ok(match c {
+            Capacity::Fixed(n) => n,
+            Capacity::MaxVips => self.max_vips,
+            Capacity::MaxBackends => self.max_backends,
+            Capacity::SlotTables => self.max_vips * 2 * self.ring_size,
+            Capacity::SharedFlows => shared,
+            Capacity::PerCpuFlows => per_cpu,
+            Capacity::Probation => self.probation_entries(),
+            Capacity::FlowCache => cache_entries(self.cache_slots())?,
+        })
+    }
+
     /// Slots of the probation table: a quarter of the flow table rounded up to a power of
     /// two (at least 256; the program masks the flow's hash with it); one without a flow
     /// table.
@@ -238,28 +253,20 @@ impl Dataplane {
         let (shared, per_cpu) = opts.flow_table_entries();
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
-            Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            Some(dir) => pinned_maps().map(|m| (m, dir.join(m))).collect(),
             None => Vec::new(),
         };
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        // Every capacity the options decide, from the one description of each map.
+        for m in lb_common::LB_MAPS {
+            if !matches!(m.capacity, Capacity::Fixed(_)) {
+                loader.map_max_entries(m.name, opts.capacity(m.capacity)?);
+            }
+        }
         let mut ebpf = loader
             .override_global(CONFIG_GLOBAL, &cfg, true)
-            .map_max_entries(VIPS_MAP, opts.max_vips)
-            .map_max_entries(VIP_INFO_MAP, opts.max_vips)
-            .map_max_entries(SLOTS_MAP, opts.max_vips * 2 * opts.ring_size)
-            .map_max_entries(BACKENDS_MAP, opts.max_backends)
-            .map_max_entries(FLOWS_MAP, shared)
-            .map_max_entries(FLOWS_PERCPU_MAP, per_cpu)
-            .map_max_entries(FLOWS_NEW_MAP, opts.probation_entries())
-            .map_max_entries(VIP_STATS_MAP, opts.max_vips)
-            .map_max_entries(BACKEND_STATS_MAP, opts.max_backends)
-            .map_max_entries(lb_common::NEXTHOPS_MAP, opts.max_backends)
-            .map_max_entries(
-                lb_common::FLOW_CACHE_MAP,
-                cache_entries(opts.cache_slots())?,
-            )
             .load(EBPF_OBJECT)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
@@ -411,28 +418,13 @@ impl Dataplane {
     }
 }
 
-/// Every map of the object, for pinning.
-const ALL_MAPS: &[&str] = &[
-    VIPS_MAP,
-    VIP_INFO_MAP,
-    VIP_FILTER_MAP,
-    lb_common::VIP_INDEX_MAP,
-    SLOTS_MAP,
-    BACKENDS_MAP,
-    FLOWS_MAP,
-    FLOWS_PERCPU_MAP,
-    FLOWS_NEW_MAP,
-    TX_PORTS_MAP,
-    lb_common::HC_STATS_MAP,
-    FLOW_STATS_MAP,
-    STATS_MAP,
-    VIP_STATS_MAP,
-    BACKEND_STATS_MAP,
-    lb_common::NAT_FWD_MAP,
-    lb_common::NAT_REV_MAP,
-    lb_common::NAT_ADDRS_MAP,
-    lb_common::PROGS_MAP,
-];
+/// Every map of the object the agent pins.
+fn pinned_maps() -> impl Iterator<Item = &'static str> {
+    lb_common::LB_MAPS
+        .iter()
+        .filter(|m| m.pinned)
+        .map(|m| m.name)
+}
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
     ebpf.program_mut(name)

@@ -13,10 +13,7 @@ use std::{
 
 use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
-    ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter,
-    FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowKey, FlowValue, MAX_TX_PORTS,
-    ProbationSlot, SLOTS_MAP, STATS_MAP, Slot, TX_PORTS_MAP, TableKey, VIP_FILTER_MAP,
-    VIP_FILTER_WORDS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipInfo, VipKey,
+    ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BPF_F_NO_COMMON_LRU, LB_MAPS, MapKind, MapSpec,
     abi_layout,
 };
 
@@ -61,136 +58,34 @@ pub fn abi_record(opts: &LoadOptions) -> AbiRecord {
     }
 }
 
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+/// The kernel's map type of `kind`.
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::Array => MapType::Array,
+        MapKind::ProgArray => MapType::ProgramArray,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::DevMapHash => MapType::DevMapHash,
+    }
+}
 
-/// What each map must look like under `opts`: (name, type, key size, value size, entries,
-/// flags). Kept beside the program's definitions in `lb-ebpf/src/maps.rs`.
-fn expected(opts: &LoadOptions) -> Vec<(&'static str, MapType, usize, usize, u32, u32)> {
-    use std::mem::size_of as sz;
-    let (shared, per_cpu) = opts.flow_table_entries();
+/// What each pinned map must look like under `opts`: its description (`lb_common::LB_MAPS`)
+/// and its number of entries.
+fn expected(opts: &LoadOptions) -> Result<Vec<(&'static MapSpec, u32)>, Error> {
     // The kernel rounds an LRU with per-CPU lists up to a multiple of the possible CPUs.
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32);
-    let per_cpu = per_cpu.div_ceil(cpus) * cpus;
-    vec![
-        (VIPS_MAP, MapType::Hash, sz::<VipKey>(), 4, opts.max_vips, 0),
-        (
-            VIP_INFO_MAP,
-            MapType::Array,
-            4,
-            sz::<VipInfo>(),
-            opts.max_vips,
-            0,
-        ),
-        (VIP_FILTER_MAP, MapType::Array, 4, 8, VIP_FILTER_WORDS, 0),
-        (
-            lb_common::VIP_INDEX_MAP,
-            MapType::Array,
-            4,
-            sz::<lb_common::VipIndexEntry>(),
-            lb_common::VIP_INDEX_SLOTS,
-            0,
-        ),
-        (
-            SLOTS_MAP,
-            MapType::Array,
-            4,
-            sz::<Slot>(),
-            opts.max_vips * 2 * opts.ring_size,
-            0,
-        ),
-        (
-            BACKENDS_MAP,
-            MapType::Array,
-            4,
-            sz::<Backend>(),
-            opts.max_backends,
-            0,
-        ),
-        (
-            FLOWS_MAP,
-            MapType::LruHash,
-            sz::<TableKey>(),
-            sz::<FlowValue>(),
-            shared,
-            0,
-        ),
-        (
-            FLOWS_PERCPU_MAP,
-            MapType::LruHash,
-            sz::<TableKey>(),
-            sz::<FlowValue>(),
-            per_cpu,
-            BPF_F_NO_COMMON_LRU,
-        ),
-        (
-            FLOWS_NEW_MAP,
-            MapType::Array,
-            4,
-            sz::<ProbationSlot>(),
-            opts.probation_entries(),
-            0,
-        ),
-        (
-            FLOW_STATS_MAP,
-            MapType::PerCpuArray,
-            4,
-            8,
-            lb_common::FlowEvent::COUNT,
-            0,
-        ),
-        (
-            lb_common::HC_STATS_MAP,
-            MapType::PerCpuArray,
-            4,
-            8,
-            lb_common::HcStat::COUNT,
-            0,
-        ),
-        // Devmap values are `struct bpf_devmap_val` (ifindex and a program fd).
-        (TX_PORTS_MAP, MapType::DevMapHash, 4, 8, MAX_TX_PORTS, 0),
-        (
-            STATS_MAP,
-            MapType::PerCpuArray,
-            4,
-            sz::<Counter>(),
-            lb_common::STATS_ENTRIES,
-            0,
-        ),
-        (
-            VIP_STATS_MAP,
-            MapType::PerCpuArray,
-            4,
-            sz::<VipCounter>(),
-            opts.max_vips,
-            0,
-        ),
-        (
-            BACKEND_STATS_MAP,
-            MapType::PerCpuArray,
-            4,
-            sz::<Counter>(),
-            opts.max_backends,
-            0,
-        ),
-        (
-            lb_common::NAT_FWD_MAP,
-            MapType::Hash,
-            sz::<FlowKey>(),
-            sz::<lb_common::NatEntry>(),
-            lb_common::DEFAULT_NAT_ENTRIES,
-            0,
-        ),
-        (
-            lb_common::NAT_REV_MAP,
-            MapType::Hash,
-            sz::<FlowKey>(),
-            sz::<lb_common::NatEntry>(),
-            lb_common::DEFAULT_NAT_ENTRIES,
-            0,
-        ),
-        (lb_common::NAT_ADDRS_MAP, MapType::Array, 4, 16, 2, 0),
-        (lb_common::PROGS_MAP, MapType::ProgramArray, 4, 4, 1, 0),
-    ]
+    LB_MAPS
+        .iter()
+        .filter(|m| m.pinned)
+        .map(|m| {
+            let mut entries = opts.capacity(m.capacity)?;
+            if m.flags & BPF_F_NO_COMMON_LRU != 0 {
+                entries = entries.div_ceil(cpus) * cpus;
+            }
+            Ok((m, entries))
+        })
+        .collect()
 }
 
 /// Whether `map_dir` holds a map set to adopt.
@@ -272,13 +167,15 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
             format!("pinned with {}", diffs.join(", ")),
         ));
     }
-    for (name, ty, key, value, entries, flags) in expected(opts) {
+    for (m, entries) in expected(opts)? {
+        let (name, ty, flags) = (m.name, map_type(m.kind), m.flags & BPF_F_NO_COMMON_LRU);
+        let (key, value) = (m.key_size, m.value_size);
         let info = MapInfo::from_pin(map_dir.join(name))
             .map_err(|e| incompatible(map_dir, format!("map {name} is not readable: {e}")))?;
         let have_ty = info.map_type().ok();
         if have_ty != Some(ty)
-            || info.key_size() as usize != key
-            || info.value_size() as usize != value
+            || info.key_size() != key
+            || info.value_size() != value
             || info.max_entries() != entries
             || info.map_flags() & BPF_F_NO_COMMON_LRU != flags
         {
