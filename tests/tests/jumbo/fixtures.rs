@@ -4,7 +4,7 @@
 //! output is read back whole (fragments included) and compared byte for byte.
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketHeaders;
-use lb_common::{DecapStat, ENCAP_GUE, ENCAP_IPIP, PROTO_TCP, PROTO_UDP, Stat};
+use lb_common::{DecapStat, ENCAP_GUE, ENCAP_IPIP, FlowKey, PROTO_TCP, PROTO_UDP, Stat};
 use lb_tests::{
     expect::{encapsulated, rewritten, source_port, src_of},
     routed::{FibNs, GW_MAC},
@@ -45,6 +45,39 @@ fn proto(kind: Kind) -> u8 {
     if kind.tcp() { PROTO_TCP } else { PROTO_UDP }
 }
 
+/// A `size`-byte frame of `kind` from the client's port `sport` to its VIP.
+fn to_vip(kind: Kind, size: usize, sport: u16) -> Vec<u8> {
+    frame(
+        SCENE.eth(),
+        kind,
+        (client(kind), sport),
+        (vip(kind), vport(kind)),
+        size,
+    )
+}
+
+/// The flow key of [`to_vip`]'s frame.
+fn key_of(kind: Kind, sport: u16) -> FlowKey {
+    flow_key(
+        ip(client(kind)),
+        sport,
+        ip(vip(kind)),
+        vport(kind),
+        proto(kind),
+    )
+}
+
+/// Points every backend at the fixture's backend host of its family with `encap`.
+fn encapsulate_to_backends(world: &mut World, encap: u8) -> anyhow::Result<()> {
+    for id in [1, 2, 3] {
+        world.set_backend_encap(id, ip(BACKEND4), encap, src_of(ip(BACKEND4)))?;
+    }
+    for id in [4, 5] {
+        world.set_backend_encap(id, ip(BACKEND6), encap, src_of(ip(BACKEND6)))?;
+    }
+    Ok(())
+}
+
 /// Every (kind, size, first buffer) combination, with a client port unique to it.
 fn combinations() -> Vec<(Kind, usize, usize, u16)> {
     let mut out = Vec::new();
@@ -77,21 +110,10 @@ fn l2_frames_of_every_size_reach_their_backend_whole() -> anyhow::Result<()> {
         pin_to_cpu0()?;
         for (kind, size, linear, sport) in combinations() {
             let name = format!("{kind:?} {size} bytes, first buffer {linear}");
-            let input = frame(
-                SCENE.eth(),
-                kind,
-                (client(kind), sport),
-                (vip(kind), vport(kind)),
-                size,
-            );
-            let key = flow_key(
-                ip(client(kind)),
-                sport,
-                ip(vip(kind)),
-                vport(kind),
-                proto(kind),
-            );
-            let backend = world.table_backend(&key).expect("a VIP with backends");
+            let input = to_vip(kind, size, sport);
+            let backend = world
+                .table_backend(&key_of(kind, sport))
+                .expect("a VIP with backends");
             let before = world.dp.stats.global()?.get(Stat::Forwarded);
             let (action, out) = world.run_split(&input, f.ifindex, linear)?;
             let after = world.dp.stats.global()?.get(Stat::Forwarded);
@@ -115,40 +137,40 @@ fn l2_frames_of_every_size_reach_their_backend_whole() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// IPIP and GUE carry the whole inner packet of a multi-buffer frame (the outer header's length
+/// is the whole packet's), and the backend's decap program strips them and hands the inner
+/// packet on whole, its later buffers untouched.
 #[test]
-fn encapsulated_frames_carry_the_whole_inner_packet() -> anyhow::Result<()> {
+fn tunnels_carry_and_decap_strips_multi_buffer_frames() -> anyhow::Result<()> {
     let f = jumbo_fib()?;
     let mut world = World::new()?;
+    let mut ebpf = decap_for_fixtures()?;
     f.ns.run(|| -> anyhow::Result<()> {
         pin_to_cpu0()?;
         for encap in [ENCAP_IPIP, ENCAP_GUE] {
-            for id in [1, 2, 3] {
-                world.set_backend_encap(id, ip(BACKEND4), encap, src_of(ip(BACKEND4)))?;
-            }
-            for id in [4, 5] {
-                world.set_backend_encap(id, ip(BACKEND6), encap, src_of(ip(BACKEND6)))?;
-            }
+            encapsulate_to_backends(&mut world, encap)?;
             for (kind, size, linear, sport) in combinations() {
                 let name = format!("encap {encap} {kind:?} {size} bytes, first buffer {linear}");
-                let input = frame(
-                    SCENE.eth(),
-                    kind,
-                    (client(kind), sport),
-                    (vip(kind), vport(kind)),
-                    size,
-                );
-                let key = flow_key(
-                    ip(client(kind)),
-                    sport,
-                    ip(vip(kind)),
-                    vport(kind),
-                    proto(kind),
-                );
+                let input = to_vip(kind, size, sport);
                 let to = ip(if kind.v4() { BACKEND4 } else { BACKEND6 });
-                let (action, out) = world.run_split(&input, f.ifindex, linear)?;
+                let (action, tunnel) = world.run_split(&input, f.ifindex, linear)?;
                 assert_eq!(action, XDP_TX, "{name}");
-                let want = encapsulated(&f, &input, &key, encap, to);
-                assert!(out == want, "{name}: output bytes differ");
+                let want = encapsulated(&f, &input, &key_of(kind, sport), encap, to);
+                assert!(tunnel == want, "{name}: output bytes differ");
+                let before = decap_count(&mut ebpf, DecapStat::Decapsulated)?;
+                let (action, out) = decap_run(&mut ebpf, &tunnel, f.ifindex, linear)?;
+                assert_eq!(action, XDP_PASS, "{name}: decap");
+                // The tunnel frame's MACs, the inner packet's Ethernet type and bytes.
+                let mut want = tunnel[..12].to_vec();
+                want.extend_from_slice(&input[12..]);
+                assert!(out == want, "{name}: decapsulated packet differs");
+                let after = decap_count(&mut ebpf, DecapStat::Decapsulated)?;
+                assert_eq!(after.0 - before.0, 1, "{name}: decap counted");
+                assert_eq!(
+                    after.1 - before.1,
+                    tunnel.len() as u64,
+                    "{name}: the whole frame's bytes"
+                );
             }
         }
         Ok(())
@@ -172,13 +194,7 @@ fn too_big_answers_are_cut_from_a_jumbo_frame() -> anyhow::Result<()> {
         for (n, kind) in [Kind::Tcp4, Kind::Tcp6].into_iter().enumerate() {
             for linear in LINEAR {
                 let name = format!("{kind:?} first buffer {linear}");
-                let input = frame(
-                    SCENE.eth(),
-                    kind,
-                    (client(kind), 30000 + n as u16),
-                    (vip(kind), 80),
-                    9014,
-                );
+                let input = to_vip(kind, 9014, 30000 + n as u16);
                 let before = world.dp.stats.global()?.get(Stat::IcmpTooBig).packets;
                 let (action, out) = world.run_split(&input, f.ifindex, linear)?;
                 assert_eq!(action, XDP_TX, "{name}");
@@ -262,13 +278,7 @@ fn nat_translates_multi_buffer_frames_both_ways() -> anyhow::Result<()> {
             } else {
                 ("fd00:31::2", BACKEND6)
             };
-            let request = frame(
-                SCENE.eth(),
-                kind,
-                (client(kind), cport),
-                (vip(kind), vport(kind)),
-                size,
-            );
+            let request = to_vip(kind, size, cport);
             let (action, out) = world.run_split(&request, f.ifindex, linear)?;
             assert_eq!(action, XDP_TX, "{name}");
             let (nat_port, bport) = (source_port(&out), dport_of(&out));
@@ -320,13 +330,7 @@ fn headers_split_by_a_buffer_boundary_are_passed_not_malformed() -> anyhow::Resu
         Ok(())
     };
     for kind in Kind::ALL {
-        let input = frame(
-            SCENE.eth(),
-            kind,
-            (client(kind), 31000),
-            (vip(kind), vport(kind)),
-            9014,
-        );
+        let input = to_vip(kind, 9014, 31000);
         // Cut inside the IP header, and inside the L4 header.
         check(
             &format!("{kind:?} cut in IP"),
@@ -421,56 +425,28 @@ fn decap_count(ebpf: &mut aya::Ebpf, s: DecapStat) -> anyhow::Result<(u64, u64)>
     ))
 }
 
-/// The backend's decap program strips IPIP and GUE from multi-buffer tunnel packets (the
-/// load balancer's own output for jumbo frames) and hands the inner packet on whole.
-#[test]
-fn decap_strips_multi_buffer_tunnel_packets() -> anyhow::Result<()> {
-    let f = jumbo_fib()?;
-    let mut world = World::new()?;
+/// The decap program for backends 10.41.0.2 and fd00:41::2 serving both VIPs.
+fn decap_for_fixtures() -> anyhow::Result<aya::Ebpf> {
     let local = [ip(BACKEND4), ip(BACKEND6)].into_iter().collect();
     let vips = [ip(VIP4), ip(VIP6)].into_iter().collect();
     let mut ebpf = lb_userspace::decap::load(6080, &local, None)?;
     lb_userspace::decap::set_vips(&mut ebpf, &vips)?;
+    Ok(ebpf)
+}
+
+/// A tunnel packet whose headers the first buffer cuts is passed untouched by the decap
+/// program, under its own reason.
+#[test]
+fn decap_passes_split_tunnel_headers() -> anyhow::Result<()> {
+    let f = jumbo_fib()?;
+    let mut world = World::new()?;
+    let mut ebpf = decap_for_fixtures()?;
+    encapsulate_to_backends(&mut world, ENCAP_GUE)?;
     f.ns.run(|| -> anyhow::Result<()> {
-        pin_to_cpu0()?;
-        for encap in [ENCAP_IPIP, ENCAP_GUE] {
-            for id in [1, 2, 3] {
-                world.set_backend_encap(id, ip(BACKEND4), encap, src_of(ip(BACKEND4)))?;
-            }
-            for id in [4, 5] {
-                world.set_backend_encap(id, ip(BACKEND6), encap, src_of(ip(BACKEND6)))?;
-            }
-            for (kind, size, linear, sport) in combinations() {
-                let name = format!("decap {encap} {kind:?} {size} bytes, first buffer {linear}");
-                let input = frame(
-                    SCENE.eth(),
-                    kind,
-                    (client(kind), sport),
-                    (vip(kind), vport(kind)),
-                    size,
-                );
-                let (action, tunnel) = world.run_split(&input, f.ifindex, linear)?;
-                assert_eq!(action, XDP_TX, "{name}: encapsulated");
-                let before = decap_count(&mut ebpf, DecapStat::Decapsulated)?;
-                let (action, out) = decap_run(&mut ebpf, &tunnel, f.ifindex, linear)?;
-                assert_eq!(action, XDP_PASS, "{name}");
-                // The tunnel frame's MACs, the inner packet's Ethernet type and bytes.
-                let mut want = tunnel[..12].to_vec();
-                want.extend_from_slice(&input[12..]);
-                assert!(out == want, "{name}: inner packet differs");
-                let after = decap_count(&mut ebpf, DecapStat::Decapsulated)?;
-                assert_eq!(after.0 - before.0, 1, "{name}: counted");
-                assert_eq!(
-                    after.1 - before.1,
-                    tunnel.len() as u64,
-                    "{name}: the whole frame's bytes"
-                );
-            }
-        }
-        // Headers cut by the first buffer's end: passed under their own reason.
-        let input = frame(SCENE.eth(), Kind::Tcp4, (CLIENT4, 32000), (VIP4, 80), 9014);
+        let input = to_vip(Kind::Tcp4, 9014, 32000);
         let (_, tunnel) = world.run_split(&input, f.ifindex, usize::MAX)?;
         let before = decap_count(&mut ebpf, DecapStat::PassSplitHeaders)?;
+        // Cut inside the GUE payload's inner IP header.
         let (action, out) = decap_run(&mut ebpf, &tunnel, f.ifindex, 14 + 20 + 8 + 10)?;
         assert_eq!(action, XDP_PASS);
         assert!(out == tunnel, "split tunnel packet passed untouched");
