@@ -67,6 +67,13 @@ impl Capacity {
     }
 }
 
+/// NAT's per-CPU scratch record (`Scratch` in `lb-ebpf/src/nat.rs`): the two entries and two
+/// keys a new connection's translation builds, kept in map memory because the program's
+/// 512-byte stack is full at that point; one entry, never pinned.
+pub const NAT_SCRATCH_MAP: &str = "LB_NAT_SCRATCH";
+/// Size of the NAT scratch record: two [`NatEntry`] and two [`FlowKey`].
+pub const NAT_SCRATCH_SIZE: u32 = (2 * size_of::<NatEntry>() + 2 * size_of::<FlowKey>()) as u32;
+
 /// `BPF_F_NO_COMMON_LRU`: an LRU hash with per-CPU LRU lists.
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `BPF_F_MMAPABLE`: an array whose values the kernel places page-aligned.
@@ -144,6 +151,10 @@ pub const LB_MAPS: &[MapSpec] = &[
     spec::<FlowKey, NatEntry>(NAT_FWD_MAP, Hash, Capacity::Fixed(DEFAULT_NAT_ENTRIES), 0),
     spec::<FlowKey, NatEntry>(NAT_REV_MAP, Hash, Capacity::Fixed(DEFAULT_NAT_ENTRIES), 0),
     spec::<u32, [u32; 4]>(NAT_ADDRS_MAP, Array, Capacity::Fixed(2), 0),
+    unpinned(MapSpec {
+        value_size: NAT_SCRATCH_SIZE,
+        ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)
+    }),
     spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(1), 0),
 ];
 

@@ -55,6 +55,9 @@ struct Scratch {
     okey: FlowKey,
 }
 
+// Described as `lb_common::NAT_SCRATCH_MAP`.
+const _: () = assert!(core::mem::size_of::<Scratch>() == lb_common::NAT_SCRATCH_SIZE as usize);
+
 #[map(name = "LB_NAT_SCRATCH")]
 static LB_NAT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 

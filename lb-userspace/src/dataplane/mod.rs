@@ -250,7 +250,6 @@ impl Dataplane {
         require_capabilities()?;
         opts.validate()?;
         let cfg = opts.config();
-        let (shared, per_cpu) = opts.flow_table_entries();
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => pinned_maps().map(|m| (m, dir.join(m))).collect(),
