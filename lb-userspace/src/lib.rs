@@ -17,7 +17,9 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod plan;
+pub mod protocol;
 pub mod run;
 pub mod samples;
 

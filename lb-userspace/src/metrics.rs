@@ -14,12 +14,14 @@ use prometheus_client::{
 
 use crate::{
     Error,
-    agent::{Agent, reconcile::Serving},
     api::{
-        SharedAgent,
+        SharedNode,
         listen::{self, Limits},
         status,
     },
+    model::Serving,
+    node::Node,
+    protocol::{StoreView, VipView},
 };
 
 type Labels = Vec<(String, String)>;
@@ -30,9 +32,10 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
     f
 }
 
-/// The metrics page for `agent`.
-pub fn render(agent: &Agent) -> Result<String, Error> {
-    let stats = crate::api::server::stats(agent)?;
+/// The metrics page for `node`.
+pub fn render(node: &Node) -> Result<String, Error> {
+    let stats = node.stats()?;
+    let agent = node.agent();
     let mut reg = Registry::with_prefix("lb");
     let packets = family(&mut reg, "packets", "Packets by outcome");
     let bytes = family(&mut reg, "bytes", "Bytes by outcome");
@@ -163,11 +166,7 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
 }
 
 /// Each VIP's slot-table digest (equal on nodes that agree), and the store link in fleet mode.
-fn fleet_metrics(
-    reg: &mut Registry,
-    list: &[crate::api::protocol::VipView],
-    store: Option<&crate::api::protocol::StoreView>,
-) {
+fn fleet_metrics(reg: &mut Registry, list: &[VipView], store: Option<&StoreView>) {
     let digest = Family::<Labels, Gauge>::default();
     reg.register(
         "vip_ring_digest",
@@ -234,13 +233,13 @@ fn fleet_metrics(
 /// Serves, read-only, on `addr` until the task is dropped: `GET /metrics` (Prometheus text),
 /// `/` (the status page) and its `/status.json`, `/healthz` (the agent answers) and
 /// `/readyz` (503 while the kernel maps are not in line with the desired state).
-pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
+pub async fn serve(addr: SocketAddr, node: SharedNode) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io(format!("binding the metrics listener {addr}")))?;
     let listener = std::sync::Arc::new(listener);
     let rates = status::SharedRates::default();
-    tokio::spawn(status::sample(agent.clone(), rates.clone()));
+    tokio::spawn(status::sample(node.clone(), rates.clone()));
     tokio::spawn(listen::serve(
         move || {
             let l = listener.clone();
@@ -249,9 +248,9 @@ pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
         Limits::METRICS,
         "metrics",
         move |req: Request<hyper::body::Incoming>| {
-            let agent = agent.clone();
+            let node = node.clone();
             let rates = rates.clone();
-            async move { route(req.uri().path(), &agent, &rates) }
+            async move { route(req.uri().path(), &node, &rates) }
         },
     ));
     Ok(())
@@ -267,7 +266,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
     r
 }
 
-fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Response<Full<Bytes>> {
+fn route(path: &str, node: &SharedNode, rates: &status::SharedRates) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let failed = |e: Error| {
         reply(
@@ -277,7 +276,7 @@ fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Respon
         )
     };
     match path {
-        "/metrics" => match render(agent) {
+        "/metrics" => match render(node) {
             Ok(text) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -290,14 +289,14 @@ fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Respon
             "text/html; charset=utf-8",
             Bytes::from_static(status::PAGE.as_bytes()),
         ),
-        "/status.json" => match status::view(agent, rates)
+        "/status.json" => match status::view(node, rates)
             .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::Invalid(e.to_string())))
         {
             Ok(body) => reply(StatusCode::OK, "application/json", Bytes::from(body)),
             Err(e) => failed(e),
         },
         "/healthz" => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
-        "/readyz" => match agent.core().not_converged() {
+        "/readyz" => match node.agent().core().not_converged() {
             None => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
             Some(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
