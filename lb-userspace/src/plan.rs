@@ -242,4 +242,26 @@ mod tests {
             ("remove", 100.0)
         );
     }
+
+    #[test]
+    fn only_the_vips_a_change_touches_are_planned() {
+        let two = |weight: u32| {
+            parse_config(&format!(
+                "[[vip]]\naddress = \"10.0.0.10:80/tcp\"\nbackend = [{{ address = \"10.0.0.2\" }}]\n\
+                 [[vip]]\naddress = \"10.0.0.11:80/tcp\"\nbackend = [{{ address = \"10.0.0.3\", weight = {weight} }}]\n"
+            ))
+            .unwrap()
+        };
+        let (old, new) = (two(1), two(2));
+        let touched: Vec<VipAddr> = replaced(&old, &new).into_keys().collect();
+        assert_eq!(touched, ["10.0.0.11:80/tcp".parse::<VipAddr>().unwrap()]);
+        let p = plan(&old, &new, 13);
+        assert_eq!(p.len(), 2);
+        // The untouched VIP is kept without a table being built for it.
+        assert_eq!((p[0].action.as_str(), p[0].shares.len()), ("keep", 0));
+        assert_eq!((p[1].action.as_str(), p[1].changed.len()), ("change", 1));
+        // A VIP the change removes is planned from its replaced spec.
+        let gone = plan(&old, &DesiredState::default(), 13);
+        assert!(gone.iter().all(|g| g.action == "remove"));
+    }
 }

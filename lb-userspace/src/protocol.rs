@@ -328,7 +328,7 @@ pub struct NodeStatus {
     pub node: String,
     /// The store revision whose configuration this node has applied.
     pub revision: i64,
-    /// Per VIP: [`ring_digest`](crate::agent::ring_digest) of the slot table live in this node's kernel (hex).
+    /// Per VIP: the agent's `ring_digest` of the slot table live in this node's kernel (hex).
     pub digests: BTreeMap<VipAddr, String>,
     /// Per VIP and backend: this node's own probe verdict (true: up). Only checked backends.
     pub health: BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
