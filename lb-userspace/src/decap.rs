@@ -123,7 +123,7 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
         return Err(Error::NoSuchInterface(opts.iface.clone()));
     }
     require_capabilities()?;
-    crate::run::ensure_bpffs(&opts.bpffs)?;
+    crate::dataplane::pins::ensure_bpffs(&opts.bpffs)?;
     let dir = pin_dir(&opts.bpffs, &opts.iface);
     let other = match opts.hook {
         DecapHook::Xdp => DecapHook::Tc,

@@ -1,6 +1,24 @@
-//! Userspace half of the XDP load balancer, laid out along the data flow:
-//! `api` (the control protocol, its server and client) -> `agent` (desired state, the
-//! reconciler, health, neighbours) -> `dataplane` (the loaded program and its maps).
+//! Userspace half of the XDP load balancer. Packets flow API -> agent -> data plane; the
+//! modules depend on each other in layers, each naming only those below it:
+//!
+//! ```text
+//! run, decap, import, samples   the `lb` commands' work (`run` only wires a node together)
+//! metrics                       Prometheus text and the status page, from the node
+//! api                           the control API: server (answers from the node), client, listener
+//! node                          composition root: the agent, its fleet, the background tasks
+//! fleet                         store mode: follows etcd into the agent, publishes its status
+//! dataplane                     the loaded program and its maps; implements agent::kernel's traits
+//! agent                         desired state, ids, reconciler, health, neighbours, second chance
+//! protocol                      the wire types: requests the agent takes, answers it gives
+//! plan                          what a change does to the slot tables of the VIPs it touches
+//! maglev, model                 slot tables; the desired state, its validation, who serves
+//! net, error                    address helpers; typed errors
+//! ```
+//!
+//! The agent reaches the kernel only through the small traits it owns (`agent::kernel`:
+//! `Kernel`, `Counters`, `NatSweep`), which `dataplane` implements; so the data plane sits
+//! above the agent in this listing although packets reach it last. The agent knows nothing
+//! of the fleet: the node hands health flips to it.
 //!
 //! Pure logic (reconciliation, Maglev, plans, health thresholds, config parsing) is kept apart
 //! from the code that touches the kernel so it is unit-tested without privileges; `anyhow` is
@@ -17,7 +35,9 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod plan;
+pub mod protocol;
 pub mod run;
 pub mod samples;
 

@@ -2,7 +2,7 @@
 //! optional read-only TCP listener with the API's connection limits and timeouts. A fresh
 //! registry is filled from the maps on each scrape, so the counters carry the kernel's
 //! absolute values; the agent's lock is held only while copying the listing and reading ids.
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes};
@@ -14,12 +14,14 @@ use prometheus_client::{
 
 use crate::{
     Error,
-    agent::{Agent, reconcile::Serving},
     api::{
-        SharedAgent,
+        SharedNode,
         listen::{self, Limits},
         status,
     },
+    model::Serving,
+    node::Node,
+    protocol::{AgentStatus, StoreView, VipStats, VipView},
 };
 
 type Labels = Vec<(String, String)>;
@@ -30,25 +32,39 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
     f
 }
 
-/// The metrics page for `agent`.
-pub fn render(agent: &Agent) -> Result<String, Error> {
-    let stats = crate::api::server::stats(agent)?;
+/// The metrics page for `node`. Families are registered in the order the page lists them.
+pub fn render(node: &Node) -> Result<String, Error> {
+    let stats = node.stats()?;
     let mut reg = Registry::with_prefix("lb");
-    let packets = family(&mut reg, "packets", "Packets by outcome");
-    let bytes = family(&mut reg, "bytes", "Bytes by outcome");
+    outcome_metrics(&mut reg, &stats.global);
+    traffic_metrics(&mut reg, &stats.vips);
+    let backends = BackendGauges::register(&mut reg);
+    agent_metrics(&mut reg, &stats.agent);
+    let list = node.agent().core().list();
+    fleet_metrics(&mut reg, &list, stats.store.as_ref());
+    backends.fill(&list);
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| Error::Invalid(format!("encoding metrics: {e}")))?;
+    Ok(out)
+}
+
+/// Packets and bytes by outcome, flow-table events and health-probe encapsulation.
+fn outcome_metrics(reg: &mut Registry, global: &BTreeMap<String, lb_common::Counter>) {
+    let packets = family(reg, "packets", "Packets by outcome");
+    let bytes = family(reg, "bytes", "Bytes by outcome");
     let flow_events = family(
-        &mut reg,
+        reg,
         "flow_events",
         "Flow-table events (see the README's Flow table section)",
     );
     let hc = family(
-        &mut reg,
+        reg,
         "hc_packets",
         "Health-probe packets by what the tunnel encapsulation (tc egress) did",
     );
     let flow_names: Vec<&str> = lb_common::FlowEvent::ALL.iter().map(|e| e.name()).collect();
     let hc_names: Vec<&str> = lb_common::HcStat::ALL.iter().map(|e| e.name()).collect();
-    for (name, c) in &stats.global {
+    for (name, c) in global {
         if flow_names.contains(&name.as_str()) {
             flow_events
                 .get_or_create(&vec![("event".into(), name.clone())])
@@ -67,28 +83,20 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
             .get_or_create(&vec![("reason".into(), name.clone())])
             .inc_by(c.bytes);
     }
-    let vip_packets = family(&mut reg, "vip_packets", "Packets forwarded per VIP");
-    let vip_bytes = family(&mut reg, "vip_bytes", "Bytes forwarded per VIP");
+}
+
+/// Packets, bytes and new flows per VIP; packets and bytes per backend.
+fn traffic_metrics(reg: &mut Registry, vips: &[VipStats]) {
+    let vip_packets = family(reg, "vip_packets", "Packets forwarded per VIP");
+    let vip_bytes = family(reg, "vip_bytes", "Bytes forwarded per VIP");
     let vip_flows = family(
-        &mut reg,
+        reg,
         "vip_new_flows",
         "Flows first remembered per VIP (a TCP connection once, at its handshake ACK)",
     );
-    let be_packets = family(&mut reg, "backend_packets", "Packets forwarded per backend");
-    let be_bytes = family(&mut reg, "backend_bytes", "Bytes forwarded per backend");
-    let up = Family::<Labels, Gauge>::default();
-    reg.register(
-        "backend_up",
-        "1 when the backend passes its health check (or has none)",
-        up.clone(),
-    );
-    let weight = Family::<Labels, Gauge>::default();
-    reg.register(
-        "backend_weight",
-        "Configured weight (0 while drained)",
-        weight.clone(),
-    );
-    for v in &stats.vips {
+    let be_packets = family(reg, "backend_packets", "Packets forwarded per backend");
+    let be_bytes = family(reg, "backend_bytes", "Bytes forwarded per backend");
+    for v in vips {
         let l = vec![("vip".to_string(), v.vip.to_string())];
         vip_packets.get_or_create(&l).inc_by(v.packets);
         vip_bytes.get_or_create(&l).inc_by(v.bytes);
@@ -102,27 +110,79 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
             be_bytes.get_or_create(&l).inc_by(b.bytes);
         }
     }
-    let serving = Family::<Labels, Gauge>::default();
-    reg.register(
-        "backend_serving",
-        "1 when the backend takes new flows (up, not drained, weight > 0, MAC known)",
-        serving.clone(),
-    );
+}
+
+/// Each backend's state from the listing: up, weight, serving.
+struct BackendGauges {
+    up: Family<Labels, Gauge>,
+    weight: Family<Labels, Gauge>,
+    serving: Family<Labels, Gauge>,
+}
+
+impl BackendGauges {
+    fn register(reg: &mut Registry) -> Self {
+        let g = BackendGauges {
+            up: Family::default(),
+            weight: Family::default(),
+            serving: Family::default(),
+        };
+        reg.register(
+            "backend_up",
+            "1 when the backend passes its health check (or has none)",
+            g.up.clone(),
+        );
+        reg.register(
+            "backend_weight",
+            "Configured weight (0 while drained)",
+            g.weight.clone(),
+        );
+        reg.register(
+            "backend_serving",
+            "1 when the backend takes new flows (up, not drained, weight > 0, MAC known)",
+            g.serving.clone(),
+        );
+        g
+    }
+
+    fn fill(&self, list: &[VipView]) {
+        for v in list {
+            for b in &v.backends {
+                let l = vec![
+                    ("vip".to_string(), v.vip.to_string()),
+                    ("backend".to_string(), b.address.to_string()),
+                ];
+                // "down" (own probes) or "down (fleet)" (the fleet's majority).
+                self.up
+                    .get_or_create(&l)
+                    .set(i64::from(!b.health.starts_with("down")));
+                self.serving
+                    .get_or_create(&l)
+                    .set(i64::from(b.serving == Serving::Serving));
+                self.weight
+                    .get_or_create(&l)
+                    .set(if b.drained { 0 } else { i64::from(b.weight) });
+            }
+        }
+    }
+}
+
+/// Whether the kernel is in line, backends without a MAC, and NAT once it has been used.
+fn agent_metrics(reg: &mut Registry, agent: &AgentStatus) {
     let converged = Gauge::<i64>::default();
     reg.register(
         "dataplane_converged",
         "1 when the kernel maps match the desired state",
         converged.clone(),
     );
-    converged.set(i64::from(stats.agent.not_converged.is_none()));
+    converged.set(i64::from(agent.not_converged.is_none()));
     let no_mac = Gauge::<i64>::default();
     reg.register(
         "backends_no_mac",
         "Backends whose MAC is unknown (kept out of their tables)",
         no_mac.clone(),
     );
-    no_mac.set(stats.agent.no_mac.len() as i64);
-    if let Some((live, cap)) = stats.agent.nat_connections {
+    no_mac.set(agent.no_mac.len() as i64);
+    if let Some((live, cap)) = agent.nat_connections {
         let nat = Gauge::<i64>::default();
         reg.register(
             "nat_connections",
@@ -138,36 +198,10 @@ pub fn render(agent: &Agent) -> Result<String, Error> {
         );
         room.set(cap as i64);
     }
-    let list = agent.core().list();
-    fleet_metrics(&mut reg, &list, stats.store.as_ref());
-    for v in list {
-        for b in v.backends {
-            let l = vec![
-                ("vip".to_string(), v.vip.to_string()),
-                ("backend".to_string(), b.address.to_string()),
-            ];
-            // "down" (own probes) or "down (fleet)" (the fleet's majority).
-            up.get_or_create(&l)
-                .set(i64::from(!b.health.starts_with("down")));
-            serving
-                .get_or_create(&l)
-                .set(i64::from(b.serving == Serving::Serving));
-            weight
-                .get_or_create(&l)
-                .set(if b.drained { 0 } else { i64::from(b.weight) });
-        }
-    }
-    let mut out = String::new();
-    encode(&mut out, &reg).map_err(|e| Error::Invalid(format!("encoding metrics: {e}")))?;
-    Ok(out)
 }
 
 /// Each VIP's slot-table digest (equal on nodes that agree), and the store link in fleet mode.
-fn fleet_metrics(
-    reg: &mut Registry,
-    list: &[crate::api::protocol::VipView],
-    store: Option<&crate::api::protocol::StoreView>,
-) {
+fn fleet_metrics(reg: &mut Registry, list: &[VipView], store: Option<&StoreView>) {
     let digest = Family::<Labels, Gauge>::default();
     reg.register(
         "vip_ring_digest",
@@ -234,13 +268,13 @@ fn fleet_metrics(
 /// Serves, read-only, on `addr` until the task is dropped: `GET /metrics` (Prometheus text),
 /// `/` (the status page) and its `/status.json`, `/healthz` (the agent answers) and
 /// `/readyz` (503 while the kernel maps are not in line with the desired state).
-pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
+pub async fn serve(addr: SocketAddr, node: SharedNode) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io(format!("binding the metrics listener {addr}")))?;
     let listener = std::sync::Arc::new(listener);
     let rates = status::SharedRates::default();
-    tokio::spawn(status::sample(agent.clone(), rates.clone()));
+    tokio::spawn(status::sample(node.clone(), rates.clone()));
     tokio::spawn(listen::serve(
         move || {
             let l = listener.clone();
@@ -249,9 +283,9 @@ pub async fn serve(addr: SocketAddr, agent: SharedAgent) -> Result<(), Error> {
         Limits::METRICS,
         "metrics",
         move |req: Request<hyper::body::Incoming>| {
-            let agent = agent.clone();
+            let node = node.clone();
             let rates = rates.clone();
-            async move { route(req.uri().path(), &agent, &rates) }
+            async move { route(req.uri().path(), &node, &rates) }
         },
     ));
     Ok(())
@@ -267,7 +301,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
     r
 }
 
-fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Response<Full<Bytes>> {
+fn route(path: &str, node: &SharedNode, rates: &status::SharedRates) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let failed = |e: Error| {
         reply(
@@ -277,7 +311,7 @@ fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Respon
         )
     };
     match path {
-        "/metrics" => match render(agent) {
+        "/metrics" => match render(node) {
             Ok(text) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -290,14 +324,14 @@ fn route(path: &str, agent: &SharedAgent, rates: &status::SharedRates) -> Respon
             "text/html; charset=utf-8",
             Bytes::from_static(status::PAGE.as_bytes()),
         ),
-        "/status.json" => match status::view(agent, rates)
+        "/status.json" => match status::view(node, rates)
             .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::Invalid(e.to_string())))
         {
             Ok(body) => reply(StatusCode::OK, "application/json", Bytes::from(body)),
             Err(e) => failed(e),
         },
         "/healthz" => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
-        "/readyz" => match agent.core().not_converged() {
+        "/readyz" => match node.agent().core().not_converged() {
             None => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
             Some(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,12 +1,16 @@
 //! What a change of desired state does to the slot tables: per VIP, the share of slots that
-//! move and each backend's new share. Pure; used by `lb apply` (and `--dry-run`).
-use std::{collections::BTreeMap, fmt::Write as _};
+//! move and each backend's new share, for the VIPs a change touches. Pure; used by `lb apply`
+//! (and `--dry-run`).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     maglev::{self, MaglevBackend},
-    model::{BackendAddr, DesiredState, VipAddr, VipSpec},
+    model::{BackendAddr, DesiredState, Serving, VipAddr, VipSpec},
 };
 
 /// What happens to one VIP.
@@ -25,8 +29,9 @@ pub struct VipPlan {
     pub shares: BTreeMap<BackendAddr, f64>,
 }
 
-/// The serving table of a VIP spec: backends with weight > 0, not drained and `healthy`.
-/// Ids are indexes into the sorted backend list, so tables of two specs compare by address.
+/// The serving table of a VIP spec: the backends [`Serving::of`] lets serve when `healthy`
+/// (and their MACs known: the plan shows configured shares). Ids are indexes into the sorted
+/// backend list, so tables of two specs compare by address.
 pub fn table_for(
     spec: &VipSpec,
     m: u32,
@@ -37,7 +42,7 @@ pub fn table_for(
         .backends
         .iter()
         .enumerate()
-        .filter(|(_, (addr, b))| b.weight > 0 && !b.drained && healthy(addr))
+        .filter(|(_, (addr, b))| Serving::of(b, || true, || healthy(addr)) == Serving::Serving)
         .map(|(i, (addr, b))| MaglevBackend {
             id: i as u32,
             key: addr.to_string(),
@@ -55,66 +60,108 @@ fn shares(table: &[u32], addrs: &[BackendAddr]) -> BTreeMap<BackendAddr, f64> {
     out
 }
 
+/// What a change replaces: the previous spec (`None`: the VIP is new) of every VIP whose spec
+/// it alters. Owned, so the plan is made without holding the state it was taken from.
+pub type Replaced = BTreeMap<VipAddr, Option<VipSpec>>;
+
+/// The VIPs going from `old` to `new` touches, with their specs in `old`. A comparison, no
+/// tables: cheap enough to take under the agent's lock.
+pub fn replaced(old: &DesiredState, new: &DesiredState) -> Replaced {
+    let mut out: Replaced = old
+        .vips
+        .iter()
+        .filter(|(vip, spec)| new.vips.get(vip) != Some(*spec))
+        .map(|(vip, spec)| (*vip, Some(spec.clone())))
+        .collect();
+    for vip in new.vips.keys().filter(|v| !old.vips.contains_key(v)) {
+        out.insert(*vip, None);
+    }
+    out
+}
+
 /// Plans going from `old` to `new` with tables of `m` slots (health is not considered: the
 /// plan shows configured shares).
 pub fn plan(old: &DesiredState, new: &DesiredState, m: u32) -> Vec<VipPlan> {
-    let mut out = Vec::new();
-    let all: std::collections::BTreeSet<&VipAddr> =
-        old.vips.keys().chain(new.vips.keys()).collect();
-    for vip in all {
-        let empty = VipSpec::default();
-        let (o, n) = (old.vips.get(vip), new.vips.get(vip));
-        let (os, ns) = (o.unwrap_or(&empty), n.unwrap_or(&empty));
-        let (ot, oa) = table_for(os, m, |_| true);
-        let (nt, na) = table_for(ns, m, |_| true);
-        let moved = match (ot.is_empty(), nt.is_empty()) {
-            (true, true) => 0,
-            (true, false) | (false, true) => m as usize,
-            (false, false) => ot
-                .iter()
-                .zip(&nt)
-                .filter(|(a, b)| oa[**a as usize] != na[**b as usize])
-                .count(),
-        };
-        let added = ns
-            .backends
-            .keys()
-            .filter(|a| !os.backends.contains_key(a))
-            .copied()
-            .collect();
-        let removed = os
-            .backends
-            .keys()
-            .filter(|a| !ns.backends.contains_key(a))
-            .copied()
-            .collect();
-        let changed: Vec<BackendAddr> = ns
-            .backends
-            .iter()
-            .filter(|(a, b)| os.backends.get(a).is_some_and(|ob| ob != *b))
-            .map(|(a, _)| *a)
-            .collect();
-        let action = match (o, n) {
-            (None, Some(_)) => "add",
-            (Some(_), None) => "remove",
-            (Some(a), Some(b)) if a == b => "keep",
-            _ => "change",
-        };
-        out.push(VipPlan {
-            vip: *vip,
-            action: action.to_string(),
-            added,
-            removed,
-            changed,
-            slots_moved_pct: 100.0 * moved as f64 / f64::from(m),
-            shares: if n.is_some() {
-                shares(&nt, &na)
-            } else {
-                BTreeMap::new()
-            },
-        });
+    plan_change(&replaced(old, new), new, m)
+}
+
+/// Plans the change to `new` that replaces `replaced`. Only the VIPs it touches get tables
+/// built (two Maglev tables each); the others are listed as `keep`, without shares.
+pub fn plan_change(replaced: &Replaced, new: &DesiredState, m: u32) -> Vec<VipPlan> {
+    let all: BTreeSet<&VipAddr> = replaced.keys().chain(new.vips.keys()).collect();
+    all.into_iter()
+        .map(|vip| match replaced.get(vip) {
+            None => keep(*vip),
+            Some(old) => plan_vip(*vip, old.as_ref(), new.vips.get(vip), m),
+        })
+        .collect()
+}
+
+/// An untouched VIP.
+fn keep(vip: VipAddr) -> VipPlan {
+    VipPlan {
+        vip,
+        action: "keep".to_string(),
+        added: Vec::new(),
+        removed: Vec::new(),
+        changed: Vec::new(),
+        slots_moved_pct: 0.0,
+        shares: BTreeMap::new(),
     }
-    out
+}
+
+/// What happens to `vip`, whose spec goes from `o` to `n`.
+fn plan_vip(vip: VipAddr, o: Option<&VipSpec>, n: Option<&VipSpec>, m: u32) -> VipPlan {
+    let empty = VipSpec::default();
+    let (os, ns) = (o.unwrap_or(&empty), n.unwrap_or(&empty));
+    let (ot, oa) = table_for(os, m, |_| true);
+    let (nt, na) = table_for(ns, m, |_| true);
+    let moved = match (ot.is_empty(), nt.is_empty()) {
+        (true, true) => 0,
+        (true, false) | (false, true) => m as usize,
+        (false, false) => ot
+            .iter()
+            .zip(&nt)
+            .filter(|(a, b)| oa[**a as usize] != na[**b as usize])
+            .count(),
+    };
+    let added = ns
+        .backends
+        .keys()
+        .filter(|a| !os.backends.contains_key(a))
+        .copied()
+        .collect();
+    let removed = os
+        .backends
+        .keys()
+        .filter(|a| !ns.backends.contains_key(a))
+        .copied()
+        .collect();
+    let changed: Vec<BackendAddr> = ns
+        .backends
+        .iter()
+        .filter(|(a, b)| os.backends.get(a).is_some_and(|ob| ob != *b))
+        .map(|(a, _)| *a)
+        .collect();
+    let action = match (o, n) {
+        (None, Some(_)) => "add",
+        (Some(_), None) => "remove",
+        (Some(a), Some(b)) if a == b => "keep",
+        _ => "change",
+    };
+    VipPlan {
+        vip,
+        action: action.to_string(),
+        added,
+        removed,
+        changed,
+        slots_moved_pct: 100.0 * moved as f64 / f64::from(m),
+        shares: if n.is_some() {
+            shares(&nt, &na)
+        } else {
+            BTreeMap::new()
+        },
+    }
 }
 
 /// Human-readable plan.
@@ -194,5 +241,27 @@ mod tests {
             (gone[0].action.as_str(), gone[0].slots_moved_pct),
             ("remove", 100.0)
         );
+    }
+
+    #[test]
+    fn only_the_vips_a_change_touches_are_planned() {
+        let two = |weight: u32| {
+            parse_config(&format!(
+                "[[vip]]\naddress = \"10.0.0.10:80/tcp\"\nbackend = [{{ address = \"10.0.0.2\" }}]\n\
+                 [[vip]]\naddress = \"10.0.0.11:80/tcp\"\nbackend = [{{ address = \"10.0.0.3\", weight = {weight} }}]\n"
+            ))
+            .unwrap()
+        };
+        let (old, new) = (two(1), two(2));
+        let touched: Vec<VipAddr> = replaced(&old, &new).into_keys().collect();
+        assert_eq!(touched, ["10.0.0.11:80/tcp".parse::<VipAddr>().unwrap()]);
+        let p = plan(&old, &new, 13);
+        assert_eq!(p.len(), 2);
+        // The untouched VIP is kept without a table being built for it.
+        assert_eq!((p[0].action.as_str(), p[0].shares.len()), ("keep", 0));
+        assert_eq!((p[1].action.as_str(), p[1].changed.len()), ("change", 1));
+        // A VIP the change removes is planned from its replaced spec.
+        let gone = plan(&old, &DesiredState::default(), 13);
+        assert!(gone.iter().all(|g| g.action == "remove"));
     }
 }

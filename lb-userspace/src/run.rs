@@ -1,5 +1,6 @@
-//! `lb run`: the lock, the control socket, bpffs, pinned maps and link, the agent, its API,
-//! health checks, neighbours and metrics, and a clean exit (or none, with `--keep-on-exit`).
+//! `lb run`: wiring only. The lock, the control socket, bpffs, pinned maps and link, then the
+//! [`Node`] (the agent, its fleet and background tasks) with its API and metrics listeners,
+//! and a clean exit (or none, with `--keep-on-exit`).
 //!
 //! Order matters for "a refused start changes nothing": the interface and config are checked,
 //! the per-interface lock is taken, the socket is bound and the pinned maps are checked for
@@ -11,16 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Mounting bpffs belongs to the pins; named here for `lb run`'s users.
+pub use crate::dataplane::pins::ensure_bpffs;
 use crate::{
     AttachMode, Dataplane, Error, LoadOptions,
-    agent::{Agent, neigh::NetlinkNeighbours, probe, state::FileStore},
-    api::{self, SharedAgent},
+    agent::{Agent, state::FileStore},
+    api,
     dataplane::{
         egress::TxPorts,
         kernel::{EncapSources, MapsKernel},
         pins::{self, AgentLock, Pins},
     },
     metrics, model,
+    node::Node,
 };
 
 /// Everything `lb run` is told.
@@ -70,96 +74,8 @@ fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
     Ok(out)
 }
 
-/// The sysctls encapsulation needs on `iface` that are not set: forwarding for both families
-/// (the FIB lookup refuses otherwise) and IPv4 `accept_local` (the no-neighbour hand-off gives
-/// the stack a packet whose source is our own address).
-fn encap_sysctls_missing(iface: &str) -> Vec<String> {
-    [
-        ("ipv4", "forwarding"),
-        ("ipv6", "forwarding"),
-        ("ipv4", "accept_local"),
-    ]
-    .iter()
-    .map(|(f, k)| format!("/proc/sys/net/{f}/conf/{iface}/{k}"))
-    .filter(|p| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "0"))
-    .map(|p| p.trim_start_matches("/proc/sys/").replace('/', "."))
-    .collect()
-}
-
-/// Every few seconds: the egress device map follows the host's interfaces, and the next hops
-/// of encapsulated backends are kept resolved (one datagram to each backend's discard port
-/// makes the kernel resolve the route's next hop, so the program's FIB lookup finds a MAC).
-async fn egress_upkeep(agent: SharedAgent, mut ports: TxPorts, iface: String) {
-    let mut warned = false;
-    let mut known = std::collections::BTreeSet::new();
-    let mut tick: u64 = 0;
-    loop {
-        tick += 1;
-        // New backends are resolved within a second; all of them every five.
-        let routed = agent.core().routed_backends();
-        for addr in routed
-            .iter()
-            .filter(|a| tick.is_multiple_of(5) || !known.contains(*a))
-        {
-            crate::agent::neigh::solicit(*addr).await;
-        }
-        known = routed;
-        // The device map and the sysctl check: at once, then every five seconds.
-        if tick % 5 == 1 {
-            let name = iface.clone();
-            let synced = tokio::task::spawn_blocking(move || {
-                ports.sync();
-                (ports, encap_sysctls_missing(&name))
-            })
-            .await;
-            let off = match synced {
-                Ok((p, off)) => {
-                    ports = p;
-                    off
-                }
-                Err(e) => {
-                    log::warn!("egress device map upkeep stopped: {e}");
-                    return;
-                }
-            };
-            if !known.is_empty() && !warned && !off.is_empty() {
-                let what = format!(
-                    "encapsulating VIPs need on {iface}: {} = 1 (without forwarding packets are dropped as dropped_forwarding_disabled; without accept_local, IPv4 packets handed to the stack for a missing neighbour are dropped)",
-                    off.join(" and ")
-                );
-                log::warn!("{what}");
-                agent.record(what);
-                warned = true;
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Mounts bpffs at `dir` unless one is there already.
-pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Invalid(format!("bad path {}", dir.display())))?;
-    // SAFETY: statfs into a zeroed struct with a valid C path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    let bpf = c"bpf";
-    // SAFETY: valid C strings; no data argument.
-    if unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) } != 0 {
-        return Err(Error::io(format!("mounting bpffs at {}", dir.display()))(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
-}
-
-fn print_stats(agent: &Agent, json: bool) -> Result<(), Error> {
-    let stats = api::server::stats(agent)?;
+fn print_stats(node: &Node, json: bool) -> Result<(), Error> {
+    let stats = node.stats()?;
     if json {
         println!(
             "{}",
@@ -254,8 +170,15 @@ pub fn detach(iface: &str, bpffs: &Path) -> Result<String, Error> {
     ))
 }
 
-/// Runs the agent until Ctrl-C, SIGTERM or `duration`.
-pub async fn run(opts: RunOptions) -> Result<(), Error> {
+/// Everything `lb run` checks before it touches anything.
+struct Checked {
+    ifindex: u32,
+    lb_mac: [u8; 6],
+    config: Option<model::DesiredState>,
+    sources: EncapSources,
+}
+
+fn check(opts: &RunOptions) -> Result<Checked, Error> {
     opts.load.validate()?;
     let ifindex = crate::dataplane::if_index(&opts.iface)
         .ok_or_else(|| Error::NoSuchInterface(opts.iface.clone()))?;
@@ -267,125 +190,55 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
             "--config and --store exclude each other: in a fleet the configuration lives in etcd (load it there with `lb apply`)".into(),
         ));
     }
-    let config = read_config(&opts.config)?;
-    let sources = encap_sources(&opts)?;
-    ensure_bpffs(&opts.bpffs)?;
-    let bpffs = opts
-        .bpffs
-        .canonicalize()
-        .unwrap_or_else(|_| opts.bpffs.clone());
-    let pins_dir = pins::pin_dir(&bpffs, &opts.iface);
-    let lock = AgentLock::acquire(&pins_dir, &opts.iface, &opts.socket)?;
-    let listener = api::server::bind(&opts.socket).await?;
-    let started = attach(&opts, &pins_dir);
-    let (dp, msg) = match started {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = std::fs::remove_file(&opts.socket);
-            return Err(e);
-        }
-    };
-    println!("{msg}");
-    let tx_ports = TxPorts::open(&pins_dir.join("maps"))?;
-    let kernel = MapsKernel::new(dp, lb_mac, sources)?;
+    Ok(Checked {
+        ifindex,
+        lb_mac,
+        config: read_config(&opts.config)?,
+        sources: encap_sources(opts)?,
+    })
+}
+
+/// The agent over the attached data plane, in its node; `--config` applied (a refused
+/// config stops the start).
+async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<Node>, Error> {
+    let kernel = MapsKernel::new(dp, c.lb_mac, c.sources)?;
     let agent = Agent::start(
         Box::new(kernel),
         Box::new(FileStore::new(&opts.state_file)),
         &opts.iface,
     )?;
-    let agent: SharedAgent = Arc::new(agent);
-    if let Some(state) = config {
-        let a = agent.clone();
-        let applied = tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
+    let node = Node::new(agent, opts.store.clone())?;
+    if let Some(state) = c.config {
+        let a = node.agent().clone();
+        tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
             .await
-            .map_err(|e| Error::Kernel(e.to_string()))?;
-        if let Err(e) = applied {
-            let _ = std::fs::remove_file(&opts.socket);
-            return Err(e);
-        }
+            .map_err(|e| Error::Kernel(e.to_string()))??;
         if let Some(path) = &opts.config {
-            agent.record(format!("applied {} at start", path.display()));
+            node.agent()
+                .record(format!("applied {} at start", path.display()));
         }
     }
-    let reporter = agent.clone();
-    let neighbours = NetlinkNeighbours::start(ifindex, move |macs| {
-        let a = reporter.clone();
-        // Map writes may follow: off the watcher task.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = a.core().learn_macs(&macs) {
-                log::warn!("applying learned MACs: {e}");
-            }
-        });
-    })?;
-    agent.set_neighbours(Box::new(neighbours));
-    if let Some(addr) = opts.metrics {
-        metrics::serve(addr, agent.clone()).await?;
-        println!("metrics on http://{addr}/metrics");
+    node.watch_neighbours(c.ifindex)?;
+    Ok(node)
+}
+
+/// Says which store a fleet node follows.
+fn announce_fleet(opts: &RunOptions, node: &Node) {
+    if let Some(cfg) = &opts.store {
+        println!(
+            "following etcd {} as node {} of cluster {} (serving revision {} until caught up)",
+            cfg.endpoints.join(","),
+            cfg.node,
+            cfg.cluster,
+            node.agent()
+                .store_revision()
+                .map_or("none".into(), |r| r.to_string())
+        );
     }
-    let fleet_tasks = match &opts.store {
-        None => Vec::new(),
-        Some(cfg) => {
-            let fleet = crate::fleet::Fleet::new(cfg.clone(), agent.store_revision())?;
-            agent.set_fleet(fleet.clone());
-            println!(
-                "following etcd {} as node {} of cluster {} (serving revision {} until caught up)",
-                cfg.endpoints.join(","),
-                cfg.node,
-                cfg.cluster,
-                agent
-                    .store_revision()
-                    .map_or("none".into(), |r| r.to_string())
-            );
-            vec![
-                tokio::spawn(fleet.clone().follow(agent.clone())),
-                tokio::spawn(fleet.publish(agent.clone())),
-            ]
-        }
-    };
-    let api_task = tokio::spawn(api::server::serve(listener, agent.clone()));
-    let health_task = tokio::spawn(probe::supervise(agent.clone()));
-    let egress_task = tokio::spawn(egress_upkeep(agent.clone(), tx_ports, opts.iface.clone()));
-    let retry_agent = agent.clone();
-    let retry_task = tokio::spawn(async move {
-        // Seconds between NAT sweeps.
-        const NAT_SWEEP_S: u64 = 5;
-        let mut swept: u64 = 0;
-        let mut history_failed: Option<String> = None;
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let a = retry_agent.clone();
-            let retried = tokio::task::spawn_blocking(move || {
-                let r = a.retry();
-                (r, a.save_history())
-            })
-            .await;
-            if let Ok((r, saved)) = retried {
-                if let Err(e) = r {
-                    log::warn!("the data plane is still not in line: {e}");
-                }
-                // Once per distinct failure (a full or read-only disk would say so every second).
-                let failed = saved.err().map(|e| e.to_string());
-                if let Some(e) = &failed
-                    && failed != history_failed
-                {
-                    log::warn!("saving the second-chance history: {e}");
-                }
-                history_failed = failed;
-            }
-            swept += 1;
-            if swept.is_multiple_of(NAT_SWEEP_S) {
-                let a = retry_agent.clone();
-                match tokio::task::spawn_blocking(move || a.nat_sweep()).await {
-                    Ok(Ok((_, 0))) => {}
-                    Ok(Ok((live, gone))) => {
-                        log::debug!("NAT: {gone} expired connections deleted, {live} live")
-                    }
-                    Ok(Err(e)) => log::warn!("NAT sweep: {e}"),
-                    Err(e) => log::warn!("NAT sweep: {e}"),
-                }
-            }
-        }
-    });
+}
+
+/// Prints the counters every `--interval` seconds until Ctrl-C, SIGTERM or `--duration`.
+async fn wait(opts: &RunOptions, node: &Node) -> Result<(), Error> {
     // The handler exists before the ready line: whoever waits for that line may stop us
     // at once, and an uninstalled handler would let SIGTERM kill us without the final stats.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -400,26 +253,49 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
             tick.min(d.saturating_duration_since(Instant::now()))
         });
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
             _ = tokio::time::sleep(sleep) => {}
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+            return Ok(());
         }
         if opts.interval > 0 {
-            print_stats(&agent, opts.json)?;
+            print_stats(node, opts.json)?;
         }
     }
-    api_task.abort();
-    health_task.abort();
-    egress_task.abort();
-    retry_task.abort();
-    for t in &fleet_tasks {
-        t.abort();
+}
+
+/// Runs the agent until Ctrl-C, SIGTERM or `duration`.
+pub async fn run(opts: RunOptions) -> Result<(), Error> {
+    let checked = check(&opts)?;
+    ensure_bpffs(&opts.bpffs)?;
+    let bpffs = opts
+        .bpffs
+        .canonicalize()
+        .unwrap_or_else(|_| opts.bpffs.clone());
+    let pins_dir = pins::pin_dir(&bpffs, &opts.iface);
+    let lock = AgentLock::acquire(&pins_dir, &opts.iface, &opts.socket)?;
+    let listener = api::server::bind(&opts.socket).await?;
+    let (dp, msg) = attach(&opts, &pins_dir).inspect_err(|_| {
+        let _ = std::fs::remove_file(&opts.socket);
+    })?;
+    println!("{msg}");
+    let tx_ports = TxPorts::open(&pins_dir.join("maps"))?;
+    let node = start_node(&opts, dp, checked).await.inspect_err(|_| {
+        let _ = std::fs::remove_file(&opts.socket);
+    })?;
+    if let Some(addr) = opts.metrics {
+        metrics::serve(addr, node.clone()).await?;
+        println!("metrics on http://{addr}/metrics");
     }
+    announce_fleet(&opts, &node);
+    let mut tasks = node.start(tx_ports, opts.iface.clone());
+    tasks.push(tokio::spawn(api::server::serve(listener, node.clone())));
+    wait(&opts, &node).await?;
+    drop(tasks);
     let _ = std::fs::remove_file(&opts.socket);
-    print_stats(&agent, opts.json)?;
+    print_stats(&node, opts.json)?;
     if opts.keep_on_exit {
         println!(
             "left running on {} (--keep-on-exit): maps and link stay pinned under {}",

@@ -18,10 +18,10 @@ use crate::{
         reconcile::{self, Capacity, Facts, Ids},
         state::StateFile,
     },
-    api::protocol::{BackendView, RetiredView, VipView},
     maglev::{self, MaglevBackend},
     model::{BackendAddr, DesiredState, Forward, Mac, VipAddr},
     plan::{self, VipPlan},
+    protocol::{BackendView, RetiredView, VipView},
 };
 
 /// A change that passed validation and got its ids, not yet in effect.
@@ -29,10 +29,19 @@ use crate::{
 pub struct Prepared {
     pub desired: DesiredState,
     pub ids: Ids,
-    pub plan: Vec<VipPlan>,
+    /// The VIPs it touches, as they were: enough to plan it without the core.
+    pub replaced: plan::Replaced,
+    /// Slot-table size the plan is made for.
+    pub ring_size: u32,
 }
 
 impl Prepared {
+    /// What the change does to the slot tables of the VIPs it touches. Builds two Maglev
+    /// tables per touched VIP: call it without the core's lock.
+    pub fn plan(&self) -> Vec<VipPlan> {
+        plan::plan_change(&self.replaced, &self.desired, self.ring_size)
+    }
+
     pub fn state_file(&self) -> StateFile {
         StateFile {
             desired: self.desired.clone(),
@@ -172,7 +181,8 @@ impl Core {
         }
     }
 
-    /// Validates `new` and gives it ids; changes nothing.
+    /// Validates `new` and gives it ids; changes nothing. No tables are built here (see
+    /// [`Prepared::plan`]).
     pub fn prepare(&self, new: DesiredState) -> Result<Prepared, Error> {
         new.validate().map_err(Error::Invalid)?;
         self.check_sources(&new)?;
@@ -180,11 +190,11 @@ impl Core {
         let mut reserved = self.ids.backend_ids();
         reserved.extend(self.kernel.view().backends.keys().copied());
         let ids = reconcile::allocate(&new, &self.ids, &reserved, self.kernel.capacity())?;
-        let plan = plan::plan(&self.desired, &new, self.kernel.ring_size());
         Ok(Prepared {
+            replaced: plan::replaced(&self.desired, &new),
             desired: new,
             ids,
-            plan,
+            ring_size: self.kernel.ring_size(),
         })
     }
 

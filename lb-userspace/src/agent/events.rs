@@ -1,7 +1,7 @@
 //! The agent's recent changes and health flips, newest last, for the status page.
 use std::collections::VecDeque;
 
-use crate::api::protocol::Event;
+use crate::protocol::Event;
 
 /// How many events are kept.
 pub const KEPT: usize = 50;

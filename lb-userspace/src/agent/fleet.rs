@@ -1,13 +1,42 @@
 //! What the core tells the fleet and takes from it (store mode): its own probe verdicts, the
 //! digest of each live slot table, and the fleet's health verdicts.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::{
     Error,
     agent::Core,
-    fleet::status::ring_digest,
     model::{BackendAddr, VipAddr},
 };
+
+/// FNV-1a over the backend address of every slot in order (16 bytes each, IPv4 mapped, then
+/// the port if the backend has its own; an empty slot hashes as 16 zero bytes). Backend ids are per node, addresses are not, so equal
+/// digests mean the nodes send every flow of the VIP to the same backend.
+pub fn ring_digest(slots: impl Iterator<Item = Option<BackendAddr>>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for s in slots {
+        match s {
+            Some(b) => {
+                eat(&match b.ip {
+                    IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    IpAddr::V6(a) => a.octets(),
+                });
+                // A backend on its own port (NAT) also hashes the port; one on the VIP's
+                // port hashes as before ports existed.
+                if b.port != 0 {
+                    eat(&b.port.to_be_bytes());
+                }
+            }
+            None => eat(&[0; 16]),
+        }
+    }
+    h
+}
 
 impl Core {
     /// This node's own verdict for every probed backend (true: up).
@@ -56,5 +85,20 @@ impl Core {
             .keys()
             .filter_map(|v| Some((*v, self.digest_hex(v)?)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_follows_addresses_and_order() {
+        let a: BackendAddr = "10.0.0.2".parse().unwrap();
+        let b: BackendAddr = "10.0.0.3".parse().unwrap();
+        let ab = ring_digest([Some(a), Some(b)].into_iter());
+        assert_eq!(ab, ring_digest([Some(a), Some(b)].into_iter()));
+        assert_ne!(ab, ring_digest([Some(b), Some(a)].into_iter()));
+        assert_ne!(ab, ring_digest([Some(a), None].into_iter()));
     }
 }

@@ -1,14 +1,42 @@
 //! The agent's view of the data-plane maps as one small trait, so the reconciler can be driven
 //! against an in-memory fake in unit tests and against the real maps in the agent.
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use lb_common::{FlowKey, LbConfig};
+use lb_common::{Counter, FlowKey, LbConfig, VipCounter};
 
 use crate::{
     Error,
     agent::reconcile::{Capacity, KernelView, Op},
-    dataplane::stats::StatsMaps,
 };
+
+/// Totals of the global counters, summed over CPUs, keyed by their stable names.
+pub type Totals = BTreeMap<&'static str, Counter>;
+
+/// The kernel's counters, read per id (no walk over slot tables).
+pub trait Counters: Send + Sync {
+    /// Every global counter (outcomes, flow events, health-probe encapsulation).
+    fn totals(&self) -> Result<Totals, Error>;
+    /// Counters of VIP id `id`.
+    fn vip(&self, id: u32) -> Result<VipCounter, Error>;
+    /// Counters of backend id `id`.
+    fn backend(&self, id: u32) -> Result<Counter, Error>;
+}
+
+/// What a NAT sweep found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Connections still live.
+    pub live: usize,
+    /// Expired connections deleted.
+    pub expired: usize,
+}
+
+/// The NAT sweep's own handles on the NAT tables, so it runs without the agent's lock (a
+/// full table is many map reads). It reads the kernel's clock itself.
+pub trait NatSweep: Send + Sync {
+    /// Deletes the connections expired now.
+    fn sweep(&self) -> Result<Swept, Error>;
+}
 
 /// The kernel maps, seen through the writes the reconciler makes.
 /// A live slot table read from the kernel: each slot's backend id, and each slot's previous
@@ -32,7 +60,7 @@ pub trait Kernel: Send {
     /// entry is still valid (same VIP and backend generations).
     fn flow_backend(&self, key: &FlowKey, vip_id: u32) -> Result<Option<u32>, Error>;
     /// The counter maps (none in fakes).
-    fn stats(&self) -> Option<&StatsMaps> {
+    fn counters(&self) -> Option<&dyn Counters> {
         None
     }
     /// The load balancer's address encapsulated packets to `backend` come from, if it has
@@ -48,9 +76,7 @@ pub trait Kernel: Send {
     }
     /// The NAT sweep's own handles on the NAT tables (none without a data plane): the sweep
     /// runs without the agent's lock.
-    fn nat_sweeper(
-        &self,
-    ) -> Option<std::sync::Arc<std::sync::Mutex<crate::dataplane::nat::NatSweeper>>> {
+    fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         None
     }
 }

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod probe;
 pub mod reconcile;
 pub mod state;
+mod stats;
 mod trace;
 
 #[cfg(test)]
@@ -30,13 +31,16 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-pub use self::core::{Core, Prepared};
+pub use self::{
+    core::{Core, Prepared},
+    fleet::ring_digest,
+};
 use crate::{
     Error,
     agent::{kernel::Kernel, neigh::Neighbours, state::StateStore},
-    api::protocol::Command,
     model::DesiredState,
     plan::VipPlan,
+    protocol::Command,
 };
 
 pub struct Agent {
@@ -49,8 +53,6 @@ pub struct Agent {
     events: Mutex<events::Events>,
     /// Store mode: the configuration revision the desired state was read at.
     store_revision: Mutex<Option<i64>>,
-    /// Store mode: the link to the fleet's store (changes go there, not to this node).
-    fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::Fleet>>,
     /// NAT connections live at the last sweep (`u64::MAX`: no sweep has found any yet).
     nat_live: std::sync::atomic::AtomicU64,
     /// The version of the second-chance history last saved; held while saving, so an older
@@ -98,7 +100,6 @@ impl Agent {
             neighbours: Mutex::new(None),
             events: Mutex::new(events::Events::default()),
             store_revision: Mutex::new(store_revision),
-            fleet: std::sync::OnceLock::new(),
             nat_live: std::sync::atomic::AtomicU64::new(u64::MAX),
             history_saved: Mutex::new(0),
         })
@@ -132,7 +133,7 @@ impl Agent {
     }
 
     /// The recent events, oldest first.
-    pub fn events(&self) -> Vec<crate::api::protocol::Event> {
+    pub fn events(&self) -> Vec<crate::protocol::Event> {
         self.events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -161,16 +162,6 @@ impl Agent {
         }
     }
 
-    /// Puts the agent in store mode (once, at start).
-    pub fn set_fleet(&self, fleet: std::sync::Arc<crate::fleet::Fleet>) {
-        let _ = self.fleet.set(fleet);
-    }
-
-    /// The fleet's store link in store mode.
-    pub fn fleet(&self) -> Option<&std::sync::Arc<crate::fleet::Fleet>> {
-        self.fleet.get()
-    }
-
     pub fn iface(&self) -> &str {
         &self.iface
     }
@@ -192,11 +183,8 @@ impl Agent {
             ..
         } = cmd
         {
-            state.validate().map_err(Error::Invalid)?;
-            let core = self.core();
-            let p = core.prepare(state.clone())?;
             return Ok(Changed {
-                plan: p.plan,
+                plan: self.plan(state.clone())?,
                 no_mac: Vec::new(),
             });
         }
@@ -204,6 +192,14 @@ impl Agent {
             .change(|d| crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone())))?;
         self.record(cmd.describe());
         Ok(changed)
+    }
+
+    /// What making `new` the desired state would do, checked by this node's rules (validity,
+    /// capacity, ids); changes nothing. The plan is made outside the core's lock.
+    pub fn plan(&self, new: DesiredState) -> Result<Vec<VipPlan>, Error> {
+        new.validate().map_err(Error::Invalid)?;
+        let prepared = self.core().prepare(new)?;
+        Ok(prepared.plan())
     }
 
     /// Makes `f(current)` the desired state. See the module documentation for what a failure
@@ -245,7 +241,8 @@ impl Agent {
             let unchanged = p.desired == *core.desired() && p.ids == *core.ids();
             (p, unchanged)
         };
-        let plan = prepared.plan.clone();
+        // Planned with the core unlocked; the writer's lock keeps the state it replaces.
+        let plan = prepared.plan();
         let added: Vec<IpAddr> = prepared
             .desired
             .vips
@@ -298,10 +295,7 @@ impl Agent {
         let Some(sweeper) = self.core().kernel().nat_sweeper() else {
             return Ok((0, 0));
         };
-        let s = sweeper
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sweep(crate::dataplane::kernel::coarse_now_s())?;
+        let s = sweeper.sweep()?;
         let (live, gone) = (s.live, s.expired);
         if live + gone > 0 || self.nat_connections().is_some() {
             self.nat_live

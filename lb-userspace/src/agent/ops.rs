@@ -2,8 +2,8 @@
 //! does not), and returns the new desired state. The agent validates the result as a whole.
 use crate::{
     Error,
-    api::protocol::Command,
     model::{BackendAddr, BackendSpec, DesiredState, VipAddr, VipSpec, validate_backend},
+    protocol::Command,
 };
 
 fn vip<'a>(d: &'a mut DesiredState, vip: &VipAddr) -> Result<&'a mut VipSpec, Error> {

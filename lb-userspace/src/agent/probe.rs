@@ -1,7 +1,7 @@
 //! Health checks: one task per (VIP, backend) probing with TCP connect or HTTP GET at the
 //! configured interval; results go to the agent, which applies rise/fall and republishes.
 //! Results are recorded on a blocking thread: a flip rewrites slot tables.
-use std::{collections::HashMap, net::IpAddr, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Empty;
 use hyper::{Request, body::Bytes};
@@ -16,12 +16,16 @@ use tokio::{
 };
 
 use crate::{
-    api::SharedAgent,
+    agent::Agent,
     model::{BackendAddr, HealthCheck, HealthKind, VipAddr},
 };
 
-/// Longest health-check path sent (longer ones are refused by validation).
-pub const MAX_PATH: usize = 1024;
+/// Told of every health flip after the agent has applied it (in a fleet the node publishes
+/// its verdict at once).
+pub type OnFlip = Arc<dyn Fn() + Send + Sync>;
+
+/// Longest health-check path sent: the model's validation refuses longer ones.
+pub use crate::model::MAX_PATH;
 
 /// Where a probe goes: the backend itself (L2 forwarding), or the VIP through the tunnel to
 /// one backend (encapsulating VIPs: the socket's mark tells the tc program which).
@@ -115,7 +119,8 @@ pub async fn probe(to: ProbeTarget, check: &HealthCheck, vip_port: u16) -> (bool
 }
 
 async fn probe_loop(
-    agent: SharedAgent,
+    agent: Arc<Agent>,
+    on_flip: OnFlip,
     vip: VipAddr,
     addr: BackendAddr,
     to: ProbeTarget,
@@ -137,11 +142,7 @@ async fn probe_loop(
                 );
                 log::info!("{what}");
                 agent.record(what);
-                // In a fleet the verdict is the majority's: tell the others now, not at the
-                // next status round.
-                if let Some(f) = agent.fleet() {
-                    f.changed();
-                }
+                on_flip();
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => log::warn!("health of {addr} in {vip}: {e}"),
@@ -181,7 +182,7 @@ fn health_targets(
 }
 
 /// Keeps one probe task per configured target, following configuration changes.
-pub async fn supervise(agent: SharedAgent) {
+pub async fn supervise(agent: Arc<Agent>, on_flip: OnFlip) {
     type Running = HashMap<(VipAddr, BackendAddr), ((ProbeTarget, HealthCheck), JoinHandle<()>)>;
     let mut running: Running = HashMap::new();
     loop {
@@ -200,7 +201,14 @@ pub async fn supervise(agent: SharedAgent) {
         for (k, how) in wanted {
             running.entry(k).or_insert_with(|| {
                 let (to, check) = how.clone();
-                let task = tokio::spawn(probe_loop(agent.clone(), k.0, k.1, to, check));
+                let task = tokio::spawn(probe_loop(
+                    agent.clone(),
+                    on_flip.clone(),
+                    k.0,
+                    k.1,
+                    to,
+                    check,
+                ));
                 (how, task)
             });
         }

@@ -162,19 +162,9 @@ pub struct Target {
     pub backends: BTreeMap<u32, BackendTarget>,
 }
 
-/// Why a backend of a VIP takes no new flows (or `Serving`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Serving {
-    Serving,
-    /// Weight 0.
-    Weightless,
-    Drained,
-    /// Failed its health check.
-    Down,
-    /// Its MAC is unknown (the neighbour table has no entry for it).
-    NoMac,
-}
+/// Who serves is the model's rule ([`Serving::of`]); named here too for the reconciler's
+/// users.
+pub use crate::model::Serving;
 
 /// What the target is computed from besides the desired state and ids.
 pub trait Facts {
@@ -195,17 +185,11 @@ pub fn serving(
         return Serving::Weightless;
     };
     let routed = state.vips.get(vip).is_some_and(|v| v.forward.routed());
-    if b.weight == 0 {
-        Serving::Weightless
-    } else if b.drained {
-        Serving::Drained
-    } else if !routed && facts.mac(vip, &addr.ip).is_none() {
-        Serving::NoMac
-    } else if !facts.up(vip, addr) {
-        Serving::Down
-    } else {
-        Serving::Serving
-    }
+    Serving::of(
+        b,
+        || routed || facts.mac(vip, &addr.ip).is_some(),
+        || facts.up(vip, addr),
+    )
 }
 
 /// The target for `state` with `ids`. `table` builds (or recalls) a VIP's slot table from its

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::{
     ErrorKind,
-    api::protocol::Command,
     model::{BackendAddr, DesiredState, HealthCheck, Mac, VipAddr},
+    protocol::Command,
 };
 
 struct World {

@@ -6,9 +6,9 @@ use lb_common::{FlowKey, slot_of};
 use super::core::Core;
 use crate::{
     Error,
-    api::protocol::{OuterView, Trace},
     model::{BackendAddr, Forward, VipAddr},
     net::{addr_words, family, flow_key, words_addr},
+    protocol::{OuterView, Trace},
 };
 
 impl Core {

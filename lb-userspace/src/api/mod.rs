@@ -1,10 +1,12 @@
-//! The control API: HTTP/1.1 + JSON on a root-only unix socket. `protocol` holds the types
-//! both ends use; `server` answers them from the agent; `client` is the CLI's side; `listen`
-//! is the accept loop shared with the metrics listener (connection limit, timeouts, backoff).
+//! The control API: HTTP/1.1 + JSON on a root-only unix socket. The types both ends use are
+//! [`crate::protocol`]'s; `server` answers from the node (its agent and fleet); `client` is
+//! the CLI's side; `listen` is the accept loop shared with the metrics listener (connection
+//! limit, timeouts, backoff); `status` is the status page's data.
 pub mod client;
 pub mod listen;
-pub mod protocol;
 pub mod server;
 pub mod status;
 
-pub use server::SharedAgent;
+/// The wire types live below the agent (it answers with them); named here for the API's users.
+pub use crate::protocol;
+pub use server::SharedNode;

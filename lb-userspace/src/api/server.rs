@@ -1,6 +1,6 @@
 //! The API server: reads are GETs answered from the agent's memory and the counter maps;
-//! every change is one `POST /v1/commands` carrying a [`Command`], executed on a blocking
-//! thread (it writes the state file).
+//! every change is one `POST /v1/commands` carrying a [`Command`], which the node executes
+//! (on a blocking thread: it writes the state file; in store mode through the fleet's store).
 use std::{collections::HashMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -11,17 +11,14 @@ use tokio::net::UnixListener;
 use crate::{
     Error, ErrorKind,
     agent::Agent,
-    api::{
-        listen::{self, Limits},
-        protocol::{
-            AgentStatus, ApiError, BackendStats, Command, CommandResult, MAX_BODY, StatsView,
-            VipStats,
-        },
-    },
+    api::listen::{self, Limits},
     model::VipAddr,
+    node::Node,
+    protocol::{ApiError, Command, CommandResult, MAX_BODY},
 };
 
-pub type SharedAgent = Arc<Agent>;
+/// The node the API answers for, shared by every connection.
+pub type SharedNode = Arc<Node>;
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value)
@@ -48,56 +45,6 @@ fn error(e: &Error) -> Response<Full<Bytes>> {
 
 fn invalid(msg: impl Into<String>) -> Response<Full<Bytes>> {
     error(&Error::Invalid(msg.into()))
-}
-
-/// Counters of every VIP and backend. The agent's lock is held only to copy the ids; the
-/// counter maps are read per id (no walk over slot tables).
-pub fn stats(agent: &Agent) -> Result<StatsView, Error> {
-    let core = agent.core();
-    let Some(maps) = core.kernel().stats() else {
-        return Err(Error::Unavailable("no counter maps".into()));
-    };
-    let global = maps.global()?;
-    let mut vips = Vec::new();
-    for (vip, spec) in &core.desired().vips {
-        let Some(id) = core.ids().vips.get(vip) else {
-            continue;
-        };
-        let c = maps.vip(*id)?;
-        let mut backends = Vec::new();
-        for addr in spec.backends.keys() {
-            let Some(bid) = core.ids().backend(vip, addr) else {
-                continue;
-            };
-            let bc = maps.backend(bid)?;
-            backends.push(BackendStats {
-                address: *addr,
-                packets: bc.packets,
-                bytes: bc.bytes,
-            });
-        }
-        vips.push(VipStats {
-            vip: *vip,
-            packets: c.packets,
-            bytes: c.bytes,
-            new_flows: c.new_flows,
-            backends,
-        });
-    }
-    Ok(StatsView {
-        global: global
-            .0
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-        vips,
-        agent: AgentStatus {
-            not_converged: core.not_converged().map(str::to_string),
-            no_mac: core.no_mac(),
-            nat_connections: agent.nat_connections(),
-        },
-        store: agent.fleet().map(|f| f.view()),
-    })
 }
 
 fn query(uri: &hyper::Uri) -> HashMap<String, String> {
@@ -149,7 +96,7 @@ fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
 /// How long a command waits for the MACs of the backends it added (outside every lock).
 const MAC_WAIT: Duration = Duration::from_millis(500);
 
-async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
+async fn command(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
     let start = std::time::Instant::now();
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -163,24 +110,7 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
         Ok(c) => c,
         Err(e) => return invalid(format!("malformed command: {e}")),
     };
-    let (done, revision) = match agent.fleet() {
-        // Store mode: the change goes to etcd; every node (this one too) applies it from there.
-        // `reconcile` is about this node's kernel: it stays local.
-        Some(fleet) if !matches!(cmd, Command::Reconcile) => {
-            match fleet.execute(&agent, &cmd).await {
-                Ok((c, rev)) => (Ok(c), rev),
-                Err(e) => (Err(e), None),
-            }
-        }
-        _ => {
-            let a = agent.clone();
-            let r = match tokio::task::spawn_blocking(move || a.execute(&cmd)).await {
-                Ok(r) => r,
-                Err(e) => Err(Error::Kernel(format!("the change did not finish: {e}"))),
-            };
-            (r, None)
-        }
-    };
+    let (done, revision) = node.execute(cmd).await;
     let took_ns = start.elapsed().as_nanos() as u64;
     match done {
         Err(e) => error(&e),
@@ -192,7 +122,7 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
             let deadline = tokio::time::Instant::now() + MAC_WAIT;
             while !no_mac.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let still = agent.core().no_mac();
+                let still = node.agent().core().no_mac();
                 no_mac.retain(|a| still.contains(a));
             }
             json(
@@ -208,26 +138,22 @@ async fn command(agent: SharedAgent, body: Incoming) -> Response<Full<Bytes>> {
     }
 }
 
-async fn handle(req: Request<Incoming>, agent: SharedAgent) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, node: SharedNode) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
+    let agent = node.agent();
     match (parts.method.clone(), parts.uri.path()) {
         (Method::GET, "/v1/vips") => json(StatusCode::OK, &agent.core().list()),
         (Method::GET, "/v1/state") => json(StatusCode::OK, agent.core().desired()),
-        (Method::GET, "/v1/stats") => match stats(&agent) {
+        (Method::GET, "/v1/stats") => match node.stats() {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(&e),
         },
-        (Method::GET, "/v1/trace") => trace(&agent, &parts.uri),
-        (Method::GET, "/v1/cluster") => match agent.fleet() {
-            None => error(&Error::Invalid(
-                "this agent runs without --store: there is no cluster to show".into(),
-            )),
-            Some(f) => match f.cluster().await {
-                Ok(c) => json(StatusCode::OK, &c),
-                Err(e) => error(&e),
-            },
+        (Method::GET, "/v1/trace") => trace(agent, &parts.uri),
+        (Method::GET, "/v1/cluster") => match node.cluster().await {
+            Ok(c) => json(StatusCode::OK, &c),
+            Err(e) => error(&e),
         },
-        (Method::POST, "/v1/commands") => command(agent, body).await,
+        (Method::POST, "/v1/commands") => command(node, body).await,
         _ => error(&Error::NotFound(format!(
             "no such endpoint {} {}",
             parts.method,
@@ -274,7 +200,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
 }
 
 /// Serves the API until the task is dropped.
-pub async fn serve(listener: UnixListener, agent: SharedAgent) {
+pub async fn serve(listener: UnixListener, node: SharedNode) {
     let listener = Arc::new(listener);
     listen::serve(
         move || {
@@ -283,7 +209,7 @@ pub async fn serve(listener: UnixListener, agent: SharedAgent) {
         },
         Limits::API,
         "control API",
-        move |req| handle(req, agent.clone()),
+        move |req| handle(req, node.clone()),
     )
     .await;
 }

@@ -8,10 +8,8 @@ use std::{
 
 use crate::{
     Error,
-    api::{
-        protocol::{Rates, StatsView, StatusView},
-        server::{SharedAgent, stats},
-    },
+    api::server::SharedNode,
+    protocol::{Rates, StatsView, StatusView},
 };
 
 /// The page itself.
@@ -46,13 +44,13 @@ pub fn rates(before: &StatsView, after: &StatsView, elapsed: Duration) -> Rates 
 
 /// Samples the counters every second into `shared` until the task is dropped. Map reads run
 /// on a blocking thread.
-pub async fn sample(agent: SharedAgent, shared: SharedRates) {
+pub async fn sample(node: SharedNode, shared: SharedRates) {
     let mut prev: Option<(Instant, StatsView)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let a = agent.clone();
-        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || stats(&a)).await else {
+        let n = node.clone();
+        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || n.stats()).await else {
             continue;
         };
         let at = Instant::now();
@@ -65,8 +63,9 @@ pub async fn sample(agent: SharedAgent, shared: SharedRates) {
 }
 
 /// What the page shows.
-pub fn view(agent: &SharedAgent, shared: &SharedRates) -> Result<StatusView, Error> {
-    let stats = stats(agent)?;
+pub fn view(node: &SharedNode, shared: &SharedRates) -> Result<StatusView, Error> {
+    let stats = node.stats()?;
+    let agent = node.agent();
     let vips = agent.core().list();
     Ok(StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -84,7 +83,7 @@ pub fn view(agent: &SharedAgent, shared: &SharedRates) -> Result<StatusView, Err
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::protocol::{AgentStatus, BackendStats, VipStats};
+    use crate::protocol::{AgentStatus, BackendStats, VipStats};
 
     fn sample(packets: u64, backend: u64) -> StatsView {
         StatsView {

@@ -1,8 +1,8 @@
 //! `lb cluster status` and the store lines of `lb stats` (fleet mode).
 use std::collections::BTreeSet;
 
-use lb_userspace::api::{
-    client::Client,
+use lb_userspace::{
+    api::client::Client,
     protocol::{ClusterView, StoreView},
 };
 

@@ -4,12 +4,11 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use lb_userspace::{
     LoadOptions,
-    api::{
-        client::{Client, encode_query},
-        protocol::{Command, CommandResult, StatsView, Trace, VipView},
-    },
+    api::client::{Client, encode_query},
     model::{BackendAddr, HealthCheck, HealthKind, VipAddr, parse_config},
-    plan, run, samples,
+    plan,
+    protocol::{Command, CommandResult, StatsView, Trace, VipView},
+    run, samples,
 };
 
 use super::{

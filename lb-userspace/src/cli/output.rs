@@ -1,5 +1,5 @@
 //! How the CLI prints: aligned tables and JSON.
-use lb_userspace::{agent::reconcile::Serving, api::protocol::VipView};
+use lb_userspace::{model::Serving, protocol::VipView};
 
 /// Prints rows as aligned columns under `headers`.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {

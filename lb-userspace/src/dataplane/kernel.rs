@@ -1,20 +1,23 @@
 //! The real [`Kernel`]: the reconciler's writes carried out on the loaded maps, with a mirror
 //! of what they hold so a change costs only the writes it needs (no full read per change).
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use aya::maps::PerCpuValues;
 use lb_common::{
-    BACKEND_F_PRESENT, Backend, ENCAP_L2, FlowKey, LbConfig, PacketFacts, Previous, VIP_F_PRESENT,
-    entry_decides,
+    BACKEND_F_PRESENT, Backend, Counter, ENCAP_L2, FlowKey, LbConfig, PacketFacts, Previous,
+    VIP_F_PRESENT, VipCounter, entry_decides,
 };
 
 use crate::{
     Dataplane, Error,
     agent::{
-        kernel::{Kernel, LiveSlots},
+        kernel::{Counters, Kernel, LiveSlots, NatSweep, Swept, Totals},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
-    dataplane::stats::StatsMaps,
+    dataplane::{nat::NatSweeper, stats::StatsMaps},
     model::{BackendAddr, Mac},
     net::{addr_words, family, words_addr},
 };
@@ -324,7 +327,7 @@ impl Kernel for MapsKernel {
         Ok(None)
     }
 
-    fn stats(&self) -> Option<&StatsMaps> {
+    fn counters(&self) -> Option<&dyn Counters> {
         Some(&self.dp.stats)
     }
 
@@ -332,12 +335,40 @@ impl Kernel for MapsKernel {
         self.sources.for_backend(backend)
     }
 
-    fn nat_sweeper(&self) -> Option<std::sync::Arc<std::sync::Mutex<super::nat::NatSweeper>>> {
+    fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         Some(self.dp.nat_sweeper.clone())
     }
 
     fn config(&self) -> LbConfig {
         self.dp.opts.config()
+    }
+}
+
+impl Counters for StatsMaps {
+    fn totals(&self) -> Result<Totals, Error> {
+        self.global().map(|g| g.0)
+    }
+
+    fn vip(&self, id: u32) -> Result<VipCounter, Error> {
+        StatsMaps::vip(self, id)
+    }
+
+    fn backend(&self, id: u32) -> Result<Counter, Error> {
+        StatsMaps::backend(self, id)
+    }
+}
+
+/// The sweep's handles, one sweep at a time, against the program's clock.
+impl NatSweep for Mutex<NatSweeper> {
+    fn sweep(&self) -> Result<Swept, Error> {
+        let s = self
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sweep(coarse_now_s())?;
+        Ok(Swept {
+            live: s.live,
+            expired: s.expired,
+        })
     }
 }
 

@@ -291,3 +291,25 @@ fn same_inode(file: &File, path: &Path) -> bool {
         _ => false,
     }
 }
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs at `dir` unless one is there already.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid(format!("bad path {}", dir.display())))?;
+    // SAFETY: statfs into a zeroed struct with a valid C path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let bpf = c"bpf";
+    // SAFETY: valid C strings; no data argument.
+    if unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(Error::io(format!("mounting bpffs at {}", dir.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}

@@ -25,12 +25,12 @@ use std::{
 use crate::{
     Error,
     agent::Agent,
-    api::protocol::{ClusterView, StoreView},
     fleet::{
         schema::Keys,
         status::NodeStatus,
         store::{Snapshot, Store},
     },
+    protocol::{ClusterView, StoreView},
 };
 
 /// Seconds a node's status outlives its last write.

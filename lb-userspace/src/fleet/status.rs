@@ -1,57 +1,11 @@
 //! What each node publishes about itself, how the fleet's health verdict is formed from it,
 //! and how divergence between nodes is found. Pure.
-use std::{collections::BTreeMap, net::IpAddr};
-
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::model::{BackendAddr, VipAddr};
 
-/// One node's status, published under `nodes/<node>` with a lease.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub node: String,
-    /// The store revision whose configuration this node has applied.
-    pub revision: i64,
-    /// Per VIP: [`ring_digest`] of the slot table live in this node's kernel (hex).
-    pub digests: BTreeMap<VipAddr, String>,
-    /// Per VIP and backend: this node's own probe verdict (true: up). Only checked backends.
-    pub health: BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
-    /// Why this node's kernel does not match its configuration, while it does not.
-    #[serde(default)]
-    pub not_converged: Option<String>,
-    /// Seconds since the epoch when this status was written.
-    pub at_unix: u64,
-}
-
-/// FNV-1a over the backend address of every slot in order (16 bytes each, IPv4 mapped, then
-/// the port if the backend has its own; an empty slot hashes as 16 zero bytes). Backend ids are per node, addresses are not, so equal
-/// digests mean the nodes send every flow of the VIP to the same backend.
-pub fn ring_digest(slots: impl Iterator<Item = Option<BackendAddr>>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for s in slots {
-        match s {
-            Some(b) => {
-                eat(&match b.ip {
-                    IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-                    IpAddr::V6(a) => a.octets(),
-                });
-                // A backend on its own port (NAT) also hashes the port; one on the VIP's
-                // port hashes as before ports existed.
-                if b.port != 0 {
-                    eat(&b.port.to_be_bytes());
-                }
-            }
-            None => eat(&[0; 16]),
-        }
-    }
-    h
-}
+/// One node's status is a wire type (etcd holds it, `lb cluster status` shows it).
+pub use crate::protocol::NodeStatus;
 
 /// The fleet's health verdict for every checked backend: down when more than half of the
 /// live nodes (those with a status, and this one) say down, up otherwise. A node without a
@@ -201,15 +155,5 @@ mod tests {
             divergence(&differ),
             ["VIP 10.0.0.10:80/tcp: slot tables differ (a=d1 b=d2)"]
         );
-    }
-
-    #[test]
-    fn the_digest_follows_addresses_and_order() {
-        let a: BackendAddr = "10.0.0.2".parse().unwrap();
-        let b: BackendAddr = "10.0.0.3".parse().unwrap();
-        let ab = ring_digest([Some(a), Some(b)].into_iter());
-        assert_eq!(ab, ring_digest([Some(a), Some(b)].into_iter()));
-        assert_ne!(ab, ring_digest([Some(b), Some(a)].into_iter()));
-        assert_ne!(ab, ring_digest([Some(a), None].into_iter()));
     }
 }

@@ -8,9 +8,9 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     Error,
     agent::{Agent, Changed},
-    api::protocol::Command,
     fleet::{Fleet, schema},
     model::DesiredState,
+    protocol::Command,
 };
 
 /// Attempts of an edit against a configuration that keeps changing.
@@ -48,8 +48,12 @@ impl Fleet {
             let current = schema::decode(&self.keys, &snap.vips, &DesiredState::default()).state;
             let new = crate::agent::ops::edit(&current, cmd)?.unwrap_or_else(|| current.clone());
             new.validate().map_err(Error::Invalid)?;
-            // This node's rules (capacity, ids) and the plan, against what it serves now.
-            let plan = agent.core().prepare(new.clone())?.plan;
+            // This node's rules (capacity, ids) and the plan, against what it serves now
+            // (Maglev tables: on a blocking thread).
+            let (a, n) = (agent.clone(), new.clone());
+            let plan = tokio::task::spawn_blocking(move || a.plan(n))
+                .await
+                .map_err(|e| Error::Kernel(format!("planning the change: {e}")))??;
             let changed = Changed {
                 plan,
                 no_mac: Vec::new(),

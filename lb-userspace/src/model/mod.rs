@@ -241,17 +241,18 @@ impl HealthCheck {
         if !self.path.starts_with('/') {
             return Err(format!("VIP {vip}: health check path must start with /"));
         }
-        if self.path.len() > crate::agent::probe::MAX_PATH
-            || self.path.chars().any(|c| c.is_control() || c == ' ')
-        {
+        if self.path.len() > MAX_PATH || self.path.chars().any(|c| c.is_control() || c == ' ') {
             return Err(format!(
                 "VIP {vip}: health check path must be at most {} characters, without spaces or control characters",
-                crate::agent::probe::MAX_PATH
+                MAX_PATH
             ));
         }
         Ok(())
     }
 }
+
+/// Longest health-check path sent (longer ones are refused by validation).
+pub const MAX_PATH: usize = 1024;
 
 /// Highest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -434,9 +435,11 @@ pub fn validate_backend(
 mod backend;
 mod config;
 mod forward;
+mod serving;
 pub use backend::BackendAddr;
 pub use config::{parse_config, render_config};
 pub use forward::Forward;
+pub use serving::Serving;
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,7 @@
-//! The control API's request and response types, shared by the server and the client.
+//! The wire protocol: the requests the agent takes and the answers it gives (listings,
+//! traces, statistics, events, node statuses), shared by the API server, its client, the
+//! fleet and the agent itself. Types only, below the agent: it depends on the model and the
+//! plan, nothing that runs.
 //! Requests are parsed strictly (`deny_unknown_fields`): a misspelt field is an error, as in
 //! the config file.
 use std::{collections::BTreeMap, net::IpAddr};
@@ -8,8 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ErrorKind,
-    agent::reconcile::Serving,
-    model::{BackendAddr, DesiredState, Forward, HealthCheck, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, Forward, HealthCheck, Mac, Serving, VipAddr},
     plan::VipPlan,
 };
 
@@ -316,8 +318,25 @@ pub struct ClusterView {
     pub cluster: String,
     /// The configuration revision in the store now.
     pub revision: i64,
-    pub nodes: Vec<crate::fleet::status::NodeStatus>,
+    pub nodes: Vec<NodeStatus>,
     pub divergence: Vec<String>,
+}
+
+/// One node's status, published under `nodes/<node>` with a lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    /// The store revision whose configuration this node has applied.
+    pub revision: i64,
+    /// Per VIP: the agent's `ring_digest` of the slot table live in this node's kernel (hex).
+    pub digests: BTreeMap<VipAddr, String>,
+    /// Per VIP and backend: this node's own probe verdict (true: up). Only checked backends.
+    pub health: BTreeMap<VipAddr, BTreeMap<BackendAddr, bool>>,
+    /// Why this node's kernel does not match its configuration, while it does not.
+    #[serde(default)]
+    pub not_converged: Option<String>,
+    /// Seconds since the epoch when this status was written.
+    pub at_unix: u64,
 }
 
 /// Error body: what went wrong, and its kind (the CLI's exit code follows it).
