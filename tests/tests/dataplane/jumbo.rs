@@ -21,7 +21,7 @@ use lb_tests::{
     wait_until,
 };
 
-use crate::frames::{Kind, SIZES, frame, pattern};
+use lb_tests::jumbo::{Kind, SIZES, frame, pattern};
 
 /// The jumbo MTU of every link the client's frames cross.
 const MTU: u32 = 9000;
@@ -286,7 +286,7 @@ fn tunnels_at_jumbo_mtu(tag: &str, mode: &str) -> anyhow::Result<()> {
     wait_until(
         Duration::from_secs(10),
         "the VIP answers through the tunnel",
-        || Ok(net.client.run(move || one_request(target).is_ok())?),
+        || net.client.run(move || one_request(target).is_ok()),
         String::new,
     )?;
     // Raw frames to the router; what reaches the backend's stack after `lb_decap` is the
