@@ -10,6 +10,7 @@ pub mod expect;
 pub mod fleet;
 pub mod frames;
 pub mod insns;
+pub mod jumbo;
 pub mod l2fleet;
 pub mod net;
 pub mod proc;

@@ -6,12 +6,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// A name no other test in any process uses right now: `<prefix><pid36><n>`, at most 15 bytes
-/// so it also fits an interface name.
+/// A name no other test in any process uses right now: `<prefix><pid36>x<n36>`, at most 15
+/// bytes so it also fits an interface name. `n` counts the calls in this process, in base 36
+/// too: a test binary holding many modules makes a few hundred names, two digits.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{prefix}{}x{n}", radix36(std::process::id()));
+    let name = format!("{prefix}{}x{}", radix36(std::process::id()), radix36(n));
     assert!(name.len() <= 15, "name {name} too long for an interface");
     name
 }

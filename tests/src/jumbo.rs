@@ -1,6 +1,8 @@
-//! Frames of a given total length, with a payload pattern that shows any byte out of place.
+//! Frames of a given total length, with a payload pattern that shows any byte out of place:
+//! what the jumbo tests (`fixtures` and `dataplane`) send.
 use etherparse::PacketBuilderStep;
-use lb_tests::frames::{v4, v6};
+
+use crate::frames::{v4, v6};
 
 /// Frame lengths (Ethernet header included) every case is run at: up to a 9000-byte MTU's
 /// largest frame, across the ~3.5k first-buffer boundary drivers and generic XDP use.

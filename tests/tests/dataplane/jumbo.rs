@@ -21,7 +21,7 @@ use lb_tests::{
     wait_until,
 };
 
-use crate::frames::{Kind, SIZES, frame, pattern};
+use lb_tests::jumbo::{Kind, SIZES, frame, pattern};
 
 /// The jumbo MTU of every link the client's frames cross.
 const MTU: u32 = 9000;

@@ -1,0 +1,14 @@
+//! The agent and its command line, each test against its own agent in its own namespaces.
+//! One binary, a module per feature (`cargo test --release -p lb-tests --test agent cli::`):
+//!
+//! - `operations`: CRUD, errors that change nothing, kill -9 and restore, health checks,
+//!   apply plans, metrics;
+//! - `cli`: `--version`, completions, man pages;
+//! - `import`: `lb import nginx` through a real agent;
+//! - `status_page`: the status page in headless Chromium;
+//! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode.
+mod cli;
+mod import;
+mod operations;
+mod skeleton;
+mod status_page;

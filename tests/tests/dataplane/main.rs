@@ -1,0 +1,23 @@
+//! The data plane live: the real agent attached to veths in namespaces each test builds and
+//! removes, with real clients and backends. One binary, a module per feature
+//! (`cargo test --release -p lb-tests --test dataplane nat::`):
+//!
+//! - `e2e`: the scenarios on the demo network;
+//! - `encap`: IPIP and GUE to routed backends running `lb decap`;
+//! - `nat`: full NAT on the routed network;
+//! - `second_chance`: connections through 100 backend changes with the flow table off;
+//! - `flood`: the flow table under a spoofed flood, and a UDP client off a killed backend;
+//! - `faults`: the agent under injected faults;
+//! - `jumbo`: veths at MTU 9000 with the agent attached natively and generically, raw frames
+//!   of every size received byte for byte at a backend, a real TCP connection through full
+//!   NAT with 8,000-byte segments, and the MTU changed under a running agent.
+//!
+//! Every name (namespaces, veths, directories) comes from `lb_tests::unique_name`, unique in
+//! the process, so the tests of different modules run side by side as those of one did.
+mod e2e;
+mod encap;
+mod faults;
+mod flood;
+mod jumbo;
+mod nat;
+mod second_chance;

@@ -1,0 +1,13 @@
+//! Fleets: three load balancer nodes following a real etcd. One binary, a module per feature
+//! (`cargo test --release -p lb-tests --test fleet health::`):
+//!
+//! - `config`: every node applies each revision and picks the same backend; concurrent
+//!   writers;
+//! - `faults`: node loss, an etcd outage, an L2 fleet, a divergent node;
+//! - `health`: the majority of the nodes' views decides.
+//!
+//! Fleets run one at a time whatever module they are in: `lb_tests::fleet::Fleet` holds a
+//! process-wide turn for its whole life.
+mod config;
+mod faults;
+mod health;
