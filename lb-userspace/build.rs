@@ -1,5 +1,8 @@
-//! Builds the eBPF object with aya-build (nightly, bpfel target, bpf-linker) so that
-//! `cargo build --release` yields one self-contained `lb` binary.
+//! Builds the eBPF objects with aya-build (nightly, bpfel target, bpf-linker) so that
+//! `cargo build --release` yields one self-contained `lb` binary: `lb-ebpf` (the load
+//! balancer) and `lb-decap` (the backends' decap program). With this crate's `bench` feature
+//! it first builds them with `lb-ebpf`'s `bench` feature (the benchmark harness programs) as
+//! `lb-ebpf-bench` and `lb-decap-bench`; the product objects are built without it.
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
@@ -9,14 +12,28 @@ fn main() -> anyhow::Result<()> {
         .join("lb-ebpf");
     let root = root.to_str().context("non-UTF-8 workspace path")?;
     git_revision();
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "lb-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )
+    let build = |features: &[&str]| {
+        aya_build::build_ebpf(
+            [aya_build::Package {
+                name: "lb-ebpf",
+                root_dir: root,
+                features,
+                ..Default::default()
+            }],
+            aya_build::Toolchain::default(),
+        )
+    };
+    if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        // aya-build names each object after its binary: build the benchmark ones first and
+        // rename them, so the product build below writes the plain names last.
+        build(&["bench"])?;
+        let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
+        for bin in ["lb-ebpf", "lb-decap"] {
+            std::fs::rename(out.join(bin), out.join(format!("{bin}-bench")))
+                .with_context(|| format!("naming the benchmark object {bin}-bench"))?;
+        }
+    }
+    build(&[])
 }
 
 /// `LB_GIT_REV` for `lb --version`: the commit built, `-dirty` with local changes, `unknown`

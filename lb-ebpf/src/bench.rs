@@ -40,7 +40,7 @@ fn next_client(ctx: &XdpContext) {
 /// The load balancer, then the next client: every pass is a new flow.
 #[xdp(frags)]
 pub fn bench_lb_new_flow(ctx: XdpContext) -> u32 {
-    let action = crate::lb(&ctx);
+    let action = crate::path::lb(&ctx);
     next_client(&ctx);
     action
 }
@@ -165,7 +165,7 @@ pub fn bench_lb_encap(ctx: XdpContext) -> u32 {
 /// what the verifier allows one call chain.
 #[inline(never)]
 fn lb_call(ctx: &XdpContext) -> u32 {
-    crate::lb(ctx)
+    crate::path::lb(ctx)
 }
 
 #[map(name = "BENCH_SAVED")]

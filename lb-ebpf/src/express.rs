@@ -1,7 +1,7 @@
 //! The express lane: a plain IPv4 TCP or UDP packet (`parse::plain_v4`, read once, into
 //! registers). A busy flow's packet is served by this CPU's flow cache straight from those
 //! fields; any other packet goes on to the full path with its `parse::Parsed` record made
-//! from them, and with the cache slot already probed (`select::pick`'s `probed`).
+//! from them, and with the cache slot already probed (`select::CacheProbe`).
 //!
 //! It decides nothing of its own: the frame is taken only when the full parse would take it
 //! as it is, the cache slot is the one the full path probes (same key words,
@@ -18,10 +18,11 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{ENCAP_L2, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent, PacketFacts};
 
 use crate::{
-    Verdict, act, deliver, forward,
+    Verdict, act, forward,
     maps::{config, flow_cache_of},
     parse::PlainV4,
-    select::{cache_decides, picked},
+    path::deliver,
+    select::{CacheProbe, cache_decides, picked},
     stats::{count_backend, count_cache_hit, count_flow, count_vip},
 };
 
@@ -86,5 +87,5 @@ fn balance_full(
     slot: Option<*mut FlowCacheSlot>,
 ) -> Result<Verdict, Verdict> {
     let pkt = p.parsed(ctx)?;
-    crate::balance(ctx, &pkt, config(), len, Some(slot))
+    crate::path::balance(ctx, &pkt, config(), len, CacheProbe::Missed(slot))
 }

@@ -87,20 +87,28 @@ fn touched(flow: &FlowValue, facts: &PacketFacts) -> FlowValue {
     v
 }
 
+/// Whether this CPU's flow-cache slot was already probed for a packet when it reaches
+/// [`pick`].
+#[derive(Clone, Copy)]
+pub enum CacheProbe {
+    /// Not probed (the full parse's packets): [`pick`] probes the slot itself when the
+    /// packet may use one.
+    NotYet,
+    /// Probed by the express lane without a decision: the packet's slot, or `None` when the
+    /// packet may use none (as [`pick`] would have found). The slot is not probed again, only
+    /// kept in step.
+    Missed(Option<*mut FlowCacheSlot>),
+}
+
 /// Picks the backend for `pkt`, which passed the VIP address pre-filter. A busy flow's packet
 /// is decided by this CPU's flow cache (an array read, a key compare and two array reads);
 /// the established table (one hash lookup) decides once a second per flow and for packets
 /// that may change an entry; only flows no table decides look the VIP up.
 ///
-/// `probed`: `Some` when the express lane already probed this CPU's cache slot for the
-/// packet and it did not decide (with the slot, when the packet may use one): the slot is
-/// not probed again, only kept in step.
+/// `probed`: whether the express lane already probed this CPU's cache slot for the packet
+/// ([`CacheProbe`]).
 #[inline(always)]
-pub fn pick(
-    pkt: &Parsed,
-    cfg: &LbConfig,
-    probed: Option<Option<*mut FlowCacheSlot>>,
-) -> Result<Picked, Verdict> {
+pub fn pick(pkt: &Parsed, cfg: &LbConfig, probed: CacheProbe) -> Result<Picked, Verdict> {
     if cfg.flow_table == FLOW_TABLE_OFF {
         // Stateless: the live table decides every packet, nothing is remembered.
         let (vip_id, slot, b, _) = by_table(pkt, cfg)?;
@@ -115,8 +123,8 @@ pub fn pick(
         now_s: 0,
     };
     let cache = match probed {
-        Some(slot) => slot,
-        None => {
+        CacheProbe::Missed(slot) => slot,
+        CacheProbe::NotYet => {
             // A SYN, FIN or RST skips the cache: it looks at the slot only if it changes the
             // entry.
             let cache = if cfg.flow_cache_slots != 0 && facts.cacheable() {

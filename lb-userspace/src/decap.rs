@@ -150,6 +150,17 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
 /// Loads the decap object (verified, not attached) for GUE port `gue_port` and this host's
 /// `local` addresses, with its maps pinned under `maps` (reused when pinned already).
 pub fn load(gue_port: u16, local: &BTreeSet<IpAddr>, maps: Option<&Path>) -> Result<Ebpf, Error> {
+    load_from(DECAP_OBJECT, gue_port, local, maps)
+}
+
+/// As [`load`], from `object`: [`DECAP_OBJECT`] or a build of the same programs with more
+/// beside them (`DECAP_BENCH_OBJECT`, with the benchmark harness).
+pub fn load_from(
+    object: &[u8],
+    gue_port: u16,
+    local: &BTreeSet<IpAddr>,
+    maps: Option<&Path>,
+) -> Result<Ebpf, Error> {
     if local.len() > DECAP_MAX_LOCAL {
         return Err(Error::Invalid(format!(
             "{} local addresses given: at most {DECAP_MAX_LOCAL} (name them with --local)",
@@ -174,7 +185,7 @@ pub fn load(gue_port: u16, local: &BTreeSet<IpAddr>, maps: Option<&Path>) -> Res
     }
     let mut ebpf = loader
         .override_global(DECAP_CONFIG_GLOBAL, &cfg, true)
-        .load(DECAP_OBJECT)
+        .load(object)
         .map_err(Error::Load)?;
     let xdp = program(&mut ebpf)?;
     crate::dataplane::load_retrying(|| xdp.load()).map_err(|source| Error::Program {

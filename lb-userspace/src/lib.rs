@@ -49,6 +49,17 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The backends' decapsulation object (`lb decap`).
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+/// [`EBPF_OBJECT`] built with the benchmark harness programs (`lb-ebpf`'s `bench` feature:
+/// `bench_*`, never attached), for `lb-bench`; the product object has none.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-bench"));
+
+/// [`DECAP_OBJECT`] built with its benchmark harness (`bench_decap`), for `lb-bench`.
+#[cfg(feature = "bench")]
+pub static DECAP_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap-bench"));
+
 /// Name of the decapsulation XDP program in [`DECAP_OBJECT`].
 pub const DECAP_PROGRAM: &str = "lb_decap";
 /// Name of its tc variant (`lb decap --attach tc`).

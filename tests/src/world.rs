@@ -86,6 +86,35 @@ pub fn xdp_md_split(linear: usize, ifindex: u32) -> Vec<u8> {
         .collect()
 }
 
+/// Whether this process loads the benchmark objects ([`use_bench_objects`]).
+static BENCH_OBJECTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on this process loads the benchmark objects (`lb_userspace::BENCH_OBJECT`,
+/// `DECAP_BENCH_OBJECT`: the product's programs plus the `bench_*` harnesses) wherever it
+/// loads a world or the decap object: `lb-bench` calls it first. Everything else loads the
+/// product objects, which hold no harness.
+pub fn use_bench_objects() {
+    BENCH_OBJECTS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The load balancer's object this process loads (see [`use_bench_objects`]).
+pub fn lb_object() -> &'static [u8] {
+    if BENCH_OBJECTS.load(std::sync::atomic::Ordering::Relaxed) {
+        lb_userspace::BENCH_OBJECT
+    } else {
+        lb_userspace::EBPF_OBJECT
+    }
+}
+
+/// The decap object this process loads (see [`use_bench_objects`]).
+pub fn decap_object() -> &'static [u8] {
+    if BENCH_OBJECTS.load(std::sync::atomic::Ordering::Relaxed) {
+        lb_userspace::DECAP_BENCH_OBJECT
+    } else {
+        lb_userspace::DECAP_OBJECT
+    }
+}
+
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("valid literal address")
 }
@@ -141,7 +170,7 @@ impl World {
 
     /// As [`World::new`] loaded with `opts`.
     pub fn with_options(opts: LoadOptions) -> anyhow::Result<Self> {
-        let dp = Dataplane::load(opts).context("loading the data plane")?;
+        let dp = Dataplane::load_from(lb_object(), opts).context("loading the data plane")?;
         let mut world = World {
             dp,
             vips: Vec::new(),

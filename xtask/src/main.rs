@@ -110,7 +110,8 @@ fn test() -> anyhow::Result<()> {
 }
 
 /// Formatting and clippy are part of the test command so CI enforces them. The eBPF crate is
-/// linted for its own target (it does not build for the host).
+/// linted for its own target (it does not build for the host): its library and both program
+/// objects, once as the product builds them and once with the benchmark harnesses (`bench`).
 fn lint() -> anyhow::Result<()> {
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run_cmd(cargo().args([
@@ -121,19 +122,24 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run_cmd(
-        Command::new("cargo")
-            .env("PATH", setup::path_with_cargo_bin())
-            .current_dir(workspace_root().join("lb-ebpf"))
-            .args([
-                "+nightly",
-                "clippy",
-                "--release",
-                "--target",
-                "bpfel-unknown-none",
-            ])
-            .args(["-Z", "build-std=core", "--bins", "--", "-D", "warnings"]),
-    )
+    for features in [&[][..], &["--features", "bench"]] {
+        run_cmd(
+            Command::new("cargo")
+                .env("PATH", setup::path_with_cargo_bin())
+                .current_dir(workspace_root().join("lb-ebpf"))
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                ])
+                .args(["-Z", "build-std=core", "--lib", "--bins"])
+                .args(features)
+                .args(["--", "-D", "warnings"]),
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs one of the `lb-tests` binaries (release) with `args`.

@@ -247,6 +247,20 @@ impl Dataplane {
     /// pinned there are reused as they are, flows and counters included: check them first
     /// with [`pins::check`].
     pub fn load_with_pins(opts: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, Error> {
+        Self::load_object(EBPF_OBJECT, opts, pin_dir)
+    }
+
+    /// As [`Dataplane::load`], from `object`: [`EBPF_OBJECT`] or a build of the same
+    /// programs with more beside them (`BENCH_OBJECT`, the benchmark harnesses).
+    pub fn load_from(object: &[u8], opts: LoadOptions) -> Result<Self, Error> {
+        Self::load_object(object, opts, None)
+    }
+
+    fn load_object(
+        object: &[u8],
+        opts: LoadOptions,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, Error> {
         require_capabilities()?;
         opts.validate()?;
         let cfg = opts.config();
@@ -266,7 +280,7 @@ impl Dataplane {
         }
         let mut ebpf = loader
             .override_global(CONFIG_GLOBAL, &cfg, true)
-            .load(EBPF_OBJECT)
+            .load(object)
             .map_err(Error::Load)?;
         for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
             let prog = xdp_program(&mut ebpf, name)?;
@@ -364,6 +378,11 @@ impl Dataplane {
 
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// The loaded object (for reading its programs' info, such as the verifier's figures).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     /// The load-balancing program (for attaching or `BPF_PROG_TEST_RUN`).

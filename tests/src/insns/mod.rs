@@ -64,7 +64,7 @@ pub fn count_checked(world: &mut crate::world::World, frame: &[u8]) -> anyhow::R
     // (BPF_PROG_TEST_RUN runs on the caller's CPU) happen there too.
     crate::world::pin_to_cpu0()?;
     let it = Interpreter::new(
-        lb_userspace::EBPF_OBJECT,
+        crate::world::lb_object(),
         lb_userspace::LB_PROGRAM,
         world.dp.lb_program()?,
     )?;
@@ -261,4 +261,91 @@ impl Interpreter {
         value.truncate(m.value_size);
         Ok(Some(value))
     }
+}
+
+/// The kernel verifier's budget: instructions it may process while verifying one program
+/// (`BPF_COMPLEXITY_LIMIT_INSNS`); a program past it is refused ("BPF program is too large").
+pub const VERIFIER_LIMIT: u32 = 1_000_000;
+
+/// One loaded program's verifier figure: the instructions the kernel's verifier processed
+/// (`verified_insns` of `bpf_prog_info`, as `bpftool prog show` prints it).
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The object and the load options it was loaded under.
+    pub load: &'static str,
+    pub program: String,
+    pub insns: u32,
+}
+
+impl Verified {
+    /// The share of [`VERIFIER_LIMIT`] it uses, in percent.
+    pub fn percent(&self) -> f64 {
+        f64::from(self.insns) * 100.0 / f64::from(VERIFIER_LIMIT)
+    }
+}
+
+/// The verifier figure of every loaded program of `ebpf` (harnesses never loaded have none).
+fn verified_of(load: &'static str, ebpf: &aya::Ebpf) -> anyhow::Result<Vec<Verified>> {
+    let mut out = Vec::new();
+    for (name, prog) in ebpf.programs() {
+        if prog.fd().is_err() {
+            continue;
+        }
+        let info = prog
+            .info()
+            .with_context(|| format!("reading {name}'s info"))?;
+        let insns = info
+            .verified_instruction_count()
+            .with_context(|| format!("the kernel gave no verified_insns for {name}"))?;
+        out.push(Verified {
+            load,
+            program: name.to_string(),
+            insns,
+        });
+    }
+    out.sort_by(|a, b| a.program.cmp(&b.program));
+    Ok(out)
+}
+
+/// The verifier figure of every program the agent and `lb decap` load, freshly loaded
+/// (root): the load balancer's object under each load-time configuration that changes which
+/// code the verifier walks (the configuration is read-only data, so the verifier skips the
+/// branches it rules out: a shared or per-CPU flow table, none, no flow cache), and the
+/// backends' decap object.
+pub fn verified_counts() -> anyhow::Result<Vec<Verified>> {
+    use lb_userspace::LoadOptions;
+    let base = crate::world::World::options;
+    let mut out = Vec::new();
+    for (load, opts) in [
+        ("lb, shared flow table", base()),
+        (
+            "lb, per-CPU flow table",
+            LoadOptions {
+                per_cpu_flows: true,
+                ..base()
+            },
+        ),
+        (
+            "lb, flow table off",
+            LoadOptions {
+                flow_table_off: true,
+                ..base()
+            },
+        ),
+        (
+            "lb, no flow cache",
+            LoadOptions {
+                flow_cache_slots: 0,
+                ..base()
+            },
+        ),
+    ] {
+        let dp = lb_userspace::Dataplane::load(opts).with_context(|| format!("loading {load}"))?;
+        out.extend(verified_of(load, dp.ebpf())?);
+    }
+    let local = [std::net::IpAddr::from([10, 1, 0, 1])].into();
+    let decap = lb_userspace::decap::load(lb_common::DEFAULT_GUE_PORT, &local, None)
+        .context("loading the decap object")?;
+    out.extend(verified_of("decap", &decap)?);
+    Ok(out)
 }

@@ -20,7 +20,12 @@ pub fn chance_rows() -> anyhow::Result<Vec<Row>> {
     let mut world = World::new()?;
     let local = [ip("10.41.0.2")].into_iter().collect();
     let vips = [ip(VIP4)].into_iter().collect();
-    let mut decap = lb_userspace::decap::load(lb_common::DEFAULT_GUE_PORT, &local, None)?;
+    let mut decap = lb_userspace::decap::load_from(
+        lb_tests::world::decap_object(),
+        lb_common::DEFAULT_GUE_PORT,
+        &local,
+        None,
+    )?;
     lb_userspace::decap::set_vips(&mut decap, &vips)?;
     let v4 = |s: &str| lb_tests::frames::v4(s);
     let ack = |sport: u16| SCENE.tcp4((v4(CLIENT4), sport), (v4(VIP4), 80), "A", &[0u8; 64]);

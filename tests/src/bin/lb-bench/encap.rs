@@ -101,7 +101,12 @@ pub fn encap_rows() -> anyhow::Result<Vec<Row>> {
     let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("literal") };
     let local = [ip("10.41.0.2")].into_iter().collect();
     let vips = [ip("10.0.0.10")].into_iter().collect();
-    let mut decap = lb_userspace::decap::load(lb_common::DEFAULT_GUE_PORT, &local, None)?;
+    let mut decap = lb_userspace::decap::load_from(
+        lb_tests::world::decap_object(),
+        lb_common::DEFAULT_GUE_PORT,
+        &local,
+        None,
+    )?;
     lb_userspace::decap::set_vips(&mut decap, &vips)?;
     fib.ns.run(|| -> anyhow::Result<Vec<Row>> {
         let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);

@@ -3,7 +3,7 @@
 //! the output bytes.
 use anyhow::Context as _;
 use lb_tests::{
-    insns::{PathCount, count_cached, count_checked},
+    insns::{PathCount, VERIFIER_LIMIT, count_cached, count_checked, verified_counts},
     world::{SCENE, World},
 };
 
@@ -91,6 +91,25 @@ pub fn insn_rows() -> anyhow::Result<()> {
             p.count.insns,
             p.count.helper_summary(),
             lookups.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The verifier's figure per program: instructions it processed while loading it, of the
+/// kernel's limit (see DEVELOPING.md, "Reading the verifier's instruction figure").
+pub fn verified_rows() -> anyhow::Result<()> {
+    println!(
+        "| program (object, load options) | verified instructions | of the {VERIFIER_LIMIT} limit |"
+    );
+    println!("| --- | ---: | ---: |");
+    for v in verified_counts()? {
+        println!(
+            "| `{}` ({}) | {} | {:.1} % |",
+            v.program,
+            v.load,
+            v.insns,
+            v.percent()
         );
     }
     Ok(())

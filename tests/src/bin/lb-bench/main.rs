@@ -22,7 +22,7 @@ mod packet;
 use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 use fleet::fleet_rows;
-use insns::insn_rows;
+use insns::{insn_rows, verified_rows};
 use nat::nat_rows;
 use packet::packet_rows;
 
@@ -279,6 +279,8 @@ fn control_plane_rows() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The harness programs (`bench_*`) are only in the benchmark objects.
+    lb_tests::world::use_bench_objects();
     println!("## Data plane (BPF_PROG_TEST_RUN, freshly loaded program, one process)\n");
     // BENCH_ONLY=encap: just the encapsulation rows (quick iteration on that path).
     match std::env::var("BENCH_ONLY").as_deref() {
@@ -307,7 +309,12 @@ fn main() -> anyhow::Result<()> {
             print_rows(&newflow::new_flow_stage_rows()?);
             return Ok(());
         }
-        Ok("insns") => return insn_rows(),
+        Ok("insns") => {
+            insn_rows()?;
+            println!();
+            return verified_rows();
+        }
+        Ok("verified") => return verified_rows(),
         Ok("spin") => return packet::spin(),
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
@@ -327,6 +334,8 @@ fn main() -> anyhow::Result<()> {
     print_rows(&rows);
     println!();
     insn_rows()?;
+    println!();
+    verified_rows()?;
     println!();
     println!("New flows need a distinct flow per pass. The harness rows run a program that calls");
     println!("the load balancer and then moves the frame to the next client, so each of the");

@@ -1,0 +1,99 @@
+//! A packet's way through `lb_xdp`: the VIP pre-filter (`parse::prefilter`), the express
+//! lane for a plain IPv4 TCP or UDP packet (`express`), or the full parse; then the backend's
+//! selection (`select`) and the delivery (`forward`, `encap`), or the NAT program (`nat`).
+use aya_ebpf::programs::XdpContext;
+use lb_common::{ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
+
+use crate::{
+    Verdict, act, encap, express, forward, maps, nat, parse,
+    ptr::Frame,
+    select::{self, CacheProbe},
+    stats,
+};
+
+/// `lb_xdp`'s body: the XDP action for the frame of `ctx`.
+#[inline(always)]
+pub fn lb(ctx: &XdpContext) -> u32 {
+    // The first buffer's length: the whole frame's for every frame the express lane takes;
+    // the full path replaces it for a multi-buffer frame (`try_lb`).
+    let mut len = (ctx.data_end() - ctx.data()) as u64;
+    // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
+    // its verdict is one of two constants, so it compiles to a counter and a return, without
+    // the full path's verdict plumbing (129 -> 71 instructions for a non-VIP packet).
+    let verdict = match parse::prefilter(ctx) {
+        // A plain IPv4 TCP or UDP packet (the common case) is read once, into registers, and
+        // goes by the express lane (`express`), which serves a busy flow's packet from the
+        // flow cache or hands the packet to the full path already parsed.
+        Ok(parse::Candidate::V4 { l3, dst }) => match parse::plain_v4(ctx, l3, dst[0]) {
+            Some(p) => return express::balance(ctx, &p, len),
+            None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, &mut len),
+        },
+        Ok(candidate) => try_lb(ctx, candidate, &mut len),
+        Err(verdict) => return act(Err(verdict), len),
+    };
+    act(verdict, len)
+}
+
+/// The full path for a frame the pre-filter let through: parsed into a [`parse::Parsed`]
+/// record, then balanced. `len` comes in as the first buffer's length and leaves as the
+/// length the counters count.
+#[inline(always)]
+fn try_lb(
+    ctx: &XdpContext,
+    candidate: parse::Candidate,
+    len: &mut u64,
+) -> Result<Verdict, Verdict> {
+    let mut pkt = parse::Parsed::EMPTY;
+    parse::parse_candidate(ctx, candidate, &mut pkt)?;
+    // An IP packet longer than the first buffer is a multi-buffer frame: count all of it.
+    if (pkt.ip.l3 + pkt.ip.len) as u64 > *len {
+        *len = ctx.frame_len() as u64;
+    }
+    // Read once: the selection and the encapsulation both need the load-time constants.
+    balance(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
+}
+
+/// Balances a parsed VIP packet. `probed`: whether the express lane already probed this
+/// CPU's cache slot for it ([`CacheProbe`]).
+#[inline(always)]
+pub fn balance(
+    ctx: &XdpContext,
+    pkt: &parse::Parsed,
+    cfg: &LbConfig,
+    len: u64,
+    probed: CacheProbe,
+) -> Result<Verdict, Verdict> {
+    // A backend's answer to a NAT address is the NAT program's (one array read decides;
+    // other VIP packets pay only that). `nat::enter` returns only when the tail call failed
+    // (no NAT program in the array): dropped as a send failure.
+    if nat::is_nat_addr(pkt) {
+        nat::enter(ctx);
+        return Err(Verdict::discard(Stat::DropTxError));
+    }
+    let picked = select::pick(pkt, cfg, probed)?;
+    deliver(ctx, cfg, pkt, &picked, len)
+}
+
+/// Counts and sends a packet the selection placed.
+#[inline(always)]
+pub fn deliver(
+    ctx: &XdpContext,
+    cfg: &LbConfig,
+    pkt: &parse::Parsed,
+    picked: &select::Picked,
+    len: u64,
+) -> Result<Verdict, Verdict> {
+    stats::count_vip(picked.vip_id, len, picked.new_flow);
+    if picked.backend.encap == ENCAP_NAT {
+        // The NAT table decides the backend (and counts it).
+        nat::enter(ctx);
+        return Err(Verdict::discard(Stat::DropTxError));
+    }
+    stats::count_backend(picked.id, len);
+    if picked.backend.encap == ENCAP_L2 {
+        forward::l2_dsr(ctx, picked.backend)
+    } else {
+        let hops = encap::second_chance_hops(picked);
+        encap::encapsulate(ctx, cfg, pkt, picked.id, picked.backend, hops)
+    }
+}
