@@ -1,7 +1,7 @@
 //! The per-CPU flow cache: a direct-mapped front of the established table ([`crate::FLOWS_MAP`]
 //! or [`crate::FLOWS_PERCPU_MAP`]), so a packet of a busy flow costs an inlined array read and
-//! a key compare where the LRU hash lookup cost ~30-45 ns (hashing 40 bytes, walking a bucket,
-//! marking the entry referenced).
+//! a key compare where the LRU hash lookup hashes the key, walks a bucket and marks the entry
+//! referenced (docs/benchmarks.md times both).
 //!
 //! The established table stays the authority; the cache only remembers, per CPU, what that
 //! table decided for a flow within the current tick of the kernel's jiffies (a tick is 64
@@ -20,9 +20,8 @@
 //!   the agent's writes) reaches this CPU's slot within a tick.
 //!
 //! Jiffies rather than the coarse clock the tables use: the verifier inlines `bpf_jiffies64`
-//! as one load, while `bpf_ktime_get_coarse_ns` is a helper call (~30-40 ns in single runs
-//! here); a packet the cache serves reads no other clock (established from the cache:
-//! 95-123 -> 81-83 ns in repeat runs, `BENCH_ONLY=packet`).
+//! as one load, while `bpf_ktime_get_coarse_ns` is a helper call; a packet the cache serves
+//! reads no other clock.
 //!
 //! Per CPU, so without locks or torn slots: an XDP program is not preempted on its CPU, and
 //! each CPU reads and writes only its own region of the array ([`flow_cache_index`]).
@@ -30,8 +29,7 @@
 //! One plain array with a region per CPU rather than a per-CPU array: a per-CPU array's
 //! lookup first loads the element's per-CPU pointer from a table of them, and its 8-aligned
 //! elements straddle cache lines. The array is made `BPF_F_MMAPABLE`, for which the kernel
-//! places the values page-aligned, so each 64-byte slot is exactly one cache line (an
-//! established packet from the cache: 497 -> 477 instructions).
+//! places the values page-aligned, so each 64-byte slot is exactly one cache line.
 //!
 //! A packet the cache cannot serve (a new flow's) pays the probe: the slot's key compare,
 //! and no clock read (the tick is read only once the slot holds the flow). The probe's price
@@ -47,9 +45,8 @@ pub const FLOW_CACHE_MAP: &str = "LB_FLOW_CACHE";
 /// Default slots per CPU (`--flow-cache-slots`): 1,024 x 64 bytes = 64 KiB a CPU, which
 /// stays in a core's L2. A direct-mapped cache serves a flow's back-to-back packets (a
 /// burst keeps its slot when few other flows' packets come between); a larger one serves
-/// little more and makes every probe it cannot serve (a new flow's) a colder line: the probe
-/// of a new flow cost +9-10 ns at 256 slots, +17-24 at 1,024 and +35-43 at 4,096 in single
-/// runs (`BENCH_ONLY=newflow`).
+/// little more and makes every probe it cannot serve (a new flow's) a colder line, a cost that
+/// grows with the size (`BENCH_ONLY=newflow` measures it; docs/benchmarks.md).
 pub const DEFAULT_FLOW_CACHE_SLOTS: u32 = 1024;
 /// The cache's clock is the kernel's jiffies in ticks of 2^6 = 64 jiffies: 0.64 s at the
 /// lowest `CONFIG_HZ` (100), 0.256 s at 250, 64 ms at 1,000; under a second at any HZ, so a

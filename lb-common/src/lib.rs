@@ -583,7 +583,7 @@ pub(crate) const fn lane(v: u64, seed: u64, k: u64) -> u64 {
 
 /// Folds the xor of lanes: the high half (which depends on every input bit below it) is
 /// brought down and multiplied up again, twice, so the result's high bits depend on every
-/// input bit (one round left consecutive IPv4 ports 3 % uneven over the ring).
+/// input bit (one round left consecutive IPv4 ports measurably uneven over the ring).
 #[inline(always)]
 pub(crate) const fn finish(h: u64) -> u64 {
     let h = (h ^ (h >> 32)).wrapping_mul(0xd6e8_feb8_6659_fd93);
@@ -597,7 +597,7 @@ pub(crate) const fn finish(h: u64) -> u64 {
 /// Shape: one independent multiply per 64-bit input word (two for IPv4, both addresses in
 /// one; five for IPv6) and a two-multiply finish, for the latency of three multiplies. The
 /// serial chain it replaced (a multiply per word, then murmur3's finaliser, then a 64-bit
-/// division) cost about 8 ns more per VIP packet in `cargo xtask bench` (the placement row).
+/// division) was slower per VIP packet in `cargo xtask bench` (the placement row).
 #[inline(always)]
 pub const fn flow_hash(key: &FlowKey, seed: u64, src_only: bool) -> u64 {
     let ports = ((key.sport as u64) << 24) | ((key.dport as u64) << 8) | key.proto as u64;

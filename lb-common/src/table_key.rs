@@ -1,10 +1,10 @@
 //! The established flow tables' key: a [`FlowKey`] in 16 bytes.
 //!
 //! The kernel's LRU hash hashes the whole key on every lookup, insert and delete (jhash, 12
-//! bytes a round) and compares it whole in the bucket: parsing plus a lookup took 25.5-27.5 ns
-//! with the 40-byte [`FlowKey`] and takes 16.5-17.5 ns with this key (the "parsing +
-//! flow-table lookup" row of `cargo xtask bench`, alternating runs of 2026-12-05), on every
-//! SYN, every first ACK and every packet the flow cache does not serve. The other tables keep the
+//! bytes a round) and compares it whole in the bucket, on every SYN, every first ACK and every
+//! packet the flow cache does not serve: a 16-byte key makes both cheaper than the 40-byte
+//! [`FlowKey`] (measured in the "parsing + flow-table lookup" row of `cargo xtask bench`;
+//! docs/experiments/2026-12-05-kept-changes.md). The other tables keep the
 //! [`FlowKey`]: the probation table and the flow cache compare their slot's key word by word
 //! without hashing it, and the NAT tables are looked up only for NAT VIPs.
 use crate::{FAMILY_V4, FlowKey, LANE_K, finish, lane};

@@ -49,7 +49,7 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> u32 {
             if backend.encap == ENCAP_L2 {
                 // The hit as the full path counts and sends it, without its record; a sent
                 // packet's `forwarded` reason and `flow_hit` event in one entry (one lookup
-                // instead of two: 297 -> 286 instructions).
+                // instead of two).
                 count_vip(flow.vip_id, len, false);
                 count_backend(flow.backend_id, len);
                 return match forward::l2_dsr(ctx, backend) {
@@ -72,8 +72,8 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> u32 {
             return act(verdict, len);
         }
     }
-    // Marked cold: the register allocator then keeps the full path's stack traffic off the
-    // hit (established from the cache: 304 -> 297 instructions, 48 -> 40 of them spills).
+    // Marked cold: the register allocator then keeps the full path's stack traffic (spills)
+    // off the hit.
     core::hint::cold_path();
     act(balance_full(ctx, p, len, slot), len)
 }

@@ -12,11 +12,11 @@ use crate::{Verdict, maps::LB_TX_PORTS, parse::ptr_at_mut};
 pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<Verdict, Verdict> {
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Verdict::discard(Stat::DropMalformed))?;
     // Both MACs in one copy of six 16-bit words: a byte-wise copy (what a `[u8; 12]` copy
-    // compiles to, BPF having no unaligned access) cost 24 instructions on every forwarded
-    // packet, this one 12. (A field assignment between two raw places once became two
-    // `memmove` calls, 108 instructions; found by the instruction counter of `cargo xtask
-    // bench`.) A frame starts at an even address (NET_IP_ALIGN is 0 or 2), and the backend's
-    // MACs at offset 16 of a map value.
+    // compiles to, BPF having no unaligned access) takes twice the loads and stores on every
+    // forwarded packet, and a field assignment between two raw places can become two
+    // `memmove` calls (`tests/tests/fixtures/insns.rs` checks the L2 paths make no call). A
+    // frame starts at an even address (NET_IP_ALIGN is 0 or 2), and the backend's MACs at
+    // offset 16 of a map value.
     const _: () =
         assert!(core::mem::offset_of!(Backend, src_mac) == core::mem::offset_of!(Backend, mac) + 6);
     const _: () = assert!(core::mem::offset_of!(Backend, mac) % 2 == 0);
@@ -28,7 +28,7 @@ pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<Verdict, Verdict> {
             as *const u16;
         let to = eth as *mut u16;
         // Volatile: word by word as written; a plain loop or a `[u16; 6]` copy is turned back
-        // into a `memcpy` call (a byte loop of ~100 instructions) by the compiler.
+        // into a `memcpy` call (a byte loop) by the compiler.
         let mut i = 0;
         while i < 6 {
             core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));

@@ -55,7 +55,7 @@ pub static LB_FLOWS_PERCPU: LruHashMap<TableKey, FlowValue> =
 /// Probation table: flows seen once. Their next packet moves them to the established table,
 /// so spoofed first packets (a SYN-then-ACK flood) only churn this table. A direct-mapped
 /// array, not an LRU hash: a first packet overwrites its flow's slot (an inlined array write
-/// where an LRU insert cost ~600 ns), and a flow that lost its slot to another before its
+/// where an LRU insert takes locks and may evict), and a flow that lost its slot to another before its
 /// second packet is simply placed again and put on probation again. The agent sizes it to a
 /// quarter of the flow table, rounded up to a power of two (`LbConfig::probation_slots`).
 #[map(name = "LB_FLOWS_NEW")]
@@ -159,8 +159,8 @@ static LB_CONFIG: LbConfig = LbConfig::DEFAULT;
 /// The load-time configuration, in place. Its address goes through a volatile read, so the
 /// compiler cannot tell which static it points at: each field a path uses is read from the
 /// global the loader wrote, never folded from the compile-time default, and only those
-/// fields are read (a volatile copy of the whole struct cost 21 more instructions on an
-/// established packet's path, counted by `cargo xtask bench`).
+/// fields are read (a volatile copy of the whole struct made an established packet's path
+/// longer, as `cargo xtask bench` counts it).
 #[inline(always)]
 pub fn config() -> &'static LbConfig {
     let p: *const LbConfig = &raw const LB_CONFIG;

@@ -114,7 +114,7 @@ pub fn is_nat_addr(pkt: &Parsed) -> bool {
     // rest only for an answer to a NAT address.
     LB_NAT_ADDRS.get(i).is_some_and(|a| {
         // Compared word by word: as one array compare, LLVM loaded and compared all four
-        // words on every VIP packet (13 instructions where this first word's test is 4).
+        // words on every VIP packet, where only the first word's test is needed.
         a[0] == pkt.key.dst[0]
             && a[1] == pkt.key.dst[1]
             && a[2] == pkt.key.dst[2]

@@ -57,8 +57,8 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    /// Copied from read-only data (24 instructions; an all-zero one becomes a `memset` call,
-    /// a byte loop of ~400). The parse sets `not_vip` before anything reads it.
+    /// Copied from read-only data (a few stores; an all-zero one becomes a `memset` call, a
+    /// byte loop). The parse sets `not_vip` before anything reads it.
     pub const EMPTY: Parsed = Parsed {
         key: FlowKey::ZERO,
         icmp_error: false,

@@ -19,7 +19,7 @@ pub fn lb(ctx: &XdpContext) -> u32 {
     let mut len = (ctx.data_end() - ctx.data()) as u64;
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
-    // the full path's verdict plumbing (129 -> 71 instructions for a non-VIP packet).
+    // the full path's verdict plumbing.
     let verdict = match parse::prefilter(ctx) {
         // A plain IPv4 TCP or UDP packet (the common case) is read once, into registers, and
         // goes by the express lane (`express`), which serves a busy flow's packet from the

@@ -140,7 +140,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig, probed: CacheProbe) -> Result<Picked, 
             cache
         }
     };
-    // The clock (a helper call, ~30-40 ns in single runs here) is read only where the tables
+    // The clock (a helper call, as dear as a map lookup) is read only where the tables
     // need the second: UDP ages and a FIN (here), a TCP entry once a FIN was seen, and the
     // once-a-second refresh of an entry the cache is filled from (below). A packet the
     // cache serves reads only its tick (jiffies, one load), a new TCP flow's first packet

@@ -8,7 +8,7 @@ use crate::stats;
 /// What to do with a packet, and why: the XDP action to return and the reason to count it
 /// under. Made only by the constructors below, which say which action each kind of outcome
 /// takes; [`act`] counts and returns. (It was an enum of four kinds, and the match that
-/// turned it into an action and a counter cost ~15 instructions on every path.)
+/// turned it into an action and a counter ran on every path.)
 #[derive(Clone, Copy)]
 pub struct Verdict {
     pub(crate) stat: Stat,

@@ -1,5 +1,6 @@
 //! `BPF_MAP_UPDATE_BATCH` for the slot array: one syscall for thousands of slots (aya 0.14
-//! has no batch operations). Publishing a 65537-slot table one syscall per slot took ~80 ms.
+//! has no batch operations): one syscall per slot made publishing a full slot table the
+//! slowest step of a change.
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
 /// The `batch` member of `union bpf_attr`.

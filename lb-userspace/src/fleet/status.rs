@@ -12,7 +12,8 @@ pub use crate::protocol::NodeStatus;
 /// verdict on a backend yet (its status predates the backend, or its probes have not run)
 /// counts as up, as a backend without any verdict does: otherwise one node's first failed
 /// probe of a just-added backend would be a majority of one and take it out on that node
-/// alone until the others' statuses caught up (seen under load: tables differed ~1 s).
+/// alone until the others' statuses caught up (under load, the nodes' tables differed for
+/// as long as that took).
 /// `own` replaces this node's published view (it is fresher). Every node computes the same
 /// verdict from the same statuses, so a backend that only some nodes cannot reach is in or
 /// out on all of them, never in on some and out on others for longer than one status round.
