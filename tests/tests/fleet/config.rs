@@ -178,7 +178,15 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
     for w in workers {
         w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
     }
+    // Each node follows the store: the writers' last changes reach the third node within a
+    // watch event, which under load can come after both writers have their answers.
     for k in 0..NODES {
+        lb_tests::wait_until(
+            std::time::Duration::from_secs(10),
+            &format!("node {k} has every backend both operators added"),
+            || Ok(f.vips(k)?[0].backends.len() == 20),
+            || format!("{:?}", f.vips(k).map(|v| v[0].backends.len())),
+        )?;
         let n = f.vips(k)?[0].backends.len();
         assert_eq!(n, 20, "node {k} has every backend both operators added");
     }
