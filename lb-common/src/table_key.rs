@@ -4,7 +4,7 @@
 //! bytes a round) and compares it whole in the bucket, on every SYN, every first ACK and every
 //! packet the flow cache does not serve: a 16-byte key makes both cheaper than the 40-byte
 //! [`FlowKey`] (measured in the "parsing + flow-table lookup" row of `cargo xtask bench`;
-//! docs/experiments/2026-12-05-kept-changes.md). The other tables keep the
+//! the kept changes in docs/experiments/). The other tables keep the
 //! [`FlowKey`]: the probation table and the flow cache compare their slot's key word by word
 //! without hashing it, and the NAT tables are looked up only for NAT VIPs.
 use crate::{FAMILY_V4, FlowKey, LANE_K, finish, lane};

@@ -416,7 +416,7 @@ fn is_local(a: &DecapAddr) -> bool {
 
 /// [`is_local`] for a hop's address on the forwarding path. Not inlined: a BPF-to-BPF call (a
 /// few instructions) where inlined copies made the program much longer and its hot paths
-/// slower (docs/experiments/2026-11-23-decap-own-address-check-inlined.md).
+/// slower (the decap address check's note in docs/experiments/).
 #[inline(never)]
 fn is_local_addr(addr: &[u32; 4], family: u32) -> bool {
     in_local_config(addr, family)

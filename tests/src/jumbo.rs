@@ -79,17 +79,16 @@ pub fn frame(
     // IPv4 frames leave with DF set, as a TCP stack sends them (a "too big" is answered
     // only for DF packets).
     if kind.v4() {
-        out[20] |= 0x40;
-        let mut sum: u32 = 0;
-        out[24] = 0;
-        out[25] = 0;
-        for w in out[14..34].chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        out[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        edit_ipv4_header(&mut out[14..], |h| h.dont_fragment = true);
     }
     out
+}
+
+/// Changes the IPv4 header at the start of `ip` with `edit`, its checksum computed anew.
+pub fn edit_ipv4_header(ip: &mut [u8], edit: impl FnOnce(&mut etherparse::Ipv4Header)) {
+    let (mut h, _) = etherparse::Ipv4Header::from_slice(ip).expect("an IPv4 header");
+    edit(&mut h);
+    h.header_checksum = h.calc_header_checksum();
+    let len = h.header_len();
+    ip[..len].copy_from_slice(&h.to_bytes());
 }

@@ -21,7 +21,7 @@ use lb_tests::{
     wait_until,
 };
 
-use lb_tests::jumbo::{Kind, SIZES, frame, pattern};
+use lb_tests::jumbo::{Kind, SIZES, edit_ipv4_header, frame, pattern};
 
 /// The jumbo MTU of every link the client's frames cross.
 const MTU: u32 = 9000;
@@ -348,18 +348,7 @@ fn router_mac(net: &Routed) -> anyhow::Result<[u8; 6]> {
 /// An IPv4 packet as a router forwards it: TTL one less, header checksum updated.
 fn routed_once(ip: &[u8]) -> Vec<u8> {
     let mut p = ip.to_vec();
-    p[8] -= 1;
-    p[10] = 0;
-    p[11] = 0;
-    let ihl = usize::from(p[0] & 0x0f) * 4;
-    let mut sum: u32 = p[..ihl]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    edit_ipv4_header(&mut p, |h| h.time_to_live -= 1);
     p
 }
 
