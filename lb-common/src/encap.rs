@@ -230,7 +230,7 @@ counter_enum! {
         PassMalformed = "passed_malformed",
         /// An outer IPv4 fragment: passed untouched.
         PassFragment = "passed_fragment",
-        /// Second chance (the packet carried hops, see `chance`): a SYN, kept and decapsulated.
+        /// Second chance (the packet carried hops, see `second_chance`): a SYN, kept and decapsulated.
         KeptSyn = "kept_syn",
         /// Second chance: a socket of this host owns the flow (TCP not listening, connected UDP).
         KeptSocket = "kept_socket",

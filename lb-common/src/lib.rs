@@ -17,19 +17,19 @@ mod counters;
 
 mod abi;
 mod cache;
-mod chance;
 mod encap;
 mod flow;
 mod maps;
 mod nat;
+mod second_chance;
 mod table_key;
 pub use abi::*;
 pub use cache::*;
-pub use chance::*;
 pub use encap::*;
 pub use flow::*;
 pub use maps::*;
 pub use nat::*;
+pub use second_chance::*;
 pub use table_key::*;
 
 // ---------------------------------------------------------------------------------------------

@@ -552,7 +552,7 @@ fn tunnel(ctx: &impl Frame, l4: usize, proto: u8) -> Result<Tunnel, DecapStat> {
 }
 
 /// A GUE payload at `at`: variant 1 (the inner IP header itself, version nibble 4 or 6) or
-/// variant 0 (a GUE header; its private data may carry a hop list, `lb_common::chance`).
+/// variant 0 (a GUE header; its private data may carry a hop list, `lb_common::second_chance`).
 #[inline(always)]
 fn gue(ctx: &impl Frame, at: usize) -> Result<Tunnel, DecapStat> {
     let h: *const [u8; GUE_BASE_LEN] = header(ctx, at)?;

@@ -33,7 +33,7 @@ use crate::{
 /// The previous backends' addresses when the flow's slot is in a drain window and the packet
 /// can carry them: GUE only (IPIP has no room for them). The hops are the longest prefix of
 /// the slot's previous backends that are present entries of the outer header's family on
-/// other hosts; the agent writes only such backends (`agent::chance`), so the prefix stops
+/// other hosts; the agent writes only such backends (`agent::second_chance`), so the prefix stops
 /// short only when an entry changed under a packet.
 #[inline(always)]
 pub fn second_chance_hops(picked: &Picked) -> Option<Hops> {
@@ -69,7 +69,7 @@ pub fn second_chance_hops(picked: &Picked) -> Option<Hops> {
 }
 
 /// Encapsulates `pkt` to `b` and sends it; with `hops`, a GUE header carries them as the
-/// next hops (second chance, `lb_common::chance`).
+/// next hops (second chance, `lb_common::second_chance`).
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,

@@ -17,7 +17,7 @@ pub struct Plan {
     pub outer: Outer,
     /// Bytes added in front of the inner IP header.
     pub overhead: usize,
-    /// Second-chance hops for the GUE variant-0 header (`lb_common::chance`), when set.
+    /// Second-chance hops for the GUE variant-0 header (`lb_common::second_chance`), when set.
     pub hops: Option<Hops>,
 }
 

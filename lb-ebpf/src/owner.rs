@@ -1,6 +1,6 @@
 //! Second chance on the backend (`lb decap`): does this host own the inner packet's flow, and
 //! if not, send the packet on to the next hop the load balancer listed in the GUE private
-//! data (format: `lb_common::chance`).
+//! data (format: `lb_common::second_chance`).
 //!
 //! A packet is ours when it is a SYN (a new connection starts wherever the current table
 //! sends it), when a TCP socket that is not a listener matches it (established, SYN-received

@@ -4,7 +4,6 @@
 //! Names are unique per process and call so tests can run in parallel. Everything is driven
 //! through iproute2's `ip`, the same commands an operator would type.
 pub mod agent;
-pub mod chance;
 pub mod etcd;
 pub mod expect;
 pub mod fleet;
@@ -16,6 +15,7 @@ pub mod net;
 pub mod proc;
 pub mod raw;
 pub mod routed;
+pub mod second_chance;
 pub mod topo;
 pub mod traffic;
 pub mod wait;

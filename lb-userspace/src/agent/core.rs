@@ -12,10 +12,10 @@ use std::{
 use crate::{
     Error,
     agent::{
-        chance::{self, Windows},
         health::Health,
         kernel::Kernel,
         reconcile::{self, Capacity, Facts, Ids},
+        second_chance::{self, Windows},
         state::StateFile,
     },
     maglev::{self, MaglevBackend},
@@ -299,13 +299,13 @@ impl Core {
 
     /// Takes the second-chance history the previous run saved; call before the first
     /// convergence (which resumes it where it agrees with the kernel's tables).
-    pub fn restore_history(&mut self, saved: chance::saved::Saved) {
+    pub fn restore_history(&mut self, saved: second_chance::saved::Saved) {
         self.windows.restore(saved, Instant::now(), unix_ms());
     }
 
     /// The second-chance history to save, and its version, unless version `saved` is the
     /// latest (a clone of each second-chance VIP's history: 20 bytes a slot).
-    pub fn history_snapshot(&self, saved: u64) -> Option<(u64, chance::saved::Saved)> {
+    pub fn history_snapshot(&self, saved: u64) -> Option<(u64, second_chance::saved::Saved)> {
         self.windows.snapshot(saved, Instant::now(), unix_ms())
     }
 

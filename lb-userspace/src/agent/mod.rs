@@ -7,7 +7,6 @@
 //! A failure before the file is written changes nothing; a kernel failure after it leaves the
 //! change saved and in memory, reported as [`Error::NotConverged`] and retried by
 //! [`Agent::retry`] until the kernel agrees.
-pub mod chance;
 pub mod core;
 pub mod events;
 mod fleet;
@@ -17,6 +16,7 @@ pub mod neigh;
 pub mod ops;
 pub mod probe;
 pub mod reconcile;
+pub mod second_chance;
 pub mod state;
 mod stats;
 mod trace;
@@ -83,7 +83,7 @@ impl Agent {
         // backends as long-serving (the rule before it existed).
         match store.load_history() {
             Ok(None) => {}
-            Ok(Some(bytes)) => match chance::saved::decode(&bytes) {
+            Ok(Some(bytes)) => match second_chance::saved::decode(&bytes) {
                 Ok(h) => core.restore_history(h),
                 Err(e) => log::warn!("ignoring the saved second-chance history: {e}"),
             },
@@ -116,7 +116,8 @@ impl Agent {
         let Some((version, history)) = self.core().history_snapshot(*saved) else {
             return Ok(());
         };
-        self.store.save_history(&chance::saved::encode(&history))?;
+        self.store
+            .save_history(&second_chance::saved::encode(&history))?;
         *saved = version;
         Ok(())
     }

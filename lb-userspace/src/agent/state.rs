@@ -30,7 +30,7 @@ pub trait StateStore: Send + Sync {
     fn load(&self) -> Result<StateFile, Error>;
     /// Replaces the saved state; on error the previous one is intact.
     fn save(&self, state: &StateFile) -> Result<(), Error>;
-    /// The second-chance history the last run saved ([`crate::agent::chance::saved`]), if
+    /// The second-chance history the last run saved ([`crate::agent::second_chance::saved`]), if
     /// any.
     fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
         Ok(None)
@@ -53,8 +53,14 @@ impl FileStore {
         }
     }
 
-    /// The second-chance history beside the state file (`IFACE.chance`).
+    /// The second-chance history beside the state file (`IFACE.second-chance`).
     fn history_path(&self) -> PathBuf {
+        self.path.with_extension("second-chance")
+    }
+
+    /// Where builds before the rename kept it (`IFACE.chance`): read when the new file is
+    /// absent, so an upgrade keeps the history; the next save writes the new name.
+    fn old_history_path(&self) -> PathBuf {
         self.path.with_extension("chance")
     }
 }
@@ -96,12 +102,14 @@ impl StateStore for FileStore {
     }
 
     fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
-        let path = self.history_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
+        for path in [self.history_path(), self.old_history_path()] {
+            match std::fs::read(&path) {
+                Ok(bytes) => return Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+            }
         }
+        Ok(None)
     }
 
     /// Written whole and renamed into place, without fsync: the history describes the kernel's
@@ -111,12 +119,15 @@ impl StateStore for FileStore {
         let path = self.history_path();
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-        let tmp = path.with_extension("chance.tmp");
+        let tmp = path.with_extension("second-chance.tmp");
         if let Err(e) = write_private(&tmp, bytes, false) {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io(format!("writing {}", tmp.display()))(e));
         }
-        std::fs::rename(&tmp, &path).map_err(Error::io(format!("renaming onto {}", path.display())))
+        std::fs::rename(&tmp, &path)
+            .map_err(Error::io(format!("renaming onto {}", path.display())))?;
+        let _ = std::fs::remove_file(self.old_history_path());
+        Ok(())
     }
 }
 

@@ -563,7 +563,7 @@ fn a_restarted_agent_resumes_the_saved_second_chance_history() {
         .clone()
         .expect("history saved");
     assert_eq!(
-        super::chance::saved::decode(&saved).unwrap().vips,
+        super::second_chance::saved::decode(&saved).unwrap().vips,
         first.vips,
         "the last change's history was saved"
     );

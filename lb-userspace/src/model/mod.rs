@@ -311,7 +311,7 @@ pub struct VipSpec {
     #[serde(default, skip_serializing_if = "Forward::is_l2")]
     pub forward: Forward,
     /// Second-chance drain window in seconds (`gue` VIPs only; 0: off). See
-    /// `agent::chance`.
+    /// `agent::second_chance`.
     #[serde(
         default = "default_second_chance",
         skip_serializing_if = "is_default_second_chance"

@@ -5,7 +5,7 @@
 //! no connection breaks and every answer comes from the backend that answered first; the
 //! control run (second chance off) shows what it prevents. The connections talk for a while
 //! before the changes start, as connections do: each slot's previous backend is the recent
-//! owner that held it longest (`agent::chance`), so a burst of changes shorter than that keeps
+//! owner that held it longest (`agent::second_chance`), so a burst of changes shorter than that keeps
 //! them all.
 use std::{
     net::SocketAddr,
@@ -197,7 +197,7 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
         ));
     }
     // Steady traffic first: the owners hold their slots longer than the burst of changes
-    // below lasts (the rule that picks each slot's previous backend: `agent::chance`).
+    // below lasts (the rule that picks each slot's previous backend: `agent::second_chance`).
     std::thread::sleep(STEADY);
     let mut rng = Rng(0x005e_c02d_c4a2_ce42);
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -498,7 +498,7 @@ fn restart_under_changes(net: &mut Routed, keep_history: bool) -> anyhow::Result
     );
     let mut agent = net.agent.take().context("agent")?;
     agent.kill();
-    let history = net.dir.state_file().with_extension("chance");
+    let history = net.dir.state_file().with_extension("second-chance");
     anyhow::ensure!(history.exists(), "{} was saved", history.display());
     if !keep_history {
         std::fs::remove_file(&history)?;

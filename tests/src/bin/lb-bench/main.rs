@@ -11,20 +11,20 @@ use lb_tests::{
 };
 use lb_userspace::maglev::{self, MaglevBackend};
 
-mod chance;
 mod encap;
 mod fleet;
 mod insns;
 mod nat;
 mod newflow;
 mod packet;
+mod second_chance;
 
-use chance::chance_rows;
 use encap::{encap_rows, stateless_rows};
 use fleet::fleet_rows;
 use insns::{insn_rows, verified_rows};
 use nat::nat_rows;
 use packet::packet_rows;
+use second_chance::second_chance_rows;
 
 const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u32 = 200_000;
@@ -292,8 +292,8 @@ fn main() -> anyhow::Result<()> {
             print_rows(&stateless_rows()?);
             return Ok(());
         }
-        Ok("chance") => {
-            print_rows(&chance_rows()?);
+        Ok("second_chance") => {
+            print_rows(&second_chance_rows()?);
             return Ok(());
         }
         Ok("packet") => {
@@ -329,7 +329,7 @@ fn main() -> anyhow::Result<()> {
     rows.extend(newflow::new_flow_stage_rows()?);
     rows.extend(stateless_rows()?);
     rows.extend(encap_rows()?);
-    rows.extend(chance_rows()?);
+    rows.extend(second_chance_rows()?);
     rows.extend(nat_rows()?);
     print_rows(&rows);
     println!();

@@ -2,8 +2,8 @@
 //! list, against a plain tunnel packet, in a namespace with a real listener and an
 //! established connection (so the socket lookups find what they would on a backend).
 use lb_tests::{
-    chance::{CLIENT4, VIP4, gue_hop, outer, sockets},
     routed::{FibNs, GW_MAC},
+    second_chance::{CLIENT4, VIP4, gue_hop, outer, sockets},
     world::{SCENE, World, ip},
 };
 
@@ -13,7 +13,7 @@ use super::{
     row,
 };
 
-pub fn chance_rows() -> anyhow::Result<Vec<Row>> {
+pub fn second_chance_rows() -> anyhow::Result<Vec<Row>> {
     const N: u32 = 100_000;
     let fib = FibNs::new()?;
     let socks = sockets(&fib.ns)?;
