@@ -38,52 +38,21 @@ pub fn owned(raw: *mut c_void, ctx: &impl Frame, inner: usize, v4: bool) -> Opti
             ipv6: unsafe { core::mem::zeroed() },
         },
     };
-    let (l4, proto, ip_len, size, iph) = if v4 {
-        let iph: *const Ipv4Hdr = ptr_at(ctx, inner)?;
-        // SAFETY: checked by `ptr_at`.
-        let ip = unsafe { &*iph };
-        if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-            // A later fragment has no ports: only the stack can reassemble it.
-            return Some(DecapStat::Decapsulated);
-        }
-        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-        tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(ip.src_addr);
-        tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(ip.dst_addr);
-        (
-            inner + ihl,
-            ip.proto,
-            Ipv4Hdr::LEN,
-            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>(),
-            iph as *mut c_void,
-        )
+    let ip = if v4 {
+        inner_ipv4(ctx, inner, &mut tuple)?
     } else {
-        let iph: *const Ipv6Hdr = ptr_at(ctx, inner)?;
-        // SAFETY: checked by `ptr_at`.
-        let ip = unsafe { &*iph };
-        let mut s = [0u32; 4];
-        let mut d = [0u32; 4];
-        for i in 0..4 {
-            let a = &ip.src_addr[i * 4..i * 4 + 4];
-            let b = &ip.dst_addr[i * 4..i * 4 + 4];
-            s[i] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-            d[i] = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        tuple.__bindgen_anon_1.ipv6.saddr = s;
-        tuple.__bindgen_anon_1.ipv6.daddr = d;
-        (
-            inner + Ipv6Hdr::LEN,
-            ip.next_hdr,
-            Ipv6Hdr::LEN,
-            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>(),
-            iph as *mut c_void,
-        )
+        inner_ipv6(ctx, inner, &mut tuple)?
     };
-    let l4 = l4 & 0x3ff;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if ip.later_fragment {
+        // A later fragment has no ports: only the stack can reassemble it.
+        return Some(DecapStat::Decapsulated);
+    }
+    let l4 = ip.l4 & 0x3ff;
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         // ICMP and the rest: no socket to ask; the current backend takes them.
         return Some(DecapStat::Decapsulated);
     }
-    let th: *const [u8; TCP_HDR_LEN] = if proto == PROTO_TCP {
+    let th: *const [u8; TCP_HDR_LEN] = if ip.proto == PROTO_TCP {
         ptr_at(ctx, l4)?
     } else {
         // UDP: ports only (8 bytes), read through the same pointer type's first bytes.
@@ -102,25 +71,104 @@ pub fn owned(raw: *mut c_void, ctx: &impl Frame, inner: usize, v4: bool) -> Opti
         tuple.__bindgen_anon_1.ipv6.sport = sport;
         tuple.__bindgen_anon_1.ipv6.dport = dport;
     }
-    if proto == PROTO_UDP {
-        // SAFETY: `tuple` is a valid tuple of the size passed; the socket is released below.
-        let sk = unsafe { bpf_sk_lookup_udp(raw, &mut tuple, size as u32, CURRENT_NETNS, 0) };
-        if sk.is_null() {
-            return None;
-        }
-        // Connected: the socket names the client's port.
-        let connected = unsafe { (*sk).dst_port } != 0;
-        unsafe { bpf_sk_release(sk as *mut c_void) };
-        return connected.then_some(DecapStat::KeptSocket);
+    if ip.proto == PROTO_UDP {
+        udp_owned(raw, &mut tuple, ip.size)
+    } else {
+        tcp_owned(raw, &mut tuple, &ip, th)
     }
-    // SAFETY: 20 bytes checked above for TCP.
+}
+
+/// The inner IP header as the ownership test needs it.
+struct InnerIp {
+    /// A fragment other than the first (no ports to look up).
+    later_fragment: bool,
+    /// Offset of the transport header.
+    l4: usize,
+    proto: u8,
+    /// Bytes of the IP header the syncookie check reads.
+    ip_len: usize,
+    /// Bytes of `bpf_sock_tuple` for this family.
+    size: usize,
+    iph: *mut c_void,
+}
+
+/// Reads the inner IPv4 header at `inner` into `tuple`'s addresses.
+#[inline(always)]
+fn inner_ipv4(ctx: &impl Frame, inner: usize, tuple: &mut bpf_sock_tuple) -> Option<InnerIp> {
+    let iph: *const Ipv4Hdr = ptr_at(ctx, inner)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*iph };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(ip.src_addr);
+    tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(ip.dst_addr);
+    Some(InnerIp {
+        later_fragment: u16::from_be_bytes(ip.frags) & 0x1fff != 0,
+        l4: inner + ihl,
+        proto: ip.proto,
+        ip_len: Ipv4Hdr::LEN,
+        size: core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>(
+        ),
+        iph: iph as *mut c_void,
+    })
+}
+
+/// Reads the inner IPv6 header at `inner` into `tuple`'s addresses.
+#[inline(always)]
+fn inner_ipv6(ctx: &impl Frame, inner: usize, tuple: &mut bpf_sock_tuple) -> Option<InnerIp> {
+    let iph: *const Ipv6Hdr = ptr_at(ctx, inner)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*iph };
+    let mut s = [0u32; 4];
+    let mut d = [0u32; 4];
+    for i in 0..4 {
+        let a = &ip.src_addr[i * 4..i * 4 + 4];
+        let b = &ip.dst_addr[i * 4..i * 4 + 4];
+        s[i] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        d[i] = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    tuple.__bindgen_anon_1.ipv6.saddr = s;
+    tuple.__bindgen_anon_1.ipv6.daddr = d;
+    Some(InnerIp {
+        later_fragment: false,
+        l4: inner + Ipv6Hdr::LEN,
+        proto: ip.next_hdr,
+        ip_len: Ipv6Hdr::LEN,
+        size: core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>(
+        ),
+        iph: iph as *mut c_void,
+    })
+}
+
+/// UDP: owned when a connected socket (one that names the client's port) matches.
+#[inline(always)]
+fn udp_owned(raw: *mut c_void, tuple: &mut bpf_sock_tuple, size: usize) -> Option<DecapStat> {
+    // SAFETY: `tuple` is a valid tuple of the size passed; the socket is released below.
+    let sk = unsafe { bpf_sk_lookup_udp(raw, tuple, size as u32, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return None;
+    }
+    let connected = unsafe { (*sk).dst_port } != 0;
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    connected.then_some(DecapStat::KeptSocket)
+}
+
+/// TCP: a SYN is always taken; otherwise owned by an established socket, or by a listener
+/// whose syncookie the ACK carries.
+#[inline(always)]
+fn tcp_owned(
+    raw: *mut c_void,
+    tuple: &mut bpf_sock_tuple,
+    ip: &InnerIp,
+    th: *const [u8; TCP_HDR_LEN],
+) -> Option<DecapStat> {
+    // SAFETY: 20 bytes checked by the caller for TCP.
     let flags = unsafe { (*th)[13] };
     if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
         return Some(DecapStat::KeptSyn);
     }
     // SAFETY: as for UDP.
     let sk: *mut bpf_sock =
-        unsafe { bpf_skc_lookup_tcp(raw, &mut tuple, size as u32, CURRENT_NETNS, 0) };
+        unsafe { bpf_skc_lookup_tcp(raw, tuple, ip.size as u32, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return None;
     }
@@ -133,8 +181,8 @@ pub fn owned(raw: *mut c_void, ctx: &impl Frame, inner: usize, v4: bool) -> Opti
         let rc = unsafe {
             bpf_tcp_check_syncookie(
                 sk as *mut c_void,
-                iph,
-                ip_len as u32,
+                ip.iph,
+                ip.ip_len as u32,
                 th as *mut tcphdr,
                 TCP_HDR_LEN as u32,
             )

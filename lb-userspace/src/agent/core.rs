@@ -21,7 +21,6 @@ use crate::{
     maglev::{self, MaglevBackend},
     model::{BackendAddr, DesiredState, Forward, Mac, VipAddr},
     plan::{self, VipPlan},
-    protocol::{BackendView, RetiredView, VipView},
 };
 
 /// A change that passed validation and got its ids, not yet in effect.
@@ -53,10 +52,10 @@ impl Prepared {
 
 /// A VIP's slot table as last built, with the backends it was built from and each backend
 /// id's number of slots (so listings never walk M slots per backend).
-struct BuiltTable {
+pub(super) struct BuiltTable {
     from: Vec<MaglevBackend>,
-    table: Arc<Vec<u32>>,
-    slots: BTreeMap<u32, usize>,
+    pub(super) table: Arc<Vec<u32>>,
+    pub(super) slots: BTreeMap<u32, usize>,
 }
 
 pub struct Core {
@@ -68,17 +67,17 @@ pub struct Core {
     /// alike; a backend the fleet has no verdict on yet counts as up. `None`: own probes.
     pub(super) fleet_health: Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     /// MACs learned from the neighbour table (the last known one is kept when an entry fails).
-    learned: BTreeMap<IpAddr, Mac>,
+    pub(super) learned: BTreeMap<IpAddr, Mac>,
     pub(super) kernel: Box<dyn Kernel>,
-    tables: BTreeMap<VipAddr, BuiltTable>,
+    pub(super) tables: BTreeMap<VipAddr, BuiltTable>,
     /// Why the kernel does not match the desired state, while it does not.
     not_converged: Option<String>,
     /// Second-chance drain windows.
-    windows: Windows,
+    pub(super) windows: Windows,
 }
 
 /// The facts the target is computed from, borrowed from the core.
-struct CoreFacts<'a> {
+pub(super) struct CoreFacts<'a> {
     desired: &'a DesiredState,
     health: &'a BTreeMap<(VipAddr, BackendAddr), Health>,
     fleet_health: &'a Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
@@ -411,7 +410,7 @@ impl Core {
         out.into_iter().collect()
     }
 
-    fn facts(&self) -> CoreFacts<'_> {
+    pub(super) fn facts(&self) -> CoreFacts<'_> {
         CoreFacts {
             desired: &self.desired,
             health: &self.health,
@@ -419,120 +418,11 @@ impl Core {
             learned: &self.learned,
         }
     }
-
-    /// Every VIP and backend as the API lists them.
-    pub fn list(&self) -> Vec<VipView> {
-        let facts = self.facts();
-        let view = self.kernel.view();
-        let mut out = Vec::new();
-        for (vip, spec) in &self.desired.vips {
-            let vip_id = self.ids.vips.get(vip).copied().unwrap_or(0);
-            // Shares of what is live: only when the live table is the one we built.
-            let live = view.published.get(&vip_id);
-            let built = self.tables.get(vip).filter(|t| {
-                live.is_some_and(|l| Arc::ptr_eq(&l.table, &t.table) || *l.table == *t.table)
-            });
-            let previous_slots =
-                |id: u32| live.map_or(0, |l| l.previous.iter().filter(|p| p.contains(&id)).count());
-            let known: BTreeSet<u32> = self
-                .ids
-                .backends
-                .get(vip)
-                .map(|m| m.values().copied().collect())
-                .unwrap_or_default();
-            let mut retired: BTreeMap<u32, usize> = BTreeMap::new();
-            for p in live
-                .map(|l| l.previous.iter().flatten())
-                .into_iter()
-                .flatten()
-            {
-                if *p != 0 && !known.contains(p) {
-                    *retired.entry(*p).or_insert(0) += 1;
-                }
-            }
-            let retired = retired
-                .into_iter()
-                .filter_map(|(id, n)| {
-                    Some(RetiredView {
-                        address: view.backends.get(&id)?.addr,
-                        id,
-                        previous_slots: n,
-                    })
-                })
-                .collect();
-            let total = built.map_or(0, |t| t.table.len());
-            let backends = spec
-                .backends
-                .iter()
-                .map(|(addr, b)| {
-                    let id = self.ids.backend(vip, addr).unwrap_or(0);
-                    let h = self.health.get(&(*vip, *addr));
-                    let slots = built.and_then(|t| t.slots.get(&id)).copied().unwrap_or(0);
-                    let mac = facts.mac(vip, &addr.ip);
-                    let routed = spec.forward.routed();
-                    BackendView {
-                        address: *addr,
-                        id,
-                        weight: b.weight,
-                        // Encapsulated backends have no MAC of their own: the FIB's next hop.
-                        mac: match (routed, mac) {
-                            (true, _) => "via-fib".into(),
-                            (false, Some(m)) => m.to_string(),
-                            (false, None) => "no-mac".into(),
-                        },
-                        mac_source: match (routed, b.mac, mac) {
-                            (true, _, _) => "fib",
-                            (false, Some(_), _) => "configured",
-                            (false, None, Some(_)) => "neighbour",
-                            (false, None, None) => "none",
-                        }
-                        .into(),
-                        drained: b.drained,
-                        health: health_word(
-                            spec.health.is_some(),
-                            h.is_none_or(|h| h.up),
-                            fleet_verdict(&self.fleet_health, vip, addr),
-                        )
-                        .into(),
-                        last_check: h.map(|h| h.last.clone()).unwrap_or_default(),
-                        serving: reconcile::serving(&self.desired, &facts, vip, addr),
-                        share_pct: if total == 0 {
-                            0.0
-                        } else {
-                            100.0 * slots as f64 / total as f64
-                        },
-                        previous_slots: previous_slots(id),
-                    }
-                })
-                .collect();
-            out.push(VipView {
-                vip: *vip,
-                id: vip_id,
-                source_hash: spec.source_hash,
-                udp_idle_s: spec.udp_idle_s,
-                forward: spec.forward,
-                second_chance_s: if spec.forward == Forward::Gue {
-                    spec.second_chance_s
-                } else {
-                    0
-                },
-                window_ends_in_s: self
-                    .windows
-                    .ends(vip)
-                    .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
-                retired,
-                digest: self.digest_hex(vip),
-                health_check: spec.health.clone(),
-                backends,
-            });
-        }
-        out
-    }
 }
 
 /// The fleet's verdict on a backend in store mode (one without a verdict yet counts as up),
 /// `None` when this node's own probes decide.
-fn fleet_verdict(
+pub(super) fn fleet_verdict(
     fleet: &Option<BTreeMap<(VipAddr, BackendAddr), bool>>,
     vip: &VipAddr,
     addr: &BackendAddr,
@@ -540,17 +430,6 @@ fn fleet_verdict(
     fleet
         .as_ref()
         .map(|v| v.get(&(*vip, *addr)).copied().unwrap_or(true))
-}
-
-/// The health column: this node's probe verdict, or the fleet's where it overrides it.
-fn health_word(checked: bool, own_up: bool, fleet: Option<bool>) -> &'static str {
-    match (checked, fleet) {
-        (false, _) => "unchecked",
-        (true, Some(true)) if !own_up => "up (fleet)",
-        (true, Some(false)) if own_up => "down (fleet)",
-        (true, _) if own_up => "up",
-        (true, _) => "down",
-    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 for a clock before it).

@@ -12,6 +12,7 @@ pub mod events;
 mod fleet;
 pub mod health;
 pub mod kernel;
+mod list;
 pub mod neigh;
 pub mod ops;
 pub mod probe;

@@ -117,89 +117,120 @@ impl NetlinkNeighbours {
         ifindex: u32,
         report: impl Fn(Vec<(IpAddr, Mac)>) + Send + Sync + 'static,
     ) -> Result<Self, Error> {
-        let (conn, handle, mut events) = new_multicast_connection(&[MulticastGroup::Neigh])
+        let (conn, handle, events) = new_multicast_connection(&[MulticastGroup::Neigh])
             .map_err(Error::io("opening a netlink socket for neighbour events"))?;
-        let (wanted_tx, mut wanted) = watch::channel(BTreeSet::new());
+        let (wanted_tx, wanted) = watch::channel(BTreeSet::new());
         let task = tokio::spawn(async move {
             let conn_task = tokio::spawn(conn);
-            let mut known: BTreeMap<IpAddr, Mac> = BTreeMap::new();
-            let mut redump = tokio::time::interval(Duration::from_secs(5));
-            let mut resolve = tokio::time::interval(Duration::from_secs(1));
-            // Reports what changed for wanted addresses; `fresh` are newly seen entries.
-            let publish = |known: &mut BTreeMap<IpAddr, Mac>,
-                           fresh: Vec<(IpAddr, Mac)>,
-                           wanted: &BTreeSet<IpAddr>| {
-                let mut out = Vec::new();
-                for (ip, mac) in fresh {
-                    if known.insert(ip, mac) != Some(mac) && wanted.contains(&ip) {
-                        out.push((ip, mac));
-                    }
-                }
-                if !out.is_empty() {
-                    report(out);
-                }
+            let learned = Learned {
+                known: BTreeMap::new(),
+                report,
             };
-            // Events can be lost (socket overflow) or end; periodic dumps carry on regardless.
-            let mut events_open = true;
-            loop {
-                tokio::select! {
-                    ev = events.next(), if events_open => {
-                        let Some((msg, _)) = ev else {
-                            log::warn!("neighbour events ended; following the table by periodic reads");
-                            events_open = false;
-                            continue;
-                        };
-                        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) =
-                            msg.payload
-                        {
-                            let w = wanted.borrow().clone();
-                            publish(&mut known, parse(&n, ifindex).into_iter().collect(), &w);
-                        }
-                    }
-                    _ = redump.tick() => {
-                        match dump(&handle, ifindex).await {
-                            Ok(all) => {
-                                let w = wanted.borrow().clone();
-                                publish(&mut known, all, &w);
-                            }
-                            Err(e) => log::warn!("reading the neighbour table: {e}"),
-                        }
-                    }
-                    changed = wanted.changed() => {
-                        if changed.is_err() { break }
-                        let w = wanted.borrow_and_update().clone();
-                        // Newly wanted addresses already known are reported at once.
-                        let have: Vec<(IpAddr, Mac)> = w
-                            .iter()
-                            .filter_map(|a| known.get(a).map(|m| (*a, *m)))
-                            .collect();
-                        if !have.is_empty() {
-                            report(have);
-                        }
-                        // Unknown ones: read the table now (an entry may exist whose event
-                        // was lost), then solicit what is still missing.
-                        if w.iter().any(|a| !known.contains_key(a)) {
-                            if let Ok(all) = dump(&handle, ifindex).await {
-                                publish(&mut known, all, &w);
-                            }
-                            for a in w.iter().filter(|a| !known.contains_key(a)) {
-                                solicit(*a).await;
-                            }
-                        }
-                    }
-                    _ = resolve.tick() => {
-                        let w = wanted.borrow().clone();
-                        for a in w.iter().filter(|a| !known.contains_key(a)) {
-                            solicit(*a).await;
-                        }
-                    }
-                }
-            }
+            follow(ifindex, &handle, events, wanted, learned).await;
             conn_task.abort();
         });
         Ok(NetlinkNeighbours {
             wanted: wanted_tx,
             task,
         })
+    }
+}
+
+/// The MACs known so far and where changes for wanted addresses are reported.
+struct Learned<R> {
+    known: BTreeMap<IpAddr, Mac>,
+    report: R,
+}
+
+impl<R: Fn(Vec<(IpAddr, Mac)>)> Learned<R> {
+    /// Reports what changed for wanted addresses; `fresh` are newly seen entries.
+    fn publish(&mut self, fresh: Vec<(IpAddr, Mac)>, wanted: &BTreeSet<IpAddr>) {
+        let mut out = Vec::new();
+        for (ip, mac) in fresh {
+            if self.known.insert(ip, mac) != Some(mac) && wanted.contains(&ip) {
+                out.push((ip, mac));
+            }
+        }
+        if !out.is_empty() {
+            (self.report)(out);
+        }
+    }
+
+    /// Newly wanted addresses already known are reported at once.
+    fn report_known(&self, wanted: &BTreeSet<IpAddr>) {
+        let have: Vec<(IpAddr, Mac)> = wanted
+            .iter()
+            .filter_map(|a| self.known.get(a).map(|m| (*a, *m)))
+            .collect();
+        if !have.is_empty() {
+            (self.report)(have);
+        }
+    }
+
+    /// Sends a solicitation to every wanted address not known yet.
+    async fn solicit_missing(&self, wanted: &BTreeSet<IpAddr>) {
+        for a in wanted.iter().filter(|a| !self.known.contains_key(a)) {
+            solicit(*a).await;
+        }
+    }
+}
+
+/// The watcher's loop: neighbour events, periodic dumps, changes of the wanted set and
+/// periodic solicitations, until the wanted set's sender is gone.
+async fn follow<S>(
+    ifindex: u32,
+    handle: &Handle,
+    mut events: impl futures_util::Stream<
+        Item = (netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>, S),
+    > + Unpin,
+    mut wanted: watch::Receiver<BTreeSet<IpAddr>>,
+    mut learned: Learned<impl Fn(Vec<(IpAddr, Mac)>)>,
+) {
+    let mut redump = tokio::time::interval(Duration::from_secs(5));
+    let mut resolve = tokio::time::interval(Duration::from_secs(1));
+    // Events can be lost (socket overflow) or end; periodic dumps carry on regardless.
+    let mut events_open = true;
+    loop {
+        tokio::select! {
+            ev = events.next(), if events_open => {
+                let Some((msg, _)) = ev else {
+                    log::warn!("neighbour events ended; following the table by periodic reads");
+                    events_open = false;
+                    continue;
+                };
+                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) =
+                    msg.payload
+                {
+                    let w = wanted.borrow().clone();
+                    learned.publish(parse(&n, ifindex).into_iter().collect(), &w);
+                }
+            }
+            _ = redump.tick() => {
+                match dump(handle, ifindex).await {
+                    Ok(all) => {
+                        let w = wanted.borrow().clone();
+                        learned.publish(all, &w);
+                    }
+                    Err(e) => log::warn!("reading the neighbour table: {e}"),
+                }
+            }
+            changed = wanted.changed() => {
+                if changed.is_err() { break }
+                let w = wanted.borrow_and_update().clone();
+                learned.report_known(&w);
+                // Unknown ones: read the table now (an entry may exist whose event was
+                // lost), then solicit what is still missing.
+                if w.iter().any(|a| !learned.known.contains_key(a)) {
+                    if let Ok(all) = dump(handle, ifindex).await {
+                        learned.publish(all, &w);
+                    }
+                    learned.solicit_missing(&w).await;
+                }
+            }
+            _ = resolve.tick() => {
+                let w = wanted.borrow().clone();
+                learned.solicit_missing(&w).await;
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use lb_common::{FlowKey, slot_of};
 
-use super::core::Core;
+use super::{core::Core, reconcile::Live};
 use crate::{
     Error,
     model::{BackendAddr, Forward, VipAddr},
@@ -48,32 +48,7 @@ impl Core {
             .vips
             .get(vip)
             .ok_or_else(|| Error::NotFound(format!("VIP {vip} has no id yet")))?;
-        let port = match (vip.port, dport) {
-            (0, None) => {
-                return Err(Error::Invalid(format!(
-                    "VIP {vip} covers every port: give the packet's port with --dport"
-                )));
-            }
-            (0, Some(0)) => {
-                return Err(Error::Invalid("--dport 0 is no packet's port".into()));
-            }
-            (0, Some(p)) => {
-                let exact = VipAddr { port: p, ..*vip };
-                if self.desired.vips.contains_key(&exact) {
-                    return Err(Error::Invalid(format!(
-                        "packets to port {p} go to VIP {exact}, not {vip}: trace that one"
-                    )));
-                }
-                p
-            }
-            (p, None) => p,
-            (p, Some(d)) if d == p => p,
-            (p, Some(d)) => {
-                return Err(Error::Invalid(format!(
-                    "VIP {vip} serves port {p} only, not {d}"
-                )));
-            }
-        };
+        let port = self.traced_port(vip, dport)?;
         let key = flow_key(src, sport, vip.ip, port, vip.proto.number());
         let slot = slot_of(
             &key,
@@ -86,31 +61,17 @@ impl Core {
         let slot_backend = live
             .and_then(|l| l.table.get(slot as usize).copied())
             .and_then(|id| self.backend_addr(vip, id));
-        // The kernel carries the previous backends as the next hops (gue only), when the flow
-        // table does not decide the flow: the longest prefix of the slot's previous backends
-        // that are present, of the slot backend's family and on another address
-        // (`encap::second_chance_hops`).
-        let view = self.kernel.view();
-        let previous: Vec<BackendAddr> = match (live, slot_backend) {
-            (Some(l), Some(owner)) if spec.forward == Forward::Gue => l
-                .previous
-                .get(slot as usize)
-                .into_iter()
-                .flatten()
-                .map_while(|id| view.backends.get(id).map(|b| b.addr))
-                .take_while(|p| p.ip.is_ipv4() == owner.ip.is_ipv4() && p.ip != owner.ip)
-                .collect(),
-            _ => Vec::new(),
-        };
         let flow_backend = self
             .kernel
             .flow_backend(&key, vip_id)?
             .and_then(|id| self.backend_addr(vip, id));
         let next_packet_to = flow_backend.or(slot_backend);
-        let previous_backends = if flow_backend.is_none() {
-            previous
-        } else {
-            Vec::new()
+        // Previous backends matter only when the flow table does not decide the flow.
+        let previous_backends = match (live, slot_backend, flow_backend) {
+            (Some(l), Some(owner), None) if spec.forward == Forward::Gue => {
+                self.next_hops(l, slot, owner)
+            }
+            _ => Vec::new(),
         };
         let outer = next_packet_to
             .filter(|_| spec.forward.encapsulates())
@@ -126,6 +87,46 @@ impl Core {
             forward: spec.forward,
             outer,
         })
+    }
+
+    /// The destination port a traced packet has: the VIP's own, or `--dport` for an
+    /// every-port VIP. The kernel looks a packet up by its exact port first, so a port that
+    /// another VIP on the same address serves is refused, naming that VIP.
+    fn traced_port(&self, vip: &VipAddr, dport: Option<u16>) -> Result<u16, Error> {
+        match (vip.port, dport) {
+            (0, None) => Err(Error::Invalid(format!(
+                "VIP {vip} covers every port: give the packet's port with --dport"
+            ))),
+            (0, Some(0)) => Err(Error::Invalid("--dport 0 is no packet's port".into())),
+            (0, Some(p)) => {
+                let exact = VipAddr { port: p, ..*vip };
+                if self.desired.vips.contains_key(&exact) {
+                    return Err(Error::Invalid(format!(
+                        "packets to port {p} go to VIP {exact}, not {vip}: trace that one"
+                    )));
+                }
+                Ok(p)
+            }
+            (p, None) => Ok(p),
+            (p, Some(d)) if d == p => Ok(p),
+            (p, Some(d)) => Err(Error::Invalid(format!(
+                "VIP {vip} serves port {p} only, not {d}"
+            ))),
+        }
+    }
+
+    /// The next hops the kernel writes for `slot` (gue only): the longest prefix of the slot's
+    /// previous backends that are present, of the slot backend's family and on another
+    /// address (`encap::second_chance_hops`).
+    fn next_hops(&self, live: &Live, slot: u32, owner: BackendAddr) -> Vec<BackendAddr> {
+        let view = self.kernel.view();
+        live.previous
+            .get(slot as usize)
+            .into_iter()
+            .flatten()
+            .map_while(|id| view.backends.get(id).map(|b| b.addr))
+            .take_while(|p| p.ip.is_ipv4() == owner.ip.is_ipv4() && p.ip != owner.ip)
+            .collect()
     }
 
     /// The outer header the program builds for `key` to `backend`, by the shared rules.

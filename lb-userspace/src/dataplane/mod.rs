@@ -237,6 +237,80 @@ pub struct Dataplane {
     pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
 }
 
+/// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
+/// load-time configuration set; the programs are not loaded yet.
+fn open_object(object: &[u8], opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Ebpf, Error> {
+    let cfg = opts.config();
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => pinned_maps().map(|m| (m, dir.join(m))).collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    // Every capacity the options decide, from the one description of each map.
+    for m in lb_common::LB_MAPS {
+        if !matches!(m.capacity, Capacity::Fixed(_)) {
+            loader.map_max_entries(m.name, opts.capacity(m.capacity)?);
+        }
+    }
+    loader
+        .override_global(CONFIG_GLOBAL, &cfg, true)
+        .load(object)
+        .map_err(Error::Load)
+}
+
+/// Loads every program of the object (the verifier runs here) and enters the NAT program in
+/// the program array its tail call goes through.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
+    for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
+        let prog = xdp_program(ebpf, name)?;
+        load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
+    }
+    // The NAT program is entered by a tail call through the (pinned) program array: a pin
+    // keeps the entry while no agent runs.
+    {
+        let name = lb_common::NAT_PROGRAM;
+        let fd = xdp_program(ebpf, name)?
+            .fd()
+            .map_err(|source| Error::Program { name, source })?
+            .try_clone()
+            .map_err(Error::io("duplicating the NAT program's fd"))?;
+        let mut progs = aya::maps::ProgramArray::try_from(
+            ebpf.map_mut(lb_common::PROGS_MAP)
+                .ok_or(Error::MissingMap {
+                    name: lb_common::PROGS_MAP,
+                })?,
+        )
+        .map_err(map_err(lb_common::PROGS_MAP))?;
+        progs
+            .set(lb_common::PROG_NAT, &fd, 0)
+            .map_err(map_err(lb_common::PROGS_MAP))?;
+    }
+    let name = lb_common::HC_PROGRAM;
+    let hc: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })?;
+    load_retrying(|| hc.load()).map_err(|source| Error::Program { name, source })
+}
+
+/// The per-CPU counter maps, taken out of the object.
+fn take_stats(ebpf: &mut Ebpf) -> Result<StatsMaps, Error> {
+    Ok(StatsMaps {
+        global: PerCpuArray::try_from(take(ebpf, STATS_MAP)?).map_err(map_err(STATS_MAP))?,
+        flows: PerCpuArray::try_from(take(ebpf, FLOW_STATS_MAP)?)
+            .map_err(map_err(FLOW_STATS_MAP))?,
+        hc: PerCpuArray::try_from(take(ebpf, lb_common::HC_STATS_MAP)?)
+            .map_err(map_err(lb_common::HC_STATS_MAP))?,
+        vips: PerCpuArray::try_from(take(ebpf, VIP_STATS_MAP)?).map_err(map_err(VIP_STATS_MAP))?,
+        backends: PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
+            .map_err(map_err(BACKEND_STATS_MAP))?,
+    })
+}
+
 impl Dataplane {
     /// Loads the embedded object into the kernel (the verifier runs here), sized by `opts`.
     pub fn load(opts: LoadOptions) -> Result<Self, Error> {
@@ -263,58 +337,8 @@ impl Dataplane {
     ) -> Result<Self, Error> {
         require_capabilities()?;
         opts.validate()?;
-        let cfg = opts.config();
-        let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = match pin_dir {
-            Some(dir) => pinned_maps().map(|m| (m, dir.join(m))).collect(),
-            None => Vec::new(),
-        };
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        // Every capacity the options decide, from the one description of each map.
-        for m in lb_common::LB_MAPS {
-            if !matches!(m.capacity, Capacity::Fixed(_)) {
-                loader.map_max_entries(m.name, opts.capacity(m.capacity)?);
-            }
-        }
-        let mut ebpf = loader
-            .override_global(CONFIG_GLOBAL, &cfg, true)
-            .load(object)
-            .map_err(Error::Load)?;
-        for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
-            let prog = xdp_program(&mut ebpf, name)?;
-            load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
-        }
-        // The NAT program is entered by a tail call through the (pinned) program array: a
-        // pin keeps the entry while no agent runs.
-        {
-            let name = lb_common::NAT_PROGRAM;
-            let fd = xdp_program(&mut ebpf, name)?
-                .fd()
-                .map_err(|source| Error::Program { name, source })?
-                .try_clone()
-                .map_err(Error::io("duplicating the NAT program's fd"))?;
-            let mut progs = aya::maps::ProgramArray::try_from(
-                ebpf.map_mut(lb_common::PROGS_MAP)
-                    .ok_or(Error::MissingMap {
-                        name: lb_common::PROGS_MAP,
-                    })?,
-            )
-            .map_err(map_err(lb_common::PROGS_MAP))?;
-            progs
-                .set(lb_common::PROG_NAT, &fd, 0)
-                .map_err(map_err(lb_common::PROGS_MAP))?;
-        }
-        {
-            let name = lb_common::HC_PROGRAM;
-            let hc: &mut aya::programs::SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| Error::Program { name, source })?;
-            load_retrying(|| hc.load()).map_err(|source| Error::Program { name, source })?;
-        }
+        let mut ebpf = open_object(object, &opts, pin_dir)?;
+        load_programs(&mut ebpf)?;
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
@@ -345,18 +369,7 @@ impl Dataplane {
         );
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
-        let stats = StatsMaps {
-            global: PerCpuArray::try_from(take(&mut ebpf, STATS_MAP)?)
-                .map_err(map_err(STATS_MAP))?,
-            flows: PerCpuArray::try_from(take(&mut ebpf, FLOW_STATS_MAP)?)
-                .map_err(map_err(FLOW_STATS_MAP))?,
-            hc: PerCpuArray::try_from(take(&mut ebpf, lb_common::HC_STATS_MAP)?)
-                .map_err(map_err(lb_common::HC_STATS_MAP))?,
-            vips: PerCpuArray::try_from(take(&mut ebpf, VIP_STATS_MAP)?)
-                .map_err(map_err(VIP_STATS_MAP))?,
-            backends: PerCpuArray::try_from(take(&mut ebpf, BACKEND_STATS_MAP)?)
-                .map_err(map_err(BACKEND_STATS_MAP))?,
-        };
+        let stats = take_stats(&mut ebpf)?;
         let (nat, nat_sweeper) = nat::from_maps(
             take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
             take(&mut ebpf, lb_common::NAT_REV_MAP)?,

@@ -112,17 +112,7 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
     if present == 0 {
         return Ok(Pins::Fresh);
     }
-    let rec_path = map_dir.join(ABI_MAP);
-    let record = MapData::from_pin(&rec_path)
-        .ok()
-        .and_then(|m| Array::<MapData, AbiRecord>::try_from(aya::maps::Map::Array(m)).ok())
-        .and_then(|a| a.get(&0, 0).ok())
-        .ok_or_else(|| {
-            incompatible(
-                map_dir,
-                format!("no readable {ABI_MAP} record: made by another build"),
-            )
-        })?;
+    let record = read_record(map_dir)?;
     let want = abi_record(opts);
     if record.magic != ABI_MAGIC || record.version != want.version || record.layout != want.layout {
         return Err(incompatible(
@@ -133,40 +123,66 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
             ),
         ));
     }
-    let mut diffs = Vec::new();
-    let mut cmp = |what: &str, have: u64, want: u64| {
-        if have != want {
-            diffs.push(format!("{what} {have}, this agent {want}"));
-        }
-    };
-    cmp(
-        "--ring-size",
-        record.ring_size.into(),
-        want.ring_size.into(),
-    );
-    cmp("--max-vips", record.max_vips.into(), want.max_vips.into());
-    cmp(
-        "--max-backends",
-        record.max_backends.into(),
-        want.max_backends.into(),
-    );
-    cmp(
-        "--flow-entries",
-        record.flow_entries.into(),
-        want.flow_entries.into(),
-    );
-    cmp(
-        "--per-cpu-flows",
-        record.flow_table.into(),
-        want.flow_table.into(),
-    );
-    cmp("--hash-seed", record.hash_seed, want.hash_seed);
+    let diffs = option_differences(&record, &want);
     if !diffs.is_empty() {
         return Err(incompatible(
             map_dir,
             format!("pinned with {}", diffs.join(", ")),
         ));
     }
+    check_maps(map_dir, opts)?;
+    Ok(Pins::Adopt)
+}
+
+/// The pinned set's ABI record.
+fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
+    MapData::from_pin(map_dir.join(ABI_MAP))
+        .ok()
+        .and_then(|m| Array::<MapData, AbiRecord>::try_from(aya::maps::Map::Array(m)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .ok_or_else(|| {
+            incompatible(
+                map_dir,
+                format!("no readable {ABI_MAP} record: made by another build"),
+            )
+        })
+}
+
+/// The options the pinned set was made with that differ from this agent's, by flag.
+fn option_differences(record: &AbiRecord, want: &AbiRecord) -> Vec<String> {
+    let pairs: [(&str, u64, u64); 6] = [
+        (
+            "--ring-size",
+            record.ring_size.into(),
+            want.ring_size.into(),
+        ),
+        ("--max-vips", record.max_vips.into(), want.max_vips.into()),
+        (
+            "--max-backends",
+            record.max_backends.into(),
+            want.max_backends.into(),
+        ),
+        (
+            "--flow-entries",
+            record.flow_entries.into(),
+            want.flow_entries.into(),
+        ),
+        (
+            "--per-cpu-flows",
+            record.flow_table.into(),
+            want.flow_table.into(),
+        ),
+        ("--hash-seed", record.hash_seed, want.hash_seed),
+    ];
+    pairs
+        .into_iter()
+        .filter(|(_, have, want)| have != want)
+        .map(|(what, have, want)| format!("{what} {have}, this agent {want}"))
+        .collect()
+}
+
+/// Every pinned map has the kind, sizes, capacity and flags this agent would create.
+fn check_maps(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
     for (m, entries) in expected(opts)? {
         let (name, ty, flags) = (m.name, map_type(m.kind), m.flags & BPF_F_NO_COMMON_LRU);
         let (key, value) = (m.key_size, m.value_size);
@@ -191,7 +207,7 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
             ));
         }
     }
-    Ok(Pins::Adopt)
+    Ok(())
 }
 
 /// Creates and pins the record of a fresh map set.

@@ -35,10 +35,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, PREVIOUS_HOPS, Previous};
+use lb_common::{BACKEND_F_DOWN, BACKEND_F_DRAINED, PREVIOUS_HOPS, Previous, VipKey};
 
 use crate::{
-    agent::reconcile::{BackendTarget, KernelView, Target},
+    agent::reconcile::{BackendTarget, KernelView, Target, VipTarget},
     model::{DesiredState, Forward, VipAddr},
 };
 
@@ -335,67 +335,22 @@ impl Windows {
             let restored = self.restored.remove(vip);
             let history = self.vips.entry(*vip).or_insert_with(|| {
                 changed = true;
-                // First sight: a live table in the kernel has been there "for ever" and keeps
-                // the previous backends it carries (an agent restart loses no second chance);
-                // a VIP without one starts from nothing.
-                // After a restart the view has not read the tables: ask the kernel.
-                let bound = view.vips.get(&vip.key()) == Some(&vt.id);
-                let live = match view.published.get(&vt.id) {
-                    Some(l) => Some((l.table.to_vec(), l.previous.to_vec())),
-                    None if bound => kernel_slots(vt.id),
-                    None => None,
-                };
-                match live.filter(|_| bound) {
-                    Some((table, previous)) if !table.is_empty() => {
-                        History::adopted(table, &previous, t, restored.as_ref())
-                    }
-                    _ => History::new(Vec::new(), t),
-                }
+                first_sight(view, &vip.key(), vt, restored.as_ref(), t, &kernel_slots)
             });
             if !vt.table.is_empty() && history.observe(&vt.table, t, window) {
                 changed = true;
             }
-            let mut column = vec![Previous::default(); vt.table.len()];
-            let mut any = false;
-            let mut last_end = 0u32;
-            for (s, cur) in vt.table.iter().enumerate() {
-                let Some(owner) = target.backends.get(cur).map(|b| b.addr.ip) else {
-                    continue;
-                };
-                let mut n = 0;
-                let mut hops = [owner; PREVIOUS_HOPS + 1];
-                for c in history.candidates.get(s).into_iter().flatten() {
-                    let end = c.ended.saturating_add(window);
-                    if c.id == 0 || c.id == *cur || t >= end {
-                        continue;
-                    }
-                    // Every candidate within its window stays in the kernel, so that its id
-                    // is not given to another backend while the history names it.
-                    let Some(b) = retained(c.id, view, &mut target.backends) else {
-                        continue;
-                    };
-                    let end_at = instant_at(self.base, end);
-                    self.next_end = Some(self.next_end.map_or(end_at, |n| n.min(end_at)));
-                    // Carried when usable (not down) and the kernel can carry it
-                    // (`encap::second_chance_hops`): the owner's family, an address neither
-                    // the owner's nor one already in the list (one host, one hop).
-                    let ip = b.addr.ip;
-                    if b.flags & BACKEND_F_DOWN != 0
-                        || ip.is_ipv4() != owner.is_ipv4()
-                        || hops[..=n].contains(&ip)
-                    {
-                        continue;
-                    }
-                    column[s][n] = c.id;
-                    n += 1;
-                    hops[n] = ip;
-                    any = true;
-                    last_end = last_end.max(end);
-                }
+            let table = vt.table.clone();
+            let column = previous_column(history, &table, view, &mut target.backends, window, t);
+            if let Some(end) = column.earliest_end {
+                let end_at = instant_at(self.base, end);
+                self.next_end = Some(self.next_end.map_or(end_at, |n| n.min(end_at)));
             }
-            if any {
-                self.ends.insert(*vip, self.at(last_end));
+            let any = column.last_end.is_some();
+            if let Some(end) = column.last_end {
+                self.ends.insert(*vip, self.at(end));
             }
+            let column = column.previous;
             if let Some(vt) = target.vips.get_mut(&vip.key()) {
                 vt.previous = Arc::new(if any { column } else { Vec::new() });
             }
@@ -426,6 +381,93 @@ fn instant_at(base: Instant, ds: u32) -> Instant {
     } else {
         base.checked_sub(ms(EPOCH_DS - ds)).unwrap_or(base)
     }
+}
+
+/// A VIP's history at its first sight: a live table in the kernel has been there "for ever"
+/// and keeps the previous backends it carries (an agent restart loses no second chance); a
+/// VIP without one starts from nothing. After a restart the view has not read the tables, so
+/// the kernel is asked.
+fn first_sight(
+    view: &KernelView,
+    key: &VipKey,
+    vt: &VipTarget,
+    restored: Option<&History>,
+    t: u32,
+    kernel_slots: &impl Fn(u32) -> Option<crate::agent::kernel::LiveSlots>,
+) -> History {
+    let bound = view.vips.get(key) == Some(&vt.id);
+    let live = match view.published.get(&vt.id) {
+        Some(l) => Some((l.table.to_vec(), l.previous.to_vec())),
+        None if bound => kernel_slots(vt.id),
+        None => None,
+    };
+    match live.filter(|_| bound) {
+        Some((table, previous)) if !table.is_empty() => {
+            History::adopted(table, &previous, t, restored)
+        }
+        _ => History::new(Vec::new(), t),
+    }
+}
+
+/// One VIP's previous column as of `t`.
+struct Column {
+    previous: Vec<Previous>,
+    /// When the last carried previous backend expires, if any is carried.
+    last_end: Option<u32>,
+    /// When the earliest candidate kept in the kernel expires, if any is.
+    earliest_end: Option<u32>,
+}
+
+/// The previous backends each slot of `table` carries: its history's candidates still within
+/// their window, kept in `backends` so that their ids are not given to another backend while
+/// the history names them, and carried when usable.
+fn previous_column(
+    history: &History,
+    table: &[u32],
+    view: &KernelView,
+    backends: &mut BTreeMap<u32, BackendTarget>,
+    window: u32,
+    t: u32,
+) -> Column {
+    let mut column = Column {
+        previous: vec![Previous::default(); table.len()],
+        last_end: None,
+        earliest_end: None,
+    };
+    for (s, cur) in table.iter().enumerate() {
+        let Some(owner) = backends.get(cur).map(|b| b.addr.ip) else {
+            continue;
+        };
+        let mut n = 0;
+        let mut hops = [owner; PREVIOUS_HOPS + 1];
+        for c in history.candidates.get(s).into_iter().flatten() {
+            let end = c.ended.saturating_add(window);
+            if c.id == 0 || c.id == *cur || t >= end {
+                continue;
+            }
+            // Every candidate within its window stays in the kernel, so that its id is not
+            // given to another backend while the history names it.
+            let Some(b) = retained(c.id, view, backends) else {
+                continue;
+            };
+            column.earliest_end = Some(column.earliest_end.map_or(end, |e| e.min(end)));
+            // Carried when usable (not down) and the kernel can carry it
+            // (`encap::second_chance_hops`): the owner's family, an address neither the
+            // owner's nor one already in the list (one host, one hop).
+            let ip = b.addr.ip;
+            if b.flags & BACKEND_F_DOWN != 0
+                || ip.is_ipv4() != owner.is_ipv4()
+                || hops[..=n].contains(&ip)
+            {
+                continue;
+            }
+            column.previous[s][n] = c.id;
+            n += 1;
+            hops[n] = ip;
+            column.last_end = Some(column.last_end.map_or(end, |e| e.max(end)));
+        }
+    }
+    column
 }
 
 /// Backend `id`, a candidate within its window, as the target holds it: in the target
