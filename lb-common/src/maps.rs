@@ -155,7 +155,7 @@ pub const LB_MAPS: &[MapSpec] = &[
         value_size: NAT_SCRATCH_SIZE,
         ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)
     }),
-    spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(1), 0),
+    spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(2), 0),
 ];
 
 /// The description of map `name`, if the object has it.

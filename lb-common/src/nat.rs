@@ -25,11 +25,16 @@ pub const NAT_REV_MAP: &str = "LB_NAT_REV";
 pub const NAT_ADDRS_MAP: &str = "LB_NAT_ADDRS";
 pub const NAT_ADDR_V4: u32 = 0;
 pub const NAT_ADDR_V6: u32 = 1;
-/// Programs the load balancer tail-calls: a program array; [`PROG_NAT`] holds `lb_nat`.
+/// Programs the load balancer tail-calls: a program array; [`PROG_NAT`] holds `lb_nat`,
+/// [`PROG_FULL`] holds `lb_full`.
 pub const PROGS_MAP: &str = "LB_PROGS";
 pub const PROG_NAT: u32 = 0;
 /// The NAT program's name in the object.
 pub const NAT_PROGRAM: &str = "lb_nat";
+/// Index of the full path's program (frames the express lane does not take) in [`PROGS_MAP`].
+pub const PROG_FULL: u32 = 1;
+/// The full path's program name in the object.
+pub const FULL_PROGRAM: &str = "lb_full";
 /// Default capacity of each NAT map (connections, counting closed ones still reserved).
 pub const DEFAULT_NAT_ENTRIES: u32 = 65536;
 /// Ports a new connection tries (from a random start) before it is refused

@@ -53,6 +53,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// NAT VIPs and answers to NAT addresses (`nat`): a program of its own, entered from
 /// [`lb_xdp`] by a tail call. Verifier note: a tail call starts a fresh 512-byte stack; the
 /// NAT path (two entries, two keys, FIB parameters) does not fit beside the rest.
+/// The full path, for the frames `lb_xdp`'s express lane does not take (IPv6, IPv4 with
+/// options or fragments), entered by a tail call: a program of its own, so the verifier walks
+/// its copy of the selection and the delivery once, apart from `lb_xdp`'s.
+#[xdp(frags)]
+pub fn lb_full(ctx: XdpContext) -> u32 {
+    path::full(&ctx)
+}
+
 #[xdp(frags)]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     // The whole frame (a jumbo one included): NAT's own work dwarfs the helper call.

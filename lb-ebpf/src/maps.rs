@@ -10,9 +10,10 @@ use lb_common::{
     BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE,
     FLOW_TABLE_PER_CPU, FlowCacheSlot, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
-    NextHopCache, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot, TableKey, VIP_F_PRESENT,
-    VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey,
-    flow_cache_index_of, probation_check, probation_slot, vip_filter_bit, vip_index_slot,
+    NextHopCache, PROG_FULL as PROG_FULL_INDEX, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot,
+    TableKey, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry,
+    VipInfo, VipKey, flow_cache_index_of, probation_check, probation_slot, vip_filter_bit,
+    vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -142,9 +143,11 @@ pub static LB_NAT_REV: HashMap<FlowKey, NatEntry> =
 
 /// Index of the NAT program in [`LB_PROGS`].
 pub const PROG_NAT: u32 = PROG_NAT_INDEX;
+/// Index of the full path's program in [`LB_PROGS`].
+pub const PROG_FULL: u32 = PROG_FULL_INDEX;
 
 #[map(name = "LB_PROGS")]
-pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 #[map(name = "LB_NAT_ADDRS")]
 pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(2, 0);

@@ -1,6 +1,7 @@
 //! A packet's way through `lb_xdp`: the VIP pre-filter (`parse::prefilter`), the express
-//! lane for a plain IPv4 TCP or UDP packet (`express`), or the full parse; then the backend's
-//! selection (`select`) and the delivery (`forward`, `encap`), or the NAT program (`nat`).
+//! lane for a plain IPv4 TCP or UDP packet (`express`), or the full parse in the tail-called
+//! `lb_full`; then the backend's selection (`select`) and the delivery (`forward`, `encap`),
+//! or the NAT program (`nat`).
 use aya_ebpf::programs::XdpContext;
 use lb_common::{ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
 
@@ -14,9 +15,8 @@ use crate::{
 /// `lb_xdp`'s body: the XDP action for the frame of `ctx`.
 #[inline(always)]
 pub fn lb(ctx: &XdpContext) -> u32 {
-    // The first buffer's length: the whole frame's for every frame the express lane takes;
-    // the full path replaces it for a multi-buffer frame (`try_lb`).
-    let mut len = (ctx.data_end() - ctx.data()) as u64;
+    // The first buffer's length: the whole frame's for every frame the express lane takes.
+    let len = (ctx.data_end() - ctx.data()) as u64;
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
     // the full path's verdict plumbing.
@@ -26,10 +26,34 @@ pub fn lb(ctx: &XdpContext) -> u32 {
         // flow cache or hands the packet to the full path already parsed.
         Ok(parse::Candidate::V4 { l3, dst }) => match parse::plain_v4(ctx, l3, dst[0]) {
             Some(p) => return express::balance(ctx, &p, len),
-            None => try_lb(ctx, parse::Candidate::V4 { l3, dst }, &mut len),
+            None => enter_full(ctx),
         },
-        Ok(candidate) => try_lb(ctx, candidate, &mut len),
+        Ok(_) => enter_full(ctx),
         Err(verdict) => return act(Err(verdict), len),
+    };
+    act(verdict, len)
+}
+
+/// Every other VIP candidate takes the full path in `lb_full`, a program of its own: the
+/// verifier walks the selection and the delivery once per inlined copy and cannot prune one
+/// copy against another, so the rarer way in keeps its copy out of `lb_xdp`'s walk.
+/// Returns only when the tail call failed (no program in the array): dropped as a send
+/// failure, as for the NAT program.
+#[inline(always)]
+fn enter_full(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    // SAFETY: tail call into our own program array; on success it does not return.
+    unsafe { maps::LB_PROGS.tail_call(ctx, maps::PROG_FULL) };
+    Err(Verdict::discard(Stat::DropTxError))
+}
+
+/// `lb_full`'s body: the frame parsed again from the start (cheaper than carrying the
+/// pre-filter's result across the tail call), then balanced.
+#[inline(always)]
+pub fn full(ctx: &XdpContext) -> u32 {
+    let mut len = (ctx.data_end() - ctx.data()) as u64;
+    let verdict = match parse::prefilter(ctx) {
+        Ok(candidate) => try_lb(ctx, candidate, &mut len),
+        Err(verdict) => Err(verdict),
     };
     act(verdict, len)
 }

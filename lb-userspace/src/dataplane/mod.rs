@@ -261,22 +261,29 @@ fn open_object(object: &[u8], opts: &LoadOptions, pin_dir: Option<&Path>) -> Res
         .map_err(Error::Load)
 }
 
-/// Loads every program of the object (the verifier runs here) and enters the NAT program in
-/// the program array its tail call goes through.
+/// Loads every program of the object (the verifier runs here) and enters the tail-called ones
+/// (NAT, the full path) in the program array.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
-    for name in [LB_PROGRAM, PASS_PROGRAM, lb_common::NAT_PROGRAM] {
+    for name in [
+        LB_PROGRAM,
+        PASS_PROGRAM,
+        lb_common::NAT_PROGRAM,
+        lb_common::FULL_PROGRAM,
+    ] {
         let prog = xdp_program(ebpf, name)?;
         load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
     }
-    // The NAT program is entered by a tail call through the (pinned) program array: a pin
-    // keeps the entry while no agent runs.
-    {
-        let name = lb_common::NAT_PROGRAM;
+    // The NAT program and the full path are entered by tail calls through the (pinned)
+    // program array: a pin keeps the entries while no agent runs.
+    for (index, name) in [
+        (lb_common::PROG_NAT, lb_common::NAT_PROGRAM),
+        (lb_common::PROG_FULL, lb_common::FULL_PROGRAM),
+    ] {
         let fd = xdp_program(ebpf, name)?
             .fd()
             .map_err(|source| Error::Program { name, source })?
             .try_clone()
-            .map_err(Error::io("duplicating the NAT program's fd"))?;
+            .map_err(Error::io(format!("duplicating program {name}'s fd")))?;
         let mut progs = aya::maps::ProgramArray::try_from(
             ebpf.map_mut(lb_common::PROGS_MAP)
                 .ok_or(Error::MissingMap {
@@ -285,7 +292,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         )
         .map_err(map_err(lb_common::PROGS_MAP))?;
         progs
-            .set(lb_common::PROG_NAT, &fd, 0)
+            .set(index, &fd, 0)
             .map_err(map_err(lb_common::PROGS_MAP))?;
     }
     let name = lb_common::HC_PROGRAM;
