@@ -115,6 +115,9 @@ pub enum Error {
     /// the agent keeps retrying.
     #[error("saved, but the data plane is not updated yet ({0}); the agent retries every second")]
     NotConverged(String),
+    /// etcd refused or failed a request (fleet mode), with its cause.
+    #[error(transparent)]
+    Store(#[from] crate::fleet::access::StoreError),
     /// An error reported by the agent over the API.
     #[error("{message}")]
     Remote { kind: ErrorKind, message: String },
@@ -138,6 +141,7 @@ impl Error {
             | Error::Kernel(_)
             | Error::Map { .. }
             | Error::NotConverged(_) => ErrorKind::Kernel,
+            Error::Store(e) => e.cause.kind(),
             Error::Remote { kind, .. } => *kind,
         }
     }

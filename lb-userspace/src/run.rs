@@ -269,6 +269,9 @@ async fn wait(opts: &RunOptions, node: &Node) -> Result<(), Error> {
 /// Runs the agent until Ctrl-C, SIGTERM or `duration`.
 pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let checked = check(&opts)?;
+    if let Some(store) = &opts.store {
+        crate::fleet::check_store(store).await?;
+    }
     ensure_bpffs(&opts.bpffs)?;
     let bpffs = opts
         .bpffs

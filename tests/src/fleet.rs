@@ -6,7 +6,12 @@ use std::time::{Duration, Instant};
 
 use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
 
-use crate::{AgentDir, ChildGuard, Netns, etcd::Etcd, l2fleet::L2Net, routed::Routed};
+use crate::{
+    AgentDir, ChildGuard, Netns,
+    etcd::{Etcd, Security},
+    l2fleet::L2Net,
+    routed::Routed,
+};
 
 /// What the fleet helpers need from a network.
 pub trait FleetNet {
@@ -95,6 +100,12 @@ impl Fleet<Routed> {
     /// The routed network, the backends (sample servers, `lb decap`), etcd and three agents
     /// following it as nodes lb0..lb2 of cluster `t`.
     pub fn new(tag: &str) -> anyhow::Result<Self> {
+        Self::with_security(tag, Security::Plain)
+    }
+
+    /// As [`Fleet::new`], with etcd serving `security` (TLS: every node gets the CA, and
+    /// its client certificate when etcd asks for one).
+    pub fn with_security(tag: &str, security: Security) -> anyhow::Result<Self> {
         let _turn = turn();
         let mut net = Routed::fleet(tag, NODES)?;
         for i in 1..=3 {
@@ -104,7 +115,9 @@ impl Fleet<Routed> {
         // A backend sends packets of moved slots on to the previous one (second chance) by
         // XDP_TX: delivered when the router's ends run XDP.
         net.xdp_pass_to_backends()?;
-        let etcd = Etcd::start(&net.router, "10.30.0.1")?;
+        let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, security)?;
         let mut f = Fleet { etcd, net, _turn };
         for k in 0..NODES {
             f.start(k)?;
@@ -121,8 +134,9 @@ impl<N: FleetNet> Fleet<N> {
 
     /// As [`Fleet::start`], with more `lb run` arguments.
     pub fn start_with(&mut self, k: usize, extra: &[&str]) -> anyhow::Result<()> {
-        let url = format!("etcd://{}:{}", self.net.store_addr(k), crate::etcd::PORT);
+        let url = self.etcd.url_at(&self.net.store_addr(k));
         let node = format!("lb{k}");
+        let access = self.etcd.client_args();
         let args = [
             "--mode",
             "native",
@@ -136,6 +150,7 @@ impl<N: FleetNet> Fleet<N> {
             METRICS,
         ];
         let mut args = args.to_vec();
+        args.extend(access.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let agent = self
             .net

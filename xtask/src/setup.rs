@@ -33,6 +33,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
+    // The secure fleet tests make their CA and certificates with the openssl CLI.
+    "openssl",
     // The fleet health test blocks one node's probes with a netfilter rule.
     "iptables",
     // `tests/tools/bpf-profile.py` (where the XDP program's time goes): perf's samples and

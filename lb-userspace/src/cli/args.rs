@@ -266,10 +266,27 @@ pub struct RunArgs {
     /// Counter lines as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Fleet mode: take the desired state from etcd (etcd://HOST:PORT[,HOST:PORT...]);
-    /// `vip`, `backend` and `apply` then write there and every node applies them.
+    /// Fleet mode: take the desired state from etcd (etcd://HOST:PORT[,HOST:PORT...], or
+    /// https://... for TLS); `vip`, `backend` and `apply` then write there and every node
+    /// applies them.
     #[arg(long, value_name = "URL", requires = "cluster")]
     pub store: Option<String>,
+    /// TLS store: the CA (PEM) that signed etcd's certificate; required with https://.
+    #[arg(long, value_name = "FILE", requires = "store")]
+    pub store_ca: Option<PathBuf>,
+    /// TLS store: this node's client certificate (PEM), when etcd checks clients.
+    #[arg(long, value_name = "FILE", requires_all = ["store", "store_key"])]
+    pub store_cert: Option<PathBuf>,
+    /// TLS store: the client certificate's private key (PEM; mode 600 or stricter).
+    #[arg(long, value_name = "FILE", requires_all = ["store", "store_cert"])]
+    pub store_key: Option<PathBuf>,
+    /// etcd user name (etcd's authentication; its role grants the cluster's prefix).
+    #[arg(long, value_name = "NAME", requires_all = ["store", "store_password_file"])]
+    pub store_user: Option<String>,
+    /// File holding the etcd user's password on one line (mode 600 or stricter; never on
+    /// the command line, where every local user sees it).
+    #[arg(long, value_name = "FILE", requires_all = ["store", "store_user"])]
+    pub store_password_file: Option<PathBuf>,
     /// Fleet mode: the cluster's name (its keys live under /xdp-lb/NAME/).
     #[arg(long, value_name = "NAME", requires = "store")]
     pub cluster: Option<String>,

@@ -139,8 +139,15 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
                     Some(n) => n,
                     None => nix_hostname()?,
                 };
+                let access = lb_userspace::fleet::access::AccessArgs {
+                    ca: a.store_ca,
+                    cert: a.store_cert,
+                    key: a.store_key,
+                    user: a.store_user,
+                    password_file: a.store_password_file,
+                };
                 Some(
-                    lb_userspace::fleet::FleetConfig::new(url, cluster, &node)
+                    lb_userspace::fleet::FleetConfig::new(url, &access, cluster, &node)
                         .map_err(lb_userspace::Error::Invalid)?,
                 )
             }

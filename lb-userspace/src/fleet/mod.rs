@@ -5,12 +5,14 @@
 //! - [`schema`]: key layout and per-key decoding (pure).
 //! - [`status`]: node statuses, the fleet health rule and divergence (pure).
 //! - [`store`]: etcd I/O with deadlines.
+//! - [`access`]: TLS, credentials, and failures named by their cause.
 //! - here: the follower (snapshot, watch, apply), the publisher and the writer.
 //!
 //! Faults: etcd unreachable keeps the last applied state forwarding and refuses changes,
 //! each node back to its own health view; on return the node reads a full snapshot at one
 //! revision and applies it whole (never half a revision); a restarted node serves its state
 //! file and catches up the same way.
+pub mod access;
 pub mod schema;
 pub mod status;
 pub mod store;
@@ -26,6 +28,7 @@ use crate::{
     Error,
     agent::Agent,
     fleet::{
+        access::{Access, AccessArgs},
         schema::Keys,
         status::NodeStatus,
         store::{Snapshot, Store},
@@ -40,38 +43,79 @@ const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Where the fleet's store is and who this node is.
+/// Where the fleet's store is, how to reach it, and who this node is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetConfig {
     pub endpoints: Vec<String>,
+    pub access: Access,
     pub cluster: String,
     pub node: String,
 }
 
 impl FleetConfig {
-    /// From `--store etcd://HOST:PORT[,HOST:PORT...]`, `--cluster` and `--node`.
-    pub fn new(store: &str, cluster: &str, node: &str) -> Result<Self, String> {
-        let rest = store.strip_prefix("etcd://").ok_or_else(|| {
-            format!("--store `{store}`: expected etcd://HOST:PORT[,HOST:PORT...]")
-        })?;
-        let endpoints: Vec<String> = rest.split(',').map(str::to_string).collect();
-        for e in &endpoints {
-            let ok = e
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
-                return Err(format!(
-                    "--store `{store}`: `{e}` is not HOST:PORT (e.g. etcd://127.0.0.1:2379)"
-                ));
-            }
-        }
+    /// From `--store etcd://HOST:PORT[,HOST:PORT...]` (or `https://...`), the TLS and
+    /// credential options, `--cluster` and `--node`. Reads the files `access` names.
+    pub fn new(
+        store: &str,
+        access: &AccessArgs,
+        cluster: &str,
+        node: &str,
+    ) -> Result<Self, String> {
+        let (tls, endpoints) = access::parse_store_url(store)?;
         Keys::new(cluster)?;
         schema::check_name("node", node)?;
         Ok(FleetConfig {
             endpoints,
+            access: Access::load(access, tls)?,
             cluster: cluster.into(),
             node: node.into(),
         })
+    }
+}
+
+/// Checked once when `lb run` starts, before anything is attached: a store that refuses this
+/// node (TLS, certificate, credentials, permissions) ends the start with the cause; one that
+/// does not answer yet is left to the follower, which serves the saved state meanwhile. An
+/// etcd that hangs up at once is asked again before that is taken as a refusal.
+pub async fn check_store(config: &FleetConfig) -> Result<(), crate::Error> {
+    let keys = Keys::new(&config.cluster).map_err(crate::Error::Invalid)?;
+    let mut last = None;
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let res = match store::Store::connect(config, keys.clone()).await {
+            Ok(store) => store.snapshot(None).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => return Ok(()),
+            Err(crate::Error::Store(mut e)) => {
+                let hung_up = access::first_contact(e.cause.clone(), &config.access);
+                if e.cause.is_setup() {
+                    return Err(crate::Error::Store(e));
+                }
+                if hung_up.is_setup() {
+                    e.cause = hung_up;
+                    last = Some(crate::Error::Store(e));
+                    continue;
+                }
+                last = Some(crate::Error::Store(e));
+                break;
+            }
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    match last {
+        Some(crate::Error::Store(e)) if e.cause.is_setup() => Err(crate::Error::Store(e)),
+        Some(e) => {
+            log::warn!("{e}: serving the saved state until etcd answers");
+            Ok(())
+        }
+        None => Ok(()),
     }
 }
 
@@ -187,7 +231,7 @@ impl Fleet {
     }
 
     async fn session(&self, agent: &Arc<Agent>) -> Result<(), Error> {
-        let store = Store::connect(&self.config.endpoints, self.keys.clone()).await?;
+        let store = Store::connect(&self.config, self.keys.clone()).await?;
         let snap = store.snapshot(None).await?;
         let mut watch = store.watch(snap.revision + 1).await?;
         self.apply(agent, &snap).await;
@@ -196,7 +240,7 @@ impl Fleet {
             let msg = watch
                 .message()
                 .await
-                .map_err(|e| Error::Unavailable(format!("etcd: watch: {}", store::short(&e))))?
+                .map_err(store.error("watching the configuration"))?
                 .ok_or_else(|| Error::Unavailable("etcd: the watch ended".into()))?;
             if msg.canceled() {
                 // Compacted past our revision, or the server went away: start over.
@@ -425,19 +469,22 @@ mod tests {
 
     #[test]
     fn store_urls_are_checked() {
-        let c = FleetConfig::new("etcd://127.0.0.1:2379,10.0.0.1:2379", "prod", "lb1").unwrap();
+        let none = AccessArgs::default();
+        let c =
+            FleetConfig::new("etcd://127.0.0.1:2379,10.0.0.1:2379", &none, "prod", "lb1").unwrap();
         assert_eq!(c.endpoints, ["127.0.0.1:2379", "10.0.0.1:2379"]);
+        assert_eq!(c.access, Access::default());
         for (url, want) in [
-            ("http://127.0.0.1:2379", "expected etcd://"),
+            ("grpc://127.0.0.1:2379", "expected etcd://"),
             ("etcd://127.0.0.1", "not HOST:PORT"),
             ("etcd://127.0.0.1:0", "not HOST:PORT"),
             ("etcd://", "not HOST:PORT"),
         ] {
-            let e = FleetConfig::new(url, "prod", "lb1").unwrap_err();
+            let e = FleetConfig::new(url, &none, "prod", "lb1").unwrap_err();
             assert!(e.contains(want), "{url}: {e}");
         }
         assert!(
-            FleetConfig::new("etcd://h:1", "prod", "a/b")
+            FleetConfig::new("etcd://h:1", &none, "prod", "a/b")
                 .unwrap_err()
                 .contains("invalid node name")
         );

@@ -49,6 +49,11 @@ impl Keys {
         })
     }
 
+    /// The cluster's prefix, `/xdp-lb/<cluster>/`.
+    pub fn root(&self) -> String {
+        self.root.clone()
+    }
+
     pub fn vips(&self) -> String {
         format!("{}vips/", self.root)
     }
@@ -84,8 +89,22 @@ pub struct Decoded {
     pub rejected: Vec<Rejected>,
 }
 
+/// Largest VIP value taken. One VIP holding `--max-backends` (4096 by default) backends,
+/// every one spelled at its longest (a full IPv6 address, a MAC, a weight, drained) stays
+/// under it (a unit test checks), so no configuration the node can hold is refused; the
+/// values of about 1.5 MiB etcd accepts by default are, so a key written with another tool
+/// cannot make every node parse and keep megabytes per revision.
+pub const MAX_VALUE: usize = 512 << 10;
+
 /// One VIP's value, checked by every rule a single VIP is checked by.
 pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipSpec), String> {
+    if value.len() > MAX_VALUE {
+        return Err(format!(
+            "value of {} bytes, above the {} KiB limit of a VIP's value",
+            value.len(),
+            MAX_VALUE >> 10
+        ));
+    }
     let name = key
         .strip_prefix(&keys.vips())
         .ok_or_else(|| format!("not under {}", keys.vips()))?;
@@ -214,6 +233,31 @@ mod tests {
                 key: "/xdp-lb/c/vips/10.0.0.10:80/tcp".into()
             }]
         );
+    }
+
+    #[test]
+    fn the_largest_vip_a_node_holds_fits_under_the_value_limit() {
+        let keys = Keys::new("c").unwrap();
+        let mut spec = VipSpec::default();
+        for i in 0..lb_common::DEFAULT_MAX_BACKENDS {
+            let addr = format!("2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}");
+            spec.backends.insert(
+                addr.parse().unwrap(),
+                BackendSpec {
+                    weight: 65535,
+                    mac: Some("aa:bb:cc:dd:ee:ff".parse().unwrap()),
+                    drained: true,
+                },
+            );
+        }
+        let value = serde_json::to_vec(&spec).unwrap();
+        assert!(value.len() < MAX_VALUE, "{}", value.len());
+        let key = "/xdp-lb/c/vips/[2001:db8::10]:80/tcp";
+        decode_vip(&keys, key, &value).unwrap();
+        let mut big = value.clone();
+        big.resize(MAX_VALUE + 1, b' ');
+        let e = decode_vip(&keys, key, &big).unwrap_err();
+        assert!(e.contains("above the 512 KiB limit"), "{e}");
     }
 
     #[test]

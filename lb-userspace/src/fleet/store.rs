@@ -5,17 +5,33 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, TxnOp, TxnOpResponse,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, PutOptions, TxnOp,
+    WatchClient, WatchOptions, WatchStream,
 };
 
 use crate::{
     Error,
-    fleet::schema::{Keys, Write},
+    fleet::{
+        FleetConfig,
+        access::{self, Access, StoreError},
+        schema::{Keys, Write},
+    },
 };
 
 /// Deadline of one etcd request (and of connecting).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest gRPC message this client decodes (tonic's default is 4 MiB, which one snapshot of
+/// a few large values passed and froze every node). Reads are paged (below), so a message
+/// holds at most [`PAGE`] values; etcd refuses a request, and so a value, above its
+/// `--max-request-bytes` (1.5 MiB unless raised; etcd advises at most 10 MiB), so this bound
+/// leaves room for several pages' worth of the largest values etcd accepts by default and
+/// for any single value etcd's advice allows, while still capping what one answer makes
+/// this node hold.
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Keys per range read to start with: a configuration of small VIP values is read in few
+/// round trips. A page above [`MAX_MESSAGE`] is read again in halves, down to one key.
+const PAGE: i64 = 64;
 
 /// The configuration at one revision.
 #[derive(Clone, Debug, Default)]
@@ -43,89 +59,132 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    kv: KvClient,
+    watcher: WatchClient,
+    access: Access,
+    /// The endpoints with their scheme, for messages.
+    at: String,
     pub keys: Keys,
 }
 
-fn unavailable(what: &str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
-    move |e| Error::Unavailable(format!("etcd: {what}: {}", short(&e)))
+/// The key right after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
-/// One short line for an etcd error: gRPC's message and the innermost cause (e.g. "tcp
-/// connect error: Connection refused (os error 111)"), not tonic's whole debug chain.
-pub(crate) fn short(e: &etcd_client::Error) -> String {
-    let mut innermost: &dyn std::error::Error = e;
-    while let Some(next) = innermost.source() {
-        innermost = next;
-    }
-    let head = match e {
-        etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => s.message().to_string(),
-        _ => e.to_string(),
-    };
-    let cause = innermost.to_string();
-    if std::ptr::addr_eq(innermost, e) || head.contains(&cause) {
-        head
-    } else {
-        format!("{head}: {cause}")
-    }
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("decoded message length too large"))
 }
 
 impl Store {
-    /// Connects to the first reachable of `endpoints` (`host:port`).
-    pub async fn connect(endpoints: &[String], keys: Keys) -> Result<Self, Error> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            // HTTP/2 pings find a dead peer on an idle watch. Not more often than every 5 s:
-            // etcd's --grpc-keepalive-min-time (5 s) answers faster pings with GOAWAY.
-            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(opts)))
-            .await
-            .map_err(|_| {
-                Error::Unavailable(format!(
-                    "etcd: no answer from {} within {REQUEST_TIMEOUT:?}",
-                    endpoints.join(",")
-                ))
-            })?
-            .map_err(unavailable("connecting"))?;
-        Ok(Store { client, keys })
+    /// Connects to the first reachable of the configured endpoints, with TLS and credentials
+    /// when given. With a user, this authenticates (etcd's first answer); otherwise the first
+    /// request is the first contact.
+    pub async fn connect(config: &FleetConfig, keys: Keys) -> Result<Self, Error> {
+        let access = config.access.clone();
+        let at = format!("{}://{}", access.scheme(), config.endpoints.join(","));
+        let opts = access.apply(
+            ConnectOptions::new()
+                .with_connect_timeout(REQUEST_TIMEOUT)
+                .with_timeout(REQUEST_TIMEOUT)
+                // HTTP/2 pings find a dead peer on an idle watch. Not more often than every
+                // 5 s: etcd's --grpc-keepalive-min-time (5 s) answers faster pings with GOAWAY.
+                .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
+                .with_keep_alive_while_idle(true),
+        );
+        let client = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            Client::connect(&config.endpoints, Some(opts)),
+        )
+        .await
+        .map_err(|_| {
+            Error::Store(StoreError {
+                at: at.clone(),
+                what: "connecting",
+                cause: access::Cause::Unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")),
+            })
+        })?
+        .map_err(|e| {
+            Error::Store(StoreError {
+                at: at.clone(),
+                what: "connecting",
+                cause: access::classify(&e, &access, &keys.root()),
+            })
+        })?;
+        Ok(Store {
+            kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+            watcher: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+            client,
+            access,
+            at,
+            keys,
+        })
     }
 
-    /// The VIP keys and the `meta` key, read in one transaction (one revision), or at
-    /// `revision` when given.
+    /// The typed error of a failed request doing `what`.
+    pub fn error(&self, what: &'static str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
+        move |e| {
+            Error::Store(StoreError {
+                at: self.at.clone(),
+                what,
+                cause: access::classify(&e, &self.access, &self.keys.root()),
+            })
+        }
+    }
+
+    /// The VIP keys and the `meta` key, all read at one revision (`revision`, or the store's
+    /// current one). The VIP keys are read in pages so that no answer passes
+    /// [`MAX_MESSAGE`] whatever the values under the prefix add up to.
     pub async fn snapshot(&self, revision: Option<i64>) -> Result<Snapshot, Error> {
-        let mut vips = GetOptions::new().with_prefix();
+        let fail = || self.error("reading the configuration");
+        let mut kv = self.kv.clone();
         let mut meta = GetOptions::new();
         if let Some(r) = revision {
-            vips = vips.with_revision(r);
             meta = meta.with_revision(r);
         }
-        let txn = etcd_client::Txn::new().and_then([
-            TxnOp::get(self.keys.vips(), Some(vips)),
-            TxnOp::get(self.keys.meta(), Some(meta)),
-        ]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(unavailable("reading the configuration"))?;
+        let resp = kv.get(self.keys.meta(), Some(meta)).await.map_err(fail())?;
+        let rev = revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision()));
         let mut snap = Snapshot {
-            revision: revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision())),
+            revision: rev,
+            meta: resp.kvs().first().map_or(0, |kv| kv.mod_revision()),
             ..Snapshot::default()
         };
-        for (i, r) in resp.op_responses().into_iter().enumerate() {
-            let TxnOpResponse::Get(g) = r else { continue };
-            for kv in g.kvs() {
-                if i == 0 {
-                    snap.newest = snap.newest.max(kv.mod_revision());
-                    snap.vips.push((
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        kv.value().to_vec(),
-                    ));
-                } else {
-                    snap.meta = kv.mod_revision();
+        let end = prefix_end(&self.keys.vips());
+        let mut from = self.keys.vips().into_bytes();
+        let mut limit = PAGE;
+        loop {
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_revision(rev)
+                .with_limit(limit);
+            let page = match kv.get(from.clone(), Some(opts)).await {
+                Ok(page) => page,
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit /= 2;
+                    continue;
                 }
+                Err(e) => return Err(fail()(e)),
+            };
+            for kv in page.kvs() {
+                snap.newest = snap.newest.max(kv.mod_revision());
+                snap.vips.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                ));
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
         Ok(snap)
@@ -160,7 +219,7 @@ impl Store {
             .clone()
             .txn(txn)
             .await
-            .map_err(unavailable("writing the configuration"))?;
+            .map_err(self.error("writing the configuration"))?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map_or(0, |h| h.revision())))
@@ -168,7 +227,9 @@ impl Store {
 
     /// Watches the VIP keys from `from` on.
     pub async fn watch(&self, from: i64) -> Result<WatchStream, Error> {
-        self.client
+        // Events only wake the follower (it reads a snapshot at their revision), so large
+        // revisions may come in fragments.
+        self.watcher
             .clone()
             .watch(
                 self.keys.vips(),
@@ -176,20 +237,24 @@ impl Store {
                     WatchOptions::new()
                         .with_prefix()
                         .with_start_revision(from)
-                        .with_progress_notify(),
+                        .with_progress_notify()
+                        .with_fragment(),
                 ),
             )
             .await
-            .map_err(unavailable("watching the configuration"))
+            .map_err(self.error("watching the configuration"))
     }
 
     /// Watches the node statuses (every write of any node).
     pub async fn watch_nodes(&self) -> Result<WatchStream, Error> {
-        self.client
+        self.watcher
             .clone()
-            .watch(self.keys.nodes(), Some(WatchOptions::new().with_prefix()))
+            .watch(
+                self.keys.nodes(),
+                Some(WatchOptions::new().with_prefix().with_fragment()),
+            )
             .await
-            .map_err(unavailable("watching node statuses"))
+            .map_err(self.error("watching node statuses"))
     }
 
     /// A lease of `ttl` seconds for this node's status.
@@ -199,7 +264,7 @@ impl Store {
             .clone()
             .lease_grant(ttl, None)
             .await
-            .map_err(unavailable("granting a lease"))?
+            .map_err(self.error("granting a lease"))?
             .id())
     }
 
@@ -217,32 +282,32 @@ impl Store {
         {
             Ok(_) => {}
             Err(e) if e.to_string().contains("lease not found") => return Ok(false),
-            Err(e) => return Err(unavailable("writing the node status")(e)),
+            Err(e) => return Err(self.error("writing the node status")(e)),
         }
         // Renew once per write: the lease lives while this node keeps writing.
         let (mut keeper, mut stream) = c
             .lease_keep_alive(lease)
             .await
-            .map_err(unavailable("renewing the lease"))?;
+            .map_err(self.error("renewing the lease"))?;
         keeper
             .keep_alive()
             .await
-            .map_err(unavailable("renewing the lease"))?;
+            .map_err(self.error("renewing the lease"))?;
         let renewed = stream
             .message()
             .await
-            .map_err(unavailable("renewing the lease"))?;
+            .map_err(self.error("renewing the lease"))?;
         Ok(renewed.is_some_and(|r| r.ttl() > 0))
     }
 
     /// Every node status currently alive (key suffix, value).
     pub async fn nodes(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let resp = self
-            .client
+            .kv
             .clone()
             .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(unavailable("reading node statuses"))?;
+            .map_err(self.error("reading node statuses"))?;
         Ok(resp
             .kvs()
             .iter()

@@ -194,9 +194,15 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
     // A value written with another tool (etcdctl: no `meta` bump) between a writer's read
     // and its commit: the commit is refused, the other tool's value stays.
     let keys = || lb_userspace::fleet::schema::Keys::new("t").map_err(anyhow::Error::msg);
-    let endpoints = vec![format!("10.30.0.1:{}", lb_tests::etcd::PORT)];
+    let config = lb_userspace::fleet::FleetConfig::new(
+        &format!("etcd://10.30.0.1:{}", lb_tests::etcd::PORT),
+        &Default::default(),
+        "t",
+        "x",
+    )
+    .map_err(anyhow::Error::msg)?;
     let store_call = |commit: Option<lb_userspace::fleet::store::Snapshot>| {
-        let endpoints = endpoints.clone();
+        let config = config.clone();
         f.net.router.run(
             move || -> anyhow::Result<(lb_userspace::fleet::store::Snapshot, Option<i64>)> {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -204,7 +210,7 @@ fn concurrent_changes_from_different_nodes_are_never_lost() -> anyhow::Result<()
                     .build()?;
                 rt.block_on(async {
                     let store =
-                        lb_userspace::fleet::store::Store::connect(&endpoints, keys()?).await?;
+                        lb_userspace::fleet::store::Store::connect(&config, keys()?).await?;
                     match commit {
                         None => Ok((store.snapshot(None).await?, None)),
                         Some(snap) => {
