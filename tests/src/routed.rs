@@ -312,6 +312,26 @@ impl Routed {
         Ok(())
     }
 
+    /// One more host on the router, IPv4 only: `10.{net}.0.2/24` on its `eth0`, the router's
+    /// end `10.{net}.0.1`. Neither end has IPv6, so nothing but what is sent to the host (no
+    /// neighbour discovery, no MLD) reaches its link: its receive counter can be read as
+    /// "was anything sent here". Outside [`TRUSTED`] (a stranger to the backends).
+    pub fn add_host(&self, tag: &str, net: u8) -> anyhow::Result<Netns> {
+        let host = Netns::new(tag)?;
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        let peer = veth_named(&host, "eth0", &self.router)?;
+        self.router
+            .sysctl(&format!("net.ipv6.conf.{peer}.disable_ipv6"), "1")?;
+        host.ip(&["addr", "add", &format!("10.{net}.0.2/24"), "dev", "eth0"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        self.router
+            .ip(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &peer])?;
+        self.router.ip(&["link", "set", &peer, "up"])?;
+        host.ip(&["route", "add", "default", "via", &format!("10.{net}.0.1")])?;
+        Ok(host)
+    }
+
     /// Starts a sample HTTP backend on port 80 (both families) in backend `i` (1..=3).
     pub fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
         let child = crate::proc::sample_backend(&self.backends[i - 1], 80, i)?;
