@@ -29,10 +29,13 @@ pub const VIP_MIXED: &str = "10.0.0.11";
 pub const CLIENT4: &str = "10.20.0.2";
 
 /// Who the backends trust to send them tunnels (`lb decap --trusted-source`): the load
-/// balancers' sending side (eth1 of every node: 10.31.K.2, fd00:31::2, fd00:31:K::2; also the
-/// fixtures' load balancer in [`FibNs`]) and the peer backends second chance forwards from
-/// (10.4I.0.2, fd00:4I::2). Not the client's or any other subnet.
-pub const TRUSTED: [&str; 8] = [
+/// balancers (their encapsulation source, eth0's address 10.30.K.2 / fd00:30::2 /
+/// fd00:30:K::2, and their sending side eth1, 10.31.K.2 and the like, also the fixtures' load
+/// balancer in [`FibNs`]) and the peer backends second chance forwards from (10.4I.0.2,
+/// fd00:4I::2). Not the client's or any other subnet.
+pub const TRUSTED: [&str; 10] = [
+    "10.30.0.0/16",
+    "fd00:30::/32",
     "10.31.0.0/16",
     "fd00:31::/32",
     "10.41.0.0/24",
