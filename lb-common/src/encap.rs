@@ -213,6 +213,34 @@ pub const DECAP_STATS_MAP: &str = "DECAP_STATS";
 pub const DECAP_CONFIG_GLOBAL: &str = "DECAP_CONFIG";
 /// Capacity of each decap address map.
 pub const DECAP_MAX_ADDRS: u32 = 1024;
+/// Who may send this backend tunnels (`lb decap --trusted-source`): an LPM trie keyed by
+/// [`TrustedKey`] (with the trie's prefix length in front), value `u32` (1). The load
+/// balancers' addresses and `--ipip-source-prefix` ranges, and the peer backends second chance
+/// forwards from; also the hops second chance may forward to.
+pub const DECAP_TRUSTED_MAP: &str = "DECAP_TRUSTED";
+/// Capacity of [`DECAP_TRUSTED_MAP`].
+pub const DECAP_MAX_TRUSTED: u32 = 1024;
+
+/// The data of a [`DECAP_TRUSTED_MAP`] key: the family first, so one trie holds both families
+/// (the trie's prefix length counts the family's 32 bits plus the address prefix), then the
+/// address as in [`DecapAddr`] (network byte order; IPv4 in `[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrustedKey {
+    /// [`FAMILY_V4`] or [`crate::FAMILY_V6`].
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<TrustedKey>() == 20);
+
+impl TrustedKey {
+    /// Bits of the trie's prefix length taken by the family.
+    pub const FAMILY_BITS: u32 = 32;
+}
+
+// SAFETY: `#[repr(C)]` integers, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TrustedKey {}
 
 counter_enum! {
     /// What the decap program did with a packet.
@@ -248,6 +276,12 @@ counter_enum! {
         /// A multi-buffer (jumbo) frame whose outer or inner headers do not all sit in its first
         /// buffer: passed untouched (not malformed; the stack has no tunnel to take it either).
         PassSplitHeaders = "passed_split_headers",
+        /// A tunnel to this host whose outer source is not in `--trusted-source` (not a load
+        /// balancer nor a peer backend): dropped, neither decapsulated nor forwarded.
+        UntrustedSource = "decap_untrusted_source",
+        /// Second chance: the next hop is not in `--trusted-source`, so the packet is not sent
+        /// there (this host is no relay to arbitrary addresses): kept, as with no hop left.
+        HopUntrusted = "decap_hop_untrusted",
     }
 }
 

@@ -1,7 +1,7 @@
 //! `lb decap`: the backend side of encapsulated forwarding. Attaches the decapsulation
 //! program to a backend's interface through a pinned link (it stays when the command exits,
-//! like the agent's), fills its maps with this host's addresses and the VIPs it serves, shows
-//! its counters, prints the backend's one-time setup, and detaches.
+//! like the agent's), fills its maps with this host's addresses, the VIPs it serves and the
+//! senders it trusts, shows its counters, prints the backend's one-time setup, and detaches.
 //!
 //! Running it again converges: the program is replaced in place (no packet sees no program)
 //! and the address maps are rewritten to exactly what was asked.
@@ -13,12 +13,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
+use ipnet::IpNet;
 use lb_common::{
-    Counter, DECAP_CONFIG_GLOBAL, DECAP_MAX_LOCAL, DECAP_STATS_MAP, DECAP_VIPS_MAP, DecapAddr,
-    DecapConfig, DecapStat,
+    Counter, DECAP_CONFIG_GLOBAL, DECAP_MAX_LOCAL, DECAP_MAX_TRUSTED, DECAP_STATS_MAP,
+    DECAP_TRUSTED_MAP, DECAP_VIPS_MAP, DecapAddr, DecapConfig, DecapStat, TrustedKey,
 };
 
 use crate::{
@@ -63,6 +64,10 @@ pub struct DecapOptions {
     pub vips: BTreeSet<IpAddr>,
     /// This host's outer addresses (tunnels to other addresses pass untouched).
     pub local: BTreeSet<IpAddr>,
+    /// Who may send this host tunnels, and the hops second chance may forward to.
+    pub trusted: BTreeSet<IpNet>,
+    /// Take tunnels from anyone (`--trust-any-source`, for a lab): `trusted` must be empty.
+    pub trust_any: bool,
     pub gue_port: u16,
     pub bpffs: PathBuf,
 }
@@ -72,7 +77,52 @@ pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
     bpffs.join("xdp-lb-decap").join(iface)
 }
 
-const PINNED_MAPS: [&str; 2] = [DECAP_VIPS_MAP, DECAP_STATS_MAP];
+const PINNED_MAPS: [&str; 3] = [DECAP_VIPS_MAP, DECAP_STATS_MAP, DECAP_TRUSTED_MAP];
+
+/// What `--trust-any-source` trusts: every address of both families.
+pub fn any_source() -> BTreeSet<IpNet> {
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .map(|p| p.parse().expect("a valid prefix"))
+        .collect()
+}
+
+/// Parses a `--trusted-source`: a prefix (`10.31.0.0/16`, `fd00:31::/48`) or one address (a
+/// host prefix). A prefix with host bits set is refused rather than silently widened or cut:
+/// the operator meant something else.
+pub fn parse_trusted(s: &str) -> Result<IpNet, String> {
+    let net = match s.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(ip) => IpNet::from(ip),
+            Err(_) => {
+                return Err(format!(
+                    "invalid trusted source `{s}`: expected an address or ADDRESS/LENGTH, e.g. \
+                     10.31.0.0/16 or fd00:31::/48"
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "invalid trusted source `{s}`: host bits set (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// The trie key of `net`: the family's bits, then the prefix's.
+fn trusted_key(net: &IpNet) -> Key<TrustedKey> {
+    let ip = net.network();
+    Key::new(
+        TrustedKey::FAMILY_BITS + u32::from(net.prefix_len()),
+        TrustedKey {
+            family: u32::from(family(ip)),
+            addr: addr_words(ip),
+        },
+    )
+}
 
 /// Reads a VIP list file: one address per line, `#` comments and blank lines ignored.
 pub fn read_vip_file(path: &Path) -> Result<Vec<IpAddr>, Error> {
@@ -114,6 +164,26 @@ pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
         return Err(Error::Invalid(format!(
             "{} has no global address to receive tunnels on: give --local ADDR",
             opts.iface
+        )));
+    }
+    if opts.trusted.is_empty() && !opts.trust_any {
+        return Err(Error::Invalid(
+            "give who may send this backend tunnels: --trusted-source PREFIX (repeatable: the \
+             load balancers' addresses and --ipip-source-prefix ranges, and the peer backends \
+             second chance forwards from), or --trust-any-source in a lab"
+                .into(),
+        ));
+    }
+    if opts.trust_any && !opts.trusted.is_empty() {
+        return Err(Error::Invalid(
+            "--trust-any-source trusts every sender: give it without --trusted-source".into(),
+        ));
+    }
+    if opts.trusted.len() > DECAP_MAX_TRUSTED as usize {
+        return Err(Error::Invalid(format!(
+            "{} trusted sources given: at most {DECAP_MAX_TRUSTED} (name prefixes rather than \
+             hosts)",
+            opts.trusted.len()
         )));
     }
     if opts.gue_port == 0 {
@@ -175,6 +245,9 @@ pub fn load_from(
     for (slot, ip) in cfg.local.iter_mut().zip(local) {
         *slot = key(*ip);
     }
+    if let Some(dir) = maps {
+        drop_stale_stats(dir);
+    }
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match maps {
         Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
@@ -218,6 +291,45 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
         .map_err(|source| Error::Program { name, source })
 }
 
+/// A pinned counter map of another size (pinned by a build with other counters) would be
+/// adopted as it is, and the counters past its end silently lost: it is unpinned instead, so
+/// the load makes one of the right size (the counters start from zero; the program that
+/// still uses the old one is replaced by the attach that follows).
+fn drop_stale_stats(dir: &Path) {
+    let path = dir.join(DECAP_STATS_MAP);
+    let Ok(map) = MapData::from_pin(&path) else {
+        return;
+    };
+    let stale = map
+        .info()
+        .is_ok_and(|i| i.max_entries() != DecapStat::COUNT);
+    if stale {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Rewrites the trusted-sender trie to exactly `trusted`. New entries go in before stale ones
+/// go, so a sender in both the old and the new set is never refused in between.
+pub fn set_trusted(ebpf: &mut Ebpf, trusted: &BTreeSet<IpNet>) -> Result<(), Error> {
+    let name = DECAP_TRUSTED_MAP;
+    let m = ebpf.map_mut(name).ok_or(Error::MissingMap { name })?;
+    let mut m: LpmTrie<_, TrustedKey, u32> =
+        LpmTrie::try_from(m).map_err(|source| Error::Map { name, source })?;
+    let want: Vec<Key<TrustedKey>> = trusted.iter().map(trusted_key).collect();
+    let same = |a: &Key<TrustedKey>, b: &Key<TrustedKey>| {
+        a.prefix_len() == b.prefix_len() && a.data() == b.data()
+    };
+    for k in &want {
+        m.insert(k, 1, 0)
+            .map_err(|source| Error::Map { name, source })?;
+    }
+    let have: Vec<Key<TrustedKey>> = m.keys().filter_map(Result::ok).collect();
+    for k in have.iter().filter(|k| !want.iter().any(|w| same(k, w))) {
+        m.remove(k).map_err(|source| Error::Map { name, source })?;
+    }
+    Ok(())
+}
+
 /// Rewrites the VIP map to exactly `vips`.
 pub fn set_vips(ebpf: &mut Ebpf, vips: &BTreeSet<IpAddr>) -> Result<(), Error> {
     for (map, want) in [(DECAP_VIPS_MAP, vips)] {
@@ -240,8 +352,14 @@ pub fn set_vips(ebpf: &mut Ebpf, vips: &BTreeSet<IpAddr>) -> Result<(), Error> {
 
 fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
     let mut ebpf = load(opts.gue_port, &opts.local, Some(&dir.join("maps")))?;
-    // VIPs first: a fresh program must find them the moment it is attached.
+    // VIPs and senders first: a fresh program must find them the moment it is attached.
     set_vips(&mut ebpf, &opts.vips)?;
+    let trusted = if opts.trust_any {
+        any_source()
+    } else {
+        opts.trusted.clone()
+    };
+    set_trusted(&mut ebpf, &trusted)?;
     let link = dir.join(opts.hook.link());
     let existed = link.exists();
     let how = match opts.hook {
@@ -277,8 +395,18 @@ fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
             opts.iface
         ),
     };
+    let from = if opts.trust_any {
+        "any sender (--trust-any-source)".to_string()
+    } else {
+        opts.trusted
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     Ok(format!(
-        "decap {what}: tunnels (ipip, gue port {}) to {} for VIPs {} are decapsulated",
+        "decap {what}: tunnels (ipip, gue port {}) to {} for VIPs {} from {from} are \
+         decapsulated; tunnels from other senders are dropped",
         opts.gue_port,
         list(&opts.local),
         list(&opts.vips)
@@ -346,8 +474,9 @@ pub fn stats(iface: &str, bpffs: &Path) -> Result<Vec<(&'static str, Counter)>, 
     Ok(out)
 }
 
-/// The backend's one-time setup for `vips` on `iface`, as shell commands.
-pub fn setup_script(iface: &str, vips: &BTreeSet<IpAddr>) -> String {
+/// The backend's one-time setup for `vips` on `iface`, taking tunnels from `trusted`, as
+/// shell commands. With no trusted source given, the command names what to put there.
+pub fn setup_script(iface: &str, vips: &BTreeSet<IpAddr>, trusted: &BTreeSet<IpNet>) -> String {
     let mut s = String::from(
         "# One-time setup of a backend behind an encapsulating VIP (run as root).\n\
          # The VIP lives on lo, so the stack accepts the decapsulated packets and answers\n\
@@ -363,11 +492,22 @@ pub fn setup_script(iface: &str, vips: &BTreeSet<IpAddr>) -> String {
          # The inner packet comes from the client but arrives on {iface}: loose or no\n\
          # reverse-path filtering (strict mode drops it when the client's route differs).\n\
          sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{iface}.rp_filter=2\n\
-         # Then attach the decapsulation program (stays attached across restarts):\n\
-         lb decap --iface {iface}{}\n",
+         # Then attach the decapsulation program (stays attached across restarts). It takes\n\
+         # tunnels only from --trusted-source: every load balancer's encapsulation source\n\
+         # (its --encap-source or interface address, and its --ipip-source-prefix), and the\n\
+         # peer backends second chance forwards from.\n\
+         lb decap --iface {iface}{}{}\n",
         vips.iter()
             .map(|v| format!(" --vip {v}"))
-            .collect::<String>()
+            .collect::<String>(),
+        if trusted.is_empty() {
+            " --trusted-source LB_PREFIX --trusted-source PEER_PREFIX".to_string()
+        } else {
+            trusted
+                .iter()
+                .map(|t| format!(" --trusted-source {t}"))
+                .collect::<String>()
+        }
     ));
     s
 }
@@ -396,9 +536,52 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let s = setup_script("eth0", &vips);
+        let s = setup_script("eth0", &vips, &BTreeSet::new());
         assert!(s.contains("ip addr add 10.0.0.10/32 dev lo"));
         assert!(s.contains("ip addr add 2001:db8::10/128 dev lo"));
-        assert!(s.contains("lb decap --iface eth0 --vip 10.0.0.10 --vip 2001:db8::10"));
+        assert!(s.contains(
+            "lb decap --iface eth0 --vip 10.0.0.10 --vip 2001:db8::10 --trusted-source LB_PREFIX"
+        ));
+        let trusted = ["10.31.0.0/16", "fd00:31::/48"]
+            .iter()
+            .map(|p| parse_trusted(p).unwrap())
+            .collect();
+        let s = setup_script("eth0", &vips, &trusted);
+        assert!(
+            s.contains("--trusted-source 10.31.0.0/16 --trusted-source fd00:31::/48"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn trusted_sources_are_read_strictly() {
+        assert_eq!(
+            parse_trusted("10.31.0.0/16").unwrap().to_string(),
+            "10.31.0.0/16"
+        );
+        assert_eq!(
+            parse_trusted("10.31.0.2").unwrap().to_string(),
+            "10.31.0.2/32"
+        );
+        assert_eq!(
+            parse_trusted("fd00:31::2").unwrap().to_string(),
+            "fd00:31::2/128"
+        );
+        assert_eq!(parse_trusted("::/0").unwrap().to_string(), "::/0");
+        let e = parse_trusted("10.31.0.2/16").unwrap_err();
+        assert!(e.contains("did you mean 10.31.0.0/16"), "{e}");
+        for bad in ["10.31.0.0/33", "lb1", "10.31.0.0/", ""] {
+            assert!(parse_trusted(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn trie_keys_put_the_family_first() {
+        let k = trusted_key(&parse_trusted("10.31.0.0/16").unwrap());
+        assert_eq!(k.prefix_len(), 32 + 16);
+        assert_eq!(k.data().family, 4);
+        assert_eq!(k.data().addr[0].to_ne_bytes(), [10, 31, 0, 0]);
+        let k = trusted_key(&parse_trusted("::/0").unwrap());
+        assert_eq!((k.prefix_len(), k.data().family), (32, 6));
     }
 }

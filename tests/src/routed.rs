@@ -28,6 +28,35 @@ pub const VIP6: &str = "2001:db8::10";
 pub const VIP_MIXED: &str = "10.0.0.11";
 pub const CLIENT4: &str = "10.20.0.2";
 
+/// Who the backends trust to send them tunnels (`lb decap --trusted-source`): the load
+/// balancers (their encapsulation source, eth0's address 10.30.K.2 / fd00:30::2 /
+/// fd00:30:K::2, and their sending side eth1, 10.31.K.2 and the like, also the fixtures' load
+/// balancer in [`FibNs`]) and the peer backends second chance forwards from (10.4I.0.2,
+/// fd00:4I::2). Not the client's or any other subnet.
+pub const TRUSTED: [&str; 10] = [
+    "10.30.0.0/16",
+    "fd00:30::/32",
+    "10.31.0.0/16",
+    "fd00:31::/32",
+    "10.41.0.0/24",
+    "10.42.0.0/24",
+    "10.43.0.0/24",
+    "fd00:41::/64",
+    "fd00:42::/64",
+    "fd00:43::/64",
+];
+
+/// Fills a freshly loaded decap object's trusted senders with [`TRUSTED`] (what `lb decap`
+/// does from its `--trusted-source` flags).
+pub fn trust_routed(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let set = TRUSTED
+        .iter()
+        .map(|p| lb_userspace::decap::parse_trusted(p).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    lb_userspace::decap::set_trusted(ebpf, &set)?;
+    Ok(())
+}
+
 pub fn backend4(i: usize) -> String {
     format!("10.4{i}.0.2")
 }
@@ -286,6 +315,26 @@ impl Routed {
         Ok(())
     }
 
+    /// One more host on the router, IPv4 only: `10.{net}.0.2/24` on its `eth0`, the router's
+    /// end `10.{net}.0.1`. Neither end has IPv6, so nothing but what is sent to the host (no
+    /// neighbour discovery, no MLD) reaches its link: its receive counter can be read as
+    /// "was anything sent here". Outside [`TRUSTED`] (a stranger to the backends).
+    pub fn add_host(&self, tag: &str, net: u8) -> anyhow::Result<Netns> {
+        let host = Netns::new(tag)?;
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        let peer = veth_named(&host, "eth0", &self.router)?;
+        self.router
+            .sysctl(&format!("net.ipv6.conf.{peer}.disable_ipv6"), "1")?;
+        host.ip(&["addr", "add", &format!("10.{net}.0.2/24"), "dev", "eth0"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        self.router
+            .ip(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &peer])?;
+        self.router.ip(&["link", "set", &peer, "up"])?;
+        host.ip(&["route", "add", "default", "via", &format!("10.{net}.0.1")])?;
+        Ok(host)
+    }
+
     /// Starts a sample HTTP backend on port 80 (both families) in backend `i` (1..=3).
     pub fn start_sample(&mut self, i: usize) -> anyhow::Result<()> {
         let child = crate::proc::sample_backend(&self.backends[i - 1], 80, i)?;
@@ -293,13 +342,22 @@ impl Routed {
         Ok(())
     }
 
-    /// Runs `lb decap` on backend `i`'s interface for every VIP; returns its output.
+    /// Runs `lb decap` on backend `i`'s interface for every VIP, trusting the load balancers
+    /// and the peers ([`TRUSTED`]) unless `extra` names its own senders; returns its output.
     pub fn decap(&self, i: usize, extra: &[&str]) -> anyhow::Result<String> {
         let mut cmd = self.backends[i - 1].lb()?;
         cmd.args(["decap", "--iface", &backend_dev(i), "--bpffs"])
             .arg(&self.dir.bpffs)
-            .args(["--vip", VIP4, "--vip", VIP6, "--vip", VIP_MIXED])
-            .args(extra);
+            .args(["--vip", VIP4, "--vip", VIP6, "--vip", VIP_MIXED]);
+        if !extra
+            .iter()
+            .any(|a| *a == "--trusted-source" || *a == "--trust-any-source")
+        {
+            for t in TRUSTED {
+                cmd.args(["--trusted-source", t]);
+            }
+        }
+        cmd.args(extra);
         let out = cmd.output().context("running lb decap")?;
         anyhow::ensure!(
             out.status.success(),

@@ -20,6 +20,16 @@ pub struct DecapArgs {
     /// This host's tunnel address (repeatable) [default: IFACE's global addresses].
     #[arg(long = "local", value_name = "ADDR")]
     pub local: Vec<IpAddr>,
+    /// Who may send this backend tunnels (repeatable; a prefix or an address): every load
+    /// balancer's encapsulation source and `--ipip-source-prefix`, and the peer backends second
+    /// chance forwards from (also the only hops it forwards to). Tunnels from anyone else are
+    /// dropped (`decap_untrusted_source`).
+    #[arg(long = "trusted-source", value_name = "PREFIX", value_parser = lb_userspace::decap::parse_trusted)]
+    pub trusted_source: Vec<ipnet::IpNet>,
+    /// Take tunnels from any sender (a lab only: anyone reaching this host can then have it
+    /// deliver packets with any source address, and relay second-chance packets).
+    #[arg(long, conflicts_with = "trusted_source")]
+    pub trust_any_source: bool,
     /// UDP port of GUE packets (the load balancer's `--gue-port`).
     #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
@@ -69,7 +79,8 @@ pub fn run(d: DecapArgs) -> anyhow::Result<()> {
         vips.extend(decap::read_vip_file(f)?);
     }
     if d.print_setup {
-        print!("{}", decap::setup_script(&d.iface, &vips));
+        let trusted = d.trusted_source.iter().copied().collect();
+        print!("{}", decap::setup_script(&d.iface, &vips, &trusted));
         return Ok(());
     }
     let local = if d.local.is_empty() {
@@ -79,12 +90,22 @@ pub fn run(d: DecapArgs) -> anyhow::Result<()> {
     } else {
         d.local.iter().copied().collect()
     };
+    if d.trust_any_source {
+        eprintln!(
+            "warning: --trust-any-source: tunnels from any sender are decapsulated (any host \
+             reaching {} can spoof inner sources and use second chance as a relay); name the \
+             load balancers and peers with --trusted-source outside a lab",
+            d.iface
+        );
+    }
     let opts = decap::DecapOptions {
         iface: d.iface,
         hook: d.attach,
         mode: d.mode,
         vips,
         local,
+        trusted: d.trusted_source.into_iter().collect(),
+        trust_any: d.trust_any_source,
         gue_port: d.gue_port,
         bpffs: d.bpffs,
     };

@@ -273,6 +273,8 @@ fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
         &bpffs,
         "--vip",
         "10.0.0.10",
+        "--trusted-source",
+        "10.77.0.1",
     ];
     for a in &nine {
         many.extend(["--local", a.as_str()]);
@@ -292,9 +294,40 @@ fn bad_encapsulation_input_changes_nothing() -> anyhow::Result<()> {
                 &bpffs,
                 "--vip",
                 "10.0.0.10",
+                "--trusted-source",
+                "10.77.0.1",
             ],
             -2,
             "nosuch0",
+        ),
+        // Nobody trusted: refused, saying what to pass.
+        (
+            vec![
+                "decap",
+                "--iface",
+                &dev,
+                "--bpffs",
+                &bpffs,
+                "--vip",
+                "10.0.0.10",
+            ],
+            2,
+            "--trusted-source PREFIX",
+        ),
+        (
+            vec![
+                "decap",
+                "--iface",
+                &dev,
+                "--bpffs",
+                &bpffs,
+                "--vip",
+                "10.0.0.10",
+                "--trusted-source",
+                "10.77.0.1/16",
+            ],
+            2,
+            "did you mean 10.77.0.0/16",
         ),
         (many.clone(), 2, "at most 8"),
         (

@@ -6,6 +6,8 @@
 //! - `encap`: IPIP and GUE to routed backends running `lb decap`;
 //! - `nat`: full NAT on the routed network;
 //! - `second_chance`: connections through 100 backend changes with the flow table off;
+//! - `hostile`: a stranger's tunnels to a backend (spoofed inner sources, a hop list naming
+//!   a third host) refused, and a load balancer's hop to a stranger not relayed;
 //! - `flood`: the flow table under a spoofed flood, and a UDP client off a killed backend;
 //! - `faults`: the agent under injected faults;
 //! - `jumbo`: veths at MTU 9000 with the agent attached natively and generically, raw frames
@@ -18,6 +20,7 @@ mod e2e;
 mod encap;
 mod faults;
 mod flood;
+mod hostile;
 mod jumbo;
 mod nat;
 mod second_chance;

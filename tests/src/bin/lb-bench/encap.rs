@@ -108,6 +108,7 @@ pub fn encap_rows() -> anyhow::Result<Vec<Row>> {
         None,
     )?;
     lb_userspace::decap::set_vips(&mut decap, &vips)?;
+    lb_tests::routed::trust_routed(&mut decap)?;
     fib.ns.run(|| -> anyhow::Result<Vec<Row>> {
         let frame = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
         let floor_r = ns_repeat_on(world.dp.pass_program()?, &frame, fib.ifindex)?;

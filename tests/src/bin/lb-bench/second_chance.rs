@@ -27,6 +27,7 @@ pub fn second_chance_rows() -> anyhow::Result<Vec<Row>> {
         None,
     )?;
     lb_userspace::decap::set_vips(&mut decap, &vips)?;
+    lb_tests::routed::trust_routed(&mut decap)?;
     let v4 = |s: &str| lb_tests::frames::v4(s);
     let ack = |sport: u16| SCENE.tcp4((v4(CLIENT4), sport), (v4(VIP4), 80), "A", &[0u8; 64]);
     let lb = (ip("10.31.0.9"), ip("10.41.0.2"));
