@@ -1,8 +1,10 @@
 //! Prometheus text exposition of the counters and backend state (prometheus-client), on an
 //! optional read-only TCP listener with the API's connection limits and timeouts. A fresh
-//! registry is filled from the maps on each scrape, so the counters carry the kernel's
-//! absolute values; the agent's lock is held only while copying the listing and reading ids.
-use std::{collections::BTreeMap, net::SocketAddr};
+//! registry is filled from the maps for each snapshot ([`crate::api::snapshot`]: at most one
+//! read of the counters per second, whatever the number of scrapers), so the counters carry
+//! the kernel's absolute values; the agent's lock is held only while copying the listing and
+//! the ids, never across the map reads.
+use std::{collections::BTreeMap, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes};
@@ -17,11 +19,11 @@ use crate::{
     api::{
         SharedNode,
         listen::{self, Limits},
+        snapshot::Snapshots,
         status,
     },
     model::Serving,
-    node::Node,
-    protocol::{AgentStatus, StoreView, VipStats, VipView},
+    protocol::{AgentStatus, StatsView, StoreView, VipStats, VipView},
 };
 
 type Labels = Vec<(String, String)>;
@@ -32,17 +34,23 @@ fn family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter>
     f
 }
 
-/// The metrics page for `node`. Families are registered in the order the page lists them.
-pub fn render(node: &Node) -> Result<String, Error> {
-    let stats = node.stats()?;
+/// The metrics page for `stats` and the listing `list`, read in the `refreshes`th snapshot.
+/// Families are registered in the order the page lists them.
+pub fn render(stats: &StatsView, list: &[VipView], refreshes: u64) -> Result<String, Error> {
     let mut reg = Registry::with_prefix("lb");
     outcome_metrics(&mut reg, &stats.global);
     traffic_metrics(&mut reg, &stats.vips);
     let backends = BackendGauges::register(&mut reg);
     agent_metrics(&mut reg, &stats.agent);
-    let list = node.agent().core().list();
-    fleet_metrics(&mut reg, &list, stats.store.as_ref());
-    backends.fill(&list);
+    fleet_metrics(&mut reg, list, stats.store.as_ref());
+    backends.fill(list);
+    let reads = Counter::<u64>::default();
+    reg.register(
+        "snapshot_reads",
+        "Reads of the counter maps for /metrics and the status page (at most one a second)",
+        reads.clone(),
+    );
+    reads.inc_by(refreshes);
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| Error::Invalid(format!("encoding metrics: {e}")))?;
     Ok(out)
@@ -265,16 +273,22 @@ fn fleet_metrics(reg: &mut Registry, list: &[VipView], store: Option<&StoreView>
     }
 }
 
-/// Serves, read-only, on `addr` until the task is dropped: `GET /metrics` (Prometheus text),
-/// `/` (the status page) and its `/status.json`, `/healthz` (the agent answers) and
+/// Binds the metrics listener on `addr`. `lb run` calls it before anything is attached, so
+/// a port in use refuses the start with nothing changed.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::io(format!(
+            "binding the metrics listener {addr} (is another process using that port? pick another --metrics)"
+        ))(e)
+    })
+}
+
+/// Serves, read-only, on `listener` until the task is dropped: `GET /metrics` (Prometheus
+/// text), `/` (the status page) and its `/status.json`, `/healthz` (the agent answers) and
 /// `/readyz` (503 while the kernel maps are not in line with the desired state).
-pub async fn serve(addr: SocketAddr, node: SharedNode) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(Error::io(format!("binding the metrics listener {addr}")))?;
-    let listener = std::sync::Arc::new(listener);
-    let rates = status::SharedRates::default();
-    tokio::spawn(status::sample(node.clone(), rates.clone()));
+pub fn serve(listener: tokio::net::TcpListener, node: SharedNode) -> tokio::task::JoinHandle<()> {
+    let listener = Arc::new(listener);
+    let snapshots = Arc::new(Snapshots::new(node.clone()));
     tokio::spawn(listen::serve(
         move || {
             let l = listener.clone();
@@ -284,11 +298,10 @@ pub async fn serve(addr: SocketAddr, node: SharedNode) -> Result<(), Error> {
         "metrics",
         move |req: Request<hyper::body::Incoming>| {
             let node = node.clone();
-            let rates = rates.clone();
-            async move { route(req.uri().path(), &node, &rates) }
+            let snapshots = snapshots.clone();
+            async move { route(req.uri().path(), &node, &snapshots).await }
         },
-    ));
-    Ok(())
+    ))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
@@ -301,44 +314,41 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
     r
 }
 
-fn route(path: &str, node: &SharedNode, rates: &status::SharedRates) -> Response<Full<Bytes>> {
+async fn route(path: &str, node: &SharedNode, snapshots: &Snapshots) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
-    let failed = |e: Error| {
-        reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            TEXT,
-            Bytes::from(e.to_string()),
-        )
-    };
+    let failed = |e: String| reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, Bytes::from(e));
     match path {
-        "/metrics" => match render(node) {
-            Ok(text) => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                Bytes::from(text),
-            ),
-            Err(e) => failed(e),
+        "/metrics" => match &snapshots.get().await.metrics {
+            Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text.clone()),
+            Err(e) => failed(e.clone()),
         },
         "/" => reply(
             StatusCode::OK,
             "text/html; charset=utf-8",
             Bytes::from_static(status::PAGE.as_bytes()),
         ),
-        "/status.json" => match status::view(node, rates)
-            .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::Invalid(e.to_string())))
-        {
-            Ok(body) => reply(StatusCode::OK, "application/json", Bytes::from(body)),
-            Err(e) => failed(e),
+        "/status.json" => match &snapshots.get().await.status {
+            Ok(body) => reply(StatusCode::OK, "application/json", body.clone()),
+            Err(e) => failed(e.clone()),
         },
         "/healthz" => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ok\n")),
-        "/readyz" => match node.agent().core().not_converged() {
-            None => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
-            Some(why) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                TEXT,
-                Bytes::from(format!("not converged: {why}\n")),
-            ),
-        },
+        "/readyz" => {
+            // The core's lock may be held by a change writing maps: wait for it on a
+            // blocking thread, not on this worker.
+            let a = node.agent().clone();
+            let why =
+                tokio::task::spawn_blocking(move || a.core().not_converged().map(str::to_string))
+                    .await;
+            match why {
+                Ok(None) => reply(StatusCode::OK, TEXT, Bytes::from_static(b"ready\n")),
+                Ok(Some(why)) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    Bytes::from(format!("not converged: {why}\n")),
+                ),
+                Err(e) => failed(e.to_string()),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,

@@ -3,8 +3,9 @@
 //! and a clean exit (or none, with `--keep-on-exit`).
 //!
 //! Order matters for "a refused start changes nothing": the interface and config are checked,
-//! the per-interface lock is taken, the socket is bound and the pinned maps are checked for
-//! compatibility, all before any pin is removed (`--fresh`), loaded or attached.
+//! the per-interface lock is taken, the control socket and the metrics listener are bound and
+//! the pinned maps are checked for compatibility, all before any pin is removed (`--fresh`),
+//! loaded or attached: a port in use must not leave a program forwarding with no agent.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -74,8 +75,12 @@ fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
     Ok(out)
 }
 
-fn print_stats(node: &Node, json: bool) -> Result<(), Error> {
-    let stats = node.stats()?;
+/// Prints the counters (read on a blocking thread: one map read per VIP and backend).
+async fn print_stats(node: &Arc<Node>, json: bool) -> Result<(), Error> {
+    let n = node.clone();
+    let stats = tokio::task::spawn_blocking(move || n.stats())
+        .await
+        .map_err(|e| Error::Kernel(format!("reading the counters: {e}")))??;
     if json {
         println!(
             "{}",
@@ -238,7 +243,7 @@ fn announce_fleet(opts: &RunOptions, node: &Node) {
 }
 
 /// Prints the counters every `--interval` seconds until Ctrl-C, SIGTERM or `--duration`.
-async fn wait(opts: &RunOptions, node: &Node) -> Result<(), Error> {
+async fn wait(opts: &RunOptions, node: &Arc<Node>) -> Result<(), Error> {
     // The handler exists before the ready line: whoever waits for that line may stop us
     // at once, and an uninstalled handler would let SIGTERM kill us without the final stats.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -261,7 +266,7 @@ async fn wait(opts: &RunOptions, node: &Node) -> Result<(), Error> {
             return Ok(());
         }
         if opts.interval > 0 {
-            print_stats(node, opts.json)?;
+            print_stats(node, opts.json).await?;
         }
     }
 }
@@ -280,6 +285,12 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let pins_dir = pins::pin_dir(&bpffs, &opts.iface);
     let lock = AgentLock::acquire(&pins_dir, &opts.iface, &opts.socket)?;
     let listener = api::server::bind(&opts.socket).await?;
+    let metrics_listener = match opts.metrics {
+        None => None,
+        Some(addr) => Some(metrics::bind(addr).await.inspect_err(|_| {
+            let _ = std::fs::remove_file(&opts.socket);
+        })?),
+    };
     let (dp, msg) = attach(&opts, &pins_dir).inspect_err(|_| {
         let _ = std::fs::remove_file(&opts.socket);
     })?;
@@ -288,17 +299,17 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let node = start_node(&opts, dp, checked).await.inspect_err(|_| {
         let _ = std::fs::remove_file(&opts.socket);
     })?;
-    if let Some(addr) = opts.metrics {
-        metrics::serve(addr, node.clone()).await?;
+    let mut tasks = node.start(tx_ports, opts.iface.clone());
+    if let (Some(l), Some(addr)) = (metrics_listener, opts.metrics) {
+        tasks.push(metrics::serve(l, node.clone()));
         println!("metrics on http://{addr}/metrics");
     }
     announce_fleet(&opts, &node);
-    let mut tasks = node.start(tx_ports, opts.iface.clone());
     tasks.push(tokio::spawn(api::server::serve(listener, node.clone())));
     wait(&opts, &node).await?;
     drop(tasks);
     let _ = std::fs::remove_file(&opts.socket);
-    print_stats(&node, opts.json)?;
+    print_stats(&node, opts.json).await?;
     if opts.keep_on_exit {
         println!(
             "left running on {} (--keep-on-exit): maps and link stay pinned under {}",

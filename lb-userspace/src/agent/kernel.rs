@@ -59,8 +59,8 @@ pub trait Kernel: Send {
     /// The backend id the flow table remembers for `key` under VIP id `vip_id`, if that
     /// entry is still valid (same VIP and backend generations).
     fn flow_backend(&self, key: &FlowKey, vip_id: u32) -> Result<Option<u32>, Error>;
-    /// The counter maps (none in fakes).
-    fn counters(&self) -> Option<&dyn Counters> {
+    /// The counter maps (none in fakes): a shared handle, read outside the agent's lock.
+    fn counters(&self) -> Option<Arc<dyn Counters>> {
         None
     }
     /// The load balancer's address encapsulated packets to `backend` come from, if it has

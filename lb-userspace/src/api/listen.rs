@@ -28,8 +28,10 @@ impl Limits {
         header_timeout: Duration::from_secs(5),
         conn_timeout: Duration::from_secs(120),
     };
+    /// Scrapes are answered from one shared snapshot (a copy of bytes each), so many
+    /// scrapers and dashboards at once cost little: room for them all.
     pub const METRICS: Limits = Limits {
-        max_conns: 16,
+        max_conns: 128,
         header_timeout: Duration::from_secs(5),
         conn_timeout: Duration::from_secs(30),
     };

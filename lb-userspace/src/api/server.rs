@@ -1,6 +1,8 @@
 //! The API server: reads are GETs answered from the agent's memory and the counter maps;
 //! every change is one `POST /v1/commands` carrying a [`Command`], which the node executes
 //! (on a blocking thread: it writes the state file; in store mode through the fleet's store).
+//! Every handler that takes the agent's lock does so on a blocking thread: a change holds it
+//! while it writes maps, and an async worker waiting there would stall every connection.
 use std::{collections::HashMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -64,7 +66,24 @@ fn query(uri: &hyper::Uri) -> HashMap<String, String> {
         .collect()
 }
 
-fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
+/// Runs `f` on a blocking thread (it takes the agent's lock, or reads maps).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Kernel(format!("the request did not finish: {e}")))
+}
+
+/// `f`'s answer as JSON, or its error.
+async fn read<T: Serialize + Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    match blocking(f).await.and_then(|r| r) {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => error(&e),
+    }
+}
+
+async fn trace(agent: Arc<Agent>, uri: &hyper::Uri) -> Response<Full<Bytes>> {
     let q = query(uri);
     let parsed = (|| -> Result<(IpAddr, u16, VipAddr, Option<u16>), String> {
         let src = q
@@ -86,10 +105,9 @@ fn trace(agent: &Agent, uri: &hyper::Uri) -> Response<Full<Bytes>> {
     })();
     match parsed {
         Err(e) => invalid(e),
-        Ok((src, sport, vip, dport)) => match agent.core().trace(src, sport, &vip, dport) {
-            Ok(t) => json(StatusCode::OK, &t),
-            Err(e) => error(&e),
-        },
+        Ok((src, sport, vip, dport)) => {
+            read(move || agent.core().trace(src, sport, &vip, dport)).await
+        }
     }
 }
 
@@ -122,7 +140,10 @@ async fn command(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
             let deadline = tokio::time::Instant::now() + MAC_WAIT;
             while !no_mac.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let still = node.agent().core().no_mac();
+                let a = node.agent().clone();
+                let Ok(still) = blocking(move || a.core().no_mac()).await else {
+                    break;
+                };
                 no_mac.retain(|a| still.contains(a));
             }
             json(
@@ -140,15 +161,15 @@ async fn command(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
 
 async fn handle(req: Request<Incoming>, node: SharedNode) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let agent = node.agent();
+    let agent = node.agent().clone();
     match (parts.method.clone(), parts.uri.path()) {
-        (Method::GET, "/v1/vips") => json(StatusCode::OK, &agent.core().list()),
-        (Method::GET, "/v1/state") => json(StatusCode::OK, agent.core().desired()),
-        (Method::GET, "/v1/stats") => match node.stats() {
-            Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => error(&e),
-        },
-        (Method::GET, "/v1/trace") => trace(agent, &parts.uri),
+        (Method::GET, "/v1/vips") => read(move || Ok(agent.core().list())).await,
+        (Method::GET, "/v1/state") => read(move || Ok(agent.core().desired().clone())).await,
+        (Method::GET, "/v1/stats") => {
+            let n = node.clone();
+            read(move || n.stats()).await
+        }
+        (Method::GET, "/v1/trace") => trace(agent, &parts.uri).await,
         (Method::GET, "/v1/cluster") => match node.cluster().await {
             Ok(c) => json(StatusCode::OK, &c),
             Err(e) => error(&e),

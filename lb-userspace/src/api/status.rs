@@ -1,22 +1,13 @@
 //! The status page behind the metrics listener: `GET /` is one self-contained HTML page (no
-//! external assets) that polls `GET /status.json` every second. Rates are computed here from
-//! one-second samples of the counter maps, so every viewer sees the same figures.
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
-};
+//! external assets) that polls `GET /status.json` every second. Its data comes from the
+//! shared snapshot ([`crate::api::snapshot`]); rates are computed between two consecutive
+//! snapshots, so every viewer sees the same figures.
+use std::time::Duration;
 
-use crate::{
-    Error,
-    api::server::SharedNode,
-    protocol::{Rates, StatsView, StatusView},
-};
+use crate::protocol::{Rates, StatsView};
 
 /// The page itself.
 pub const PAGE: &str = include_str!("status.html");
-
-/// The latest rates, shared by the sampler and the page.
-pub type SharedRates = Arc<Mutex<Rates>>;
 
 /// Packets per second between two samples `elapsed` apart. Counters that went down (an id
 /// reused for a new backend starts from zero) count as zero, not as a huge rate.
@@ -40,44 +31,6 @@ pub fn rates(before: &StatsView, after: &StatsView, elapsed: Duration) -> Rates 
         }
     }
     out
-}
-
-/// Samples the counters every second into `shared` until the task is dropped. Map reads run
-/// on a blocking thread.
-pub async fn sample(node: SharedNode, shared: SharedRates) {
-    let mut prev: Option<(Instant, StatsView)> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let n = node.clone();
-        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || n.stats()).await else {
-            continue;
-        };
-        let at = Instant::now();
-        if let Some((t, before)) = &prev {
-            let r = rates(before, &now, at.duration_since(*t));
-            *shared.lock().unwrap_or_else(PoisonError::into_inner) = r;
-        }
-        prev = Some((at, now));
-    }
-}
-
-/// What the page shows.
-pub fn view(node: &SharedNode, shared: &SharedRates) -> Result<StatusView, Error> {
-    let stats = node.stats()?;
-    let agent = node.agent();
-    let vips = agent.core().list();
-    Ok(StatusView {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        iface: agent.iface().to_string(),
-        vips,
-        stats,
-        rates: shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
-        events: agent.events(),
-    })
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub struct MapsKernel {
     view: KernelView,
     /// The NAT source addresses are live (a NAT backend has existed in this run).
     nat_on: bool,
+    /// Read handles on the counter maps, shared with readers that run without the agent's
+    /// lock.
+    counters: Arc<StatsMaps>,
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
@@ -53,7 +56,9 @@ impl EncapSources {
 impl MapsKernel {
     /// Wraps `dp` and reads what its maps hold.
     pub fn new(dp: Dataplane, lb_mac: [u8; 6], sources: EncapSources) -> Result<Self, Error> {
+        let counters = Arc::new(dp.stats.reader()?);
         let mut k = MapsKernel {
+            counters,
             dp,
             lb_mac,
             sources,
@@ -327,8 +332,8 @@ impl Kernel for MapsKernel {
         Ok(None)
     }
 
-    fn counters(&self) -> Option<&dyn Counters> {
-        Some(&self.dp.stats)
+    fn counters(&self) -> Option<Arc<dyn Counters>> {
+        Some(self.counters.clone())
     }
 
     fn outer_source(&self, backend: IpAddr) -> Option<IpAddr> {

@@ -53,7 +53,37 @@ fn add(a: Counter, b: &Counter) -> Counter {
     }
 }
 
+/// A second handle on the per-CPU array `map` (a duplicated fd: the same kernel map), so
+/// readers can hold their own copy outside the agent's lock.
+fn reopen<V: aya::Pod>(
+    map: &PerCpuArray<MapData, V>,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, V>, Error> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(Error::io(format!("duplicating the fd of {name}")))?;
+    let data = MapData::from_fd(fd).map_err(|source| Error::Map { name, source })?;
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|source| Error::Map { name, source })
+}
+
 impl StatsMaps {
+    /// Read handles on the same maps (the writer keeps the originals to zero entries).
+    pub fn reader(&self) -> Result<StatsMaps, Error> {
+        Ok(StatsMaps {
+            global: reopen(&self.global, STATS_MAP)?,
+            flows: reopen(&self.flows, FLOW_STATS_MAP)?,
+            hc: reopen(&self.hc, HC_STATS_MAP)?,
+            vips: reopen(&self.vips, VIP_STATS_MAP)?,
+            backends: reopen(&self.backends, BACKEND_STATS_MAP)?,
+        })
+    }
+
     /// Entry `index` of the global counters, summed over CPUs.
     fn global_entry(&self, index: u32) -> Result<Counter, Error> {
         let per_cpu = self.global.get(&index, 0).map_err(|source| Error::Map {

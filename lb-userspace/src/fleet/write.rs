@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     Error,
     agent::{Agent, Changed},
-    fleet::{Fleet, schema},
+    fleet::{Fleet, schema, store::Snapshot},
     model::DesiredState,
     protocol::Command,
 };
@@ -45,20 +45,17 @@ impl Fleet {
                     "the configuration is at revision {at}, not {want} as planned: run `lb apply --dry-run` again and review the new plan"
                 )));
             }
-            let current = schema::decode(&self.keys, &snap.vips, &DesiredState::default()).state;
-            let new = crate::agent::ops::edit(&current, cmd)?.unwrap_or_else(|| current.clone());
-            new.validate().map_err(Error::Invalid)?;
-            // This node's rules (capacity, ids) and the plan, against what it serves now
-            // (Maglev tables: on a blocking thread).
-            let (a, n) = (agent.clone(), new.clone());
-            let plan = tokio::task::spawn_blocking(move || a.plan(n))
-                .await
-                .map_err(|e| Error::Kernel(format!("planning the change: {e}")))??;
-            let changed = Changed {
-                plan,
-                no_mac: Vec::new(),
-            };
-            let writes = schema::encode(&self.keys, &current, &new).map_err(Error::Invalid)?;
+            // Decoding, the edit, this node's rules (capacity, ids) and the plan (Maglev
+            // tables for every touched VIP) take milliseconds on a large configuration: on a
+            // blocking thread, so scrapes and probes keep their workers.
+            let (keys, a, c) = (self.keys.clone(), agent.clone(), cmd.clone());
+            let (snap, prepared) = tokio::task::spawn_blocking(move || {
+                let r = prepare(&keys, &snap, &a, &c);
+                (snap, r)
+            })
+            .await
+            .map_err(|e| Error::Kernel(format!("planning the change: {e}")))?;
+            let (changed, writes) = prepared?;
             if dry_run || writes.is_empty() {
                 return Ok((changed, Some(at)));
             }
@@ -84,4 +81,26 @@ impl Fleet {
             "the configuration kept changing: gave up after {ATTEMPTS} attempts"
         )))
     }
+}
+
+/// `cmd` applied to the configuration in `snap`: what it changes on this node (checked by its
+/// rules, against what it serves now) and the writes that make it. Blocking (CPU-bound).
+fn prepare(
+    keys: &schema::Keys,
+    snap: &Snapshot,
+    agent: &Agent,
+    cmd: &Command,
+) -> Result<(Changed, Vec<schema::Write>), Error> {
+    let current = schema::decode(keys, &snap.vips, &DesiredState::default()).state;
+    let new = crate::agent::ops::edit(&current, cmd)?.unwrap_or_else(|| current.clone());
+    new.validate().map_err(Error::Invalid)?;
+    let plan = agent.plan(new.clone())?;
+    let writes = schema::encode(keys, &current, &new).map_err(Error::Invalid)?;
+    Ok((
+        Changed {
+            plan,
+            no_mac: Vec::new(),
+        },
+        writes,
+    ))
 }

@@ -6,9 +6,14 @@
 //! - `cli`: `--version`, completions, man pages;
 //! - `import`: `lb import nginx` through a real agent;
 //! - `status_page`: the status page in headless Chromium;
-//! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode.
+//! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode;
+//! - `scrape_storm`: 64 clients on `/metrics` and the status page slow neither changes nor
+//!   health probes;
+//! - `bind_first`: a taken metrics port refuses `lb run` before anything is attached.
+mod bind_first;
 mod cli;
 mod import;
 mod operations;
+mod scrape_storm;
 mod skeleton;
 mod status_page;

@@ -2,7 +2,10 @@
 //! (built here `FROM scratch` with the binary and the libraries it links: no registry is
 //! reachable to pull the Dockerfile's base images) runs `lb --version`, and `lb run` with host
 //! networking inside a test namespace, with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON and
-//! the shipped seccomp profile: it attaches, serves real traffic, and detaches on stop.
+//! the shipped seccomp profile (an allowlist: any other system call fails with ENOSYS): it
+//! attaches, takes changes, probes its backends, serves real traffic, `/metrics` and the
+//! status page, and detaches on stop. A call the agent needs and the profile lacks breaks one
+//! of these steps.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -12,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use lb_tests::{
     ChildGuard, lb_binary,
-    topo::{DemoNet, PORT, VIP},
+    topo::{self, DemoNet, PORT, VIP, get, http_request},
     unique_name,
 };
 
@@ -172,7 +175,10 @@ fn a_scratch_image_runs_the_agent_with_three_capabilities() -> anyhow::Result<()
         "seccomp={}",
         repo().join("packaging/container/seccomp.json").display()
     );
-    let bpffs = format!("{}:/sys/fs/bpf", net.dir.bpffs.display());
+    // Only the agent's own directory of the bpffs, as the README and the DaemonSet mount it.
+    let own = net.dir.bpffs.join("xdp-lb");
+    std::fs::create_dir_all(&own)?;
+    let bpffs = format!("{}:/sys/fs/bpf", own.display());
     let run_dir = format!("{}:/run/xdp-lb", net.dir.dir.display());
     // Host networking inside the test's load-balancer namespace: nsenter changes only the
     // network namespace (`ip netns exec` would also remount /sys, hiding the cgroups runc
@@ -199,6 +205,7 @@ fn a_scratch_image_runs_the_agent_with_three_capabilities() -> anyhow::Result<()
     cmd.args(["-v", &bpffs, "-v", &run_dir]);
     cmd.args(["xdp-lb:test", "run", "--iface", "eth0", "--mode", "generic"]);
     cmd.args(["--state-file", "/run/xdp-lb/state.json"]);
+    cmd.args(["--metrics", "127.0.0.1:9464"]);
     let mut client = ChildGuard::spawn(cmd, "podman run lb")?;
     client.wait_for_line(Duration::from_secs(30), |l| {
         l.starts_with("serving the control API")
@@ -210,13 +217,51 @@ fn a_scratch_image_runs_the_agent_with_three_capabilities() -> anyhow::Result<()
     };
     assert!(xdp_attached(&net)?, "not attached");
     // The CLI on the host drives the agent in the container through the shared socket.
-    net.add_vip(&format!("{VIP}:{PORT}/tcp"), &[0, 1], &[])?;
+    let health = [
+        "--health",
+        "http",
+        "--interval-ms",
+        "200",
+        "--timeout-ms",
+        "150",
+    ];
+    net.add_vip(&format!("{VIP}:{PORT}/tcp"), &[0, 1], &health)?;
     let vip = VIP.parse()?;
     let mut seen = [0usize; 2];
     for _ in 0..20 {
         seen[net.http_get(vip, PORT)?] += 1;
     }
     assert!(seen.iter().all(|n| *n > 0), "{seen:?}");
+    // The health probes (TCP and HTTP from inside the container) pass for both backends.
+    lb_tests::wait_until(
+        Duration::from_secs(5),
+        "both backends probed up",
+        || {
+            let v = net.dir.vips()?;
+            Ok(v[0].backends.iter().all(|b| b.last_check == "ok"))
+        },
+        || format!("{:?}", net.dir.vips()),
+    )?;
+    // The metrics listener and the status page.
+    let metrics_at = "127.0.0.1:9464".parse()?;
+    for (path, want) in [
+        ("/metrics", "lb_backend_up{"),
+        ("/status.json", "\"events\""),
+        ("/readyz", "ready"),
+    ] {
+        let answer = http_request(&net.lb, metrics_at, &get(path))?;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains(want),
+            "{path}: {answer}"
+        );
+    }
+    net.lb(&[
+        "backend",
+        "drain",
+        &format!("{VIP}:{PORT}/tcp"),
+        &topo::backend_ip(1),
+    ])?;
+    net.lb(&["stats"])?;
     // `podman stop` sends SIGTERM: the agent detaches (no --keep-on-exit) and exits 0.
     podman.ok(&["stop", "--time", "10", &name])?;
     assert!(!xdp_attached(&net)?, "still attached after podman stop");

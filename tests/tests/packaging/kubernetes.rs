@@ -79,5 +79,13 @@ fn the_daemonset_fits_the_agent() -> anyhow::Result<()> {
     assert!(yaml.contains("drop: [\"ALL\"]"));
     // Rolling upgrades keep forwarding: the program stays pinned while the pod is replaced.
     assert!(yaml.contains("- --keep-on-exit"));
+    // Least privilege: the image by version, no service-account token, and of the host's
+    // bpffs only the agent's own directory.
+    let image = format!("image: xdp-lb:{}", env!("CARGO_PKG_VERSION"));
+    assert!(yaml.contains(&image), "not {image}");
+    assert!(!yaml.contains(":latest"));
+    assert!(yaml.contains("automountServiceAccountToken: false"));
+    assert!(yaml.contains("path: /sys/fs/bpf/xdp-lb\n"));
+    assert!(!yaml.contains("path: /sys/fs/bpf\n"));
     Ok(())
 }
