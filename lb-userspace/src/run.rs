@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub json: bool,
     /// Outer source addresses given with `--encap-source` (at most one per family).
     pub encap_sources: Vec<std::net::IpAddr>,
+    /// The prefixes VIPs may use (`--vip-prefix`; empty: any address but the node's own).
+    pub vip_pools: Vec<model::Prefix>,
     /// Fleet mode: the desired state comes from this store.
     pub store: Option<crate::fleet::FleetConfig>,
 }
@@ -190,6 +192,11 @@ fn check(opts: &RunOptions) -> Result<Checked, Error> {
             "--config and --store exclude each other: in a fleet the configuration lives in etcd (load it there with `lb apply`)".into(),
         ));
     }
+    if opts.store.is_some() && opts.vip_pools.is_empty() {
+        return Err(Error::Invalid(
+            "--store needs at least one --vip-prefix PREFIX: the node's own configuration names the addresses VIPs from the store may use (e.g. --vip-prefix 192.0.2.0/24)".into(),
+        ));
+    }
     Ok(Checked {
         ifindex,
         lb_mac,
@@ -207,6 +214,9 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
         Box::new(FileStore::new(&opts.state_file)),
         &opts.iface,
     )?;
+    agent.core().set_vip_pools(opts.vip_pools.clone());
+    let own = crate::agent::own_addrs::read().await?;
+    agent.core().set_own_addrs(own);
     let node = Node::new(agent, opts.store.clone())?;
     if let Some(state) = c.config {
         let a = node.agent().clone();

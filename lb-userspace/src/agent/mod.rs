@@ -14,6 +14,7 @@ pub mod health;
 pub mod kernel;
 pub mod neigh;
 pub mod ops;
+pub mod own_addrs;
 pub mod probe;
 pub mod reconcile;
 pub mod second_chance;

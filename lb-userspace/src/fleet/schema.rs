@@ -84,12 +84,19 @@ pub struct Decoded {
     pub rejected: Vec<Rejected>,
 }
 
-/// One VIP's value, checked by every rule a single VIP is checked by.
-pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipSpec), String> {
+/// One VIP's value, checked by every rule a single VIP is checked by, and by `check` (this
+/// node's rules for the address: its pools, its own addresses).
+pub fn decode_vip(
+    keys: &Keys,
+    key: &str,
+    value: &[u8],
+    check: &dyn Fn(&VipAddr) -> Result<(), String>,
+) -> Result<(VipAddr, VipSpec), String> {
     let name = key
         .strip_prefix(&keys.vips())
         .ok_or_else(|| format!("not under {}", keys.vips()))?;
     let vip: VipAddr = name.parse()?;
+    check(&vip)?;
     let spec: VipSpec =
         serde_json::from_slice(value).map_err(|e| format!("not a VIP's JSON value: {e}"))?;
     let one = DesiredState {
@@ -104,9 +111,20 @@ pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipS
 /// nothing: its VIP keeps the value `last` applied (or stays absent), never a part of the
 /// new value.
 pub fn decode(keys: &Keys, kvs: &[(String, Vec<u8>)], last: &DesiredState) -> Decoded {
+    decode_checked(keys, kvs, last, &|_| Ok(()))
+}
+
+/// [`decode`], each VIP also checked by `check` (this node's rules for its address): a VIP
+/// it refuses is rejected like any invalid value and keeps its last good value.
+pub fn decode_checked(
+    keys: &Keys,
+    kvs: &[(String, Vec<u8>)],
+    last: &DesiredState,
+    check: &dyn Fn(&VipAddr) -> Result<(), String>,
+) -> Decoded {
     let mut out = Decoded::default();
     for (key, value) in kvs {
-        match decode_vip(keys, key, value) {
+        match decode_vip(keys, key, value, check) {
             Ok((vip, spec)) => {
                 out.state.vips.insert(vip, spec);
             }
@@ -214,6 +232,26 @@ mod tests {
                 key: "/xdp-lb/c/vips/10.0.0.10:80/tcp".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_vip_this_node_refuses_keeps_its_last_value() {
+        let keys = Keys::new("c").unwrap();
+        let last = state(&["10.0.0.2"]);
+        let value = serde_json::to_vec(&last.vips[&vip("10.0.0.10:80/tcp")]).unwrap();
+        let kvs = vec![
+            (
+                "/xdp-lb/c/vips/10.0.0.10:80/tcp".to_string(),
+                b"{}".to_vec(),
+            ),
+            ("/xdp-lb/c/vips/10.9.9.9:*/tcp".to_string(), value),
+        ];
+        let refuse_all = |v: &VipAddr| Err(format!("VIP address {} is outside", v.ip));
+        let d = decode_checked(&keys, &kvs, &last, &refuse_all);
+        assert_eq!(d.rejected.len(), 2);
+        assert!(d.rejected[1].why.contains("10.9.9.9 is outside"), "{d:?}");
+        // The VIP applied before keeps its value (not the new `{}`); the new one stays out.
+        assert_eq!(d.state, last);
     }
 
     #[test]

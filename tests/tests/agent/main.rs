@@ -6,9 +6,11 @@
 //! - `cli`: `--version`, completions, man pages;
 //! - `import`: `lb import nginx` through a real agent;
 //! - `status_page`: the status page in headless Chromium;
-//! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode.
+//! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode;
+//! - `vip_pools`: VIPs outside the `--vip-prefix` pools or on the node's own address refused.
 mod cli;
 mod import;
 mod operations;
 mod skeleton;
 mod status_page;
+mod vip_pools;
