@@ -218,6 +218,7 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
     let own = crate::agent::own_addrs::read().await?;
     agent.core().set_own_addrs(own);
     let node = Node::new(agent, opts.store.clone())?;
+    drop_refused_vips(&node).await?;
     if let Some(state) = c.config {
         let a = node.agent().clone();
         tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
@@ -230,6 +231,41 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
     }
     node.watch_neighbours(c.ifindex)?;
     Ok(node)
+}
+
+/// VIPs of the saved state that this node's address rules now refuse (pools narrowed, or
+/// taken before pools existed) are removed at start, each logged and recorded: a VIP on the
+/// node's own address must not outlive the rule that forbids it.
+async fn drop_refused_vips(node: &Node) -> Result<(), Error> {
+    let refused: Vec<(model::VipAddr, String)> = {
+        let core = node.agent().core();
+        core.desired()
+            .vips
+            .keys()
+            .filter_map(|v| core.check_vip_address(v.ip).err().map(|why| (*v, why)))
+            .collect()
+    };
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let gone: Vec<model::VipAddr> = refused.iter().map(|(v, _)| *v).collect();
+    let a = node.agent().clone();
+    tokio::task::spawn_blocking(move || {
+        a.change(|d| {
+            let mut d = d.clone();
+            d.vips.retain(|v, _| !gone.contains(v));
+            Ok(d)
+        })
+    })
+    .await
+    .map_err(|e| Error::Kernel(e.to_string()))??;
+    for (vip, why) in refused {
+        log::warn!("VIP {vip} of the saved state removed at start: {why}");
+        node.agent().record(format!(
+            "VIP {vip} of the saved state removed at start: {why}"
+        ));
+    }
+    Ok(())
 }
 
 /// Says which store a fleet node follows.

@@ -129,9 +129,12 @@ pub fn decode_checked(
                 out.state.vips.insert(vip, spec);
             }
             Err(why) => {
+                // A last value this node's address rules now refuse (e.g. one applied before
+                // the pools were set) is not kept either.
                 let kept = key
                     .strip_prefix(&keys.vips())
                     .and_then(|n| n.parse::<VipAddr>().ok())
+                    .filter(|v| check(v).is_ok())
                     .and_then(|v| last.vips.get(&v).map(|s| (v, s.clone())));
                 if let Some((vip, spec)) = kept {
                     out.state.vips.insert(vip, spec);
@@ -250,7 +253,16 @@ mod tests {
         let d = decode_checked(&keys, &kvs, &last, &refuse_all);
         assert_eq!(d.rejected.len(), 2);
         assert!(d.rejected[1].why.contains("10.9.9.9 is outside"), "{d:?}");
-        // The VIP applied before keeps its value (not the new `{}`); the new one stays out.
+        // A refused address keeps no value, not even the one applied before the rule.
+        assert!(d.state.vips.is_empty(), "{d:?}");
+        let refuse_other = |v: &VipAddr| match v.ip.to_string().as_str() {
+            "10.9.9.9" => Err("VIP address 10.9.9.9 is outside".to_string()),
+            _ => Ok(()),
+        };
+        let d = decode_checked(&keys, &kvs, &last, &refuse_other);
+        // The VIP applied before keeps its value (not the invalid `{}`); the refused one stays
+        // out.
+        assert_eq!(d.rejected.len(), 2);
         assert_eq!(d.state, last);
     }
 

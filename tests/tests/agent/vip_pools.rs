@@ -34,7 +34,7 @@ fn vips_outside_the_pools_or_on_the_nodes_own_address_are_refused() -> anyhow::R
     // The L2 setup: the load balancer holds the VIP as a host address to answer ARP for it.
     n.lb.ip(&["addr", "add", "10.68.0.100/32", "dev", &n.veth.a])?;
     let dir = AgentDir::new("vpl")?;
-    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--vip-prefix", "10.68.0.0/24"])?;
+    let mut agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--vip-prefix", "10.68.0.0/24"])?;
     dir.cli_ok(&["vip", "add", "10.68.0.100:80/tcp"])?;
     let before = dir.vips()?;
     let state_before = std::fs::read_to_string(dir.state_file())?;
@@ -65,6 +65,15 @@ fn vips_outside_the_pools_or_on_the_nodes_own_address_are_refused() -> anyhow::R
 
     assert_eq!(dir.vips()?, before, "a refused VIP changed the state");
     assert_eq!(std::fs::read_to_string(dir.state_file())?, state_before);
+
+    // Restarted with a narrower pool: the saved VIP now outside it does not come back.
+    agent.kill();
+    let _agent = dir.spawn_agent(&n.lb, &n.veth.a, &["--vip-prefix", "10.68.0.200/29"])?;
+    assert_eq!(
+        dir.vips()?,
+        [],
+        "a saved VIP outside the new pools is served"
+    );
     Ok(())
 }
 
