@@ -243,10 +243,7 @@ mod tests {
         let last = state(&["10.0.0.2"]);
         let value = serde_json::to_vec(&last.vips[&vip("10.0.0.10:80/tcp")]).unwrap();
         let kvs = vec![
-            (
-                "/xdp-lb/c/vips/10.0.0.10:80/tcp".to_string(),
-                b"{}".to_vec(),
-            ),
+            ("/xdp-lb/c/vips/10.0.0.10:80/tcp".to_string(), b"{".to_vec()),
             ("/xdp-lb/c/vips/10.9.9.9:*/tcp".to_string(), value),
         ];
         let refuse_all = |v: &VipAddr| Err(format!("VIP address {} is outside", v.ip));
@@ -260,7 +257,7 @@ mod tests {
             _ => Ok(()),
         };
         let d = decode_checked(&keys, &kvs, &last, &refuse_other);
-        // The VIP applied before keeps its value (not the invalid `{}`); the refused one stays
+        // The VIP applied before keeps its value (not the broken `{`); the refused one stays
         // out.
         assert_eq!(d.rejected.len(), 2);
         assert_eq!(d.state, last);

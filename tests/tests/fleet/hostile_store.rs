@@ -168,7 +168,7 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
         Duration::from_secs(10),
         "backend 3 back up after the control",
         || Ok(holds(&f, &vip, ("up", &all_up), Duration::from_millis(1), &[])?.is_none()),
-        || String::new(),
+        String::new,
     )?;
     let before = f.stats(0)?.store.unwrap_or_default();
 
