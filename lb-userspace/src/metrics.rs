@@ -266,6 +266,11 @@ fn fleet_metrics(reg: &mut Registry, list: &[VipView], store: Option<&StoreView>
             "Times the link to etcd was lost",
             s.reconnects_total,
         ),
+        (
+            "store_ignored_statuses",
+            "Node status keys ignored for fleet health (no live short lease, named for another node, stale, unreadable)",
+            s.ignored_statuses_total,
+        ),
     ] {
         let c = Counter::<u64>::default();
         reg.register(name, help, c.clone());

@@ -310,6 +310,13 @@ pub struct StoreView {
     pub rejected_total: u64,
     pub refused_revisions_total: u64,
     pub reconnects_total: u64,
+    /// Node status keys that do not count for fleet health (no live short lease, named for
+    /// another node, stale, unreadable), with the reason, as last read.
+    #[serde(default)]
+    pub ignored_statuses: Vec<String>,
+    /// Counter: node status keys ignored (each key once per reason while it stays).
+    #[serde(default)]
+    pub ignored_statuses_total: u64,
 }
 
 /// `lb cluster status`: every live node's published status and what disagrees.
@@ -320,6 +327,13 @@ pub struct ClusterView {
     pub revision: i64,
     pub nodes: Vec<NodeStatus>,
     pub divergence: Vec<String>,
+    /// Status keys that do not count, with the reason (their contents came from the store:
+    /// escape before printing).
+    #[serde(default)]
+    pub ignored: Vec<String>,
+    /// Counter: status keys ignored by this node since it started.
+    #[serde(default)]
+    pub ignored_total: u64,
 }
 
 /// One node's status, published under `nodes/<node>` with a lease.

@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub json: bool,
     /// Outer source addresses given with `--encap-source` (at most one per family).
     pub encap_sources: Vec<std::net::IpAddr>,
+    /// The prefixes VIPs may use (`--vip-prefix`; empty: any address but the node's own).
+    pub vip_pools: Vec<model::Prefix>,
     /// Fleet mode: the desired state comes from this store.
     pub store: Option<crate::fleet::FleetConfig>,
 }
@@ -195,6 +197,11 @@ fn check(opts: &RunOptions) -> Result<Checked, Error> {
             "--config and --store exclude each other: in a fleet the configuration lives in etcd (load it there with `lb apply`)".into(),
         ));
     }
+    if opts.store.is_some() && opts.vip_pools.is_empty() {
+        return Err(Error::Invalid(
+            "--store needs at least one --vip-prefix PREFIX: the node's own configuration names the addresses VIPs from the store may use (e.g. --vip-prefix 192.0.2.0/24)".into(),
+        ));
+    }
     Ok(Checked {
         ifindex,
         lb_mac,
@@ -212,7 +219,11 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
         Box::new(FileStore::new(&opts.state_file)),
         &opts.iface,
     )?;
+    agent.core().set_vip_pools(opts.vip_pools.clone());
+    let own = crate::agent::own_addrs::read().await?;
+    agent.core().set_own_addrs(own);
     let node = Node::new(agent, opts.store.clone())?;
+    drop_refused_vips(&node).await?;
     if let Some(state) = c.config {
         let a = node.agent().clone();
         tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
@@ -225,6 +236,41 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
     }
     node.watch_neighbours(c.ifindex)?;
     Ok(node)
+}
+
+/// VIPs of the saved state that this node's address rules now refuse (pools narrowed, or
+/// taken before pools existed) are removed at start, each logged and recorded: a VIP on the
+/// node's own address must not outlive the rule that forbids it.
+async fn drop_refused_vips(node: &Node) -> Result<(), Error> {
+    let refused: Vec<(model::VipAddr, String)> = {
+        let core = node.agent().core();
+        core.desired()
+            .vips
+            .keys()
+            .filter_map(|v| core.check_vip_address(v.ip).err().map(|why| (*v, why)))
+            .collect()
+    };
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let gone: Vec<model::VipAddr> = refused.iter().map(|(v, _)| *v).collect();
+    let a = node.agent().clone();
+    tokio::task::spawn_blocking(move || {
+        a.change(|d| {
+            let mut d = d.clone();
+            d.vips.retain(|v, _| !gone.contains(v));
+            Ok(d)
+        })
+    })
+    .await
+    .map_err(|e| Error::Kernel(e.to_string()))??;
+    for (vip, why) in refused {
+        log::warn!("VIP {vip} of the saved state removed at start: {why}");
+        node.agent().record(format!(
+            "VIP {vip} of the saved state removed at start: {why}"
+        ));
+    }
+    Ok(())
 }
 
 /// Says which store a fleet node follows.

@@ -62,6 +62,10 @@ impl FleetNet for L2Net {
 }
 
 pub const NODES: usize = 3;
+/// The VIP pools every node is started with (`--vip-prefix`): wide on purpose, so the nodes'
+/// own addresses (10.30.k.2, 10.50.0.k) lie inside a pool and the own-address rule is what
+/// keeps a VIP off them; 192.0.2.0/24 stays outside.
+pub const VIP_POOLS: [&str; 2] = ["10.0.0.0/8", "2001:db8::/32"];
 /// Where each node serves /metrics (inside its own namespace).
 const METRICS: &str = "127.0.0.1:9100";
 
@@ -151,6 +155,9 @@ impl<N: FleetNet> Fleet<N> {
         ];
         let mut args = args.to_vec();
         args.extend(access.iter().map(String::as_str));
+        for p in &VIP_POOLS {
+            args.extend_from_slice(&["--vip-prefix", p]);
+        }
         args.extend_from_slice(extra);
         let agent = self
             .net

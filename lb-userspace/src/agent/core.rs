@@ -19,7 +19,7 @@ use crate::{
         state::StateFile,
     },
     maglev::{self, MaglevBackend},
-    model::{BackendAddr, DesiredState, Forward, Mac, VipAddr},
+    model::{BackendAddr, DesiredState, Forward, Mac, OwnAddrs, Prefix, VipAddr, pool},
     plan::{self, VipPlan},
 };
 
@@ -74,6 +74,10 @@ pub struct Core {
     not_converged: Option<String>,
     /// Second-chance drain windows.
     pub(super) windows: Windows,
+    /// The prefixes VIPs may use (`lb run --vip-prefix`; empty: any address).
+    vip_pools: Vec<Prefix>,
+    /// The node's own addresses as last read from the kernel, refreshed before every change.
+    own: OwnAddrs,
 }
 
 /// The facts the target is computed from, borrowed from the core.
@@ -148,6 +152,8 @@ impl Core {
             tables: BTreeMap::new(),
             not_converged: None,
             windows: Windows::default(),
+            vip_pools: Vec::new(),
+            own: OwnAddrs::default(),
         })
     }
 
@@ -180,11 +186,42 @@ impl Core {
         }
     }
 
+    /// The prefixes VIPs may use (empty: any address).
+    pub fn vip_pools(&self) -> &[Prefix] {
+        &self.vip_pools
+    }
+
+    pub fn set_vip_pools(&mut self, pools: Vec<Prefix>) {
+        self.vip_pools = pools;
+    }
+
+    /// The node's own addresses, read from the kernel by the caller (never under this lock).
+    pub fn set_own_addrs(&mut self, own: OwnAddrs) {
+        self.own = own;
+    }
+
+    /// Whether a VIP may take address `ip` here: inside the pools and not one of the node's
+    /// own addresses ([`pool::check_vip_address`]); its encapsulation/NAT source counts as
+    /// its own.
+    pub fn check_vip_address(&self, ip: IpAddr) -> Result<(), String> {
+        let services: Vec<IpAddr> = self.kernel.outer_source(ip).into_iter().collect();
+        pool::check_vip_address(ip, &self.vip_pools, &self.own, &services)
+    }
+
     /// Validates `new` and gives it ids; changes nothing. No tables are built here (see
     /// [`Prepared::plan`]).
     pub fn prepare(&self, new: DesiredState) -> Result<Prepared, Error> {
         new.validate().map_err(Error::Invalid)?;
         self.check_sources(&new)?;
+        // VIPs already served were checked when they came; an address that became the node's
+        // own since then is not a reason to refuse an unrelated change.
+        for vip in new
+            .vips
+            .keys()
+            .filter(|v| !self.desired.vips.contains_key(v))
+        {
+            self.check_vip_address(vip.ip).map_err(Error::Invalid)?;
+        }
         // Ids the kernel still holds or the current state uses are not handed to newcomers.
         let mut reserved = self.ids.backend_ids();
         reserved.extend(self.kernel.view().backends.keys().copied());

@@ -15,6 +15,7 @@ pub mod kernel;
 mod list;
 pub mod neigh;
 pub mod ops;
+pub mod own_addrs;
 pub mod probe;
 pub mod reconcile;
 pub mod second_chance;

@@ -266,6 +266,12 @@ pub struct RunArgs {
     /// Counter lines as JSON.
     #[arg(long)]
     pub json: bool,
+    /// A prefix VIPs may use on this node (repeatable), e.g. 192.0.2.0/24: a VIP outside
+    /// every pool is refused, from the CLI, `apply`, an import or the store. Required with
+    /// `--store` (the store is not trusted to choose addresses); without it and without
+    /// `--store`, any address that is not the node's own.
+    #[arg(long = "vip-prefix", value_name = "PREFIX")]
+    pub vip_prefix: Vec<lb_userspace::model::Prefix>,
     /// Fleet mode: take the desired state from etcd (etcd://HOST:PORT[,HOST:PORT...], or
     /// https://... for TLS); `vip`, `backend` and `apply` then write there and every node
     /// applies them.

@@ -1,8 +1,11 @@
-//! `lb cluster status` and the store lines of `lb stats` (fleet mode).
+//! `lb cluster status` and the store lines of `lb stats` (fleet mode). Every string that
+//! came from the store (node names, digests, reasons, keys) is printed [`escaped`]: whoever
+//! can write etcd must not be able to drive the operator's terminal.
 use std::collections::BTreeSet;
 
 use lb_userspace::{
     api::client::Client,
+    fleet::escaped,
     protocol::{ClusterView, StoreView},
 };
 
@@ -27,15 +30,18 @@ pub fn store_lines(s: &StoreView) -> String {
             s.down_since_unix
                 .map(|t| format!(" for {}s", now().saturating_sub(t)))
                 .unwrap_or_default(),
-            s.last_error.as_deref().unwrap_or("no answer")
+            escaped(s.last_error.as_deref().unwrap_or("no answer"))
         )
     };
     for r in &s.rejected {
-        out.push_str(&format!("WARNING: store key not applied: {r}\n"));
+        out.push_str(&format!("WARNING: store key not applied: {}\n", escaped(r)));
+    }
+    for r in &s.ignored_statuses {
+        out.push_str(&format!("WARNING: node status ignored: {}\n", escaped(r)));
     }
     out.push_str(&format!(
-        "store counters: rejected values {}, refused revisions {}, reconnects {}\n\n",
-        s.rejected_total, s.refused_revisions_total, s.reconnects_total
+        "store counters: rejected values {}, refused revisions {}, reconnects {}, ignored statuses {}\n\n",
+        s.rejected_total, s.refused_revisions_total, s.reconnects_total, s.ignored_statuses_total
     ));
     out
 }
@@ -53,7 +59,7 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "cluster {}: configuration revision {}, {} node(s) alive",
-        c.cluster,
+        escaped(&c.cluster),
         c.revision,
         c.nodes.len()
     );
@@ -66,13 +72,13 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
         .iter()
         .map(|n| {
             let mut row = vec![
-                n.node.clone(),
+                escaped(&n.node),
                 n.revision.to_string(),
                 format!("{}s", now().saturating_sub(n.at_unix)),
             ];
             row.extend(
                 vips.iter()
-                    .map(|v| n.digests.get(v).cloned().unwrap_or_else(|| "-".into())),
+                    .map(|v| n.digests.get(v).map_or_else(|| "-".into(), |d| escaped(d))),
             );
             let down: Vec<String> = n
                 .health
@@ -97,8 +103,12 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
         println!("all nodes agree");
     } else {
         for d in &c.divergence {
-            println!("DIVERGENT: {d}");
+            println!("DIVERGENT: {}", escaped(d));
         }
     }
+    for i in &c.ignored {
+        println!("IGNORED (not counted for fleet health): {}", escaped(i));
+    }
+    println!("status keys ignored: {}", c.ignored_total);
     Ok(())
 }

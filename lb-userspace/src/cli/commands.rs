@@ -123,6 +123,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             }),
         },
         encap_sources: a.encap_source,
+        vip_pools: a.vip_prefix,
         config: a.config,
         state_file,
         socket,

@@ -19,7 +19,7 @@ pub mod store;
 mod write;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -119,6 +119,29 @@ pub async fn check_store(config: &FleetConfig) -> Result<(), crate::Error> {
     }
 }
 
+/// `s`, which came from the store, made safe for a terminal or a log line: control
+/// characters (ESC, CR, BEL, ...), Unicode direction overrides and backslashes are shown as
+/// escapes (`\x1b`, `\u{202e}`, `\\`) instead of being sent, so a name or value in etcd can
+/// neither drive the operator's terminal nor forge a line.
+pub fn escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -134,6 +157,12 @@ pub struct Fleet {
     view: Mutex<StoreView>,
     /// Rejected keys already logged (key and value), so a bad key is logged once.
     logged: Mutex<BTreeSet<(String, Vec<u8>)>>,
+    /// Status keys ignored and already logged (key and reason kind).
+    ignored_logged: Mutex<BTreeSet<(String, &'static str)>>,
+    /// Granted TTL of each lease a status key was bound to (`None`: not alive), asked once
+    /// per lease: etcd deletes a key when its lease ends, so a key still read with the lease
+    /// is bound to a live one.
+    lease_ttls: Mutex<BTreeMap<i64, Option<i64>>>,
     /// The applied configuration revision, for writers waiting to see their change live.
     applied: tokio::sync::watch::Sender<i64>,
     /// Wakes the publisher when something it publishes changed (a revision applied, a health
@@ -159,6 +188,8 @@ impl Fleet {
             store: Mutex::new(None),
             view: Mutex::new(view),
             logged: Mutex::new(BTreeSet::new()),
+            ignored_logged: Mutex::new(BTreeSet::new()),
+            lease_ttls: Mutex::new(BTreeMap::new()),
             applied: tokio::sync::watch::channel(applied.unwrap_or(0)).0,
             changed: tokio::sync::Notify::new(),
         }))
@@ -262,8 +293,14 @@ impl Fleet {
     /// last value. A revision the agent refuses as a whole (e.g. beyond this node's capacity)
     /// is counted and logged; the node keeps the previous one.
     async fn apply(&self, agent: &Arc<Agent>, snap: &Snapshot) {
-        let last = agent.core().desired().clone();
-        let decoded = schema::decode(&self.keys, &snap.vips, &last);
+        // The addresses the VIPs are checked against, as they are now (outside the lock).
+        agent.refresh_own_addrs().await;
+        let decoded = {
+            let core = agent.core();
+            schema::decode_checked(&self.keys, &snap.vips, core.desired(), &|v| {
+                core.check_vip_address(v.ip)
+            })
+        };
         let revision = snap.config_revision();
         {
             let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
@@ -284,8 +321,8 @@ impl Fleet {
                     v.rejected_total += 1;
                     log::warn!(
                         "etcd key {} rejected at revision {revision}: {} (its last good value stays)",
-                        r.key,
-                        r.why
+                        escaped(&r.key),
+                        escaped(&r.why)
                     );
                 }
             }
@@ -384,8 +421,8 @@ impl Fleet {
 
     /// The fleet's health verdict from every node's status (this node's own view fresh).
     async fn take_verdict(&self, agent: &Arc<Agent>, store: &Store) -> Result<(), Error> {
+        let nodes = self.live_statuses(store).await?;
         let own = agent.core().own_health();
-        let nodes = parse_nodes(&store.nodes().await?);
         let verdicts = status::fleet_health(&self.config.node, &own, &nodes);
         self.set_fleet_health(agent, Some(verdicts)).await;
         Ok(())
@@ -439,33 +476,94 @@ impl Fleet {
     pub async fn cluster(&self) -> Result<ClusterView, Error> {
         let store = self.store()?;
         let snap = store.snapshot(None).await?;
-        let nodes = parse_nodes(&store.nodes().await?);
+        let nodes = self.live_statuses(&store).await?;
+        let v = self.view();
         Ok(ClusterView {
             cluster: self.config.cluster.clone(),
             revision: snap.config_revision(),
             divergence: status::divergence(&nodes),
             nodes,
+            ignored: v.ignored_statuses,
+            ignored_total: v.ignored_statuses_total,
         })
     }
-}
 
-/// Node statuses that parse; a malformed one (another version, a hand-written key) is skipped
-/// with a log line.
-fn parse_nodes(kvs: &[(String, Vec<u8>)]) -> Vec<NodeStatus> {
-    kvs.iter()
-        .filter_map(|(k, v)| match serde_json::from_slice::<NodeStatus>(v) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                log::warn!("node status {k} is not readable: {e}");
-                None
+    /// The node statuses that count ([`status::accept_status`]); the others are ignored,
+    /// counted and logged once per key and reason.
+    async fn live_statuses(&self, store: &Store) -> Result<Vec<NodeStatus>, Error> {
+        let kvs = store.node_statuses().await?;
+        let unknown: BTreeSet<i64> = {
+            let ttls = self
+                .lease_ttls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            kvs.iter()
+                .map(|kv| kv.lease)
+                .filter(|l| *l != 0 && !ttls.contains_key(l))
+                .collect()
+        };
+        let mut asked = Vec::new();
+        for lease in unknown {
+            asked.push((lease, store.lease_granted_ttl(lease).await?));
+        }
+        let ttls = {
+            let mut ttls = self
+                .lease_ttls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            ttls.extend(asked);
+            ttls.retain(|l, _| kvs.iter().any(|kv| kv.lease == *l));
+            ttls.clone()
+        };
+        let (now, prefix) = (now_unix(), self.keys.nodes());
+        let mut live = Vec::new();
+        let mut ignored = Vec::new();
+        for kv in &kvs {
+            let ttl = ttls.get(&kv.lease).copied().flatten();
+            match status::accept_status(&prefix, kv, ttl, STATUS_TTL_S, now) {
+                Ok(s) => live.push(s),
+                Err(i) => ignored.push((kv.key.clone(), i)),
             }
-        })
-        .collect()
+        }
+        let mut logged = self
+            .ignored_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut v = self.view_mut();
+        v.ignored_statuses = ignored
+            .iter()
+            .map(|(k, i)| format!("{k}: {}", i.why))
+            .collect();
+        for (key, i) in &ignored {
+            if logged.insert((key.clone(), i.kind)) {
+                v.ignored_statuses_total += 1;
+                log::warn!(
+                    "node status {} ignored for fleet health: {}",
+                    escaped(key),
+                    escaped(&i.why)
+                );
+            }
+        }
+        logged.retain(|(k, kind)| ignored.iter().any(|(key, i)| key == k && i.kind == *kind));
+        Ok(live)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_from_the_store_are_escaped() {
+        assert_eq!(escaped("lb0"), "lb0");
+        assert_eq!(escaped("\x1b[31mevil\x1b[0m"), "\\x1b[31mevil\\x1b[0m");
+        assert_eq!(escaped("a\r\nb\x07\x7f"), "a\\x0d\\x0ab\\x07\\x7f");
+        assert_eq!(escaped("\u{202e}txt\u{9b}"), "\\u{202e}txt\\u{9b}");
+        // The backslash is escaped too, so `\x1b` typed into the store stays told apart.
+        assert_eq!(escaped("a\\x1b"), "a\\\\x1b");
+        assert_eq!(escaped("é ü ✓"), "é ü ✓");
+        assert!(!escaped("\x1b\x00\u{9b}").chars().any(char::is_control));
+    }
 
     #[test]
     fn store_urls_are_checked() {

@@ -96,8 +96,14 @@ pub struct Decoded {
 /// cannot make every node parse and keep megabytes per revision.
 pub const MAX_VALUE: usize = 512 << 10;
 
-/// One VIP's value, checked by every rule a single VIP is checked by.
-pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipSpec), String> {
+/// One VIP's value, checked by every rule a single VIP is checked by, and by `check` (this
+/// node's rules for the address: its pools, its own addresses).
+pub fn decode_vip(
+    keys: &Keys,
+    key: &str,
+    value: &[u8],
+    check: &dyn Fn(&VipAddr) -> Result<(), String>,
+) -> Result<(VipAddr, VipSpec), String> {
     if value.len() > MAX_VALUE {
         return Err(format!(
             "value of {} bytes, above the {} KiB limit of a VIP's value",
@@ -109,6 +115,7 @@ pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipS
         .strip_prefix(&keys.vips())
         .ok_or_else(|| format!("not under {}", keys.vips()))?;
     let vip: VipAddr = name.parse()?;
+    check(&vip)?;
     let spec: VipSpec =
         serde_json::from_slice(value).map_err(|e| format!("not a VIP's JSON value: {e}"))?;
     let one = DesiredState {
@@ -123,16 +130,30 @@ pub fn decode_vip(keys: &Keys, key: &str, value: &[u8]) -> Result<(VipAddr, VipS
 /// nothing: its VIP keeps the value `last` applied (or stays absent), never a part of the
 /// new value.
 pub fn decode(keys: &Keys, kvs: &[(String, Vec<u8>)], last: &DesiredState) -> Decoded {
+    decode_checked(keys, kvs, last, &|_| Ok(()))
+}
+
+/// [`decode`], each VIP also checked by `check` (this node's rules for its address): a VIP
+/// it refuses is rejected like any invalid value and keeps its last good value.
+pub fn decode_checked(
+    keys: &Keys,
+    kvs: &[(String, Vec<u8>)],
+    last: &DesiredState,
+    check: &dyn Fn(&VipAddr) -> Result<(), String>,
+) -> Decoded {
     let mut out = Decoded::default();
     for (key, value) in kvs {
-        match decode_vip(keys, key, value) {
+        match decode_vip(keys, key, value, check) {
             Ok((vip, spec)) => {
                 out.state.vips.insert(vip, spec);
             }
             Err(why) => {
+                // A last value this node's address rules now refuse (e.g. one applied before
+                // the pools were set) is not kept either.
                 let kept = key
                     .strip_prefix(&keys.vips())
                     .and_then(|n| n.parse::<VipAddr>().ok())
+                    .filter(|v| check(v).is_ok())
                     .and_then(|v| last.vips.get(&v).map(|s| (v, s.clone())));
                 if let Some((vip, spec)) = kept {
                     out.state.vips.insert(vip, spec);
@@ -253,11 +274,37 @@ mod tests {
         let value = serde_json::to_vec(&spec).unwrap();
         assert!(value.len() < MAX_VALUE, "{}", value.len());
         let key = "/xdp-lb/c/vips/[2001:db8::10]:80/tcp";
-        decode_vip(&keys, key, &value).unwrap();
+        decode_vip(&keys, key, &value, &|_| Ok(())).unwrap();
         let mut big = value.clone();
         big.resize(MAX_VALUE + 1, b' ');
-        let e = decode_vip(&keys, key, &big).unwrap_err();
+        let e = decode_vip(&keys, key, &big, &|_| Ok(())).unwrap_err();
         assert!(e.contains("above the 512 KiB limit"), "{e}");
+    }
+
+    #[test]
+    fn a_vip_this_node_refuses_keeps_its_last_value() {
+        let keys = Keys::new("c").unwrap();
+        let last = state(&["10.0.0.2"]);
+        let value = serde_json::to_vec(&last.vips[&vip("10.0.0.10:80/tcp")]).unwrap();
+        let kvs = vec![
+            ("/xdp-lb/c/vips/10.0.0.10:80/tcp".to_string(), b"{".to_vec()),
+            ("/xdp-lb/c/vips/10.9.9.9:*/tcp".to_string(), value),
+        ];
+        let refuse_all = |v: &VipAddr| Err(format!("VIP address {} is outside", v.ip));
+        let d = decode_checked(&keys, &kvs, &last, &refuse_all);
+        assert_eq!(d.rejected.len(), 2);
+        assert!(d.rejected[1].why.contains("10.9.9.9 is outside"), "{d:?}");
+        // A refused address keeps no value, not even the one applied before the rule.
+        assert!(d.state.vips.is_empty(), "{d:?}");
+        let refuse_other = |v: &VipAddr| match v.ip.to_string().as_str() {
+            "10.9.9.9" => Err("VIP address 10.9.9.9 is outside".to_string()),
+            _ => Ok(()),
+        };
+        let d = decode_checked(&keys, &kvs, &last, &refuse_other);
+        // The VIP applied before keeps its value (not the broken `{`); the refused one stays
+        // out.
+        assert_eq!(d.rejected.len(), 2);
+        assert_eq!(d.state, last);
     }
 
     #[test]

@@ -319,4 +319,35 @@ impl Store {
             })
             .collect())
     }
+
+    /// Every node status key with the lease it is bound to (0: none), so the caller can tell
+    /// a node's own leased status from a hand-written key.
+    pub async fn node_statuses(&self) -> Result<Vec<crate::fleet::status::StatusKv>, Error> {
+        let resp = self
+            .kv
+            .clone()
+            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.error("reading node statuses"))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| crate::fleet::status::StatusKv {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+            })
+            .collect())
+    }
+
+    /// The TTL lease `id` was granted with, `None` when it is not alive.
+    pub async fn lease_granted_ttl(&self, id: i64) -> Result<Option<i64>, Error> {
+        let r = self
+            .client
+            .clone()
+            .lease_time_to_live(id, None)
+            .await
+            .map_err(self.error("reading a lease"))?;
+        Ok((r.ttl() >= 0).then_some(r.granted_ttl()))
+    }
 }

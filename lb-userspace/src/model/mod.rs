@@ -435,10 +435,12 @@ pub fn validate_backend(
 mod backend;
 mod config;
 mod forward;
+pub mod pool;
 mod serving;
 pub use backend::BackendAddr;
 pub use config::{parse_config, render_config};
 pub use forward::Forward;
+pub use pool::{OwnAddrs, Prefix};
 pub use serving::Serving;
 
 #[cfg(test)]

@@ -67,6 +67,8 @@ impl Node {
     /// etcd and every node (this one too) applies it from there; `reconcile` is about this
     /// node's kernel and stays local, as does every command without a store.
     pub async fn execute(&self, cmd: Command) -> (Result<Changed, Error>, Option<i64>) {
+        // VIPs are checked against the node's addresses as they are now.
+        self.agent.refresh_own_addrs().await;
         match &self.fleet {
             Some(fleet) if !matches!(cmd, Command::Reconcile) => {
                 match fleet.execute(&self.agent, &cmd).await {

@@ -9,7 +9,8 @@
 //! - `skeleton`: the walking skeleton, `lb run` on a veth in native and generic mode;
 //! - `scrape_storm`: 64 clients on `/metrics` and the status page slow neither changes nor
 //!   health probes;
-//! - `bind_first`: a taken metrics port refuses `lb run` before anything is attached.
+//! - `bind_first`: a taken metrics port refuses `lb run` before anything is attached;
+//! - `vip_pools`: VIPs outside the `--vip-prefix` pools or on the node's own address refused.
 mod bind_first;
 mod cli;
 mod import;
@@ -17,3 +18,4 @@ mod operations;
 mod scrape_storm;
 mod skeleton;
 mod status_page;
+mod vip_pools;

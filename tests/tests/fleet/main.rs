@@ -6,10 +6,12 @@
 //! - `faults`: node loss, an etcd outage, an L2 fleet, a divergent node;
 //! - `health`: the majority of the nodes' views decides;
 //! - `secure`: etcd with TLS, client certificates, passwords and roles; oversized values.
+//! - `hostile_store`: what an attacker writes to etcd is not taken on trust.
 //!
 //! Fleets run one at a time whatever module they are in: `lb_tests::fleet::Fleet` holds a
 //! process-wide turn for its whole life.
 mod config;
 mod faults;
 mod health;
+mod hostile_store;
 mod secure;

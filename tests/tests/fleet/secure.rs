@@ -34,6 +34,7 @@ fn refused(ns: &Netns, cluster: &str, args: &[&str]) -> anyhow::Result<(Option<i
             "3",
         ])
         .args(["--cluster", cluster, "--node", "x"])
+        .args(["--vip-prefix", "10.0.0.0/8"])
         .arg("--state-file")
         .arg(dir.state_file())
         .arg("--bpffs")
@@ -262,7 +263,16 @@ fn passwords_and_a_role_per_cluster() -> anyhow::Result<()> {
 
     let dir = AgentDir::new("lbsa")?;
     let args = as_user("lb-prod", &good);
-    let mut run: Vec<&str> = vec!["--mode", "generic", "--cluster", "prod", "--node", "n1"];
+    let mut run: Vec<&str> = vec![
+        "--mode",
+        "generic",
+        "--cluster",
+        "prod",
+        "--node",
+        "n1",
+        "--vip-prefix",
+        "10.0.0.0/8",
+    ];
     run.extend(args.iter().map(String::as_str));
     let _agent = dir.spawn_agent(&ns, "lo", &run)?;
     connected(&dir)?;
@@ -340,6 +350,8 @@ fn values_too_large_do_not_stop_a_node() -> anyhow::Result<()> {
             "t",
             "--node",
             "n1",
+            "--vip-prefix",
+            "10.0.0.0/8",
         ],
     )?;
     connected(&dir)?;

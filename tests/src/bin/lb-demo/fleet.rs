@@ -33,7 +33,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     );
     let f = Fleet::new("demf")?;
     println!(
-        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK",
+        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK --vip-prefix 10.0.0.0/8 --vip-prefix 2001:db8::/32",
         f.etcd.url()
     );
     let vip = format!("{VIP4}:80/tcp");
