@@ -213,6 +213,8 @@ fn check(opts: &RunOptions) -> Result<Checked, Error> {
 /// The agent over the attached data plane, in its node; `--config` applied (a refused
 /// config stops the start).
 async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<Node>, Error> {
+    // Read before the agent starts: a failure here leaves nothing half-started.
+    let own = crate::agent::own_addrs::read().await?;
     let kernel = MapsKernel::new(dp, c.lb_mac, c.sources)?;
     let agent = Agent::start(
         Box::new(kernel),
@@ -220,7 +222,6 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
         &opts.iface,
     )?;
     agent.core().set_vip_pools(opts.vip_pools.clone());
-    let own = crate::agent::own_addrs::read().await?;
     agent.core().set_own_addrs(own);
     let node = Node::new(agent, opts.store.clone())?;
     drop_refused_vips(&node).await?;

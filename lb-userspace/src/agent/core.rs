@@ -208,6 +208,23 @@ impl Core {
         pool::check_vip_address(ip, &self.vip_pools, &self.own, &services)
     }
 
+    /// The rules [`Core::check_vip_address`] applies, copied out (for checks made outside the
+    /// lock).
+    pub fn address_rules(&self) -> pool::AddressRules {
+        let probes = [
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        ];
+        pool::AddressRules {
+            pools: self.vip_pools.clone(),
+            own: self.own.clone(),
+            services: probes
+                .into_iter()
+                .filter_map(|p| self.kernel.outer_source(p))
+                .collect(),
+        }
+    }
+
     /// Validates `new` and gives it ids; changes nothing. No tables are built here (see
     /// [`Prepared::plan`]).
     pub fn prepare(&self, new: DesiredState) -> Result<Prepared, Error> {

@@ -119,6 +119,14 @@ pub async fn check_store(config: &FleetConfig) -> Result<(), crate::Error> {
     }
 }
 
+/// A hash of a store value, to tell a changed value from one already logged.
+fn value_hash(v: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// `s`, which came from the store, made safe for a terminal or a log line: control
 /// characters (ESC, CR, BEL, ...), Unicode direction overrides and backslashes are shown as
 /// escapes (`\x1b`, `\u{202e}`, `\\`) instead of being sent, so a name or value in etcd can
@@ -155,8 +163,9 @@ pub struct Fleet {
     /// The connected client while etcd answers.
     store: Mutex<Option<Store>>,
     view: Mutex<StoreView>,
-    /// Rejected keys already logged (key and value), so a bad key is logged once.
-    logged: Mutex<BTreeSet<(String, Vec<u8>)>>,
+    /// Rejected keys already logged (key and a hash of the value), so a bad key is logged
+    /// once; a hash rather than the value, so values of megabytes are not kept.
+    logged: Mutex<BTreeSet<(String, u64)>>,
     /// Status keys ignored and already logged (key and reason kind).
     ignored_logged: Mutex<BTreeSet<(String, &'static str)>>,
     /// Granted TTL of each lease a status key was bound to (`None`: not alive), asked once
@@ -295,11 +304,22 @@ impl Fleet {
     async fn apply(&self, agent: &Arc<Agent>, snap: &Snapshot) {
         // The addresses the VIPs are checked against, as they are now (outside the lock).
         agent.refresh_own_addrs().await;
-        let decoded = {
+        // Copied out under the lock; decoded (JSON of the whole snapshot) on a blocking thread.
+        let (last, rules) = {
             let core = agent.core();
-            schema::decode_checked(&self.keys, &snap.vips, core.desired(), &|v| {
-                core.check_vip_address(v.ip)
-            })
+            (core.desired().clone(), core.address_rules())
+        };
+        let (keys, vips) = (self.keys.clone(), snap.vips.clone());
+        let decoded = match tokio::task::spawn_blocking(move || {
+            schema::decode_checked(&keys, &vips, &last, &|v| rules.check(v.ip))
+        })
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("decoding the store's revision: {e}");
+                return;
+            }
         };
         let revision = snap.config_revision();
         {
@@ -315,12 +335,11 @@ impl Fleet {
                     .vips
                     .iter()
                     .find(|(k, _)| *k == r.key)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
+                    .map_or(0, |(_, v)| value_hash(v));
                 if logged.insert((r.key.clone(), value)) {
                     v.rejected_total += 1;
                     log::warn!(
-                        "etcd key {} rejected at revision {revision}: {} (its last good value stays)",
+                        "etcd key {} rejected at revision {revision}: {} (a VIP keeps its last good value unless its address is refused)",
                         escaped(&r.key),
                         escaped(&r.why)
                     );

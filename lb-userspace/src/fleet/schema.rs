@@ -182,6 +182,14 @@ pub fn encode(keys: &Keys, old: &DesiredState, new: &DesiredState) -> Result<Vec
     for (vip, spec) in &new.vips {
         if old.vips.get(vip) != Some(spec) {
             let value = serde_json::to_vec(spec).map_err(|e| format!("encoding {vip}: {e}"))?;
+            // Refused here rather than written and then refused by every node.
+            if value.len() > MAX_VALUE {
+                return Err(format!(
+                    "VIP {vip} would be {} bytes in etcd, above the {} KiB limit of a VIP's value: split its backends over more VIPs",
+                    value.len(),
+                    MAX_VALUE >> 10
+                ));
+            }
             out.push(Write::Put {
                 key: keys.vip(vip),
                 value,
@@ -282,7 +290,32 @@ mod tests {
     }
 
     #[test]
-    fn a_vip_this_node_refuses_keeps_its_last_value() {
+    fn a_change_whose_value_passes_the_limit_is_refused_before_it_is_written() {
+        let keys = Keys::new("c").unwrap();
+        let mut spec = VipSpec::default();
+        for i in 0..8000u32 {
+            let addr = format!(
+                "2001:db8:ffff:ffff:ffff:ffff:{:x}:{:x}",
+                i >> 16,
+                i & 0xffff
+            );
+            spec.backends.insert(
+                addr.parse().unwrap(),
+                BackendSpec {
+                    weight: 65535,
+                    mac: Some("aa:bb:cc:dd:ee:ff".parse().unwrap()),
+                    drained: true,
+                },
+            );
+        }
+        let mut new = DesiredState::default();
+        new.vips.insert(vip("[2001:db8::10]:80/tcp"), spec);
+        let e = encode(&keys, &DesiredState::default(), &new).unwrap_err();
+        assert!(e.contains("above the 512 KiB limit"), "{e}");
+    }
+
+    #[test]
+    fn a_refused_address_keeps_no_value_and_a_broken_value_keeps_its_last() {
         let keys = Keys::new("c").unwrap();
         let last = state(&["10.0.0.2"]);
         let value = serde_json::to_vec(&last.vips[&vip("10.0.0.10:80/tcp")]).unwrap();

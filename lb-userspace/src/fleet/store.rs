@@ -156,38 +156,66 @@ impl Store {
             meta: resp.kvs().first().map_or(0, |kv| kv.mod_revision()),
             ..Snapshot::default()
         };
-        let end = prefix_end(&self.keys.vips());
-        let mut from = self.keys.vips().into_bytes();
+        for kv in self
+            .read_prefix(self.keys.vips(), rev, "reading the configuration")
+            .await?
+        {
+            snap.newest = snap.newest.max(kv.mod_revision());
+            snap.vips.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        Ok(snap)
+    }
+
+    /// Every key under `prefix` at revision `rev` (0: the current one), read in pages so that
+    /// no answer passes [`MAX_MESSAGE`] whatever the values under the prefix add up to: a
+    /// page is halved while it is too large.
+    async fn read_prefix(
+        &self,
+        prefix: String,
+        rev: i64,
+        what: &'static str,
+    ) -> Result<Vec<etcd_client::KeyValue>, Error> {
+        let mut kv = self.kv.clone();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.into_bytes();
         let mut limit = PAGE;
+        let mut rev = rev;
+        let mut out = Vec::new();
         loop {
             let opts = GetOptions::new()
                 .with_range(end.clone())
                 .with_revision(rev)
                 .with_limit(limit);
-            let page = match kv.get(from.clone(), Some(opts)).await {
+            let mut page = match kv.get(from.clone(), Some(opts)).await {
                 Ok(page) => page,
                 Err(e) if too_large(&e) && limit > 1 => {
                     limit /= 2;
                     continue;
                 }
-                Err(e) => return Err(fail()(e)),
+                Err(e) => return Err(self.error(what)(e)),
             };
-            for kv in page.kvs() {
-                snap.newest = snap.newest.max(kv.mod_revision());
-                snap.vips.push((
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                ));
+            // Every further page at the first page's revision: one consistent read.
+            if rev == 0 {
+                rev = page.header().map_or(0, |h| h.revision());
             }
-            match page.kvs().last() {
-                Some(last) if page.more() => {
+            let more = page.more();
+            let kvs = page.take_kvs();
+            match kvs.last() {
+                Some(last) if more => {
                     from = last.key().to_vec();
                     from.push(0);
                 }
-                _ => break,
+                _ => {
+                    out.extend(kvs);
+                    break;
+                }
             }
+            out.extend(kvs);
         }
-        Ok(snap)
+        Ok(out)
     }
 
     /// Writes `writes` if nobody wrote the configuration since `snap` was read: `meta` is
@@ -300,37 +328,13 @@ impl Store {
         Ok(renewed.is_some_and(|r| r.ttl() > 0))
     }
 
-    /// Every node status currently alive (key suffix, value).
-    pub async fn nodes(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        let resp = self
-            .kv
-            .clone()
-            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.error("reading node statuses"))?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect())
-    }
-
     /// Every node status key with the lease it is bound to (0: none), so the caller can tell
     /// a node's own leased status from a hand-written key.
     pub async fn node_statuses(&self) -> Result<Vec<crate::fleet::status::StatusKv>, Error> {
-        let resp = self
-            .kv
-            .clone()
-            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.error("reading node statuses"))?;
-        Ok(resp
-            .kvs()
+        let kvs = self
+            .read_prefix(self.keys.nodes(), 0, "reading node statuses")
+            .await?;
+        Ok(kvs
             .iter()
             .map(|kv| crate::fleet::status::StatusKv {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),

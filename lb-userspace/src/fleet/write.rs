@@ -91,7 +91,14 @@ fn prepare(
     agent: &Agent,
     cmd: &Command,
 ) -> Result<(Changed, Vec<schema::Write>), Error> {
-    let current = schema::decode(keys, &snap.vips, &DesiredState::default()).state;
+    // Decoded by this node's rules, as its follower does: a VIP it refuses (outside its pools,
+    // on its own address) is in neither side, so it is neither "added" by this change nor
+    // touched by its writes.
+    let rules = agent.core().address_rules();
+    let current = schema::decode_checked(keys, &snap.vips, &DesiredState::default(), &|v| {
+        rules.check(v.ip)
+    })
+    .state;
     let new = crate::agent::ops::edit(&current, cmd)?.unwrap_or_else(|| current.clone());
     new.validate().map_err(Error::Invalid)?;
     let plan = agent.plan(new.clone())?;

@@ -92,6 +92,23 @@ pub fn pools_line(pools: &[Prefix]) -> String {
         .join(", ")
 }
 
+/// This node's rules for VIP addresses, copied out of the agent's core so a whole snapshot
+/// can be checked on a blocking thread without holding its lock.
+#[derive(Clone, Debug, Default)]
+pub struct AddressRules {
+    pub pools: Vec<Prefix>,
+    pub own: OwnAddrs,
+    /// Its encapsulation/NAT sources.
+    pub services: Vec<IpAddr>,
+}
+
+impl AddressRules {
+    /// [`check_vip_address`] under these rules.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        check_vip_address(ip, &self.pools, &self.own, &self.services)
+    }
+}
+
 /// What the node's kernel says about its own addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OwnAddrs {

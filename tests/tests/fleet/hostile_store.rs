@@ -257,6 +257,17 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
             failed.push(format!("node {k} took {outside}"));
         }
     }
+    // A change through a node is not refused for the hostile keys it does not touch: they
+    // are left out of both sides of the change, not checked as VIPs it adds.
+    let unrelated = "10.0.0.77:80/tcp";
+    for args in [["vip", "add", unrelated], ["vip", "remove", unrelated]] {
+        if let Err(e) = f.lb(0, &args) {
+            failed.push(format!(
+                "`lb {}` refused beside the hostile keys: {e:#}",
+                args.join(" ")
+            ));
+        }
+    }
     if let Err(e) = own_service_answers(&f) {
         failed.push(format!("node 0's own TCP service is unreachable: {e}"));
     }
