@@ -291,40 +291,37 @@ fn passwords_and_a_role_per_cluster() -> anyhow::Result<()> {
     )?;
     println!("user lb-prod follows and writes /xdp-lb/prod/ over TLS");
 
-    let strs = |v: &[String]| v.to_vec();
-    let args = strs(&as_user("lb-prod", &wrong));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    refused_with(
-        &ns,
-        "prod",
-        &args,
-        9,
-        &format!(
-            "lb: etcd {url}: connecting: authentication failed for user `lb-prod`: wrong user name or password (--store-user, --store-password-file)"
+    let refusals = [
+        (
+            "lb-prod",
+            &wrong,
+            9,
+            format!(
+                "lb: etcd {url}: connecting: authentication failed for user `lb-prod`: wrong user name or password (--store-user, --store-password-file)"
+            ),
         ),
-    )?;
-    let args = strs(&as_user("lb-other", &other));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    refused_with(
-        &ns,
-        "prod",
-        &args,
-        9,
-        &format!(
-            "lb: etcd {url}: reading the configuration: permission denied to user `lb-other` on /xdp-lb/prod/: grant its role readwrite on that prefix (etcdctl role grant-permission ROLE --prefix=true readwrite /xdp-lb/prod/)"
+        (
+            "lb-other",
+            &other,
+            9,
+            format!(
+                "lb: etcd {url}: reading the configuration: permission denied to user `lb-other` on /xdp-lb/prod/: grant its role readwrite on that prefix (etcdctl role grant-permission ROLE --prefix=true readwrite /xdp-lb/prod/)"
+            ),
         ),
-    )?;
-    let args = strs(&as_user("lb-prod", &open));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    refused_with(
-        &ns,
-        "prod",
-        &args,
-        2,
-        &format!(
-            "lb: --store-password-file {open}: open to group or others (mode 0644): `chmod 600` it, a secret others can read is not one"
+        (
+            "lb-prod",
+            &open,
+            2,
+            format!(
+                "lb: --store-password-file {open}: open to group or others (mode 0644): `chmod 600` it, a secret others can read is not one"
+            ),
         ),
-    )?;
+    ];
+    for (user, file, code, want) in refusals {
+        let args = as_user(user, file);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_with(&ns, "prod", &args, code, &want)?;
+    }
     Ok(())
 }
 
