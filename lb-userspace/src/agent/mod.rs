@@ -174,6 +174,19 @@ impl Agent {
         self.core.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `f` over the core, on a blocking thread: for async tasks. A change holds the core's
+    /// lock while it builds its tables and writes the maps, and an async worker waiting on it
+    /// would stall every other task scheduled there.
+    pub async fn with_core<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce(&Core) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let a = self.clone();
+        tokio::task::spawn_blocking(move || f(&a.core()))
+            .await
+            .map_err(|e| Error::Kernel(format!("reading the agent's state: {e}")))
+    }
+
     /// Applies `cmd`: validated, saved, then made live. Blocking (it writes the state file):
     /// call it from a blocking thread.
     pub fn execute(&self, cmd: &Command) -> Result<Changed, Error> {

@@ -186,7 +186,14 @@ pub async fn supervise(agent: Arc<Agent>, on_flip: OnFlip) {
     type Running = HashMap<(VipAddr, BackendAddr), ((ProbeTarget, HealthCheck), JoinHandle<()>)>;
     let mut running: Running = HashMap::new();
     loop {
-        let targets = health_targets(&agent.core());
+        let targets = match agent.with_core(health_targets).await {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("{e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let wanted: HashMap<(VipAddr, BackendAddr), (ProbeTarget, HealthCheck)> = targets
             .into_iter()
             .map(|(v, a, t, c)| ((v, a), (t, c)))

@@ -305,9 +305,11 @@ impl Fleet {
         // The addresses the VIPs are checked against, as they are now (outside the lock).
         agent.refresh_own_addrs().await;
         // Copied out under the lock; decoded (JSON of the whole snapshot) on a blocking thread.
-        let (last, rules) = {
-            let core = agent.core();
-            (core.desired().clone(), core.address_rules())
+        let Ok((last, rules)) = agent
+            .with_core(|core| (core.desired().clone(), core.address_rules()))
+            .await
+        else {
+            return;
         };
         let (keys, vips) = (self.keys.clone(), snap.vips.clone());
         let decoded = match tokio::task::spawn_blocking(move || {
@@ -441,7 +443,7 @@ impl Fleet {
     /// The fleet's health verdict from every node's status (this node's own view fresh).
     async fn take_verdict(&self, agent: &Arc<Agent>, store: &Store) -> Result<(), Error> {
         let nodes = self.live_statuses(store).await?;
-        let own = agent.core().own_health();
+        let own = agent.with_core(|c| c.own_health()).await?;
         let verdicts = status::fleet_health(&self.config.node, &own, &nodes);
         self.set_fleet_health(agent, Some(verdicts)).await;
         Ok(())
@@ -453,16 +455,22 @@ impl Fleet {
         store: &Store,
         lease: &mut Option<i64>,
     ) -> Result<(), Error> {
-        let status = {
-            let core = agent.core();
-            NodeStatus {
-                node: self.config.node.clone(),
-                revision: self.view().applied_revision.unwrap_or(0),
-                digests: core.digests(),
-                health: core.own_health(),
-                not_converged: core.not_converged().map(str::to_string),
-                at_unix: now_unix(),
-            }
+        let (digests, health, not_converged) = agent
+            .with_core(|core| {
+                (
+                    core.digests(),
+                    core.own_health(),
+                    core.not_converged().map(str::to_string),
+                )
+            })
+            .await?;
+        let status = NodeStatus {
+            node: self.config.node.clone(),
+            revision: self.view().applied_revision.unwrap_or(0),
+            digests,
+            health,
+            not_converged,
+            at_unix: now_unix(),
         };
         let id = match *lease {
             Some(id) => id,

@@ -137,7 +137,10 @@ async fn egress_upkeep(agent: Arc<Agent>, mut ports: TxPorts, iface: String) {
     loop {
         tick += 1;
         // New backends are resolved within a second; all of them every five.
-        let routed = agent.core().routed_backends();
+        let routed = agent
+            .with_core(|c| c.routed_backends())
+            .await
+            .unwrap_or_default();
         for addr in routed
             .iter()
             .filter(|a| tick.is_multiple_of(5) || !known.contains(*a))
