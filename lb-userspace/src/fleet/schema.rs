@@ -126,15 +126,17 @@ pub fn decode_vip(
     Ok((vip, spec))
 }
 
-/// The desired state of the VIP keys `kvs` (all of one revision). A rejected key changes
-/// nothing: its VIP keeps the value `last` applied (or stays absent), never a part of the
-/// new value.
+/// [`decode_checked`] with no address rule (the schema's own tests).
+#[cfg(test)]
 pub fn decode(keys: &Keys, kvs: &[(String, Vec<u8>)], last: &DesiredState) -> Decoded {
     decode_checked(keys, kvs, last, &|_| Ok(()))
 }
 
-/// [`decode`], each VIP also checked by `check` (this node's rules for its address): a VIP
-/// it refuses is rejected like any invalid value and keeps its last good value.
+/// The desired state of the VIP keys `kvs` (all of one revision), each VIP also checked by
+/// `check` (this node's rules for its address). A key rejected for its value changes
+/// nothing: its VIP keeps the value `last` applied (or stays absent), never a part of the
+/// new value. A VIP whose address `check` refuses keeps no value at all: the address is the
+/// key, so no value for it can pass.
 pub fn decode_checked(
     keys: &Keys,
     kvs: &[(String, Vec<u8>)],

@@ -87,14 +87,11 @@ fn health_is_decided_by_the_majority_of_nodes() -> anyhow::Result<()> {
     let f = Fleet::new("flh")?;
     let vip = format!("{VIP4}:80/tcp");
     let b3 = "10.43.0.2";
-    f.lb(
+    f.gue_vip(
         0,
+        &vip,
+        &["10.41.0.2", "10.42.0.2", b3],
         &[
-            "vip",
-            "add",
-            &vip,
-            "--forward",
-            "gue",
             "--health",
             "tcp",
             "--interval-ms",
@@ -107,9 +104,6 @@ fn health_is_decided_by_the_majority_of_nodes() -> anyhow::Result<()> {
             "2",
         ],
     )?;
-    for b in ["10.41.0.2", "10.42.0.2", b3] {
-        f.lb(0, &["backend", "add", &vip, b])?;
-    }
     let (all_up, _) = f.converged(&vip, None)?;
     std::thread::sleep(Duration::from_secs(1));
 

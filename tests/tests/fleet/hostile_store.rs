@@ -124,14 +124,11 @@ fn own_service_answers(f: &Fleet) -> anyhow::Result<()> {
 fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
     let f = Fleet::new("fhs")?;
     let vip = format!("{VIP4}:80/tcp");
-    f.lb(
+    f.gue_vip(
         0,
+        &vip,
+        &["10.41.0.2", "10.42.0.2", B3],
         &[
-            "vip",
-            "add",
-            &vip,
-            "--forward",
-            "gue",
             "--health",
             "tcp",
             "--interval-ms",
@@ -140,9 +137,6 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
             "150",
         ],
     )?;
-    for b in ["10.41.0.2", "10.42.0.2", B3] {
-        f.lb(0, &["backend", "add", &vip, b])?;
-    }
     let (all_up, _) = f.converged(&vip, None)?;
     own_service_answers(&f)?;
     let mut failed: Vec<String> = Vec::new();
