@@ -10,6 +10,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod capture;
 mod encap;
 mod express;
 mod forward;
@@ -65,7 +66,17 @@ pub fn lb_full(ctx: XdpContext) -> u32 {
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     // The whole frame (a jumbo one included): NAT's own work dwarfs the helper call.
     let len = ctx.frame_len() as u64;
-    act(nat::run(&ctx, len), len)
+    let verdict = nat::run(&ctx, len);
+    let action = act(verdict, len);
+    capture::leave(&ctx, verdict);
+    action
+}
+
+/// Packet capture (`capture`): records the verdict `lb_full` or `lb_nat` handed over and
+/// returns its action; entered by a tail call, and only while a capture runs.
+#[xdp(frags)]
+pub fn lb_capture(ctx: XdpContext) -> u32 {
+    capture::record(&ctx)
 }
 
 /// Trivial program for veth peers: native XDP_TX/REDIRECT on a veth is only delivered when the

@@ -3,10 +3,10 @@
 //! `lb_full`; then the backend's selection (`select`) and the delivery (`forward`, `encap`),
 //! or the NAT program (`nat`).
 use aya_ebpf::programs::XdpContext;
-use lb_common::{ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
+use lb_common::{CAPTURE_NONE, ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
 
 use crate::{
-    Verdict, act, encap, express, forward, maps, nat, parse,
+    Verdict, act, capture, encap, express, forward, maps, nat, parse,
     ptr::Frame,
     select::{self, CacheProbe},
     stats,
@@ -17,6 +17,13 @@ use crate::{
 pub fn lb(ctx: &XdpContext) -> u32 {
     // The first buffer's length: the whole frame's for every frame the express lane takes.
     let len = (ctx.data_end() - ctx.data()) as u64;
+    // While a capture runs, every frame is copied as it arrived and takes the full path,
+    // where each verdict is recorded (`capture`); otherwise this is the one branch it costs.
+    if capture::running() {
+        core::hint::cold_path();
+        capture::arrive(ctx);
+        return act(enter_full(ctx), len);
+    }
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
     // the full path's verdict plumbing.
@@ -55,7 +62,9 @@ pub fn full(ctx: &XdpContext) -> u32 {
         Ok(candidate) => try_lb(ctx, candidate, &mut len),
         Err(verdict) => Err(verdict),
     };
-    act(verdict, len)
+    let action = act(verdict, len);
+    capture::leave(ctx, verdict);
+    action
 }
 
 /// The full path for a frame the pre-filter let through: parsed into a [`parse::Parsed`]
@@ -74,13 +83,14 @@ fn try_lb(
         *len = ctx.frame_len() as u64;
     }
     // Read once: the selection and the encapsulation both need the load-time constants.
-    balance(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
+    balance::<true>(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
 }
 
 /// Balances a parsed VIP packet. `probed`: whether the express lane already probed this
-/// CPU's cache slot for it ([`CacheProbe`]).
+/// CPU's cache slot for it ([`CacheProbe`]). `NOTE`: keep the VIP and backend for a
+/// capture's record (`lb_full` only; `lb_xdp` never records).
 #[inline(always)]
-pub fn balance(
+pub fn balance<const NOTE: bool>(
     ctx: &XdpContext,
     pkt: &parse::Parsed,
     cfg: &LbConfig,
@@ -95,12 +105,12 @@ pub fn balance(
         return Err(Verdict::discard(Stat::DropTxError));
     }
     let picked = select::pick(pkt, cfg, probed)?;
-    deliver(ctx, cfg, pkt, &picked, len)
+    deliver::<NOTE>(ctx, cfg, pkt, &picked, len)
 }
 
 /// Counts and sends a packet the selection placed.
 #[inline(always)]
-pub fn deliver(
+pub fn deliver<const NOTE: bool>(
     ctx: &XdpContext,
     cfg: &LbConfig,
     pkt: &parse::Parsed,
@@ -108,6 +118,11 @@ pub fn deliver(
     len: u64,
 ) -> Result<Verdict, Verdict> {
     stats::count_vip(picked.vip_id, len, picked.new_flow);
+    if NOTE {
+        // NAT's backend is the NAT table's, not the slot's: named by the record's frames.
+        let nat = picked.backend.encap == ENCAP_NAT;
+        capture::note(picked.vip_id, if nat { CAPTURE_NONE } else { picked.id });
+    }
     if picked.backend.encap == ENCAP_NAT {
         // The NAT table decides the backend (and counts it).
         nat::enter(ctx);
