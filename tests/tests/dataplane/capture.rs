@@ -435,12 +435,12 @@ fn a_killed_client_ends_the_capture() -> anyhow::Result<()> {
 /// Spoofed SYNs to the VIP from the client's raw socket for `dur` (at most 3,000,000 frames);
 /// returns frames sent per second. On veth the program runs in the sender's context, so this
 /// is also the rate the load balancer forwards at.
-fn flood(net: &DemoNet, dur: Duration) -> anyhow::Result<f64> {
+fn flood(client: &lb_tests::Netns, lb_mac: [u8; 6], dur: Duration) -> anyhow::Result<f64> {
     use lb_tests::{
         frames::{Frames, v4},
         raw::RawSocket,
     };
-    let frames = Frames::new(net.client.mac("eth0")?, net.lb.mac("eth0")?);
+    let frames = Frames::new(client.mac("eth0")?, lb_mac);
     let syns: Vec<Vec<u8>> = (0..4096u32)
         .map(|i| {
             // Sources from 198.18.0.0/15 (the benchmarking range).
@@ -448,7 +448,7 @@ fn flood(net: &DemoNet, dur: Duration) -> anyhow::Result<f64> {
             frames.tcp4((src, 1024 + i as u16), (v4(VIP), PORT), "S", b"")
         })
         .collect();
-    net.client.run(move || -> anyhow::Result<f64> {
+    client.run(move || -> anyhow::Result<f64> {
         let sock = RawSocket::sender("eth0")?;
         let start = Instant::now();
         let mut n = 0usize;
@@ -480,7 +480,8 @@ fn a_flood_reaches_the_capture_at_most_at_its_rate() -> anyhow::Result<()> {
         .into_iter()
         .max()
         .unwrap_or_default();
-    let without = flood(&net, Duration::from_millis(1500))?;
+    let (client, lb_mac) = (&net.client, net.lb.mac("eth0")?);
+    let without = flood(client, lb_mac, Duration::from_millis(1500))?;
     let file = out_file(&net.dir, "flood");
     let file_s = file.display().to_string();
     let mut with = 0.0;
@@ -492,7 +493,7 @@ fn a_flood_reaches_the_capture_at_most_at_its_rate() -> anyhow::Result<()> {
         || {
             let n = &net;
             std::thread::scope(|s| -> anyhow::Result<()> {
-                let f = s.spawn(|| flood(n, Duration::from_millis(2000)));
+                let f = s.spawn(|| flood(client, lb_mac, Duration::from_millis(2000)));
                 std::thread::sleep(Duration::from_millis(300));
                 for _ in 0..5 {
                     busy = busy.max(api_time(n)?);
