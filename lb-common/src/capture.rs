@@ -1,13 +1,14 @@
 //! Packet capture (`lb capture`): what the program saw and decided, as records the agent
 //! streams to a client that writes pcapng.
 //!
-//! Off, the program pays one read of [`CAPTURE_CONFIG_MAP`] and one branch in `lb_xdp`
-//! (and the same at the exit of `lb_full` and `lb_nat`). On, `lb_xdp` copies the frame's
-//! first bytes as they arrived to this CPU's [`CaptureCpu`] and sends the frame by the full
-//! path; where the verdict is made, the program tail-calls `lb_capture` ([`CAPTURE_PROGS_MAP`]),
-//! which applies the filters, the sampling and the per-CPU rate limit, and outputs the
-//! record(s) to [`CAPTURE_RING_MAP`]. All three maps are new and unpinned: a capture belongs
-//! to the program that runs it, and a restarted agent starts with capture off.
+//! Off, the program pays one load of [`CAPTURE_ON_GLOBAL`] and one branch in `lb_xdp` (and
+//! the same at the exit of `lb_nat`). On, `lb_xdp` copies the frame's first bytes as they
+//! arrived to this CPU's [`CaptureCpu`] and sends the frame by the full path's captured copy
+//! (`lb_full_capture`); where the verdict is made, the program tail-calls `lb_capture`
+//! ([`CAPTURE_PROGS_MAP`]), which applies the filters, the sampling and the per-CPU rate
+//! limit, and outputs the record(s) to [`CAPTURE_RING_MAP`]. The maps are new and unpinned:
+//! a capture belongs to the program that runs it, and a restarted agent starts with capture
+//! off.
 
 /// The capture's settings: array of one [`CaptureConfig`]; `on == 0`: off.
 pub const CAPTURE_CONFIG_MAP: &str = "LB_CAPTURE";
@@ -17,10 +18,20 @@ pub const CAPTURE_CPU_MAP: &str = "LB_CAPTURE_CPU";
 pub const CAPTURE_RING_MAP: &str = "LB_CAPTURE_RING";
 /// Size of [`CAPTURE_RING_MAP`] in bytes (a power of two of pages).
 pub const CAPTURE_RING_BYTES: u32 = 1 << 20;
-/// The capture program, entered by a tail call through [`CAPTURE_PROGS_MAP`].
+/// The capture's programs, entered by tail calls: [`CAPTURE_PROGRAM`] at
+/// [`CAPTURE_RECORD`], [`CAPTURE_FULL_PROGRAM`] at [`CAPTURE_FULL`].
 pub const CAPTURE_PROGS_MAP: &str = "LB_CAPTURE_PROGS";
-/// The capture program's name in the object.
+/// The capture program's name in the object: records a verdict.
 pub const CAPTURE_PROGRAM: &str = "lb_capture";
+pub const CAPTURE_RECORD: u32 = 0;
+/// The full path with the capture's hooks.
+pub const CAPTURE_FULL_PROGRAM: &str = "lb_full_capture";
+pub const CAPTURE_FULL: u32 = 1;
+/// The flag the programs read on every packet: a mutable `u32` global, alone in the
+/// object's `.bss` map (a map the loader makes of that section, per load, never pinned).
+pub const CAPTURE_ON_GLOBAL: &str = "LB_CAPTURE_ON";
+/// The loader's name of the map holding the object's mutable globals.
+pub const BSS_MAP: &str = ".bss";
 
 /// Largest snap length: the bytes of a frame a record holds.
 pub const CAPTURE_MAX_SNAP: u32 = 256;

@@ -179,7 +179,7 @@ pub const LB_MAPS: &[MapSpec] = &[
     unpinned(spec::<u32, u32>(
         crate::CAPTURE_PROGS_MAP,
         ProgArray,
-        Capacity::Fixed(1),
+        Capacity::Fixed(2),
         0,
     )),
 ];

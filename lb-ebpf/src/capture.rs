@@ -3,12 +3,13 @@
 //!
 //! Its shape keeps it off the hot path and out of the verifier's way:
 //! - `lb_xdp` reads one flag ([`running`]); only when it is set does it copy the frame's
-//!   first bytes to this CPU's record ([`arrive`]) and send the frame by the full path
-//!   (`lb_full`), so the express lane never needs a capture hook;
-//! - `lb_full` and `lb_nat`, where every verdict of a captured frame is made, hand the
-//!   verdict over in the per-CPU record and tail-call [`lb_capture`] ([`leave`]): the
-//!   filters, the sampling, the rate limit and the ring's output are verified once, in a
-//!   program of their own, not at every verdict of the large programs.
+//!   first bytes to this CPU's record ([`arrive`]) and send the frame by the full path's
+//!   captured copy (`lb_full_capture`, [`enter_full`]), so neither the express lane nor
+//!   `lb_full` carries a capture hook (the verifier walks `lb_full` as before);
+//! - `lb_full_capture` and `lb_nat` (after its one check), where every verdict of a captured
+//!   frame is made, hand the verdict over in the per-CPU record and tail-call `lb_capture`
+//!   ([`leave`]): the filters, the sampling, the rate limit and the ring's output are
+//!   verified once, in a program of their own, not at every verdict of the large programs.
 use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
@@ -21,8 +22,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_LEFT, CAPTURE_MAX_SNAP, CAPTURE_NONE,
-    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat, rate_allows,
+    CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_MAX_SNAP, CAPTURE_NONE,
+    CAPTURE_RECORD, CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat, rate_allows,
 };
 
 use crate::Verdict;
@@ -39,17 +40,31 @@ static LB_CAPTURE_CPU: PerCpuArray<CaptureCpu> = PerCpuArray::with_max_entries(1
 #[map(name = "LB_CAPTURE_RING")]
 static LB_CAPTURE_RING: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
 
-/// Holds [`lb_capture`] at index 0 (the agent enters it at load).
+/// Holds `lb_capture` ([`CAPTURE_RECORD`]) and `lb_full_capture` ([`CAPTURE_FULL`]); the
+/// agent enters them at load.
 #[map(name = "LB_CAPTURE_PROGS")]
-static LB_CAPTURE_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static LB_CAPTURE_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Set (non-zero) by the agent while a capture runs (`lb_common::CAPTURE_ON_GLOBAL`). A
+/// mutable global, in the object's `.bss` map: the program reads it at a constant address,
+/// one load and one branch, where a map lookup costs a call and its checks.
+#[unsafe(no_mangle)]
+static mut LB_CAPTURE_ON: u32 = 0;
 
 /// Whether a capture runs: the one read and branch the hot path pays.
 #[inline(always)]
 pub fn running() -> bool {
-    match LB_CAPTURE.get(0) {
-        Some(c) => c.on != 0,
-        None => false,
-    }
+    // SAFETY: a plain word the agent writes whole; read fresh on every packet.
+    unsafe { core::ptr::read_volatile(&raw const LB_CAPTURE_ON) != 0 }
+}
+
+/// A capture runs: `lb_xdp` sends the frame to `lb_full_capture`, the full path with the
+/// capture's hooks (a copy of its own, so `lb_full` carries none). Returns when the tail
+/// call failed (the agent that filled the array is gone): the frame then goes on as usual.
+#[inline(always)]
+pub fn enter_full(ctx: &XdpContext) {
+    // SAFETY: tail call into our own program array; on success it does not return.
+    unsafe { LB_CAPTURE_PROGS.tail_call(ctx, CAPTURE_FULL) };
 }
 
 /// This CPU's capture state.
@@ -102,20 +117,17 @@ pub fn note(vip: u32, backend: u32) {
     }
 }
 
-/// The verdict is made and counted: while a capture runs, hands it to [`lb_capture`] (which
-/// returns its action). Returns when no capture runs or the tail call failed.
+/// The verdict is made and counted: hands it to `lb_capture` (which returns its action).
+/// Returns when the tail call failed. `lb_nat`, which runs captured or not, asks
+/// [`running`] first; `lb_full_capture` always records.
 #[inline(always)]
 pub fn leave(ctx: &XdpContext, verdict: Result<Verdict, Verdict>) {
-    if !running() {
-        return;
-    }
-    core::hint::cold_path();
     let (Ok(v) | Err(v)) = verdict;
     if let Some(cpu) = this_cpu() {
         cpu.action = v.action;
         cpu.stat = v.stat as u32;
         // SAFETY: tail call into our own program array; on success it does not return.
-        unsafe { LB_CAPTURE_PROGS.tail_call(ctx, 0) };
+        unsafe { LB_CAPTURE_PROGS.tail_call(ctx, CAPTURE_RECORD) };
     }
 }
 

@@ -59,7 +59,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// its copy of the selection and the delivery once, apart from `lb_xdp`'s.
 #[xdp(frags)]
 pub fn lb_full(ctx: XdpContext) -> u32 {
-    path::full(&ctx)
+    path::full::<false>(&ctx)
+}
+
+/// The full path while a capture runs (`capture`): `lb_full` with the capture's hooks, a
+/// program of its own so `lb_full` carries none. Entered from `lb_xdp` for every frame, and
+/// only while a capture runs.
+#[xdp(frags)]
+pub fn lb_full_capture(ctx: XdpContext) -> u32 {
+    path::full::<true>(&ctx)
 }
 
 #[xdp(frags)]
@@ -68,7 +76,10 @@ pub fn lb_nat(ctx: XdpContext) -> u32 {
     let len = ctx.frame_len() as u64;
     let verdict = nat::run(&ctx, len);
     let action = act(verdict, len);
-    capture::leave(&ctx, verdict);
+    if capture::running() {
+        core::hint::cold_path();
+        capture::leave(&ctx, verdict);
+    }
     action
 }
 

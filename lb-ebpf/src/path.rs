@@ -22,7 +22,7 @@ pub fn lb(ctx: &XdpContext) -> u32 {
     if capture::running() {
         core::hint::cold_path();
         capture::arrive(ctx);
-        return act(enter_full(ctx), len);
+        capture::enter_full(ctx);
     }
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
@@ -54,16 +54,19 @@ fn enter_full(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 }
 
 /// `lb_full`'s body: the frame parsed again from the start (cheaper than carrying the
-/// pre-filter's result across the tail call), then balanced.
+/// pre-filter's result across the tail call), then balanced. `CAPTURE`: `lb_full_capture`'s,
+/// which keeps the VIP and backend and hands the verdict to the capture (`capture`).
 #[inline(always)]
-pub fn full(ctx: &XdpContext) -> u32 {
+pub fn full<const CAPTURE: bool>(ctx: &XdpContext) -> u32 {
     let mut len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = match parse::prefilter(ctx) {
-        Ok(candidate) => try_lb(ctx, candidate, &mut len),
+        Ok(candidate) => try_lb::<CAPTURE>(ctx, candidate, &mut len),
         Err(verdict) => Err(verdict),
     };
     let action = act(verdict, len);
-    capture::leave(ctx, verdict);
+    if CAPTURE {
+        capture::leave(ctx, verdict);
+    }
     action
 }
 
@@ -71,7 +74,7 @@ pub fn full(ctx: &XdpContext) -> u32 {
 /// record, then balanced. `len` comes in as the first buffer's length and leaves as the
 /// length the counters count.
 #[inline(always)]
-fn try_lb(
+fn try_lb<const CAPTURE: bool>(
     ctx: &XdpContext,
     candidate: parse::Candidate,
     len: &mut u64,
@@ -83,12 +86,12 @@ fn try_lb(
         *len = ctx.frame_len() as u64;
     }
     // Read once: the selection and the encapsulation both need the load-time constants.
-    balance::<true>(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
+    balance::<CAPTURE>(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
 }
 
 /// Balances a parsed VIP packet. `probed`: whether the express lane already probed this
 /// CPU's cache slot for it ([`CacheProbe`]). `NOTE`: keep the VIP and backend for a
-/// capture's record (`lb_full` only; `lb_xdp` never records).
+/// capture's record (`lb_full_capture` only).
 #[inline(always)]
 pub fn balance<const NOTE: bool>(
     ctx: &XdpContext,

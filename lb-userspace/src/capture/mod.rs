@@ -29,6 +29,8 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// The capture maps of the loaded program.
 pub struct Capturer {
+    /// The programs' flag ([`lb_common::CAPTURE_ON_GLOBAL`], alone in `.bss`).
+    on: Mutex<Array<MapData, u32>>,
     config: Mutex<Array<MapData, CaptureConfig>>,
     cpus: Mutex<PerCpuArray<MapData, CaptureCpu>>,
     /// Taken by the running capture: the one-at-a-time claim.
@@ -46,15 +48,24 @@ fn zeroed_cpu() -> CaptureCpu {
 }
 
 impl Capturer {
-    pub fn from_maps(config: Map, cpus: Map, ring: Map) -> Result<Self, Error> {
-        use lb_common::{CAPTURE_CONFIG_MAP, CAPTURE_CPU_MAP, CAPTURE_RING_MAP};
+    pub fn from_maps(config: Map, cpus: Map, ring: Map, bss: Map) -> Result<Self, Error> {
+        use lb_common::{BSS_MAP, CAPTURE_CONFIG_MAP, CAPTURE_CPU_MAP, CAPTURE_RING_MAP};
         Ok(Capturer {
+            // A `u32` value: the flag is the section's only global (another would change
+            // its size, and the object is then refused at load, naming the map).
+            on: Mutex::new(Array::try_from(bss).map_err(map_err(BSS_MAP))?),
             config: Mutex::new(Array::try_from(config).map_err(map_err(CAPTURE_CONFIG_MAP))?),
             cpus: Mutex::new(PerCpuArray::try_from(cpus).map_err(map_err(CAPTURE_CPU_MAP))?),
             ring: Mutex::new(Some(
                 RingBuf::try_from(ring).map_err(map_err(CAPTURE_RING_MAP))?,
             )),
         })
+    }
+
+    fn write_flag(&self, on: bool) -> Result<(), Error> {
+        let mut m = self.on.lock().unwrap_or_else(|p| p.into_inner());
+        m.set(0, u32::from(on), 0)
+            .map_err(map_err(lb_common::BSS_MAP))
     }
 
     fn write_config(&self, cfg: &CaptureConfig) -> Result<(), Error> {
@@ -117,6 +128,8 @@ impl Capturer {
         cfg.until_ns = monotonic_ns() + LEASE.as_nanos() as u64;
         self.write_config(&cfg)?;
         session.cfg = cfg;
+        // Last: the programs copy and record only with the settings in place.
+        self.write_flag(true)?;
         Ok(session)
     }
 }
@@ -150,6 +163,9 @@ pub struct Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let Err(e) = self.cap.write_flag(false) {
+            log::warn!("capture: turning it off: {e}");
+        }
         let off = CaptureConfig::default();
         if let Err(e) = self.cap.write_config(&off) {
             log::warn!("capture: turning it off: {e}");

@@ -140,8 +140,18 @@ pub async fn run(client: &Client, a: CaptureArgs) -> anyhow::Result<()> {
     let mut out = Some(out);
     let mut last = Progress::default();
     let mut packets = 0u64;
+    let mut records = 0u64;
     let end: Option<End> = loop {
-        let Some((kind, payload)) = stream.next().await? else {
+        // Ctrl-C ends the capture as the agent's end would: the file whole, the counts said.
+        let next = tokio::select! {
+            m = stream.next() => m?,
+            _ = tokio::signal::ctrl_c() => break Some(End {
+                counts: last,
+                sent: records,
+                reason: "Ctrl-C".into(),
+            }),
+        };
+        let Some((kind, payload)) = next else {
             break None;
         };
         match kind {
@@ -155,6 +165,7 @@ pub async fn run(client: &Client, a: CaptureArgs) -> anyhow::Result<()> {
                 let w = writer.as_mut().context("a record before the start")?;
                 let (h, data) = wire::parse_record(&payload).map_err(anyhow::Error::msg)?;
                 packets += u64::from(h.direction == lb_common::CAPTURE_ARRIVED);
+                records += 1;
                 w.packet(&h, data).map_err(anyhow::Error::msg)?;
                 w.flush().map_err(anyhow::Error::msg)?;
             }

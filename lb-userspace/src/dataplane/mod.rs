@@ -272,6 +272,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         lb_common::NAT_PROGRAM,
         lb_common::FULL_PROGRAM,
         lb_common::CAPTURE_PROGRAM,
+        lb_common::CAPTURE_FULL_PROGRAM,
     ] {
         let prog = xdp_program(ebpf, name)?;
         load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
@@ -290,7 +291,16 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
             lb_common::FULL_PROGRAM,
         ),
         // Unpinned: it empties when this process ends, and a capture ends with it.
-        (lb_common::CAPTURE_PROGS_MAP, 0, lb_common::CAPTURE_PROGRAM),
+        (
+            lb_common::CAPTURE_PROGS_MAP,
+            lb_common::CAPTURE_RECORD,
+            lb_common::CAPTURE_PROGRAM,
+        ),
+        (
+            lb_common::CAPTURE_PROGS_MAP,
+            lb_common::CAPTURE_FULL,
+            lb_common::CAPTURE_FULL_PROGRAM,
+        ),
     ] {
         let fd = xdp_program(ebpf, name)?
             .fd()
@@ -394,6 +404,7 @@ impl Dataplane {
             take(&mut ebpf, lb_common::CAPTURE_CONFIG_MAP)?,
             take(&mut ebpf, lb_common::CAPTURE_CPU_MAP)?,
             take(&mut ebpf, lb_common::CAPTURE_RING_MAP)?,
+            take(&mut ebpf, lb_common::BSS_MAP)?,
         )?);
         Ok(Dataplane {
             ebpf,
