@@ -431,7 +431,9 @@ fn a_killed_client_ends_the_capture() -> anyhow::Result<()> {
         after,
         "the program went on emitting after the capture ended"
     );
-    // The one capture's claim is free again.
+    // The one capture's claim is free again. Its file exists already, readable by others:
+    // it is made the caller's alone again.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
     let out = capture_during(&net.dir, &["-w", &file_s, "-c", "3"], || {
         for _ in 0..3 {
             net.http_get(vip_ip(), PORT)?;
@@ -439,6 +441,8 @@ fn a_killed_client_ends_the_capture() -> anyhow::Result<()> {
         Ok(())
     })?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 packets captured"));
+    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "an existing file's mode");
     Ok(())
 }
 
