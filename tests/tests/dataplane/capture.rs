@@ -81,13 +81,28 @@ pub(crate) fn capture_during(
     args: &[&str],
     traffic: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<Output> {
-    let child = capture_cmd(net, args)?
+    let mut child = capture_cmd(net, args)?
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("spawning lb capture")?;
+    // Until the agent says it runs; a capture that ended first says why.
+    let start = Instant::now();
+    while !status(net)?.running {
+        if let Some(st) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            bail!(
+                "lb capture exited ({st}) before it ran: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the capture did not start within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let waiter = std::thread::spawn(move || child.wait_with_output());
-    wait_running(net, true, Duration::from_secs(5))?;
     traffic()?;
     let out = waiter
         .join()
@@ -402,7 +417,7 @@ fn a_killed_client_ends_the_capture() -> anyhow::Result<()> {
     let mut cmd = capture_cmd(&net.dir, &["-w", &file_s, "--duration", "60s"])?;
     cmd.stderr(Stdio::null());
     let mut child = ChildGuard::spawn(cmd, "lb capture")?;
-    wait_running(&net.dir, true, Duration::from_secs(5))?;
+    wait_running(&net.dir, true, Duration::from_secs(15))?;
     for _ in 0..5 {
         net.http_get(vip_ip(), PORT)?;
     }
