@@ -121,11 +121,11 @@ pub(crate) struct Pkt {
     left: bool,
     eth_dst: String,
     ip_src: String,
-    ip_dst: String,
+    pub(crate) ip_dst: String,
     sport: u16,
     syn: bool,
     ack: bool,
-    comment: BTreeMap<String, String>,
+    pub(crate) comment: BTreeMap<String, String>,
 }
 
 const FIELDS: [&str; 9] = [
