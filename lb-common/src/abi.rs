@@ -6,7 +6,7 @@ use crate::{
 };
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 

@@ -17,6 +17,7 @@ mod counters;
 
 mod abi;
 mod cache;
+mod capture;
 mod encap;
 mod flow;
 mod maps;
@@ -25,6 +26,7 @@ mod second_chance;
 mod table_key;
 pub use abi::*;
 pub use cache::*;
+pub use capture::*;
 pub use encap::*;
 pub use flow::*;
 pub use maps::*;
@@ -640,4 +642,6 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::ProbationSlot {}
     unsafe impl aya::Pod for super::FlowCacheSlot {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::CaptureCpu {}
 }

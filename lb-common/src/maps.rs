@@ -27,6 +27,7 @@ pub enum MapKind {
     PerCpuArray = 6,
     LruHash = 9,
     DevMapHash = 25,
+    RingBuf = 27,
 }
 
 /// Where a map's number of entries comes from.
@@ -156,6 +157,31 @@ pub const LB_MAPS: &[MapSpec] = &[
         ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)
     }),
     spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(2), 0),
+    // Packet capture (`crate::capture`): a capture belongs to the program that runs it.
+    unpinned(spec::<u32, crate::CaptureConfig>(
+        crate::CAPTURE_CONFIG_MAP,
+        Array,
+        Capacity::Fixed(1),
+        0,
+    )),
+    unpinned(spec::<u32, crate::CaptureCpu>(
+        crate::CAPTURE_CPU_MAP,
+        PerCpuArray,
+        Capacity::Fixed(1),
+        0,
+    )),
+    unpinned(spec::<(), ()>(
+        crate::CAPTURE_RING_MAP,
+        MapKind::RingBuf,
+        Capacity::Fixed(crate::CAPTURE_RING_BYTES),
+        0,
+    )),
+    unpinned(spec::<u32, u32>(
+        crate::CAPTURE_PROGS_MAP,
+        ProgArray,
+        Capacity::Fixed(2),
+        0,
+    )),
 ];
 
 /// The description of map `name`, if the object has it.

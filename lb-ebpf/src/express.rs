@@ -68,7 +68,7 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> u32 {
             let picked = picked(flow.backend_id, backend, flow.vip_id, false);
             let verdict = p
                 .parsed(ctx)
-                .and_then(|pkt| deliver(ctx, config(), &pkt, &picked, len));
+                .and_then(|pkt| deliver::<false>(ctx, config(), &pkt, &picked, len));
             return act(verdict, len);
         }
     }
@@ -87,5 +87,5 @@ fn balance_full(
     slot: Option<*mut FlowCacheSlot>,
 ) -> Result<Verdict, Verdict> {
     let pkt = p.parsed(ctx)?;
-    crate::path::balance(ctx, &pkt, config(), len, CacheProbe::Missed(slot))
+    crate::path::balance::<false>(ctx, &pkt, config(), len, CacheProbe::Missed(slot))
 }

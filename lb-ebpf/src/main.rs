@@ -10,6 +10,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod capture;
 mod encap;
 mod express;
 mod forward;
@@ -58,14 +59,35 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// its copy of the selection and the delivery once, apart from `lb_xdp`'s.
 #[xdp(frags)]
 pub fn lb_full(ctx: XdpContext) -> u32 {
-    path::full(&ctx)
+    path::full::<false>(&ctx)
+}
+
+/// The full path while a capture runs (`capture`): `lb_full` with the capture's hooks, a
+/// program of its own so `lb_full` carries none. Entered from `lb_xdp` for every frame, and
+/// only while a capture runs.
+#[xdp(frags)]
+pub fn lb_full_capture(ctx: XdpContext) -> u32 {
+    path::full::<true>(&ctx)
 }
 
 #[xdp(frags)]
 pub fn lb_nat(ctx: XdpContext) -> u32 {
     // The whole frame (a jumbo one included): NAT's own work dwarfs the helper call.
     let len = ctx.frame_len() as u64;
-    act(nat::run(&ctx, len), len)
+    let verdict = nat::run(&ctx, len);
+    let action = act(verdict, len);
+    if capture::running() {
+        core::hint::cold_path();
+        capture::leave(&ctx, verdict);
+    }
+    action
+}
+
+/// Packet capture (`capture`): records the verdict `lb_full` or `lb_nat` handed over and
+/// returns its action; entered by a tail call, and only while a capture runs.
+#[xdp(frags)]
+pub fn lb_capture(ctx: XdpContext) -> u32 {
+    capture::record(&ctx)
 }
 
 /// Trivial program for veth peers: native XDP_TX/REDIRECT on a veth is only delivered when the

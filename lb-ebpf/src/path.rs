@@ -3,10 +3,10 @@
 //! `lb_full`; then the backend's selection (`select`) and the delivery (`forward`, `encap`),
 //! or the NAT program (`nat`).
 use aya_ebpf::programs::XdpContext;
-use lb_common::{ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
+use lb_common::{CAPTURE_NONE, ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
 
 use crate::{
-    Verdict, act, encap, express, forward, maps, nat, parse,
+    Verdict, act, capture, encap, express, forward, maps, nat, parse,
     ptr::Frame,
     select::{self, CacheProbe},
     stats,
@@ -17,6 +17,13 @@ use crate::{
 pub fn lb(ctx: &XdpContext) -> u32 {
     // The first buffer's length: the whole frame's for every frame the express lane takes.
     let len = (ctx.data_end() - ctx.data()) as u64;
+    // While a capture runs, every frame is copied as it arrived and takes the full path,
+    // where each verdict is recorded (`capture`); otherwise this is the one branch it costs.
+    if capture::running() {
+        core::hint::cold_path();
+        capture::arrive(ctx);
+        capture::enter_full(ctx);
+    }
     // Traffic not for a VIP leaves right after the pre-filter through its own `act`: there
     // its verdict is one of two constants, so it compiles to a counter and a return, without
     // the full path's verdict plumbing.
@@ -47,22 +54,27 @@ fn enter_full(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 }
 
 /// `lb_full`'s body: the frame parsed again from the start (cheaper than carrying the
-/// pre-filter's result across the tail call), then balanced.
+/// pre-filter's result across the tail call), then balanced. `CAPTURE`: `lb_full_capture`'s,
+/// which keeps the VIP and backend and hands the verdict to the capture (`capture`).
 #[inline(always)]
-pub fn full(ctx: &XdpContext) -> u32 {
+pub fn full<const CAPTURE: bool>(ctx: &XdpContext) -> u32 {
     let mut len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = match parse::prefilter(ctx) {
-        Ok(candidate) => try_lb(ctx, candidate, &mut len),
+        Ok(candidate) => try_lb::<CAPTURE>(ctx, candidate, &mut len),
         Err(verdict) => Err(verdict),
     };
-    act(verdict, len)
+    let action = act(verdict, len);
+    if CAPTURE {
+        capture::leave(ctx, verdict);
+    }
+    action
 }
 
 /// The full path for a frame the pre-filter let through: parsed into a [`parse::Parsed`]
 /// record, then balanced. `len` comes in as the first buffer's length and leaves as the
 /// length the counters count.
 #[inline(always)]
-fn try_lb(
+fn try_lb<const CAPTURE: bool>(
     ctx: &XdpContext,
     candidate: parse::Candidate,
     len: &mut u64,
@@ -74,13 +86,14 @@ fn try_lb(
         *len = ctx.frame_len() as u64;
     }
     // Read once: the selection and the encapsulation both need the load-time constants.
-    balance(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
+    balance::<CAPTURE>(ctx, &pkt, maps::config(), *len, CacheProbe::NotYet)
 }
 
 /// Balances a parsed VIP packet. `probed`: whether the express lane already probed this
-/// CPU's cache slot for it ([`CacheProbe`]).
+/// CPU's cache slot for it ([`CacheProbe`]). `NOTE`: keep the VIP and backend for a
+/// capture's record (`lb_full_capture` only).
 #[inline(always)]
-pub fn balance(
+pub fn balance<const NOTE: bool>(
     ctx: &XdpContext,
     pkt: &parse::Parsed,
     cfg: &LbConfig,
@@ -95,12 +108,12 @@ pub fn balance(
         return Err(Verdict::discard(Stat::DropTxError));
     }
     let picked = select::pick(pkt, cfg, probed)?;
-    deliver(ctx, cfg, pkt, &picked, len)
+    deliver::<NOTE>(ctx, cfg, pkt, &picked, len)
 }
 
 /// Counts and sends a packet the selection placed.
 #[inline(always)]
-pub fn deliver(
+pub fn deliver<const NOTE: bool>(
     ctx: &XdpContext,
     cfg: &LbConfig,
     pkt: &parse::Parsed,
@@ -108,6 +121,11 @@ pub fn deliver(
     len: u64,
 ) -> Result<Verdict, Verdict> {
     stats::count_vip(picked.vip_id, len, picked.new_flow);
+    if NOTE {
+        // NAT's backend is the NAT table's, not the slot's: named by the record's frames.
+        let nat = picked.backend.encap == ENCAP_NAT;
+        capture::note(picked.vip_id, if nat { CAPTURE_NONE } else { picked.id });
+    }
     if picked.backend.encap == ENCAP_NAT {
         // The NAT table decides the backend (and counts it).
         nat::enter(ctx);

@@ -26,6 +26,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod capture;
 pub mod dataplane;
 pub mod decap;
 pub mod error;

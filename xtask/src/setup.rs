@@ -41,6 +41,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // the loaded program's line table.
     "linux-perf",
     "bpftool",
+    // `lb capture`'s tests read its pcapng files back with both readers.
+    "tshark",
+    "tcpdump",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.

@@ -79,4 +79,8 @@ pub trait Kernel: Send {
     fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         None
     }
+    /// Packet capture's maps (none without a data plane): used without the agent's lock.
+    fn capture(&self) -> Option<Arc<crate::capture::Capturer>> {
+        None
+    }
 }

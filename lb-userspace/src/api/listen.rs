@@ -4,8 +4,7 @@
 //! life, and a pause after a failed accept (EMFILE would otherwise spin a core).
 use std::{future::Future, sync::Arc, time::Duration};
 
-use http_body_util::Full;
-use hyper::{Request, Response, body::Bytes, body::Incoming, service::service_fn};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -38,13 +37,17 @@ impl Limits {
 }
 
 /// Serves connections from `accept` with `handle` until the task is dropped.
-pub async fn serve<S, A, AF, H, HF>(mut accept: A, limits: Limits, what: &'static str, handle: H)
+pub async fn serve<S, A, AF, H, HF, B>(mut accept: A, limits: Limits, what: &'static str, handle: H)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: FnMut() -> AF,
     AF: Future<Output = std::io::Result<S>>,
     H: Fn(Request<Incoming>) -> HF + Clone + Send + Sync + 'static,
-    HF: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    HF: Future<Output = Response<B>> + Send + 'static,
+    // A whole body (`Full`), or the API's capture stream.
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_conns));
     loop {

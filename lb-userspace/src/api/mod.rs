@@ -3,6 +3,7 @@
 //! the CLI's side; `listen` is the accept loop shared with the metrics listener (connection
 //! limit, timeouts, backoff); `status` is the status page's data; `snapshot` the one read of
 //! the agent that `/metrics` and the status page share.
+pub mod capture;
 pub mod client;
 pub mod listen;
 pub mod server;

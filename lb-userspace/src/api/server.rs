@@ -13,7 +13,10 @@ use tokio::net::UnixListener;
 use crate::{
     Error, ErrorKind,
     agent::Agent,
-    api::listen::{self, Limits},
+    api::{
+        capture,
+        listen::{self, Limits},
+    },
     model::VipAddr,
     node::Node,
     protocol::{ApiError, Command, CommandResult, MAX_BODY},
@@ -220,6 +223,27 @@ pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
     bound.map_err(Error::io(format!("binding {}", path.display())))
 }
 
+/// The answer on the socket: a whole body, or a capture's stream.
+type Answer = Response<http_body_util::Either<Full<Bytes>, capture::ChannelBody>>;
+
+/// The capture's endpoints, then every other one ([`handle`]).
+async fn route(req: Request<Incoming>, node: SharedNode) -> Answer {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/capture") => {
+            let agent = node.agent().clone();
+            match capture::start(agent, req.into_body()).await {
+                Ok(stream) => stream.map(http_body_util::Either::Right),
+                Err(e) => capture::full(error(&e)),
+            }
+        }
+        (&Method::GET, "/v1/capture") => {
+            let agent = node.agent().clone();
+            capture::full(read(move || capture::status(&agent)).await)
+        }
+        _ => capture::full(handle(req, node).await),
+    }
+}
+
 /// Serves the API until the task is dropped.
 pub async fn serve(listener: UnixListener, node: SharedNode) {
     let listener = Arc::new(listener);
@@ -230,7 +254,7 @@ pub async fn serve(listener: UnixListener, node: SharedNode) {
         },
         Limits::API,
         "control API",
-        move |req| handle(req, node.clone()),
+        move |req| route(req, node.clone()),
     )
     .await;
 }

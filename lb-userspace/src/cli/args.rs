@@ -179,6 +179,9 @@ pub enum Top {
     /// Backend side of ipip/gue VIPs: attach the decapsulation program (it stays attached),
     /// show its counters, print the backend's setup, or detach it.
     Decap(super::decap::DecapArgs),
+    /// Capture what the XDP program saw and decided (each packet as it arrived and, with
+    /// --both, as it left, with its verdict, reason, VIP and backend) as pcapng.
+    Capture(Box<super::capture::CaptureArgs>),
     /// Attach the trivial XDP_PASS program to an interface until stopped: native-mode
     /// XDP_TX on a veth is only delivered when its peer runs XDP.
     XdpPass {

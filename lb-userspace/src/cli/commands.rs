@@ -69,6 +69,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Top::Decap(d) => super::decap::run(d),
+        Top::Capture(a) => super::capture::run(&client, *a).await,
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
             Ok(())

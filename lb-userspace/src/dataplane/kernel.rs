@@ -344,6 +344,10 @@ impl Kernel for MapsKernel {
         Some(self.dp.nat_sweeper.clone())
     }
 
+    fn capture(&self) -> Option<Arc<crate::capture::Capturer>> {
+        Some(self.dp.capture.clone())
+    }
+
     fn config(&self) -> LbConfig {
         self.dp.opts.config()
     }

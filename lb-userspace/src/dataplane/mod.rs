@@ -235,6 +235,8 @@ pub struct Dataplane {
     pub nat: nat::NatTables,
     /// The NAT sweep's own handles: it runs without the agent's lock.
     pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
+    /// Packet capture's maps (`lb capture`): used without the agent's lock.
+    pub capture: std::sync::Arc<crate::capture::Capturer>,
 }
 
 /// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
@@ -269,15 +271,36 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         PASS_PROGRAM,
         lb_common::NAT_PROGRAM,
         lb_common::FULL_PROGRAM,
+        lb_common::CAPTURE_PROGRAM,
+        lb_common::CAPTURE_FULL_PROGRAM,
     ] {
         let prog = xdp_program(ebpf, name)?;
         load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
     }
     // The NAT program and the full path are entered by tail calls through the (pinned)
     // program array: a pin keeps the entries while no agent runs.
-    for (index, name) in [
-        (lb_common::PROG_NAT, lb_common::NAT_PROGRAM),
-        (lb_common::PROG_FULL, lb_common::FULL_PROGRAM),
+    for (map, index, name) in [
+        (
+            lb_common::PROGS_MAP,
+            lb_common::PROG_NAT,
+            lb_common::NAT_PROGRAM,
+        ),
+        (
+            lb_common::PROGS_MAP,
+            lb_common::PROG_FULL,
+            lb_common::FULL_PROGRAM,
+        ),
+        // Unpinned: it empties when this process ends, and a capture ends with it.
+        (
+            lb_common::CAPTURE_PROGS_MAP,
+            lb_common::CAPTURE_RECORD,
+            lb_common::CAPTURE_PROGRAM,
+        ),
+        (
+            lb_common::CAPTURE_PROGS_MAP,
+            lb_common::CAPTURE_FULL,
+            lb_common::CAPTURE_FULL_PROGRAM,
+        ),
     ] {
         let fd = xdp_program(ebpf, name)?
             .fd()
@@ -285,15 +308,10 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
             .try_clone()
             .map_err(Error::io(format!("duplicating program {name}'s fd")))?;
         let mut progs = aya::maps::ProgramArray::try_from(
-            ebpf.map_mut(lb_common::PROGS_MAP)
-                .ok_or(Error::MissingMap {
-                    name: lb_common::PROGS_MAP,
-                })?,
+            ebpf.map_mut(map).ok_or(Error::MissingMap { name: map })?,
         )
-        .map_err(map_err(lb_common::PROGS_MAP))?;
-        progs
-            .set(index, &fd, 0)
-            .map_err(map_err(lb_common::PROGS_MAP))?;
+        .map_err(map_err(map))?;
+        progs.set(index, &fd, 0).map_err(map_err(map))?;
     }
     let name = lb_common::HC_PROGRAM;
     let hc: &mut aya::programs::SchedClassifier = ebpf
@@ -382,6 +400,12 @@ impl Dataplane {
             take(&mut ebpf, lb_common::NAT_REV_MAP)?,
             take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
         )?;
+        let capture = std::sync::Arc::new(crate::capture::Capturer::from_maps(
+            take(&mut ebpf, lb_common::CAPTURE_CONFIG_MAP)?,
+            take(&mut ebpf, lb_common::CAPTURE_CPU_MAP)?,
+            take(&mut ebpf, lb_common::CAPTURE_RING_MAP)?,
+            take(&mut ebpf, lb_common::BSS_MAP)?,
+        )?);
         Ok(Dataplane {
             ebpf,
             opts,
@@ -393,6 +417,7 @@ impl Dataplane {
             stats,
             nat,
             nat_sweeper: std::sync::Arc::new(std::sync::Mutex::new(nat_sweeper)),
+            capture,
         })
     }
 

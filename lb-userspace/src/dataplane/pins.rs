@@ -67,6 +67,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::DevMapHash => MapType::DevMapHash,
+        MapKind::RingBuf => MapType::RingBuf,
     }
 }
 

@@ -3,6 +3,8 @@
 //! (`cargo test --release -p lb-tests --test dataplane nat::`):
 //!
 //! - `e2e`: the scenarios on the demo network;
+//! - `capture`, `capture_routed`, `capture_flood`: `lb capture` read back by tshark and
+//!   tcpdump (L2 on the demo network; IPIP, GUE and NAT on the routed one; a flood);
 //! - `encap`: IPIP and GUE to routed backends running `lb decap`;
 //! - `nat`: full NAT on the routed network;
 //! - `second_chance`: connections through 100 backend changes with the flow table off;
@@ -16,6 +18,9 @@
 //!
 //! Every name (namespaces, veths, directories) comes from `lb_tests::unique_name`, unique in
 //! the process, so the tests of different modules run side by side as those of one did.
+mod capture;
+mod capture_flood;
+mod capture_routed;
 mod e2e;
 mod encap;
 mod faults;

@@ -1,0 +1,166 @@
+//! `lb capture --both` on the routed network (`lb_tests::routed`): the frames as they left
+//! show the IPIP and GUE outer headers to the backend, and NAT's translated addresses and
+//! ports in both directions.
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_tests::{
+    proc::sample_backend,
+    routed::{CLIENT4, Routed, VIP_MIXED, VIP4, VIP6, backend_dev, backend4, backend6},
+    topo::{get, http_request},
+};
+
+use super::capture::{capture_during, comment_of, out_file, tshark_fields};
+
+const FIELDS: [&str; 11] = [
+    "frame.interface_id",
+    "ip.src",
+    "ip.dst",
+    "ip.proto",
+    "ipv6.src",
+    "ipv6.dst",
+    "udp.dstport",
+    "tcp.srcport",
+    "tcp.dstport",
+    "frame.comment",
+    "eth.dst",
+];
+
+/// One packet's fields by name.
+struct Row(Vec<String>);
+
+impl Row {
+    fn get(&self, field: &str) -> &str {
+        let i = FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .expect("a field asked for");
+        &self.0[i]
+    }
+    fn left(&self) -> bool {
+        self.get("frame.interface_id") == "1"
+    }
+}
+
+/// Captures `args` while the client makes `n` requests to `vip`:80; the packets.
+fn capture(net: &Routed, args: &[&str], vip: &str, n: usize) -> anyhow::Result<Vec<Row>> {
+    let file = out_file(&net.dir, "routed");
+    let file_s = file.display().to_string();
+    let mut all = vec!["-w", file_s.as_str(), "--duration", "20s"];
+    all.extend_from_slice(args);
+    let target = std::net::SocketAddr::new(vip.parse()?, 80);
+    let out = capture_during(&net.dir, &all, || {
+        for _ in 0..n {
+            http_request(&net.client, target, &get("/"))?;
+        }
+        Ok(())
+    })?;
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(tshark_fields(&file, &FIELDS)?
+        .into_iter()
+        .map(Row)
+        .collect())
+}
+
+#[test]
+fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
+    let mut net = Routed::new("cap")?;
+    net.start_sample(1)?;
+    net.decap(1, &[])?;
+    // NAT's backend: an app on port 8000 of backend 1, answering with full checksums.
+    net.backends[0].exec("ethtool", &["-K", &backend_dev(1), "tx", "off"])?;
+    let app = sample_backend(&net.backends[0], 8000, 7)?;
+    net.procs.push(app);
+    net.start_agent(&[])?;
+    let ipip = format!("{VIP4}:80/tcp");
+    let gue = format!("[{VIP6}]:80/tcp");
+    let nat = format!("{VIP_MIXED}:80/tcp");
+    let nat_backend = format!("{}:8000", backend4(1));
+    for (vip, mode, backend) in [
+        (&ipip, "ipip", backend4(1)),
+        (&gue, "gue", backend6(1)),
+        (&nat, "nat", nat_backend.clone()),
+    ] {
+        net.lb(&["vip", "add", vip, "--forward", mode])?;
+        net.lb(&["backend", "add", vip, &backend])?;
+    }
+
+    // IPIP: outer IPv4 from the load balancer to the backend, protocol 4, the client's
+    // packet to the VIP inside.
+    let rows = capture(&net, &["--vip", &ipip, "--both", "-c", "10"], VIP4, 4)?;
+    let left: Vec<&Row> = rows.iter().filter(|r| r.left()).collect();
+    assert_eq!(left.len(), 10, "each forwarded packet also as it left");
+    for r in &left {
+        let dst: Vec<&str> = r.get("ip.dst").split(',').collect();
+        let src: Vec<&str> = r.get("ip.src").split(',').collect();
+        assert_eq!(dst, [backend4(1).as_str(), VIP4], "outer then inner");
+        assert_eq!(src[1], CLIENT4);
+        assert_eq!(r.get("ip.proto"), "4,6", "IPIP carrying TCP");
+        assert_eq!(comment_of(r.get("frame.comment"))["backend"], backend4(1));
+    }
+
+    // GUE: outer IPv6 and UDP to the GUE port, to the backend's IPv6 address.
+    let rows = capture(&net, &["--vip", &gue, "--both", "-c", "10"], VIP6, 4)?;
+    let left: Vec<&Row> = rows.iter().filter(|r| r.left()).collect();
+    assert_eq!(left.len(), 10);
+    for r in &left {
+        let dst: Vec<&str> = r.get("ipv6.dst").split(',').collect();
+        assert_eq!(dst[0], backend6(1), "the outer header goes to the backend");
+        assert_eq!(
+            r.get("udp.dstport"),
+            lb_common::DEFAULT_GUE_PORT.to_string(),
+            "GUE's UDP port"
+        );
+        assert_eq!(comment_of(r.get("frame.comment"))["backend"], backend6(1));
+    }
+
+    // NAT, both directions: the client's packets leave from the NAT address to the app's
+    // port; the app's answers leave from the VIP to the client.
+    let rows = capture(
+        &net,
+        &["--verdict", "forwarded", "--both", "-c", "30"],
+        VIP_MIXED,
+        4,
+    )?;
+    // Each CPU's records come in order: a packet as it arrived, then as it left.
+    let mut by_cpu: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    for r in &rows {
+        let cpu = comment_of(r.get("frame.comment"))["cpu"].clone();
+        by_cpu.entry(cpu).or_default().push(r);
+    }
+    let mut seen = BTreeSet::new();
+    for pair in by_cpu.values().flat_map(|v| v.chunks(2)) {
+        let (a, l) = (pair[0], pair[1]);
+        assert!(!a.left() && l.left(), "arrived, then left");
+        let to = |r: &Row| {
+            (
+                r.get("ip.src").to_string(),
+                r.get("tcp.srcport").to_string(),
+                r.get("ip.dst").to_string(),
+                r.get("tcp.dstport").to_string(),
+            )
+        };
+        let (asrc, _, adst, aport) = to(a);
+        let (lsrc, lsport, ldst, lport) = to(l);
+        if asrc == CLIENT4 && adst == VIP_MIXED && aport == "80" {
+            assert_eq!(
+                (ldst.as_str(), lport.as_str()),
+                (backend4(1).as_str(), "8000")
+            );
+            assert_ne!(lsrc, CLIENT4, "the source is translated to the NAT address");
+            seen.insert("to the backend");
+        } else if asrc == backend4(1) {
+            assert_eq!(
+                (lsrc.as_str(), lsport.as_str(), ldst.as_str()),
+                (VIP_MIXED, "80", CLIENT4),
+                "the answer leaves from the VIP to the client"
+            );
+            seen.insert("to the client");
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["to the backend", "to the client"],
+        "NAT's two directions as they left"
+    );
+    Ok(())
+}
