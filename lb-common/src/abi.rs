@@ -6,7 +6,7 @@ use crate::{
 };
 
 /// Bumped whenever a map's meaning changes without its sizes changing.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 
@@ -31,6 +31,8 @@ pub const fn abi_layout() -> u64 {
         HcStat::COUNT as usize,
         FlowEvent::COUNT as usize,
         VIP_FILTER_WORDS as usize,
+        core::mem::size_of::<crate::GuardKey4>(),
+        core::mem::size_of::<crate::GuardKey6>(),
     ];
     let mut h = 0x6c62_5f61_6269_u64;
     let mut i = 0;

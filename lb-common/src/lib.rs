@@ -19,6 +19,7 @@ mod abi;
 mod cache;
 mod encap;
 mod flow;
+mod guard;
 mod maps;
 mod nat;
 mod second_chance;
@@ -27,6 +28,7 @@ pub use abi::*;
 pub use cache::*;
 pub use encap::*;
 pub use flow::*;
+pub use guard::*;
 pub use maps::*;
 pub use nat::*;
 pub use second_chance::*;
@@ -161,6 +163,10 @@ counter_enum! {
         /// the program can read them: passed to the kernel, which reassembles what it needs. Not
         /// malformed: the packet is whole, only split where the driver cut it.
         PassSplitHeaders = "passed_split_headers",
+        /// The source matched a deny list (the VIP's or the node's, `lb deny`): dropped.
+        DropSourceDenied = "dropped_source_denied",
+        /// The VIP has an allow list and the source is not on it: dropped.
+        DropSourceNotAllowed = "dropped_source_not_allowed",
     }
 }
 

@@ -13,6 +13,7 @@ mod bench;
 mod encap;
 mod express;
 mod forward;
+mod guard;
 mod hc;
 mod icmp;
 mod maps;
@@ -59,6 +60,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp(frags)]
 pub fn lb_full(ctx: XdpContext) -> u32 {
     path::full(&ctx)
+}
+
+/// The guard's source lists (`guard`), for packets to a VIP that has them: a program of
+/// its own, entered by a tail call, so the lists cost the other programs' verification one
+/// test per place the selection reads a VIP's state.
+#[xdp(frags)]
+pub fn lb_guard(ctx: XdpContext) -> u32 {
+    guard::run(&ctx)
 }
 
 #[xdp(frags)]

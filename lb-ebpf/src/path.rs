@@ -6,7 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
 
 use crate::{
-    Verdict, act, encap, express, forward, maps, nat, parse,
+    Verdict, act, encap, express, forward, guard, maps, nat, parse,
     ptr::Frame,
     select::{self, CacheProbe},
     stats,
@@ -69,6 +69,8 @@ fn try_lb(
 ) -> Result<Verdict, Verdict> {
     let mut pkt = parse::Parsed::EMPTY;
     parse::parse_candidate(ctx, candidate, &mut pkt)?;
+    // Entered from `lb_guard` with its mark: the source was checked there.
+    pkt.admitted = guard::admitted(ctx);
     // An IP packet longer than the first buffer is a multi-buffer frame: count all of it.
     if (pkt.ip.l3 + pkt.ip.len) as u64 > *len {
         *len = ctx.frame_len() as u64;
@@ -94,7 +96,7 @@ pub fn balance(
         nat::enter(ctx);
         return Err(Verdict::discard(Stat::DropTxError));
     }
-    let picked = select::pick(pkt, cfg, probed)?;
+    let picked = select::pick(pkt, cfg, probed).map_err(|v| guard::route(ctx, v))?;
     deliver(ctx, cfg, pkt, &picked, len)
 }
 

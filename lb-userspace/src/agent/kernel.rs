@@ -79,4 +79,11 @@ pub trait Kernel: Send {
     fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         None
     }
+    /// Brings the guard's tries toward `want` (`agent::guard::sources`): with `prune` false,
+    /// writes the entries missing or changed; with `prune` true, deletes those not wanted.
+    /// The core writes before the VIPs' flags change and deletes after, so a VIP never
+    /// meets a list half written (none in fakes: they hold no tries).
+    fn sync_sources(&mut self, _want: &super::guard::Sources, _prune: bool) -> Result<(), Error> {
+        Ok(())
+    }
 }

@@ -22,6 +22,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Top::Run(a) => run_agent(*a, cli.socket).await,
         Top::Vip(cmd) => vip(&client, cmd).await,
         Top::Backend(cmd) => backend(&client, cmd).await,
+        Top::Deny(cmd) => super::guard::deny(&client, cmd).await,
         Top::Stats { watch, count, json } => stats(&client, watch, count, json).await,
         Top::Trace {
             client: c,
@@ -175,6 +176,8 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             udp_idle,
             forward,
             second_chance,
+            allow_sources,
+            deny_sources,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -197,6 +200,8 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     forward,
                     second_chance_s: second_chance,
                     health,
+                    allow_sources,
+                    deny_sources,
                 })
                 .await?;
             println!("added VIP {vip}");

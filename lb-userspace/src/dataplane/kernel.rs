@@ -14,6 +14,7 @@ use lb_common::{
 use crate::{
     Dataplane, Error,
     agent::{
+        guard::{SourceRule, Sources},
         kernel::{Counters, Kernel, LiveSlots, NatSweep, Swept, Totals},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
@@ -34,6 +35,8 @@ pub struct MapsKernel {
     /// Read handles on the counter maps, shared with readers that run without the agent's
     /// lock.
     counters: Arc<StatsMaps>,
+    /// What the guard's tries hold, as last read or written.
+    source_lists: Sources,
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
@@ -64,6 +67,7 @@ impl MapsKernel {
             sources,
             view: KernelView::default(),
             nat_on: false,
+            source_lists: Sources::new(),
         };
         k.dp.nat.set_addrs([0; 4], [0; 4])?;
         k.resync()?;
@@ -261,7 +265,45 @@ impl Kernel for MapsKernel {
             self.dp.slots.forget(id);
         }
         self.view = view;
+        self.source_lists = self.dp.guard.read_all()?;
         Ok(())
+    }
+
+    fn sync_sources(&mut self, want: &Sources, prune: bool) -> Result<(), Error> {
+        if prune {
+            let gone: Vec<SourceRule> = self
+                .source_lists
+                .keys()
+                .filter(|r| !want.contains_key(r))
+                .copied()
+                .collect();
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let result = self.dp.guard.delete(&gone);
+            // Read back on failure: a batch may have gone part of the way.
+            match &result {
+                Ok(()) => gone.iter().for_each(|r| {
+                    self.source_lists.remove(r);
+                }),
+                Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
+            }
+            return result;
+        }
+        let new: Vec<(SourceRule, u64)> = want
+            .iter()
+            .filter(|(r, e)| self.source_lists.get(r) != Some(e))
+            .map(|(r, e)| (*r, *e))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let result = self.dp.guard.write(&new);
+        match &result {
+            Ok(()) => self.source_lists.extend(new),
+            Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
+        }
+        result
     }
 
     fn live_slots(&self, vip_id: u32) -> Result<Option<LiveSlots>, Error> {

@@ -2,6 +2,7 @@
 mod attach;
 pub mod batch;
 pub mod egress;
+pub mod guard;
 pub mod kernel;
 pub mod nat;
 pub mod pins;
@@ -235,6 +236,8 @@ pub struct Dataplane {
     pub nat: nat::NatTables,
     /// The NAT sweep's own handles: it runs without the agent's lock.
     pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
+    /// The guard's source lists.
+    pub guard: guard::GuardTables,
 }
 
 /// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
@@ -269,6 +272,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         PASS_PROGRAM,
         lb_common::NAT_PROGRAM,
         lb_common::FULL_PROGRAM,
+        lb_common::GUARD_PROGRAM,
     ] {
         let prog = xdp_program(ebpf, name)?;
         load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
@@ -278,6 +282,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
     for (index, name) in [
         (lb_common::PROG_NAT, lb_common::NAT_PROGRAM),
         (lb_common::PROG_FULL, lb_common::FULL_PROGRAM),
+        (lb_common::PROG_GUARD, lb_common::GUARD_PROGRAM),
     ] {
         let fd = xdp_program(ebpf, name)?
             .fd()
@@ -382,7 +387,14 @@ impl Dataplane {
             take(&mut ebpf, lb_common::NAT_REV_MAP)?,
             take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
         )?;
+        let guard = guard::GuardTables::new(
+            take(&mut ebpf, lb_common::ALLOW4_MAP)?,
+            take(&mut ebpf, lb_common::ALLOW6_MAP)?,
+            take(&mut ebpf, lb_common::DENY4_MAP)?,
+            take(&mut ebpf, lb_common::DENY6_MAP)?,
+        )?;
         Ok(Dataplane {
+            guard,
             ebpf,
             opts,
             vips,

@@ -36,6 +36,12 @@ struct ConfigVip {
     health: Option<HealthCheck>,
     #[serde(default)]
     backend: Vec<ConfigBackend>,
+    /// Sources the VIP serves (prefixes; empty: all).
+    #[serde(default)]
+    allow_sources: Vec<super::Prefix>,
+    /// Sources the VIP never serves.
+    #[serde(default)]
+    deny_sources: Vec<super::Prefix>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +75,8 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
             second_chance_s: v.second_chance.unwrap_or_else(default_second_chance),
             health: v.health,
             backends: BTreeMap::new(),
+            allow_sources: v.allow_sources.into_iter().collect(),
+            deny_sources: v.deny_sources.into_iter().collect(),
         };
         if v.second_chance.is_some() {
             super::second_chance_needs_gue(&v.address, v.forward)
@@ -127,6 +135,15 @@ pub fn render_config(state: &DesiredState) -> String {
                 h.fall,
                 h.port.map(|p| format!(", port = {p}")).unwrap_or_default()
             ));
+        }
+        for (name, list) in [
+            ("allow_sources", &spec.allow_sources),
+            ("deny_sources", &spec.deny_sources),
+        ] {
+            if !list.is_empty() {
+                let items: Vec<String> = list.iter().map(|p| format!("\"{p}\"")).collect();
+                out.push_str(&format!("{name} = [{}]\n", items.join(", ")));
+            }
         }
         out.push_str("backend = [\n");
         for (addr, b) in &spec.backends {

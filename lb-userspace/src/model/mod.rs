@@ -1,6 +1,11 @@
 //! The operator's vocabulary: VIP and backend addresses, MACs, health checks and the desired
 //! state, with parsing that says exactly what is wrong. Pure: no I/O, unit-tested unprivileged.
-use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
 
 use lb_common::{PROTO_TCP, PROTO_UDP, VipKey};
 use serde::{Deserialize, Serialize};
@@ -321,6 +326,12 @@ pub struct VipSpec {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub backends: BTreeMap<BackendAddr, BackendSpec>,
+    /// Sources the VIP serves (empty: every source); see `lb_common::guard`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub allow_sources: BTreeSet<Prefix>,
+    /// Sources the VIP never serves (a deny match always wins over the allow list).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub deny_sources: BTreeSet<Prefix>,
 }
 
 impl Default for VipSpec {
@@ -332,6 +343,8 @@ impl Default for VipSpec {
             second_chance_s: default_second_chance(),
             health: None,
             backends: BTreeMap::new(),
+            allow_sources: BTreeSet::new(),
+            deny_sources: BTreeSet::new(),
         }
     }
 }
@@ -342,6 +355,10 @@ impl Default for VipSpec {
 pub struct DesiredState {
     #[serde(default)]
     pub vips: BTreeMap<VipAddr, VipSpec>,
+    /// The node-wide deny list (`lb deny`): prefix -> when it ends, Unix seconds (0: never).
+    /// Kept apart from the VIPs: `lb apply` of a config leaves it as it is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deny: BTreeMap<Prefix, u64>,
 }
 
 impl DesiredState {
@@ -356,9 +373,24 @@ impl DesiredState {
             for (addr, b) in &spec.backends {
                 validate_backend(vip, spec.forward, addr, b)?;
             }
+            validate_sources(vip, spec)?;
         }
         Ok(())
     }
+}
+
+/// Most prefixes one VIP's source lists may hold together.
+pub const MAX_VIP_SOURCES: usize = 4 << 20;
+
+/// A VIP's source lists stay within the tries' room.
+pub fn validate_sources(vip: &VipAddr, spec: &VipSpec) -> Result<(), String> {
+    let n = spec.allow_sources.len() + spec.deny_sources.len();
+    if n > MAX_VIP_SOURCES {
+        return Err(format!(
+            "VIP {vip}: {n} source prefixes, at most {MAX_VIP_SOURCES}"
+        ));
+    }
+    Ok(())
 }
 
 /// The UDP idle time's range: 1 s to a day.
