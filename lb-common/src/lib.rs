@@ -167,6 +167,10 @@ counter_enum! {
         DropSourceDenied = "dropped_source_denied",
         /// The VIP has an allow list and the source is not on it: dropped.
         DropSourceNotAllowed = "dropped_source_not_allowed",
+        /// A new flow (a SYN, a first UDP datagram) over its VIP's new-flow limit: dropped.
+        DropVipRate = "dropped_vip_rate",
+        /// A new flow over its source's new-flow limit at that VIP: dropped.
+        DropSourceRate = "dropped_source_rate",
     }
 }
 

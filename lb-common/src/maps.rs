@@ -13,9 +13,10 @@ use crate::{
     FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowCacheSlot, FlowEvent, FlowKey, FlowValue,
     GUARD_ENTRIES, GuardKey4, GuardKey6, HC_STATS_MAP, HcStat, MAX_TX_PORTS, NAT_ADDRS_MAP,
     NAT_FWD_MAP, NAT_REV_MAP, NEXTHOPS_MAP, NatEntry, NextHopCache, PROGS_MAP, ProbationSlot,
-    SLOTS_MAP, STATS_ENTRIES, STATS_MAP, Slot, TX_PORTS_MAP, TableKey, VIP_FILTER_MAP,
-    VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIP_STATS_MAP, VIPS_MAP,
-    VipCounter, VipIndexEntry, VipInfo, VipKey,
+    SLOTS_MAP, SOURCE_RATE_ENTRIES, SOURCE_RATE_MAP, STATS_ENTRIES, STATS_MAP, Slot, SourceRateKey,
+    TX_PORTS_MAP, TableKey, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_SLOTS,
+    VIP_INFO_MAP, VIP_RATE_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipIndexEntry, VipInfo,
+    VipKey, VipRate,
 };
 
 /// A map's kind: the kernel's `BPF_MAP_TYPE_*` number.
@@ -182,6 +183,14 @@ pub const LB_MAPS: &[MapSpec] = &[
         LpmTrie,
         Capacity::Fixed(GUARD_ENTRIES),
         BPF_F_NO_PREALLOC,
+    ),
+    spec::<u32, VipRate>(VIP_RATE_MAP, Array, MaxVips, 0),
+    spec::<u32, u64>(crate::VIP_GUARD_STATS_MAP, PerCpuArray, MaxVips, 0),
+    spec::<SourceRateKey, u64>(
+        SOURCE_RATE_MAP,
+        LruHash,
+        Capacity::Fixed(SOURCE_RATE_ENTRIES),
+        0,
     ),
 ];
 

@@ -8,8 +8,8 @@
 //! `lb_full` with `GUARD_ADMITTED` in its XDP metadata ([`admitted`]).
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
-    FAMILY_V4, FlowKey, GUARD_ADMITTED, SCOPE_NODE, Stat, VIP_F_ALLOW, VIP_F_DENY, VIP_F_GUARD,
-    VIP_F_NODE_DENY, VipInfo, deny_live,
+    FAMILY_V4, FlowKey, GUARD_ADMITTED, GUARD_PLACED, PROTO_TCP, SCOPE_NODE, Stat, TCP_ACK,
+    TCP_SYN, VIP_F_ALLOW, VIP_F_DENY, VIP_F_GUARD, VIP_F_NODE_DENY, VIP_F_RATE, VipInfo, deny_live,
 };
 
 use crate::{
@@ -27,10 +27,16 @@ pub const ENTER: Verdict = Verdict {
     stat: Stat::DropSourceNotAllowed,
     action: u32::MAX,
 };
+/// As [`ENTER`], for a packet no remembered flow decided (the slot table places it): if it
+/// opens a flow (a SYN, a UDP datagram), the VIP's new-flow limits apply to it.
+pub const ENTER_NEW: Verdict = Verdict {
+    stat: Stat::DropVipRate,
+    action: u32::MAX - 1,
+};
 
-/// The selection's check where it reads a VIP's state: `Err(ENTER)` for a guarded VIP's
-/// packet the guard has not admitted yet. One test of a word already read for an unguarded
-/// VIP.
+/// The selection's check where a remembered flow is decided: `Err(ENTER)` for a packet of a
+/// VIP with source lists that the guard has not admitted yet. One test of a word already
+/// read for a VIP without.
 #[inline(always)]
 pub fn gate(vip: &VipInfo, pkt: &parse::Parsed) -> Result<(), Verdict> {
     if vip.flags & VIP_F_GUARD != 0 && !pkt.admitted {
@@ -39,12 +45,26 @@ pub fn gate(vip: &VipInfo, pkt: &parse::Parsed) -> Result<(), Verdict> {
     Ok(())
 }
 
+/// The check where the slot table places a packet: [`gate`], and a VIP with new-flow
+/// limits too (`Err(ENTER_NEW)`).
+#[inline(always)]
+pub fn gate_new(vip: &VipInfo, pkt: &parse::Parsed) -> Result<(), Verdict> {
+    if vip.flags & (VIP_F_GUARD | VIP_F_RATE) != 0 && !pkt.admitted {
+        return Err(ENTER_NEW);
+    }
+    Ok(())
+}
+
 /// A verdict of the selection, with [`ENTER`] carried out: the packet goes to `lb_guard`
 /// (returns only when that tail call failed: dropped as a send failure).
 #[inline(always)]
 pub fn route(ctx: &XdpContext, v: Verdict) -> Verdict {
-    if v.action != ENTER.action {
+    if v.action != ENTER.action && v.action != ENTER_NEW.action {
         return v;
+    }
+    // The guard's program is told a placed packet by its metadata.
+    if v.action == ENTER_NEW.action && set_meta(ctx, GUARD_PLACED).is_err() {
+        return Verdict::discard(Stat::DropTxError);
     }
     // SAFETY: tail call into our own program array; on success it does not return.
     unsafe { LB_PROGS.tail_call(ctx, PROG_GUARD) };
@@ -54,12 +74,18 @@ pub fn route(ctx: &XdpContext, v: Verdict) -> Verdict {
 /// Whether the guard's program admitted this frame (its metadata holds `GUARD_ADMITTED`).
 #[inline(always)]
 pub fn admitted(ctx: &XdpContext) -> bool {
+    meta_is(ctx, GUARD_ADMITTED)
+}
+
+/// Whether the frame's first 4 bytes of metadata are `word`.
+#[inline(always)]
+fn meta_is(ctx: &XdpContext, word: u32) -> bool {
     let meta = ctx.metadata();
     if meta + 4 > ctx.metadata_end() {
         return false;
     }
     // SAFETY: 4 bytes inside the metadata, bounds checked just above.
-    unsafe { core::ptr::read_unaligned(meta as *const u32) == GUARD_ADMITTED }
+    unsafe { core::ptr::read_unaligned(meta as *const u32) == word }
 }
 
 /// `lb_guard`'s body: the frame parsed again, its VIP's lists checked; admitted, it goes on
@@ -83,27 +109,47 @@ fn check(ctx: &XdpContext, candidate: parse::Candidate, len: &mut u64) -> Result
     }
     let vip_id = crate::maps::find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = crate::maps::present_vip(vip_id).ok_or(pkt.not_vip)?;
-    admit(vip_id, vip, &pkt.key)?;
-    mark(ctx)?;
+    admit(vip_id, vip, &pkt.key).inspect_err(|_| count_drop(vip_id))?;
+    // A flow's first packet: a SYN (without ACK), or a UDP datagram the slot table placed.
+    let opens = !pkt.icmp_error
+        && if pkt.key.proto == PROTO_TCP {
+            pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        } else {
+            meta_is(ctx, GUARD_PLACED)
+        };
+    if vip.flags & VIP_F_RATE != 0 && opens {
+        crate::rate::limit(vip_id, &pkt.key).inspect_err(|_| count_drop(vip_id))?;
+    }
+    set_meta(ctx, GUARD_ADMITTED).map_err(|()| Verdict::discard(Stat::DropTxError))?;
     // SAFETY: tail call into our own program array; on success it does not return.
     unsafe { LB_PROGS.tail_call(ctx, PROG_FULL) };
     Err(Verdict::discard(Stat::DropTxError))
 }
 
-/// Puts `GUARD_ADMITTED` in front of the frame as XDP metadata.
+/// Counts a packet the guard dropped for VIP `vip_id` (its reason is counted by `act`).
 #[inline(always)]
-fn mark(ctx: &XdpContext) -> Result<(), Verdict> {
-    const FAILED: Verdict = Verdict::discard(Stat::DropTxError);
+fn count_drop(vip_id: u32) {
+    if let Some(c) = crate::maps::LB_VIP_GUARD_STATS.get_ptr_mut(vip_id) {
+        // SAFETY: this CPU's slot; nothing else writes it concurrently.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Puts `word` in front of the frame as its 4 bytes of XDP metadata (whatever metadata it
+/// had: BPF_PROG_TEST_RUN's repeated passes run on the frame as the last pass left it).
+#[inline(always)]
+fn set_meta(ctx: &XdpContext, word: u32) -> Result<(), ()> {
+    let delta = (ctx.metadata_end() as i64 - 4 - ctx.metadata() as i64) as i32;
     // SAFETY: helper on our own context.
-    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
-        return Err(FAILED);
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx.ctx, delta) } != 0 {
+        return Err(());
     }
     let meta = ctx.metadata();
     if meta + 4 > ctx.metadata_end() {
-        return Err(FAILED);
+        return Err(());
     }
     // SAFETY: 4 bytes inside the metadata just made, bounds checked above.
-    unsafe { core::ptr::write_unaligned(meta as *mut u32, GUARD_ADMITTED) };
+    unsafe { core::ptr::write_unaligned(meta as *mut u32, word) };
     Ok(())
 }
 

@@ -22,6 +22,7 @@ mod nat_rewrite;
 mod outer;
 mod parse;
 mod path;
+mod rate;
 mod select;
 mod stats;
 mod verdict;

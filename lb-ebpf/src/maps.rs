@@ -328,6 +328,21 @@ pub static LB_DENY4: LpmTrie<GuardSrc4, u64> = LpmTrie::with_max_entries(GUARD_E
 #[map(name = "LB_DENY6")]
 pub static LB_DENY6: LpmTrie<GuardSrc6, u64> = LpmTrie::with_max_entries(GUARD_ENTRIES, 0);
 
+/// Packets the guard dropped, per VIP id, per CPU.
+#[map(name = "LB_VIP_GUARD_STATS")]
+pub static LB_VIP_GUARD_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// New-flow limits and the VIP's bucket (`lb_common::VipRate`), by VIP id.
+#[map(name = "LB_VIP_RATE")]
+pub static LB_VIP_RATE: Array<lb_common::VipRate> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Each source's bucket per VIP (`lb_common::SOURCE_RATE_MAP`): shared by the CPUs, so a
+/// source's flows are counted together wherever they land.
+#[map(name = "LB_SOURCE_RATE")]
+pub static LB_SOURCE_RATE: LruHashMap<lb_common::SourceRateKey, u64> =
+    LruHashMap::with_max_entries(lb_common::SOURCE_RATE_ENTRIES, 0);
+
 /// The longest entry of scope `scope` holding source `src` (of family `family`) in the IPv4
 /// trie `t4` or the IPv6 trie `t6`.
 #[inline(always)]

@@ -319,7 +319,7 @@ fn by_table(
 ) -> Result<(u32, &'static Slot, &'static Backend, &'static VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
-    guard::gate(vip, pkt)?;
+    guard::gate_new(vip, pkt)?;
     if vip.backend_count == 0 {
         return Err(NO_BACKEND);
     }

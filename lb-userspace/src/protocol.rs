@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ErrorKind,
-    model::{BackendAddr, DesiredState, Forward, HealthCheck, Mac, Prefix, Serving, VipAddr},
+    model::{
+        BackendAddr, DesiredState, FlowLimit, Forward, HealthCheck, Mac, Prefix, Serving, VipAddr,
+    },
     plan::VipPlan,
 };
 
@@ -41,6 +43,12 @@ pub enum Command {
         /// Sources the VIP never serves.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         deny_sources: Vec<Prefix>,
+        /// New flows per second the VIP takes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_flow_limit: Option<FlowLimit>,
+        /// New flows per second each source opens at the VIP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_limit: Option<FlowLimit>,
     },
     RemoveVip {
         vip: VipAddr,
@@ -296,6 +304,9 @@ pub struct VipStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Packets the guard dropped (source lists and new-flow limits).
+    #[serde(default)]
+    pub guard_dropped: u64,
     pub backends: Vec<BackendStats>,
 }
 

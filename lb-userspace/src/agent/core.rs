@@ -342,12 +342,16 @@ impl Core {
         // The guard's entries go in before the flags that make a VIP read them, and come out
         // after the flags that stop it.
         let sources = super::guard::sources(&self.desired, &self.ids);
-        let written = self.kernel.sync_sources(&sources, false).and_then(|()| {
-            for op in &ops {
-                self.kernel.apply(op)?;
-            }
-            self.kernel.sync_sources(&sources, true)
-        });
+        let rates = super::guard::rates(&self.desired, &self.ids);
+        let written = self
+            .kernel
+            .sync_sources(&sources, &rates, false)
+            .and_then(|()| {
+                for op in &ops {
+                    self.kernel.apply(op)?;
+                }
+                self.kernel.sync_sources(&sources, &rates, true)
+            });
         if let Err(e) = written {
             let msg = e.to_string();
             self.not_converged = Some(msg.clone());

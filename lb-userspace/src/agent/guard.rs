@@ -4,7 +4,7 @@
 //! [`super::kernel::Kernel::sync_sources`].
 use std::collections::BTreeMap;
 
-use lb_common::{SCOPE_NODE, VIP_F_ALLOW, VIP_F_DENY, VIP_F_NODE_DENY};
+use lb_common::{SCOPE_NODE, VIP_F_ALLOW, VIP_F_DENY, VIP_F_NODE_DENY, VIP_F_RATE, VipRate};
 
 use crate::{
     agent::reconcile::Ids,
@@ -22,6 +22,38 @@ pub struct SourceRule {
 /// Every entry the tries should hold, each with its end (Unix seconds, 0: never; always 0
 /// on allow entries).
 pub type Sources = BTreeMap<SourceRule, u64>;
+
+/// Every VIP's new-flow limits by VIP id (its bucket state zero).
+pub type Rates = BTreeMap<u32, VipRate>;
+
+/// The limits for `state` with VIP ids `ids`: only VIPs that have one.
+pub fn rates(state: &DesiredState, ids: &Ids) -> Rates {
+    let mut out = Rates::new();
+    for (vip, spec) in &state.vips {
+        let (Some(id), true) = (
+            ids.vips.get(vip),
+            spec.new_flow_limit.is_some() || spec.source_limit.is_some(),
+        ) else {
+            continue;
+        };
+        let params = |l: &Option<crate::model::FlowLimit>| {
+            l.map_or((0, 0), |l| VipRate::params(l.rate, l.burst()))
+        };
+        let (interval_ns, tolerance_ns) = params(&spec.new_flow_limit);
+        let (source_interval_ns, source_tolerance_ns) = params(&spec.source_limit);
+        out.insert(
+            *id,
+            VipRate {
+                interval_ns,
+                tolerance_ns,
+                source_interval_ns,
+                source_tolerance_ns,
+                tat: 0,
+            },
+        );
+    }
+    out
+}
 
 /// Wall-clock seconds since the Unix epoch.
 pub fn unix_now_s() -> u64 {
@@ -71,6 +103,9 @@ pub fn vip_flags(spec: &VipSpec, node_deny: bool) -> u32 {
     }
     if node_deny {
         f |= VIP_F_NODE_DENY;
+    }
+    if spec.new_flow_limit.is_some() || spec.source_limit.is_some() {
+        f |= VIP_F_RATE;
     }
     f
 }

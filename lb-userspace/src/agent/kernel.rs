@@ -20,6 +20,10 @@ pub trait Counters: Send + Sync {
     fn vip(&self, id: u32) -> Result<VipCounter, Error>;
     /// Counters of backend id `id`.
     fn backend(&self, id: u32) -> Result<Counter, Error>;
+    /// Packets the guard dropped for VIP id `id`.
+    fn vip_guard_dropped(&self, _id: u32) -> Result<u64, Error> {
+        Ok(0)
+    }
 }
 
 /// What a NAT sweep found.
@@ -79,11 +83,17 @@ pub trait Kernel: Send {
     fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         None
     }
-    /// Brings the guard's tries toward `want` (`agent::guard::sources`): with `prune` false,
-    /// writes the entries missing or changed; with `prune` true, deletes those not wanted.
-    /// The core writes before the VIPs' flags change and deletes after, so a VIP never
-    /// meets a list half written (none in fakes: they hold no tries).
-    fn sync_sources(&mut self, _want: &super::guard::Sources, _prune: bool) -> Result<(), Error> {
+    /// Brings the guard's tries toward `want` and its limits toward `rates`
+    /// (`agent::guard::sources`, `rates`): with `prune` false, writes the entries missing or
+    /// changed; with `prune` true, deletes (or zeroes) those not wanted. The core writes
+    /// before the VIPs' flags change and deletes after, so a VIP never meets a list half
+    /// written (none in fakes: they hold no tries).
+    fn sync_sources(
+        &mut self,
+        _want: &super::guard::Sources,
+        _rates: &super::guard::Rates,
+        _prune: bool,
+    ) -> Result<(), Error> {
         Ok(())
     }
 }

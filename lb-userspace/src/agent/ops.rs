@@ -37,6 +37,8 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             health,
             allow_sources,
             deny_sources,
+            new_flow_limit,
+            source_limit,
         } => {
             crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
             if let Some(s) = second_chance_s {
@@ -63,6 +65,8 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                     backends: Default::default(),
                     allow_sources: allow_sources.iter().copied().collect(),
                     deny_sources: deny_sources.iter().copied().collect(),
+                    new_flow_limit: *new_flow_limit,
+                    source_limit: *source_limit,
                 },
             );
         }

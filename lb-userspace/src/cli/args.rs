@@ -4,7 +4,7 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     AttachMode,
-    model::{BackendAddr, Forward, MAX_WEIGHT, Mac, Prefix, VipAddr},
+    model::{BackendAddr, FlowLimit, Forward, MAX_WEIGHT, Mac, Prefix, VipAddr},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
@@ -394,6 +394,13 @@ pub enum VipCmd {
         /// Never serve sources in this prefix (repeatable; a deny wins over an allow).
         #[arg(long = "deny-source", value_name = "PREFIX")]
         deny_sources: Vec<Prefix>,
+        /// New flows (SYNs, first UDP datagrams) the VIP takes per second on this node, with
+        /// a burst [default burst: the rate]; over it, a new flow's first packet is dropped.
+        #[arg(long, value_name = "RATE[/BURST]")]
+        new_flow_limit: Option<FlowLimit>,
+        /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second.
+        #[arg(long, value_name = "RATE[/BURST]")]
+        source_limit: Option<FlowLimit>,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },

@@ -178,6 +178,8 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             second_chance,
             allow_sources,
             deny_sources,
+            new_flow_limit,
+            source_limit,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -202,6 +204,8 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     health,
                     allow_sources,
                     deny_sources,
+                    new_flow_limit,
+                    source_limit,
                 })
                 .await?;
             println!("added VIP {vip}");
@@ -488,6 +492,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
             v.packets.to_string(),
             v.bytes.to_string(),
             v.new_flows.to_string(),
+            rate(v.new_flows, pv.map(|x| x.new_flows)),
+            v.guard_dropped.to_string(),
+            rate(v.guard_dropped, pv.map(|x| x.guard_dropped)),
             rate(v.packets, pv.map(|x| x.packets)),
         ]);
         for b in &v.backends {
@@ -498,12 +505,25 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
                 b.packets.to_string(),
                 b.bytes.to_string(),
                 String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
                 rate(b.packets, pb.map(|y| y.packets)),
             ]);
         }
     }
     print_table(
-        &["VIP", "BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "RATE"],
+        &[
+            "VIP",
+            "BACKEND",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "NEW/S",
+            "GUARD DROPS",
+            "DROPS/S",
+            "RATE",
+        ],
         &rows,
     );
 }

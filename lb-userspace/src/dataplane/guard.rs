@@ -3,14 +3,15 @@
 //! million prefixes is a few hundred syscalls rather than a million.
 use std::{net::IpAddr, os::fd::AsFd as _};
 
-use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
 use lb_common::{
-    ALLOW4_MAP, ALLOW6_MAP, DENY4_MAP, DENY6_MAP, GuardSrc4, GuardSrc6, guard_prefix_len,
+    ALLOW4_MAP, ALLOW6_MAP, DENY4_MAP, DENY6_MAP, GuardSrc4, GuardSrc6, VIP_RATE_MAP, VipRate,
+    guard_prefix_len,
 };
 
 use crate::{
     Error,
-    agent::guard::{SourceRule, Sources, unix_now_s},
+    agent::guard::{Rates, SourceRule, Sources, unix_now_s},
     model::Prefix,
     net::{addr_words, words_addr},
 };
@@ -25,6 +26,8 @@ pub struct GuardTables {
     allow6: Map,
     deny4: Map,
     deny6: Map,
+    /// The new-flow limits by VIP id.
+    rates: Array<MapData, VipRate>,
 }
 
 /// The typed view of trie `map`, checking its key and value sizes.
@@ -86,7 +89,15 @@ fn key6(r: &SourceRule) -> Key<GuardSrc6> {
 }
 
 impl GuardTables {
-    pub fn new(allow4: Map, allow6: Map, deny4: Map, deny6: Map) -> Result<Self, Error> {
+    pub fn new(
+        allow4: Map,
+        allow6: Map,
+        deny4: Map,
+        deny6: Map,
+        rates: Map,
+    ) -> Result<Self, Error> {
+        let rates = Array::try_from(rates)
+            .map_err(|e| Error::Kernel(format!("map {VIP_RATE_MAP}: {e}")))?;
         for (m, name) in [
             (&allow4, ALLOW4_MAP),
             (&allow6, ALLOW6_MAP),
@@ -106,7 +117,30 @@ impl GuardTables {
             allow6,
             deny4,
             deny6,
+            rates,
         })
+    }
+
+    /// Writes VIP `id`'s limits (restarting its bucket; all zero: no limit).
+    pub fn set_rate(&mut self, id: u32, r: &VipRate) -> Result<(), Error> {
+        self.rates
+            .set(id, r, 0)
+            .map_err(|e| Error::Kernel(format!("writing the limits of VIP id {id}: {e}")))
+    }
+
+    /// Every VIP id's limits among the first `n` ids (bucket state left out).
+    pub fn read_rates(&self, n: u32) -> Result<Rates, Error> {
+        let mut out = Rates::new();
+        for id in 0..n {
+            let r = self
+                .rates
+                .get(&id, 0)
+                .map_err(|e| Error::Kernel(format!("reading the limits of VIP id {id}: {e}")))?;
+            if r.interval_ns != 0 || r.source_interval_ns != 0 {
+                out.insert(id, VipRate { tat: 0, ..r });
+            }
+        }
+        Ok(out)
     }
 
     /// Writes `rules` (each with its end in Unix seconds).

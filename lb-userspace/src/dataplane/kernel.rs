@@ -14,7 +14,7 @@ use lb_common::{
 use crate::{
     Dataplane, Error,
     agent::{
-        guard::{SourceRule, Sources},
+        guard::{Rates, SourceRule, Sources},
         kernel::{Counters, Kernel, LiveSlots, NatSweep, Swept, Totals},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
@@ -37,6 +37,8 @@ pub struct MapsKernel {
     counters: Arc<StatsMaps>,
     /// What the guard's tries hold, as last read or written.
     source_lists: Sources,
+    /// The new-flow limits the kernel holds (bucket state zero), as last read or written.
+    rates: Rates,
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
@@ -68,6 +70,7 @@ impl MapsKernel {
             view: KernelView::default(),
             nat_on: false,
             source_lists: Sources::new(),
+            rates: Rates::new(),
         };
         k.dp.nat.set_addrs([0; 4], [0; 4])?;
         k.resync()?;
@@ -200,6 +203,11 @@ impl Kernel for MapsKernel {
             } => {
                 if *new {
                     Self::zero(&mut self.dp.stats.vips, lb_common::VIP_STATS_MAP, *id)?;
+                    Self::zero(
+                        &mut self.dp.stats.vip_guard,
+                        lb_common::VIP_GUARD_STATS_MAP,
+                        *id,
+                    )?;
                 }
                 self.dp
                     .publish_vip(key, *id, *params, table, previous)
@@ -266,10 +274,29 @@ impl Kernel for MapsKernel {
         }
         self.view = view;
         self.source_lists = self.dp.guard.read_all()?;
+        self.rates = self.dp.guard.read_rates(self.dp.vips.capacity())?;
         Ok(())
     }
 
-    fn sync_sources(&mut self, want: &Sources, prune: bool) -> Result<(), Error> {
+    fn sync_sources(&mut self, want: &Sources, rates: &Rates, prune: bool) -> Result<(), Error> {
+        for (id, r) in rates {
+            if !prune && self.rates.get(id) != Some(r) {
+                self.dp.guard.set_rate(*id, r)?;
+                self.rates.insert(*id, *r);
+            }
+        }
+        if prune {
+            let gone: Vec<u32> = self
+                .rates
+                .keys()
+                .filter(|id| !rates.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                self.dp.guard.set_rate(id, &lb_common::VipRate::default())?;
+                self.rates.remove(&id);
+            }
+        }
         if prune {
             let gone: Vec<SourceRule> = self
                 .source_lists
@@ -402,6 +429,10 @@ impl Counters for StatsMaps {
 
     fn backend(&self, id: u32) -> Result<Counter, Error> {
         StatsMaps::backend(self, id)
+    }
+
+    fn vip_guard_dropped(&self, id: u32) -> Result<u64, Error> {
+        StatsMaps::vip_guard_dropped(self, id)
     }
 }
 

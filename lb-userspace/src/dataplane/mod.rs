@@ -318,6 +318,8 @@ fn take_stats(ebpf: &mut Ebpf) -> Result<StatsMaps, Error> {
         hc: PerCpuArray::try_from(take(ebpf, lb_common::HC_STATS_MAP)?)
             .map_err(map_err(lb_common::HC_STATS_MAP))?,
         vips: PerCpuArray::try_from(take(ebpf, VIP_STATS_MAP)?).map_err(map_err(VIP_STATS_MAP))?,
+        vip_guard: PerCpuArray::try_from(take(ebpf, lb_common::VIP_GUARD_STATS_MAP)?)
+            .map_err(map_err(lb_common::VIP_GUARD_STATS_MAP))?,
         backends: PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
             .map_err(map_err(BACKEND_STATS_MAP))?,
     })
@@ -392,6 +394,7 @@ impl Dataplane {
             take(&mut ebpf, lb_common::ALLOW6_MAP)?,
             take(&mut ebpf, lb_common::DENY4_MAP)?,
             take(&mut ebpf, lb_common::DENY6_MAP)?,
+            take(&mut ebpf, lb_common::VIP_RATE_MAP)?,
         )?;
         Ok(Dataplane {
             guard,

@@ -230,6 +230,7 @@ mod tests {
         }
         DesiredState {
             vips: BTreeMap::from([(vip("10.0.0.10:80/tcp"), spec)]),
+            ..DesiredState::default()
         }
     }
 

@@ -332,6 +332,76 @@ pub struct VipSpec {
     /// Sources the VIP never serves (a deny match always wins over the allow list).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub deny_sources: BTreeSet<Prefix>,
+    /// New flows the VIP takes per second on this node, with a burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<FlowLimit>,
+    /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_limit: Option<FlowLimit>,
+}
+
+/// A new-flow limit: `rate` flows per second, and up to `burst` at once after a quiet spell
+/// (a token bucket). Written `RATE` or `RATE/BURST` on the command line; the burst defaults
+/// to the rate (a second's worth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowLimit {
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Highest new-flow rate and burst accepted.
+pub const MAX_FLOW_RATE: u32 = 100_000_000;
+
+impl FlowLimit {
+    /// The burst in effect.
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.rate)
+    }
+
+    pub fn validate(&self, vip: &VipAddr, what: &str) -> Result<(), String> {
+        if self.rate == 0
+            || self.rate > MAX_FLOW_RATE
+            || self.burst() == 0
+            || self.burst() > MAX_FLOW_RATE
+        {
+            return Err(format!(
+                "VIP {vip}: {what} needs a rate and a burst of 1 to {MAX_FLOW_RATE} flows"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FlowLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.rate, self.burst())
+    }
+}
+
+impl FromStr for FlowLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid limit `{s}`: expected RATE or RATE/BURST (new flows per second), e.g. 1000/200"
+            )
+        };
+        let (rate, burst) = match s.split_once('/') {
+            Some((r, b)) => (r, Some(b.parse().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let l = FlowLimit {
+            rate: rate.parse().map_err(|_| bad())?,
+            burst,
+        };
+        if l.rate == 0 || l.burst() == 0 {
+            return Err(bad());
+        }
+        Ok(l)
+    }
 }
 
 impl Default for VipSpec {
@@ -345,6 +415,8 @@ impl Default for VipSpec {
             backends: BTreeMap::new(),
             allow_sources: BTreeSet::new(),
             deny_sources: BTreeSet::new(),
+            new_flow_limit: None,
+            source_limit: None,
         }
     }
 }
@@ -382,8 +454,23 @@ impl DesiredState {
 /// Most prefixes one VIP's source lists may hold together.
 pub const MAX_VIP_SOURCES: usize = 4 << 20;
 
-/// A VIP's source lists stay within the tries' room.
+/// A VIP's source lists stay within the tries' room; its new-flow limits are in range, and
+/// not on a NAT VIP (whose every packet is placed by the slot table: a limit there would
+/// count its UDP datagrams, not its flows).
 pub fn validate_sources(vip: &VipAddr, spec: &VipSpec) -> Result<(), String> {
+    for (l, what) in [
+        (&spec.new_flow_limit, "new_flow_limit"),
+        (&spec.source_limit, "source_limit"),
+    ] {
+        if let Some(l) = l {
+            l.validate(vip, what)?;
+            if spec.forward == Forward::Nat {
+                return Err(format!(
+                    "VIP {vip}: {what} applies to l2, ipip and gue VIPs, not nat"
+                ));
+            }
+        }
+    }
     let n = spec.allow_sources.len() + spec.deny_sources.len();
     if n > MAX_VIP_SOURCES {
         return Err(format!(
@@ -472,6 +559,7 @@ mod serving;
 pub use backend::BackendAddr;
 pub use config::{parse_config, render_config};
 pub use forward::Forward;
+// `FlowLimit` is defined above, beside `VipSpec`.
 pub use pool::{OwnAddrs, Prefix};
 pub use serving::Serving;
 
