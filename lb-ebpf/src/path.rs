@@ -96,7 +96,13 @@ pub fn balance(
         nat::enter(ctx);
         return Err(Verdict::discard(Stat::DropTxError));
     }
-    let picked = select::pick(pkt, cfg, probed).map_err(|v| guard::route(ctx, v))?;
+    // A match, not a closure: the tail call in `guard::route` must stay in this program's
+    // body (the kernel refuses a tail call in a called function that returns no integer, and
+    // a closure may be left a function of its own).
+    let picked = match select::pick(pkt, cfg, probed) {
+        Ok(p) => p,
+        Err(v) => return Err(guard::route(ctx, v)),
+    };
     deliver(ctx, cfg, pkt, &picked, len)
 }
 

@@ -116,14 +116,20 @@ fn allow_list_and_deny_under_keepalive() -> anyhow::Result<()> {
     let mut fresh = connect_from(&net, CLIENT_IP, to4, Duration::from_secs(3))?;
     keepalive_request(&mut fresh)?;
 
-    // Bad input: one line, non-zero exit, nothing changed.
+    // Bad input: refused with the reason on its first line (the argument parser's), a
+    // non-zero exit, nothing changed; the agent's refusal is one line.
     let out = net.dir.cli(&["deny", "add", "10.200.0.10/8"])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("host bits"), "{err}");
+    assert!(
+        err.lines().next().is_some_and(|l| l.contains("host bits")),
+        "{err}"
+    );
     let out = net.dir.cli(&["deny", "remove", "10.200.0.99/32"])?;
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("not on the deny list"), "{err}");
     assert!(net.lb(&["deny", "list"])?.lines().count() <= 1);
     // An end: listed with the seconds left.
     net.lb(&["deny", "add", "10.200.0.99/32", "--expires", "10m"])?;
