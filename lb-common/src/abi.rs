@@ -31,6 +31,10 @@ pub const fn abi_layout() -> u64 {
         HcStat::COUNT as usize,
         FlowEvent::COUNT as usize,
         VIP_FILTER_WORDS as usize,
+        core::mem::size_of::<crate::GuardKey4>(),
+        core::mem::size_of::<crate::GuardKey6>(),
+        core::mem::size_of::<crate::VipRate>(),
+        core::mem::size_of::<crate::SourceRateKey>(),
     ];
     let mut h = 0x6c62_5f61_6269_u64;
     let mut i = 0;

@@ -20,6 +20,7 @@ mod cache;
 mod capture;
 mod encap;
 mod flow;
+mod guard;
 mod maps;
 mod nat;
 mod second_chance;
@@ -29,6 +30,7 @@ pub use cache::*;
 pub use capture::*;
 pub use encap::*;
 pub use flow::*;
+pub use guard::*;
 pub use maps::*;
 pub use nat::*;
 pub use second_chance::*;
@@ -163,6 +165,14 @@ counter_enum! {
         /// the program can read them: passed to the kernel, which reassembles what it needs. Not
         /// malformed: the packet is whole, only split where the driver cut it.
         PassSplitHeaders = "passed_split_headers",
+        /// The source matched a deny list (the VIP's or the node's, `lb deny`): dropped.
+        DropSourceDenied = "dropped_source_denied",
+        /// The VIP has an allow list and the source is not on it: dropped.
+        DropSourceNotAllowed = "dropped_source_not_allowed",
+        /// A new flow (a SYN, a first UDP datagram) over its VIP's new-flow limit: dropped.
+        DropVipRate = "dropped_vip_rate",
+        /// A new flow over its source's new-flow limit at that VIP: dropped.
+        DropSourceRate = "dropped_source_rate",
     }
 }
 

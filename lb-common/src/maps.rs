@@ -7,14 +7,16 @@
 use core::mem::size_of;
 
 use crate::{
-    BACKEND_STATS_MAP, BACKENDS_MAP, Backend, Counter, DEFAULT_FLOW_CACHE_SLOTS,
-    DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES,
-    DEFAULT_RING_SIZE, FLOW_CACHE_MAP, FLOW_STATS_MAP, FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP,
-    FlowCacheSlot, FlowEvent, FlowKey, FlowValue, HC_STATS_MAP, HcStat, MAX_TX_PORTS,
-    NAT_ADDRS_MAP, NAT_FWD_MAP, NAT_REV_MAP, NEXTHOPS_MAP, NatEntry, NextHopCache, PROGS_MAP,
-    ProbationSlot, SLOTS_MAP, STATS_ENTRIES, STATS_MAP, Slot, TX_PORTS_MAP, TableKey,
-    VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_SLOTS, VIP_INFO_MAP, VIP_STATS_MAP,
-    VIPS_MAP, VipCounter, VipIndexEntry, VipInfo, VipKey,
+    ALLOW4_MAP, ALLOW6_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, BPF_F_NO_PREALLOC, Backend, Counter,
+    DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE, DENY4_MAP, DENY6_MAP, FLOW_CACHE_MAP, FLOW_STATS_MAP,
+    FLOWS_MAP, FLOWS_NEW_MAP, FLOWS_PERCPU_MAP, FlowCacheSlot, FlowEvent, FlowKey, FlowValue,
+    GUARD_ENTRIES, GuardKey4, GuardKey6, HC_STATS_MAP, HcStat, MAX_TX_PORTS, NAT_ADDRS_MAP,
+    NAT_FWD_MAP, NAT_REV_MAP, NEXTHOPS_MAP, NatEntry, NextHopCache, PROGS_MAP, ProbationSlot,
+    SLOTS_MAP, SOURCE_RATE_ENTRIES, SOURCE_RATE_MAP, STATS_ENTRIES, STATS_MAP, Slot, SourceRateKey,
+    TX_PORTS_MAP, TableKey, VIP_FILTER_MAP, VIP_FILTER_WORDS, VIP_INDEX_MAP, VIP_INDEX_SLOTS,
+    VIP_INFO_MAP, VIP_RATE_MAP, VIP_STATS_MAP, VIPS_MAP, VipCounter, VipIndexEntry, VipInfo,
+    VipKey, VipRate,
 };
 
 /// A map's kind: the kernel's `BPF_MAP_TYPE_*` number.
@@ -26,6 +28,7 @@ pub enum MapKind {
     ProgArray = 3,
     PerCpuArray = 6,
     LruHash = 9,
+    LpmTrie = 11,
     DevMapHash = 25,
     RingBuf = 27,
 }
@@ -112,7 +115,7 @@ const fn unpinned(s: MapSpec) -> MapSpec {
 }
 
 use Capacity::{FlowCache, MaxBackends, MaxVips, PerCpuFlows, Probation, SharedFlows, SlotTables};
-use MapKind::{Array, DevMapHash, Hash, LruHash, PerCpuArray, ProgArray};
+use MapKind::{Array, DevMapHash, Hash, LpmTrie, LruHash, PerCpuArray, ProgArray};
 
 /// Every map of the load balancer's object (`lb_xdp`, `lb_nat`, `lb_hc_encap`).
 pub const LB_MAPS: &[MapSpec] = &[
@@ -156,8 +159,41 @@ pub const LB_MAPS: &[MapSpec] = &[
         value_size: NAT_SCRATCH_SIZE,
         ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)
     }),
-    spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(2), 0),
-    // Packet capture (`crate::capture`): a capture belongs to the program that runs it.
+    spec::<u32, u32>(PROGS_MAP, ProgArray, Capacity::Fixed(3), 0),
+    // The guard's source lists (`crate::guard`).
+    spec::<GuardKey4, u64>(
+        ALLOW4_MAP,
+        LpmTrie,
+        Capacity::Fixed(GUARD_ENTRIES),
+        BPF_F_NO_PREALLOC,
+    ),
+    spec::<GuardKey6, u64>(
+        ALLOW6_MAP,
+        LpmTrie,
+        Capacity::Fixed(GUARD_ENTRIES),
+        BPF_F_NO_PREALLOC,
+    ),
+    spec::<GuardKey4, u64>(
+        DENY4_MAP,
+        LpmTrie,
+        Capacity::Fixed(GUARD_ENTRIES),
+        BPF_F_NO_PREALLOC,
+    ),
+    spec::<GuardKey6, u64>(
+        DENY6_MAP,
+        LpmTrie,
+        Capacity::Fixed(GUARD_ENTRIES),
+        BPF_F_NO_PREALLOC,
+    ),
+    spec::<u32, VipRate>(VIP_RATE_MAP, Array, MaxVips, 0),
+    spec::<u32, u64>(crate::VIP_GUARD_STATS_MAP, PerCpuArray, MaxVips, 0),
+    spec::<SourceRateKey, u64>(
+        SOURCE_RATE_MAP,
+        LruHash,
+        Capacity::Fixed(SOURCE_RATE_ENTRIES),
+        0,
+    ),
+        // Packet capture (`crate::capture`): a capture belongs to the program that runs it.
     unpinned(spec::<u32, crate::CaptureConfig>(
         crate::CAPTURE_CONFIG_MAP,
         Array,

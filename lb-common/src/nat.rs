@@ -26,7 +26,7 @@ pub const NAT_ADDRS_MAP: &str = "LB_NAT_ADDRS";
 pub const NAT_ADDR_V4: u32 = 0;
 pub const NAT_ADDR_V6: u32 = 1;
 /// Programs the load balancer tail-calls: a program array; [`PROG_NAT`] holds `lb_nat`,
-/// [`PROG_FULL`] holds `lb_full`.
+/// [`PROG_FULL`] holds `lb_full`, `PROG_GUARD` (`crate::guard`) holds `lb_guard`.
 pub const PROGS_MAP: &str = "LB_PROGS";
 pub const PROG_NAT: u32 = 0;
 /// The NAT program's name in the object.

@@ -66,9 +66,13 @@ pub fn balance(ctx: &XdpContext, p: &PlainV4, len: u64) -> u32 {
             count_flow(FlowEvent::Hit);
             // Encapsulation needs the record (lengths, family, TOS).
             let picked = picked(flow.backend_id, backend, flow.vip_id, false);
-            let verdict = p
-                .parsed(ctx)
-                .and_then(|pkt| deliver::<false>(ctx, config(), &pkt, &picked, len));
+            // A match, not a closure: a closure may be left a function of its own, and the
+            // kernel refuses the tail calls `deliver` may make (NAT) in a called function
+            // that returns no integer.
+            let verdict = match p.parsed(ctx) {
+                Ok(pkt) => deliver::<false>(ctx, config(), &pkt, &picked, len),
+                Err(v) => Err(v),
+            };
             return act(verdict, len);
         }
     }

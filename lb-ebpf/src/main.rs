@@ -14,6 +14,7 @@ mod capture;
 mod encap;
 mod express;
 mod forward;
+mod guard;
 mod hc;
 mod icmp;
 mod maps;
@@ -22,6 +23,7 @@ mod nat_rewrite;
 mod outer;
 mod parse;
 mod path;
+mod rate;
 mod select;
 mod stats;
 mod verdict;
@@ -68,6 +70,14 @@ pub fn lb_full(ctx: XdpContext) -> u32 {
 #[xdp(frags)]
 pub fn lb_full_capture(ctx: XdpContext) -> u32 {
     path::full::<true>(&ctx)
+}
+
+/// The guard's source lists (`guard`), for packets to a VIP that has them: a program of
+/// its own, entered by a tail call, so the lists cost the other programs' verification one
+/// test per place the selection reads a VIP's state.
+#[xdp(frags)]
+pub fn lb_guard(ctx: XdpContext) -> u32 {
+    guard::run(&ctx)
 }
 
 #[xdp(frags)]

@@ -4,16 +4,18 @@
 use aya_ebpf::{
     helpers::bpf_get_smp_processor_id,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key,
+    },
 };
 use lb_common::{
     BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_CACHE_SLOTS, DEFAULT_FLOW_ENTRIES,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_ENTRIES, DEFAULT_RING_SIZE,
-    FLOW_TABLE_PER_CPU, FlowCacheSlot, FlowKey, FlowValue, LbConfig, MAX_TX_PORTS, NatEntry,
-    NextHopCache, PROG_FULL as PROG_FULL_INDEX, PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot,
-    TableKey, VIP_F_PRESENT, VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry,
-    VipInfo, VipKey, flow_cache_index_of, probation_check, probation_slot, vip_filter_bit,
-    vip_index_slot,
+    FLOW_TABLE_PER_CPU, FlowCacheSlot, FlowKey, FlowValue, GUARD_ENTRIES, GuardSrc4, GuardSrc6,
+    LbConfig, MAX_TX_PORTS, NatEntry, NextHopCache, PROG_FULL as PROG_FULL_INDEX,
+    PROG_NAT as PROG_NAT_INDEX, ProbationSlot, Slot, TableKey, VIP_F_PRESENT, VIP_FILTER_WORDS,
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipIndexEntry, VipInfo, VipKey, flow_cache_index_of,
+    probation_check, probation_slot, vip_filter_bit, vip_index_slot,
 };
 
 #[map(name = "LB_VIPS")]
@@ -145,9 +147,11 @@ pub static LB_NAT_REV: HashMap<FlowKey, NatEntry> =
 pub const PROG_NAT: u32 = PROG_NAT_INDEX;
 /// Index of the full path's program in [`LB_PROGS`].
 pub const PROG_FULL: u32 = PROG_FULL_INDEX;
+/// Index of the guard's program in [`LB_PROGS`].
+pub const PROG_GUARD: u32 = lb_common::PROG_GUARD;
 
 #[map(name = "LB_PROGS")]
-pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 #[map(name = "LB_NAT_ADDRS")]
 pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(2, 0);
@@ -308,4 +312,59 @@ fn vip_id_of(vk: &VipKey) -> Option<u32> {
 pub fn present_vip(id: u32) -> Option<&'static VipInfo> {
     let v = LB_VIP_INFO.get(id)?;
     (v.flags & VIP_F_PRESENT != 0).then_some(v)
+}
+
+/// The guard's source lists (`lb_common::guard`): allow and deny, IPv4 and IPv6. The
+/// declarations' `BPF_F_NO_PREALLOC` is added by `LpmTrie` itself.
+#[map(name = "LB_ALLOW4")]
+pub static LB_ALLOW4: LpmTrie<GuardSrc4, u64> = LpmTrie::with_max_entries(GUARD_ENTRIES, 0);
+
+#[map(name = "LB_ALLOW6")]
+pub static LB_ALLOW6: LpmTrie<GuardSrc6, u64> = LpmTrie::with_max_entries(GUARD_ENTRIES, 0);
+
+#[map(name = "LB_DENY4")]
+pub static LB_DENY4: LpmTrie<GuardSrc4, u64> = LpmTrie::with_max_entries(GUARD_ENTRIES, 0);
+
+#[map(name = "LB_DENY6")]
+pub static LB_DENY6: LpmTrie<GuardSrc6, u64> = LpmTrie::with_max_entries(GUARD_ENTRIES, 0);
+
+/// Packets the guard dropped, per VIP id, per CPU.
+#[map(name = "LB_VIP_GUARD_STATS")]
+pub static LB_VIP_GUARD_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// New-flow limits and the VIP's bucket (`lb_common::VipRate`), by VIP id.
+#[map(name = "LB_VIP_RATE")]
+pub static LB_VIP_RATE: Array<lb_common::VipRate> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Each source's bucket per VIP (`lb_common::SOURCE_RATE_MAP`): shared by the CPUs, so a
+/// source's flows are counted together wherever they land.
+#[map(name = "LB_SOURCE_RATE")]
+pub static LB_SOURCE_RATE: LruHashMap<lb_common::SourceRateKey, u64> =
+    LruHashMap::with_max_entries(lb_common::SOURCE_RATE_ENTRIES, 0);
+
+/// The longest entry of scope `scope` holding source `src` (of family `family`) in the IPv4
+/// trie `t4` or the IPv6 trie `t6`.
+#[inline(always)]
+pub fn source_entry(
+    t4: &'static LpmTrie<GuardSrc4, u64>,
+    t6: &'static LpmTrie<GuardSrc6, u64>,
+    scope: u32,
+    src: &[u32; 4],
+    v4: bool,
+) -> Option<&'static u64> {
+    if v4 {
+        t4.get(Key::new(
+            lb_common::guard_prefix_len(32),
+            GuardSrc4 {
+                scope,
+                addr: src[0],
+            },
+        ))
+    } else {
+        t6.get(Key::new(
+            lb_common::guard_prefix_len(128),
+            GuardSrc6 { scope, addr: *src },
+        ))
+    }
 }

@@ -136,6 +136,9 @@ pub fn enter(ctx: &XdpContext) {
 pub fn run(ctx: &XdpContext, len: u64) -> Result<Verdict, Verdict> {
     let mut pkt = parse::Parsed::EMPTY;
     parse::parse(ctx, &mut pkt)?;
+    // Entered only for a packet a VIP's guard already let through (`select`'s gate runs
+    // before a NAT VIP's packet leaves the full path) or for an answer to a NAT address.
+    pkt.admitted = true;
     if is_nat_addr(&pkt) {
         reply(ctx, &pkt, len)
     } else {
@@ -207,6 +210,7 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
             (e, Some(b))
         }
         _ => {
+            // The gate passed before this program (`run`): never `guard::ENTER` here.
             let (id, vip_id) = select::slot_backend(pkt, cfg)?;
             let b = LB_BACKENDS
                 .get(id)

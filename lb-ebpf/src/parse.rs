@@ -54,6 +54,9 @@ pub struct Parsed {
     /// length, TOS / traffic class, and whether it may not be fragmented (IPv4 DF; always
     /// for IPv6): what encapsulation and "too big" replies need.
     pub ip: IpFacts,
+    /// The guard's program admitted the packet's source (`guard`): a guarded VIP serves it
+    /// without handing it to that program again.
+    pub admitted: bool,
 }
 
 impl Parsed {
@@ -71,6 +74,7 @@ impl Parsed {
             tos: 0,
             df: false,
         },
+        admitted: false,
     };
 }
 
@@ -306,6 +310,7 @@ impl PlainV4 {
                 tos: ip.tos,
                 df: unsafe { be16(&raw const ip.frags) } & IP_DF != 0,
             },
+            admitted: false,
         })
     }
 }

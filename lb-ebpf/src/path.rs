@@ -6,7 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{CAPTURE_NONE, ENCAP_L2, ENCAP_NAT, LbConfig, Stat};
 
 use crate::{
-    Verdict, act, capture, encap, express, forward, maps, nat, parse,
+    Verdict, act, capture, encap, express, forward, guard, maps, nat, parse,
     ptr::Frame,
     select::{self, CacheProbe},
     stats,
@@ -81,6 +81,8 @@ fn try_lb<const CAPTURE: bool>(
 ) -> Result<Verdict, Verdict> {
     let mut pkt = parse::Parsed::EMPTY;
     parse::parse_candidate(ctx, candidate, &mut pkt)?;
+    // Entered from `lb_guard` with its mark: the source was checked there.
+    pkt.admitted = guard::admitted(ctx);
     // An IP packet longer than the first buffer is a multi-buffer frame: count all of it.
     if (pkt.ip.l3 + pkt.ip.len) as u64 > *len {
         *len = ctx.frame_len() as u64;
@@ -107,7 +109,13 @@ pub fn balance<const NOTE: bool>(
         nat::enter(ctx);
         return Err(Verdict::discard(Stat::DropTxError));
     }
-    let picked = select::pick(pkt, cfg, probed)?;
+    // A match, not a closure: the tail call in `guard::route` must stay in this program's
+    // body (the kernel refuses a tail call in a called function that returns no integer, and
+    // a closure may be left a function of its own).
+    let picked = match select::pick(pkt, cfg, probed) {
+        Ok(p) => p,
+        Err(v) => return Err(guard::route(ctx, v)),
+    };
     deliver::<NOTE>(ctx, cfg, pkt, &picked, len)
 }
 

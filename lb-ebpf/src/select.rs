@@ -11,12 +11,13 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_PRESENT, Backend, ENCAP_NAT, FLOW_F_FIN, FLOW_TABLE_OFF, FlowCacheSlot, FlowEvent,
-    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, TableKey, VIP_F_SRC_HASH,
-    VipInfo, cache_tick, cached_entry_decides, entry_decides, probation_hash, slot_index, slot_of,
+    FlowValue, LbConfig, PROTO_UDP, PacketFacts, Previous, Slot, Stat, TableKey, VIP_F_GUARD,
+    VIP_F_SRC_HASH, VipInfo, cache_tick, cached_entry_decides, entry_decides, probation_hash,
+    slot_index, slot_of,
 };
 
 use crate::{
-    Verdict,
+    Verdict, guard,
     maps::{
         LB_BACKENDS, LB_SLOTS, cache_fill, empty_of, established, find_vip_id, flow_cache,
         forget_established, forget_probation, on_probation, present_vip, remember_established,
@@ -64,15 +65,25 @@ pub fn tick() -> u32 {
     cache_tick(unsafe { bpf_jiffies64() })
 }
 
-/// The backend a remembered entry points at, if the entry still decides.
+/// The backend a remembered entry points at, if the entry still decides; `Err` when the
+/// VIP's guard must judge the packet first (`guard::gate`: a remembered flow is judged too,
+/// so a deny takes effect on established connections at once).
 #[inline(always)]
-fn deciding(flow: &FlowValue, facts: &PacketFacts, cfg: &LbConfig) -> Option<&'static Backend> {
-    let vip = present_vip(flow.vip_id)?;
+fn deciding(
+    flow: &FlowValue,
+    facts: &PacketFacts,
+    cfg: &LbConfig,
+    pkt: &Parsed,
+) -> Result<Option<&'static Backend>, Verdict> {
+    let Some(vip) = present_vip(flow.vip_id) else {
+        return Ok(None);
+    };
+    guard::gate(vip, pkt)?;
     let backend = LB_BACKENDS.get(flow.backend_id);
     if entry_decides(flow, vip, backend, facts, cfg.fin_grace_s) {
-        backend
+        Ok(backend)
     } else {
-        None
+        Ok(None)
     }
 }
 
@@ -151,7 +162,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig, probed: CacheProbe) -> Result<Picked, 
     let mut found = Found::Nowhere;
     let tk = table_key(cfg, &pkt.key);
     if let Some(entry) = established(cfg, &tk) {
-        if let Some(p) = from_established(entry, pkt, &tk, &mut facts, cfg, cache) {
+        if let Some(p) = from_established(entry, pkt, &tk, &mut facts, cfg, cache)? {
             return Ok(p);
         }
         count_flow(FlowEvent::Replaced);
@@ -168,7 +179,7 @@ pub fn pick(pkt: &Parsed, cfg: &LbConfig, probed: CacheProbe) -> Result<Picked, 
         if (flow.flags & FLOW_F_FIN != 0 || cache.is_some()) && facts.now_s == 0 {
             facts.now_s = now_s();
         }
-        if let Some(b) = deciding(&flow, &facts, cfg) {
+        if let Some(b) = deciding(&flow, &facts, cfg, pkt)? {
             count_flow(FlowEvent::Promoted);
             forget_probation(cfg, &pkt.key, ph);
             if facts.is_rst() {
@@ -224,6 +235,11 @@ pub fn cache_decides(
         return None;
     }
     let vip = present_vip(c.value.vip_id)?;
+    // A guarded VIP's packets are judged by the tables' path, which checks the source
+    // (`deciding`): the hit path pays this one test of a word it has read.
+    if vip.flags & VIP_F_GUARD != 0 {
+        return None;
+    }
     let b = cached_entry_decides(&c.value, vip, LB_BACKENDS.get(c.value.backend_id))?;
     Some((&c.value, b))
 }
@@ -239,21 +255,23 @@ fn from_established(
     facts: &mut PacketFacts,
     cfg: &LbConfig,
     cache: Option<*mut FlowCacheSlot>,
-) -> Option<Picked> {
+) -> Result<Option<Picked>, Verdict> {
     // SAFETY: the map's value, valid while this program runs; plain data.
     let flow = unsafe { *entry };
     // A FIN entry's grace needs the time; so do the once-a-second refresh and the cache fill.
     if (flow.flags & FLOW_F_FIN != 0 || cache.is_some()) && facts.now_s == 0 {
         facts.now_s = now_s();
     }
-    let b = deciding(&flow, facts, cfg)?;
+    let Some(b) = deciding(&flow, facts, cfg, pkt)? else {
+        return Ok(None);
+    };
     count_flow(FlowEvent::Hit);
     let decided = picked(flow.backend_id, b, flow.vip_id, false);
     if facts.is_rst() {
         count_flow(FlowEvent::EndedRst);
         forget_established(cfg, tk);
         uncache(cfg, &pkt.key);
-        return Some(decided);
+        return Ok(Some(decided));
     }
     let mut now = flow;
     let write = facts.now_s != 0
@@ -271,7 +289,7 @@ fn from_established(
         None if write => uncache(cfg, &pkt.key),
         None => {}
     }
-    Some(decided)
+    Ok(Some(decided))
 }
 
 #[inline(always)]
@@ -301,6 +319,7 @@ fn by_table(
 ) -> Result<(u32, &'static Slot, &'static Backend, &'static VipInfo), Verdict> {
     let vip_id = find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = present_vip(vip_id).ok_or(pkt.not_vip)?;
+    guard::gate_new(vip, pkt)?;
     if vip.backend_count == 0 {
         return Err(NO_BACKEND);
     }

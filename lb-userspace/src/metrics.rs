@@ -102,6 +102,11 @@ fn traffic_metrics(reg: &mut Registry, vips: &[VipStats]) {
         "vip_new_flows",
         "Flows first remembered per VIP (a TCP connection once, at its handshake ACK)",
     );
+    let vip_guard = family(
+        reg,
+        "vip_guard_dropped",
+        "Packets the guard dropped per VIP (source lists and new-flow limits)",
+    );
     let be_packets = family(reg, "backend_packets", "Packets forwarded per backend");
     let be_bytes = family(reg, "backend_bytes", "Bytes forwarded per backend");
     for v in vips {
@@ -109,6 +114,7 @@ fn traffic_metrics(reg: &mut Registry, vips: &[VipStats]) {
         vip_packets.get_or_create(&l).inc_by(v.packets);
         vip_bytes.get_or_create(&l).inc_by(v.bytes);
         vip_flows.get_or_create(&l).inc_by(v.new_flows);
+        vip_guard.get_or_create(&l).inc_by(v.guard_dropped);
         for b in &v.backends {
             let l = vec![
                 ("vip".to_string(), v.vip.to_string()),

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ErrorKind,
-    model::{BackendAddr, DesiredState, Forward, HealthCheck, Mac, Serving, VipAddr},
+    model::{
+        BackendAddr, DesiredState, FlowLimit, Forward, HealthCheck, Mac, Prefix, Serving, VipAddr,
+    },
     plan::VipPlan,
 };
 
@@ -35,6 +37,18 @@ pub enum Command {
         #[serde(default)]
         second_chance_s: Option<u32>,
         health: Option<HealthCheck>,
+        /// Sources the VIP serves (empty: every source).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow_sources: Vec<Prefix>,
+        /// Sources the VIP never serves.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        deny_sources: Vec<Prefix>,
+        /// New flows per second the VIP takes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_flow_limit: Option<FlowLimit>,
+        /// New flows per second each source opens at the VIP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_limit: Option<FlowLimit>,
     },
     RemoveVip {
         vip: VipAddr,
@@ -69,6 +83,17 @@ pub enum Command {
     },
     /// Read the kernel maps again and converge them to the desired state.
     Reconcile,
+    /// Adds `prefixes` to the node-wide deny list, ending after `expires_s` seconds (`None`:
+    /// never); a prefix already there takes the new end.
+    DenyAdd {
+        prefixes: Vec<Prefix>,
+        #[serde(default)]
+        expires_s: Option<u64>,
+    },
+    /// Removes `prefixes` from the node-wide deny list.
+    DenyRemove {
+        prefixes: Vec<Prefix>,
+    },
 }
 
 impl Command {
@@ -103,7 +128,22 @@ impl Command {
                 format!("applied a config of {} VIP(s)", state.vips.len())
             }
             Command::Reconcile => "reconciled the kernel maps".to_string(),
+            Command::DenyAdd { prefixes, .. } => {
+                format!("denied {}", prefixes_line(prefixes))
+            }
+            Command::DenyRemove { prefixes } => {
+                format!("removed the deny of {}", prefixes_line(prefixes))
+            }
         }
+    }
+}
+
+/// `prefixes` as one line: the first few, then how many more.
+fn prefixes_line(prefixes: &[Prefix]) -> String {
+    let shown: Vec<String> = prefixes.iter().take(3).map(Prefix::to_string).collect();
+    match prefixes.len() {
+        n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
+        _ => shown.join(", "),
     }
 }
 
@@ -264,6 +304,9 @@ pub struct VipStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Packets the guard dropped (source lists and new-flow limits).
+    #[serde(default)]
+    pub guard_dropped: u64,
     pub backends: Vec<BackendStats>,
 }
 

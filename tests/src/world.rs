@@ -211,6 +211,15 @@ impl World {
         Ok(())
     }
 
+    /// Sets the `VIP_F_*` flags of VIP number `index` and publishes it.
+    pub fn set_vip_flags(&mut self, index: usize, flags: u32) -> anyhow::Result<()> {
+        let mut v = self.vips[index].clone();
+        v.flags = flags;
+        self.publish(&mut v)?;
+        self.vips[index] = v;
+        Ok(())
+    }
+
     /// Sets the UDP idle time of VIP number `index` and publishes it.
     pub fn set_udp_idle(&mut self, index: usize, secs: u32) -> anyhow::Result<()> {
         let mut v = self.vips[index].clone();

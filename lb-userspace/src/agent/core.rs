@@ -339,12 +339,23 @@ impl Core {
             |id| kernel.live_slots(id).ok().flatten(),
         );
         let ops = reconcile::diff(self.kernel.view(), &target);
-        for op in &ops {
-            if let Err(e) = self.kernel.apply(op) {
-                let msg = e.to_string();
-                self.not_converged = Some(msg.clone());
-                return Err(Error::NotConverged(msg));
-            }
+        // The guard's entries go in before the flags that make a VIP read them, and come out
+        // after the flags that stop it.
+        let sources = super::guard::sources(&self.desired, &self.ids);
+        let rates = super::guard::rates(&self.desired, &self.ids);
+        let written = self
+            .kernel
+            .sync_sources(&sources, &rates, false)
+            .and_then(|()| {
+                for op in &ops {
+                    self.kernel.apply(op)?;
+                }
+                self.kernel.sync_sources(&sources, &rates, true)
+            });
+        if let Err(e) = written {
+            let msg = e.to_string();
+            self.not_converged = Some(msg.clone());
+            return Err(Error::NotConverged(msg));
         }
         self.not_converged = None;
         Ok(())

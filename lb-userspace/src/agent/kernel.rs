@@ -20,6 +20,10 @@ pub trait Counters: Send + Sync {
     fn vip(&self, id: u32) -> Result<VipCounter, Error>;
     /// Counters of backend id `id`.
     fn backend(&self, id: u32) -> Result<Counter, Error>;
+    /// Packets the guard dropped for VIP id `id`.
+    fn vip_guard_dropped(&self, _id: u32) -> Result<u64, Error> {
+        Ok(0)
+    }
 }
 
 /// What a NAT sweep found.
@@ -82,5 +86,18 @@ pub trait Kernel: Send {
     /// Packet capture's maps (none without a data plane): used without the agent's lock.
     fn capture(&self) -> Option<Arc<crate::capture::Capturer>> {
         None
+    }
+    /// Brings the guard's tries toward `want` and its limits toward `rates`
+    /// (`agent::guard::sources`, `rates`): with `prune` false, writes the entries missing or
+    /// changed; with `prune` true, deletes (or zeroes) those not wanted. The core writes
+    /// before the VIPs' flags change and deletes after, so a VIP never meets a list half
+    /// written (none in fakes: they hold no tries).
+    fn sync_sources(
+        &mut self,
+        _want: &super::guard::Sources,
+        _rates: &super::guard::Rates,
+        _prune: bool,
+    ) -> Result<(), Error> {
+        Ok(())
     }
 }

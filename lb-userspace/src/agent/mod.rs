@@ -10,6 +10,7 @@
 pub mod core;
 pub mod events;
 mod fleet;
+pub mod guard;
 pub mod health;
 pub mod kernel;
 mod list;
@@ -231,7 +232,13 @@ impl Agent {
     /// state (saved with its revision, so a restart says what it serves). Same path as every
     /// other change.
     pub fn apply_store(&self, revision: i64, state: DesiredState) -> Result<Changed, Error> {
-        self.change_at(Some(revision), |_| Ok(state))
+        // The node-wide deny list is this node's own (`lb deny`), not the store's.
+        self.change_at(Some(revision), |cur| {
+            Ok(DesiredState {
+                deny: cur.deny.clone(),
+                ..state
+            })
+        })
     }
 
     /// The configuration revision last applied from the store (or saved before a restart).

@@ -35,6 +35,10 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             forward,
             second_chance_s,
             health,
+            allow_sources,
+            deny_sources,
+            new_flow_limit,
+            source_limit,
         } => {
             crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
             if let Some(s) = second_chance_s {
@@ -59,6 +63,10 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                         .unwrap_or(crate::model::DEFAULT_SECOND_CHANCE_S),
                     health: health.clone(),
                     backends: Default::default(),
+                    allow_sources: allow_sources.iter().copied().collect(),
+                    deny_sources: deny_sources.iter().copied().collect(),
+                    new_flow_limit: *new_flow_limit,
+                    source_limit: *source_limit,
                 },
             );
         }
@@ -107,7 +115,40 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
         } => backend(&mut d, v, address)?.drained = *drained,
         Command::Apply { state, .. } => {
             state.validate().map_err(Error::Invalid)?;
+            // The node-wide deny list is `lb deny`'s: a config file does not carry it.
+            let deny = std::mem::take(&mut d.deny);
             d = state.clone();
+            d.deny = deny;
+        }
+        Command::DenyAdd {
+            prefixes,
+            expires_s,
+        } => {
+            if prefixes.is_empty() {
+                return Err(Error::Invalid(
+                    "lb deny add: give at least one prefix".into(),
+                ));
+            }
+            let end = match expires_s {
+                Some(0) => {
+                    return Err(Error::Invalid(
+                        "lb deny add: --expires must be at least 1 second".into(),
+                    ));
+                }
+                Some(s) => crate::agent::guard::unix_now_s().saturating_add(*s),
+                None => 0,
+            };
+            d.deny.extend(prefixes.iter().map(|p| (*p, end)));
+        }
+        Command::DenyRemove { prefixes } => {
+            if let Some(p) = prefixes.iter().find(|p| !d.deny.contains_key(p)) {
+                return Err(Error::NotFound(format!(
+                    "{p} is not on the deny list: see `lb deny list`"
+                )));
+            }
+            for p in prefixes {
+                d.deny.remove(p);
+            }
         }
         Command::Reconcile => return Ok(None),
     }

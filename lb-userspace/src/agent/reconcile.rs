@@ -248,7 +248,8 @@ pub fn target(
             VipTarget {
                 id: *vip_id,
                 params: VipParams {
-                    flags: if spec.source_hash { VIP_F_SRC_HASH } else { 0 },
+                    flags: if spec.source_hash { VIP_F_SRC_HASH } else { 0 }
+                        | super::guard::vip_flags(spec, !state.deny.is_empty()),
                     udp_idle_s: spec.udp_idle_s,
                 },
                 table: table(vip, &serving_set),

@@ -61,6 +61,7 @@ impl Agent {
                 packets: c.packets,
                 bytes: c.bytes,
                 new_flows: c.new_flows,
+                guard_dropped: maps.vip_guard_dropped(id)?,
                 backends,
             });
         }

@@ -177,6 +177,10 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
         vip: vip(0),
         source_hash: false,
         health: Some(check()),
+        allow_sources: Vec::new(),
+        deny_sources: Vec::new(),
+        new_flow_limit: None,
+        source_limit: None,
     })
     .unwrap();
     let added = run(Command::AddBackend {
@@ -279,6 +283,10 @@ fn a_failed_save_changes_nothing() {
             vip: vip(0),
             source_hash: false,
             health: None,
+            allow_sources: Vec::new(),
+            deny_sources: Vec::new(),
+            new_flow_limit: None,
+            source_limit: None,
         })
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Io);
@@ -311,6 +319,10 @@ fn random_command(r: &mut Rng) -> Command {
             vip: v,
             source_hash: r.below(2) == 0,
             health: (r.below(2) == 0).then(check),
+            allow_sources: Vec::new(),
+            deny_sources: Vec::new(),
+            new_flow_limit: None,
+            source_limit: None,
         },
         1 => Command::RemoveVip { vip: v },
         2 | 3 => Command::AddBackend {
@@ -421,6 +433,10 @@ fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
         vip: vip(0),
         source_hash: false,
         health: None,
+        allow_sources: Vec::new(),
+        deny_sources: Vec::new(),
+        new_flow_limit: None,
+        source_limit: None,
     })
     .unwrap();
     // No MAC, no neighbour: an encapsulated backend serves at once and is not `no-mac`.
@@ -483,6 +499,10 @@ fn nat_backends_on_their_own_ports_and_no_vip_on_the_nat_source() {
         vip: v,
         source_hash: false,
         health: None,
+        allow_sources: Vec::new(),
+        deny_sources: Vec::new(),
+        new_flow_limit: None,
+        source_limit: None,
     };
     run(add_vip(vip(0))).unwrap();
     // The same host on two ports: two backends, routed (no MAC), the port in the kernel.

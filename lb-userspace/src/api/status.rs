@@ -46,6 +46,7 @@ mod tests {
                 packets,
                 bytes: 0,
                 new_flows: 0,
+                guard_dropped: 0,
                 backends: vec![BackendStats {
                     address: "10.0.0.2".parse().expect("ip"),
                     packets: backend,

@@ -4,7 +4,7 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     AttachMode,
-    model::{BackendAddr, Forward, MAX_WEIGHT, Mac, VipAddr},
+    model::{BackendAddr, FlowLimit, Forward, MAX_WEIGHT, Mac, Prefix, VipAddr},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/lb.sock";
@@ -92,6 +92,9 @@ pub enum Top {
     /// Add, remove, list, reweight or drain a VIP's backends.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// The node-wide deny list: sources no VIP serves, new or established.
+    #[command(subcommand)]
+    Deny(DenyCmd),
     /// Show counters (global, per VIP, per backend).
     Stats {
         /// Refresh every second with rates.
@@ -274,7 +277,7 @@ pub struct RunArgs {
     /// `--store` (the store is not trusted to choose addresses); without it and without
     /// `--store`, any address that is not the node's own.
     #[arg(long = "vip-prefix", value_name = "PREFIX")]
-    pub vip_prefix: Vec<lb_userspace::model::Prefix>,
+    pub vip_prefix: Vec<Prefix>,
     /// Fleet mode: take the desired state from etcd (etcd://HOST:PORT[,HOST:PORT...], or
     /// https://... for TLS); `vip`, `backend` and `apply` then write there and every node
     /// applies them.
@@ -388,6 +391,19 @@ pub enum VipCmd {
         /// [default: 300; 0: off].
         #[arg(long, value_name = "SECS")]
         second_chance: Option<u32>,
+        /// Serve only sources in this prefix (repeatable; without it, every source).
+        #[arg(long = "allow-source", value_name = "PREFIX")]
+        allow_sources: Vec<Prefix>,
+        /// Never serve sources in this prefix (repeatable; a deny wins over an allow).
+        #[arg(long = "deny-source", value_name = "PREFIX")]
+        deny_sources: Vec<Prefix>,
+        /// New flows (SYNs, first UDP datagrams) the VIP takes per second on this node, with
+        /// a burst [default burst: the rate]; over it, a new flow's first packet is dropped.
+        #[arg(long, value_name = "RATE[/BURST]")]
+        new_flow_limit: Option<FlowLimit>,
+        /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second.
+        #[arg(long, value_name = "RATE[/BURST]")]
+        source_limit: Option<FlowLimit>,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },
@@ -396,6 +412,53 @@ pub enum VipCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DenyCmd {
+    /// Deny sources in these prefixes on every VIP of this node, at once.
+    Add {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<Prefix>,
+        /// End the deny after this long (SECS, or with s, m, h or d: 90s, 10m, 1h, 7d).
+        #[arg(long, value_name = "DURATION", value_parser = duration_s)]
+        expires: Option<u64>,
+    },
+    /// Remove prefixes from the deny list.
+    Remove {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<Prefix>,
+    },
+    /// List the deny list (ended entries left out).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A duration in whole seconds: a number with an optional unit (s, m, h, d). The four units
+/// an operator types for a block are all this needs; none of the tree's crates parses them.
+fn duration_s(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration `{s}`: expected e.g. 90s, 10m, 1h or 7d");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!(
+            "invalid duration `{s}`: it must be at least 1 second"
+        )),
+        Some(v) => Ok(v),
+        None => Err(bad()),
+    }
 }
 
 #[derive(Subcommand)]

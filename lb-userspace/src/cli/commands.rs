@@ -22,6 +22,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Top::Run(a) => run_agent(*a, cli.socket).await,
         Top::Vip(cmd) => vip(&client, cmd).await,
         Top::Backend(cmd) => backend(&client, cmd).await,
+        Top::Deny(cmd) => super::guard::deny(&client, cmd).await,
         Top::Stats { watch, count, json } => stats(&client, watch, count, json).await,
         Top::Trace {
             client: c,
@@ -176,6 +177,10 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             udp_idle,
             forward,
             second_chance,
+            allow_sources,
+            deny_sources,
+            new_flow_limit,
+            source_limit,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -198,6 +203,10 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     forward,
                     second_chance_s: second_chance,
                     health,
+                    allow_sources,
+                    deny_sources,
+                    new_flow_limit,
+                    source_limit,
                 })
                 .await?;
             println!("added VIP {vip}");
@@ -484,6 +493,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
             v.packets.to_string(),
             v.bytes.to_string(),
             v.new_flows.to_string(),
+            rate(v.new_flows, pv.map(|x| x.new_flows)),
+            v.guard_dropped.to_string(),
+            rate(v.guard_dropped, pv.map(|x| x.guard_dropped)),
             rate(v.packets, pv.map(|x| x.packets)),
         ]);
         for b in &v.backends {
@@ -494,12 +506,25 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
                 b.packets.to_string(),
                 b.bytes.to_string(),
                 String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
                 rate(b.packets, pb.map(|y| y.packets)),
             ]);
         }
     }
     print_table(
-        &["VIP", "BACKEND", "PACKETS", "BYTES", "NEW FLOWS", "RATE"],
+        &[
+            "VIP",
+            "BACKEND",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "NEW/S",
+            "GUARD DROPS",
+            "DROPS/S",
+            "RATE",
+        ],
         &rows,
     );
 }

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cluster;
 pub mod commands;
 pub mod decap;
+pub mod guard;
 pub mod output;
 
 pub use args::{Cli, Top};

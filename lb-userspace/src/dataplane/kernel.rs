@@ -14,6 +14,7 @@ use lb_common::{
 use crate::{
     Dataplane, Error,
     agent::{
+        guard::{Rates, SourceRule, Sources},
         kernel::{Counters, Kernel, LiveSlots, NatSweep, Swept, Totals},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
@@ -34,6 +35,10 @@ pub struct MapsKernel {
     /// Read handles on the counter maps, shared with readers that run without the agent's
     /// lock.
     counters: Arc<StatsMaps>,
+    /// What the guard's tries hold, as last read or written.
+    source_lists: Sources,
+    /// The new-flow limits the kernel holds (bucket state zero), as last read or written.
+    rates: Rates,
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
@@ -64,6 +69,8 @@ impl MapsKernel {
             sources,
             view: KernelView::default(),
             nat_on: false,
+            source_lists: Sources::new(),
+            rates: Rates::new(),
         };
         k.dp.nat.set_addrs([0; 4], [0; 4])?;
         k.resync()?;
@@ -196,6 +203,11 @@ impl Kernel for MapsKernel {
             } => {
                 if *new {
                     Self::zero(&mut self.dp.stats.vips, lb_common::VIP_STATS_MAP, *id)?;
+                    Self::zero(
+                        &mut self.dp.stats.vip_guard,
+                        lb_common::VIP_GUARD_STATS_MAP,
+                        *id,
+                    )?;
                 }
                 self.dp
                     .publish_vip(key, *id, *params, table, previous)
@@ -261,7 +273,64 @@ impl Kernel for MapsKernel {
             self.dp.slots.forget(id);
         }
         self.view = view;
+        self.source_lists = self.dp.guard.read_all()?;
+        self.rates = self.dp.guard.read_rates(self.dp.vips.capacity())?;
         Ok(())
+    }
+
+    fn sync_sources(&mut self, want: &Sources, rates: &Rates, prune: bool) -> Result<(), Error> {
+        for (id, r) in rates {
+            if !prune && self.rates.get(id) != Some(r) {
+                self.dp.guard.set_rate(*id, r)?;
+                self.rates.insert(*id, *r);
+            }
+        }
+        if prune {
+            let gone: Vec<u32> = self
+                .rates
+                .keys()
+                .filter(|id| !rates.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                self.dp.guard.set_rate(id, &lb_common::VipRate::default())?;
+                self.rates.remove(&id);
+            }
+        }
+        if prune {
+            let gone: Vec<SourceRule> = self
+                .source_lists
+                .keys()
+                .filter(|r| !want.contains_key(r))
+                .copied()
+                .collect();
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let result = self.dp.guard.delete(&gone);
+            // Read back on failure: a batch may have gone part of the way.
+            match &result {
+                Ok(()) => gone.iter().for_each(|r| {
+                    self.source_lists.remove(r);
+                }),
+                Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
+            }
+            return result;
+        }
+        let new: Vec<(SourceRule, u64)> = want
+            .iter()
+            .filter(|(r, e)| self.source_lists.get(r) != Some(e))
+            .map(|(r, e)| (*r, *e))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let result = self.dp.guard.write(&new);
+        match &result {
+            Ok(()) => self.source_lists.extend(new),
+            Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
+        }
+        result
     }
 
     fn live_slots(&self, vip_id: u32) -> Result<Option<LiveSlots>, Error> {
@@ -364,6 +433,10 @@ impl Counters for StatsMaps {
 
     fn backend(&self, id: u32) -> Result<Counter, Error> {
         StatsMaps::backend(self, id)
+    }
+
+    fn vip_guard_dropped(&self, id: u32) -> Result<u64, Error> {
+        StatsMaps::vip_guard_dropped(self, id)
     }
 }
 

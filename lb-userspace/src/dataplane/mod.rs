@@ -2,6 +2,7 @@
 mod attach;
 pub mod batch;
 pub mod egress;
+pub mod guard;
 pub mod kernel;
 pub mod nat;
 pub mod pins;
@@ -237,6 +238,8 @@ pub struct Dataplane {
     pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
     /// Packet capture's maps (`lb capture`): used without the agent's lock.
     pub capture: std::sync::Arc<crate::capture::Capturer>,
+    /// The guard's source lists.
+    pub guard: guard::GuardTables,
 }
 
 /// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
@@ -273,6 +276,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         lb_common::FULL_PROGRAM,
         lb_common::CAPTURE_PROGRAM,
         lb_common::CAPTURE_FULL_PROGRAM,
+        lb_common::GUARD_PROGRAM,
     ] {
         let prog = xdp_program(ebpf, name)?;
         load_retrying(|| prog.load()).map_err(|source| Error::Program { name, source })?;
@@ -289,6 +293,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
             lb_common::PROGS_MAP,
             lb_common::PROG_FULL,
             lb_common::FULL_PROGRAM,
+        ),
+        (
+            lb_common::PROGS_MAP,
+            lb_common::PROG_GUARD,
+            lb_common::GUARD_PROGRAM,
         ),
         // Unpinned: it empties when this process ends, and a capture ends with it.
         (
@@ -331,6 +340,8 @@ fn take_stats(ebpf: &mut Ebpf) -> Result<StatsMaps, Error> {
         hc: PerCpuArray::try_from(take(ebpf, lb_common::HC_STATS_MAP)?)
             .map_err(map_err(lb_common::HC_STATS_MAP))?,
         vips: PerCpuArray::try_from(take(ebpf, VIP_STATS_MAP)?).map_err(map_err(VIP_STATS_MAP))?,
+        vip_guard: PerCpuArray::try_from(take(ebpf, lb_common::VIP_GUARD_STATS_MAP)?)
+            .map_err(map_err(lb_common::VIP_GUARD_STATS_MAP))?,
         backends: PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
             .map_err(map_err(BACKEND_STATS_MAP))?,
     })
@@ -406,7 +417,15 @@ impl Dataplane {
             take(&mut ebpf, lb_common::CAPTURE_RING_MAP)?,
             take(&mut ebpf, lb_common::BSS_MAP)?,
         )?);
+        let guard = guard::GuardTables::new(
+            take(&mut ebpf, lb_common::ALLOW4_MAP)?,
+            take(&mut ebpf, lb_common::ALLOW6_MAP)?,
+            take(&mut ebpf, lb_common::DENY4_MAP)?,
+            take(&mut ebpf, lb_common::DENY6_MAP)?,
+            take(&mut ebpf, lb_common::VIP_RATE_MAP)?,
+        )?;
         Ok(Dataplane {
+            guard,
             ebpf,
             opts,
             vips,

@@ -66,6 +66,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::ProgArray => MapType::ProgramArray,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
+        MapKind::LpmTrie => MapType::LpmTrie,
         MapKind::DevMapHash => MapType::DevMapHash,
         MapKind::RingBuf => MapType::RingBuf,
     }

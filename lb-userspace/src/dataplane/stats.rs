@@ -36,6 +36,8 @@ pub struct StatsMaps {
     pub hc: PerCpuArray<MapData, u64>,
     pub vips: PerCpuArray<MapData, VipCounter>,
     pub backends: PerCpuArray<MapData, Counter>,
+    /// Packets the guard dropped per VIP id.
+    pub vip_guard: PerCpuArray<MapData, u64>,
 }
 
 /// Adds the express lane's forwarded cache hits (`lb_common::STATS_CACHE_HITS`, counted once
@@ -81,7 +83,17 @@ impl StatsMaps {
             hc: reopen(&self.hc, HC_STATS_MAP)?,
             vips: reopen(&self.vips, VIP_STATS_MAP)?,
             backends: reopen(&self.backends, BACKEND_STATS_MAP)?,
+            vip_guard: reopen(&self.vip_guard, lb_common::VIP_GUARD_STATS_MAP)?,
         })
+    }
+
+    /// Packets the guard dropped for VIP id `id`, summed over CPUs.
+    pub fn vip_guard_dropped(&self, id: u32) -> Result<u64, Error> {
+        let per_cpu = self.vip_guard.get(&id, 0).map_err(|source| Error::Map {
+            name: lb_common::VIP_GUARD_STATS_MAP,
+            source,
+        })?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Entry `index` of the global counters, summed over CPUs.

@@ -120,6 +120,7 @@ pub fn decode_vip(
         serde_json::from_slice(value).map_err(|e| format!("not a VIP's JSON value: {e}"))?;
     let one = DesiredState {
         vips: BTreeMap::from([(vip, spec)]),
+        ..DesiredState::default()
     };
     one.validate()?;
     let (vip, spec) = one.vips.into_iter().next().ok_or("empty")?;
@@ -229,6 +230,7 @@ mod tests {
         }
         DesiredState {
             vips: BTreeMap::from([(vip("10.0.0.10:80/tcp"), spec)]),
+            ..DesiredState::default()
         }
     }
 

@@ -36,6 +36,18 @@ struct ConfigVip {
     health: Option<HealthCheck>,
     #[serde(default)]
     backend: Vec<ConfigBackend>,
+    /// Sources the VIP serves (prefixes; empty: all).
+    #[serde(default)]
+    allow_sources: Vec<super::Prefix>,
+    /// Sources the VIP never serves.
+    #[serde(default)]
+    deny_sources: Vec<super::Prefix>,
+    /// New flows per second the VIP takes: `{ rate = N, burst = B }`.
+    #[serde(default)]
+    new_flow_limit: Option<super::FlowLimit>,
+    /// New flows per second each source opens at the VIP.
+    #[serde(default)]
+    source_limit: Option<super::FlowLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +81,10 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
             second_chance_s: v.second_chance.unwrap_or_else(default_second_chance),
             health: v.health,
             backends: BTreeMap::new(),
+            allow_sources: v.allow_sources.into_iter().collect(),
+            deny_sources: v.deny_sources.into_iter().collect(),
+            new_flow_limit: v.new_flow_limit,
+            source_limit: v.source_limit,
         };
         if v.second_chance.is_some() {
             super::second_chance_needs_gue(&v.address, v.forward)
@@ -127,6 +143,27 @@ pub fn render_config(state: &DesiredState) -> String {
                 h.fall,
                 h.port.map(|p| format!(", port = {p}")).unwrap_or_default()
             ));
+        }
+        for (name, list) in [
+            ("allow_sources", &spec.allow_sources),
+            ("deny_sources", &spec.deny_sources),
+        ] {
+            if !list.is_empty() {
+                let items: Vec<String> = list.iter().map(|p| format!("\"{p}\"")).collect();
+                out.push_str(&format!("{name} = [{}]\n", items.join(", ")));
+            }
+        }
+        for (name, l) in [
+            ("new_flow_limit", &spec.new_flow_limit),
+            ("source_limit", &spec.source_limit),
+        ] {
+            if let Some(l) = l {
+                out.push_str(&format!(
+                    "{name} = {{ rate = {}, burst = {} }}\n",
+                    l.rate,
+                    l.burst()
+                ));
+            }
         }
         out.push_str("backend = [\n");
         for (addr, b) in &spec.backends {

@@ -1,6 +1,11 @@
 //! The operator's vocabulary: VIP and backend addresses, MACs, health checks and the desired
 //! state, with parsing that says exactly what is wrong. Pure: no I/O, unit-tested unprivileged.
-use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
 
 use lb_common::{PROTO_TCP, PROTO_UDP, VipKey};
 use serde::{Deserialize, Serialize};
@@ -321,6 +326,82 @@ pub struct VipSpec {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub backends: BTreeMap<BackendAddr, BackendSpec>,
+    /// Sources the VIP serves (empty: every source); see `lb_common::guard`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub allow_sources: BTreeSet<Prefix>,
+    /// Sources the VIP never serves (a deny match always wins over the allow list).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub deny_sources: BTreeSet<Prefix>,
+    /// New flows the VIP takes per second on this node, with a burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<FlowLimit>,
+    /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_limit: Option<FlowLimit>,
+}
+
+/// A new-flow limit: `rate` flows per second, and up to `burst` at once after a quiet spell
+/// (a token bucket). Written `RATE` or `RATE/BURST` on the command line; the burst defaults
+/// to the rate (a second's worth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowLimit {
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Highest new-flow rate and burst accepted.
+pub const MAX_FLOW_RATE: u32 = 100_000_000;
+
+impl FlowLimit {
+    /// The burst in effect.
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.rate)
+    }
+
+    pub fn validate(&self, vip: &VipAddr, what: &str) -> Result<(), String> {
+        if self.rate == 0
+            || self.rate > MAX_FLOW_RATE
+            || self.burst() == 0
+            || self.burst() > MAX_FLOW_RATE
+        {
+            return Err(format!(
+                "VIP {vip}: {what} needs a rate and a burst of 1 to {MAX_FLOW_RATE} flows"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FlowLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.rate, self.burst())
+    }
+}
+
+impl FromStr for FlowLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid limit `{s}`: expected RATE or RATE/BURST (new flows per second), e.g. 1000/200"
+            )
+        };
+        let (rate, burst) = match s.split_once('/') {
+            Some((r, b)) => (r, Some(b.parse().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let l = FlowLimit {
+            rate: rate.parse().map_err(|_| bad())?,
+            burst,
+        };
+        if l.rate == 0 || l.burst() == 0 {
+            return Err(bad());
+        }
+        Ok(l)
+    }
 }
 
 impl Default for VipSpec {
@@ -332,6 +413,10 @@ impl Default for VipSpec {
             second_chance_s: default_second_chance(),
             health: None,
             backends: BTreeMap::new(),
+            allow_sources: BTreeSet::new(),
+            deny_sources: BTreeSet::new(),
+            new_flow_limit: None,
+            source_limit: None,
         }
     }
 }
@@ -342,6 +427,10 @@ impl Default for VipSpec {
 pub struct DesiredState {
     #[serde(default)]
     pub vips: BTreeMap<VipAddr, VipSpec>,
+    /// The node-wide deny list (`lb deny`): prefix -> when it ends, Unix seconds (0: never).
+    /// Kept apart from the VIPs: `lb apply` of a config leaves it as it is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deny: BTreeMap<Prefix, u64>,
 }
 
 impl DesiredState {
@@ -356,9 +445,39 @@ impl DesiredState {
             for (addr, b) in &spec.backends {
                 validate_backend(vip, spec.forward, addr, b)?;
             }
+            validate_sources(vip, spec)?;
         }
         Ok(())
     }
+}
+
+/// Most prefixes one VIP's source lists may hold together.
+pub const MAX_VIP_SOURCES: usize = 4 << 20;
+
+/// A VIP's source lists stay within the tries' room; its new-flow limits are in range, and
+/// not on a NAT VIP (whose every packet is placed by the slot table: a limit there would
+/// count its UDP datagrams, not its flows).
+pub fn validate_sources(vip: &VipAddr, spec: &VipSpec) -> Result<(), String> {
+    for (l, what) in [
+        (&spec.new_flow_limit, "new_flow_limit"),
+        (&spec.source_limit, "source_limit"),
+    ] {
+        if let Some(l) = l {
+            l.validate(vip, what)?;
+            if spec.forward == Forward::Nat {
+                return Err(format!(
+                    "VIP {vip}: {what} applies to l2, ipip and gue VIPs, not nat"
+                ));
+            }
+        }
+    }
+    let n = spec.allow_sources.len() + spec.deny_sources.len();
+    if n > MAX_VIP_SOURCES {
+        return Err(format!(
+            "VIP {vip}: {n} source prefixes, at most {MAX_VIP_SOURCES}"
+        ));
+    }
+    Ok(())
 }
 
 /// The UDP idle time's range: 1 s to a day.
@@ -440,6 +559,7 @@ mod serving;
 pub use backend::BackendAddr;
 pub use config::{parse_config, render_config};
 pub use forward::Forward;
+// `FlowLimit` is defined above, beside `VipSpec`.
 pub use pool::{OwnAddrs, Prefix};
 pub use serving::Serving;
 

@@ -63,7 +63,7 @@ impl FromStr for Prefix {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid VIP prefix `{s}`: {why}");
+        let bad = |why: &str| format!("invalid prefix `{s}`: {why}");
         let (addr, len) = s
             .split_once('/')
             .ok_or_else(|| bad("expected ADDRESS/LENGTH, e.g. 192.0.2.0/24 or 2001:db8::/64"))?;
@@ -80,6 +80,20 @@ impl FromStr for Prefix {
             return Err(bad("host bits are set (give the network address)"));
         }
         Ok(Prefix { addr, len })
+    }
+}
+
+impl serde::Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -70,7 +70,13 @@ impl Node {
         // VIPs are checked against the node's addresses as they are now.
         self.agent.refresh_own_addrs().await;
         match &self.fleet {
-            Some(fleet) if !matches!(cmd, Command::Reconcile) => {
+            // The node-wide deny list is this node's own, like `reconcile`.
+            Some(fleet)
+                if !matches!(
+                    cmd,
+                    Command::Reconcile | Command::DenyAdd { .. } | Command::DenyRemove { .. }
+                ) =>
+            {
                 match fleet.execute(&self.agent, &cmd).await {
                     Ok((c, rev)) => (Ok(c), rev),
                     Err(e) => (Err(e), None),

@@ -10,6 +10,8 @@
 //! - `second_chance`: connections through 100 backend changes with the flow table off;
 //! - `hostile`: a stranger's tunnels to a backend (spoofed inner sources, a hop list naming
 //!   a third host) refused, and a load balancer's hop to a stranger not relayed;
+//! - `guard`: an allow list and `lb deny` under keep-alive traffic;
+//! - `guard_flood`: a spoofed SYN flood against a new-flow limit, and without one;
 //! - `flood`: the flow table under a spoofed flood, and a UDP client off a killed backend;
 //! - `faults`: the agent under injected faults;
 //! - `jumbo`: veths at MTU 9000 with the agent attached natively and generically, raw frames
@@ -25,6 +27,8 @@ mod e2e;
 mod encap;
 mod faults;
 mod flood;
+mod guard;
+mod guard_flood;
 mod hostile;
 mod jumbo;
 mod nat;

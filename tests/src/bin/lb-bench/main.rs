@@ -13,6 +13,7 @@ use lb_userspace::maglev::{self, MaglevBackend};
 
 mod encap;
 mod fleet;
+mod guard;
 mod insns;
 mod nat;
 mod newflow;
@@ -321,6 +322,7 @@ fn main() -> anyhow::Result<()> {
             print_rows(&nat_rows()?);
             return Ok(());
         }
+        Ok("guard") => return guard::guard_rows(),
         _ => {}
     }
     let mut rows = packet_rows(false, true)?;
@@ -332,6 +334,8 @@ fn main() -> anyhow::Result<()> {
     rows.extend(second_chance_rows()?);
     rows.extend(nat_rows()?);
     print_rows(&rows);
+    println!();
+    guard::guard_rows()?;
     println!();
     insn_rows()?;
     println!();

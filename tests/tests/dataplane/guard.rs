@@ -1,0 +1,142 @@
+//! The guard live, on the demo network (generic XDP on veth): a VIP with an allow list serves
+//! a client address inside it and not one outside (the connection times out; counted), and
+//! `lb deny add` of a client's address under keep-alive traffic stops its new and its
+//! established packets as soon as the command returns, while another VIP's keep-alive client
+//! goes on; `lb deny remove` lets the held request through (TCP retransmits it) and new
+//! connections again.
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::topo::{CLIENT_IP, CLIENT_IP6, DemoNet, VIP, VIP6, keepalive_request};
+use lb_userspace::protocol::StatsView;
+
+/// A second address on the client, outside the allow list (the backends reach it on-link).
+const OUTSIDER: &str = "10.200.0.20";
+/// The allow list: the client's main address is inside, `OUTSIDER` is not.
+const ALLOWED: &str = "10.200.0.0/28";
+
+fn counter(stats: &StatsView, name: &str) -> u64 {
+    stats.global.get(name).map_or(0, |c| c.packets)
+}
+
+/// A TCP connection from `src` to `to` made in the client's namespace, within `timeout`.
+fn connect_from(
+    net: &DemoNet,
+    src: &str,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    let src: IpAddr = src.parse()?;
+    net.client.run(|| -> anyhow::Result<TcpStream> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&to.into(), timeout)?;
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })?
+}
+
+#[test]
+fn allow_list_and_deny_under_keepalive() -> anyhow::Result<()> {
+    let mut net = DemoNet::build(2, "generic")?;
+    net.client
+        .ip(&["addr", "add", &format!("{OUTSIDER}/24"), "dev", "eth0"])?;
+    net.start_backends()?;
+    net.start_agent(&[])?;
+    let vip4 = format!("{VIP}:80/tcp");
+    net.add_vip(&vip4, &[0, 1], &["--allow-source", ALLOWED])?;
+    net.add_vip(&format!("[{VIP6}]:80/tcp"), &[0, 1], &[])?;
+    let to4: SocketAddr = format!("{VIP}:80").parse()?;
+    let to6: SocketAddr = format!("[{VIP6}]:80").parse()?;
+
+    // Inside the allow list: served. Outside: the SYN is dropped, the connect times out.
+    let mut inside = connect_from(&net, CLIENT_IP, to4, Duration::from_secs(3))?;
+    keepalive_request(&mut inside)?;
+    let before = net.dir.stats()?;
+    let refused = connect_from(&net, OUTSIDER, to4, Duration::from_millis(1500));
+    assert!(
+        refused.is_err(),
+        "a source outside the allow list was served"
+    );
+    let after = net.dir.stats()?;
+    assert!(
+        counter(&after, "dropped_source_not_allowed")
+            > counter(&before, "dropped_source_not_allowed"),
+        "{:?}",
+        after.global
+    );
+
+    // Keep-alive clients on both VIPs; then the main address is denied node-wide.
+    let mut other = connect_from(&net, CLIENT_IP6, to6, Duration::from_secs(3))?;
+    keepalive_request(&mut other)?;
+    let t = Instant::now();
+    net.lb(&["deny", "add", &format!("{CLIENT_IP}/32")])?;
+    let took = t.elapsed();
+    eprintln!("lb deny add returned after {took:?}");
+    let before = net.dir.stats()?;
+    // Established: the request is dropped, no answer within 500 ms.
+    inside.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+    inside.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut byte = [0u8; 1];
+    assert!(
+        inside.read(&mut byte).is_err(),
+        "an established connection was served after the deny"
+    );
+    // New: refused.
+    assert!(connect_from(&net, CLIENT_IP, to4, Duration::from_millis(1000)).is_err());
+    let after = net.dir.stats()?;
+    assert!(
+        counter(&after, "dropped_source_denied") >= counter(&before, "dropped_source_denied") + 2,
+        "{:?}",
+        after.global
+    );
+    // The client's IPv6 address on the IPv6 VIP is untouched.
+    for _ in 0..5 {
+        keepalive_request(&mut other)?;
+    }
+    let listed = net.lb(&["deny", "list"])?;
+    assert!(
+        listed.contains(&format!("{CLIENT_IP}/32")) && listed.contains("never"),
+        "{listed}"
+    );
+
+    // Removed: the held request is retransmitted and answered; new connections are served.
+    net.lb(&["deny", "remove", &format!("{CLIENT_IP}/32")])?;
+    inside.set_read_timeout(Some(Duration::from_secs(5)))?;
+    inside.read_exact(&mut byte)?;
+    let mut fresh = connect_from(&net, CLIENT_IP, to4, Duration::from_secs(3))?;
+    keepalive_request(&mut fresh)?;
+
+    // Bad input: refused with the reason on its first line (the argument parser's), a
+    // non-zero exit, nothing changed; the agent's refusal is one line.
+    let out = net.dir.cli(&["deny", "add", "10.200.0.10/8"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().next().is_some_and(|l| l.contains("host bits")),
+        "{err}"
+    );
+    let out = net.dir.cli(&["deny", "remove", "10.200.0.99/32"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("not on the deny list"), "{err}");
+    assert!(net.lb(&["deny", "list"])?.lines().count() <= 1);
+    // An end: listed with the seconds left.
+    net.lb(&["deny", "add", "10.200.0.99/32", "--expires", "10m"])?;
+    let listed = net.lb(&["deny", "list"])?;
+    assert!(
+        listed.contains("10.200.0.99/32") && (listed.contains("600s") || listed.contains("599s")),
+        "{listed}"
+    );
+    Ok(())
+}
