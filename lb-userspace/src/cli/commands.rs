@@ -452,7 +452,7 @@ async fn stats(client: &Client, watch: bool, count: Option<u64>, json: bool) -> 
 
 /// The `NAT table` line: how full each part is.
 fn nat_table_line(t: &lb_userspace::protocol::NatTableView) -> String {
-    let pct = |n: u64, of: u64| if of == 0 { 0 } else { n * 100 / of };
+    let pct = |n: u64, of: u64| (n * 100).checked_div(of).unwrap_or(0);
     format!(
         "NAT table: established {} of {} ({}%, {} closing), half-open {} of {} ({}%)",
         t.established,

@@ -654,4 +654,63 @@ mod tests {
         };
         assert_eq!(off.config().flow_cache_slots, 0);
     }
+
+    #[test]
+    fn nat_options_are_checked_and_sized() {
+        let d = LoadOptions::default();
+        assert_eq!((d.nat_half_slots(), d.nat_half_share()), (16384, 1638));
+        let c = d.config();
+        assert_eq!((c.nat_half_slots, c.nat_half_share), (16384, 1638));
+        assert_eq!(
+            d.capacity(lb_common::Capacity::NatPairs).ok(),
+            Some(65536 + 16384)
+        );
+        // Small tables: at least 256 slots, and a share of at least the slots a SYN tries.
+        let small = LoadOptions {
+            nat_entries: 100,
+            nat_half_share_pct: 1,
+            ..d
+        };
+        assert_eq!((small.nat_half_slots(), small.nat_half_share()), (256, 4));
+        for (bad, what) in [
+            (
+                LoadOptions {
+                    nat_entries: 0,
+                    ..d
+                },
+                "--nat-entries 0",
+            ),
+            (
+                LoadOptions {
+                    nat_entries: super::MAX_NAT_ENTRIES + 1,
+                    ..d
+                },
+                "--nat-entries",
+            ),
+            (
+                LoadOptions {
+                    nat_half_open_s: 0,
+                    ..d
+                },
+                "at least 1 second",
+            ),
+            (
+                LoadOptions {
+                    nat_half_open_s: 1000,
+                    ..d
+                },
+                "longer than --nat-tcp-idle",
+            ),
+            (
+                LoadOptions {
+                    nat_half_share_pct: 101,
+                    ..d
+                },
+                "--nat-half-open-share 101",
+            ),
+        ] {
+            let e = bad.validate().expect_err(what).to_string();
+            assert!(e.contains(what) && !e.contains('\n'), "{e}");
+        }
+    }
 }
