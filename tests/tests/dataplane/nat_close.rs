@@ -1,7 +1,8 @@
 //! NAT ports and closes on real parts: who closed first decides how long a port is held
 //! (clients first: reused after the short grace, with no PAWS refusal at the backend;
 //! backends first: held while the backend is in TIME_WAIT), and spoofed RSTs with wrong
-//! sequence numbers, from both sides, close no connection.
+//! sequence numbers, from both sides, close no connection; a spoofed SYN and ACK flood is
+//! counted and survived.
 //!
 //! Scaled down from the issue's two-minute runs: a pool of 16 NAT ports makes each port
 //! serve twice within seconds (the property a long run at a high rate shows by
@@ -383,6 +384,155 @@ fn spoofed_rsts_out_of_window_close_nothing() -> anyhow::Result<()> {
     assert!(
         matches!(&closed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "{client}: {closed:?}"
+    );
+    Ok(())
+}
+
+/// Sends raw IPv4 packets (headers included) from the calling thread's namespace.
+struct RawIp(libc::c_int);
+
+impl RawIp {
+    fn new() -> anyhow::Result<Self> {
+        // SAFETY: a plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        Ok(RawIp(fd))
+    }
+
+    fn send(&self, pkt: &[u8], dst: [u8; 4]) {
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a valid socket, buffer and address; a lost packet is only a lost packet.
+        unsafe {
+            libc::sendto(
+                self.0,
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+        }
+    }
+}
+
+impl Drop for RawIp {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor this value owns.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// A spoofed flood (random sources in 198.18.0.0/15, never answered): SYNs and bare ACKs
+/// alternately, paced to `pps` for `secs` seconds (bounded in count and time).
+fn flood(pps: u64, secs: u64) -> anyhow::Result<(u64, u64)> {
+    let sock = RawIp::new()?;
+    let vip = [10, 0, 0, 10];
+    let start = Instant::now();
+    let (mut syns, mut acks) = (0u64, 0u64);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut pkt = Vec::with_capacity(64);
+    while start.elapsed() < Duration::from_secs(secs) && syns + acks < pps * secs {
+        for _ in 0..250 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let src = [
+                198,
+                18 | ((rng >> 8) as u8 & 1),
+                (rng >> 16) as u8,
+                (rng >> 24) as u8,
+            ];
+            let sport = (rng >> 32) as u16 | 1024;
+            pkt.clear();
+            let b = etherparse::PacketBuilder::ipv4(src, vip, 64).tcp(sport, 80, rng as u32, 64000);
+            if (syns + acks) % 2 == 0 {
+                b.syn().write(&mut pkt, &[])?;
+                syns += 1;
+            } else {
+                b.ack((rng >> 40) as u32).write(&mut pkt, &[])?;
+                acks += 1;
+            }
+            sock.send(&pkt, vip);
+        }
+        // Paced: never ahead of `pps`.
+        let due = Duration::from_secs_f64((syns + acks) as f64 / pps as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok((syns, acks))
+}
+
+/// 8 s of spoofed SYNs and ACKs at 20,000 a second while 20 keep-alive connections and a
+/// stream of new ones run: no failure; the ACKs are dropped as `dropped_nat_no_entry` (no
+/// port, no entry); the SYNs' half-open pairs stay within the slots, and the established
+/// connections keep their entries.
+#[test]
+fn spoofed_floods_are_counted_and_survived() -> anyhow::Result<()> {
+    let net = scene("ncf", "1024-32767", "10.41.0.2:8000", true)?;
+    let mut conns = connect_many(&net.client, target(), 20)?;
+    for c in &mut conns {
+        lb_tests::traffic::request(c)?;
+    }
+    let stop = AtomicBool::new(false);
+    let (sent, (fresh, failed)) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let flooder = s.spawn(|| {
+            let r = net.client.run(|| flood(20_000, 8));
+            stop.store(true, Ordering::Relaxed);
+            r
+        });
+        let fresh = net.client.run(|| {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && ok < 20_000 {
+                match lb_tests::traffic::one_request(target()) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })?;
+        let sent = flooder
+            .join()
+            .map_err(|_| anyhow::anyhow!("flooder panicked"))???;
+        Ok((sent, fresh))
+    })?;
+    let mut alive = 0;
+    for c in &mut conns {
+        if lb_tests::traffic::request(c).is_ok() {
+            alive += 1;
+        }
+    }
+    let no_entry = stat(&net, "dropped_nat_no_entry");
+    let full = stat(&net, "dropped_nat_half_open_full");
+    let replaced = stat(&net, "nat_half_open_replaced");
+    println!(
+        "flood: {} SYNs and {} ACKs spoofed; meanwhile {fresh} new connections, {} failed; \
+         20 keep-alive: {alive} answer; dropped_nat_no_entry {no_entry}, \
+         dropped_nat_half_open_full {full}, nat_half_open_replaced {replaced}",
+        sent.0,
+        sent.1,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert_eq!(alive, 20);
+    assert!(fresh > 0);
+    // Every spoofed SYN took a slot, replaced an old half-open pair, or was refused.
+    assert!(
+        replaced + full > 0,
+        "the SYNs never met the half-open slots"
+    );
+    // Most spoofed ACKs reach the program (a loaded machine may lose some on the way).
+    assert!(
+        no_entry >= sent.1 / 2,
+        "{no_entry} of {} ACKs counted",
+        sent.1
     );
     Ok(())
 }
