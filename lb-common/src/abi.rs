@@ -26,6 +26,7 @@ pub const fn abi_layout() -> u64 {
         core::mem::size_of::<VipIndexEntry>(),
         core::mem::size_of::<Slot>(),
         core::mem::size_of::<NatEntry>(),
+        core::mem::size_of::<crate::NatHalfSlot>(),
         VIP_INDEX_SLOTS as usize,
         crate::STATS_ENTRIES as usize,
         HcStat::COUNT as usize,
@@ -63,7 +64,10 @@ pub struct AbiRecord {
     pub max_backends: u32,
     pub flow_entries: u32,
     pub hash_seed: u64,
+    /// `--nat-entries`: the NAT tables' size (established connections).
+    pub nat_entries: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<AbiRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<AbiRecord>() == 56);
 const _: () = assert!(core::mem::offset_of!(AbiRecord, layout) == 16);
 const _: () = assert!(core::mem::offset_of!(AbiRecord, hash_seed) == 40);

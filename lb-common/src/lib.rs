@@ -23,6 +23,7 @@ mod flow;
 mod guard;
 mod maps;
 mod nat;
+mod nat_v13;
 mod second_chance;
 mod table_key;
 pub use abi::*;
@@ -33,6 +34,7 @@ pub use flow::*;
 pub use guard::*;
 pub use maps::*;
 pub use nat::*;
+pub use nat_v13::*;
 pub use second_chance::*;
 pub use table_key::*;
 
@@ -173,6 +175,20 @@ counter_enum! {
         DropVipRate = "dropped_vip_rate",
         /// A new flow over its source's new-flow limit at that VIP: dropped.
         DropSourceRate = "dropped_source_rate",
+        /// NAT: a TCP packet other than a SYN (or an answer) for no NAT connection: dropped,
+        /// never given a port (only a connection's first packet allocates). Not answered by a
+        /// RST: a spoofed flood would be reflected at its forged sources.
+        DropNatNoEntry = "dropped_nat_no_entry",
+        /// NAT: a RST, FIN or first answer outside the window the connection last saw (or not
+        /// answering its SYN): dropped, and the connection's state is unchanged.
+        DropNatOutOfWindow = "dropped_nat_out_of_window",
+        /// NAT: a new connection found every half-open slot it may use (its source's share)
+        /// held by a handshake younger than 100 ms: dropped; the client's SYN retransmission
+        /// tries again.
+        DropNatHalfOpenFull = "dropped_nat_half_open_full",
+        /// NAT: a new connection took the half-open slot of an older unfinished one, whose
+        /// port and entries were freed (counted beside the new connection's own reason).
+        NatHalfOpenReplaced = "nat_half_open_replaced",
     }
 }
 
@@ -231,8 +247,19 @@ pub struct LbConfig {
     pub nat_port_max: u16,
     /// Slots per CPU of the flow cache ([`FLOW_CACHE_MAP`]), a power of two; 0: no cache.
     pub flow_cache_slots: u32,
+    /// NAT: slots of the half-open array ([`NAT_HALF_MAP`]), a power of two.
+    pub nat_half_slots: u32,
+    /// NAT: how many of them one source address may hold (at least [`NAT_HALF_PROBES`]).
+    pub nat_half_share: u32,
+    /// NAT: seconds a half-open pair lives without a packet.
+    pub nat_half_open_s: u32,
+    /// NAT: seconds an established TCP connection lives without a packet.
+    pub nat_tcp_idle_s: u32,
+    /// NAT: seconds a closed connection the backend keeps no TIME_WAIT for holds its port.
+    pub nat_grace_s: u32,
+    pub _pad1: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 80);
 const _: () = assert!(core::mem::offset_of!(LbConfig, nat_port_min) == 48);
 const _: () = assert!(core::mem::offset_of!(LbConfig, hash_seed) == 8);
 const _: () = assert!(core::mem::offset_of!(LbConfig, gue_port) == 20);
@@ -261,7 +288,21 @@ impl LbConfig {
         nat_port_min: DEFAULT_NAT_PORT_MIN,
         nat_port_max: DEFAULT_NAT_PORT_MAX,
         flow_cache_slots: DEFAULT_FLOW_CACHE_SLOTS,
+        nat_half_slots: DEFAULT_NAT_ENTRIES / 4,
+        nat_half_share: DEFAULT_NAT_ENTRIES / 4 * DEFAULT_NAT_HALF_SHARE_PCT / 100,
+        nat_half_open_s: DEFAULT_NAT_HALF_OPEN_S,
+        nat_tcp_idle_s: DEFAULT_NAT_TCP_IDLE_S,
+        nat_grace_s: DEFAULT_NAT_GRACE_S,
+        _pad1: 0,
     };
+
+    /// The NAT timeouts not kept in the entries.
+    pub const fn nat_times(&self) -> NatTimes {
+        NatTimes {
+            half_open_s: self.nat_half_open_s,
+            grace_s: self.nat_grace_s,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,6 +691,8 @@ mod pod {
     unsafe impl aya::Pod for super::DecapConfig {}
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::NatEntryV13 {}
+    unsafe impl aya::Pod for super::NatHalfSlot {}
     unsafe impl aya::Pod for super::ProbationSlot {}
     unsafe impl aya::Pod for super::FlowCacheSlot {}
     unsafe impl aya::Pod for super::CaptureConfig {}

@@ -53,6 +53,10 @@ pub enum Capacity {
     Probation,
     /// `--flow-cache-slots` per possible CPU (one entry when off).
     FlowCache,
+    /// NAT pairs: `--nat-entries` established plus the half-open slots.
+    NatPairs,
+    /// NAT half-open slots: a quarter of `--nat-entries`, a power of two.
+    NatHalfOpen,
 }
 
 impl Capacity {
@@ -67,6 +71,8 @@ impl Capacity {
             Capacity::SharedFlows | Capacity::PerCpuFlows => DEFAULT_FLOW_ENTRIES,
             Capacity::Probation => DEFAULT_FLOW_ENTRIES / 4,
             Capacity::FlowCache => DEFAULT_FLOW_CACHE_SLOTS,
+            Capacity::NatPairs => DEFAULT_NAT_ENTRIES + DEFAULT_NAT_ENTRIES / 4,
+            Capacity::NatHalfOpen => DEFAULT_NAT_ENTRIES / 4,
         }
     }
 }
@@ -75,8 +81,10 @@ impl Capacity {
 /// keys a new connection's translation builds, kept in map memory because the program's
 /// 512-byte stack is full at that point; one entry, never pinned.
 pub const NAT_SCRATCH_MAP: &str = "LB_NAT_SCRATCH";
-/// Size of the NAT scratch record: two [`NatEntry`] and two [`FlowKey`].
-pub const NAT_SCRATCH_SIZE: u32 = (2 * size_of::<NatEntry>() + 2 * size_of::<FlowKey>()) as u32;
+/// Size of the NAT scratch record: two [`NatEntry`], two [`FlowKey`] and the packet's
+/// [`TcpSeg`](crate::TcpSeg).
+pub const NAT_SCRATCH_SIZE: u32 =
+    (2 * size_of::<NatEntry>() + 2 * size_of::<FlowKey>() + size_of::<crate::TcpSeg>()) as u32;
 
 /// `BPF_F_NO_COMMON_LRU`: an LRU hash with per-CPU LRU lists.
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
@@ -152,8 +160,9 @@ pub const LB_MAPS: &[MapSpec] = &[
     spec::<u32, Counter>(STATS_MAP, PerCpuArray, Capacity::Fixed(STATS_ENTRIES), 0),
     spec::<u32, VipCounter>(VIP_STATS_MAP, PerCpuArray, MaxVips, 0),
     spec::<u32, Counter>(BACKEND_STATS_MAP, PerCpuArray, MaxBackends, 0),
-    spec::<FlowKey, NatEntry>(NAT_FWD_MAP, Hash, Capacity::Fixed(DEFAULT_NAT_ENTRIES), 0),
-    spec::<FlowKey, NatEntry>(NAT_REV_MAP, Hash, Capacity::Fixed(DEFAULT_NAT_ENTRIES), 0),
+    spec::<FlowKey, NatEntry>(NAT_FWD_MAP, Hash, Capacity::NatPairs, 0),
+    spec::<FlowKey, NatEntry>(NAT_REV_MAP, Hash, Capacity::NatPairs, 0),
+    spec::<u32, crate::NatHalfSlot>(crate::NAT_HALF_MAP, Array, Capacity::NatHalfOpen, 0),
     spec::<u32, [u32; 4]>(NAT_ADDRS_MAP, Array, Capacity::Fixed(2), 0),
     unpinned(MapSpec {
         value_size: NAT_SCRATCH_SIZE,

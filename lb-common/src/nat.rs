@@ -35,7 +35,8 @@ pub const NAT_PROGRAM: &str = "lb_nat";
 pub const PROG_FULL: u32 = 1;
 /// The full path's program name in the object.
 pub const FULL_PROGRAM: &str = "lb_full";
-/// Default capacity of each NAT map (connections, counting closed ones still reserved).
+/// Default `--nat-entries`: established NAT connections (closed ones still holding their port
+/// included); the tables hold a quarter more for half-open pairs.
 pub const DEFAULT_NAT_ENTRIES: u32 = 65536;
 /// Ports a new connection tries (from a random start) before it is refused
 /// (`dropped_nat_no_port`): with a third of the range in use, all 16 are taken once in 40
@@ -46,23 +47,64 @@ pub const NAT_PORT_PROBES: u32 = 16;
 pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
 
-/// A TCP connection that has not been answered (SYN only) is forgotten after this long.
-pub const NAT_TCP_SYN_S: u32 = 30;
-/// An answered TCP connection without a FIN or RST lives this long without a packet.
-pub const NAT_TCP_ESTABLISHED_S: u32 = 900;
-/// A closed TCP connection (RST, or FIN both ways) keeps its port this long: longer than the
+/// Default seconds a TCP connection whose handshake has not completed (SYN, SYN-ACK, no
+/// client ACK yet), or a UDP flow not yet answered, lives without a packet: the SYN timeout of
+/// a real stack, not the established idle time (`--nat-half-open`).
+pub const DEFAULT_NAT_HALF_OPEN_S: u32 = 5;
+/// Default seconds an established TCP connection without a FIN or RST lives without a packet
+/// (`--nat-tcp-idle`).
+pub const DEFAULT_NAT_TCP_IDLE_S: u32 = 900;
+/// A TCP connection the backend closed first keeps its port this long: longer than the
 /// backend's TIME_WAIT (60 s on Linux), so a new connection never lands on a port the backend
 /// still remembers (a reused port with other timestamps is refused as PAWS there).
 pub const NAT_TCP_CLOSED_S: u32 = 70;
+/// Default seconds a TCP connection keeps its port once it is over without a TIME_WAIT at
+/// the backend: the client closed first and the backend's last ACK came back, or a RST
+/// either way. Long enough for a lost last ACK's FIN to be retransmitted and still
+/// translated (`--nat-close-grace`).
+pub const DEFAULT_NAT_GRACE_S: u32 = 2;
+/// Default share of the half-open slots one client address may hold, in percent
+/// (`--nat-half-open-share`).
+pub const DEFAULT_NAT_HALF_SHARE_PCT: u32 = 10;
 
-/// This direction saw a FIN.
-pub const NAT_F_FIN: u16 = 1;
-/// This direction saw a RST.
+/// Connection state bits, the same in both entries of a pair (written together):
+/// the client sent a FIN the pair accepted (in window).
+pub const NAT_F_CLIENT_FIN: u16 = 1;
+/// A RST either way the pair accepted (in window).
 pub const NAT_F_RST: u16 = 2;
-/// The entry is the reverse one (backend side).
+/// Per entry: the entry is the reverse one (backend side).
 pub const NAT_F_REPLY: u16 = 4;
-/// The reverse direction has carried a packet (the backend answered).
+/// The backend has answered.
 pub const NAT_F_ANSWERED: u16 = 8;
+/// TCP: the client's ACK completed the handshake; UDP: the backend answered. Until then the
+/// pair is half-open: it lives [`DEFAULT_NAT_HALF_OPEN_S`] and holds a half-open slot.
+pub const NAT_F_ESTABLISHED: u16 = 16;
+/// The backend sent a FIN the pair accepted.
+pub const NAT_F_BACKEND_FIN: u16 = 32;
+/// The client's FIN came before the backend's (the backend will not be in TIME_WAIT).
+pub const NAT_F_CLIENT_FIRST: u16 = 64;
+/// The client closed first and has acknowledged the backend's FIN: the backend's socket is
+/// gone, the port can be reused after the grace.
+pub const NAT_F_LAST_ACK: u16 = 128;
+/// Per entry: this direction's `seq_end` is known.
+pub const NAT_F_SEEN: u16 = 256;
+/// Per entry: this direction's `ack` is known.
+pub const NAT_F_ACKED: u16 = 512;
+/// The bits both entries of a pair share.
+pub const NAT_F_STATE: u16 = NAT_F_CLIENT_FIN
+    | NAT_F_RST
+    | NAT_F_ANSWERED
+    | NAT_F_ESTABLISHED
+    | NAT_F_BACKEND_FIN
+    | NAT_F_CLIENT_FIRST
+    | NAT_F_LAST_ACK;
+/// Any close: a tuple in this state that sends a SYN is a new connection.
+pub const NAT_F_CLOSING: u16 = NAT_F_CLIENT_FIN | NAT_F_BACKEND_FIN | NAT_F_RST;
+
+/// How far (bytes) a RST, FIN or data segment may lie beyond what the pair has seen and
+/// still count as in the window: one unscaled TCP window. Beyond the bytes in flight, a
+/// spoofed RST must guess within 2 x 64 KiB of the 4 GiB sequence space.
+pub const NAT_SEQ_SLACK: u32 = 65535;
 
 /// Value of both NAT maps: the tuple the packet gets instead of its own, and the state.
 #[repr(C)]
@@ -81,13 +123,14 @@ pub struct NatEntry {
     /// Coarse monotonic seconds of this direction's last packet, written at most once a
     /// second (and whenever the flags change).
     pub last_seen: u32,
-    /// `NAT_F_*` bits of this direction.
+    /// `NAT_F_*` bits: the connection's state ([`NAT_F_STATE`], both entries alike) and this
+    /// entry's own ([`NAT_F_REPLY`], [`NAT_F_SEEN`], [`NAT_F_ACKED`]).
     pub flags: u16,
     /// Next-hop cache of the answer direction (reverse entries; the forward direction uses
     /// the per-backend cache): the largest IP length known to fit, ...
     pub hop_ok_len: u16,
-    /// Seconds an answered connection lives without a packet ([`NAT_TCP_ESTABLISHED_S`], or
-    /// the VIP's UDP idle time).
+    /// Seconds an established connection lives without a packet (`--nat-tcp-idle`, or the
+    /// VIP's UDP idle time).
     pub idle_s: u32,
     /// ... when the FIB was asked (coarse seconds; 0: never, stale after
     /// [`NEXTHOP_TTL_S`](crate::NEXTHOP_TTL_S)), the egress interface and both MACs.
@@ -95,51 +138,235 @@ pub struct NatEntry {
     pub hop_ifindex: u32,
     pub hop_dmac: [u8; 6],
     pub hop_smac: [u8; 6],
+    /// TCP, this direction: the sequence number after the furthest byte (SYN and FIN count
+    /// one) it has sent in window, host order ([`NAT_F_SEEN`]).
+    pub seq_end: u32,
+    /// TCP, this direction: the furthest acknowledgement it has sent, host order
+    /// ([`NAT_F_ACKED`]).
+    pub ack: u32,
+    /// Forward entries of half-open pairs: the index of the half-open slot
+    /// ([`NAT_HALF_MAP`]) the pair holds; [`NAT_HALF_NONE`] otherwise.
+    pub half_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<NatEntry>() == 76);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 88);
 const _: () = assert!(core::mem::offset_of!(NatEntry, hop_stamp) == 56);
 const _: () = assert!(core::mem::offset_of!(NatEntry, sport) == 32);
 const _: () = assert!(core::mem::offset_of!(NatEntry, last_seen) == 44);
+const _: () = assert!(core::mem::offset_of!(NatEntry, seq_end) == 76);
+
+/// Half-open pairs: array of [`NatHalfSlot`], a power of two of them (a quarter of
+/// `--nat-entries`). A new connection takes a slot before it takes a port; the pair gives it
+/// back when it becomes established. Each half-open pair holds a slot, so there are never more
+/// half-open pairs than slots, and the NAT tables keep `--nat-entries` for established ones.
+pub const NAT_HALF_MAP: &str = "LB_NAT_HALF";
+/// `half_slot` of an entry that holds no slot.
+pub const NAT_HALF_NONE: u32 = u32::MAX;
+/// Slots a new connection tries, in its source's share of the array.
+pub const NAT_HALF_PROBES: u32 = 4;
+/// A half-open pair younger than this (ms) is never replaced: a handshake completes in a
+/// round trip, so a flood must fill every slot a client tries within this time to refuse it
+/// (`dropped_nat_half_open_full`, and the client's SYN retransmission tries again), and can
+/// never break a handshake in progress. Older half-open pairs are replaced by new connections
+/// (`nat_half_open_replaced`).
+pub const NAT_HALF_YOUNG_MS: u32 = 100;
+/// Seed of the half-open slot hashes.
+const NAT_HALF_SEED: u64 = 0x6e61_745f_6861_6c66;
+
+/// One half-open slot: the client tuple of the pair holding it and when it took it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatHalfSlot {
+    pub key: FlowKey,
+    /// Coarse monotonic milliseconds (wrapping) when the slot was taken; 0: free.
+    pub stamp_ms: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NatHalfSlot>() == 48);
+
+/// The `i`-th half-open slot a new connection `key` tries: in a window of `share` slots
+/// (its source address's share, [`DEFAULT_NAT_HALF_SHARE_PCT`]) that starts where its
+/// source hashes, so one source never holds more than `share` of the `slots` (a power of
+/// two) however many connections it opens, spoofed or not.
+#[inline(always)]
+pub const fn nat_half_index(key: &FlowKey, i: u32, slots: u32, share: u32) -> u32 {
+    nat_half_at(nat_half_hashes(key), i, slots, share)
+}
+
+/// The two hashes [`nat_half_at`] takes: the source's, the connection's.
+#[inline(always)]
+pub const fn nat_half_hashes(key: &FlowKey) -> (u32, u32) {
+    (
+        (crate::flow_hash(key, NAT_HALF_SEED, true) >> 32) as u32,
+        (crate::flow_hash(key, NAT_HALF_SEED, false) >> 32) as u32,
+    )
+}
+
+/// [`nat_half_index`] from hashes made once per connection.
+#[inline(always)]
+pub const fn nat_half_at((base, h): (u32, u32), i: u32, slots: u32, share: u32) -> u32 {
+    let w = if share == 0 { 1 } else { share };
+    base.wrapping_add(h.wrapping_add(i) % w) & slots.wrapping_sub(1)
+}
+
+/// Timeouts of a pair that are not in its entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatTimes {
+    /// Half-open pairs ([`DEFAULT_NAT_HALF_OPEN_S`]).
+    pub half_open_s: u32,
+    /// Closed pairs the backend keeps no TIME_WAIT for ([`DEFAULT_NAT_GRACE_S`]).
+    pub grace_s: u32,
+}
+
+impl NatTimes {
+    pub const DEFAULT: NatTimes = NatTimes {
+        half_open_s: DEFAULT_NAT_HALF_OPEN_S,
+        grace_s: DEFAULT_NAT_GRACE_S,
+    };
+}
+
+/// Why a pair is still alive, or how it ended: what `lb stats` counts per part of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatPhase {
+    /// TCP before the client's handshake ACK; UDP before the backend's answer.
+    HalfOpen,
+    Established,
+    /// Closed and holding its port: 70 s (backend closed first) or the grace.
+    Closing,
+}
+
+/// The phase of a pair whose entries carry flags `flags` (both ORed) and the seconds it may
+/// stay quiet in it.
+#[inline(always)]
+pub const fn nat_phase(proto: u8, flags: u16, idle_s: u32, t: &NatTimes) -> (NatPhase, u32) {
+    if proto != PROTO_TCP {
+        return if flags & (NAT_F_ANSWERED | NAT_F_ESTABLISHED) != 0 {
+            (NatPhase::Established, idle_s)
+        } else {
+            (NatPhase::HalfOpen, t.half_open_s)
+        };
+    }
+    if flags & NAT_F_RST != 0 {
+        return (NatPhase::Closing, t.grace_s);
+    }
+    if flags & NAT_F_CLIENT_FIN != 0 && flags & NAT_F_BACKEND_FIN != 0 {
+        // The backend closed first (it is in TIME_WAIT), or the client's last ACK is not
+        // seen (the backend may still be in LAST_ACK, retransmitting its FIN).
+        let done = flags & NAT_F_CLIENT_FIRST != 0 && flags & NAT_F_LAST_ACK != 0;
+        return (
+            NatPhase::Closing,
+            if done { t.grace_s } else { NAT_TCP_CLOSED_S },
+        );
+    }
+    if flags & NAT_F_ESTABLISHED == 0 {
+        return (NatPhase::HalfOpen, t.half_open_s);
+    }
+    (NatPhase::Established, idle_s)
+}
 
 /// Whether a connection whose directions carry `fwd` and `rev` (either may be missing) is
-/// over at `now_s`: closed TCP after [`NAT_TCP_CLOSED_S`], unanswered TCP after
-/// [`NAT_TCP_SYN_S`], otherwise after the entry's idle time since the last packet either way.
+/// over at `now_s`: [`nat_phase`]'s time since the last packet either way.
 #[inline(always)]
 pub const fn nat_expired(
     proto: u8,
     fwd: Option<&NatEntry>,
     rev: Option<&NatEntry>,
     now_s: u32,
+    t: &NatTimes,
 ) -> bool {
-    let (mut last, mut idle) = (0u32, 0u32);
-    let (mut fwd_flags, mut rev_flags) = (0u16, 0u16);
+    let (mut last, mut idle, mut flags) = (0u32, 0u32, 0u16);
     if let Some(f) = fwd {
         last = f.last_seen;
-        fwd_flags = f.flags;
+        flags = f.flags;
         idle = f.idle_s;
     }
     if let Some(r) = rev {
         if r.last_seen > last {
             last = r.last_seen;
         }
-        rev_flags = r.flags;
+        flags |= r.flags;
         if r.idle_s > idle {
             idle = r.idle_s;
         }
     }
-    let flags = fwd_flags | rev_flags;
-    let closed =
-        flags & NAT_F_RST != 0 || (fwd_flags & NAT_F_FIN != 0 && rev_flags & NAT_F_FIN != 0);
-    let limit = if proto != PROTO_TCP {
-        idle
-    } else if closed {
-        NAT_TCP_CLOSED_S
-    } else if flags & NAT_F_ANSWERED == 0 {
-        NAT_TCP_SYN_S
-    } else {
-        idle
-    };
+    let (_, limit) = nat_phase(proto, flags, idle, t);
     now_s.saturating_sub(last) > limit
+}
+
+/// What the pair needs of one TCP segment (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSeg {
+    pub seq: u32,
+    pub ack: u32,
+    /// `seq` plus the payload's length, plus one for a SYN and one for a FIN.
+    pub end: u32,
+    /// `TCP_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Whether `x` lies in the serial-number range `lo..=hi` (RFC 1982 arithmetic).
+#[inline(always)]
+pub const fn seq_between(x: u32, lo: u32, hi: u32) -> bool {
+    x.wrapping_sub(lo) <= hi.wrapping_sub(lo)
+}
+
+/// Whether a RST or FIN `seg` from the direction of entry `own` is in the window the pair
+/// last saw (`peer`: the other direction's entry): from what the other side has acknowledged
+/// of this direction, less one window, to the furthest byte this direction has sent, plus one
+/// window (conntrack's check, with the bytes in flight as seen and an unscaled window for the
+/// unknown). A direction that has sent nothing yet may only refuse what the other sent: a
+/// RST whose ACK is exactly the other's end, or whose sequence number is exactly the other's
+/// ACK.
+#[inline(always)]
+pub const fn nat_seq_ok(seg: &TcpSeg, own: &NatEntry, peer: &NatEntry) -> bool {
+    if own.flags & NAT_F_SEEN == 0 {
+        // RFC 793's reset for an unacceptable segment: with the ACK of what it refuses, or
+        // (refusing a segment that carried an ACK) at that ACK.
+        return if seg.flags & crate::TCP_ACK != 0 {
+            peer.flags & NAT_F_SEEN != 0 && seg.ack == peer.seq_end
+        } else {
+            peer.flags & NAT_F_ACKED != 0 && seg.seq == peer.ack
+        };
+    }
+    let base = if peer.flags & NAT_F_ACKED != 0 {
+        peer.ack
+    } else {
+        own.seq_end
+    };
+    seq_between(
+        seg.seq,
+        base.wrapping_sub(NAT_SEQ_SLACK),
+        own.seq_end.wrapping_add(NAT_SEQ_SLACK),
+    )
+}
+
+/// Records segment `seg` in its direction's entry: the furthest byte sent and the furthest
+/// acknowledgement, advanced only by a segment that starts within a window of what was seen
+/// (a spoofed segment elsewhere moves nothing, so it cannot widen the RST window); the first
+/// segment sets both. Writes only what moves.
+#[inline(always)]
+pub const fn nat_track(e: &mut NatEntry, seg: &TcpSeg) {
+    if e.flags & NAT_F_SEEN == 0 {
+        e.seq_end = seg.end;
+        e.flags |= NAT_F_SEEN;
+    } else if seq_between(
+        seg.seq,
+        e.seq_end.wrapping_sub(NAT_SEQ_SLACK),
+        e.seq_end.wrapping_add(NAT_SEQ_SLACK),
+    ) {
+        if (seg.end.wrapping_sub(e.seq_end) as i32) > 0 {
+            e.seq_end = seg.end;
+        }
+    } else {
+        return;
+    }
+    if seg.flags & crate::TCP_ACK != 0
+        && (e.flags & NAT_F_ACKED == 0 || (seg.ack.wrapping_sub(e.ack) as i32) > 0)
+    {
+        e.ack = seg.ack;
+        e.flags |= NAT_F_ACKED;
+    }
 }
 
 /// The `i`-th port a connection with hash `h` tries in `min..=max` (host order). Successive
@@ -169,10 +396,14 @@ pub const fn nat_reverse(from: &FlowKey, to: &NatEntry) -> (FlowKey, NatEntry) {
         dst: from.src,
         sport: from.dport,
         dport: from.sport,
-        flags: NAT_F_REPLY,
+        // The connection's state, this direction's own sequence state (none yet).
+        flags: NAT_F_REPLY | (to.flags & NAT_F_STATE),
         // Another direction, another next hop: asked on its first packet.
         hop_ok_len: 0,
         hop_stamp: 0,
+        seq_end: 0,
+        ack: 0,
+        half_slot: NAT_HALF_NONE,
         ..*to
     };
     (key, entry)
@@ -253,6 +484,11 @@ mod tests {
         assert_eq!(csum_full(&h, 0), 0, "a valid header sums to zero");
     }
 
+    const T: NatTimes = NatTimes {
+        half_open_s: 5,
+        grace_s: 2,
+    };
+
     #[test]
     fn expiry_follows_the_state() {
         let e = NatEntry {
@@ -260,38 +496,182 @@ mod tests {
             idle_s: 900,
             ..NatEntry::default()
         };
-        let answered = NatEntry {
-            flags: NAT_F_ANSWERED | NAT_F_REPLY,
+        let tcp =
+            |f: u16, now| nat_expired(PROTO_TCP, Some(&NatEntry { flags: f, ..e }), None, now, &T);
+        // Half-open (SYN, even answered): the half-open time.
+        assert!(!tcp(0, 105));
+        assert!(tcp(0, 106), "unanswered SYN");
+        assert!(tcp(NAT_F_ANSWERED, 106), "SYN-ACK without the client's ACK");
+        let est = NAT_F_ANSWERED | NAT_F_ESTABLISHED;
+        assert!(!tcp(est, 1000));
+        assert!(tcp(est, 1001));
+        // A RST: the grace.
+        assert!(!tcp(est | NAT_F_RST, 102));
+        assert!(tcp(est | NAT_F_RST, 103));
+        // One FIN is a half-close (still established).
+        assert!(!tcp(est | NAT_F_CLIENT_FIN | NAT_F_CLIENT_FIRST, 1000));
+        assert!(!tcp(est | NAT_F_BACKEND_FIN, 1000));
+        // The backend closed first: 70 s (its TIME_WAIT).
+        let both = est | NAT_F_CLIENT_FIN | NAT_F_BACKEND_FIN;
+        assert!(!tcp(both, 170));
+        assert!(tcp(both, 171));
+        // The client closed first: 70 s until the backend's FIN is acknowledged, then the grace.
+        assert!(!tcp(both | NAT_F_CLIENT_FIRST, 170));
+        assert!(!tcp(both | NAT_F_CLIENT_FIRST | NAT_F_LAST_ACK, 102));
+        assert!(tcp(both | NAT_F_CLIENT_FIRST | NAT_F_LAST_ACK, 103));
+        // The last ACK alone (backend first) changes nothing.
+        assert!(!tcp(both | NAT_F_LAST_ACK, 170));
+        // Flags of either entry count, and the later last-seen.
+        let rev = NatEntry {
+            flags: NAT_F_REPLY | est,
+            last_seen: 200,
             ..e
         };
-        assert!(!nat_expired(PROTO_TCP, Some(&e), None, 130));
-        assert!(
-            nat_expired(PROTO_TCP, Some(&e), None, 131),
-            "unanswered SYN"
-        );
-        assert!(!nat_expired(PROTO_TCP, Some(&e), Some(&answered), 1000));
-        assert!(nat_expired(PROTO_TCP, Some(&e), Some(&answered), 1001));
-        let rst = NatEntry {
-            flags: NAT_F_RST,
-            ..e
-        };
-        assert!(!nat_expired(PROTO_TCP, Some(&rst), Some(&answered), 170));
-        assert!(nat_expired(PROTO_TCP, Some(&rst), Some(&answered), 171));
-        // FIN one way is a half-close (still established); both ways, closed.
-        let fin = NatEntry {
-            flags: NAT_F_FIN,
-            ..e
-        };
-        assert!(!nat_expired(PROTO_TCP, Some(&fin), Some(&answered), 171));
-        let fin_back = NatEntry {
-            flags: NAT_F_FIN | NAT_F_ANSWERED | NAT_F_REPLY,
-            ..e
-        };
-        assert!(nat_expired(PROTO_TCP, Some(&fin), Some(&fin_back), 171));
-        // UDP: the idle time, whatever the flags.
+        assert!(!nat_expired(PROTO_TCP, Some(&e), Some(&rev), 1100, &T));
+        assert!(nat_expired(PROTO_TCP, Some(&e), Some(&rev), 1101, &T));
+        // UDP: half-open until answered, then the idle time.
         let udp = NatEntry { idle_s: 30, ..e };
-        assert!(!nat_expired(crate::PROTO_UDP, Some(&udp), None, 130));
-        assert!(nat_expired(crate::PROTO_UDP, Some(&udp), None, 131));
+        assert!(nat_expired(crate::PROTO_UDP, Some(&udp), None, 106, &T));
+        let answered = NatEntry {
+            flags: NAT_F_ANSWERED,
+            ..udp
+        };
+        assert!(!nat_expired(
+            crate::PROTO_UDP,
+            Some(&answered),
+            None,
+            130,
+            &T
+        ));
+        assert!(nat_expired(
+            crate::PROTO_UDP,
+            Some(&answered),
+            None,
+            131,
+            &T
+        ));
+    }
+
+    fn seg(seq: u32, ack: u32, len: u32, flags: u8) -> TcpSeg {
+        let extra = u32::from(flags & (crate::TCP_SYN | crate::TCP_FIN) != 0);
+        TcpSeg {
+            seq,
+            ack,
+            end: seq.wrapping_add(len + extra),
+            flags,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn only_in_window_rst_and_fin_count() {
+        use crate::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+        let (mut c, mut b) = (NatEntry::default(), NatEntry::default());
+        // Handshake: client ISN 1000, backend ISN u32::MAX - 10 (wraps).
+        nat_track(&mut c, &seg(1000, 0, 0, TCP_SYN));
+        assert_eq!((c.seq_end, c.flags & NAT_F_ACKED), (1001, 0));
+        let isn_b = u32::MAX - 10;
+        // Before the backend has sent anything, only a RST answering the SYN is accepted.
+        assert!(nat_seq_ok(&seg(0, 1001, 0, TCP_RST | TCP_ACK), &b, &c));
+        assert!(!nat_seq_ok(&seg(0, 1002, 0, TCP_RST | TCP_ACK), &b, &c));
+        assert!(!nat_seq_ok(&seg(0, 1001, 0, TCP_RST), &b, &c));
+        // A backend meeting a mid-connection segment (a re-placed connection) resets it at
+        // the segment's ACK.
+        let mut moved = c;
+        nat_track(&mut moved, &seg(1001, 5555, 10, TCP_ACK));
+        assert!(nat_seq_ok(&seg(5555, 0, 0, TCP_RST), &b, &moved));
+        assert!(!nat_seq_ok(&seg(5556, 0, 0, TCP_RST), &b, &moved));
+        nat_track(&mut b, &seg(isn_b, 1001, 0, TCP_SYN | TCP_ACK));
+        assert_eq!((b.seq_end, b.ack), (isn_b.wrapping_add(1), 1001));
+        nat_track(&mut c, &seg(1001, isn_b.wrapping_add(1), 100, TCP_ACK));
+        nat_track(&mut b, &seg(isn_b.wrapping_add(1), 1101, 5000, TCP_ACK));
+        assert_eq!(b.seq_end, isn_b.wrapping_add(5001), "wrapped past zero");
+        // The backend's RST: at its next byte, or within a window either side.
+        let next_b = b.seq_end;
+        for s in [
+            next_b,
+            next_b + NAT_SEQ_SLACK,
+            next_b.wrapping_sub(5000 + NAT_SEQ_SLACK),
+        ] {
+            assert!(nat_seq_ok(&seg(s, 0, 0, TCP_RST), &b, &c), "{s}");
+        }
+        // The client has acknowledged nothing of the backend's 5000 bytes: they are in flight.
+        for s in [
+            next_b + NAT_SEQ_SLACK + 1,
+            next_b.wrapping_sub(5001 + NAT_SEQ_SLACK),
+            next_b ^ 0x8000_0000,
+        ] {
+            assert!(!nat_seq_ok(&seg(s, 0, 0, TCP_RST), &b, &c), "{s}");
+        }
+        // Once the client acknowledges them, the window's low end moves up.
+        nat_track(&mut c, &seg(1101, next_b, 0, TCP_ACK));
+        assert!(!nat_seq_ok(
+            &seg(next_b.wrapping_sub(5000 + NAT_SEQ_SLACK), 0, 0, TCP_RST),
+            &b,
+            &c
+        ));
+        assert!(nat_seq_ok(
+            &seg(next_b.wrapping_sub(NAT_SEQ_SLACK), 0, 0, TCP_FIN),
+            &b,
+            &c
+        ));
+        // The client's FIN the same way.
+        assert!(nat_seq_ok(&seg(1101, next_b, 0, TCP_FIN | TCP_ACK), &c, &b));
+        assert!(!nat_seq_ok(
+            &seg(900_000, next_b, 0, TCP_FIN | TCP_ACK),
+            &c,
+            &b
+        ));
+    }
+
+    #[test]
+    fn spoofed_segments_move_nothing() {
+        use crate::TCP_ACK;
+        let mut c = NatEntry::default();
+        nat_track(&mut c, &seg(1000, 0, 0, crate::TCP_SYN));
+        let before = c;
+        // Far from the window: neither the end nor the acknowledgement moves.
+        nat_track(&mut c, &seg(1000 + 10 * NAT_SEQ_SLACK, 77, 10, TCP_ACK));
+        assert_eq!(c, before);
+        // In the window: both move; an older segment moves neither back.
+        nat_track(&mut c, &seg(1001, 77, 10, TCP_ACK));
+        assert_eq!((c.seq_end, c.ack), (1011, 77));
+        nat_track(&mut c, &seg(1001, 50, 5, TCP_ACK));
+        assert_eq!((c.seq_end, c.ack), (1011, 77));
+    }
+
+    #[test]
+    fn half_open_slots_stay_in_the_source_share() {
+        let mut key = FlowKey {
+            src: [0x0100_000a, 0, 0, 0],
+            dst: [0x0a00_000a, 0, 0, 0],
+            sport: 0,
+            dport: 80,
+            proto: PROTO_TCP,
+            family: crate::FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let (slots, share) = (1024u32, 16u32);
+        let mut seen = [false; 1024];
+        for port in 0..2000u16 {
+            key.sport = port;
+            for i in 0..NAT_HALF_PROBES {
+                seen[nat_half_index(&key, i, slots, share) as usize] = true;
+            }
+        }
+        let used = seen.iter().filter(|s| **s).count();
+        assert_eq!(
+            used, share as usize,
+            "one source, 2000 connections: its share only"
+        );
+        // Another source lands elsewhere (with these two addresses: checked, not assumed).
+        key.src[0] = 0x0200_000a;
+        let other = nat_half_index(&key, 0, slots, share) as usize;
+        assert!(!seen[other] || used < slots as usize);
+        // Successive probes of one connection differ.
+        let a = nat_half_index(&key, 0, slots, share);
+        let b = nat_half_index(&key, 1, slots, share);
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod icmp;
 mod maps;
 mod nat;
 mod nat_rewrite;
+mod nat_state;
 mod outer;
 mod parse;
 mod path;

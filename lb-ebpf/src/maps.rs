@@ -137,11 +137,16 @@ pub static LB_NEXTHOPS: PerCpuArray<NextHopCache> =
 /// evicted.
 #[map(name = "LB_NAT_FWD")]
 pub static LB_NAT_FWD: HashMap<FlowKey, NatEntry> =
-    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES + DEFAULT_NAT_ENTRIES / 4, 0);
 
 #[map(name = "LB_NAT_REV")]
 pub static LB_NAT_REV: HashMap<FlowKey, NatEntry> =
-    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+    HashMap::with_max_entries(DEFAULT_NAT_ENTRIES + DEFAULT_NAT_ENTRIES / 4, 0);
+
+/// Half-open NAT pairs' slots (`lb_common::NAT_HALF_MAP`).
+#[map(name = "LB_NAT_HALF")]
+pub static LB_NAT_HALF: Array<lb_common::NatHalfSlot> =
+    Array::with_max_entries(DEFAULT_NAT_ENTRIES / 4, 0);
 
 /// Index of the NAT program in [`LB_PROGS`].
 pub const PROG_NAT: u32 = PROG_NAT_INDEX;

@@ -23,9 +23,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
-    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_ANSWERED, NAT_F_FIN, NAT_F_REPLY, NAT_F_RST, NAT_PORT_PROBES,
-    NAT_TCP_ESTABLISHED_S, NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN, nat_expired, nat_forward_key, nat_port, nat_reverse,
+    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_PORT_PROBES, NEXTHOP_TTL_S, NatEntry, PROTO_TCP,
+    PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_expired, nat_port,
 };
 use network_types::eth::EthHdr;
 
@@ -39,7 +38,7 @@ use crate::{
         present_vip,
     },
     nat_rewrite::{rewrite, rewrite_icmp},
-    parse,
+    nat_state, parse,
     parse::{Parsed, ptr_at_mut},
     select, stats,
 };
@@ -53,6 +52,7 @@ struct Scratch {
     rev: NatEntry,
     rkey: FlowKey,
     okey: FlowKey,
+    seg: TcpSeg,
 }
 
 // Described as `lb_common::NAT_SCRATCH_MAP`.
@@ -77,29 +77,22 @@ fn now_s() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-/// The `NAT_F_*` bits this packet sets on its direction.
+/// Refreshes an entry's last-seen in place, at most once a second.
 #[inline(always)]
-fn flags_of(pkt: &Parsed) -> u16 {
-    if pkt.key.proto != PROTO_TCP {
-        return 0;
+fn touch(e: &mut NatEntry, now: u32) {
+    if e.last_seen != now {
+        e.last_seen = now;
     }
-    let mut f = 0;
-    if pkt.tcp_flags & TCP_FIN != 0 {
-        f |= NAT_F_FIN;
-    }
-    if pkt.tcp_flags & TCP_RST != 0 {
-        f |= NAT_F_RST;
-    }
-    f
 }
 
-/// Refreshes an entry in place: last-seen at most once a second, and any new flag.
+/// This CPU's scratch record.
 #[inline(always)]
-fn touch(e: &mut NatEntry, add: u16, now: u32) {
-    if e.last_seen != now || e.flags | add != e.flags {
-        e.last_seen = now;
-        e.flags |= add;
-    }
+fn scratch() -> Result<&'static mut Scratch, Verdict> {
+    let s = LB_NAT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Verdict::discard(Stat::DropTxError))?;
+    // SAFETY: this CPU's scratch record; nothing else uses it meanwhile.
+    Ok(unsafe { &mut *s })
 }
 
 /// Whether `addr` (of the packet's family) is one of this load balancer's NAT addresses.
@@ -159,11 +152,11 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
     // An ICMP error about a translated flow (port unreachable, fragmentation needed, packet
     // too big) goes to its client, translated; it does not refresh the connection.
     if !pkt.icmp_error {
-        let mut add = flags_of(pkt) | NAT_F_ANSWERED;
-        if e.flags & NAT_F_ANSWERED != 0 {
-            add &= !NAT_F_ANSWERED;
-        }
-        touch(e, add, now_s());
+        let s = scratch()?;
+        nat_state::segment(ctx, pkt, &mut s.seg)?;
+        let now = now_s();
+        nat_state::backend(pkt, &s.seg, e, &mut s.okey, now)?;
+        touch(e, now);
         stats::count_backend(e.backend_id, len);
     }
     send(ctx, pkt, e, None)
@@ -181,7 +174,7 @@ fn still_good(e: &NatEntry, pkt: &Parsed) -> Option<&'static Backend> {
         return None;
     }
     let syn = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    (!(syn && e.flags & (NAT_F_FIN | NAT_F_RST) != 0)).then_some(b)
+    (!(syn && e.flags & NAT_F_CLOSING != 0)).then_some(b)
 }
 
 /// A client's packet for a NAT VIP: translated to the connection's backend, or to the one
@@ -206,16 +199,25 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
         None if pkt.icmp_error => return Err(Verdict::pass(Stat::PassNatIcmp)),
         Some(e) if let Some(b) = still_good(unsafe { &*e }, pkt) => {
             let e = unsafe { &mut *e };
-            touch(e, flags_of(pkt), now);
+            let s = scratch()?;
+            nat_state::segment(ctx, pkt, &mut s.seg)?;
+            nat_state::client(pkt, &s.seg, e, &mut s.okey, now)?;
+            touch(e, now);
             (e, Some(b))
         }
+        // Only a connection's first packet takes a port: anything else without a pair is
+        // dropped (a pair whose backend went away is placed again: its tuple is known).
+        None if !nat_state::opens(pkt) => return Err(Verdict::discard(Stat::DropNatNoEntry)),
         _ => {
             // The gate passed before this program (`run`): never `guard::ENTER` here.
             let (id, vip_id) = select::slot_backend(pkt, cfg)?;
             let b = LB_BACKENDS
                 .get(id)
                 .ok_or(Verdict::discard(Stat::DropNoBackend))?;
-            (allocate(cfg, pkt, &Picked { id, vip_id, b }, now)?, Some(b))
+            (
+                allocate(ctx, cfg, pkt, &Picked { id, vip_id, b }, now)?,
+                Some(b),
+            )
         }
     };
     stats::count_backend(to.backend_id, len);
@@ -227,41 +229,71 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
     send(ctx, pkt, to, picked.as_ref())
 }
 
-/// Takes a NAT port toward the picked backend for a new connection and records both
-/// directions.
+/// Takes a half-open slot and a NAT port toward the picked backend for a new connection and
+/// records both directions (half-open until the handshake completes or the backend answers).
 #[inline(always)]
 fn allocate(
+    ctx: &XdpContext,
     cfg: &LbConfig,
     pkt: &Parsed,
     picked: &Picked,
     now: u32,
+) -> Result<&'static mut NatEntry, Verdict> {
+    let s = scratch()?;
+    nat_state::segment(ctx, pkt, &mut s.seg)?;
+    let now_ms = nat_state::now_ms();
+    let half = nat_state::claim_half(cfg, &pkt.key, &mut s.okey, now_ms)?;
+    match place(cfg, pkt, picked, now, half, s) {
+        Ok(e) => {
+            nat_state::hold_half(half, &pkt.key, now_ms);
+            Ok(e)
+        }
+        Err(v) => {
+            nat_state::drop_half(half);
+            Err(v)
+        }
+    }
+}
+
+/// The port and both entries of [`allocate`].
+#[inline(always)]
+fn place(
+    cfg: &LbConfig,
+    pkt: &Parsed,
+    picked: &Picked,
+    now: u32,
+    half: u32,
+    s: &mut Scratch,
 ) -> Result<&'static mut NatEntry, Verdict> {
     let b = picked.b;
     let k = &pkt.key;
     let idle_s = if k.proto == PROTO_UDP {
         present_vip(picked.vip_id).map_or(DEFAULT_UDP_IDLE_S, |v| v.udp_idle_s)
     } else {
-        NAT_TCP_ESTABLISHED_S
+        cfg.nat_tcp_idle_s
     };
     // Verifier note: the entries and keys being built live in a per-CPU scratch record,
     // not on the stack (which the parse, the FIB parameters and the map keys fill).
-    let s = LB_NAT_SCRATCH
-        .get_ptr_mut(0)
-        .ok_or(Verdict::discard(Stat::DropTxError))?;
-    // SAFETY: this CPU's scratch record; nothing else uses it meanwhile.
-    let s = unsafe { &mut *s };
-    s.fwd = NatEntry {
-        src: b.outer_src,
-        dst: b.addr,
-        sport: 0,
-        dport: if b.port != 0 { b.port } else { k.dport },
-        backend_id: picked.id,
-        backend_generation: b.generation,
-        last_seen: now,
-        flags: flags_of(pkt),
-        idle_s,
-        ..NatEntry::default()
-    };
+    // Field by field: a struct literal is built on the stack and copied.
+    let f = &mut s.fwd;
+    f.src = b.outer_src;
+    f.dst = b.addr;
+    f.sport = 0;
+    f.dport = if b.port != 0 { b.port } else { k.dport };
+    f.backend_id = picked.id;
+    f.backend_generation = b.generation;
+    f.last_seen = now;
+    f.flags = 0;
+    f.hop_ok_len = 0;
+    f.idle_s = idle_s;
+    f.hop_stamp = 0;
+    f.hop_ifindex = 0;
+    f.hop_dmac = [0; 6];
+    f.hop_smac = [0; 6];
+    f.seq_end = 0;
+    f.ack = 0;
+    f.half_slot = half;
+    nat_state::first_segment(&mut s.fwd, &s.seg, k.proto);
     // A random start, not the flow's hash: a retransmitted SYN whose ports were all taken
     // tries other ones.
     // SAFETY: helper without arguments.
@@ -270,12 +302,12 @@ fn allocate(
     while i < NAT_PORT_PROBES {
         s.fwd.sport = nat_port(h, i, cfg.nat_port_min, cfg.nat_port_max).to_be();
         i += 1;
-        (s.rkey, s.rev) = nat_reverse(k, &s.fwd);
-        s.rev.flags = NAT_F_REPLY;
+        nat_state::reverse_key(&mut s.rkey, k, &s.fwd);
+        nat_state::reverse_entry(&mut s.rev, k, &s.fwd);
         match LB_NAT_REV.insert(&s.rkey, &s.rev, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => {
-                if !take_expired(s, now) {
+                if !take_expired(s, cfg, now) {
                     continue;
                 }
             }
@@ -298,19 +330,19 @@ fn allocate(
 /// Takes over the port of reverse entry `rkey` if its connection has expired (its forward
 /// entry, when it still names this port, goes too); false while it lives.
 #[inline(always)]
-fn take_expired(s: &mut Scratch, now: u32) -> bool {
+fn take_expired(s: &mut Scratch, cfg: &LbConfig, now: u32) -> bool {
     // SAFETY: map memory, read in place.
     let Some(old) = (unsafe { LB_NAT_REV.get(&s.rkey) }) else {
         return false;
     };
-    s.okey = nat_forward_key(old, s.rkey.proto, s.rkey.family);
+    nat_state::forward_key(&mut s.okey, old, s.rkey.proto, s.rkey.family);
     let s = &*s;
     // The old connection's forward entry, if it still uses this port (a tuple that was
     // placed again has moved on, and keeps its new entry).
     let f = &s.fwd;
     let ofwd = unsafe { LB_NAT_FWD.get(&s.okey) }
         .filter(|o| o.sport == f.sport && o.dst == f.dst && o.dport == f.dport);
-    if !nat_expired(s.rkey.proto, ofwd, Some(old), now) {
+    if !nat_expired(s.rkey.proto, ofwd, Some(old), now, &cfg.nat_times()) {
         return false;
     }
     if ofwd.is_some() {

@@ -212,6 +212,34 @@ fn agent_metrics(reg: &mut Registry, agent: &AgentStatus) {
         );
         room.set(cap as i64);
     }
+    if let Some(t) = agent.nat_table {
+        for (name, help, v) in [
+            (
+                "nat_half_open",
+                "NAT pairs whose handshake is not complete (UDP: not answered) at the last sweep",
+                t.half_open,
+            ),
+            (
+                "nat_half_open_capacity",
+                "Half-open slots: half-open pairs beyond them replace old ones or are refused",
+                t.half_slots,
+            ),
+            (
+                "nat_established",
+                "Established NAT connections (closing ones included) at the last sweep",
+                t.established,
+            ),
+            (
+                "nat_closing",
+                "Closed NAT connections still holding their port at the last sweep",
+                t.closing,
+            ),
+        ] {
+            let g = Gauge::<i64>::default();
+            reg.register(name, help, g.clone());
+            g.set(v as i64);
+        }
+    }
 }
 
 /// Each VIP's slot-table digest (equal on nodes that agree), and the store link in fleet mode.

@@ -320,6 +320,22 @@ pub struct AgentStatus {
     /// NAT connections live at the last sweep, and the table's capacity (once NAT is used).
     #[serde(default)]
     pub nat_connections: Option<(u64, u64)>,
+    /// How full each part of the NAT table was at the last sweep (once NAT is used).
+    #[serde(default)]
+    pub nat_table: Option<NatTableView>,
+}
+
+/// The NAT table's parts at the last sweep: the `NAT table` line of `lb stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatTableView {
+    /// Established connections, of `capacity` (`--nat-entries`).
+    pub established: u64,
+    pub capacity: u64,
+    /// Half-open pairs, of `half_slots`.
+    pub half_open: u64,
+    pub half_slots: u64,
+    /// Closed connections still holding their port (counted among the established room).
+    pub closing: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -33,6 +33,12 @@ pub struct Swept {
     pub live: usize,
     /// Expired connections deleted.
     pub expired: usize,
+    /// Of the live ones: half-open, and closed but holding their port.
+    pub half_open: usize,
+    pub closing: usize,
+    /// `--nat-entries`, and the half-open slots.
+    pub capacity: usize,
+    pub half_slots: usize,
 }
 
 /// The NAT sweep's own handles on the NAT tables, so it runs without the agent's lock (a

@@ -58,6 +58,8 @@ pub struct Agent {
     store_revision: Mutex<Option<i64>>,
     /// NAT connections live at the last sweep (`u64::MAX`: no sweep has found any yet).
     nat_live: std::sync::atomic::AtomicU64,
+    /// The NAT table's parts at the last sweep that found any connection.
+    nat_table: Mutex<Option<crate::protocol::NatTableView>>,
     /// The version of the second-chance history last saved; held while saving, so an older
     /// snapshot never replaces a newer one.
     history_saved: Mutex<u64>,
@@ -104,6 +106,7 @@ impl Agent {
             events: Mutex::new(events::Events::default()),
             store_revision: Mutex::new(store_revision),
             nat_live: std::sync::atomic::AtomicU64::new(u64::MAX),
+            nat_table: Mutex::new(None),
             history_saved: Mutex::new(0),
         })
     }
@@ -323,6 +326,17 @@ impl Agent {
         if live + gone > 0 || self.nat_connections().is_some() {
             self.nat_live
                 .store(live as u64, std::sync::atomic::Ordering::Relaxed);
+            let view = crate::protocol::NatTableView {
+                established: (s.live - s.half_open) as u64,
+                capacity: s.capacity as u64,
+                half_open: s.half_open as u64,
+                half_slots: s.half_slots as u64,
+                closing: s.closing as u64,
+            };
+            *self
+                .nat_table
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(view);
         }
         Ok((live, gone))
     }
@@ -331,7 +345,16 @@ impl Agent {
     /// used.
     pub fn nat_connections(&self) -> Option<(u64, u64)> {
         let live = self.nat_live.load(std::sync::atomic::Ordering::Relaxed);
-        (live != u64::MAX).then_some((live, u64::from(lb_common::DEFAULT_NAT_ENTRIES)))
+        let cap = self.nat_table().map_or(0, |t| t.capacity + t.half_slots);
+        (live != u64::MAX).then_some((live, cap))
+    }
+
+    /// The NAT table's parts at the last sweep, once NAT has been used.
+    pub fn nat_table(&self) -> Option<crate::protocol::NatTableView> {
+        *self
+            .nat_table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn retry(&self) -> Result<(), Error> {

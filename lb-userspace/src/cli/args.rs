@@ -247,6 +247,27 @@ pub struct RunArgs {
     /// balancer's own connections never meet a NAT port).
     #[arg(long, value_name = "LOW-HIGH", default_value = "1024-32767", value_parser = port_range)]
     pub nat_ports: (u16, u16),
+    /// NAT connections the tables hold (established, and closed ones keeping their port);
+    /// a quarter more is kept for half-open ones. Each connection takes two hash entries,
+    /// about 360 bytes of kernel memory: about 360 MB per million.
+    #[arg(long, default_value_t = lb_common::DEFAULT_NAT_ENTRIES)]
+    pub nat_entries: u32,
+    /// Seconds a NAT connection whose handshake is not complete (or a UDP flow not yet
+    /// answered) lives without a packet.
+    #[arg(long, value_name = "SECONDS", default_value_t = lb_common::DEFAULT_NAT_HALF_OPEN_S)]
+    pub nat_half_open: u32,
+    /// Seconds an established NAT'ed TCP connection lives without a packet (UDP: the VIP's
+    /// `udp_idle`).
+    #[arg(long, value_name = "SECONDS", default_value_t = lb_common::DEFAULT_NAT_TCP_IDLE_S)]
+    pub nat_tcp_idle: u32,
+    /// Seconds a NAT port stays held after a close that leaves the backend no TIME_WAIT
+    /// (the client closed first and acknowledged the backend's FIN, or a RST); a backend
+    /// that closes first holds it 70 s.
+    #[arg(long, value_name = "SECONDS", default_value_t = lb_common::DEFAULT_NAT_GRACE_S)]
+    pub nat_close_grace: u32,
+    /// Percent of the NAT half-open slots one client address may hold.
+    #[arg(long, value_name = "PERCENT", default_value_t = lb_common::DEFAULT_NAT_HALF_SHARE_PCT)]
+    pub nat_half_open_share: u32,
     /// Source address of encapsulated and NAT'ed packets (one per family) [default: the
     /// interface's first global address of that family]. Backends answer NAT'ed packets to
     /// it: it must route back to this interface.

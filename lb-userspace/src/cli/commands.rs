@@ -115,6 +115,11 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             gue_port: a.gue_port,
             nat_ports: a.nat_ports,
             flow_cache_slots: a.flow_cache_slots,
+            nat_entries: a.nat_entries,
+            nat_half_open_s: a.nat_half_open,
+            nat_tcp_idle_s: a.nat_tcp_idle,
+            nat_grace_s: a.nat_close_grace,
+            nat_half_share_pct: a.nat_half_open_share,
             ipip_prefix4: a.ipip_source_prefix.iter().find_map(|p| match p {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -455,6 +460,21 @@ async fn stats(client: &Client, watch: bool, count: Option<u64>, json: bool) -> 
     Ok(())
 }
 
+/// The `NAT table` line: how full each part is.
+fn nat_table_line(t: &lb_userspace::protocol::NatTableView) -> String {
+    let pct = |n: u64, of: u64| (n * 100).checked_div(of).unwrap_or(0);
+    format!(
+        "NAT table: established {} of {} ({}%, {} closing), half-open {} of {} ({}%)",
+        t.established,
+        t.capacity,
+        pct(t.established, t.capacity),
+        t.closing,
+        t.half_open,
+        t.half_slots,
+        pct(t.half_open, t.half_slots)
+    )
+}
+
 fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
     let rate = |now: u64, before: Option<u64>| {
         before.map_or(String::new(), |b| format!("{}/s", now.saturating_sub(b)))
@@ -470,7 +490,11 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
         println!("backends without a MAC (no traffic): {}\n", list.join(", "));
     }
     if let Some((live, cap)) = s.agent.nat_connections {
-        println!("NAT connections: {live} of {cap} (closed ones keep their port 70 s)\n");
+        println!("NAT connections: {live} of {cap} (closed ones keep their port 70 s)");
+        if let Some(t) = s.agent.nat_table {
+            println!("{}", nat_table_line(&t));
+        }
+        println!();
     }
     let mut rows = Vec::new();
     for (k, c) in &s.global {

@@ -443,13 +443,15 @@ impl Counters for StatsMaps {
 /// The sweep's handles, one sweep at a time, against the program's clock.
 impl NatSweep for Mutex<NatSweeper> {
     fn sweep(&self) -> Result<Swept, Error> {
-        let s = self
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .sweep(coarse_now_s())?;
+        let mut sweeper = self.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = sweeper.sweep(coarse_now_s())?;
         Ok(Swept {
             live: s.live,
             expired: s.expired,
+            half_open: s.half_open,
+            closing: s.closing,
+            capacity: sweeper.capacity as usize,
+            half_slots: sweeper.half_slots as usize,
         })
     }
 }

@@ -77,6 +77,17 @@ pub struct LoadOptions {
     /// Slots per CPU of the flow cache in front of the established table (a power of two);
     /// 0: none.
     pub flow_cache_slots: u32,
+    /// NAT: established connections the tables hold (`--nat-entries`).
+    pub nat_entries: u32,
+    /// NAT: seconds a half-open pair lives (`--nat-half-open`).
+    pub nat_half_open_s: u32,
+    /// NAT: seconds an established TCP connection lives idle (`--nat-tcp-idle`).
+    pub nat_tcp_idle_s: u32,
+    /// NAT: seconds a connection closed without a backend TIME_WAIT keeps its port
+    /// (`--nat-close-grace`).
+    pub nat_grace_s: u32,
+    /// NAT: percent of the half-open slots one source may hold (`--nat-half-open-share`).
+    pub nat_half_share_pct: u32,
 }
 
 impl Default for LoadOptions {
@@ -98,6 +109,11 @@ impl Default for LoadOptions {
                 lb_common::DEFAULT_NAT_PORT_MAX,
             ),
             flow_cache_slots: lb_common::DEFAULT_FLOW_CACHE_SLOTS,
+            nat_entries: lb_common::DEFAULT_NAT_ENTRIES,
+            nat_half_open_s: lb_common::DEFAULT_NAT_HALF_OPEN_S,
+            nat_tcp_idle_s: lb_common::DEFAULT_NAT_TCP_IDLE_S,
+            nat_grace_s: lb_common::DEFAULT_NAT_GRACE_S,
+            nat_half_share_pct: lb_common::DEFAULT_NAT_HALF_SHARE_PCT,
         }
     }
 }
@@ -115,7 +131,22 @@ impl LoadOptions {
             Capacity::PerCpuFlows => per_cpu,
             Capacity::Probation => self.probation_entries(),
             Capacity::FlowCache => cache_entries(self.cache_slots())?,
+            Capacity::NatPairs => self.nat_entries + self.nat_half_slots(),
+            Capacity::NatHalfOpen => self.nat_half_slots(),
         })
+    }
+
+    /// NAT half-open slots: a quarter of `--nat-entries` rounded up to a power of two (at
+    /// least 256; the program masks a hash with it).
+    pub fn nat_half_slots(&self) -> u32 {
+        (self.nat_entries / 4).max(256).next_power_of_two()
+    }
+
+    /// Half-open slots one source address may hold: its share, at least the slots a new
+    /// connection tries.
+    pub fn nat_half_share(&self) -> u32 {
+        let share = u64::from(self.nat_half_slots()) * u64::from(self.nat_half_share_pct) / 100;
+        (share as u32).max(lb_common::NAT_HALF_PROBES)
     }
 
     /// Slots of the probation table: a quarter of the flow table rounded up to a power of
@@ -176,6 +207,7 @@ impl LoadOptions {
                 lb_common::MAX_FLOW_CACHE_SLOTS
             )));
         }
+        validate_nat(self)?;
         if self.gue_port == 0 {
             return Err(Error::Invalid("the GUE port must not be 0".into()));
         }
@@ -219,8 +251,48 @@ impl LoadOptions {
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
             flow_cache_slots: self.cache_slots(),
+            nat_half_slots: self.nat_half_slots(),
+            nat_half_share: self.nat_half_share(),
+            nat_half_open_s: self.nat_half_open_s,
+            nat_tcp_idle_s: self.nat_tcp_idle_s,
+            nat_grace_s: self.nat_grace_s,
+            _pad1: 0,
         }
     }
+}
+
+/// Most `--nat-entries` accepted: two hash entries of about 180 bytes per connection, so
+/// this many need about 24 GB of kernel memory; the kernel refuses less than that on most
+/// machines, and its refusal is reported with the option's name.
+pub const MAX_NAT_ENTRIES: u32 = 1 << 26;
+
+/// The NAT options' checks.
+fn validate_nat(o: &LoadOptions) -> Result<(), Error> {
+    if o.nat_entries == 0 || o.nat_entries > MAX_NAT_ENTRIES {
+        return Err(Error::Invalid(format!(
+            "--nat-entries {}: give 1 to {MAX_NAT_ENTRIES}",
+            o.nat_entries
+        )));
+    }
+    if o.nat_half_open_s == 0 || o.nat_tcp_idle_s == 0 || o.nat_grace_s == 0 {
+        return Err(Error::Invalid(
+            "--nat-half-open, --nat-tcp-idle and --nat-close-grace must be at least 1 second"
+                .into(),
+        ));
+    }
+    if o.nat_half_open_s > o.nat_tcp_idle_s {
+        return Err(Error::Invalid(format!(
+            "--nat-half-open {} s is longer than --nat-tcp-idle {} s: a handshake would outlive an idle connection",
+            o.nat_half_open_s, o.nat_tcp_idle_s
+        )));
+    }
+    if !(1..=100).contains(&o.nat_half_share_pct) {
+        return Err(Error::Invalid(format!(
+            "--nat-half-open-share {}: give a percentage from 1 to 100",
+            o.nat_half_share_pct
+        )));
+    }
+    Ok(())
 }
 
 /// The loaded eBPF object: its programs and its maps as typed tables.
@@ -410,6 +482,7 @@ impl Dataplane {
             take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
             take(&mut ebpf, lb_common::NAT_REV_MAP)?,
             take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
+            &opts,
         )?;
         let capture = std::sync::Arc::new(crate::capture::Capturer::from_maps(
             take(&mut ebpf, lb_common::CAPTURE_CONFIG_MAP)?,
@@ -624,5 +697,64 @@ mod tests {
             ..LoadOptions::default()
         };
         assert_eq!(off.config().flow_cache_slots, 0);
+    }
+
+    #[test]
+    fn nat_options_are_checked_and_sized() {
+        let d = LoadOptions::default();
+        assert_eq!((d.nat_half_slots(), d.nat_half_share()), (16384, 1638));
+        let c = d.config();
+        assert_eq!((c.nat_half_slots, c.nat_half_share), (16384, 1638));
+        assert_eq!(
+            d.capacity(lb_common::Capacity::NatPairs).ok(),
+            Some(65536 + 16384)
+        );
+        // Small tables: at least 256 slots, and a share of at least the slots a SYN tries.
+        let small = LoadOptions {
+            nat_entries: 100,
+            nat_half_share_pct: 1,
+            ..d
+        };
+        assert_eq!((small.nat_half_slots(), small.nat_half_share()), (256, 4));
+        for (bad, what) in [
+            (
+                LoadOptions {
+                    nat_entries: 0,
+                    ..d
+                },
+                "--nat-entries 0",
+            ),
+            (
+                LoadOptions {
+                    nat_entries: super::MAX_NAT_ENTRIES + 1,
+                    ..d
+                },
+                "--nat-entries",
+            ),
+            (
+                LoadOptions {
+                    nat_half_open_s: 0,
+                    ..d
+                },
+                "at least 1 second",
+            ),
+            (
+                LoadOptions {
+                    nat_half_open_s: 1000,
+                    ..d
+                },
+                "longer than --nat-tcp-idle",
+            ),
+            (
+                LoadOptions {
+                    nat_half_share_pct: 101,
+                    ..d
+                },
+                "--nat-half-open-share 101",
+            ),
+        ] {
+            let e = bad.validate().expect_err(what).to_string();
+            assert!(e.contains(what) && !e.contains('\n'), "{e}");
+        }
     }
 }

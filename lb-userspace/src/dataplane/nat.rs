@@ -5,8 +5,8 @@ use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP, NAT_REV_MAP, NatEntry,
-    nat_expired, nat_forward_key,
+    FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP, NAT_REV_MAP, NatEntry, NatPhase,
+    NatTimes, nat_expired, nat_forward_key, nat_phase,
 };
 
 use crate::Error;
@@ -15,6 +15,8 @@ pub struct NatTables {
     pub fwd: HashMap<MapData, FlowKey, NatEntry>,
     pub rev: HashMap<MapData, FlowKey, NatEntry>,
     pub addrs: Array<MapData, [u32; 4]>,
+    /// The timeouts the program was loaded with (the sweep applies the same).
+    pub times: NatTimes,
 }
 
 /// Handles of their own on both NAT tables, for a sweep that runs without the agent's lock
@@ -22,12 +24,16 @@ pub struct NatTables {
 pub struct NatSweeper {
     fwd: HashMap<MapData, FlowKey, NatEntry>,
     rev: HashMap<MapData, FlowKey, NatEntry>,
+    times: NatTimes,
+    /// `--nat-entries` and the half-open slots, for what the sweep reports.
+    pub capacity: u32,
+    pub half_slots: u32,
 }
 
 impl NatSweeper {
     /// See [`sweep`].
     pub fn sweep(&mut self, now_s: u32) -> Result<Sweep, Error> {
-        sweep(&mut self.fwd, &mut self.rev, now_s)
+        sweep(&mut self.fwd, &mut self.rev, now_s, &self.times)
     }
 }
 
@@ -46,15 +52,25 @@ fn dup(m: &Map, name: &'static str) -> Result<HashMap<MapData, FlowKey, NatEntry
 }
 
 /// The NAT maps taken from the loaded object: the tables and the sweeper's own handles.
-pub fn from_maps(fwd: Map, rev: Map, addrs: Map) -> Result<(NatTables, NatSweeper), Error> {
+pub fn from_maps(
+    fwd: Map,
+    rev: Map,
+    addrs: Map,
+    opts: &super::LoadOptions,
+) -> Result<(NatTables, NatSweeper), Error> {
+    let times = opts.config().nat_times();
     let sweeper = NatSweeper {
         fwd: dup(&fwd, NAT_FWD_MAP)?,
         rev: dup(&rev, NAT_REV_MAP)?,
+        times,
+        capacity: opts.nat_entries,
+        half_slots: opts.nat_half_slots(),
     };
     let tables = NatTables {
         fwd: HashMap::try_from(fwd).map_err(err(NAT_FWD_MAP))?,
         rev: HashMap::try_from(rev).map_err(err(NAT_REV_MAP))?,
         addrs: Array::try_from(addrs).map_err(err(NAT_ADDRS_MAP))?,
+        times,
     };
     Ok((tables, sweeper))
 }
@@ -66,8 +82,12 @@ fn err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 /// What a sweep found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
-    /// Connections (reverse entries) still live.
+    /// Connections (reverse entries) still live, ...
     pub live: usize,
+    /// ... of which half-open (TCP before the client's handshake ACK, UDP before an answer),
+    pub half_open: usize,
+    /// ... and closed, still holding their port.
+    pub closing: usize,
     /// Connections deleted.
     pub expired: usize,
 }
@@ -85,7 +105,7 @@ impl NatTables {
 
     /// See [`sweep`].
     pub fn sweep(&mut self, now_s: u32) -> Result<Sweep, Error> {
-        sweep(&mut self.fwd, &mut self.rev, now_s)
+        sweep(&mut self.fwd, &mut self.rev, now_s, &self.times)
     }
 }
 
@@ -95,6 +115,7 @@ fn sweep(
     fwd_map: &mut HashMap<MapData, FlowKey, NatEntry>,
     rev_map: &mut HashMap<MapData, FlowKey, NatEntry>,
     now_s: u32,
+    times: &NatTimes,
 ) -> Result<Sweep, Error> {
     let mut out = Sweep::default();
     let mut dead = Vec::new();
@@ -105,10 +126,16 @@ fn sweep(
             .get(&fkey, 0)
             .ok()
             .filter(|f| f.sport == key.dport && f.dst == key.src && f.dport == key.sport);
-        if nat_expired(key.proto, fwd.as_ref(), Some(&rev), now_s) {
+        if nat_expired(key.proto, fwd.as_ref(), Some(&rev), now_s, times) {
             dead.push((key, fwd.map(|_| fkey)));
         } else {
             out.live += 1;
+            let flags = rev.flags | fwd.map_or(0, |f| f.flags);
+            match nat_phase(key.proto, flags, rev.idle_s, times).0 {
+                NatPhase::HalfOpen => out.half_open += 1,
+                NatPhase::Closing => out.closing += 1,
+                NatPhase::Established => {}
+            }
         }
     }
     for (key, fkey) in dead {
@@ -125,7 +152,8 @@ fn sweep(
     for r in fwd_map.iter() {
         let (key, fwd) = r.map_err(err(NAT_FWD_MAP))?;
         let (rkey, _) = lb_common::nat_reverse(&key, &fwd);
-        if rev_map.get(&rkey, 0).is_err() && nat_expired(key.proto, Some(&fwd), None, now_s) {
+        if rev_map.get(&rkey, 0).is_err() && nat_expired(key.proto, Some(&fwd), None, now_s, times)
+        {
             orphans.push(key);
         }
     }

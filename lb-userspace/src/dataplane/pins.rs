@@ -55,6 +55,8 @@ pub fn abi_record(opts: &LoadOptions) -> AbiRecord {
         max_backends: opts.max_backends,
         flow_entries: opts.flow_entries,
         hash_seed: opts.hash_seed,
+        nat_entries: opts.nat_entries,
+        _pad: 0,
     }
 }
 
@@ -152,7 +154,7 @@ fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
 
 /// The options the pinned set was made with that differ from this agent's, by flag.
 fn option_differences(record: &AbiRecord, want: &AbiRecord) -> Vec<String> {
-    let pairs: [(&str, u64, u64); 6] = [
+    let pairs: [(&str, u64, u64); 7] = [
         (
             "--ring-size",
             record.ring_size.into(),
@@ -175,6 +177,11 @@ fn option_differences(record: &AbiRecord, want: &AbiRecord) -> Vec<String> {
             want.flow_table.into(),
         ),
         ("--hash-seed", record.hash_seed, want.hash_seed),
+        (
+            "--nat-entries",
+            record.nat_entries.into(),
+            want.nat_entries.into(),
+        ),
     ];
     pairs
         .into_iter()

@@ -218,7 +218,8 @@ fn a_second_agent_is_refused_without_touching_anything() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (d) Pins made with other `--flow-entries` / `--per-cpu-flows` are refused with the hint;
+/// (d) Pins made with other `--flow-entries` / `--per-cpu-flows` / `--ring-size` /
+/// `--nat-entries` are refused with the hint;
 /// the same options adopt them; `--fresh` starts over from the state file.
 #[test]
 fn pins_from_other_options_are_refused() -> anyhow::Result<()> {
@@ -254,6 +255,17 @@ fn pins_from_other_options_are_refused() -> anyhow::Result<()> {
         (
             &["--flow-entries", "8192"][..],
             "--ring-size 16381, this agent 65537",
+        ),
+        (
+            &[
+                "--flow-entries",
+                "8192",
+                "--ring-size",
+                "16381",
+                "--nat-entries",
+                "4096",
+            ][..],
+            "--nat-entries 65536, this agent 4096",
         ),
     ] {
         let mut cmd = lb.command(lb_binary()?.to_str().context("path")?);

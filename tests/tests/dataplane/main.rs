@@ -7,6 +7,7 @@
 //!   tcpdump (L2 on the demo network; IPIP, GUE and NAT on the routed one; a flood);
 //! - `encap`: IPIP and GUE to routed backends running `lb decap`;
 //! - `nat`: full NAT on the routed network;
+//! - `nat_close`: NAT ports held by who closed first; spoofed RSTs out of window;
 //! - `second_chance`: connections through 100 backend changes with the flow table off;
 //! - `hostile`: a stranger's tunnels to a backend (spoofed inner sources, a hop list naming
 //!   a third host) refused, and a load balancer's hop to a stranger not relayed;
@@ -32,4 +33,5 @@ mod guard_flood;
 mod hostile;
 mod jumbo;
 mod nat;
+mod nat_close;
 mod second_chance;

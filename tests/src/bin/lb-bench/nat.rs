@@ -20,9 +20,32 @@ pub fn nat_rows() -> anyhow::Result<Vec<Row>> {
     fib.ns.run(|| -> anyhow::Result<Vec<Row>> {
         let request = tcp([192, 0, 2, 7], 40000, [10, 0, 0, 10], 80);
         let floor = ns_single_on(world.dp.pass_program()?, N, &request, fib.ifindex)?;
-        // The connection is established by its first packet (a NAT port taken).
-        let (_, out) = world.run_on(&request, fib.ifindex)?;
+        // The connection opens with a handshake (only a SYN takes a NAT port): SYN at
+        // sequence number 999, SYN-ACK at 0, then the measured frames (1000, ACK 1)
+        // establish it and stay in its window.
+        let mut syn = Vec::new();
+        lb_tests::world::SCENE
+            .eth()
+            .ipv4([192, 0, 2, 7], [10, 0, 0, 10], 64)
+            .tcp(40000, 80, 999, 64000)
+            .syn()
+            .write(&mut syn, &[])?;
+        let (_, out) = world.run_on(&syn, fib.ifindex)?;
         let nat_port = u16::from_be_bytes([out[34], out[35]]);
+        let mut synack = Vec::new();
+        lb_tests::world::SCENE
+            .eth()
+            .ipv4([10, 41, 0, 2], [10, 31, 0, 2], 64)
+            .tcp(8000, nat_port, 0, 64000)
+            .syn()
+            .ack(1000)
+            .write(&mut synack, &[])?;
+        world.run_on(&synack, fib.ifindex)?;
+        let (action, _) = world.run_on(&request, fib.ifindex)?;
+        anyhow::ensure!(
+            action == 3,
+            "the handshake's ACK was not forwarded: {action}"
+        );
         let answer = tcp([10, 41, 0, 2], 8000, [10, 31, 0, 2], nat_port);
         let fwd = ns_single_on(world.dp.lb_program()?, N, &request, fib.ifindex)?;
         let rev = ns_single_on(world.dp.lb_program()?, N, &answer, fib.ifindex)?;
