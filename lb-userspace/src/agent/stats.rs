@@ -72,6 +72,7 @@ impl Agent {
             vips,
             agent,
             store: None,
+            announce: None,
         })
     }
 }

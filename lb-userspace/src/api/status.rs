@@ -54,6 +54,7 @@ mod tests {
             }],
             agent: AgentStatus::default(),
             store: None,
+            announce: None,
         }
     }
 

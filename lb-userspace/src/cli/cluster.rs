@@ -99,6 +99,11 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
         .collect();
     let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
     print_table(&headers, &rows);
+    for n in &c.nodes {
+        if let Some(a) = &n.announce {
+            println!("{}", announce_line(&n.node, a));
+        }
+    }
     if c.divergence.is_empty() {
         println!("all nodes agree");
     } else {
@@ -111,4 +116,25 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
     }
     println!("status keys ignored: {}", c.ignored_total);
     Ok(())
+}
+
+/// One node's BGP announcement: each VIP's state and each session's (store strings,
+/// escaped).
+fn announce_line(node: &str, a: &lb_userspace::protocol::NodeAnnounce) -> String {
+    let vips: Vec<String> = a
+        .vips
+        .iter()
+        .map(|(v, s)| format!("{v} {}", escaped(s)))
+        .collect();
+    let sessions: Vec<String> = a
+        .sessions
+        .iter()
+        .map(|(p, s)| format!("{} {}", escaped(p), escaped(s)))
+        .collect();
+    format!(
+        "BGP {}: {}; sessions: {}",
+        escaped(node),
+        if vips.is_empty() { "no VIPs".into() } else { vips.join(", ") },
+        if sessions.is_empty() { "none".into() } else { sessions.join(", ") }
+    )
 }

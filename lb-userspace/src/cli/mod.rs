@@ -4,6 +4,7 @@ pub mod args;
 pub mod cluster;
 pub mod commands;
 pub mod decap;
+pub mod node;
 pub mod output;
 
 pub use args::{Cli, Top};
