@@ -13,26 +13,29 @@ use crate::{Error, announce::gate::DrainPhase};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Drain {
-    /// When it began, seconds since the epoch.
-    pub since_unix: u64,
+    /// When it began, milliseconds since the epoch (a drain time of a few seconds is kept
+    /// to the millisecond, not cut short by a second's rounding).
+    pub since_unix_ms: u64,
     /// Seconds announced with the graceful-shutdown community before the withdrawal.
     pub withdraw_after_s: u64,
 }
 
-pub fn now_unix() -> u64 {
+pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Drain {
-    /// Where the drain is at `now_unix`, and how long until the withdrawal.
-    pub fn phase(&self, now_unix: u64) -> (DrainPhase, Duration) {
-        let end = self.since_unix.saturating_add(self.withdraw_after_s);
-        if now_unix >= end {
+    /// Where the drain is at `now_ms`, and how long until the withdrawal.
+    pub fn phase(&self, now_ms: u64) -> (DrainPhase, Duration) {
+        let end = self
+            .since_unix_ms
+            .saturating_add(self.withdraw_after_s.saturating_mul(1000));
+        if now_ms >= end {
             (DrainPhase::Drained, Duration::ZERO)
         } else {
-            (DrainPhase::Draining, Duration::from_secs(end - now_unix))
+            (DrainPhase::Draining, Duration::from_millis(end - now_ms))
         }
     }
 }
@@ -83,11 +86,15 @@ mod tests {
     #[test]
     fn a_drain_withdraws_when_its_time_is_up_and_survives_a_reload() {
         let d = Drain {
-            since_unix: 1000,
+            since_unix_ms: 1_000_000,
             withdraw_after_s: 30,
         };
-        assert_eq!(d.phase(1010), (DrainPhase::Draining, Duration::from_secs(20)));
-        assert_eq!(d.phase(1030).0, DrainPhase::Drained);
+        assert_eq!(
+            d.phase(1_010_000),
+            (DrainPhase::Draining, Duration::from_secs(20))
+        );
+        assert_eq!(d.phase(1_029_999).0, DrainPhase::Draining);
+        assert_eq!(d.phase(1_030_000).0, DrainPhase::Drained);
         let dir = std::env::temp_dir().join(format!("lb-drain-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("drain.json");

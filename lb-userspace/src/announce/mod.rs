@@ -154,7 +154,7 @@ impl Announcer {
     /// Drains or undrains the node, saved before it takes effect. Blocking (fsync).
     pub fn set_drain(&self, req: &DrainRequest) -> Result<Option<Drain>, Error> {
         let new = req.drain.then(|| Drain {
-            since_unix: drain::now_unix(),
+            since_unix_ms: drain::now_unix_ms(),
             withdraw_after_s: req
                 .withdraw_after_s
                 .unwrap_or(self.config.drain_time.as_secs()),
@@ -248,7 +248,7 @@ impl Announcer {
         .await;
         let Ok((ready, serving)) = read else { return };
         let drain = self.drain();
-        let phase = drain.map(|d| d.phase(drain::now_unix()).0);
+        let phase = drain.map(|d| d.phase(drain::now_unix_ms()).0);
         let inputs = Inputs {
             ready: match &ready {
                 None => Ok(()),
@@ -278,7 +278,7 @@ impl Announcer {
         }
         v.vips = vips;
         v.drain = drain.map(|d| DrainView {
-            since_unix: d.since_unix,
+            since_unix: d.since_unix_ms / 1000,
             withdraw_after_s: d.withdraw_after_s,
             phase: match phase {
                 Some(gate::DrainPhase::Drained) => "drained",

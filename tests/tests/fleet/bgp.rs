@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use lb_tests::{
     Netns,
     bgp::{RouteMonitor, next_hops, wait_hops},
-    fleet::{Fleet, NODES, node_addr},
+    fleet::{Fleet, FleetNet as _, NODES, node_addr},
     routed::{VIP4, backend4},
     traffic::Load,
 };
@@ -38,21 +38,22 @@ fn announce(f: &Fleet, k: usize) -> anyhow::Result<AnnounceView> {
     )?)
 }
 
-/// Cuts (or restores) the router's link to node `k` without touching the carrier: tc drops
-/// everything both ways on the router's end, as a dead host or a broken path would.
+/// Cuts (or restores) the router's link to node `k` without touching the carrier: netfilter
+/// drops everything both ways on the router's end, as a dead host or a broken path would.
 fn cut(router: &Netns, dev: &str, on: bool) -> anyhow::Result<()> {
-    if on {
-        router.exec("tc", &["qdisc", "add", "dev", dev, "clsact"])?;
-        for dir in ["ingress", "egress"] {
-            router.exec(
-                "tc",
-                &["filter", "add", "dev", dev, dir, "matchall", "action", "drop"],
-            )?;
-        }
-        Ok(())
-    } else {
-        router.exec("tc", &["qdisc", "del", "dev", dev, "clsact"])
+    let op = if on { "-I" } else { "-D" };
+    for rule in [
+        ["INPUT", "-i", dev],
+        ["OUTPUT", "-o", dev],
+        ["FORWARD", "-i", dev],
+        ["FORWARD", "-o", dev],
+    ] {
+        let mut a = vec![op];
+        a.extend_from_slice(&rule);
+        a.extend_from_slice(&["-j", "DROP"]);
+        router.exec("iptables", &a)?;
     }
+    Ok(())
 }
 
 /// The router's interface towards node `k` (the one its route via the node leaves on).
