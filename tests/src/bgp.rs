@@ -99,7 +99,10 @@ pub fn birdc(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
         .context("running birdc")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || text.contains("Unable to connect") {
-        bail!("birdc {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "birdc {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(text)
 }
@@ -174,7 +177,12 @@ pub fn next_hops(ns: &Netns, prefix: &str) -> anyhow::Result<Vec<String>> {
         if let Some(g) = r.get("gateway").and_then(|g| g.as_str()) {
             hops.push(g.to_string());
         }
-        for nh in r.get("nexthops").and_then(|n| n.as_array()).into_iter().flatten() {
+        for nh in r
+            .get("nexthops")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+        {
             if let Some(g) = nh.get("gateway").and_then(|g| g.as_str()) {
                 hops.push(g.to_string());
             }
@@ -186,7 +194,12 @@ pub fn next_hops(ns: &Netns, prefix: &str) -> anyhow::Result<Vec<String>> {
 
 /// Waits up to `limit` until `prefix`'s next hops in `ns` are `want` (sorted); returns how
 /// long it took.
-pub fn wait_hops(ns: &Netns, prefix: &str, want: &[&str], limit: Duration) -> anyhow::Result<Duration> {
+pub fn wait_hops(
+    ns: &Netns,
+    prefix: &str,
+    want: &[&str],
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     want.sort();
@@ -222,7 +235,10 @@ impl RouteMonitor {
     /// The route messages about the prefix seen so far (each an add, replace or delete).
     pub fn changes(&mut self) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(line) = self.child.wait_for_line(Duration::from_millis(200), |_| true) {
+        while let Ok(line) = self
+            .child
+            .wait_for_line(Duration::from_millis(200), |_| true)
+        {
             let ip = self.prefix.split('/').next().unwrap_or("");
             if line.contains(ip) && !line.starts_with(' ') {
                 out.push(line);

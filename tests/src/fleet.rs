@@ -191,11 +191,19 @@ impl Fleet<Routed> {
             .iter()
             .map(|(n, a)| (n.as_str(), a.as_str()))
             .collect();
-        let router = Bird::start(&net.router, "bird-r", &bgp::router_config("10.30.0.1", &peers))?;
+        let router = Bird::start(
+            &net.router,
+            "bird-r",
+            &bgp::router_config("10.30.0.1", &peers),
+        )?;
         let mut nodes = Vec::new();
         for k in 0..NODES {
             let conf = bgp::node_config(&node_addr(k), &[("r1", &net.store_addr(k))]);
-            nodes.push(Some(Bird::start(net.node_ns(k), &format!("bird-{k}"), &conf)?));
+            nodes.push(Some(Bird::start(
+                net.node_ns(k),
+                &format!("bird-{k}"),
+                &conf,
+            )?));
         }
         let mut f = Fleet {
             bgp: Some(Bgp {

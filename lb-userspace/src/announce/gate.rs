@@ -147,7 +147,11 @@ impl Gate {
             if *q {
                 let since = *g.qualified_since.get_or_insert(now);
                 if !g.announced {
-                    let wait = if g.held { self.hold_down } else { Duration::ZERO };
+                    let wait = if g.held {
+                        self.hold_down
+                    } else {
+                        Duration::ZERO
+                    };
                     let stable = now.saturating_duration_since(since);
                     if stable >= wait {
                         g.announced = true;
@@ -230,17 +234,32 @@ mod tests {
     #[test]
     fn announced_only_while_it_can_serve_and_withdrawn_at_once() {
         let t = Instant::now();
-        let mut g = Gate::new(1, Duration::from_secs(3), &BTreeSet::new(), t, Duration::ZERO);
+        let mut g = Gate::new(
+            1,
+            Duration::from_secs(3),
+            &BTreeSet::new(),
+            t,
+            Duration::ZERO,
+        );
         assert!(!run(&mut g, t, true, 0, None), "no backend serves");
         assert!(!run(&mut g, t, false, 2, None), "not ready");
-        assert!(run(&mut g, t, true, 1, None), "first announcement has no hold-down");
+        assert!(
+            run(&mut g, t, true, 1, None),
+            "first announcement has no hold-down"
+        );
         assert!(!run(&mut g, t + Duration::from_millis(1), true, 0, None));
     }
 
     #[test]
     fn a_flapping_backend_costs_one_withdrawal_and_one_announcement() {
         let t0 = Instant::now();
-        let mut g = Gate::new(1, Duration::from_secs(3), &BTreeSet::new(), t0, Duration::ZERO);
+        let mut g = Gate::new(
+            1,
+            Duration::from_secs(3),
+            &BTreeSet::new(),
+            t0,
+            Duration::ZERO,
+        );
         let mut last = run(&mut g, t0, true, 1, None);
         let mut changes = 0;
         for i in 1..=100u64 {

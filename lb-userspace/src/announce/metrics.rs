@@ -28,7 +28,9 @@ pub fn register(reg: &mut Registry, v: &AnnounceView) {
         announced
             .get_or_create(&l)
             .set(i64::from(a.state != "withdrawn"));
-        draining.get_or_create(&l).set(i64::from(a.state == "draining"));
+        draining
+            .get_or_create(&l)
+            .set(i64::from(a.state == "draining"));
     }
     let up = Family::<Labels, Gauge>::default();
     reg.register(

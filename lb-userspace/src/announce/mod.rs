@@ -89,11 +89,7 @@ impl AnnounceView {
     /// session's.
     pub fn published(&self) -> crate::protocol::NodeAnnounce {
         crate::protocol::NodeAnnounce {
-            vips: self
-                .vips
-                .iter()
-                .map(|v| (v.vip, v.state_line()))
-                .collect(),
+            vips: self.vips.iter().map(|v| (v.vip, v.state_line())).collect(),
             sessions: self
                 .sessions
                 .iter()

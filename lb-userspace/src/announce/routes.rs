@@ -70,8 +70,12 @@ fn host_route(msg: &RouteMessage) -> Option<(IpAddr, u32)> {
 pub async fn dump(handle: &Handle, table: u32) -> Result<BTreeMap<IpAddr, u32>, Error> {
     let mut out = BTreeMap::new();
     for query in [
-        RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build(),
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .build(),
+        RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(table)
+            .build(),
     ] {
         let mut routes = handle.route().get(query).execute();
         while let Some(msg) = routes

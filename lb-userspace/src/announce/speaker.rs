@@ -76,7 +76,9 @@ pub fn parse_protocols(lines: &[String]) -> Vec<Session> {
     lines
         .iter()
         .filter_map(|l| {
-            let rest = l.strip_prefix("1002-").or_else(|| l.strip_prefix("1002 "))?;
+            let rest = l
+                .strip_prefix("1002-")
+                .or_else(|| l.strip_prefix("1002 "))?;
             let cols: Vec<&str> = rest.split_whitespace().collect();
             if cols.get(1) != Some(&"BGP") {
                 return None;

@@ -317,11 +317,21 @@ pub struct RunArgs {
     pub announce_hold_down: f64,
     /// Seconds `lb node drain` announces with the GRACEFUL_SHUTDOWN community before it
     /// withdraws.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "announce_table")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "announce_table"
+    )]
     pub drain_time: u64,
     /// The BGP speaker's control socket (bird), read for `lb node status`, `/metrics` and the
     /// status page.
-    #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl", requires = "announce_table")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/bird/bird.ctl",
+        requires = "announce_table"
+    )]
     pub bgp_socket: PathBuf,
 }
 

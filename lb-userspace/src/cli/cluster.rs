@@ -134,7 +134,15 @@ fn announce_line(node: &str, a: &lb_userspace::protocol::NodeAnnounce) -> String
     format!(
         "BGP {}: {}; sessions: {}",
         escaped(node),
-        if vips.is_empty() { "no VIPs".into() } else { vips.join(", ") },
-        if sessions.is_empty() { "none".into() } else { sessions.join(", ") }
+        if vips.is_empty() {
+            "no VIPs".into()
+        } else {
+            vips.join(", ")
+        },
+        if sessions.is_empty() {
+            "none".into()
+        } else {
+            sessions.join(", ")
+        }
     )
 }

@@ -157,14 +157,16 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             }
             _ => None,
         },
-        announce: a.announce_table.map(|table| lb_userspace::announce::AnnounceConfig {
-            table,
-            min_serving: a.announce_min_serving as usize,
-            hold_down: Duration::from_secs_f64(a.announce_hold_down),
-            drain_time: Duration::from_secs(a.drain_time),
-            speaker: Some(a.bgp_socket.clone()),
-            drain_file: drain_file.clone(),
-        }),
+        announce: a
+            .announce_table
+            .map(|table| lb_userspace::announce::AnnounceConfig {
+                table,
+                min_serving: a.announce_min_serving as usize,
+                hold_down: Duration::from_secs_f64(a.announce_hold_down),
+                drain_time: Duration::from_secs(a.drain_time),
+                speaker: Some(a.bgp_socket.clone()),
+                drain_file: drain_file.clone(),
+            }),
     };
     run::run(opts).await?;
     Ok(())

@@ -57,7 +57,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     println!("demo: live on all {NODES} nodes after {took:?} (slot-table digest {digest})");
     let hops: Vec<String> = (0..NODES).map(node_addr).collect();
     let hops: Vec<&str> = hops.iter().map(String::as_str).collect();
-    let learned = wait_hops(&f.net.router, &format!("{VIP4}/32"), &hops, Duration::from_secs(15))?;
+    let learned = wait_hops(
+        &f.net.router,
+        &format!("{VIP4}/32"),
+        &hops,
+        Duration::from_secs(15),
+    )?;
     println!(
         "\ndemo: the router learned {VIP4} from all {NODES} nodes over BGP {learned:?} later; its kernel route ($ ip route show {VIP4}):"
     );
