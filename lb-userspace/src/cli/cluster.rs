@@ -146,3 +146,28 @@ fn announce_line(node: &str, a: &lb_userspace::protocol::NodeAnnounce) -> String
         }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's announcement comes from etcd (and its session names from that node's bird):
+    /// what a writer of the store put there cannot drive the terminal.
+    #[test]
+    fn announce_lines_escape_what_came_from_the_store() {
+        let a = lb_userspace::protocol::NodeAnnounce {
+            vips: [(
+                "10.0.0.10:80/tcp".parse().unwrap(),
+                "withdrawn (\x1b[2J)".to_string(),
+            )]
+            .into(),
+            sessions: [("r1\r\x1b]0;x\x07".to_string(), "established".to_string())].into(),
+        };
+        let line = announce_line("lb\x1b[31m0", &a);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert_eq!(
+            line,
+            "BGP lb\\x1b[31m0: 10.0.0.10:80/tcp withdrawn (\\x1b[2J); sessions: r1\\x0d\\x1b]0;x\\x07 established"
+        );
+    }
+}

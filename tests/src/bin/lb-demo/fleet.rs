@@ -35,7 +35,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     );
     let f = Fleet::bgp("demf", &[])?;
     println!(
-        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK --vip-prefix 10.0.0.0/8 --vip-prefix 2001:db8::/32",
+        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK --vip-prefix 10.0.0.0/8 --vip-prefix 2001:db8::/32 --announce-table 100 --bgp-socket BIRD_SOCKET",
         f.etcd.url()
     );
     let vip = format!("{VIP4}:80/tcp");
