@@ -35,6 +35,8 @@ use crate::{
 
 /// How often the gate runs.
 const ROUND: Duration = Duration::from_millis(100);
+/// How often the table is read back while nothing changes.
+const RECHECK: Duration = Duration::from_secs(5);
 /// How often the speaker is asked for its sessions.
 const SPEAKER_PERIOD: Duration = Duration::from_secs(1);
 
@@ -202,8 +204,9 @@ impl Announcer {
             self.config.hold_down,
         );
         let mut last_speaker: Option<Instant> = None;
+        let mut synced = None;
         loop {
-            self.round(&agent, &handle, &mut gate).await;
+            self.round(&agent, &handle, &mut gate, &mut synced).await;
             if self.config.speaker.is_some()
                 && last_speaker.is_none_or(|t| t.elapsed() >= SPEAKER_PERIOD)
             {
@@ -221,7 +224,15 @@ impl Announcer {
         f(&mut self.view.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    async fn round(&self, agent: &Arc<Agent>, handle: &rtnetlink::Handle, gate: &mut Gate) {
+    /// One round: decide, bring the table in line, update the view. `synced`: what the table
+    /// was last made to hold, and when.
+    async fn round(
+        &self,
+        agent: &Arc<Agent>,
+        handle: &rtnetlink::Handle,
+        gate: &mut Gate,
+        synced: &mut Option<(BTreeMap<std::net::IpAddr, gate::Want>, Instant)>,
+    ) {
         let a = agent.clone();
         // The core's lock may be held by a change writing maps: read it on a blocking thread.
         let read = tokio::task::spawn_blocking(move || {
@@ -255,10 +266,22 @@ impl Announcer {
         };
         let (want, vips) = gate.decide(Instant::now(), &inputs);
         let table = self.config.table;
-        let synced = match routes::dump(handle, table).await {
-            Ok(have) => routes::sync(handle, table, &have, &want).await,
-            Err(e) => Err(e),
+        // The table is read again only when the wish changes or every few seconds (a route
+        // deleted by hand is put back): a dump walks every table of the node.
+        let stale = synced
+            .as_ref()
+            .is_none_or(|(w, at)| *w != want || at.elapsed() >= RECHECK);
+        let result = if stale {
+            let r = match routes::dump(handle, table).await {
+                Ok(have) => routes::sync(handle, table, &have, &want).await,
+                Err(e) => Err(e),
+            };
+            *synced = r.is_ok().then(|| (want.clone(), Instant::now()));
+            r
+        } else {
+            Ok(0)
         };
+        let synced = result;
         let mut v = self.view.lock().unwrap_or_else(PoisonError::into_inner);
         match synced {
             Ok(n) => {
