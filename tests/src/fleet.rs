@@ -225,6 +225,25 @@ impl Fleet<Routed> {
     pub fn router_bird(&self) -> &Bird {
         &self.bgp.as_ref().expect("a BGP fleet").router
     }
+
+    /// Node `k`'s host dies: its agent and its bird killed (SIGKILL); the router's BFD
+    /// notices.
+    pub fn kill_node(&mut self, k: usize) {
+        drop(self.net.take_agent(k));
+        if let Some(b) = self.bgp.as_mut() {
+            drop(b.nodes[k].take());
+        }
+    }
+
+    /// Node `k` comes back: its bird, then its agent (which finds the routes it left).
+    pub fn revive_node(&mut self, k: usize) -> anyhow::Result<()> {
+        let conf = bgp::node_config(&node_addr(k), &[("r1", &self.net.store_addr(k))]);
+        let bird = Bird::start(self.net.node_ns(k), &format!("bird-{k}"), &conf)?;
+        if let Some(b) = self.bgp.as_mut() {
+            b.nodes[k] = Some(bird);
+        }
+        self.start(k)
+    }
 }
 
 /// Node `k`'s address on its link to the router (its BGP session's).
