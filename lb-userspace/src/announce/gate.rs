@@ -61,6 +61,9 @@ impl VipAnnounce {
     }
 }
 
+/// Why each VIP does not qualify (None: it does).
+type Reasons = BTreeMap<VipAddr, Option<String>>;
+
 /// What the gate is told each round.
 pub struct Inputs<'a> {
     /// `Err(why)` while the data plane is not converged.
@@ -122,7 +125,26 @@ impl Gate {
         now: Instant,
         inputs: &Inputs,
     ) -> (BTreeMap<IpAddr, Want>, Vec<VipAnnounce>) {
-        let mut why_vip: BTreeMap<VipAddr, Option<String>> = BTreeMap::new();
+        let (why_vip, qualifies) = self.qualify(inputs);
+        let held_why = self.step(now, &qualifies);
+        let mut routes = BTreeMap::new();
+        for (addr, g) in &self.addrs {
+            if !g.announced {
+                continue;
+            }
+            match inputs.drain {
+                None => routes.insert(*addr, Want::Normal),
+                Some(DrainPhase::Draining) => routes.insert(*addr, Want::Draining),
+                Some(DrainPhase::Drained) => None,
+            };
+        }
+        let views = views(inputs, &routes, &why_vip, &held_why);
+        (routes, views)
+    }
+
+    /// Why each VIP does not qualify (None: it does), and whether each address does.
+    fn qualify(&self, inputs: &Inputs) -> (Reasons, BTreeMap<IpAddr, bool>) {
+        let mut why_vip = BTreeMap::new();
         let mut qualifies: BTreeMap<IpAddr, bool> = BTreeMap::new();
         for (vip, serving) in inputs.serving {
             let why = match inputs.ready {
@@ -136,81 +158,91 @@ impl Gate {
             *qualifies.entry(vip.ip).or_default() |= why.is_none();
             why_vip.insert(*vip, why);
         }
+        (why_vip, qualifies)
+    }
+
+    /// Moves each address's gate: withdrawn at once when it stops qualifying (not during the
+    /// start grace), announced when it has qualified long enough. Returns why each address
+    /// held down waits.
+    fn step(
+        &mut self,
+        now: Instant,
+        qualifies: &BTreeMap<IpAddr, bool>,
+    ) -> BTreeMap<IpAddr, String> {
         let in_grace = self.grace_until.is_some_and(|t| now < t);
         if !in_grace {
             self.grace_until = None;
         }
         self.addrs.retain(|a, _| qualifies.contains_key(a));
-        let mut held_why: BTreeMap<IpAddr, String> = BTreeMap::new();
-        for (addr, q) in &qualifies {
+        let mut held_why = BTreeMap::new();
+        for (addr, q) in qualifies {
             let g = self.addrs.entry(*addr).or_default();
-            if *q {
-                let since = *g.qualified_since.get_or_insert(now);
-                if !g.announced {
-                    let wait = if g.held {
-                        self.hold_down
-                    } else {
-                        Duration::ZERO
-                    };
-                    let stable = now.saturating_duration_since(since);
-                    if stable >= wait {
-                        g.announced = true;
-                        g.held = false;
-                    } else {
-                        held_why.insert(
-                            *addr,
-                            format!(
-                                "hold-down: qualifies again, announced after {:.1} s more",
-                                (wait - stable).as_secs_f64()
-                            ),
-                        );
-                    }
-                }
-            } else {
+            if !*q {
                 g.qualified_since = None;
                 if g.announced && !in_grace {
                     g.announced = false;
                     g.held = true;
                 }
-            }
-        }
-        let mut routes = BTreeMap::new();
-        for (addr, g) in &self.addrs {
-            if !g.announced {
                 continue;
             }
-            match inputs.drain {
-                None => routes.insert(*addr, Want::Normal),
-                Some(DrainPhase::Draining) => routes.insert(*addr, Want::Draining),
-                Some(DrainPhase::Drained) => None,
+            let since = *g.qualified_since.get_or_insert(now);
+            if g.announced {
+                continue;
+            }
+            let wait = if g.held {
+                self.hold_down
+            } else {
+                Duration::ZERO
             };
-        }
-        let views = inputs
-            .serving
-            .iter()
-            .map(|(vip, serving)| {
-                let own = why_vip.get(vip).cloned().flatten();
-                let (state, why) = match (routes.get(&vip.ip), inputs.drain) {
-                    (Some(Want::Normal), _) => (
-                        "announced",
-                        own.map(|w| format!("start grace or another VIP on the address: {w}")),
+            let stable = now.saturating_duration_since(since);
+            if stable >= wait {
+                g.announced = true;
+                g.held = false;
+            } else {
+                held_why.insert(
+                    *addr,
+                    format!(
+                        "hold-down: qualifies again, announced after {:.1} s more",
+                        (wait - stable).as_secs_f64()
                     ),
-                    (Some(Want::Draining), _) => {
-                        ("draining", Some("node draining: graceful shutdown".into()))
-                    }
-                    (None, Some(DrainPhase::Drained)) => ("withdrawn", Some("node drained".into())),
-                    (None, _) => ("withdrawn", own.or_else(|| held_why.get(&vip.ip).cloned())),
-                };
-                VipAnnounce {
-                    vip: *vip,
-                    state: state.into(),
-                    why,
-                    serving: *serving,
-                }
-            })
-            .collect();
-        (routes, views)
+                );
+            }
+        }
+        held_why
     }
+}
+
+/// Each VIP's state from the routes wanted and the reasons.
+fn views(
+    inputs: &Inputs,
+    routes: &BTreeMap<IpAddr, Want>,
+    why_vip: &Reasons,
+    held_why: &BTreeMap<IpAddr, String>,
+) -> Vec<VipAnnounce> {
+    inputs
+        .serving
+        .iter()
+        .map(|(vip, serving)| {
+            let own = why_vip.get(vip).cloned().flatten();
+            let (state, why) = match (routes.get(&vip.ip), inputs.drain) {
+                (Some(Want::Normal), _) => (
+                    "announced",
+                    own.map(|w| format!("start grace or another VIP on the address: {w}")),
+                ),
+                (Some(Want::Draining), _) => {
+                    ("draining", Some("node draining: graceful shutdown".into()))
+                }
+                (None, Some(DrainPhase::Drained)) => ("withdrawn", Some("node drained".into())),
+                (None, _) => ("withdrawn", own.or_else(|| held_why.get(&vip.ip).cloned())),
+            };
+            VipAnnounce {
+                vip: *vip,
+                state: state.into(),
+                why,
+                serving: *serving,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -281,7 +281,17 @@ impl Announcer {
         } else {
             Ok(0)
         };
-        let synced = result;
+        self.record(result, vips, drain, phase);
+    }
+
+    /// The round's outcome into the view.
+    fn record(
+        &self,
+        synced: Result<usize, Error>,
+        vips: Vec<VipAnnounce>,
+        drain: Option<Drain>,
+        phase: Option<gate::DrainPhase>,
+    ) {
         let mut v = self.view.lock().unwrap_or_else(PoisonError::into_inner);
         match synced {
             Ok(n) => {
