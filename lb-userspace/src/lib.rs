@@ -7,6 +7,7 @@
 //! api                           the control API: server (answers from the node), client, listener
 //! node                          composition root: the agent, its fleet, the background tasks
 //! fleet                         store mode: follows etcd into the agent, publishes its status
+//! announce                      VIP routes for the BGP speaker, gated by what the agent serves
 //! dataplane                     the loaded program and its maps; implements agent::kernel's traits
 //! agent                         desired state, ids, reconciler, health, neighbours, second chance
 //! protocol                      the wire types: requests the agent takes, answers it gives
@@ -25,6 +26,7 @@
 //! only used by the `lb` binary.
 
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod capture;
 pub mod dataplane;

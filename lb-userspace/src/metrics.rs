@@ -43,6 +43,9 @@ pub fn render(stats: &StatsView, list: &[VipView], refreshes: u64) -> Result<Str
     let backends = BackendGauges::register(&mut reg);
     agent_metrics(&mut reg, &stats.agent);
     fleet_metrics(&mut reg, list, stats.store.as_ref());
+    if let Some(a) = &stats.announce {
+        crate::announce::metrics::register(&mut reg, a);
+    }
     backends.fill(list);
     let reads = Counter::<u64>::default();
     reg.register(

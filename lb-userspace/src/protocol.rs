@@ -347,6 +347,9 @@ pub struct StatsView {
     /// Store mode only.
     #[serde(default)]
     pub store: Option<StoreView>,
+    /// `--announce-table` only: what the node announces, and its BGP sessions.
+    #[serde(default)]
+    pub announce: Option<crate::announce::AnnounceView>,
 }
 
 /// The agent's link to the fleet's store (`lb run --store`).
@@ -410,6 +413,17 @@ pub struct NodeStatus {
     pub not_converged: Option<String>,
     /// Seconds since the epoch when this status was written.
     pub at_unix: u64,
+    /// `--announce-table` only: per VIP, `announced`, `draining` or `withdrawn` (with why),
+    /// and per BGP session its state.
+    #[serde(default)]
+    pub announce: Option<NodeAnnounce>,
+}
+
+/// What a node announces, as published in its status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnnounce {
+    pub vips: BTreeMap<VipAddr, String>,
+    pub sessions: BTreeMap<String, String>,
 }
 
 /// Error body: what went wrong, and its kind (the CLI's exit code follows it).

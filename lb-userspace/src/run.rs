@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub vip_pools: Vec<model::Prefix>,
     /// Fleet mode: the desired state comes from this store.
     pub store: Option<crate::fleet::FleetConfig>,
+    /// `--announce-table`: VIP routes for the BGP speaker.
+    pub announce: Option<crate::announce::AnnounceConfig>,
 }
 
 /// The outer source per family: given, or the interface's first global address.
@@ -346,6 +348,18 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let node = start_node(&opts, dp, checked).await.inspect_err(|_| {
         let _ = std::fs::remove_file(&opts.socket);
     })?;
+    if let Some(cfg) = opts.announce.clone() {
+        let table = cfg.table;
+        let a = tokio::task::spawn_blocking(move || crate::announce::Announcer::new(cfg))
+            .await
+            .map_err(|e| Error::Kernel(e.to_string()))
+            .flatten()
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&opts.socket);
+            })?;
+        node.set_announcer(a);
+        println!("announcing VIPs in routing table {table} for the BGP speaker");
+    }
     let mut tasks = node.start(tx_ports, opts.iface.clone());
     if let (Some(l), Some(addr)) = (metrics_listener, opts.metrics) {
         tasks.push(metrics::serve(l, node.clone()));

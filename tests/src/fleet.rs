@@ -8,6 +8,7 @@ use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
 
 use crate::{
     AgentDir, ChildGuard, Netns,
+    bgp::{self, Bird},
     etcd::{Etcd, Security},
     l2fleet::L2Net,
     routed::Routed,
@@ -18,6 +19,8 @@ pub trait FleetNet {
     fn node_dir(&self, k: usize) -> &AgentDir;
     fn node_ns(&self, k: usize) -> &Netns;
     fn set_agent(&mut self, k: usize, agent: ChildGuard);
+    /// Takes node `k`'s agent out (to stop it).
+    fn take_agent(&mut self, k: usize) -> Option<ChildGuard>;
     /// Where node `k` reaches etcd (an address of the router's namespace).
     fn store_addr(&self, k: usize) -> String;
 }
@@ -40,6 +43,9 @@ impl FleetNet for Routed {
             self.more[k - 1].agent = Some(agent);
         }
     }
+    fn take_agent(&mut self, k: usize) -> Option<ChildGuard> {
+        self.take_agent_at(k)
+    }
     // Each node reaches etcd on its own link to the router.
     fn store_addr(&self, k: usize) -> String {
         format!("10.30.{k}.1")
@@ -55,6 +61,9 @@ impl FleetNet for L2Net {
     }
     fn set_agent(&mut self, k: usize, agent: ChildGuard) {
         self.nodes[k].agent = Some(agent);
+    }
+    fn take_agent(&mut self, k: usize) -> Option<ChildGuard> {
+        self.nodes[k].agent.take()
     }
     fn store_addr(&self, _k: usize) -> String {
         "10.50.0.1".into()
@@ -79,8 +88,18 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// etcd first: it goes before the namespaces do; the turn last.
+/// The fleet's BGP: bird on the router and on every node ([`Fleet::bgp`]).
+pub struct Bgp {
+    /// Node k's speaker (None once killed).
+    pub nodes: Vec<Option<Bird>>,
+    pub router: Bird,
+    /// `lb run` arguments every node gets (hold-down, drain time).
+    pub agent_args: Vec<String>,
+}
+
+/// The BGP speakers first, then etcd: both go before the namespaces do; the turn last.
 pub struct Fleet<N: FleetNet = Routed> {
+    pub bgp: Option<Bgp>,
     pub etcd: Etcd,
     pub net: N,
     _turn: std::sync::MutexGuard<'static, ()>,
@@ -92,7 +111,12 @@ impl Fleet<L2Net> {
         let _turn = turn();
         let net = L2Net::build(tag, NODES)?;
         let etcd = Etcd::start(&net.router, "10.50.0.1")?;
-        let mut f = Fleet { etcd, net, _turn };
+        let mut f = Fleet {
+            bgp: None,
+            etcd,
+            net,
+            _turn,
+        };
         for k in 0..NODES {
             f.start(k)?;
         }
@@ -122,12 +146,109 @@ impl Fleet<Routed> {
         let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, security)?;
-        let mut f = Fleet { etcd, net, _turn };
+        let mut f = Fleet {
+            bgp: None,
+            etcd,
+            net,
+            _turn,
+        };
         for k in 0..NODES {
             f.start(k)?;
         }
         Ok(f)
     }
+}
+
+/// The agents go first (killed, as a node's power cut would): etcd and the speakers stopping
+/// under running agents would have each log that it lost them.
+impl<N: FleetNet> Drop for Fleet<N> {
+    fn drop(&mut self) {
+        for k in 0..NODES {
+            drop(self.net.take_agent(k));
+        }
+    }
+}
+
+impl Fleet<Routed> {
+    /// The routed network with a BGP router instead of a static ECMP group: bird on the
+    /// router (BFD, multipath into its kernel) and on each node (the shipped template), every
+    /// agent announcing in table [`bgp::TABLE`] with `agent_args` (e.g. the hold-down).
+    pub fn bgp(tag: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
+        let _turn = turn();
+        let mut net = Routed::fleet_bgp(tag, NODES)?;
+        for i in 1..=3 {
+            net.start_sample(i)?;
+            net.decap(i, &[])?;
+        }
+        net.xdp_pass_to_backends()?;
+        let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, Security::Plain)?;
+        let names: Vec<(String, String)> = (0..NODES)
+            .map(|k| (format!("lb{k}"), node_addr(k)))
+            .collect();
+        let peers: Vec<(&str, &str)> = names
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        let router = Bird::start(
+            &net.router,
+            "bird-r",
+            &bgp::router_config("10.30.0.1", &peers),
+        )?;
+        let mut nodes = Vec::new();
+        for k in 0..NODES {
+            let conf = bgp::node_config(&node_addr(k), &[("r1", &net.store_addr(k))]);
+            nodes.push(Some(Bird::start(
+                net.node_ns(k),
+                &format!("bird-{k}"),
+                &conf,
+            )?));
+        }
+        let mut f = Fleet {
+            bgp: Some(Bgp {
+                nodes,
+                router,
+                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            }),
+            etcd,
+            net,
+            _turn,
+        };
+        for k in 0..NODES {
+            f.start(k)?;
+        }
+        Ok(f)
+    }
+
+    /// The router's bird.
+    pub fn router_bird(&self) -> &Bird {
+        &self.bgp.as_ref().expect("a BGP fleet").router
+    }
+
+    /// Node `k`'s host dies: its agent and its bird killed (SIGKILL); the router's BFD
+    /// notices.
+    pub fn kill_node(&mut self, k: usize) {
+        drop(self.net.take_agent(k));
+        if let Some(b) = self.bgp.as_mut() {
+            drop(b.nodes[k].take());
+        }
+    }
+
+    /// Node `k` comes back: its bird, then its agent (which finds the routes it left).
+    pub fn revive_node(&mut self, k: usize) -> anyhow::Result<()> {
+        let conf = bgp::node_config(&node_addr(k), &[("r1", &self.net.store_addr(k))]);
+        let bird = Bird::start(self.net.node_ns(k), &format!("bird-{k}"), &conf)?;
+        if let Some(b) = self.bgp.as_mut() {
+            b.nodes[k] = Some(bird);
+        }
+        self.start(k)
+    }
+}
+
+/// Node `k`'s address on its link to the router (its BGP session's).
+pub fn node_addr(k: usize) -> String {
+    format!("10.30.{k}.2")
 }
 
 impl<N: FleetNet> Fleet<N> {
@@ -158,6 +279,24 @@ impl<N: FleetNet> Fleet<N> {
         for p in &VIP_POOLS {
             args.extend_from_slice(&["--vip-prefix", p]);
         }
+        let announce: Vec<String> = match &self.bgp {
+            Some(b) => {
+                let socket = b.nodes[k]
+                    .as_ref()
+                    .map(|n| n.socket().display().to_string())
+                    .unwrap_or_default();
+                let mut a = vec![
+                    "--announce-table".to_string(),
+                    bgp::TABLE.to_string(),
+                    "--bgp-socket".into(),
+                    socket,
+                ];
+                a.extend(b.agent_args.iter().cloned());
+                a
+            }
+            None => Vec::new(),
+        };
+        args.extend(announce.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let agent = self
             .net

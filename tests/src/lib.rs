@@ -4,6 +4,7 @@
 //! Names are unique per process and call so tests can run in parallel. Everything is driven
 //! through iproute2's `ip`, the same commands an operator would type.
 pub mod agent;
+pub mod bgp;
 pub mod etcd;
 pub mod expect;
 pub mod fleet;

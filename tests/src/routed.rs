@@ -132,6 +132,16 @@ impl Routed {
     /// The network with `nodes` load balancers; with more than one, the router spreads VIP
     /// traffic over them by ECMP (L4 hash, nexthop group 100 of nexthops 1..=nodes).
     pub fn fleet(tag: &str, nodes: usize) -> anyhow::Result<Self> {
+        Self::build(tag, nodes, false)
+    }
+
+    /// As [`Routed::fleet`], with no route to the VIPs at the router: the router learns them
+    /// from the nodes over BGP ([`crate::bgp`]).
+    pub fn fleet_bgp(tag: &str, nodes: usize) -> anyhow::Result<Self> {
+        Self::build(tag, nodes, true)
+    }
+
+    fn build(tag: &str, nodes: usize, bgp: bool) -> anyhow::Result<Self> {
         let client = Netns::new(&format!("{tag}c"))?;
         let router = Netns::new(&format!("{tag}r"))?;
         let lb = Netns::new(&format!("{tag}l"))?;
@@ -161,11 +171,11 @@ impl Routed {
             router_to_backends: Vec::new(),
             more,
         };
-        net.wire().context("building the routed network")?;
+        net.wire(bgp).context("building the routed network")?;
         Ok(net)
     }
 
-    fn wire(&mut self) -> anyhow::Result<()> {
+    fn wire(&mut self, bgp: bool) -> anyhow::Result<()> {
         let r = &self.router;
         for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
             r.sysctl(key, "1")?;
@@ -192,7 +202,11 @@ impl Routed {
         for (k, l) in nodes.iter().enumerate() {
             router_ends.push(wire_lb(r, l, k)?);
         }
-        if nodes.len() == 1 {
+        if bgp {
+            // ECMP by L4 hash over the routes BGP installs.
+            r.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+            r.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
+        } else if nodes.len() == 1 {
             // The router sends VIP traffic to the load balancer.
             r.ip(&["route", "add", "10.0.0.0/24", "via", "10.30.0.2"])?;
             r.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:30::2"])?;

@@ -37,6 +37,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     // The fleet health test blocks one node's probes with a netfilter rule.
     "iptables",
+    // VIPs announced by BGP: the speaker the shipped template configures (bird2, with BFD),
+    // on every test node and on the test router; birdc reads the router's routes.
+    "bird2",
     // `tests/tools/bpf-profile.py` (where the XDP program's time goes): perf's samples and
     // the loaded program's line table.
     "linux-perf",

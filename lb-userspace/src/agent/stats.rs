@@ -74,6 +74,7 @@ impl Agent {
             vips,
             agent,
             store: None,
+            announce: None,
         })
     }
 }

@@ -111,7 +111,7 @@ impl Client {
         self.post("/v1/commands", cmd).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,

@@ -13,6 +13,7 @@ use tokio::net::UnixListener;
 use crate::{
     Error, ErrorKind,
     agent::Agent,
+    announce::DrainRequest,
     api::{
         capture,
         listen::{self, Limits},
@@ -162,6 +163,40 @@ async fn command(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
     }
 }
 
+fn not_announcing() -> Error {
+    Error::Invalid(
+        "this agent announces no VIPs (it runs without --announce-table): there is nothing to drain or show".into(),
+    )
+}
+
+/// `lb node drain|undrain`: saved (fsync) on a blocking thread, then the announcer acts.
+async fn drain(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
+    let Some(a) = node.announcer().cloned() else {
+        return error(&not_announcing());
+    };
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return invalid(format!("reading the request: {e}")),
+    };
+    let req: DrainRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("malformed drain request: {e}")),
+    };
+    let what = if req.drain {
+        "node draining: announced with graceful shutdown, then withdrawn"
+    } else {
+        "node undrained"
+    };
+    let a2 = a.clone();
+    match blocking(move || a2.set_drain(&req)).await.and_then(|r| r) {
+        Ok(_) => {
+            node.agent().record(what.to_string());
+            json(StatusCode::OK, &a.view())
+        }
+        Err(e) => error(&e),
+    }
+}
+
 async fn handle(req: Request<Incoming>, node: SharedNode) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let agent = node.agent().clone();
@@ -178,6 +213,11 @@ async fn handle(req: Request<Incoming>, node: SharedNode) -> Response<Full<Bytes
             Err(e) => error(&e),
         },
         (Method::POST, "/v1/commands") => command(node, body).await,
+        (Method::GET, "/v1/announce") => match node.announcer() {
+            Some(a) => json(StatusCode::OK, &a.view()),
+            None => error(&not_announcing()),
+        },
+        (Method::POST, "/v1/node/drain") => drain(node, body).await,
         _ => error(&Error::NotFound(format!(
             "no such endpoint {} {}",
             parts.method,

@@ -55,6 +55,7 @@ mod tests {
             }],
             agent: AgentStatus::default(),
             store: None,
+            announce: None,
         }
     }
 

@@ -140,6 +140,9 @@ pub enum Top {
     /// side, with any divergence flagged.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// BGP announcement of this node: drain, undrain, status.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Run sample HTTP (and UDP echo) backends answering "hello from backend i".
     Samples {
         #[arg(long, default_value_t = 2)]
@@ -326,6 +329,75 @@ pub struct RunArgs {
     /// Fleet mode: this node's name in `lb cluster status` [default: the host name].
     #[arg(long, value_name = "NAME", requires = "store")]
     pub node: Option<String>,
+    /// Announce VIPs by BGP: keep one route per announceable VIP address in this kernel
+    /// routing table (1-4294967295, not main/local/default), which the BGP speaker exports
+    /// (see packaging/bird/bird.conf).
+    #[arg(long, value_name = "N", value_parser = announce_table)]
+    pub announce_table: Option<u32>,
+    /// A VIP is announced only while at least this many of its backends serve.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "announce_table",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub announce_min_serving: u32,
+    /// Seconds a withdrawn VIP must qualify again before it is announced again (a flapping
+    /// backend costs one withdrawal and one announcement).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "announce_table", value_parser = seconds)]
+    pub announce_hold_down: f64,
+    /// Seconds `lb node drain` announces with the GRACEFUL_SHUTDOWN community before it
+    /// withdraws.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "announce_table"
+    )]
+    pub drain_time: u64,
+    /// The BGP speaker's control socket (bird), read for `lb node status`, `/metrics` and the
+    /// status page.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/bird/bird.ctl",
+        requires = "announce_table"
+    )]
+    pub bgp_socket: PathBuf,
+}
+
+fn announce_table(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a routing table number"))?;
+    // 0 unspecified, 253 default, 254 main, 255 local: the agent must own its table.
+    if matches!(n, 0 | 253..=255) {
+        return Err(format!(
+            "table {n} is not the agent's to own: pick a table nothing else uses (e.g. 100)"
+        ));
+    }
+    Ok(n)
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds from 0 to 3600")),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Announce this node's VIPs with the GRACEFUL_SHUTDOWN community, then withdraw them;
+    /// the node keeps forwarding what reaches it. Kept across agent restarts.
+    Drain {
+        /// Seconds before the withdrawal [default: lb run's --drain-time].
+        #[arg(long, value_name = "SECONDS")]
+        withdraw_after: Option<u64>,
+    },
+    /// Announce this node's VIPs again (those that can serve).
+    Undrain,
+    /// What this node announces and why, and its BGP sessions.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

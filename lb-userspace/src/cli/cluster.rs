@@ -99,6 +99,11 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
         .collect();
     let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
     print_table(&headers, &rows);
+    for n in &c.nodes {
+        if let Some(a) = &n.announce {
+            println!("{}", announce_line(&n.node, a));
+        }
+    }
     if c.divergence.is_empty() {
         println!("all nodes agree");
     } else {
@@ -111,4 +116,58 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
     }
     println!("status keys ignored: {}", c.ignored_total);
     Ok(())
+}
+
+/// One node's BGP announcement: each VIP's state and each session's (store strings,
+/// escaped).
+fn announce_line(node: &str, a: &lb_userspace::protocol::NodeAnnounce) -> String {
+    let vips: Vec<String> = a
+        .vips
+        .iter()
+        .map(|(v, s)| format!("{v} {}", escaped(s)))
+        .collect();
+    let sessions: Vec<String> = a
+        .sessions
+        .iter()
+        .map(|(p, s)| format!("{} {}", escaped(p), escaped(s)))
+        .collect();
+    format!(
+        "BGP {}: {}; sessions: {}",
+        escaped(node),
+        if vips.is_empty() {
+            "no VIPs".into()
+        } else {
+            vips.join(", ")
+        },
+        if sessions.is_empty() {
+            "none".into()
+        } else {
+            sessions.join(", ")
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's announcement comes from etcd (and its session names from that node's bird):
+    /// what a writer of the store put there cannot drive the terminal.
+    #[test]
+    fn announce_lines_escape_what_came_from_the_store() {
+        let a = lb_userspace::protocol::NodeAnnounce {
+            vips: [(
+                "10.0.0.10:80/tcp".parse().unwrap(),
+                "withdrawn (\x1b[2J)".to_string(),
+            )]
+            .into(),
+            sessions: [("r1\r\x1b]0;x\x07".to_string(), "established".to_string())].into(),
+        };
+        let line = announce_line("lb\x1b[31m0", &a);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert_eq!(
+            line,
+            "BGP lb\\x1b[31m0: 10.0.0.10:80/tcp withdrawn (\\x1b[2J); sessions: r1\\x0d\\x1b]0;x\\x07 established"
+        );
+    }
 }

@@ -37,6 +37,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             json,
         } => apply(&client, file, dry_run, if_revision, json).await,
         Top::Cluster(ClusterCmd::Status { json }) => super::cluster::status(&client, json).await,
+        Top::Node(cmd) => super::node::run(&client, cmd).await,
         Top::Import(ImportCmd::Nginx {
             file,
             map_host,
@@ -100,6 +101,8 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     let state_file = a
         .state_file
         .unwrap_or_else(|| PathBuf::from(format!("/var/lib/xdp-lb/{}.json", a.iface)));
+    // Beside the state file: the drain belongs to this node's agent as its state does.
+    let drain_file = state_file.with_extension("drain.json");
     let opts = run::RunOptions {
         iface: a.iface,
         mode: a.mode,
@@ -161,6 +164,16 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             }
             _ => None,
         },
+        announce: a
+            .announce_table
+            .map(|table| lb_userspace::announce::AnnounceConfig {
+                table,
+                min_serving: a.announce_min_serving as usize,
+                hold_down: Duration::from_secs_f64(a.announce_hold_down),
+                drain_time: Duration::from_secs(a.drain_time),
+                speaker: Some(a.bgp_socket.clone()),
+                drain_file: drain_file.clone(),
+            }),
     };
     run::run(opts).await?;
     Ok(())
@@ -225,12 +238,26 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             if json {
                 return print_json(&vips);
             }
-            print_table(
-                &[
-                    "VIP", "ID", "HASH", "HEALTH", "SERVING", "FORWARD", "UDP IDLE", "DIGEST",
-                ],
-                &vip_rows(&vips),
-            );
+            let mut headers = vec![
+                "VIP", "ID", "HASH", "HEALTH", "SERVING", "FORWARD", "UDP IDLE", "DIGEST",
+            ];
+            let mut rows = vip_rows(&vips);
+            // An agent announcing by BGP adds each VIP's announcement and why.
+            if let Ok(a) = client
+                .get::<lb_userspace::announce::AnnounceView>("/v1/announce")
+                .await
+            {
+                headers.push("ANNOUNCE");
+                for (row, v) in rows.iter_mut().zip(&vips) {
+                    row.push(
+                        a.vips
+                            .iter()
+                            .find(|x| x.vip == v.vip)
+                            .map_or_else(|| "-".into(), |x| x.state_line()),
+                    );
+                }
+            }
+            print_table(&headers, &rows);
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod commands;
 pub mod decap;
 pub mod guard;
+pub mod node;
 pub mod output;
 
 pub use args::{Cli, Top};

@@ -177,6 +177,8 @@ pub struct Fleet {
     /// Wakes the publisher when something it publishes changed (a revision applied, a health
     /// flip).
     changed: tokio::sync::Notify,
+    /// `--announce-table`: what the node announces, published in its status.
+    pub announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
 }
 
 impl Fleet {
@@ -201,6 +203,7 @@ impl Fleet {
             lease_ttls: Mutex::new(BTreeMap::new()),
             applied: tokio::sync::watch::channel(applied.unwrap_or(0)).0,
             changed: tokio::sync::Notify::new(),
+            announcer: std::sync::OnceLock::new(),
         }))
     }
 
@@ -471,6 +474,7 @@ impl Fleet {
             health,
             not_converged,
             at_unix: now_unix(),
+            announce: self.announcer.get().map(|a| a.view().published()),
         };
         let id = match *lease {
             Some(id) => id,

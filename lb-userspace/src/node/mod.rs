@@ -4,11 +4,12 @@
 //! answer from it; `lb run` only wires it to the data plane, the listeners and the signals.
 pub mod tasks;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::{
     Error,
     agent::{Agent, Changed, probe::OnFlip},
+    announce::Announcer,
     fleet::{Fleet, FleetConfig},
     protocol::{ClusterView, Command, StatsView},
 };
@@ -19,6 +20,8 @@ pub use tasks::Tasks;
 pub struct Node {
     agent: Arc<Agent>,
     fleet: Option<Arc<Fleet>>,
+    /// `--announce-table`: the VIP routes for the BGP speaker.
+    announce: OnceLock<Arc<Announcer>>,
 }
 
 impl Node {
@@ -32,6 +35,7 @@ impl Node {
         Ok(Arc::new(Node {
             agent: Arc::new(agent),
             fleet,
+            announce: OnceLock::new(),
         }))
     }
 
@@ -42,6 +46,19 @@ impl Node {
     /// The fleet's store link in store mode.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.fleet.as_ref()
+    }
+
+    /// Announces the VIPs through `announcer` (set once, before [`Node::start`]).
+    pub fn set_announcer(&self, announcer: Arc<Announcer>) {
+        if let Some(f) = &self.fleet {
+            let _ = f.announcer.set(announcer.clone());
+        }
+        let _ = self.announce.set(announcer);
+    }
+
+    /// The announcer, when the node announces its VIPs.
+    pub fn announcer(&self) -> Option<&Arc<Announcer>> {
+        self.announce.get()
     }
 
     /// What the health probes call after a flip: in a fleet the verdict is the majority's,
@@ -60,6 +77,7 @@ impl Node {
     pub fn stats(&self) -> Result<StatsView, Error> {
         let mut stats = self.agent.stats()?;
         stats.store = self.fleet.as_ref().map(|f| f.view());
+        stats.announce = self.announcer().map(|a| a.view());
         Ok(stats)
     }
 

@@ -48,6 +48,9 @@ impl Node {
             tasks.push(tokio::spawn(fleet.clone().follow(agent.clone())));
             tasks.push(tokio::spawn(fleet.clone().publish(agent.clone())));
         }
+        if let Some(a) = self.announcer() {
+            tasks.push(tokio::spawn(a.clone().run(agent.clone())));
+        }
         tasks.push(tokio::spawn(probe::supervise(
             agent.clone(),
             self.on_flip(),

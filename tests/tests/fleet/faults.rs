@@ -1,41 +1,56 @@
-//! The fleet under faults: node loss (a node leaving the ECMP group, another killed with
-//! kill -9, a restart catching up) and an etcd outage under load, on the routed fleet; the
+//! The fleet under faults: node loss (a node drained, another dying, withdrawn by BGP and
+//! BFD at the router; a restart catching up) and an etcd outage under load, on the routed
+//! fleet; the
 //! same agreement and node loss on an L2 fleet (direct server return, resilient nexthop
 //! group).
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use lb_tests::{
-    fleet::{Fleet, NODES},
+    bgp::wait_hops,
+    fleet::{Fleet, NODES, node_addr},
     routed::VIP4,
     traffic::{Load, moved, udp_picks},
 };
 
-/// (c) node loss under load: one node leaves the ECMP group, another is killed with kill -9
-/// (and its flows moved away), then it restarts and catches up; (d) etcd down for 10 s:
-/// forwarding unaffected, changes refused with a clear line, and they resume on its return.
+/// (c) node loss under load, with the nodes announcing by BGP to the router: one node drains
+/// (maintenance), another dies (its agent and its bird killed: the router's BFD withdraws it),
+/// then it comes back and catches up; (d) etcd down for 10 s: forwarding unaffected, changes
+/// refused with a clear line, and they resume on its return.
 #[test]
 fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
-    let mut f = Fleet::new("flc")?;
+    let mut f = Fleet::bgp("flc", &["--announce-hold-down", "1"])?;
     let vip = format!("{VIP4}:80/tcp");
+    let prefix = format!("{VIP4}/32");
+    let hops = |nodes: &[usize]| -> Vec<String> { nodes.iter().map(|k| node_addr(*k)).collect() };
+    let at_router = |f: &Fleet, nodes: &[usize]| -> anyhow::Result<Duration> {
+        let want = hops(nodes);
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        wait_hops(&f.net.router, &prefix, &want, Duration::from_secs(10))
+    };
     // Backends added one by one: the setup's own moves stay in the slots as previous backends
     // for the window, and node 1, restarted below, resumes its saved history to tell their
     // milliseconds of tenure from the real owners'.
     f.gue_vip(0, &vip, &["10.41.0.2", "10.42.0.2", "10.43.0.2"], &[])?;
     f.converged(&vip, None)?;
+    at_router(&f, &[0, 1, 2])?;
     let t0 = Instant::now();
     let phase = |what: &str| println!("{:.1} s: {what}", t0.elapsed().as_secs_f64());
     let load = Load::start(&f.net.client, 50)?;
     std::thread::sleep(Duration::from_secs(2));
-    // Node 2 leaves the group (maintenance): its flows move to nodes 0 and 1.
-    f.net.ecmp(&[0, 1])?;
-    phase("node 2 left the ECMP group");
+    // Node 2 drains (maintenance): the router prefers the others at once, then it withdraws.
+    f.lb(2, &["node", "drain", "--withdraw-after", "1"])?;
+    let took = at_router(&f, &[0, 1])?;
+    phase(&format!(
+        "node 2 drained: out of the router's route after {took:?}"
+    ));
     std::thread::sleep(Duration::from_secs(2));
-    // Node 1 dies: kill -9, and the router stops sending to it.
-    let mut dead = f.net.take_agent_at(1).context("agent 1")?;
-    dead.kill();
-    f.net.ecmp(&[0])?;
-    phase("node 1 killed and out of the group");
+    // Node 1 dies: its agent and its speaker are killed; BFD takes it out at the router.
+    f.kill_node(1);
+    let took = at_router(&f, &[0])?;
+    phase(&format!(
+        "node 1 killed: withdrawn at the router after {took:?}"
+    ));
     std::thread::sleep(Duration::from_secs(2));
     // Its status lease runs out: the cluster shows two nodes.
     let start = Instant::now();
@@ -54,11 +69,14 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     // A change while node 1 is down; it restarts from its state file and catches up.
     f.lb(0, &["backend", "weight", &vip, "10.41.0.2", "150"])?;
     phase("weight changed");
-    f.start(1)?;
+    f.revive_node(1)?;
     let (d, took) = f.converged(&vip, None)?;
     println!("the restarted node caught up in {took:?} (digest {d})");
-    f.net.ecmp(&[0, 1, 2])?;
-    phase("nodes 1 and 2 back in the group");
+    f.lb(2, &["node", "undrain"])?;
+    let took = at_router(&f, &[0, 1, 2])?;
+    phase(&format!(
+        "nodes 1 and 2 back in the router's route after {took:?}"
+    ));
     std::thread::sleep(Duration::from_secs(2));
 
     // (d) etcd down for 10 s.

@@ -7,9 +7,11 @@
 //! - `health`: the majority of the nodes' views decides;
 //! - `secure`: etcd with TLS, client certificates, passwords and roles; oversized values.
 //! - `hostile_store`: what an attacker writes to etcd is not taken on trust.
+//! - `bgp`: VIPs announced by bird to a BGP router (BFD, drain, health gating, flaps).
 //!
 //! Fleets run one at a time whatever module they are in: `lb_tests::fleet::Fleet` holds a
 //! process-wide turn for its whole life.
+mod bgp;
 mod config;
 mod faults;
 mod health;

@@ -1,5 +1,6 @@
 //! `cargo xtask demo --fleet`: the second seed's scene (an application deployed on a cluster)
-//! with a fleet of load balancers. Three nodes behind the router's ECMP group follow one etcd;
+//! with a fleet of load balancers. Three nodes announce the VIP over BGP to a router that
+//! installs an ECMP route over them (bird on each), and follow one etcd;
 //! the configuration is applied once, through one node, and every node serves it. Prints the
 //! cluster status, the spread per backend and per node, then removes everything.
 use std::{
@@ -10,7 +11,8 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    fleet::{Fleet, NODES},
+    bgp::wait_hops,
+    fleet::{Fleet, NODES, node_addr},
     lb_binary,
     routed::{CLIENT4, VIP4, backend4},
     topo::{backend_index, get, http_request},
@@ -29,11 +31,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let stop = interrupt_flag()?;
     let started = Instant::now();
     println!(
-        "demo: building the fleet (client, router with ECMP over {NODES} load balancers, 3 backends running `lb decap`, etcd)"
+        "demo: building the fleet (client, a BGP router running bird, {NODES} load balancers each announcing through its own bird, 3 backends running `lb decap`, etcd)"
     );
-    let f = Fleet::new("demf")?;
+    let f = Fleet::bgp("demf", &[])?;
     println!(
-        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK --vip-prefix 10.0.0.0/8 --vip-prefix 2001:db8::/32",
+        "demo: etcd at {}; each node: $ lb run --iface eth0 --store etcd://10.30.K.1:2379 --cluster t --node lbK --vip-prefix 10.0.0.0/8 --vip-prefix 2001:db8::/32 --announce-table 100 --bgp-socket BIRD_SOCKET",
         f.etcd.url()
     );
     let vip = format!("{VIP4}:80/tcp");
@@ -53,6 +55,26 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     print!("{}", applied?);
     let (digest, took) = f.converged(&vip, None)?;
     println!("demo: live on all {NODES} nodes after {took:?} (slot-table digest {digest})");
+    let hops: Vec<String> = (0..NODES).map(node_addr).collect();
+    let hops: Vec<&str> = hops.iter().map(String::as_str).collect();
+    let learned = wait_hops(
+        &f.net.router,
+        &format!("{VIP4}/32"),
+        &hops,
+        Duration::from_secs(15),
+    )?;
+    println!(
+        "\ndemo: the router learned {VIP4} from all {NODES} nodes over BGP {learned:?} later; its kernel route ($ ip route show {VIP4}):"
+    );
+    let route = f
+        .net
+        .router
+        .command("ip")
+        .args(["route", "show", VIP4])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&route.stdout));
+    println!("demo: each node's announcement ($ lb node status on lb0):");
+    print!("{}", f.lb(0, &["node", "status"])?);
     // Health checks pass (rise 2 x 1 s) before the traffic starts.
     std::thread::sleep(Duration::from_secs(3));
     println!("\ndemo: $ lb cluster status");
@@ -95,6 +117,10 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             "  {} --socket {} cluster status",
             lb_binary()?.display(),
             f.net.dir_at(0).socket().display()
+        );
+        println!(
+            "  birdc -s {} show route all {VIP4}/32",
+            f.router_bird().socket().display()
         );
         println!(
             "  ip netns exec {} etcdctl --endpoints http://10.30.0.1:2379 get --prefix /xdp-lb/t/",

@@ -1,0 +1,249 @@
+//! Real BGP for the fleets: bird2 in the router's namespace (BGP, BFD, ECMP into its kernel)
+//! and on every load balancer node, configured from the template the project ships
+//! (`packaging/bird/bird.conf`), so the tests run what operators install. Each bird runs in
+//! the foreground with its own config, control socket and pid file in a private directory;
+//! the process is killed and the directory removed on drop.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{ChildGuard, Netns, unique_name};
+
+/// The shipped node template.
+pub const NODE_TEMPLATE: &str = include_str!("../../packaging/bird/bird.conf");
+/// The routing table the agents announce in.
+pub const TABLE: u32 = 100;
+pub const ROUTER_AS: u32 = 65000;
+pub const NODE_AS: u32 = 65001;
+/// BFD in the tests: 100 ms x 3.
+pub const BFD_MS: u32 = 100;
+pub const BFD_MULT: u32 = 3;
+
+/// A bird process in a namespace.
+pub struct Bird {
+    /// Dropped first: the process.
+    child: Option<ChildGuard>,
+    dir: PathBuf,
+    ns_name: String,
+}
+
+impl Bird {
+    /// Starts bird in `ns` with `config`; waits until its control socket answers.
+    pub fn start(ns: &Netns, tag: &str, config: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = Bird {
+            child: None,
+            dir,
+            ns_name: ns.name().to_string(),
+        };
+        b.spawn(ns, config)?;
+        Ok(b)
+    }
+
+    fn spawn(&mut self, ns: &Netns, config: &str) -> anyhow::Result<()> {
+        let conf = self.dir.join("bird.conf");
+        std::fs::write(&conf, config)?;
+        let mut cmd = ns.command("bird");
+        cmd.arg("-f")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-s")
+            .arg(self.socket())
+            .arg("-P")
+            .arg(self.dir.join("bird.pid"));
+        self.child = Some(ChildGuard::spawn(cmd, "bird")?);
+        let start = Instant::now();
+        while self.birdc(&["show", "status"]).is_err() {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("bird in {} did not answer within 5 s", self.ns_name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Its control socket (`lb run --bgp-socket`).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
+    /// SIGKILL (a node's speaker dying with its host).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill();
+        }
+    }
+
+    /// `birdc -s SOCKET ARGS`, its output.
+    pub fn birdc(&self, args: &[&str]) -> anyhow::Result<String> {
+        birdc(&self.socket(), args)
+    }
+}
+
+/// `birdc -s SOCKET ARGS`, its output.
+pub fn birdc(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(args)
+        .output()
+        .context("running birdc")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || text.contains("Unable to connect") {
+        bail!(
+            "birdc {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.child.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The shipped template filled in for node `router_id` peering with `peers` (name, address).
+pub fn node_config(router_id: &str, peers: &[(&str, &str)]) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(name, addr)| {
+            format!("protocol bgp {name} from lb_peer {{ neighbor {addr} as {ROUTER_AS}; }}")
+        })
+        .collect();
+    NODE_TEMPLATE
+        .replace("@TABLE@", &TABLE.to_string())
+        .replace("@ROUTER_ID@", router_id)
+        .replace("@BFD_INTERVAL_MS@", &BFD_MS.to_string())
+        .replace("@BFD_MULTIPLIER@", &BFD_MULT.to_string())
+        .replace("@LOCAL_AS@", &NODE_AS.to_string())
+        .replace("@PEERS@", &peers.join("\n"))
+}
+
+/// The router: learns the nodes' routes, lowers the preference of those carrying
+/// GRACEFUL_SHUTDOWN (RFC 8326: traffic leaves a draining node before its withdrawal), and
+/// installs the best ones as one multipath route in its kernel.
+pub fn router_config(router_id: &str, nodes: &[(&str, &str)]) -> String {
+    let mut c = format!(
+        r#"router id {router_id};
+protocol device {{}}
+protocol kernel {{
+    ipv4 {{ import none; export all; }};
+    merge paths on;
+}}
+protocol bfd {{
+    interface "*" {{ min rx interval {BFD_MS} ms; min tx interval {BFD_MS} ms; multiplier {BFD_MULT}; }};
+}}
+filter from_lb {{
+    if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
+    accept;
+}}
+template bgp lb_node {{
+    local as {ROUTER_AS};
+    bfd on;
+    error wait time 1, 10;
+    ipv4 {{ import filter from_lb; export none; }};
+}}
+"#
+    );
+    for (name, addr) in nodes {
+        c.push_str(&format!(
+            "protocol bgp {name} from lb_node {{ neighbor {addr} as {NODE_AS}; }}\n"
+        ));
+    }
+    c
+}
+
+/// The next hops of `prefix` in `ns`'s main table (empty: no route), from `ip -j route`.
+pub fn next_hops(ns: &Netns, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let out = ns
+        .command("ip")
+        .args(["-j", "route", "show", "exact", prefix])
+        .output()?;
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut hops = Vec::new();
+    for r in routes.as_array().into_iter().flatten() {
+        if let Some(g) = r.get("gateway").and_then(|g| g.as_str()) {
+            hops.push(g.to_string());
+        }
+        for nh in r
+            .get("nexthops")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(g) = nh.get("gateway").and_then(|g| g.as_str()) {
+                hops.push(g.to_string());
+            }
+        }
+    }
+    hops.sort();
+    Ok(hops)
+}
+
+/// Waits up to `limit` until `prefix`'s next hops in `ns` are `want` (sorted); returns how
+/// long it took.
+pub fn wait_hops(
+    ns: &Netns,
+    prefix: &str,
+    want: &[&str],
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    loop {
+        let have = next_hops(ns, prefix)?;
+        if have == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            bail!("{prefix} at the router: next hops {have:?}, not {want:?} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `ip monitor route` in `ns`, counting the changes to one prefix until stopped.
+pub struct RouteMonitor {
+    child: ChildGuard,
+    prefix: String,
+}
+
+impl RouteMonitor {
+    pub fn start(ns: &Netns, prefix: &str) -> anyhow::Result<Self> {
+        let mut cmd = ns.command("ip");
+        cmd.args(["monitor", "route"]);
+        let child = ChildGuard::spawn(cmd, "ip monitor route")?;
+        Ok(RouteMonitor {
+            child,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The route messages about the prefix seen so far (each an add, replace or delete).
+    pub fn changes(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self
+            .child
+            .wait_for_line(Duration::from_millis(200), |_| true)
+        {
+            let ip = self.prefix.split('/').next().unwrap_or("");
+            if line.contains(ip) && !line.starts_with(' ') {
+                out.push(line);
+            }
+        }
+        out
+    }
+}
