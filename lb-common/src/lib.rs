@@ -20,6 +20,8 @@ mod cache;
 mod encap;
 mod flow;
 mod maps;
+/// How the previous ABI's pinned set becomes this one's, map by map.
+pub mod migrate;
 mod nat;
 mod second_chance;
 mod table_key;

@@ -277,6 +277,26 @@ pub struct AgentStatus {
     /// NAT connections live at the last sweep, and the table's capacity (once NAT is used).
     #[serde(default)]
     pub nat_connections: Option<(u64, u64)>,
+    /// The migration that brought the pinned maps to this build's map ABI, if one did.
+    #[serde(default)]
+    pub migration: Option<MigrationView>,
+}
+
+/// What the last migration of the pinned maps did (kept in their record, so it is shown
+/// until the next one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// Map ABI it migrated from and to.
+    pub from: u32,
+    pub to: u32,
+    /// Maps made new (converted, grown, added, the program array).
+    pub maps: u32,
+    /// Entries copied across.
+    pub entries: u64,
+    /// Load to commit, in microseconds.
+    pub took_us: u64,
+    /// When it committed (seconds since the epoch).
+    pub at_unix: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

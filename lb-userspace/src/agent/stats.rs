@@ -40,6 +40,7 @@ impl Agent {
                 not_converged: core.not_converged().map(str::to_string),
                 no_mac: core.no_mac(),
                 nat_connections: self.nat_connections(),
+                migration: None,
             };
             (maps, ids, agent)
         };

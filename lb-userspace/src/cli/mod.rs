@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod commands;
 pub mod decap;
 pub mod output;
+pub mod upgrade;
 
 pub use args::{Cli, Top};
 pub use commands::execute;

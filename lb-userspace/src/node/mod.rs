@@ -19,6 +19,8 @@ pub use tasks::Tasks;
 pub struct Node {
     agent: Arc<Agent>,
     fleet: Option<Arc<Fleet>>,
+    /// The migration that made the pinned maps, from their record (set once at start).
+    migration: std::sync::OnceLock<crate::protocol::MigrationView>,
 }
 
 impl Node {
@@ -32,6 +34,7 @@ impl Node {
         Ok(Arc::new(Node {
             agent: Arc::new(agent),
             fleet,
+            migration: std::sync::OnceLock::new(),
         }))
     }
 
@@ -60,7 +63,13 @@ impl Node {
     pub fn stats(&self) -> Result<StatsView, Error> {
         let mut stats = self.agent.stats()?;
         stats.store = self.fleet.as_ref().map(|f| f.view());
+        stats.agent.migration = self.migration.get().cloned();
         Ok(stats)
+    }
+
+    /// Says which migration made the pinned maps (`lb stats`, the status page).
+    pub fn set_migration(&self, m: crate::protocol::MigrationView) {
+        let _ = self.migration.set(m);
     }
 
     /// Executes `cmd` and says at which store revision. In store mode the change goes to
