@@ -10,6 +10,7 @@
 //!   a third host) refused, and a load balancer's hop to a stranger not relayed;
 //! - `flood`: the flow table under a spoofed flood, and a UDP client off a killed backend;
 //! - `faults`: the agent under injected faults;
+//! - `upgrade`: the previous release's pins migrated by this build under load;
 //! - `jumbo`: veths at MTU 9000 with the agent attached natively and generically, raw frames
 //!   of every size received byte for byte at a backend, a real TCP connection through full
 //!   NAT with 8,000-byte segments, and the MTU changed under a running agent.
@@ -24,3 +25,4 @@ mod hostile;
 mod jumbo;
 mod nat;
 mod second_chance;
+mod upgrade;
