@@ -27,7 +27,45 @@ pub struct Conversion {
 
 /// Every map whose key or value changed shape since the previous ABI, with its conversion
 /// (a frozen copy of the old type beside the new one, and a pure function between them).
+/// A value-only change is one line around [`value_by`]:
+///
+/// ```ignore
+/// fn nat_entry(ok: &[u8], ov: &[u8], k: &mut [u8], v: &mut [u8]) -> bool {
+///     // SAFETY: both are plain repr(C) integer types, as every map type here.
+///     unsafe { value_by(ok, ov, k, v, NatEntry::from_v13) }
+/// }
+/// ```
 pub const CONVERSIONS: &[Conversion] = &[];
+
+/// The usual conversion: the key kept as it is, the value read as an `O`, converted by `f`
+/// and written as an `N`. `false` (the entry dropped) when a size does not match.
+///
+/// # Safety
+///
+/// `O` and `N` must be plain `#[repr(C)]` data that any byte pattern is a value of (integers
+/// and arrays of them, as every map type of this crate: no `bool`, no enum, no reference).
+pub unsafe fn value_by<O: Copy, N: Copy>(
+    old_key: &[u8],
+    old_value: &[u8],
+    key: &mut [u8],
+    value: &mut [u8],
+    f: fn(O) -> N,
+) -> bool {
+    use core::mem::size_of;
+    if old_value.len() != size_of::<O>()
+        || value.len() != size_of::<N>()
+        || key.len() != old_key.len()
+    {
+        return false;
+    }
+    key.copy_from_slice(old_key);
+    // SAFETY: the lengths match, and the caller promises every byte pattern is an `O`.
+    let old: O = unsafe { core::ptr::read_unaligned(old_value.as_ptr().cast::<O>()) };
+    let new = f(old);
+    // SAFETY: `value` holds exactly `size_of::<N>()` bytes; `new` is plain data.
+    unsafe { core::ptr::write_unaligned(value.as_mut_ptr().cast::<N>(), new) };
+    true
+}
 
 /// Counter arrays whose entries move when counters are appended: `LB_STATS` keeps the
 /// express lane's count after the last counter.
@@ -241,6 +279,59 @@ mod tests {
             rule(Some(&c21), Some(&c19)).err(),
             Some("a counter array may only grow by appended entries")
         );
+    }
+
+    #[test]
+    fn a_value_conversion_keeps_the_key_and_converts_every_field() {
+        #[derive(Clone, Copy)]
+        #[repr(C)]
+        struct Old {
+            a: u32,
+            b: u16,
+            c: u16,
+        }
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        #[repr(C)]
+        struct New {
+            a: u64,
+            c: u32,
+            b: u16,
+            pad: u16,
+        }
+        fn up(o: Old) -> New {
+            New {
+                a: u64::from(o.a),
+                c: u32::from(o.c),
+                b: o.b,
+                pad: 0,
+            }
+        }
+        let old = Old {
+            a: 0x0102_0304,
+            b: 0x0506,
+            c: 0x0708,
+        };
+        let mut old_bytes = [0u8; 8];
+        // SAFETY: test types, plain integers.
+        unsafe { core::ptr::write_unaligned(old_bytes.as_mut_ptr().cast::<Old>(), old) };
+        let (mut k, mut v) = ([0u8; 4], [0u8; 16]);
+        // SAFETY: plain integer types.
+        assert!(unsafe { value_by(&[9, 8, 7, 6], &old_bytes, &mut k, &mut v, up) });
+        assert_eq!(k, [9, 8, 7, 6]);
+        // SAFETY: 16 bytes written as a `New` just above.
+        let new: New = unsafe { core::ptr::read_unaligned(v.as_ptr().cast::<New>()) };
+        assert_eq!(
+            new,
+            New {
+                a: 0x0102_0304,
+                c: 0x0708,
+                b: 0x0506,
+                pad: 0
+            }
+        );
+        let mut short = [0u8; 12];
+        // SAFETY: as above; the size mismatch is refused before any read.
+        assert!(!unsafe { value_by(&[0; 4], &old_bytes, &mut k, &mut short, up) });
     }
 
     #[test]

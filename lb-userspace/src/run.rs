@@ -178,7 +178,8 @@ fn migrate_and_attach(
         Ok((dp, copier, first))
     };
     let (mut dp, copier, first) = before_swap().inspect_err(|_| migrate::clear_staged(&map_dir))?;
-    dp.attach_pinned(&opts.iface, opts.mode, &pins_dir.join("link"))?;
+    dp.attach_pinned(&opts.iface, opts.mode, &pins_dir.join("link"))
+        .inspect_err(|_| migrate::clear_staged(&map_dir))?;
     dp.attach_hc_pinned(&opts.iface, &pins_dir.join(pins::HC_LINK))?;
     let second = copier.difference()?;
     let done = migrate::Done {

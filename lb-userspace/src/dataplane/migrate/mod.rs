@@ -199,6 +199,35 @@ fn room(name: &str, entries: u64, capacity: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The pinned map `old` describes, checked to be what the previous ABI made.
+fn open_old(map_dir: &Path, old: &MapSpec, opts: &LoadOptions) -> Result<RawMap, Error> {
+    let want = entries_of(old, opts)?;
+    let map = RawMap::open(&map_dir.join(old.name)).map_err(|e| {
+        refused(
+            map_dir,
+            format!(
+                "map {} of ABI {MIGRATES_FROM} is not readable: {e}",
+                old.name
+            ),
+        )
+    })?;
+    if !same_shape(&map, old, want) {
+        return Err(refused(
+            map_dir,
+            format!(
+                "map {} is not as ABI {MIGRATES_FROM} makes it: key {} value {} entries {}, expected key {} value {} entries {want}",
+                old.name,
+                map.key_size,
+                map.value_size,
+                map.max_entries,
+                old.key_size,
+                old.value_size
+            ),
+        ));
+    }
+    Ok(map)
+}
+
 /// Plans the migration of the pins under `map_dir` (made by [`MIGRATES_FROM`] with the same
 /// options as `opts`) to this build, or says why it cannot be done. Reads only.
 pub fn plan(map_dir: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
@@ -218,30 +247,7 @@ pub fn plan(map_dir: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         };
         let mut entries = 0;
         if let Some(old) = m.old {
-            let want = entries_of(old, opts)?;
-            let map = RawMap::open(&map_dir.join(old.name)).map_err(|e| {
-                refused(
-                    map_dir,
-                    format!(
-                        "map {} of ABI {MIGRATES_FROM} is not readable: {e}",
-                        old.name
-                    ),
-                )
-            })?;
-            if !same_shape(&map, old, want) {
-                return Err(refused(
-                    map_dir,
-                    format!(
-                        "map {} is not as ABI {MIGRATES_FROM} makes it: key {} value {} entries {}, expected key {} value {} entries {want}",
-                        old.name,
-                        map.key_size,
-                        map.value_size,
-                        map.max_entries,
-                        old.key_size,
-                        old.value_size
-                    ),
-                ));
-            }
+            let map = open_old(map_dir, old, opts)?;
             if rule.copies() {
                 let keys = map
                     .keys()
