@@ -329,6 +329,7 @@ fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> any
     // N-1: what a start would do, changing nothing.
     let (code, out, err) = upgrade_check(&net)?;
     assert_eq!(code, 0, "{out}{err}");
+    eprintln!("lb upgrade --check on the previous release's pins:\n{out}");
     let from = lb_common::previous::VERSION;
     assert!(
         out.contains(&format!(
@@ -388,6 +389,7 @@ fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> any
     let back = monotonic(&before, &after);
     assert!(back.is_empty(), "counters went backwards: {back:?}");
     let m = after.agent.migration.context("no migration in lb stats")?;
+    eprintln!("{requests} requests and {datagrams} datagrams answered; migration: {m:?}");
     assert_eq!((m.from, m.to), (from, lb_common::ABI_VERSION));
     let text = net.lb(&["stats"])?;
     assert!(

@@ -114,7 +114,7 @@ impl Plan {
             ));
         }
         out.push_str(&format!(
-            "{} entries to copy in about {} ms (timed on these maps; the program swaps after the first copy, nothing stops forwarding); memory: {} KiB of kernel memory for the new maps while the old ones live, {} KiB in the agent during the copy\n",
+            "{} entries to copy in about {} ms (timed on these maps), after the program load every start does; the old program forwards until the swap that follows the first copy; memory: {} KiB of kernel memory for the new maps while the old ones live, {} KiB in the agent during the copy\n",
             self.entries(),
             self.estimate.as_millis().max(1),
             self.kernel_bytes().div_ceil(1024),
@@ -199,6 +199,22 @@ fn room(name: &str, entries: u64, capacity: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the map pinned as `old` has the new layout and not the old one (told apart only
+/// when the two differ).
+fn already_new(
+    map_dir: &Path,
+    old: &MapSpec,
+    new: &MapSpec,
+    opts: &LoadOptions,
+    capacity: u32,
+) -> bool {
+    let (Ok(map), Ok(old_entries)) = (RawMap::open(&map_dir.join(old.name)), entries_of(old, opts))
+    else {
+        return false;
+    };
+    same_shape(&map, new, capacity) && !same_shape(&map, old, old_entries)
+}
+
 /// The pinned map `old` describes, checked to be what the previous ABI made.
 fn open_old(map_dir: &Path, old: &MapSpec, opts: &LoadOptions) -> Result<RawMap, Error> {
     let want = entries_of(old, opts)?;
@@ -246,7 +262,20 @@ pub fn plan(map_dir: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
             _ => 0,
         };
         let mut entries = 0;
-        if let Some(old) = m.old {
+        // A migration stopped between renaming this map into place and writing the record
+        // left it in this ABI's layout already: adopt it.
+        let resumed = match (m.old, m.new) {
+            (Some(old), Some(new)) if rule.creates() => {
+                already_new(map_dir, old, new, opts, capacity)
+            }
+            _ => false,
+        };
+        let (rule, bytes) = if resumed {
+            (Rule::Reuse, 0)
+        } else {
+            (rule, bytes)
+        };
+        if let Some(old) = m.old.filter(|_| !resumed) {
             let map = open_old(map_dir, old, opts)?;
             if rule.copies() {
                 let keys = map
