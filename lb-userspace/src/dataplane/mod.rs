@@ -376,12 +376,20 @@ impl Dataplane {
         opts.validate()?;
         let mut ebpf = open_object(object, &opts, pin_dir, staged)?;
         load_programs(&mut ebpf)?;
+        let (nat, nat_sweeper) = nat::from_maps(
+            take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
+            take(&mut ebpf, lb_common::NAT_REV_MAP)?,
+            take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
+        )?;
+        // A pinned set may have NAT source addresses on: the program running on these maps
+        // answers on them, so the pre-filter rebuilt here keeps them (until the agent decides).
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_FILTER_MAP)?).map_err(map_err(VIP_FILTER_MAP))?,
             Array::try_from(take(&mut ebpf, lb_common::VIP_INDEX_MAP)?)
                 .map_err(map_err(lb_common::VIP_INDEX_MAP))?,
+            nat.pinned_addrs(),
         )?;
         let slots = SlotTable::new(
             Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,
@@ -407,11 +415,6 @@ impl Dataplane {
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
         let stats = take_stats(&mut ebpf)?;
-        let (nat, nat_sweeper) = nat::from_maps(
-            take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
-            take(&mut ebpf, lb_common::NAT_REV_MAP)?,
-            take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
-        )?;
         Ok(Dataplane {
             ebpf,
             opts,
