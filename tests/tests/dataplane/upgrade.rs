@@ -315,19 +315,9 @@ fn previous_release_serving(prev: &Path) -> anyhow::Result<Routed> {
     Ok(net)
 }
 
-#[test]
-fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> anyhow::Result<()> {
-    let prev = prev_lb()?;
-    let version = Command::new(&prev).arg("--version").output()?;
-    let version = String::from_utf8_lossy(&version.stdout);
-    let want = format!("map ABI {})", lb_common::previous::VERSION);
-    assert!(version.contains(&want), "{version}");
-    let mut net = previous_release_serving(&prev)?;
-    let load = Load::start(&net)?;
-    std::thread::sleep(Duration::from_millis(1500));
-
-    // N-1: what a start would do, changing nothing.
-    let (code, out, err) = upgrade_check(&net)?;
+/// `lb upgrade --check` on the previous release's pins: the plan, nothing changed.
+fn check_previous_pins(net: &Routed) -> anyhow::Result<()> {
+    let (code, out, err) = upgrade_check(net)?;
     assert_eq!(code, 0, "{out}{err}");
     eprintln!("lb upgrade --check on the previous release's pins:\n{out}");
     let from = lb_common::previous::VERSION;
@@ -346,6 +336,74 @@ fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> any
             && out.contains("KiB of kernel memory"),
         "{out}"
     );
+    Ok(())
+}
+
+/// Pins made by the ABI before the previous one (the record's version set to it): `lb
+/// upgrade --check` and `lb run` refuse them with one line (exit code 4), and the pinned
+/// program keeps forwarding.
+fn older_pins_are_refused(net: &Routed) -> anyhow::Result<()> {
+    let from = lb_common::previous::VERSION;
+    assert!(net.dir.map_pin("eth0", lb_common::ABI_MAP).exists());
+    let record = lb_userspace::dataplane::rawmap::RawMap::open(
+        &net.dir.map_pin("eth0", lb_common::ABI_MAP),
+    )?;
+    let mut bytes = record.lookup(&0u32.to_ne_bytes())?.context("record")?;
+    bytes[8..12].copy_from_slice(&(from - 1).to_ne_bytes());
+    record.update(&0u32.to_ne_bytes(), &bytes, 0)?;
+    let (code, out, err) = upgrade_check(net)?;
+    assert_eq!(code, 4, "{out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("made by map ABI {}", from - 1))
+            && err.contains(&format!("migrates only from ABI {from}"))
+            && err.contains("--fresh"),
+        "{err}"
+    );
+    let bpffs = net.dir.bpffs.to_str().context("path")?.to_string();
+    let state = net.dir.state_file();
+    let refused = net
+        .lb
+        .lb()?
+        .arg("--socket")
+        .arg(net.dir.socket())
+        .args([
+            "run",
+            "--iface",
+            "eth0",
+            "--bpffs",
+            &bpffs,
+            "--duration",
+            "5",
+        ])
+        .arg("--state-file")
+        .arg(&state)
+        .output()?;
+    let line = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{line}");
+    assert!(
+        line.contains(&format!("made by map ABI {}", from - 1)),
+        "{line}"
+    );
+    // Nothing changed: the migrated program still forwards.
+    let answer = net.client.run(|| one_request(targets()[0]))??;
+    assert!(backend_index(&answer).is_ok(), "{answer}");
+    Ok(())
+}
+
+#[test]
+fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> anyhow::Result<()> {
+    let prev = prev_lb()?;
+    let version = Command::new(&prev).arg("--version").output()?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    let want = format!("map ABI {})", lb_common::previous::VERSION);
+    assert!(version.contains(&want), "{version}");
+    let mut net = previous_release_serving(&prev)?;
+    let load = Load::start(&net)?;
+    std::thread::sleep(Duration::from_millis(1500));
+
+    check_previous_pins(&net)?;
+    let from = lb_common::previous::VERSION;
     let flows_id = map_id(&net.dir, lb_common::FLOWS_MAP)?;
     let progs_id = map_id(&net.dir, lb_common::PROGS_MAP)?;
     let before = serde_json::from_str::<StatsView>(&lb_of(&prev, &net.dir, &["stats", "--json"])?)?;
@@ -411,49 +469,5 @@ fn the_previous_release_is_upgraded_under_load_without_a_failed_request() -> any
     // N-2: refused with one line, and a start on them too, changing nothing.
     let agent = net.agent.take().context("agent")?;
     agent.terminate(Duration::from_secs(10))?;
-    assert!(net.dir.map_pin("eth0", lb_common::ABI_MAP).exists());
-    let record = lb_userspace::dataplane::rawmap::RawMap::open(
-        &net.dir.map_pin("eth0", lb_common::ABI_MAP),
-    )?;
-    let mut bytes = record.lookup(&0u32.to_ne_bytes())?.context("record")?;
-    bytes[8..12].copy_from_slice(&(from - 1).to_ne_bytes());
-    record.update(&0u32.to_ne_bytes(), &bytes, 0)?;
-    let (code, out, err) = upgrade_check(&net)?;
-    assert_eq!(code, 4, "{out}{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains(&format!("made by map ABI {}", from - 1))
-            && err.contains(&format!("migrates only from ABI {from}"))
-            && err.contains("--fresh"),
-        "{err}"
-    );
-    let bpffs = net.dir.bpffs.to_str().context("path")?.to_string();
-    let state = net.dir.state_file();
-    let refused = net
-        .lb
-        .lb()?
-        .arg("--socket")
-        .arg(net.dir.socket())
-        .args([
-            "run",
-            "--iface",
-            "eth0",
-            "--bpffs",
-            &bpffs,
-            "--duration",
-            "5",
-        ])
-        .arg("--state-file")
-        .arg(&state)
-        .output()?;
-    let line = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(4), "{line}");
-    assert!(
-        line.contains(&format!("made by map ABI {}", from - 1)),
-        "{line}"
-    );
-    // Nothing changed: the migrated program still forwards.
-    let answer = net.client.run(|| one_request(targets()[0]))??;
-    assert!(backend_index(&answer).is_ok(), "{answer}");
-    Ok(())
+    older_pins_are_refused(&net)
 }
