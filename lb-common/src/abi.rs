@@ -5,7 +5,14 @@ use crate::{
     VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipCounter, VipIndexEntry, VipInfo, VipKey, fmix64, mix,
 };
 
-/// Bumped whenever a map's meaning changes without its sizes changing.
+/// Frozen layouts of earlier ABIs, each with what its migration needs.
+pub mod v13;
+/// The ABI the agent migrates from (`lb-userspace/src/dataplane/migrate.rs`): always
+/// [`ABI_VERSION`] - 1, with its frozen map list and record.
+pub use v13 as previous;
+
+/// Bumped whenever the pinned set changes: a map added or removed, or a map's layout or
+/// meaning changed (14: the record carries the migration that made the set and the NAT tables' size).
 pub const ABI_VERSION: u32 = 14;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
@@ -66,8 +73,20 @@ pub struct AbiRecord {
     pub hash_seed: u64,
     /// `--nat-entries`: the NAT tables' size (established connections).
     pub nat_entries: u32,
+    /// The ABI the set was migrated from by the last upgrade (0: made by this ABI). The
+    /// fields up to `hash_seed` are every ABI's record (a reader tells versions apart by
+    /// them); these say what the last migration did, for `lb stats` and the status page.
+    pub migrated_from: u32,
+    /// Maps created new by that migration (converted, grown, added).
+    pub migrated_maps: u32,
     pub _pad: u32,
+    /// Entries it copied across.
+    pub migrated_entries: u64,
+    /// How long it took, load to commit, in microseconds.
+    pub migrated_us: u64,
+    /// When it committed (seconds since the epoch).
+    pub migrated_at_unix: u64,
 }
-const _: () = assert!(core::mem::size_of::<AbiRecord>() == 56);
+const _: () = assert!(core::mem::size_of::<AbiRecord>() == 88);
 const _: () = assert!(core::mem::offset_of!(AbiRecord, layout) == 16);
 const _: () = assert!(core::mem::offset_of!(AbiRecord, hash_seed) == 40);

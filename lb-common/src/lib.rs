@@ -22,6 +22,8 @@ mod encap;
 mod flow;
 mod guard;
 mod maps;
+/// How the previous ABI's pinned set becomes this one's, map by map.
+pub mod migrate;
 mod nat;
 mod nat_v13;
 mod second_chance;

@@ -323,6 +323,9 @@ pub struct AgentStatus {
     /// How full each part of the NAT table was at the last sweep (once NAT is used).
     #[serde(default)]
     pub nat_table: Option<NatTableView>,
+    /// The migration that brought the pinned maps to this build's map ABI, if one did.
+    #[serde(default)]
+    pub migration: Option<MigrationView>,
 }
 
 /// The NAT table's parts at the last sweep: the `NAT table` line of `lb stats`.
@@ -336,6 +339,23 @@ pub struct NatTableView {
     pub half_slots: u64,
     /// Closed connections still holding their port (counted among the established room).
     pub closing: u64,
+}
+
+/// What the last migration of the pinned maps did (kept in their record, so it is shown
+/// until the next one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// Map ABI it migrated from and to.
+    pub from: u32,
+    pub to: u32,
+    /// Maps made new (converted, grown, added, the program array).
+    pub maps: u32,
+    /// Entries copied across.
+    pub entries: u64,
+    /// Load to commit, in microseconds.
+    pub took_us: u64,
+    /// When it committed (seconds since the epoch).
+    pub at_unix: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

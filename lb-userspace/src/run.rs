@@ -22,6 +22,7 @@ use crate::{
     dataplane::{
         egress::TxPorts,
         kernel::{EncapSources, MapsKernel},
+        migrate,
         pins::{self, AgentLock, Pins},
     },
     metrics, model,
@@ -123,8 +124,12 @@ fn attach(opts: &RunOptions, pins_dir: &Path) -> Result<(Dataplane, String), Err
         pins::remove_pins(pins_dir);
     }
     let found = pins::check(&map_dir, &opts.load)?;
-    let loaded = load_and_attach(opts, pins_dir, found);
-    if loaded.is_err() && found == Pins::Fresh {
+    let fresh = matches!(found, Pins::Fresh);
+    let loaded = match found {
+        Pins::Migrate(plan) => migrate_and_attach(opts, pins_dir, &plan),
+        _ => load_and_attach(opts, pins_dir, fresh),
+    };
+    if loaded.is_err() && fresh {
         // Nothing was pinned before this start: leave nothing half-made behind.
         pins::remove_pins(pins_dir);
     }
@@ -134,14 +139,14 @@ fn attach(opts: &RunOptions, pins_dir: &Path) -> Result<(Dataplane, String), Err
 fn load_and_attach(
     opts: &RunOptions,
     pins_dir: &Path,
-    found: Pins,
+    fresh: bool,
 ) -> Result<(Dataplane, String), Error> {
     let map_dir = pins_dir.join("maps");
     std::fs::create_dir_all(&map_dir)
         .map_err(Error::io(format!("creating {}", map_dir.display())))?;
     let mut dp = Dataplane::load_with_pins(opts.load, Some(&map_dir))?;
-    if found == Pins::Fresh {
-        pins::write_record(&map_dir, &opts.load)?;
+    if fresh {
+        pins::write_record(&map_dir, &pins::abi_record(&opts.load))?;
     }
     let msg = match dp.attach_pinned(&opts.iface, opts.mode, &pins_dir.join("link"))? {
         Some(mode) => format!("attached to {} in {} mode", opts.iface, mode.as_str()),
@@ -152,6 +157,66 @@ fn load_and_attach(
     };
     dp.attach_hc_pinned(&opts.iface, &pins_dir.join(pins::HC_LINK))?;
     Ok((dp, msg))
+}
+
+/// Migrates the pins of the previous map ABI (`dataplane::migrate`): the new object loaded
+/// beside the old maps, the first copy, the swap of both links, the difference, the commit.
+/// A failure before the swap removes what was staged and leaves the old program running on
+/// its maps; after it, the next start migrates again from the old maps.
+fn migrate_and_attach(
+    opts: &RunOptions,
+    pins_dir: &Path,
+    plan: &migrate::Plan,
+) -> Result<(Dataplane, String), Error> {
+    let map_dir = pins_dir.join("maps");
+    let staged = migrate::staged_dir(&map_dir);
+    let started = Instant::now();
+    migrate::clear_staged(&map_dir);
+    let before_swap = || -> Result<_, Error> {
+        std::fs::create_dir_all(&staged)
+            .map_err(Error::io(format!("creating {}", staged.display())))?;
+        let dp = Dataplane::load_staged(opts.load, &map_dir, &staged, &plan.created())?;
+        let (copier, first) = migrate::copy::Copier::first(plan, &map_dir)?;
+        Ok((dp, copier, first))
+    };
+    let (mut dp, copier, first) = before_swap().inspect_err(|_| migrate::clear_staged(&map_dir))?;
+    dp.attach_pinned(&opts.iface, opts.mode, &pins_dir.join("link"))
+        .inspect_err(|_| migrate::clear_staged(&map_dir))?;
+    dp.attach_hc_pinned(&opts.iface, &pins_dir.join(pins::HC_LINK))?;
+    let second = copier.difference()?;
+    let done = migrate::Done {
+        from: plan.from,
+        maps: plan.created().len() as u32,
+        entries: first + second,
+        took: started.elapsed(),
+    };
+    migrate::commit(plan, &map_dir, &opts.load, &done)?;
+    Ok((
+        dp,
+        format!(
+            "attached to {}: migrated the pinned maps from map ABI {} to {} ({} maps new, {} entries copied, {} of them after the swap, in {} ms) and replaced the running program",
+            opts.iface,
+            done.from,
+            lb_common::ABI_VERSION,
+            done.maps,
+            done.entries,
+            second,
+            done.took.as_millis()
+        ),
+    ))
+}
+
+/// The migration the pinned record keeps, if the set was made by one.
+fn migration_of(map_dir: &Path) -> Option<crate::protocol::MigrationView> {
+    let r = pins::read_record(map_dir).ok()?;
+    (r.migrated_from != 0).then_some(crate::protocol::MigrationView {
+        from: r.migrated_from,
+        to: r.version,
+        maps: r.migrated_maps,
+        entries: r.migrated_entries,
+        took_us: r.migrated_us,
+        at_unix: r.migrated_at_unix,
+    })
 }
 
 /// Detaches the program an agent left pinned on `iface` (`--keep-on-exit`) and discards its
@@ -348,6 +413,9 @@ pub async fn run(opts: RunOptions) -> Result<(), Error> {
     let node = start_node(&opts, dp, checked).await.inspect_err(|_| {
         let _ = std::fs::remove_file(&opts.socket);
     })?;
+    if let Some(m) = migration_of(&pins_dir.join("maps")) {
+        node.set_migration(m);
+    }
     if let Some(cfg) = opts.announce.clone() {
         let table = cfg.table;
         let a = tokio::task::spawn_blocking(move || crate::announce::Announcer::new(cfg))

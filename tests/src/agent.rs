@@ -112,7 +112,20 @@ impl AgentDir {
         extra: &[&str],
         wrapper: &[String],
     ) -> anyhow::Result<ChildGuard> {
-        let lb = lb_binary()?;
+        self.spawn_binary(&lb_binary()?, ns, iface, extra, wrapper)
+    }
+
+    /// As [`AgentDir::spawn_agent_as`], running the `lb` at `lb` (another build's, such as
+    /// the previous release in the upgrade test).
+    pub fn spawn_binary(
+        &self,
+        lb: &Path,
+        ns: &Netns,
+        iface: &str,
+        extra: &[&str],
+        wrapper: &[String],
+    ) -> anyhow::Result<ChildGuard> {
+        let lb = lb.to_path_buf();
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = ns.command(first);

@@ -13,6 +13,8 @@ pub mod insns;
 pub mod jumbo;
 pub mod l2fleet;
 pub mod net;
+/// The previous release's `lb`, built from git for the upgrade test.
+pub mod prev;
 pub mod proc;
 pub mod raw;
 pub mod routed;

@@ -182,6 +182,20 @@ pub enum Top {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Upgrades: an upgrade is the new build's normal start on the same pins (`lb run`, or
+    /// the service's restart), which migrates maps of the previous map ABI in place. `--check`
+    /// says beforehand what that start would do with the pins on IFACE: adopt, migrate (each
+    /// map's rule, the entries to copy, the time and memory it takes) or refuse, and why.
+    Upgrade {
+        /// Only say what a start would do; change nothing.
+        #[arg(long)]
+        check: bool,
+        #[arg(long)]
+        iface: String,
+        /// bpffs mount point the agent pinned under.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Backend side of ipip/gue VIPs: attach the decapsulation program (it stays attached),
     /// show its counters, print the backend's setup, or detach it.
     Decap(super::decap::DecapArgs),

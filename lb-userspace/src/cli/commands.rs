@@ -77,6 +77,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Top::XdpPass { iface } => xdp_pass(&iface).await,
+        Top::Upgrade {
+            check,
+            iface,
+            bpffs,
+        } => super::upgrade::run(check, &iface, &bpffs),
         Top::Samples {
             count,
             base_port,
@@ -515,6 +520,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
     if !s.agent.no_mac.is_empty() {
         let list: Vec<String> = s.agent.no_mac.iter().map(|a| a.to_string()).collect();
         println!("backends without a MAC (no traffic): {}\n", list.join(", "));
+    }
+    if let Some(m) = &s.agent.migration {
+        println!("{}\n", super::upgrade::migration_line(m));
     }
     if let Some((live, cap)) = s.agent.nat_connections {
         println!("NAT connections: {live} of {cap} (closed ones keep their port 70 s)");

@@ -8,6 +8,7 @@ pub mod decap;
 pub mod guard;
 pub mod node;
 pub mod output;
+pub mod upgrade;
 
 pub use args::{Cli, Top};
 pub use commands::execute;

@@ -72,9 +72,26 @@ impl MapsKernel {
             source_lists: Sources::new(),
             rates: Rates::new(),
         };
-        k.dp.nat.set_addrs([0; 4], [0; 4])?;
+        // Adopted maps whose program answers on this run's NAT addresses keep them on: zeroing
+        // them until the first NAT backend is written back would pass the NAT connections'
+        // replies to the stack meanwhile, which resets them.
+        let (v4, v6) = k.nat_words();
+        if k.dp.nat.addrs() == (v4, v6) && (v4, v6) != ([0; 4], [0; 4]) {
+            k.nat_addresses_on()?;
+        } else {
+            k.dp.nat.set_addrs([0; 4], [0; 4])?;
+            k.dp.vips.set_also_filtered(Vec::new())?;
+        }
         k.resync()?;
         Ok(k)
+    }
+
+    /// This run's NAT source addresses as the map holds them.
+    fn nat_words(&self) -> ([u32; 4], [u32; 4]) {
+        (
+            self.sources.v4.map_or([0; 4], |a| addr_words(a.into())),
+            self.sources.v6.map_or([0; 4], |a| addr_words(a.into())),
+        )
     }
 
     /// Makes this run's NAT source addresses live (the program answers on them, and packets
@@ -84,8 +101,7 @@ impl MapsKernel {
         if self.nat_on {
             return Ok(());
         }
-        let v4 = self.sources.v4.map_or([0; 4], |a| addr_words(a.into()));
-        let v6 = self.sources.v6.map_or([0; 4], |a| addr_words(a.into()));
+        let (v4, v6) = self.nat_words();
         self.dp.nat.set_addrs(v4, v6)?;
         let also: Vec<[u32; 4]> = [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect();
         self.dp.vips.set_also_filtered(also)?;

@@ -4,9 +4,11 @@ pub mod batch;
 pub mod egress;
 pub mod guard;
 pub mod kernel;
+pub mod migrate;
 pub mod nat;
 pub mod pins;
 pub mod publish;
+pub mod rawmap;
 pub mod stats;
 pub mod tables;
 
@@ -316,11 +318,22 @@ pub struct Dataplane {
 
 /// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
 /// load-time configuration set; the programs are not loaded yet.
-fn open_object(object: &[u8], opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Ebpf, Error> {
+/// With `staged`, the maps it names are created under its directory instead (a migration's
+/// new maps, beside the old set it must not touch yet).
+fn open_object(
+    object: &[u8],
+    opts: &LoadOptions,
+    pin_dir: Option<&Path>,
+    staged: Option<(&Path, &[&str])>,
+) -> Result<Ebpf, Error> {
     let cfg = opts.config();
     let mut loader = EbpfLoader::new();
+    let pin_of = |dir: &Path, m: &str| match staged {
+        Some((to, names)) if names.contains(&m) => to.join(m),
+        _ => dir.join(m),
+    };
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
-        Some(dir) => pinned_maps().map(|m| (m, dir.join(m))).collect(),
+        Some(dir) => pinned_maps().map(|m| (m, pin_of(dir, m))).collect(),
         None => Vec::new(),
     };
     for (name, path) in &pins {
@@ -429,30 +442,56 @@ impl Dataplane {
     /// pinned there are reused as they are, flows and counters included: check them first
     /// with [`pins::check`].
     pub fn load_with_pins(opts: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, Error> {
-        Self::load_object(EBPF_OBJECT, opts, pin_dir)
+        Self::load_object(EBPF_OBJECT, opts, pin_dir, None)
+    }
+
+    /// As [`Dataplane::load_with_pins`] for a migration: the maps named in `created` are made
+    /// new and pinned under `staged_dir`; the others are adopted from `pin_dir`.
+    pub fn load_staged(
+        opts: LoadOptions,
+        pin_dir: &Path,
+        staged_dir: &Path,
+        created: &[&str],
+    ) -> Result<Self, Error> {
+        Self::load_object(
+            EBPF_OBJECT,
+            opts,
+            Some(pin_dir),
+            Some((staged_dir, created)),
+        )
     }
 
     /// As [`Dataplane::load`], from `object`: [`EBPF_OBJECT`] or a build of the same
     /// programs with more beside them (`BENCH_OBJECT`, the benchmark harnesses).
     pub fn load_from(object: &[u8], opts: LoadOptions) -> Result<Self, Error> {
-        Self::load_object(object, opts, None)
+        Self::load_object(object, opts, None, None)
     }
 
     fn load_object(
         object: &[u8],
         opts: LoadOptions,
         pin_dir: Option<&Path>,
+        staged: Option<(&Path, &[&str])>,
     ) -> Result<Self, Error> {
         require_capabilities()?;
         opts.validate()?;
-        let mut ebpf = open_object(object, &opts, pin_dir)?;
+        let mut ebpf = open_object(object, &opts, pin_dir, staged)?;
         load_programs(&mut ebpf)?;
+        let (nat, nat_sweeper) = nat::from_maps(
+            take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
+            take(&mut ebpf, lb_common::NAT_REV_MAP)?,
+            take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
+            &opts,
+        )?;
+        // A pinned set may have NAT source addresses on: the program running on these maps
+        // answers on them, so the pre-filter rebuilt here keeps them (until the agent decides).
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_FILTER_MAP)?).map_err(map_err(VIP_FILTER_MAP))?,
             Array::try_from(take(&mut ebpf, lb_common::VIP_INDEX_MAP)?)
                 .map_err(map_err(lb_common::VIP_INDEX_MAP))?,
+            nat.pinned_addrs(),
         )?;
         let slots = SlotTable::new(
             Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,
@@ -478,12 +517,6 @@ impl Dataplane {
         let tx_ports =
             DevMapHash::try_from(take(&mut ebpf, TX_PORTS_MAP)?).map_err(map_err(TX_PORTS_MAP))?;
         let stats = take_stats(&mut ebpf)?;
-        let (nat, nat_sweeper) = nat::from_maps(
-            take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
-            take(&mut ebpf, lb_common::NAT_REV_MAP)?,
-            take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
-            &opts,
-        )?;
         let capture = std::sync::Arc::new(crate::capture::Capturer::from_maps(
             take(&mut ebpf, lb_common::CAPTURE_CONFIG_MAP)?,
             take(&mut ebpf, lb_common::CAPTURE_CPU_MAP)?,

@@ -93,6 +93,18 @@ pub struct Sweep {
 }
 
 impl NatTables {
+    /// The NAT source addresses the maps hold (both words; all zero: none).
+    pub fn addrs(&self) -> ([u32; 4], [u32; 4]) {
+        let get = |i| self.addrs.get(&i, 0).unwrap_or([0; 4]);
+        (get(NAT_ADDR_V4), get(NAT_ADDR_V6))
+    }
+
+    /// The ones that are set.
+    pub fn pinned_addrs(&self) -> Vec<[u32; 4]> {
+        let (v4, v6) = self.addrs();
+        [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect()
+    }
+
     /// Sets the NAT source addresses (network-order words; all zero: none).
     pub fn set_addrs(&mut self, v4: [u32; 4], v6: [u32; 4]) -> Result<(), Error> {
         self.addrs

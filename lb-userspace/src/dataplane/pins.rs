@@ -14,7 +14,7 @@ use std::{
 use aya::maps::{Array, MapData, MapInfo, MapType};
 use lb_common::{
     ABI_MAGIC, ABI_MAP, ABI_VERSION, AbiRecord, BPF_F_NO_COMMON_LRU, LB_MAPS, MapKind, MapSpec,
-    abi_layout,
+    abi_layout, migrate::MIGRATES_FROM,
 };
 
 use crate::{Error, LoadOptions};
@@ -37,6 +37,7 @@ pub fn remove_pins(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir.join("maps"));
+    super::migrate::clear_staged(&dir.join("maps"));
     let _ = std::fs::remove_dir(dir);
     if let Some(parent) = dir.parent() {
         let _ = std::fs::remove_dir(parent);
@@ -56,12 +57,12 @@ pub fn abi_record(opts: &LoadOptions) -> AbiRecord {
         flow_entries: opts.flow_entries,
         hash_seed: opts.hash_seed,
         nat_entries: opts.nat_entries,
-        _pad: 0,
+        ..AbiRecord::default()
     }
 }
 
 /// The kernel's map type of `kind`.
-fn map_type(kind: MapKind) -> MapType {
+pub(crate) fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::Array => MapType::Array,
@@ -93,12 +94,13 @@ fn expected(opts: &LoadOptions) -> Result<Vec<(&'static MapSpec, u32)>, Error> {
 }
 
 /// Whether `map_dir` holds a map set to adopt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pins {
     /// Nothing pinned: the maps will be created.
     Fresh,
     /// A compatible set is pinned and will be adopted.
     Adopt,
+    /// A set of the previous ABI is pinned and will be migrated as planned.
+    Migrate(Box<super::migrate::Plan>),
 }
 
 fn incompatible(map_dir: &Path, what: String) -> Error {
@@ -109,6 +111,7 @@ fn incompatible(map_dir: &Path, what: String) -> Error {
 }
 
 /// Compares the pinned set under `map_dir` with what `opts` would create; changes nothing.
+/// A set of the previous ABI made with the same options is planned for migration.
 pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
     let present = std::fs::read_dir(map_dir)
         .map(|d| d.flatten().count())
@@ -118,7 +121,15 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
     }
     let record = read_record(map_dir)?;
     let want = abi_record(opts);
-    if record.magic != ABI_MAGIC || record.version != want.version || record.layout != want.layout {
+    if record.magic != ABI_MAGIC {
+        return Err(incompatible(
+            map_dir,
+            format!("{ABI_MAP} holds no record: made by another build"),
+        ));
+    }
+    if record.version != want.version {
+        check_version(map_dir, &record)?;
+    } else if record.layout != want.layout {
         return Err(incompatible(
             map_dir,
             format!(
@@ -134,22 +145,63 @@ pub fn check(map_dir: &Path, opts: &LoadOptions) -> Result<Pins, Error> {
             format!("pinned with {}", diffs.join(", ")),
         ));
     }
+    if record.version == MIGRATES_FROM {
+        return super::migrate::plan(map_dir, opts).map(|p| Pins::Migrate(Box::new(p)));
+    }
     check_maps(map_dir, opts)?;
     Ok(Pins::Adopt)
 }
 
-/// The pinned set's ABI record.
-fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
-    MapData::from_pin(map_dir.join(ABI_MAP))
+/// A record of another ABI: the previous one (with its own layout) is migrated, any other
+/// refused with what to do.
+fn check_version(map_dir: &Path, record: &AbiRecord) -> Result<(), Error> {
+    let (have, dir) = (record.version, map_dir.display());
+    let what = if have == MIGRATES_FROM {
+        if record.layout == lb_common::previous::LAYOUT {
+            return Ok(());
+        }
+        format!(
+            "made by a build with map ABI {have} but layout {:#x}, not the release's {:#x}: this build migrates only what the ABI {have} release made",
+            record.layout,
+            lb_common::previous::LAYOUT
+        )
+    } else if have < MIGRATES_FROM {
+        format!(
+            "made by map ABI {have}; this build (ABI {ABI_VERSION}) migrates only from ABI {MIGRATES_FROM}: upgrade through a release of ABI {MIGRATES_FROM} first"
+        )
+    } else {
+        format!(
+            "made by map ABI {have}, newer than this build's {ABI_VERSION}: a downgrade is not migrated, run a build of ABI {have}"
+        )
+    };
+    Err(Error::Conflict(format!(
+        "the maps pinned under {dir} cannot be adopted ({what}), or start with --fresh to discard the old state (its flows are lost)"
+    )))
+}
+
+/// The pinned set's ABI record: every ABI's record starts with the fields of ABI 13's, so a
+/// shorter (older) one is read into them and the rest left zero.
+pub fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
+    let unreadable = || {
+        incompatible(
+            map_dir,
+            format!("no readable {ABI_MAP} record: made by another build"),
+        )
+    };
+    let map = super::rawmap::RawMap::open(&map_dir.join(ABI_MAP)).map_err(|_| unreadable())?;
+    let bytes = map
+        .lookup(&0u32.to_ne_bytes())
         .ok()
-        .and_then(|m| Array::<MapData, AbiRecord>::try_from(aya::maps::Map::Array(m)).ok())
-        .and_then(|a| a.get(&0, 0).ok())
-        .ok_or_else(|| {
-            incompatible(
-                map_dir,
-                format!("no readable {ABI_MAP} record: made by another build"),
-            )
-        })
+        .flatten()
+        .ok_or_else(unreadable)?;
+    let mut out = [0u8; size_of::<AbiRecord>()];
+    let n = bytes.len().min(out.len());
+    if n < size_of::<lb_common::previous::Record>() {
+        return Err(unreadable());
+    }
+    out[..n].copy_from_slice(&bytes[..n]);
+    // SAFETY: `AbiRecord` is plain integers (repr(C)); every byte pattern is a value.
+    Ok(unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<AbiRecord>()) })
 }
 
 /// The options the pinned set was made with that differ from this agent's, by flag.
@@ -219,20 +271,29 @@ fn check_maps(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
     Ok(())
 }
 
-/// Creates and pins the record of a fresh map set.
-pub fn write_record(map_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
+/// Creates the record `record` and pins it as the set's record, in place of any old one in
+/// one step (pinned in the staging directory, then renamed over it).
+pub fn write_record(map_dir: &Path, record: &AbiRecord) -> Result<(), Error> {
     let mut a = Array::<MapData, AbiRecord>::create(1, 0).map_err(|source| Error::Map {
         name: ABI_MAP,
         source,
     })?;
-    a.set(0, abi_record(opts), 0).map_err(|source| Error::Map {
+    a.set(0, record, 0).map_err(|source| Error::Map {
         name: ABI_MAP,
         source,
     })?;
+    let staged = super::migrate::staged_dir(map_dir);
+    std::fs::create_dir_all(&staged)
+        .map_err(Error::io(format!("creating {}", staged.display())))?;
+    let tmp = staged.join(ABI_MAP);
+    let _ = std::fs::remove_file(&tmp);
+    a.pin(&tmp)
+        .map_err(|e| Error::Kernel(format!("pinning {}: {e}", tmp.display())))?;
     let path = map_dir.join(ABI_MAP);
-    let _ = std::fs::remove_file(&path);
-    a.pin(&path)
-        .map_err(|e| Error::Kernel(format!("pinning {}: {e}", path.display())))
+    std::fs::rename(&tmp, &path).map_err(Error::io(format!("pinning {}", path.display())))?;
+    // Left only when a migration still stages maps there.
+    let _ = std::fs::remove_dir(&staged);
+    Ok(())
 }
 
 /// The lock of the pins in `pin_dir`: a directory beside it (`<iface>:lock`), on the same
@@ -337,4 +398,37 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{ABI_VERSION, AbiRecord, migrate::MIGRATES_FROM, previous};
+
+    fn record(version: u32, layout: u64) -> AbiRecord {
+        AbiRecord {
+            version,
+            layout,
+            ..AbiRecord::default()
+        }
+    }
+
+    #[test]
+    fn only_the_previous_release_is_migrated() {
+        let dir = std::path::Path::new("/sys/fs/bpf/xdp-lb/eth0/maps");
+        let check = |v, l| super::check_version(dir, &record(v, l)).map_err(|e| e.to_string());
+        assert!(check(MIGRATES_FROM, previous::LAYOUT).is_ok());
+        let older = check(MIGRATES_FROM - 1, 0).expect_err("older refused");
+        assert_eq!(
+            older,
+            format!(
+                "the maps pinned under {} cannot be adopted (made by map ABI {}; this build (ABI {ABI_VERSION}) migrates only from ABI {MIGRATES_FROM}: upgrade through a release of ABI {MIGRATES_FROM} first), or start with --fresh to discard the old state (its flows are lost)",
+                dir.display(),
+                MIGRATES_FROM - 1
+            )
+        );
+        let newer = check(ABI_VERSION + 1, 0).expect_err("newer refused");
+        assert!(newer.contains("a downgrade is not migrated"), "{newer}");
+        let other = check(MIGRATES_FROM, previous::LAYOUT ^ 1).expect_err("unknown layout");
+        assert!(other.contains("migrates only what the ABI"), "{other}");
+    }
 }

@@ -60,6 +60,7 @@ impl VipTable {
         info: Array<MapData, VipInfo>,
         filter: Array<MapData, u64>,
         index: Array<MapData, VipIndexEntry>,
+        also_filtered: Vec<[u32; 4]>,
     ) -> Result<Self, Error> {
         let filter_words = (0..VIP_FILTER_WORDS)
             .map(|i| filter.get(&i, 0).map_err(err(VIP_FILTER_MAP)))
@@ -74,7 +75,7 @@ impl VipTable {
             filter_words,
             index,
             index_entries,
-            also_filtered: Vec::new(),
+            also_filtered,
         };
         // Pinned maps from before the index existed, or a write that failed: made right now.
         t.sync_filter()?;

@@ -22,6 +22,8 @@ pub struct Node {
     fleet: Option<Arc<Fleet>>,
     /// `--announce-table`: the VIP routes for the BGP speaker.
     announce: OnceLock<Arc<Announcer>>,
+    /// The migration that made the pinned maps, from their record (set once at start).
+    migration: std::sync::OnceLock<crate::protocol::MigrationView>,
 }
 
 impl Node {
@@ -36,6 +38,7 @@ impl Node {
             agent: Arc::new(agent),
             fleet,
             announce: OnceLock::new(),
+            migration: std::sync::OnceLock::new(),
         }))
     }
 
@@ -78,7 +81,13 @@ impl Node {
         let mut stats = self.agent.stats()?;
         stats.store = self.fleet.as_ref().map(|f| f.view());
         stats.announce = self.announcer().map(|a| a.view());
+        stats.agent.migration = self.migration.get().cloned();
         Ok(stats)
+    }
+
+    /// Says which migration made the pinned maps (`lb stats`, the status page).
+    pub fn set_migration(&self, m: crate::protocol::MigrationView) {
+        let _ = self.migration.set(m);
     }
 
     /// Executes `cmd` and says at which store revision. In store mode the change goes to

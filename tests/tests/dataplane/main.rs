@@ -15,6 +15,7 @@
 //! - `guard_flood`: a spoofed SYN flood against a new-flow limit, and without one;
 //! - `flood`: the flow table under a spoofed flood, and a UDP client off a killed backend;
 //! - `faults`: the agent under injected faults;
+//! - `upgrade`: the previous release's pins migrated by this build under load;
 //! - `jumbo`: veths at MTU 9000 with the agent attached natively and generically, raw frames
 //!   of every size received byte for byte at a backend, a real TCP connection through full
 //!   NAT with 8,000-byte segments, and the MTU changed under a running agent.
@@ -35,3 +36,4 @@ mod jumbo;
 mod nat;
 mod nat_close;
 mod second_chance;
+mod upgrade;
