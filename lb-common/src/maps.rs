@@ -202,7 +202,7 @@ pub const LB_MAPS: &[MapSpec] = &[
         Capacity::Fixed(SOURCE_RATE_ENTRIES),
         0,
     ),
-        // Packet capture (`crate::capture`): a capture belongs to the program that runs it.
+    // Packet capture (`crate::capture`): a capture belongs to the program that runs it.
     unpinned(spec::<u32, crate::CaptureConfig>(
         crate::CAPTURE_CONFIG_MAP,
         Array,

@@ -33,6 +33,9 @@ const _: () = assert!(core::mem::size_of::<Record>() == 48);
 
 /// `LB_STATS` index of the express lane's combined count in ABI 13 (its `Stat::COUNT`).
 pub const STATS_CACHE_HITS: u32 = 18;
+/// The NAT tables' size, fixed in ABI 13 (its record has no `nat_entries`): what an ABI-13
+/// set is compared with when this build's `--nat-entries` is checked.
+pub const NAT_ENTRIES: u32 = 65536;
 
 const fn m(
     name: &'static str,

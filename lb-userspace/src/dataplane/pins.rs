@@ -201,7 +201,12 @@ pub fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
     }
     out[..n].copy_from_slice(&bytes[..n]);
     // SAFETY: `AbiRecord` is plain integers (repr(C)); every byte pattern is a value.
-    Ok(unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<AbiRecord>()) })
+    let mut record = unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<AbiRecord>()) };
+    // ABI 13 had fixed-size NAT tables and no field for them.
+    if record.version == lb_common::previous::VERSION {
+        record.nat_entries = lb_common::previous::NAT_ENTRIES;
+    }
+    Ok(record)
 }
 
 /// The options the pinned set was made with that differ from this agent's, by flag.

@@ -470,6 +470,17 @@ fn flood(pps: u64, secs: u64) -> anyhow::Result<(u64, u64)> {
     Ok((syns, acks))
 }
 
+/// One request on a new connection, with a connect timeout that lets the client's SYN be
+/// sent three times (at 0, 1 and 3 s), as a client with the kernel's default timeout (about
+/// two minutes) would: a SYN refused because every half-open slot it may use holds a handshake
+/// younger than 100 ms is dropped, and the client's own retransmission is the designed retry
+/// (`dropped_nat_half_open_full`). `one_request`'s 3 s allows only two.
+fn patient_request(target: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(7))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    lb_tests::traffic::request(&mut s)
+}
+
 /// 8 s of spoofed SYNs and ACKs at 20,000 a second while 20 keep-alive connections and a
 /// stream of new ones run: no failure; the ACKs are dropped as `dropped_nat_no_entry` (no
 /// port, no entry); the SYNs' half-open pairs stay within the slots, and the established
@@ -491,7 +502,7 @@ fn spoofed_floods_are_counted_and_survived() -> anyhow::Result<()> {
         let fresh = net.client.run(|| {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(Ordering::Relaxed) && ok < 20_000 {
-                match lb_tests::traffic::one_request(target()) {
+                match patient_request(target()) {
                     Ok(_) => ok += 1,
                     Err(e) => failed.push(e.to_string()),
                 }

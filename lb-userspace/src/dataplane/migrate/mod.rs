@@ -182,9 +182,12 @@ fn map_bytes(m: &MapSpec, entries: u32) -> u64 {
     let per = match m.kind {
         MapKind::PerCpuArray => value * cpus,
         MapKind::Array | MapKind::ProgArray => value,
-        MapKind::Hash | MapKind::LruHash | MapKind::DevMapHash => {
+        // A trie without preallocation takes memory per entry written: this is its bound.
+        MapKind::Hash | MapKind::LruHash | MapKind::DevMapHash | MapKind::LpmTrie => {
             u64::from(m.key_size) + value + 64
         }
+        // A ring buffer's capacity is its size in bytes.
+        MapKind::RingBuf => 1,
     };
     per * u64::from(entries)
 }
