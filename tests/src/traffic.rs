@@ -188,3 +188,20 @@ fn note(failures: &std::sync::Mutex<Vec<String>>, started: Instant, what: String
         f.push(format!("{:.1} s: {what}", started.elapsed().as_secs_f64()));
     }
 }
+
+/// The next spoofed source of a flood: `rng` advanced one xorshift step (it stays usable for
+/// the packet's other random fields), an address of 198.18.0.0/15 (the benchmarking range,
+/// never a real host) and a port from 1024.
+pub fn spoofed_source(rng: &mut u64) -> ([u8; 4], u16) {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let r = *rng;
+    let src = [
+        198,
+        18 | ((r >> 8) as u8 & 1),
+        (r >> 16) as u8,
+        (r >> 24) as u8,
+    ];
+    (src, (r >> 32) as u16 | 1024)
+}

@@ -82,17 +82,7 @@ fn a_spoofed_flood_evicts_no_established_flow() -> anyhow::Result<()> {
                 }
             }
             while n < FLOWS && start.elapsed() < Duration::from_secs(60) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                // Sources from 198.18.0.0/15 (benchmarking range), random ports.
-                let src = [
-                    198,
-                    18 | ((rng >> 8) as u8 & 1),
-                    (rng >> 16) as u8,
-                    (rng >> 24) as u8,
-                ];
-                let sport = (rng >> 32) as u16 | 1024;
+                let (src, sport) = lb_tests::traffic::spoofed_source(&mut rng);
                 let dst = v4(VIP);
                 sock.send_waiting(&frames.tcp4((src, sport), (dst, PORT), "S", b""))?;
                 sock.send_waiting(&frames.tcp4((src, sport), (dst, PORT), "A", b""))?;

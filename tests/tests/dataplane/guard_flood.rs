@@ -56,16 +56,7 @@ fn flood(net: &DemoNet, port: u16, seed: u64) -> anyhow::Result<(u32, Duration)>
         let mut rng = seed;
         let mut n = 0;
         while n < SYNS && start.elapsed() < Duration::from_secs(20) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let src = [
-                198,
-                18 | ((rng >> 8) as u8 & 1),
-                (rng >> 16) as u8,
-                (rng >> 24) as u8,
-            ];
-            let sport = (rng >> 32) as u16 | 1024;
+            let (src, sport) = lb_tests::traffic::spoofed_source(&mut rng);
             sock.send_waiting(&frames.tcp4((src, sport), (v4(VIP), port), "S", b""))?;
             n += 1;
         }

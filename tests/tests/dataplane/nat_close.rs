@@ -440,16 +440,7 @@ fn flood(pps: u64, secs: u64) -> anyhow::Result<(u64, u64)> {
     let mut pkt = Vec::with_capacity(64);
     while start.elapsed() < Duration::from_secs(secs) && syns + acks < pps * secs {
         for _ in 0..250 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let src = [
-                198,
-                18 | ((rng >> 8) as u8 & 1),
-                (rng >> 16) as u8,
-                (rng >> 24) as u8,
-            ];
-            let sport = (rng >> 32) as u16 | 1024;
+            let (src, sport) = lb_tests::traffic::spoofed_source(&mut rng);
             pkt.clear();
             let b = etherparse::PacketBuilder::ipv4(src, vip, 64).tcp(sport, 80, rng as u32, 64000);
             if (syns + acks) % 2 == 0 {
