@@ -191,6 +191,10 @@ counter_enum! {
         /// NAT: a new connection took the half-open slot of an older unfinished one, whose
         /// port and entries were freed (counted beside the new connection's own reason).
         NatHalfOpenReplaced = "nat_half_open_replaced",
+        /// NAT: the backend answered a new connection's SYN with an ACK of an earlier
+        /// connection on the same port (its handshake or TIME_WAIT): dropped, and the pair
+        /// removed so the client's SYN retransmission takes another port.
+        DropNatStalePort = "dropped_nat_stale_port",
     }
 }
 

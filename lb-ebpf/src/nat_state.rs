@@ -253,8 +253,11 @@ pub fn backend(
     }
     if e.flags & NAT_F_SEEN == 0 && (e.flags | c.flags) & NAT_F_ESTABLISHED == 0 {
         // The first answer of a half-open pair acknowledges the client's SYN exactly.
-        if f & TCP_ACK == 0 || c.flags & NAT_F_SEEN == 0 || seg.ack != c.seq_end {
+        if f & TCP_ACK == 0 || c.flags & NAT_F_SEEN == 0 {
             return Err(OUT_OF_WINDOW);
+        }
+        if seg.ack != c.seq_end {
+            return Err(stale_port(c, okey, &pkt.key));
         }
     } else if f & TCP_FIN != 0 && !nat_seq_ok(seg, e, c) {
         return Err(OUT_OF_WINDOW);
@@ -262,12 +265,35 @@ pub fn backend(
     let mut add = NAT_F_ANSWERED;
     if f & TCP_FIN != 0 {
         add |= NAT_F_BACKEND_FIN;
+        // The backend closes passively (no TIME_WAIT) only when its FIN acknowledges the
+        // client's: a FIN sent before the client's arrived (a simultaneous close) leaves it in
+        // TIME_WAIT, whichever FIN the load balancer saw first.
+        if (e.flags | c.flags) & NAT_F_CLIENT_FIRST != 0
+            && (f & TCP_ACK == 0 || seg.ack != c.seq_end)
+        {
+            e.flags &= !NAT_F_CLIENT_FIRST;
+            c.flags &= !NAT_F_CLIENT_FIRST;
+        }
     }
     if e.flags & add != add {
         set_both(e, c, add, now);
     }
     nat_track(e, seg);
     Ok(())
+}
+
+/// The backend answered a new connection's SYN with an ACK of another one: it still holds an
+/// earlier connection on this NAT port (a handshake of a replaced half-open pair, a
+/// TIME_WAIT), and would answer every retransmission of this SYN the same way until its own
+/// timers end it. The pair is removed (port and slot freed) so the client's next SYN takes
+/// another port; the backend's leftover ends by itself. `fwd` is the pair's forward entry,
+/// found under `fkey`; `rkey` is the packet's (reverse) key.
+#[inline(always)]
+fn stale_port(fwd: &mut NatEntry, fkey: &FlowKey, rkey: &FlowKey) -> Verdict {
+    release_half(fwd, fkey);
+    let _ = LB_NAT_REV.remove(rkey);
+    let _ = LB_NAT_FWD.remove(fkey);
+    Verdict::discard(Stat::DropNatStalePort)
 }
 
 /// Takes a half-open slot for new connection `key`: a free one of the probes, else the

@@ -514,10 +514,12 @@ fn spoofed_floods_are_counted_and_survived() -> anyhow::Result<()> {
     let no_entry = stat(&net, "dropped_nat_no_entry");
     let full = stat(&net, "dropped_nat_half_open_full");
     let replaced = stat(&net, "nat_half_open_replaced");
+    let stale = stat(&net, "dropped_nat_stale_port");
     println!(
         "flood: {} SYNs and {} ACKs spoofed; meanwhile {fresh} new connections, {} failed; \
          20 keep-alive: {alive} answer; dropped_nat_no_entry {no_entry}, \
-         dropped_nat_half_open_full {full}, nat_half_open_replaced {replaced}",
+         dropped_nat_half_open_full {full}, nat_half_open_replaced {replaced}, \
+         dropped_nat_stale_port {stale}",
         sent.0,
         sent.1,
         failed.len()
