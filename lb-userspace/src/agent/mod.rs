@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod second_chance;
 pub mod state;
 mod stats;
+pub mod top_sources;
 mod trace;
 
 #[cfg(test)]

@@ -105,6 +105,9 @@ pub enum Top {
         count: Option<u64>,
         #[arg(long)]
         json: bool,
+        /// Instead: the ten sources the guard dropped most in the last minute (sampled).
+        #[arg(long, conflicts_with_all = ["watch", "count"])]
+        top_sources: bool,
     },
     /// Show the VIP, slot, backend and flow-table entry a packet would meet.
     Trace {

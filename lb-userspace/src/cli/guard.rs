@@ -67,3 +67,30 @@ pub async fn deny(client: &Client, cmd: DenyCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `lb stats --top-sources`: the sources the guard dropped most in the last minute.
+pub async fn top_sources(client: &Client, json: bool) -> anyhow::Result<()> {
+    let v: lb_userspace::protocol::TopSourcesView = client.get("/v1/stats/top-sources").await?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "sources the guard dropped most in the last {} s (sampled 1 in {}: estimates)",
+        v.window_s, v.sample_every
+    );
+    let rows: Vec<Vec<String>> = v
+        .sources
+        .iter()
+        .map(|s| {
+            let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            vec![
+                s.source.to_string(),
+                s.dropped.to_string(),
+                s.samples.to_string(),
+                reasons.join(", "),
+            ]
+        })
+        .collect();
+    print_table(&["SOURCE", "DROPPED", "SAMPLES", "REASONS"], &rows);
+    Ok(())
+}
