@@ -18,6 +18,7 @@ pub mod neigh;
 pub mod ops;
 pub mod own_addrs;
 pub mod probe;
+mod prune;
 pub mod reconcile;
 pub mod second_chance;
 pub mod state;

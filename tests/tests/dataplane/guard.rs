@@ -3,7 +3,7 @@
 //! `lb deny add` of a client's address under keep-alive traffic stops its new and its
 //! established packets as soon as the command returns, while another VIP's keep-alive client
 //! goes on; `lb deny remove` lets the held request through (TCP retransmits it) and new
-//! connections again.
+//! connections again. A ban with an end leaves the kernel's trie once it ends.
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
@@ -138,5 +138,24 @@ fn allow_list_and_deny_under_keepalive() -> anyhow::Result<()> {
         listed.contains("10.200.0.99/32") && (listed.contains("600s") || listed.contains("599s")),
         "{listed}"
     );
+    // A short ban is removed from the kernel's trie once it ends, not only ignored there;
+    // the one of 10 minutes stays.
+    let trie = net.dir.map_pin("eth0", lb_common::DENY4_MAP);
+    let entries = || -> anyhow::Result<usize> {
+        let data = aya::maps::MapData::from_pin(&trie)?;
+        let t: aya::maps::LpmTrie<_, lb_common::GuardSrc4, u64> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+        Ok(t.keys().filter(Result::is_ok).count())
+    };
+    net.lb(&["deny", "add", "10.200.0.98/32", "--expires", "1s"])?;
+    assert_eq!(entries()?, 2, "both bans in the trie");
+    let took = lb_tests::wait::wait_until(
+        Duration::from_secs(5),
+        "the ended ban leaves the trie",
+        || Ok(entries()? == 1),
+        || format!("{:?} entries", entries().ok()),
+    )?;
+    assert!(net.lb(&["deny", "list"])?.contains("10.200.0.99/32"));
+    eprintln!("a ban of 1 s left the trie {took:?} after it was polled for");
     Ok(())
 }
