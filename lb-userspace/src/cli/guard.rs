@@ -20,9 +20,35 @@ struct DenyView {
     expires_in_s: Option<u64>,
 }
 
+/// The prefixes of `lb deny add --file`: one a line, blank lines and `#` comments skipped;
+/// the first bad line is the error, with its number.
+fn read_prefixes(path: &std::path::Path) -> anyhow::Result<Vec<lb_userspace::model::Prefix>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let p = line
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
 pub async fn deny(client: &Client, cmd: DenyCmd) -> anyhow::Result<()> {
     match cmd {
-        DenyCmd::Add { prefixes, expires } => {
+        DenyCmd::Add {
+            mut prefixes,
+            expires,
+            file,
+        } => {
+            if let Some(f) = &file {
+                prefixes.extend(read_prefixes(f)?);
+            }
             let n = prefixes.len();
             client
                 .command(&Command::DenyAdd {
