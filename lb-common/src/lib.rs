@@ -28,6 +28,7 @@ mod nat;
 mod nat_v13;
 mod second_chance;
 mod table_key;
+mod top_sources;
 pub use abi::*;
 pub use cache::*;
 pub use capture::*;
@@ -39,6 +40,7 @@ pub use nat::*;
 pub use nat_v13::*;
 pub use second_chance::*;
 pub use table_key::*;
+pub use top_sources::*;
 
 // ---------------------------------------------------------------------------------------------
 // Map names and default capacities.

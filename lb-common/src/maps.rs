@@ -227,6 +227,14 @@ pub const LB_MAPS: &[MapSpec] = &[
         Capacity::Fixed(2),
         0,
     )),
+    // The guard's sampled drops (`crate::top_sources`): the last minute only, so a restarted
+    // program may start it empty.
+    unpinned(spec::<crate::TopKey, u64>(
+        crate::TOP_SOURCES_MAP,
+        LruHash,
+        Capacity::Fixed(crate::TOP_SOURCES_ENTRIES),
+        0,
+    )),
 ];
 
 /// The description of map `name`, if the object has it.

@@ -109,7 +109,7 @@ fn check(ctx: &XdpContext, candidate: parse::Candidate, len: &mut u64) -> Result
     }
     let vip_id = crate::maps::find_vip_id(&pkt.key).ok_or(pkt.not_vip)?;
     let vip = crate::maps::present_vip(vip_id).ok_or(pkt.not_vip)?;
-    admit(vip_id, vip, &pkt.key).inspect_err(|_| count_drop(vip_id))?;
+    admit(vip_id, vip, &pkt.key).inspect_err(|v| count_drop(vip_id, &pkt.key, v))?;
     // A flow's first packet: a SYN (without ACK), or a UDP datagram the slot table placed.
     let opens = !pkt.icmp_error
         && if pkt.key.proto == PROTO_TCP {
@@ -118,7 +118,7 @@ fn check(ctx: &XdpContext, candidate: parse::Candidate, len: &mut u64) -> Result
             meta_is(ctx, GUARD_PLACED)
         };
     if vip.flags & VIP_F_RATE != 0 && opens {
-        crate::rate::limit(vip_id, &pkt.key).inspect_err(|_| count_drop(vip_id))?;
+        crate::rate::limit(vip_id, &pkt.key).inspect_err(|v| count_drop(vip_id, &pkt.key, v))?;
     }
     set_meta(ctx, GUARD_ADMITTED).map_err(|()| Verdict::discard(Stat::DropTxError))?;
     // SAFETY: tail call into our own program array; on success it does not return.
@@ -126,13 +126,15 @@ fn check(ctx: &XdpContext, candidate: parse::Candidate, len: &mut u64) -> Result
     Err(Verdict::discard(Stat::DropTxError))
 }
 
-/// Counts a packet the guard dropped for VIP `vip_id` (its reason is counted by `act`).
+/// Counts a packet of `key` the guard dropped for VIP `vip_id` with `verdict` (its reason is
+/// counted by `act`), and samples it for the top sources.
 #[inline(always)]
-fn count_drop(vip_id: u32) {
+fn count_drop(vip_id: u32, key: &FlowKey, verdict: &Verdict) {
     if let Some(c) = crate::maps::LB_VIP_GUARD_STATS.get_ptr_mut(vip_id) {
         // SAFETY: this CPU's slot; nothing else writes it concurrently.
         unsafe { *c += 1 };
     }
+    crate::top_sources::sample(key, verdict.stat);
 }
 
 /// Puts `word` in front of the frame as its 4 bytes of XDP metadata (whatever metadata it

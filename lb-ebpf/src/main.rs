@@ -27,6 +27,7 @@ mod path;
 mod rate;
 mod select;
 mod stats;
+mod top_sources;
 mod verdict;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -348,6 +348,11 @@ pub static LB_VIP_RATE: Array<lb_common::VipRate> = Array::with_max_entries(DEFA
 pub static LB_SOURCE_RATE: LruHashMap<lb_common::SourceRateKey, u64> =
     LruHashMap::with_max_entries(lb_common::SOURCE_RATE_ENTRIES, 0);
 
+/// The guard's sampled drops by source, reason and time step (`lb_common::top_sources`).
+#[map(name = "LB_TOP_SOURCES")]
+pub static LB_TOP_SOURCES: LruHashMap<lb_common::TopKey, u64> =
+    LruHashMap::with_max_entries(lb_common::TOP_SOURCES_ENTRIES, 0);
+
 /// The longest entry of scope `scope` holding source `src` (of family `family`) in the IPv4
 /// trie `t4` or the IPv6 trie `t6`.
 #[inline(always)]

@@ -452,3 +452,27 @@ pub struct ApiError {
     pub kind: ErrorKind,
     pub error: String,
 }
+
+/// `lb stats --top-sources`: the sources the guard dropped most in the last minute, from the
+/// kernel's samples (`lb_common::top_sources`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopSourcesView {
+    /// The span summed, in seconds (the last minute, in the program's 10 s steps).
+    pub window_s: u64,
+    /// One drop in this many is sampled; `dropped` is samples times this.
+    pub sample_every: u32,
+    /// At most ten, most dropped first.
+    pub sources: Vec<TopSource>,
+}
+
+/// One source of [`TopSourcesView`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopSource {
+    pub source: IpAddr,
+    /// Estimated drops (samples x `sample_every`).
+    pub dropped: u64,
+    /// Samples behind the estimate (its error is about its square root, times `sample_every`).
+    pub samples: u64,
+    /// Estimated drops by reason (`lb stats`'s counter names).
+    pub reasons: BTreeMap<String, u64>,
+}

@@ -24,6 +24,11 @@ pub trait Counters: Send + Sync {
     fn vip_guard_dropped(&self, _id: u32) -> Result<u64, Error> {
         Ok(0)
     }
+    /// The guard's sampled drops (`lb_common::TopKey` -> samples) and the program's clock
+    /// when they were read (monotonic coarse ns). A walk of the whole map.
+    fn top_sources(&self) -> Result<(Vec<(lb_common::TopKey, u64)>, u64), Error> {
+        Ok((Vec::new(), 0))
+    }
 }
 
 /// What a NAT sweep found.

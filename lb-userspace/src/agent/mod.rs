@@ -18,10 +18,12 @@ pub mod neigh;
 pub mod ops;
 pub mod own_addrs;
 pub mod probe;
+mod prune;
 pub mod reconcile;
 pub mod second_chance;
 pub mod state;
 mod stats;
+pub mod top_sources;
 mod trace;
 
 #[cfg(test)]

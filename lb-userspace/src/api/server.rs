@@ -207,6 +207,7 @@ async fn handle(req: Request<Incoming>, node: SharedNode) -> Response<Full<Bytes
             let n = node.clone();
             read(move || n.stats()).await
         }
+        (Method::GET, "/v1/stats/top-sources") => read(move || agent.top_sources()).await,
         (Method::GET, "/v1/trace") => trace(agent, &parts.uri).await,
         (Method::GET, "/v1/cluster") => match node.cluster().await {
             Ok(c) => json(StatusCode::OK, &c),

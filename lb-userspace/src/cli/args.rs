@@ -105,6 +105,9 @@ pub enum Top {
         count: Option<u64>,
         #[arg(long)]
         json: bool,
+        /// Instead: the ten sources the guard dropped most in the last minute (sampled).
+        #[arg(long, conflicts_with_all = ["watch", "count"])]
+        top_sources: bool,
     },
     /// Show the VIP, slot, backend and flow-table entry a packet would meet.
     Trace {
@@ -525,11 +528,15 @@ pub enum VipCmd {
 pub enum DenyCmd {
     /// Deny sources in these prefixes on every VIP of this node, at once.
     Add {
-        #[arg(required = true, value_name = "PREFIX")]
+        #[arg(required_unless_present = "file", value_name = "PREFIX")]
         prefixes: Vec<Prefix>,
         /// End the deny after this long (SECS, or with s, m, h or d: 90s, 10m, 1h, 7d).
         #[arg(long, value_name = "DURATION", value_parser = duration_s)]
         expires: Option<u64>,
+        /// Also the prefixes in FILE, one a line (blank lines and `#` comments skipped), sent
+        /// as one change.
+        #[arg(long, value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
     },
     /// Remove prefixes from the deny list.
     Remove {

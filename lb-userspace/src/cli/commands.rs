@@ -23,7 +23,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Top::Vip(cmd) => vip(&client, cmd).await,
         Top::Backend(cmd) => backend(&client, cmd).await,
         Top::Deny(cmd) => super::guard::deny(&client, cmd).await,
-        Top::Stats { watch, count, json } => stats(&client, watch, count, json).await,
+        Top::Stats {
+            top_sources: true,
+            json,
+            ..
+        } => super::guard::top_sources(&client, json).await,
+        Top::Stats {
+            watch, count, json, ..
+        } => stats(&client, watch, count, json).await,
         Top::Trace {
             client: c,
             vip,

@@ -20,9 +20,35 @@ struct DenyView {
     expires_in_s: Option<u64>,
 }
 
+/// The prefixes of `lb deny add --file`: one a line, blank lines and `#` comments skipped;
+/// the first bad line is the error, with its number.
+fn read_prefixes(path: &std::path::Path) -> anyhow::Result<Vec<lb_userspace::model::Prefix>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let p = line
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
 pub async fn deny(client: &Client, cmd: DenyCmd) -> anyhow::Result<()> {
     match cmd {
-        DenyCmd::Add { prefixes, expires } => {
+        DenyCmd::Add {
+            mut prefixes,
+            expires,
+            file,
+        } => {
+            if let Some(f) = &file {
+                prefixes.extend(read_prefixes(f)?);
+            }
             let n = prefixes.len();
             client
                 .command(&Command::DenyAdd {
@@ -65,5 +91,32 @@ pub async fn deny(client: &Client, cmd: DenyCmd) -> anyhow::Result<()> {
             print_table(&["PREFIX", "EXPIRES IN"], &rows);
         }
     }
+    Ok(())
+}
+
+/// `lb stats --top-sources`: the sources the guard dropped most in the last minute.
+pub async fn top_sources(client: &Client, json: bool) -> anyhow::Result<()> {
+    let v: lb_userspace::protocol::TopSourcesView = client.get("/v1/stats/top-sources").await?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "sources the guard dropped most in the last {} s (sampled 1 in {}: estimates)",
+        v.window_s, v.sample_every
+    );
+    let rows: Vec<Vec<String>> = v
+        .sources
+        .iter()
+        .map(|s| {
+            let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            vec![
+                s.source.to_string(),
+                s.dropped.to_string(),
+                s.samples.to_string(),
+                reasons.join(", "),
+            ]
+        })
+        .collect();
+    print_table(&["SOURCE", "DROPPED", "SAMPLES", "REASONS"], &rows);
     Ok(())
 }

@@ -454,6 +454,10 @@ impl Counters for StatsMaps {
     fn vip_guard_dropped(&self, id: u32) -> Result<u64, Error> {
         StatsMaps::vip_guard_dropped(self, id)
     }
+
+    fn top_sources(&self) -> Result<(Vec<(lb_common::TopKey, u64)>, u64), Error> {
+        StatsMaps::top_sources(self)
+    }
 }
 
 /// The sweep's handles, one sweep at a time, against the program's clock.

@@ -429,6 +429,8 @@ fn take_stats(ebpf: &mut Ebpf) -> Result<StatsMaps, Error> {
             .map_err(map_err(lb_common::VIP_GUARD_STATS_MAP))?,
         backends: PerCpuArray::try_from(take(ebpf, BACKEND_STATS_MAP)?)
             .map_err(map_err(BACKEND_STATS_MAP))?,
+        top: aya::maps::HashMap::try_from(take(ebpf, lb_common::TOP_SOURCES_MAP)?)
+            .map_err(map_err(lb_common::TOP_SOURCES_MAP))?,
     })
 }
 

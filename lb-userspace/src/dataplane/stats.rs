@@ -38,6 +38,8 @@ pub struct StatsMaps {
     pub backends: PerCpuArray<MapData, Counter>,
     /// Packets the guard dropped per VIP id.
     pub vip_guard: PerCpuArray<MapData, u64>,
+    /// The guard's sampled drops (`lb_common::TOP_SOURCES_MAP`).
+    pub top: aya::maps::HashMap<MapData, lb_common::TopKey, u64>,
 }
 
 /// Adds the express lane's forwarded cache hits (`lb_common::STATS_CACHE_HITS`, counted once
@@ -74,6 +76,35 @@ fn reopen<V: aya::Pod>(
         .map_err(|source| Error::Map { name, source })
 }
 
+/// A second handle on the top sources' map (as [`reopen`]).
+fn reopen_top(
+    map: &aya::maps::HashMap<MapData, lb_common::TopKey, u64>,
+) -> Result<aya::maps::HashMap<MapData, lb_common::TopKey, u64>, Error> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let name = lb_common::TOP_SOURCES_MAP;
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(Error::io(format!("duplicating the fd of {name}")))?;
+    let data = MapData::from_fd(fd).map_err(|source| Error::Map { name, source })?;
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .map_err(|source| Error::Map { name, source })
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 impl StatsMaps {
     /// Read handles on the same maps (the writer keeps the originals to zero entries).
     pub fn reader(&self) -> Result<StatsMaps, Error> {
@@ -84,7 +115,24 @@ impl StatsMaps {
             vips: reopen(&self.vips, VIP_STATS_MAP)?,
             backends: reopen(&self.backends, BACKEND_STATS_MAP)?,
             vip_guard: reopen(&self.vip_guard, lb_common::VIP_GUARD_STATS_MAP)?,
+            top: reopen_top(&self.top)?,
         })
+    }
+
+    /// Every entry of the sampled guard drops, and the program's clock (monotonic coarse
+    /// nanoseconds) right after: a walk of the whole map, one syscall or two per entry.
+    pub fn top_sources(&self) -> Result<(Vec<(lb_common::TopKey, u64)>, u64), Error> {
+        let name = lb_common::TOP_SOURCES_MAP;
+        let mut out = Vec::new();
+        for entry in self.top.iter() {
+            match entry {
+                Ok(kv) => out.push(kv),
+                // An entry the LRU evicted between its key and its value: gone, skip it.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(Error::Map { name, source }),
+            }
+        }
+        Ok((out, coarse_now_ns()))
     }
 
     /// Packets the guard dropped for VIP id `id`, summed over CPUs.

@@ -78,7 +78,8 @@ impl Node {
 }
 
 /// Every second: converges again when the kernel is not in line (or a second-chance window
-/// ended) and saves the second-chance history; every [`NAT_SWEEP_S`] seconds sweeps NAT.
+/// ended), saves the second-chance history and removes ended deny entries; every
+/// [`NAT_SWEEP_S`] seconds sweeps NAT.
 async fn retry_and_sweep(agent: Arc<Agent>) {
     let mut swept: u64 = 0;
     let mut history_failed: Option<String> = None;
@@ -98,6 +99,14 @@ async fn retry_and_sweep(agent: Arc<Agent>) {
                 log::warn!("saving the second-chance history: {e}");
             }
             history_failed = failed;
+        }
+        // Ended `lb deny` entries leave the kernel's trie and the state file.
+        let a = agent.clone();
+        match tokio::task::spawn_blocking(move || a.prune_denies()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => log::info!("{n} ended deny entries removed"),
+            Ok(Err(e)) => log::warn!("removing ended deny entries: {e}"),
+            Err(e) => log::warn!("removing ended deny entries: {e}"),
         }
         swept += 1;
         if swept.is_multiple_of(NAT_SWEEP_S) {

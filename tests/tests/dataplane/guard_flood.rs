@@ -3,8 +3,13 @@
 //! at most the limit plus its burst (counted at the backends, their TCP segments in), the
 //! counters account for the packets sent (placed + `dropped_vip_rate`), and the keep-alive
 //! connections see no failure afterwards. The same flood against a port of the VIP without a
-//! limit is the baseline, reported beside it.
-use std::time::{Duration, Instant};
+//! limit is the baseline, reported beside it. Then three sources flood SYNs far over their
+//! per-source limit while 20 legitimate clients, each from its own address, open connections
+//! (`flood_from_three`).
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
 use lb_common::FlowEvent;
 use lb_tests::{
@@ -13,10 +18,22 @@ use lb_tests::{
     raw::RawSocket,
     topo::{DemoNet, PORT, VIP},
 };
+use lb_userspace::protocol::TopSourcesView;
 
 const SYNS: u32 = 20_000;
 const RATE: u64 = 500;
 const BURST: u64 = 50;
+/// Each source's limit at the VIP: far above what one legitimate client opens, far below a
+/// flooder's rate.
+const SOURCE_RATE: u64 = 20;
+const SOURCE_BURST: u64 = 10;
+/// The three flooding sources (198.18.7.0/29, the benchmarking range).
+const FLOODERS: [[u8; 4]; 3] = [[198, 18, 7, 1], [198, 18, 7, 2], [198, 18, 7, 3]];
+const FLOODERS_NET: &str = "198.18.7.0/29";
+/// The three sources' SYNs at most, in paced bursts over at most `THREE_FOR`.
+const THREE_SYNS: u32 = 20_000;
+const THREE_FOR: Duration = Duration::from_secs(2);
+const LEGIT_CLIENTS: usize = 20;
 
 fn counter(net: &DemoNet, name: &str) -> anyhow::Result<u64> {
     Ok(net.dir.stats()?.global.get(name).map_or(0, |c| c.packets))
@@ -70,10 +87,16 @@ fn a_spoofed_syn_flood_against_a_new_flow_limit() -> anyhow::Result<()> {
     net.start_backends()?;
     net.start_agent(&[])?;
     let limited = format!("{VIP}:{PORT}/tcp");
+    // The source limit does not touch the random flood (its sources seldom repeat).
     net.add_vip(
         &limited,
         &[0, 1],
-        &["--new-flow-limit", &format!("{RATE}/{BURST}")],
+        &[
+            "--new-flow-limit",
+            &format!("{RATE}/{BURST}"),
+            "--source-limit",
+            &format!("{SOURCE_RATE}/{SOURCE_BURST}"),
+        ],
     )?;
     net.add_vip(&format!("{VIP}:8080/tcp"), &[0, 1], &[])?;
     let traffic = net.start_traffic(VIP.parse()?, 20, false)?;
@@ -132,5 +155,171 @@ fn a_spoofed_syn_flood_against_a_new_flow_limit() -> anyhow::Result<()> {
     let t = traffic.stop()?;
     assert!(after >= 5, "the connections barely ran: {after} rounds");
     assert!(t.long_lived_errors.is_empty(), "{:?}", t.long_lived_errors);
+    flood_from_three(&net)
+}
+
+/// The `i`th legitimate client's address (on the client, on-link for the backends).
+fn legit_ip(i: usize) -> String {
+    format!("10.200.0.{}", 30 + i)
+}
+
+/// SYNs from the three flooders the backends' stacks took in (an iptables rule that only
+/// counts, in each backend's namespace).
+fn flooder_syns_at_backends(net: &DemoNet) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for b in &net.backends {
+        let out = b
+            .command("iptables")
+            .args(["-w", "-nvxL", "INPUT"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains(FLOODERS_NET))
+            .ok_or_else(|| anyhow::anyhow!("no counting rule in {}: {text}", b.name()))?;
+        total += line
+            .split_whitespace()
+            .next()
+            .unwrap_or("0")
+            .parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// The three flooders' SYNs, round robin from random ports, 100 every 10 ms (about 3,000 a
+/// second each, 150 times their limit) so the flood lasts while the clients connect.
+fn flood_three(net: &DemoNet) -> anyhow::Result<(u32, Duration)> {
+    let frames = Frames::new(net.client.mac("eth0")?, net.lb.mac("eth0")?);
+    net.client.run(move || -> anyhow::Result<(u32, Duration)> {
+        let sock = RawSocket::sender("eth0")?;
+        let start = Instant::now();
+        let mut rng = 0x5851_f42d_4c95_7f2du64;
+        let mut n = 0;
+        while n < THREE_SYNS && start.elapsed() < THREE_FOR {
+            for _ in 0..100 {
+                let (_, sport) = lb_tests::traffic::spoofed_source(&mut rng);
+                let src = FLOODERS[n as usize % FLOODERS.len()];
+                sock.send_waiting(&frames.tcp4((src, sport), (v4(VIP), PORT), "S", b""))?;
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((n, start.elapsed()))
+    })?
+}
+
+/// One legitimate client from `src`: a new connection and one request every 150 ms until
+/// `until`; the connections made and the slowest connect, or the first failure.
+fn legit_client(src: IpAddr, to: SocketAddr, until: Instant) -> Result<(u32, Duration), String> {
+    let mut made = 0;
+    let mut slowest = Duration::ZERO;
+    while Instant::now() < until {
+        let t = Instant::now();
+        let connect = || -> std::io::Result<TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(src, 0).into())?;
+            s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+            let s: TcpStream = s.into();
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(s)
+        };
+        let mut s = connect().map_err(|e| format!("{src}: connect {made}: {e}"))?;
+        slowest = slowest.max(t.elapsed());
+        lb_tests::traffic::request(&mut s).map_err(|e| format!("{src}: request {made}: {e}"))?;
+        made += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    Ok((made, slowest))
+}
+
+/// Flood (a): three sources far over their per-source limit while 20 legitimate clients,
+/// each its own address, open connections: zero failures for the clients, the backends take
+/// in no more of the three's SYNs than the limits allow, and `lb stats --top-sources` names
+/// the three first with estimates that account for the drops.
+fn flood_from_three(net: &DemoNet) -> anyhow::Result<()> {
+    for i in 0..LEGIT_CLIENTS {
+        net.client
+            .ip(&["addr", "add", &format!("{}/24", legit_ip(i)), "dev", "eth0"])?;
+    }
+    for b in &net.backends {
+        b.exec(
+            "iptables",
+            &[
+                "-w",
+                "-I",
+                "INPUT",
+                "-s",
+                FLOODERS_NET,
+                "-p",
+                "tcp",
+                "--syn",
+            ],
+        )?;
+    }
+    let dropped0 = counter(net, "dropped_source_rate")?;
+    let to: SocketAddr = format!("{VIP}:{PORT}").parse()?;
+    let until = Instant::now() + THREE_FOR;
+    let mut clients = Vec::new();
+    for i in 0..LEGIT_CLIENTS {
+        let src: IpAddr = legit_ip(i).parse()?;
+        clients.push(net.client.spawn(move || legit_client(src, to, until))?);
+    }
+    let (sent, took) = flood_three(net)?;
+    let mut failures = Vec::new();
+    let (mut made, mut slowest) = (0, Duration::ZERO);
+    for c in clients {
+        match c
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??
+        {
+            Ok((n, s)) => (made, slowest) = (made + n, slowest.max(s)),
+            Err(e) => failures.push(e),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let syns = flooder_syns_at_backends(net)?;
+    let dropped = counter(net, "dropped_source_rate")? - dropped0;
+    eprintln!(
+        "three flooders: {sent} SYNs in {took:?}, backends took in {syns}, {dropped} dropped over the source limit; {LEGIT_CLIENTS} clients: {made} connections, {} failed, slowest connect {slowest:?}",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "legitimate clients failed: {failures:?}"
+    );
+    assert!(
+        made >= LEGIT_CLIENTS as u32 * 5,
+        "the clients barely ran: {made}"
+    );
+    // Each flooder: its burst, then one per interval over the flood (plus the time until the
+    // clients were joined), and one flow per CPU slipping past at the same instant.
+    let per_source = SOURCE_RATE as f64 * (took.as_secs_f64() + 0.5) + SOURCE_BURST as f64 + 2.0;
+    let allowed = FLOODERS.len() as f64 * per_source;
+    assert!(
+        syns as f64 <= allowed,
+        "the backends took in {syns} of the three's SYNs, the limits allow {allowed:.0}"
+    );
+    assert!(
+        dropped + syns >= u64::from(sent) * 98 / 100 && dropped <= u64::from(sent),
+        "{dropped} dropped and {syns} placed of {sent} sent"
+    );
+    let out = net.dir.cli_ok(&["stats", "--top-sources", "--json"])?;
+    let top: TopSourcesView = serde_json::from_str(&out)?;
+    let first: Vec<String> = top
+        .sources
+        .iter()
+        .take(3)
+        .map(|s| s.source.to_string())
+        .collect();
+    for f in FLOODERS {
+        let a = std::net::Ipv4Addr::from(f).to_string();
+        assert!(first.contains(&a), "{a} not among the top three: {top:?}");
+    }
+    let estimated: u64 = top.sources.iter().take(3).map(|s| s.dropped).sum();
+    assert!(
+        estimated * 10 >= dropped * 7 && estimated * 10 <= dropped * 13,
+        "sampled 1 in {}: {estimated} estimated for {dropped} dropped",
+        top.sample_every
+    );
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The guard's rows (`BENCH_ONLY=guard`): an established flow's packet and a SYN (placed,
 //! never remembered, so every pass is a placement) to a VIP without a guard, with an allow
 //! list of 10 prefixes and of 1,000,000, and with a node-wide deny list of 1,000,000 that
-//! does not hold the client; each beside the floor and as a ratio to the no-guard row of the
+//! does not hold the client, and with a VIP and a source new-flow limit that no pass reaches;
+//! each beside the floor and as a ratio to the no-guard row of the
 //! same kind in the same run. Also the time the agent's writer takes to put 1,000,000
 //! prefixes in a trie (batched).
 use std::time::Instant;
@@ -92,6 +93,23 @@ pub fn guard_rows() -> anyhow::Result<()> {
     world.dp.guard.write(&many(true, SCOPE_NODE, MILLION))?;
     world.set_vip_flags(0, VIP_F_NODE_DENY)?;
     measure(&mut world, "node deny list of 1,000,000 (client not on it)")?;
+
+    // Limits a pass never reaches (an interval of 1 ns, shorter than a pass), so every SYN is
+    // placed: the rows price the check, not the drop. Established packets never meet it.
+    let mut world = World::new()?;
+    let (interval_ns, tolerance_ns) = lb_common::VipRate::params(u32::MAX, u32::MAX);
+    world.dp.guard.set_rate(
+        0,
+        &lb_common::VipRate {
+            interval_ns,
+            tolerance_ns,
+            source_interval_ns: interval_ns,
+            source_tolerance_ns: tolerance_ns,
+            tat: 0,
+        },
+    )?;
+    world.set_vip_flags(0, lb_common::VIP_F_RATE)?;
+    measure(&mut world, "new-flow and source limits (never reached)")?;
 
     println!("| case | ns/packet | x floor | x no guard |");
     println!("| --- | ---: | ---: | ---: |");
