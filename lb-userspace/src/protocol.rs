@@ -49,6 +49,9 @@ pub enum Command {
         /// New flows per second each source opens at the VIP.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source_limit: Option<FlowLimit>,
+        /// Serving backends needed to announce the VIP by BGP (`None`: the node's option).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        announce_min_serving: Option<u32>,
     },
     RemoveVip {
         vip: VipAddr,
@@ -247,6 +250,9 @@ pub struct VipView {
     pub digest: Option<String>,
     pub health_check: Option<HealthCheck>,
     pub backends: Vec<BackendView>,
+    /// Serving backends the VIP needs to be announced (`None`: the node's option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_min_serving: Option<u32>,
 }
 
 /// A backend removed from a VIP whose slots still name it as previous (second chance).

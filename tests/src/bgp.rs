@@ -142,6 +142,10 @@ protocol kernel {{
     ipv4 {{ import none; export all; }};
     merge paths on;
 }}
+protocol kernel {{
+    ipv6 {{ import none; export all; }};
+    merge paths on;
+}}
 protocol bfd {{
     interface "*" {{ min rx interval {BFD_MS} ms; min tx interval {BFD_MS} ms; multiplier {BFD_MULT}; }};
 }}
@@ -154,6 +158,7 @@ template bgp lb_node {{
     bfd on;
     error wait time 1, 10;
     ipv4 {{ import filter from_lb; export none; }};
+    ipv6 {{ import filter from_lb; export none; }};
 }}
 "#
     );
@@ -165,11 +170,13 @@ template bgp lb_node {{
     c
 }
 
-/// The next hops of `prefix` in `ns`'s main table (empty: no route), from `ip -j route`.
+/// The next hops of `prefix` (IPv4 or IPv6) in `ns`'s main table (empty: no route), from
+/// `ip -j route`.
 pub fn next_hops(ns: &Netns, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let family = if prefix.contains(':') { "-6" } else { "-4" };
     let out = ns
         .command("ip")
-        .args(["-j", "route", "show", "exact", prefix])
+        .args(["-j", family, "route", "show", "exact", prefix])
         .output()?;
     let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let mut hops = Vec::new();

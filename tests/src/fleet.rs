@@ -21,8 +21,13 @@ pub trait FleetNet {
     fn set_agent(&mut self, k: usize, agent: ChildGuard);
     /// Takes node `k`'s agent out (to stop it).
     fn take_agent(&mut self, k: usize) -> Option<ChildGuard>;
-    /// Where node `k` reaches etcd (an address of the router's namespace).
+    /// Where node `k` reaches etcd (an address of the router's namespace); also the router's
+    /// end of node `k`'s BGP session.
     fn store_addr(&self, k: usize) -> String;
+    /// The router's namespace (etcd and the router's bird run there).
+    fn router_ns(&self) -> &Netns;
+    /// Node `k`'s end of its BGP session with the router (its router id too).
+    fn bgp_addr(&self, k: usize) -> String;
 }
 
 impl FleetNet for Routed {
@@ -50,6 +55,12 @@ impl FleetNet for Routed {
     fn store_addr(&self, k: usize) -> String {
         format!("10.30.{k}.1")
     }
+    fn router_ns(&self) -> &Netns {
+        &self.router
+    }
+    fn bgp_addr(&self, k: usize) -> String {
+        node_addr(k)
+    }
 }
 
 impl FleetNet for L2Net {
@@ -67,6 +78,12 @@ impl FleetNet for L2Net {
     }
     fn store_addr(&self, _k: usize) -> String {
         "10.50.0.1".into()
+    }
+    fn router_ns(&self) -> &Netns {
+        &self.router
+    }
+    fn bgp_addr(&self, k: usize) -> String {
+        crate::l2fleet::node_ip(k)
     }
 }
 
@@ -106,13 +123,16 @@ pub struct Fleet<N: FleetNet = Routed> {
 }
 
 impl Fleet<L2Net> {
-    /// The L2 network, etcd and three agents following it.
-    pub fn l2(tag: &str) -> anyhow::Result<Self> {
+    /// The L2 network, etcd, bird on the router and on every node, and three agents
+    /// following etcd and announcing the VIPs (`agent_args`: e.g. the drain time). The
+    /// router learns the VIP routes over BGP across the shared segment, as in [`Fleet::bgp`].
+    pub fn l2(tag: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
         let _turn = turn();
         let net = L2Net::build(tag, NODES)?;
         let etcd = Etcd::start(&net.router, "10.50.0.1")?;
+        let bgp = Bgp::start(&net, "10.50.0.1", agent_args)?;
         let mut f = Fleet {
-            bgp: None,
+            bgp: Some(bgp),
             etcd,
             net,
             _turn,
@@ -184,33 +204,9 @@ impl Fleet<Routed> {
         let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, Security::Plain)?;
-        let names: Vec<(String, String)> = (0..NODES)
-            .map(|k| (format!("lb{k}"), node_addr(k)))
-            .collect();
-        let peers: Vec<(&str, &str)> = names
-            .iter()
-            .map(|(n, a)| (n.as_str(), a.as_str()))
-            .collect();
-        let router = Bird::start(
-            &net.router,
-            "bird-r",
-            &bgp::router_config("10.30.0.1", &peers),
-        )?;
-        let mut nodes = Vec::new();
-        for k in 0..NODES {
-            let conf = bgp::node_config(&node_addr(k), &[("r1", &net.store_addr(k))]);
-            nodes.push(Some(Bird::start(
-                net.node_ns(k),
-                &format!("bird-{k}"),
-                &conf,
-            )?));
-        }
+        let bgp = Bgp::start(&net, "10.30.0.1", agent_args)?;
         let mut f = Fleet {
-            bgp: Some(Bgp {
-                nodes,
-                router,
-                agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
-            }),
+            bgp: Some(bgp),
             etcd,
             net,
             _turn,
@@ -220,7 +216,9 @@ impl Fleet<Routed> {
         }
         Ok(f)
     }
+}
 
+impl<N: FleetNet> Fleet<N> {
     /// The router's bird.
     pub fn router_bird(&self) -> &Bird {
         &self.bgp.as_ref().expect("a BGP fleet").router
@@ -237,12 +235,44 @@ impl Fleet<Routed> {
 
     /// Node `k` comes back: its bird, then its agent (which finds the routes it left).
     pub fn revive_node(&mut self, k: usize) -> anyhow::Result<()> {
-        let conf = bgp::node_config(&node_addr(k), &[("r1", &self.net.store_addr(k))]);
-        let bird = Bird::start(self.net.node_ns(k), &format!("bird-{k}"), &conf)?;
+        let bird = Bgp::node_bird(&self.net, k)?;
         if let Some(b) = self.bgp.as_mut() {
             b.nodes[k] = Some(bird);
         }
         self.start(k)
+    }
+}
+
+impl Bgp {
+    /// bird on the router (`router_id`, BFD, multipath into its kernel) peering with every
+    /// node, then bird on each node from the shipped template.
+    fn start<N: FleetNet>(net: &N, router_id: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
+        let names: Vec<(String, String)> = (0..NODES)
+            .map(|k| (format!("lb{k}"), net.bgp_addr(k)))
+            .collect();
+        let peers: Vec<(&str, &str)> = names
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        let router = Bird::start(
+            net.router_ns(),
+            "bird-r",
+            &bgp::router_config(router_id, &peers),
+        )?;
+        let nodes = (0..NODES)
+            .map(|k| Self::node_bird(net, k).map(Some))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Bgp {
+            nodes,
+            router,
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// Node `k`'s bird, peering with the router as `r1`.
+    fn node_bird<N: FleetNet>(net: &N, k: usize) -> anyhow::Result<Bird> {
+        let conf = bgp::node_config(&net.bgp_addr(k), &[("r1", &net.store_addr(k))]);
+        Bird::start(net.node_ns(k), &format!("bird-{k}"), &conf)
     }
 }
 

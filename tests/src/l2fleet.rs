@@ -1,12 +1,13 @@
-//! The L2 fleet network: a router doing ECMP (a `type resilient` nexthop group, L4 hash) to
-//! three load balancer nodes that share one segment (a bridge in its own namespace) with three
+//! The L2 fleet network: a router doing ECMP (L4 hash) to three load balancer nodes that
+//! share one segment (a bridge in its own namespace) with three
 //! backends: L2 direct server return, one-armed (each node receives from the router and sends
 //! to the backends on the same `eth0`). The backends hold the VIP on `lo` and answer the
 //! client through the router. Everything is removed on drop, processes first.
 //!
 //! Addresses: client 10.20.0.2 (router 10.20.0.1); segment 10.50.0.0/24 with the router at
 //! .1, node k at .2k (k = 0..3) and backend i at .3i (i = 1..=3); the VIP is
-//! [`crate::routed::VIP4`], routed by the router to the nodes (nexthop k+1, group 100).
+//! [`crate::routed::VIP4`]. The network installs no route to it: the router learns it from
+//! the nodes over BGP across the segment ([`crate::fleet::Fleet::l2`]).
 use crate::{
     AgentDir, ChildGuard, Netns,
     routed::{LbNode, VIP4},
@@ -122,22 +123,7 @@ impl L2Net {
                 n.ns.sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
                 n.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
             }
-            let id = (k + 1).to_string();
-            r.ip(&[
-                "nexthop",
-                "add",
-                "id",
-                &id,
-                "via",
-                &node_ip(k),
-                "dev",
-                "seg",
-            ])?;
         }
-        let all: Vec<usize> = (0..self.nodes.len()).collect();
-        self.router.ip(&strs(&group_args("add", &all)))?;
-        self.router
-            .ip(&["route", "add", &format!("{VIP4}/32"), "nhid", "100"])?;
         // Backends: the VIP on lo, answering only for their own address.
         for (n, ns) in self.backends.iter().enumerate() {
             let i = n + 1;
@@ -157,37 +143,6 @@ impl L2Net {
         }
         Ok(())
     }
-
-    /// VIP traffic to nodes `nodes` (0-based). A resilient group: a node leaving moves only
-    /// its own flows, the others' stay where they are.
-    pub fn ecmp(&self, nodes: &[usize]) -> anyhow::Result<()> {
-        self.router.ip(&strs(&group_args("replace", nodes)))
-    }
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn group_args(verb: &str, nodes: &[usize]) -> Vec<String> {
-    let group: Vec<String> = nodes.iter().map(|k| (k + 1).to_string()).collect();
-    [
-        "nexthop",
-        verb,
-        "id",
-        "100",
-        "group",
-        &group.join("/"),
-        "type",
-        "resilient",
-        "buckets",
-        "64",
-        "idle_timer",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 impl Drop for L2Net {

@@ -58,6 +58,7 @@ impl Core {
             digest: self.digest_hex(vip),
             health_check: spec.health.clone(),
             backends,
+            announce_min_serving: spec.announce_min_serving,
         }
     }
 

@@ -39,6 +39,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             deny_sources,
             new_flow_limit,
             source_limit,
+            announce_min_serving,
         } => {
             crate::model::validate_udp_idle(v, *udp_idle_s).map_err(Error::Invalid)?;
             if let Some(s) = second_chance_s {
@@ -67,6 +68,7 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                     deny_sources: deny_sources.iter().copied().collect(),
                     new_flow_limit: *new_flow_limit,
                     source_limit: *source_limit,
+                    announce_min_serving: *announce_min_serving,
                 },
             );
         }

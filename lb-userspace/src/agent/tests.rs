@@ -181,6 +181,7 @@ fn a_backend_without_a_mac_is_kept_out_and_blocks_nothing() {
         deny_sources: Vec::new(),
         new_flow_limit: None,
         source_limit: None,
+        announce_min_serving: None,
     })
     .unwrap();
     let added = run(Command::AddBackend {
@@ -287,6 +288,7 @@ fn a_failed_save_changes_nothing() {
             deny_sources: Vec::new(),
             new_flow_limit: None,
             source_limit: None,
+            announce_min_serving: None,
         })
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Io);
@@ -323,6 +325,7 @@ fn random_command(r: &mut Rng) -> Command {
             deny_sources: Vec::new(),
             new_flow_limit: None,
             source_limit: None,
+            announce_min_serving: None,
         },
         1 => Command::RemoveVip { vip: v },
         2 | 3 => Command::AddBackend {
@@ -437,6 +440,7 @@ fn encapsulated_backends_need_no_mac_and_a_source_of_their_family() {
         deny_sources: Vec::new(),
         new_flow_limit: None,
         source_limit: None,
+        announce_min_serving: None,
     })
     .unwrap();
     // No MAC, no neighbour: an encapsulated backend serves at once and is not `no-mac`.
@@ -503,6 +507,7 @@ fn nat_backends_on_their_own_ports_and_no_vip_on_the_nat_source() {
         deny_sources: Vec::new(),
         new_flow_limit: None,
         source_limit: None,
+        announce_min_serving: None,
     };
     run(add_vip(vip(0))).unwrap();
     // The same host on two ports: two backends, routed (no MAC), the port in the kernel.

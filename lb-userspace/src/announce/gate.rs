@@ -1,7 +1,7 @@
 //! What this node announces, decided from what it can serve (pure: no clock, no kernel).
 //!
 //! A VIP qualifies while the data plane is converged (`/readyz`) and at least `min_serving`
-//! of its backends serve; an address is announced while one of its VIPs qualifies (a route
+//! of its backends serve (the VIP's own `announce_min_serving`, else the node's); an address is announced while one of its VIPs qualifies (a route
 //! carries an address, not a port). Withdrawal is immediate, so nothing is announced that
 //! cannot serve; announcing again after a withdrawal waits until the address has qualified
 //! for the whole hold-down, so a flapping backend costs one withdrawal and one announcement
@@ -49,6 +49,9 @@ pub struct VipAnnounce {
     pub why: Option<String>,
     /// Its backends that serve on this node now.
     pub serving: usize,
+    /// Serving backends it needs to be announced (its own or the node's default).
+    #[serde(default)]
+    pub needed: usize,
 }
 
 impl VipAnnounce {
@@ -70,7 +73,16 @@ pub struct Inputs<'a> {
     pub ready: Result<(), &'a str>,
     /// Serving backends per VIP (every configured VIP is listed).
     pub serving: &'a BTreeMap<VipAddr, usize>,
+    /// VIPs that set their own `announce_min_serving` (the others need the gate's).
+    pub min_serving: &'a BTreeMap<VipAddr, usize>,
     pub drain: Option<DrainPhase>,
+}
+
+impl Inputs<'_> {
+    /// Serving backends `vip` needs: its own figure, else the node's `default`.
+    fn needed(&self, vip: &VipAddr, default: usize) -> usize {
+        self.min_serving.get(vip).copied().unwrap_or(default)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -138,7 +150,7 @@ impl Gate {
                 Some(DrainPhase::Drained) => None,
             };
         }
-        let views = views(inputs, &routes, &why_vip, &held_why);
+        let views = views(inputs, self.min_serving, &routes, &why_vip, &held_why);
         (routes, views)
     }
 
@@ -147,11 +159,11 @@ impl Gate {
         let mut why_vip = BTreeMap::new();
         let mut qualifies: BTreeMap<IpAddr, bool> = BTreeMap::new();
         for (vip, serving) in inputs.serving {
+            let needed = inputs.needed(vip, self.min_serving);
             let why = match inputs.ready {
                 Err(w) => Some(format!("not ready: {w}")),
-                Ok(()) if *serving < self.min_serving => Some(format!(
-                    "too few backends: {serving} serving, {} needed",
-                    self.min_serving
+                Ok(()) if *serving < needed => Some(format!(
+                    "too few backends: {serving} serving, {needed} needed"
                 )),
                 Ok(()) => None,
             };
@@ -215,6 +227,7 @@ impl Gate {
 /// Each VIP's state from the routes wanted and the reasons.
 fn views(
     inputs: &Inputs,
+    default_needed: usize,
     routes: &BTreeMap<IpAddr, Want>,
     why_vip: &Reasons,
     held_why: &BTreeMap<IpAddr, String>,
@@ -240,6 +253,7 @@ fn views(
                 state: state.into(),
                 why,
                 serving: *serving,
+                needed: inputs.needed(vip, default_needed),
             }
         })
         .collect()
@@ -258,6 +272,7 @@ mod tests {
         let inputs = Inputs {
             ready: if ready { Ok(()) } else { Err("converging") },
             serving: &serving,
+            min_serving: &BTreeMap::new(),
             drain,
         };
         !g.decide(t, &inputs).0.is_empty()
@@ -321,6 +336,7 @@ mod tests {
         let mut inputs = Inputs {
             ready: Ok(()),
             serving: &serving,
+            min_serving: &BTreeMap::new(),
             drain: Some(DrainPhase::Draining),
         };
         let (r, v) = g.decide(t, &inputs);
@@ -332,5 +348,45 @@ mod tests {
         assert_eq!(v[0].why.as_deref(), Some("node drained"));
         // After the grace, a VIP that cannot serve is withdrawn.
         assert!(!run(&mut g, t + Duration::from_secs(3), true, 0, None));
+    }
+
+    /// A gate needing one serving backend, hold-down 3 s, nothing found at start.
+    fn fresh(t: Instant) -> Gate {
+        Gate::new(
+            1,
+            Duration::from_secs(3),
+            &BTreeSet::new(),
+            t,
+            Duration::ZERO,
+        )
+    }
+
+    #[test]
+    fn a_vip_s_own_min_serving_overrides_the_node_s() {
+        let t = Instant::now();
+        let mut g = fresh(t);
+        let (strict, plain) = (vip("10.0.0.11:80/tcp"), vip("10.0.0.12:80/tcp"));
+        let min: BTreeMap<VipAddr, usize> = [(strict, 2)].into();
+        let decide = |g: &mut Gate, t: Instant, n: usize| {
+            let serving: BTreeMap<VipAddr, usize> = [(strict, n), (plain, n)].into();
+            let inputs = Inputs {
+                ready: Ok(()),
+                serving: &serving,
+                min_serving: &min,
+                drain: None,
+            };
+            g.decide(t, &inputs)
+        };
+        let (r, v) = decide(&mut g, t, 2);
+        assert_eq!(r.len(), 2, "both have enough: {v:?}");
+        // One of two backends fails: the VIP that needs two is withdrawn, the other stays.
+        let (r, v) = decide(&mut g, t + Duration::from_millis(100), 1);
+        assert_eq!(r.keys().collect::<Vec<_>>(), vec![&plain.ip], "{v:?}");
+        assert_eq!(
+            v[0].state_line(),
+            "withdrawn (too few backends: 1 serving, 2 needed)"
+        );
+        assert_eq!((v[0].needed, v[1].needed), (2, 1));
+        assert_eq!(v[1].state, "announced");
     }
 }

@@ -45,7 +45,7 @@ const SPEAKER_PERIOD: Duration = Duration::from_secs(1);
 pub struct AnnounceConfig {
     /// The kernel routing table the agent owns.
     pub table: u32,
-    /// Serving backends a VIP needs to be announced.
+    /// Serving backends a VIP needs to be announced, unless it sets its own.
     pub min_serving: usize,
     /// How long an address must qualify again before it is announced after a withdrawal.
     pub hold_down: Duration,
@@ -238,9 +238,9 @@ impl Announcer {
         let read = tokio::task::spawn_blocking(move || {
             let core = a.core();
             let ready = core.not_converged().map(str::to_string);
-            let serving: BTreeMap<VipAddr, usize> = core
-                .list()
-                .into_iter()
+            let vips = core.list();
+            let serving: BTreeMap<VipAddr, usize> = vips
+                .iter()
                 .map(|v| {
                     let n = v
                         .backends
@@ -250,10 +250,16 @@ impl Announcer {
                     (v.vip, n)
                 })
                 .collect();
-            (ready, serving)
+            let min_serving: BTreeMap<VipAddr, usize> = vips
+                .iter()
+                .filter_map(|v| Some((v.vip, v.announce_min_serving? as usize)))
+                .collect();
+            (ready, serving, min_serving)
         })
         .await;
-        let Ok((ready, serving)) = read else { return };
+        let Ok((ready, serving, min_serving)) = read else {
+            return;
+        };
         let drain = self.drain();
         let phase = drain.map(|d| d.phase(drain::now_unix_ms()).0);
         let inputs = Inputs {
@@ -262,6 +268,7 @@ impl Announcer {
                 Some(w) => Err(w.as_str()),
             },
             serving: &serving,
+            min_serving: &min_serving,
             drain: phase,
         };
         let (want, vips) = gate.decide(Instant::now(), &inputs);

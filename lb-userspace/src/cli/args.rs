@@ -35,6 +35,17 @@ fn port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
+/// A VIP's `--announce-min-serving`: the model's range, with its message.
+fn announce_min_serving(s: &str) -> Result<u32, String> {
+    let max = lb_userspace::model::MAX_ANNOUNCE_MIN_SERVING;
+    match s.parse::<i64>() {
+        Ok(n) if (1..=i64::from(max)).contains(&n) => Ok(n as u32),
+        _ => Err(format!(
+            "`{s}` is not a backend count: use a whole number 1-{max}"
+        )),
+    }
+}
+
 /// An IPIP source prefix: an IPv4 /16 or an IPv6 /64 with nothing set past the prefix.
 pub fn source_prefix(s: &str) -> Result<IpAddr, String> {
     let bad = |why: &str| format!("invalid source prefix `{s}`: {why}");
@@ -514,6 +525,10 @@ pub enum VipCmd {
         /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second.
         #[arg(long, value_name = "RATE[/BURST]")]
         source_limit: Option<FlowLimit>,
+        /// Announce the VIP by BGP only while at least this many of its backends serve
+        /// (1-65535) [default: lb run's --announce-min-serving].
+        #[arg(long, value_name = "N", value_parser = announce_min_serving)]
+        announce_min_serving: Option<u32>,
     },
     /// Remove a VIP; its traffic goes to the kernel again.
     Remove { vip: VipAddr },
@@ -662,6 +677,13 @@ mod tests {
             &["stats", "--watch", "--count", "2"],
             &["apply", "-f", "lb.toml", "--dry-run"],
             &["samples", "--count", "3", "--base-port", "8000"],
+            &[
+                "vip",
+                "add",
+                "10.0.0.10:80/tcp",
+                "--announce-min-serving",
+                "65535",
+            ],
         ] {
             assert!(parse(args).is_ok(), "{args:?}: {:?}", parse(args).err());
         }
@@ -725,6 +747,26 @@ mod tests {
             (
                 &["trace", "192.0.2.1", "10.0.0.10:80/tcp"],
                 "invalid socket address",
+            ),
+            (
+                &[
+                    "vip",
+                    "add",
+                    "10.0.0.10:80/tcp",
+                    "--announce-min-serving",
+                    "0",
+                ],
+                "`0` is not a backend count: use a whole number 1-65535",
+            ),
+            (
+                &[
+                    "vip",
+                    "add",
+                    "10.0.0.10:80/tcp",
+                    "--announce-min-serving",
+                    "65536",
+                ],
+                "`65536` is not a backend count",
             ),
         ] {
             let err = parse(args).err().map(|e| e.to_string()).unwrap_or_default();

@@ -211,6 +211,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
             deny_sources,
             new_flow_limit,
             source_limit,
+            announce_min_serving,
         } => {
             let health = health.map(|k| HealthCheck {
                 kind: match k {
@@ -237,6 +238,7 @@ async fn vip(client: &Client, cmd: VipCmd) -> anyhow::Result<()> {
                     deny_sources,
                     new_flow_limit,
                     source_limit,
+                    announce_min_serving,
                 })
                 .await?;
             println!("added VIP {vip}");

@@ -47,7 +47,7 @@ pub async fn run(client: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
 /// The announcement as text: the drain, the sessions, then one row per VIP.
 pub fn status_text(v: &AnnounceView) -> String {
     let mut out = format!(
-        "announcing in routing table {} (at least {} serving backend(s) per VIP, hold-down {:.1} s), {} route change(s) since start\n",
+        "announcing in routing table {} (at least {} serving backend(s) per VIP unless it sets its own, hold-down {:.1} s), {} route change(s) since start\n",
         v.table,
         v.min_serving,
         v.hold_down_ms as f64 / 1000.0,
@@ -87,9 +87,10 @@ pub fn print_vips(v: &AnnounceView) {
                 a.vip.to_string(),
                 a.state.clone(),
                 a.serving.to_string(),
+                a.needed.to_string(),
                 a.why.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["VIP", "ANNOUNCE", "SERVING", "WHY"], &rows);
+    print_table(&["VIP", "ANNOUNCE", "SERVING", "NEEDED", "WHY"], &rows);
 }

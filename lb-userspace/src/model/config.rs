@@ -48,6 +48,10 @@ struct ConfigVip {
     /// New flows per second each source opens at the VIP.
     #[serde(default)]
     source_limit: Option<super::FlowLimit>,
+    /// Serving backends needed to announce the VIP by BGP (default: the node's option).
+    /// Signed, so a negative figure gets the field's own message rather than serde's.
+    #[serde(default)]
+    announce_min_serving: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +78,11 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| format!("config: {}", e.message()))?;
     let mut state = DesiredState::default();
     for v in file.vip {
+        let announce_min_serving = v
+            .announce_min_serving
+            .map(|n| super::validate_announce_min_serving(&v.address, n))
+            .transpose()
+            .map_err(|e| format!("config: {e}"))?;
         let mut spec = VipSpec {
             source_hash: v.source_hash,
             udp_idle_s: v.udp_idle.unwrap_or_else(default_udp_idle),
@@ -85,6 +94,7 @@ pub fn parse_config(text: &str) -> Result<DesiredState, String> {
             deny_sources: v.deny_sources.into_iter().collect(),
             new_flow_limit: v.new_flow_limit,
             source_limit: v.source_limit,
+            announce_min_serving,
         };
         if v.second_chance.is_some() {
             super::second_chance_needs_gue(&v.address, v.forward)
@@ -164,6 +174,9 @@ pub fn render_config(state: &DesiredState) -> String {
                     l.burst()
                 ));
             }
+        }
+        if let Some(n) = spec.announce_min_serving {
+            out.push_str(&format!("announce_min_serving = {n}\n"));
         }
         out.push_str("backend = [\n");
         for (addr, b) in &spec.backends {

@@ -338,6 +338,10 @@ pub struct VipSpec {
     /// New flows each source (a /32, an IPv6 /64) opens at the VIP per second on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_limit: Option<FlowLimit>,
+    /// Serving backends the VIP needs to be announced by BGP (`None`: the node's
+    /// `--announce-min-serving`). See `announce::gate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_min_serving: Option<u32>,
 }
 
 /// A new-flow limit: `rate` flows per second, and up to `burst` at once after a quiet spell
@@ -417,6 +421,7 @@ impl Default for VipSpec {
             deny_sources: BTreeSet::new(),
             new_flow_limit: None,
             source_limit: None,
+            announce_min_serving: None,
         }
     }
 }
@@ -446,6 +451,9 @@ impl DesiredState {
                 validate_backend(vip, spec.forward, addr, b)?;
             }
             validate_sources(vip, spec)?;
+            if let Some(n) = spec.announce_min_serving {
+                validate_announce_min_serving(vip, i64::from(n))?;
+            }
         }
         Ok(())
     }
@@ -478,6 +486,22 @@ pub fn validate_sources(vip: &VipAddr, spec: &VipSpec) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Most serving backends a VIP may require before it is announced: the weight's range, far
+/// above any VIP's backend count, so a typo of an extra digit is still caught.
+pub const MAX_ANNOUNCE_MIN_SERVING: u32 = 65_535;
+
+/// A VIP's `announce_min_serving`: 1 to [`MAX_ANNOUNCE_MIN_SERVING`] (0 would announce a VIP
+/// with no backend serving, which the gate exists to prevent).
+/// Signed, so a negative figure in a config file gets this message too.
+pub fn validate_announce_min_serving(vip: &VipAddr, n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(n) if (1..=MAX_ANNOUNCE_MIN_SERVING).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "VIP {vip}: announce_min_serving must be 1 to {MAX_ANNOUNCE_MIN_SERVING} backends, not {n}"
+        )),
+    }
 }
 
 /// The UDP idle time's range: 1 s to a day.

@@ -150,3 +150,42 @@ fn only_nat_moves_ports_and_it_keeps_the_family() {
     let e = parse_config(&cfg.replace("forward = \"nat\"\n", "")).unwrap_err();
     assert!(e.contains("never changes ports"), "{e}");
 }
+
+#[test]
+fn announce_min_serving_is_per_vip_validated_and_round_trips() {
+    let text = r#"
+        [[vip]]
+        address = "10.0.0.10:80/tcp"
+        announce_min_serving = 2
+        backend = [ { address = "10.0.0.2" }, { address = "10.0.0.3" } ]
+
+        [[vip]]
+        address = "10.0.0.11:80/tcp"
+        backend = [ { address = "10.0.0.2" } ]
+    "#;
+    let s = parse_config(text).unwrap();
+    let strict: VipAddr = "10.0.0.10:80/tcp".parse().unwrap();
+    let plain: VipAddr = "10.0.0.11:80/tcp".parse().unwrap();
+    assert_eq!(s.vips[&strict].announce_min_serving, Some(2));
+    assert_eq!(s.vips[&plain].announce_min_serving, None);
+    assert_eq!(parse_config(&render_config(&s)).unwrap(), s);
+    // The state file's and the etcd value's JSON: unset is left out, so older values parse.
+    let json = serde_json::to_string(&s.vips[&plain]).unwrap();
+    assert!(!json.contains("announce_min_serving"), "{json}");
+    let back: VipSpec =
+        serde_json::from_str(&serde_json::to_string(&s.vips[&strict]).unwrap()).unwrap();
+    assert_eq!(back, s.vips[&strict]);
+    for bad in ["0", "65536", "-1"] {
+        let err = parse_config(&text.replace("= 2", &format!("= {bad}"))).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "config: VIP 10.0.0.10:80/tcp: announce_min_serving must be 1 to 65535 backends, not {bad}"
+            )
+        );
+    }
+    // An etcd value or an API state with 0 is refused by the same rule.
+    let mut d = s.clone();
+    d.vips.get_mut(&strict).unwrap().announce_min_serving = Some(0);
+    assert!(d.validate().unwrap_err().contains("announce_min_serving"));
+}

@@ -1,6 +1,8 @@
 //! The status page in a real headless Chromium: served by the agent's metrics listener with
-//! the demo's traffic running, it names the three backends with non-zero rates, logs nothing
-//! to the console, and renders to a screenshot. Also `/healthz`, `/readyz` and the JSON.
+//! the demo's traffic running, it names the three backends with non-zero rates, shows the
+//! VIP announced by BGP with its session established (bird beside the agent, a bird peer in
+//! a backend's namespace), logs nothing to the console, and renders to a screenshot. Also
+//! `/healthz`, `/readyz` and the JSON.
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
@@ -11,7 +13,8 @@ use std::{
 
 use lb_tests::{
     Netns,
-    topo::{DemoNet, PORT, VIP, backend_ip},
+    bgp::{self, Bird},
+    topo::{DemoNet, LB_IP, PORT, VIP, backend_ip},
     unique_name, wait_until,
 };
 use lb_userspace::api::protocol::StatusView;
@@ -84,7 +87,29 @@ fn chromium(ns: &Netns, profile: &Path, extra: &[&str]) -> anyhow::Result<Output
 fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> {
     let mut net = DemoNet::build(3, "generic")?;
     net.start_backends()?;
-    net.start_agent(&["--metrics", METRICS])?;
+    // BGP: the shipped template's bird beside the agent, and a peer in backend 0's namespace
+    // (which holds the VIP on lo, so the route it learns changes nothing there).
+    let peer = backend_ip(0);
+    let _router = Bird::start(
+        &net.backends[0],
+        "bird-sp-r",
+        &bgp::router_config(&peer, &[("lb0", LB_IP)]),
+    )?;
+    let speaker = Bird::start(
+        &net.lb,
+        "bird-sp",
+        &bgp::node_config(LB_IP, &[("r1", &peer)]),
+    )?;
+    let socket = speaker.socket().display().to_string();
+    let table = bgp::TABLE.to_string();
+    net.start_agent(&[
+        "--metrics",
+        METRICS,
+        "--announce-table",
+        &table,
+        "--bgp-socket",
+        &socket,
+    ])?;
     let (code, _) = get(&net.lb, "/readyz")?;
     assert_eq!(code, 200);
     assert_eq!(get(&net.lb, "/healthz")?, (200, "ok\n".to_string()));
@@ -108,6 +133,19 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
         "every backend has a non-zero rate",
         || Ok(all_flowing(&status()?)),
         || format!("{:?}", status().map(|s| s.rates)),
+    )?;
+    let announced = |s: &StatusView| {
+        s.stats.announce.as_ref().is_some_and(|a| {
+            a.vips.iter().any(|v| v.state == "announced")
+                && !a.sessions.is_empty()
+                && a.sessions.iter().all(|x| x.up)
+        })
+    };
+    wait_until(
+        Duration::from_secs(15),
+        "the VIP announced and the BGP session established",
+        || Ok(announced(&status()?)),
+        || format!("{:?}", status().map(|s| s.stats.announce)),
     )?;
     let s = status()?;
     assert!(
@@ -139,6 +177,20 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
             .unwrap_or(0.0);
         assert!(pps > 0.0, "backend {addr} shows no rate: {row}");
     }
+    // The BGP part: the session as bird reports it, and the VIP's row announced.
+    let bgp_part = dom.split("id=\"bgp\"").nth(1).unwrap_or_default();
+    assert!(
+        bgp_part.contains("r1 established"),
+        "no established session on the page: {bgp_part}"
+    );
+    let vip_row = bgp_part
+        .split("<tr>")
+        .find(|r| r.contains(&format!("<td>{VIP}:{PORT}/tcp</td>")))
+        .unwrap_or_default();
+    assert!(
+        vip_row.contains("<td class=\"announced\">announced</td>"),
+        "the VIP is not shown announced: {bgp_part}"
+    );
     let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");
 

@@ -8,17 +8,28 @@ use lb_tests::{
     Netns,
     bgp::{RouteMonitor, next_hops, wait_hops},
     fleet::{Fleet, FleetNet as _, NODES, node_addr},
-    routed::{VIP4, backend4},
+    routed::{VIP_MIXED, VIP4, VIP6, backend4, backend6},
     traffic::Load,
 };
 use lb_userspace::announce::AnnounceView;
 
 const PREFIX: &str = "10.0.0.10/32";
+const PREFIX6: &str = "2001:db8::10/128";
 /// The hold-down and drain time the nodes run with.
 const AGENT_ARGS: [&str; 4] = ["--announce-hold-down", "2", "--drain-time", "3"];
 
 fn all_nodes() -> Vec<String> {
     (0..NODES).map(node_addr).collect()
+}
+
+/// Each node's IPv6 address on its link to the router (`fd00:30:K::2`; node 0 `fd00:30::2`).
+fn all_nodes6() -> Vec<String> {
+    (0..NODES)
+        .map(|k| match k {
+            0 => "fd00:30::2".to_string(),
+            k => format!("fd00:30:{k}::2"),
+        })
+        .collect()
 }
 
 fn hops_but(k: Option<usize>) -> Vec<String> {
@@ -122,6 +133,28 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
         "{m}"
     );
     assert!(m.contains("lb_bgp_session_up{peer=\"r1\"} 1"), "{m}");
+
+    // An IPv6 VIP goes over the same sessions (multiprotocol BGP, next hop each node's IPv6
+    // address on its link): announced with a serving backend, withdrawn when removed.
+    let vip6 = format!("[{VIP6}]:80/tcp");
+    f.gue_vip(0, &vip6, &[&backend6(1)], &[])?;
+    let took6 = wait_hops(
+        &f.net.router,
+        PREFIX6,
+        &strs(&all_nodes6()),
+        Duration::from_secs(10),
+    )?;
+    println!(
+        "IPv6: {PREFIX6} via the three nodes at the router {took6:?} after its backend was added"
+    );
+    f.lb(0, &["vip", "remove", &vip6])?;
+    let gone6 = wait_hops(&f.net.router, PREFIX6, &[], Duration::from_secs(5))?;
+    println!("IPv6: {PREFIX6} withdrawn at the router {gone6:?} after `lb vip remove`");
+    assert_eq!(
+        next_hops(&f.net.router, PREFIX)?,
+        all_nodes(),
+        "the IPv4 VIP is untouched"
+    );
 
     let mut monitor = RouteMonitor::start(&f.net.router, PREFIX)?;
     let load = Load::start(&f.net.client, 50)?;
@@ -325,10 +358,61 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     assert_eq!(next_hops(&f.net.router, PREFIX)?, all_nodes());
     block(f.net.node_ns(2), false, &probes_out)?;
 
+    // A VIP of its own that needs two serving backends (`--announce-min-serving 2`), with
+    // two: withdrawn by every node when one of them fails, while the first VIP (three
+    // backends, the node's default of one) stays announced through the same failure.
+    let strict = format!("{VIP_MIXED}:80/tcp");
+    let strict_prefix = format!("{VIP_MIXED}/32");
+    let mut args = vec!["vip", "add", &strict, "--forward", "gue"];
+    args.extend_from_slice(&health);
+    args.extend_from_slice(&["--announce-min-serving", "2"]);
+    f.lb(0, &args)?;
+    for i in 1..=2 {
+        f.lb(0, &["backend", "add", &strict, &backend4(i)])?;
+    }
+    wait_hops(
+        &f.net.router,
+        &strict_prefix,
+        &strs(&all_nodes()),
+        Duration::from_secs(10),
+    )?;
+    let probes_in = ["INPUT", "-p", "tcp", "--dport", "80", "-j", "DROP"];
+    let b2 = &f.net.backends[1];
+    let mut first = RouteMonitor::start(&f.net.router, PREFIX)?;
+    block(b2, true, &probes_in)?;
+    let strict_gone = wait_hops(&f.net.router, &strict_prefix, &[], Duration::from_secs(5));
+    let views: anyhow::Result<Vec<AnnounceView>> = (0..NODES).map(|k| announce(&f, k)).collect();
+    let first_hops = next_hops(&f.net.router, PREFIX);
+    let first_changes = first.changes();
+    block(b2, false, &probes_in)?;
+    let strict_gone = strict_gone?;
+    println!(
+        "min 2 serving, one of two backends down: withdrawn by every node after {strict_gone:?}"
+    );
+    assert_eq!(
+        first_hops?,
+        all_nodes(),
+        "the VIP needing one backend stays announced"
+    );
+    assert!(first_changes.is_empty(), "{first_changes:#?}");
+    for (k, a) in views?.iter().enumerate() {
+        let v = a.vips.iter().find(|v| v.vip.to_string() == strict);
+        assert_eq!(
+            v.map(|v| (v.state_line(), v.needed)),
+            Some((
+                "withdrawn (too few backends: 1 serving, 2 needed)".to_string(),
+                2
+            )),
+            "node {k}: {a:?}"
+        );
+    }
+    // The flapping part below takes the address for a VIP of its own.
+    f.lb(0, &["vip", "remove", &strict])?;
+    wait_hops(&f.net.router, &strict_prefix, &[], Duration::from_secs(5))?;
+
     // Every backend down for every node: every node withdraws the VIP.
     // Probes reach the backends through the tunnel, decapsulated into TCP to port 80; the
     // load is over, so every TCP segment to port 80 can go.
-    let probes_in = ["INPUT", "-p", "tcp", "--dport", "80", "-j", "DROP"];
     for b in &f.net.backends {
         block(b, true, &probes_in)?;
     }
@@ -355,21 +439,21 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     assert!(back >= Duration::from_secs(2), "{back:?}");
 
     // A VIP whose only backend flaps every 300 ms for 10 s.
-    let flap_vip = "10.0.0.11:80/tcp";
+    let flap_vip = strict.as_str();
     let mut args = vec!["vip", "add", flap_vip, "--forward", "gue"];
     args.extend_from_slice(&health);
     f.lb(0, &args)?;
     f.lb(0, &["backend", "add", flap_vip, &backend4(1)])?;
     wait_hops(
         &f.net.router,
-        "10.0.0.11/32",
+        &strict_prefix,
         &strs(&all_nodes()),
         Duration::from_secs(10),
     )?;
     let before: Vec<u64> = (0..NODES)
         .map(|k| announce(&f, k).map(|a| a.route_changes_total))
         .collect::<anyhow::Result<_>>()?;
-    let mut monitor = RouteMonitor::start(&f.net.router, "10.0.0.11/32")?;
+    let mut monitor = RouteMonitor::start(&f.net.router, &strict_prefix)?;
     let rule = probes_in;
     let b1 = &f.net.backends[0];
     let start = Instant::now();
@@ -388,7 +472,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     flapped?;
     let settled = wait_hops(
         &f.net.router,
-        "10.0.0.11/32",
+        &strict_prefix,
         &strs(&all_nodes()),
         Duration::from_secs(10),
     )?;

@@ -1,13 +1,13 @@
 //! The fleet under faults: node loss (a node drained, another dying, withdrawn by BGP and
 //! BFD at the router; a restart catching up) and an etcd outage under load, on the routed
 //! fleet; the
-//! same agreement and node loss on an L2 fleet (direct server return, resilient nexthop
-//! group).
+//! same agreement and node loss on an L2 fleet (direct server return, its router also
+//! learning the nodes by BGP).
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use lb_tests::{
-    bgp::wait_hops,
+    bgp::{next_hops, wait_hops},
     fleet::{Fleet, NODES, node_addr},
     routed::VIP4,
     traffic::{Load, moved, udp_picks},
@@ -136,14 +136,23 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The same fleet on one L2 segment (direct server return, one-armed nodes, a `type
-/// resilient` nexthop group): every node picks the same backend for 1,000 UDP flows, and 50
-/// keep-alive connections plus a stream of new ones see zero failures while one node leaves
-/// the group and another is killed with kill -9.
+/// The same fleet on one L2 segment (direct server return, one-armed nodes), its router
+/// learning the VIP's route from the nodes by BGP across the segment: every node picks the
+/// same backend for 1,000 UDP flows (each node alone at the router, the other two drained),
+/// and 50 keep-alive connections plus a stream of new ones see zero failures while one node
+/// drains out, another's agent is killed with kill -9 (its route stays, its pinned program
+/// forwards) and then that node's speaker dies too (withdrawn at the router).
 #[test]
 fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
-    let mut f = Fleet::l2("fll")?;
+    let mut f = Fleet::l2("fll", &["--drain-time", "1"])?;
     let backends: Vec<String> = (1..=3).map(lb_tests::l2fleet::backend_ip).collect();
+    let prefix = format!("{VIP4}/32");
+    let hops = |nodes: &[usize]| -> Vec<String> {
+        nodes
+            .iter()
+            .map(|k| lb_tests::l2fleet::node_ip(*k))
+            .collect()
+    };
     for vip in [format!("{VIP4}:80/udp"), format!("{VIP4}:80/tcp")] {
         f.lb(0, &["vip", "add", &vip])?;
         for b in &backends {
@@ -152,6 +161,15 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
         let (d, took) = f.converged(&vip, None)?;
         println!("L2 fleet: {vip} live on all nodes after {took:?} (digest {d})");
     }
+    let took = wait_hops(
+        &f.net.router,
+        &prefix,
+        &strs(&hops(&[0, 1, 2])),
+        Duration::from_secs(10),
+    )?;
+    println!(
+        "L2 fleet: the router learned {prefix} via the three nodes {took:?} after the VIPs converged"
+    );
     // Each node's MACs of the backends come from its own neighbour table.
     let start = Instant::now();
     while (0..NODES).any(|k| {
@@ -165,12 +183,32 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "MACs not learned");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Each node alone at the router: the other two drained with no drain time (withdrawn
+    // at once), undrained after.
     let mut seen = Vec::new();
     for k in 0..NODES {
-        f.net.ecmp(&[k])?;
-        seen.push(udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"))?);
+        let others: Vec<usize> = (0..NODES).filter(|o| *o != k).collect();
+        for o in &others {
+            f.lb(*o, &["node", "drain", "--withdraw-after", "0"])?;
+        }
+        wait_hops(
+            &f.net.router,
+            &prefix,
+            &strs(&hops(&[k])),
+            Duration::from_secs(5),
+        )?;
+        let picks = udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"));
+        for o in &others {
+            f.lb(*o, &["node", "undrain"])?;
+        }
+        seen.push(picks?);
+        wait_hops(
+            &f.net.router,
+            &prefix,
+            &strs(&hops(&[0, 1, 2])),
+            Duration::from_secs(5),
+        )?;
     }
-    f.net.ecmp(&[0, 1, 2])?;
     let differ = moved(&seen);
     let backends_seen: std::collections::BTreeSet<&String> = seen[0].values().collect();
     println!(
@@ -182,17 +220,46 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
 
     let load = Load::start(&f.net.client, 50)?;
     std::thread::sleep(Duration::from_secs(2));
-    f.net.ecmp(&[0, 1])?;
+    // Node 2 drains (GRACEFUL_SHUTDOWN, withdrawn after 1 s).
+    f.lb(2, &["node", "drain"])?;
+    let left = wait_hops(
+        &f.net.router,
+        &prefix,
+        &strs(&hops(&[0, 1])),
+        Duration::from_secs(3),
+    )?;
+    println!("L2 fleet: node 2 drained out of the router's route after {left:?}");
     std::thread::sleep(Duration::from_secs(2));
+    // kill -9 of node 1's agent: its route stays, its pinned program keeps forwarding.
     let mut dead = f.net.nodes[1].agent.take().context("agent 1")?;
     dead.kill();
-    f.net.ecmp(&[0])?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        next_hops(&f.net.router, &prefix)?,
+        hops(&[0, 1]),
+        "kill -9 kept the route"
+    );
+    // Then node 1's speaker dies as well (its host going): withdrawn at the router.
+    f.kill_node(1);
+    let gone = wait_hops(
+        &f.net.router,
+        &prefix,
+        &strs(&hops(&[0])),
+        Duration::from_secs(3),
+    )?;
+    println!("L2 fleet: node 1's speaker killed, withdrawn at the router after {gone:?}");
     std::thread::sleep(Duration::from_secs(2));
     let (requests, failed, failures) = load.finish();
-    println!("L2 fleet, a node leaving and one killed: {requests} requests, {failed} failed");
+    println!(
+        "L2 fleet, a node draining out, one agent killed and then its speaker: {requests} requests, {failed} failed"
+    );
     assert_eq!(failed, 0, "{failures:#?}");
     assert!(requests > 500, "{requests}");
     Ok(())
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// A node that cannot take a revision (started with room for two backends) refuses it whole,
