@@ -49,6 +49,10 @@ pub struct Start {
     pub snaplen: u32,
     /// The per-second limit in force.
     pub max_rate: u32,
+    /// The records are the backend's decap program's (`lb decap --capture`): reasons are
+    /// `DecapStat`s, and there is no VIP or backend.
+    #[serde(default)]
+    pub decap: bool,
 }
 
 /// Sent every quarter second: the kernel's counters of this capture so far.

@@ -70,7 +70,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("man pages written to {}", out.display());
             Ok(())
         }
-        Top::Decap(d) => super::decap::run(d),
+        Top::Decap(d) => super::decap::run(d).await,
         Top::Capture(a) => super::capture::run(&client, *a).await,
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
