@@ -30,7 +30,7 @@ pub fn copy_frame(ctx: *mut xdp_md, cpu: &mut CaptureCpu, snaplen: u32) -> (u32,
 
 /// Whether the capture takes a packet of this verdict (`stat`, `action`) whose record's VIP
 /// and backend are set: the filters, then the sampling, then the per-CPU rate limit (a packet
-/// over the rate is counted as missed).
+/// sampled out and one over the rate are counted apart).
 #[inline(always)]
 pub fn admit(cfg: &CaptureConfig, cpu: &mut CaptureCpu, stat: u32, action: u32, now: u64) -> bool {
     if !cfg.matches(stat, action, cpu.rec.hdr.vip, cpu.rec.hdr.backend) {
@@ -38,6 +38,7 @@ pub fn admit(cfg: &CaptureConfig, cpu: &mut CaptureCpu, stat: u32, action: u32, 
     }
     // SAFETY: helper without arguments.
     if cfg.sample > 1 && unsafe { bpf_get_prandom_u32() } % cfg.sample != 0 {
+        cpu.sampled_out += 1;
         return false;
     }
     match rate_allows(cpu.tat, now, cfg.interval_ns, cfg.burst_ns) {

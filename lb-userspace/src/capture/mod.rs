@@ -82,6 +82,7 @@ impl Capturer {
         Ok(per_cpu.iter().fold(Progress::default(), |p, c| Progress {
             emitted: p.emitted + c.emitted,
             missed: p.missed + c.missed,
+            sampled_out: p.sampled_out + c.sampled_out,
         }))
     }
 

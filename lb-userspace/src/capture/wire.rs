@@ -62,6 +62,9 @@ pub struct Progress {
     pub emitted: u64,
     /// Matching packets not recorded (over the rate, or the ring full).
     pub missed: u64,
+    /// Matching packets `--sample` left out.
+    #[serde(default)]
+    pub sampled_out: u64,
 }
 
 /// The last message.
