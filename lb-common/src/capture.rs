@@ -128,6 +128,8 @@ pub struct CaptureCpu {
     pub missed: u64,
     /// The rate limit's theoretical arrival time (ns).
     pub tat: u64,
+    /// Matching packets `--sample` left out.
+    pub sampled_out: u64,
     /// Non-zero from the arrival copy until the verdict's record is made.
     pub pending: u32,
     /// The tail call's hand-over: the action and reason of the verdict.
@@ -136,7 +138,7 @@ pub struct CaptureCpu {
     pub _pad: u32,
     pub rec: CaptureRecord,
 }
-const _: () = assert!(core::mem::size_of::<CaptureCpu>() == 336);
+const _: () = assert!(core::mem::size_of::<CaptureCpu>() == 344);
 
 impl CaptureConfig {
     /// Whether a packet of this verdict, VIP and backend passes the filters (not counting

@@ -285,6 +285,19 @@ counter_enum! {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// `lb decap --capture`: the decap program's capture (`lb_common::capture`'s types, maps of
+// its own, unpinned; the capturing `lb decap` finds them through the attached program).
+
+/// The decap capture's settings: array of one `CaptureConfig`.
+pub const DECAP_CAPTURE_CONFIG_MAP: &str = "DECAP_CAP";
+/// Per-CPU work space and counters: per-CPU array of one `CaptureCpu`.
+pub const DECAP_CAPTURE_CPU_MAP: &str = "DECAP_CAP_CPU";
+/// The records: a ring buffer of `CaptureRecord`s.
+pub const DECAP_CAPTURE_RING_MAP: &str = "DECAP_CAP_RING";
+/// The flag the decap program reads on every packet, alone in the object's `.bss`.
+pub const DECAP_CAPTURE_ON_GLOBAL: &str = "DECAP_CAPTURE_ON";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,19 +12,16 @@
 //!   verified once, in a program of their own, not at every verdict of the large programs.
 use aya_ebpf::{
     bindings::xdp_action,
-    cty::c_void,
-    helpers::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_get_buff_len,
-        bpf_xdp_load_bytes,
-    },
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, PerCpuArray, ProgramArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_MAX_SNAP, CAPTURE_NONE,
-    CAPTURE_RECORD, CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat, rate_allows,
+    CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_NONE, CAPTURE_RECORD,
+    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat,
 };
+use lb_ebpf::capture_core::{admit, copy_frame, output};
 
 use crate::Verdict;
 
@@ -75,23 +72,6 @@ fn this_cpu() -> Option<&'static mut CaptureCpu> {
     LB_CAPTURE_CPU.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// Copies the first `snaplen` bytes of the frame into `rec`'s data; returns how many.
-#[inline(always)]
-fn copy_frame(ctx: &XdpContext, cpu: &mut CaptureCpu, snaplen: u32) -> (u32, u32) {
-    // SAFETY: helper on our own context.
-    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
-    let mut n = if snaplen < len { snaplen } else { len };
-    // Bounded for the verifier: the helper writes `n` bytes into the record's data.
-    n &= 2 * CAPTURE_MAX_SNAP - 1;
-    if n == 0 || n > CAPTURE_MAX_SNAP {
-        return (len, 0);
-    }
-    // SAFETY: `n` bytes fit the record's data (checked above); the helper reads the frame,
-    // across buffers, or fails.
-    let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, 0, cpu.rec.data.as_mut_ptr() as *mut c_void, n) };
-    (len, if rc == 0 { n } else { 0 })
-}
-
 /// A capture runs: keeps the frame's first bytes as it arrived, before anything rewrites it.
 /// Inlined: a BPF-to-BPF call beside tail calls would cap every frame's stack.
 #[inline(always)]
@@ -99,7 +79,7 @@ pub fn arrive(ctx: &XdpContext) {
     let (Some(cfg), Some(cpu)) = (LB_CAPTURE.get(0), this_cpu()) else {
         return;
     };
-    let (len, n) = copy_frame(ctx, cpu, cfg.snaplen);
+    let (len, n) = copy_frame(ctx.ctx, cpu, cfg.snaplen);
     cpu.rec.hdr.orig_len = len;
     cpu.rec.hdr.cap_len = n;
     cpu.rec.hdr.vip = CAPTURE_NONE;
@@ -162,19 +142,8 @@ pub fn record(ctx: &XdpContext) -> u32 {
         return action;
     }
     let stat = cpu.stat;
-    if !cfg.matches(stat, action, cpu.rec.hdr.vip, cpu.rec.hdr.backend) {
+    if !admit(cfg, cpu, stat, action, now) {
         return action;
-    }
-    // SAFETY: as above.
-    if cfg.sample > 1 && unsafe { bpf_get_prandom_u32() } % cfg.sample != 0 {
-        return action;
-    }
-    match rate_allows(cpu.tat, now, cfg.interval_ns, cfg.burst_ns) {
-        Some(tat) => cpu.tat = tat,
-        None => {
-            cpu.missed += 1;
-            return action;
-        }
     }
     let h = &mut cpu.rec.hdr;
     h.ts_ns = now;
@@ -183,31 +152,15 @@ pub fn record(ctx: &XdpContext) -> u32 {
     h.direction = CAPTURE_ARRIVED;
     // SAFETY: as above.
     h.cpu = unsafe { bpf_get_smp_processor_id() };
-    if !output(cpu) {
+    if !output(&LB_CAPTURE_RING, cpu) {
         return action;
     }
     if cfg.flags & CAPTURE_F_BOTH != 0 && changed(action, stat) {
-        let (len, n) = copy_frame(ctx, cpu, cfg.snaplen);
+        let (len, n) = copy_frame(ctx.ctx, cpu, cfg.snaplen);
         cpu.rec.hdr.orig_len = len;
         cpu.rec.hdr.cap_len = n;
         cpu.rec.hdr.direction = CAPTURE_LEFT;
-        output(cpu);
+        output(&LB_CAPTURE_RING, cpu);
     }
     action
-}
-
-/// Outputs this CPU's record to the ring; counts it as emitted, or as missed when the ring
-/// is full (the agent reads too slowly).
-#[inline(always)]
-fn output(cpu: &mut CaptureCpu) -> bool {
-    if LB_CAPTURE_RING
-        .output::<lb_common::CaptureRecord>(&cpu.rec, 0)
-        .is_ok()
-    {
-        cpu.emitted += 1;
-        true
-    } else {
-        cpu.missed += 1;
-        false
-    }
 }

@@ -17,6 +17,8 @@
 #![no_std]
 #![no_main]
 
+#[path = "decap/capture.rs"]
+mod capture;
 #[path = "decap/classify.rs"]
 mod classify;
 #[cfg(feature = "bench")]
@@ -54,32 +56,48 @@ use crate::{
 /// packet's later buffers are kept as they are.
 #[xdp(frags)]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    decap_xdp(&ctx)
+    // While `lb decap --capture` runs, the frame is copied as it arrived and its verdict
+    // recorded (`capture`); otherwise these are the two branches it costs. The flag is read
+    // again at the end rather than kept: a value live across the decap path would have the
+    // verifier walk that path twice, once per value.
+    if capture::running() {
+        capture::arrive(ctx.ctx);
+    }
+    let (stat, action, changed) = decap_xdp(&ctx);
+    if capture::running() {
+        capture::record(ctx.ctx, stat as u32, action, changed);
+    }
+    action
 }
 
+/// The packet's reason, its action, and whether the frame was changed (stripped, or
+/// rewritten for the next hop).
 #[inline(always)]
-fn decap_xdp(ctx: &XdpContext) -> u32 {
+fn decap_xdp(ctx: &XdpContext) -> (DecapStat, u32, bool) {
     // The whole frame, a jumbo one's later buffers included.
     let len = ctx.frame_len() as u64;
-    let (stat, action) = match classify(ctx) {
-        Err(DecapStat::UntrustedSource) => (DecapStat::UntrustedSource, xdp_action::XDP_DROP),
-        Err(s) => (s, xdp_action::XDP_PASS),
+    let pass = xdp_action::XDP_PASS;
+    let (stat, action, changed) = match classify(ctx) {
+        Err(DecapStat::UntrustedSource) => {
+            (DecapStat::UntrustedSource, xdp_action::XDP_DROP, false)
+        }
+        Err(s) => (s, pass, false),
         Ok(found) => match decide(ctx.ctx as *mut c_void, ctx, &found) {
             Decision::Keep(reason) => match strip_xdp(ctx, &found) {
-                Ok(_) => (reason, xdp_action::XDP_PASS),
-                Err(s) => (s, xdp_action::XDP_PASS),
+                Ok(_) => (reason, pass, true),
+                Err(s) => (s, pass, false),
             },
             Decision::Forward(h) => match forward_xdp(ctx, h) {
-                Ok(sent) => sent,
+                Ok((s, a)) => (s, a, true),
                 Err(reason) => match strip_xdp(ctx, &found) {
-                    Ok(_) => (reason, xdp_action::XDP_PASS),
-                    Err(s) => (s, xdp_action::XDP_PASS),
+                    Ok(_) => (reason, pass, true),
+                    Err(s) => (s, pass, false),
                 },
             },
         },
     };
     count(stat, len);
-    action
+    (stat, action, changed)
 }
 
 /// The same program at tc ingress (`lb decap --attach tc`), for drivers where XDP is not

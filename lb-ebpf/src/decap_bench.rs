@@ -47,7 +47,7 @@ pub fn bench_decap(ctx: XdpContext) -> u32 {
 /// verifier refuses; the attached programs are unaffected.
 #[inline(never)]
 fn decap_xdp_call(ctx: &XdpContext) -> u32 {
-    decap_xdp(ctx)
+    decap_xdp(ctx).1
 }
 
 /// Ethernet, outer IPv6, UDP and a GUE header with one IPv6 hop (86 bytes), rounded up.

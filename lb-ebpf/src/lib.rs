@@ -7,7 +7,8 @@
 //!   by the whole frame;
 //! - [`proto`]: the Ethernet, IP and ICMP constants;
 //! - [`fib`]: the kernel's FIB lookup and neighbour redirect, for encapsulated packets;
-//! - [`owner`]: second chance's ownership test (does this host hold the flow) and hop list.
+//! - [`owner`]: second chance's ownership test (does this host hold the flow) and hop list;
+//! - [`capture_core`]: the packet capture's copy, filters, rate limit and output.
 //!
 //! The library is also `lb-userspace`'s build-dependency, so cargo rebuilds the objects when
 //! this crate changes; built for the host there, it is empty.
@@ -20,6 +21,8 @@
     reason = "context pointers handed on to helpers, never dereferenced"
 )]
 
+#[cfg(target_arch = "bpf")]
+pub mod capture_core;
 #[cfg(target_arch = "bpf")]
 pub mod fib;
 #[cfg(target_arch = "bpf")]

@@ -46,6 +46,9 @@ pub fn render(stats: &StatsView, list: &[VipView], refreshes: u64) -> Result<Str
     if let Some(a) = &stats.announce {
         crate::announce::metrics::register(&mut reg, a);
     }
+    if let Some(c) = &stats.capture {
+        capture_metrics(&mut reg, c);
+    }
     backends.fill(list);
     let reads = Counter::<u64>::default();
     reg.register(
@@ -93,6 +96,33 @@ fn outcome_metrics(reg: &mut Registry, global: &BTreeMap<String, lb_common::Coun
         bytes
             .get_or_create(&vec![("reason".into(), name.clone())])
             .inc_by(c.bytes);
+    }
+}
+
+/// `lb capture`: whether one runs, and the kernel's counts of the running or last one (they
+/// start from zero when a capture starts).
+fn capture_metrics(reg: &mut Registry, c: &crate::capture::wire::CaptureStatus) {
+    let running = Gauge::<i64>::default();
+    reg.register(
+        "capture_running",
+        "1 while an `lb capture` runs",
+        running.clone(),
+    );
+    running.set(i64::from(c.running));
+    let packets = family(
+        reg,
+        "capture_packets",
+        "Packets of the running or last capture: captured (records output), missed (over \
+         --max-rate or the ring full), sampled_out (left out by --sample)",
+    );
+    for (what, n) in [
+        ("captured", c.counts.emitted),
+        ("missed", c.counts.missed),
+        ("sampled_out", c.counts.sampled_out),
+    ] {
+        packets
+            .get_or_create(&vec![("outcome".into(), what.into())])
+            .inc_by(n);
     }
 }
 
@@ -396,5 +426,39 @@ async fn route(path: &str, node: &SharedNode, snapshots: &Snapshots) -> Response
             TEXT,
             Bytes::from_static(b"see / (status page), /metrics, /healthz or /readyz\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod capture_tests {
+    use super::*;
+    use crate::capture::wire::{CaptureStatus, Progress};
+
+    #[test]
+    fn the_capture_counts_are_on_the_page() {
+        let stats = StatsView {
+            global: BTreeMap::new(),
+            vips: Vec::new(),
+            agent: AgentStatus::default(),
+            store: None,
+            announce: None,
+            capture: Some(CaptureStatus {
+                running: true,
+                counts: Progress {
+                    emitted: 7,
+                    missed: 3,
+                    sampled_out: 11,
+                },
+            }),
+        };
+        let page = render(&stats, &[], 1).unwrap();
+        for line in [
+            "lb_capture_running 1",
+            "lb_capture_packets_total{outcome=\"captured\"} 7",
+            "lb_capture_packets_total{outcome=\"missed\"} 3",
+            "lb_capture_packets_total{outcome=\"sampled_out\"} 11",
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} in\n{page}");
+        }
     }
 }

@@ -376,6 +376,10 @@ pub struct StatsView {
     /// `--announce-table` only: what the node announces, and its BGP sessions.
     #[serde(default)]
     pub announce: Option<crate::announce::AnnounceView>,
+    /// `lb capture`: whether one runs, and the kernel's counts of the running or last one
+    /// (`None`: no data plane to capture).
+    #[serde(default)]
+    pub capture: Option<crate::capture::wire::CaptureStatus>,
 }
 
 /// The agent's link to the fleet's store (`lb run --store`).

@@ -3,6 +3,7 @@
 use crate::{
     Error,
     agent::Agent,
+    capture::wire::CaptureStatus,
     model::{BackendAddr, VipAddr},
     protocol::{AgentStatus, BackendStats, StatsView, VipStats},
 };
@@ -17,7 +18,7 @@ impl Agent {
     /// no lock held, so changes and health flips never wait for a reader. Map reads: call
     /// it from a blocking thread.
     pub fn stats(&self) -> Result<StatsView, Error> {
-        let (maps, ids, agent) = {
+        let (maps, ids, agent, capturer) = {
             let core = self.core();
             let Some(maps) = core.kernel().counters() else {
                 return Err(Error::Unavailable("no counter maps".into()));
@@ -43,7 +44,7 @@ impl Agent {
                 nat_table: self.nat_table(),
                 migration: None,
             };
-            (maps, ids, agent)
+            (maps, ids, agent, core.kernel().capture())
         };
         let global = maps.totals()?;
         let mut vips = Vec::with_capacity(ids.len());
@@ -76,6 +77,13 @@ impl Agent {
             agent,
             store: None,
             announce: None,
+            capture: match capturer {
+                Some(c) => Some(CaptureStatus {
+                    running: c.running(),
+                    counts: c.counts()?,
+                }),
+                None => None,
+            },
         })
     }
 }

@@ -167,6 +167,7 @@ fn resolve(
         mono_to_unix_ns: capture::mono_to_unix_ns(),
         snaplen,
         max_rate,
+        decap: false,
     };
     let limits = Limits {
         count: req.count,

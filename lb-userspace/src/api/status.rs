@@ -56,6 +56,7 @@ mod tests {
             agent: AgentStatus::default(),
             store: None,
             announce: None,
+            capture: None,
         }
     }
 

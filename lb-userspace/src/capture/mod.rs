@@ -2,6 +2,7 @@
 //! capture at a time, read on a blocking thread of its own and streamed to the client
 //! ([`wire`]). The maps are the capture's own, apart from the agent's tables: a capture
 //! never takes the agent's lock after it has started.
+pub mod decap;
 pub mod pcapng;
 pub mod wire;
 
@@ -81,6 +82,7 @@ impl Capturer {
         Ok(per_cpu.iter().fold(Progress::default(), |p, c| Progress {
             emitted: p.emitted + c.emitted,
             missed: p.missed + c.missed,
+            sampled_out: p.sampled_out + c.sampled_out,
         }))
     }
 

@@ -3,7 +3,7 @@
 //! comment, which Wireshark shows (`frame.comment`) and `tshark` can filter on.
 use std::{borrow::Cow, io::Write, time::Duration};
 
-use lb_common::{CAPTURE_ARRIVED, CAPTURE_NONE, CaptureHeader, Stat};
+use lb_common::{CAPTURE_ARRIVED, CAPTURE_NONE, CaptureHeader, DecapStat, Stat};
 use pcap_file::{
     DataLink,
     pcapng::{
@@ -53,6 +53,21 @@ impl<W: Write> Writer<W> {
 
     /// What a packet's comment says: verdict, reason, VIP, backend, direction.
     pub fn comment(&self, h: &CaptureHeader) -> String {
+        let dir = if h.direction == CAPTURE_ARRIVED {
+            "arrived"
+        } else {
+            "left"
+        };
+        if self.start.decap {
+            let reason = DecapStat::ALL
+                .get(h.stat as usize)
+                .map_or("unknown", |s| s.name());
+            return format!(
+                "lb decap: {dir} verdict={} reason={reason} cpu={}",
+                verdict_word(h.action),
+                h.cpu
+            );
+        }
         let reason = Stat::ALL
             .get(h.stat as usize)
             .map_or("unknown", |s| s.name());
@@ -67,12 +82,7 @@ impl<W: Write> Writer<W> {
             }
         };
         format!(
-            "lb: {} verdict={} reason={} vip={} backend={} cpu={}",
-            if h.direction == CAPTURE_ARRIVED {
-                "arrived"
-            } else {
-                "left"
-            },
+            "lb: {dir} verdict={} reason={} vip={} backend={} cpu={}",
             verdict_word(h.action),
             reason,
             name(h.vip, &self.start.vips),

@@ -49,6 +49,10 @@ pub struct Start {
     pub snaplen: u32,
     /// The per-second limit in force.
     pub max_rate: u32,
+    /// The records are the backend's decap program's (`lb decap --capture`): reasons are
+    /// `DecapStat`s, and there is no VIP or backend.
+    #[serde(default)]
+    pub decap: bool,
 }
 
 /// Sent every quarter second: the kernel's counters of this capture so far.
@@ -58,6 +62,9 @@ pub struct Progress {
     pub emitted: u64,
     /// Matching packets not recorded (over the rate, or the ring full).
     pub missed: u64,
+    /// Matching packets `--sample` left out.
+    #[serde(default)]
+    pub sampled_out: u64,
 }
 
 /// The last message.

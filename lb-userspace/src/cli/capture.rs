@@ -61,7 +61,7 @@ pub struct CaptureArgs {
     pub max_rate: u32,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
@@ -80,7 +80,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_sample(s: &str) -> Result<u32, String> {
+pub(super) fn parse_sample(s: &str) -> Result<u32, String> {
     let n = s.strip_prefix("1/").unwrap_or(s);
     match n.parse::<u32>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -135,7 +135,18 @@ pub async fn run(client: &Client, a: CaptureArgs) -> anyhow::Result<()> {
     };
     // Asked before the file is made: a refused capture leaves no empty file.
     let mut stream = client.capture(&req).await?;
-    let out = open_output(&a.write)?;
+    write_capture(&a.write, "lb capture", async || Ok(stream.next().await?)).await
+}
+
+/// Writes a capture's messages (`wire`: a start, records, progress, an end) as pcapng to
+/// `write` until its end or Ctrl-C, then prints the one line of counts as `who`. The agent's
+/// stream (`lb capture`) and the decap capture's own session (`lb decap --capture`) alike.
+pub(super) async fn write_capture(
+    write: &PathBuf,
+    who: &str,
+    mut next_message: impl AsyncFnMut() -> anyhow::Result<Option<(u8, Vec<u8>)>>,
+) -> anyhow::Result<()> {
+    let out = open_output(write)?;
     let mut writer: Option<Writer<Box<dyn Write>>> = None;
     let mut out = Some(out);
     let mut last = Progress::default();
@@ -144,7 +155,7 @@ pub async fn run(client: &Client, a: CaptureArgs) -> anyhow::Result<()> {
     let end: Option<End> = loop {
         // Ctrl-C ends the capture as the agent's end would: the file whole, the counts said.
         let next = tokio::select! {
-            m = stream.next() => m?,
+            m = next_message() => m?,
             _ = tokio::signal::ctrl_c() => break Some(End {
                 counts: last,
                 sent: records,
@@ -181,11 +192,11 @@ pub async fn run(client: &Client, a: CaptureArgs) -> anyhow::Result<()> {
     }
     match end {
         Some(e) => eprintln!(
-            "lb capture: {packets} packets captured ({} records), {} missed (over --max-rate or the ring full); ended by {}",
+            "{who}: {packets} packets captured ({} records), {} missed (over --max-rate or the ring full); ended by {}",
             e.sent, e.counts.missed, e.reason
         ),
         None => bail!(
-            "the agent ended the capture early after {packets} packets ({} missed so far)",
+            "{who}: the capture ended early after {packets} packets ({} missed so far)",
             last.missed
         ),
     }

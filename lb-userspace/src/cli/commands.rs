@@ -77,7 +77,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("man pages written to {}", out.display());
             Ok(())
         }
-        Top::Decap(d) => super::decap::run(d),
+        Top::Decap(d) => super::decap::run(d).await,
         Top::Capture(a) => super::capture::run(&client, *a).await,
         Top::Detach { iface, bpffs } => {
             println!("{}", lb_userspace::run::detach(&iface, &bpffs)?);
@@ -516,6 +516,21 @@ fn nat_table_line(t: &lb_userspace::protocol::NatTableView) -> String {
     )
 }
 
+/// `lb stats`' line for the running or last capture.
+fn capture_line(c: &lb_userspace::capture::wire::CaptureStatus) -> String {
+    format!(
+        "capture: {}, {} records, {} missed, {} sampled out",
+        if c.running {
+            "running"
+        } else {
+            "none running (the last one's counts)"
+        },
+        c.counts.emitted,
+        c.counts.missed,
+        c.counts.sampled_out
+    )
+}
+
 fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
     let rate = |now: u64, before: Option<u64>| {
         before.map_or(String::new(), |b| format!("{}/s", now.saturating_sub(b)))
@@ -539,6 +554,9 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
             println!("{}", nat_table_line(&t));
         }
         println!();
+    }
+    if let Some(c) = &s.capture {
+        println!("{}\n", capture_line(c));
     }
     let mut rows = Vec::new();
     for (k, c) in &s.global {

@@ -458,5 +458,28 @@ fn a_killed_client_ends_the_capture() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 packets captured"));
     let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "an existing file's mode");
+    // The last capture's counts stay visible in `lb stats` (the same view feeds /metrics and
+    // the status page) until the next one starts.
+    let c = net.dir.stats()?.capture.context("no capture in lb stats")?;
+    assert!(!c.running && c.counts.emitted >= 3, "{c:?}");
+    // What --sample leaves out is counted apart: at one in a million, all of it.
+    capture_during(
+        &net.dir,
+        &["-w", &file_s, "--sample", "1/1000000", "--duration", "2s"],
+        || {
+            for _ in 0..5 {
+                net.http_get(vip_ip(), PORT)?;
+            }
+            Ok(())
+        },
+    )?;
+    let c = net.dir.stats()?.capture.context("no capture in lb stats")?;
+    assert!(c.counts.sampled_out >= 5, "{c:?}");
+    let text = net.dir.cli_ok(&["stats"])?;
+    let line = format!(
+        "capture: none running (the last one's counts), {} records, {} missed, {} sampled out",
+        c.counts.emitted, c.counts.missed, c.counts.sampled_out
+    );
+    assert!(text.contains(&line), "{text}");
     Ok(())
 }

@@ -1,7 +1,15 @@
 //! `lb capture --both` on the routed network (`lb_tests::routed`): the frames as they left
 //! show the IPIP and GUE outer headers to the backend, and NAT's translated addresses and
 //! ports in both directions.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Read as _,
+    os::unix::fs::PermissionsExt as _,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
 
 use lb_tests::{
     proc::sample_backend,
@@ -98,6 +106,9 @@ fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
         assert_eq!(comment_of(r.get("frame.comment"))["backend"], backend4(1));
     }
 
+    // The same IPIP packets on the backend's side: `lb decap --capture`.
+    decap_capture(&net)?;
+
     // GUE: outer IPv6 and UDP to the GUE port, to the backend's IPv6 address.
     let rows = capture(&net, &["--vip", &gue, "--both", "-c", "10"], VIP6, 4)?;
     let left: Vec<&Row> = rows.iter().filter(|r| r.left()).collect();
@@ -162,5 +173,131 @@ fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
         ["to the backend", "to the client"],
         "NAT's two directions as they left"
     );
+    Ok(())
+}
+
+/// A child killed and reaped on every path.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `lb decap --capture --both` on backend 1 while the client makes IPIP requests: each
+/// packet as it reached the backend (the load balancer's outer IPv4 header, protocol 4, the
+/// client's packet inside) and as the decap program left it (the inner packet alone, from
+/// the client to the VIP), annotated `decapsulated`; `tcpdump` reads the file too.
+fn decap_capture(net: &Routed) -> anyhow::Result<()> {
+    let file = out_file(&net.dir, "decap");
+    let mut cmd: Command = net.backends[0].lb()?;
+    cmd.args(["decap", "--iface", &backend_dev(1), "--bpffs"])
+        .arg(&net.dir.bpffs)
+        .args(["--capture", "-w"])
+        .arg(&file)
+        .args([
+            "--both",
+            "--reason",
+            "decapsulated",
+            "-c",
+            "6",
+            "--duration",
+            "20s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Reaped(cmd.spawn().context("spawning lb decap --capture")?);
+    // The file is made once the kernel side records.
+    let start = Instant::now();
+    while !file.exists() {
+        if child.0.try_wait()?.is_some() {
+            let mut err = String::new();
+            child
+                .0
+                .stderr
+                .take()
+                .context("stderr")?
+                .read_to_string(&mut err)?;
+            bail!("lb decap --capture exited before it ran: {err}");
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "no capture within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
+    for _ in 0..4 {
+        http_request(&net.client, target, &get("/"))?;
+    }
+    let status = loop {
+        if let Some(st) = child.0.try_wait()? {
+            break st;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "lb decap --capture did not end by its count"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut err)?;
+    ensure!(status.success(), "lb decap --capture: {err}");
+    assert!(err.contains("6 packets captured"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&file)?.permissions().mode() & 0o777,
+        0o600
+    );
+    let rows: Vec<Row> = tshark_fields(&file, &FIELDS)?
+        .into_iter()
+        .map(Row)
+        .collect();
+    let (left, arrived): (Vec<&Row>, Vec<&Row>) = rows.iter().partition(|r| r.left());
+    assert_eq!(
+        (arrived.len(), left.len()),
+        (6, 6),
+        "each packet as it arrived and as it left"
+    );
+    for r in &arrived {
+        let dst: Vec<&str> = r.get("ip.dst").split(',').collect();
+        assert_eq!(dst, [backend4(1).as_str(), VIP4], "outer then inner");
+        assert_eq!(r.get("ip.proto"), "4,6", "IPIP carrying TCP");
+    }
+    for r in &left {
+        assert_eq!(
+            (r.get("ip.src"), r.get("ip.dst"), r.get("ip.proto")),
+            (CLIENT4, VIP4, "6"),
+            "the outer header stripped"
+        );
+    }
+    for r in &rows {
+        let c = comment_of(r.get("frame.comment"));
+        assert_eq!(
+            (c["verdict"].as_str(), c["reason"].as_str()),
+            ("passed", "decapsulated"),
+            "{}",
+            r.get("frame.comment")
+        );
+        assert!(r.get("frame.comment").starts_with("lb decap: "));
+    }
+    let td = Command::new("tcpdump")
+        .arg("-nr")
+        .arg(&file)
+        .output()
+        .context("running tcpdump")?;
+    ensure!(
+        td.status.success(),
+        "{}",
+        String::from_utf8_lossy(&td.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&td.stdout).lines().count(), 12);
     Ok(())
 }

@@ -1,0 +1,203 @@
+//! `lb decap --capture`: a capture of the backend's decap program (`lb_decap`), run by the
+//! `lb decap` process itself. `lb decap` attaches through a pinned link and exits, so no
+//! process of it stays to be asked, as the agent is by `lb capture`: the capturing process
+//! opens the attached program's capture maps instead (the pinned link's program, its maps by
+//! id, matched by name: they are unpinned, so a program attached by a later `lb decap` is
+//! never read through stale pins), and runs the same [`Session`] as the agent, with the same
+//! lease (a killed capture stops in the kernel within two seconds). One capture at a time
+//! per interface: an exclusive `flock` on the interface's pin directory.
+use std::{fs::File, os::fd::AsRawFd as _, path::Path, sync::Arc, time::Duration};
+
+use aya::{
+    maps::{Map, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
+};
+use lb_common::{
+    BSS_MAP, CAPTURE_F_BOTH, CAPTURE_MAX_SNAP, CaptureConfig, DECAP_CAPTURE_CONFIG_MAP,
+    DECAP_CAPTURE_CPU_MAP, DECAP_CAPTURE_RING_MAP, DecapStat,
+};
+
+use super::{Capturer, DEFAULT_MAX_RATE, Limits, Session, mono_to_unix_ns, wire::Start};
+use crate::Error;
+
+/// What to capture: the options of `lb capture` that apply to the decap program.
+#[derive(Clone, Debug, Default)]
+pub struct DecapCaptureRequest {
+    /// Stop after this many packets (0: no limit).
+    pub count: u64,
+    pub duration: Duration,
+    /// 0: the default.
+    pub snaplen: u32,
+    /// `forwarded` (second chance sent it on), `passed` (stripped and kept, or untouched) or
+    /// `dropped` (an untrusted sender).
+    pub verdict: Option<String>,
+    /// A `lb decap --stats` row.
+    pub reason: Option<String>,
+    /// One matching packet in N.
+    pub sample: u32,
+    pub both: bool,
+    /// 0: the default.
+    pub max_rate: u32,
+}
+
+/// How far ahead of the rate a CPU may record (as the agent's capture).
+const BURST: Duration = Duration::from_millis(100);
+/// The most packets per second a capture may ask for.
+pub const MAX_RATE: u32 = 1_000_000;
+
+/// A running decap capture: the session and the claim on the interface.
+pub struct DecapCapture {
+    pub session: Session,
+    pub start: Start,
+    pub limits: Limits,
+    /// Held (locked) for the capture's life: drop it after the session.
+    pub claim: File,
+}
+
+/// The kernel-side settings of a request, checked.
+pub fn config(req: &DecapCaptureRequest) -> Result<(CaptureConfig, Start, Limits), Error> {
+    let bad = |m: String| Err(Error::Invalid(m));
+    let snaplen = match req.snaplen {
+        0 => lb_common::CAPTURE_DEFAULT_SNAP,
+        n if n <= CAPTURE_MAX_SNAP => n,
+        n => return bad(format!("--snaplen {n}: give 1 to {CAPTURE_MAX_SNAP} bytes")),
+    };
+    if req.duration.is_zero() {
+        return bad("the duration must be positive".into());
+    }
+    let max_rate = match req.max_rate {
+        0 => DEFAULT_MAX_RATE,
+        r if r <= MAX_RATE => r,
+        r => {
+            return bad(format!(
+                "--max-rate {r}: at most {MAX_RATE} packets a second"
+            ));
+        }
+    };
+    let verdicts = match &req.verdict {
+        None => 0,
+        Some(v) => super::wire::verdict_bits(v).ok_or_else(|| {
+            Error::Invalid(format!("verdict `{v}`: give forwarded, passed or dropped"))
+        })?,
+    };
+    let reason = match &req.reason {
+        None => 0,
+        Some(r) => match DecapStat::ALL.iter().find(|s| s.name() == r) {
+            Some(s) => *s as u32 + 1,
+            None => {
+                let names: Vec<&str> = DecapStat::ALL.iter().map(|s| s.name()).collect();
+                return bad(format!("reason `{r}`: give one of {}", names.join(", ")));
+            }
+        },
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u64;
+    let cfg = CaptureConfig {
+        on: 0,
+        flags: if req.both { CAPTURE_F_BOTH } else { 0 },
+        snaplen,
+        sample: req.sample.max(1),
+        verdicts,
+        reason,
+        vip: 0,
+        backend: 0,
+        // Each CPU its share of the rate, as the agent's capture.
+        interval_ns: 1_000_000_000 * cpus / u64::from(max_rate),
+        burst_ns: BURST.as_nanos() as u64,
+        until_ns: 0,
+    };
+    let start = Start {
+        mono_to_unix_ns: mono_to_unix_ns(),
+        snaplen,
+        max_rate,
+        decap: true,
+        ..Start::default()
+    };
+    let limits = Limits {
+        count: req.count,
+        duration: req.duration,
+    };
+    Ok((cfg, start, limits))
+}
+
+/// Starts capturing from the decap program attached (at XDP) to `iface`.
+pub fn begin(iface: &str, bpffs: &Path, req: &DecapCaptureRequest) -> Result<DecapCapture, Error> {
+    let (cfg, start, limits) = config(req)?;
+    let dir = crate::decap::pin_dir(bpffs, iface);
+    if dir.join("tc-link").exists() {
+        return Err(Error::Invalid(format!(
+            "decap runs at tc on {iface}: --capture records the xdp program (attach with \
+             --attach xdp)"
+        )));
+    }
+    let link = dir.join("link");
+    if !link.exists() {
+        return Err(Error::NotFound(format!(
+            "no decap program is attached to {iface} (no link at {})",
+            link.display()
+        )));
+    }
+    let claim = claim(&dir, iface)?;
+    let capturer = Arc::new(open_maps(&link, iface)?);
+    let session = capturer.begin(cfg)?;
+    Ok(DecapCapture {
+        session,
+        start,
+        limits,
+        claim,
+    })
+}
+
+/// The one-at-a-time claim: an exclusive lock on the interface's pin directory (a second
+/// capturing process would take records off the same ring).
+fn claim(dir: &Path, iface: &str) -> Result<File, Error> {
+    let f = File::open(dir).map_err(Error::io(format!("opening {}", dir.display())))?;
+    // SAFETY: a valid descriptor of ours.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Conflict(format!(
+            "another `lb decap --capture` runs on {iface}: one at a time; wait for it to end"
+        )));
+    }
+    Ok(f)
+}
+
+/// The capture maps of the program behind the pinned link `link`.
+fn open_maps(link: &Path, iface: &str) -> Result<Capturer, Error> {
+    let kernel = |what: &str, e: &dyn std::fmt::Display| Error::Kernel(format!("{what}: {e}"));
+    let pinned = PinnedLink::from_pin(link).map_err(|e| kernel("opening the decap link", &e))?;
+    let prog_id = FdLink::from(pinned)
+        .info()
+        .map_err(|e| kernel("reading the decap link", &e))?
+        .program_id();
+    let prog = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .ok_or_else(|| Error::Kernel(format!("the decap program (id {prog_id}) is gone")))?;
+    let ids = prog
+        .map_ids()
+        .map_err(|e| kernel("reading the decap program's maps", &e))?
+        .unwrap_or_default();
+    let (mut config, mut cpus, mut ring, mut bss) = (None, None, None, None);
+    for id in ids {
+        let Ok(data) = MapData::from_id(id) else {
+            continue;
+        };
+        let Ok(info) = data.info() else { continue };
+        match info.name_as_str().unwrap_or("") {
+            DECAP_CAPTURE_CONFIG_MAP => config = Some(Map::Array(data)),
+            DECAP_CAPTURE_CPU_MAP => cpus = Some(Map::PerCpuArray(data)),
+            DECAP_CAPTURE_RING_MAP => ring = Some(Map::RingBuf(data)),
+            n if n.ends_with(BSS_MAP) => bss = Some(Map::Array(data)),
+            _ => {}
+        }
+    }
+    match (config, cpus, ring, bss) {
+        (Some(c), Some(p), Some(r), Some(b)) => Capturer::from_maps(c, p, r, b),
+        _ => Err(Error::Unavailable(format!(
+            "the decap program on {iface} cannot capture (attached by an older lb): run `lb \
+             decap` again to replace it, then capture"
+        ))),
+    }
+}
