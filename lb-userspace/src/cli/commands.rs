@@ -466,8 +466,7 @@ async fn xdp_pass(iface: &str) -> anyhow::Result<()> {
         flow_cache_slots: 0,
         ..LoadOptions::default()
     };
-    let mut dp = lb_userspace::Dataplane::load(tiny)?;
-    dp.attach_pass(iface)?;
+    let _pass = lb_userspace::dataplane::attach_pass_alone(iface, &tiny)?;
     // Handler before the ready line (see `run`).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     println!("XDP_PASS attached to {iface}");

@@ -608,6 +608,33 @@ impl Dataplane {
     }
 }
 
+/// Attaches only the XDP_PASS program to `iface` (native mode) and loads no other program:
+/// `lb xdp-pass` puts it on veth ends that must run XDP for XDP_TX and redirects into them to
+/// be delivered, and verifying the load balancer's programs for that only costs seconds of
+/// CPU. The object's maps are created at `opts`' sizes (keep them small). Detached when the
+/// returned object drops.
+pub fn attach_pass_alone(iface: &str, opts: &LoadOptions) -> Result<Ebpf, Error> {
+    require_capabilities()?;
+    opts.validate()?;
+    if if_index(iface).is_none() {
+        return Err(Error::NoSuchInterface(iface.to_string()));
+    }
+    let mut ebpf = open_object(EBPF_OBJECT, opts, None, None)?;
+    let prog = xdp_program(&mut ebpf, PASS_PROGRAM)?;
+    load_retrying(|| prog.load()).map_err(|source| Error::Program {
+        name: PASS_PROGRAM,
+        source,
+    })?;
+    prog.attach(iface, XdpMode::Driver)
+        .map_err(|source| Error::Attach {
+            iface: iface.to_string(),
+            mode: "native",
+            hint: "",
+            source: Box::new(source),
+        })?;
+    Ok(ebpf)
+}
+
 /// Every map of the object the agent pins.
 fn pinned_maps() -> impl Iterator<Item = &'static str> {
     lb_common::LB_MAPS
