@@ -589,23 +589,6 @@ impl Dataplane {
     ) -> Result<Option<AttachMode>, Error> {
         attach_xdp_pinned(self.lb_program()?, LB_PROGRAM, iface, mode, link_pin)
     }
-
-    /// Attaches the trivial XDP_PASS program to `iface` in native mode, until this
-    /// `Dataplane` is dropped.
-    pub fn attach_pass(&mut self, iface: &str) -> Result<(), Error> {
-        if if_index(iface).is_none() {
-            return Err(Error::NoSuchInterface(iface.to_string()));
-        }
-        self.pass_program()?
-            .attach(iface, XdpMode::Driver)
-            .map_err(|source| Error::Attach {
-                iface: iface.to_string(),
-                mode: "native",
-                hint: "",
-                source: Box::new(source),
-            })?;
-        Ok(())
-    }
 }
 
 /// Attaches only the XDP_PASS program to `iface` (native mode) and loads no other program:
