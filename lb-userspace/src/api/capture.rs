@@ -24,8 +24,8 @@ use crate::{
     Error,
     agent::Agent,
     capture::{
-        self, Capturer, DEFAULT_MAX_RATE, Limits,
-        wire::{CaptureRequest, CaptureStatus, KIND_START, Start, message, verdict_bits},
+        self, BURST, Capturer, Limits,
+        wire::{CaptureRequest, CaptureStatus, KIND_START, Start, message},
     },
     model::{BackendAddr, VipAddr},
     protocol::MAX_BODY,
@@ -33,10 +33,6 @@ use crate::{
 
 /// The longest capture: a connection to the API lives at most `Limits::API.conn_timeout`.
 pub const MAX_DURATION: Duration = Duration::from_secs(110);
-/// How far ahead of the rate a CPU may record: up to a tenth of its second's share at once.
-const BURST: Duration = Duration::from_millis(100);
-/// The most packets per second a client may ask for.
-pub const MAX_RATE: u32 = 1_000_000;
 
 /// The streamed answer: framed messages from the capture's thread.
 pub struct ChannelBody(mpsc::Receiver<Vec<u8>>);
@@ -73,31 +69,10 @@ fn resolve(
             MAX_DURATION.as_secs()
         ));
     }
-    let max_rate = match req.max_rate {
-        0 => DEFAULT_MAX_RATE,
-        r if r <= MAX_RATE => r,
-        r => {
-            return bad(format!(
-                "--max-rate {r}: at most {MAX_RATE} packets a second"
-            ));
-        }
-    };
-    let verdicts = match &req.verdict {
-        None => 0,
-        Some(v) => verdict_bits(v).ok_or_else(|| {
-            Error::Invalid(format!("verdict `{v}`: give forwarded, passed or dropped"))
-        })?,
-    };
-    let reason = match &req.reason {
-        None => 0,
-        Some(r) => match Stat::ALL.iter().find(|s| s.name() == r) {
-            Some(s) => *s as u32 + 1,
-            None => {
-                let names: Vec<&str> = Stat::ALL.iter().map(|s| s.name()).collect();
-                return bad(format!("reason `{r}`: give one of {}", names.join(", ")));
-            }
-        },
-    };
+    let max_rate = capture::checked_max_rate(req.max_rate)?;
+    let verdicts = capture::checked_verdicts(req.verdict.as_deref())?;
+    let names: Vec<&str> = Stat::ALL.iter().map(|s| s.name()).collect();
+    let reason = capture::checked_reason(req.reason.as_deref(), &names)?;
     let core = agent.core();
     let capturer = core
         .kernel()

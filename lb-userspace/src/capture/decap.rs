@@ -20,7 +20,7 @@ use lb_common::{
     DECAP_CAPTURE_CPU_MAP, DECAP_CAPTURE_RING_MAP, DecapStat,
 };
 
-use super::{Capturer, DEFAULT_MAX_RATE, Limits, Session, mono_to_unix_ns, wire::Start};
+use super::{BURST, Capturer, Limits, Session, mono_to_unix_ns, wire::Start};
 use crate::Error;
 
 /// What to capture: the options of `lb capture` that apply to the decap program.
@@ -43,11 +43,6 @@ pub struct DecapCaptureRequest {
     pub max_rate: u32,
 }
 
-/// How far ahead of the rate a CPU may record (as the agent's capture).
-const BURST: Duration = Duration::from_millis(100);
-/// The most packets per second a capture may ask for.
-pub const MAX_RATE: u32 = 1_000_000;
-
 /// A running decap capture: the session and the claim on the interface.
 pub struct DecapCapture {
     pub session: Session,
@@ -68,31 +63,10 @@ pub fn config(req: &DecapCaptureRequest) -> Result<(CaptureConfig, Start, Limits
     if req.duration.is_zero() {
         return bad("the duration must be positive".into());
     }
-    let max_rate = match req.max_rate {
-        0 => DEFAULT_MAX_RATE,
-        r if r <= MAX_RATE => r,
-        r => {
-            return bad(format!(
-                "--max-rate {r}: at most {MAX_RATE} packets a second"
-            ));
-        }
-    };
-    let verdicts = match &req.verdict {
-        None => 0,
-        Some(v) => super::wire::verdict_bits(v).ok_or_else(|| {
-            Error::Invalid(format!("verdict `{v}`: give forwarded, passed or dropped"))
-        })?,
-    };
-    let reason = match &req.reason {
-        None => 0,
-        Some(r) => match DecapStat::ALL.iter().find(|s| s.name() == r) {
-            Some(s) => *s as u32 + 1,
-            None => {
-                let names: Vec<&str> = DecapStat::ALL.iter().map(|s| s.name()).collect();
-                return bad(format!("reason `{r}`: give one of {}", names.join(", ")));
-            }
-        },
-    };
+    let max_rate = super::checked_max_rate(req.max_rate)?;
+    let verdicts = super::checked_verdicts(req.verdict.as_deref())?;
+    let names: Vec<&str> = DecapStat::ALL.iter().map(|s| s.name()).collect();
+    let reason = super::checked_reason(req.reason.as_deref(), &names)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u64;
     let cfg = CaptureConfig {
         on: 0,

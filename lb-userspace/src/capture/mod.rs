@@ -21,6 +21,46 @@ use wire::{End, KIND_END, KIND_PROGRESS, KIND_RECORD, Progress, message};
 
 /// The agent's packets per second reaching it when the client names no `--max-rate`.
 pub const DEFAULT_MAX_RATE: u32 = 10_000;
+/// The most packets per second a capture may ask for.
+pub const MAX_RATE: u32 = 1_000_000;
+/// How far ahead of the rate a CPU may record: up to a tenth of its second's share at once.
+pub const BURST: Duration = Duration::from_millis(100);
+
+/// A request's `--max-rate` checked (0: the default); the agent's and `lb decap`'s alike.
+pub fn checked_max_rate(r: u32) -> Result<u32, Error> {
+    match r {
+        0 => Ok(DEFAULT_MAX_RATE),
+        r if r <= MAX_RATE => Ok(r),
+        r => Err(Error::Invalid(format!(
+            "--max-rate {r}: at most {MAX_RATE} packets a second"
+        ))),
+    }
+}
+
+/// A request's `--verdict` as the kernel's filter bits (none: every verdict).
+pub fn checked_verdicts(v: Option<&str>) -> Result<u32, Error> {
+    match v {
+        None => Ok(0),
+        Some(v) => wire::verdict_bits(v).ok_or_else(|| {
+            Error::Invalid(format!("verdict `{v}`: give forwarded, passed or dropped"))
+        }),
+    }
+}
+
+/// A request's `--reason` as the kernel's filter (its index among `names`, plus one; none:
+/// every reason).
+pub fn checked_reason(r: Option<&str>, names: &[&str]) -> Result<u32, Error> {
+    match r {
+        None => Ok(0),
+        Some(r) => match names.iter().position(|n| *n == r) {
+            Some(i) => Ok(i as u32 + 1),
+            None => Err(Error::Invalid(format!(
+                "reason `{r}`: give one of {}",
+                names.join(", ")
+            ))),
+        },
+    }
+}
 /// How long the kernel keeps recording without the agent renewing the capture: a capture
 /// whose agent died stops by itself.
 const LEASE: Duration = Duration::from_secs(2);
