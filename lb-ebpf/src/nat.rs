@@ -23,9 +23,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
-    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_POOL_MAX, NAT_PORT_PROBES, NEXTHOP_TTL_S,
-    NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index, nat_expired,
-    nat_port,
+    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_POOL_LENS, NAT_POOL_MAX, NAT_PORT_PROBES,
+    NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index,
+    nat_expired, nat_port,
 };
 use network_types::eth::EthHdr;
 
@@ -148,17 +148,13 @@ fn pool_rest_has(f: u32, d: &[u32; 4]) -> bool {
     false
 }
 
-/// How many NAT addresses the pool of family index `f` holds.
+/// How many NAT addresses the pool of family index `f` holds (`lb_common::NAT_POOL_LENS`).
 #[inline(always)]
 fn pool_len(f: u32) -> u32 {
-    let mut n = 0;
-    while n < NAT_POOL_MAX {
-        match LB_NAT_ADDRS.get(nat_addr_index(f, n)) {
-            Some(a) if a[0] | a[1] | a[2] | a[3] != 0 => n += 1,
-            _ => break,
-        }
-    }
-    n
+    LB_NAT_ADDRS
+        .get(NAT_POOL_LENS)
+        .map_or(0, |l| if f == NAT_ADDR_V4 { l[0] } else { l[1] })
+        .min(NAT_POOL_MAX)
 }
 
 /// Enters the NAT program ([`crate::lb_nat`]); returns only if the tail call failed.

@@ -147,6 +147,7 @@ pub fn xdp_pass(ns: &crate::Netns, dev: &str) -> anyhow::Result<ChildGuard> {
     let mut cmd = ns.lb()?;
     cmd.args(["xdp-pass", "--iface", dev]);
     let mut child = ChildGuard::spawn(cmd, &format!("xdp-pass on {dev}"))?;
-    child.wait_for_line(Duration::from_secs(10), |l| l.contains("XDP_PASS attached"))?;
+    // It loads (and the kernel verifies) the whole object first: seconds on a loaded machine.
+    child.wait_for_line(Duration::from_secs(30), |l| l.contains("XDP_PASS attached"))?;
     Ok(child)
 }

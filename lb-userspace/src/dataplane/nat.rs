@@ -10,8 +10,8 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP,
-    NAT_POOL_MAX, NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index, nat_expired,
-    nat_forward_key, nat_phase,
+    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index,
+    nat_expired, nat_forward_key, nat_phase,
 };
 
 use crate::{
@@ -136,14 +136,23 @@ impl NatTables {
     /// and the rest of the map zeroed. From the last entry down: the program reads a
     /// family's pool up to its first empty entry, so a growing pool appears whole.
     pub fn set_pool(&mut self, pool: &[IpAddr]) -> Result<(), Error> {
+        let lens = |v4: bool| pool.iter().filter(|a| a.is_ipv4() == v4).count() as u32;
+        let lens = [lens(true), lens(false), 0, 0];
+        if lens[0].max(lens[1]) > NAT_POOL_MAX {
+            return Err(Error::Invalid(format!(
+                "{} NAT source addresses of one family: at most {NAT_POOL_MAX}",
+                lens[0].max(lens[1])
+            )));
+        }
+        // A shrinking pool's size goes first, a growing one's last: the program picks among
+        // the first `size` addresses, which are then always written.
+        let old = self.addrs.get(&NAT_POOL_LENS, 0).unwrap_or([0; 4]);
+        let shrunk = [old[0].min(lens[0]), old[1].min(lens[1]), 0, 0];
+        self.addrs
+            .set(NAT_POOL_LENS, shrunk, 0)
+            .map_err(err(NAT_ADDRS_MAP))?;
         for (f, v4) in [(NAT_ADDR_V4, true), (NAT_ADDR_V6, false)] {
             let mine: Vec<&IpAddr> = pool.iter().filter(|a| a.is_ipv4() == v4).collect();
-            if mine.len() > NAT_POOL_MAX as usize {
-                return Err(Error::Invalid(format!(
-                    "{} NAT source addresses of one family: at most {NAT_POOL_MAX}",
-                    mine.len()
-                )));
-            }
             for i in (0..NAT_POOL_MAX).rev() {
                 let w = mine.get(i as usize).map_or([0; 4], |a| addr_words(**a));
                 self.addrs
@@ -151,7 +160,9 @@ impl NatTables {
                     .map_err(err(NAT_ADDRS_MAP))?;
             }
         }
-        Ok(())
+        self.addrs
+            .set(NAT_POOL_LENS, lens, 0)
+            .map_err(err(NAT_ADDRS_MAP))
     }
 
     /// See [`sweep`].
