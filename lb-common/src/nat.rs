@@ -31,12 +31,13 @@ pub const NAT_ADDRS_MAP: &str = "LB_NAT_ADDRS";
 pub const NAT_ADDR_V4: u32 = 0;
 pub const NAT_ADDR_V6: u32 = 1;
 /// NAT source addresses per family at most: each is compared on every packet to a VIP (the
-/// reply test), so the pool stays small; 16 addresses already give 16 x the ports.
-pub const NAT_POOL_MAX: u32 = 16;
+/// reply test) and the verifier walks that test on every path of the full program, so the
+/// pool stays small; 4 addresses already give 4 x the ports.
+pub const NAT_POOL_MAX: u32 = 4;
 /// Entry of [`NAT_ADDRS_MAP`] after both pools holding each family's pool size (`[IPv4,
 /// IPv6, 0, 0]`): a new connection picks its address by it. A size read from map memory is
 /// one unknown to the verifier; a size counted by the program would be a known constant on
-/// each of 17 paths, each verifying the port probes again. Zero (as after an upgrade from
+/// each of 17 paths, each verifying what follows again. Zero (as after an upgrade from
 /// ABI 13): the backend's outer source, which is then the family's one NAT address.
 pub const NAT_POOL_LENS: u32 = 2 * NAT_POOL_MAX;
 /// Entries of [`NAT_ADDRS_MAP`]: both families' pools and [`NAT_POOL_LENS`].

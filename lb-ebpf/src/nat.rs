@@ -336,22 +336,22 @@ fn place(
     f.half_slot = half;
     nat_state::first_segment(&mut s.fwd, &s.seg, k.proto);
     // A random start, not the flow's hash: a retransmitted SYN whose ports were all taken
-    // tries other ones. Ports are per (pool address, backend): each probe takes the next pool
-    // address from a random one and its own port, so the probes spread over addresses x
-    // ports, and an address whose ports are all held costs a probe, not the connection. No
-    // pool (no NAT address written yet): the backend's outer source.
+    // tries other ones. Ports are per (pool address, backend): the connection takes a random
+    // pool address, then probes its ports (connections spread evenly, so every address fills
+    // alike, and 16 probes of one address find a port as often as 16 spread over all). Picked
+    // once, not per probe: a lookup per probe multiplied what the verifier walks. No pool (no
+    // size written yet): the backend's outer source.
     let fam = family_index(k.family);
     let n = pool_len(fam);
     // SAFETY: helpers without arguments.
     let h = unsafe { bpf_get_prandom_u32() };
-    let a0 = unsafe { bpf_get_prandom_u32() };
+    if n > 0
+        && let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(fam, (h >> 16) % n))
+    {
+        s.fwd.src = *a;
+    }
     let mut i = 0;
     while i < NAT_PORT_PROBES {
-        if n > 0
-            && let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(fam, a0.wrapping_add(i) % n))
-        {
-            s.fwd.src = *a;
-        }
         s.fwd.sport = nat_port(h, i, cfg.nat_port_min, cfg.nat_port_max).to_be();
         i += 1;
         nat_state::reverse_key(&mut s.rkey, k, &s.fwd);

@@ -74,15 +74,21 @@ mod tests {
             nat_pool(&[], &ips(&["10.0.0.2"])).unwrap(),
             ips(&["10.0.0.2"])
         );
-        let sixteen: Vec<String> = (1..=16).map(|i| format!("10.0.9.{i}")).collect();
-        let sixteen: Vec<&str> = sixteen.iter().map(String::as_str).collect();
-        assert_eq!(nat_pool(&ips(&sixteen), &[]).unwrap().len(), 16);
+        let most: Vec<String> = (1..=NAT_POOL_MAX).map(|i| format!("10.0.9.{i}")).collect();
+        let most: Vec<&str> = most.iter().map(String::as_str).collect();
+        assert_eq!(
+            nat_pool(&ips(&most), &[]).unwrap().len(),
+            NAT_POOL_MAX as usize
+        );
     }
 
     #[test]
     fn bad_addresses_are_refused_with_one_line() {
-        let seventeen: Vec<String> = (1..=17).map(|i| format!("10.0.9.{i}")).collect();
-        let seventeen: Vec<&str> = seventeen.iter().map(String::as_str).collect();
+        let over: Vec<String> = (1..=NAT_POOL_MAX + 1)
+            .map(|i| format!("10.0.9.{i}"))
+            .collect();
+        let over: Vec<&str> = over.iter().map(String::as_str).collect();
+        let too_many = format!("10.0.9.{}: at most {NAT_POOL_MAX} IPv4", NAT_POOL_MAX + 1);
         for (list, why) in [
             (vec!["10.0.9.1", "10.0.9.1"], "10.0.9.1: given twice"),
             (vec!["0.0.0.0"], "not a unicast"),
@@ -90,7 +96,7 @@ mod tests {
             (vec!["127.0.0.1"], "not a unicast"),
             (vec!["ff02::1"], "not a unicast"),
             (vec!["::ffff:10.0.9.1"], "give it as 10.0.9.1"),
-            (seventeen, "10.0.9.17: at most 16 IPv4"),
+            (over, too_many.as_str()),
         ] {
             let e = nat_pool(&ips(&list), &[]).unwrap_err().to_string();
             assert!(e.contains(why) && !e.contains('\n'), "{list:?}: {e}");

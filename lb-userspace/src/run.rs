@@ -48,7 +48,7 @@ pub struct RunOptions {
     pub json: bool,
     /// Outer source addresses given with `--encap-source` (at most one per family).
     pub encap_sources: Vec<std::net::IpAddr>,
-    /// The NAT address pool given with `--nat-source` (at most 16 per family).
+    /// The NAT address pool given with `--nat-source` (at most 4 per family).
     pub nat_sources: Vec<std::net::IpAddr>,
     /// The prefixes VIPs may use (`--vip-prefix`; empty: any address but the node's own).
     pub vip_pools: Vec<model::Prefix>,

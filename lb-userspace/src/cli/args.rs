@@ -290,7 +290,7 @@ pub struct RunArgs {
     /// it: it must route back to this interface.
     #[arg(long = "encap-source", value_name = "ADDR")]
     pub encap_source: Vec<IpAddr>,
-    /// A NAT source address (repeatable, up to 16 per family): NAT'ed connections leave
+    /// A NAT source address (repeatable, up to 4 per family): NAT'ed connections leave
     /// from these instead of the encapsulation source of their family, each from one picked
     /// at random, and ports are per (address, backend), so each address adds a port range.
     /// Backends answer to them: each must route back to this interface (e.g. held on it as
