@@ -251,7 +251,8 @@ fn nat_pool_metrics(reg: &mut Registry, agent: &AgentStatus) {
     if agent.nat_pool.is_empty() {
         return;
     }
-    let families: [(&str, &str, fn(&crate::protocol::NatAddrView) -> u64); 3] = [
+    type Get = fn(&crate::protocol::NatAddrView) -> u64;
+    let families: [(&str, &str, Get); 3] = [
         (
             "nat_address_connections",
             "NAT connections holding a port of this pool address at the last sweep",
