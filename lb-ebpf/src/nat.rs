@@ -341,7 +341,8 @@ fn place(
     // alike, and 16 probes of one address find a port as often as 16 spread over all). Picked
     // once, not per probe: a lookup per probe multiplied what the verifier walks. No pool (no
     // size written yet): the backend's outer source.
-    let fam = family_index(k.family);
+    // The backend's family, not the client's: an IPv4 VIP may have IPv6 backends.
+    let fam = family_index(b.family);
     let n = pool_len(fam);
     // SAFETY: helpers without arguments.
     let h = unsafe { bpf_get_prandom_u32() };
