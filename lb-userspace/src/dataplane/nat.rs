@@ -234,3 +234,19 @@ fn sweep(
     }
     Ok(out)
 }
+
+/// The non-empty addresses of an `LB_NAT_ADDRS` map pinned at `pin` by a previous ABI (one
+/// address per family, no sizes entry), for the pre-filter a migration keeps; none if it
+/// cannot be read (the agent then writes its own pool as on a fresh start).
+pub fn addrs_pinned_at(pin: &std::path::Path) -> Vec<[u32; 4]> {
+    let Ok(data) = MapData::from_pin(pin) else {
+        return Vec::new();
+    };
+    let Ok(old) = Array::<MapData, [u32; 4]>::try_from(Map::Array(data)) else {
+        return Vec::new();
+    };
+    (0..old.len().min(NAT_POOL_LENS))
+        .filter_map(|i| old.get(&i, 0).ok())
+        .filter(|w| *w != [0; 4])
+        .collect()
+}
