@@ -163,7 +163,12 @@ pub const LB_MAPS: &[MapSpec] = &[
     spec::<FlowKey, NatEntry>(NAT_FWD_MAP, Hash, Capacity::NatPairs, 0),
     spec::<FlowKey, NatEntry>(NAT_REV_MAP, Hash, Capacity::NatPairs, 0),
     spec::<u32, crate::NatHalfSlot>(crate::NAT_HALF_MAP, Array, Capacity::NatHalfOpen, 0),
-    spec::<u32, [u32; 4]>(NAT_ADDRS_MAP, Array, Capacity::Fixed(2), 0),
+    spec::<u32, [u32; 4]>(
+        NAT_ADDRS_MAP,
+        Array,
+        Capacity::Fixed(crate::NAT_ADDRS_ENTRIES),
+        0,
+    ),
     unpinned(MapSpec {
         value_size: NAT_SCRATCH_SIZE,
         ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)

@@ -19,12 +19,36 @@ use crate::{FlowKey, PROTO_TCP};
 pub const NAT_FWD_MAP: &str = "LB_NAT_FWD";
 /// Backend-side translations: hash [`FlowKey`] (backend -> LB address) -> [`NatEntry`].
 pub const NAT_REV_MAP: &str = "LB_NAT_REV";
-/// This load balancer's NAT source addresses: array of two `[u32; 4]` (index
-/// [`NAT_ADDR_V4`] and [`NAT_ADDR_V6`]; all zero: none), network byte order. Packets to them
-/// are looked up in [`NAT_REV_MAP`].
+/// This load balancer's NAT source addresses, the pool (`--nat-source`): array of
+/// [`NAT_ADDRS_ENTRIES`] `[u32; 4]`, network byte order, the families interleaved (address `i`
+/// of the pool is at [`nat_addr_index`]`(family, i)`; all zero: none, and the family's pool
+/// ends at the first empty one). Packets to them are looked up in [`NAT_REV_MAP`].
+///
+/// Interleaved so that ABI 13's two entries ([`NAT_ADDR_V4`], [`NAT_ADDR_V6`]: one address
+/// per family) are the first address of each family's pool as they are: the upgrade copies
+/// them into the larger map unchanged.
 pub const NAT_ADDRS_MAP: &str = "LB_NAT_ADDRS";
 pub const NAT_ADDR_V4: u32 = 0;
 pub const NAT_ADDR_V6: u32 = 1;
+/// NAT source addresses per family at most: each is compared on every packet to a VIP (the
+/// reply test) and the verifier walks that test on every path of the full program, so the
+/// pool stays small; 4 addresses already give 4 x the ports.
+pub const NAT_POOL_MAX: u32 = 4;
+/// Entry of [`NAT_ADDRS_MAP`] after both pools holding each family's pool size (`[IPv4,
+/// IPv6, 0, 0]`): a new connection picks its address by it. A size read from map memory is
+/// one unknown to the verifier; a size counted by the program would be a known constant on
+/// each of 17 paths, each verifying what follows again. Zero (as after an upgrade from
+/// ABI 13): the backend's outer source, which is then the family's one NAT address.
+pub const NAT_POOL_LENS: u32 = 2 * NAT_POOL_MAX;
+/// Entries of [`NAT_ADDRS_MAP`]: both families' pools and [`NAT_POOL_LENS`].
+pub const NAT_ADDRS_ENTRIES: u32 = 2 * NAT_POOL_MAX + 1;
+
+/// Index in [`NAT_ADDRS_MAP`] of address `i` (below [`NAT_POOL_MAX`]) of the pool of the
+/// family at `family_index` ([`NAT_ADDR_V4`] or [`NAT_ADDR_V6`]).
+#[inline(always)]
+pub const fn nat_addr_index(family_index: u32, i: u32) -> u32 {
+    2 * i + family_index
+}
 /// Programs the load balancer tail-calls: a program array; [`PROG_NAT`] holds `lb_nat`,
 /// [`PROG_FULL`] holds `lb_full`, `PROG_GUARD` (`crate::guard`) holds `lb_guard`.
 pub const PROGS_MAP: &str = "LB_PROGS";

@@ -159,7 +159,7 @@ pub const PROG_GUARD: u32 = lb_common::PROG_GUARD;
 pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 #[map(name = "LB_NAT_ADDRS")]
-pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(2, 0);
+pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(lb_common::NAT_ADDRS_ENTRIES, 0);
 
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

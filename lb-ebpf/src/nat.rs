@@ -23,8 +23,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
-    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_PORT_PROBES, NEXTHOP_TTL_S, NatEntry, PROTO_TCP,
-    PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_expired, nat_port,
+    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_POOL_LENS, NAT_POOL_MAX, NAT_PORT_PROBES,
+    NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index,
+    nat_expired, nat_port,
 };
 use network_types::eth::EthHdr;
 
@@ -95,25 +96,65 @@ fn scratch() -> Result<&'static mut Scratch, Verdict> {
     Ok(unsafe { &mut *s })
 }
 
-/// Whether `addr` (of the packet's family) is one of this load balancer's NAT addresses.
+/// The index of the packet's family in the pool's layout (`lb_common::nat_addr_index`).
 #[inline(always)]
-pub fn is_nat_addr(pkt: &Parsed) -> bool {
-    let i = if pkt.key.family == FAMILY_V4 {
+fn family_index(family: u8) -> u32 {
+    if family == FAMILY_V4 {
         NAT_ADDR_V4
     } else {
         NAT_ADDR_V6
+    }
+}
+
+/// Whether the packet's destination (of its family) is one of this load balancer's NAT
+/// addresses (the pool).
+#[inline(always)]
+pub fn is_nat_addr(pkt: &Parsed) -> bool {
+    let f = family_index(pkt.key.family);
+    // The first address decides for every VIP packet of a one-address pool (a VIP is never
+    // a NAT address): its first word differs, and the family's second entry is empty.
+    let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(f, 0)) else {
+        return false;
     };
-    // The first word decides for every VIP packet (a VIP is never a NAT address); the
-    // rest only for an answer to a NAT address.
-    LB_NAT_ADDRS.get(i).is_some_and(|a| {
-        // Compared word by word: as one array compare, LLVM loaded and compared all four
-        // words on every VIP packet, where only the first word's test is needed.
-        a[0] == pkt.key.dst[0]
-            && a[1] == pkt.key.dst[1]
-            && a[2] == pkt.key.dst[2]
-            && a[3] == pkt.key.dst[3]
-            && a[0] | a[1] | a[2] | a[3] != 0
-    })
+    if same_addr(a, &pkt.key.dst) {
+        return true;
+    }
+    pool_rest_has(f, &pkt.key.dst)
+}
+
+/// `a` is `d` and not empty. Compared word by word: as one array compare, LLVM loaded and
+/// compared all four words on every VIP packet, where only the first word's test is needed.
+#[inline(always)]
+fn same_addr(a: &[u32; 4], d: &[u32; 4]) -> bool {
+    a[0] == d[0] && a[1] == d[1] && a[2] == d[2] && a[3] == d[3] && a[0] | a[1] | a[2] | a[3] != 0
+}
+
+/// Whether `d` is one of the pool's addresses after the first (a family's pool ends at its
+/// first empty entry).
+#[inline(always)]
+fn pool_rest_has(f: u32, d: &[u32; 4]) -> bool {
+    let mut i = 1;
+    while i < NAT_POOL_MAX {
+        match LB_NAT_ADDRS.get(nat_addr_index(f, i)) {
+            Some(a) if a[0] | a[1] | a[2] | a[3] != 0 => {
+                if same_addr(a, d) {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        i += 1;
+    }
+    false
+}
+
+/// How many NAT addresses the pool of family index `f` holds (`lb_common::NAT_POOL_LENS`).
+#[inline(always)]
+fn pool_len(f: u32) -> u32 {
+    LB_NAT_ADDRS
+        .get(NAT_POOL_LENS)
+        .map_or(0, |l| if f == NAT_ADDR_V4 { l[0] } else { l[1] })
+        .min(NAT_POOL_MAX)
 }
 
 /// Enters the NAT program ([`crate::lb_nat`]); returns only if the tail call failed.
@@ -295,9 +336,21 @@ fn place(
     f.half_slot = half;
     nat_state::first_segment(&mut s.fwd, &s.seg, k.proto);
     // A random start, not the flow's hash: a retransmitted SYN whose ports were all taken
-    // tries other ones.
-    // SAFETY: helper without arguments.
+    // tries other ones. Ports are per (pool address, backend): the connection takes a random
+    // pool address, then probes its ports (connections spread evenly, so every address fills
+    // alike, and 16 probes of one address find a port as often as 16 spread over all). Picked
+    // once, not per probe: a lookup per probe multiplied what the verifier walks. No pool (no
+    // size written yet): the backend's outer source.
+    // The backend's family, not the client's: an IPv4 VIP may have IPv6 backends.
+    let fam = family_index(b.family);
+    let n = pool_len(fam);
+    // SAFETY: helpers without arguments.
     let h = unsafe { bpf_get_prandom_u32() };
+    if n > 0
+        && let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(fam, (h >> 16) % n))
+    {
+        s.fwd.src = *a;
+    }
     let mut i = 0;
     while i < NAT_PORT_PROBES {
         s.fwd.sport = nat_port(h, i, cfg.nat_port_min, cfg.nat_port_max).to_be();
@@ -341,7 +394,7 @@ fn take_expired(s: &mut Scratch, cfg: &LbConfig, now: u32) -> bool {
     // placed again has moved on, and keeps its new entry).
     let f = &s.fwd;
     let ofwd = unsafe { LB_NAT_FWD.get(&s.okey) }
-        .filter(|o| o.sport == f.sport && o.dst == f.dst && o.dport == f.dport);
+        .filter(|o| o.src == f.src && o.sport == f.sport && o.dst == f.dst && o.dport == f.dport);
     if !nat_expired(s.rkey.proto, ofwd, Some(old), now, &cfg.nat_times()) {
         return false;
     }

@@ -37,6 +37,7 @@ pub mod import;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod nat_pool;
 pub mod net;
 pub mod node;
 pub mod plan;

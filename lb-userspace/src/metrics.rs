@@ -42,6 +42,7 @@ pub fn render(stats: &StatsView, list: &[VipView], refreshes: u64) -> Result<Str
     traffic_metrics(&mut reg, &stats.vips);
     let backends = BackendGauges::register(&mut reg);
     agent_metrics(&mut reg, &stats.agent);
+    nat_pool_metrics(&mut reg, &stats.agent);
     fleet_metrics(&mut reg, list, stats.store.as_ref());
     if let Some(a) = &stats.announce {
         crate::announce::metrics::register(&mut reg, a);
@@ -271,6 +272,39 @@ fn agent_metrics(reg: &mut Registry, agent: &AgentStatus) {
             let g = Gauge::<i64>::default();
             reg.register(name, help, g.clone());
             g.set(v as i64);
+        }
+    }
+}
+
+/// Each NAT pool address's connections at the last sweep.
+fn nat_pool_metrics(reg: &mut Registry, agent: &AgentStatus) {
+    if agent.nat_pool.is_empty() {
+        return;
+    }
+    type Get = fn(&crate::protocol::NatAddrView) -> u64;
+    let families: [(&str, &str, Get); 3] = [
+        (
+            "nat_address_connections",
+            "NAT connections holding a port of this pool address at the last sweep",
+            |a| a.connections,
+        ),
+        (
+            "nat_address_half_open",
+            "Half-open NAT pairs on this pool address at the last sweep",
+            |a| a.half_open,
+        ),
+        (
+            "nat_address_closing",
+            "Closed NAT connections still holding a port of this pool address",
+            |a| a.closing,
+        ),
+    ];
+    for (name, help, get) in families {
+        let fam = Family::<Labels, Gauge>::default();
+        reg.register(name, help, fam.clone());
+        for a in &agent.nat_pool {
+            fam.get_or_create(&vec![("address".to_string(), a.address.to_string())])
+                .set(get(a) as i64);
         }
     }
 }

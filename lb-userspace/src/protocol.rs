@@ -329,6 +329,9 @@ pub struct AgentStatus {
     /// How full each part of the NAT table was at the last sweep (once NAT is used).
     #[serde(default)]
     pub nat_table: Option<NatTableView>,
+    /// Each NAT pool address's connections at the last sweep (once NAT is used).
+    #[serde(default)]
+    pub nat_pool: Vec<NatAddrView>,
     /// The migration that brought the pinned maps to this build's map ABI, if one did.
     #[serde(default)]
     pub migration: Option<MigrationView>,
@@ -344,6 +347,16 @@ pub struct NatTableView {
     pub half_open: u64,
     pub half_slots: u64,
     /// Closed connections still holding their port (counted among the established room).
+    pub closing: u64,
+}
+
+/// One NAT pool address's connections at the last sweep (`lb stats`' `NAT address` lines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatAddrView {
+    pub address: IpAddr,
+    /// Connections holding a port of this address (half-open and closing ones included).
+    pub connections: u64,
+    pub half_open: u64,
     pub closing: u64,
 }
 

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub json: bool,
     /// Outer source addresses given with `--encap-source` (at most one per family).
     pub encap_sources: Vec<std::net::IpAddr>,
+    /// The NAT address pool given with `--nat-source` (at most 4 per family).
+    pub nat_sources: Vec<std::net::IpAddr>,
     /// The prefixes VIPs may use (`--vip-prefix`; empty: any address but the node's own).
     pub vip_pools: Vec<model::Prefix>,
     /// Fleet mode: the desired state comes from this store.
@@ -77,6 +79,11 @@ fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
             _ => {}
         }
     }
+    let fallback: Vec<std::net::IpAddr> = [out.v4.map(Into::into), out.v6.map(Into::into)]
+        .into_iter()
+        .flatten()
+        .collect();
+    out.nat_pool = crate::nat_pool::nat_pool(&opts.nat_sources, &fallback)?;
     Ok(out)
 }
 

@@ -284,13 +284,18 @@ impl World {
         let mut b = self.dp.backends.get(id)?;
         b.port = port.to_be();
         self.dp.backends.set(id, &b)?;
-        let mut addrs = [[0u32; 4]; 2];
-        for i in [0, 1] {
-            addrs[i] = self.dp.nat.addrs.get(&(i as u32), 0)?;
-        }
-        addrs[if src.is_ipv4() { 0 } else { 1 }] = addr_words(src);
-        self.dp.nat.set_addrs(addrs[0], addrs[1])?;
-        let also = addrs.into_iter().filter(|a| *a != [0; 4]).collect();
+        // `src` becomes its family's whole pool (the agent's pool without `--nat-source`).
+        let mut pool: Vec<IpAddr> = self.dp.nat.pool();
+        pool.retain(|a| a.is_ipv4() != src.is_ipv4());
+        pool.push(src);
+        self.set_nat_pool(&pool)
+    }
+
+    /// Writes the NAT address pool and lets its addresses through the VIP pre-filter, as the
+    /// agent does.
+    pub fn set_nat_pool(&mut self, pool: &[IpAddr]) -> anyhow::Result<()> {
+        self.dp.nat.set_pool(pool)?;
+        let also = pool.iter().map(|a| addr_words(*a)).collect();
         self.dp.vips.set_also_filtered(also)?;
         Ok(())
     }

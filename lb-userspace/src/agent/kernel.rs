@@ -32,7 +32,7 @@ pub trait Counters: Send + Sync {
 }
 
 /// What a NAT sweep found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     /// Connections still live.
     pub live: usize,
@@ -44,6 +44,8 @@ pub struct Swept {
     /// `--nat-entries`, and the half-open slots.
     pub capacity: usize,
     pub half_slots: usize,
+    /// The live ones per NAT address holding them.
+    pub by_addr: Vec<crate::protocol::NatAddrView>,
 }
 
 /// The NAT sweep's own handles on the NAT tables, so it runs without the agent's lock (a
@@ -81,6 +83,11 @@ pub trait Kernel: Send {
     /// The load balancer's address encapsulated packets to `backend` come from, if it has
     /// one of that family.
     fn outer_source(&self, backend: IpAddr) -> Option<IpAddr>;
+    /// The NAT address pool given with `lb run --nat-source` (none in fakes): no VIP may take
+    /// one of them.
+    fn nat_pool(&self) -> Vec<IpAddr> {
+        Vec::new()
+    }
     /// The constants the program was loaded with.
     fn config(&self) -> LbConfig;
     /// The live slot table of VIP id `vip_id` as the kernel holds it: each slot's backend and

@@ -62,6 +62,8 @@ pub struct Agent {
     nat_live: std::sync::atomic::AtomicU64,
     /// The NAT table's parts at the last sweep that found any connection.
     nat_table: Mutex<Option<crate::protocol::NatTableView>>,
+    /// Each NAT pool address's connections at that sweep.
+    nat_pool: Mutex<Vec<crate::protocol::NatAddrView>>,
     /// The version of the second-chance history last saved; held while saving, so an older
     /// snapshot never replaces a newer one.
     history_saved: Mutex<u64>,
@@ -109,6 +111,7 @@ impl Agent {
             store_revision: Mutex::new(store_revision),
             nat_live: std::sync::atomic::AtomicU64::new(u64::MAX),
             nat_table: Mutex::new(None),
+            nat_pool: Mutex::new(Vec::new()),
             history_saved: Mutex::new(0),
         })
     }
@@ -320,7 +323,10 @@ impl Agent {
     /// expired port by itself, this keeps the tables from filling up).
     pub fn nat_sweep(&self) -> Result<(usize, usize), Error> {
         // The core's lock only to get the handles: the sweep reads up to two full tables.
-        let Some(sweeper) = self.core().kernel().nat_sweeper() else {
+        let (Some(sweeper), pool) = ({
+            let core = self.core();
+            (core.kernel().nat_sweeper(), core.kernel().nat_pool())
+        }) else {
             return Ok((0, 0));
         };
         let s = sweeper.sweep()?;
@@ -339,6 +345,8 @@ impl Agent {
                 .nat_table
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(view);
+            *self.nat_pool.lock().unwrap_or_else(PoisonError::into_inner) =
+                pool_view(&pool, &s.by_addr);
         }
         Ok((live, gone))
     }
@@ -349,6 +357,14 @@ impl Agent {
         let live = self.nat_live.load(std::sync::atomic::Ordering::Relaxed);
         let cap = self.nat_table().map_or(0, |t| t.capacity + t.half_slots);
         (live != u64::MAX).then_some((live, cap))
+    }
+
+    /// Each NAT pool address's connections at the last sweep, once NAT has been used.
+    pub fn nat_pool(&self) -> Vec<crate::protocol::NatAddrView> {
+        self.nat_pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The NAT table's parts at the last sweep, once NAT has been used.
@@ -371,4 +387,27 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Every pool address with its connections (none: zeros), then any other address the
+/// sweep found holding connections (a pool of an earlier run whose pairs live on).
+fn pool_view(
+    pool: &[std::net::IpAddr],
+    found: &[crate::protocol::NatAddrView],
+) -> Vec<crate::protocol::NatAddrView> {
+    let mut out: Vec<crate::protocol::NatAddrView> = pool
+        .iter()
+        .map(|a| {
+            found.iter().find(|f| f.address == *a).copied().unwrap_or(
+                crate::protocol::NatAddrView {
+                    address: *a,
+                    connections: 0,
+                    half_open: 0,
+                    closing: 0,
+                },
+            )
+        })
+        .collect();
+    out.extend(found.iter().filter(|f| !pool.contains(&f.address)));
+    out
 }

@@ -42,6 +42,7 @@ impl Agent {
                 no_mac: core.no_mac(),
                 nat_connections: self.nat_connections(),
                 nat_table: self.nat_table(),
+                nat_pool: self.nat_pool(),
                 migration: None,
             };
             (maps, ids, agent, core.kernel().capture())

@@ -304,6 +304,13 @@ pub struct RunArgs {
     /// it: it must route back to this interface.
     #[arg(long = "encap-source", value_name = "ADDR")]
     pub encap_source: Vec<IpAddr>,
+    /// A NAT source address (repeatable, up to 4 per family): NAT'ed connections leave
+    /// from these instead of the encapsulation source of their family, each from one picked
+    /// at random, and ports are per (address, backend), so each address adds a port range.
+    /// Backends answer to them: each must route back to this interface (e.g. held on it as
+    /// a /32 or /128), and none may be a VIP.
+    #[arg(long = "nat-source", value_name = "ADDR")]
+    pub nat_source: Vec<IpAddr>,
     /// IPIP only: take each flow's outer source from this prefix (an IPv4 /16 or an IPv6
     /// /64, e.g. 172.31.0.0/16), so the backends' RSS spreads flows (Katran's trick). The
     /// routers between must accept these sources.

@@ -145,6 +145,7 @@ async fn run_agent(a: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             }),
         },
         encap_sources: a.encap_source,
+        nat_sources: a.nat_source,
         vip_pools: a.vip_prefix,
         config: a.config,
         state_file,
@@ -551,6 +552,12 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
         println!("NAT connections: {live} of {cap} (closed ones keep their port 70 s)");
         if let Some(t) = s.agent.nat_table {
             println!("{}", nat_table_line(&t));
+        }
+        for a in &s.agent.nat_pool {
+            println!(
+                "NAT address {}: {} connections ({} half-open, {} closing)",
+                a.address, a.connections, a.half_open, a.closing
+            );
         }
         println!();
     }

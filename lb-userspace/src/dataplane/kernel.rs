@@ -42,10 +42,12 @@ pub struct MapsKernel {
 }
 
 /// The load balancer's own addresses that encapsulated packets come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncapSources {
     pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
+    /// The NAT address pool (`crate::nat_pool`): `--nat-source`, else `v4` and `v6`.
+    pub nat_pool: Vec<IpAddr>,
 }
 
 impl EncapSources {
@@ -75,23 +77,15 @@ impl MapsKernel {
         // Adopted maps whose program answers on this run's NAT addresses keep them on: zeroing
         // them until the first NAT backend is written back would pass the NAT connections'
         // replies to the stack meanwhile, which resets them.
-        let (v4, v6) = k.nat_words();
-        if k.dp.nat.addrs() == (v4, v6) && (v4, v6) != ([0; 4], [0; 4]) {
+        let pinned = k.dp.nat.pool();
+        if !pinned.is_empty() && pinned == k.sources.nat_pool {
             k.nat_addresses_on()?;
         } else {
-            k.dp.nat.set_addrs([0; 4], [0; 4])?;
+            k.dp.nat.set_pool(&[])?;
             k.dp.vips.set_also_filtered(Vec::new())?;
         }
         k.resync()?;
         Ok(k)
-    }
-
-    /// This run's NAT source addresses as the map holds them.
-    fn nat_words(&self) -> ([u32; 4], [u32; 4]) {
-        (
-            self.sources.v4.map_or([0; 4], |a| addr_words(a.into())),
-            self.sources.v6.map_or([0; 4], |a| addr_words(a.into())),
-        )
     }
 
     /// Makes this run's NAT source addresses live (the program answers on them, and packets
@@ -101,9 +95,13 @@ impl MapsKernel {
         if self.nat_on {
             return Ok(());
         }
-        let (v4, v6) = self.nat_words();
-        self.dp.nat.set_addrs(v4, v6)?;
-        let also: Vec<[u32; 4]> = [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect();
+        self.dp.nat.set_pool(&self.sources.nat_pool)?;
+        let also: Vec<[u32; 4]> = self
+            .sources
+            .nat_pool
+            .iter()
+            .map(|a| addr_words(*a))
+            .collect();
         self.dp.vips.set_also_filtered(also)?;
         self.nat_on = true;
         Ok(())
@@ -425,6 +423,10 @@ impl Kernel for MapsKernel {
         self.sources.for_backend(backend)
     }
 
+    fn nat_pool(&self) -> Vec<IpAddr> {
+        self.sources.nat_pool.clone()
+    }
+
     fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {
         Some(self.dp.nat_sweeper.clone())
     }
@@ -472,6 +474,16 @@ impl NatSweep for Mutex<NatSweeper> {
             closing: s.closing,
             capacity: sweeper.capacity as usize,
             half_slots: sweeper.half_slots as usize,
+            by_addr: s
+                .by_addr
+                .iter()
+                .map(|(a, c)| crate::protocol::NatAddrView {
+                    address: *a,
+                    connections: c.live as u64,
+                    half_open: c.half_open as u64,
+                    closing: c.closing as u64,
+                })
+                .collect(),
         })
     }
 }

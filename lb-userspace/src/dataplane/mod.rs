@@ -487,13 +487,22 @@ impl Dataplane {
         )?;
         // A pinned set may have NAT source addresses on: the program running on these maps
         // answers on them, so the pre-filter rebuilt here keeps them (until the agent decides).
+        // A migration that makes `LB_NAT_ADDRS` new finds it empty here (the first copy comes
+        // after the load), while the old program still answers on the old map's addresses
+        // through the pre-filter it shares: those are kept instead.
+        let mut nat_filtered = nat.pinned_addrs();
+        if let (Some(dir), Some((_, created))) = (pin_dir, staged)
+            && created.contains(&lb_common::NAT_ADDRS_MAP)
+        {
+            nat_filtered = nat::addrs_pinned_at(&dir.join(lb_common::NAT_ADDRS_MAP));
+        }
         let vips = VipTable::new(
             HashMap::try_from(take(&mut ebpf, VIPS_MAP)?).map_err(map_err(VIPS_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_INFO_MAP)?).map_err(map_err(VIP_INFO_MAP))?,
             Array::try_from(take(&mut ebpf, VIP_FILTER_MAP)?).map_err(map_err(VIP_FILTER_MAP))?,
             Array::try_from(take(&mut ebpf, lb_common::VIP_INDEX_MAP)?)
                 .map_err(map_err(lb_common::VIP_INDEX_MAP))?,
-            nat.pinned_addrs(),
+            nat_filtered,
         )?;
         let slots = SlotTable::new(
             Array::try_from(take(&mut ebpf, SLOTS_MAP)?).map_err(map_err(SLOTS_MAP))?,

@@ -1,15 +1,23 @@
 //! The NAT tables (`LB_NAT_FWD`, `LB_NAT_REV`, `LB_NAT_ADDRS`): the NAT source addresses the
 //! program answers on, and the sweep that deletes expired connections (the program only
 //! takes over an expired port when it needs one; the sweep keeps the tables from filling).
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP, NAT_REV_MAP, NatEntry, NatPhase,
-    NatTimes, nat_expired, nat_forward_key, nat_phase,
+    FAMILY_V4, FAMILY_V6, FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP,
+    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index,
+    nat_expired, nat_forward_key, nat_phase,
 };
 
-use crate::Error;
+use crate::{
+    Error,
+    net::{addr_words, words_addr},
+};
 
 pub struct NatTables {
     pub fwd: HashMap<MapData, FlowKey, NatEntry>,
@@ -80,7 +88,7 @@ fn err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 }
 
 /// What a sweep found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Connections (reverse entries) still live, ...
     pub live: usize,
@@ -90,28 +98,70 @@ pub struct Sweep {
     pub closing: usize,
     /// Connections deleted.
     pub expired: usize,
+    /// The live ones per NAT address (the reverse entry's destination), as `live`,
+    /// `half_open` and `closing` count them.
+    pub by_addr: BTreeMap<IpAddr, PoolCount>,
+}
+
+/// One NAT address's share of a [`Sweep`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCount {
+    pub live: usize,
+    pub half_open: usize,
+    pub closing: usize,
 }
 
 impl NatTables {
-    /// The NAT source addresses the maps hold (both words; all zero: none).
-    pub fn addrs(&self) -> ([u32; 4], [u32; 4]) {
-        let get = |i| self.addrs.get(&i, 0).unwrap_or([0; 4]);
-        (get(NAT_ADDR_V4), get(NAT_ADDR_V6))
+    /// The NAT address pool the map holds: each family's addresses up to its first empty
+    /// entry, IPv4 first.
+    pub fn pool(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (f, fam) in [(NAT_ADDR_V4, FAMILY_V4), (NAT_ADDR_V6, FAMILY_V6)] {
+            for i in 0..NAT_POOL_MAX {
+                match self.addrs.get(&nat_addr_index(f, i), 0) {
+                    Ok(w) if w != [0; 4] => out.push(words_addr(w, fam)),
+                    _ => break,
+                }
+            }
+        }
+        out
     }
 
-    /// The ones that are set.
+    /// The pool's addresses as the map holds them (network-order words).
     pub fn pinned_addrs(&self) -> Vec<[u32; 4]> {
-        let (v4, v6) = self.addrs();
-        [v4, v6].into_iter().filter(|a| *a != [0; 4]).collect()
+        self.pool().into_iter().map(addr_words).collect()
     }
 
-    /// Sets the NAT source addresses (network-order words; all zero: none).
-    pub fn set_addrs(&mut self, v4: [u32; 4], v6: [u32; 4]) -> Result<(), Error> {
+    /// Writes the NAT address pool (`crate::nat_pool`; empty: none), each family's in order
+    /// and the rest of the map zeroed. From the last entry down: the program reads a
+    /// family's pool up to its first empty entry, so a growing pool appears whole.
+    pub fn set_pool(&mut self, pool: &[IpAddr]) -> Result<(), Error> {
+        let lens = |v4: bool| pool.iter().filter(|a| a.is_ipv4() == v4).count() as u32;
+        let lens = [lens(true), lens(false), 0, 0];
+        if lens[0].max(lens[1]) > NAT_POOL_MAX {
+            return Err(Error::Invalid(format!(
+                "{} NAT source addresses of one family: at most {NAT_POOL_MAX}",
+                lens[0].max(lens[1])
+            )));
+        }
+        // A shrinking pool's size goes first, a growing one's last: the program picks among
+        // the first `size` addresses, which are then always written.
+        let old = self.addrs.get(&NAT_POOL_LENS, 0).unwrap_or([0; 4]);
+        let shrunk = [old[0].min(lens[0]), old[1].min(lens[1]), 0, 0];
         self.addrs
-            .set(NAT_ADDR_V4, v4, 0)
+            .set(NAT_POOL_LENS, shrunk, 0)
             .map_err(err(NAT_ADDRS_MAP))?;
+        for (f, v4) in [(NAT_ADDR_V4, true), (NAT_ADDR_V6, false)] {
+            let mine: Vec<&IpAddr> = pool.iter().filter(|a| a.is_ipv4() == v4).collect();
+            for i in (0..NAT_POOL_MAX).rev() {
+                let w = mine.get(i as usize).map_or([0; 4], |a| addr_words(**a));
+                self.addrs
+                    .set(nat_addr_index(f, i), w, 0)
+                    .map_err(err(NAT_ADDRS_MAP))?;
+            }
+        }
         self.addrs
-            .set(NAT_ADDR_V6, v6, 0)
+            .set(NAT_POOL_LENS, lens, 0)
             .map_err(err(NAT_ADDRS_MAP))
     }
 
@@ -134,18 +184,28 @@ fn sweep(
     for r in rev_map.iter() {
         let (key, rev) = r.map_err(err(NAT_REV_MAP))?;
         let fkey = nat_forward_key(&rev, key.proto, key.family);
-        let fwd = fwd_map
-            .get(&fkey, 0)
-            .ok()
-            .filter(|f| f.sport == key.dport && f.dst == key.src && f.dport == key.sport);
+        let fwd = fwd_map.get(&fkey, 0).ok().filter(|f| {
+            f.src == key.dst && f.sport == key.dport && f.dst == key.src && f.dport == key.sport
+        });
         if nat_expired(key.proto, fwd.as_ref(), Some(&rev), now_s, times) {
             dead.push((key, fwd.map(|_| fkey)));
         } else {
             out.live += 1;
+            let per = out
+                .by_addr
+                .entry(words_addr(key.dst, key.family))
+                .or_default();
+            per.live += 1;
             let flags = rev.flags | fwd.map_or(0, |f| f.flags);
             match nat_phase(key.proto, flags, rev.idle_s, times).0 {
-                NatPhase::HalfOpen => out.half_open += 1,
-                NatPhase::Closing => out.closing += 1,
+                NatPhase::HalfOpen => {
+                    out.half_open += 1;
+                    per.half_open += 1;
+                }
+                NatPhase::Closing => {
+                    out.closing += 1;
+                    per.closing += 1;
+                }
                 NatPhase::Established => {}
             }
         }
@@ -173,4 +233,20 @@ fn sweep(
         let _ = fwd_map.remove(&k);
     }
     Ok(out)
+}
+
+/// The non-empty addresses of an `LB_NAT_ADDRS` map pinned at `pin` by a previous ABI (one
+/// address per family, no sizes entry), for the pre-filter a migration keeps; none if it
+/// cannot be read (the agent then writes its own pool as on a fresh start).
+pub fn addrs_pinned_at(pin: &std::path::Path) -> Vec<[u32; 4]> {
+    let Ok(data) = MapData::from_pin(pin) else {
+        return Vec::new();
+    };
+    let Ok(old) = Array::<MapData, [u32; 4]>::try_from(Map::Array(data)) else {
+        return Vec::new();
+    };
+    (0..old.len().min(NAT_POOL_LENS))
+        .filter_map(|i| old.get(&i, 0).ok())
+        .filter(|w| *w != [0; 4])
+        .collect()
 }

@@ -114,13 +114,27 @@ pub struct AddressRules {
     pub own: OwnAddrs,
     /// Its encapsulation/NAT sources.
     pub services: Vec<IpAddr>,
+    /// Its NAT address pool (`lb run --nat-source`).
+    pub nat_pool: Vec<IpAddr>,
 }
 
 impl AddressRules {
-    /// [`check_vip_address`] under these rules.
+    /// [`check_vip_address`] and [`check_not_nat_source`] under these rules.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        check_not_nat_source(ip, &self.nat_pool)?;
         check_vip_address(ip, &self.pools, &self.own, &self.services)
     }
+}
+
+/// A VIP may never take an address of the NAT pool, not even one held as a host address:
+/// the program takes every packet to a pool address for a backend's answer.
+pub fn check_not_nat_source(ip: IpAddr, nat_pool: &[IpAddr]) -> Result<(), String> {
+    if nat_pool.contains(&ip) {
+        return Err(format!(
+            "VIP address {ip} is one of this node's NAT source addresses (`lb run --nat-source`): packets to it are taken for backends' answers; give the VIP another address"
+        ));
+    }
+    Ok(())
 }
 
 /// What the node's kernel says about its own addresses.
