@@ -84,6 +84,7 @@ fn encap_sources(opts: &RunOptions) -> Result<EncapSources, Error> {
         .flatten()
         .collect();
     out.nat_pool = crate::nat_pool::nat_pool(&opts.nat_sources, &fallback)?;
+    out.nat_pool_given = !opts.nat_sources.is_empty();
     Ok(out)
 }
 

@@ -204,7 +204,7 @@ impl Core {
     /// own addresses ([`pool::check_vip_address`]); its encapsulation/NAT source counts as
     /// its own.
     pub fn check_vip_address(&self, ip: IpAddr) -> Result<(), String> {
-        pool::check_not_nat_source(ip, &self.kernel.nat_pool())?;
+        pool::check_not_nat_source(ip, &self.kernel.nat_sources_given())?;
         let services: Vec<IpAddr> = self.kernel.outer_source(ip).into_iter().collect();
         pool::check_vip_address(ip, &self.vip_pools, &self.own, &services)
     }
@@ -223,7 +223,7 @@ impl Core {
                 .into_iter()
                 .filter_map(|p| self.kernel.outer_source(p))
                 .collect(),
-            nat_pool: self.kernel.nat_pool(),
+            nat_pool: self.kernel.nat_sources_given(),
         }
     }
 

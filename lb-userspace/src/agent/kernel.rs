@@ -83,9 +83,15 @@ pub trait Kernel: Send {
     /// The load balancer's address encapsulated packets to `backend` come from, if it has
     /// one of that family.
     fn outer_source(&self, backend: IpAddr) -> Option<IpAddr>;
-    /// The NAT address pool given with `lb run --nat-source` (none in fakes): no VIP may take
-    /// one of them.
+    /// The NAT address pool in use (none in fakes): `lb run --nat-source`, else the
+    /// encapsulation sources.
     fn nat_pool(&self) -> Vec<IpAddr> {
+        Vec::new()
+    }
+    /// The NAT addresses given with `lb run --nat-source` (none in fakes): no VIP may take
+    /// one of them. The default pool (the encapsulation sources) is left to the rules for
+    /// the node's own addresses, which let a VIP held as a host address through.
+    fn nat_sources_given(&self) -> Vec<IpAddr> {
         Vec::new()
     }
     /// The constants the program was loaded with.

@@ -48,6 +48,8 @@ pub struct EncapSources {
     pub v6: Option<Ipv6Addr>,
     /// The NAT address pool (`crate::nat_pool`): `--nat-source`, else `v4` and `v6`.
     pub nat_pool: Vec<IpAddr>,
+    /// `nat_pool` was given with `--nat-source` (not the `v4`/`v6` fallback).
+    pub nat_pool_given: bool,
 }
 
 impl EncapSources {
@@ -425,6 +427,14 @@ impl Kernel for MapsKernel {
 
     fn nat_pool(&self) -> Vec<IpAddr> {
         self.sources.nat_pool.clone()
+    }
+
+    fn nat_sources_given(&self) -> Vec<IpAddr> {
+        if self.sources.nat_pool_given {
+            self.sources.nat_pool.clone()
+        } else {
+            Vec::new()
+        }
     }
 
     fn nat_sweeper(&self) -> Option<Arc<dyn NatSweep>> {

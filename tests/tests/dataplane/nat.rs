@@ -403,7 +403,20 @@ fn new_connections_at_full_rate_use_the_whole_pool() -> anyhow::Result<()> {
         args.extend(["--nat-source", a]);
     }
     net.start_agent(&args)?;
+    // A pool address held on the interface as /32 would pass as a VIP the node holds
+    // itself; as a given NAT source it is refused with one line.
+    let on_pool = format!("{}:80/tcp", POOL[1]);
+    let out = net.dir.cli(&["vip", "add", &on_pool, "--forward", "nat"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("NAT source addresses"),
+        "{err}"
+    );
     net.lb(&["vip", "add", VIP, "--forward", "nat"])?;
+    assert!(
+        !net.lb(&["vip", "list"])?.contains(POOL[1]),
+        "the refused VIP was kept"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     for i in 1..=3 {
