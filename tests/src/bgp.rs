@@ -135,7 +135,14 @@ pub fn node_config(router_id: &str, peers: &[(&str, &str)]) -> String {
         .replace("@PEERS@", &peers.join("\n"))
 }
 
-/// The router: learns the nodes' routes, lowers the preference of those carrying
+/// The VIP ranges the routers take host routes for: the fleets' ([`crate::routed::VIP4`] and
+/// its neighbours) and the demo network's ([`crate::topo::VIP`]). Narrower than the nodes'
+/// `--vip-prefix` pools, as an operator's import filter would be.
+pub const VIP_RANGES4: [&str; 2] = ["10.0.0.0/24", "10.200.0.0/24"];
+pub const VIP_RANGES6: [&str; 2] = ["2001:db8::/64", "fd00:200::/64"];
+
+/// The router: takes host routes inside [`VIP_RANGES4`] and [`VIP_RANGES6`] from the nodes,
+/// lowers the preference of those carrying
 /// GRACEFUL_SHUTDOWN (RFC 8326: traffic leaves a draining node before its withdrawal), and
 /// installs the best ones as one multipath route in its kernel.
 pub fn router_config(router_id: &str, nodes: &[(&str, &str)]) -> String {
@@ -153,7 +160,15 @@ protocol kernel {{
 protocol bfd {{
     interface "*" {{ min rx interval {BFD_MS} ms; min tx interval {BFD_MS} ms; multiplier {BFD_MULT}; }};
 }}
-filter from_lb {{
+# Only host routes inside the VIP ranges delegated to the load balancers: a node announcing
+# anything else (another node's address, written into etcd as a VIP) is not believed.
+filter from_lb4 {{
+    if net !~ [ {ranges4} ] then reject;
+    if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
+    accept;
+}}
+filter from_lb6 {{
+    if net !~ [ {ranges6} ] then reject;
     if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
     accept;
 }}
@@ -161,10 +176,12 @@ template bgp lb_node {{
     local as {ROUTER_AS};
     bfd on;
     error wait time 1, 10;
-    ipv4 {{ import filter from_lb; export none; }};
-    ipv6 {{ import filter from_lb; export none; }};
+    ipv4 {{ import filter from_lb4; export none; }};
+    ipv6 {{ import filter from_lb6; export none; }};
 }}
-"#
+"#,
+        ranges4 = VIP_RANGES4.map(|r| format!("{r}{{32,32}}")).join(", "),
+        ranges6 = VIP_RANGES6.map(|r| format!("{r}{{128,128}}")).join(", "),
     );
     for (name, addr) in nodes {
         c.push_str(&format!(
