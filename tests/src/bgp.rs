@@ -11,7 +11,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{ChildGuard, Netns, unique_name};
+use crate::{
+    ChildGuard, Netns,
+    fleet::{Fleet, FleetNet, NODES},
+    unique_name,
+};
 
 /// The shipped node template.
 pub const NODE_TEMPLATE: &str = include_str!("../../packaging/bird/bird.conf");
@@ -131,7 +135,14 @@ pub fn node_config(router_id: &str, peers: &[(&str, &str)]) -> String {
         .replace("@PEERS@", &peers.join("\n"))
 }
 
-/// The router: learns the nodes' routes, lowers the preference of those carrying
+/// The VIP ranges the routers take host routes for: the fleets' ([`crate::routed::VIP4`] and
+/// its neighbours) and the demo network's ([`crate::topo::VIP`]). Narrower than the nodes'
+/// `--vip-prefix` pools, as an operator's import filter would be.
+pub const VIP_RANGES4: [&str; 2] = ["10.0.0.0/24", "10.200.0.0/24"];
+pub const VIP_RANGES6: [&str; 2] = ["2001:db8::/64", "fd00:200::/64"];
+
+/// The router: takes host routes inside [`VIP_RANGES4`] and [`VIP_RANGES6`] from the nodes,
+/// lowers the preference of those carrying
 /// GRACEFUL_SHUTDOWN (RFC 8326: traffic leaves a draining node before its withdrawal), and
 /// installs the best ones as one multipath route in its kernel.
 pub fn router_config(router_id: &str, nodes: &[(&str, &str)]) -> String {
@@ -149,7 +160,15 @@ protocol kernel {{
 protocol bfd {{
     interface "*" {{ min rx interval {BFD_MS} ms; min tx interval {BFD_MS} ms; multiplier {BFD_MULT}; }};
 }}
-filter from_lb {{
+# Only host routes inside the VIP ranges delegated to the load balancers: a node announcing
+# anything else (another node's address, written into etcd as a VIP) is not believed.
+filter from_lb4 {{
+    if net !~ [ {ranges4} ] then reject;
+    if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
+    accept;
+}}
+filter from_lb6 {{
+    if net !~ [ {ranges6} ] then reject;
     if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
     accept;
 }}
@@ -157,10 +176,12 @@ template bgp lb_node {{
     local as {ROUTER_AS};
     bfd on;
     error wait time 1, 10;
-    ipv4 {{ import filter from_lb; export none; }};
-    ipv6 {{ import filter from_lb; export none; }};
+    ipv4 {{ import filter from_lb4; export none; }};
+    ipv6 {{ import filter from_lb6; export none; }};
 }}
-"#
+"#,
+        ranges4 = VIP_RANGES4.map(|r| format!("{r}{{32,32}}")).join(", "),
+        ranges6 = VIP_RANGES6.map(|r| format!("{r}{{128,128}}")).join(", "),
     );
     for (name, addr) in nodes {
         c.push_str(&format!(
@@ -254,3 +275,77 @@ impl RouteMonitor {
         out
     }
 }
+
+/// What the fleets' tests read and do at the router, in node numbers.
+impl<N: FleetNet> Fleet<N> {
+    /// The router's next hops for `prefix` when nodes `nodes` announce it: each node's address
+    /// on its link, IPv4 or IPv6 by the prefix's family (sorted, as [`next_hops`] gives them).
+    pub fn hops(&self, prefix: &str, nodes: &[usize]) -> anyhow::Result<Vec<String>> {
+        let mut hops = nodes
+            .iter()
+            .map(|k| {
+                if prefix.contains(':') {
+                    self.net
+                        .bgp_addr6(*k)
+                        .with_context(|| format!("node {k} has no IPv6 session"))
+                } else {
+                    Ok(self.net.bgp_addr(*k))
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        hops.sort();
+        Ok(hops)
+    }
+
+    /// Waits up to `limit` until the router's kernel routes `prefix` through exactly nodes
+    /// `nodes` (none: no route); returns how long it took.
+    pub fn wait_route(
+        &self,
+        prefix: &str,
+        nodes: &[usize],
+        limit: Duration,
+    ) -> anyhow::Result<Duration> {
+        let want = self.hops(prefix, nodes)?;
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        wait_hops(self.net.router_ns(), prefix, &want, limit)
+    }
+
+    /// Runs `each(k)` with the router sending `prefix` through node `k` alone, for every
+    /// node in turn, as an operator would steer it: the other nodes drained with no drain
+    /// time (withdrawn at once), undrained after, and the router's route waited for both
+    /// ways. Every node serves `prefix` when it starts and when it returns.
+    pub fn through_each<T>(
+        &self,
+        prefix: &str,
+        mut each: impl FnMut(usize) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        let all: Vec<usize> = (0..NODES).collect();
+        self.wait_route(prefix, &all, STEER_LIMIT)?;
+        let mut out = Vec::new();
+        for k in 0..NODES {
+            let others: Vec<usize> = all.iter().copied().filter(|o| *o != k).collect();
+            let mut done = Ok(());
+            for o in &others {
+                done = done.and_then(|_| {
+                    self.lb(*o, &["node", "drain", "--withdraw-after", "0"])
+                        .map(drop)
+                });
+            }
+            let got = done
+                .and_then(|_| self.wait_route(prefix, &[k], STEER_LIMIT))
+                .and_then(|_| each(k))
+                .with_context(|| format!("through node {k} alone"));
+            // Undrained on every path: the next turn (or the test's next step) needs them.
+            for o in &others {
+                self.lb(*o, &["node", "undrain"])?;
+            }
+            out.push(got?);
+            self.wait_route(prefix, &all, STEER_LIMIT)?;
+        }
+        Ok(out)
+    }
+}
+
+/// How long steering waits for the router: BGP updates between namespaces take
+/// milliseconds; the margin is for a loaded machine.
+const STEER_LIMIT: Duration = Duration::from_secs(10);

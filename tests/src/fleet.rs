@@ -1,7 +1,10 @@
-//! A fleet for tests, the demo and the benchmarks: three load balancer nodes behind a
-//! router's ECMP group and a real etcd (in the router's namespace, own data dir) that every
-//! node follows as nodes lb0..lb2 of cluster `t`. Two networks: [`Routed::fleet`] (GUE to
-//! routed backends running `lb decap`) and [`L2Net`] (one segment, L2 direct server return).
+//! A fleet for tests, the demo and the benchmarks: three load balancer nodes and a real etcd
+//! (in the router's namespace, own data dir) that every node follows as nodes lb0..lb2 of
+//! cluster `t`. Every node announces its VIPs by BGP (bird from the shipped template) to a
+//! bird on the router, which installs them as one ECMP route: nobody edits the router's
+//! kernel, and a test steers traffic as an operator would ([`Fleet::through_each`] drains
+//! the other nodes). Two networks: [`Routed::fleet`] (GUE to routed backends running
+//! `lb decap`) and [`L2Net`] (one segment, L2 direct server return).
 use std::time::{Duration, Instant};
 
 use lb_userspace::api::protocol::{ClusterView, StatsView, VipView};
@@ -26,8 +29,11 @@ pub trait FleetNet {
     fn store_addr(&self, k: usize) -> String;
     /// The router's namespace (etcd and the router's bird run there).
     fn router_ns(&self) -> &Netns;
-    /// Node `k`'s end of its BGP session with the router (its router id too).
+    /// Node `k`'s end of its BGP session with the router (its router id too): the next hop
+    /// of its IPv4 routes at the router.
     fn bgp_addr(&self, k: usize) -> String;
+    /// The next hop of node `k`'s IPv6 routes at the router (None: an IPv4-only network).
+    fn bgp_addr6(&self, k: usize) -> Option<String>;
 }
 
 impl FleetNet for Routed {
@@ -61,6 +67,9 @@ impl FleetNet for Routed {
     fn bgp_addr(&self, k: usize) -> String {
         node_addr(k)
     }
+    fn bgp_addr6(&self, k: usize) -> Option<String> {
+        Some(crate::routed::v6(30, k, 2))
+    }
 }
 
 impl FleetNet for L2Net {
@@ -85,6 +94,9 @@ impl FleetNet for L2Net {
     fn bgp_addr(&self, k: usize) -> String {
         crate::l2fleet::node_ip(k)
     }
+    fn bgp_addr6(&self, _k: usize) -> Option<String> {
+        None
+    }
 }
 
 pub const NODES: usize = 3;
@@ -105,7 +117,7 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The fleet's BGP: bird on the router and on every node ([`Fleet::bgp`]).
+/// The fleet's BGP: bird on the router and on every node ([`Bgp::start`]).
 pub struct Bgp {
     /// Node k's speaker (None once killed).
     pub nodes: Vec<Option<Bird>>,
@@ -116,7 +128,7 @@ pub struct Bgp {
 
 /// The BGP speakers first, then etcd: both go before the namespaces do; the turn last.
 pub struct Fleet<N: FleetNet = Routed> {
-    pub bgp: Option<Bgp>,
+    pub bgp: Bgp,
     pub etcd: Etcd,
     pub net: N,
     _turn: std::sync::MutexGuard<'static, ()>,
@@ -132,7 +144,7 @@ impl Fleet<L2Net> {
         let etcd = Etcd::start(&net.router, "10.50.0.1")?;
         let bgp = Bgp::start(&net, "10.50.0.1", agent_args)?;
         let mut f = Fleet {
-            bgp: Some(bgp),
+            bgp,
             etcd,
             net,
             _turn,
@@ -145,8 +157,9 @@ impl Fleet<L2Net> {
 }
 
 impl Fleet<Routed> {
-    /// The routed network, the backends (sample servers, `lb decap`), etcd and three agents
-    /// following it as nodes lb0..lb2 of cluster `t`.
+    /// The routed network, the backends (sample servers, `lb decap`), etcd, the BGP speakers
+    /// and three agents following etcd as nodes lb0..lb2 of cluster `t` (announcing with the
+    /// agent's defaults).
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         Self::with_security(tag, Security::Plain)
     }
@@ -154,6 +167,18 @@ impl Fleet<Routed> {
     /// As [`Fleet::new`], with etcd serving `security` (TLS: every node gets the CA, and
     /// its client certificate when etcd asks for one).
     pub fn with_security(tag: &str, security: Security) -> anyhow::Result<Self> {
+        Self::routed(tag, security, &[])
+    }
+
+    /// As [`Fleet::new`], every agent also given `agent_args` (e.g. the hold-down, the
+    /// drain time).
+    pub fn bgp(tag: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
+        Self::routed(tag, Security::Plain, agent_args)
+    }
+
+    /// The one routed-fleet builder: bird on the router (BFD, multipath into its kernel) and
+    /// on each node (the shipped template), every agent announcing in table [`bgp::TABLE`].
+    fn routed(tag: &str, security: Security, agent_args: &[&str]) -> anyhow::Result<Self> {
         let _turn = turn();
         let mut net = Routed::fleet(tag, NODES)?;
         for i in 1..=3 {
@@ -166,8 +191,9 @@ impl Fleet<Routed> {
         let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, security)?;
+        let bgp = Bgp::start(&net, "10.30.0.1", agent_args)?;
         let mut f = Fleet {
-            bgp: None,
+            bgp,
             etcd,
             net,
             _turn,
@@ -189,64 +215,54 @@ impl<N: FleetNet> Drop for Fleet<N> {
     }
 }
 
-impl Fleet<Routed> {
-    /// The routed network with a BGP router instead of a static ECMP group: bird on the
-    /// router (BFD, multipath into its kernel) and on each node (the shipped template), every
-    /// agent announcing in table [`bgp::TABLE`] with `agent_args` (e.g. the hold-down).
-    pub fn bgp(tag: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
-        let _turn = turn();
-        let mut net = Routed::fleet_bgp(tag, NODES)?;
-        for i in 1..=3 {
-            net.start_sample(i)?;
-            net.decap(i, &[])?;
-        }
-        net.xdp_pass_to_backends()?;
-        let addrs: Vec<String> = (0..NODES).map(|k| net.store_addr(k)).collect();
-        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        let etcd = Etcd::start_with(&net.router, "10.30.0.1", &addrs, Security::Plain)?;
-        let bgp = Bgp::start(&net, "10.30.0.1", agent_args)?;
-        let mut f = Fleet {
-            bgp: Some(bgp),
-            etcd,
-            net,
-            _turn,
-        };
-        for k in 0..NODES {
-            f.start(k)?;
-        }
-        Ok(f)
-    }
-}
-
 impl<N: FleetNet> Fleet<N> {
     /// The router's bird.
     pub fn router_bird(&self) -> &Bird {
-        &self.bgp.as_ref().expect("a BGP fleet").router
+        &self.bgp.router
     }
 
     /// Node `k`'s host dies: its agent and its bird killed (SIGKILL); the router's BFD
-    /// notices.
-    pub fn kill_node(&mut self, k: usize) {
+    /// notices. Its kernel routes die with it: the announce table is emptied, so the
+    /// revived node's bird has nothing to announce until its agent, ready again, adds them
+    /// (left in place, they would be announced the moment the bird starts, and the router
+    /// would send flows to a node whose agent is still starting).
+    pub fn kill_node(&mut self, k: usize) -> anyhow::Result<()> {
         drop(self.net.take_agent(k));
-        if let Some(b) = self.bgp.as_mut() {
-            drop(b.nodes[k].take());
+        drop(self.bgp.nodes[k].take());
+        let table = bgp::TABLE.to_string();
+        for family in ["-4", "-6"] {
+            let out = self
+                .net
+                .node_ns(k)
+                .command("ip")
+                .args([family, "route", "flush", "table", &table])
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            // A table no route was ever added to does not exist: nothing to flush.
+            anyhow::ensure!(
+                out.status.success() || err.contains("does not exist"),
+                "flushing node {k}'s table {table}: {err}"
+            );
         }
+        Ok(())
     }
 
-    /// Node `k` comes back: its bird, then its agent (which finds the routes it left).
+    /// Node `k` comes back: its bird, then its agent (which announces once ready).
     pub fn revive_node(&mut self, k: usize) -> anyhow::Result<()> {
-        let bird = Bgp::node_bird(&self.net, k)?;
-        if let Some(b) = self.bgp.as_mut() {
-            b.nodes[k] = Some(bird);
-        }
+        self.bgp.nodes[k] = Some(Bgp::node_bird(&self.net, k)?);
         self.start(k)
     }
 }
 
 impl Bgp {
     /// bird on the router (`router_id`, BFD, multipath into its kernel) peering with every
-    /// node, then bird on each node from the shipped template.
-    fn start<N: FleetNet>(net: &N, router_id: &str, agent_args: &[&str]) -> anyhow::Result<Self> {
+    /// node, then bird on each node from the shipped template; `agent_args` are what
+    /// [`Bgp::agent_args`] adds.
+    pub fn start<N: FleetNet>(
+        net: &N,
+        router_id: &str,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let names: Vec<(String, String)> = (0..NODES)
             .map(|k| (format!("lb{k}"), net.bgp_addr(k)))
             .collect();
@@ -267,6 +283,22 @@ impl Bgp {
             router,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
         })
+    }
+
+    /// The `lb run` arguments that make node `k`'s agent announce through its bird.
+    pub fn agent_args(&self, k: usize) -> Vec<String> {
+        let socket = self.nodes[k]
+            .as_ref()
+            .map(|n| n.socket().display().to_string())
+            .unwrap_or_default();
+        let mut a = vec![
+            "--announce-table".to_string(),
+            bgp::TABLE.to_string(),
+            "--bgp-socket".into(),
+            socket,
+        ];
+        a.extend(self.agent_args.iter().cloned());
+        a
     }
 
     /// Node `k`'s bird, peering with the router as `r1`.
@@ -309,23 +341,7 @@ impl<N: FleetNet> Fleet<N> {
         for p in &VIP_POOLS {
             args.extend_from_slice(&["--vip-prefix", p]);
         }
-        let announce: Vec<String> = match &self.bgp {
-            Some(b) => {
-                let socket = b.nodes[k]
-                    .as_ref()
-                    .map(|n| n.socket().display().to_string())
-                    .unwrap_or_default();
-                let mut a = vec![
-                    "--announce-table".to_string(),
-                    bgp::TABLE.to_string(),
-                    "--bgp-socket".into(),
-                    socket,
-                ];
-                a.extend(b.agent_args.iter().cloned());
-                a
-            }
-            None => Vec::new(),
-        };
+        let announce = self.bgp.agent_args(k);
         args.extend(announce.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let agent = self

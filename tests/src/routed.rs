@@ -129,19 +129,11 @@ impl Routed {
         Self::fleet(tag, 1)
     }
 
-    /// The network with `nodes` load balancers; with more than one, the router spreads VIP
-    /// traffic over them by ECMP (L4 hash, nexthop group 100 of nexthops 1..=nodes).
+    /// The network with `nodes` load balancers. With more than one the router has no route
+    /// to the VIPs of its own: it learns them from the nodes over BGP ([`crate::bgp`], started
+    /// by [`crate::fleet::Fleet`] or [`crate::fleet::Bgp::start`]) and spreads VIP traffic
+    /// over them by ECMP (L4 hash).
     pub fn fleet(tag: &str, nodes: usize) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, false)
-    }
-
-    /// As [`Routed::fleet`], with no route to the VIPs at the router: the router learns them
-    /// from the nodes over BGP ([`crate::bgp`]).
-    pub fn fleet_bgp(tag: &str, nodes: usize) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, true)
-    }
-
-    fn build(tag: &str, nodes: usize, bgp: bool) -> anyhow::Result<Self> {
         let client = Netns::new(&format!("{tag}c"))?;
         let router = Netns::new(&format!("{tag}r"))?;
         let lb = Netns::new(&format!("{tag}l"))?;
@@ -171,11 +163,11 @@ impl Routed {
             router_to_backends: Vec::new(),
             more,
         };
-        net.wire(bgp).context("building the routed network")?;
+        net.wire().context("building the routed network")?;
         Ok(net)
     }
 
-    fn wire(&mut self, bgp: bool) -> anyhow::Result<()> {
+    fn wire(&mut self) -> anyhow::Result<()> {
         let r = &self.router;
         for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
             r.sysctl(key, "1")?;
@@ -202,26 +194,14 @@ impl Routed {
         for (k, l) in nodes.iter().enumerate() {
             router_ends.push(wire_lb(r, l, k)?);
         }
-        if bgp {
-            // ECMP by L4 hash over the routes BGP installs.
-            r.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
-            r.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
-        } else if nodes.len() == 1 {
+        if nodes.len() == 1 {
             // The router sends VIP traffic to the load balancer.
             r.ip(&["route", "add", "10.0.0.0/24", "via", "10.30.0.2"])?;
             r.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:30::2"])?;
         } else {
-            // ECMP over the nodes, by L4 hash.
+            // ECMP by L4 hash over the routes BGP installs.
             r.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
             r.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
-            for (k, (r_in, _)) in router_ends.iter().enumerate() {
-                let id = (k + 1).to_string();
-                let via = format!("10.30.{k}.2");
-                r.ip(&["nexthop", "add", "id", &id, "via", &via, "dev", r_in])?;
-            }
-            let all: Vec<usize> = (0..nodes.len()).collect();
-            self.ecmp(&all)?;
-            r.ip(&["route", "add", "10.0.0.0/24", "nhid", "100"])?;
         }
         self.router_to_lb_out = router_ends[0].1.clone();
         // Backends.
@@ -260,14 +240,6 @@ impl Routed {
             }
         }
         Ok(())
-    }
-
-    /// Sends VIP traffic (IPv4) to load balancer nodes `nodes` (0-based) by ECMP: a plain
-    /// multipath group, so changing it moves flows between nodes.
-    pub fn ecmp(&self, nodes: &[usize]) -> anyhow::Result<()> {
-        let group: Vec<String> = nodes.iter().map(|k| (k + 1).to_string()).collect();
-        self.router
-            .ip(&["nexthop", "replace", "id", "100", "group", &group.join("/")])
     }
 
     /// Starts the agent of node `k` (0: the first) on its eth0.
@@ -457,7 +429,7 @@ fn wire_lb(r: &Netns, l: &Netns, k: usize) -> anyhow::Result<(String, String)> {
 }
 
 /// `fd00:NET::HOST` for node 0, `fd00:NET:K::HOST` for node `k`.
-fn v6(net: u32, k: usize, host: u32) -> String {
+pub fn v6(net: u32, k: usize, host: u32) -> String {
     if k == 0 {
         format!("fd00:{net}::{host}")
     } else {

@@ -18,6 +18,8 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
+    bgp::wait_hops,
+    fleet::{Bgp, node_addr},
     routed::{Routed, VIP4, backend_dev},
     traffic::{connect_many, request},
 };
@@ -129,6 +131,28 @@ fn on_all(net: &Routed, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends the VIP's traffic through load balancer nodes `nodes` only, as an operator would:
+/// the others drained (withdrawn at once, no drain time), these undrained first so the route
+/// never goes empty; waits until the router's ECMP route, learned over BGP, has exactly them.
+fn steer(net: &Routed, nodes: &[usize]) -> anyhow::Result<()> {
+    for k in nodes {
+        net.lb_at(*k, &["node", "undrain"])?;
+    }
+    for k in (0..net.nodes()).filter(|k| !nodes.contains(k)) {
+        net.lb_at(k, &["node", "drain", "--withdraw-after", "0"])?;
+    }
+    let mut want: Vec<String> = nodes.iter().map(|k| node_addr(*k)).collect();
+    want.sort();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    wait_hops(
+        &net.router,
+        &format!("{VIP4}/32"),
+        &want,
+        Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
 /// Opens the connections, runs the operations under load (every 10th one also moves flows
 /// between load balancer nodes when `reshuffle`), and reports.
 fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Outcome> {
@@ -150,6 +174,10 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
         let a = format!("10.4{i}.0.2");
         on_all(net, &["backend", "add", &vip, &a])?;
         members.0.push((a, false));
+    }
+    if reshuffle {
+        // Announced by every node (the VIP serves) before the first connection.
+        steer(net, &[0, 1, 2])?;
     }
     let target = SocketAddr::new(VIP4.parse()?, 80);
     let mut conns = connect_many(&net.client, target, CONNS)?;
@@ -201,7 +229,7 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
     std::thread::sleep(STEADY);
     let mut rng = Rng(0x005e_c02d_c4a2_ce42);
     let deadline = Instant::now() + Duration::from_secs(90);
-    // Node sets the ECMP group cycles through: flows move between nodes each time.
+    // Node sets the router's route cycles through: flows move between nodes each time.
     let groups: [&[usize]; 4] = [&[1, 2], &[0, 2], &[2, 1, 0], &[0, 1]];
     for n in 0..OPS {
         anyhow::ensure!(Instant::now() < deadline, "operations took too long");
@@ -209,7 +237,7 @@ fn run(net: &Routed, second_chance: &str, reshuffle: bool) -> anyhow::Result<Out
         let args: Vec<&str> = op.iter().map(String::as_str).collect();
         on_all(net, &args)?;
         if reshuffle && n % 10 == 5 {
-            net.ecmp(groups[(n / 10) % groups.len()])?;
+            steer(net, groups[(n / 10) % groups.len()])?;
         }
         std::thread::sleep(Duration::from_millis(40));
     }
@@ -332,14 +360,20 @@ fn connections_survive_100_backend_changes_with_the_flow_table_off() -> anyhow::
 }
 
 /// The same with three load balancer nodes behind ECMP (each stateless, each told every
-/// change), the router's nexthop group changed every 10 operations so connections move
-/// between nodes while their slots move between backends.
+/// change), announcing the VIP by BGP to the router; every 10 operations a different set of
+/// nodes is drained, so the router's route changes and connections move between nodes
+/// while their slots move between backends.
 #[test]
 fn connections_survive_changes_and_ecmp_reshuffles_across_three_nodes() -> anyhow::Result<()> {
     let mut net = Routed::fleet("scf", 3)?;
     backends_with_decap(&mut net)?;
+    // Declared after the network: the speakers stop before its namespaces go.
+    let bgp = Bgp::start(&net, "10.30.0.1", &[])?;
     for k in 0..3 {
-        net.start_agent_at(k, &["--flow-table", "off"])?;
+        let mut args = vec!["--flow-table".to_string(), "off".into()];
+        args.extend(bgp.agent_args(k));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        net.start_agent_at(k, &args)?;
     }
     let forwarded = |net: &Routed| -> anyhow::Result<Vec<u64>> {
         (0..3)

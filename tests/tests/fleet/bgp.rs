@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use lb_tests::{
     Netns,
-    bgp::{RouteMonitor, next_hops, wait_hops},
+    bgp::{RouteMonitor, next_hops},
     fleet::{Fleet, FleetNet as _, NODES, node_addr},
     routed::{VIP_MIXED, VIP4, VIP6, backend4, backend6},
     traffic::Load,
@@ -18,30 +18,8 @@ const PREFIX6: &str = "2001:db8::10/128";
 /// The hold-down and drain time the nodes run with.
 const AGENT_ARGS: [&str; 4] = ["--announce-hold-down", "2", "--drain-time", "3"];
 
-fn all_nodes() -> Vec<String> {
-    (0..NODES).map(node_addr).collect()
-}
-
-/// Each node's IPv6 address on its link to the router (`fd00:30:K::2`; node 0 `fd00:30::2`).
-fn all_nodes6() -> Vec<String> {
-    (0..NODES)
-        .map(|k| match k {
-            0 => "fd00:30::2".to_string(),
-            k => format!("fd00:30:{k}::2"),
-        })
-        .collect()
-}
-
-fn hops_but(k: Option<usize>) -> Vec<String> {
-    (0..NODES)
-        .filter(|i| Some(*i) != k)
-        .map(node_addr)
-        .collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
+/// Every node: the router's route through all three.
+const ALL: [usize; NODES] = [0, 1, 2];
 
 fn announce(f: &Fleet, k: usize) -> anyhow::Result<AnnounceView> {
     Ok(serde_json::from_str(
@@ -114,12 +92,7 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
     for b in ["10.41.0.2", "10.42.0.2", "10.43.0.2"] {
         f.lb(0, &["backend", "add", &vip, b])?;
     }
-    let took = wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    let took = f.wait_route(PREFIX, &ALL, Duration::from_secs(10))?;
     println!("three next hops at router {r} {took:?} after the backends were added");
     println!("{}", f.lb(0, &["node", "status"])?);
     let a = announce(&f, 1)?;
@@ -138,21 +111,16 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
     // address on its link): announced with a serving backend, withdrawn when removed.
     let vip6 = format!("[{VIP6}]:80/tcp");
     f.gue_vip(0, &vip6, &[&backend6(1)], &[])?;
-    let took6 = wait_hops(
-        &f.net.router,
-        PREFIX6,
-        &strs(&all_nodes6()),
-        Duration::from_secs(10),
-    )?;
+    let took6 = f.wait_route(PREFIX6, &ALL, Duration::from_secs(10))?;
     println!(
         "IPv6: {PREFIX6} via the three nodes at the router {took6:?} after its backend was added"
     );
     f.lb(0, &["vip", "remove", &vip6])?;
-    let gone6 = wait_hops(&f.net.router, PREFIX6, &[], Duration::from_secs(5))?;
+    let gone6 = f.wait_route(PREFIX6, &[], Duration::from_secs(5))?;
     println!("IPv6: {PREFIX6} withdrawn at the router {gone6:?} after `lb vip remove`");
     assert_eq!(
         next_hops(&f.net.router, PREFIX)?,
-        all_nodes(),
+        f.hops(PREFIX, &ALL)?,
         "the IPv4 VIP is untouched"
     );
 
@@ -164,23 +132,13 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
     let dev = router_dev(&f, 2)?;
     cut(&f.net.router, &dev, true)?;
     let cut_at = Instant::now();
-    let withdrawn = wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&hops_but(Some(2))),
-        Duration::from_secs(3),
-    );
+    let withdrawn = f.wait_route(PREFIX, &[0, 1], Duration::from_secs(3));
     let restored = cut(&f.net.router, &dev, false);
     let withdrawn = withdrawn?;
     restored?;
     println!("(a) link to node 2 cut: withdrawn at the router after {withdrawn:?}");
     assert!(withdrawn <= Duration::from_secs(1), "{withdrawn:?}");
-    let back = wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&all_nodes()),
-        Duration::from_secs(20),
-    )?;
+    let back = f.wait_route(PREFIX, &ALL, Duration::from_secs(20))?;
     println!(
         "(a) link restored: node 2 back after {back:?} (cut for {:?})",
         cut_at.elapsed()
@@ -207,12 +165,7 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
         anyhow::ensure!(start.elapsed() < Duration::from_secs(3), "{routes}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let left = wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&hops_but(Some(1))),
-        Duration::from_secs(2),
-    )?;
+    let left = f.wait_route(PREFIX, &[0, 2], Duration::from_secs(2))?;
     println!("(b) node 1 out of the router's ECMP route {left:?} after the drain began");
     let a = announce(&f, 1)?;
     assert_eq!(a.vips[0].state, "draining", "{a:?}");
@@ -238,12 +191,7 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
     let a = announce(&f, 1)?;
     assert_eq!(a.vips[0].why.as_deref(), Some("node drained"), "{a:?}");
     f.lb(1, &["node", "undrain"])?;
-    let back = wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&all_nodes()),
-        Duration::from_secs(5),
-    )?;
+    let back = f.wait_route(PREFIX, &ALL, Duration::from_secs(5))?;
     println!("(b) undrained: back {back:?}");
 
     // (d) kill -9 of agent 0: its route stays, its node keeps forwarding; the restarted agent
@@ -256,7 +204,7 @@ fn bgp_announces_what_serves_and_bfd_and_drain_break_nothing() -> anyhow::Result
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         next_hops(&f.net.router, PREFIX)?,
-        all_nodes(),
+        f.hops(PREFIX, &ALL)?,
         "kill -9 kept the route"
     );
     f.start(0)?;
@@ -326,12 +274,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     for i in 1..=3 {
         f.lb(0, &["backend", "add", &vip, &backend4(i)])?;
     }
-    wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    f.wait_route(PREFIX, &ALL, Duration::from_secs(10))?;
 
     // Node 2 cannot probe any backend (its own view: all down), the others can.
     let block = |ns: &Netns, on: bool, rule: &[&str]| -> anyhow::Result<()> {
@@ -360,7 +303,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
         a.vips[0]
     );
     assert_eq!(a.vips[0].state, "announced", "{a:?}");
-    assert_eq!(next_hops(&f.net.router, PREFIX)?, all_nodes());
+    assert_eq!(next_hops(&f.net.router, PREFIX)?, f.hops(PREFIX, &ALL)?);
     block(f.net.node_ns(2), false, &probes_out)?;
 
     // A VIP of its own that needs two serving backends (`--announce-min-serving 2`), with
@@ -375,17 +318,12 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     for i in 1..=2 {
         f.lb(0, &["backend", "add", &strict, &backend4(i)])?;
     }
-    wait_hops(
-        &f.net.router,
-        &strict_prefix,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    f.wait_route(&strict_prefix, &ALL, Duration::from_secs(10))?;
     let probes_in = ["INPUT", "-p", "tcp", "--dport", "80", "-j", "DROP"];
     let b2 = &f.net.backends[1];
     let mut first = RouteMonitor::start(&f.net.router, PREFIX)?;
     block(b2, true, &probes_in)?;
-    let strict_gone = wait_hops(&f.net.router, &strict_prefix, &[], Duration::from_secs(5));
+    let strict_gone = f.wait_route(&strict_prefix, &[], Duration::from_secs(5));
     let views: anyhow::Result<Vec<AnnounceView>> = (0..NODES).map(|k| announce(&f, k)).collect();
     let first_hops = next_hops(&f.net.router, PREFIX);
     let first_changes = first.changes();
@@ -396,7 +334,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     );
     assert_eq!(
         first_hops?,
-        all_nodes(),
+        f.hops(PREFIX, &ALL)?,
         "the VIP needing one backend stays announced"
     );
     assert!(first_changes.is_empty(), "{first_changes:#?}");
@@ -413,7 +351,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     }
     // The flapping part below takes the address for a VIP of its own.
     f.lb(0, &["vip", "remove", &strict])?;
-    wait_hops(&f.net.router, &strict_prefix, &[], Duration::from_secs(5))?;
+    f.wait_route(&strict_prefix, &[], Duration::from_secs(5))?;
 
     // Every backend down for every node: every node withdraws the VIP.
     // Probes reach the backends through the tunnel, decapsulated into TCP to port 80; the
@@ -421,7 +359,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     for b in &f.net.backends {
         block(b, true, &probes_in)?;
     }
-    let none = wait_hops(&f.net.router, PREFIX, &[], Duration::from_secs(5));
+    let none = f.wait_route(PREFIX, &[], Duration::from_secs(5));
     for b in &f.net.backends {
         block(b, false, &probes_in)?;
     }
@@ -433,12 +371,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
         // Withdrawn for too few backends, or already held down after they came back.
         assert_eq!(a.vips[0].state, "withdrawn", "node {k}: {a:?}");
     }
-    wait_hops(
-        &f.net.router,
-        PREFIX,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    f.wait_route(PREFIX, &ALL, Duration::from_secs(10))?;
     let back = unblocked.elapsed();
     println!("(c) backends back: announced again {back:?} after their probes pass (hold-down 2 s)");
     assert!(back >= Duration::from_secs(2), "{back:?}");
@@ -449,12 +382,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
     args.extend_from_slice(&health);
     f.lb(0, &args)?;
     f.lb(0, &["backend", "add", flap_vip, &backend4(1)])?;
-    wait_hops(
-        &f.net.router,
-        &strict_prefix,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    f.wait_route(&strict_prefix, &ALL, Duration::from_secs(10))?;
     let before: Vec<u64> = (0..NODES)
         .map(|k| announce(&f, k).map(|a| a.route_changes_total))
         .collect::<anyhow::Result<_>>()?;
@@ -475,12 +403,7 @@ fn bgp_health_gating_and_a_flapping_backend() -> anyhow::Result<()> {
         block(b1, false, &rule)?;
     }
     flapped?;
-    let settled = wait_hops(
-        &f.net.router,
-        &strict_prefix,
-        &strs(&all_nodes()),
-        Duration::from_secs(10),
-    )?;
+    let settled = f.wait_route(&strict_prefix, &ALL, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
     let at_router = monitor.changes();
     let per_node: Vec<u64> = (0..NODES)

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use lb_tests::{
-    bgp::{next_hops, wait_hops},
-    fleet::{Fleet, NODES, node_addr},
+    bgp::next_hops,
+    fleet::{Fleet, NODES},
     routed::VIP4,
     traffic::{Load, moved, udp_picks},
 };
@@ -22,12 +22,8 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     let mut f = Fleet::bgp("flc", &["--announce-hold-down", "1"])?;
     let vip = format!("{VIP4}:80/tcp");
     let prefix = format!("{VIP4}/32");
-    let hops = |nodes: &[usize]| -> Vec<String> { nodes.iter().map(|k| node_addr(*k)).collect() };
-    let at_router = |f: &Fleet, nodes: &[usize]| -> anyhow::Result<Duration> {
-        let want = hops(nodes);
-        let want: Vec<&str> = want.iter().map(String::as_str).collect();
-        wait_hops(&f.net.router, &prefix, &want, Duration::from_secs(10))
-    };
+    let at_router =
+        |f: &Fleet, nodes: &[usize]| f.wait_route(&prefix, nodes, Duration::from_secs(10));
     // Backends added one by one: the setup's own moves stay in the slots as previous backends
     // for the window, and node 1, restarted below, resumes its saved history to tell their
     // milliseconds of tenure from the real owners'.
@@ -46,7 +42,7 @@ fn node_loss_and_an_etcd_outage_break_nothing() -> anyhow::Result<()> {
     ));
     std::thread::sleep(Duration::from_secs(2));
     // Node 1 dies: its agent and its speaker are killed; BFD takes it out at the router.
-    f.kill_node(1);
+    f.kill_node(1)?;
     let took = at_router(&f, &[0])?;
     phase(&format!(
         "node 1 killed: withdrawn at the router after {took:?}"
@@ -147,12 +143,6 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     let mut f = Fleet::l2("fll", &["--drain-time", "1"])?;
     let backends: Vec<String> = (1..=3).map(lb_tests::l2fleet::backend_ip).collect();
     let prefix = format!("{VIP4}/32");
-    let hops = |nodes: &[usize]| -> Vec<String> {
-        nodes
-            .iter()
-            .map(|k| lb_tests::l2fleet::node_ip(*k))
-            .collect()
-    };
     for vip in [format!("{VIP4}:80/udp"), format!("{VIP4}:80/tcp")] {
         f.lb(0, &["vip", "add", &vip])?;
         for b in &backends {
@@ -161,12 +151,7 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
         let (d, took) = f.converged(&vip, None)?;
         println!("L2 fleet: {vip} live on all nodes after {took:?} (digest {d})");
     }
-    let took = wait_hops(
-        &f.net.router,
-        &prefix,
-        &strs(&hops(&[0, 1, 2])),
-        Duration::from_secs(10),
-    )?;
+    let took = f.wait_route(&prefix, &[0, 1, 2], Duration::from_secs(10))?;
     println!(
         "L2 fleet: the router learned {prefix} via the three nodes {took:?} after the VIPs converged"
     );
@@ -185,30 +170,7 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     }
     // Each node alone at the router: the other two drained with no drain time (withdrawn
     // at once), undrained after.
-    let mut seen = Vec::new();
-    for k in 0..NODES {
-        let others: Vec<usize> = (0..NODES).filter(|o| *o != k).collect();
-        for o in &others {
-            f.lb(*o, &["node", "drain", "--withdraw-after", "0"])?;
-        }
-        wait_hops(
-            &f.net.router,
-            &prefix,
-            &strs(&hops(&[k])),
-            Duration::from_secs(5),
-        )?;
-        let picks = udp_picks(&f.net.client).with_context(|| format!("through node {k} alone"));
-        for o in &others {
-            f.lb(*o, &["node", "undrain"])?;
-        }
-        seen.push(picks?);
-        wait_hops(
-            &f.net.router,
-            &prefix,
-            &strs(&hops(&[0, 1, 2])),
-            Duration::from_secs(5),
-        )?;
-    }
+    let seen = f.through_each(&prefix, |_| udp_picks(&f.net.client))?;
     let differ = moved(&seen);
     let backends_seen: std::collections::BTreeSet<&String> = seen[0].values().collect();
     println!(
@@ -222,12 +184,7 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     // Node 2 drains (GRACEFUL_SHUTDOWN, withdrawn after 1 s).
     f.lb(2, &["node", "drain"])?;
-    let left = wait_hops(
-        &f.net.router,
-        &prefix,
-        &strs(&hops(&[0, 1])),
-        Duration::from_secs(3),
-    )?;
+    let left = f.wait_route(&prefix, &[0, 1], Duration::from_secs(3))?;
     println!("L2 fleet: node 2 drained out of the router's route after {left:?}");
     std::thread::sleep(Duration::from_secs(2));
     // kill -9 of node 1's agent: its route stays, its pinned program keeps forwarding.
@@ -236,17 +193,12 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         next_hops(&f.net.router, &prefix)?,
-        hops(&[0, 1]),
+        f.hops(&prefix, &[0, 1])?,
         "kill -9 kept the route"
     );
     // Then node 1's speaker dies as well (its host going): withdrawn at the router.
-    f.kill_node(1);
-    let gone = wait_hops(
-        &f.net.router,
-        &prefix,
-        &strs(&hops(&[0])),
-        Duration::from_secs(3),
-    )?;
+    f.kill_node(1)?;
+    let gone = f.wait_route(&prefix, &[0], Duration::from_secs(3))?;
     println!("L2 fleet: node 1's speaker killed, withdrawn at the router after {gone:?}");
     std::thread::sleep(Duration::from_secs(2));
     let (requests, failed, failures) = load.finish();
@@ -256,10 +208,6 @@ fn an_l2_fleet_agrees_and_survives_node_loss() -> anyhow::Result<()> {
     assert_eq!(failed, 0, "{failures:#?}");
     assert!(requests > 500, "{requests}");
     Ok(())
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// A node that cannot take a revision (started with room for two backends) refuses it whole,

@@ -3,7 +3,8 @@
 //! with terminal escape sequences), a VIP for all ports on a node's own address and one
 //! outside the nodes' VIP pools. None is taken; each is counted and listed with its reason;
 //! `lb cluster status` shows the escaped name and sends no escape byte; the node's own TCP
-//! service stays reachable; fake votes do not take a backend down (while real-looking ones,
+//! service stays reachable and neither hostile address is announced to the router by BGP;
+//! fake votes do not take a backend down (while real-looking ones,
 //! leased, named and fresh, would: the control).
 use std::{
     collections::BTreeMap,
@@ -13,6 +14,7 @@ use std::{
 };
 
 use lb_tests::{
+    bgp::next_hops,
     fleet::{Fleet, NODES},
     routed::VIP4,
 };
@@ -264,6 +266,15 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
     }
     if let Err(e) = own_service_answers(&f) {
         failed.push(format!("node 0's own TCP service is unreachable: {e}"));
+    }
+    // Nor announced: every node announces the real VIP (the control), the router learned
+    // no route to either hostile address.
+    f.wait_route(&format!("{VIP4}/32"), &[0, 1, 2], Duration::from_secs(10))?;
+    for addr in [NODE0, "192.0.2.10"] {
+        let hops = next_hops(&f.net.router, &format!("{addr}/32"))?;
+        if !hops.is_empty() {
+            failed.push(format!("{addr} announced to the router via {hops:?}"));
+        }
     }
 
     // Counted once each (and logged once: the same branch), not at every status round.

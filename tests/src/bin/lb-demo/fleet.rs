@@ -11,8 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    bgp::wait_hops,
-    fleet::{Fleet, NODES, node_addr},
+    fleet::{Fleet, NODES},
     lb_binary,
     routed::{CLIENT4, VIP4, backend4},
     topo::{backend_index, get, http_request},
@@ -55,14 +54,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     print!("{}", applied?);
     let (digest, took) = f.converged(&vip, None)?;
     println!("demo: live on all {NODES} nodes after {took:?} (slot-table digest {digest})");
-    let hops: Vec<String> = (0..NODES).map(node_addr).collect();
-    let hops: Vec<&str> = hops.iter().map(String::as_str).collect();
-    let learned = wait_hops(
-        &f.net.router,
-        &format!("{VIP4}/32"),
-        &hops,
-        Duration::from_secs(15),
-    )?;
+    let learned = f.wait_route(&format!("{VIP4}/32"), &[0, 1, 2], Duration::from_secs(15))?;
     println!(
         "\ndemo: the router learned {VIP4} from all {NODES} nodes over BGP {learned:?} later; its kernel route ($ ip route show {VIP4}):"
     );
