@@ -49,6 +49,28 @@ pub const NAT_ADDRS_ENTRIES: u32 = 2 * NAT_POOL_MAX + 1;
 pub const fn nat_addr_index(family_index: u32, i: u32) -> u32 {
     2 * i + family_index
 }
+/// New connections refused per pool address and reason: per-CPU array of `u64` counts at
+/// [`nat_refused_index`] (the address's [`nat_addr_index`] and a `NAT_REFUSED_*` reason).
+/// Only the two refusals that happen after a connection has picked its address are here;
+/// the others (half-open slots full, no pair, out of window, stale port) are node-wide
+/// counters, as no address is involved yet. Counted on the refusal path only.
+pub const NAT_REFUSED_MAP: &str = "LB_NAT_REFUSED";
+/// Every probed port of the picked address toward the backend was taken (`dropped_nat_no_port`).
+pub const NAT_REFUSED_NO_PORT: u32 = 0;
+/// The NAT tables were full (`dropped_nat_table_full`).
+pub const NAT_REFUSED_TABLE_FULL: u32 = 1;
+/// Reasons per address in [`NAT_REFUSED_MAP`].
+pub const NAT_REFUSALS: u32 = 2;
+/// Entries of [`NAT_REFUSED_MAP`]: every address of both pools, each reason.
+pub const NAT_REFUSED_ENTRIES: u32 = 2 * NAT_POOL_MAX * NAT_REFUSALS;
+
+/// Index in [`NAT_REFUSED_MAP`] of refusal `reason` on the address at `addr_index` (its
+/// [`nat_addr_index`]).
+#[inline(always)]
+pub const fn nat_refused_index(addr_index: u32, reason: u32) -> u32 {
+    addr_index * NAT_REFUSALS + reason
+}
+
 /// Programs the load balancer tail-calls: a program array; [`PROG_NAT`] holds `lb_nat`,
 /// [`PROG_FULL`] holds `lb_full`, `PROG_GUARD` (`crate::guard`) holds `lb_guard`.
 pub const PROGS_MAP: &str = "LB_PROGS";

@@ -514,7 +514,19 @@ fn new_connections_at_full_rate_use_the_whole_pool() -> anyhow::Result<()> {
                 a.address,
                 a.connections
             );
+            // Its ports in use per backend: all three, within each one's 1,500, adding up to
+            // its connections; nothing refused on it.
+            let ports: Vec<u64> = a.ports_by_backend.iter().map(|b| b.ports).collect();
+            assert_eq!(ports.len(), 3, "{}: {:?}", a.address, a.ports_by_backend);
+            assert!(ports.iter().all(|p| (1..=1500).contains(p)), "{ports:?}");
+            assert_eq!(ports.iter().sum::<u64>(), a.connections, "{}", a.address);
+            assert_eq!((a.refused_no_port, a.refused_table_full), (0, 0));
         }
+        let text = net.lb(&["stats"])?;
+        assert!(
+            text.contains("ports in use: 10.41.0.2:9000 ") && text.contains("0 no free port"),
+            "{text}"
+        );
         Ok(())
     })();
     stop.store(true, Ordering::Relaxed);
