@@ -358,8 +358,11 @@ pub fn nat_rate_rows() -> anyhow::Result<()> {
     result
 }
 
-/// Rows: name, run, and the direct run it compares with and its target (none: a reference).
-fn print_table(rows: &[(&str, Run, Option<(Run, Option<f64>)>)]) {
+/// The direct run a row compares with and its target (none: a reference row).
+type Versus = Option<(Run, Option<f64>)>;
+
+/// Rows: name, run, and what it compares with.
+fn print_table(rows: &[(&str, Run, Versus)]) {
     println!(
         "| case ({CLIENTS} client threads, {} s) | per second | failed | x direct | target | CPU µs/request (bench process) | LB program ns/request (per packet) |",
         RUN.as_secs()
