@@ -169,6 +169,12 @@ pub const LB_MAPS: &[MapSpec] = &[
         Capacity::Fixed(crate::NAT_ADDRS_ENTRIES),
         0,
     ),
+    spec::<u32, u64>(
+        crate::NAT_REFUSED_MAP,
+        PerCpuArray,
+        Capacity::Fixed(crate::NAT_REFUSED_ENTRIES),
+        0,
+    ),
     unpinned(MapSpec {
         value_size: NAT_SCRATCH_SIZE,
         ..spec::<u32, ()>(NAT_SCRATCH_MAP, PerCpuArray, Capacity::Fixed(1), 0)

@@ -161,6 +161,11 @@ pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 #[map(name = "LB_NAT_ADDRS")]
 pub static LB_NAT_ADDRS: Array<[u32; 4]> = Array::with_max_entries(lb_common::NAT_ADDRS_ENTRIES, 0);
 
+/// New NAT connections refused per pool address and reason (`lb_common::NAT_REFUSED_MAP`).
+#[map(name = "LB_NAT_REFUSED")]
+pub static LB_NAT_REFUSED: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(lb_common::NAT_REFUSED_ENTRIES, 0);
+
 #[map(name = "LB_TX_PORTS")]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
     NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_POOL_LENS, NAT_POOL_MAX, NAT_PORT_PROBES,
-    NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index,
-    nat_expired, nat_port,
+    NAT_REFUSED_NO_PORT, NAT_REFUSED_TABLE_FULL, NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP,
+    Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index, nat_expired, nat_port, nat_refused_index,
 };
 use network_types::eth::EthHdr;
 
@@ -35,8 +35,8 @@ use crate::{
     fib::{self, Fib, NextHop, Outer},
     maps,
     maps::{
-        LB_BACKENDS, LB_NAT_ADDRS, LB_NAT_FWD, LB_NAT_REV, LB_PROGS, LB_TX_PORTS, PROG_NAT,
-        present_vip,
+        LB_BACKENDS, LB_NAT_ADDRS, LB_NAT_FWD, LB_NAT_REFUSED, LB_NAT_REV, LB_PROGS, LB_TX_PORTS,
+        PROG_NAT, present_vip,
     },
     nat_rewrite::{rewrite, rewrite_icmp},
     nat_state, parse,
@@ -346,8 +346,11 @@ fn place(
     let n = pool_len(fam);
     // SAFETY: helpers without arguments.
     let h = unsafe { bpf_get_prandom_u32() };
+    // The picked address's index, for the per-address refusal counts (no pool yet: the
+    // family's first, which the backend's outer source then is).
+    let at = nat_addr_index(fam, if n > 0 { (h >> 16) % n } else { 0 });
     if n > 0
-        && let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(fam, (h >> 16) % n))
+        && let Some(a) = LB_NAT_ADDRS.get(at)
     {
         s.fwd.src = *a;
     }
@@ -364,11 +367,11 @@ fn place(
                     continue;
                 }
             }
-            Err(_) => return Err(TABLE_FULL),
+            Err(_) => return Err(refused(at, NAT_REFUSED_TABLE_FULL, TABLE_FULL)),
         }
         if LB_NAT_FWD.insert(k, &s.fwd, 0).is_err() {
             let _ = LB_NAT_REV.remove(&s.rkey);
-            return Err(TABLE_FULL);
+            return Err(refused(at, NAT_REFUSED_TABLE_FULL, TABLE_FULL));
         }
         stats::count_new_flow(picked.vip_id);
         // SAFETY: the entry just written, in map memory.
@@ -377,7 +380,22 @@ fn place(
             .map(|p| unsafe { &mut *p })
             .ok_or(TABLE_FULL);
     }
-    Err(Verdict::discard(Stat::DropNatNoPort))
+    Err(refused(
+        at,
+        NAT_REFUSED_NO_PORT,
+        Verdict::discard(Stat::DropNatNoPort),
+    ))
+}
+
+/// Counts a new connection refused on the pool address at `at` for `reason`
+/// (`lb_common::NAT_REFUSED_MAP`), and gives back the refusal's verdict.
+#[inline(always)]
+fn refused(at: u32, reason: u32, v: Verdict) -> Verdict {
+    if let Some(c) = LB_NAT_REFUSED.get_ptr_mut(nat_refused_index(at, reason)) {
+        // SAFETY: this CPU's counter; nothing else writes it meanwhile.
+        unsafe { *c += 1 };
+    }
+    v
 }
 
 /// Takes over the port of reverse entry `rkey` if its connection has expired (its forward

@@ -307,6 +307,45 @@ fn nat_pool_metrics(reg: &mut Registry, agent: &AgentStatus) {
                 .set(get(a) as i64);
         }
     }
+    nat_pool_detail_metrics(reg, agent);
+}
+
+/// Each NAT pool address's ports in use per backend and its refusals by reason.
+fn nat_pool_detail_metrics(reg: &mut Registry, agent: &AgentStatus) {
+    let ports = Family::<Labels, Gauge>::default();
+    reg.register(
+        "nat_address_backend_ports",
+        "NAT ports of this pool address in use toward this backend at the last sweep",
+        ports.clone(),
+    );
+    let refused = Family::<Labels, Counter>::default();
+    reg.register(
+        "nat_address_refused",
+        "New NAT connections refused on this pool address, by reason (no_port, table_full)",
+        refused.clone(),
+    );
+    for a in &agent.nat_pool {
+        let address = ("address".to_string(), a.address.to_string());
+        for b in &a.ports_by_backend {
+            ports
+                .get_or_create(&vec![
+                    address.clone(),
+                    ("backend".to_string(), b.backend.to_string()),
+                ])
+                .set(b.ports as i64);
+        }
+        for (reason, n) in [
+            ("no_port", a.refused_no_port),
+            ("table_full", a.refused_table_full),
+        ] {
+            refused
+                .get_or_create(&vec![
+                    address.clone(),
+                    ("reason".to_string(), reason.into()),
+                ])
+                .inc_by(n);
+        }
+    }
 }
 
 /// Each VIP's slot-table digest (equal on nodes that agree), and the store link in fleet mode.

@@ -351,13 +351,30 @@ pub struct NatTableView {
 }
 
 /// One NAT pool address's connections at the last sweep (`lb stats`' `NAT address` lines).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatAddrView {
     pub address: IpAddr,
     /// Connections holding a port of this address (half-open and closing ones included).
     pub connections: u64,
     pub half_open: u64,
     pub closing: u64,
+    /// Ports of this address in use toward each backend (address:port), as `connections`
+    /// counts them: the ports are per (address, backend), so this is how full each range is.
+    #[serde(default)]
+    pub ports_by_backend: Vec<NatBackendPorts>,
+    /// New connections refused on this address since the program was loaded, by reason: every
+    /// probed port toward the backend taken, the NAT tables full.
+    #[serde(default)]
+    pub refused_no_port: u64,
+    #[serde(default)]
+    pub refused_table_full: u64,
+}
+
+/// One backend's ports in use on one NAT address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatBackendPorts {
+    pub backend: std::net::SocketAddr,
+    pub ports: u64,
 }
 
 /// What the last migration of the pinned maps did (kept in their record, so it is shown

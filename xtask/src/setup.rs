@@ -47,6 +47,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // `lb capture`'s tests read its pcapng files back with both readers.
     "tshark",
     "tcpdump",
+    // The NAT bench compares with the kernel's own NAT (nft DNAT + masquerade).
+    "nftables",
 ];
 
 /// PyPI tools the packaging tests use: the Dockerfile linter and the Kubernetes schema check.

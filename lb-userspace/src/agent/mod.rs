@@ -398,16 +398,19 @@ fn pool_view(
     let mut out: Vec<crate::protocol::NatAddrView> = pool
         .iter()
         .map(|a| {
-            found.iter().find(|f| f.address == *a).copied().unwrap_or(
+            found.iter().find(|f| f.address == *a).cloned().unwrap_or(
                 crate::protocol::NatAddrView {
                     address: *a,
                     connections: 0,
                     half_open: 0,
                     closing: 0,
+                    ports_by_backend: Vec::new(),
+                    refused_no_port: 0,
+                    refused_table_full: 0,
                 },
             )
         })
         .collect();
-    out.extend(found.iter().filter(|f| !pool.contains(&f.address)));
+    out.extend(found.iter().filter(|f| !pool.contains(&f.address)).cloned());
     out
 }

@@ -558,6 +558,7 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
                 "NAT address {}: {} connections ({} half-open, {} closing)",
                 a.address, a.connections, a.half_open, a.closing
             );
+            println!("{}", nat_addr_detail(a));
         }
         println!();
     }
@@ -666,4 +667,24 @@ async fn import_nginx(
     );
     report_no_mac(&r);
     Ok(())
+}
+
+/// The second line of a NAT address in `lb stats`: its ports in use per backend and its
+/// refusals by reason.
+fn nat_addr_detail(a: &lb_userspace::protocol::NatAddrView) -> String {
+    let ports: Vec<String> = a
+        .ports_by_backend
+        .iter()
+        .map(|b| format!("{} {}", b.backend, b.ports))
+        .collect();
+    format!(
+        "  ports in use: {}; refused: {} no free port, {} table full",
+        if ports.is_empty() {
+            "none".into()
+        } else {
+            ports.join(", ")
+        },
+        a.refused_no_port,
+        a.refused_table_full
+    )
 }

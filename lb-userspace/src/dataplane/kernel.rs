@@ -492,6 +492,16 @@ impl NatSweep for Mutex<NatSweeper> {
                     connections: c.live as u64,
                     half_open: c.half_open as u64,
                     closing: c.closing as u64,
+                    ports_by_backend: c
+                        .by_backend
+                        .iter()
+                        .map(|(b, n)| crate::protocol::NatBackendPorts {
+                            backend: *b,
+                            ports: *n as u64,
+                        })
+                        .collect(),
+                    refused_no_port: c.refused_no_port,
+                    refused_table_full: c.refused_table_full,
                 })
                 .collect(),
         })

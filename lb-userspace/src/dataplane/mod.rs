@@ -483,6 +483,7 @@ impl Dataplane {
             take(&mut ebpf, lb_common::NAT_FWD_MAP)?,
             take(&mut ebpf, lb_common::NAT_REV_MAP)?,
             take(&mut ebpf, lb_common::NAT_ADDRS_MAP)?,
+            take(&mut ebpf, lb_common::NAT_REFUSED_MAP)?,
             &opts,
         )?;
         // A pinned set may have NAT source addresses on: the program running on these maps

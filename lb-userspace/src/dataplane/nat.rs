@@ -7,11 +7,12 @@ use std::{
     os::fd::{AsFd as _, OwnedFd},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP,
-    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index,
-    nat_expired, nat_forward_key, nat_phase,
+    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REFUSED_MAP, NAT_REFUSED_NO_PORT, NAT_REFUSED_TABLE_FULL,
+    NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index, nat_expired, nat_forward_key,
+    nat_phase, nat_refused_index,
 };
 
 use crate::{
@@ -32,6 +33,10 @@ pub struct NatTables {
 pub struct NatSweeper {
     fwd: HashMap<MapData, FlowKey, NatEntry>,
     rev: HashMap<MapData, FlowKey, NatEntry>,
+    /// The pool (`LB_NAT_ADDRS`) and its refusals per address (`LB_NAT_REFUSED`), for the
+    /// per-address counts.
+    addrs: Array<MapData, [u32; 4]>,
+    refused: PerCpuArray<MapData, u64>,
     times: NatTimes,
     /// `--nat-entries` and the half-open slots, for what the sweep reports.
     pub capacity: u32,
@@ -41,14 +46,44 @@ pub struct NatSweeper {
 impl NatSweeper {
     /// See [`sweep`].
     pub fn sweep(&mut self, now_s: u32) -> Result<Sweep, Error> {
-        sweep(&mut self.fwd, &mut self.rev, now_s, &self.times)
+        let mut out = sweep(&mut self.fwd, &mut self.rev, now_s, &self.times)?;
+        self.count_refused(&mut out);
+        Ok(out)
+    }
+
+    /// Adds each pool address's refusals (summed over CPUs) to `out.by_addr`.
+    fn count_refused(&self, out: &mut Sweep) {
+        for (f, fam) in [(NAT_ADDR_V4, FAMILY_V4), (NAT_ADDR_V6, FAMILY_V6)] {
+            for i in 0..NAT_POOL_MAX {
+                let at = nat_addr_index(f, i);
+                let w = match self.addrs.get(&at, 0) {
+                    Ok(w) if w != [0; 4] => w,
+                    _ => break,
+                };
+                let sum = |reason| {
+                    self.refused
+                        .get(&nat_refused_index(at, reason), 0)
+                        .map_or(0, |v| v.iter().sum::<u64>())
+                };
+                let (no_port, full) = (sum(NAT_REFUSED_NO_PORT), sum(NAT_REFUSED_TABLE_FULL));
+                if no_port + full > 0 {
+                    let per = out.by_addr.entry(words_addr(w, fam)).or_default();
+                    per.refused_no_port = no_port;
+                    per.refused_table_full = full;
+                }
+            }
+        }
     }
 }
 
-/// A second handle on hash map `m` (a duplicated fd).
-fn dup(m: &Map, name: &'static str) -> Result<HashMap<MapData, FlowKey, NatEntry>, Error> {
-    let Map::HashMap(data) = m else {
-        return Err(Error::Kernel(format!("map {name} is not a hash map")));
+/// A second handle on map `m` (a duplicated fd), as `T`.
+fn dup<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    m: &Map,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, Error> {
+    let (Map::HashMap(data) | Map::Array(data) | Map::PerCpuArray(data)) = m else {
+        return Err(Error::Kernel(format!("map {name} is not of its kind")));
     };
     let fd: OwnedFd = data
         .fd()
@@ -56,20 +91,24 @@ fn dup(m: &Map, name: &'static str) -> Result<HashMap<MapData, FlowKey, NatEntry
         .try_clone_to_owned()
         .map_err(Error::io("duplicating a NAT map's fd"))?;
     let data = MapData::from_fd(fd).map_err(err(name))?;
-    HashMap::try_from(Map::HashMap(data)).map_err(err(name))
+    T::try_from(wrap(data)).map_err(err(name))
 }
 
-/// The NAT maps taken from the loaded object: the tables and the sweeper's own handles.
+/// The NAT maps taken from the loaded object: the tables and the sweeper's own handles
+/// (`refused` is the sweeper's alone).
 pub fn from_maps(
     fwd: Map,
     rev: Map,
     addrs: Map,
+    refused: Map,
     opts: &super::LoadOptions,
 ) -> Result<(NatTables, NatSweeper), Error> {
     let times = opts.config().nat_times();
     let sweeper = NatSweeper {
-        fwd: dup(&fwd, NAT_FWD_MAP)?,
-        rev: dup(&rev, NAT_REV_MAP)?,
+        fwd: dup(&fwd, NAT_FWD_MAP, Map::HashMap)?,
+        rev: dup(&rev, NAT_REV_MAP, Map::HashMap)?,
+        addrs: dup(&addrs, NAT_ADDRS_MAP, Map::Array)?,
+        refused: PerCpuArray::try_from(refused).map_err(err(NAT_REFUSED_MAP))?,
         times,
         capacity: opts.nat_entries,
         half_slots: opts.nat_half_slots(),
@@ -104,11 +143,17 @@ pub struct Sweep {
 }
 
 /// One NAT address's share of a [`Sweep`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolCount {
     pub live: usize,
     pub half_open: usize,
     pub closing: usize,
+    /// Ports in use toward each backend (address and port): its live connections.
+    pub by_backend: BTreeMap<std::net::SocketAddr, usize>,
+    /// New connections refused on this address since the program was loaded: no free port
+    /// toward the backend, the tables full (`LB_NAT_REFUSED`, read by the sweeper).
+    pub refused_no_port: u64,
+    pub refused_table_full: u64,
 }
 
 impl NatTables {
@@ -196,6 +241,9 @@ fn sweep(
                 .entry(words_addr(key.dst, key.family))
                 .or_default();
             per.live += 1;
+            let backend =
+                std::net::SocketAddr::new(words_addr(key.src, key.family), u16::from_be(key.sport));
+            *per.by_backend.entry(backend).or_default() += 1;
             let flags = rev.flags | fwd.map_or(0, |f| f.flags);
             match nat_phase(key.proto, flags, rev.idle_s, times).0 {
                 NatPhase::HalfOpen => {

@@ -367,6 +367,23 @@ fn server_closes(target: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// The agent's metrics listener in the rate run (inside the load balancer's namespace).
+const RATE_METRICS: &str = "127.0.0.1:9100";
+
+/// `GET /metrics` from the load balancer's namespace: the body.
+fn metrics_text(net: &Routed) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    net.lb.run(|| -> anyhow::Result<String> {
+        let to: SocketAddr = RATE_METRICS.parse()?;
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })?
+}
+
 fn client_syn_retrans(net: &Routed) -> anyhow::Result<u64> {
     let out = net
         .client
@@ -398,7 +415,14 @@ fn new_connections_at_full_rate_use_the_whole_pool() -> anyhow::Result<()> {
         net.lb
             .ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
     }
-    let mut args = vec!["--nat-ports", RATE_PORTS, "--nat-entries", "16384"];
+    let mut args = vec![
+        "--nat-ports",
+        RATE_PORTS,
+        "--nat-entries",
+        "16384",
+        "--metrics",
+        RATE_METRICS,
+    ];
     for a in POOL {
         args.extend(["--nat-source", a]);
     }
@@ -514,7 +538,45 @@ fn new_connections_at_full_rate_use_the_whole_pool() -> anyhow::Result<()> {
                 a.address,
                 a.connections
             );
+            // Its ports in use per backend: all three, within each one's 1,500, adding up to
+            // its connections; nothing refused on it.
+            let ports: Vec<u64> = a.ports_by_backend.iter().map(|b| b.ports).collect();
+            assert_eq!(ports.len(), 3, "{}: {:?}", a.address, a.ports_by_backend);
+            assert!(ports.iter().all(|p| (1..=1500).contains(p)), "{ports:?}");
+            assert_eq!(ports.iter().sum::<u64>(), a.connections, "{}", a.address);
+            assert_eq!((a.refused_no_port, a.refused_table_full), (0, 0));
         }
+        let text = net.lb(&["stats"])?;
+        assert!(
+            text.contains("ports in use: 10.41.0.2:9000 ") && text.contains("0 no free port"),
+            "{text}"
+        );
+        // /metrics has the same per address: the sweep's figure, and the refusal counters.
+        let metrics = metrics_text(&net)?;
+        let a = &view.agent.nat_pool[0];
+        let b = &a.ports_by_backend[0];
+        // (A sweep may have run since `view`: the ports are compared within a margin.)
+        let ports = format!(
+            "lb_nat_address_backend_ports{{address=\"{}\",backend=\"{}\"}} ",
+            a.address, b.backend
+        );
+        let seen: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&ports)?.parse().ok())
+            .unwrap_or_else(|| panic!("{ports} not in /metrics"));
+        assert!(
+            seen.abs_diff(b.ports) * 10 <= b.ports,
+            "{seen} vs {}",
+            b.ports
+        );
+        let refused = format!(
+            "lb_nat_address_refused_total{{address=\"{}\",reason=\"no_port\"}} 0",
+            a.address
+        );
+        assert!(
+            metrics.lines().any(|l| l == refused),
+            "{refused} not in /metrics"
+        );
         Ok(())
     })();
     stop.store(true, Ordering::Relaxed);

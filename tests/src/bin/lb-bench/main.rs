@@ -16,6 +16,7 @@ mod fleet;
 mod guard;
 mod insns;
 mod nat;
+mod nat_rate;
 mod newflow;
 mod packet;
 mod second_chance;
@@ -320,8 +321,10 @@ fn main() -> anyhow::Result<()> {
         Ok("fleet") => return fleet_rows(),
         Ok("nat") => {
             print_rows(&nat_rows()?);
-            return Ok(());
+            println!();
+            return nat_rate::nat_rate_rows();
         }
+        Ok("nat_rate") => return nat_rate::nat_rate_rows(),
         Ok("guard") => return guard::guard_rows(),
         _ => {}
     }
@@ -334,6 +337,8 @@ fn main() -> anyhow::Result<()> {
     rows.extend(second_chance_rows()?);
     rows.extend(nat_rows()?);
     print_rows(&rows);
+    println!();
+    nat_rate::nat_rate_rows()?;
     println!();
     guard::guard_rows()?;
     println!();
