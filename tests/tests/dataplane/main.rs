@@ -35,5 +35,6 @@ mod hostile;
 mod jumbo;
 mod nat;
 mod nat_close;
+mod nat_rate;
 mod second_chance;
 mod upgrade;
