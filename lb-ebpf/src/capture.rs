@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_NONE, CAPTURE_RECORD,
-    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat,
+    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, FlowKey, NatEntry, Stat,
 };
 use lb_ebpf::capture_core::{admit, copy_frame, output};
 
-use crate::Verdict;
+use crate::{Verdict, maps::find_vip_id, parse::Parsed};
 
 /// See `lb_common::CAPTURE_CONFIG_MAP`.
 #[map(name = "LB_CAPTURE")]
@@ -94,6 +94,35 @@ pub fn note(vip: u32, backend: u32) {
     if let Some(cpu) = this_cpu() {
         cpu.rec.hdr.vip = vip;
         cpu.rec.hdr.backend = backend;
+    }
+}
+
+/// NAT, a client's packet: the backend the NAT table sends it to (the full path noted the
+/// VIP; the slot's backend may not be the connection's). Only while a capture runs.
+#[inline(always)]
+pub fn nat_backend(backend: u32) {
+    if running() {
+        core::hint::cold_path();
+        if let Some(cpu) = this_cpu() {
+            cpu.rec.hdr.backend = backend;
+        }
+    }
+}
+
+/// NAT, a backend's answer: its backend, and its VIP found from the reverse entry (the
+/// answer leaves from the VIP's address and port, `e.src`/`e.sport`), so the record names
+/// the flow as `lb trace` does. The lookup runs only while a capture runs.
+#[inline(always)]
+pub fn nat_answer(pkt: &Parsed, e: &NatEntry) {
+    if running() {
+        core::hint::cold_path();
+        let key = FlowKey {
+            dst: e.src,
+            dport: e.sport,
+            ..pkt.key
+        };
+        let vip = find_vip_id(&key).unwrap_or(CAPTURE_NONE);
+        note(vip, e.backend_id);
     }
 }
 
