@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_NONE, CAPTURE_RECORD,
-    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, FlowKey, NatEntry, Stat,
+    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, CaptureRate, FlowKey, NatEntry, Stat,
 };
 use lb_ebpf::capture_core::{admit, copy_frame, output};
 
@@ -32,6 +32,10 @@ static LB_CAPTURE: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// See `lb_common::CAPTURE_CPU_MAP`.
 #[map(name = "LB_CAPTURE_CPU")]
 static LB_CAPTURE_CPU: PerCpuArray<CaptureCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// See `lb_common::CAPTURE_RATE_MAP`.
+#[map(name = "LB_CAPTURE_RATE")]
+static LB_CAPTURE_RATE: Array<CaptureRate> = Array::with_max_entries(1, 0);
 
 /// See `lb_common::CAPTURE_RING_MAP`.
 #[map(name = "LB_CAPTURE_RING")]
@@ -170,8 +174,11 @@ pub fn record(ctx: &XdpContext) -> u32 {
     if cfg.on == 0 || now > cfg.until_ns {
         return action;
     }
+    let Some(rate) = LB_CAPTURE_RATE.get_ptr_mut(0) else {
+        return action;
+    };
     let stat = cpu.stat;
-    if !admit(cfg, cpu, stat, action, now) {
+    if !admit(cfg, rate, cpu, stat, action, now) {
         return action;
     }
     let h = &mut cpu.rec.hdr;
