@@ -2,7 +2,7 @@
 //! streams to a client that writes pcapng.
 //!
 //! Off, the program pays one load of [`CAPTURE_ON_GLOBAL`] and one branch in `lb_xdp` (and
-//! the same at the exit of `lb_nat`). On, `lb_xdp` copies the frame's first bytes as they
+//! the same at the exit of `lb_nat`, and where it finds a connection's backend). On, `lb_xdp` copies the frame's first bytes as they
 //! arrived to this CPU's [`CaptureCpu`] and sends the frame by the full path's captured copy
 //! (`lb_full_capture`); where the verdict is made, the program tail-calls `lb_capture`
 //! ([`CAPTURE_PROGS_MAP`]), which applies the filters, the sampling and the rate limit (one
