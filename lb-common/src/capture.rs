@@ -2,18 +2,20 @@
 //! streams to a client that writes pcapng.
 //!
 //! Off, the program pays one load of [`CAPTURE_ON_GLOBAL`] and one branch in `lb_xdp` (and
-//! the same at the exit of `lb_nat`). On, `lb_xdp` copies the frame's first bytes as they
+//! the same at the exit of `lb_nat`, and where it finds a connection's backend). On, `lb_xdp` copies the frame's first bytes as they
 //! arrived to this CPU's [`CaptureCpu`] and sends the frame by the full path's captured copy
 //! (`lb_full_capture`); where the verdict is made, the program tail-calls `lb_capture`
-//! ([`CAPTURE_PROGS_MAP`]), which applies the filters, the sampling and the per-CPU rate
-//! limit, and outputs the record(s) to [`CAPTURE_RING_MAP`]. The maps are new and unpinned:
-//! a capture belongs to the program that runs it, and a restarted agent starts with capture
-//! off.
+//! ([`CAPTURE_PROGS_MAP`]), which applies the filters, the sampling and the rate limit (one
+//! for every CPU, [`CAPTURE_RATE_MAP`]), and outputs the record(s) to [`CAPTURE_RING_MAP`].
+//! The maps are new and unpinned: a capture belongs to the program that runs it, and a
+//! restarted agent starts with capture off.
 
 /// The capture's settings: array of one [`CaptureConfig`]; `on == 0`: off.
 pub const CAPTURE_CONFIG_MAP: &str = "LB_CAPTURE";
 /// Per-CPU work space and counters: per-CPU array of one [`CaptureCpu`].
 pub const CAPTURE_CPU_MAP: &str = "LB_CAPTURE_CPU";
+/// The rate limit every CPU shares: array of one [`CaptureRate`].
+pub const CAPTURE_RATE_MAP: &str = "LB_CAPTURE_RATE";
 /// The records: a ring buffer of [`CaptureRecord`]s.
 pub const CAPTURE_RING_MAP: &str = "LB_CAPTURE_RING";
 /// Size of [`CAPTURE_RING_MAP`] in bytes (a power of two of pages).
@@ -74,10 +76,11 @@ pub struct CaptureConfig {
     pub vip: u32,
     /// Backend id + 1; 0: every backend (and packets sent to none).
     pub backend: u32,
-    /// Per CPU: nanoseconds between two records reaching the ring (0: no limit).
-    pub interval_ns: u64,
-    /// Per CPU: how far ahead of time the limit lets records go (a burst).
-    pub burst_ns: u64,
+    /// The rate limit's window in nanoseconds (0: no limit): at most `per_window` records
+    /// reach the ring in each, from all CPUs together ([`rate_step`]).
+    pub window_ns: u64,
+    /// Records a window lets through.
+    pub per_window: u64,
     /// `bpf_ktime_get_ns` after which nothing is recorded: the agent renews it while its
     /// client listens, so a capture whose agent died stops by itself.
     pub until_ns: u64,
@@ -126,8 +129,8 @@ pub struct CaptureCpu {
     pub emitted: u64,
     /// Matching packets not recorded: over the rate limit, or the ring was full.
     pub missed: u64,
-    /// The rate limit's theoretical arrival time (ns).
-    pub tat: u64,
+    /// Unused (the rate limit is shared: [`CaptureRate`]); kept for the layout.
+    pub _unused: u64,
     /// Matching packets `--sample` left out.
     pub sampled_out: u64,
     /// Non-zero from the arrival copy until the verdict's record is made.
@@ -139,6 +142,48 @@ pub struct CaptureCpu {
     pub rec: CaptureRecord,
 }
 const _: () = assert!(core::mem::size_of::<CaptureCpu>() == 344);
+
+/// The rate limit's state, one for all CPUs: the window (`now / window_ns`) being counted
+/// and the records it let through so far. CPUs update it without a lock ([`rate_step`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureRate {
+    pub window: u64,
+    pub taken: u64,
+}
+const _: () = assert!(core::mem::size_of::<CaptureRate>() == 16);
+
+/// What a CPU does with the shared [`CaptureRate`] for a matching packet at `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateStep {
+    /// No limit: record it.
+    Unlimited,
+    /// A newer window: start it (`window`, `taken` 1) and record the packet.
+    Start(u64),
+    /// Room in the window: count it (`taken` + 1) and record the packet.
+    Take,
+    /// The window is full: missed.
+    Full,
+}
+
+/// The rate limit: fixed windows of `window_ns`, `per_window` records in each, counted for
+/// every CPU together so the ring never gets more than the rate asked however many CPUs the
+/// traffic lands on. The window only moves forward: a CPU whose clock read is a little
+/// behind counts against the newer window.
+#[inline(always)]
+pub const fn rate_step(rate: &CaptureRate, now: u64, window_ns: u64, per_window: u64) -> RateStep {
+    if window_ns == 0 {
+        return RateStep::Unlimited;
+    }
+    let w = now / window_ns;
+    if w > rate.window {
+        RateStep::Start(w)
+    } else if rate.taken < per_window {
+        RateStep::Take
+    } else {
+        RateStep::Full
+    }
+}
 
 impl CaptureConfig {
     /// Whether a packet of this verdict, VIP and backend passes the filters (not counting
@@ -169,48 +214,48 @@ pub const fn verdict_bit(action: u32) -> u32 {
     }
 }
 
-/// The rate limit (GCRA): whether a record may go at `now` given the CPU's theoretical
-/// arrival time `tat`, and the new one.
-#[inline(always)]
-pub const fn rate_allows(tat: u64, now: u64, interval_ns: u64, burst_ns: u64) -> Option<u64> {
-    if interval_ns == 0 {
-        return Some(tat);
-    }
-    let t = if tat > now { tat } else { now };
-    if t - now > burst_ns {
-        None
-    } else {
-        Some(t + interval_ns)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Applies a step as the kernel does.
+    fn step(rate: &mut CaptureRate, now: u64, window_ns: u64, per_window: u64) -> bool {
+        match rate_step(rate, now, window_ns, per_window) {
+            RateStep::Unlimited => true,
+            RateStep::Start(w) => {
+                *rate = CaptureRate {
+                    window: w,
+                    taken: 1,
+                };
+                true
+            }
+            RateStep::Take => {
+                rate.taken += 1;
+                true
+            }
+            RateStep::Full => false,
+        }
+    }
+
     #[test]
-    fn the_rate_limit_lets_a_burst_then_one_per_interval() {
-        let (interval, burst) = (1_000, 4_000);
-        let mut tat = 0;
-        let mut sent = 0;
-        // 100 packets at the same instant: the burst (burst / interval + 1) goes.
-        for _ in 0..100 {
-            if let Some(t) = rate_allows(tat, 10_000, interval, burst) {
-                tat = t;
-                sent += 1;
-            }
-        }
+    fn the_rate_limit_lets_a_window_s_share_through_from_all_cpus() {
+        let (window, per) = (1_000, 5);
+        let mut rate = CaptureRate::default();
+        // 100 packets at the same instant, from any CPU: one window's share goes.
+        let sent = (0..100)
+            .filter(|_| step(&mut rate, 10_000, window, per))
+            .count();
         assert_eq!(sent, 5);
-        // One per interval after that: the burst is spent until 11,000 ns, then one at
-        // each of 11,000 ... 19,000.
-        let mut later = 0;
-        for now in (10_000..20_000).step_by(100) {
-            if let Some(t) = rate_allows(tat, now, interval, burst) {
-                tat = t;
-                later += 1;
-            }
-        }
-        assert_eq!(later, 9);
+        // A clock read from before the window started counts against it: nothing more.
+        assert!(!step(&mut rate, 9_990, window, per));
+        // Over ten more windows, a packet every 10 ns: exactly five a window.
+        let later = (11_000..21_000)
+            .step_by(10)
+            .filter(|&now| step(&mut rate, now, window, per))
+            .count();
+        assert_eq!(later, 50);
+        // No limit.
+        assert!((0..100).all(|_| step(&mut rate, 0, 0, 0)));
     }
 
     #[test]

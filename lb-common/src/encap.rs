@@ -293,6 +293,8 @@ counter_enum! {
 pub const DECAP_CAPTURE_CONFIG_MAP: &str = "DECAP_CAP";
 /// Per-CPU work space and counters: per-CPU array of one `CaptureCpu`.
 pub const DECAP_CAPTURE_CPU_MAP: &str = "DECAP_CAP_CPU";
+/// The rate limit every CPU shares: array of one `CaptureRate`.
+pub const DECAP_CAPTURE_RATE_MAP: &str = "DECAP_CAP_RATE";
 /// The records: a ring buffer of `CaptureRecord`s.
 pub const DECAP_CAPTURE_RING_MAP: &str = "DECAP_CAP_RING";
 /// The flag the decap program reads on every packet, alone in the object's `.bss`.

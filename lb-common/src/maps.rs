@@ -226,6 +226,12 @@ pub const LB_MAPS: &[MapSpec] = &[
         Capacity::Fixed(1),
         0,
     )),
+    unpinned(spec::<u32, crate::CaptureRate>(
+        crate::CAPTURE_RATE_MAP,
+        Array,
+        Capacity::Fixed(1),
+        0,
+    )),
     unpinned(spec::<(), ()>(
         crate::CAPTURE_RING_MAP,
         MapKind::RingBuf,

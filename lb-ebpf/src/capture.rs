@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_FULL, CAPTURE_LEFT, CAPTURE_NONE, CAPTURE_RECORD,
-    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, Stat,
+    CAPTURE_RING_BYTES, CaptureConfig, CaptureCpu, CaptureRate, FlowKey, NatEntry, Stat,
 };
 use lb_ebpf::capture_core::{admit, copy_frame, output};
 
-use crate::Verdict;
+use crate::{Verdict, maps::find_vip_id, parse::Parsed};
 
 /// See `lb_common::CAPTURE_CONFIG_MAP`.
 #[map(name = "LB_CAPTURE")]
@@ -32,6 +32,10 @@ static LB_CAPTURE: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// See `lb_common::CAPTURE_CPU_MAP`.
 #[map(name = "LB_CAPTURE_CPU")]
 static LB_CAPTURE_CPU: PerCpuArray<CaptureCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// See `lb_common::CAPTURE_RATE_MAP`.
+#[map(name = "LB_CAPTURE_RATE")]
+static LB_CAPTURE_RATE: Array<CaptureRate> = Array::with_max_entries(1, 0);
 
 /// See `lb_common::CAPTURE_RING_MAP`.
 #[map(name = "LB_CAPTURE_RING")]
@@ -97,6 +101,35 @@ pub fn note(vip: u32, backend: u32) {
     }
 }
 
+/// NAT, a client's packet: the backend the NAT table sends it to (the full path noted the
+/// VIP; the slot's backend may not be the connection's). Only while a capture runs.
+#[inline(always)]
+pub fn nat_backend(backend: u32) {
+    if running() {
+        core::hint::cold_path();
+        if let Some(cpu) = this_cpu() {
+            cpu.rec.hdr.backend = backend;
+        }
+    }
+}
+
+/// NAT, a backend's answer: its backend, and its VIP found from the reverse entry (the
+/// answer leaves from the VIP's address and port, `e.src`/`e.sport`), so the record names
+/// the flow as `lb trace` does. The lookup runs only while a capture runs.
+#[inline(always)]
+pub fn nat_answer(pkt: &Parsed, e: &NatEntry) {
+    if running() {
+        core::hint::cold_path();
+        let key = FlowKey {
+            dst: e.src,
+            dport: e.sport,
+            ..pkt.key
+        };
+        let vip = find_vip_id(&key).unwrap_or(CAPTURE_NONE);
+        note(vip, e.backend_id);
+    }
+}
+
 /// The verdict is made and counted: hands it to `lb_capture` (which returns its action).
 /// Returns when the tail call failed. `lb_nat`, which runs captured or not, asks
 /// [`running`] first; `lb_full_capture` always records.
@@ -141,8 +174,11 @@ pub fn record(ctx: &XdpContext) -> u32 {
     if cfg.on == 0 || now > cfg.until_ns {
         return action;
     }
+    let Some(rate) = LB_CAPTURE_RATE.get_ptr_mut(0) else {
+        return action;
+    };
     let stat = cpu.stat;
-    if !admit(cfg, cpu, stat, action, now) {
+    if !admit(cfg, rate, cpu, stat, action, now) {
         return action;
     }
     let h = &mut cpu.rec.hdr;

@@ -2,13 +2,17 @@
 //! --capture` on the backends): the copy of a frame's first bytes into a record, the
 //! capture's filters, sampling and rate limit, and the ring's output. Code only: each object
 //! declares its own capture maps and hands them in.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::xdp_md,
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     maps::RingBuf,
 };
-use lb_common::{CAPTURE_MAX_SNAP, CaptureConfig, CaptureCpu, CaptureRecord, rate_allows};
+use lb_common::{
+    CAPTURE_MAX_SNAP, CaptureConfig, CaptureCpu, CaptureRate, CaptureRecord, RateStep, rate_step,
+};
 
 /// Copies the first `snaplen` bytes of the frame into `cpu`'s record; returns the frame's
 /// whole length and how many bytes were copied.
@@ -29,10 +33,17 @@ pub fn copy_frame(ctx: *mut xdp_md, cpu: &mut CaptureCpu, snaplen: u32) -> (u32,
 }
 
 /// Whether the capture takes a packet of this verdict (`stat`, `action`) whose record's VIP
-/// and backend are set: the filters, then the sampling, then the per-CPU rate limit (a packet
-/// sampled out and one over the rate are counted apart).
+/// and backend are set: the filters, then the sampling, then the rate limit every CPU shares,
+/// `rate` (a packet sampled out and one over the rate are counted apart).
 #[inline(always)]
-pub fn admit(cfg: &CaptureConfig, cpu: &mut CaptureCpu, stat: u32, action: u32, now: u64) -> bool {
+pub fn admit(
+    cfg: &CaptureConfig,
+    rate: *mut CaptureRate,
+    cpu: &mut CaptureCpu,
+    stat: u32,
+    action: u32,
+    now: u64,
+) -> bool {
     if !cfg.matches(stat, action, cpu.rec.hdr.vip, cpu.rec.hdr.backend) {
         return false;
     }
@@ -41,14 +52,42 @@ pub fn admit(cfg: &CaptureConfig, cpu: &mut CaptureCpu, stat: u32, action: u32, 
         cpu.sampled_out += 1;
         return false;
     }
-    match rate_allows(cpu.tat, now, cfg.interval_ns, cfg.burst_ns) {
-        Some(tat) => {
-            cpu.tat = tat;
-            true
-        }
-        None => {
-            cpu.missed += 1;
-            false
+    if take(rate, now, cfg.window_ns, cfg.per_window) {
+        true
+    } else {
+        cpu.missed += 1;
+        false
+    }
+}
+
+/// One record of the shared rate limit (`lb_common::rate_step`), without a lock: the count
+/// grows by an atomic add (the one read-modify-write this BPF CPU version has; a
+/// compare-and-swap needs v3). Two CPUs that both see the last free place, or both start
+/// the same window, each let a record through: at most two more per other CPU and window,
+/// as docs/capture.md states.
+#[inline(always)]
+fn take(rate: *mut CaptureRate, now: u64, window_ns: u64, per_window: u64) -> bool {
+    // SAFETY: the map's one value, valid while the program runs; other CPUs write it too,
+    // so every access is volatile (read fresh) and the count's increment atomic.
+    unsafe {
+        let seen = CaptureRate {
+            window: core::ptr::read_volatile(&raw const (*rate).window),
+            taken: core::ptr::read_volatile(&raw const (*rate).taken),
+        };
+        match rate_step(&seen, now, window_ns, per_window) {
+            RateStep::Unlimited => true,
+            RateStep::Start(w) => {
+                core::ptr::write_volatile(&raw mut (*rate).window, w);
+                core::ptr::write_volatile(&raw mut (*rate).taken, 1);
+                true
+            }
+            RateStep::Take => {
+                // The result unused: a plain atomic add (XADD). The intrinsic, as `core`'s
+                // atomic types offer no read-modify-write on this target.
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*rate).taken, 1);
+                true
+            }
+            RateStep::Full => false,
         }
     }
 }

@@ -13,6 +13,10 @@
 //! The library is also `lb-userspace`'s build-dependency, so cargo rebuilds the objects when
 //! this crate changes; built for the host there, it is empty.
 #![no_std]
+// The capture's shared rate limit adds to a count every CPU writes: `core`'s atomic types have
+// no read-modify-write on the BPF target, the intrinsic compiles to the one it has (XADD).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Public now that the functions are the library's: the raw pointers they take are a
 // program's context (`XdpContext::ctx`, `TcContext::skb`), handed on to helpers, which the
 // verifier checks; nothing here dereferences them.

@@ -30,7 +30,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    Verdict,
+    Verdict, capture,
     encap::next_hop,
     fib::{self, Fib, NextHop, Outer},
     maps,
@@ -190,6 +190,7 @@ fn reply(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict> {
         .ok_or(Verdict::pass(Stat::PassNatUnknown))?;
     // SAFETY: the map's value, valid while the program runs; a racing CPU writes the same.
     let e = unsafe { &mut *e };
+    capture::nat_answer(pkt, e);
     // An ICMP error about a translated flow (port unreachable, fragmentation needed, packet
     // too big) goes to its client, translated; it does not refresh the connection.
     if !pkt.icmp_error {
@@ -262,6 +263,7 @@ fn forward(ctx: &XdpContext, pkt: &Parsed, len: u64) -> Result<Verdict, Verdict>
         }
     };
     stats::count_backend(to.backend_id, len);
+    capture::nat_backend(to.backend_id);
     let picked = b.map(|b| Picked {
         id: to.backend_id,
         vip_id: 0,

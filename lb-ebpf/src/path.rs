@@ -129,21 +129,26 @@ pub fn deliver<const NOTE: bool>(
     len: u64,
 ) -> Result<Verdict, Verdict> {
     stats::count_vip(picked.vip_id, len, picked.new_flow);
-    if NOTE {
-        // NAT's backend is the NAT table's, not the slot's: named by the record's frames.
-        let nat = picked.backend.encap == ENCAP_NAT;
-        capture::note(picked.vip_id, if nat { CAPTURE_NONE } else { picked.id });
-    }
     if picked.backend.encap == ENCAP_NAT {
+        if NOTE {
+            // NAT's backend is the NAT table's, not the slot's: `lb_nat` notes it.
+            capture::note(picked.vip_id, CAPTURE_NONE);
+        }
         // The NAT table decides the backend (and counts it).
         nat::enter(ctx);
         return Err(Verdict::discard(Stat::DropTxError));
     }
     stats::count_backend(picked.id, len);
-    if picked.backend.encap == ENCAP_L2 {
+    let sent = if picked.backend.encap == ENCAP_L2 {
         forward::l2_dsr(ctx, picked.backend)
     } else {
         let hops = encap::second_chance_hops(picked);
         encap::encapsulate(ctx, cfg, pkt, picked.id, picked.backend, hops)
+    };
+    // Noted once the frame is sent, not before: the map lookup's branch then comes after
+    // the delivery's, which the verifier would otherwise walk once per side of it.
+    if NOTE {
+        capture::note(picked.vip_id, picked.id);
     }
+    sent
 }

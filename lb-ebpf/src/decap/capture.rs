@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     CAPTURE_ARRIVED, CAPTURE_F_BOTH, CAPTURE_LEFT, CAPTURE_NONE, CAPTURE_RING_BYTES, CaptureConfig,
-    CaptureCpu,
+    CaptureCpu, CaptureRate,
 };
 use lb_ebpf::capture_core::{admit, copy_frame, output};
 
@@ -26,6 +26,10 @@ static DECAP_CAP: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// See `lb_common::DECAP_CAPTURE_CPU_MAP`.
 #[map(name = "DECAP_CAP_CPU")]
 static DECAP_CAP_CPU: PerCpuArray<CaptureCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// See `lb_common::DECAP_CAPTURE_RATE_MAP`.
+#[map(name = "DECAP_CAP_RATE")]
+static DECAP_CAP_RATE: Array<CaptureRate> = Array::with_max_entries(1, 0);
 
 /// See `lb_common::DECAP_CAPTURE_RING_MAP`.
 #[map(name = "DECAP_CAP_RING")]
@@ -75,10 +79,12 @@ pub fn record(ctx: *mut xdp_md, stat: u32, action: u32, changed: bool) {
         return;
     }
     cpu.pending = 0;
-    let Some(cfg) = DECAP_CAP.get(0) else { return };
+    let (Some(cfg), Some(rate)) = (DECAP_CAP.get(0), DECAP_CAP_RATE.get_ptr_mut(0)) else {
+        return;
+    };
     // SAFETY: helpers without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if cfg.on == 0 || now > cfg.until_ns || !admit(cfg, cpu, stat, action, now) {
+    if cfg.on == 0 || now > cfg.until_ns || !admit(cfg, rate, cpu, stat, action, now) {
         return;
     }
     let h = &mut cpu.rec.hdr;

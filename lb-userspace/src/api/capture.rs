@@ -24,7 +24,7 @@ use crate::{
     Error,
     agent::Agent,
     capture::{
-        self, BURST, Capturer, Limits,
+        self, Capturer, Limits,
         wire::{CaptureRequest, CaptureStatus, KIND_START, Start, message},
     },
     model::{BackendAddr, VipAddr},
@@ -111,10 +111,9 @@ fn resolve(
             }
         }
     };
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u64;
-    // Each CPU its share of the rate, and a burst of a tenth of a second's share (a raw
-    // burst of frames arrives faster than any steady rate).
-    let interval_ns = 1_000_000_000 * cpus / u64::from(max_rate);
+    // One limit for every CPU together: the ring gets at most the rate asked, whichever
+    // CPUs the traffic lands on.
+    let (window_ns, per_window) = capture::rate_window(max_rate);
     let cfg = CaptureConfig {
         on: 0,
         flags: if req.both { CAPTURE_F_BOTH } else { 0 },
@@ -124,8 +123,8 @@ fn resolve(
         reason,
         vip: vip.map_or(0, |(_, id)| id + 1),
         backend,
-        interval_ns,
-        burst_ns: BURST.as_nanos() as u64,
+        window_ns,
+        per_window,
         until_ns: 0,
     };
     let start = Start {

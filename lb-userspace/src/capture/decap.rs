@@ -20,7 +20,7 @@ use lb_common::{
     DECAP_CAPTURE_CPU_MAP, DECAP_CAPTURE_RING_MAP, DecapStat,
 };
 
-use super::{BURST, Capturer, Limits, Session, mono_to_unix_ns, wire::Start};
+use super::{Capturer, Limits, Session, mono_to_unix_ns, wire::Start};
 use crate::Error;
 
 /// What to capture: the options of `lb capture` that apply to the decap program.
@@ -67,7 +67,7 @@ pub fn config(req: &DecapCaptureRequest) -> Result<(CaptureConfig, Start, Limits
     let verdicts = super::checked_verdicts(req.verdict.as_deref())?;
     let names: Vec<&str> = DecapStat::ALL.iter().map(|s| s.name()).collect();
     let reason = super::checked_reason(req.reason.as_deref(), &names)?;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u64;
+    let (window_ns, per_window) = super::rate_window(max_rate);
     let cfg = CaptureConfig {
         on: 0,
         flags: if req.both { CAPTURE_F_BOTH } else { 0 },
@@ -77,9 +77,9 @@ pub fn config(req: &DecapCaptureRequest) -> Result<(CaptureConfig, Start, Limits
         reason,
         vip: 0,
         backend: 0,
-        // Each CPU its share of the rate, as the agent's capture.
-        interval_ns: 1_000_000_000 * cpus / u64::from(max_rate),
-        burst_ns: BURST.as_nanos() as u64,
+        // One limit for every CPU together, as the agent's capture.
+        window_ns,
+        per_window,
         until_ns: 0,
     };
     let start = Start {

@@ -23,8 +23,18 @@ use wire::{End, KIND_END, KIND_PROGRESS, KIND_RECORD, Progress, message};
 pub const DEFAULT_MAX_RATE: u32 = 10_000;
 /// The most packets per second a capture may ask for.
 pub const MAX_RATE: u32 = 1_000_000;
-/// How far ahead of the rate a CPU may record: up to a tenth of its second's share at once.
-pub const BURST: Duration = Duration::from_millis(100);
+/// The rate limit's window: a capture's records may come a tenth of a second's worth at once.
+pub const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// The kernel's rate limit for `max_rate` packets a second (`lb_common::rate_step`): the
+/// window in nanoseconds and the records each lets through, for all CPUs together. A rate
+/// under ten a second gets a longer window, so each window lets at least one through.
+pub fn rate_window(max_rate: u32) -> (u64, u64) {
+    const SECOND: u64 = 1_000_000_000;
+    let rate = u64::from(max_rate.max(1));
+    let window = (RATE_WINDOW.as_nanos() as u64).max(SECOND.div_ceil(rate));
+    (window, (rate * window / SECOND).max(1))
+}
 
 /// A request's `--max-rate` checked (0: the default); the agent's and `lb decap`'s alike.
 pub fn checked_max_rate(r: u32) -> Result<u32, Error> {
@@ -348,4 +358,19 @@ fn record_of(item: &[u8]) -> Option<(CaptureHeader, &[u8])> {
     unsafe { std::ptr::copy_nonoverlapping(item.as_ptr(), (&raw mut h).cast::<u8>(), h_len) };
     let data = item.get(h_len..h_len + h.cap_len as usize)?;
     Some((h, data))
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::rate_window;
+
+    #[test]
+    fn the_rate_window_lets_the_rate_through_and_at_least_one() {
+        // A tenth of a second's share in each window of a tenth of a second.
+        assert_eq!(rate_window(1000), (100_000_000, 100));
+        assert_eq!(rate_window(1_000_000), (100_000_000, 100_000));
+        // Under ten a second: a window of one packet's interval.
+        assert_eq!(rate_window(4), (250_000_000, 1));
+        assert_eq!(rate_window(1), (1_000_000_000, 1));
+    }
 }

@@ -42,8 +42,8 @@ fn api_time(net: &DemoNet) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// A capture of everything under a flood with `--max-rate 1000`: at most the rate (and its
-/// burst) reaches the client, the rest is counted and printed as missed, the API answers as
+/// A capture of everything under a flood with `--max-rate 1000`: at most the rate reaches
+/// the client (one limit for all CPUs, with its stated margin) and most of it is used, the rest is counted and printed as missed, the API answers as
 /// it does without the flood, and the forwarding rate stays within half of the rate
 /// without a capture.
 #[test]
@@ -101,14 +101,21 @@ fn a_flood_reaches_the_capture_at_most_at_its_rate() -> anyhow::Result<()> {
         .and_then(|s| s.rsplit(' ').next())
         .context("the missed count")?
         .parse()?;
-    // The rate over the capture's whole life, plus the burst (a tenth of a second's).
+    // At most the rate over the capture's whole life (`took` is longer than the kernel side
+    // ran: it spans the start and the end), in windows of a tenth of a second: the window
+    // the capture starts in may give its whole share at once (100), and CPUs racing for a
+    // window's last place or its start may each take one more (two per other CPU and
+    // window, as docs/capture.md states).
+    let windows = (took * 10.0).ceil();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
     assert!(
-        packets <= 1000.0 * took + 100.0,
+        packets <= 1000.0 * took + 100.0 + windows * (cpus - 1.0).max(1.0) * 2.0,
         "{packets} packets in {took:.1} s at --max-rate 1000"
     );
-    // Each CPU gets an equal share of the rate, and the flood's frames run on the sender's
-    // CPU: at least one share for most of the flood.
-    assert!(packets >= 500.0, "the rate went unused: {packets}");
+    // One limit for every CPU: the flood's 2 s allow 2,000 however its frames spread over
+    // the CPUs. A share per CPU (rate / CPUs each, the limit before) gave this flood 1,120
+    // on two CPUs; 1,200 leaves room for a sender the loaded host stalls.
+    assert!(packets >= 1200.0, "the rate went unused: {packets}");
     assert!(
         missed > 10_000,
         "the flood's rest is counted as missed: {missed}"

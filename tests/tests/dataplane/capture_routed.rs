@@ -139,6 +139,24 @@ fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
         by_cpu.entry(cpu).or_default().push(r);
     }
     let mut seen = BTreeSet::new();
+    // What `lb trace` names for the client's flow on port `cport`: the VIP and backend
+    // every NAT frame of that flow must carry, both directions.
+    let traced = |cport: &str| -> anyhow::Result<(String, String)> {
+        let t: serde_json::Value = serde_json::from_str(&net.lb(&[
+            "trace",
+            "--json",
+            &format!("{CLIENT4}:{cport}"),
+            &nat,
+        ])?)?;
+        Ok((
+            t["vip"].as_str().context("trace's vip")?.to_string(),
+            t["next_packet_to"]
+                .as_str()
+                .context("trace's backend")?
+                .to_string(),
+        ))
+    };
+    let mut annotated = 0;
     for pair in by_cpu.values().flat_map(|v| v.chunks(2)) {
         let (a, l) = (pair[0], pair[1]);
         assert!(!a.left() && l.left(), "arrived, then left");
@@ -150,8 +168,23 @@ fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
                 r.get("tcp.dstport").to_string(),
             )
         };
-        let (asrc, _, adst, aport) = to(a);
+        let (asrc, asport, adst, aport) = to(a);
         let (lsrc, lsport, ldst, lport) = to(l);
+        // The client's port: its packet's source, or the answer's destination as it left.
+        let cport = if asrc == CLIENT4 { &asport } else { &lport };
+        if asrc == CLIENT4 || asrc == backend4(1) {
+            let (vip, backend) = traced(cport)?;
+            for r in [a, l] {
+                let c = comment_of(r.get("frame.comment"));
+                assert_eq!(
+                    (c["vip"].as_str(), c["backend"].as_str()),
+                    (vip.as_str(), backend.as_str()),
+                    "a NAT frame names what lb trace names: {}",
+                    r.get("frame.comment")
+                );
+            }
+            annotated += 1;
+        }
         if asrc == CLIENT4 && adst == VIP_MIXED && aport == "80" {
             assert_eq!(
                 (ldst.as_str(), lport.as_str()),
@@ -172,6 +205,10 @@ fn encapsulated_and_translated_frames_as_they_left() -> anyhow::Result<()> {
         seen.into_iter().collect::<Vec<_>>(),
         ["to the backend", "to the client"],
         "NAT's two directions as they left"
+    );
+    assert!(
+        annotated >= 10,
+        "NAT pairs checked against lb trace: {annotated}"
     );
     Ok(())
 }
