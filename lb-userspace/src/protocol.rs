@@ -19,6 +19,9 @@ use crate::{
 
 /// Largest request body the agent reads (a config with thousands of backends fits).
 pub const MAX_BODY: usize = 4 << 20;
+/// Largest command the agent reads: `lb deny add --file` of a million prefixes, each spelt
+/// at its longest (an IPv6 /128, about 45 bytes of JSON), fits.
+pub const MAX_COMMAND_BODY: usize = 64 << 20;
 
 /// A change, as sent by the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]

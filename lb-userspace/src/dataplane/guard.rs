@@ -28,6 +28,8 @@ pub struct GuardTables {
     deny6: Map,
     /// The new-flow limits by VIP id.
     rates: Array<MapData, VipRate>,
+    /// What the tries hold, as last read or written.
+    held: Sources,
 }
 
 /// The typed view of trie `map`, checking its key and value sizes.
@@ -118,7 +120,54 @@ impl GuardTables {
             deny4,
             deny6,
             rates,
+            held: Sources::new(),
         })
+    }
+
+    /// Reads what the tries hold again.
+    pub fn resync(&mut self) -> Result<(), Error> {
+        self.held = self.read_all()?;
+        Ok(())
+    }
+
+    /// Writes the entries of `want` the tries lack or hold with another end.
+    pub fn add(&mut self, want: &Sources) -> Result<(), Error> {
+        let new: Vec<(SourceRule, u64)> = want
+            .iter()
+            .filter(|(r, e)| self.held.get(r) != Some(e))
+            .map(|(r, e)| (*r, *e))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let result = self.write(&new);
+        // Read back on failure: a batch may have gone part of the way.
+        match &result {
+            Ok(()) => self.held.extend(new),
+            Err(_) => self.held = self.read_all().unwrap_or_default(),
+        }
+        result
+    }
+
+    /// Deletes the entries the tries hold that `want` does not.
+    pub fn prune(&mut self, want: &Sources) -> Result<(), Error> {
+        let gone: Vec<SourceRule> = self
+            .held
+            .keys()
+            .filter(|r| !want.contains_key(r))
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let result = self.delete(&gone);
+        match &result {
+            Ok(()) => gone.iter().for_each(|r| {
+                self.held.remove(r);
+            }),
+            Err(_) => self.held = self.read_all().unwrap_or_default(),
+        }
+        result
     }
 
     /// Writes VIP `id`'s limits (restarting its bucket; all zero: no limit).
