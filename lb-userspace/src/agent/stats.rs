@@ -43,6 +43,7 @@ impl Agent {
                 nat_connections: self.nat_connections(),
                 nat_table: self.nat_table(),
                 migration: None,
+                deny_entries: core.desired().deny.len(),
             };
             (maps, ids, agent, core.kernel().capture())
         };
