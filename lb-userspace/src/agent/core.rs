@@ -174,6 +174,11 @@ impl Core {
         &self.ids
     }
 
+    /// The guard's entries for the current state.
+    pub fn sources(&self) -> Arc<Sources> {
+        self.sources.clone()
+    }
+
     pub fn kernel(&self) -> &dyn Kernel {
         self.kernel.as_ref()
     }

@@ -110,7 +110,7 @@ pub trait Kernel: Send {
     }
     fn sync_sources(
         &mut self,
-        _want: &super::guard::Sources,
+        _want: &Arc<super::guard::Sources>,
         _rates: &super::guard::Rates,
         _prune: bool,
     ) -> Result<(), Error> {

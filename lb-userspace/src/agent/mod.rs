@@ -257,11 +257,20 @@ impl Agent {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let saved_revision = self.store_revision();
         let new_revision = revision.is_some() && revision != saved_revision;
+        // The edit on a copy, outside the core's lock: adding a million prefixes builds a
+        // list of a million; readers wait only for the copy. The writer's lock keeps the
+        // state it copies.
+        let current = self.core().desired().clone();
+        let new = f(&current)?;
+        drop(current);
         let (mut prepared, unchanged, guard) = {
             let core = self.core();
-            let new = f(core.desired())?;
             let p = core.prepare(new)?;
+            let mut p = p;
             let unchanged = p.desired == *core.desired() && p.ids == *core.ids();
+            if guard::same_sources(core.desired(), core.ids(), &p.desired, &p.ids) {
+                p.sources = Some(core.sources());
+            }
             (p, unchanged, core.kernel().guard_writer())
         };
         // Planned with the core unlocked; the writer's lock keeps the state it replaces.
@@ -383,7 +392,11 @@ impl Agent {
 /// flag is set, at the commit; the node's list is wanted at once), deletions wait for the
 /// commit. A failure is left to the commit's convergence, which writes what is missing.
 fn prewrite_sources(p: &mut Prepared, guard: Option<&Mutex<crate::dataplane::guard::GuardTables>>) {
-    let sources = Arc::new(guard::sources(&p.desired, &p.ids));
+    // The lists unchanged: the entries the core holds, already written.
+    let sources = match p.sources.take() {
+        Some(s) => s,
+        None => Arc::new(guard::sources(&p.desired, &p.ids)),
+    };
     if let Some(g) = guard
         && let Err(e) = g
             .lock()

@@ -292,7 +292,12 @@ impl Kernel for MapsKernel {
         Ok(())
     }
 
-    fn sync_sources(&mut self, want: &Sources, rates: &Rates, prune: bool) -> Result<(), Error> {
+    fn sync_sources(
+        &mut self,
+        want: &Arc<Sources>,
+        rates: &Rates,
+        prune: bool,
+    ) -> Result<(), Error> {
         for (id, r) in rates {
             if !prune && self.rates.get(id) != Some(r) {
                 self.dp
