@@ -228,6 +228,14 @@ fn bulk_deny_under_traffic(
         "lb deny add --file of {bulk} prefixes returned, live, after {took:?}; {} lb vip list meanwhile, the slowest {slowest:?}; state file {saved} bytes",
         lists.len()
     );
+    // One more prefix on top of the list: what any change costs with the list in place.
+    let start = Instant::now();
+    net.lb(&["deny", "add", "198.18.0.0/15"])?;
+    net.lb(&["deny", "remove", "198.18.0.0/15"])?;
+    eprintln!(
+        "with the list in place, a deny added and removed in {:?}",
+        start.elapsed()
+    );
     assert_eq!(live, before + bulk as usize, "every prefix in the trie");
     assert!(t.long_lived_errors.is_empty(), "{:?}", t.long_lived_errors);
     assert!(
