@@ -19,6 +19,9 @@ use crate::{
 
 /// Largest request body the agent reads (a config with thousands of backends fits).
 pub const MAX_BODY: usize = 4 << 20;
+/// Largest command the agent reads: `lb deny add --file` of a million prefixes, each spelt
+/// at its longest (an IPv6 /128, about 45 bytes of JSON), fits.
+pub const MAX_COMMAND_BODY: usize = 64 << 20;
 
 /// A change, as sent by the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -165,6 +168,12 @@ pub struct Rates {
     pub vips: BTreeMap<String, f64>,
     /// `VIP backend` -> packets/s.
     pub backends: BTreeMap<String, f64>,
+    /// `VIP` -> new flows/s.
+    #[serde(default)]
+    pub vip_new_flows: BTreeMap<String, f64>,
+    /// `VIP` -> packets/s the guard dropped.
+    #[serde(default)]
+    pub vip_guard_dropped: BTreeMap<String, f64>,
 }
 
 /// Everything the status page shows, in one read.
@@ -253,6 +262,21 @@ pub struct VipView {
     /// Serving backends the VIP needs to be announced (`None`: the node's option).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce_min_serving: Option<u32>,
+    /// The guard's lists and limits of the VIP (`None`: it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardView>,
+}
+
+/// A VIP's guard as the status page shows it: how many prefixes each list holds, and the
+/// new-flow limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardView {
+    pub allow_sources: usize,
+    pub deny_sources: usize,
+    #[serde(default)]
+    pub new_flow_limit: Option<crate::model::FlowLimit>,
+    #[serde(default)]
+    pub source_limit: Option<crate::model::FlowLimit>,
 }
 
 /// A backend removed from a VIP whose slots still name it as previous (second chance).
@@ -335,6 +359,10 @@ pub struct AgentStatus {
     /// The migration that brought the pinned maps to this build's map ABI, if one did.
     #[serde(default)]
     pub migration: Option<MigrationView>,
+    /// Prefixes on the node-wide deny list (`lb deny`; in a fleet, the fleet's), ended ones
+    /// not yet removed included.
+    #[serde(default)]
+    pub deny_entries: usize,
 }
 
 /// The NAT table's parts at the last sweep: the `NAT table` line of `lb stats`.

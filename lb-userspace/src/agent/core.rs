@@ -12,6 +12,7 @@ use std::{
 use crate::{
     Error,
     agent::{
+        guard::Sources,
         health::Health,
         kernel::Kernel,
         reconcile::{self, Capacity, Facts, Ids},
@@ -32,6 +33,9 @@ pub struct Prepared {
     pub replaced: plan::Replaced,
     /// Slot-table size the plan is made for.
     pub ring_size: u32,
+    /// The guard's entries for `desired` and `ids`, when made already (outside the lock);
+    /// otherwise the commit makes them.
+    pub sources: Option<Arc<Sources>>,
 }
 
 impl Prepared {
@@ -76,6 +80,9 @@ pub struct Core {
     pub(super) windows: Windows,
     /// The prefixes VIPs may use (`lb run --vip-prefix`; empty: any address).
     vip_pools: Vec<Prefix>,
+    /// The guard's entries for `desired` and `ids`, made once per change rather than at
+    /// every convergence: a deny list of a million prefixes takes a while to lay out.
+    sources: Arc<Sources>,
     /// The node's own addresses as last read from the kernel, refreshed before every change.
     own: OwnAddrs,
 }
@@ -142,7 +149,9 @@ impl Core {
                 }
             }
         }
+        let sources = Arc::new(super::guard::sources(&saved.desired, &ids));
         Ok(Core {
+            sources,
             desired: saved.desired,
             ids,
             health: BTreeMap::new(),
@@ -163,6 +172,11 @@ impl Core {
 
     pub fn ids(&self) -> &Ids {
         &self.ids
+    }
+
+    /// The guard's entries for the current state.
+    pub fn sources(&self) -> Arc<Sources> {
+        self.sources.clone()
     }
 
     pub fn kernel(&self) -> &dyn Kernel {
@@ -250,6 +264,7 @@ impl Core {
             desired: new,
             ids,
             ring_size: self.kernel.ring_size(),
+            sources: None,
         })
     }
 
@@ -287,6 +302,10 @@ impl Core {
     /// kernel failure leaves the change in effect in memory and is retried by
     /// [`Core::converge`]; it is returned as [`Error::NotConverged`].
     pub fn commit(&mut self, p: Prepared) -> Result<(), Error> {
+        self.sources = match p.sources {
+            Some(s) => s,
+            None => Arc::new(super::guard::sources(&p.desired, &p.ids)),
+        };
         self.desired = p.desired;
         self.ids = p.ids;
         let desired = &self.desired;
@@ -343,7 +362,7 @@ impl Core {
         let ops = reconcile::diff(self.kernel.view(), &target);
         // The guard's entries go in before the flags that make a VIP read them, and come out
         // after the flags that stop it.
-        let sources = super::guard::sources(&self.desired, &self.ids);
+        let sources = self.sources.clone();
         let rates = super::guard::rates(&self.desired, &self.ids);
         let written = self
             .kernel

@@ -116,9 +116,14 @@ pub trait Kernel: Send {
     /// changed; with `prune` true, deletes (or zeroes) those not wanted. The core writes
     /// before the VIPs' flags change and deletes after, so a VIP never meets a list half
     /// written (none in fakes: they hold no tries).
+    /// The guard's tries, shared (none in fakes): a change writes a large list's entries
+    /// through it before it takes the agent's lock (`Agent::change`).
+    fn guard_writer(&self) -> Option<Arc<std::sync::Mutex<crate::dataplane::guard::GuardTables>>> {
+        None
+    }
     fn sync_sources(
         &mut self,
-        _want: &super::guard::Sources,
+        _want: &Arc<super::guard::Sources>,
         _rates: &super::guard::Rates,
         _prune: bool,
     ) -> Result<(), Error> {

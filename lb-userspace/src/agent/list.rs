@@ -59,6 +59,7 @@ impl Core {
             health_check: spec.health.clone(),
             backends,
             announce_min_serving: spec.announce_min_serving,
+            guard: guard_view(spec),
         }
     }
 
@@ -154,4 +155,15 @@ fn health_word(checked: bool, own_up: bool, fleet: Option<bool>) -> &'static str
         (true, _) if own_up => "up",
         (true, _) => "down",
     }
+}
+
+/// The guard's part of a VIP's view, when it has lists or limits.
+fn guard_view(spec: &VipSpec) -> Option<crate::protocol::GuardView> {
+    let v = crate::protocol::GuardView {
+        allow_sources: spec.allow_sources.len(),
+        deny_sources: spec.deny_sources.len(),
+        new_flow_limit: spec.new_flow_limit,
+        source_limit: spec.source_limit,
+    };
+    (v != crate::protocol::GuardView::default()).then_some(v)
 }

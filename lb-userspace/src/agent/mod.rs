@@ -33,7 +33,7 @@ mod tests;
 
 use std::{
     net::IpAddr,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 pub use self::{
@@ -240,13 +240,8 @@ impl Agent {
     /// state (saved with its revision, so a restart says what it serves). Same path as every
     /// other change.
     pub fn apply_store(&self, revision: i64, state: DesiredState) -> Result<Changed, Error> {
-        // The node-wide deny list is this node's own (`lb deny`), not the store's.
-        self.change_at(Some(revision), |cur| {
-            Ok(DesiredState {
-                deny: cur.deny.clone(),
-                ..state
-            })
-        })
+        // The node-wide deny list is the fleet's too (`deny/` keys), so `state` carries it.
+        self.change_at(Some(revision), |_| Ok(state))
     }
 
     /// The configuration revision last applied from the store (or saved before a restart).
@@ -265,12 +260,21 @@ impl Agent {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let saved_revision = self.store_revision();
         let new_revision = revision.is_some() && revision != saved_revision;
-        let (prepared, unchanged) = {
+        // The edit on a copy, outside the core's lock: adding a million prefixes builds a
+        // list of a million; readers wait only for the copy. The writer's lock keeps the
+        // state it copies.
+        let current = self.core().desired().clone();
+        let new = f(&current)?;
+        drop(current);
+        let (mut prepared, unchanged, guard) = {
             let core = self.core();
-            let new = f(core.desired())?;
             let p = core.prepare(new)?;
+            let mut p = p;
             let unchanged = p.desired == *core.desired() && p.ids == *core.ids();
-            (p, unchanged)
+            if guard::same_sources(core.desired(), core.ids(), &p.desired, &p.ids) {
+                p.sources = Some(core.sources());
+            }
+            (p, unchanged, core.kernel().guard_writer())
         };
         // Planned with the core unlocked; the writer's lock keeps the state it replaces.
         let plan = prepared.plan();
@@ -283,13 +287,21 @@ impl Agent {
         if !unchanged || new_revision {
             let mut file = prepared.state_file();
             file.store_revision = revision.or(saved_revision);
+            let t = std::time::Instant::now();
             self.store.save(&file)?;
+            // Outside the core's lock (readers go on); said when large lists make it slow.
+            if t.elapsed() > std::time::Duration::from_millis(100) {
+                log::info!("state file saved in {:?}", t.elapsed());
+            }
             if revision.is_some() {
                 *self
                     .store_revision
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = revision;
             }
+        }
+        if !unchanged {
+            prewrite_sources(&mut prepared, guard.as_deref());
         }
         let result = self.make_live(prepared, unchanged);
         self.want_macs();
@@ -413,4 +425,27 @@ fn pool_view(
         .collect();
     out.extend(found.iter().filter(|f| !pool.contains(&f.address)).cloned());
     out
+}
+
+/// Lays out the guard's entries of the saved change `p` and writes those the tries lack,
+/// before the core's lock is taken to make it live: a deny list of a million prefixes takes
+/// seconds to write, and readers of the core (`lb vip list`, the status page) would wait
+/// that long. Safe ahead of the commit: entries only add (a VIP reads its lists once its
+/// flag is set, at the commit; the node's list is wanted at once), deletions wait for the
+/// commit. A failure is left to the commit's convergence, which writes what is missing.
+fn prewrite_sources(p: &mut Prepared, guard: Option<&Mutex<crate::dataplane::guard::GuardTables>>) {
+    // The lists unchanged: the entries the core holds, already written.
+    let sources = match p.sources.take() {
+        Some(s) => s,
+        None => Arc::new(guard::sources(&p.desired, &p.ids)),
+    };
+    if let Some(g) = guard
+        && let Err(e) = g
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(&sources)
+    {
+        log::warn!("writing the source lists ahead of the change: {e}");
+    }
+    p.sources = Some(sources);
 }

@@ -44,6 +44,7 @@ impl Agent {
                 nat_table: self.nat_table(),
                 nat_pool: self.nat_pool(),
                 migration: None,
+                deny_entries: core.desired().deny.len(),
             };
             (maps, ids, agent, core.kernel().capture())
         };

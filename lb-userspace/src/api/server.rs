@@ -20,7 +20,7 @@ use crate::{
     },
     model::VipAddr,
     node::Node,
-    protocol::{ApiError, Command, CommandResult, MAX_BODY},
+    protocol::{ApiError, Command, CommandResult, MAX_BODY, MAX_COMMAND_BODY},
 };
 
 /// The node the API answers for, shared by every connection.
@@ -120,17 +120,21 @@ const MAC_WAIT: Duration = Duration::from_millis(500);
 
 async fn command(node: SharedNode, body: Incoming) -> Response<Full<Bytes>> {
     let start = std::time::Instant::now();
-    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+    let bytes = match Limited::new(body, MAX_COMMAND_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             return invalid(format!(
-                "reading the request: {e} (at most {MAX_BODY} bytes)"
+                "reading the request: {e} (at most {MAX_COMMAND_BODY} bytes)"
             ));
         }
     };
-    let cmd: Command = match serde_json::from_slice(&bytes) {
-        Ok(c) => c,
-        Err(e) => return invalid(format!("malformed command: {e}")),
+    // A deny list of a million prefixes is tens of megabytes of JSON: parsed on a blocking
+    // thread, so the other requests keep their workers.
+    let parsed = tokio::task::spawn_blocking(move || serde_json::from_slice::<Command>(&bytes));
+    let cmd: Command = match parsed.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return invalid(format!("malformed command: {e}")),
+        Err(e) => return invalid(format!("reading the command: {e}")),
     };
     let (done, revision) = node.execute(cmd).await;
     let took_ns = start.elapsed().as_nanos() as u64;

@@ -21,6 +21,12 @@ pub fn rates(before: &StatsView, after: &StatsView, elapsed: Duration) -> Rates 
         };
         out.vips
             .insert(v.vip.to_string(), per_sec(old.packets, v.packets));
+        out.vip_new_flows
+            .insert(v.vip.to_string(), per_sec(old.new_flows, v.new_flows));
+        out.vip_guard_dropped.insert(
+            v.vip.to_string(),
+            per_sec(old.guard_dropped, v.guard_dropped),
+        );
         for b in &v.backends {
             if let Some(ob) = old.backends.iter().find(|o| o.address == b.address) {
                 out.backends.insert(
@@ -39,14 +45,18 @@ mod tests {
     use crate::protocol::{AgentStatus, BackendStats, VipStats};
 
     fn sample(packets: u64, backend: u64) -> StatsView {
+        sample_guard(packets, backend, 0, 0)
+    }
+
+    fn sample_guard(packets: u64, backend: u64, new_flows: u64, dropped: u64) -> StatsView {
         StatsView {
             global: Default::default(),
             vips: vec![VipStats {
                 vip: "10.0.0.10:80/tcp".parse().expect("vip"),
                 packets,
                 bytes: 0,
-                new_flows: 0,
-                guard_dropped: 0,
+                new_flows,
+                guard_dropped: dropped,
                 backends: vec![BackendStats {
                     address: "10.0.0.2".parse().expect("ip"),
                     packets: backend,
@@ -65,5 +75,12 @@ mod tests {
         let r = rates(&sample(100, 50), &sample(300, 10), Duration::from_secs(2));
         assert_eq!(r.vips["10.0.0.10:80/tcp"], 100.0);
         assert_eq!(r.backends["10.0.0.10:80/tcp 10.0.0.2"], 0.0);
+        let r = rates(
+            &sample_guard(0, 0, 10, 100),
+            &sample_guard(0, 0, 50, 700),
+            Duration::from_secs(2),
+        );
+        assert_eq!(r.vip_new_flows["10.0.0.10:80/tcp"], 20.0);
+        assert_eq!(r.vip_guard_dropped["10.0.0.10:80/tcp"], 300.0);
     }
 }

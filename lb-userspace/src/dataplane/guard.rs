@@ -1,7 +1,7 @@
 //! The guard's four LPM tries (`lb_common::guard`) as the agent writes them: entries grouped
 //! by trie and written or deleted with one `BPF_MAP_*_BATCH` call per chunk, so a list of a
 //! million prefixes is a few hundred syscalls rather than a million.
-use std::{net::IpAddr, os::fd::AsFd as _};
+use std::{net::IpAddr, os::fd::AsFd as _, sync::Arc};
 
 use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
 use lb_common::{
@@ -28,6 +28,11 @@ pub struct GuardTables {
     deny6: Map,
     /// The new-flow limits by VIP id.
     rates: Array<MapData, VipRate>,
+    /// What the tries hold, as last read or written.
+    held: Sources,
+    /// The entries the tries hold exactly, when known to be one laid-out list: a change that
+    /// leaves the lists alone passes it again and costs no walk of a million entries.
+    synced: Option<Arc<Sources>>,
 }
 
 /// The typed view of trie `map`, checking its key and value sizes.
@@ -118,7 +123,86 @@ impl GuardTables {
             deny4,
             deny6,
             rates,
+            held: Sources::new(),
+            synced: None,
         })
+    }
+
+    /// Reads what the tries hold again.
+    pub fn resync(&mut self) -> Result<(), Error> {
+        self.synced = None;
+        self.held = self.read_all()?;
+        Ok(())
+    }
+
+    fn is_synced(&self, want: &Arc<Sources>) -> bool {
+        self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, want))
+    }
+
+    /// After a write that succeeded: the tries hold `want` exactly when they hold as many
+    /// entries (they hold all of it after `add`, nothing else after `prune`).
+    fn mark(&mut self, want: &Arc<Sources>) {
+        self.synced = (self.held.len() == want.len()).then(|| want.clone());
+    }
+
+    /// Writes the entries of `want` the tries lack or hold with another end.
+    pub fn add(&mut self, want: &Arc<Sources>) -> Result<(), Error> {
+        if self.is_synced(want) {
+            return Ok(());
+        }
+        let new: Vec<(SourceRule, u64)> = want
+            .iter()
+            .filter(|(r, e)| self.held.get(r) != Some(e))
+            .map(|(r, e)| (*r, *e))
+            .collect();
+        let result = if new.is_empty() {
+            Ok(())
+        } else {
+            self.write(&new)
+        };
+        // Read back on failure: a batch may have gone part of the way.
+        match &result {
+            Ok(()) => {
+                self.held.extend(new);
+                self.mark(want);
+            }
+            Err(_) => self.forget(),
+        }
+        result
+    }
+
+    /// After a failed write: what the tries hold is read again, nothing taken as synced.
+    fn forget(&mut self) {
+        self.synced = None;
+        self.held = self.read_all().unwrap_or_default();
+    }
+
+    /// Deletes the entries the tries hold that `want` does not.
+    pub fn prune(&mut self, want: &Arc<Sources>) -> Result<(), Error> {
+        if self.is_synced(want) {
+            return Ok(());
+        }
+        let gone: Vec<SourceRule> = self
+            .held
+            .keys()
+            .filter(|r| !want.contains_key(r))
+            .copied()
+            .collect();
+        let result = if gone.is_empty() {
+            Ok(())
+        } else {
+            self.delete(&gone)
+        };
+        match &result {
+            Ok(()) => {
+                gone.iter().for_each(|r| {
+                    self.held.remove(r);
+                });
+                self.mark(want);
+            }
+            Err(_) => self.forget(),
+        }
+        result
     }
 
     /// Writes VIP `id`'s limits (restarting its bucket; all zero: no limit).

@@ -14,7 +14,7 @@ use lb_common::{
 use crate::{
     Dataplane, Error,
     agent::{
-        guard::{Rates, SourceRule, Sources},
+        guard::{Rates, Sources},
         kernel::{Counters, Kernel, LiveSlots, NatSweep, Swept, Totals},
         reconcile::{BackendTarget, Capacity, KernelView, Op, apply_to_view},
     },
@@ -35,8 +35,6 @@ pub struct MapsKernel {
     /// Read handles on the counter maps, shared with readers that run without the agent's
     /// lock.
     counters: Arc<StatsMaps>,
-    /// What the guard's tries hold, as last read or written.
-    source_lists: Sources,
     /// The new-flow limits the kernel holds (bucket state zero), as last read or written.
     rates: Rates,
 }
@@ -73,7 +71,6 @@ impl MapsKernel {
             sources,
             view: KernelView::default(),
             nat_on: false,
-            source_lists: Sources::new(),
             rates: Rates::new(),
         };
         // Adopted maps whose program answers on this run's NAT addresses keep them on: zeroing
@@ -289,15 +286,25 @@ impl Kernel for MapsKernel {
             self.dp.slots.forget(id);
         }
         self.view = view;
-        self.source_lists = self.dp.guard.read_all()?;
-        self.rates = self.dp.guard.read_rates(self.dp.vips.capacity())?;
+        let mut guard = self.dp.guard.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.resync()?;
+        self.rates = guard.read_rates(self.dp.vips.capacity())?;
         Ok(())
     }
 
-    fn sync_sources(&mut self, want: &Sources, rates: &Rates, prune: bool) -> Result<(), Error> {
+    fn sync_sources(
+        &mut self,
+        want: &Arc<Sources>,
+        rates: &Rates,
+        prune: bool,
+    ) -> Result<(), Error> {
         for (id, r) in rates {
             if !prune && self.rates.get(id) != Some(r) {
-                self.dp.guard.set_rate(*id, r)?;
+                self.dp
+                    .guard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_rate(*id, r)?;
                 self.rates.insert(*id, *r);
             }
         }
@@ -309,44 +316,24 @@ impl Kernel for MapsKernel {
                 .copied()
                 .collect();
             for id in gone {
-                self.dp.guard.set_rate(id, &lb_common::VipRate::default())?;
+                self.dp
+                    .guard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_rate(id, &lb_common::VipRate::default())?;
                 self.rates.remove(&id);
             }
         }
+        let mut guard = self.dp.guard.lock().unwrap_or_else(PoisonError::into_inner);
         if prune {
-            let gone: Vec<SourceRule> = self
-                .source_lists
-                .keys()
-                .filter(|r| !want.contains_key(r))
-                .copied()
-                .collect();
-            if gone.is_empty() {
-                return Ok(());
-            }
-            let result = self.dp.guard.delete(&gone);
-            // Read back on failure: a batch may have gone part of the way.
-            match &result {
-                Ok(()) => gone.iter().for_each(|r| {
-                    self.source_lists.remove(r);
-                }),
-                Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
-            }
-            return result;
+            guard.prune(want)
+        } else {
+            guard.add(want)
         }
-        let new: Vec<(SourceRule, u64)> = want
-            .iter()
-            .filter(|(r, e)| self.source_lists.get(r) != Some(e))
-            .map(|(r, e)| (*r, *e))
-            .collect();
-        if new.is_empty() {
-            return Ok(());
-        }
-        let result = self.dp.guard.write(&new);
-        match &result {
-            Ok(()) => self.source_lists.extend(new),
-            Err(_) => self.source_lists = self.dp.guard.read_all().unwrap_or_default(),
-        }
-        result
+    }
+
+    fn guard_writer(&self) -> Option<Arc<Mutex<crate::dataplane::guard::GuardTables>>> {
+        Some(self.dp.guard.clone())
     }
 
     fn live_slots(&self, vip_id: u32) -> Result<Option<LiveSlots>, Error> {

@@ -312,8 +312,9 @@ pub struct Dataplane {
     pub nat_sweeper: std::sync::Arc<std::sync::Mutex<nat::NatSweeper>>,
     /// Packet capture's maps (`lb capture`): used without the agent's lock.
     pub capture: std::sync::Arc<crate::capture::Capturer>,
-    /// The guard's source lists.
-    pub guard: guard::GuardTables,
+    /// The guard's source lists: shared, so a large list's entries are written before the
+    /// agent's lock is taken for the change (`Kernel::guard_writer`).
+    pub guard: std::sync::Arc<std::sync::Mutex<guard::GuardTables>>,
 }
 
 /// The object with its maps created (or reused from `pin_dir`) and sized by `opts`, and its
@@ -435,6 +436,14 @@ fn take_stats(ebpf: &mut Ebpf) -> Result<StatsMaps, Error> {
 }
 
 impl Dataplane {
+    /// The guard's tries and limits, locked (a panic elsewhere leaves them usable: every
+    /// write there is a whole batch call, and failures are read back).
+    pub fn guard(&self) -> std::sync::MutexGuard<'_, guard::GuardTables> {
+        self.guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Loads the embedded object into the kernel (the verifier runs here), sized by `opts`.
     pub fn load(opts: LoadOptions) -> Result<Self, Error> {
         Self::load_with_pins(opts, None)
@@ -543,7 +552,7 @@ impl Dataplane {
             take(&mut ebpf, lb_common::VIP_RATE_MAP)?,
         )?;
         Ok(Dataplane {
-            guard,
+            guard: std::sync::Arc::new(std::sync::Mutex::new(guard)),
             ebpf,
             opts,
             vips,

@@ -13,6 +13,7 @@
 //! revision and applies it whole (never half a revision); a restarted node serves its state
 //! file and catches up the same way.
 pub mod access;
+pub mod deny;
 pub mod schema;
 pub mod status;
 pub mod store;
@@ -277,12 +278,15 @@ impl Fleet {
         let store = Store::connect(&self.config, self.keys.clone()).await?;
         let snap = store.snapshot(None).await?;
         let mut watch = store.watch(snap.revision + 1).await?;
+        let mut denies = store.watch_denies(snap.revision + 1).await?;
         self.apply(agent, &snap).await;
         self.connected(store.clone());
         loop {
-            let msg = watch
-                .message()
-                .await
+            let msg = tokio::select! {
+                m = watch.message() => m,
+                m = denies.message() => m,
+            };
+            let msg = msg
                 .map_err(store.error("watching the configuration"))?
                 .ok_or_else(|| Error::Unavailable("etcd: the watch ended".into()))?;
             if msg.canceled() {
@@ -314,9 +318,18 @@ impl Fleet {
         else {
             return;
         };
-        let (keys, vips) = (self.keys.clone(), snap.vips.clone());
+        let (keys, vips, denies) = (self.keys.clone(), snap.vips.clone(), snap.deny.clone());
         let decoded = match tokio::task::spawn_blocking(move || {
-            schema::decode_checked(&keys, &vips, &last, &|v| rules.check(v.ip))
+            let mut d = schema::decode_checked(&keys, &vips, &last, &|v| rules.check(v.ip));
+            let (deny, rejected) = deny::decode_denies(
+                &keys,
+                &denies,
+                &last.deny,
+                crate::agent::guard::unix_now_s(),
+            );
+            d.state.deny = deny;
+            d.rejected.extend(rejected);
+            d
         })
         .await
         {
@@ -339,12 +352,13 @@ impl Fleet {
                 let value = snap
                     .vips
                     .iter()
+                    .chain(&snap.deny)
                     .find(|(k, _)| *k == r.key)
                     .map_or(0, |(_, v)| value_hash(v));
                 if logged.insert((r.key.clone(), value)) {
                     v.rejected_total += 1;
                     log::warn!(
-                        "etcd key {} rejected at revision {revision}: {} (a VIP keeps its last good value unless its address is refused)",
+                        "etcd key {} rejected at revision {revision}: {} (a VIP or deny entry keeps its last good value unless its address is refused)",
                         escaped(&r.key),
                         escaped(&r.why)
                     );

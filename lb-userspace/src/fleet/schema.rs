@@ -11,11 +11,15 @@
 //!   made with other tools), so a change computed from an old state is refused instead of
 //!   overwriting another operator's change (optimistic concurrency over the whole
 //!   configuration: changes are rare, and a refused command is retried on the new state).
+//! - `deny/<PREFIX>` (e.g. `deny/192.0.2.0/24`): one entry of the fleet's deny list (`lb deny`
+//!   on any node in store mode), a JSON [`DenyValue`]; an entry with an end is written under
+//!   an etcd lease of that length, so etcd itself deletes it when it ends. One key per prefix,
+//!   so a malformed entry rejects that prefix only.
 //! - `nodes/<node>`: each node's [`super::status::NodeStatus`], written under a lease so a
 //!   dead node's entry disappears by itself.
 use std::collections::BTreeMap;
 
-use crate::model::{DesiredState, VipAddr, VipSpec};
+use crate::model::{DesiredState, Prefix, VipAddr, VipSpec};
 
 /// Longest cluster or node name: keeps keys readable and well inside etcd's limits.
 pub const MAX_NAME: usize = 63;
@@ -64,6 +68,15 @@ impl Keys {
 
     pub fn meta(&self) -> String {
         format!("{}meta", self.root)
+    }
+
+    /// The fleet's deny list (`deny/<PREFIX>`).
+    pub fn denies(&self) -> String {
+        format!("{}deny/", self.root)
+    }
+
+    pub fn deny(&self, prefix: &Prefix) -> String {
+        format!("{}deny/{prefix}", self.root)
     }
 
     pub fn nodes(&self) -> String {

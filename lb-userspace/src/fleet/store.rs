@@ -32,6 +32,12 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// Keys per range read to start with: a configuration of small VIP values is read in few
 /// round trips. A page above [`MAX_MESSAGE`] is read again in halves, down to one key.
 const PAGE: i64 = 64;
+/// Keys per range read of the deny list to start with: its values are a few bytes, so a
+/// list of thousands is read in few round trips (a page too large is halved as above).
+const DENY_PAGE: i64 = 4096;
+/// Writes per transaction of the deny list, under etcd's default `--max-txn-ops` (128) with
+/// the `meta` bump beside them.
+const DENY_TXN: usize = 100;
 
 /// The configuration at one revision.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +50,8 @@ pub struct Snapshot {
     pub newest: i64,
     /// The VIP keys and values.
     pub vips: Vec<(String, Vec<u8>)>,
+    /// The deny list's keys and values (`deny/<PREFIX>`).
+    pub deny: Vec<(String, Vec<u8>)>,
 }
 
 impl Snapshot {
@@ -157,11 +165,21 @@ impl Store {
             ..Snapshot::default()
         };
         for kv in self
-            .read_prefix(self.keys.vips(), rev, "reading the configuration")
+            .read_prefix(self.keys.vips(), rev, PAGE, "reading the configuration")
             .await?
         {
             snap.newest = snap.newest.max(kv.mod_revision());
             snap.vips.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        for kv in self
+            .read_prefix(self.keys.denies(), rev, DENY_PAGE, "reading the deny list")
+            .await?
+        {
+            snap.newest = snap.newest.max(kv.mod_revision());
+            snap.deny.push((
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.value().to_vec(),
             ));
@@ -176,12 +194,13 @@ impl Store {
         &self,
         prefix: String,
         rev: i64,
+        page: i64,
         what: &'static str,
     ) -> Result<Vec<etcd_client::KeyValue>, Error> {
         let mut kv = self.kv.clone();
         let end = prefix_end(&prefix);
         let mut from = prefix.into_bytes();
-        let mut limit = PAGE;
+        let mut limit = page;
         let mut rev = rev;
         let mut out = Vec::new();
         loop {
@@ -255,12 +274,22 @@ impl Store {
 
     /// Watches the VIP keys from `from` on.
     pub async fn watch(&self, from: i64) -> Result<WatchStream, Error> {
+        self.watch_prefix(self.keys.vips(), from).await
+    }
+
+    /// Watches the deny list's keys from `from` on (a second stream: the keys between the
+    /// two prefixes include the node statuses, written every second).
+    pub async fn watch_denies(&self, from: i64) -> Result<WatchStream, Error> {
+        self.watch_prefix(self.keys.denies(), from).await
+    }
+
+    async fn watch_prefix(&self, prefix: String, from: i64) -> Result<WatchStream, Error> {
         // Events only wake the follower (it reads a snapshot at their revision), so large
         // revisions may come in fragments.
         self.watcher
             .clone()
             .watch(
-                self.keys.vips(),
+                prefix,
                 Some(
                     WatchOptions::new()
                         .with_prefix()
@@ -271,6 +300,46 @@ impl Store {
             )
             .await
             .map_err(self.error("watching the configuration"))
+    }
+
+    /// Writes the deny list's `puts` (under one lease of `ttl_s` seconds when given, so etcd
+    /// deletes them when it ends) and `deletes`, in transactions of [`DENY_TXN`], each
+    /// bumping `meta` so a concurrent configuration writer reads again. Not compared: adding
+    /// or removing a prefix does not depend on the rest of the configuration. Returns the
+    /// last revision written.
+    pub async fn write_denies(
+        &self,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+        ttl_s: Option<i64>,
+    ) -> Result<i64, Error> {
+        let lease = match ttl_s {
+            Some(ttl) => Some(self.grant(ttl).await?),
+            None => None,
+        };
+        let opts = || lease.map(|l| PutOptions::new().with_lease(l));
+        let ops: Vec<TxnOp> = puts
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), opts()))
+            .chain(deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)))
+            .collect();
+        let mut rev = 0;
+        for chunk in ops.chunks(DENY_TXN) {
+            let mut ops = chunk.to_vec();
+            ops.push(TxnOp::put(
+                self.keys.meta(),
+                b"written by lb".to_vec(),
+                None,
+            ));
+            let resp = self
+                .client
+                .clone()
+                .txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .map_err(self.error("writing the deny list"))?;
+            rev = resp.header().map_or(rev, |h| h.revision());
+        }
+        Ok(rev)
     }
 
     /// Watches the node statuses (every write of any node).
@@ -332,7 +401,7 @@ impl Store {
     /// a node's own leased status from a hand-written key.
     pub async fn node_statuses(&self) -> Result<Vec<crate::fleet::status::StatusKv>, Error> {
         let kvs = self
-            .read_prefix(self.keys.nodes(), 0, "reading node statuses")
+            .read_prefix(self.keys.nodes(), 0, PAGE, "reading node statuses")
             .await?;
         Ok(kvs
             .iter()

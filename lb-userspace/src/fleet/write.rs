@@ -16,7 +16,7 @@ use crate::{
 /// Attempts of an edit against a configuration that keeps changing.
 const ATTEMPTS: usize = 8;
 /// How long a writer waits to see its change applied on this node.
-const SEE_OWN_WRITE: Duration = Duration::from_secs(3);
+pub(super) const SEE_OWN_WRITE: Duration = Duration::from_secs(3);
 
 impl Fleet {
     /// Executes the configuration command `cmd` against the store; returns what changed and

@@ -97,13 +97,15 @@ impl Node {
         // VIPs are checked against the node's addresses as they are now.
         self.agent.refresh_own_addrs().await;
         match &self.fleet {
-            // The node-wide deny list is this node's own, like `reconcile`.
-            Some(fleet)
-                if !matches!(
-                    cmd,
-                    Command::Reconcile | Command::DenyAdd { .. } | Command::DenyRemove { .. }
-                ) =>
-            {
+            // The deny list in store mode is the fleet's: its own keys, written without
+            // the whole configuration's compare.
+            Some(fleet) if matches!(cmd, Command::DenyAdd { .. } | Command::DenyRemove { .. }) => {
+                match fleet.execute_deny(&self.agent, &cmd).await {
+                    Ok((c, rev)) => (Ok(c), rev),
+                    Err(e) => (Err(e), None),
+                }
+            }
+            Some(fleet) if !matches!(cmd, Command::Reconcile) => {
                 match fleet.execute(&self.agent, &cmd).await {
                     Ok((c, rev)) => (Ok(c), rev),
                     Err(e) => (Err(e), None),

@@ -1,7 +1,8 @@
 //! The status page in a real headless Chromium: served by the agent's metrics listener with
 //! the demo's traffic running, it names the three backends with non-zero rates, shows the
 //! VIP announced by BGP with its session established (bird beside the agent, a bird peer in
-//! a backend's namespace), logs nothing to the console, and renders to a screenshot. Also
+//! a backend's namespace), shows the guard's lists, limit, deny count and new flows per
+//! second, logs nothing to the console, and renders to a screenshot. Also
 //! `/healthz`, `/readyz` and the JSON.
 use std::{
     io::{Read as _, Write as _},
@@ -114,7 +115,19 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
     assert_eq!(code, 200);
     assert_eq!(get(&net.lb, "/healthz")?, (200, "ok\n".to_string()));
     assert_eq!(get(&net.lb, "/nope")?.0, 404);
-    net.add_vip(&format!("{VIP}:{PORT}/tcp"), &[0, 1, 2], &[])?;
+    // Guarded: an allow list holding the client, a new-flow limit far above the traffic's,
+    // and a node-wide deny of a prefix nobody here uses.
+    net.add_vip(
+        &format!("{VIP}:{PORT}/tcp"),
+        &[0, 1, 2],
+        &[
+            "--allow-source",
+            "10.200.0.0/24",
+            "--new-flow-limit",
+            "100000/20000",
+        ],
+    )?;
+    net.lb(&["deny", "add", "192.0.2.0/24"])?;
     let traffic = net.start_traffic(VIP.parse()?, 6, true)?;
     // The sampler needs two one-second samples with traffic between them.
     let status = || -> anyhow::Result<StatusView> {
@@ -190,6 +203,32 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
     assert!(
         vip_row.contains("<td class=\"announced\">announced</td>"),
         "the VIP is not shown announced: {bgp_part}"
+    );
+    // The guard: the node's deny count, the VIP's lists and limit, its new flows per second.
+    let guard = dom
+        .split("id=\"guard\"")
+        .nth(1)
+        .and_then(|g| g.split("id=\"bgp\"").next())
+        .unwrap_or_default();
+    assert!(
+        guard.contains("node deny list: 1 prefix(es)"),
+        "no deny count on the page: {guard}"
+    );
+    let guard_row = guard
+        .split("<tr ")
+        .find(|r| r.contains(&format!("data-vip=\"{VIP}:{PORT}/tcp\"")))
+        .unwrap_or_default();
+    let new_flows: f64 = guard_row
+        .split("data-new-flows=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        guard_row.contains("<td class=\"num\">1</td><td class=\"num\">0</td>")
+            && guard_row.contains("100,000/s, burst 20,000")
+            && new_flows > 0.0,
+        "the VIP's guard row: {guard_row}"
     );
     let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");

@@ -87,6 +87,8 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
     assert_eq!(differ, 0);
     assert_eq!(spread.len(), 3, "{spread:?}");
 
+    fleet_deny(&f)?;
+
     // A malformed value is rejected for its key only: the VIP keeps its last good value, the
     // other VIPs still change, and every node says so.
     f.etcd.ctl(&[
@@ -143,6 +145,77 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
         }
     }
     println!("{}", f.lb(1, &["cluster", "status"])?);
+    Ok(())
+}
+
+/// (c) The fleet's deny list: `lb deny add` on node 1 is in etcd and on every node, and the
+/// client's new connections are dropped whichever node receives them; `lb deny remove` on
+/// node 2 lets them through every node again; an entry with an end leaves etcd (its lease)
+/// and every node's list by itself.
+fn fleet_deny(f: &Fleet) -> anyhow::Result<()> {
+    let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
+    let client = format!("{}/32", lb_tests::routed::CLIENT4);
+    let listed =
+        |k: usize, p: &str| -> anyhow::Result<bool> { Ok(f.lb(k, &["deny", "list"])?.contains(p)) };
+    let start = Instant::now();
+    f.lb(1, &["deny", "add", &client])?;
+    f.lb(0, &["deny", "add", "198.51.100.0/24", "--expires", "2"])?;
+    for k in 0..NODES {
+        lb_tests::wait_until(
+            Duration::from_secs(5),
+            &format!("node {k} lists the client's deny"),
+            || listed(k, &client),
+            String::new,
+        )?;
+    }
+    println!(
+        "a deny added on node 1 was on all {NODES} nodes after {:?}",
+        start.elapsed()
+    );
+    let connect = || {
+        f.net
+            .client
+            .run(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)))
+    };
+    for k in 0..NODES {
+        f.net.ecmp(&[k])?;
+        if let Ok(Ok(_)) = connect() {
+            f.net.ecmp(&[0, 1, 2])?;
+            anyhow::bail!("a denied client connected through node {k}");
+        }
+    }
+    f.net.ecmp(&[0, 1, 2])?;
+    // The entry with an end: its lease deletes the key, and every node lets it go.
+    lb_tests::wait_until(
+        Duration::from_secs(10),
+        "the ended entry gone from etcd and every node",
+        || {
+            let keys = f
+                .etcd
+                .ctl(&["get", "--prefix", "--keys-only", "/xdp-lb/t/deny/"])?;
+            Ok(!keys.contains("198.51.100.0")
+                && (0..NODES).try_fold(true, |all, k| {
+                    Ok::<_, anyhow::Error>(all && !listed(k, "198.51.100.0/24")?)
+                })?)
+        },
+        || format!("{:?}", f.etcd.ctl(&["get", "--prefix", "/xdp-lb/t/deny/"])),
+    )?;
+    f.lb(2, &["deny", "remove", &client])?;
+    for k in 0..NODES {
+        lb_tests::wait_until(
+            Duration::from_secs(5),
+            &format!("node {k} dropped the client's deny"),
+            || Ok(!listed(k, &client)?),
+            String::new,
+        )?;
+    }
+    for k in 0..NODES {
+        f.net.ecmp(&[k])?;
+        let r = f.net.client.run(|| lb_tests::traffic::one_request(target));
+        f.net.ecmp(&[0, 1, 2])?;
+        r?.with_context(|| format!("the client through node {k} after the removal"))?;
+    }
+    println!("denied through every node, served through every node after the removal");
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Whoever can write etcd, as an attacker would, with `etcdctl` and no `lb`: fake node
 //! statuses (no lease, a lease that outlives its writer, named for another node, stale, a name
 //! with terminal escape sequences), a VIP for all ports on a node's own address and one
-//! outside the nodes' VIP pools. None is taken; each is counted and listed with its reason;
+//! outside the nodes' VIP pools, deny entries that would cut every client off (a field `lb`
+//! never writes, host bits set). None is taken; each is counted and listed with its reason;
 //! `lb cluster status` shows the escaped name and sends no escape byte; the node's own TCP
 //! service stays reachable and neither hostile address is announced to the router by BGP;
 //! fake votes do not take a backend down (while real-looking ones,
@@ -211,6 +212,15 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
     let outside = "192.0.2.10:80/tcp";
     put(&f, &format!("/xdp-lb/t/vips/{own_vip}"), value, None)?;
     put(&f, &format!("/xdp-lb/t/vips/{outside}"), value, None)?;
+    // Hostile deny entries: all of IPv4 with a field `lb` never writes, and a prefix with its
+    // host bits set (either would cut every client off if taken).
+    let bad_denies = [
+        ("0.0.0.0/0", r#"{"end_unix":0,"evil":1}"#, "unknown field"),
+        ("10.20.0.2/8", "{}", "host bits are set"),
+    ];
+    for (p, v, _) in &bad_denies {
+        put(&f, &format!("/xdp-lb/t/deny/{p}"), v, None)?;
+    }
 
     if let Some(d) = holds(&f, &vip, ("up", &all_up), Duration::from_secs(4), &[&short])? {
         failed.push(format!("fake votes took backend 3 down: {d}"));
@@ -242,6 +252,24 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
                 "VIP {v} not rejected for {why:?}: {:?}",
                 stats.rejected
             ));
+        }
+    }
+    for (p, _, why) in &bad_denies {
+        if !stats
+            .rejected
+            .iter()
+            .any(|l| l.contains(&format!("/deny/{p}: ")) && l.contains(why))
+        {
+            failed.push(format!(
+                "deny entry {p} not rejected for {why:?}: {:?}",
+                stats.rejected
+            ));
+        }
+    }
+    for k in 0..NODES {
+        let list = f.lb(k, &["deny", "list", "--json"])?;
+        if list.trim() != "[]" {
+            failed.push(format!("node {k} took a hostile deny entry: {list}"));
         }
     }
     let names: Vec<String> = f.vips(0)?.iter().map(|v| v.vip.to_string()).collect();
@@ -283,9 +311,9 @@ fn nothing_from_the_store_is_taken_on_trust() -> anyhow::Result<()> {
     let ignored = after.ignored_statuses_total - before.ignored_statuses_total;
     let rejected = after.rejected_total - before.rejected_total;
     println!("node 0 counted {ignored} ignored statuses, {rejected} rejected values");
-    if ignored != 5 || rejected != 2 {
+    if ignored != 5 || rejected != 4 {
         failed.push(format!(
-            "counted {ignored} ignored statuses (want 5) and {rejected} rejected values (want 2)"
+            "counted {ignored} ignored statuses (want 5) and {rejected} rejected values (want 4)"
         ));
     }
     let metrics = f.metrics(0)?;

@@ -76,7 +76,7 @@ pub fn guard_rows() -> anyhow::Result<()> {
 
     let mut ten = many(false, 0, 9);
     ten.extend(client_prefix());
-    world.dp.guard.write(&ten)?;
+    world.dp.guard().write(&ten)?;
     world.set_vip_flags(0, VIP_F_ALLOW)?;
     measure(&mut world, "allow list of 10")?;
 
@@ -84,13 +84,13 @@ pub fn guard_rows() -> anyhow::Result<()> {
     let mut big = many(false, 0, MILLION - 1);
     big.extend(client_prefix());
     let t = Instant::now();
-    world.dp.guard.write(&big)?;
+    world.dp.guard().write(&big)?;
     let wrote = t.elapsed();
     world.set_vip_flags(0, VIP_F_ALLOW)?;
     measure(&mut world, "allow list of 1,000,000")?;
 
     let mut world = World::new()?;
-    world.dp.guard.write(&many(true, SCOPE_NODE, MILLION))?;
+    world.dp.guard().write(&many(true, SCOPE_NODE, MILLION))?;
     world.set_vip_flags(0, VIP_F_NODE_DENY)?;
     measure(&mut world, "node deny list of 1,000,000 (client not on it)")?;
 
@@ -98,7 +98,7 @@ pub fn guard_rows() -> anyhow::Result<()> {
     // placed: the rows price the check, not the drop. Established packets never meet it.
     let mut world = World::new()?;
     let (interval_ns, tolerance_ns) = lb_common::VipRate::params(u32::MAX, u32::MAX);
-    world.dp.guard.set_rate(
+    world.dp.guard().set_rate(
         0,
         &lb_common::VipRate {
             interval_ns,

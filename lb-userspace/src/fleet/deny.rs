@@ -1,0 +1,209 @@
+//! The fleet's deny list: in store mode `lb deny add|remove` writes `deny/<PREFIX>` keys
+//! (one per prefix, an end as an etcd lease as well as in the value) and every node applies
+//! the list from there as its node-wide deny list, checked key by key as a VIP's value is.
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Error,
+    agent::{Agent, Changed},
+    fleet::{
+        Fleet,
+        schema::{Keys, Rejected},
+    },
+    model::{DesiredState, Prefix},
+    protocol::Command,
+};
+
+/// One deny entry's value in etcd.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyValue {
+    /// When the entry ends, Unix seconds (absent or 0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub end_unix: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Largest deny value taken: `{"end_unix":18446744073709551615}` is 32 bytes, so anything
+/// much larger was not written by `lb`, and no node parses or keeps it.
+pub const MAX_DENY_VALUE: usize = 256;
+
+/// One deny key and its value, checked: the key is a prefix in its one spelling (the form
+/// `lb` writes, so two keys cannot name one prefix), the value `lb`'s JSON.
+pub fn decode_deny(keys: &Keys, key: &str, value: &[u8]) -> Result<(Prefix, u64), String> {
+    if value.len() > MAX_DENY_VALUE {
+        return Err(format!(
+            "value of {} bytes, above the {MAX_DENY_VALUE}-byte limit of a deny entry",
+            value.len()
+        ));
+    }
+    let prefix = key_prefix(keys, key)?;
+    let v: DenyValue =
+        serde_json::from_slice(value).map_err(|e| format!("not a deny entry's JSON value: {e}"))?;
+    Ok((prefix, v.end_unix))
+}
+
+fn key_prefix(keys: &Keys, key: &str) -> Result<Prefix, String> {
+    let name = key
+        .strip_prefix(&keys.denies())
+        .ok_or_else(|| format!("not under {}", keys.denies()))?;
+    let prefix: Prefix = name.parse()?;
+    if prefix.to_string() != name {
+        return Err(format!("prefix `{name}` is not written as {prefix}"));
+    }
+    Ok(prefix)
+}
+
+/// The fleet's deny list from the keys `kvs` (all of one revision), without the entries
+/// that ended before `now`. A key rejected for its value keeps the entry `last` applied
+/// (or stays absent), as a VIP's does.
+pub fn decode_denies(
+    keys: &Keys,
+    kvs: &[(String, Vec<u8>)],
+    last: &BTreeMap<Prefix, u64>,
+    now: u64,
+) -> (BTreeMap<Prefix, u64>, Vec<Rejected>) {
+    let mut out = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for (key, value) in kvs {
+        match decode_deny(keys, key, value) {
+            Ok((p, end)) => {
+                out.insert(p, end);
+            }
+            Err(why) => {
+                if let Some((p, end)) = key_prefix(keys, key)
+                    .ok()
+                    .and_then(|p| last.get(&p).map(|e| (p, *e)))
+                {
+                    out.insert(p, end);
+                }
+                rejected.push(Rejected {
+                    key: key.clone(),
+                    why,
+                });
+            }
+        }
+    }
+    out.retain(|_, end| *end == 0 || *end > now);
+    (out, rejected)
+}
+
+impl Fleet {
+    /// `lb deny add|remove` in store mode: written to etcd, applied by every node (this one
+    /// too) from there.
+    pub async fn execute_deny(
+        &self,
+        agent: &Arc<Agent>,
+        cmd: &Command,
+    ) -> Result<(Changed, Option<i64>), Error> {
+        let store = self.store()?;
+        let rev = match cmd {
+            Command::DenyAdd { expires_s, .. } => {
+                // The same checks as on a node of its own (a prefix given, an end of 1 s or
+                // more), and the ends as it computes them.
+                let d = crate::agent::ops::edit(&DesiredState::default(), cmd)?.unwrap_or_default();
+                let mut puts = Vec::with_capacity(d.deny.len());
+                for (p, end) in &d.deny {
+                    let value = serde_json::to_vec(&DenyValue { end_unix: *end })
+                        .map_err(|e| Error::Invalid(format!("encoding {p}: {e}")))?;
+                    puts.push((self.keys.deny(p), value));
+                }
+                // The lease outlives the end by a second: the program judges the end itself,
+                // etcd's deletion only tidies up.
+                let ttl = expires_s.map(|s| i64::try_from(s.saturating_add(1)).unwrap_or(i64::MAX));
+                store.write_denies(&puts, &[], ttl).await?
+            }
+            Command::DenyRemove { prefixes } => {
+                let snap = store.snapshot(None).await?;
+                let (current, _) = decode_denies(&self.keys, &snap.deny, &BTreeMap::new(), 0);
+                let d = DesiredState {
+                    deny: current,
+                    ..DesiredState::default()
+                };
+                crate::agent::ops::edit(&d, cmd)?;
+                let deletes: Vec<String> = prefixes.iter().map(|p| self.keys.deny(p)).collect();
+                store.write_denies(&[], &deletes, None).await?
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{} is not a deny list change",
+                    cmd.describe()
+                )));
+            }
+        };
+        if !self
+            .applied_at_least(rev, super::write::SEE_OWN_WRITE)
+            .await
+        {
+            log::warn!("deny list revision {rev} written but not applied here in time");
+        }
+        agent.record(format!("{} (store revision {rev})", cmd.describe()));
+        Ok((Changed::default(), Some(rev)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(k: &str, v: &str) -> (String, Vec<u8>) {
+        (format!("/xdp-lb/c/deny/{k}"), v.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn entries_are_checked_key_by_key_and_a_bad_one_keeps_its_last_value() {
+        let keys = Keys::new("c").unwrap();
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        let last = BTreeMap::from([(p("198.51.100.0/24"), 0)]);
+        let kvs = vec![
+            kv("192.0.2.0/24", "{}"),
+            kv("2001:db8::/64", r#"{"end_unix":500}"#),
+            kv("203.0.113.0/24", r#"{"end_unix":50}"#),
+            // Hostile or malformed: each rejected, the rest applied.
+            kv("198.51.100.0/24", "{"),
+            kv("192.0.2.7/24", "{}"),
+            kv("2001:0db8:1::/64", "{}"),
+            kv("10.1.0.0/16", r#"{"end_unix":1,"evil":true}"#),
+            kv(
+                "10.2.0.0/16",
+                &format!("{{\"end_unix\":{}}}", " ".repeat(300)),
+            ),
+        ];
+        let (deny, rejected) = decode_denies(&keys, &kvs, &last, 100);
+        assert_eq!(
+            deny,
+            BTreeMap::from([
+                (p("192.0.2.0/24"), 0),
+                (p("2001:db8::/64"), 500),
+                (p("198.51.100.0/24"), 0),
+            ]),
+            "the ended one left out, the broken one kept as it was"
+        );
+        let whys: Vec<&str> = rejected.iter().map(|r| r.why.as_str()).collect();
+        assert_eq!(rejected.len(), 5, "{whys:?}");
+        assert!(whys[0].contains("JSON"), "{whys:?}");
+        assert!(whys[1].contains("host bits"), "{whys:?}");
+        assert!(
+            whys[2].contains("not written as 2001:db8:1::/64"),
+            "{whys:?}"
+        );
+        assert!(whys[3].contains("unknown field"), "{whys:?}");
+        assert!(whys[4].contains("256-byte limit"), "{whys:?}");
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let keys = Keys::new("c").unwrap();
+        let p: Prefix = "2001:db8::/48".parse().unwrap();
+        for end in [0, 1_900_000_000] {
+            let v = serde_json::to_vec(&DenyValue { end_unix: end }).unwrap();
+            assert_eq!(decode_deny(&keys, &keys.deny(&p), &v), Ok((p, end)));
+        }
+        assert_eq!(serde_json::to_vec(&DenyValue::default()).unwrap(), b"{}");
+    }
+}
