@@ -177,14 +177,11 @@ fn fleet_deny(f: &Fleet) -> anyhow::Result<()> {
             .client
             .run(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)))
     };
-    for k in 0..NODES {
-        f.net.ecmp(&[k])?;
-        if let Ok(Ok(_)) = connect() {
-            f.net.ecmp(&[0, 1, 2])?;
-            anyhow::bail!("a denied client connected through node {k}");
-        }
-    }
-    f.net.ecmp(&[0, 1, 2])?;
+    let prefix = format!("{VIP4}/32");
+    f.through_each(&prefix, |k| match connect() {
+        Ok(Ok(_)) => anyhow::bail!("a denied client connected through node {k}"),
+        _ => Ok(()),
+    })?;
     // The entry with an end: its lease deletes the key, and every node lets it go.
     lb_tests::wait_until(
         Duration::from_secs(10),
@@ -209,12 +206,12 @@ fn fleet_deny(f: &Fleet) -> anyhow::Result<()> {
             String::new,
         )?;
     }
-    for k in 0..NODES {
-        f.net.ecmp(&[k])?;
-        let r = f.net.client.run(|| lb_tests::traffic::one_request(target));
-        f.net.ecmp(&[0, 1, 2])?;
-        r?.with_context(|| format!("the client through node {k} after the removal"))?;
-    }
+    f.through_each(&prefix, |k| {
+        f.net
+            .client
+            .run(|| lb_tests::traffic::one_request(target))?
+            .with_context(|| format!("the client through node {k} after the removal"))
+    })?;
     println!("denied through every node, served through every node after the removal");
     Ok(())
 }
