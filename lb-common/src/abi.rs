@@ -6,14 +6,15 @@ use crate::{
 };
 
 /// Frozen layouts of earlier ABIs, each with what its migration needs.
-pub mod v13;
+pub mod v14;
 /// The ABI the agent migrates from (`lb-userspace/src/dataplane/migrate.rs`): always
 /// [`ABI_VERSION`] - 1, with its frozen map list and record.
-pub use v13 as previous;
+pub use v14 as previous;
 
 /// Bumped whenever the pinned set changes: a map added or removed, or a map's layout or
-/// meaning changed (14: the record carries the migration that made the set and the NAT tables' size).
-pub const ABI_VERSION: u32 = 14;
+/// meaning changed (15: the NAT address pool, `LB_NAT_ADDRS` of nine entries, and its refusal
+/// counts, `LB_NAT_REFUSED`).
+pub const ABI_VERSION: u32 = 15;
 /// "xdp-lb\0\0" in little endian: marks an [`AbiRecord`].
 pub const ABI_MAGIC: u64 = 0x0000_626c_2d70_6478;
 

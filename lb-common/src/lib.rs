@@ -25,7 +25,6 @@ mod maps;
 /// How the previous ABI's pinned set becomes this one's, map by map.
 pub mod migrate;
 mod nat;
-mod nat_v13;
 mod second_chance;
 mod table_key;
 mod top_sources;
@@ -37,7 +36,6 @@ pub use flow::*;
 pub use guard::*;
 pub use maps::*;
 pub use nat::*;
-pub use nat_v13::*;
 pub use second_chance::*;
 pub use table_key::*;
 pub use top_sources::*;
@@ -699,7 +697,6 @@ mod pod {
     unsafe impl aya::Pod for super::DecapConfig {}
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::NatEntry {}
-    unsafe impl aya::Pod for super::NatEntryV13 {}
     unsafe impl aya::Pod for super::NatHalfSlot {}
     unsafe impl aya::Pod for super::ProbationSlot {}
     unsafe impl aya::Pod for super::FlowCacheSlot {}

@@ -32,29 +32,11 @@ pub struct Conversion {
 /// ```ignore
 /// fn nat_entry(ok: &[u8], ov: &[u8], k: &mut [u8], v: &mut [u8]) -> bool {
 ///     // SAFETY: both are plain repr(C) integer types, as every map type here.
-///     unsafe { value_by(ok, ov, k, v, NatEntry::from_v13) }
+///     unsafe { value_by(ok, ov, k, v, NatEntry::from_v14) }
 /// }
 /// ```
-pub const CONVERSIONS: &[Conversion] = &[
-    Conversion {
-        map: crate::NAT_FWD_MAP,
-        convert: nat_entry,
-    },
-    Conversion {
-        map: crate::NAT_REV_MAP,
-        convert: nat_entry,
-    },
-];
-
-/// ABI 14's NAT entry grew the sequence state and the half-open slot (`crate::nat_v13`):
-/// both NAT tables keep their keys, each value is converted.
-fn nat_entry(ok: &[u8], ov: &[u8], k: &mut [u8], v: &mut [u8]) -> bool {
-    fn convert(old: crate::NatEntryV13) -> crate::NatEntry {
-        crate::from_v13(&old, 0)
-    }
-    // SAFETY: both are plain repr(C) integer types, as every map type here.
-    unsafe { value_by(ok, ov, k, v, convert) }
-}
+/// (None from ABI 14 to 15: no pinned map's entries changed shape.)
+pub const CONVERSIONS: &[Conversion] = &[];
 
 /// The usual conversion: the key kept as it is, the value read as an `O`, converted by `f`
 /// and written as an `N`. `false` (the entry dropped) when a size does not match.

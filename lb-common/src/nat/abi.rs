@@ -12,7 +12,7 @@ pub const NAT_REV_MAP: &str = "LB_NAT_REV";
 /// of the pool is at [`nat_addr_index`]`(family, i)`; all zero: none, and the family's pool
 /// ends at the first empty one). Packets to them are looked up in [`NAT_REV_MAP`].
 ///
-/// Interleaved so that ABI 13's two entries ([`NAT_ADDR_V4`], [`NAT_ADDR_V6`]: one address
+/// Interleaved so that ABI 14's two entries ([`NAT_ADDR_V4`], [`NAT_ADDR_V6`]: one address
 /// per family) are the first address of each family's pool as they are: the upgrade copies
 /// them into the larger map unchanged.
 pub const NAT_ADDRS_MAP: &str = "LB_NAT_ADDRS";
@@ -26,7 +26,7 @@ pub const NAT_POOL_MAX: u32 = 4;
 /// IPv6, 0, 0]`): a new connection picks its address by it. A size read from map memory is
 /// one unknown to the verifier; a size counted by the program would be a known constant on
 /// each of 17 paths, each verifying what follows again. Zero (as after an upgrade from
-/// ABI 13): the backend's outer source, which is then the family's one NAT address.
+/// ABI 14): the backend's outer source, which is then the family's one NAT address.
 pub const NAT_POOL_LENS: u32 = 2 * NAT_POOL_MAX;
 /// Entries of [`NAT_ADDRS_MAP`]: both families' pools and [`NAT_POOL_LENS`].
 pub const NAT_ADDRS_ENTRIES: u32 = 2 * NAT_POOL_MAX + 1;

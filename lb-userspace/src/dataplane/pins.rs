@@ -196,16 +196,14 @@ pub fn read_record(map_dir: &Path) -> Result<AbiRecord, Error> {
         .ok_or_else(unreadable)?;
     let mut out = [0u8; size_of::<AbiRecord>()];
     let n = bytes.len().min(out.len());
-    if n < size_of::<lb_common::previous::Record>() {
+    // The fields every ABI's record since 13 starts with (up to `hash_seed`): enough to tell
+    // a set this build migrates from one it refuses with what to do.
+    if n < std::mem::offset_of!(AbiRecord, nat_entries) {
         return Err(unreadable());
     }
     out[..n].copy_from_slice(&bytes[..n]);
     // SAFETY: `AbiRecord` is plain integers (repr(C)); every byte pattern is a value.
-    let mut record = unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<AbiRecord>()) };
-    // ABI 13 had fixed-size NAT tables and no field for them.
-    if record.version == lb_common::previous::VERSION {
-        record.nat_entries = lb_common::previous::NAT_ENTRIES;
-    }
+    let record = unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<AbiRecord>()) };
     Ok(record)
 }
 
