@@ -168,15 +168,18 @@ pub enum RateStep {
 
 /// The rate limit: fixed windows of `window_ns`, `per_window` records in each, counted for
 /// every CPU together so the ring never gets more than the rate asked however many CPUs the
-/// traffic lands on. The window only moves forward: a CPU whose clock read is a little
-/// behind counts against the newer window.
+/// traffic lands on. The window moves forward: a CPU whose clock read is a little behind
+/// (one window) counts against the newer window. A window further ahead than that was left
+/// by an earlier capture with shorter windows (the map outlives captures, and the decap
+/// program outlives `lb decap --capture` runs): it starts over, or that capture would
+/// record nothing until the clock caught up.
 #[inline(always)]
 pub const fn rate_step(rate: &CaptureRate, now: u64, window_ns: u64, per_window: u64) -> RateStep {
     if window_ns == 0 {
         return RateStep::Unlimited;
     }
     let w = now / window_ns;
-    if w > rate.window {
+    if w > rate.window || w.saturating_add(1) < rate.window {
         RateStep::Start(w)
     } else if rate.taken < per_window {
         RateStep::Take
@@ -217,6 +220,27 @@ pub const fn verdict_bit(action: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_left_by_a_capture_with_shorter_windows_starts_over() {
+        let ms = 1_000_000;
+        let now = 3_600_000 * ms;
+        // An earlier capture at 100 ms windows, this one at 500 ms.
+        let left = CaptureRate {
+            window: now / (100 * ms),
+            taken: 100,
+        };
+        assert_eq!(
+            rate_step(&left, now, 500 * ms, 1),
+            RateStep::Start(now / (500 * ms))
+        );
+        // A CPU one window behind counts against the newer window, as before.
+        let newer = CaptureRate {
+            window: now / (100 * ms) + 1,
+            taken: 100,
+        };
+        assert_eq!(rate_step(&newer, now, 100 * ms, 100), RateStep::Full);
+    }
 
     /// Applies a step as the kernel does.
     fn step(rate: &mut CaptureRate, now: u64, window_ns: u64, per_window: u64) -> bool {

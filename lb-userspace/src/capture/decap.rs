@@ -17,7 +17,7 @@ use aya::{
 };
 use lb_common::{
     BSS_MAP, CAPTURE_F_BOTH, CAPTURE_MAX_SNAP, CaptureConfig, DECAP_CAPTURE_CONFIG_MAP,
-    DECAP_CAPTURE_CPU_MAP, DECAP_CAPTURE_RING_MAP, DecapStat,
+    DECAP_CAPTURE_CPU_MAP, DECAP_CAPTURE_RATE_MAP, DECAP_CAPTURE_RING_MAP, DecapStat,
 };
 
 use super::{Capturer, Limits, Session, mono_to_unix_ns, wire::Start};
@@ -153,7 +153,9 @@ fn open_maps(link: &Path, iface: &str) -> Result<Capturer, Error> {
         .map_ids()
         .map_err(|e| kernel("reading the decap program's maps", &e))?
         .unwrap_or_default();
-    let (mut config, mut cpus, mut ring, mut bss) = (None, None, None, None);
+    // The shared rate limit's map marks a program whose settings mean what this build
+    // writes (one before it read the same bytes as a per-CPU interval and burst).
+    let (mut config, mut cpus, mut ring, mut bss, mut rate) = (None, None, None, None, false);
     for id in ids {
         let Ok(data) = MapData::from_id(id) else {
             continue;
@@ -163,12 +165,13 @@ fn open_maps(link: &Path, iface: &str) -> Result<Capturer, Error> {
             DECAP_CAPTURE_CONFIG_MAP => config = Some(Map::Array(data)),
             DECAP_CAPTURE_CPU_MAP => cpus = Some(Map::PerCpuArray(data)),
             DECAP_CAPTURE_RING_MAP => ring = Some(Map::RingBuf(data)),
+            DECAP_CAPTURE_RATE_MAP => rate = true,
             n if n.ends_with(BSS_MAP) => bss = Some(Map::Array(data)),
             _ => {}
         }
     }
     match (config, cpus, ring, bss) {
-        (Some(c), Some(p), Some(r), Some(b)) => Capturer::from_maps(c, p, r, b),
+        (Some(c), Some(p), Some(r), Some(b)) if rate => Capturer::from_maps(c, p, r, b),
         _ => Err(Error::Unavailable(format!(
             "the decap program on {iface} cannot capture (attached by an older lb): run `lb \
              decap` again to replace it, then capture"

@@ -76,8 +76,12 @@ impl MapsKernel {
         // Adopted maps whose program answers on this run's NAT addresses keep them on: zeroing
         // them until the first NAT backend is written back would pass the NAT connections'
         // replies to the stack meanwhile, which resets them.
-        let pinned = k.dp.nat.pool();
-        if !pinned.is_empty() && pinned == k.sources.nat_pool {
+        // Compared as sets: the map lists IPv4 first, `--nat-source` is in the order given.
+        let mut pinned = k.dp.nat.pool();
+        let mut wanted = k.sources.nat_pool.clone();
+        pinned.sort();
+        wanted.sort();
+        if !pinned.is_empty() && pinned == wanted {
             k.nat_addresses_on()?;
         } else {
             k.dp.nat.set_pool(&[])?;

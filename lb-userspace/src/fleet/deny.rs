@@ -106,13 +106,20 @@ impl Fleet {
             Command::DenyAdd { expires_s, .. } => {
                 // The same checks as on a node of its own (a prefix given, an end of 1 s or
                 // more), and the ends as it computes them.
-                let d = crate::agent::ops::edit(&DesiredState::default(), cmd)?.unwrap_or_default();
-                let mut puts = Vec::with_capacity(d.deny.len());
-                for (p, end) in &d.deny {
-                    let value = serde_json::to_vec(&DenyValue { end_unix: *end })
-                        .map_err(|e| Error::Invalid(format!("encoding {p}: {e}")))?;
-                    puts.push((self.keys.deny(p), value));
-                }
+                // On a blocking thread: a command may hold a list of megabytes.
+                let (keys, c) = (self.keys.clone(), cmd.clone());
+                let puts = blocking(move || {
+                    let d =
+                        crate::agent::ops::edit(&DesiredState::default(), &c)?.unwrap_or_default();
+                    let mut puts = Vec::with_capacity(d.deny.len());
+                    for (p, end) in &d.deny {
+                        let value = serde_json::to_vec(&DenyValue { end_unix: *end })
+                            .map_err(|e| Error::Invalid(format!("encoding {p}: {e}")))?;
+                        puts.push((keys.deny(p), value));
+                    }
+                    Ok(puts)
+                })
+                .await?;
                 // The lease outlives the end by a second: the program judges the end itself,
                 // etcd's deletion only tidies up.
                 let ttl = expires_s.map(|s| i64::try_from(s.saturating_add(1)).unwrap_or(i64::MAX));
@@ -120,12 +127,16 @@ impl Fleet {
             }
             Command::DenyRemove { prefixes } => {
                 let snap = store.snapshot(None).await?;
-                let (current, _) = decode_denies(&self.keys, &snap.deny, &BTreeMap::new(), 0);
-                let d = DesiredState {
-                    deny: current,
-                    ..DesiredState::default()
-                };
-                crate::agent::ops::edit(&d, cmd)?;
+                let (keys, c) = (self.keys.clone(), cmd.clone());
+                blocking(move || {
+                    let (current, _) = decode_denies(&keys, &snap.deny, &BTreeMap::new(), 0);
+                    let d = DesiredState {
+                        deny: current,
+                        ..DesiredState::default()
+                    };
+                    crate::agent::ops::edit(&d, &c).map(drop)
+                })
+                .await?;
                 let deletes: Vec<String> = prefixes.iter().map(|p| self.keys.deny(p)).collect();
                 store.write_denies(&[], &deletes, None).await?
             }
@@ -145,6 +156,15 @@ impl Fleet {
         agent.record(format!("{} (store revision {rev})", cmd.describe()));
         Ok((Changed::default(), Some(rev)))
     }
+}
+
+/// `f` on a blocking thread (CPU work over a whole list stays off the async workers).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Kernel(format!("a blocking task failed: {e}")))?
 }
 
 #[cfg(test)]
