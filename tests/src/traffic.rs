@@ -205,3 +205,48 @@ pub fn spoofed_source(rng: &mut u64) -> ([u8; 4], u16) {
     ];
     (src, (r >> 32) as u16 | 1024)
 }
+
+/// A server in `ns` on `addr` that answers one request per connection with `Connection:
+/// close` and closes first (the server side then holds the TIME_WAIT); stops with `stop`,
+/// bounded at 60 s.
+pub fn closing_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener = ns.run(|| std::net::TcpListener::bind(addr))??;
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
+                    // Dropped here: the server closes first.
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }))
+}
+
+/// One request on a new connection with `Connection: close`; the server closes, then the
+/// client. An answer not ending in `ok` is `InvalidData`.
+pub fn server_closes(target: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    if all.ends_with(b"ok") {
+        Ok(())
+    } else {
+        Err(std::io::ErrorKind::InvalidData.into())
+    }
+}

@@ -9,7 +9,7 @@
 //! exhaustion: a port is free again exactly when the backend no longer remembers it).
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -21,7 +21,7 @@ use std::{
 use lb_tests::{
     proc::sample_backend,
     routed::{Routed, VIP4},
-    traffic::connect_many,
+    traffic::{closing_server, connect_many, server_closes},
 };
 
 const VIP: &str = "10.0.0.10:80/tcp";
@@ -146,52 +146,11 @@ fn clients_closing_first_free_their_ports_after_the_grace() -> anyhow::Result<()
     Ok(())
 }
 
-/// A backend that answers one request per connection and closes first.
-fn closing_backend(
-    net: &Routed,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let listener = net.backends[0].run(|| TcpListener::bind("10.41.0.2:9000"))??;
-    listener.set_nonblocking(true)?;
-    Ok(std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(60);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut buf = [0u8; 1024];
-                    let _ = s.read(&mut buf);
-                    let _ = s.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    );
-                    // Dropped here: the backend closes first.
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }))
-}
-
-/// One request; the backend closes, then the client.
-fn server_closes(target: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)?;
-    if all.ends_with(b"ok") {
-        Ok(())
-    } else {
-        Err(std::io::ErrorKind::InvalidData.into())
-    }
-}
-
 #[test]
 fn servers_closing_first_keep_their_ports_held() -> anyhow::Result<()> {
     let net = scene("ncs", "5100-5115", "10.41.0.2:9000", false)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let server = closing_backend(&net, stop.clone())?;
+    let server = closing_server(&net.backends[0], "10.41.0.2:9000".parse()?, stop.clone())?;
     let result = (|| -> anyhow::Result<()> {
         let done = net
             .client

@@ -5,7 +5,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::routed::Routed;
+use lb_tests::{
+    routed::Routed,
+    traffic::{closing_server, server_closes},
+};
 
 use super::nat::{VIP, nat_backend, stat, target};
 
@@ -19,51 +22,6 @@ const RATE_PORTS: &str = "20000-21499";
 const RATE_MAX: u64 = 6_000;
 /// Connections the run must reach for the claim to hold: more than one address could take.
 const RATE_MIN: u64 = 4_600;
-
-/// A server on `addr` that answers one request per connection with `Connection: close` and
-/// closes first; stops with `stop` (bounded at 60 s).
-fn closing_server(
-    net: &Routed,
-    i: usize,
-    addr: SocketAddr,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    use std::io::{Read as _, Write as _};
-    let listener = net.backends[i].run(|| std::net::TcpListener::bind(addr))??;
-    listener.set_nonblocking(true)?;
-    Ok(std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(60);
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut buf = [0u8; 1024];
-                    let _ = s.read(&mut buf);
-                    let _ = s.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    );
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-    }))
-}
-
-/// One request; the server closes, then the client.
-fn server_closes(target: SocketAddr) -> std::io::Result<()> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)?;
-    if all.ends_with(b"ok") {
-        Ok(())
-    } else {
-        Err(std::io::ErrorKind::InvalidData.into())
-    }
-}
 
 /// The agent's metrics listener in the rate run (inside the load balancer's namespace).
 const RATE_METRICS: &str = "127.0.0.1:9100";
@@ -141,13 +99,14 @@ fn new_connections_at_full_rate_use_the_whole_pool() -> anyhow::Result<()> {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
-    for i in 1..=3 {
-        nat_backend(&net, i)?;
-        let addr: SocketAddr = format!("10.4{i}.0.2:9000").parse()?;
-        servers.push(closing_server(&net, i - 1, addr, stop.clone())?);
-        net.lb(&["backend", "add", VIP, &addr.to_string()])?;
-    }
+    // Inside the run: a failed step still stops the servers already started.
     let result = (|| -> anyhow::Result<()> {
+        for i in 1..=3 {
+            nat_backend(&net, i)?;
+            let addr: SocketAddr = format!("10.4{i}.0.2:9000").parse()?;
+            servers.push(closing_server(&net.backends[i - 1], addr, stop.clone())?);
+            net.lb(&["backend", "add", VIP, &addr.to_string()])?;
+        }
         // The first packets to each backend wait for its neighbour entry.
         net.client
             .run(|| (0..30).try_for_each(|_| server_closes(target())))??;

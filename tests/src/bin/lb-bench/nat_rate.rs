@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_tests::routed::{Routed, VIP4};
+use lb_tests::{
+    routed::{Routed, VIP4},
+    traffic::server_closes,
+};
 
 /// Seconds per measured run (four runs).
 const RUN: Duration = Duration::from_secs(8);
@@ -30,7 +33,6 @@ const SERVER_THREADS: usize = CLIENTS;
 /// The NAT pool: four addresses on the load balancer's eth0.
 const POOL: [&str; 4] = ["10.30.0.21", "10.30.0.22", "10.30.0.23", "10.30.0.24"];
 const PORT: u16 = 9000;
-const CLOSE_REQ: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n";
 const KEEP_REQ: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n";
 /// The same three backends behind the kernel's own NAT on the load balancer's node (nft
 /// DNAT by round robin, then masquerade): the same hops as the XDP NAT (client, router, load
@@ -131,20 +133,6 @@ fn serve(mut s: TcpStream) {
     }
 }
 
-/// One request on a new connection; the server closes first.
-fn one_close(target: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(CLOSE_REQ)?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)?;
-    if all.ends_with(b"ok") {
-        Ok(())
-    } else {
-        Err(std::io::ErrorKind::InvalidData.into())
-    }
-}
-
 /// One request on a kept-alive connection; reads the whole 2-byte answer.
 fn one_keep(s: &mut TcpStream) -> std::io::Result<()> {
     s.write_all(KEEP_REQ)?;
@@ -197,7 +185,7 @@ fn measure(net: &Routed, target: SocketAddr, keep: bool, prog: Option<u32>) -> a
                     }
                     r
                 } else {
-                    one_close(target)
+                    server_closes(target)
                 };
                 match r {
                     Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
@@ -299,9 +287,9 @@ pub fn nat_rate_rows() -> anyhow::Result<()> {
         // The first packets to each backend wait for neighbour entries.
         net.client.run(|| -> std::io::Result<()> {
             for _ in 0..30 {
-                one_close(vip)?;
-                one_close(direct)?;
-                one_close(nft)?;
+                server_closes(vip)?;
+                server_closes(direct)?;
+                server_closes(nft)?;
             }
             Ok(())
         })??;
