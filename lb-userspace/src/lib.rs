@@ -29,6 +29,7 @@ pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod capture;
+pub mod clock;
 pub mod dataplane;
 pub mod decap;
 pub mod error;

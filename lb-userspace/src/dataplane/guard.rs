@@ -49,17 +49,6 @@ fn fd(map: &Map) -> std::os::fd::BorrowedFd<'_> {
     }
 }
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds (the program's `bpf_ktime_get_coarse_ns`).
-fn mono_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A deny entry's end as the program reads it (monotonic nanoseconds; 0: never) from its end
 /// in Unix seconds; one already past ends at 1 (long gone).
 fn end_ns(end_unix: u64) -> u64 {
@@ -70,7 +59,7 @@ fn end_ns(end_unix: u64) -> u64 {
     if end_unix <= now {
         return 1;
     }
-    mono_now_ns().saturating_add((end_unix - now).saturating_mul(1_000_000_000))
+    crate::clock::monotonic_ns().saturating_add((end_unix - now).saturating_mul(1_000_000_000))
 }
 
 fn key4(r: &SourceRule) -> Key<GuardSrc4> {

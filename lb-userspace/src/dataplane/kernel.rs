@@ -499,13 +499,4 @@ impl NatSweep for Mutex<NatSweeper> {
     }
 }
 
-/// The program's clock: CLOCK_MONOTONIC_COARSE in seconds (`bpf_ktime_get_coarse_ns`).
-pub fn coarse_now_s() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
-}
+pub use crate::clock::coarse_now_s;

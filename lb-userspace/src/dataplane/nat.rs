@@ -1,11 +1,7 @@
 //! The NAT tables (`LB_NAT_FWD`, `LB_NAT_REV`, `LB_NAT_ADDRS`): the NAT source addresses the
 //! program answers on, and the sweep that deletes expired connections (the program only
 //! takes over an expired port when it needs one; the sweep keeps the tables from filling).
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    os::fd::{AsFd as _, OwnedFd},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
@@ -85,12 +81,7 @@ fn dup<T: TryFrom<Map, Error = aya::maps::MapError>>(
     let (Map::HashMap(data) | Map::Array(data) | Map::PerCpuArray(data)) = m else {
         return Err(Error::Kernel(format!("map {name} is not of its kind")));
     };
-    let fd: OwnedFd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(Error::io("duplicating a NAT map's fd"))?;
-    let data = MapData::from_fd(fd).map_err(err(name))?;
+    let data = super::rawmap::dup(data, name)?;
     T::try_from(wrap(data)).map_err(err(name))
 }
 

@@ -169,3 +169,14 @@ impl RawMap {
         Ok(keys)
     }
 }
+
+/// A second handle on `data`'s kernel map (a duplicated fd), for a reader that keeps its own
+/// copy outside the agent's lock (the sweep, the counters, the top sources).
+pub fn dup(data: &MapData, name: &'static str) -> Result<MapData, crate::Error> {
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(crate::Error::io(format!("duplicating the fd of {name}")))?;
+    MapData::from_fd(fd).map_err(|source| crate::Error::Map { name, source })
+}

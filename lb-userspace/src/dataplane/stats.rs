@@ -64,14 +64,7 @@ fn reopen<V: aya::Pod>(
     name: &'static str,
 ) -> Result<PerCpuArray<MapData, V>, Error> {
     use aya::maps::IterableMap as _;
-    use std::os::fd::AsFd as _;
-    let fd = map
-        .map()
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(Error::io(format!("duplicating the fd of {name}")))?;
-    let data = MapData::from_fd(fd).map_err(|source| Error::Map { name, source })?;
+    let data = super::rawmap::dup(map.map(), name)?;
     PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
         .map_err(|source| Error::Map { name, source })
 }
@@ -81,28 +74,10 @@ fn reopen_top(
     map: &aya::maps::HashMap<MapData, lb_common::TopKey, u64>,
 ) -> Result<aya::maps::HashMap<MapData, lb_common::TopKey, u64>, Error> {
     use aya::maps::IterableMap as _;
-    use std::os::fd::AsFd as _;
     let name = lb_common::TOP_SOURCES_MAP;
-    let fd = map
-        .map()
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(Error::io(format!("duplicating the fd of {name}")))?;
-    let data = MapData::from_fd(fd).map_err(|source| Error::Map { name, source })?;
+    let data = super::rawmap::dup(map.map(), name)?;
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
         .map_err(|source| Error::Map { name, source })
-}
-
-/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl StatsMaps {
@@ -132,7 +107,7 @@ impl StatsMaps {
                 Err(source) => return Err(Error::Map { name, source }),
             }
         }
-        Ok((out, coarse_now_ns()))
+        Ok((out, crate::clock::coarse_now_ns()))
     }
 
     /// Packets the guard dropped for VIP id `id`, summed over CPUs.
