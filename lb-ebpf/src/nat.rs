@@ -111,11 +111,15 @@ fn family_index(family: u8) -> u32 {
 #[inline(always)]
 pub fn is_nat_addr(pkt: &Parsed) -> bool {
     let f = family_index(pkt.key.family);
-    // The first address decides for every VIP packet of a one-address pool (a VIP is never
-    // a NAT address): its first word differs, and the family's second entry is empty.
+    // The first entry decides for every VIP packet of a node without NAT addresses (it is
+    // empty, and a family's pool ends at its first empty entry); with a pool, a VIP packet
+    // (never a NAT address) reads on to the first empty entry.
     let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(f, 0)) else {
         return false;
     };
+    if a[0] | a[1] | a[2] | a[3] == 0 {
+        return false;
+    }
     if same_addr(a, &pkt.key.dst) {
         return true;
     }
