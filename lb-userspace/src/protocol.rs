@@ -185,6 +185,9 @@ pub struct StatusView {
     pub stats: StatsView,
     pub rates: Rates,
     pub events: Vec<Event>,
+    /// The sources the guard dropped most in the last minute (`None`: not readable).
+    #[serde(default)]
+    pub top_sources: Option<TopSourcesView>,
 }
 
 fn default_udp_idle() -> u32 {
