@@ -129,7 +129,12 @@ fn take(
         .as_ref()
         .map(|(t, before)| status::rates(before, &stats, at.duration_since(*t)))
         .unwrap_or_default();
-    let metrics = metrics::render(&stats, &list, n)
+    // A walk of the sampled drops (bounded by `lb_common::TOP_SOURCES_ENTRIES`), here with the
+    // other map reads: once a snapshot, on this blocking thread, outside the core's lock.
+    // Unreadable (no data plane in fakes, a map error), the page leaves the table out rather
+    // than failing the whole snapshot.
+    let top = agent.top_sources().ok();
+    let metrics = metrics::render(&stats, &list, top.as_ref(), n)
         .map(Bytes::from)
         .map_err(|e| e.to_string());
     let view = StatusView {
@@ -139,6 +144,7 @@ fn take(
         stats,
         rates,
         events: agent.events(),
+        top_sources: top,
     };
     let status = serde_json::to_vec(&view)
         .map(Bytes::from)

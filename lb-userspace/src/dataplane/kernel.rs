@@ -79,6 +79,7 @@ impl MapsKernel {
         // Compared as sets: the map lists IPv4 first, `--nat-source` is in the order given.
         let mut pinned = k.dp.nat.pool();
         let mut wanted = k.sources.nat_pool.clone();
+        let pinned_slots = k.dp.nat.slots();
         pinned.sort();
         wanted.sort();
         if !pinned.is_empty() && pinned == wanted {
@@ -87,6 +88,8 @@ impl MapsKernel {
             k.dp.nat.set_pool(&[])?;
             k.dp.vips.set_also_filtered(Vec::new())?;
         }
+        k.dp.nat
+            .forget_moved_refusals(&pinned_slots, &k.sources.nat_pool)?;
         k.resync()?;
         Ok(k)
     }

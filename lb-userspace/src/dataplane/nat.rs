@@ -3,12 +3,12 @@
 //! takes over an expired port when it needs one; the sweep keeps the tables from filling).
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, NAT_ADDR_V4, NAT_ADDR_V6, NAT_ADDRS_MAP, NAT_FWD_MAP,
-    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REFUSED_MAP, NAT_REFUSED_NO_PORT, NAT_REFUSED_TABLE_FULL,
-    NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index, nat_expired, nat_forward_key,
-    nat_phase, nat_refused_index,
+    NAT_POOL_LENS, NAT_POOL_MAX, NAT_REFUSALS, NAT_REFUSED_MAP, NAT_REFUSED_NO_PORT,
+    NAT_REFUSED_TABLE_FULL, NAT_REV_MAP, NatEntry, NatPhase, NatTimes, nat_addr_index, nat_expired,
+    nat_forward_key, nat_phase, nat_refused_index,
 };
 
 use crate::{
@@ -22,6 +22,9 @@ pub struct NatTables {
     pub addrs: Array<MapData, [u32; 4]>,
     /// The timeouts the program was loaded with (the sweep applies the same).
     pub times: NatTimes,
+    /// The refusals per pool slot (`LB_NAT_REFUSED`), zeroed where a start moves another
+    /// address into a slot ([`NatTables::forget_moved_refusals`]).
+    refused: PerCpuArray<MapData, u64>,
 }
 
 /// Handles of their own on both NAT tables, for a sweep that runs without the agent's lock
@@ -85,8 +88,7 @@ fn dup<T: TryFrom<Map, Error = aya::maps::MapError>>(
     T::try_from(wrap(data)).map_err(err(name))
 }
 
-/// The NAT maps taken from the loaded object: the tables and the sweeper's own handles
-/// (`refused` is the sweeper's alone).
+/// The NAT maps taken from the loaded object: the tables and the sweeper's own handles.
 pub fn from_maps(
     fwd: Map,
     rev: Map,
@@ -99,7 +101,7 @@ pub fn from_maps(
         fwd: dup(&fwd, NAT_FWD_MAP, Map::HashMap)?,
         rev: dup(&rev, NAT_REV_MAP, Map::HashMap)?,
         addrs: dup(&addrs, NAT_ADDRS_MAP, Map::Array)?,
-        refused: PerCpuArray::try_from(refused).map_err(err(NAT_REFUSED_MAP))?,
+        refused: dup(&refused, NAT_REFUSED_MAP, Map::PerCpuArray)?,
         times,
         capacity: opts.nat_entries,
         half_slots: opts.nat_half_slots(),
@@ -109,6 +111,7 @@ pub fn from_maps(
         rev: HashMap::try_from(rev).map_err(err(NAT_REV_MAP))?,
         addrs: Array::try_from(addrs).map_err(err(NAT_ADDRS_MAP))?,
         times,
+        refused: PerCpuArray::try_from(refused).map_err(err(NAT_REFUSED_MAP))?,
     };
     Ok((tables, sweeper))
 }
@@ -187,12 +190,12 @@ impl NatTables {
         self.addrs
             .set(NAT_POOL_LENS, shrunk, 0)
             .map_err(err(NAT_ADDRS_MAP))?;
-        for (f, v4) in [(NAT_ADDR_V4, true), (NAT_ADDR_V6, false)] {
-            let mine: Vec<&IpAddr> = pool.iter().filter(|a| a.is_ipv4() == v4).collect();
+        let layout = pool_layout(pool);
+        for f in [NAT_ADDR_V4, NAT_ADDR_V6] {
             for i in (0..NAT_POOL_MAX).rev() {
-                let w = mine.get(i as usize).map_or([0; 4], |a| addr_words(**a));
+                let at = nat_addr_index(f, i);
                 self.addrs
-                    .set(nat_addr_index(f, i), w, 0)
+                    .set(at, layout[at as usize], 0)
                     .map_err(err(NAT_ADDRS_MAP))?;
             }
         }
@@ -201,10 +204,71 @@ impl NatTables {
             .map_err(err(NAT_ADDRS_MAP))
     }
 
+    /// The pool slots as the map holds them now, by [`nat_addr_index`] (empty ones zero).
+    pub fn slots(&self) -> Vec<[u32; 4]> {
+        (0..NAT_POOL_LENS)
+            .map(|at| self.addrs.get(&at, 0).unwrap_or([0; 4]))
+            .collect()
+    }
+
+    /// Zeroes the refusal counts of the slots whose address in `pool`'s layout differs from
+    /// `before` (the slots as pinned when this run started; [`moved_slots`]): the counts are
+    /// per slot, so without this a pool changed across a restart would show the previous
+    /// address's refusals under whichever address now occupies its slot. Called once the
+    /// new pool (or none) is written, so a refusal the program counts meanwhile is lost
+    /// rather than shown under the wrong address. Returns the slots zeroed.
+    pub fn forget_moved_refusals(
+        &mut self,
+        before: &[[u32; 4]],
+        pool: &[IpAddr],
+    ) -> Result<Vec<u32>, Error> {
+        let moved = moved_slots(before, &pool_layout(pool));
+        if moved.is_empty() {
+            return Ok(moved);
+        }
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
+        for &at in &moved {
+            for reason in 0..NAT_REFUSALS {
+                let zeros = PerCpuValues::try_from(vec![0u64; n])
+                    .map_err(Error::io("building per-CPU zeros"))?;
+                self.refused
+                    .set(nat_refused_index(at, reason), zeros, 0)
+                    .map_err(err(NAT_REFUSED_MAP))?;
+            }
+        }
+        Ok(moved)
+    }
+
     /// See [`sweep`].
     pub fn sweep(&mut self, now_s: u32) -> Result<Sweep, Error> {
         sweep(&mut self.fwd, &mut self.rev, now_s, &self.times)
     }
+}
+
+/// The pool slots [`NatTables::set_pool`] writes for `pool`, by [`nat_addr_index`]: each
+/// family's addresses in order from its first slot, the rest zero (addresses beyond
+/// [`NAT_POOL_MAX`] of a family, which `set_pool` refuses, left out).
+pub fn pool_layout(pool: &[IpAddr]) -> Vec<[u32; 4]> {
+    let mut out = vec![[0; 4]; NAT_POOL_LENS as usize];
+    for (f, v4) in [(NAT_ADDR_V4, true), (NAT_ADDR_V6, false)] {
+        let mine = pool.iter().filter(|a| a.is_ipv4() == v4);
+        for (i, a) in (0..NAT_POOL_MAX).zip(mine) {
+            out[nat_addr_index(f, i) as usize] = addr_words(*a);
+        }
+    }
+    out
+}
+
+/// The slots (by [`nat_addr_index`]) whose address differs between the layouts `before` and
+/// `after`, an empty slot counting as an address: a slot keeps its refusal counts only while
+/// it holds the same address.
+pub fn moved_slots(before: &[[u32; 4]], after: &[[u32; 4]]) -> Vec<u32> {
+    (0..NAT_POOL_LENS)
+        .filter(|&at| {
+            let slot = |l: &[[u32; 4]]| l.get(at as usize).copied().unwrap_or([0; 4]);
+            slot(before) != slot(after)
+        })
+        .collect()
 }
 
 /// Deletes every connection expired at `now_s` (both entries; a forward entry only while it
@@ -288,4 +352,62 @@ pub fn addrs_pinned_at(pin: &std::path::Path) -> Vec<[u32; 4]> {
         .filter_map(|i| old.get(&i, 0).ok())
         .filter(|w| *w != [0; 4])
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_layout_interleaves_the_families_in_order() {
+        let l = pool_layout(&ips(&["10.0.0.1", "fd00::1", "10.0.0.2"]));
+        assert_eq!(l.len(), NAT_POOL_LENS as usize);
+        assert_eq!(
+            l[nat_addr_index(NAT_ADDR_V4, 0) as usize],
+            addr_words(ips(&["10.0.0.1"])[0])
+        );
+        assert_eq!(
+            l[nat_addr_index(NAT_ADDR_V6, 0) as usize],
+            addr_words(ips(&["fd00::1"])[0])
+        );
+        assert_eq!(
+            l[nat_addr_index(NAT_ADDR_V4, 1) as usize],
+            addr_words(ips(&["10.0.0.2"])[0])
+        );
+        assert_eq!(l.iter().filter(|w| **w != [0; 4]).count(), 3);
+    }
+
+    #[test]
+    fn a_slot_keeps_its_counts_only_with_the_same_address() {
+        let v4 = |i| nat_addr_index(NAT_ADDR_V4, i);
+        let v6 = |i| nat_addr_index(NAT_ADDR_V6, i);
+        let before = pool_layout(&ips(&["10.0.0.1", "10.0.0.2", "fd00::1"]));
+        // The same pool: nothing moves.
+        let same = pool_layout(&ips(&["10.0.0.1", "fd00::1", "10.0.0.2"]));
+        assert_eq!(moved_slots(&before, &same), Vec::<u32>::new());
+        // The same set in another order: both IPv4 slots changed hands.
+        let swapped = pool_layout(&ips(&["10.0.0.2", "10.0.0.1", "fd00::1"]));
+        assert_eq!(moved_slots(&before, &swapped), vec![v4(0), v4(1)]);
+        // One address replaced: only its slot.
+        let replaced = pool_layout(&ips(&["10.0.0.1", "10.0.0.9", "fd00::1"]));
+        assert_eq!(moved_slots(&before, &replaced), vec![v4(1)]);
+        // Shrunk and grown: the emptied and the newly filled slots.
+        let other = pool_layout(&ips(&["10.0.0.1", "fd00::1", "fd00::2"]));
+        assert_eq!(moved_slots(&before, &other), vec![v4(1), v6(1)]);
+        // No pool before (a fresh start) or after: every slot that held or gets an address.
+        assert_eq!(
+            moved_slots(&pool_layout(&[]), &before),
+            vec![v4(0), v6(0), v4(1)]
+        );
+        assert_eq!(
+            moved_slots(&before, &pool_layout(&[])),
+            vec![v4(0), v6(0), v4(1)]
+        );
+        // A short or missing `before` reads as empty slots.
+        assert_eq!(moved_slots(&[], &pool_layout(&[])), Vec::<u32>::new());
+    }
 }

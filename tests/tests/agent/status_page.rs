@@ -2,7 +2,8 @@
 //! the demo's traffic running, it names the three backends with non-zero rates, shows the
 //! VIP announced by BGP with its session established (bird beside the agent, a bird peer in
 //! a backend's namespace), shows the guard's lists, limit, deny count and new flows per
-//! second, logs nothing to the console, and renders to a screenshot. Also
+//! second and its top dropped sources (SYNs from a source outside the allow list, raw
+//! socket), logs nothing to the console, and renders to a screenshot. Also
 //! `/healthz`, `/readyz` and the JSON.
 use std::{
     io::{Read as _, Write as _},
@@ -15,12 +16,18 @@ use std::{
 use lb_tests::{
     Netns,
     bgp::{self, Bird},
+    frames::{Frames, v4},
+    raw::RawSocket,
     topo::{DemoNet, LB_IP, PORT, VIP, backend_ip},
     unique_name, wait_until,
 };
 use lb_userspace::api::protocol::StatusView;
 
 const METRICS: &str = "127.0.0.1:9100";
+/// A source outside the VIP's allow list, and how many SYNs it sends: the kernel samples one
+/// drop in 16 at random, so 400 drops leave about 25 samples (none at all: 1 in 10^11).
+const OUTSIDER: [u8; 4] = [198, 18, 0, 9];
+const OUTSIDER_SYNS: u16 = 400;
 
 /// `GET path` on the metrics listener inside `ns`: (status code, body).
 fn get(ns: &Netns, path: &str) -> anyhow::Result<(u16, String)> {
@@ -128,6 +135,15 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
         ],
     )?;
     net.lb(&["deny", "add", "192.0.2.0/24"])?;
+    let frames = Frames::new(net.client.mac("eth0")?, net.lb.mac("eth0")?);
+    net.client.run(move || -> anyhow::Result<()> {
+        let sock = RawSocket::sender("eth0")?;
+        for sport in 0..OUTSIDER_SYNS {
+            let syn = frames.tcp4((OUTSIDER, 40_000 + sport), (v4(VIP), PORT), "S", b"");
+            sock.send_waiting(&syn)?;
+        }
+        Ok(())
+    })??;
     let traffic = net.start_traffic(VIP.parse()?, 6, true)?;
     // The sampler needs two one-second samples with traffic between them.
     let status = || -> anyhow::Result<StatusView> {
@@ -229,6 +245,16 @@ fn the_status_page_shows_backends_and_rates_in_chromium() -> anyhow::Result<()> 
             && guard_row.contains("100,000/s, burst 20,000")
             && new_flows > 0.0,
         "the VIP's guard row: {guard_row}"
+    );
+    // The outsider's SYNs, dropped as not allowed, among the top dropped sources.
+    let outsider = std::net::Ipv4Addr::from(OUTSIDER).to_string();
+    let top_row = guard
+        .split("<tr ")
+        .find(|r| r.contains(&format!("data-source=\"{outsider}\"")))
+        .unwrap_or_default();
+    assert!(
+        guard.contains("Top dropped sources") && top_row.contains("dropped_source_not_allowed"),
+        "no top dropped source row for {outsider}: {guard}"
     );
     let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:?}");

@@ -5,7 +5,8 @@
 //! connections see no failure afterwards. The same flood against a port of the VIP without a
 //! limit is the baseline, reported beside it. Then three sources flood SYNs far over their
 //! per-source limit while 20 legitimate clients, each from its own address, open connections
-//! (`flood_from_three`).
+//! (`flood_from_three`); `lb stats --top-sources`, `/metrics` and the status page's JSON name
+//! the three as the sources dropped most.
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -34,6 +35,8 @@ const FLOODERS_NET: &str = "198.18.7.0/29";
 const THREE_SYNS: u32 = 20_000;
 const THREE_FOR: Duration = Duration::from_secs(2);
 const LEGIT_CLIENTS: usize = 20;
+/// The agent's metrics listener (inside the load balancer's namespace).
+const METRICS: &str = "127.0.0.1:9100";
 
 fn counter(net: &DemoNet, name: &str) -> anyhow::Result<u64> {
     Ok(net.dir.stats()?.global.get(name).map_or(0, |c| c.packets))
@@ -85,7 +88,7 @@ fn flood(net: &DemoNet, port: u16, seed: u64) -> anyhow::Result<(u32, Duration)>
 fn a_spoofed_syn_flood_against_a_new_flow_limit() -> anyhow::Result<()> {
     let mut net = DemoNet::build(2, "generic")?;
     net.start_backends()?;
-    net.start_agent(&[])?;
+    net.start_agent(&["--metrics", METRICS])?;
     let limited = format!("{VIP}:{PORT}/tcp");
     // The source limit does not touch the random flood (its sources seldom repeat).
     net.add_vip(
@@ -321,5 +324,56 @@ fn flood_from_three(net: &DemoNet) -> anyhow::Result<()> {
         "sampled 1 in {}: {estimated} estimated for {dropped} dropped",
         top.sample_every
     );
+    top_sources_on_metrics(net, dropped)
+}
+
+/// `/metrics` names the three flooders among at most ten sources, their estimates
+/// accounting for the drops as `lb stats --top-sources` does, and `/status.json` (the
+/// status page's data) lists them too.
+fn top_sources_on_metrics(net: &DemoNet, dropped: u64) -> anyhow::Result<()> {
+    let to: SocketAddr = METRICS.parse()?;
+    let page = lb_tests::topo::http_request(&net.lb, to, &lb_tests::topo::get("/metrics"))?;
+    let series: Vec<(String, String, u64)> = page
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("lb_guard_top_source_dropped{source=\"")?;
+            let (source, rest) = rest.split_once("\",reason=\"")?;
+            let (reason, value) = rest.split_once("\"} ")?;
+            Some((source.to_string(), reason.to_string(), value.parse().ok()?))
+        })
+        .collect();
+    let sources: std::collections::BTreeSet<&str> =
+        series.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert!(
+        !sources.is_empty() && sources.len() <= 10,
+        "{} sources on /metrics: {series:?}",
+        sources.len()
+    );
+    let mut estimated = 0;
+    for f in FLOODERS {
+        let a = std::net::Ipv4Addr::from(f).to_string();
+        let n = series
+            .iter()
+            .find(|(s, r, _)| *s == a && r == "dropped_source_rate")
+            .map(|(_, _, n)| *n)
+            .ok_or_else(|| anyhow::anyhow!("{a} not on /metrics: {series:?}"))?;
+        estimated += n;
+    }
+    assert!(
+        estimated * 10 >= dropped * 7 && estimated * 10 <= dropped * 13,
+        "/metrics estimates {estimated} for {dropped} dropped"
+    );
+    let json = lb_tests::topo::http_request(&net.lb, to, &lb_tests::topo::get("/status.json"))?;
+    let body = json.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let status: lb_userspace::protocol::StatusView = serde_json::from_str(body)?;
+    let listed: Vec<String> = status
+        .top_sources
+        .iter()
+        .flat_map(|t| t.sources.iter().map(|s| s.source.to_string()))
+        .collect();
+    for f in FLOODERS {
+        let a = std::net::Ipv4Addr::from(f).to_string();
+        assert!(listed.contains(&a), "{a} not in /status.json: {listed:?}");
+    }
     Ok(())
 }
