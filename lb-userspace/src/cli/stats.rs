@@ -65,9 +65,20 @@ fn capture_line(c: &lb_userspace::capture::wire::CaptureStatus) -> String {
 }
 
 fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
-    let rate = |now: u64, before: Option<u64>| {
-        before.map_or(String::new(), |b| format!("{}/s", now.saturating_sub(b)))
-    };
+    print_notes(s);
+    print_counters(s, prev);
+    println!();
+    print_vips(s, prev);
+}
+
+/// A counter's rise since the previous refresh, per second (empty on the first).
+fn rate(now: u64, before: Option<u64>) -> String {
+    before.map_or(String::new(), |b| format!("{}/s", now.saturating_sub(b)))
+}
+
+/// The lines above the tables: convergence, the store, backends without a MAC, a migration,
+/// NAT's tables and addresses, the capture.
+fn print_notes(s: &StatsView) {
     if let Some(why) = &s.agent.not_converged {
         println!("WARNING: the data plane does not match the desired state yet: {why}\n");
     }
@@ -98,6 +109,10 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
     if let Some(c) = &s.capture {
         println!("{}\n", capture_line(c));
     }
+}
+
+/// The node-wide counters' table.
+fn print_counters(s: &StatsView, prev: Option<&StatsView>) {
     let mut rows = Vec::new();
     for (k, c) in &s.global {
         let before = prev.and_then(|p| p.global.get(k)).map(|c| c.packets);
@@ -109,7 +124,10 @@ fn print_stats(s: &StatsView, prev: Option<&StatsView>) {
         ]);
     }
     print_table(&["COUNTER", "PACKETS", "BYTES", "RATE"], &rows);
-    println!();
+}
+
+/// The per-VIP table, each VIP's backends under it.
+fn print_vips(s: &StatsView, prev: Option<&StatsView>) {
     let mut rows = Vec::new();
     for v in &s.vips {
         let pv = prev.and_then(|p| p.vips.iter().find(|x| x.vip == v.vip));
