@@ -11,6 +11,11 @@
 //! Either way the FIB is asked for the next hop *before* the packet is touched (a drop sees
 //! the original), then addresses and ports are rewritten with incremental checksum updates
 //! (RFC 1624) and the frame goes out by XDP_TX or a redirect.
+//!
+//! The pool of NAT addresses (is a packet for one, how many a family holds) is `nat/pool.rs`:
+//! every VIP packet asks it, not only NAT's. The rest stays in this one file on purpose: moving
+//! the allocation or the send path into modules of their own changed how LLVM laid out
+//! `lb_nat` (its stack slots, and the verifier's count of it), so they stay beside `forward`.
 // Keys go to the map helpers by reference: by value they would be copied onto the stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
@@ -22,10 +27,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FAMILY_V4, FlowKey, LbConfig,
-    NAT_ADDR_V4, NAT_ADDR_V6, NAT_F_CLOSING, NAT_POOL_LENS, NAT_POOL_MAX, NAT_PORT_PROBES,
-    NAT_REFUSED_NO_PORT, NAT_REFUSED_TABLE_FULL, NEXTHOP_TTL_S, NatEntry, PROTO_TCP, PROTO_UDP,
-    Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index, nat_expired, nat_port, nat_refused_index,
+    BACKEND_F_DOWN, BACKEND_F_PRESENT, Backend, DEFAULT_UDP_IDLE_S, FlowKey, LbConfig,
+    NAT_F_CLOSING, NAT_PORT_PROBES, NAT_REFUSED_NO_PORT, NAT_REFUSED_TABLE_FULL, NEXTHOP_TTL_S,
+    NatEntry, PROTO_TCP, PROTO_UDP, Stat, TCP_ACK, TCP_SYN, TcpSeg, nat_addr_index, nat_expired,
+    nat_port, nat_refused_index,
 };
 use network_types::eth::EthHdr;
 
@@ -43,6 +48,11 @@ use crate::{
     parse::{Parsed, ptr_at_mut},
     select, stats,
 };
+
+mod pool;
+
+pub use self::pool::is_nat_addr;
+use self::pool::{family_index, pool_len};
 
 const EEXIST: i32 = 17;
 
@@ -94,71 +104,6 @@ fn scratch() -> Result<&'static mut Scratch, Verdict> {
         .ok_or(Verdict::discard(Stat::DropTxError))?;
     // SAFETY: this CPU's scratch record; nothing else uses it meanwhile.
     Ok(unsafe { &mut *s })
-}
-
-/// The index of the packet's family in the pool's layout (`lb_common::nat_addr_index`).
-#[inline(always)]
-fn family_index(family: u8) -> u32 {
-    if family == FAMILY_V4 {
-        NAT_ADDR_V4
-    } else {
-        NAT_ADDR_V6
-    }
-}
-
-/// Whether the packet's destination (of its family) is one of this load balancer's NAT
-/// addresses (the pool).
-#[inline(always)]
-pub fn is_nat_addr(pkt: &Parsed) -> bool {
-    let f = family_index(pkt.key.family);
-    // The first entry decides for every VIP packet of a node without NAT addresses (it is
-    // empty, and a family's pool ends at its first empty entry); with a pool, a VIP packet
-    // (never a NAT address) reads on to the first empty entry.
-    let Some(a) = LB_NAT_ADDRS.get(nat_addr_index(f, 0)) else {
-        return false;
-    };
-    if a[0] | a[1] | a[2] | a[3] == 0 {
-        return false;
-    }
-    if same_addr(a, &pkt.key.dst) {
-        return true;
-    }
-    pool_rest_has(f, &pkt.key.dst)
-}
-
-/// `a` is `d` and not empty. Compared word by word: as one array compare, LLVM loaded and
-/// compared all four words on every VIP packet, where only the first word's test is needed.
-#[inline(always)]
-fn same_addr(a: &[u32; 4], d: &[u32; 4]) -> bool {
-    a[0] == d[0] && a[1] == d[1] && a[2] == d[2] && a[3] == d[3] && a[0] | a[1] | a[2] | a[3] != 0
-}
-
-/// Whether `d` is one of the pool's addresses after the first (a family's pool ends at its
-/// first empty entry).
-#[inline(always)]
-fn pool_rest_has(f: u32, d: &[u32; 4]) -> bool {
-    let mut i = 1;
-    while i < NAT_POOL_MAX {
-        match LB_NAT_ADDRS.get(nat_addr_index(f, i)) {
-            Some(a) if a[0] | a[1] | a[2] | a[3] != 0 => {
-                if same_addr(a, d) {
-                    return true;
-                }
-            }
-            _ => return false,
-        }
-        i += 1;
-    }
-    false
-}
-
-/// How many NAT addresses the pool of family index `f` holds (`lb_common::NAT_POOL_LENS`).
-#[inline(always)]
-fn pool_len(f: u32) -> u32 {
-    LB_NAT_ADDRS
-        .get(NAT_POOL_LENS)
-        .map_or(0, |l| if f == NAT_ADDR_V4 { l[0] } else { l[1] })
-        .min(NAT_POOL_MAX)
 }
 
 /// Enters the NAT program ([`crate::lb_nat`]); returns only if the tail call failed.

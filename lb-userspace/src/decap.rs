@@ -5,6 +5,14 @@
 //!
 //! Running it again converges: the program is replaced in place (no packet sees no program)
 //! and the address maps are rewritten to exactly what was asked.
+//!
+//! `decap.rs` loads, attaches and detaches; `decap/addrs.rs` holds the trusted senders and
+//! VIPs (parsed, and written to the maps), `decap/report.rs` the counters and setup script.
+mod addrs;
+mod report;
+#[cfg(test)]
+mod tests;
+
 use std::{
     collections::BTreeSet,
     net::IpAddr,
@@ -13,19 +21,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::MapData,
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use ipnet::IpNet;
 use lb_common::{
-    Counter, DECAP_CONFIG_GLOBAL, DECAP_MAX_LOCAL, DECAP_MAX_TRUSTED, DECAP_STATS_MAP,
-    DECAP_TRUSTED_MAP, DECAP_VIPS_MAP, DecapAddr, DecapConfig, DecapStat, TrustedKey,
+    DECAP_CONFIG_GLOBAL, DECAP_MAX_LOCAL, DECAP_MAX_TRUSTED, DECAP_STATS_MAP, DECAP_TRUSTED_MAP,
+    DECAP_VIPS_MAP, DecapConfig, DecapStat,
 };
 
+use self::addrs::key;
+pub use self::addrs::{any_source, parse_trusted, read_vip_file, set_trusted, set_vips};
+pub use self::report::{setup_script, stats};
 use crate::{
     AttachMode, DECAP_OBJECT, DECAP_PROGRAM, DECAP_TC_PROGRAM, Error,
     dataplane::{attach_xdp_pinned, egress::attach_tc_pinned, require_capabilities},
-    net::{addr_words, family},
 };
 
 /// Where the decap program runs.
@@ -78,80 +88,6 @@ pub fn pin_dir(bpffs: &Path, iface: &str) -> PathBuf {
 }
 
 const PINNED_MAPS: [&str; 3] = [DECAP_VIPS_MAP, DECAP_STATS_MAP, DECAP_TRUSTED_MAP];
-
-/// What `--trust-any-source` trusts: every address of both families.
-pub fn any_source() -> BTreeSet<IpNet> {
-    ["0.0.0.0/0", "::/0"]
-        .iter()
-        .map(|p| p.parse().expect("a valid prefix"))
-        .collect()
-}
-
-/// Parses a `--trusted-source`: a prefix (`10.31.0.0/16`, `fd00:31::/48`) or one address (a
-/// host prefix). A prefix with host bits set is refused rather than silently widened or cut:
-/// the operator meant something else.
-pub fn parse_trusted(s: &str) -> Result<IpNet, String> {
-    let net = match s.parse::<IpNet>() {
-        Ok(n) => n,
-        Err(_) => match s.parse::<IpAddr>() {
-            Ok(ip) => IpNet::from(ip),
-            Err(_) => {
-                return Err(format!(
-                    "invalid trusted source `{s}`: expected an address or ADDRESS/LENGTH, e.g. \
-                     10.31.0.0/16 or fd00:31::/48"
-                ));
-            }
-        },
-    };
-    if net.trunc() != net {
-        return Err(format!(
-            "invalid trusted source `{s}`: host bits set (did you mean {}?)",
-            net.trunc()
-        ));
-    }
-    Ok(net)
-}
-
-/// The trie key of `net`: the family's bits, then the prefix's.
-fn trusted_key(net: &IpNet) -> Key<TrustedKey> {
-    let ip = net.network();
-    Key::new(
-        TrustedKey::FAMILY_BITS + u32::from(net.prefix_len()),
-        TrustedKey {
-            family: u32::from(family(ip)),
-            addr: addr_words(ip),
-        },
-    )
-}
-
-/// Reads a VIP list file: one address per line, `#` comments and blank lines ignored.
-pub fn read_vip_file(path: &Path) -> Result<Vec<IpAddr>, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let ip: IpAddr = line.parse().map_err(|_| {
-            Error::Invalid(format!(
-                "{}:{}: `{line}` is not an IPv4 or IPv6 address",
-                path.display(),
-                n + 1
-            ))
-        })?;
-        out.push(ip);
-    }
-    Ok(out)
-}
-
-fn key(ip: IpAddr) -> DecapAddr {
-    DecapAddr {
-        addr: addr_words(ip),
-        family: u32::from(family(ip)),
-    }
-}
 
 /// Attaches (or updates) the decap program on `opts.iface`; returns what was done.
 pub fn attach(opts: &DecapOptions) -> Result<String, Error> {
@@ -308,48 +244,6 @@ fn drop_stale_stats(dir: &Path) {
     }
 }
 
-/// Rewrites the trusted-sender trie to exactly `trusted`. New entries go in before stale ones
-/// go, so a sender in both the old and the new set is never refused in between.
-pub fn set_trusted(ebpf: &mut Ebpf, trusted: &BTreeSet<IpNet>) -> Result<(), Error> {
-    let name = DECAP_TRUSTED_MAP;
-    let m = ebpf.map_mut(name).ok_or(Error::MissingMap { name })?;
-    let mut m: LpmTrie<_, TrustedKey, u32> =
-        LpmTrie::try_from(m).map_err(|source| Error::Map { name, source })?;
-    let want: Vec<Key<TrustedKey>> = trusted.iter().map(trusted_key).collect();
-    let same = |a: &Key<TrustedKey>, b: &Key<TrustedKey>| {
-        a.prefix_len() == b.prefix_len() && a.data() == b.data()
-    };
-    for k in &want {
-        m.insert(k, 1, 0)
-            .map_err(|source| Error::Map { name, source })?;
-    }
-    let have: Vec<Key<TrustedKey>> = m.keys().filter_map(Result::ok).collect();
-    for k in have.iter().filter(|k| !want.iter().any(|w| same(k, w))) {
-        m.remove(k).map_err(|source| Error::Map { name, source })?;
-    }
-    Ok(())
-}
-
-/// Rewrites the VIP map to exactly `vips`.
-pub fn set_vips(ebpf: &mut Ebpf, vips: &BTreeSet<IpAddr>) -> Result<(), Error> {
-    for (map, want) in [(DECAP_VIPS_MAP, vips)] {
-        let m = ebpf.map_mut(map).ok_or(Error::MissingMap { name: map })?;
-        let mut m: HashMap<_, DecapAddr, u32> =
-            HashMap::try_from(m).map_err(|source| Error::Map { name: map, source })?;
-        let want: BTreeSet<DecapAddr> = want.iter().map(|ip| key(*ip)).collect();
-        let have: Vec<DecapAddr> = m.keys().filter_map(Result::ok).collect();
-        for k in have.iter().filter(|k| !want.contains(k)) {
-            m.remove(k)
-                .map_err(|source| Error::Map { name: map, source })?;
-        }
-        for k in &want {
-            m.insert(k, 1, 0)
-                .map_err(|source| Error::Map { name: map, source })?;
-        }
-    }
-    Ok(())
-}
-
 fn load_and_attach(opts: &DecapOptions, dir: &Path) -> Result<String, Error> {
     let mut ebpf = load(opts.gue_port, &opts.local, Some(&dir.join("maps")))?;
     // VIPs and senders first: a fresh program must find them the moment it is attached.
@@ -444,144 +338,4 @@ pub fn detach(iface: &str, bpffs: &Path) -> Result<String, Error> {
         )));
     }
     Ok(format!("decap detached from {iface}"))
-}
-
-/// The decap counters of `iface`, summed over CPUs, in [`DecapStat`] order.
-pub fn stats(iface: &str, bpffs: &Path) -> Result<Vec<(&'static str, Counter)>, Error> {
-    let path = pin_dir(bpffs, iface).join("maps").join(DECAP_STATS_MAP);
-    if !path.exists() {
-        return Err(Error::NotFound(format!(
-            "no decap program is attached to {iface} (no counters at {})",
-            path.display()
-        )));
-    }
-    let name = DECAP_STATS_MAP;
-    let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-    let m: PerCpuArray<_, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))
-        .map_err(|source| Error::Map { name, source })?;
-    let mut out = Vec::new();
-    for s in DecapStat::ALL {
-        let per_cpu = m
-            .get(&(s as u32), 0)
-            .map_err(|source| Error::Map { name, source })?;
-        let mut c = Counter::default();
-        for v in per_cpu.iter() {
-            c.packets += v.packets;
-            c.bytes += v.bytes;
-        }
-        out.push((s.name(), c));
-    }
-    Ok(out)
-}
-
-/// The backend's one-time setup for `vips` on `iface`, taking tunnels from `trusted`, as
-/// shell commands. With no trusted source given, the command names what to put there.
-pub fn setup_script(iface: &str, vips: &BTreeSet<IpAddr>, trusted: &BTreeSet<IpNet>) -> String {
-    let mut s = String::from(
-        "# One-time setup of a backend behind an encapsulating VIP (run as root).\n\
-         # The VIP lives on lo, so the stack accepts the decapsulated packets and answers\n\
-         # from the VIP straight to the client; the host must not answer ARP/ND for it.\n",
-    );
-    for vip in vips {
-        let len = if vip.is_ipv4() { 32 } else { 128 };
-        s.push_str(&format!("ip addr add {vip}/{len} dev lo\n"));
-    }
-    s.push_str(&format!(
-        "sysctl -w net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.{iface}.arp_ignore=1\n\
-         sysctl -w net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.{iface}.arp_announce=2\n\
-         # The inner packet comes from the client but arrives on {iface}: loose or no\n\
-         # reverse-path filtering (strict mode drops it when the client's route differs).\n\
-         sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{iface}.rp_filter=2\n\
-         # Then attach the decapsulation program (stays attached across restarts). It takes\n\
-         # tunnels only from --trusted-source: every load balancer's encapsulation source\n\
-         # (its --encap-source or interface address, and its --ipip-source-prefix), and the\n\
-         # peer backends second chance forwards from.\n\
-         lb decap --iface {iface}{}{}\n",
-        vips.iter()
-            .map(|v| format!(" --vip {v}"))
-            .collect::<String>(),
-        if trusted.is_empty() {
-            " --trusted-source LB_PREFIX --trusted-source PEER_PREFIX".to_string()
-        } else {
-            trusted
-                .iter()
-                .map(|t| format!(" --trusted-source {t}"))
-                .collect::<String>()
-        }
-    ));
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vip_files_are_read_strictly() {
-        let dir = std::env::temp_dir().join(format!("lb-decap-vips-{}", std::process::id()));
-        std::fs::write(&dir, "# vips\n10.0.0.10\n\n2001:db8::10 # v6\n").unwrap();
-        let v = read_vip_file(&dir).unwrap();
-        assert_eq!(v.len(), 2);
-        std::fs::write(&dir, "10.0.0.10\nnot-an-ip\n").unwrap();
-        let e = read_vip_file(&dir).unwrap_err().to_string();
-        assert!(e.contains(":2: `not-an-ip`"), "{e}");
-        let _ = std::fs::remove_file(&dir);
-    }
-
-    #[test]
-    fn setup_names_every_vip() {
-        let vips: BTreeSet<IpAddr> = [
-            "10.0.0.10".parse().unwrap(),
-            "2001:db8::10".parse().unwrap(),
-        ]
-        .into_iter()
-        .collect();
-        let s = setup_script("eth0", &vips, &BTreeSet::new());
-        assert!(s.contains("ip addr add 10.0.0.10/32 dev lo"));
-        assert!(s.contains("ip addr add 2001:db8::10/128 dev lo"));
-        assert!(s.contains(
-            "lb decap --iface eth0 --vip 10.0.0.10 --vip 2001:db8::10 --trusted-source LB_PREFIX"
-        ));
-        let trusted = ["10.31.0.0/16", "fd00:31::/48"]
-            .iter()
-            .map(|p| parse_trusted(p).unwrap())
-            .collect();
-        let s = setup_script("eth0", &vips, &trusted);
-        assert!(
-            s.contains("--trusted-source 10.31.0.0/16 --trusted-source fd00:31::/48"),
-            "{s}"
-        );
-    }
-
-    #[test]
-    fn trusted_sources_are_read_strictly() {
-        assert_eq!(
-            parse_trusted("10.31.0.0/16").unwrap().to_string(),
-            "10.31.0.0/16"
-        );
-        assert_eq!(
-            parse_trusted("10.31.0.2").unwrap().to_string(),
-            "10.31.0.2/32"
-        );
-        assert_eq!(
-            parse_trusted("fd00:31::2").unwrap().to_string(),
-            "fd00:31::2/128"
-        );
-        assert_eq!(parse_trusted("::/0").unwrap().to_string(), "::/0");
-        let e = parse_trusted("10.31.0.2/16").unwrap_err();
-        assert!(e.contains("did you mean 10.31.0.0/16"), "{e}");
-        for bad in ["10.31.0.0/33", "lb1", "10.31.0.0/", ""] {
-            assert!(parse_trusted(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn trie_keys_put_the_family_first() {
-        let k = trusted_key(&parse_trusted("10.31.0.0/16").unwrap());
-        assert_eq!(k.prefix_len(), 32 + 16);
-        assert_eq!(k.data().family, 4);
-        assert_eq!(k.data().addr[0].to_ne_bytes(), [10, 31, 0, 0]);
-        let k = trusted_key(&parse_trusted("::/0").unwrap());
-        assert_eq!((k.prefix_len(), k.data().family), (32, 6));
-    }
 }
