@@ -313,7 +313,7 @@ impl Rng {
 fn random_command(r: &mut Rng) -> Command {
     let v = vip(r.below(3) as u8);
     let a = addr(r.below(5) as u8);
-    match r.below(9) {
+    match r.below(11) {
         0 => Command::AddVip {
             udp_idle_s: 30,
             forward: Default::default(),
@@ -367,6 +367,13 @@ fn random_command(r: &mut Rng) -> Command {
                 if_revision: None,
             }
         }
+        8 => Command::DenyAdd {
+            prefixes: vec![format!("192.0.2.{}/32", r.below(4)).parse().unwrap()],
+            expires_s: (r.below(2) == 0).then_some(3600),
+        },
+        9 => Command::DenyRemove {
+            prefixes: vec![format!("192.0.2.{}/32", r.below(4)).parse().unwrap()],
+        },
         _ => Command::Reconcile,
     }
 }
@@ -625,3 +632,5 @@ fn a_restarted_agent_resumes_the_saved_second_chance_history() {
         "{adopted:?}"
     );
 }
+
+mod deny;
