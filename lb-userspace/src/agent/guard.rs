@@ -116,6 +116,26 @@ pub fn with_node_entries(state: &DesiredState, ids: &Ids, node: &Sources) -> Sou
     out
 }
 
+/// Applies changes of the node's deny list to its entries in `s`.
+pub fn apply_deny_changes(s: &mut Sources, changes: &[crate::agent::deny_file::DenyChange]) {
+    use crate::agent::deny_file::DenyChange;
+    let rule = |prefix: &Prefix| SourceRule {
+        deny: true,
+        scope: SCOPE_NODE,
+        prefix: *prefix,
+    };
+    for c in changes {
+        match c {
+            DenyChange::Add { end, prefixes } => {
+                s.extend(prefixes.iter().map(|p| (rule(p), *end)));
+            }
+            DenyChange::Remove { prefixes } => prefixes.iter().for_each(|p| {
+                s.remove(&rule(p));
+            }),
+        }
+    }
+}
+
 /// The VIP ids a change's entries must not be written under ahead of its commit: ids that
 /// `current` (the core's ids, the kernel's) give another VIP than `next` does. Such an id
 /// changes hands at the commit; until then the other VIP's flags say it reads that scope,

@@ -241,6 +241,12 @@ impl Agent {
         self.change_at(None, false, f)
     }
 
+    /// Makes the VIPs of config `state` the desired state (`lb run --config` at start),
+    /// keeping the node's deny list, which a config file does not carry (as `lb apply`).
+    pub fn apply_config(&self, state: DesiredState) -> Result<Changed, Error> {
+        self.change_at(None, true, |_| Ok(state))
+    }
+
     /// Store mode: makes `state`, read at configuration revision `revision`, the desired
     /// state (saved with its revision, so a restart says what it serves). Same path as every
     /// other change.
@@ -283,16 +289,16 @@ impl Agent {
             true => Vec::new(),
             false => deny_file::diff(&current.deny, &new.deny),
         };
-        let (mut prepared, vips_unchanged, guard, skip, core_sources) = {
+        let (mut prepared, vips_unchanged, same_vip_lists, guard, skip, core_sources) = {
             let core = self.core();
             let mut p = core.prepare(new)?;
             p.keep_deny = keep_deny;
             let vips_unchanged = p.desired.vips == core.desired().vips && p.ids == *core.ids();
+            let same_vip_lists =
+                guard::same_vip_sources(core.desired(), core.ids(), &p.desired, &p.ids);
             // No deny changes: the node's entries are the core's (with `keep_deny` the
             // state at hand has no list to compare).
-            if deny_changes.is_empty()
-                && guard::same_vip_sources(core.desired(), core.ids(), &p.desired, &p.ids)
-            {
+            if deny_changes.is_empty() && same_vip_lists {
                 p.sources = Some(core.sources());
             }
             let skip = guard::scopes_changing_hands(
@@ -304,15 +310,33 @@ impl Agent {
                     .chain(core.kernel().view().vips.iter().map(|(k, id)| (*k, *id))),
             );
             let guard = core.kernel().guard_writer();
-            (p, vips_unchanged, guard, skip, core.sources())
+            (
+                p,
+                vips_unchanged,
+                same_vip_lists,
+                guard,
+                skip,
+                core.sources(),
+            )
         };
-        if keep_deny && prepared.sources.is_none() {
-            // The VIPs' lists changed, the node's did not: its entries are the core's.
-            prepared.sources = Some(Arc::new(guard::with_node_entries(
-                &prepared.desired,
-                &prepared.ids,
-                &core_sources,
-            )));
+        // Laid out with the core unlocked, from the core's entries where they carry over.
+        if prepared.sources.is_none() {
+            prepared.sources = if keep_deny {
+                // The VIPs' lists changed, the node's did not.
+                Some(Arc::new(guard::with_node_entries(
+                    &prepared.desired,
+                    &prepared.ids,
+                    &core_sources,
+                )))
+            } else if same_vip_lists {
+                // Only the node's list changed: the core's entries with its changes (a copy
+                // rather than a million entries laid out one by one).
+                let mut s = (*core_sources).clone();
+                guard::apply_deny_changes(&mut s, &deny_changes);
+                Some(Arc::new(s))
+            } else {
+                None
+            };
         }
         drop(core_sources);
         let unchanged = vips_unchanged && deny_changes.is_empty();

@@ -74,9 +74,14 @@ fn a_vip_change_saves_no_deny_list_and_a_deny_change_no_state_file() {
     w.agent.execute(&gone).unwrap();
     assert_eq!(saves(&w), (2, 3));
     assert_agree(&w, "after the changes");
+    let laid_out = {
+        let core = w.agent.core();
+        crate::agent::guard::sources(core.desired(), core.ids())
+    };
+    assert_eq!(laid_out.len(), 4998);
     assert_eq!(
-        w.agent.core().sources().len(),
-        4998,
+        *w.agent.core().sources(),
+        laid_out,
         "the guard's entries follow"
     );
     // A restart over the same store and kernel: the same list.
@@ -147,4 +152,26 @@ fn a_failed_state_file_puts_the_saved_deny_list_back() {
     w.agent.change(|_| Ok(next.clone())).unwrap();
     assert_eq!(w.store.lock().unwrap().saved.desired, next);
     assert_agree(&w, "after the retried change");
+}
+
+#[test]
+fn a_config_applied_at_start_keeps_the_deny_list() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    w.agent
+        .execute(&Command::DenyAdd {
+            prefixes: prefixes(3),
+            expires_s: None,
+        })
+        .unwrap();
+    let mut config = DesiredState::default();
+    config.vips.insert(vip(2), Default::default());
+    w.agent.apply_config(config.clone()).unwrap();
+    let now = w.agent.core().state_file().desired;
+    assert_eq!(now.vips, config.vips);
+    assert_eq!(now.deny.len(), 3, "`lb run --config` left the deny list");
+    assert_eq!(saves(&w), (1, 1));
+    assert_agree(&w, "after the config");
 }
