@@ -302,7 +302,7 @@ async fn start_node(opts: &RunOptions, dp: Dataplane, c: Checked) -> Result<Arc<
     drop_refused_vips(&node).await?;
     if let Some(state) = c.config {
         let a = node.agent().clone();
-        tokio::task::spawn_blocking(move || a.change(|_| Ok(state)))
+        tokio::task::spawn_blocking(move || a.apply_config(state))
             .await
             .map_err(|e| Error::Kernel(e.to_string()))??;
         if let Some(path) = &opts.config {

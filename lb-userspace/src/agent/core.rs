@@ -36,6 +36,10 @@ pub struct Prepared {
     /// The guard's entries for `desired` and `ids`, when made already (outside the lock);
     /// otherwise the commit makes them.
     pub sources: Option<Arc<Sources>>,
+    /// The change leaves the node's deny list alone: `desired.deny` is empty here and the
+    /// commit moves the core's list over, so a VIP change never copies or compares a list
+    /// of a million prefixes.
+    pub keep_deny: bool,
 }
 
 impl Prepared {
@@ -45,9 +49,14 @@ impl Prepared {
         plan::plan_change(&self.replaced, &self.desired, self.ring_size)
     }
 
+    /// What the state file saves: all but the deny list, which has its own files
+    /// ([`StateStore::save_deny`](super::state::StateStore::save_deny)) and is not copied.
     pub fn state_file(&self) -> StateFile {
         StateFile {
-            desired: self.desired.clone(),
+            desired: DesiredState {
+                vips: self.desired.vips.clone(),
+                deny: Default::default(),
+            },
             ids: self.ids.clone(),
             store_revision: None,
         }
@@ -265,6 +274,7 @@ impl Core {
             ids,
             ring_size: self.kernel.ring_size(),
             sources: None,
+            keep_deny: false,
         })
     }
 
@@ -301,7 +311,10 @@ impl Core {
     /// Makes `p` the state in memory (the caller has saved it) and converges the kernel. A
     /// kernel failure leaves the change in effect in memory and is retried by
     /// [`Core::converge`]; it is returned as [`Error::NotConverged`].
-    pub fn commit(&mut self, p: Prepared) -> Result<(), Error> {
+    pub fn commit(&mut self, mut p: Prepared) -> Result<(), Error> {
+        if p.keep_deny {
+            p.desired.deny = std::mem::take(&mut self.desired.deny);
+        }
         self.sources = match p.sources {
             Some(s) => s,
             None => Arc::new(super::guard::sources(&p.desired, &p.ids)),

@@ -12,6 +12,7 @@ use lb_common::FlowKey;
 use crate::{
     Error,
     agent::{
+        deny_file::{self, DenyChange, DenyList},
         kernel::Kernel,
         reconcile::{Capacity, KernelView, Op, apply_to_view},
         state::{StateFile, StateStore},
@@ -165,8 +166,13 @@ impl Kernel for FakeKernel {
 pub struct StoreCtl {
     pub saved: StateFile,
     pub fail_next: bool,
+    /// Fail the next save of the state file only (not the deny list's).
+    pub fail_state: bool,
     /// The second-chance history file.
     pub history: Option<Vec<u8>>,
+    /// Saves of the state file, and of the deny list, that succeeded.
+    pub state_saves: usize,
+    pub deny_saves: usize,
 }
 
 pub struct FakeStore(pub Arc<Mutex<StoreCtl>>);
@@ -176,15 +182,38 @@ impl StateStore for FakeStore {
         Ok(self.0.lock().unwrap().saved.clone())
     }
 
+    /// Like the file store, keeps the deny list apart: `state.desired.deny` is not read.
     fn save(&self, state: &StateFile) -> Result<(), Error> {
         let mut ctl = self.0.lock().unwrap();
-        if std::mem::take(&mut ctl.fail_next) {
+        if std::mem::take(&mut ctl.fail_next) || std::mem::take(&mut ctl.fail_state) {
             return Err(Error::Io {
                 what: "writing the state file".into(),
                 source: std::io::Error::from_raw_os_error(libc::ENOSPC),
             });
         }
+        let deny = std::mem::take(&mut ctl.saved.desired.deny);
         ctl.saved = state.clone();
+        ctl.saved.desired.deny = deny;
+        ctl.state_saves += 1;
+        Ok(())
+    }
+
+    /// Applies `changes` to the saved list, which must then be `full` (the agent's diff and
+    /// its new list agree).
+    fn save_deny(&self, changes: &[DenyChange], full: &DenyList) -> Result<(), Error> {
+        let mut ctl = self.0.lock().unwrap();
+        if std::mem::take(&mut ctl.fail_next) {
+            return Err(Error::Io {
+                what: "appending to the deny journal".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        deny_file::apply(&mut ctl.saved.desired.deny, changes);
+        assert_eq!(
+            &ctl.saved.desired.deny, full,
+            "the deny changes miss the new list"
+        );
+        ctl.deny_saves += 1;
         Ok(())
     }
 

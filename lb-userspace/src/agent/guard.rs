@@ -96,7 +96,94 @@ pub fn sources(state: &DesiredState, ids: &Ids) -> Sources {
 /// that has one. Cheaper than laying out a million entries again for a change that leaves
 /// them alone.
 pub fn same_sources(a: &DesiredState, a_ids: &Ids, b: &DesiredState, b_ids: &Ids) -> bool {
-    a.deny == b.deny && guarded(a, a_ids) == guarded(b, b_ids)
+    a.deny == b.deny && same_vip_sources(a, a_ids, b, b_ids)
+}
+
+/// Whether the VIPs' lists give the same entries (the node's list aside).
+pub fn same_vip_sources(a: &DesiredState, a_ids: &Ids, b: &DesiredState, b_ids: &Ids) -> bool {
+    guarded(a, a_ids) == guarded(b, b_ids)
+}
+
+/// The entries for `state` (whose node list is left out) with VIP ids `ids`, and the node's
+/// entries taken from `node`: a change of VIP lists that keeps the node's list.
+pub fn with_node_entries(state: &DesiredState, ids: &Ids, node: &Sources) -> Sources {
+    let mut out = sources(state, ids);
+    out.extend(
+        node.iter()
+            .filter(|(r, _)| r.scope == SCOPE_NODE)
+            .map(|(r, e)| (*r, *e)),
+    );
+    out
+}
+
+/// Applies changes of the node's deny list to its entries in `s`.
+pub fn apply_deny_changes(s: &mut Sources, changes: &[crate::agent::deny_file::DenyChange]) {
+    use crate::agent::deny_file::DenyChange;
+    let rule = |prefix: &Prefix| SourceRule {
+        deny: true,
+        scope: SCOPE_NODE,
+        prefix: *prefix,
+    };
+    for c in changes {
+        match c {
+            DenyChange::Add { end, prefixes } => {
+                s.extend(prefixes.iter().map(|p| (rule(p), *end)));
+            }
+            DenyChange::Remove { prefixes } => prefixes.iter().for_each(|p| {
+                s.remove(&rule(p));
+            }),
+        }
+    }
+}
+
+/// The VIP ids a change's entries must not be written under ahead of its commit: ids that
+/// `current` (the core's ids, the kernel's) give another VIP than `next` does. Such an id
+/// changes hands at the commit; until then the other VIP's flags say it reads that scope,
+/// so entries written there early would apply to the wrong VIP.
+pub fn scopes_changing_hands<'a, K: Ord + 'a>(
+    next: impl IntoIterator<Item = (K, u32)>,
+    current: impl IntoIterator<Item = (K, u32)>,
+) -> BTreeSet<u32> {
+    let owner: BTreeMap<u32, K> = current.into_iter().map(|(k, id)| (id, k)).collect();
+    next.into_iter()
+        .filter(|(k, id)| owner.get(id).is_some_and(|o| o != k))
+        .map(|(_, id)| id)
+        .collect()
+}
+
+/// The entries a write toward `want` adds to `held` (missing, or held with another end),
+/// leaving out scopes in `skip`, and entries a pending change ([`Pending`]) has written
+/// with another end: that change is newer than `want`.
+pub fn to_write(
+    held: &Sources,
+    want: &Sources,
+    skip: &BTreeSet<u32>,
+    pending: Option<&Pending>,
+) -> Vec<(SourceRule, u64)> {
+    want.iter()
+        .filter(|(r, e)| held.get(r) != Some(e))
+        .filter(|(r, _)| !skip.contains(&r.scope))
+        .filter(|(r, e)| pending.is_none_or(|p| p.want.get(r).is_none_or(|pe| pe == *e)))
+        .map(|(r, e)| (*r, *e))
+        .collect()
+}
+
+/// The entries a prune toward `want` deletes from `held`: those not wanted, but for those a
+/// pending change has written (it is saved and about to commit; a convergence from the
+/// state before it must not take them out).
+pub fn to_delete(held: &Sources, want: &Sources, pending: Option<&Pending>) -> Vec<SourceRule> {
+    held.keys()
+        .filter(|r| !want.contains_key(r))
+        .filter(|r| pending.is_none_or(|p| !p.want.contains_key(r)))
+        .copied()
+        .collect()
+}
+
+/// A saved change's entries written ahead of its commit, kept until the commit's
+/// convergence passes the same entries as its own.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub want: std::sync::Arc<Sources>,
 }
 
 /// The VIPs with source lists: each one's id and lists.
@@ -277,5 +364,75 @@ backend = [ { address = "10.0.0.2" } ]
         let l = live_denies(&state, 120);
         assert_eq!(l.len(), 2);
         assert_eq!(l[1].1, Some(30));
+    }
+
+    #[test]
+    fn a_convergence_of_the_state_before_keeps_a_pending_changes_entries() {
+        let rule = |scope: u32, p: &str| SourceRule {
+            deny: true,
+            scope,
+            prefix: p.parse().unwrap(),
+        };
+        let (kept, new_deny, old_only) = (
+            rule(SCOPE_NODE, "192.0.2.0/24"),
+            rule(SCOPE_NODE, "198.51.100.7/32"),
+            rule(2, "203.0.113.0/24"),
+        );
+        let old: Sources = [(kept, 0), (old_only, 0)].into();
+        let new: Sources = [(kept, 0), (new_deny, 50)].into();
+        // The change's prewrite: the tries hold both states' entries.
+        let held: Sources = [(kept, 0), (old_only, 0), (new_deny, 50)].into();
+        let pending = Pending {
+            want: std::sync::Arc::new(new.clone()),
+        };
+        // A retry converging the core's old entries meanwhile deletes nothing the change
+        // wrote, and does not write its old end over the change's new one.
+        assert_eq!(
+            to_delete(&held, &old, Some(&pending)),
+            Vec::<SourceRule>::new()
+        );
+        assert_eq!(
+            to_delete(&held, &old, None),
+            vec![new_deny],
+            "the flap it prevents"
+        );
+        let mut older = old.clone();
+        older.insert(new_deny, 10);
+        assert!(to_write(&held, &older, &BTreeSet::new(), Some(&pending)).is_empty());
+        assert_eq!(
+            to_write(&held, &older, &BTreeSet::new(), None),
+            vec![(new_deny, 10)]
+        );
+        // The commit (no change pending any more) deletes what the change took out.
+        assert_eq!(to_delete(&held, &new, None), vec![old_only]);
+    }
+
+    #[test]
+    fn ids_changing_hands_are_not_written_ahead() {
+        let (a, b, c): (VipAddr, VipAddr, VipAddr) = (
+            "10.0.0.1:80/tcp".parse().unwrap(),
+            "10.0.0.2:80/tcp".parse().unwrap(),
+            "10.0.0.3:80/tcp".parse().unwrap(),
+        );
+        // A (id 3) removed and B added in one change, given the freed id 3; C keeps id 1; a
+        // new VIP on a free id 5 is nobody's yet.
+        let d: VipAddr = "10.0.0.4:80/tcp".parse().unwrap();
+        let current = [(a, 3), (c, 1)];
+        let next = [(b, 3), (c, 1), (d, 5)];
+        let skip = scopes_changing_hands(next, current);
+        assert_eq!(skip, BTreeSet::from([3]));
+        // The kernel's view counts too (a VIP removed whose removal has not converged yet).
+        let kernel = [(d, 5)];
+        assert!(scopes_changing_hands([(d, 5)], kernel).is_empty());
+        assert_eq!(scopes_changing_hands([(b, 5)], kernel), BTreeSet::from([5]));
+        // B's entries under 3 wait for the commit; the node's and C's go ahead.
+        let rule = |scope: u32| SourceRule {
+            deny: false,
+            scope,
+            prefix: "192.0.2.0/24".parse().unwrap(),
+        };
+        let want: Sources = [(rule(3), 0), (rule(1), 0), (rule(SCOPE_NODE), 0)].into();
+        let w = to_write(&Sources::new(), &want, &skip, None);
+        assert_eq!(w, vec![(rule(1), 0), (rule(SCOPE_NODE), 0)]);
     }
 }

@@ -8,6 +8,7 @@
 //! change saved and in memory, reported as [`Error::NotConverged`] and retried by
 //! [`Agent::retry`] until the kernel agrees.
 pub mod core;
+pub mod deny_file;
 pub mod events;
 mod fleet;
 pub mod guard;
@@ -213,8 +214,12 @@ impl Agent {
                 no_mac: Vec::new(),
             });
         }
-        let changed = self
-            .change(|d| crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone())))?;
+        // Only `lb deny` edits the node's deny list: every other command works on a state
+        // without it (see `Prepared::keep_deny`).
+        let keep_deny = !matches!(cmd, Command::DenyAdd { .. } | Command::DenyRemove { .. });
+        let changed = self.change_at(None, keep_deny, |d| {
+            crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone()))
+        })?;
         self.record(cmd.describe());
         Ok(changed)
     }
@@ -233,7 +238,13 @@ impl Agent {
         &self,
         f: impl FnOnce(&DesiredState) -> Result<DesiredState, Error>,
     ) -> Result<Changed, Error> {
-        self.change_at(None, f)
+        self.change_at(None, false, f)
+    }
+
+    /// Makes the VIPs of config `state` the desired state (`lb run --config` at start),
+    /// keeping the node's deny list, which a config file does not carry (as `lb apply`).
+    pub fn apply_config(&self, state: DesiredState) -> Result<Changed, Error> {
+        self.change_at(None, true, |_| Ok(state))
     }
 
     /// Store mode: makes `state`, read at configuration revision `revision`, the desired
@@ -241,7 +252,7 @@ impl Agent {
     /// other change.
     pub fn apply_store(&self, revision: i64, state: DesiredState) -> Result<Changed, Error> {
         // The node-wide deny list is the fleet's too (`deny/` keys), so `state` carries it.
-        self.change_at(Some(revision), |_| Ok(state))
+        self.change_at(Some(revision), false, |_| Ok(state))
     }
 
     /// The configuration revision last applied from the store (or saved before a restart).
@@ -252,31 +263,84 @@ impl Agent {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `keep_deny`: `f` leaves the node's deny list alone and is given a state without it.
     fn change_at(
         &self,
         revision: Option<i64>,
+        keep_deny: bool,
         f: impl FnOnce(&DesiredState) -> Result<DesiredState, Error>,
     ) -> Result<Changed, Error> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let saved_revision = self.store_revision();
-        let new_revision = revision.is_some() && revision != saved_revision;
         // The edit on a copy, outside the core's lock: adding a million prefixes builds a
         // list of a million; readers wait only for the copy. The writer's lock keeps the
         // state it copies.
-        let current = self.core().desired().clone();
-        let new = f(&current)?;
-        drop(current);
-        let (mut prepared, unchanged, guard) = {
+        let current = {
             let core = self.core();
-            let p = core.prepare(new)?;
-            let mut p = p;
-            let unchanged = p.desired == *core.desired() && p.ids == *core.ids();
-            if guard::same_sources(core.desired(), core.ids(), &p.desired, &p.ids) {
+            match keep_deny {
+                true => DesiredState {
+                    vips: core.desired().vips.clone(),
+                    deny: Default::default(),
+                },
+                false => core.desired().clone(),
+            }
+        };
+        let new = f(&current)?;
+        let deny_changes = match keep_deny {
+            true => Vec::new(),
+            false => deny_file::diff(&current.deny, &new.deny),
+        };
+        let (mut prepared, vips_unchanged, same_vip_lists, guard, skip, core_sources) = {
+            let core = self.core();
+            let mut p = core.prepare(new)?;
+            p.keep_deny = keep_deny;
+            let vips_unchanged = p.desired.vips == core.desired().vips && p.ids == *core.ids();
+            let same_vip_lists =
+                guard::same_vip_sources(core.desired(), core.ids(), &p.desired, &p.ids);
+            // No deny changes: the node's entries are the core's (with `keep_deny` the
+            // state at hand has no list to compare).
+            if deny_changes.is_empty() && same_vip_lists {
                 p.sources = Some(core.sources());
             }
-            (p, unchanged, core.kernel().guard_writer())
+            let skip = guard::scopes_changing_hands(
+                p.ids.vips.iter().map(|(v, id)| (v.key(), *id)),
+                core.ids()
+                    .vips
+                    .iter()
+                    .map(|(v, id)| (v.key(), *id))
+                    .chain(core.kernel().view().vips.iter().map(|(k, id)| (*k, *id))),
+            );
+            let guard = core.kernel().guard_writer();
+            (
+                p,
+                vips_unchanged,
+                same_vip_lists,
+                guard,
+                skip,
+                core.sources(),
+            )
         };
-        // Planned with the core unlocked; the writer's lock keeps the state it replaces.
+        // Laid out with the core unlocked, from the core's entries where they carry over.
+        if prepared.sources.is_none() {
+            prepared.sources = if keep_deny {
+                // The VIPs' lists changed, the node's did not.
+                Some(Arc::new(guard::with_node_entries(
+                    &prepared.desired,
+                    &prepared.ids,
+                    &core_sources,
+                )))
+            } else if same_vip_lists {
+                // Only the node's list changed: the core's entries with its changes (a copy
+                // rather than a million entries laid out one by one).
+                let mut s = (*core_sources).clone();
+                guard::apply_deny_changes(&mut s, &deny_changes);
+                Some(Arc::new(s))
+            } else {
+                None
+            };
+        }
+        drop(core_sources);
+        let unchanged = vips_unchanged && deny_changes.is_empty();
+        // Plan with the core unlocked; the writer's lock keeps the state it replaces.
         let plan = prepared.plan();
         let added: Vec<IpAddr> = prepared
             .desired
@@ -284,24 +348,10 @@ impl Agent {
             .values()
             .flat_map(|v| v.backends.keys().map(|a| a.ip))
             .collect();
-        if !unchanged || new_revision {
-            let mut file = prepared.state_file();
-            file.store_revision = revision.or(saved_revision);
-            let t = std::time::Instant::now();
-            self.store.save(&file)?;
-            // Outside the core's lock (readers go on); said when large lists make it slow.
-            if t.elapsed() > std::time::Duration::from_millis(100) {
-                log::info!("state file saved in {:?}", t.elapsed());
-            }
-            if revision.is_some() {
-                *self
-                    .store_revision
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = revision;
-            }
-        }
+        self.save(&prepared, &current, &deny_changes, vips_unchanged, revision)?;
+        drop(current);
         if !unchanged {
-            prewrite_sources(&mut prepared, guard.as_deref());
+            prewrite_sources(&mut prepared, guard.as_deref(), &skip);
         }
         let result = self.make_live(prepared, unchanged);
         self.want_macs();
@@ -314,6 +364,49 @@ impl Agent {
             plan,
             no_mac: added.into_iter().filter(|a| no_mac.contains(a)).collect(),
         })
+    }
+
+    /// Saves change `p` from `current`: the deny list's `deny_changes` first, then the state
+    /// file when the VIPs, ids or store revision changed. A failed state file puts the deny
+    /// list back, so a failure changes nothing saved.
+    fn save(
+        &self,
+        p: &Prepared,
+        current: &DesiredState,
+        deny_changes: &[deny_file::DenyChange],
+        vips_unchanged: bool,
+        revision: Option<i64>,
+    ) -> Result<(), Error> {
+        let t = std::time::Instant::now();
+        if !deny_changes.is_empty() {
+            self.store.save_deny(deny_changes, &p.desired.deny)?;
+        }
+        let saved_revision = self.store_revision();
+        let new_revision = revision.is_some() && revision != saved_revision;
+        if !vips_unchanged || new_revision {
+            let mut file = p.state_file();
+            file.store_revision = revision.or(saved_revision);
+            if let Err(e) = self.store.save(&file) {
+                if !deny_changes.is_empty() {
+                    let undo = deny_file::diff(&p.desired.deny, &current.deny);
+                    if let Err(u) = self.store.save_deny(&undo, &current.deny) {
+                        log::warn!("putting the saved deny list back: {u}");
+                    }
+                }
+                return Err(e);
+            }
+            if revision.is_some() {
+                *self
+                    .store_revision
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = revision;
+            }
+        }
+        // Outside the core's lock (readers go on); said when large lists make it slow.
+        if t.elapsed() > std::time::Duration::from_millis(100) {
+            log::info!("state saved in {:?}", t.elapsed());
+        }
+        Ok(())
     }
 
     fn make_live(&self, prepared: Prepared, unchanged: bool) -> Result<(), Error> {
@@ -432,8 +525,15 @@ fn pool_view(
 /// seconds to write, and readers of the core (`lb vip list`, the status page) would wait
 /// that long. Safe ahead of the commit: entries only add (a VIP reads its lists once its
 /// flag is set, at the commit; the node's list is wanted at once), deletions wait for the
-/// commit. A failure is left to the commit's convergence, which writes what is missing.
-fn prewrite_sources(p: &mut Prepared, guard: Option<&Mutex<crate::dataplane::guard::GuardTables>>) {
+/// commit; entries under ids that change hands at the commit (`skip`) wait for it too, since
+/// until then the id's old VIP reads them. The tables keep what is written here through any
+/// convergence of the state before the change (`GuardTables::prewrite`). A failure is left
+/// to the commit's convergence, which writes what is missing.
+fn prewrite_sources(
+    p: &mut Prepared,
+    guard: Option<&Mutex<crate::dataplane::guard::GuardTables>>,
+    skip: &std::collections::BTreeSet<u32>,
+) {
     // The lists unchanged: the entries the core holds, already written.
     let sources = match p.sources.take() {
         Some(s) => s,
@@ -443,7 +543,7 @@ fn prewrite_sources(p: &mut Prepared, guard: Option<&Mutex<crate::dataplane::gua
         && let Err(e) = g
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .add(&sources)
+            .prewrite(&sources, skip)
     {
         log::warn!("writing the source lists ahead of the change: {e}");
     }

@@ -1,7 +1,7 @@
 //! The guard's four LPM tries (`lb_common::guard`) as the agent writes them: entries grouped
 //! by trie and written or deleted with one `BPF_MAP_*_BATCH` call per chunk, so a list of a
 //! million prefixes is a few hundred syscalls rather than a million.
-use std::{net::IpAddr, os::fd::AsFd as _, sync::Arc};
+use std::{collections::BTreeSet, net::IpAddr, os::fd::AsFd as _, sync::Arc};
 
 use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
 use lb_common::{
@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     Error,
-    agent::guard::{Rates, SourceRule, Sources, unix_now_s},
+    agent::guard::{Pending, Rates, SourceRule, Sources, to_delete, to_write, unix_now_s},
     model::Prefix,
     net::{addr_words, words_addr},
 };
@@ -33,6 +33,8 @@ pub struct GuardTables {
     /// The entries the tries hold exactly, when known to be one laid-out list: a change that
     /// leaves the lists alone passes it again and costs no walk of a million entries.
     synced: Option<Arc<Sources>>,
+    /// A saved change's entries written ahead of its commit ([`GuardTables::prewrite`]).
+    pending: Option<Pending>,
 }
 
 /// The typed view of trie `map`, checking its key and value sizes.
@@ -114,6 +116,7 @@ impl GuardTables {
             rates,
             held: Sources::new(),
             synced: None,
+            pending: None,
         })
     }
 
@@ -139,11 +142,34 @@ impl GuardTables {
         if self.is_synced(want) {
             return Ok(());
         }
-        let new: Vec<(SourceRule, u64)> = want
-            .iter()
-            .filter(|(r, e)| self.held.get(r) != Some(e))
-            .map(|(r, e)| (*r, *e))
-            .collect();
+        let new = to_write(&self.held, want, &Default::default(), self.pending.as_ref());
+        // With a change pending some entries may have been left at its end: not synced.
+        let exact = self.pending.is_none();
+        self.write_new(new, want, exact)
+    }
+
+    /// Writes a saved change's entries `want` ahead of its commit, but for those under
+    /// `skip` (ids changing hands at the commit: see `agent::guard::scopes_changing_hands`).
+    /// Until a prune passes `want` itself (the commit's convergence), prunes keep them: a
+    /// convergence of the state before the change (a retry, a health flip) runs meanwhile
+    /// and would otherwise delete them, and a new node deny would flap.
+    pub fn prewrite(&mut self, want: &Arc<Sources>, skip: &BTreeSet<u32>) -> Result<(), Error> {
+        self.pending = Some(Pending { want: want.clone() });
+        if skip.is_empty() && self.is_synced(want) {
+            return Ok(());
+        }
+        let new = to_write(&self.held, want, skip, None);
+        self.write_new(new, want, skip.is_empty())
+    }
+
+    /// Writes `new`, entries toward `want`; the tries then hold `want` exactly when `exact`
+    /// (nothing of it was left out) and as many entries are held.
+    fn write_new(
+        &mut self,
+        new: Vec<(SourceRule, u64)>,
+        want: &Arc<Sources>,
+        exact: bool,
+    ) -> Result<(), Error> {
         let result = if new.is_empty() {
             Ok(())
         } else {
@@ -153,7 +179,11 @@ impl GuardTables {
         match &result {
             Ok(()) => {
                 self.held.extend(new);
-                self.mark(want);
+                if exact {
+                    self.mark(want);
+                } else {
+                    self.synced = None;
+                }
             }
             Err(_) => self.forget(),
         }
@@ -167,16 +197,19 @@ impl GuardTables {
     }
 
     /// Deletes the entries the tries hold that `want` does not.
+    /// Entries a pending change wrote are kept until `want` is that change's own.
     pub fn prune(&mut self, want: &Arc<Sources>) -> Result<(), Error> {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.want, want))
+        {
+            self.pending = None;
+        }
         if self.is_synced(want) {
             return Ok(());
         }
-        let gone: Vec<SourceRule> = self
-            .held
-            .keys()
-            .filter(|r| !want.contains_key(r))
-            .copied()
-            .collect();
+        let gone = to_delete(&self.held, want, self.pending.as_ref());
         let result = if gone.is_empty() {
             Ok(())
         } else {

@@ -3,7 +3,9 @@
 //! `lb deny add` of a client's address under keep-alive traffic stops its new and its
 //! established packets as soon as the command returns, while another VIP's keep-alive client
 //! goes on; `lb deny remove` lets the held request through (TCP retransmits it) and new
-//! connections again. A ban with an end leaves the kernel's trie once it ends.
+//! connections again. A ban with an end leaves the kernel's trie once it ends. With a bulk
+//! list in place a VIP change leaves the deny list's files alone and one `lb deny add` only
+//! grows its journal; a kill -9 and a restart keep every acknowledged entry.
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
@@ -157,7 +159,8 @@ fn allow_list_and_deny_under_keepalive() -> anyhow::Result<()> {
     )?;
     assert!(net.lb(&["deny", "list"])?.contains("10.200.0.99/32"));
     eprintln!("a ban of 1 s left the trie {took:?} after it was polled for");
-    bulk_deny_under_traffic(&net, entries)
+    bulk_deny_under_traffic(&net, &entries)?;
+    saved_apart_and_restored(&mut net, &entries)
 }
 
 /// Prefixes in the bulk load: a tenth of the million, which shows the same thing
@@ -175,7 +178,7 @@ const LIST_WHILE_LOADING: Duration = Duration::from_millis(1500);
 /// request failed, and every `lb vip list` answered promptly meanwhile.
 fn bulk_deny_under_traffic(
     net: &DemoNet,
-    entries: impl Fn() -> anyhow::Result<usize>,
+    entries: &impl Fn() -> anyhow::Result<usize>,
 ) -> anyhow::Result<()> {
     let bulk: u32 = std::env::var("LB_TEST_BULK_DENY")
         .ok()
@@ -251,5 +254,92 @@ fn bulk_deny_under_traffic(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bulk-deny.txt:2:"), "{err}");
     assert_eq!(entries()?, live, "nothing changed");
+    Ok(())
+}
+
+/// A file's identity and contents as far as a rewrite would change them.
+fn file_id(path: &std::path::Path) -> anyhow::Result<(u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+}
+
+/// The prefixes `lb deny list --json` shows.
+fn deny_list(net: &DemoNet) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let list: Vec<serde_json::Value> = serde_json::from_str(&net.lb(&["deny", "list", "--json"])?)?;
+    Ok(list
+        .iter()
+        .filter_map(|d| d["prefix"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// With the bulk list in place: a VIP change rewrites the state file and leaves the deny
+/// list's snapshot and journal as they are; one `lb deny add` appends to the journal only
+/// (the property behind a change's time not growing with the list; the times are in
+/// docs/benchmarks.md). Then a few adds and removes, kill -9 right after the last one
+/// returned, and a restart: the same list, in the kernel's trie too, and the denied client
+/// still dropped.
+fn saved_apart_and_restored(
+    net: &mut DemoNet,
+    entries: &impl Fn() -> anyhow::Result<usize>,
+) -> anyhow::Result<()> {
+    let state = net.dir.state_file();
+    let (snapshot, journal) = (
+        state.with_extension("deny"),
+        state.with_extension("deny.journal"),
+    );
+    let (snap0, journal0, state0) = (file_id(&snapshot)?, file_id(&journal)?, file_id(&state)?);
+    net.lb(&["vip", "add", &format!("{VIP}:8080/tcp")])?;
+    assert_eq!(
+        file_id(&snapshot)?,
+        snap0,
+        "a VIP change rewrote the deny snapshot"
+    );
+    assert_eq!(
+        file_id(&journal)?,
+        journal0,
+        "a VIP change wrote to the deny journal"
+    );
+    let state1 = file_id(&state)?;
+    assert_ne!(state1, state0, "the VIP change is in the state file");
+    net.lb(&["deny", "add", "198.18.0.1/32"])?;
+    assert_eq!(file_id(&snapshot)?, snap0, "one deny rewrote the snapshot");
+    assert_eq!(file_id(&state)?, state1, "one deny rewrote the state file");
+    let grown = file_id(&journal)?.3 - journal0.3;
+    assert!(
+        grown > 0 && grown < 100,
+        "the journal grew by {grown} bytes"
+    );
+    net.lb(&["deny", "add", "198.18.0.2/32", "198.18.0.3/32"])?;
+    net.lb(&["deny", "remove", "198.18.0.1/32"])?;
+    net.lb(&["deny", "add", &format!("{CLIENT_IP}/32")])?;
+    let (before, in_trie) = (deny_list(net)?, entries()?);
+    assert!(before.contains("198.18.0.3/32") && !before.contains("198.18.0.1/32"));
+    if let Some(agent) = net.agent.as_mut() {
+        agent.kill();
+    }
+    net.agent = None;
+    net.start_agent(&[])?;
+    let after = deny_list(net)?;
+    let differ: Vec<&String> = before.symmetric_difference(&after).take(10).collect();
+    assert!(
+        differ.is_empty(),
+        "the list after kill -9 and a restart: {} entries before, {} after, differing in {differ:?}",
+        before.len(),
+        after.len()
+    );
+    assert_eq!(entries()?, in_trie, "the kernel's trie after the restart");
+    let to: SocketAddr = format!("{VIP}:80").parse()?;
+    assert!(
+        connect_from(net, CLIENT_IP, to, Duration::from_millis(1000)).is_err(),
+        "the denied client was served after the restart"
+    );
+    let mut other = connect_from(
+        net,
+        CLIENT_IP6,
+        format!("[{VIP6}]:80").parse()?,
+        Duration::from_secs(3),
+    )?;
+    keepalive_request(&mut other)?;
     Ok(())
 }
