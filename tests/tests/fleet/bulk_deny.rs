@@ -204,7 +204,7 @@ pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
         .replace(',', "")
         .parse()?;
     anyhow::ensure!(
-        (1000..BULK).contains(&written) && written % 100 == 0,
+        (1000..BULK).contains(&written) && written.is_multiple_of(100),
         "wrote {written}: {err}"
     );
     anyhow::ensure!(
