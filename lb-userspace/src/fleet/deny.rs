@@ -365,6 +365,8 @@ mod tests {
                 put("192.0.2.0/24", r#"{"evil":1}"#, 8),
                 put("198.51.100.0/24", r#"{"end_unix":900}"#, 8),
                 put("10.0.0.7/8", "{}", 9),
+                // A new key with a bad value stays out of the list.
+                put("10.1.0.0/16", r#"{"end_unix":1,"evil":true}"#, 9),
                 del("2001:db8::/64", 10),
             ],
         );
@@ -374,12 +376,20 @@ mod tests {
             "the ended, the deleted and the unparsable left out"
         );
         let rejected: Vec<(&str, &str)> = d.rejected().map(|(k, w, _)| (k, w)).collect();
-        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert_eq!(rejected.len(), 3, "{rejected:?}");
         assert!(rejected[0].0.ends_with("10.0.0.7/8"), "{rejected:?}");
-        assert!(rejected[1].1.contains("unknown field"), "{rejected:?}");
+        assert!(rejected[1].0.ends_with("10.1.0.0/16"), "{rejected:?}");
+        assert!(rejected[2].1.contains("unknown field"), "{rejected:?}");
         // The deleted key's revision no longer counts; the bad put's does.
         assert_eq!(d.newest(), 9);
-        d.edit(&keys, &[del("10.0.0.7/8", 11), del("192.0.2.0/24", 12)]);
+        d.edit(
+            &keys,
+            &[
+                del("10.0.0.7/8", 11),
+                del("10.1.0.0/16", 11),
+                del("192.0.2.0/24", 12),
+            ],
+        );
         assert_eq!(d.rejected().count(), 0);
         assert_eq!(d.len(), 2);
     }
