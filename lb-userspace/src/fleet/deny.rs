@@ -93,6 +93,120 @@ pub fn decode_denies(
     (out, rejected)
 }
 
+/// One change to a deny key, from the watch: a put (with its value) or a delete.
+#[derive(Clone, Debug)]
+pub struct DenyEvent {
+    pub key: String,
+    /// `None`: the key was deleted.
+    pub value: Option<Vec<u8>>,
+    pub mod_revision: i64,
+}
+
+/// One deny key as the follower holds it.
+#[derive(Clone, Debug)]
+struct DenyKey {
+    mod_revision: i64,
+    /// The entry applied for it: its value's, or the last good one while the value is
+    /// rejected (none if it never had one).
+    entry: Option<(Prefix, u64)>,
+    /// Why its value is rejected, and a hash of that value (to log a value once).
+    rejected: Option<(String, u64)>,
+}
+
+/// The fleet's deny list as a node follows it: read whole once per watch session, then
+/// edited key by key by the watch's events, so a bulk write of N prefixes costs each node
+/// N decodes, not one decode of the whole list per transaction.
+#[derive(Clone, Debug, Default)]
+pub struct DenyKeys {
+    keys: BTreeMap<String, DenyKey>,
+}
+
+impl DenyKeys {
+    /// From a full read (`snap`); a key rejected for its value keeps the entry `last`
+    /// applied (or stays absent), as a VIP's does.
+    pub fn from_snapshot(
+        keys: &Keys,
+        snap: &crate::fleet::store::Snapshot,
+        last: &BTreeMap<Prefix, u64>,
+    ) -> Self {
+        let mut out = DenyKeys::default();
+        for ((key, value), rev) in snap.deny.iter().zip(&snap.deny_revisions) {
+            let kept = key_prefix(keys, key)
+                .ok()
+                .and_then(|p| last.get(&p).map(|e| (p, *e)));
+            out.put(keys, key, value, *rev, kept);
+        }
+        out
+    }
+
+    fn put(&mut self, keys: &Keys, key: &str, value: &[u8], rev: i64, kept: Option<(Prefix, u64)>) {
+        let k = match decode_deny(keys, key, value) {
+            Ok(entry) => DenyKey {
+                mod_revision: rev,
+                entry: Some(entry),
+                rejected: None,
+            },
+            Err(why) => DenyKey {
+                mod_revision: rev,
+                entry: kept,
+                rejected: Some((why, crate::fleet::value_hash(value))),
+            },
+        };
+        self.keys.insert(key.to_string(), k);
+    }
+
+    /// The watch's events applied in order.
+    pub fn edit(&mut self, keys: &Keys, events: &[DenyEvent]) {
+        for e in events {
+            match &e.value {
+                Some(v) => {
+                    let kept = self.keys.get(&e.key).and_then(|k| k.entry);
+                    self.put(keys, &e.key, v, e.mod_revision, kept);
+                }
+                None => {
+                    self.keys.remove(&e.key);
+                }
+            }
+        }
+    }
+
+    /// The list to apply: every entry that has not ended before `now`. Two keys cannot
+    /// name one prefix (a key is a prefix in its one spelling).
+    pub fn list(&self, now: u64) -> BTreeMap<Prefix, u64> {
+        self.keys
+            .values()
+            .filter_map(|k| k.entry)
+            .filter(|(_, end)| *end == 0 || *end > now)
+            .collect()
+    }
+
+    /// The keys whose values are rejected: the key, why, and a hash of the value.
+    pub fn rejected(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        self.keys.iter().filter_map(|(key, k)| {
+            k.rejected
+                .as_ref()
+                .map(|(why, hash)| (key.as_str(), why.as_str(), *hash))
+        })
+    }
+
+    /// The newest `mod_revision` among the keys there now (0: none).
+    pub fn newest(&self) -> i64 {
+        self.keys
+            .values()
+            .map(|k| k.mod_revision)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 impl Fleet {
     /// `lb deny add|remove` in store mode: written to etcd, applied by every node (this one
     /// too) from there.
@@ -214,6 +328,70 @@ mod tests {
         );
         assert!(whys[3].contains("unknown field"), "{whys:?}");
         assert!(whys[4].contains("256-byte limit"), "{whys:?}");
+    }
+
+    #[test]
+    fn the_followed_list_is_edited_by_events_as_a_full_read_would_decode_it() {
+        let keys = Keys::new("c").unwrap();
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        let put = |k: &str, v: &str, rev| DenyEvent {
+            key: format!("/xdp-lb/c/deny/{k}"),
+            value: Some(v.as_bytes().to_vec()),
+            mod_revision: rev,
+        };
+        let del = |k: &str, rev| DenyEvent {
+            key: format!("/xdp-lb/c/deny/{k}"),
+            value: None,
+            mod_revision: rev,
+        };
+        let snap = crate::fleet::store::Snapshot {
+            deny: vec![kv("192.0.2.0/24", "{}"), kv("198.51.100.0/24", "{")],
+            deny_revisions: vec![5, 6],
+            ..Default::default()
+        };
+        // The broken key keeps what the node last applied for its prefix.
+        let last = BTreeMap::from([(p("198.51.100.0/24"), 0)]);
+        let mut d = DenyKeys::from_snapshot(&keys, &snap, &last);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.newest(), 6);
+        assert_eq!(d.rejected().count(), 1);
+        d.edit(
+            &keys,
+            &[
+                put("203.0.113.0/24", r#"{"end_unix":50}"#, 7),
+                put("2001:db8::/64", r#"{"end_unix":500}"#, 7),
+                // A good key turned bad keeps its last good entry; a bad one made good
+                // is taken and no longer rejected.
+                put("192.0.2.0/24", r#"{"evil":1}"#, 8),
+                put("198.51.100.0/24", r#"{"end_unix":900}"#, 8),
+                put("10.0.0.7/8", "{}", 9),
+                // A new key with a bad value stays out of the list.
+                put("10.1.0.0/16", r#"{"end_unix":1,"evil":true}"#, 9),
+                del("2001:db8::/64", 10),
+            ],
+        );
+        assert_eq!(
+            d.list(100),
+            BTreeMap::from([(p("192.0.2.0/24"), 0), (p("198.51.100.0/24"), 900)]),
+            "the ended, the deleted and the unparsable left out"
+        );
+        let rejected: Vec<(&str, &str)> = d.rejected().map(|(k, w, _)| (k, w)).collect();
+        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert!(rejected[0].0.ends_with("10.0.0.7/8"), "{rejected:?}");
+        assert!(rejected[1].0.ends_with("10.1.0.0/16"), "{rejected:?}");
+        assert!(rejected[2].1.contains("unknown field"), "{rejected:?}");
+        // The deleted key's revision no longer counts; the bad put's does.
+        assert_eq!(d.newest(), 9);
+        d.edit(
+            &keys,
+            &[
+                del("10.0.0.7/8", 11),
+                del("10.1.0.0/16", 11),
+                del("192.0.2.0/24", 12),
+            ],
+        );
+        assert_eq!(d.rejected().count(), 0);
+        assert_eq!(d.len(), 2);
     }
 
     #[test]

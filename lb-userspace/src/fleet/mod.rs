@@ -6,7 +6,8 @@
 //! - [`status`]: node statuses, the fleet health rule and divergence (pure).
 //! - [`store`]: etcd I/O with deadlines.
 //! - [`access`]: TLS, credentials, and failures named by their cause.
-//! - here: the follower (snapshot, watch, apply), the publisher and the writer.
+//! - [`follow`]: the follower (a full read, then watch events applied in batches).
+//! - here: the link to the store, the publisher and the writer.
 //!
 //! Faults: etcd unreachable keeps the last applied state forwarding and refuses changes,
 //! each node back to its own health view; on return the node reads a full snapshot at one
@@ -14,6 +15,7 @@
 //! file and catches up the same way.
 pub mod access;
 pub mod deny;
+mod follow;
 pub mod schema;
 pub mod status;
 pub mod store;
@@ -32,7 +34,7 @@ use crate::{
         access::{Access, AccessArgs},
         schema::Keys,
         status::NodeStatus,
-        store::{Snapshot, Store},
+        store::Store,
     },
     protocol::{ClusterView, StoreView},
 };
@@ -271,117 +273,6 @@ impl Fleet {
             if self.view().connected {
                 backoff = Duration::from_millis(200);
             }
-        }
-    }
-
-    async fn session(&self, agent: &Arc<Agent>) -> Result<(), Error> {
-        let store = Store::connect(&self.config, self.keys.clone()).await?;
-        let snap = store.snapshot(None).await?;
-        let mut watch = store.watch(snap.revision + 1).await?;
-        let mut denies = store.watch_denies(snap.revision + 1).await?;
-        self.apply(agent, &snap).await;
-        self.connected(store.clone());
-        loop {
-            let msg = tokio::select! {
-                m = watch.message() => m,
-                m = denies.message() => m,
-            };
-            let msg = msg
-                .map_err(store.error("watching the configuration"))?
-                .ok_or_else(|| Error::Unavailable("etcd: the watch ended".into()))?;
-            if msg.canceled() {
-                // Compacted past our revision, or the server went away: start over.
-                return Err(Error::Unavailable(format!(
-                    "etcd: watch cancelled ({})",
-                    msg.cancel_reason()
-                )));
-            }
-            if msg.events().is_empty() {
-                continue;
-            }
-            let rev = msg.header().map_or(0, |h| h.revision());
-            let snap = store.snapshot(Some(rev)).await?;
-            self.apply(agent, &snap).await;
-        }
-    }
-
-    /// Applies one snapshot whole through the agent's change path; rejected keys keep their
-    /// last value. A revision the agent refuses as a whole (e.g. beyond this node's capacity)
-    /// is counted and logged; the node keeps the previous one.
-    async fn apply(&self, agent: &Arc<Agent>, snap: &Snapshot) {
-        // The addresses the VIPs are checked against, as they are now (outside the lock).
-        agent.refresh_own_addrs().await;
-        // Copied out under the lock; decoded (JSON of the whole snapshot) on a blocking thread.
-        let Ok((last, rules)) = agent
-            .with_core(|core| (core.desired().clone(), core.address_rules()))
-            .await
-        else {
-            return;
-        };
-        let (keys, vips, denies) = (self.keys.clone(), snap.vips.clone(), snap.deny.clone());
-        let decoded = match tokio::task::spawn_blocking(move || {
-            let mut d = schema::decode_checked(&keys, &vips, &last, &|v| rules.check(v.ip));
-            let (deny, rejected) = deny::decode_denies(
-                &keys,
-                &denies,
-                &last.deny,
-                crate::agent::guard::unix_now_s(),
-            );
-            d.state.deny = deny;
-            d.rejected.extend(rejected);
-            d
-        })
-        .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("decoding the store's revision: {e}");
-                return;
-            }
-        };
-        let revision = snap.config_revision();
-        {
-            let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut v = self.view_mut();
-            v.rejected = decoded
-                .rejected
-                .iter()
-                .map(|r| format!("{}: {}", r.key, r.why))
-                .collect();
-            for r in &decoded.rejected {
-                let value = snap
-                    .vips
-                    .iter()
-                    .chain(&snap.deny)
-                    .find(|(k, _)| *k == r.key)
-                    .map_or(0, |(_, v)| value_hash(v));
-                if logged.insert((r.key.clone(), value)) {
-                    v.rejected_total += 1;
-                    log::warn!(
-                        "etcd key {} rejected at revision {revision}: {} (a VIP or deny entry keeps its last good value unless its address is refused)",
-                        escaped(&r.key),
-                        escaped(&r.why)
-                    );
-                }
-            }
-            logged.retain(|(k, _)| decoded.rejected.iter().any(|r| r.key == *k));
-        }
-        let a = agent.clone();
-        let state = decoded.state;
-        let done = tokio::task::spawn_blocking(move || a.apply_store(revision, state)).await;
-        match done {
-            Ok(Ok(_)) | Ok(Err(Error::NotConverged(_))) => {
-                // Saved and in memory (a kernel hiccup is retried by the agent).
-                self.view_mut().applied_revision = Some(revision);
-                self.applied.send_replace(revision);
-                self.changed.notify_one();
-            }
-            Ok(Err(e)) => {
-                self.view_mut().refused_revisions_total += 1;
-                log::warn!("configuration revision {revision} not applied: {e}");
-                agent.record(format!("store revision {revision} refused: {e}"));
-            }
-            Err(e) => log::warn!("applying revision {revision}: {e}"),
         }
     }
 

@@ -50,8 +50,11 @@ pub struct Snapshot {
     pub newest: i64,
     /// The VIP keys and values.
     pub vips: Vec<(String, Vec<u8>)>,
-    /// The deny list's keys and values (`deny/<PREFIX>`).
+    /// The deny list's keys and values (`deny/<PREFIX>`); empty when read without it
+    /// ([`Store::config_at`]).
     pub deny: Vec<(String, Vec<u8>)>,
+    /// The `mod_revision` of each of `deny`, in its order.
+    pub deny_revisions: Vec<i64>,
 }
 
 impl Snapshot {
@@ -59,7 +62,8 @@ impl Snapshot {
     /// revision every second; this one only moves when the configuration does, so nodes that
     /// applied the same configuration report the same number.
     pub fn config_revision(&self) -> i64 {
-        self.meta.max(self.newest)
+        let deny = self.deny_revisions.iter().copied().max().unwrap_or(0);
+        self.meta.max(self.newest).max(deny)
     }
 }
 
@@ -85,6 +89,36 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// The error of a deny list write that failed after `written` of `total` prefixes (the
+/// transactions before the failed one stay written).
+fn partial(written: usize, total: usize, adding: bool, cause: Error) -> Error {
+    let (written, total) = (grouped(written), grouped(total));
+    Error::Unavailable(if adding {
+        format!(
+            "wrote {written} of {total} prefixes before: {cause}; run the same command again to finish: adding is idempotent"
+        )
+    } else {
+        // A removal checks that every prefix is listed, so the same command would refuse
+        // the ones already removed.
+        format!(
+            "removed {written} of {total} prefixes before: {cause}; the others are still denied: remove the ones `lb deny list` still shows"
+        )
+    })
+}
+
+/// `n` with a comma between thousands (`4,200`), as an operator reads a count.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn too_large(e: &etcd_client::Error) -> bool {
@@ -151,6 +185,43 @@ impl Store {
     /// current one). The VIP keys are read in pages so that no answer passes
     /// [`MAX_MESSAGE`] whatever the values under the prefix add up to.
     pub async fn snapshot(&self, revision: Option<i64>) -> Result<Snapshot, Error> {
+        let mut snap = self.config_at(revision).await?;
+        for kv in self
+            .read_prefix(
+                self.keys.denies(),
+                snap.revision,
+                DENY_PAGE,
+                "reading the deny list",
+            )
+            .await?
+        {
+            snap.deny_revisions.push(kv.mod_revision());
+            snap.deny.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        Ok(snap)
+    }
+
+    /// The `mod_revision` of the `meta` key at `revision` (0: never written): a deny list
+    /// batch without VIP changes moves only it and the deny keys.
+    pub async fn meta_at(&self, revision: i64) -> Result<i64, Error> {
+        let resp = self
+            .kv
+            .clone()
+            .get(
+                self.keys.meta(),
+                Some(GetOptions::new().with_revision(revision)),
+            )
+            .await
+            .map_err(self.error("reading the configuration"))?;
+        Ok(resp.kvs().first().map_or(0, |kv| kv.mod_revision()))
+    }
+
+    /// As [`Store::snapshot`] without the deny list: what a follower that keeps the deny
+    /// list from its watch events reads when a VIP key changed.
+    pub async fn config_at(&self, revision: Option<i64>) -> Result<Snapshot, Error> {
         let fail = || self.error("reading the configuration");
         let mut kv = self.kv.clone();
         let mut meta = GetOptions::new();
@@ -170,16 +241,6 @@ impl Store {
         {
             snap.newest = snap.newest.max(kv.mod_revision());
             snap.vips.push((
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            ));
-        }
-        for kv in self
-            .read_prefix(self.keys.denies(), rev, DENY_PAGE, "reading the deny list")
-            .await?
-        {
-            snap.newest = snap.newest.max(kv.mod_revision());
-            snap.deny.push((
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.value().to_vec(),
             ));
@@ -274,30 +335,35 @@ impl Store {
 
     /// Watches the VIP keys from `from` on.
     pub async fn watch(&self, from: i64) -> Result<WatchStream, Error> {
-        self.watch_prefix(self.keys.vips(), from).await
+        // Events only wake the follower (it reads the VIPs at their revision), so large
+        // revisions may come in fragments.
+        self.watch_prefix(self.keys.vips(), from, true).await
     }
 
     /// Watches the deny list's keys from `from` on (a second stream: the keys between the
-    /// two prefixes include the node statuses, written every second).
+    /// two prefixes include the node statuses, written every second). Not fragmented: the
+    /// follower edits its list by these events, so each message holds whole revisions (one
+    /// revision is bounded by etcd's request size, well under [`MAX_MESSAGE`]).
     pub async fn watch_denies(&self, from: i64) -> Result<WatchStream, Error> {
-        self.watch_prefix(self.keys.denies(), from).await
+        self.watch_prefix(self.keys.denies(), from, false).await
     }
 
-    async fn watch_prefix(&self, prefix: String, from: i64) -> Result<WatchStream, Error> {
-        // Events only wake the follower (it reads a snapshot at their revision), so large
-        // revisions may come in fragments.
+    async fn watch_prefix(
+        &self,
+        prefix: String,
+        from: i64,
+        fragment: bool,
+    ) -> Result<WatchStream, Error> {
+        let mut opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from)
+            .with_progress_notify();
+        if fragment {
+            opts = opts.with_fragment();
+        }
         self.watcher
             .clone()
-            .watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(from)
-                        .with_progress_notify()
-                        .with_fragment(),
-                ),
-            )
+            .watch(prefix, Some(opts))
             .await
             .map_err(self.error("watching the configuration"))
     }
@@ -306,15 +372,23 @@ impl Store {
     /// deletes them when it ends) and `deletes`, in transactions of [`DENY_TXN`], each
     /// bumping `meta` so a concurrent configuration writer reads again. Not compared: adding
     /// or removing a prefix does not depend on the rest of the configuration. Returns the
-    /// last revision written.
+    /// last revision written. The transactions before a failed one stay written: the error
+    /// says how many prefixes were, and that the same command finishes the job (a put
+    /// writes the same value again, and with `ttl_s` binds the entry to the new lease; a
+    /// delete of a key already gone is a no-op in etcd).
     pub async fn write_denies(
         &self,
         puts: &[(String, Vec<u8>)],
         deletes: &[String],
         ttl_s: Option<i64>,
     ) -> Result<i64, Error> {
+        let total = puts.len() + deletes.len();
         let lease = match ttl_s {
-            Some(ttl) => Some(self.grant(ttl).await?),
+            Some(ttl) => Some(
+                self.grant(ttl)
+                    .await
+                    .map_err(|e| partial(0, total, true, e))?,
+            ),
             None => None,
         };
         let opts = || lease.map(|l| PutOptions::new().with_lease(l));
@@ -324,6 +398,7 @@ impl Store {
             .chain(deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)))
             .collect();
         let mut rev = 0;
+        let mut written = 0;
         for chunk in ops.chunks(DENY_TXN) {
             let mut ops = chunk.to_vec();
             ops.push(TxnOp::put(
@@ -336,7 +411,15 @@ impl Store {
                 .clone()
                 .txn(etcd_client::Txn::new().and_then(ops))
                 .await
-                .map_err(self.error("writing the deny list"))?;
+                .map_err(|e| {
+                    partial(
+                        written,
+                        total,
+                        deletes.is_empty(),
+                        self.error("writing the deny list")(e),
+                    )
+                })?;
+            written += chunk.len();
             rev = resp.header().map_or(rev, |h| h.revision());
         }
         Ok(rev)
@@ -422,5 +505,28 @@ impl Store {
             .await
             .map_err(self.error("reading a lease"))?;
         Ok((r.ttl() >= 0).then_some(r.granted_ttl()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_write_says_how_far_it_got() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(4_200), "4,200");
+        assert_eq!(grouped(1_000_000), "1,000,000");
+        let cause = || Error::Unavailable("etcd went away".into());
+        assert_eq!(
+            partial(4_200, 10_000, true, cause()).to_string(),
+            "wrote 4,200 of 10,000 prefixes before: etcd went away; run the same command again to finish: adding is idempotent"
+        );
+        assert!(
+            partial(100, 300, false, cause())
+                .to_string()
+                .starts_with("removed 100 of 300 prefixes before: etcd went away;")
+        );
     }
 }

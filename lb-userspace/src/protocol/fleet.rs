@@ -32,6 +32,10 @@ pub struct StoreView {
     /// Counter: node status keys ignored (each key once per reason while it stays).
     #[serde(default)]
     pub ignored_statuses_total: u64,
+    /// Counter: times the node applied the store's configuration (a full read, or one batch
+    /// of watch events however many transactions it holds).
+    #[serde(default)]
+    pub applies_total: u64,
 }
 
 /// `lb cluster status`: every live node's published status and what disagrees.

@@ -24,7 +24,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// in etcd is rejected for its key only; `lb cluster status` agrees.
 #[test]
 fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Result<()> {
-    let f = Fleet::new("fla")?;
+    let mut f = Fleet::new("fla")?;
     let tcp = format!("{VIP4}:80/tcp");
     let udp = format!("{VIP4}:80/udp");
     f.gue_vip(0, &tcp, &["10.41.0.2", "10.42.0.2"], &[])?;
@@ -87,7 +87,7 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
     assert_eq!(differ, 0);
     assert_eq!(spread.len(), 3, "{spread:?}");
 
-    fleet_deny(&f)?;
+    fleet_deny(&mut f)?;
 
     // A malformed value is rejected for its key only: the VIP keeps its last good value, the
     // other VIPs still change, and every node says so.
@@ -148,13 +148,15 @@ fn every_node_applies_each_revision_and_picks_the_same_backend() -> anyhow::Resu
     Ok(())
 }
 
-/// (c) The fleet's deny list: `lb deny add` on node 1 is in etcd and on every node, and the
-/// client's new connections are dropped whichever node receives them; `lb deny remove` on
-/// node 2 lets them through every node again; an entry with an end leaves etcd (its lease)
-/// and every node's list by itself.
-fn fleet_deny(f: &Fleet) -> anyhow::Result<()> {
+/// (c) The fleet's deny list: a bulk `lb deny add --file` holding the client, cut off by
+/// etcd's death and run again, is on every node ([`super::bulk_deny::bulk_deny`]), and the
+/// client's new connections are dropped whichever node receives them; `lb deny add` on node
+/// 1 is in etcd and on every node; `lb deny remove` on node 2 lets them through every node
+/// again; an entry with an end leaves etcd (its lease) and every node's list by itself.
+fn fleet_deny(f: &mut Fleet) -> anyhow::Result<()> {
     let target = std::net::SocketAddr::new(VIP4.parse()?, 80);
     let client = format!("{}/32", lb_tests::routed::CLIENT4);
+    super::bulk_deny::bulk_deny(f, &client)?;
     let listed =
         |k: usize, p: &str| -> anyhow::Result<bool> { Ok(f.lb(k, &["deny", "list"])?.contains(p)) };
     let start = Instant::now();
