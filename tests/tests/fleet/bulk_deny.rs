@@ -2,7 +2,8 @@
 //! transactions) on one node is live on every node, each node applying a batch of watch
 //! events at once rather than the whole list per transaction; a write cut off by etcd's
 //! death says how far it got, and the same command run again finishes it. Part of
-//! `config::` (its fleet); the 100,000-prefix measurement is `bulk_deny_measure` (ignored).
+//! `config::` (its fleet); `LB_DENY_BULK=100000` makes the same run the 100,000-prefix
+//! measurement of docs/benchmarks.md.
 use std::{
     collections::BTreeSet,
     io::Read as _,
@@ -16,8 +17,29 @@ use lb_tests::fleet::{Fleet, NODES};
 
 /// Prefixes in the bulk write: 200 transactions of 100, enough that one apply per
 /// transaction (200 per node) and one per batch (a handful) are far apart, small enough for
-/// a few seconds on a loaded CI host.
+/// a few seconds on a loaded CI host. `LB_DENY_BULK` sets another count for a measurement.
 pub const BULK: usize = 20_000;
+
+fn bulk() -> anyhow::Result<usize> {
+    let n = std::env::var("LB_DENY_BULK")
+        .ok()
+        .map_or(Ok(BULK), |v| v.parse())?;
+    anyhow::ensure!(n >= 2_000, "LB_DENY_BULK of {n}: at least 2,000");
+    Ok(n)
+}
+
+/// `n` with a comma between thousands, as `lb` writes counts.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// A file of `n` prefixes (`client` among them) for `lb deny add --file`, removed on drop.
 pub struct DenyFile {
@@ -156,7 +178,8 @@ fn granted_ttl(f: &Fleet, prefix: &str) -> anyhow::Result<u64> {
 /// back, the same command with `--expires 2h` puts every prefix on every node with the new
 /// end (and lease), each node applying far fewer times than the write's transactions.
 pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
-    let file = DenyFile::new(BULK, client)?;
+    let n = bulk()?;
+    let file = DenyFile::new(n, client)?;
     let before = applies(f)?;
     let socket = f.net.dir_at(1).socket();
     let mut cli = Cli(Command::new(lb_tests::proc::lb_binary()?)
@@ -195,7 +218,7 @@ pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
         .read_to_string(&mut err)?;
     println!("the bulk write with etcd killed midway: {}", err.trim());
     anyhow::ensure!(!status.success(), "lb deny add succeeded with etcd killed");
-    let tail = format!(" of {} prefixes before: ", "20,000");
+    let tail = format!(" of {} prefixes before: ", thousands(n));
     let written: usize = err
         .split("wrote ")
         .nth(1)
@@ -204,7 +227,7 @@ pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
         .replace(',', "")
         .parse()?;
     anyhow::ensure!(
-        (1000..BULK).contains(&written) && written.is_multiple_of(100),
+        (1000..n).contains(&written) && written.is_multiple_of(100),
         "wrote {written}: {err}"
     );
     anyhow::ensure!(
@@ -224,12 +247,13 @@ pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
         1,
         &["deny", "add", "--file", file.arg()?, "--expires", "2h"],
     )?;
-    let took = until_live(f, &file, 0, Some(3600), Duration::from_secs(60))?;
+    let bound = Duration::from_secs(60 + n as u64 / 1000);
+    let took = until_live(f, &file, 0, Some(3600), bound)?;
     let after = applies(f)?;
     let applied: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    let transactions = (written + BULK) / 100;
+    let transactions = (written + n) / 100;
     println!(
-        "{BULK} prefixes again with `lb deny add --file` (the command {:?}): live on all {NODES} nodes after {took:?}; applies per node {applied:?} for {transactions} transactions and one reconnection",
+        "{n} prefixes again with `lb deny add --file` (the command {:?}): live on all {NODES} nodes after {took:?}; applies per node {applied:?} for {transactions} transactions and one reconnection",
         start.elapsed()
     );
     for (k, n) in applied.iter().enumerate() {
@@ -242,32 +266,5 @@ pub fn bulk_deny(f: &mut Fleet, client: &str) -> anyhow::Result<()> {
         let ttl = granted_ttl(f, p)?;
         anyhow::ensure!(ttl > 3601, "{p}: lease of {ttl} s, not the re-run's");
     }
-    Ok(())
-}
-
-/// By hand: time from `lb deny add --file` of `LB_DENY_BULK` (default 100,000) prefixes on
-/// one node to live on every node, and the nodes' applies
-/// (`LB_BIN=... cargo test --release -p lb-tests --test fleet -- --ignored bulk_deny_measure
-/// --nocapture`; `LB_BIN` an older build for the before).
-#[test]
-#[ignore]
-fn bulk_deny_measure() -> anyhow::Result<()> {
-    let n: usize = std::env::var("LB_DENY_BULK")
-        .ok()
-        .map_or(Ok(100_000), |v| v.parse())?;
-    let f = Fleet::new("flm")?;
-    let file = DenyFile::new(n, "100.127.255.254/32")?;
-    let before = applies(&f)?;
-    let start = Instant::now();
-    f.lb(0, &["deny", "add", "--file", file.arg()?])?;
-    let command = start.elapsed();
-    until_live(&f, &file, 0, None, Duration::from_secs(600))?;
-    let live = start.elapsed();
-    let after = applies(&f)?;
-    let applied: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    println!(
-        "{n} prefixes: command {command:?}, live on all {NODES} nodes after {live:?}; applies per node {applied:?} for {} transactions",
-        n.div_ceil(100)
-    );
     Ok(())
 }
