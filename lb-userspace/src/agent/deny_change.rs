@@ -8,12 +8,27 @@ use std::{borrow::Cow, sync::PoisonError};
 use super::{Agent, Changed, Core, deny_file, guard, ops};
 use crate::{Error, protocol::Command};
 
+/// The most prefixes a deny command may name to take the delta path. Its work (the edits of
+/// the list and entries, the trie writes) runs under the core's lock, which a change of a
+/// few prefixes holds briefly; a bulk load (`lb deny add --file`) takes the ordinary path,
+/// which lays out and writes its entries before taking the lock, so readers go on.
+const DELTA_MAX: usize = 4096;
+
 impl Agent {
     /// Applies `lb deny add|remove` `cmd`. Blocking (it appends to the journal): call it
     /// from a blocking thread. A failed save changes nothing; a failed kernel write leaves
     /// the change saved and in memory, reported as [`Error::NotConverged`] and retried by
     /// [`Agent::retry`], as for every other change.
     pub(super) fn change_deny(&self, cmd: &Command) -> Result<Changed, Error> {
+        let named = match cmd {
+            Command::DenyAdd { prefixes, .. } | Command::DenyRemove { prefixes } => prefixes.len(),
+            _ => 0,
+        };
+        if named > DELTA_MAX {
+            return self.change_at(None, false, |d| {
+                ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone()))
+            });
+        }
         // The writer's lock keeps the list the delta is worked out against until it is live.
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let changes = ops::deny_delta(&self.core().desired().deny, cmd)?;

@@ -151,7 +151,9 @@ pub fn node_delta(changes: &[crate::agent::deny_file::DenyChange]) -> NodeDelta 
     let (mut add, mut remove) = (Vec::new(), Vec::new());
     for c in changes {
         match c {
-            DenyChange::Add { end, prefixes } => add.extend(prefixes.iter().map(|p| (rule(p), *end))),
+            DenyChange::Add { end, prefixes } => {
+                add.extend(prefixes.iter().map(|p| (rule(p), *end)))
+            }
             DenyChange::Remove { prefixes } => remove.extend(prefixes.iter().map(rule)),
         }
     }

@@ -396,7 +396,10 @@ impl Agent {
             if let Err(e) = self.store.save(&file) {
                 if !deny_changes.is_empty() {
                     let undo = deny_file::diff(&p.desired.deny, &current.deny);
-                    if let Err(u) = self.store.save_deny(&undo, &|| Cow::Borrowed(&current.deny)) {
+                    if let Err(u) = self
+                        .store
+                        .save_deny(&undo, &|| Cow::Borrowed(&current.deny))
+                    {
                         log::warn!("putting the saved deny list back: {u}");
                     }
                 }

@@ -239,10 +239,7 @@ impl GuardTables {
         add: &[(SourceRule, u64)],
         remove: &[SourceRule],
     ) -> Result<(), Error> {
-        let was_synced = self
-            .synced
-            .take()
-            .is_some_and(|s| Arc::ptr_eq(&s, sources));
+        let was_synced = self.synced.take().is_some_and(|s| Arc::ptr_eq(&s, sources));
         // A committed change's entries: the core's own now, nothing left to keep for it.
         if self
             .pending
