@@ -84,14 +84,14 @@ pub struct Core {
     pub(super) kernel: Box<dyn Kernel>,
     pub(super) tables: BTreeMap<VipAddr, BuiltTable>,
     /// Why the kernel does not match the desired state, while it does not.
-    not_converged: Option<String>,
+    pub(super) not_converged: Option<String>,
     /// Second-chance drain windows.
     pub(super) windows: Windows,
     /// The prefixes VIPs may use (`lb run --vip-prefix`; empty: any address).
     vip_pools: Vec<Prefix>,
     /// The guard's entries for `desired` and `ids`, made once per change rather than at
     /// every convergence: a deny list of a million prefixes takes a while to lay out.
-    sources: Arc<Sources>,
+    pub(super) sources: Arc<Sources>,
     /// The node's own addresses as last read from the kernel, refreshed before every change.
     own: OwnAddrs,
 }

@@ -324,10 +324,14 @@ impl DenyFiles {
         Ok(Some(list))
     }
 
-    /// Saves `changes`, which take the saved list to `full`: one synced append to the
-    /// journal, or a new snapshot of `full` when the journal would outgrow it. On error the
+    /// Saves `changes`, which take the saved list to `full()`: one synced append to the
+    /// journal, or a new snapshot of `full()` when the journal would outgrow it. On error the
     /// saved list is the one before.
-    pub fn save(&self, changes: &[DenyChange], full: &DenyList) -> Result<(), Error> {
+    pub fn save<'a>(
+        &self,
+        changes: &[DenyChange],
+        full: &dyn Fn() -> std::borrow::Cow<'a, DenyList>,
+    ) -> Result<(), Error> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -337,7 +341,7 @@ impl DenyFiles {
         if !files.compact && files.journal_len + record.len() as u64 <= room {
             return self.append(&mut files, record.as_bytes());
         }
-        self.compact(&mut files, full)
+        self.compact(&mut files, &full())
     }
 
     /// Saves `full` as the whole list (a new snapshot).

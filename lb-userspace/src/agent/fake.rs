@@ -112,6 +112,25 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    /// Edits the entries; fails like a write when a failure is due (the tries hold none).
+    fn apply_source_delta(
+        &mut self,
+        sources: &mut Arc<crate::agent::guard::Sources>,
+        add: &[(crate::agent::guard::SourceRule, u64)],
+        remove: &[crate::agent::guard::SourceRule],
+    ) -> Result<(), Error> {
+        crate::agent::guard::edit_entries(Arc::make_mut(sources), add, remove);
+        let mut ctl = self.ctl.lock().unwrap();
+        match ctl.fail_after.as_mut() {
+            Some(0) => Err(Error::Kernel("injected kernel failure".into())),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn resync(&mut self) -> Result<(), Error> {
         let ctl = self.ctl.lock().unwrap();
         // The maps cannot tell which table is live without reading M slots per VIP: like the
@@ -200,7 +219,11 @@ impl StateStore for FakeStore {
 
     /// Applies `changes` to the saved list, which must then be `full` (the agent's diff and
     /// its new list agree).
-    fn save_deny(&self, changes: &[DenyChange], full: &DenyList) -> Result<(), Error> {
+    fn save_deny<'a>(
+        &self,
+        changes: &[DenyChange],
+        full: &dyn Fn() -> std::borrow::Cow<'a, DenyList>,
+    ) -> Result<(), Error> {
         let mut ctl = self.0.lock().unwrap();
         if std::mem::take(&mut ctl.fail_next) {
             return Err(Error::Io {
@@ -210,7 +233,8 @@ impl StateStore for FakeStore {
         }
         deny_file::apply(&mut ctl.saved.desired.deny, changes);
         assert_eq!(
-            &ctl.saved.desired.deny, full,
+            ctl.saved.desired.deny,
+            *full(),
             "the deny changes miss the new list"
         );
         ctl.deny_saves += 1;

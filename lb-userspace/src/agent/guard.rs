@@ -136,6 +136,38 @@ pub fn apply_deny_changes(s: &mut Sources, changes: &[crate::agent::deny_file::D
     }
 }
 
+/// The node's entries a change of its deny list adds (with their ends) and removes. A change
+/// list made by `ops::deny_delta` never adds and removes one prefix at once.
+pub type NodeDelta = (Vec<(SourceRule, u64)>, Vec<SourceRule>);
+
+/// The node's entries `changes` add and remove.
+pub fn node_delta(changes: &[crate::agent::deny_file::DenyChange]) -> NodeDelta {
+    use crate::agent::deny_file::DenyChange;
+    let rule = |prefix: &Prefix| SourceRule {
+        deny: true,
+        scope: SCOPE_NODE,
+        prefix: *prefix,
+    };
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    for c in changes {
+        match c {
+            DenyChange::Add { end, prefixes } => {
+                add.extend(prefixes.iter().map(|p| (rule(p), *end)))
+            }
+            DenyChange::Remove { prefixes } => remove.extend(prefixes.iter().map(rule)),
+        }
+    }
+    (add, remove)
+}
+
+/// Edits `s` by `add` and `remove` (see [`node_delta`]).
+pub fn edit_entries(s: &mut Sources, add: &[(SourceRule, u64)], remove: &[SourceRule]) {
+    remove.iter().for_each(|r| {
+        s.remove(r);
+    });
+    s.extend(add.iter().copied());
+}
+
 /// The VIP ids a change's entries must not be written under ahead of its commit: ids that
 /// `current` (the core's ids, the kernel's) give another VIP than `next` does. Such an id
 /// changes hands at the commit; until then the other VIP's flags say it reads that scope,

@@ -129,4 +129,18 @@ pub trait Kernel: Send {
     ) -> Result<(), Error> {
         Ok(())
     }
+    /// Edits the core's entries `sources` in place by `add` and `remove` (a change of the
+    /// node's deny list: `agent::guard::node_delta`) and writes exactly those to the tries,
+    /// entries first, then deletions: work in proportion to the change, not the list. The
+    /// entries are edited whatever the tries' outcome (the change is saved; a failure is left
+    /// to convergence). Fakes hold no tries: they edit the entries only.
+    fn apply_source_delta(
+        &mut self,
+        sources: &mut Arc<super::guard::Sources>,
+        add: &[(super::guard::SourceRule, u64)],
+        remove: &[super::guard::SourceRule],
+    ) -> Result<(), Error> {
+        super::guard::edit_entries(Arc::make_mut(sources), add, remove);
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@
 //! change saved and in memory, reported as [`Error::NotConverged`] and retried by
 //! [`Agent::retry`] until the kernel agrees.
 pub mod core;
+mod deny_change;
 pub mod deny_file;
 pub mod events;
 mod fleet;
@@ -33,6 +34,7 @@ mod fake;
 mod tests;
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
@@ -214,10 +216,14 @@ impl Agent {
                 no_mac: Vec::new(),
             });
         }
-        // Only `lb deny` edits the node's deny list: every other command works on a state
-        // without it (see `Prepared::keep_deny`).
-        let keep_deny = !matches!(cmd, Command::DenyAdd { .. } | Command::DenyRemove { .. });
-        let changed = self.change_at(None, keep_deny, |d| {
+        // Only `lb deny` edits the node's deny list, on a path of its own; every other
+        // command works on a state without it (see `Prepared::keep_deny`).
+        if let Command::DenyAdd { .. } | Command::DenyRemove { .. } = cmd {
+            let changed = self.change_deny(cmd)?;
+            self.record(cmd.describe());
+            return Ok(changed);
+        }
+        let changed = self.change_at(None, true, |d| {
             crate::agent::ops::edit(d, cmd).map(|n| n.unwrap_or_else(|| d.clone()))
         })?;
         self.record(cmd.describe());
@@ -379,7 +385,8 @@ impl Agent {
     ) -> Result<(), Error> {
         let t = std::time::Instant::now();
         if !deny_changes.is_empty() {
-            self.store.save_deny(deny_changes, &p.desired.deny)?;
+            self.store
+                .save_deny(deny_changes, &|| Cow::Borrowed(&p.desired.deny))?;
         }
         let saved_revision = self.store_revision();
         let new_revision = revision.is_some() && revision != saved_revision;
@@ -389,7 +396,10 @@ impl Agent {
             if let Err(e) = self.store.save(&file) {
                 if !deny_changes.is_empty() {
                     let undo = deny_file::diff(&p.desired.deny, &current.deny);
-                    if let Err(u) = self.store.save_deny(&undo, &current.deny) {
+                    if let Err(u) = self
+                        .store
+                        .save_deny(&undo, &|| Cow::Borrowed(&current.deny))
+                    {
                         log::warn!("putting the saved deny list back: {u}");
                     }
                 }

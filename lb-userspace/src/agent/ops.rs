@@ -122,6 +122,32 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
             d = state.clone();
             d.deny = deny;
         }
+        Command::DenyAdd { .. } | Command::DenyRemove { .. } => {
+            let changes = deny_delta(&d.deny, cmd)?;
+            crate::agent::deny_file::apply(&mut d.deny, &changes);
+        }
+        Command::Reconcile => return Ok(None),
+    }
+    Ok(Some(d))
+}
+
+/// The change `lb deny add|remove` (`cmd`) makes to the node's deny list `list`: checked
+/// against it and worked out from the prefixes given, so its cost follows the command, not
+/// the list (a list of a million is neither copied nor walked). At most one change; none
+/// when every prefix is already on the list with the same end. Other commands: none.
+pub fn deny_delta(
+    list: &crate::agent::deny_file::DenyList,
+    cmd: &Command,
+) -> Result<Vec<crate::agent::deny_file::DenyChange>, Error> {
+    use crate::agent::deny_file::DenyChange;
+    // Each prefix once: the tries refuse to delete a key twice in one batch.
+    let unique = |prefixes: &[crate::model::Prefix]| {
+        let mut v = prefixes.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    match cmd {
         Command::DenyAdd {
             prefixes,
             expires_s,
@@ -140,19 +166,26 @@ pub fn edit(current: &DesiredState, cmd: &Command) -> Result<Option<DesiredState
                 Some(s) => crate::agent::guard::unix_now_s().saturating_add(*s),
                 None => 0,
             };
-            d.deny.extend(prefixes.iter().map(|p| (*p, end)));
+            let mut new = unique(prefixes);
+            new.retain(|p| list.get(p) != Some(&end));
+            Ok(match new.is_empty() {
+                true => Vec::new(),
+                false => vec![DenyChange::Add { end, prefixes: new }],
+            })
         }
         Command::DenyRemove { prefixes } => {
-            if let Some(p) = prefixes.iter().find(|p| !d.deny.contains_key(p)) {
+            if let Some(p) = prefixes.iter().find(|p| !list.contains_key(p)) {
                 return Err(Error::NotFound(format!(
                     "{p} is not on the deny list: see `lb deny list`"
                 )));
             }
-            for p in prefixes {
-                d.deny.remove(p);
-            }
+            Ok(match prefixes.is_empty() {
+                true => Vec::new(),
+                false => vec![DenyChange::Remove {
+                    prefixes: unique(prefixes),
+                }],
+            })
         }
-        Command::Reconcile => return Ok(None),
+        _ => Ok(Vec::new()),
     }
-    Ok(Some(d))
 }

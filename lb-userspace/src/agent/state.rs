@@ -4,6 +4,7 @@
 //! inject failures. Writes are blocking: the agent makes them on a
 //! blocking thread, never on an async worker and never while holding its state lock.
 use std::{
+    borrow::Cow,
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
@@ -40,9 +41,15 @@ pub trait StateStore: Send + Sync {
     /// Replaces the saved state but for the node's deny list (`desired.deny` is not read:
     /// [`StateStore::save_deny`] keeps it); on error the previous one is intact.
     fn save(&self, state: &StateFile) -> Result<(), Error>;
-    /// Saves `changes` to the node's deny list, which take it to `full`; on error the
-    /// previous list is intact.
-    fn save_deny(&self, changes: &[DenyChange], full: &DenyList) -> Result<(), Error>;
+    /// Saves `changes` to the node's deny list, which take it to `full()`; on error the
+    /// previous list is intact. `full` is called only when the whole list is written (the
+    /// journal has grown to the snapshot's size), so a change of one prefix in a list of a
+    /// million does not make the list for every save.
+    fn save_deny<'a>(
+        &self,
+        changes: &[DenyChange],
+        full: &dyn Fn() -> Cow<'a, DenyList>,
+    ) -> Result<(), Error>;
     /// The second-chance history the last run saved ([`crate::agent::second_chance::saved`]), if
     /// any.
     fn load_history(&self) -> Result<Option<Vec<u8>>, Error> {
@@ -131,7 +138,11 @@ impl StateStore for FileStore {
         Ok(state)
     }
 
-    fn save_deny(&self, changes: &[DenyChange], full: &DenyList) -> Result<(), Error> {
+    fn save_deny<'a>(
+        &self,
+        changes: &[DenyChange],
+        full: &dyn Fn() -> Cow<'a, DenyList>,
+    ) -> Result<(), Error> {
         self.deny.save(changes, full)
     }
 

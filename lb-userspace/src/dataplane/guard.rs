@@ -227,6 +227,46 @@ impl GuardTables {
         result
     }
 
+    /// Applies a change of the node's deny list: edits the core's entries `sources` in place
+    /// by `add` and `remove`, writes `add`, then deletes `remove` (see
+    /// `Kernel::apply_source_delta`). The tries' references to `sources` are let go first
+    /// so the edit does not copy a million entries; when they held it exactly before, they
+    /// hold the edited entries exactly after, and the convergence that follows (flags) costs
+    /// no walk. On a failed write the entries are still edited, the tries read back.
+    pub fn apply_delta(
+        &mut self,
+        sources: &mut Arc<Sources>,
+        add: &[(SourceRule, u64)],
+        remove: &[SourceRule],
+    ) -> Result<(), Error> {
+        let was_synced = self.synced.take().is_some_and(|s| Arc::ptr_eq(&s, sources));
+        // A committed change's entries: the core's own now, nothing left to keep for it.
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.want, sources))
+        {
+            self.pending = None;
+        }
+        crate::agent::guard::edit_entries(Arc::make_mut(sources), add, remove);
+        let result = self.write(add).and_then(|()| {
+            self.held.extend(add.iter().copied());
+            self.delete(remove)
+        });
+        match &result {
+            Ok(()) => {
+                remove.iter().for_each(|r| {
+                    self.held.remove(r);
+                });
+                if was_synced {
+                    self.mark(sources);
+                }
+            }
+            Err(_) => self.forget(),
+        }
+        result
+    }
+
     /// Writes VIP `id`'s limits (restarting its bucket; all zero: no limit).
     pub fn set_rate(&mut self, id: u32, r: &VipRate) -> Result<(), Error> {
         self.rates

@@ -339,6 +339,19 @@ impl Kernel for MapsKernel {
         }
     }
 
+    fn apply_source_delta(
+        &mut self,
+        sources: &mut Arc<Sources>,
+        add: &[(crate::agent::guard::SourceRule, u64)],
+        remove: &[crate::agent::guard::SourceRule],
+    ) -> Result<(), Error> {
+        self.dp
+            .guard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply_delta(sources, add, remove)
+    }
+
     fn guard_writer(&self) -> Option<Arc<Mutex<crate::dataplane::guard::GuardTables>>> {
         Some(self.dp.guard.clone())
     }

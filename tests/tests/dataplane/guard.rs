@@ -231,15 +231,18 @@ fn bulk_deny_under_traffic(
         "lb deny add --file of {bulk} prefixes returned, live, after {took:?}; {} lb vip list meanwhile, the slowest {slowest:?}; state file {saved} bytes",
         lists.len()
     );
-    // One more prefix on top of the list: what any change costs with the list in place.
+    assert_eq!(live, before + bulk as usize, "every prefix in the trie");
+    // One more prefix on top of the list: what any change costs with the list in place. It
+    // goes by the delta path (the trie given exactly the change), so the trie is read back.
     let start = Instant::now();
     net.lb(&["deny", "add", "198.18.0.0/15"])?;
+    let add = start.elapsed();
+    assert_eq!(entries()?, live + 1, "the one prefix added in the trie");
+    let start = Instant::now();
     net.lb(&["deny", "remove", "198.18.0.0/15"])?;
-    eprintln!(
-        "with the list in place, a deny added and removed in {:?}",
-        start.elapsed()
-    );
-    assert_eq!(live, before + bulk as usize, "every prefix in the trie");
+    let remove = start.elapsed();
+    assert_eq!(entries()?, live, "the one prefix deleted from the trie");
+    eprintln!("with the list in place, one deny added in {add:?}, removed in {remove:?}");
     assert!(t.long_lived_errors.is_empty(), "{:?}", t.long_lived_errors);
     assert!(
         lists.len() >= 2 && slowest < LIST_WHILE_LOADING,

@@ -79,7 +79,9 @@ fn appends_to_the_journal_then_folds_it_into_a_snapshot() {
         prefixes: vec![p("192.0.2.0/24")],
     }];
     apply(&mut want, &first);
-    files.save(&first, &want).unwrap();
+    files
+        .save(&first, &|| std::borrow::Cow::Borrowed(&want))
+        .unwrap();
     let snap = std::fs::metadata(files.snapshot_path()).unwrap();
     // Later ones append one line each and leave the snapshot alone.
     for i in 0..50u32 {
@@ -88,13 +90,17 @@ fn appends_to_the_journal_then_folds_it_into_a_snapshot() {
             prefixes: vec![p(&format!("10.{i}.0.0/16"))],
         }];
         apply(&mut want, &c);
-        files.save(&c, &want).unwrap();
+        files
+            .save(&c, &|| std::borrow::Cow::Borrowed(&want))
+            .unwrap();
     }
     let c = vec![DenyChange::Remove {
         prefixes: vec![p("10.3.0.0/16")],
     }];
     apply(&mut want, &c);
-    files.save(&c, &want).unwrap();
+    files
+        .save(&c, &|| std::borrow::Cow::Borrowed(&want))
+        .unwrap();
     let after = std::fs::metadata(files.snapshot_path()).unwrap();
     use std::os::unix::fs::MetadataExt as _;
     assert_eq!((snap.ino(), snap.len()), (after.ino(), after.len()));
@@ -113,7 +119,9 @@ fn appends_to_the_journal_then_folds_it_into_a_snapshot() {
         prefixes: big,
     }];
     apply(&mut want, &c);
-    files.save(&c, &want).unwrap();
+    files
+        .save(&c, &|| std::borrow::Cow::Borrowed(&want))
+        .unwrap();
     let journal = std::fs::read_to_string(files.journal_path()).unwrap();
     assert_eq!(journal, journal_header(2));
     assert_eq!(
@@ -134,7 +142,9 @@ fn a_torn_last_record_is_ignored_and_cut_off_by_the_next_append() {
         prefixes: vec![p("198.51.100.0/24")],
     }];
     apply(&mut want, &c);
-    files.save(&c, &want).unwrap();
+    files
+        .save(&c, &|| std::borrow::Cow::Borrowed(&want))
+        .unwrap();
     // A crash in the middle of the next append.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -147,7 +157,9 @@ fn a_torn_last_record_is_ignored_and_cut_off_by_the_next_append() {
         prefixes: vec![p("192.0.2.0/24")],
     }];
     apply(&mut want, &c);
-    again.save(&c, &want).unwrap();
+    again
+        .save(&c, &|| std::borrow::Cow::Borrowed(&want))
+        .unwrap();
     assert_eq!(DenyFiles::beside(&state).load().unwrap(), Some(want));
     // A record that does not parse in the middle is corruption: refused, one line.
     let text = std::fs::read_to_string(files.journal_path()).unwrap();

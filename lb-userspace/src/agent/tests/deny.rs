@@ -175,3 +175,64 @@ fn a_config_applied_at_start_keeps_the_deny_list() {
     assert_eq!(saves(&w), (1, 1));
     assert_agree(&w, "after the config");
 }
+
+#[test]
+fn a_deny_command_edits_the_list_in_place_and_a_failed_write_is_retried() {
+    let w = world(Capacity {
+        vips: 4,
+        backends: 16,
+    });
+    w.agent.execute(&add_vip(0)).unwrap();
+    w.agent
+        .execute(&Command::DenyAdd {
+            prefixes: prefixes(2000),
+            expires_s: None,
+        })
+        .unwrap();
+    let at = Arc::as_ptr(&w.agent.core().sources());
+    let one: Prefix = "198.51.100.7/32".parse().unwrap();
+    w.agent
+        .execute(&Command::DenyAdd {
+            prefixes: vec![one, one],
+            expires_s: Some(60),
+        })
+        .unwrap();
+    assert_eq!(
+        Arc::as_ptr(&w.agent.core().sources()),
+        at,
+        "the entries edited where they are, not copied and laid out again"
+    );
+    // Added again with the same end: nothing to save.
+    w.agent
+        .execute(&Command::DenyAdd {
+            prefixes: prefixes(3),
+            expires_s: None,
+        })
+        .unwrap();
+    assert_eq!(saves(&w), (1, 2));
+    // The kernel refuses the write: the change is saved and in memory, said, then retried.
+    w.kernel.lock().unwrap().fail_after = Some(0);
+    let e = w
+        .agent
+        .execute(&Command::DenyRemove {
+            prefixes: vec![one, prefixes(1)[0]],
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Kernel, "{e}");
+    assert!(w.agent.core().not_converged().is_some());
+    assert_eq!(w.agent.core().desired().deny.len(), 1999);
+    assert_eq!(w.store.lock().unwrap().saved.desired.deny.len(), 1999);
+    let laid_out = {
+        let core = w.agent.core();
+        crate::agent::guard::sources(core.desired(), core.ids())
+    };
+    assert_eq!(*w.agent.core().sources(), laid_out);
+    assert_agree(&w, "after the retry");
+    // The list emptied: the ordinary convergence takes the flags off.
+    let all = w.agent.core().desired().deny.keys().copied().collect();
+    w.agent
+        .execute(&Command::DenyRemove { prefixes: all })
+        .unwrap();
+    assert!(w.agent.core().sources().is_empty());
+    assert_agree(&w, "after the list emptied");
+}
