@@ -11,7 +11,7 @@
 //! the snapshot, written at a bulk load or a compaction.
 //!
 //! Snapshot: a header `xdp-lb deny snapshot 1 gen G count N`, N lines `PREFIX END` (END in
-//! Unix seconds, 0: never), and a trailer `end FNV` (FNV-1a of the entry lines): anything
+//! Unix seconds, 0: never), and a trailer `end CRC` (CRC-32 of the entry lines): anything
 //! else is refused as corrupt with one line. Journal: a header `xdp-lb deny journal 1 gen G`
 //! naming the snapshot it follows, then one line per change, `+ END PREFIX...` or
 //! `- PREFIX...`. A last line cut short by a crash was never acknowledged and is ignored with
@@ -148,11 +148,10 @@ fn decode_change(line: &str) -> Result<DenyChange, String> {
     }
 }
 
-/// FNV-1a over `bytes`.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// The snapshot's checksum of `bytes`: CRC-32 (crc32fast, already in the tree through
+/// aya's object parser) catches a torn or bit-flipped file, which is all it is for.
+fn checksum(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
 /// The snapshot file's text for `list`, generation `gen`.
@@ -162,9 +161,9 @@ fn encode_snapshot(list: &DenyList, gen_: u64) -> String {
         let _ = writeln!(body, "{p} {end}");
     }
     format!(
-        "xdp-lb deny snapshot 1 gen {gen_} count {}\n{body}end {:016x}\n",
+        "xdp-lb deny snapshot 1 gen {gen_} count {}\n{body}end {:08x}\n",
         list.len(),
-        fnv(body.as_bytes())
+        checksum(body.as_bytes())
     )
 }
 
@@ -184,9 +183,9 @@ fn decode_snapshot(text: &str) -> Result<(DenyList, u64), String> {
     let sum = trailer
         .strip_prefix("end ")
         .and_then(|t| t.strip_suffix('\n'))
-        .and_then(|t| u64::from_str_radix(t, 16).ok())
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
         .ok_or("a bad trailer")?;
-    if sum != fnv(body.as_bytes()) {
+    if sum != checksum(body.as_bytes()) {
         return Err("its checksum does not match its entries".into());
     }
     let mut list = DenyList::new();

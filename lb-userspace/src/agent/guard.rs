@@ -116,24 +116,12 @@ pub fn with_node_entries(state: &DesiredState, ids: &Ids, node: &Sources) -> Sou
     out
 }
 
-/// Applies changes of the node's deny list to its entries in `s`.
+/// Applies changes of the node's deny list to its entries in `s` (a change list of
+/// `deny_file::diff` or `ops::deny_delta` names each prefix once, so removing before adding
+/// is its order).
 pub fn apply_deny_changes(s: &mut Sources, changes: &[crate::agent::deny_file::DenyChange]) {
-    use crate::agent::deny_file::DenyChange;
-    let rule = |prefix: &Prefix| SourceRule {
-        deny: true,
-        scope: SCOPE_NODE,
-        prefix: *prefix,
-    };
-    for c in changes {
-        match c {
-            DenyChange::Add { end, prefixes } => {
-                s.extend(prefixes.iter().map(|p| (rule(p), *end)));
-            }
-            DenyChange::Remove { prefixes } => prefixes.iter().for_each(|p| {
-                s.remove(&rule(p));
-            }),
-        }
-    }
+    let (add, remove) = node_delta(changes);
+    edit_entries(s, &add, &remove);
 }
 
 /// The node's entries a change of its deny list adds (with their ends) and removes. A change
